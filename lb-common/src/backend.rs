@@ -1,0 +1,19 @@
+//! Backends map: backend id → pod address and target port.
+
+use crate::user_pod;
+
+pub const BACKEND_MAP: &str = "lb_backend_v1";
+pub const DEFAULT_MAX_BACKENDS: u32 = 262_144;
+
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub proto: u8,
+    pub flags: u8,
+}
+
+const _: () = assert!(core::mem::size_of::<Backend>() == 8 && core::mem::align_of::<Backend>() == 4);
+
+user_pod!(Backend);

@@ -1,0 +1,29 @@
+//! Flow hash used to pick a backend slot for a new flow.
+//!
+//! Shared so tests (and `explain`-style tools) can predict the slot the kernel
+//! picks for a given 5-tuple. Inputs are the wire-order values.
+
+/// murmur3's 32-bit finaliser: cheap, no loops, good avalanche.
+#[inline(always)]
+const fn fmix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    h
+}
+
+#[inline(always)]
+pub const fn flow_hash(saddr_be: u32, daddr_be: u32, sport_be: u16, dport_be: u16, proto: u8) -> u32 {
+    let mut h = fmix32(saddr_be ^ 0x9e37_79b9);
+    h = fmix32(h ^ daddr_be);
+    h = fmix32(h ^ ((sport_be as u32) << 16 | dport_be as u32));
+    fmix32(h ^ proto as u32)
+}
+
+/// Slot (1..=count) for a flow; `count` must be non-zero.
+#[inline(always)]
+pub const fn select_slot(hash: u32, count: u16) -> u16 {
+    (hash % count as u32) as u16 + 1
+}

@@ -1,0 +1,31 @@
+//! Every map of the datapath, in one place. Sizes here are defaults; the agent
+//! overrides `max_entries` at load time from its flags.
+
+use aya_ebpf::{
+    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use lb_common::{
+    backend::Backend,
+    ct::{CtKey, CtValue},
+    revnat::RevNat,
+    stats::STAT_COUNT,
+    svc::{SvcKey, SvcValue},
+};
+
+#[btf_map(name = "lb_svc_v1")]
+pub static SERVICES: HashMap<SvcKey, SvcValue, 262_144> = HashMap::new();
+
+#[btf_map(name = "lb_backend_v1")]
+pub static BACKENDS: HashMap<u32, Backend, 262_144> = HashMap::new();
+
+/// Written by the agent for operators and inspect; the datapath never reads it
+/// (conntrack carries the reply address).
+#[btf_map(name = "lb_revnat_v1")]
+pub static REVNAT: HashMap<u16, RevNat, 65_536> = HashMap::new();
+
+#[btf_map(name = "lb_ct_v1")]
+pub static CONNTRACK: LruHashMap<CtKey, CtValue, 262_144> = LruHashMap::new();
+
+#[btf_map(name = "lb_stats_v1")]
+pub static STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::new();

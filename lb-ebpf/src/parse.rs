@@ -1,0 +1,133 @@
+//! Bounds-checked, IHL-aware header parsing through `bpf_skb_load_bytes`
+//! (works on non-linear skbs; nothing is read past the IPv4 total length).
+
+use aya_ebpf::programs::TcContext;
+use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
+
+pub const ETH_HLEN: u32 = 14;
+const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+pub const IP_CSUM_OFF: u32 = ETH_HLEN + 10;
+pub const IP_SADDR_OFF: u32 = ETH_HLEN + 12;
+pub const IP_DADDR_OFF: u32 = ETH_HLEN + 16;
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET_MASK: u16 = 0x1fff;
+const TCP_FIN: u8 = 0x01;
+const TCP_RST: u8 = 0x04;
+
+/// The fixed part of an IPv4 header, as on the wire.
+#[repr(C)]
+struct Ipv4Fixed {
+    version_ihl: u8,
+    tos: u8,
+    tot_len_be: u16,
+    id_be: u16,
+    frag_off_be: u16,
+    ttl: u8,
+    proto: u8,
+    check: u16,
+    saddr_be: u32,
+    daddr_be: u32,
+}
+
+/// A TCP or UDP over IPv4 packet whose headers are complete.
+pub struct Packet {
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    pub tcp_flags: u8,
+    /// First fragment of a fragmented datagram (later ones never parse).
+    pub is_fragment: bool,
+    /// IPv4 header length in bytes (20 without options).
+    pub ihl_len: u32,
+    pub l4_off: u32,
+}
+
+pub enum Parsed {
+    Packet(Packet),
+    /// Not IPv4 TCP/UDP, or a non-first fragment: not ours to touch.
+    NotForUs,
+    /// Headers truncated or inconsistent: never rewritten.
+    Malformed,
+}
+
+impl Packet {
+    #[inline(always)]
+    pub fn l4_csum_off(&self) -> u32 {
+        if self.proto == IPPROTO_TCP { self.l4_off + 16 } else { self.l4_off + 6 }
+    }
+
+    #[inline(always)]
+    pub fn is_tcp_closing(&self) -> bool {
+        self.tcp_flags & (TCP_FIN | TCP_RST) != 0
+    }
+}
+
+#[inline(always)]
+pub fn parse(ctx: &TcContext) -> Parsed {
+    match try_parse(ctx) {
+        Ok(parsed) => parsed,
+        Err(()) => Parsed::Malformed,
+    }
+}
+
+#[inline(always)]
+fn try_parse(ctx: &TcContext) -> Result<Parsed, ()> {
+    let Ok(eth_proto) = ctx.load::<u16>(12) else {
+        return Ok(Parsed::NotForUs); // shorter than Ethernet: not IPv4 either
+    };
+    if eth_proto != ETH_P_IP_BE {
+        return Ok(Parsed::NotForUs);
+    }
+    let ip: Ipv4Fixed = ctx.load(ETH_HLEN as usize).map_err(|_| ())?;
+    let ihl_len = ((ip.version_ihl & 0x0f) as u32) * 4;
+    let tot_len = u16::from_be(ip.tot_len_be) as u32;
+    if ip.version_ihl >> 4 != 4 || ihl_len < 20 || tot_len < ihl_len || ETH_HLEN + tot_len > ctx.len() {
+        return Err(());
+    }
+    if ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP {
+        return Ok(Parsed::NotForUs);
+    }
+    let frag = u16::from_be(ip.frag_off_be);
+    if frag & IP_OFFSET_MASK != 0 {
+        return Ok(Parsed::NotForUs);
+    }
+    let is_fragment = frag & IP_MF != 0;
+
+    let l4_off = ETH_HLEN + ihl_len;
+    let l4_len = tot_len - ihl_len;
+    let mut tcp_flags = 0;
+    if ip.proto == IPPROTO_TCP {
+        if l4_len < 20 {
+            return Err(());
+        }
+        let [doff, flags]: [u8; 2] = ctx.load((l4_off + 12) as usize).map_err(|_| ())?;
+        let doff_len = ((doff >> 4) as u32) * 4;
+        if doff_len < 20 || doff_len > l4_len {
+            return Err(());
+        }
+        tcp_flags = flags;
+    } else {
+        if l4_len < 8 {
+            return Err(());
+        }
+        let udp_len = u16::from_be(ctx.load::<u16>((l4_off + 4) as usize).map_err(|_| ())?) as u32;
+        // A first fragment carries only part of the datagram its length describes.
+        if udp_len < 8 || (!is_fragment && udp_len > l4_len) {
+            return Err(());
+        }
+    }
+    let [sport_be, dport_be]: [u16; 2] = ctx.load(l4_off as usize).map_err(|_| ())?;
+    Ok(Parsed::Packet(Packet {
+        saddr_be: ip.saddr_be,
+        daddr_be: ip.daddr_be,
+        sport_be,
+        dport_be,
+        proto: ip.proto,
+        tcp_flags,
+        is_fragment,
+        ihl_len,
+        l4_off,
+    }))
+}
