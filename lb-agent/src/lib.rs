@@ -1,1 +1,16 @@
+//! lb-agent: programs the eBPF service load balancer from Kubernetes objects.
+//!
+//! manifests (`manifest`) → desired frontends (`desired`) → ordered map writes
+//! (`reconcile`) → the kernel (`datapath`). `dump` renders the maps for
+//! operators and golden tests.
+
 pub mod datapath;
+pub mod desired;
+pub mod dump;
+pub mod error;
+pub mod ids;
+pub mod inspect;
+pub mod manifest;
+pub mod model;
+pub mod reconcile;
+pub mod run;

@@ -1,6 +1,139 @@
-fn main() {
-    let mut ebpf = aya::Ebpf::load(lb_agent::datapath::EBPF_OBJECT).expect("load");
-    let prog: &mut aya::programs::SchedClassifier = ebpf.program_mut("lb_ingress").unwrap().try_into().unwrap();
-    prog.load().expect("prog load");
-    println!("loaded");
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Parser, Subcommand};
+use lb_agent::{
+    datapath::loader::{MapSizes, DEFAULT_PIN_DIR},
+    desired::{self, Limits},
+    dump, inspect, manifest,
+    reconcile::Reconciler,
+    run::{self, RunConfig},
+};
+use lb_common::{backend::DEFAULT_MAX_BACKENDS, ct::DEFAULT_MAX_CT_ENTRIES, svc::DEFAULT_MAX_SVC_ENTRIES};
+
+/// eBPF Kubernetes service load balancer (kube-proxy replacement).
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load the datapath, attach it, and program it from manifests until SIGINT/SIGTERM.
+    Run(RunArgs),
+    /// Print services, conntrack and counters from the pinned maps.
+    Inspect {
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// Also print the conntrack table.
+        #[arg(long)]
+        conntrack: bool,
+        /// Also print the per-reason packet counters.
+        #[arg(long)]
+        stats: bool,
+    },
+    /// Validate manifests and print the maps they would produce (no kernel access).
+    Check {
+        #[arg(long)]
+        manifests: PathBuf,
+        #[arg(long, default_value_t = 4096)]
+        max_backends_per_service: usize,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Directory of Service and EndpointSlice YAML files, re-read on change.
+    #[arg(long)]
+    manifests: PathBuf,
+    /// Interfaces to attach to: names or globs, comma separated (e.g. `veth*,eth0`).
+    #[arg(long, value_delimiter = ',', required = true)]
+    interfaces: Vec<String>,
+    /// bpffs directory for the pinned maps.
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    /// Size of the services map (one entry per frontend plus one per backend slot).
+    #[arg(long, default_value_t = DEFAULT_MAX_SVC_ENTRIES)]
+    max_service_slots: u32,
+    /// Size of the backends map.
+    #[arg(long, default_value_t = DEFAULT_MAX_BACKENDS)]
+    max_backends: u32,
+    /// Size of the conntrack LRU (two entries per flow).
+    #[arg(long, default_value_t = DEFAULT_MAX_CT_ENTRIES)]
+    max_conntrack: u32,
+    /// Most endpoints one service port may have.
+    #[arg(long, default_value_t = 4096)]
+    max_backends_per_service: usize,
+    /// On exit, leave the program attached and the maps pinned.
+    #[arg(long)]
+    keep_datapath: bool,
+    /// How often to look for manifest and interface changes.
+    #[arg(long, default_value_t = 200)]
+    poll_interval_ms: u64,
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match real_main(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run(args) => {
+            anyhow::ensure!(
+                args.max_backends_per_service as u32 <= lb_common::svc::MAX_BACKENDS_PER_SVC,
+                "--max-backends-per-service: at most {}",
+                lb_common::svc::MAX_BACKENDS_PER_SVC
+            );
+            let config = RunConfig {
+                manifests: args.manifests,
+                interfaces: args.interfaces,
+                pin_dir: args.pin_dir,
+                sizes: MapSizes { service_slots: args.max_service_slots, backends: args.max_backends, conntrack: args.max_conntrack },
+                limits: Limits { max_backends_per_service: args.max_backends_per_service },
+                keep_datapath: args.keep_datapath,
+                poll_interval: Duration::from_millis(args.poll_interval_ms),
+            };
+            tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(run::run(config))
+        }
+        Command::Inspect { pin_dir, conntrack, stats } => {
+            print!("{}", inspect::services(&pin_dir)?);
+            if conntrack {
+                print!("\n{}", inspect::conntrack(&pin_dir)?);
+            }
+            if stats {
+                print!("\n{}", inspect::stats(&pin_dir)?);
+            }
+            Ok(())
+        }
+        Command::Check { manifests, max_backends_per_service } => {
+            let mut dir = manifest::ManifestDir::new(&manifests);
+            let (objects, mut errors) = dir.poll()?.unwrap_or_default();
+            let (desired, more) = desired::compute(&objects, Limits { max_backends_per_service });
+            errors.extend(more);
+            let mut reconciler = Reconciler::restore(
+                lb_agent::datapath::fake::FakeMaps::new(usize::MAX, usize::MAX),
+                lb_common::backend::DEFAULT_MAX_BACKENDS,
+            )?;
+            reconciler.apply(&desired);
+            print!("{}", dump::services(&reconciler.maps().state));
+            for e in &errors {
+                eprintln!("invalid: {e}");
+            }
+            anyhow::ensure!(errors.is_empty(), "{} problem(s) in {}", errors.len(), manifests.display());
+            Ok(())
+        }
+    }
 }

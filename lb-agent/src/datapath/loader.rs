@@ -1,0 +1,127 @@
+//! Loads the embedded object, sizes and pins its maps, opens pinned maps.
+
+use std::{
+    borrow::Cow,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{Map, MapData},
+    programs::SchedClassifier,
+    Ebpf, EbpfLoader,
+};
+use lb_common::{
+    backend::BACKEND_MAP,
+    ct::CT_MAP,
+    revnat::REVNAT_MAP,
+    stats::STATS_MAP,
+    svc::SVC_MAP,
+};
+
+use super::{
+    maps::{Capacity, KernelMaps},
+    EBPF_OBJECT, PROGRAM_NAME,
+};
+
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
+pub const ALL_MAPS: [&str; 5] = [SVC_MAP, BACKEND_MAP, REVNAT_MAP, CT_MAP, STATS_MAP];
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("pin directory {0}: {1}")]
+    PinDir(PathBuf, String),
+    #[error("loading the eBPF object: {0}")]
+    Ebpf(#[from] aya::EbpfError),
+    #[error("loading program {PROGRAM_NAME}: {0}")]
+    Program(#[from] aya::programs::ProgramError),
+    #[error("map {0}: {1}")]
+    Map(&'static str, String),
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct MapSizes {
+    pub service_slots: u32,
+    pub backends: u32,
+    pub conntrack: u32,
+}
+
+impl MapSizes {
+    pub fn capacity(&self) -> Capacity {
+        Capacity { services: self.service_slots, backends: self.backends, revnat: u16::MAX as u32 + 1 }
+    }
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            service_slots: lb_common::svc::DEFAULT_MAX_SVC_ENTRIES,
+            backends: lb_common::backend::DEFAULT_MAX_BACKENDS,
+            conntrack: lb_common::ct::DEFAULT_MAX_CT_ENTRIES,
+        }
+    }
+}
+
+/// Loads the datapath. With `pin_dir`, maps already pinned there are reused
+/// (a restarted agent keeps its services and connections); missing ones are
+/// created and pinned. Without it, maps are private (tests).
+pub fn load(pin_dir: Option<&Path>, sizes: MapSizes) -> Result<Ebpf, LoadError> {
+    let mut loader = EbpfLoader::new();
+    loader
+        .map_max_entries(SVC_MAP, sizes.service_slots)
+        .map_max_entries(BACKEND_MAP, sizes.backends)
+        .map_max_entries(CT_MAP, sizes.conntrack);
+    if let Some(dir) = pin_dir {
+        ensure_bpffs_dir(dir)?;
+        for name in ALL_MAPS {
+            loader.map_pin_path(name, Cow::Owned(dir.join(name)));
+        }
+    }
+    let mut ebpf = loader.load(EBPF_OBJECT)?;
+    program(&mut ebpf)?.load()?;
+    Ok(ebpf)
+}
+
+pub fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, LoadError> {
+    let program = ebpf
+        .program_mut(PROGRAM_NAME)
+        .ok_or_else(|| LoadError::Map("-", format!("program {PROGRAM_NAME} missing from the object")))?;
+    Ok(program.try_into()?)
+}
+
+/// Takes the service maps out of a loaded datapath for the reconciler.
+pub fn kernel_maps(ebpf: &mut Ebpf, sizes: MapSizes) -> Result<KernelMaps, LoadError> {
+    let mut take = |name: &'static str| ebpf.take_map(name).ok_or_else(|| LoadError::Map(name, "missing from the object".into()));
+    let (svc, backends, revnat) = (take(SVC_MAP)?, take(BACKEND_MAP)?, take(REVNAT_MAP)?);
+    KernelMaps::new(svc, backends, revnat, sizes.capacity()).map_err(|e| LoadError::Map(SVC_MAP, e.to_string()))
+}
+
+/// Opens one pinned map (for `inspect` and tests).
+pub fn open_pinned(pin_dir: &Path, name: &'static str) -> Result<Map, LoadError> {
+    let path = pin_dir.join(name);
+    let data = MapData::from_pin(&path).map_err(|e| LoadError::Map(name, format!("{}: {e} (is lb-agent running?)", path.display())))?;
+    Map::from_map_data(data).map_err(|e| LoadError::Map(name, e.to_string()))
+}
+
+/// Removes the pinned maps (a clean shutdown leaves nothing behind).
+pub fn unpin_all(pin_dir: &Path) {
+    for name in ALL_MAPS {
+        let _ = std::fs::remove_file(pin_dir.join(name));
+    }
+    let _ = std::fs::remove_dir(pin_dir.join("links"));
+    let _ = std::fs::remove_dir(pin_dir);
+}
+
+fn ensure_bpffs_dir(dir: &Path) -> Result<(), LoadError> {
+    let err = |m: String| LoadError::PinDir(dir.to_path_buf(), m);
+    std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+    let c_path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).map_err(|e| err(e.to_string()))?;
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c_path.as_ptr(), &mut stat) } != 0 {
+        return Err(err(std::io::Error::last_os_error().to_string()));
+    }
+    if stat.f_type as i64 != BPF_FS_MAGIC {
+        return Err(err("not on a bpf filesystem (mount -t bpf bpf /sys/fs/bpf)".into()));
+    }
+    Ok(())
+}

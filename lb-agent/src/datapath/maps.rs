@@ -1,0 +1,180 @@
+//! Typed access to the service maps behind one trait, with the kernel
+//! implementation here and an in-memory one in `fake`. This is the only place
+//! that converts between host order (`model`) and wire order (`lb_common`).
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use aya::maps::{HashMap, Map, MapData, MapError};
+use lb_common::{
+    backend::{Backend, BACKEND_MAP},
+    revnat::{RevNat, REVNAT_MAP},
+    svc::{SvcKey, SvcValue, SVC_MAP},
+};
+
+use crate::model::{L4Addr, Proto};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MapWriteError {
+    #[error("map {map} is full ({capacity} entries): raise {flag}")]
+    Full { map: &'static str, capacity: u32, flag: &'static str },
+    #[error("{op} on map {map}: {source}")]
+    Syscall { op: &'static str, map: &'static str, source: std::io::Error },
+}
+
+/// The service maps as the agent reads them back.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub slots: BTreeMap<(L4Addr, u16), SvcValue>,
+    pub backends: BTreeMap<u32, L4Addr>,
+    pub revnat: BTreeMap<u16, L4Addr>,
+}
+
+/// Writes the agent performs, one entry at a time, in the order it chooses.
+pub trait LbMaps {
+    fn put_backend(&mut self, id: u32, backend: L4Addr) -> Result<(), MapWriteError>;
+    fn delete_backend(&mut self, id: u32) -> Result<(), MapWriteError>;
+    fn put_slot(&mut self, frontend: L4Addr, slot: u16, value: SvcValue) -> Result<(), MapWriteError>;
+    fn delete_slot(&mut self, frontend: L4Addr, slot: u16) -> Result<(), MapWriteError>;
+    fn put_revnat(&mut self, id: u16, frontend: L4Addr) -> Result<(), MapWriteError>;
+    fn delete_revnat(&mut self, id: u16) -> Result<(), MapWriteError>;
+    fn snapshot(&self) -> Result<Snapshot, MapWriteError>;
+}
+
+// --- wire-order conversions -------------------------------------------------
+
+pub fn svc_key(frontend: L4Addr, slot: u16) -> SvcKey {
+    SvcKey::new(u32::from(frontend.addr).to_be(), frontend.port.to_be(), frontend.proto.number(), slot)
+}
+
+fn l4(addr_be: u32, port_be: u16, proto: u8) -> Option<L4Addr> {
+    Some(L4Addr { addr: Ipv4Addr::from(u32::from_be(addr_be)), port: u16::from_be(port_be), proto: Proto::from_number(proto)? })
+}
+
+pub fn frontend_of(key: &SvcKey) -> Option<(L4Addr, u16)> {
+    Some((l4(key.addr_be, key.port_be, key.proto)?, key.slot))
+}
+
+pub fn backend_value(backend: L4Addr) -> Backend {
+    Backend { addr_be: u32::from(backend.addr).to_be(), port_be: backend.port.to_be(), proto: backend.proto.number(), flags: 0 }
+}
+
+pub fn backend_of(value: &Backend) -> Option<L4Addr> {
+    l4(value.addr_be, value.port_be, value.proto)
+}
+
+pub fn revnat_value(frontend: L4Addr) -> RevNat {
+    RevNat { addr_be: u32::from(frontend.addr).to_be(), port_be: frontend.port.to_be(), proto: frontend.proto.number(), _pad: 0 }
+}
+
+pub fn revnat_of(value: &RevNat) -> Option<L4Addr> {
+    l4(value.addr_be, value.port_be, value.proto)
+}
+
+// --- kernel maps --------------------------------------------------------------
+
+/// The service maps of a loaded (or pinned) datapath.
+pub struct KernelMaps {
+    svc: HashMap<MapData, SvcKey, SvcValue>,
+    backends: HashMap<MapData, u32, Backend>,
+    revnat: HashMap<MapData, u16, RevNat>,
+    capacity: Capacity,
+}
+
+/// Map sizes, for error messages that say which flag to raise.
+#[derive(Clone, Copy, Debug)]
+pub struct Capacity {
+    pub services: u32,
+    pub backends: u32,
+    pub revnat: u32,
+}
+
+impl KernelMaps {
+    pub fn new(svc: Map, backends: Map, revnat: Map, capacity: Capacity) -> Result<Self, MapError> {
+        Ok(Self {
+            svc: HashMap::try_from(svc)?,
+            backends: HashMap::try_from(backends)?,
+            revnat: HashMap::try_from(revnat)?,
+            capacity,
+        })
+    }
+}
+
+fn write_error(op: &'static str, map: &'static str, capacity: u32, flag: &'static str, err: MapError) -> MapWriteError {
+    let io = match err {
+        MapError::SyscallError(e) => e.io_error,
+        other => std::io::Error::other(other.to_string()),
+    };
+    if io.raw_os_error() == Some(libc::E2BIG) || io.raw_os_error() == Some(libc::ENOSPC) {
+        MapWriteError::Full { map, capacity, flag }
+    } else {
+        MapWriteError::Syscall { op, map, source: io }
+    }
+}
+
+/// Deleting an entry that is already gone is success: writes are idempotent.
+fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+impl LbMaps for KernelMaps {
+    fn put_backend(&mut self, id: u32, backend: L4Addr) -> Result<(), MapWriteError> {
+        self.backends
+            .insert(id, backend_value(backend), 0)
+            .map_err(|e| write_error("insert", BACKEND_MAP, self.capacity.backends, "--max-backends", e))
+    }
+
+    fn delete_backend(&mut self, id: u32) -> Result<(), MapWriteError> {
+        ignore_missing(self.backends.remove(&id))
+            .map_err(|e| write_error("delete", BACKEND_MAP, self.capacity.backends, "--max-backends", e))
+    }
+
+    fn put_slot(&mut self, frontend: L4Addr, slot: u16, value: SvcValue) -> Result<(), MapWriteError> {
+        self.svc
+            .insert(svc_key(frontend, slot), value, 0)
+            .map_err(|e| write_error("insert", SVC_MAP, self.capacity.services, "--max-service-slots", e))
+    }
+
+    fn delete_slot(&mut self, frontend: L4Addr, slot: u16) -> Result<(), MapWriteError> {
+        ignore_missing(self.svc.remove(&svc_key(frontend, slot)))
+            .map_err(|e| write_error("delete", SVC_MAP, self.capacity.services, "--max-service-slots", e))
+    }
+
+    fn put_revnat(&mut self, id: u16, frontend: L4Addr) -> Result<(), MapWriteError> {
+        self.revnat
+            .insert(id, revnat_value(frontend), 0)
+            .map_err(|e| write_error("insert", REVNAT_MAP, self.capacity.revnat, "(65535 frontends at most)", e))
+    }
+
+    fn delete_revnat(&mut self, id: u16) -> Result<(), MapWriteError> {
+        ignore_missing(self.revnat.remove(&id))
+            .map_err(|e| write_error("delete", REVNAT_MAP, self.capacity.revnat, "(65535 frontends at most)", e))
+    }
+
+    fn snapshot(&self) -> Result<Snapshot, MapWriteError> {
+        let read = |map: &'static str| move |e: MapError| write_error("read", map, 0, "", e);
+        let mut snapshot = Snapshot::default();
+        for entry in self.svc.iter() {
+            let (key, value) = entry.map_err(read(SVC_MAP))?;
+            if let Some(at) = frontend_of(&key) {
+                snapshot.slots.insert(at, value);
+            }
+        }
+        for entry in self.backends.iter() {
+            let (id, value) = entry.map_err(read(BACKEND_MAP))?;
+            if let Some(backend) = backend_of(&value) {
+                snapshot.backends.insert(id, backend);
+            }
+        }
+        for entry in self.revnat.iter() {
+            let (id, value) = entry.map_err(read(REVNAT_MAP))?;
+            if let Some(frontend) = revnat_of(&value) {
+                snapshot.revnat.insert(id, frontend);
+            }
+        }
+        Ok(snapshot)
+    }
+}

@@ -1,0 +1,299 @@
+//! Kubernetes objects → desired frontends, with kube-proxy's semantics:
+//! - headless (`clusterIP: None`), ExternalName and services labelled
+//!   `service.kubernetes.io/service-proxy-name` get nothing;
+//! - endpoints come from the EndpointSlices labelled
+//!   `kubernetes.io/service-name`, matched to a service port by port name and
+//!   protocol (the slice carries the resolved target port, so named target
+//!   ports work);
+//! - ready endpoints are used; when none is ready, serving-and-terminating ones
+//!   are (graceful termination); otherwise the frontend has no backends and
+//!   the datapath rejects new flows;
+//! - only IPv4 (single-stack for now; IPv6 addresses are skipped, not errors).
+//!
+//! A service with any error keeps its last good datapath state (see
+//! `Desired::keep`), the rest still applies.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+use crate::{
+    error::InputError,
+    manifest::{Objects, Sourced},
+    model::{FrontendSpec, L4Addr, Proto, ServiceName},
+};
+
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_backends_per_service: usize,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub frontends: BTreeMap<L4Addr, FrontendSpec>,
+    /// Services whose input had errors: their applied state is left as is.
+    pub keep: BTreeSet<ServiceName>,
+}
+
+pub fn compute(objects: &Objects, limits: Limits) -> (Desired, Vec<InputError>) {
+    let mut slices_by_service: BTreeMap<ServiceName, Vec<&Sourced<EndpointSlice>>> = BTreeMap::new();
+    for slice in &objects.slices {
+        let labels = slice.object.metadata.labels.as_ref();
+        if let Some(name) = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)) {
+            let namespace = slice.object.metadata.namespace.clone().unwrap_or_default();
+            slices_by_service.entry(ServiceName { namespace, name: name.clone() }).or_default().push(slice);
+        }
+    }
+
+    let mut services: Vec<&Sourced<Service>> = objects.services.iter().collect();
+    services.sort_by_key(|s| service_name(&s.object));
+
+    let mut desired = Desired::default();
+    let mut errors = Vec::new();
+    let mut seen = BTreeSet::new();
+    for service in services {
+        let name = service_name(&service.object);
+        let ctx = ErrCtx { file: service.file.clone(), object: format!("Service {name}") };
+        if !seen.insert(name.clone()) {
+            errors.push(ctx.error("metadata.name", "defined more than once; the first definition is used"));
+            continue;
+        }
+        let slices = slices_by_service.get(&name).map(Vec::as_slice).unwrap_or_default();
+        match service_frontends(service, &name, slices, limits) {
+            Ok(frontends) => {
+                let mut duplicate = None;
+                for (frontend, _) in &frontends {
+                    if let Some(other) = desired.frontends.get(frontend) {
+                        duplicate = Some((*frontend, other.service.clone()));
+                    }
+                }
+                if let Some((frontend, other)) = duplicate {
+                    errors.push(ctx.error("spec.ports", &format!("frontend {frontend} is already used by Service {other}")));
+                    desired.keep.insert(name);
+                    continue;
+                }
+                desired.frontends.extend(frontends);
+            }
+            Err(mut errs) => {
+                errors.append(&mut errs);
+                desired.keep.insert(name);
+            }
+        }
+    }
+    (desired, errors)
+}
+
+fn service_name(service: &Service) -> ServiceName {
+    ServiceName {
+        namespace: service.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+        name: service.metadata.name.clone().unwrap_or_default(),
+    }
+}
+
+struct ErrCtx {
+    file: Option<PathBuf>,
+    object: String,
+}
+
+impl ErrCtx {
+    fn error(&self, field: &str, message: &str) -> InputError {
+        InputError { file: self.file.clone(), object: self.object.clone(), field: field.into(), message: message.into() }
+    }
+}
+
+fn service_frontends(
+    service: &Sourced<Service>,
+    name: &ServiceName,
+    slices: &[&Sourced<EndpointSlice>],
+    limits: Limits,
+) -> Result<Vec<(L4Addr, FrontendSpec)>, Vec<InputError>> {
+    let ctx = ErrCtx { file: service.file.clone(), object: format!("Service {name}") };
+    let meta = &service.object.metadata;
+    if meta.labels.as_ref().is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL)) {
+        tracing::debug!(service = %name, "skipped: {SERVICE_PROXY_NAME_LABEL} is set");
+        return Ok(Vec::new());
+    }
+    let Some(spec) = &service.object.spec else {
+        return Err(vec![ctx.error("spec", "missing")]);
+    };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return Ok(Vec::new());
+    }
+    let vips = cluster_ips(spec, &ctx)?;
+    if vips.is_empty() {
+        return Ok(Vec::new()); // headless, or IPv6-only
+    }
+
+    let mut errors = Vec::new();
+    let mut ports = Vec::new();
+    for (i, port) in spec.ports.iter().flatten().enumerate() {
+        let field = |f: &str| format!("spec.ports[{i}].{f}");
+        let proto = match parse_proto(port.protocol.as_deref()) {
+            Ok(Some(p)) => p,
+            Ok(None) => {
+                tracing::warn!(service = %name, port = i, "SCTP is not supported; port skipped");
+                continue;
+            }
+            Err(m) => {
+                errors.push(ctx.error(&field("protocol"), &m));
+                continue;
+            }
+        };
+        match valid_port(port.port) {
+            Ok(p) => ports.push((port.name.clone().unwrap_or_default(), p, proto)),
+            Err(m) => errors.push(ctx.error(&field("port"), &m)),
+        }
+    }
+
+    let mut frontends = Vec::new();
+    for (port_name, port, proto) in ports {
+        match port_backends(slices, &port_name, proto, limits) {
+            Ok(backends) => {
+                for vip in &vips {
+                    let frontend = L4Addr { addr: *vip, port, proto };
+                    let spec = FrontendSpec { service: name.clone(), port_name: port_name.clone(), backends: backends.clone() };
+                    frontends.push((frontend, spec));
+                }
+            }
+            Err(mut errs) => errors.append(&mut errs),
+        }
+    }
+    if errors.is_empty() { Ok(frontends) } else { Err(errors) }
+}
+
+/// IPv4 cluster IPs from `clusterIPs` (or `clusterIP`); empty when headless.
+fn cluster_ips(spec: &k8s_openapi::api::core::v1::ServiceSpec, ctx: &ErrCtx) -> Result<Vec<Ipv4Addr>, Vec<InputError>> {
+    let (field, ips): (&str, Vec<String>) = match (&spec.cluster_ips, &spec.cluster_ip) {
+        (Some(ips), _) if !ips.is_empty() => ("spec.clusterIPs", ips.clone()),
+        (_, Some(ip)) => ("spec.clusterIP", vec![ip.clone()]),
+        _ => return Err(vec![ctx.error("spec.clusterIP", "missing (the agent does not allocate cluster IPs)")]),
+    };
+    if ips.iter().any(|ip| ip == "None") {
+        return Ok(Vec::new());
+    }
+    let mut vips = Vec::new();
+    for (i, ip) in ips.iter().enumerate() {
+        let field = if field == "spec.clusterIPs" { format!("{field}[{i}]") } else { field.into() };
+        match ip.parse::<IpAddr>() {
+            Ok(IpAddr::V4(v4)) if v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast() => {
+                return Err(vec![ctx.error(&field, &format!("{ip} is not a usable service address"))]);
+            }
+            Ok(IpAddr::V4(v4)) => vips.push(v4),
+            Ok(IpAddr::V6(_)) => tracing::debug!(object = %ctx.object, %ip, "IPv6 cluster IP skipped (IPv4 only)"),
+            Err(_) => return Err(vec![ctx.error(&field, &format!("{ip:?} is not an IP address"))]),
+        }
+    }
+    Ok(vips)
+}
+
+fn parse_proto(protocol: Option<&str>) -> Result<Option<Proto>, String> {
+    match protocol.unwrap_or("TCP") {
+        "TCP" => Ok(Some(Proto::Tcp)),
+        "UDP" => Ok(Some(Proto::Udp)),
+        "SCTP" => Ok(None),
+        other => Err(format!("unknown protocol {other:?} (expected TCP, UDP or SCTP)")),
+    }
+}
+
+fn valid_port(port: i32) -> Result<u16, String> {
+    u16::try_from(port).ok().filter(|p| *p != 0).ok_or_else(|| format!("{port} is out of range 1-65535"))
+}
+
+/// The backends for one service port, merged over every slice.
+fn port_backends(
+    slices: &[&Sourced<EndpointSlice>],
+    port_name: &str,
+    proto: Proto,
+    limits: Limits,
+) -> Result<Vec<L4Addr>, Vec<InputError>> {
+    let mut errors = Vec::new();
+    let mut ready = BTreeSet::new();
+    let mut terminating = BTreeSet::new();
+    for slice in slices {
+        let object = &slice.object;
+        let ctx = ErrCtx {
+            file: slice.file.clone(),
+            object: format!(
+                "EndpointSlice {}/{}",
+                object.metadata.namespace.as_deref().unwrap_or_default(),
+                object.metadata.name.as_deref().unwrap_or_default()
+            ),
+        };
+        if object.address_type != "IPv4" {
+            tracing::debug!(slice = %ctx.object, address_type = %object.address_type, "slice skipped (IPv4 only)");
+            continue;
+        }
+        let mut target = None;
+        for (i, port) in object.ports.iter().flatten().enumerate() {
+            let slice_proto = match parse_proto(port.protocol.as_deref()) {
+                Ok(p) => p,
+                Err(m) => {
+                    errors.push(ctx.error(&format!("ports[{i}].protocol"), &m));
+                    continue;
+                }
+            };
+            if port.name.as_deref().unwrap_or_default() != port_name || slice_proto != Some(proto) {
+                continue;
+            }
+            match port.port.map(valid_port) {
+                Some(Ok(p)) => target = Some(p),
+                Some(Err(m)) => errors.push(ctx.error(&format!("ports[{i}].port"), &m)),
+                None => errors.push(ctx.error(&format!("ports[{i}].port"), "missing")),
+            }
+        }
+        let Some(target) = target else { continue };
+        for (i, endpoint) in object.endpoints.iter().enumerate() {
+            let Some(address) = endpoint.addresses.first() else {
+                errors.push(ctx.error(&format!("endpoints[{i}].addresses"), "empty"));
+                continue;
+            };
+            let addr = match address.parse::<Ipv4Addr>() {
+                Ok(a) if !a.is_unspecified() && !a.is_broadcast() && !a.is_multicast() => a,
+                _ => {
+                    errors.push(ctx.error(&format!("endpoints[{i}].addresses[0]"), &format!("{address:?} is not a usable IPv4 address")));
+                    continue;
+                }
+            };
+            let conditions = endpoint.conditions.as_ref();
+            // Unset conditions mean ready/serving (API semantics); terminating defaults to false.
+            let is_ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+            let is_serving = conditions.and_then(|c| c.serving).unwrap_or(is_ready);
+            let is_terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+            let backend = L4Addr { addr, port: target, proto };
+            if is_ready {
+                ready.insert(backend);
+            } else if is_serving && is_terminating {
+                terminating.insert(backend);
+            }
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let backends: Vec<L4Addr> = if ready.is_empty() { terminating } else { ready }.into_iter().collect();
+    if backends.len() > limits.max_backends_per_service {
+        let object = slices.first().map(|s| format!(
+            "EndpointSlice {}/{}",
+            s.object.metadata.namespace.as_deref().unwrap_or_default(),
+            s.object.metadata.name.as_deref().unwrap_or_default()
+        ));
+        return Err(vec![InputError {
+            file: slices.first().and_then(|s| s.file.clone()),
+            object: object.unwrap_or_default(),
+            field: "endpoints".into(),
+            message: format!(
+                "port {port_name:?} has {} endpoints, more than --max-backends-per-service {}",
+                backends.len(),
+                limits.max_backends_per_service
+            ),
+        }]);
+    }
+    Ok(backends)
+}

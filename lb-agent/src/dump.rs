@@ -1,0 +1,36 @@
+//! Plain-text rendering of the service maps, shared by `lb-agent inspect` and
+//! the golden tests, so operators and tests read one format.
+
+use std::fmt::Write as _;
+
+use crate::datapath::maps::Snapshot;
+
+/// One block per frontend: slot 0, then each slot with its backend.
+pub fn services(snapshot: &Snapshot) -> String {
+    let mut out = String::new();
+    for ((frontend, slot), value) in &snapshot.slots {
+        if *slot != 0 {
+            continue;
+        }
+        let revnat = match snapshot.revnat.get(&value.rev_nat_id) {
+            Some(r) if r == frontend => format!("revnat={}", value.rev_nat_id),
+            Some(r) => format!("revnat={} (MISMATCH: {r})", value.rev_nat_id),
+            None => format!("revnat={} (MISSING)", value.rev_nat_id),
+        };
+        let _ = writeln!(out, "{frontend} count={} {revnat}", value.count);
+        if value.count == 0 {
+            let _ = writeln!(out, "  (no backends: new flows are rejected)");
+        }
+        for s in 1..=value.count {
+            let line = match snapshot.slots.get(&(*frontend, s)) {
+                None => "MISSING".to_string(),
+                Some(v) => match snapshot.backends.get(&v.backend_id) {
+                    Some(b) => format!("backend {} {b}", v.backend_id),
+                    None => format!("backend {} MISSING", v.backend_id),
+                },
+            };
+            let _ = writeln!(out, "  slot {s}: {line}");
+        }
+    }
+    out
+}

@@ -1,0 +1,96 @@
+//! `lb-agent inspect`: services, conntrack and counters, read from the pinned maps.
+
+use std::{fmt::Write as _, net::Ipv4Addr, path::Path};
+
+use aya::maps::{HashMap, MapData, PerCpuArray};
+use lb_common::{
+    backend::BACKEND_MAP,
+    ct::{CtKey, CtValue, CT_DIR_FORWARD, CT_FLAG_CLOSING, CT_MAP},
+    revnat::REVNAT_MAP,
+    stats::{STATS_MAP, STAT_COUNT, STAT_NAMES},
+    svc::SVC_MAP,
+};
+
+use crate::{
+    datapath::{
+        loader::{open_pinned, MapSizes},
+        maps::{KernelMaps, LbMaps},
+    },
+    dump,
+    model::Proto,
+};
+
+pub fn services(pin_dir: &Path) -> anyhow::Result<String> {
+    let maps = KernelMaps::new(
+        open_pinned(pin_dir, SVC_MAP)?,
+        open_pinned(pin_dir, BACKEND_MAP)?,
+        open_pinned(pin_dir, REVNAT_MAP)?,
+        MapSizes::default().capacity(),
+    )?;
+    let text = dump::services(&maps.snapshot()?);
+    Ok(if text.is_empty() { "(no services)\n".into() } else { text })
+}
+
+/// Forward conntrack entries: one line per tracked flow.
+pub fn conntrack(pin_dir: &Path) -> anyhow::Result<String> {
+    let map: HashMap<MapData, CtKey, CtValue> = open_pinned(pin_dir, CT_MAP)?.try_into()?;
+    let now = monotonic_ns();
+    let mut rows = Vec::new();
+    for entry in map.iter() {
+        let (key, value) = entry?;
+        if key.dir != CT_DIR_FORWARD {
+            continue;
+        }
+        let proto = Proto::from_number(key.proto).map_or_else(|| key.proto.to_string(), |p| p.to_string());
+        let state = if value.is_expired(key.proto, now) {
+            "expired"
+        } else if value.flags & CT_FLAG_CLOSING != 0 {
+            "closing"
+        } else {
+            "live"
+        };
+        rows.push(format!(
+            "{proto:<4} {:<22} {:<22} {:<22} {:>8.1} {:>8.1} {state}",
+            endpoint(key.saddr_be, key.sport_be),
+            endpoint(key.daddr_be, key.dport_be),
+            endpoint(value.nat_addr_be, value.nat_port_be),
+            now.saturating_sub(value.created_ns) as f64 / 1e9,
+            now.saturating_sub(value.last_seen_ns) as f64 / 1e9,
+        ));
+    }
+    rows.sort();
+    let mut out = format!("{:<4} {:<22} {:<22} {:<22} {:>8} {:>8} STATE\n", "PROT", "CLIENT", "FRONTEND", "BACKEND", "AGE(s)", "IDLE(s)");
+    for row in &rows {
+        let _ = writeln!(out, "{row}");
+    }
+    let _ = writeln!(out, "({} flows)", rows.len());
+    Ok(out)
+}
+
+/// Per-reason packet counters, summed over CPUs.
+pub fn stats(pin_dir: &Path) -> anyhow::Result<String> {
+    let mut out = String::new();
+    for (name, value) in counters(pin_dir)? {
+        let _ = writeln!(out, "{name:<22} {value}");
+    }
+    Ok(out)
+}
+
+pub fn counters(pin_dir: &Path) -> anyhow::Result<Vec<(&'static str, u64)>> {
+    let map: PerCpuArray<MapData, u64> = open_pinned(pin_dir, STATS_MAP)?.try_into()?;
+    (0..STAT_COUNT)
+        .map(|i| Ok((STAT_NAMES[i as usize], map.get(&i, 0)?.iter().sum())))
+        .collect()
+}
+
+
+fn endpoint(addr_be: u32, port_be: u16) -> String {
+    format!("{}:{}", Ipv4Addr::from(u32::from_be(addr_be)), u16::from_be(port_be))
+}
+
+/// CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

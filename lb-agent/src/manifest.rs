@@ -1,0 +1,192 @@
+//! Reads Kubernetes YAML (multi-document files) from a directory into
+//! k8s-openapi `Service` and `EndpointSlice` objects.
+//!
+//! Errors name the file, the object and the field. An object with errors is
+//! skipped; a file that is not valid YAML at all keeps its last good content,
+//! so a half-saved edit never removes what the file used to program.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use serde::Deserialize as _;
+use serde_yaml::Value;
+
+use crate::error::InputError;
+
+/// An object and where it was read from.
+#[derive(Clone, Debug)]
+pub struct Sourced<T> {
+    pub file: Option<PathBuf>,
+    pub object: T,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Objects {
+    pub services: Vec<Sourced<Service>>,
+    pub slices: Vec<Sourced<EndpointSlice>>,
+}
+
+impl Objects {
+    fn extend(&mut self, other: &Objects) {
+        self.services.extend(other.services.iter().cloned());
+        self.slices.extend(other.slices.iter().cloned());
+    }
+}
+
+/// Parses one YAML text. `Err` means the text is not YAML at all; object-level
+/// problems are returned alongside the objects that did parse.
+pub fn parse_str(text: &str, file: Option<&Path>) -> Result<(Objects, Vec<InputError>), InputError> {
+    let mut objects = Objects::default();
+    let mut errors = Vec::new();
+    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let value = Value::deserialize(document).map_err(|e| InputError {
+            file: file.map(Path::to_path_buf),
+            object: format!("document {}", index + 1),
+            field: String::new(),
+            message: format!("invalid YAML: {e}"),
+        })?;
+        if value.is_null() {
+            continue;
+        }
+        if let Err(e) = parse_document(value, index, file, &mut objects) {
+            errors.push(e);
+        }
+    }
+    Ok((objects, errors))
+}
+
+fn parse_document(value: Value, index: usize, file: Option<&Path>, out: &mut Objects) -> Result<(), InputError> {
+    let str_at = |v: &Value, path: &[&str]| -> Option<String> {
+        path.iter().try_fold(v, |v, k| v.get(k)).and_then(Value::as_str).map(str::to_owned)
+    };
+    let api_version = str_at(&value, &["apiVersion"]).unwrap_or_default();
+    let kind = str_at(&value, &["kind"]).unwrap_or_default();
+    let name = str_at(&value, &["metadata", "name"]);
+    let namespace = str_at(&value, &["metadata", "namespace"]).unwrap_or_else(|| "default".into());
+    let object = match &name {
+        Some(name) => format!("{kind} {namespace}/{name}"),
+        None => format!("document {} ({kind})", index + 1),
+    };
+    let error = |field: String, message: String| InputError {
+        file: file.map(Path::to_path_buf),
+        object: object.clone(),
+        field,
+        message,
+    };
+    if !value.is_mapping() {
+        return Err(error(String::new(), "not a Kubernetes object (expected a mapping)".into()));
+    }
+    match (api_version.as_str(), kind.as_str()) {
+        ("v1", "Service") | ("discovery.k8s.io/v1", "EndpointSlice") => {}
+        (_, "Service") | (_, "EndpointSlice") => {
+            return Err(error("apiVersion".into(), format!("unsupported apiVersion {api_version:?} for {kind}")));
+        }
+        ("", _) | (_, "") => {
+            return Err(error(String::new(), "missing apiVersion or kind".into()));
+        }
+        _ => {
+            tracing::debug!(file = ?file, %object, "ignoring object of another kind");
+            return Ok(());
+        }
+    }
+    if name.is_none() {
+        return Err(error("metadata.name".into(), "missing".into()));
+    }
+    let file = file.map(Path::to_path_buf);
+    if kind == "Service" {
+        let mut object: Service = typed(value).map_err(|(f, m)| error(f, m))?;
+        object.metadata.namespace.get_or_insert(namespace);
+        out.services.push(Sourced { file, object });
+    } else {
+        let mut object: EndpointSlice = typed(value).map_err(|(f, m)| error(f, m))?;
+        object.metadata.namespace.get_or_insert(namespace);
+        out.slices.push(Sourced { file, object });
+    }
+    Ok(())
+}
+
+/// Deserializes into a k8s-openapi type, reporting the failing field's path.
+fn typed<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, (String, String)> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." { String::new() } else { path };
+        (field, e.into_inner().to_string())
+    })
+}
+
+/// Identity of a file's content without reading it.
+type Fingerprint = (Option<SystemTime>, u64);
+
+struct FileState {
+    fingerprint: Fingerprint,
+    objects: Objects,
+    errors: Vec<InputError>,
+}
+
+/// A directory of manifests, re-read when its files change.
+pub struct ManifestDir {
+    dir: PathBuf,
+    files: BTreeMap<PathBuf, FileState>,
+}
+
+impl ManifestDir {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into(), files: BTreeMap::new() }
+    }
+
+    /// Re-reads changed files. Returns `None` when nothing changed since the
+    /// last call, otherwise every object and every current error.
+    pub fn poll(&mut self) -> std::io::Result<Option<(Objects, Vec<InputError>)>> {
+        let mut seen = Vec::new();
+        let mut changed = false;
+        for entry in fs::read_dir(&self.dir)? {
+            let path = entry?.path();
+            let is_manifest = path.extension().is_some_and(|e| e == "yaml" || e == "yml" || e == "json");
+            let hidden = path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'));
+            if !is_manifest || hidden || !path.is_file() {
+                continue;
+            }
+            let meta = fs::metadata(&path)?;
+            let fingerprint = (meta.modified().ok(), meta.len());
+            seen.push(path.clone());
+            if self.files.get(&path).is_some_and(|s| s.fingerprint == fingerprint) {
+                continue;
+            }
+            changed = true;
+            let text = fs::read_to_string(&path);
+            let previous = self.files.remove(&path);
+            let state = match text.map_err(|e| e.to_string()).and_then(|t| parse_str(&t, Some(&path)).map_err(|e| e.to_string())) {
+                Ok((objects, errors)) => FileState { fingerprint, objects, errors },
+                Err(message) => {
+                    let kept = previous.map(|p| p.objects).unwrap_or_default();
+                    let error = InputError {
+                        file: Some(path.clone()),
+                        object: "file".into(),
+                        field: String::new(),
+                        message: format!("{message}; keeping its last good content ({} objects)", kept.services.len() + kept.slices.len()),
+                    };
+                    FileState { fingerprint, objects: kept, errors: vec![error] }
+                }
+            };
+            self.files.insert(path, state);
+        }
+        let before = self.files.len();
+        self.files.retain(|path, _| seen.contains(path));
+        changed |= self.files.len() != before;
+        if !changed {
+            return Ok(None);
+        }
+        let mut objects = Objects::default();
+        let mut errors = Vec::new();
+        for state in self.files.values() {
+            objects.extend(&state.objects);
+            errors.extend(state.errors.iter().cloned());
+        }
+        Ok(Some((objects, errors)))
+    }
+}
