@@ -1,1 +1,14 @@
+//! Privileged test support: packet builder, BPF_PROG_TEST_RUN harness,
+//! network-namespace topology with real servers. Shared by the tests and
+//! `cargo xtask demo`.
 
+pub mod datapath;
+pub mod netns;
+pub mod packet;
+pub mod servers;
+pub mod topology;
+
+/// Fails the calling test unless running as root (tests must not silently skip).
+pub fn require_root() {
+    assert!(nix::unistd::Uid::effective().is_root(), "privileged tests need root: run `cargo xtask test` as root");
+}

@@ -1,0 +1,192 @@
+//! A small builder for Ethernet/IPv4/TCP|UDP frames with correct checksums,
+//! and checksum verification for frames the datapath produced.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+pub const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+
+#[derive(Clone, Debug)]
+pub struct Packet {
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub src: SocketAddrV4,
+    pub dst: SocketAddrV4,
+    pub proto: u8,
+    pub tcp_flags: u8,
+    pub seq: u32,
+    pub ack: u32,
+    pub payload: Vec<u8>,
+    pub ip_options: Vec<u8>,
+    /// Raw flags + fragment offset field.
+    pub frag: u16,
+    pub ttl: u8,
+    pub id: u16,
+    /// UDP only: send a zero ("no checksum") checksum.
+    pub udp_no_checksum: bool,
+}
+
+impl Packet {
+    pub fn tcp(src: SocketAddrV4, dst: SocketAddrV4, flags: u8) -> Self {
+        Self {
+            src_mac: CLIENT_MAC,
+            dst_mac: NODE_MAC,
+            src,
+            dst,
+            proto: 6,
+            tcp_flags: flags,
+            seq: 0x1000_0000,
+            ack: if flags & TCP_ACK != 0 { 0x2000_0000 } else { 0 },
+            payload: Vec::new(),
+            ip_options: Vec::new(),
+            frag: 0x4000, // DF
+            ttl: 64,
+            id: 0x1234,
+            udp_no_checksum: false,
+        }
+    }
+
+    pub fn udp(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Self {
+        Self { proto: 17, tcp_flags: 0, payload: payload.to_vec(), ..Self::tcp(src, dst, 0) }
+    }
+
+    pub fn with_payload(mut self, payload: &[u8]) -> Self {
+        self.payload = payload.to_vec();
+        self
+    }
+
+    pub fn to(mut self, dst: SocketAddrV4) -> Self {
+        self.dst = dst;
+        self
+    }
+
+    pub fn from(mut self, src: SocketAddrV4) -> Self {
+        self.src = src;
+        self
+    }
+
+    /// The reply a peer would send: addresses, ports and MACs swapped.
+    pub fn reply(&self, flags: u8) -> Self {
+        Self {
+            src_mac: self.dst_mac,
+            dst_mac: self.src_mac,
+            src: self.dst,
+            dst: self.src,
+            tcp_flags: flags,
+            seq: 0x2000_0000,
+            ack: self.seq.wrapping_add(1),
+            ..self.clone()
+        }
+    }
+
+    pub fn l4_header_len(&self) -> usize {
+        if self.proto == 6 { 20 } else { 8 }
+    }
+
+    pub fn build(&self) -> Vec<u8> {
+        let ihl_len = 20 + self.ip_options.len();
+        assert!(ihl_len % 4 == 0 && ihl_len <= 60, "IP options must pad to 4 bytes");
+        let l4_len = self.l4_header_len() + self.payload.len();
+        let mut f = Vec::with_capacity(14 + ihl_len + l4_len);
+        f.extend_from_slice(&self.dst_mac);
+        f.extend_from_slice(&self.src_mac);
+        f.extend_from_slice(&[0x08, 0x00]);
+        let ip_start = f.len();
+        f.push(0x40 | (ihl_len / 4) as u8);
+        f.push(0);
+        f.extend_from_slice(&((ihl_len + l4_len) as u16).to_be_bytes());
+        f.extend_from_slice(&self.id.to_be_bytes());
+        f.extend_from_slice(&self.frag.to_be_bytes());
+        f.push(self.ttl);
+        f.push(self.proto);
+        f.extend_from_slice(&[0, 0]);
+        f.extend_from_slice(&self.src.ip().octets());
+        f.extend_from_slice(&self.dst.ip().octets());
+        f.extend_from_slice(&self.ip_options);
+        let csum = checksum(&f[ip_start..ip_start + ihl_len], 0);
+        f[ip_start + 10..ip_start + 12].copy_from_slice(&csum.to_be_bytes());
+        let l4_start = f.len();
+        f.extend_from_slice(&self.src.port().to_be_bytes());
+        f.extend_from_slice(&self.dst.port().to_be_bytes());
+        if self.proto == 6 {
+            f.extend_from_slice(&self.seq.to_be_bytes());
+            f.extend_from_slice(&self.ack.to_be_bytes());
+            f.push(5 << 4);
+            f.push(self.tcp_flags);
+            f.extend_from_slice(&0xffffu16.to_be_bytes());
+            f.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent
+        } else {
+            f.extend_from_slice(&(l4_len as u16).to_be_bytes());
+            f.extend_from_slice(&[0, 0]);
+        }
+        f.extend_from_slice(&self.payload);
+        let csum_at = l4_start + if self.proto == 6 { 16 } else { 6 };
+        if !(self.proto == 17 && self.udp_no_checksum) {
+            let mut c = checksum(&f[l4_start..], pseudo_sum(*self.src.ip(), *self.dst.ip(), self.proto, l4_len));
+            if self.proto == 17 && c == 0 {
+                c = 0xffff;
+            }
+            f[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
+        }
+        f
+    }
+}
+
+fn sum16(data: &[u8], mut sum: u32) -> u32 {
+    for chunk in data.chunks(2) {
+        let word = if chunk.len() == 2 { u16::from_be_bytes([chunk[0], chunk[1]]) } else { u16::from_be_bytes([chunk[0], 0]) };
+        sum += u32::from(word);
+    }
+    sum
+}
+
+fn fold(mut sum: u32) -> u16 {
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Internet checksum of `data` starting from a partial `seed`.
+pub fn checksum(data: &[u8], seed: u32) -> u16 {
+    fold(sum16(data, seed))
+}
+
+fn pseudo_sum(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, len: usize) -> u32 {
+    let mut s = sum16(&src.octets(), 0);
+    s = sum16(&dst.octets(), s);
+    s + u32::from(proto) + len as u32
+}
+
+/// Checks the IPv4 header checksum and the TCP/UDP/ICMP checksum of a frame.
+pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
+    let ip = frame.get(14..).ok_or("short frame")?;
+    let ihl_len = usize::from(ip[0] & 0x0f) * 4;
+    if checksum(&ip[..ihl_len], 0) != 0 {
+        return Err("bad IPv4 header checksum".into());
+    }
+    let tot_len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let l4 = &ip[ihl_len..tot_len];
+    let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+    let ok = match ip[9] {
+        1 => checksum(l4, 0) == 0,
+        6 => checksum(l4, pseudo_sum(src, dst, 6, l4.len())) == 0,
+        17 => {
+            let stored = u16::from_be_bytes([l4[6], l4[7]]);
+            stored == 0 || checksum(l4, pseudo_sum(src, dst, 17, l4.len())) == 0
+        }
+        _ => true,
+    };
+    if ok { Ok(()) } else { Err(format!("bad L4 checksum (protocol {})", ip[9])) }
+}
+
+/// Renders a frame as hex, 16 bytes a line, for assertion messages.
+pub fn hex(frame: &[u8]) -> String {
+    frame.chunks(16).map(|c| c.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")).collect::<Vec<_>>().join("\n")
+}

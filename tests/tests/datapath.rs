@@ -1,0 +1,319 @@
+//! Datapath tests: crafted packets through the real tc program with
+//! BPF_PROG_TEST_RUN; exact output bytes, checksums, counters, conntrack.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use lb_common::{
+    ct::{CT_DIR_FORWARD, CT_DIR_REPLY},
+    hash::{flow_hash, select_slot},
+    stats::Stat,
+};
+use lb_tests::{
+    datapath::Harness,
+    packet::{hex, verify_checksums, Packet, TCP_ACK, TCP_SYN},
+    require_root,
+};
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
+const BACKENDS: [Ipv4Addr; 3] = [Ipv4Addr::new(198, 18, 10, 2), Ipv4Addr::new(198, 18, 11, 2), Ipv4Addr::new(198, 18, 12, 2)];
+
+fn manifest(backends: &[Ipv4Addr]) -> String {
+    let endpoints: String = backends.iter().map(|b| format!("- addresses: [\"{b}\"]\n  conditions: {{ready: true}}\n")).collect();
+    let endpoints = if endpoints.is_empty() { "[]\n".to_string() } else { format!("\n{endpoints}") };
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: test}}
+spec:
+  clusterIP: {VIP}
+  ports:
+  - {{name: http, port: 80, targetPort: http, protocol: TCP}}
+  - {{name: dns, port: 53, targetPort: 5353, protocol: UDP}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: test
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv4
+ports:
+- {{name: http, port: 8080, protocol: TCP}}
+- {{name: dns, port: 5353, protocol: UDP}}
+endpoints: {endpoints}"#
+    )
+}
+
+fn vip(port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(VIP, port)
+}
+
+fn client(port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(CLIENT, port)
+}
+
+/// The backend the kernel must pick for a new flow (sorted backend order = slot order).
+fn expected_backend(backends: &[Ipv4Addr], src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> Ipv4Addr {
+    let hash = flow_hash(
+        u32::from(*src.ip()).to_be(),
+        u32::from(*dst.ip()).to_be(),
+        src.port().to_be(),
+        dst.port().to_be(),
+        proto,
+    );
+    let mut sorted = backends.to_vec();
+    sorted.sort();
+    sorted[usize::from(select_slot(hash, sorted.len() as u16)) - 1]
+}
+
+/// A client port whose flow hashes to `backend`.
+fn port_for(backend: Ipv4Addr, backends: &[Ipv4Addr], dst: SocketAddrV4, proto: u8) -> u16 {
+    (40000..41000).find(|p| expected_backend(backends, client(*p), dst, proto) == backend).expect("a port for every backend")
+}
+
+fn assert_frame(actual: &[u8], expected: &[u8], what: &str) {
+    assert!(actual == expected, "{what}: frame differs\nexpected:\n{}\nactual:\n{}", hex(expected), hex(actual));
+    verify_checksums(actual).unwrap_or_else(|e| panic!("{what}: {e}"));
+}
+
+#[test]
+fn tcp_syn_is_dnated_to_each_backend_with_exact_bytes() {
+    require_root();
+    let mut h = Harness::new();
+    h.apply_yaml(&manifest(&BACKENDS));
+    for backend in BACKENDS {
+        let port = port_for(backend, &BACKENDS, vip(80), 6);
+        let syn = Packet::tcp(client(port), vip(80), TCP_SYN).with_payload(b"hello");
+        let out = h.run(&syn.build());
+        assert_eq!(out.verdict, TC_ACT_OK);
+        let expected = syn.clone().to(SocketAddrV4::new(backend, 8080)).build();
+        assert_frame(&out.frame, &expected, &format!("SYN to {backend}"));
+    }
+    assert_eq!(h.counter(Stat::DnatNew), 3);
+}
+
+#[test]
+fn reply_from_backend_is_reverse_nated_to_the_vip() {
+    require_root();
+    let mut h = Harness::new();
+    h.apply_yaml(&manifest(&BACKENDS));
+    let syn = Packet::tcp(client(41234), vip(80), TCP_SYN);
+    let dnated = h.run(&syn.build());
+    let backend = expected_backend(&BACKENDS, client(41234), vip(80), 6);
+
+    // The backend answers the translated packet.
+    let from_backend = syn.clone().to(SocketAddrV4::new(backend, 8080)).reply(TCP_SYN | TCP_ACK).with_payload(b"world");
+    let out = h.run(&from_backend.build());
+    assert_eq!(out.verdict, TC_ACT_OK);
+    let expected = from_backend.clone().from(vip(80)).build();
+    assert_frame(&out.frame, &expected, "SYN-ACK back to the client");
+    assert_eq!(h.counter(Stat::RevNat), 1);
+    assert_ne!(dnated.frame, syn.build());
+
+    // Both conntrack entries exist with the right rewrite addresses.
+    let ct = h.conntrack();
+    let forward = ct.iter().find(|(k, _)| k.dir == CT_DIR_FORWARD).expect("forward entry").1;
+    let reply = ct.iter().find(|(k, _)| k.dir == CT_DIR_REPLY).expect("reply entry").1;
+    assert_eq!(u32::from_be(forward.nat_addr_be), u32::from(backend));
+    assert_eq!(u16::from_be(forward.nat_port_be), 8080);
+    assert_eq!(u32::from_be(reply.nat_addr_be), u32::from(VIP));
+    assert_eq!(u16::from_be(reply.nat_port_be), 80);
+}
+
+#[test]
+fn udp_is_dnated_and_reverse_nated_with_checksums() {
+    require_root();
+    let mut h = Harness::new();
+    h.apply_yaml(&manifest(&BACKENDS));
+    let query = Packet::udp(client(5000), vip(53), b"query payload, odd length");
+    let backend = expected_backend(&BACKENDS, client(5000), vip(53), 17);
+    let out = h.run(&query.build());
+    assert_eq!(out.verdict, TC_ACT_OK);
+    assert_frame(&out.frame, &query.clone().to(SocketAddrV4::new(backend, 5353)).build(), "UDP query");
+
+    let answer = query.clone().to(SocketAddrV4::new(backend, 5353)).reply(0).with_payload(b"answer");
+    let out = h.run(&answer.build());
+    assert_frame(&out.frame, &answer.clone().from(vip(53)).build(), "UDP answer");
+}
+
+#[test]
+fn udp_zero_checksum_stays_zero() {
+    require_root();
+    let mut h = Harness::new();
+    h.apply_yaml(&manifest(&BACKENDS));
+    let mut query = Packet::udp(client(5001), vip(53), b"no checksum");
+    query.udp_no_checksum = true;
+    let backend = expected_backend(&BACKENDS, client(5001), vip(53), 17);
+    let out = h.run(&query.build());
+    let expected = query.clone().to(SocketAddrV4::new(backend, 5353)).build();
+    assert_frame(&out.frame, &expected, "UDP without checksum");
+    assert_eq!(&out.frame[40..42], &[0, 0], "UDP checksum must stay zero");
+}
+
+#[test]
+fn ip_options_are_skipped_when_rewriting() {
+    require_root();
+    let mut h = Harness::new();
+    h.apply_yaml(&manifest(&BACKENDS));
+    let mut syn = Packet::tcp(client(42000), vip(80), TCP_SYN);
+    syn.ip_options = vec![1, 1, 1, 0]; // NOP NOP NOP EOL
+    let backend = expected_backend(&BACKENDS, client(42000), vip(80), 6);
+    let out = h.run(&syn.build());
+    assert_eq!(out.verdict, TC_ACT_OK);
+    assert_frame(&out.frame, &syn.clone().to(SocketAddrV4::new(backend, 8080)).build(), "SYN with IP options");
+}
+
+#[test]
+fn traffic_not_for_a_service_passes_untouched() {
+    require_root();
+    let mut h = Harness::new();
+    h.apply_yaml(&manifest(&BACKENDS));
+    let other_ip = Packet::tcp(client(40000), SocketAddrV4::new(Ipv4Addr::new(198, 18, 99, 1), 80), TCP_SYN).build();
+    let other_port = Packet::tcp(client(40000), vip(81), TCP_SYN).build();
+    let wrong_proto = Packet::udp(client(40000), vip(80), b"udp to a tcp port").build();
+    let mut icmp = Packet::udp(client(40000), vip(80), b"icmp echo").build();
+    icmp[23] = 1; // protocol ICMP (checksum no longer matters: must pass as is)
+    let mut arp = vec![0xffu8; 6];
+    arp.extend_from_slice(&[0x02, 0, 0, 0, 0, 1, 0x08, 0x06]);
+    arp.extend_from_slice(&[0u8; 28]);
+    let mut ipv6 = other_ip.clone();
+    ipv6[12..14].copy_from_slice(&[0x86, 0xdd]);
+    for (name, frame) in [("other IP", &other_ip), ("other port", &other_port), ("UDP to TCP port", &wrong_proto), ("ICMP", &icmp), ("ARP", &arp), ("IPv6", &ipv6)] {
+        let out = h.run(frame);
+        assert_eq!(out.verdict, TC_ACT_OK, "{name}");
+        assert_eq!(&out.frame, frame, "{name} must pass untouched");
+    }
+    assert_eq!(h.counter(Stat::PassNotService), 6);
+    assert_eq!(h.counter(Stat::DnatNew), 0);
+    assert!(h.conntrack().is_empty());
+}
+
+#[test]
+fn truncated_and_malformed_packets_are_never_rewritten() {
+    require_root();
+    let mut h = Harness::new();
+    h.apply_yaml(&manifest(&BACKENDS));
+    let good = Packet::tcp(client(40001), vip(80), TCP_SYN).with_payload(b"data").build();
+    let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+    cases.push(("cut inside the TCP header", good[..14 + 20 + 10].to_vec()));
+    // (BPF_PROG_TEST_RUN itself refuses IPv4 frames shorter than 20 bytes of IP.)
+    let mut long_ihl = good[..14 + 24].to_vec();
+    long_ihl[14] = 0x4f; // IHL 15: 60 bytes of header claimed, 24 present
+    long_ihl[16..18].copy_from_slice(&24u16.to_be_bytes());
+    cases.push(("IP options cut by the end of the frame", long_ihl));
+    let mut short_tot = good.clone();
+    short_tot[16..18].copy_from_slice(&30u16.to_be_bytes()); // IP says 30 bytes: no room for TCP
+    cases.push(("total length shorter than the TCP header", short_tot));
+    let mut long_tot = good.clone();
+    long_tot[16..18].copy_from_slice(&1400u16.to_be_bytes());
+    cases.push(("total length past the end of the frame", long_tot));
+    let mut small_ihl = good.clone();
+    small_ihl[14] = 0x44;
+    cases.push(("IHL below 5", small_ihl));
+    let mut v6_in_v4 = good.clone();
+    v6_in_v4[14] = 0x65;
+    cases.push(("version 6 under ethertype IPv4", v6_in_v4));
+    let mut bad_doff = good.clone();
+    bad_doff[14 + 20 + 12] = 0x40; // data offset 4 words
+    cases.push(("TCP data offset below 5", bad_doff));
+    let mut short_udp = Packet::udp(client(40001), vip(53), b"x").build();
+    short_udp[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&4u16.to_be_bytes());
+    cases.push(("UDP length below 8", short_udp));
+    for (name, frame) in &cases {
+        let out = h.run(frame);
+        assert_eq!(out.verdict, TC_ACT_OK, "{name}");
+        assert_eq!(&out.frame, frame, "{name}: must not be rewritten");
+    }
+    assert_eq!(h.counter(Stat::PassMalformed), cases.len() as u64);
+    assert!(h.conntrack().is_empty(), "no state for malformed packets");
+}
+
+#[test]
+fn fragments_to_a_service_are_dropped_and_counted() {
+    require_root();
+    let mut h = Harness::new();
+    h.apply_yaml(&manifest(&BACKENDS));
+    let mut first = Packet::udp(client(40002), vip(53), b"first fragment");
+    first.frag = 0x2000; // MF, offset 0
+    let out = h.run(&first.build());
+    assert_eq!(out.verdict, TC_ACT_SHOT);
+    assert_eq!(h.counter(Stat::DropFragment), 1);
+
+    let mut later = Packet::udp(client(40002), vip(53), b"later fragment");
+    later.frag = 0x0003; // offset 24 bytes: no L4 header
+    let frame = later.build();
+    let out = h.run(&frame);
+    assert_eq!(out.verdict, TC_ACT_OK);
+    assert_eq!(out.frame, frame, "non-first fragments pass untouched");
+
+    let mut not_service = Packet::udp(client(40002), SocketAddrV4::new(Ipv4Addr::new(198, 18, 99, 1), 53), b"x");
+    not_service.frag = 0x2000;
+    assert_eq!(h.run(&not_service.build()).verdict, TC_ACT_OK, "fragments not for a service pass");
+}
+
+#[test]
+fn conntrack_keeps_backend_after_backend_set_changes() {
+    require_root();
+    let mut h = Harness::new();
+    h.apply_yaml(&manifest(&BACKENDS));
+    let chosen = BACKENDS[1];
+    let port = port_for(chosen, &BACKENDS, vip(80), 6);
+    let syn = Packet::tcp(client(port), vip(80), TCP_SYN);
+    assert_frame(&h.run(&syn.build()).frame, &syn.clone().to(SocketAddrV4::new(chosen, 8080)).build(), "SYN");
+
+    // The chosen backend leaves the service.
+    let remaining = [BACKENDS[0], BACKENDS[2]];
+    h.apply_yaml(&manifest(&remaining));
+
+    let ack = Packet::tcp(client(port), vip(80), TCP_ACK).with_payload(b"GET /");
+    let out = h.run(&ack.build());
+    assert_frame(&out.frame, &ack.clone().to(SocketAddrV4::new(chosen, 8080)).build(), "established flow keeps its backend");
+    assert_eq!(h.counter(Stat::DnatCtHit), 1);
+    let reply = ack.clone().to(SocketAddrV4::new(chosen, 8080)).reply(TCP_ACK);
+    assert_frame(&h.run(&reply.build()).frame, &reply.clone().from(vip(80)).build(), "its replies are still reverse-NATed");
+
+    // New flows only go to current backends.
+    for p in 43000..43100 {
+        let out = h.run(&Packet::tcp(client(p), vip(80), TCP_SYN).build());
+        let dst = Ipv4Addr::new(out.frame[30], out.frame[31], out.frame[32], out.frame[33]);
+        assert!(remaining.contains(&dst), "new flow from port {p} went to {dst}");
+    }
+}
+
+#[test]
+fn service_without_backends_answers_icmp_port_unreachable() {
+    require_root();
+    let mut h = Harness::new();
+    h.apply_yaml(&manifest(&[]));
+    let syn = Packet::tcp(client(40003), vip(80), TCP_SYN).with_payload(b"payload beyond the quote");
+    let input = syn.build();
+    let out = h.run(&input);
+    assert_eq!(out.verdict, TC_ACT_REDIRECT, "sent back out the ingress interface");
+    assert_eq!(h.counter(Stat::RejectNoBackend), 1);
+
+    let mut expected = Vec::new();
+    expected.extend_from_slice(&syn.src_mac); // back to the client
+    expected.extend_from_slice(&syn.dst_mac);
+    expected.extend_from_slice(&[0x08, 0x00]);
+    let mut ip = vec![0x45, 0xc0, 0, 56, 0, 0, 0, 0, 64, 1, 0, 0];
+    ip.extend_from_slice(&VIP.octets());
+    ip.extend_from_slice(&CLIENT.octets());
+    let c = lb_tests::packet::checksum(&ip, 0);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    expected.extend_from_slice(&ip);
+    let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&input[14..14 + 28]); // original IP header + 8 bytes
+    let c = lb_tests::packet::checksum(&icmp, 0);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    expected.extend_from_slice(&icmp);
+    assert_frame(&out.frame, &expected, "ICMP port unreachable");
+    assert!(h.conntrack().is_empty(), "a rejected flow leaves no state");
+
+    let query = Packet::udp(client(40004), vip(53), b"q");
+    assert_eq!(h.run(&query.build()).verdict, TC_ACT_REDIRECT, "UDP is rejected too");
+}
