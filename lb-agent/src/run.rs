@@ -68,8 +68,10 @@ impl Agent {
         let mut sigterm = signal(SignalKind::terminate())?;
         let mut sigint = signal(SignalKind::interrupt())?;
         self.manifests = Some(ManifestDir::new(&self.config.manifests));
-        self.sync_manifests()?;
+        // Attach first (empty maps pass everything), then program: once the
+        // maps show a service, every matching interface already serves it.
         self.sync_interfaces()?;
+        self.sync_manifests()?;
         let released = attach::release_pinned_links(&self.config.pin_dir.join("links"));
         if !released.is_empty() {
             info!(interfaces = ?released, "released links pinned by a previous run");

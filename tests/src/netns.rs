@@ -1,1 +1,84 @@
+//! Network namespaces owned by a test or the demo; deleted on drop, even when
+//! the test panics.
 
+use std::{
+    fs::File,
+    os::fd::AsFd,
+    path::PathBuf,
+    process::Command,
+};
+
+use anyhow::{bail, Context as _};
+use nix::sched::{setns, CloneFlags};
+
+/// Runs a command, failing with its stderr.
+pub fn sh(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(args[0]).args(&args[1..]).output().with_context(|| format!("running {}", args[0]))?;
+    if !out.status.success() {
+        bail!("`{}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    /// Creates the namespace (replacing a stale one of the same name) with `lo` up.
+    pub fn new(name: &str) -> anyhow::Result<Self> {
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+        sh(&["ip", "netns", "add", name])?;
+        let ns = Self { name: name.to_owned() };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/var/run/netns").join(&self.name)
+    }
+
+    /// `ip -n NAME ...`
+    pub fn ip(&self, args: &[&str]) -> anyhow::Result<()> {
+        let mut full = vec!["ip", "-n", &self.name];
+        full.extend_from_slice(args);
+        sh(&full)
+    }
+
+    pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
+        sh(&["ip", "netns", "exec", &self.name, "sysctl", "-qw", &format!("{key}={value}")])
+    }
+
+    /// Runs `f` on a thread inside the namespace. Sockets created there stay
+    /// in the namespace and may be returned and used from any thread.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = self.path();
+        std::thread::scope(|scope| {
+            scope
+                .spawn(move || {
+                    let file = File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+                    setns(file.as_fd(), CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {}: {e}", path.display()));
+                    f()
+                })
+                .join()
+                .unwrap_or_else(|e| std::panic::resume_unwind(e))
+        })
+    }
+
+    /// Spawns a long-lived thread inside the namespace.
+    pub fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+        let path = self.path();
+        std::thread::spawn(move || {
+            let file = File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+            setns(file.as_fd(), CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {}: {e}", path.display()));
+            f()
+        })
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        // Deleting the namespace also deletes the veth ends inside it (and their peers).
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}

@@ -1,1 +1,142 @@
+//! Small real servers for backends (HTTP and line echo over TCP, UDP echo) and
+//! the matching clients. Every loop is bounded by a stop flag or a timeout.
 
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use crate::netns::NetNs;
+
+pub const IO_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// TCP and UDP servers of one backend; stopped and joined on drop.
+pub struct BackendServers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl BackendServers {
+    /// Serves on 0.0.0.0:`tcp_port` and 0.0.0.0:`udp_port` inside `ns`.
+    /// TCP: an HTTP GET gets `backend NAME client IP:PORT`; any other line is
+    /// answered with `NAME` per line. UDP: `NAME client IP:PORT` per datagram.
+    pub fn start(ns: &NetNs, name: &str, tcp_port: u16, udp_port: u16) -> anyhow::Result<Self> {
+        let (listener, udp) = ns.run(|| -> anyhow::Result<_> {
+            let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, tcp_port))?;
+            let udp = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, udp_port))?;
+            Ok((listener, udp))
+        })?;
+        listener.set_nonblocking(true)?;
+        udp.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        let (tcp_name, tcp_stop) = (name.to_owned(), stop.clone());
+        threads.push(std::thread::spawn(move || {
+            while !tcp_stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, peer)) => {
+                        let name = tcp_name.clone();
+                        std::thread::spawn(move || serve_tcp(stream, peer, &name));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        }));
+        let (udp_name, udp_stop) = (name.to_owned(), stop.clone());
+        threads.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !udp_stop.load(Ordering::Relaxed) {
+                if let Ok((_, peer)) = udp.recv_from(&mut buf) {
+                    let _ = udp.send_to(format!("{udp_name} client {peer}").as_bytes(), peer);
+                }
+            }
+        }));
+        Ok(Self { stop, threads })
+    }
+}
+
+impl Drop for BackendServers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve_tcp(stream: TcpStream, peer: SocketAddr, name: &str) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let _ = stream.set_nonblocking(false);
+    let Ok(write_half) = stream.try_clone() else { return };
+    let mut writer = write_half;
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    while reader.read_line(&mut line).unwrap_or(0) > 0 {
+        if line.starts_with("GET ") {
+            // Skip the headers, answer, close.
+            let mut header = String::new();
+            while reader.read_line(&mut header).unwrap_or(0) > 0 && header.trim() != "" {
+                header.clear();
+            }
+            let body = format!("backend {name} client {peer}\n");
+            let _ = write!(writer, "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+            return;
+        }
+        if writeln!(writer, "{name}").is_err() {
+            return;
+        }
+        line.clear();
+    }
+}
+
+/// One HTTP/1.0 GET on a new connection; returns the body.
+pub fn http_get(addr: SocketAddrV4) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&addr.into(), IO_TIMEOUT)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    write!(stream, "GET / HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+    Ok(body.trim().to_owned())
+}
+
+/// One datagram from a new socket; returns the answer and who sent it.
+pub fn udp_query(addr: SocketAddrV4) -> std::io::Result<(String, SocketAddr)> {
+    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    socket.set_read_timeout(Some(IO_TIMEOUT))?;
+    socket.send_to(b"query", addr)?;
+    let mut buf = [0u8; 2048];
+    let (n, from) = socket.recv_from(&mut buf)?;
+    Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
+}
+
+/// A long-lived line-echo connection (sockets survive the netns thread that made them).
+pub struct EchoConnection {
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl EchoConnection {
+    pub fn open(addr: SocketAddrV4) -> std::io::Result<Self> {
+        let stream = TcpStream::connect_timeout(&addr.into(), IO_TIMEOUT)?;
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        let reader = BufReader::new(stream.try_clone()?);
+        Ok(Self { stream, reader })
+    }
+
+    /// Sends a line; returns the backend's name.
+    pub fn ask(&mut self) -> std::io::Result<String> {
+        writeln!(self.stream, "who")?;
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed"));
+        }
+        Ok(line.trim().to_owned())
+    }
+}

@@ -1,1 +1,241 @@
+//! The test and demo network: a client pod, the node, and backend pods, each
+//! in its own namespace, joined by veth pairs to the node (addresses in
+//! 198.18.0.0/15 only). The agent runs in the node namespace.
+//!
+//! ```text
+//!  client 198.18.1.2 ──veth── node (lb-agent, tc ingress on P-*) ──veth── backend i 198.18.(10+i).2
+//! ```
 
+use std::{
+    fs,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+use nix::{
+    sys::signal::{kill, Signal},
+    unistd::Pid,
+};
+
+use crate::netns::NetNs;
+
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
+pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
+
+pub fn backend_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 10 + i as u8, 2)
+}
+
+pub struct Topology {
+    pub prefix: String,
+    pub node: NetNs,
+    pub client: NetNs,
+    pub backends: Vec<NetNs>,
+}
+
+impl Topology {
+    /// `prefix` names everything (≤ 8 characters: interface names are `PREFIX-b12`).
+    pub fn new(prefix: &str, backends: usize) -> anyhow::Result<Self> {
+        assert!(prefix.len() <= 8, "prefix too long for interface names");
+        let node = NetNs::new(&format!("{prefix}-node"))?;
+        node.sysctl("net.ipv4.ip_forward", "1")?;
+        node.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+        node.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+        let client = NetNs::new(&format!("{prefix}-client"))?;
+        let mut topology = Self { prefix: prefix.to_owned(), node, client, backends: Vec::new() };
+        topology.link(&topology.client, &format!("{}-c", topology.prefix), Ipv4Addr::new(198, 18, 1, 1), CLIENT_IP)?;
+        for _ in 0..backends {
+            topology.add_backend()?;
+        }
+        Ok(topology)
+    }
+
+    /// Adds backend pod number `backends.len()`; returns its index.
+    pub fn add_backend(&mut self) -> anyhow::Result<usize> {
+        let i = self.backends.len();
+        let ns = NetNs::new(&format!("{}-be{i}", self.prefix))?;
+        let ip = backend_ip(i);
+        let gateway = Ipv4Addr::new(198, 18, 10 + i as u8, 1);
+        self.link(&ns, &format!("{}-b{i}", self.prefix), gateway, ip)?;
+        self.backends.push(ns);
+        Ok(i)
+    }
+
+    /// The interface pattern the agent attaches to in the node namespace.
+    pub fn interface_pattern(&self) -> String {
+        format!("{}-*", self.prefix)
+    }
+
+    /// A veth pair: `node_if` (gateway address) in the node, `eth0` in `pod`.
+    fn link(&self, pod: &NetNs, node_if: &str, gateway: Ipv4Addr, pod_ip: Ipv4Addr) -> anyhow::Result<()> {
+        self.node.ip(&["link", "add", node_if, "type", "veth", "peer", "name", "eth0", "netns", &pod.name])?;
+        self.node.ip(&["addr", "add", &format!("{gateway}/24"), "dev", node_if])?;
+        self.node.ip(&["link", "set", node_if, "up"])?;
+        self.node.sysctl(&format!("net.ipv4.conf.{node_if}.rp_filter"), "0")?;
+        pod.ip(&["addr", "add", &format!("{pod_ip}/24"), "dev", "eth0"])?;
+        pod.ip(&["link", "set", "eth0", "up"])?;
+        pod.ip(&["route", "add", "default", "via", &gateway.to_string()])?;
+        Ok(())
+    }
+}
+
+/// The lb-agent binary built by `cargo xtask` (or named by `LB_AGENT_BIN`).
+pub fn agent_binary() -> PathBuf {
+    let path = std::env::var_os("LB_AGENT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/lb-agent"));
+    assert!(path.exists(), "{} not found: build it first (`cargo xtask test` does)", path.display());
+    path
+}
+
+/// An `lb-agent run` process in the node namespace; stopped on drop.
+pub struct Agent {
+    child: Option<Child>,
+    pub pin_dir: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    pub fn start(node: &NetNs, manifests: &Path, interfaces: &str, pin_dir: &Path, log: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        let log_file = fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        // nsenter, not `ip netns exec`: the latter remounts /sys and hides the host bpffs.
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", node.path().display()))
+            .arg(agent_binary())
+            .args(["run", "--manifests"])
+            .arg(manifests)
+            .args(["--interfaces", interfaces, "--pin-dir"])
+            .arg(pin_dir)
+            .args(["--poll-interval-ms", "50"])
+            .args(extra)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .context("starting lb-agent")?;
+        Ok(Self { child: Some(child), pin_dir: pin_dir.to_owned(), log: log.to_owned() })
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until `inspect` output satisfies `ready`; returns that output.
+    pub fn wait_for_maps(&mut self, what: &str, ready: impl Fn(&str) -> bool) -> anyhow::Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    bail!("lb-agent exited ({status}) while waiting for {what}:\n{}", self.log_text());
+                }
+            }
+            if let Ok(text) = lb_agent::inspect::services(&self.pin_dir) {
+                if ready(&text) {
+                    return Ok(text);
+                }
+                if Instant::now() > deadline {
+                    bail!("timed out waiting for {what}; maps:\n{text}\nagent log:\n{}", self.log_text());
+                }
+            } else if Instant::now() > deadline {
+                bail!("timed out waiting for {what}; maps not pinned; agent log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM, then waits (bounded) for exit.
+    pub fn stop(&mut self) -> anyhow::Result<ExitStatus> {
+        let Some(mut child) = self.child.take() else { bail!("agent already stopped") };
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("lb-agent ignored SIGTERM for 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.stop();
+        }
+        lb_agent::datapath::loader::unpin_all(&self.pin_dir);
+        for link in fs::read_dir(self.pin_dir.join("links")).into_iter().flatten().flatten() {
+            let _ = fs::remove_file(link.path());
+        }
+        lb_agent::datapath::loader::unpin_all(&self.pin_dir);
+    }
+}
+
+/// A scratch directory removed on drop.
+pub struct ScratchDir(pub PathBuf);
+
+impl ScratchDir {
+    pub fn new(name: &str) -> anyhow::Result<Self> {
+        let path = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(&path)?;
+        Ok(Self(path))
+    }
+
+    /// Writes a file atomically (write + rename), as an operator's tooling should.
+    pub fn write(&self, name: &str, text: &str) -> anyhow::Result<()> {
+        let tmp = self.0.join(format!(".{name}.tmp"));
+        fs::write(&tmp, text)?;
+        fs::rename(&tmp, self.0.join(name))?;
+        Ok(())
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Manifest for service `web` (TCP 80 → `http` 8080, UDP 53 → 5353) with the
+/// given backends as (address, ready).
+pub fn web_manifest(backends: &[(Ipv4Addr, bool)]) -> String {
+    let mut endpoints = String::new();
+    for (addr, ready) in backends {
+        endpoints.push_str(&format!("- addresses: [\"{addr}\"]\n  conditions: {{ready: {ready}}}\n"));
+    }
+    if endpoints.is_empty() {
+        endpoints = "[]\n".into();
+    } else {
+        endpoints.insert(0, '\n');
+    }
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: demo}}
+spec:
+  clusterIP: {VIP}
+  ports:
+  - {{name: http, port: 80, targetPort: http, protocol: TCP}}
+  - {{name: echo, port: 53, targetPort: 5353, protocol: UDP}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: demo
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv4
+ports:
+- {{name: http, port: 8080, protocol: TCP}}
+- {{name: echo, port: 5353, protocol: UDP}}
+endpoints: {endpoints}"#
+    )
+}

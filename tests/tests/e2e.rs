@@ -1,0 +1,168 @@
+//! End to end: the lb-agent binary in a node namespace, real TCP/UDP clients
+//! and servers in pod namespaces, veth pairs, addresses in 198.18.0.0/15.
+//! Everything a test creates is removed on drop, also when it fails.
+
+use std::{
+    collections::BTreeSet,
+    io::ErrorKind,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
+    path::PathBuf,
+};
+
+use lb_tests::{
+    require_root,
+    servers::{http_get, udp_query, BackendServers, EchoConnection, IO_TIMEOUT},
+    topology::{backend_ip, web_manifest, Agent, ScratchDir, Topology, CLIENT_IP, VIP},
+};
+
+const PORTS: (u16, u16) = (8080, 5353);
+
+struct Setup {
+    agent: Agent,
+    manifests: ScratchDir,
+    _servers: Vec<BackendServers>,
+    topology: Topology,
+}
+
+/// A topology with `n` backends running servers, and an agent programming `manifest`.
+fn setup(prefix: &str, n: usize, manifest: &str) -> Setup {
+    require_root();
+    let topology = Topology::new(prefix, n).expect("topology");
+    let servers = (0..n)
+        .map(|i| BackendServers::start(&topology.backends[i], &format!("be{i}"), PORTS.0, PORTS.1).expect("servers"))
+        .collect();
+    let manifests = ScratchDir::new(&format!("{prefix}-manifests")).expect("scratch dir");
+    manifests.write("web.yaml", manifest).expect("manifest");
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{prefix}-test"));
+    let log = std::env::temp_dir().join(format!("{prefix}-agent-{}.log", std::process::id()));
+    let agent = Agent::start(&topology.node, &manifests.0, &topology.interface_pattern(), &pin_dir, &log, &[]).expect("agent");
+    Setup { agent, manifests, _servers: servers, topology }
+}
+
+fn ready(ips: &[Ipv4Addr]) -> Vec<(Ipv4Addr, bool)> {
+    ips.iter().map(|ip| (*ip, true)).collect()
+}
+
+fn backend_of(body: &str) -> String {
+    body.split_whitespace().nth(1).unwrap_or_default().to_owned()
+}
+
+#[test]
+fn tcp_and_udp_clients_reach_every_backend_through_the_vip() {
+    let backends: Vec<Ipv4Addr> = (0..3).map(backend_ip).collect();
+    let mut s = setup("lbt1", 3, &web_manifest(&ready(&backends)));
+    s.agent.wait_for_maps("3 TCP backends", |m| m.contains(&format!("{VIP}:80/TCP count=3"))).unwrap();
+
+    let (tcp_seen, udp_seen) = s.topology.client.run(|| {
+        let mut tcp_seen = BTreeSet::new();
+        let mut udp_seen = BTreeSet::new();
+        for _ in 0..60 {
+            let body = http_get(SocketAddrV4::new(VIP, 80)).expect("HTTP through the VIP");
+            // The backend saw the real client address: no SNAT.
+            assert!(body.contains(&format!("client {CLIENT_IP}:")), "backend saw {body:?}");
+            tcp_seen.insert(backend_of(&body));
+            let (answer, from) = udp_query(SocketAddrV4::new(VIP, 53)).expect("UDP through the VIP");
+            assert_eq!(from, SocketAddr::from((VIP, 53)), "UDP answers must come from the VIP");
+            udp_seen.insert(answer.split_whitespace().next().unwrap_or_default().to_owned());
+        }
+        (tcp_seen, udp_seen)
+    });
+    let all: BTreeSet<String> = ["be0", "be1", "be2"].map(String::from).into();
+    assert_eq!(tcp_seen, all, "every backend answers TCP");
+    assert_eq!(udp_seen, all, "every backend answers UDP");
+    let counters = lb_agent::inspect::counters(&s.agent.pin_dir).unwrap();
+    let get = |name: &str| counters.iter().find(|(n, _)| *n == name).unwrap().1;
+    assert!(get("dnat_new") >= 120 && get("rev_nat") >= 120, "{counters:?}");
+}
+
+#[test]
+fn removing_a_backend_moves_new_connections_but_keeps_established_ones() {
+    let backends: Vec<Ipv4Addr> = (0..3).map(backend_ip).collect();
+    let mut s = setup("lbt2", 3, &web_manifest(&ready(&backends)));
+    s.agent.wait_for_maps("3 backends", |m| m.contains(&format!("{VIP}:80/TCP count=3"))).unwrap();
+
+    let mut established = s.topology.client.run(|| EchoConnection::open(SocketAddrV4::new(VIP, 80))).expect("connect");
+    let kept = established.ask().expect("echo");
+    let kept_index: usize = kept.trim_start_matches("be").parse().unwrap();
+
+    let remaining: Vec<Ipv4Addr> = backends.iter().copied().filter(|b| *b != backend_ip(kept_index)).collect();
+    s.manifests.write("web.yaml", &web_manifest(&ready(&remaining))).unwrap();
+    s.agent.wait_for_maps("2 backends", |m| m.contains(&format!("{VIP}:80/TCP count=2"))).unwrap();
+
+    let seen: BTreeSet<String> = s.topology.client.run(|| {
+        (0..40).map(|_| backend_of(&http_get(SocketAddrV4::new(VIP, 80)).expect("new connection"))).collect()
+    });
+    assert!(!seen.contains(&kept), "new connections must avoid the removed backend {kept}: {seen:?}");
+    assert_eq!(seen.len(), 2, "new connections use both remaining backends: {seen:?}");
+    for _ in 0..3 {
+        assert_eq!(established.ask().expect("established connection still works"), kept);
+    }
+}
+
+#[test]
+fn service_without_ready_endpoints_refuses_connections_at_once() {
+    let not_ready = vec![(backend_ip(0), false)];
+    let mut s = setup("lbt3", 1, &web_manifest(&not_ready));
+    s.agent.wait_for_maps("service with no backends", |m| m.contains(&format!("{VIP}:80/TCP count=0"))).unwrap();
+
+    s.topology.client.run(|| {
+        let started = std::time::Instant::now();
+        let err = std::net::TcpStream::connect_timeout(&SocketAddr::from((VIP, 80)), IO_TIMEOUT).expect_err("no backend");
+        assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "TCP: {err}");
+        assert!(started.elapsed() < IO_TIMEOUT, "refused, not timed out");
+
+        let udp = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+        udp.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        udp.connect((VIP, 53)).unwrap();
+        udp.send(b"anyone?").unwrap();
+        let err = udp.recv(&mut [0u8; 64]).expect_err("no backend");
+        assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "UDP: {err}");
+    });
+
+    // Once an endpoint becomes ready, the same service serves.
+    s.manifests.write("web.yaml", &web_manifest(&[(backend_ip(0), true)])).unwrap();
+    s.agent.wait_for_maps("one ready backend", |m| m.contains(&format!("{VIP}:80/TCP count=1"))).unwrap();
+    let body = s.topology.client.run(|| http_get(SocketAddrV4::new(VIP, 80))).expect("served after becoming ready");
+    assert_eq!(backend_of(&body), "be0");
+}
+
+#[test]
+fn interfaces_that_appear_later_are_attached() {
+    let mut s = setup("lbt4", 1, &web_manifest(&ready(&[backend_ip(0)])));
+    s.agent.wait_for_maps("1 backend", |m| m.contains(&format!("{VIP}:80/TCP count=1"))).unwrap();
+    // A new pod (and its veth on the node) after the agent started.
+    let i = s.topology.add_backend().unwrap();
+    let _servers = BackendServers::start(&s.topology.backends[i], "be1", PORTS.0, PORTS.1).unwrap();
+    s.manifests.write("web.yaml", &web_manifest(&ready(&[backend_ip(i)]))).unwrap();
+    s.agent.wait_for_maps("the new backend", |m| m.contains(&backend_ip(i).to_string())).unwrap();
+    // Replies from the new pod are reverse-NATed only if its interface got the program.
+    let (answer, from) = s.topology.client.run(|| udp_query(SocketAddrV4::new(VIP, 53))).expect("UDP via the new pod");
+    assert!(answer.starts_with("be1"), "{answer}");
+    assert_eq!(from, SocketAddr::from((VIP, 53)));
+}
+
+#[test]
+fn sigterm_detaches_and_unpins() {
+    let mut s = setup("lbt5", 1, &web_manifest(&ready(&[backend_ip(0)])));
+    s.agent.wait_for_maps("1 backend", |m| m.contains(&format!("{VIP}:80/TCP count=1"))).unwrap();
+    s.topology.client.run(|| http_get(SocketAddrV4::new(VIP, 80))).expect("served while the agent runs");
+    let status = s.agent.stop().unwrap();
+    assert!(status.success(), "clean exit: {status}\n{}", s.agent.log_text());
+    assert!(!s.agent.pin_dir.exists(), "pins removed on exit");
+    // Without the program the VIP is just an unroutable address.
+    let result = s.topology.client.run(|| http_get(SocketAddrV4::new(VIP, 80)));
+    assert!(result.is_err(), "VIP must not answer after the agent detached: {result:?}");
+}
+
+#[test]
+fn bad_interface_pattern_is_a_clear_error() {
+    require_root();
+    let topology = Topology::new("lbt6", 0).unwrap();
+    let manifests = ScratchDir::new("lbt6-manifests").unwrap();
+    let log = std::env::temp_dir().join(format!("lbt6-agent-{}.log", std::process::id()));
+    let pin_dir = PathBuf::from("/sys/fs/bpf/lbt6-test");
+    let mut agent = Agent::start(&topology.node, &manifests.0, "nosuch*", &pin_dir, &log, &[]).unwrap();
+    let err = agent.wait_for_maps("never", |_| false).expect_err("agent must exit");
+    assert!(err.to_string().contains("--interfaces: pattern(s) nosuch* match no interface"), "{err}");
+    assert!(!pin_dir.exists(), "nothing pinned on a start-up error");
+}
