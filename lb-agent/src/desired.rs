@@ -154,7 +154,15 @@ fn service_frontends(
 
     let mut frontends = Vec::new();
     for (port_name, port, proto) in ports {
-        match port_backends(slices, &port_name, proto, limits) {
+        match port_backends(slices, &port_name, proto) {
+            Ok(backends) if backends.len() > limits.max_backends_per_service => errors.push(ctx.error(
+                "spec.ports",
+                &format!(
+                    "port {port_name:?} has {} endpoints, more than --max-backends-per-service {}",
+                    backends.len(),
+                    limits.max_backends_per_service
+                ),
+            )),
             Ok(backends) => {
                 for vip in &vips {
                     let frontend = L4Addr { addr: *vip, port, proto };
@@ -211,7 +219,6 @@ fn port_backends(
     slices: &[&Sourced<EndpointSlice>],
     port_name: &str,
     proto: Proto,
-    limits: Limits,
 ) -> Result<Vec<L4Addr>, Vec<InputError>> {
     let mut errors = Vec::new();
     let mut ready = BTreeSet::new();
@@ -277,23 +284,5 @@ fn port_backends(
     if !errors.is_empty() {
         return Err(errors);
     }
-    let backends: Vec<L4Addr> = if ready.is_empty() { terminating } else { ready }.into_iter().collect();
-    if backends.len() > limits.max_backends_per_service {
-        let object = slices.first().map(|s| format!(
-            "EndpointSlice {}/{}",
-            s.object.metadata.namespace.as_deref().unwrap_or_default(),
-            s.object.metadata.name.as_deref().unwrap_or_default()
-        ));
-        return Err(vec![InputError {
-            file: slices.first().and_then(|s| s.file.clone()),
-            object: object.unwrap_or_default(),
-            field: "endpoints".into(),
-            message: format!(
-                "port {port_name:?} has {} endpoints, more than --max-backends-per-service {}",
-                backends.len(),
-                limits.max_backends_per_service
-            ),
-        }]);
-    }
-    Ok(backends)
+    Ok(if ready.is_empty() { terminating } else { ready }.into_iter().collect())
 }

@@ -68,9 +68,10 @@ fn parse_document(value: Value, index: usize, file: Option<&Path>, out: &mut Obj
     let kind = str_at(&value, &["kind"]).unwrap_or_default();
     let name = str_at(&value, &["metadata", "name"]);
     let namespace = str_at(&value, &["metadata", "namespace"]).unwrap_or_else(|| "default".into());
-    let object = match &name {
-        Some(name) => format!("{kind} {namespace}/{name}"),
-        None => format!("document {} ({kind})", index + 1),
+    let object = match (&name, kind.as_str()) {
+        (Some(name), _) => format!("{kind} {namespace}/{name}"),
+        (None, "") => format!("document {}", index + 1),
+        (None, _) => format!("document {} ({kind})", index + 1),
     };
     let error = |field: String, message: String| InputError {
         file: file.map(Path::to_path_buf),
@@ -82,12 +83,11 @@ fn parse_document(value: Value, index: usize, file: Option<&Path>, out: &mut Obj
         return Err(error(String::new(), "not a Kubernetes object (expected a mapping)".into()));
     }
     match (api_version.as_str(), kind.as_str()) {
+        ("", _) => return Err(error("apiVersion".into(), "missing".into())),
+        (_, "") => return Err(error("kind".into(), "missing".into())),
         ("v1", "Service") | ("discovery.k8s.io/v1", "EndpointSlice") => {}
         (_, "Service") | (_, "EndpointSlice") => {
             return Err(error("apiVersion".into(), format!("unsupported apiVersion {api_version:?} for {kind}")));
-        }
-        ("", _) | (_, "") => {
-            return Err(error(String::new(), "missing apiVersion or kind".into()));
         }
         _ => {
             tracing::debug!(file = ?file, %object, "ignoring object of another kind");

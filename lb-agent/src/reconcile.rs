@@ -108,6 +108,10 @@ impl<M: LbMaps> Reconciler<M> {
         &self.maps
     }
 
+    pub fn maps_mut(&mut self) -> &mut M {
+        &mut self.maps
+    }
+
     /// True while some frontend needs its writes retried.
     pub fn needs_retry(&self) -> bool {
         self.applied.values().any(|a| !a.clean && a.service.is_some())

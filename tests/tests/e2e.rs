@@ -34,7 +34,7 @@ fn setup(prefix: &str, n: usize, manifest: &str) -> Setup {
     let manifests = ScratchDir::new(&format!("{prefix}-manifests")).expect("scratch dir");
     manifests.write("web.yaml", manifest).expect("manifest");
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{prefix}-test"));
-    let log = std::env::temp_dir().join(format!("{prefix}-agent-{}.log", std::process::id()));
+    let log = manifests.0.join("agent.log"); // not a manifest: ignored by the agent
     let agent = Agent::start(&topology.node, &manifests.0, &topology.interface_pattern(), &pin_dir, &log, &[]).expect("agent");
     Setup { agent, manifests, _servers: servers, topology }
 }
@@ -159,7 +159,7 @@ fn bad_interface_pattern_is_a_clear_error() {
     require_root();
     let topology = Topology::new("lbt6", 0).unwrap();
     let manifests = ScratchDir::new("lbt6-manifests").unwrap();
-    let log = std::env::temp_dir().join(format!("lbt6-agent-{}.log", std::process::id()));
+    let log = manifests.0.join("agent.log");
     let pin_dir = PathBuf::from("/sys/fs/bpf/lbt6-test");
     let mut agent = Agent::start(&topology.node, &manifests.0, "nosuch*", &pin_dir, &log, &[]).unwrap();
     let err = agent.wait_for_maps("never", |_| false).expect_err("agent must exit");
