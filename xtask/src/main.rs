@@ -1,1 +1,136 @@
-fn main(){}
+//! Project tasks that cargo alone cannot do: privileged tests, the demo,
+//! loading on this host.
+
+mod demo;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build the agent (with the eBPF object embedded).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build, then run the agent on this host: attach to IFACE and program
+    /// it from DIR (default: the demo's example manifest). Ctrl-C detaches.
+    BuildAndLoad {
+        #[arg(long, value_delimiter = ',', required = true)]
+        iface: Vec<String>,
+        #[arg(long)]
+        manifests: Option<PathBuf>,
+    },
+    /// Namespace demo: client, node and three backend pods; real requests through the VIP.
+    Demo,
+    /// Unprivileged tests, then (as root) datapath and end-to-end tests.
+    Test {
+        /// Only run tests whose name contains this.
+        filter: Option<String>,
+    },
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .current_dir(workspace_root())
+        .status()
+        .context("running cargo")?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+/// Builds lb-agent and returns the binary's path.
+pub fn build_agent(release: bool) -> anyhow::Result<PathBuf> {
+    let mut args = vec!["build", "--quiet", "--package", "lb-agent"];
+    if release {
+        args.push("--release");
+    }
+    cargo(&args)?;
+    Ok(workspace_root().join("target").join(if release { "release" } else { "debug" }).join("lb-agent"))
+}
+
+fn require_root(what: &str) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc_geteuid() } != 0 {
+        bail!("{what} needs root (BPF, network namespaces): run it as root");
+    }
+    Ok(())
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Task::Build { release } => {
+            let path = build_agent(release)?;
+            println!("{}", path.display());
+        }
+        Task::BuildAndLoad { iface, manifests } => {
+            require_root("build-and-load")?;
+            let agent = build_agent(true)?;
+            let scratch;
+            let manifests = match manifests {
+                Some(dir) => dir,
+                None => {
+                    scratch = lb_tests::topology::ScratchDir::new("lb-build-and-load")?;
+                    scratch.write("demo.yaml", demo::MANIFEST)?;
+                    scratch.0.clone()
+                }
+            };
+            let status = Command::new(agent)
+                .args(["run", "--interfaces", &iface.join(","), "--manifests"])
+                .arg(&manifests)
+                .status()?;
+            if !status.success() {
+                bail!("lb-agent exited with {status}");
+            }
+        }
+        Task::Demo => {
+            require_root("the demo")?;
+            let agent = build_agent(false)?;
+            demo::run(&agent)?;
+        }
+        Task::Test { filter } => {
+            let filter: Vec<&str> = filter.as_deref().into_iter().collect();
+            let mut unprivileged = vec!["test", "--package", "lb-common", "--package", "lb-agent", "--"];
+            unprivileged.extend(&filter);
+            cargo(&unprivileged)?;
+            require_root("the datapath and end-to-end tests")?;
+            let agent = build_agent(false)?;
+            // SAFETY: single-threaded at this point; the variable is read by the test binaries.
+            unsafe { std::env::set_var("LB_AGENT_BIN", &agent) };
+            let mut privileged = vec!["test", "--package", "lb-tests", "--"];
+            privileged.extend(&filter);
+            cargo(&privileged)?;
+        }
+    }
+    Ok(())
+}
