@@ -14,6 +14,13 @@ pub fn lookup_live(key: &CtKey, proto: u8, now: u64) -> Option<*mut CtValue> {
     if unsafe { (*entry).is_expired(proto, now) } { None } else { Some(entry) }
 }
 
+/// A new SYN on a tuple whose connection was closing starts a new flow, so a
+/// reused client port gets a current backend, not the old connection's.
+#[inline(always)]
+pub fn is_reopened(entry: *mut CtValue, pkt: &Packet) -> bool {
+    pkt.is_tcp_syn() && unsafe { (*entry).flags } & CT_FLAG_CLOSING != 0
+}
+
 /// Refreshes the entry's age (at most once per `CT_REFRESH_NS`) and notes TCP
 /// teardown so the entry ages out quickly.
 #[inline(always)]

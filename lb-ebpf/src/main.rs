@@ -82,7 +82,7 @@ fn process(ctx: &TcContext) -> Outcome {
     }
 
     let forward_key = pkt.ct_key(CT_DIR_FORWARD);
-    if let Some(entry) = ct::lookup_live(&forward_key, pkt.proto, now) {
+    if let Some(entry) = ct::lookup_live(&forward_key, pkt.proto, now).filter(|e| !ct::is_reopened(*e, &pkt)) {
         ct::touch(entry, &pkt, now);
         return dnat(ctx, &pkt, unsafe { (*entry).nat_addr_be }, unsafe { (*entry).nat_port_be }, Stat::DnatCtHit);
     }

@@ -12,7 +12,9 @@ pub const IP_DADDR_OFF: u32 = ETH_HLEN + 16;
 const IP_MF: u16 = 0x2000;
 const IP_OFFSET_MASK: u16 = 0x1fff;
 const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
 
 /// The fixed part of an IPv4 header, as on the wire.
 #[repr(C)]
@@ -56,6 +58,12 @@ impl Packet {
     #[inline(always)]
     pub fn l4_csum_off(&self) -> u32 {
         if self.proto == IPPROTO_TCP { self.l4_off + 16 } else { self.l4_off + 6 }
+    }
+
+    /// A connection request (SYN without ACK).
+    #[inline(always)]
+    pub fn is_tcp_syn(&self) -> bool {
+        self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
     }
 
     #[inline(always)]

@@ -317,3 +317,22 @@ fn service_without_backends_answers_icmp_port_unreachable() {
     let query = Packet::udp(client(40004), vip(53), b"q");
     assert_eq!(h.run(&query.build()).verdict, TC_ACT_REDIRECT, "UDP is rejected too");
 }
+
+#[test]
+fn syn_reusing_a_closed_flows_tuple_picks_a_current_backend() {
+    require_root();
+    let mut h = Harness::new();
+    h.apply_yaml(&manifest(&BACKENDS));
+    let chosen = BACKENDS[2];
+    let port = port_for(chosen, &BACKENDS, vip(80), 6);
+    h.run(&Packet::tcp(client(port), vip(80), TCP_SYN).build());
+    h.run(&Packet::tcp(client(port), vip(80), TCP_ACK | lb_tests::packet::TCP_FIN).build());
+    let remaining = [BACKENDS[0], BACKENDS[1]];
+    h.apply_yaml(&manifest(&remaining));
+
+    let syn = Packet::tcp(client(port), vip(80), TCP_SYN);
+    let out = h.run(&syn.build());
+    let expected = expected_backend(&remaining, client(port), vip(80), 6);
+    assert_frame(&out.frame, &syn.clone().to(SocketAddrV4::new(expected, 8080)).build(), "reopened flow");
+    assert_eq!(h.counter(Stat::DnatNew), 2);
+}
