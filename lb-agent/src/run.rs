@@ -83,6 +83,12 @@ impl Agent {
                 _ = sigint.recv() => { info!("SIGINT"); return Ok(()); }
                 _ = tokio::time::sleep(self.config.poll_interval) => {}
             }
+            // Interfaces first: a pod's interface exists before its endpoint
+            // is listed, so by the time the maps send traffic to it the
+            // interface carries the program that reverse-NATs its replies.
+            if let Err(e) = self.sync_interfaces() {
+                error!("listing interfaces: {e:#}");
+            }
             if let Err(e) = self.sync_manifests() {
                 error!("reading manifests: {e:#}");
             }
@@ -91,9 +97,6 @@ impl Agent {
                 if let Some(desired) = self.desired.clone() {
                     self.apply(&desired);
                 }
-            }
-            if let Err(e) = self.sync_interfaces() {
-                error!("listing interfaces: {e:#}");
             }
         }
     }

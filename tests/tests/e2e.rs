@@ -72,9 +72,10 @@ fn tcp_and_udp_clients_reach_every_backend_through_the_vip() {
     assert_eq!(udp_seen, all, "every backend answers UDP");
     let counters = lb_agent::inspect::counters(&s.agent.pin_dir).unwrap();
     let get = |name: &str| counters.iter().find(|(n, _)| *n == name).unwrap().1;
-    // Every new connection or datagram socket is a new flow (or, for a reused
-    // port, a reopened one); each request and its answer crossed the datapath.
-    assert!(get("dnat_new") >= 120, "{counters:?}");
+    // Every TCP connection is a new flow (a reused port reopens its tuple);
+    // a UDP socket that reuses a port within the UDP timeout is a conntrack
+    // hit. Each request and its answer crossed the datapath.
+    assert!(get("dnat_new") >= 60, "{counters:?}");
     assert!(get("dnat_new") + get("dnat_ct_hit") >= 60 * 4 + 60 && get("rev_nat") >= 60 * 3 + 60, "{counters:?}");
     for drop in ["drop_backend_missing", "drop_ct_insert", "drop_rewrite", "pass_malformed"] {
         assert_eq!(get(drop), 0, "{drop}: {counters:?}");
