@@ -96,6 +96,8 @@ pub struct Agent {
     child: Option<Child>,
     pub pin_dir: PathBuf,
     pub log: PathBuf,
+    /// Remove the pins on drop (off when a test hands them to the next agent).
+    pub cleanup_pins: bool,
 }
 
 impl Agent {
@@ -116,7 +118,7 @@ impl Agent {
             .stderr(log_file)
             .spawn()
             .context("starting lb-agent")?;
-        Ok(Self { child: Some(child), pin_dir: pin_dir.to_owned(), log: log.to_owned() })
+        Ok(Self { child: Some(child), pin_dir: pin_dir.to_owned(), log: log.to_owned(), cleanup_pins: true })
     }
 
     pub fn log_text(&self) -> String {
@@ -169,6 +171,9 @@ impl Drop for Agent {
     fn drop(&mut self) {
         if self.child.is_some() {
             let _ = self.stop();
+        }
+        if !self.cleanup_pins {
+            return;
         }
         lb_agent::datapath::loader::unpin_all(&self.pin_dir);
         for link in fs::read_dir(self.pin_dir.join("links")).into_iter().flatten().flatten() {

@@ -26,6 +26,10 @@ struct Setup {
 
 /// A topology with `n` backends running servers, and an agent programming `manifest`.
 fn setup(prefix: &str, n: usize, manifest: &str) -> Setup {
+    setup_with(prefix, n, manifest, &[])
+}
+
+fn setup_with(prefix: &str, n: usize, manifest: &str, agent_args: &[&str]) -> Setup {
     require_root();
     let topology = Topology::new(prefix, n).expect("topology");
     let servers = (0..n)
@@ -35,7 +39,7 @@ fn setup(prefix: &str, n: usize, manifest: &str) -> Setup {
     manifests.write("web.yaml", manifest).expect("manifest");
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{prefix}-test"));
     let log = manifests.0.join("agent.log"); // not a manifest: ignored by the agent
-    let agent = Agent::start(&topology.node, &manifests.0, &topology.interface_pattern(), &pin_dir, &log, &[]).expect("agent");
+    let agent = Agent::start(&topology.node, &manifests.0, &topology.interface_pattern(), &pin_dir, &log, agent_args).expect("agent");
     Setup { agent, manifests, _servers: servers, topology }
 }
 
@@ -172,4 +176,41 @@ fn bad_interface_pattern_is_a_clear_error() {
     let err = agent.wait_for_maps("never", |_| false).expect_err("agent must exit");
     assert!(err.to_string().contains("--interfaces: pattern(s) nosuch* match no interface"), "{err}");
     assert!(!pin_dir.exists(), "nothing pinned on a start-up error");
+}
+
+#[test]
+fn keep_datapath_survives_an_agent_restart() {
+    let backends: Vec<Ipv4Addr> = (0..2).map(backend_ip).collect();
+    let mut s = setup_with("lbt7", 2, &web_manifest(&ready(&backends)), &["--keep-datapath"]);
+    s.agent.wait_for_maps("2 backends", |m| m.contains(&format!("{VIP}:80/TCP count=2"))).unwrap();
+    let mut conn = s.topology.client.run(|| EchoConnection::open(SocketAddrV4::new(VIP, 80))).expect("connect");
+    let backend = conn.ask().unwrap();
+    let status = s.agent.stop().unwrap();
+    assert!(status.success(), "{}", s.agent.log_text());
+
+    // No agent runs now; the datapath keeps serving established and new flows.
+    let pin_dir = s.agent.pin_dir.clone();
+    assert!(pin_dir.join(lb_common::svc::SVC_MAP).exists(), "maps stay pinned");
+    assert_eq!(conn.ask().expect("established flow without an agent"), backend);
+    s.topology.client.run(|| http_get(SocketAddrV4::new(VIP, 80))).expect("new flow without an agent");
+
+    // A new agent adopts the pinned maps without rewriting them, replaces the
+    // pinned links with its own, and the connection survives it all.
+    let log = s.manifests.0.join("agent2.log");
+    s.agent.cleanup_pins = false;
+    s.agent = Agent::start(&s.topology.node, &s.manifests.0, &s.topology.interface_pattern(), &pin_dir, &log, &[]).unwrap();
+    s.agent.wait_for_maps("2 backends", |m| m.contains(&format!("{VIP}:80/TCP count=2"))).unwrap();
+    let deadline = std::time::Instant::now() + IO_TIMEOUT;
+    while !s.agent.log_text().contains("released links") && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let log = s.agent.log_text();
+    assert!(log.contains("added=0") && log.contains("unchanged=2"), "restart must adopt, not rewrite:\n{log}");
+    assert!(log.contains("released links pinned by a previous run"), "{log}");
+    assert_eq!(conn.ask().expect("established flow across the restart"), backend);
+    s.topology.client.run(|| http_get(SocketAddrV4::new(VIP, 80))).expect("new flow after the restart");
+    let status = s.agent.stop().unwrap();
+    assert!(status.success());
+    assert!(!pin_dir.exists(), "an agent without --keep-datapath cleans up on exit");
+    assert!(s.topology.client.run(|| http_get(SocketAddrV4::new(VIP, 80))).is_err(), "and detaches");
 }
