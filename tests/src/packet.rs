@@ -90,7 +90,7 @@ impl Packet {
 
     pub fn build(&self) -> Vec<u8> {
         let ihl_len = 20 + self.ip_options.len();
-        assert!(ihl_len % 4 == 0 && ihl_len <= 60, "IP options must pad to 4 bytes");
+        assert!(ihl_len.is_multiple_of(4) && ihl_len <= 60, "IP options must pad to 4 bytes");
         let l4_len = self.l4_header_len() + self.payload.len();
         let mut f = Vec::with_capacity(14 + ihl_len + l4_len);
         f.extend_from_slice(&self.dst_mac);

@@ -12,41 +12,20 @@ use lb_tests::{
     datapath::Harness,
     packet::{hex, verify_checksums, Packet, TCP_ACK, TCP_SYN},
     require_root,
+    topology::web_manifest,
 };
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
 
-const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
-const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
+use lb_tests::topology::{CLIENT_IP as CLIENT, VIP};
 const BACKENDS: [Ipv4Addr; 3] = [Ipv4Addr::new(198, 18, 10, 2), Ipv4Addr::new(198, 18, 11, 2), Ipv4Addr::new(198, 18, 12, 2)];
 
+/// The `web` service (TCP 80 → 8080, UDP 53 → 5353) with every backend ready.
 fn manifest(backends: &[Ipv4Addr]) -> String {
-    let endpoints: String = backends.iter().map(|b| format!("- addresses: [\"{b}\"]\n  conditions: {{ready: true}}\n")).collect();
-    let endpoints = if endpoints.is_empty() { "[]\n".to_string() } else { format!("\n{endpoints}") };
-    format!(
-        r#"apiVersion: v1
-kind: Service
-metadata: {{name: web, namespace: test}}
-spec:
-  clusterIP: {VIP}
-  ports:
-  - {{name: http, port: 80, targetPort: http, protocol: TCP}}
-  - {{name: dns, port: 53, targetPort: 5353, protocol: UDP}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: web-1
-  namespace: test
-  labels: {{kubernetes.io/service-name: web}}
-addressType: IPv4
-ports:
-- {{name: http, port: 8080, protocol: TCP}}
-- {{name: dns, port: 5353, protocol: UDP}}
-endpoints: {endpoints}"#
-    )
+    let ready: Vec<(Ipv4Addr, bool)> = backends.iter().map(|b| (*b, true)).collect();
+    web_manifest(&ready)
 }
 
 fn vip(port: u16) -> SocketAddrV4 {
