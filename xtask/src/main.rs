@@ -52,6 +52,35 @@ fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
 }
 
+/// Runs `cargo test ...`, passing its output through, and returns the
+/// (passed, failed) totals from its `test result:` lines.
+fn cargo_test(args: &[&str]) -> anyhow::Result<(u64, u64)> {
+    use std::io::{BufRead as _, BufReader};
+    let mut child = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .current_dir(workspace_root())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    let (mut passed, mut failed) = (0, 0);
+    for line in BufReader::new(child.stdout.take().context("cargo stdout")?).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| -> u64 {
+                rest.split(';').find_map(|part| part.trim().strip_suffix(word)?.trim().rsplit(' ').next()?.parse().ok()).unwrap_or(0)
+            };
+            passed += count("passed");
+            failed += count("failed");
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("cargo {} failed ({status}); {passed} passed, {failed} failed so far", args.join(" "));
+    }
+    Ok((passed, failed))
+}
+
 fn cargo(args: &[&str]) -> anyhow::Result<()> {
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(args)
@@ -122,14 +151,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let filter: Vec<&str> = filter.as_deref().into_iter().collect();
             let mut unprivileged = vec!["test", "--package", "lb-common", "--package", "lb-agent", "--"];
             unprivileged.extend(&filter);
-            cargo(&unprivileged)?;
+            let (p1, f1) = cargo_test(&unprivileged)?;
             require_root("the datapath and end-to-end tests")?;
             let agent = build_agent(false)?;
             // SAFETY: single-threaded at this point; the variable is read by the test binaries.
             unsafe { std::env::set_var("LB_AGENT_BIN", &agent) };
             let mut privileged = vec!["test", "--package", "lb-tests", "--"];
             privileged.extend(&filter);
-            cargo(&privileged)?;
+            let (p2, f2) = cargo_test(&privileged)?;
+            println!("\ntotal: {} passed, {} failed", p1 + p2, f1 + f2);
         }
     }
     Ok(())
