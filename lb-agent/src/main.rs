@@ -6,7 +6,7 @@ use lb_agent::{
     desired::{self, Limits},
     dump, inspect, manifest,
     reconcile::Reconciler,
-    run::{self, RunConfig},
+    run::{self, RunConfig, SourceConfig},
 };
 use lb_common::{backend::DEFAULT_MAX_BACKENDS, ct::DEFAULT_MAX_CT_ENTRIES, svc::DEFAULT_MAX_SVC_ENTRIES};
 
@@ -20,7 +20,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load the datapath, attach it, and program it from manifests until SIGINT/SIGTERM.
+    /// Load the datapath, attach it, and program it from manifests or the API server until SIGINT/SIGTERM.
     Run(RunArgs),
     /// Print services, conntrack and counters from the pinned maps.
     Inspect {
@@ -45,8 +45,18 @@ enum Command {
 #[derive(clap::Args)]
 struct RunArgs {
     /// Directory of Service and EndpointSlice YAML files, re-read on change.
+    /// Without it, the agent watches the API server.
+    #[arg(long, conflicts_with = "kubeconfig")]
+    manifests: Option<PathBuf>,
+    /// Kubeconfig for the API server (default: KUBECONFIG, ~/.kube/config, then in-cluster).
     #[arg(long)]
-    manifests: PathBuf,
+    kubeconfig: Option<PathBuf>,
+    /// This node's name (for node-local traffic policies).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// Serve /healthz and /readyz here (200 after the first full sync).
+    #[arg(long)]
+    health_addr: Option<std::net::SocketAddr>,
     /// Interfaces to attach to: names or globs, comma separated (e.g. `veth*,eth0`).
     #[arg(long, value_delimiter = ',', required = true)]
     interfaces: Vec<String>,
@@ -98,8 +108,14 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 "--max-backends-per-service: at most {}",
                 lb_common::svc::MAX_BACKENDS_PER_SVC
             );
+            let source = match args.manifests {
+                Some(dir) => SourceConfig::Manifests(dir),
+                None => SourceConfig::Api { kubeconfig: args.kubeconfig },
+            };
             let config = RunConfig {
-                manifests: args.manifests,
+                source,
+                node_name: args.node_name,
+                health_addr: args.health_addr,
                 interfaces: args.interfaces,
                 pin_dir: args.pin_dir,
                 sizes: MapSizes { service_slots: args.max_service_slots, backends: args.max_backends, conntrack: args.max_conntrack },

@@ -1,53 +1,94 @@
 //! `lb-agent run`: load and pin the datapath, attach to interfaces, and keep
-//! the maps in sync with a directory of manifests until SIGINT/SIGTERM.
+//! the maps in sync with the source — a directory of manifests or the API
+//! server — until SIGINT/SIGTERM. Both sources feed the same path:
+//! objects → `desired::compute` → `Reconciler::apply`.
 
 use std::{
     collections::BTreeSet,
+    net::SocketAddr,
     path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _};
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::Notify,
+};
 use tracing::{error, info, warn};
 
 use crate::{
-    datapath::{attach, attach::Attacher, loader, loader::MapSizes},
+    datapath::{attach, attach::Attacher, loader, loader::MapSizes, maps::KernelMaps},
     desired::{self, Desired, Limits},
-    manifest::ManifestDir,
+    error::InputError,
+    health,
+    k8s::ApiSource,
+    manifest::{ManifestDir, Objects},
     reconcile::Reconciler,
 };
 
+pub enum SourceConfig {
+    Manifests(PathBuf),
+    Api { kubeconfig: Option<PathBuf> },
+}
+
 pub struct RunConfig {
-    pub manifests: PathBuf,
+    pub source: SourceConfig,
     pub interfaces: Vec<String>,
     pub pin_dir: PathBuf,
     pub sizes: MapSizes,
     pub limits: Limits,
     pub keep_datapath: bool,
     pub poll_interval: Duration,
+    pub node_name: Option<String>,
+    pub health_addr: Option<SocketAddr>,
 }
 
 const RETRY_INTERVAL: Duration = Duration::from_secs(2);
 
+enum Source {
+    Files(ManifestDir),
+    Api(ApiSource),
+}
+
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
-    if !config.manifests.is_dir() {
-        bail!("--manifests {}: not a directory", config.manifests.display());
-    }
+    let trigger = Arc::new(Notify::new());
+    let source = match &config.source {
+        SourceConfig::Manifests(dir) => {
+            if !dir.is_dir() {
+                bail!("--manifests {}: not a directory", dir.display());
+            }
+            Source::Files(ManifestDir::new(dir))
+        }
+        SourceConfig::Api { kubeconfig } => {
+            let client = crate::k8s::client(kubeconfig.as_deref()).await.context("connecting to the API server")?;
+            Source::Api(ApiSource::start(client, trigger.clone()))
+        }
+    };
     let attacher = Attacher::new(config.interfaces.clone());
     let unmatched = attacher.unmatched_patterns().context("listing interfaces")?;
     if !unmatched.is_empty() {
         let names: Vec<String> = attach::interfaces()?.into_iter().map(|(n, _)| n).collect();
         bail!("--interfaces: pattern(s) {} match no interface (have: {})", unmatched.join(", "), names.join(", "));
     }
+    let ready = Arc::new(AtomicBool::new(false));
+    if let Some(addr) = config.health_addr {
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--health-addr {addr}"))?;
+        tokio::spawn(health::serve(listener, ready.clone()));
+        info!(%addr, "serving /healthz");
+    }
 
     let pin_dir = config.pin_dir.clone();
     let mut ebpf = loader::load(Some(&pin_dir), config.sizes).context("loading the datapath")?;
     let maps = loader::kernel_maps(&mut ebpf, config.sizes)?;
     let reconciler = Reconciler::restore(maps, config.sizes.backends).context("reading the pinned maps")?;
-    info!(pin_dir = %pin_dir.display(), "datapath loaded");
+    info!(pin_dir = %pin_dir.display(), node = ?config.node_name, "datapath loaded");
 
-    let mut agent = Agent { config, ebpf, attacher, reconciler, manifests: None, desired: None, reported: BTreeSet::new() };
+    let mut agent = Agent { config, ebpf, attacher, reconciler, source, trigger, ready, desired: None, reported: BTreeSet::new() };
     let result = agent.serve().await;
     agent.shutdown();
     result
@@ -57,8 +98,10 @@ struct Agent {
     config: RunConfig,
     ebpf: aya::Ebpf,
     attacher: Attacher,
-    reconciler: Reconciler<crate::datapath::maps::KernelMaps>,
-    manifests: Option<ManifestDir>,
+    reconciler: Reconciler<KernelMaps>,
+    source: Source,
+    trigger: Arc<Notify>,
+    ready: Arc<AtomicBool>,
     desired: Option<Desired>,
     reported: BTreeSet<String>,
 }
@@ -67,30 +110,21 @@ impl Agent {
     async fn serve(&mut self) -> anyhow::Result<()> {
         let mut sigterm = signal(SignalKind::terminate())?;
         let mut sigint = signal(SignalKind::interrupt())?;
-        self.manifests = Some(ManifestDir::new(&self.config.manifests));
         // Attach first (empty maps pass everything), then program: once the
         // maps show a service, every matching interface already serves it.
         self.sync_interfaces()?;
-        self.sync_manifests()?;
-        let released = attach::release_pinned_links(&self.config.pin_dir.join("links"));
-        if !released.is_empty() {
-            info!(interfaces = ?released, "released links pinned by a previous run");
-        }
+        self.trigger.notify_one();
+        let mut released_links = false;
         let mut last_retry = Instant::now();
         loop {
-            tokio::select! {
-                _ = sigterm.recv() => { info!("SIGTERM"); return Ok(()); }
-                _ = sigint.recv() => { info!("SIGINT"); return Ok(()); }
-                _ = tokio::time::sleep(self.config.poll_interval) => {}
-            }
-            // Interfaces first: a pod's interface exists before its endpoint
-            // is listed, so by the time the maps send traffic to it the
-            // interface carries the program that reverse-NATs its replies.
+            // Interfaces before objects each round: a pod's interface exists
+            // before its endpoint is listed, so by the time the maps send
+            // traffic to it, the interface reverse-NATs its replies.
             if let Err(e) = self.sync_interfaces() {
                 error!("listing interfaces: {e:#}");
             }
-            if let Err(e) = self.sync_manifests() {
-                error!("reading manifests: {e:#}");
+            if let Err(e) = self.sync_source() {
+                error!("reading {}: {e:#}", self.source_name());
             }
             if self.reconciler.needs_retry() && last_retry.elapsed() >= RETRY_INTERVAL {
                 last_retry = Instant::now();
@@ -98,25 +132,62 @@ impl Agent {
                     self.apply(&desired);
                 }
             }
+            if !released_links && self.desired.is_some() {
+                // This run's links are attached and its maps programmed:
+                // drop links a previous --keep-datapath run left pinned.
+                released_links = true;
+                let released = attach::release_pinned_links(&self.config.pin_dir.join("links"));
+                if !released.is_empty() {
+                    info!(interfaces = ?released, "released links pinned by a previous run");
+                }
+            }
+            tokio::select! {
+                _ = sigterm.recv() => { info!("SIGTERM"); return Ok(()); }
+                _ = sigint.recv() => { info!("SIGINT"); return Ok(()); }
+                _ = self.trigger.notified(), if matches!(self.source, Source::Api(_)) => {}
+                _ = tokio::time::sleep(self.config.poll_interval) => {}
+            }
         }
     }
 
-    fn sync_manifests(&mut self) -> anyhow::Result<()> {
-        let dir = self.manifests.as_mut().context("manifests not opened")?;
-        let Some((objects, mut errors)) = dir.poll().with_context(|| format!("reading {}", self.config.manifests.display()))? else {
-            return Ok(());
+    fn source_name(&self) -> String {
+        match &self.config.source {
+            SourceConfig::Manifests(dir) => dir.display().to_string(),
+            SourceConfig::Api { .. } => "the API server".into(),
+        }
+    }
+
+    /// Reconciles if the source changed (files) or has news (API).
+    fn sync_source(&mut self) -> anyhow::Result<()> {
+        let (objects, errors) = match &mut self.source {
+            Source::Files(dir) => match dir.poll()? {
+                Some(found) => found,
+                None => return Ok(()),
+            },
+            // Never act before both lists are complete: a partial store would
+            // look like deleted services.
+            Source::Api(api) if !api.is_ready() => return Ok(()),
+            Source::Api(api) => (api.objects(), Vec::new()),
         };
-        let (desired, desired_errors) = desired::compute(&objects, self.config.limits);
+        self.reconcile(&objects, errors);
+        Ok(())
+    }
+
+    fn reconcile(&mut self, objects: &Objects, mut errors: Vec<InputError>) {
+        let (desired, desired_errors) = desired::compute(objects, self.config.limits);
         errors.extend(desired_errors);
-        // Report each distinct problem once, not on every poll.
+        // Report each distinct problem once, not on every pass.
         let current: BTreeSet<String> = errors.iter().map(ToString::to_string).collect();
         for problem in current.difference(&self.reported) {
             warn!("invalid input, skipped: {problem}");
         }
         self.reported = current;
+        if self.desired.as_ref() == Some(&desired) && !self.reconciler.needs_retry() {
+            return;
+        }
         self.apply(&desired);
         self.desired = Some(desired);
-        Ok(())
+        self.ready.store(true, Ordering::Relaxed);
     }
 
     fn apply(&mut self, desired: &Desired) {
