@@ -2,6 +2,7 @@
 //! network-namespace topology with real servers. Shared by the tests and
 //! `cargo xtask demo`.
 
+pub mod apiserver;
 pub mod datapath;
 pub mod netns;
 pub mod packet;

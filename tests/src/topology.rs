@@ -91,6 +91,13 @@ pub fn agent_binary() -> PathBuf {
     path
 }
 
+/// Where the agent reads Services and EndpointSlices from.
+#[derive(Clone, Copy)]
+pub enum Source<'a> {
+    Manifests(&'a Path),
+    Kubeconfig(&'a Path),
+}
+
 /// An `lb-agent run` process in the node namespace; stopped on drop.
 pub struct Agent {
     child: Option<Child>,
@@ -102,13 +109,21 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(node: &NetNs, manifests: &Path, interfaces: &str, pin_dir: &Path, log: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with(node, Source::Manifests(manifests), interfaces, pin_dir, log, extra)
+    }
+
+    pub fn start_with(node: &NetNs, source: Source<'_>, interfaces: &str, pin_dir: &Path, log: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        let (flag, path) = match source {
+            Source::Manifests(dir) => ("--manifests", dir),
+            Source::Kubeconfig(file) => ("--kubeconfig", file),
+        };
         let log_file = fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         // nsenter, not `ip netns exec`: the latter remounts /sys and hides the host bpffs.
         let child = Command::new("nsenter")
             .arg(format!("--net={}", node.path().display()))
             .arg(agent_binary())
-            .args(["run", "--manifests"])
-            .arg(manifests)
+            .args(["run", flag])
+            .arg(path)
             .args(["--interfaces", interfaces, "--pin-dir"])
             .arg(pin_dir)
             .args(["--poll-interval-ms", "50"])
@@ -119,6 +134,11 @@ impl Agent {
             .spawn()
             .context("starting lb-agent")?;
         Ok(Self { child: Some(child), pin_dir: pin_dir.to_owned(), log: log.to_owned(), cleanup_pins: true })
+    }
+
+    /// The agent's PID while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn log_text(&self) -> String {

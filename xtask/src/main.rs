@@ -154,6 +154,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let (p1, f1) = cargo_test(&unprivileged)?;
             require_root("the datapath and end-to-end tests")?;
             let agent = build_agent(false)?;
+            // The real API server for the control-plane tests (cached after the first build).
+            let status = Command::new("bash").arg(workspace_root().join("tests/apiserver/build.sh")).status()?;
+            if !status.success() {
+                bail!("building the test API server failed ({status})");
+            }
             // SAFETY: single-threaded at this point; the variable is read by the test binaries.
             unsafe { std::env::set_var("LB_AGENT_BIN", &agent) };
             let mut privileged = vec!["test", "--package", "lb-tests", "--"];
