@@ -70,11 +70,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         }
     };
     let attacher = Attacher::new(config.interfaces.clone());
-    let unmatched = attacher.unmatched_patterns().context("listing interfaces")?;
-    if !unmatched.is_empty() {
-        let names: Vec<String> = attach::interfaces()?.into_iter().map(|(n, _)| n).collect();
-        bail!("--interfaces: pattern(s) {} match no interface (have: {})", unmatched.join(", "), names.join(", "));
-    }
+    check_interface_patterns(&attacher, &config.interfaces)?;
     let ready = Arc::new(AtomicBool::new(false));
     if let Some(addr) = config.health_addr {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--health-addr {addr}"))?;
@@ -92,6 +88,28 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let result = agent.serve().await;
     agent.shutdown();
     result
+}
+
+/// A literal interface name must exist, and the patterns together must match
+/// something; a glob matching nothing yet only warns (its interfaces may
+/// appear later: pods start after the agent).
+fn check_interface_patterns(attacher: &Attacher, patterns: &[String]) -> anyhow::Result<()> {
+    let unmatched = attacher.unmatched_patterns().context("listing interfaces")?;
+    let have = || -> anyhow::Result<String> {
+        Ok(attach::interfaces()?.into_iter().map(|(n, _)| n).collect::<Vec<_>>().join(", "))
+    };
+    let missing_literals: Vec<&String> = unmatched.iter().filter(|p| !p.contains(['*', '?'])).collect();
+    if !missing_literals.is_empty() {
+        let names: Vec<&str> = missing_literals.iter().map(|s| s.as_str()).collect();
+        bail!("--interfaces: no interface named {} (have: {})", names.join(", "), have()?);
+    }
+    if unmatched.len() == patterns.len() {
+        bail!("--interfaces: pattern(s) {} match no interface (have: {})", unmatched.join(", "), have()?);
+    }
+    for pattern in &unmatched {
+        warn!(%pattern, "--interfaces pattern matches no interface yet; it will attach when one appears");
+    }
+    Ok(())
 }
 
 struct Agent {

@@ -2,6 +2,7 @@
 //! loading on this host.
 
 mod demo;
+mod k8s_latency;
 
 use std::{
     path::{Path, PathBuf},
@@ -34,6 +35,11 @@ enum Task {
     },
     /// Namespace demo: client, node and three backend pods; real requests through the VIP.
     Demo,
+    /// Measure EndpointSlice change → map update at a real API server (writes bench/results/k8s-latency.md).
+    K8sLatency {
+        #[arg(long, default_value_t = 200)]
+        changes: usize,
+    },
     /// Unprivileged tests, then (as root) datapath and end-to-end tests.
     Test {
         /// Only run tests whose name contains this.
@@ -103,6 +109,15 @@ pub fn build_agent(release: bool) -> anyhow::Result<PathBuf> {
     Ok(workspace_root().join("target").join(if release { "release" } else { "debug" }).join("lb-agent"))
 }
 
+/// Builds (or finds cached) the test API server and etcd.
+fn build_apiserver() -> anyhow::Result<()> {
+    let status = Command::new("bash").arg(workspace_root().join("tests/apiserver/build.sh")).status()?;
+    if !status.success() {
+        bail!("building the test API server failed ({status})");
+    }
+    Ok(())
+}
+
 fn require_root(what: &str) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc_geteuid() } != 0 {
@@ -147,6 +162,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let agent = build_agent(false)?;
             demo::run(&agent)?;
         }
+        Task::K8sLatency { changes } => {
+            require_root("k8s-latency")?;
+            let agent = build_agent(true)?;
+            build_apiserver()?;
+            k8s_latency::run(&agent, changes)?;
+        }
         Task::Test { filter } => {
             let filter: Vec<&str> = filter.as_deref().into_iter().collect();
             let mut unprivileged = vec!["test", "--package", "lb-common", "--package", "lb-agent", "--"];
@@ -154,11 +175,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let (p1, f1) = cargo_test(&unprivileged)?;
             require_root("the datapath and end-to-end tests")?;
             let agent = build_agent(false)?;
-            // The real API server for the control-plane tests (cached after the first build).
-            let status = Command::new("bash").arg(workspace_root().join("tests/apiserver/build.sh")).status()?;
-            if !status.success() {
-                bail!("building the test API server failed ({status})");
-            }
+            build_apiserver()?;
             // SAFETY: single-threaded at this point; the variable is read by the test binaries.
             unsafe { std::env::set_var("LB_AGENT_BIN", &agent) };
             let mut privileged = vec!["test", "--package", "lb-tests", "--"];

@@ -1,0 +1,78 @@
+//! Every manifest under deploy/ parses as the k8s-openapi object it claims to
+//! be, and the DaemonSet asks for what the agent needs and no more.
+
+use std::{fs, path::Path};
+
+use k8s_openapi::api::{
+    apps::v1::DaemonSet,
+    core::v1::ServiceAccount,
+    rbac::v1::{ClusterRole, ClusterRoleBinding},
+};
+use serde::Deserialize as _;
+use serde_yaml::Value;
+
+fn documents(file: &str) -> Vec<Value> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy").join(file);
+    let text = fs::read_to_string(&path).unwrap();
+    serde_yaml::Deserializer::from_str(&text).map(|d| Value::deserialize(d).unwrap()).filter(|v| !v.is_null()).collect()
+}
+
+fn typed<T: serde::de::DeserializeOwned>(v: &Value) -> T {
+    serde_yaml::from_value(v.clone()).unwrap_or_else(|e| panic!("{e}: {v:?}"))
+}
+
+#[test]
+fn rbac_grants_only_reads_of_services_and_endpointslices() {
+    let docs = documents("rbac.yaml");
+    let mut kinds = Vec::new();
+    for doc in &docs {
+        match doc["kind"].as_str().unwrap() {
+            "ServiceAccount" => drop(typed::<ServiceAccount>(doc)),
+            "ClusterRoleBinding" => drop(typed::<ClusterRoleBinding>(doc)),
+            "ClusterRole" => {
+                let role: ClusterRole = typed(doc);
+                for rule in role.rules.unwrap() {
+                    assert_eq!(rule.verbs, ["get", "list", "watch"]);
+                    let resources = rule.resources.unwrap();
+                    assert!(resources == ["services"] || resources == ["endpointslices"], "{resources:?}");
+                }
+            }
+            other => panic!("unexpected kind {other}"),
+        }
+        kinds.push(doc["kind"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(kinds, ["ServiceAccount", "ClusterRole", "ClusterRoleBinding"]);
+}
+
+#[test]
+fn daemonset_is_unprivileged_with_the_needed_capabilities_and_probes() {
+    let docs = documents("daemonset.yaml");
+    assert_eq!(docs.len(), 1);
+    let ds: DaemonSet = typed(&docs[0]);
+    let pod = ds.spec.unwrap().template.spec.unwrap();
+    assert_eq!(pod.host_network, Some(true));
+    assert_eq!(pod.service_account_name.as_deref(), Some("lb-agent"));
+    let container = &pod.containers[0];
+    let security = container.security_context.as_ref().unwrap();
+    assert_ne!(security.privileged, Some(true));
+    let caps = security.capabilities.as_ref().unwrap();
+    assert_eq!(caps.add.as_deref().unwrap(), ["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"]);
+    assert_eq!(caps.drop.as_deref().unwrap(), ["ALL"]);
+    for probe in [&container.liveness_probe, &container.readiness_probe] {
+        let get = probe.as_ref().unwrap().http_get.as_ref().unwrap();
+        assert!(get.path.as_deref().unwrap().ends_with("z"));
+    }
+    let args = container.args.as_ref().unwrap();
+    assert!(args.iter().any(|a| a == "--health-addr=0.0.0.0:10256"));
+    assert!(pod.volumes.unwrap().iter().any(|v| v.host_path.as_ref().is_some_and(|h| h.path == "/sys/fs/bpf")));
+}
+
+#[test]
+fn example_manifests_are_valid_input() {
+    let text = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/demo.yaml")).unwrap();
+    let (objects, errors) = lb_agent::manifest::parse_str(&text, None).unwrap();
+    assert!(errors.is_empty(), "{errors:?}");
+    let (desired, errors) = lb_agent::desired::compute(&objects, lb_agent::desired::Limits { max_backends_per_service: 16 });
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(desired.frontends.len(), 3);
+}

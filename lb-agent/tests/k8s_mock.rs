@@ -1,0 +1,110 @@
+//! Fault cases a real API server won't produce on demand, with kube-rs's
+//! `tower-test` mock: 500s on list, a malformed object in a watch, a dropped
+//! watch stream. The source must never report ready before complete lists,
+//! skip what it cannot decode, resume after drops, and never panic.
+
+use std::{sync::Arc, time::Duration};
+
+use http::{Request, Response, StatusCode};
+use kube::{client::Body, Client};
+use lb_agent::k8s::ApiSource;
+use serde_json::json;
+use tokio::sync::Notify;
+
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+fn service(name: &str, rv: &str, port: i64) -> serde_json::Value {
+    json!({"apiVersion": "v1", "kind": "Service",
+           "metadata": {"name": name, "namespace": "t", "resourceVersion": rv},
+           "spec": {"clusterIP": "198.19.0.1", "ports": [{"port": port}]}})
+}
+
+fn respond(status: StatusCode, body: String) -> Response<Body> {
+    Response::builder().status(status).body(Body::from(body.into_bytes())).unwrap()
+}
+
+fn list(kind: &str, rv: &str, items: Vec<serde_json::Value>) -> String {
+    json!({"apiVersion": "v1", "kind": kind, "metadata": {"resourceVersion": rv}, "items": items}).to_string()
+}
+
+fn event(kind: &str, object: serde_json::Value) -> String {
+    format!("{}\n", json!({"type": kind, "object": object}))
+}
+
+/// Scripted API server: what each request gets, in order of arrival per resource.
+async fn serve(mut handle: Handle, log: Arc<std::sync::Mutex<Vec<String>>>) {
+    let mut service_requests = 0;
+    let mut parked = Vec::new(); // watches left open
+    while let Some((request, send)) = handle.next_request().await {
+        let uri = request.uri().to_string();
+        log.lock().unwrap().push(uri.clone());
+        let watching = uri.contains("watch=true");
+        if uri.contains("endpointslices") {
+            if watching {
+                parked.push(send);
+            } else {
+                send.send_response(respond(StatusCode::OK, list("EndpointSliceList", "1", vec![])));
+            }
+            continue;
+        }
+        service_requests += 1;
+        match (service_requests, watching) {
+            // The first list fails: the source must not become ready on it.
+            (1, false) => send.send_response(respond(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "etcd unavailable", "code": 500}).to_string(),
+            )),
+            (_, false) => send.send_response(respond(StatusCode::OK, list("ServiceList", "10", vec![service("a", "10", 80)]))),
+            // First watch: a malformed object, then a good change, then the stream drops.
+            (3, true) => {
+                let bad = json!({"apiVersion": "v1", "kind": "Service",
+                                 "metadata": {"name": "bad", "namespace": "t", "resourceVersion": "11"},
+                                 "spec": {"ports": "not-a-list"}});
+                let body = event("ADDED", bad) + &event("MODIFIED", service("a", "12", 81));
+                send.send_response(respond(StatusCode::OK, body));
+            }
+            // The resumed watch delivers one more change and ends too.
+            (4, true) => send.send_response(respond(StatusCode::OK, event("ADDED", service("b", "13", 90)))),
+            // Later watches stay open (never answered).
+            (_, true) => parked.push(send),
+        }
+    }
+}
+
+#[tokio::test]
+async fn survives_errors_malformed_objects_and_dropped_streams() {
+    let (mock, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let requests = Arc::new(std::sync::Mutex::new(Vec::new()));
+    tokio::spawn(serve(handle, requests.clone()));
+    let client = Client::new(mock, "default");
+    let trigger = Arc::new(Notify::new());
+    let source = ApiSource::start(client, trigger.clone());
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut was_ready_before_good_list = false;
+    loop {
+        let _ = tokio::time::timeout(Duration::from_millis(200), trigger.notified()).await;
+        let uris = requests.lock().unwrap().clone();
+        let good_lists = uris.iter().filter(|u| u.contains("/services") && !u.contains("watch=true")).count();
+        if source.is_ready() && good_lists < 2 {
+            was_ready_before_good_list = true;
+        }
+        let objects = source.objects();
+        let mut names: Vec<(String, i32)> = objects
+            .services
+            .iter()
+            .map(|s| (s.object.metadata.name.clone().unwrap(), s.object.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port))
+            .collect();
+        names.sort();
+        if names == [("a".to_string(), 81), ("b".to_string(), 90)] {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "did not converge; requests: {uris:#?}; services: {names:?}");
+    }
+    assert!(!was_ready_before_good_list, "ready before a complete list");
+    assert!(source.is_ready());
+    let uris = requests.lock().unwrap().clone();
+    let service_watches = uris.iter().filter(|u| u.contains("/services") && u.contains("watch=true")).count();
+    assert!(service_watches >= 2, "the dropped watch was resumed: {uris:#?}");
+    assert!(uris.iter().all(|u| u.contains("labelSelector=")), "kube-proxy's label selector on every request: {uris:#?}");
+}
