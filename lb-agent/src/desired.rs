@@ -155,7 +155,7 @@ fn service_frontends(
     let mut frontends = Vec::new();
     for (port_name, port, proto) in ports {
         match port_backends(slices, &port_name, proto) {
-            Ok(backends) if backends.len() > limits.max_backends_per_service => errors.push(ctx.error(
+            Ok((backends, _)) if backends.len() > limits.max_backends_per_service => errors.push(ctx.error(
                 "spec.ports",
                 &format!(
                     "port {port_name:?} has {} endpoints, more than --max-backends-per-service {}",
@@ -163,10 +163,15 @@ fn service_frontends(
                     limits.max_backends_per_service
                 ),
             )),
-            Ok(backends) => {
+            Ok((backends, nodes)) => {
                 for vip in &vips {
                     let frontend = L4Addr { addr: *vip, port, proto };
-                    let spec = FrontendSpec { service: name.clone(), port_name: port_name.clone(), backends: backends.clone() };
+                    let spec = FrontendSpec {
+                        service: name.clone(),
+                        port_name: port_name.clone(),
+                        backends: backends.clone(),
+                        nodes: nodes.clone(),
+                    };
                     frontends.push((frontend, spec));
                 }
             }
@@ -219,10 +224,11 @@ fn port_backends(
     slices: &[&Sourced<EndpointSlice>],
     port_name: &str,
     proto: Proto,
-) -> Result<Vec<L4Addr>, Vec<InputError>> {
+) -> Result<(Vec<L4Addr>, BTreeMap<L4Addr, String>), Vec<InputError>> {
     let mut errors = Vec::new();
     let mut ready = BTreeSet::new();
     let mut terminating = BTreeSet::new();
+    let mut nodes = BTreeMap::new();
     for slice in slices {
         let object = &slice.object;
         let ctx = ErrCtx {
@@ -274,6 +280,9 @@ fn port_backends(
             let is_serving = conditions.and_then(|c| c.serving).unwrap_or(is_ready);
             let is_terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
             let backend = L4Addr { addr, port: target, proto };
+            if let Some(node) = &endpoint.node_name {
+                nodes.insert(backend, node.clone());
+            }
             if is_ready {
                 ready.insert(backend);
             } else if is_serving && is_terminating {
@@ -284,5 +293,7 @@ fn port_backends(
     if !errors.is_empty() {
         return Err(errors);
     }
-    Ok(if ready.is_empty() { terminating } else { ready }.into_iter().collect())
+    let backends: Vec<L4Addr> = if ready.is_empty() { terminating } else { ready }.into_iter().collect();
+    nodes.retain(|b, _| backends.binary_search(b).is_ok());
+    Ok((backends, nodes))
 }

@@ -181,3 +181,11 @@ fn frontends_follow_every_ipv4_cluster_ip() {
     let vips: Vec<Ipv4Addr> = desired.frontends.keys().map(|f| f.addr).collect();
     assert_eq!(vips, [Ipv4Addr::new(198, 19, 0, 1)]);
 }
+
+#[test]
+fn endpoint_node_names_are_kept() {
+    let yaml = service("a", "198.19.0.1", &["198.18.0.1"]).replace("- addresses: [198.18.0.1]", "- addresses: [198.18.0.1]\n  nodeName: node-7");
+    let desired = desired_of(&yaml);
+    let spec = desired.frontends.values().next().unwrap();
+    assert_eq!(spec.nodes.values().collect::<Vec<_>>(), ["node-7"]);
+}
