@@ -78,6 +78,12 @@ fn serve_tcp(stream: TcpStream, peer: SocketAddr, name: &str) {
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
     while reader.read_line(&mut line).unwrap_or(0) > 0 {
+        if line == "SINK\n" {
+            // Throughput: swallow everything, then report the byte count.
+            let n = std::io::copy(&mut reader, &mut std::io::sink()).unwrap_or(0);
+            let _ = writeln!(writer, "{n}");
+            return;
+        }
         if line.starts_with("GET ") {
             // Skip the headers, answer, close.
             let mut header = String::new();
@@ -139,4 +145,26 @@ impl EchoConnection {
         }
         Ok(line.trim().to_owned())
     }
+}
+
+/// Sends `bytes` over one connection to a backend's sink; returns the elapsed time.
+pub fn sink_transfer(addr: SocketAddrV4, bytes: u64) -> std::io::Result<Duration> {
+    let started = std::time::Instant::now();
+    let mut stream = TcpStream::connect_timeout(&addr.into(), IO_TIMEOUT)?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    stream.write_all(b"SINK\n")?;
+    let chunk = vec![0x5au8; 256 * 1024];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        stream.write_all(&chunk[..n])?;
+        left -= n as u64;
+    }
+    stream.shutdown(std::net::Shutdown::Write)?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    if reply.trim().parse::<u64>().ok() != Some(bytes) {
+        return Err(std::io::Error::other(format!("sink received {reply:?}, sent {bytes}")));
+    }
+    Ok(started.elapsed())
 }

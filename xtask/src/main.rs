@@ -1,6 +1,7 @@
 //! Project tasks that cargo alone cannot do: privileged tests, the demo,
 //! loading on this host.
 
+mod bench;
 mod demo;
 mod k8s_latency;
 
@@ -35,6 +36,18 @@ enum Task {
     },
     /// Namespace demo: client, node and three backend pods; real requests through the VIP.
     Demo,
+    /// lb vs kube-proxy-shaped iptables and nftables rules (writes bench/results/).
+    Bench {
+        /// Service counts to measure at.
+        #[arg(long, value_delimiter = ',', default_value = "1,1000,10000")]
+        scales: Vec<usize>,
+        /// Runs per figure (median, min, max).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Seconds of short-connection load per run.
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+    },
     /// Measure EndpointSlice change → map update at a real API server (writes bench/results/k8s-latency.md).
     K8sLatency {
         #[arg(long, default_value_t = 200)]
@@ -161,6 +174,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             require_root("the demo")?;
             let agent = build_agent(false)?;
             demo::run(&agent)?;
+        }
+        Task::Bench { scales, runs, seconds } => {
+            require_root("bench")?;
+            if cfg!(debug_assertions) {
+                // The load generator runs in this process: measure with an optimised build.
+                let scales: Vec<String> = scales.iter().map(ToString::to_string).collect();
+                let (runs, seconds) = (runs.to_string(), seconds.to_string());
+                return cargo(&["run", "--quiet", "--release", "--package", "xtask", "--", "bench", "--scales", &scales.join(","), "--runs", &runs, "--seconds", &seconds]);
+            }
+            let agent = build_agent(true)?;
+            let config = bench::BenchConfig {
+                scales,
+                runs,
+                duration: std::time::Duration::from_secs_f64(seconds),
+                threads: 2,
+                bulk_bytes: 256 << 20,
+            };
+            bench::run(&agent, &config)?;
         }
         Task::K8sLatency { changes } => {
             require_root("k8s-latency")?;

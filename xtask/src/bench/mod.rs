@@ -1,0 +1,226 @@
+//! `cargo xtask bench`: lb against what users would otherwise run, in one
+//! run, on the same namespace topology: direct pod access (the floor),
+//! kube-proxy-shaped iptables and nftables rules, and lb. Writes
+//! bench/results/bench.md and bench/results/connections.svg.
+
+mod load;
+mod peers;
+mod report;
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+use lb_tests::{
+    servers::{http_get, BackendServers},
+    topology::{backend_ip, Agent, ScratchDir, Topology},
+};
+
+
+/// One service as every mode programs it.
+#[derive(Clone)]
+pub struct Service {
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    pub endpoints: Vec<(Ipv4Addr, u16)>,
+}
+
+pub struct BenchConfig {
+    pub scales: Vec<usize>,
+    pub runs: usize,
+    pub duration: Duration,
+    pub threads: usize,
+    pub bulk_bytes: u64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Mode {
+    Direct,
+    Iptables,
+    Nftables,
+    Lb,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 4] = [Mode::Direct, Mode::Iptables, Mode::Nftables, Mode::Lb];
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Direct => "direct",
+            Mode::Iptables => "iptables",
+            Mode::Nftables => "nftables",
+            Mode::Lb => "lb",
+        }
+    }
+}
+
+const ENDPOINTS: usize = 10;
+const PREFIX: &str = "lbb";
+const PIN_DIR: &str = "/sys/fs/bpf/lbb-bench";
+
+/// N services × 10 endpoints. The target (the last one) points at the 10
+/// real pods; the others at distinct addresses nothing answers on.
+pub fn services(n: usize) -> Vec<Service> {
+    (0..n)
+        .map(|i| {
+            let endpoints = if i + 1 == n {
+                (0..ENDPOINTS).map(|j| (backend_ip(j), 8080)).collect()
+            } else {
+                (0..ENDPOINTS)
+                    .map(|j| {
+                        let k = (i * ENDPOINTS + j) as u32;
+                        (Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 128, 0)) + k % 32768), 8080 + (k / 32768) as u16)
+                    })
+                    .collect()
+            };
+            Service { vip: peers::vip(i), port: 80, endpoints }
+        })
+        .collect()
+}
+
+/// Results of one mode at one scale, one entry per run.
+#[derive(Default)]
+pub struct Sample {
+    pub conns_per_s: Vec<f64>,
+    pub p50_ms: Vec<f64>,
+    pub p99_ms: Vec<f64>,
+    pub gbit_s: Vec<f64>,
+    pub program_s: Vec<f64>,
+    pub errors: u64,
+    pub rss_mib: Vec<f64>,
+    pub cpu_s: Vec<f64>,
+}
+
+pub fn run(agent_bin: &Path, config: &BenchConfig) -> anyhow::Result<()> {
+    // SAFETY: single-threaded here; read by topology::agent_binary.
+    unsafe { std::env::set_var("LB_AGENT_BIN", agent_bin) };
+    let started = Instant::now();
+    let per_packet = report::per_packet_costs(config.runs)?;
+    let mut results: Vec<(usize, Mode, Sample)> = Vec::new();
+    let mut map_writes = Vec::new();
+    for &scale in &config.scales {
+        let services = services(scale);
+        map_writes.push((scale, report::map_write_times(&services, config.runs)?));
+        for mode in Mode::ALL {
+            let mut sample = Sample::default();
+            for run in 0..config.runs {
+                eprintln!("[bench] {scale} services, {}, run {}/{}", mode.name(), run + 1, config.runs);
+                one_run(mode, &services, config, &mut sample).with_context(|| format!("{} at {scale} services", mode.name()))?;
+            }
+            results.push((scale, mode, sample));
+        }
+    }
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/results");
+    std::fs::create_dir_all(&out)?;
+    let text = report::markdown(config, &results, &map_writes, &per_packet, started.elapsed());
+    std::fs::write(out.join("bench.md"), &text)?;
+    std::fs::write(out.join("connections.svg"), report::svg(config, &results))?;
+    println!("{text}");
+    Ok(())
+}
+
+fn one_run(mode: Mode, services: &[Service], config: &BenchConfig, sample: &mut Sample) -> anyhow::Result<()> {
+    let topology = Topology::new(PREFIX, ENDPOINTS)?;
+    topology.client.sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
+    topology.client.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+    let _servers: Vec<BackendServers> = (0..ENDPOINTS)
+        .map(|i| BackendServers::start(&topology.backends[i], &format!("pod-{i}"), 8080, 5353))
+        .collect::<anyhow::Result<_>>()?;
+    let scratch = ScratchDir::new("lbb-bench")?;
+    let target = services.last().context("no services")?;
+    let vip = SocketAddrV4::new(target.vip, target.port);
+    let mut agent = None;
+    let started = Instant::now();
+    let targets: Vec<SocketAddrV4> = match mode {
+        Mode::Direct => (0..ENDPOINTS).map(|i| SocketAddrV4::new(backend_ip(i), 8080)).collect(),
+        Mode::Iptables => {
+            let rules = scratch.0.join("iptables.rules");
+            std::fs::write(&rules, peers::iptables_rules(services))?;
+            restore(&topology.node.name, &["iptables-legacy-restore"], &rules)?;
+            vec![vip]
+        }
+        Mode::Nftables => {
+            let rules = scratch.0.join("nftables.nft");
+            std::fs::write(&rules, peers::nftables_rules(services))?;
+            restore(&topology.node.name, &["nft", "-f"], &rules)?;
+            vec![vip]
+        }
+        Mode::Lb => {
+            scratch.write("services.yaml", &peers::manifest(services))?;
+            let mut a = Agent::start(&topology.node, &scratch.0, &topology.interface_pattern(), Path::new(PIN_DIR), &scratch.0.join("agent.log"), &[])?;
+            let needle = format!("{vip}/TCP count={ENDPOINTS}");
+            a.wait_for_maps("the bench services", |m| m.contains(&needle))?;
+            agent = Some(a);
+            vec![vip]
+        }
+    };
+    if mode != Mode::Direct {
+        sample.program_s.push(started.elapsed().as_secs_f64());
+    }
+    // The path must work before it is measured.
+    let probe = targets[0];
+    topology.client.run(|| http_get(probe)).with_context(|| format!("no answer from {probe}"))?;
+
+    let conns = load::connections(&topology.client, &targets, config.threads, config.duration);
+    sample.conns_per_s.push(conns.per_second);
+    sample.p50_ms.push(conns.p50.as_secs_f64() * 1e3);
+    sample.p99_ms.push(conns.p99.as_secs_f64() * 1e3);
+    sample.errors += conns.errors;
+    sample.gbit_s.push(load::throughput(&topology.client, targets[0], config.bulk_bytes)?);
+
+    if let Some(agent) = agent.as_mut() {
+        let (rss, cpu) = process_usage(agent.pid().context("agent pid")?)?;
+        sample.rss_mib.push(rss);
+        sample.cpu_s.push(cpu);
+        let status = agent.stop()?;
+        if !status.success() {
+            bail!("agent exited with {status}:\n{}", agent.log_text());
+        }
+    }
+    Ok(())
+}
+
+/// Runs a rules loader in the node namespace, feeding it `file`.
+fn restore(netns: &str, command: &[&str], file: &PathBuf) -> anyhow::Result<()> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", netns]).args(command);
+    if command[0] == "nft" {
+        cmd.arg(file);
+    } else {
+        cmd.stdin(std::fs::File::open(file)?);
+    }
+    let out = cmd.stdout(Stdio::null()).output().with_context(|| format!("running {}", command[0]))?;
+    if !out.status.success() {
+        bail!("{} failed: {}", command[0], String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// Resident memory (MiB) and CPU time (s, user + system) of a process.
+fn process_usage(pid: u32) -> anyhow::Result<(f64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("VmRSS")?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> = stat.rsplit_once(')').context("stat")?.1.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    let hz = unsafe { sysconf_clk_tck() } as f64;
+    Ok((rss_kib / 1024.0, ticks / hz))
+}
+
+unsafe extern "C" {
+    #[link_name = "sysconf"]
+    fn sysconf(name: i32) -> i64;
+}
+
+/// `sysconf(_SC_CLK_TCK)`.
+unsafe fn sysconf_clk_tck() -> i64 {
+    const SC_CLK_TCK: i32 = 2;
+    unsafe { sysconf(SC_CLK_TCK) }
+}

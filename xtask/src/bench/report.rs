@@ -1,0 +1,188 @@
+//! In-process measurements (BPF per-packet cost, map write time) and the
+//! markdown + SVG report.
+
+use std::{fmt::Write as _, net::Ipv4Addr, time::{Duration, Instant}};
+
+use lb_agent::{
+    datapath::loader::{self, MapSizes},
+    desired::{self, Limits},
+    manifest,
+    reconcile::Reconciler,
+};
+use lb_tests::{
+    datapath::Harness,
+    packet::{Packet, TCP_ACK, TCP_RST, TCP_SYN},
+    topology::{web_manifest, CLIENT_IP, VIP},
+};
+
+use super::{peers, BenchConfig, Mode, Sample, Service};
+
+pub type Figure = (f64, f64, f64); // median, min, max
+
+pub fn stats(v: &[f64]) -> Figure {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    if s.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    (s[s.len() / 2], s[0], s[s.len() - 1])
+}
+
+/// ns/packet through the tc program with BPF_PROG_TEST_RUN (1 M repeats).
+pub fn per_packet_costs(runs: usize) -> anyhow::Result<Vec<(&'static str, Vec<f64>)>> {
+    let mut h = Harness::new();
+    h.apply_yaml(&web_manifest(&(0..10).map(|i| (Ipv4Addr::new(198, 18, 10 + i, 2), true)).collect::<Vec<_>>()));
+    let client = std::net::SocketAddrV4::new(CLIENT_IP, 40000);
+    let vip = std::net::SocketAddrV4::new(VIP, 80);
+    h.run(&Packet::tcp(client, vip, TCP_SYN).build());
+    let cases: [(&'static str, Vec<u8>); 3] = [
+        // SYN+RST: every repeat reopens its closing tuple, so each run takes
+        // the whole new-flow path (hash, slot, backend, two conntrack inserts).
+        ("new flow (service lookup, backend pick, conntrack insert, DNAT)", Packet::tcp(std::net::SocketAddrV4::new(CLIENT_IP, 40001), vip, TCP_SYN | TCP_RST).build()),
+        ("conntrack hit (established flow, DNAT)", Packet::tcp(client, vip, TCP_ACK).build()),
+        ("not a service (two lookups, pass)", Packet::tcp(client, std::net::SocketAddrV4::new(Ipv4Addr::new(198, 18, 99, 1), 80), TCP_SYN).build()),
+    ];
+    Ok(cases
+        .into_iter()
+        .map(|(name, frame)| (name, (0..runs).map(|_| h.run_repeat(&frame, 1_000_000).1.as_nanos() as f64).collect()))
+        .collect())
+}
+
+/// (parse + compute, map writes) seconds for all services, on private maps.
+pub fn map_write_times(services: &[Service], runs: usize) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    let yaml = peers::manifest(services);
+    let n = services.len() as u32;
+    let sizes = MapSizes { service_slots: n * 11 + 64, backends: n * 10 + 64, conntrack: 4096 };
+    let (mut compute, mut writes) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let mut ebpf = loader::load(None, sizes)?;
+        let mut reconciler = Reconciler::restore(loader::kernel_maps(&mut ebpf, sizes)?, sizes.backends)?;
+        let started = Instant::now();
+        let (objects, _) = manifest::parse_str(&yaml, None).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (desired, errors) = desired::compute(&objects, Limits { max_backends_per_service: 64 });
+        anyhow::ensure!(errors.is_empty(), "{errors:?}");
+        compute.push(started.elapsed().as_secs_f64());
+        let started = Instant::now();
+        let report = reconciler.apply(&desired);
+        anyhow::ensure!(report.errors.is_empty(), "{:?}", report.errors);
+        writes.push(started.elapsed().as_secs_f64());
+    }
+    Ok((compute, writes))
+}
+
+fn cell(f: Figure, digits: usize) -> String {
+    format!("{:.d$} [{:.d$}–{:.d$}]", f.0, f.1, f.2, d = digits)
+}
+
+fn find<'a>(results: &'a [(usize, Mode, Sample)], scale: usize, mode: Mode) -> &'a Sample {
+    &results.iter().find(|(s, m, _)| *s == scale && *m == mode).expect("result").2
+}
+
+pub fn markdown(
+    config: &BenchConfig,
+    results: &[(usize, Mode, Sample)],
+    map_writes: &[(usize, (Vec<f64>, Vec<f64>))],
+    per_packet: &[(&'static str, Vec<f64>)],
+    took: Duration,
+) -> String {
+    let mut r = String::new();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let _ = writeln!(r, "# lb vs kube-proxy-shaped iptables and nftables\n");
+    let _ = writeln!(
+        r,
+        "One run of `cargo xtask bench` on Linux {} ({} CPUs); {} runs per figure, each the median [min–max]. \
+         Topology: client pod → node → 10 backend pods, veth pairs in network namespaces. Each scale is N services × 10 endpoints; \
+         the target is the last service programmed (worst case for linear rule chains). Short connections: {} client threads for {:?}, \
+         each connection an HTTP/1.0 GET and close. Took {:.0?}.\n",
+        kernel.trim(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        config.runs,
+        config.threads,
+        config.duration,
+        took
+    );
+    let _ = writeln!(r, "![new connections per second](connections.svg)\n");
+    let _ = writeln!(r, "## New TCP connections per second\n");
+    let _ = writeln!(r, "| services | direct | iptables | nftables | lb | lb / direct | lb / iptables | lb / nftables |");
+    let _ = writeln!(r, "|---|---|---|---|---|---|---|---|");
+    for &scale in &config.scales {
+        let med = |m| stats(&find(results, scale, m).conns_per_s);
+        let (d, i, n, l) = (med(Mode::Direct), med(Mode::Iptables), med(Mode::Nftables), med(Mode::Lb));
+        let _ = writeln!(r, "| {scale} | {} | {} | {} | {} | {:.3} | {:.3} | {:.3} |", cell(d, 0), cell(i, 0), cell(n, 0), cell(l, 0), l.0 / d.0, l.0 / i.0, l.0 / n.0);
+    }
+    let _ = writeln!(r, "\n## Connection latency (ms, p50 / p99)\n");
+    let _ = writeln!(r, "| services | direct | iptables | nftables | lb |\n|---|---|---|---|---|");
+    for &scale in &config.scales {
+        let row: Vec<String> = Mode::ALL
+            .iter()
+            .map(|m| {
+                let s = find(results, scale, *m);
+                format!("{:.3} / {:.3}", stats(&s.p50_ms).0, stats(&s.p99_ms).0)
+            })
+            .collect();
+        let _ = writeln!(r, "| {scale} | {} |", row.join(" | "));
+    }
+    let _ = writeln!(r, "\n## One long connection (Gbit/s, {} MiB)\n", config.bulk_bytes >> 20);
+    let _ = writeln!(r, "| services | direct | iptables | nftables | lb |\n|---|---|---|---|---|");
+    for &scale in &config.scales {
+        let row: Vec<String> = Mode::ALL.iter().map(|m| cell(stats(&find(results, scale, *m).gbit_s), 2)).collect();
+        let _ = writeln!(r, "| {scale} | {} |", row.join(" | "));
+    }
+    let _ = writeln!(r, "\n## Time to program N services (s)\n");
+    let _ = writeln!(r, "| services | iptables-restore | nft -f | lb agent: start → programmed | lb: parse + compute | lb: map writes |\n|---|---|---|---|---|---|");
+    for (scale, (compute, writes)) in map_writes {
+        let p = |m| cell(stats(&find(results, *scale, m).program_s), 3);
+        let _ = writeln!(r, "| {scale} | {} | {} | {} | {} | {} |", p(Mode::Iptables), p(Mode::Nftables), p(Mode::Lb), cell(stats(compute), 3), cell(stats(writes), 3));
+    }
+    let _ = writeln!(r, "\n\"start → programmed\" includes loading and verifying the BPF program, reading the manifest and the poll interval; \
+        \"map writes\" is the reconciler's ordered writes alone, on private maps.\n");
+    let _ = writeln!(r, "## BPF program cost per packet (BPF_PROG_TEST_RUN, 1 M repeats, ns)\n");
+    let _ = writeln!(r, "| path | ns/packet |\n|---|---|");
+    for (name, v) in per_packet {
+        let _ = writeln!(r, "| {name} | {} |", cell(stats(v), 0));
+    }
+    let _ = writeln!(r, "\nTest-run figures include the harness's per-run skb setup, so they overstate the in-stack cost.\n");
+    let _ = writeln!(r, "## Agent resources after programming\n");
+    let _ = writeln!(r, "| services | RSS (MiB) | CPU time since start (s) |\n|---|---|---|");
+    for &scale in &config.scales {
+        let s = find(results, scale, Mode::Lb);
+        let _ = writeln!(r, "| {scale} | {} | {} |", cell(stats(&s.rss_mib), 1), cell(stats(&s.cpu_s), 2));
+    }
+    let errors: u64 = results.iter().map(|(_, _, s)| s.errors).sum();
+    let _ = writeln!(r, "\nFailed requests during the connection runs, all modes: {errors}.");
+    r
+}
+
+/// Grouped bars: connections/s per scale and mode, with min–max whiskers.
+pub fn svg(config: &BenchConfig, results: &[(usize, Mode, Sample)]) -> String {
+    let colors = ["#888888", "#d95f02", "#7570b3", "#1b9e77"];
+    let max = results.iter().map(|(_, _, s)| stats(&s.conns_per_s).2).fold(1.0, f64::max) * 1.1;
+    let (w, h, left, bottom, top) = (640.0, 360.0, 70.0, 50.0, 40.0);
+    let group = (w - left - 20.0) / config.scales.len() as f64;
+    let bar = group / 5.0;
+    let y = |v: f64| top + (h - top - bottom) * (1.0 - v / max);
+    let mut s = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n");
+    let _ = writeln!(s, "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>");
+    let _ = writeln!(s, "<text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">New TCP connections per second (median, min–max)</text>", w / 2.0);
+    for k in 0..=4 {
+        let v = max * k as f64 / 4.0;
+        let _ = writeln!(s, "<line x1=\"{left}\" x2=\"{}\" y1=\"{y:.1}\" y2=\"{y:.1}\" stroke=\"#ddd\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{v:.0}</text>", w - 20.0, left - 6.0, y(v) + 4.0, y = y(v));
+    }
+    for (g, &scale) in config.scales.iter().enumerate() {
+        let x0 = left + g as f64 * group + bar / 2.0;
+        for (m, mode) in Mode::ALL.iter().enumerate() {
+            let f = stats(&find(results, scale, *mode).conns_per_s);
+            let x = x0 + m as f64 * bar;
+            let _ = writeln!(s, "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{}\"/>", y(f.0), bar * 0.9, y(0.0) - y(f.0), colors[m]);
+            let cx = x + bar * 0.45;
+            let _ = writeln!(s, "<line x1=\"{cx:.1}\" x2=\"{cx:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"black\"/>", y(f.1), y(f.2));
+        }
+        let _ = writeln!(s, "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{scale} services</text>", x0 + bar * 2.0, h - bottom + 18.0);
+    }
+    for (m, mode) in Mode::ALL.iter().enumerate() {
+        let x = left + m as f64 * 110.0;
+        let _ = writeln!(s, "<rect x=\"{x}\" y=\"{}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"{}\">{}</text>", h - 20.0, colors[m], x + 16.0, h - 10.0, mode.name());
+    }
+    s.push_str("</svg>\n");
+    s
+}
