@@ -58,22 +58,11 @@ fn process(ctx: &TcContext) -> Outcome {
     };
     let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
 
-    // Replies first: a backend's reply matches a reply-direction entry.
-    let reply_key = pkt.ct_key(CT_DIR_REPLY);
-    if let Some(entry) = ct::lookup_live(&reply_key, pkt.proto, now) {
-        if pkt.is_fragment {
-            return Outcome::drop(Stat::DropFragment);
-        }
-        ct::touch(entry, &pkt, now);
-        return match nat::rewrite_source(ctx, &pkt, unsafe { (*entry).nat_addr_be }, unsafe { (*entry).nat_port_be }) {
-            Ok(()) => Outcome::pass(Stat::RevNat),
-            Err(()) => Outcome::drop(Stat::DropRewrite),
-        };
-    }
-
+    // Frontend first: a client's packet costs one lookup before its
+    // conntrack entry; anything else is a reply candidate or not ours.
     let frontend = SvcKey::new(pkt.daddr_be, pkt.dport_be, pkt.proto, 0);
     let Some(svc) = maps::SERVICES.get_ptr(&frontend) else {
-        return Outcome::pass(Stat::PassNotService);
+        return reverse_nat(ctx, &pkt, now);
     };
     if pkt.is_fragment {
         // Later fragments carry no ports and never get here; the first one
@@ -107,6 +96,23 @@ fn process(ctx: &TcContext) -> Outcome {
         return Outcome::drop(Stat::DropCtInsert);
     }
     dnat(ctx, &pkt, baddr, bport, Stat::DnatNew)
+}
+
+/// A backend's reply matches a reply-direction entry and leaves with the
+/// frontend as its source; anything else passes untouched.
+#[inline(always)]
+fn reverse_nat(ctx: &TcContext, pkt: &Packet, now: u64) -> Outcome {
+    let Some(entry) = ct::lookup_live(&pkt.ct_key(CT_DIR_REPLY), pkt.proto, now) else {
+        return Outcome::pass(Stat::PassNotService);
+    };
+    if pkt.is_fragment {
+        return Outcome::drop(Stat::DropFragment);
+    }
+    ct::touch(entry, pkt, now);
+    match nat::rewrite_source(ctx, pkt, unsafe { (*entry).nat_addr_be }, unsafe { (*entry).nat_port_be }) {
+        Ok(()) => Outcome::pass(Stat::RevNat),
+        Err(()) => Outcome::drop(Stat::DropRewrite),
+    }
 }
 
 #[inline(always)]

@@ -1,5 +1,6 @@
-//! Bounds-checked, IHL-aware header parsing through `bpf_skb_load_bytes`
-//! (works on non-linear skbs; nothing is read past the IPv4 total length).
+//! Bounds-checked, IHL-aware header parsing with direct packet access (the
+//! headers are pulled into the linear area first when they are not there
+//! already); nothing is read past the IPv4 total length.
 
 use aya_ebpf::programs::TcContext;
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
@@ -18,6 +19,7 @@ const TCP_ACK: u8 = 0x10;
 
 /// The fixed part of an IPv4 header, as on the wire.
 #[repr(C)]
+#[derive(Clone, Copy)]
 struct Ipv4Fixed {
     version_ihl: u8,
     tos: u8,
@@ -80,15 +82,39 @@ pub fn parse(ctx: &TcContext) -> Parsed {
     }
 }
 
+/// Longest header run we read: Ethernet, IPv4 with options, TCP fixed header.
+const MAX_HEADERS: u32 = ETH_HLEN + 60 + 20;
+
+/// A pointer to a `T` at `off`, if the linear data holds all of it.
+#[inline(always)]
+fn at<T>(ctx: &TcContext, off: u32) -> Result<*const T, ()> {
+    let start = ctx.data() + off as usize;
+    if start + core::mem::size_of::<T>() > ctx.data_end() {
+        return Err(());
+    }
+    Ok(start as *const T)
+}
+
+#[inline(always)]
+fn read<T: Copy>(ctx: &TcContext, off: u32) -> Result<T, ()> {
+    // SAFETY: `at` checked the bounds; packet data has no alignment guarantee.
+    Ok(unsafe { core::ptr::read_unaligned(at::<T>(ctx, off)?) })
+}
+
 #[inline(always)]
 fn try_parse(ctx: &TcContext) -> Result<Parsed, ()> {
-    let Ok(eth_proto) = ctx.load::<u16>(12) else {
+    // Headers are usually linear already; pull them in once when not.
+    let want = if ctx.len() < MAX_HEADERS { ctx.len() } else { MAX_HEADERS };
+    if ctx.data() + (want as usize) > ctx.data_end() && ctx.pull_data(want).is_err() {
+        return Err(());
+    }
+    let Ok(eth_proto) = read::<u16>(ctx, 12) else {
         return Ok(Parsed::NotForUs); // shorter than Ethernet: not IPv4 either
     };
     if eth_proto != ETH_P_IP_BE {
         return Ok(Parsed::NotForUs);
     }
-    let ip: Ipv4Fixed = ctx.load(ETH_HLEN as usize).map_err(|_| ())?;
+    let ip: Ipv4Fixed = read(ctx, ETH_HLEN)?;
     let ihl_len = ((ip.version_ihl & 0x0f) as u32) * 4;
     let tot_len = u16::from_be(ip.tot_len_be) as u32;
     if ip.version_ihl >> 4 != 4 || ihl_len < 20 || tot_len < ihl_len || ETH_HLEN + tot_len > ctx.len() {
@@ -110,7 +136,7 @@ fn try_parse(ctx: &TcContext) -> Result<Parsed, ()> {
         if l4_len < 20 {
             return Err(());
         }
-        let [doff, flags]: [u8; 2] = ctx.load((l4_off + 12) as usize).map_err(|_| ())?;
+        let [doff, flags]: [u8; 2] = read(ctx, l4_off + 12)?;
         let doff_len = ((doff >> 4) as u32) * 4;
         if doff_len < 20 || doff_len > l4_len {
             return Err(());
@@ -120,13 +146,13 @@ fn try_parse(ctx: &TcContext) -> Result<Parsed, ()> {
         if l4_len < 8 {
             return Err(());
         }
-        let udp_len = u16::from_be(ctx.load::<u16>((l4_off + 4) as usize).map_err(|_| ())?) as u32;
+        let udp_len = u16::from_be(read::<u16>(ctx, l4_off + 4)?) as u32;
         // A first fragment carries only part of the datagram its length describes.
         if udp_len < 8 || (!is_fragment && udp_len > l4_len) {
             return Err(());
         }
     }
-    let [sport_be, dport_be]: [u16; 2] = ctx.load(l4_off as usize).map_err(|_| ())?;
+    let [sport_be, dport_be]: [u16; 2] = read(ctx, l4_off)?;
     Ok(Parsed::Packet(Packet {
         saddr_be: ip.saddr_be,
         daddr_be: ip.daddr_be,

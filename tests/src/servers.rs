@@ -32,19 +32,19 @@ impl BackendServers {
             let udp = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, udp_port))?;
             Ok((listener, udp))
         })?;
-        listener.set_nonblocking(true)?;
         udp.set_read_timeout(Some(Duration::from_millis(50)))?;
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         let (tcp_name, tcp_stop) = (name.to_owned(), stop.clone());
         threads.push(std::thread::spawn(move || {
             while !tcp_stop.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((stream, peer)) => {
-                        let name = tcp_name.clone();
-                        std::thread::spawn(move || serve_tcp(stream, peer, &name));
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                // Wait for a connection, waking every 50 ms to check the stop flag.
+                if !readable(&listener, 50) {
+                    continue;
+                }
+                if let Ok((stream, peer)) = listener.accept() {
+                    let name = tcp_name.clone();
+                    std::thread::spawn(move || serve_tcp(stream, peer, &name));
                 }
             }
         }));
@@ -68,6 +68,14 @@ impl Drop for BackendServers {
             let _ = t.join();
         }
     }
+}
+
+/// Whether `listener` has a connection waiting within `timeout_ms`.
+fn readable(listener: &TcpListener, timeout_ms: i32) -> bool {
+    use std::os::fd::AsRawFd as _;
+    let mut fd = libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut fd, 1, timeout_ms) > 0 }
 }
 
 fn serve_tcp(stream: TcpStream, peer: SocketAddr, name: &str) {
