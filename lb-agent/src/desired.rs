@@ -19,12 +19,11 @@ use std::{
     path::PathBuf,
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-
 use crate::{
     error::InputError,
     manifest::{Objects, Sourced},
     model::{FrontendSpec, L4Addr, Proto, ServiceName},
+    view::{ServiceSpecView, ServiceView, SliceView},
 };
 
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -43,16 +42,15 @@ pub struct Desired {
 }
 
 pub fn compute(objects: &Objects, limits: Limits) -> (Desired, Vec<InputError>) {
-    let mut slices_by_service: BTreeMap<ServiceName, Vec<&Sourced<EndpointSlice>>> = BTreeMap::new();
+    let mut slices_by_service: BTreeMap<ServiceName, Vec<&Sourced<SliceView>>> = BTreeMap::new();
     for slice in &objects.slices {
-        let labels = slice.object.metadata.labels.as_ref();
-        if let Some(name) = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)) {
-            let namespace = slice.object.metadata.namespace.clone().unwrap_or_default();
+        if let Some(name) = &slice.object.service_name {
+            let namespace = slice.object.namespace.clone();
             slices_by_service.entry(ServiceName { namespace, name: name.clone() }).or_default().push(slice);
         }
     }
 
-    let mut services: Vec<&Sourced<Service>> = objects.services.iter().collect();
+    let mut services: Vec<&Sourced<ServiceView>> = objects.services.iter().collect();
     services.sort_by_key(|s| service_name(&s.object));
 
     let mut desired = Desired::default();
@@ -90,11 +88,8 @@ pub fn compute(objects: &Objects, limits: Limits) -> (Desired, Vec<InputError>) 
     (desired, errors)
 }
 
-fn service_name(service: &Service) -> ServiceName {
-    ServiceName {
-        namespace: service.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
-        name: service.metadata.name.clone().unwrap_or_default(),
-    }
+fn service_name(service: &ServiceView) -> ServiceName {
+    ServiceName { namespace: service.namespace.clone(), name: service.name.clone() }
 }
 
 struct ErrCtx {
@@ -109,14 +104,13 @@ impl ErrCtx {
 }
 
 fn service_frontends(
-    service: &Sourced<Service>,
+    service: &Sourced<ServiceView>,
     name: &ServiceName,
-    slices: &[&Sourced<EndpointSlice>],
+    slices: &[&Sourced<SliceView>],
     limits: Limits,
 ) -> Result<Vec<(L4Addr, FrontendSpec)>, Vec<InputError>> {
     let ctx = ErrCtx { file: service.file.clone(), object: format!("Service {name}") };
-    let meta = &service.object.metadata;
-    if meta.labels.as_ref().is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL)) {
+    if service.object.other_proxy {
         tracing::debug!(service = %name, "skipped: {SERVICE_PROXY_NAME_LABEL} is set");
         return Ok(Vec::new());
     }
@@ -133,7 +127,7 @@ fn service_frontends(
 
     let mut errors = Vec::new();
     let mut ports = Vec::new();
-    for (i, port) in spec.ports.iter().flatten().enumerate() {
+    for (i, port) in spec.ports.iter().enumerate() {
         let field = |f: &str| format!("spec.ports[{i}].{f}");
         let proto = match parse_proto(port.protocol.as_deref()) {
             Ok(Some(p)) => p,
@@ -182,7 +176,7 @@ fn service_frontends(
 }
 
 /// IPv4 cluster IPs from `clusterIPs` (or `clusterIP`); empty when headless.
-fn cluster_ips(spec: &k8s_openapi::api::core::v1::ServiceSpec, ctx: &ErrCtx) -> Result<Vec<Ipv4Addr>, Vec<InputError>> {
+fn cluster_ips(spec: &ServiceSpecView, ctx: &ErrCtx) -> Result<Vec<Ipv4Addr>, Vec<InputError>> {
     let (field, ips): (&str, Vec<String>) = match (&spec.cluster_ips, &spec.cluster_ip) {
         (Some(ips), _) if !ips.is_empty() => ("spec.clusterIPs", ips.clone()),
         (_, Some(ip)) => ("spec.clusterIP", vec![ip.clone()]),
@@ -221,7 +215,7 @@ fn valid_port(port: i32) -> Result<u16, String> {
 
 /// The backends for one service port, merged over every slice.
 fn port_backends(
-    slices: &[&Sourced<EndpointSlice>],
+    slices: &[&Sourced<SliceView>],
     port_name: &str,
     proto: Proto,
 ) -> Result<(Vec<L4Addr>, BTreeMap<L4Addr, String>), Vec<InputError>> {
@@ -231,20 +225,13 @@ fn port_backends(
     let mut nodes = BTreeMap::new();
     for slice in slices {
         let object = &slice.object;
-        let ctx = ErrCtx {
-            file: slice.file.clone(),
-            object: format!(
-                "EndpointSlice {}/{}",
-                object.metadata.namespace.as_deref().unwrap_or_default(),
-                object.metadata.name.as_deref().unwrap_or_default()
-            ),
-        };
+        let ctx = ErrCtx { file: slice.file.clone(), object: format!("EndpointSlice {}/{}", object.namespace, object.name) };
         if object.address_type != "IPv4" {
             tracing::debug!(slice = %ctx.object, address_type = %object.address_type, "slice skipped (IPv4 only)");
             continue;
         }
         let mut target = None;
-        for (i, port) in object.ports.iter().flatten().enumerate() {
+        for (i, port) in object.ports.iter().enumerate() {
             let slice_proto = match parse_proto(port.protocol.as_deref()) {
                 Ok(p) => p,
                 Err(m) => {
@@ -263,7 +250,7 @@ fn port_backends(
         }
         let Some(target) = target else { continue };
         for (i, endpoint) in object.endpoints.iter().enumerate() {
-            let Some(address) = endpoint.addresses.first() else {
+            let Some(address) = &endpoint.address else {
                 errors.push(ctx.error(&format!("endpoints[{i}].addresses"), "empty"));
                 continue;
             };
@@ -274,11 +261,10 @@ fn port_backends(
                     continue;
                 }
             };
-            let conditions = endpoint.conditions.as_ref();
             // Unset conditions mean ready/serving (API semantics); terminating defaults to false.
-            let is_ready = conditions.and_then(|c| c.ready).unwrap_or(true);
-            let is_serving = conditions.and_then(|c| c.serving).unwrap_or(is_ready);
-            let is_terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+            let is_ready = endpoint.ready.unwrap_or(true);
+            let is_serving = endpoint.serving.unwrap_or(is_ready);
+            let is_terminating = endpoint.terminating.unwrap_or(false);
             let backend = L4Addr { addr, port: target, proto };
             if let Some(node) = &endpoint.node_name {
                 nodes.insert(backend, node.clone());

@@ -25,7 +25,10 @@ use kube::{
 use tokio::sync::Notify;
 use tracing::{debug, warn};
 
-use crate::manifest::{Objects, Sourced};
+use crate::{
+    manifest::{Objects, Sourced},
+    view::{ServiceView, SliceView},
+};
 
 /// kube-proxy's selector: skip other proxies' services and headless services.
 pub const PROXY_LABEL_SELECTOR: &str = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
@@ -77,8 +80,8 @@ impl ApiSource {
     /// A consistent-enough snapshot of both stores for one reconcile.
     pub fn objects(&self) -> Objects {
         Objects {
-            services: self.services.state().iter().map(|s| Sourced { file: None, object: Service::clone(s) }).collect(),
-            slices: self.slices.state().iter().map(|s| Sourced { file: None, object: EndpointSlice::clone(s) }).collect(),
+            services: self.services.state().iter().map(|s| Sourced { file: None, object: ServiceView::from(s.as_ref()) }).collect(),
+            slices: self.slices.state().iter().map(|s| Sourced { file: None, object: SliceView::from(s.as_ref()) }).collect(),
         }
     }
 }

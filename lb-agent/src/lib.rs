@@ -16,3 +16,4 @@ pub mod manifest;
 pub mod model;
 pub mod reconcile;
 pub mod run;
+pub mod view;

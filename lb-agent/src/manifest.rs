@@ -16,7 +16,10 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde::Deserialize as _;
 use serde_yaml::Value;
 
-use crate::error::InputError;
+use crate::{
+    error::InputError,
+    view::{ServiceView, SliceView},
+};
 
 /// An object and where it was read from.
 #[derive(Clone, Debug)]
@@ -25,10 +28,27 @@ pub struct Sourced<T> {
     pub object: T,
 }
 
+/// What the agent keeps of the objects: their views (see `view`).
 #[derive(Clone, Debug, Default)]
 pub struct Objects {
+    pub services: Vec<Sourced<ServiceView>>,
+    pub slices: Vec<Sourced<SliceView>>,
+}
+
+/// The objects as parsed, full k8s-openapi types.
+#[derive(Clone, Debug, Default)]
+pub struct Typed {
     pub services: Vec<Sourced<Service>>,
     pub slices: Vec<Sourced<EndpointSlice>>,
+}
+
+impl From<&Typed> for Objects {
+    fn from(typed: &Typed) -> Self {
+        Objects {
+            services: typed.services.iter().map(|s| Sourced { file: s.file.clone(), object: ServiceView::from(&s.object) }).collect(),
+            slices: typed.slices.iter().map(|s| Sourced { file: s.file.clone(), object: SliceView::from(&s.object) }).collect(),
+        }
+    }
 }
 
 impl Objects {
@@ -38,10 +58,17 @@ impl Objects {
     }
 }
 
-/// Parses one YAML text. `Err` means the text is not YAML at all; object-level
-/// problems are returned alongside the objects that did parse.
+/// Parses one YAML text into the views the agent keeps. `Err` means the text
+/// is not YAML at all; object-level problems are returned alongside the
+/// objects that did parse.
 pub fn parse_str(text: &str, file: Option<&Path>) -> Result<(Objects, Vec<InputError>), InputError> {
-    let mut objects = Objects::default();
+    let (typed, errors) = parse_typed(text, file)?;
+    Ok((Objects::from(&typed), errors))
+}
+
+/// Parses one YAML text into k8s-openapi objects.
+pub fn parse_typed(text: &str, file: Option<&Path>) -> Result<(Typed, Vec<InputError>), InputError> {
+    let mut objects = Typed::default();
     let mut errors = Vec::new();
     for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let value = Value::deserialize(document).map_err(|e| InputError {
@@ -60,7 +87,7 @@ pub fn parse_str(text: &str, file: Option<&Path>) -> Result<(Objects, Vec<InputE
     Ok((objects, errors))
 }
 
-fn parse_document(value: Value, index: usize, file: Option<&Path>, out: &mut Objects) -> Result<(), InputError> {
+fn parse_document(value: Value, index: usize, file: Option<&Path>, out: &mut Typed) -> Result<(), InputError> {
     let str_at = |v: &Value, path: &[&str]| -> Option<String> {
         path.iter().try_fold(v, |v, k| v.get(k)).and_then(Value::as_str).map(str::to_owned)
     };

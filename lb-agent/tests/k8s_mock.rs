@@ -93,7 +93,7 @@ async fn survives_errors_malformed_objects_and_dropped_streams() {
         let mut names: Vec<(String, i32)> = objects
             .services
             .iter()
-            .map(|s| (s.object.metadata.name.clone().unwrap(), s.object.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port))
+            .map(|s| (s.object.name.clone(), s.object.spec.as_ref().unwrap().ports[0].port))
             .collect();
         names.sort();
         if names == [("a".to_string(), 81), ("b".to_string(), 90)] {

@@ -49,7 +49,7 @@ fn start(prefix: &str, backends: usize) -> Cluster {
 
 /// Server-side applies every object of a manifest.
 async fn apply(client: Client, yaml: String) -> anyhow::Result<()> {
-    let (objects, errors) = lb_agent::manifest::parse_str(&yaml, None)?;
+    let (objects, errors) = lb_agent::manifest::parse_typed(&yaml, None)?;
     anyhow::ensure!(errors.is_empty(), "{errors:?}");
     let params = PatchParams::apply("lb-tests").force();
     for s in objects.services {

@@ -37,7 +37,7 @@ pub fn run(agent_bin: &Path, changes: usize) -> anyhow::Result<()> {
     let mut agent = Agent::start_with(&topology.node, Source::Kubeconfig(&api.kubeconfig), &topology.interface_pattern(), &pin_dir, &api.dir.0.join("agent.log"), &[])?;
 
     let manifest = |n: usize| web_manifest(&(0..n).map(|i| (backend_ip(i), true)).collect::<Vec<(Ipv4Addr, bool)>>());
-    let (objects, _) = lb_agent::manifest::parse_str(&manifest(1), None)?;
+    let (objects, _) = lb_agent::manifest::parse_typed(&manifest(1), None)?;
     let service = objects.services[0].object.clone();
     api.with_client(&topology.node, |client| async move {
         let params = PatchParams::apply("lb-latency").force();
@@ -47,7 +47,7 @@ pub fn run(agent_bin: &Path, changes: usize) -> anyhow::Result<()> {
     // Slices alternating between 1 and 2 endpoints.
     let slices: Vec<EndpointSlice> = [1, 2]
         .iter()
-        .map(|n| lb_agent::manifest::parse_str(&manifest(*n), None).map(|(o, _)| o.slices[0].object.clone()))
+        .map(|n| lb_agent::manifest::parse_typed(&manifest(*n), None).map(|(o, _)| o.slices[0].object.clone()))
         .collect::<Result<_, _>>()?;
 
     let svc: HashMap<MapData, SvcKey, SvcValue> = {

@@ -1,0 +1,111 @@
+//! The fields of Services and EndpointSlices the datapath depends on, taken
+//! from the k8s-openapi objects once they have parsed. The agent keeps these
+//! (a few dozen bytes an endpoint) rather than the full objects (hundreds),
+//! which matters at tens of thousands of services.
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+use crate::desired::{SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceView {
+    pub namespace: String,
+    pub name: String,
+    /// Labelled `service.kubernetes.io/service-proxy-name`: another proxy's.
+    pub other_proxy: bool,
+    pub spec: Option<ServiceSpecView>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSpecView {
+    pub type_: Option<String>,
+    pub cluster_ip: Option<String>,
+    pub cluster_ips: Option<Vec<String>>,
+    pub ports: Vec<ServicePortView>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePortView {
+    pub name: Option<String>,
+    pub port: i32,
+    pub protocol: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SliceView {
+    pub namespace: String,
+    pub name: String,
+    /// The `kubernetes.io/service-name` label.
+    pub service_name: Option<String>,
+    pub address_type: String,
+    pub ports: Vec<SlicePortView>,
+    pub endpoints: Vec<EndpointView>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlicePortView {
+    pub name: Option<String>,
+    pub port: Option<i32>,
+    pub protocol: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointView {
+    /// `addresses[0]` (kube-proxy uses the first address only); `None` when empty.
+    pub address: Option<String>,
+    pub ready: Option<bool>,
+    pub serving: Option<bool>,
+    pub terminating: Option<bool>,
+    pub node_name: Option<String>,
+}
+
+impl From<&Service> for ServiceView {
+    fn from(s: &Service) -> Self {
+        let meta = &s.metadata;
+        Self {
+            namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
+            name: meta.name.clone().unwrap_or_default(),
+            other_proxy: meta.labels.as_ref().is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL)),
+            spec: s.spec.as_ref().map(|spec| ServiceSpecView {
+                type_: spec.type_.clone(),
+                cluster_ip: spec.cluster_ip.clone(),
+                cluster_ips: spec.cluster_ips.clone(),
+                ports: spec
+                    .ports
+                    .iter()
+                    .flatten()
+                    .map(|p| ServicePortView { name: p.name.clone(), port: p.port, protocol: p.protocol.clone() })
+                    .collect(),
+            }),
+        }
+    }
+}
+
+impl From<&EndpointSlice> for SliceView {
+    fn from(s: &EndpointSlice) -> Self {
+        let meta = &s.metadata;
+        Self {
+            namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
+            name: meta.name.clone().unwrap_or_default(),
+            service_name: meta.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)).cloned(),
+            address_type: s.address_type.clone(),
+            ports: s
+                .ports
+                .iter()
+                .flatten()
+                .map(|p| SlicePortView { name: p.name.clone(), port: p.port, protocol: p.protocol.clone() })
+                .collect(),
+            endpoints: s
+                .endpoints
+                .iter()
+                .map(|e| EndpointView {
+                    address: e.addresses.first().cloned(),
+                    ready: e.conditions.as_ref().and_then(|c| c.ready),
+                    serving: e.conditions.as_ref().and_then(|c| c.serving),
+                    terminating: e.conditions.as_ref().and_then(|c| c.terminating),
+                    node_name: e.node_name.clone(),
+                })
+                .collect(),
+        }
+    }
+}
