@@ -82,9 +82,6 @@ pub fn parse(ctx: &TcContext) -> Parsed {
     }
 }
 
-/// Longest header run we read: Ethernet, IPv4 with options, TCP fixed header.
-const MAX_HEADERS: u32 = ETH_HLEN + 60 + 20;
-
 /// A pointer to a `T` at `off`, if the linear data holds all of it.
 #[inline(always)]
 fn at<T>(ctx: &TcContext, off: u32) -> Result<*const T, ()> {
@@ -101,19 +98,29 @@ fn read<T: Copy>(ctx: &TcContext, off: u32) -> Result<T, ()> {
     Ok(unsafe { core::ptr::read_unaligned(at::<T>(ctx, off)?) })
 }
 
+/// Makes the first `len` bytes linear if they are not already. Pulling more
+/// than the headers would copy payload out of the fragments on every packet.
 #[inline(always)]
-fn try_parse(ctx: &TcContext) -> Result<Parsed, ()> {
-    // Headers are usually linear already; pull them in once when not.
-    let want = if ctx.len() < MAX_HEADERS { ctx.len() } else { MAX_HEADERS };
-    if ctx.data() + (want as usize) > ctx.data_end() && ctx.pull_data(want).is_err() {
+fn ensure_linear(ctx: &TcContext, len: u32) -> Result<(), ()> {
+    if ctx.data() + len as usize <= ctx.data_end() {
+        return Ok(());
+    }
+    if len > ctx.len() {
         return Err(());
     }
-    let Ok(eth_proto) = read::<u16>(ctx, 12) else {
+    ctx.pull_data(len).map_err(|_| ())
+}
+
+#[inline(always)]
+fn try_parse(ctx: &TcContext) -> Result<Parsed, ()> {
+    if ensure_linear(ctx, ETH_HLEN).is_err() {
         return Ok(Parsed::NotForUs); // shorter than Ethernet: not IPv4 either
-    };
+    }
+    let eth_proto: u16 = read(ctx, 12)?;
     if eth_proto != ETH_P_IP_BE {
         return Ok(Parsed::NotForUs);
     }
+    ensure_linear(ctx, ETH_HLEN + 20)?;
     let ip: Ipv4Fixed = read(ctx, ETH_HLEN)?;
     let ihl_len = ((ip.version_ihl & 0x0f) as u32) * 4;
     let tot_len = u16::from_be(ip.tot_len_be) as u32;
@@ -131,6 +138,11 @@ fn try_parse(ctx: &TcContext) -> Result<Parsed, ()> {
 
     let l4_off = ETH_HLEN + ihl_len;
     let l4_len = tot_len - ihl_len;
+    let l4_header = if ip.proto == IPPROTO_TCP { 20 } else { 8 };
+    if l4_len < l4_header {
+        return Err(());
+    }
+    ensure_linear(ctx, l4_off + l4_header)?;
     let mut tcp_flags = 0;
     if ip.proto == IPPROTO_TCP {
         if l4_len < 20 {
