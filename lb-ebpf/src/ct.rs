@@ -72,3 +72,18 @@ pub fn create(pkt: &Packet, backend_addr_be: u32, backend_port_be: u16, backend_
     let forward = CtValue { nat_addr_be: backend_addr_be, nat_port_be: backend_port_be, ..reply };
     CONNTRACK.insert(&forward_key, &forward, 0)
 }
+
+/// Removes the reply entry a backend's answers to `pkt` would match.
+#[inline(always)]
+pub fn forget_reply(pkt: &Packet) {
+    let key = CtKey {
+        saddr_be: pkt.daddr_be,
+        daddr_be: pkt.saddr_be,
+        sport_be: pkt.dport_be,
+        dport_be: pkt.sport_be,
+        proto: pkt.proto,
+        dir: CT_DIR_REPLY,
+        _pad: [0; 2],
+    };
+    let _ = CONNTRACK.remove(&key);
+}

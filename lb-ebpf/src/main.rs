@@ -103,6 +103,13 @@ fn process(ctx: &TcContext) -> Outcome {
 #[inline(always)]
 fn reverse_nat(ctx: &TcContext, pkt: &Packet, now: u64) -> Outcome {
     let Some(entry) = ct::lookup_live(&pkt.ct_key(CT_DIR_REPLY), pkt.proto, now) else {
+        if pkt.is_tcp_syn() {
+            // A client opening a direct connection to a backend with a port
+            // it used through a frontend: the backend would see one tuple
+            // for both, and the old flow's reply entry would rewrite this
+            // connection's replies. The new connection wins.
+            ct::forget_reply(pkt);
+        }
         return Outcome::pass(Stat::PassNotService);
     };
     if pkt.is_fragment {

@@ -315,3 +315,24 @@ fn syn_reusing_a_closed_flows_tuple_picks_a_current_backend() {
     assert_frame(&out.frame, &syn.clone().to(SocketAddrV4::new(expected, 8080)).build(), "reopened flow");
     assert_eq!(h.counter(Stat::DnatNew), 2);
 }
+
+#[test]
+fn direct_connection_reusing_a_service_flows_port_is_not_reverse_nated() {
+    require_root();
+    let mut h = Harness::new();
+    h.apply_yaml(&manifest(&BACKENDS));
+    let chosen = BACKENDS[0];
+    let port = port_for(chosen, &BACKENDS, vip(80), 6);
+    let backend = SocketAddrV4::new(chosen, 8080);
+    // A connection through the VIP, closed.
+    h.run(&Packet::tcp(client(port), vip(80), TCP_SYN).build());
+    h.run(&Packet::tcp(client(port), vip(80), TCP_ACK | lb_tests::packet::TCP_FIN).build());
+    // The client then connects to the pod directly from the same port.
+    let direct = Packet::tcp(client(port), backend, TCP_SYN);
+    let out = h.run(&direct.build());
+    assert_eq!(out.frame, direct.build(), "a direct SYN passes untouched");
+    let syn_ack = direct.reply(TCP_SYN | TCP_ACK);
+    let out = h.run(&syn_ack.build());
+    assert_eq!(out.frame, syn_ack.build(), "the pod's answer keeps its own source, not the VIP");
+    assert_eq!(h.counter(Stat::RevNat), 0);
+}
