@@ -213,12 +213,15 @@ fn valid_port(port: i32) -> Result<u16, String> {
     u16::try_from(port).ok().filter(|p| *p != 0).ok_or_else(|| format!("{port} is out of range 1-65535"))
 }
 
+/// A port's backends (sorted) and the nodes they run on.
+type PortBackends = (Vec<L4Addr>, BTreeMap<L4Addr, String>);
+
 /// The backends for one service port, merged over every slice.
 fn port_backends(
     slices: &[&Sourced<SliceView>],
     port_name: &str,
     proto: Proto,
-) -> Result<(Vec<L4Addr>, BTreeMap<L4Addr, String>), Vec<InputError>> {
+) -> Result<PortBackends, Vec<InputError>> {
     let mut errors = Vec::new();
     let mut ready = BTreeSet::new();
     let mut terminating = BTreeSet::new();

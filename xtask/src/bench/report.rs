@@ -72,8 +72,11 @@ pub fn per_packet_costs(runs: usize) -> anyhow::Result<Vec<(&'static str, Vec<f6
     ])
 }
 
+/// Seconds per run: (parse + compute, map writes).
+pub type MapWriteTimes = (Vec<f64>, Vec<f64>);
+
 /// (parse + compute, map writes) seconds for all services, on private maps.
-pub fn map_write_times(services: &[Service], runs: usize) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+pub fn map_write_times(services: &[Service], runs: usize) -> anyhow::Result<MapWriteTimes> {
     let yaml = peers::manifest(services);
     let n = services.len() as u32;
     let sizes = MapSizes { service_slots: n * 11 + 64, backends: n * 10 + 64, conntrack: 4096 };
@@ -98,14 +101,14 @@ fn cell(f: Figure, digits: usize) -> String {
     format!("{:.d$} [{:.d$}–{:.d$}]", f.0, f.1, f.2, d = digits)
 }
 
-fn find<'a>(results: &'a [(usize, Mode, Sample)], scale: usize, mode: Mode) -> &'a Sample {
+fn find(results: &[(usize, Mode, Sample)], scale: usize, mode: Mode) -> &Sample {
     &results.iter().find(|(s, m, _)| *s == scale && *m == mode).expect("result").2
 }
 
 pub fn markdown(
     config: &BenchConfig,
     results: &[(usize, Mode, Sample)],
-    map_writes: &[(usize, (Vec<f64>, Vec<f64>))],
+    map_writes: &[(usize, MapWriteTimes)],
     per_packet: &[(&'static str, Vec<f64>)],
     took: Duration,
 ) -> String {
