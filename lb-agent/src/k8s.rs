@@ -92,7 +92,15 @@ where
 {
     let (reader, writer) = reflector::store();
     let config = watcher::Config::default().labels(PROXY_LABEL_SELECTOR);
-    let stream = watcher(api, config).default_backoff().reflect(writer);
+    // The stores hold every object between passes: drop what the datapath
+    // never reads (managed fields and annotations can dwarf the rest).
+    let stream = watcher(api, config)
+        .default_backoff()
+        .modify(|obj: &mut K| {
+            obj.meta_mut().managed_fields = None;
+            obj.meta_mut().annotations = None;
+        })
+        .reflect(writer);
     tokio::spawn(drive(stream, K::kind(&()).into_owned(), trigger));
     reader
 }
