@@ -6,6 +6,7 @@
 
 pub mod datapath;
 pub mod desired;
+pub mod dirwatch;
 pub mod dump;
 pub mod error;
 pub mod health;

@@ -23,6 +23,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     datapath::{attach, attach::Attacher, loader, loader::MapSizes, maps::KernelMaps},
+    dirwatch::DirWatch,
     desired::{self, Desired, Limits},
     error::InputError,
     health,
@@ -139,6 +140,16 @@ impl Agent {
         // maps show a service, every matching interface already serves it.
         self.sync_interfaces()?;
         self.trigger.notify_one();
+        let dir_watch = match &self.config.source {
+            SourceConfig::Manifests(dir) => match DirWatch::new(dir) {
+                Ok(watch) => Some(watch),
+                Err(e) => {
+                    warn!("inotify on {}: {e}; polling every {:?} only", dir.display(), self.config.poll_interval);
+                    None
+                }
+            },
+            SourceConfig::Api { .. } => None,
+        };
         let mut released_links = false;
         let mut last_retry = Instant::now();
         loop {
@@ -170,6 +181,7 @@ impl Agent {
                 _ = sigterm.recv() => { info!("SIGTERM"); return Ok(()); }
                 _ = sigint.recv() => { info!("SIGINT"); return Ok(()); }
                 _ = self.trigger.notified(), if matches!(self.source, Source::Api(_)) => {}
+                Ok(()) = async { dir_watch.as_ref().expect("guarded").changed().await }, if dir_watch.is_some() => {}
                 _ = tokio::time::sleep(self.config.poll_interval) => {}
             }
         }

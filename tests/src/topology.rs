@@ -126,7 +126,7 @@ impl Agent {
             .arg(path)
             .args(["--interfaces", interfaces, "--pin-dir"])
             .arg(pin_dir)
-            .args(["--poll-interval-ms", "50"])
+            .args(if extra.contains(&"--poll-interval-ms") { &[][..] } else { &["--poll-interval-ms", "50"][..] })
             .args(extra)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(Stdio::null())

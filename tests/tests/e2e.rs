@@ -214,3 +214,13 @@ fn keep_datapath_survives_an_agent_restart() {
     assert!(!pin_dir.exists(), "an agent without --keep-datapath cleans up on exit");
     assert!(s.topology.client.run(|| http_get(SocketAddrV4::new(VIP, 80))).is_err(), "and detaches");
 }
+
+#[test]
+fn manifest_edits_apply_without_waiting_for_the_poll() {
+    // Polling once a minute: only the directory watch can apply the edit
+    // within wait_for_maps' 15 s.
+    let mut s = setup_with("lbt8", 2, &web_manifest(&ready(&[backend_ip(0)])), &["--poll-interval-ms", "60000"]);
+    s.agent.wait_for_maps("1 backend", |m| m.contains(&format!("{VIP}:80/TCP count=1"))).unwrap();
+    s.manifests.write("web.yaml", &web_manifest(&ready(&[backend_ip(0), backend_ip(1)]))).unwrap();
+    s.agent.wait_for_maps("2 backends after the edit", |m| m.contains(&format!("{VIP}:80/TCP count=2"))).unwrap();
+}
