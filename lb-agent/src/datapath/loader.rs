@@ -79,7 +79,34 @@ pub fn load(pin_dir: Option<&Path>, sizes: MapSizes) -> Result<Ebpf, LoadError> 
     }
     let mut ebpf = loader.load(EBPF_OBJECT)?;
     program(&mut ebpf)?.load()?;
+    if pin_dir.is_some() {
+        warn_on_resized_pins(&ebpf, sizes);
+    }
     Ok(ebpf)
+}
+
+/// Pinned maps are reused as they are: a size flag that changed since they
+/// were created has no effect until the pins are removed. Say so.
+fn warn_on_resized_pins(ebpf: &Ebpf, sizes: MapSizes) {
+    for (name, flag, wanted) in [
+        (SVC_MAP, "--max-service-slots", sizes.service_slots),
+        (BACKEND_MAP, "--max-backends", sizes.backends),
+        (CT_MAP, "--max-conntrack", sizes.conntrack),
+    ] {
+        let data = match ebpf.map(name) {
+            Some(Map::HashMap(data) | Map::LruHashMap(data)) => data,
+            _ => continue,
+        };
+        if let Ok(info) = data.info() {
+            if info.max_entries() != wanted {
+                tracing::warn!(
+                    "pinned map {name} has {} entries, {flag} asks for {wanted}: keeping the pinned map \
+                     (stop the agent without --keep-datapath, or remove the pins, to resize)",
+                    info.max_entries()
+                );
+            }
+        }
+    }
 }
 
 pub fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, LoadError> {
