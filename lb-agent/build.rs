@@ -24,6 +24,10 @@ fn main() -> anyhow::Result<()> {
         .as_str()
         .to_owned();
     let toolchain = std::env::var("LB_EBPF_TOOLCHAIN").unwrap_or_else(|_| "nightly".into());
-    let package = Package { name: "lb-ebpf", root_dir: &root_dir, ..Default::default() };
+    let package = Package {
+        name: "lb-ebpf",
+        root_dir: &root_dir,
+        ..Default::default()
+    };
     aya_build::build_ebpf([package], Toolchain::Custom(&toolchain))
 }

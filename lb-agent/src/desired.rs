@@ -46,7 +46,13 @@ pub fn compute(objects: &Objects, limits: Limits) -> (Desired, Vec<InputError>) 
     for slice in &objects.slices {
         if let Some(name) = &slice.object.service_name {
             let namespace = slice.object.namespace.clone();
-            slices_by_service.entry(ServiceName { namespace, name: name.clone() }).or_default().push(slice);
+            slices_by_service
+                .entry(ServiceName {
+                    namespace,
+                    name: name.clone(),
+                })
+                .or_default()
+                .push(slice);
         }
     }
 
@@ -58,12 +64,21 @@ pub fn compute(objects: &Objects, limits: Limits) -> (Desired, Vec<InputError>) 
     let mut seen = BTreeSet::new();
     for service in services {
         let name = service_name(&service.object);
-        let ctx = ErrCtx { file: service.file.clone(), object: format!("Service {name}") };
+        let ctx = ErrCtx {
+            file: service.file.clone(),
+            object: format!("Service {name}"),
+        };
         if !seen.insert(name.clone()) {
-            errors.push(ctx.error("metadata.name", "defined more than once; the first definition is used"));
+            errors.push(ctx.error(
+                "metadata.name",
+                "defined more than once; the first definition is used",
+            ));
             continue;
         }
-        let slices = slices_by_service.get(&name).map(Vec::as_slice).unwrap_or_default();
+        let slices = slices_by_service
+            .get(&name)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
         match service_frontends(service, &name, slices, limits) {
             Ok(frontends) => {
                 let mut duplicate = None;
@@ -73,7 +88,10 @@ pub fn compute(objects: &Objects, limits: Limits) -> (Desired, Vec<InputError>) 
                     }
                 }
                 if let Some((frontend, other)) = duplicate {
-                    errors.push(ctx.error("spec.ports", &format!("frontend {frontend} is already used by Service {other}")));
+                    errors.push(ctx.error(
+                        "spec.ports",
+                        &format!("frontend {frontend} is already used by Service {other}"),
+                    ));
                     desired.keep.insert(name);
                     continue;
                 }
@@ -89,7 +107,10 @@ pub fn compute(objects: &Objects, limits: Limits) -> (Desired, Vec<InputError>) 
 }
 
 fn service_name(service: &ServiceView) -> ServiceName {
-    ServiceName { namespace: service.namespace.clone(), name: service.name.clone() }
+    ServiceName {
+        namespace: service.namespace.clone(),
+        name: service.name.clone(),
+    }
 }
 
 struct ErrCtx {
@@ -99,7 +120,12 @@ struct ErrCtx {
 
 impl ErrCtx {
     fn error(&self, field: &str, message: &str) -> InputError {
-        InputError { file: self.file.clone(), object: self.object.clone(), field: field.into(), message: message.into() }
+        InputError {
+            file: self.file.clone(),
+            object: self.object.clone(),
+            field: field.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -109,7 +135,10 @@ fn service_frontends(
     slices: &[&Sourced<SliceView>],
     limits: Limits,
 ) -> Result<Vec<(L4Addr, FrontendSpec)>, Vec<InputError>> {
-    let ctx = ErrCtx { file: service.file.clone(), object: format!("Service {name}") };
+    let ctx = ErrCtx {
+        file: service.file.clone(),
+        object: format!("Service {name}"),
+    };
     if service.object.other_proxy {
         tracing::debug!(service = %name, "skipped: {SERVICE_PROXY_NAME_LABEL} is set");
         return Ok(Vec::new());
@@ -149,17 +178,23 @@ fn service_frontends(
     let mut frontends = Vec::new();
     for (port_name, port, proto) in ports {
         match port_backends(slices, &port_name, proto) {
-            Ok((backends, _)) if backends.len() > limits.max_backends_per_service => errors.push(ctx.error(
-                "spec.ports",
-                &format!(
+            Ok((backends, _)) if backends.len() > limits.max_backends_per_service => {
+                errors.push(ctx.error(
+                    "spec.ports",
+                    &format!(
                     "port {port_name:?} has {} endpoints, more than --max-backends-per-service {}",
                     backends.len(),
                     limits.max_backends_per_service
                 ),
-            )),
+                ))
+            }
             Ok((backends, nodes)) => {
                 for vip in &vips {
-                    let frontend = L4Addr { addr: *vip, port, proto };
+                    let frontend = L4Addr {
+                        addr: *vip,
+                        port,
+                        proto,
+                    };
                     let spec = FrontendSpec {
                         service: name.clone(),
                         port_name: port_name.clone(),
@@ -172,7 +207,11 @@ fn service_frontends(
             Err(mut errs) => errors.append(&mut errs),
         }
     }
-    if errors.is_empty() { Ok(frontends) } else { Err(errors) }
+    if errors.is_empty() {
+        Ok(frontends)
+    } else {
+        Err(errors)
+    }
 }
 
 /// IPv4 cluster IPs from `clusterIPs` (or `clusterIP`); empty when headless.
@@ -180,21 +219,38 @@ fn cluster_ips(spec: &ServiceSpecView, ctx: &ErrCtx) -> Result<Vec<Ipv4Addr>, Ve
     let (field, ips): (&str, Vec<String>) = match (&spec.cluster_ips, &spec.cluster_ip) {
         (Some(ips), _) if !ips.is_empty() => ("spec.clusterIPs", ips.clone()),
         (_, Some(ip)) => ("spec.clusterIP", vec![ip.clone()]),
-        _ => return Err(vec![ctx.error("spec.clusterIP", "missing (the agent does not allocate cluster IPs)")]),
+        _ => {
+            return Err(vec![ctx.error(
+                "spec.clusterIP",
+                "missing (the agent does not allocate cluster IPs)",
+            )])
+        }
     };
     if ips.iter().any(|ip| ip == "None") {
         return Ok(Vec::new());
     }
     let mut vips = Vec::new();
     for (i, ip) in ips.iter().enumerate() {
-        let field = if field == "spec.clusterIPs" { format!("{field}[{i}]") } else { field.into() };
+        let field = if field == "spec.clusterIPs" {
+            format!("{field}[{i}]")
+        } else {
+            field.into()
+        };
         match ip.parse::<IpAddr>() {
             Ok(IpAddr::V4(v4)) if v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast() => {
-                return Err(vec![ctx.error(&field, &format!("{ip} is not a usable service address"))]);
+                return Err(vec![
+                    ctx.error(&field, &format!("{ip} is not a usable service address"))
+                ]);
             }
             Ok(IpAddr::V4(v4)) => vips.push(v4),
-            Ok(IpAddr::V6(_)) => tracing::debug!(object = %ctx.object, %ip, "IPv6 cluster IP skipped (IPv4 only)"),
-            Err(_) => return Err(vec![ctx.error(&field, &format!("{ip:?} is not an IP address"))]),
+            Ok(IpAddr::V6(_)) => {
+                tracing::debug!(object = %ctx.object, %ip, "IPv6 cluster IP skipped (IPv4 only)")
+            }
+            Err(_) => {
+                return Err(vec![
+                    ctx.error(&field, &format!("{ip:?} is not an IP address"))
+                ])
+            }
         }
     }
     Ok(vips)
@@ -205,12 +261,17 @@ fn parse_proto(protocol: Option<&str>) -> Result<Option<Proto>, String> {
         "TCP" => Ok(Some(Proto::Tcp)),
         "UDP" => Ok(Some(Proto::Udp)),
         "SCTP" => Ok(None),
-        other => Err(format!("unknown protocol {other:?} (expected TCP, UDP or SCTP)")),
+        other => Err(format!(
+            "unknown protocol {other:?} (expected TCP, UDP or SCTP)"
+        )),
     }
 }
 
 fn valid_port(port: i32) -> Result<u16, String> {
-    u16::try_from(port).ok().filter(|p| *p != 0).ok_or_else(|| format!("{port} is out of range 1-65535"))
+    u16::try_from(port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{port} is out of range 1-65535"))
 }
 
 /// A port's backends (sorted) and the nodes they run on.
@@ -228,7 +289,10 @@ fn port_backends(
     let mut nodes = BTreeMap::new();
     for slice in slices {
         let object = &slice.object;
-        let ctx = ErrCtx { file: slice.file.clone(), object: format!("EndpointSlice {}/{}", object.namespace, object.name) };
+        let ctx = ErrCtx {
+            file: slice.file.clone(),
+            object: format!("EndpointSlice {}/{}", object.namespace, object.name),
+        };
         if object.address_type != "IPv4" {
             tracing::debug!(slice = %ctx.object, address_type = %object.address_type, "slice skipped (IPv4 only)");
             continue;
@@ -260,7 +324,10 @@ fn port_backends(
             let addr = match address.parse::<Ipv4Addr>() {
                 Ok(a) if !a.is_unspecified() && !a.is_broadcast() && !a.is_multicast() => a,
                 _ => {
-                    errors.push(ctx.error(&format!("endpoints[{i}].addresses[0]"), &format!("{address:?} is not a usable IPv4 address")));
+                    errors.push(ctx.error(
+                        &format!("endpoints[{i}].addresses[0]"),
+                        &format!("{address:?} is not a usable IPv4 address"),
+                    ));
                     continue;
                 }
             };
@@ -268,7 +335,11 @@ fn port_backends(
             let is_ready = endpoint.ready.unwrap_or(true);
             let is_serving = endpoint.serving.unwrap_or(is_ready);
             let is_terminating = endpoint.terminating.unwrap_or(false);
-            let backend = L4Addr { addr, port: target, proto };
+            let backend = L4Addr {
+                addr,
+                port: target,
+                proto,
+            };
             if let Some(node) = &endpoint.node_name {
                 nodes.insert(backend, node.clone());
             }
@@ -282,7 +353,9 @@ fn port_backends(
     if !errors.is_empty() {
         return Err(errors);
     }
-    let backends: Vec<L4Addr> = if ready.is_empty() { terminating } else { ready }.into_iter().collect();
+    let backends: Vec<L4Addr> = if ready.is_empty() { terminating } else { ready }
+        .into_iter()
+        .collect();
     nodes.retain(|b, _| backends.binary_search(b).is_ok());
     Ok((backends, nodes))
 }

@@ -13,7 +13,11 @@ pub struct IdAllocator {
 impl IdAllocator {
     /// Ids are `1..=max`; 0 means "none" in the maps.
     pub fn new(max: u32) -> Self {
-        Self { max, next: 1, free: BTreeSet::new() }
+        Self {
+            max,
+            next: 1,
+            free: BTreeSet::new(),
+        }
     }
 
     /// Marks ids found in the maps at start-up as taken.
@@ -49,11 +53,26 @@ mod tests {
     #[test]
     fn reuses_released_ids_and_stops_at_max() {
         let mut ids = IdAllocator::new(3);
-        assert_eq!((ids.allocate(), ids.allocate(), ids.allocate(), ids.allocate()), (Some(1), Some(2), Some(3), None));
+        assert_eq!(
+            (
+                ids.allocate(),
+                ids.allocate(),
+                ids.allocate(),
+                ids.allocate()
+            ),
+            (Some(1), Some(2), Some(3), None)
+        );
         ids.release(2);
         assert_eq!(ids.allocate(), Some(2));
         let mut restored = IdAllocator::restore(10, [2, 5]);
-        assert_eq!((restored.allocate(), restored.allocate(), restored.allocate()), (Some(1), Some(3), Some(4)));
+        assert_eq!(
+            (
+                restored.allocate(),
+                restored.allocate(),
+                restored.allocate()
+            ),
+            (Some(1), Some(3), Some(4))
+        );
         assert_eq!(restored.allocate(), Some(6));
     }
 }

@@ -28,7 +28,11 @@ pub fn services(pin_dir: &Path) -> anyhow::Result<String> {
         MapSizes::default().capacity(),
     )?;
     let text = dump::services(&maps.snapshot()?);
-    Ok(if text.is_empty() { "(no services)\n".into() } else { text })
+    Ok(if text.is_empty() {
+        "(no services)\n".into()
+    } else {
+        text
+    })
 }
 
 /// Forward conntrack entries: one line per tracked flow.
@@ -41,7 +45,8 @@ pub fn conntrack(pin_dir: &Path) -> anyhow::Result<String> {
         if key.dir != CT_DIR_FORWARD {
             continue;
         }
-        let proto = Proto::from_number(key.proto).map_or_else(|| key.proto.to_string(), |p| p.to_string());
+        let proto =
+            Proto::from_number(key.proto).map_or_else(|| key.proto.to_string(), |p| p.to_string());
         let state = if value.is_expired(key.proto, now) {
             "expired"
         } else if value.flags & CT_FLAG_CLOSING != 0 {
@@ -59,7 +64,10 @@ pub fn conntrack(pin_dir: &Path) -> anyhow::Result<String> {
         ));
     }
     rows.sort();
-    let mut out = format!("{:<4} {:<22} {:<22} {:<22} {:>8} {:>8} STATE\n", "PROT", "CLIENT", "FRONTEND", "BACKEND", "AGE(s)", "IDLE(s)");
+    let mut out = format!(
+        "{:<4} {:<22} {:<22} {:<22} {:>8} {:>8} STATE\n",
+        "PROT", "CLIENT", "FRONTEND", "BACKEND", "AGE(s)", "IDLE(s)"
+    );
     for row in &rows {
         let _ = writeln!(out, "{row}");
     }
@@ -83,14 +91,20 @@ pub fn counters(pin_dir: &Path) -> anyhow::Result<Vec<(&'static str, u64)>> {
         .collect()
 }
 
-
 fn endpoint(addr_be: u32, port_be: u16) -> String {
-    format!("{}:{}", Ipv4Addr::from(u32::from_be(addr_be)), u16::from_be(port_be))
+    format!(
+        "{}:{}",
+        Ipv4Addr::from(u32::from_be(addr_be)),
+        u16::from_be(port_be)
+    )
 }
 
 /// CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns.
 fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

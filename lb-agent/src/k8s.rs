@@ -31,7 +31,8 @@ use crate::{
 };
 
 /// kube-proxy's selector: skip other proxies' services and headless services.
-pub const PROXY_LABEL_SELECTOR: &str = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+pub const PROXY_LABEL_SELECTOR: &str =
+    "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
 
 /// A client from `--kubeconfig`, else `KUBECONFIG`/`~/.kube/config`, else the
 /// in-cluster service account.
@@ -69,7 +70,11 @@ impl ApiSource {
                 trigger.notify_one();
             }
         });
-        Self { services, slices, synced }
+        Self {
+            services,
+            slices,
+            synced,
+        }
     }
 
     /// True once both stores have held a complete list.
@@ -80,15 +85,37 @@ impl ApiSource {
     /// A consistent-enough snapshot of both stores for one reconcile.
     pub fn objects(&self) -> Objects {
         Objects {
-            services: self.services.state().iter().map(|s| Sourced { file: None, object: ServiceView::from(s.as_ref()) }).collect(),
-            slices: self.slices.state().iter().map(|s| Sourced { file: None, object: SliceView::from(s.as_ref()) }).collect(),
+            services: self
+                .services
+                .state()
+                .iter()
+                .map(|s| Sourced {
+                    file: None,
+                    object: ServiceView::from(s.as_ref()),
+                })
+                .collect(),
+            slices: self
+                .slices
+                .state()
+                .iter()
+                .map(|s| Sourced {
+                    file: None,
+                    object: SliceView::from(s.as_ref()),
+                })
+                .collect(),
         }
     }
 }
 
 fn reflect<K>(api: Api<K>, trigger: Arc<Notify>) -> Store<K>
 where
-    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + Send + Sync + serde::de::DeserializeOwned + 'static,
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + serde::de::DeserializeOwned
+        + 'static,
 {
     let (reader, writer) = reflector::store();
     let config = watcher::Config::default().labels(PROXY_LABEL_SELECTOR);
@@ -105,7 +132,11 @@ where
     reader
 }
 
-async fn drive<K>(stream: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>>, kind: String, trigger: Arc<Notify>) {
+async fn drive<K>(
+    stream: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+    kind: String,
+    trigger: Arc<Notify>,
+) {
     let mut stream = std::pin::pin!(stream);
     while let Some(event) = stream.next().await {
         match event {

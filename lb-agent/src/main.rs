@@ -8,7 +8,9 @@ use lb_agent::{
     reconcile::Reconciler,
     run::{self, RunConfig, SourceConfig},
 };
-use lb_common::{backend::DEFAULT_MAX_BACKENDS, ct::DEFAULT_MAX_CT_ENTRIES, svc::DEFAULT_MAX_SVC_ENTRIES};
+use lb_common::{
+    backend::DEFAULT_MAX_BACKENDS, ct::DEFAULT_MAX_CT_ENTRIES, svc::DEFAULT_MAX_SVC_ENTRIES,
+};
 
 /// eBPF Kubernetes service load balancer (kube-proxy replacement).
 #[derive(Parser)]
@@ -110,7 +112,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             );
             let source = match args.manifests {
                 Some(dir) => SourceConfig::Manifests(dir),
-                None => SourceConfig::Api { kubeconfig: args.kubeconfig },
+                None => SourceConfig::Api {
+                    kubeconfig: args.kubeconfig,
+                },
             };
             let config = RunConfig {
                 source,
@@ -118,14 +122,27 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 health_addr: args.health_addr,
                 interfaces: args.interfaces,
                 pin_dir: args.pin_dir,
-                sizes: MapSizes { service_slots: args.max_service_slots, backends: args.max_backends, conntrack: args.max_conntrack },
-                limits: Limits { max_backends_per_service: args.max_backends_per_service },
+                sizes: MapSizes {
+                    service_slots: args.max_service_slots,
+                    backends: args.max_backends,
+                    conntrack: args.max_conntrack,
+                },
+                limits: Limits {
+                    max_backends_per_service: args.max_backends_per_service,
+                },
                 keep_datapath: args.keep_datapath,
                 poll_interval: Duration::from_millis(args.poll_interval_ms),
             };
-            tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(run::run(config))
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(run::run(config))
         }
-        Command::Inspect { pin_dir, conntrack, stats } => {
+        Command::Inspect {
+            pin_dir,
+            conntrack,
+            stats,
+        } => {
             print!("{}", inspect::services(&pin_dir)?);
             if conntrack {
                 print!("\n{}", inspect::conntrack(&pin_dir)?);
@@ -135,10 +152,18 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Check { manifests, max_backends_per_service } => {
+        Command::Check {
+            manifests,
+            max_backends_per_service,
+        } => {
             let mut dir = manifest::ManifestDir::new(&manifests);
             let (objects, mut errors) = dir.poll()?.unwrap_or_default();
-            let (desired, more) = desired::compute(&objects, Limits { max_backends_per_service });
+            let (desired, more) = desired::compute(
+                &objects,
+                Limits {
+                    max_backends_per_service,
+                },
+            );
             errors.extend(more);
             let mut reconciler = Reconciler::restore(
                 lb_agent::datapath::fake::FakeMaps::new(usize::MAX, usize::MAX),
@@ -149,7 +174,12 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             for e in &errors {
                 eprintln!("invalid: {e}");
             }
-            anyhow::ensure!(errors.is_empty(), "{} problem(s) in {}", errors.len(), manifests.display());
+            anyhow::ensure!(
+                errors.is_empty(),
+                "{} problem(s) in {}",
+                errors.len(),
+                manifests.display()
+            );
             Ok(())
         }
     }

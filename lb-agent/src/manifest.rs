@@ -45,8 +45,22 @@ pub struct Typed {
 impl From<&Typed> for Objects {
     fn from(typed: &Typed) -> Self {
         Objects {
-            services: typed.services.iter().map(|s| Sourced { file: s.file.clone(), object: ServiceView::from(&s.object) }).collect(),
-            slices: typed.slices.iter().map(|s| Sourced { file: s.file.clone(), object: SliceView::from(&s.object) }).collect(),
+            services: typed
+                .services
+                .iter()
+                .map(|s| Sourced {
+                    file: s.file.clone(),
+                    object: ServiceView::from(&s.object),
+                })
+                .collect(),
+            slices: typed
+                .slices
+                .iter()
+                .map(|s| Sourced {
+                    file: s.file.clone(),
+                    object: SliceView::from(&s.object),
+                })
+                .collect(),
         }
     }
 }
@@ -61,13 +75,19 @@ impl Objects {
 /// Parses one YAML text into the views the agent keeps. `Err` means the text
 /// is not YAML at all; object-level problems are returned alongside the
 /// objects that did parse.
-pub fn parse_str(text: &str, file: Option<&Path>) -> Result<(Objects, Vec<InputError>), InputError> {
+pub fn parse_str(
+    text: &str,
+    file: Option<&Path>,
+) -> Result<(Objects, Vec<InputError>), InputError> {
     let (typed, errors) = parse_typed(text, file)?;
     Ok((Objects::from(&typed), errors))
 }
 
 /// Parses one YAML text into k8s-openapi objects.
-pub fn parse_typed(text: &str, file: Option<&Path>) -> Result<(Typed, Vec<InputError>), InputError> {
+pub fn parse_typed(
+    text: &str,
+    file: Option<&Path>,
+) -> Result<(Typed, Vec<InputError>), InputError> {
     let mut objects = Typed::default();
     let mut errors = Vec::new();
     for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
@@ -87,9 +107,17 @@ pub fn parse_typed(text: &str, file: Option<&Path>) -> Result<(Typed, Vec<InputE
     Ok((objects, errors))
 }
 
-fn parse_document(value: Value, index: usize, file: Option<&Path>, out: &mut Typed) -> Result<(), InputError> {
+fn parse_document(
+    value: Value,
+    index: usize,
+    file: Option<&Path>,
+    out: &mut Typed,
+) -> Result<(), InputError> {
     let str_at = |v: &Value, path: &[&str]| -> Option<String> {
-        path.iter().try_fold(v, |v, k| v.get(k)).and_then(Value::as_str).map(str::to_owned)
+        path.iter()
+            .try_fold(v, |v, k| v.get(k))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
     };
     let api_version = str_at(&value, &["apiVersion"]).unwrap_or_default();
     let kind = str_at(&value, &["kind"]).unwrap_or_default();
@@ -107,14 +135,20 @@ fn parse_document(value: Value, index: usize, file: Option<&Path>, out: &mut Typ
         message,
     };
     if !value.is_mapping() {
-        return Err(error(String::new(), "not a Kubernetes object (expected a mapping)".into()));
+        return Err(error(
+            String::new(),
+            "not a Kubernetes object (expected a mapping)".into(),
+        ));
     }
     match (api_version.as_str(), kind.as_str()) {
         ("", _) => return Err(error("apiVersion".into(), "missing".into())),
         (_, "") => return Err(error("kind".into(), "missing".into())),
         ("v1", "Service") | ("discovery.k8s.io/v1", "EndpointSlice") => {}
         (_, "Service") | (_, "EndpointSlice") => {
-            return Err(error("apiVersion".into(), format!("unsupported apiVersion {api_version:?} for {kind}")));
+            return Err(error(
+                "apiVersion".into(),
+                format!("unsupported apiVersion {api_version:?} for {kind}"),
+            ));
         }
         _ => {
             tracing::debug!(file = ?file, %object, "ignoring object of another kind");
@@ -163,7 +197,10 @@ pub struct ManifestDir {
 
 impl ManifestDir {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into(), files: BTreeMap::new() }
+        Self {
+            dir: dir.into(),
+            files: BTreeMap::new(),
+        }
     }
 
     /// Re-reads changed files. Returns `None` when nothing changed since the
@@ -173,31 +210,53 @@ impl ManifestDir {
         let mut changed = false;
         for entry in fs::read_dir(&self.dir)? {
             let path = entry?.path();
-            let is_manifest = path.extension().is_some_and(|e| e == "yaml" || e == "yml" || e == "json");
-            let hidden = path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'));
+            let is_manifest = path
+                .extension()
+                .is_some_and(|e| e == "yaml" || e == "yml" || e == "json");
+            let hidden = path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'));
             if !is_manifest || hidden || !path.is_file() {
                 continue;
             }
             let meta = fs::metadata(&path)?;
             let fingerprint = (meta.modified().ok(), meta.len());
             seen.push(path.clone());
-            if self.files.get(&path).is_some_and(|s| s.fingerprint == fingerprint) {
+            if self
+                .files
+                .get(&path)
+                .is_some_and(|s| s.fingerprint == fingerprint)
+            {
                 continue;
             }
             changed = true;
             let text = fs::read_to_string(&path);
             let previous = self.files.remove(&path);
-            let state = match text.map_err(|e| e.to_string()).and_then(|t| parse_str(&t, Some(&path)).map_err(|e| e.to_string())) {
-                Ok((objects, errors)) => FileState { fingerprint, objects, errors },
+            let state = match text
+                .map_err(|e| e.to_string())
+                .and_then(|t| parse_str(&t, Some(&path)).map_err(|e| e.to_string()))
+            {
+                Ok((objects, errors)) => FileState {
+                    fingerprint,
+                    objects,
+                    errors,
+                },
                 Err(message) => {
                     let kept = previous.map(|p| p.objects).unwrap_or_default();
                     let error = InputError {
                         file: Some(path.clone()),
                         object: "file".into(),
                         field: String::new(),
-                        message: format!("{message}; keeping its last good content ({} objects)", kept.services.len() + kept.slices.len()),
+                        message: format!(
+                            "{message}; keeping its last good content ({} objects)",
+                            kept.services.len() + kept.slices.len()
+                        ),
                     };
-                    FileState { fingerprint, objects: kept, errors: vec![error] }
+                    FileState {
+                        fingerprint,
+                        objects: kept,
+                        errors: vec![error],
+                    }
                 }
             };
             self.files.insert(path, state);

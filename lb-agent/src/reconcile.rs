@@ -67,14 +67,27 @@ impl<M: LbMaps> Reconciler<M> {
             let mut backend_ids = Vec::new();
             for s in 1..=value.count {
                 match snapshot.slots.get(&(*frontend, s)) {
-                    Some(v) if snapshot.backends.contains_key(&v.backend_id) => backend_ids.push(v.backend_id),
+                    Some(v) if snapshot.backends.contains_key(&v.backend_id) => {
+                        backend_ids.push(v.backend_id)
+                    }
                     _ => clean = false,
                 }
             }
-            let high = snapshot.slots.range((*frontend, 0)..=(*frontend, u16::MAX)).map(|((_, s), _)| *s).max().unwrap_or(0);
+            let high = snapshot
+                .slots
+                .range((*frontend, 0)..=(*frontend, u16::MAX))
+                .map(|((_, s), _)| *s)
+                .max()
+                .unwrap_or(0);
             applied.insert(
                 *frontend,
-                AppliedFrontend { service: None, rev_nat_id: value.rev_nat_id, backend_ids, slot_high_water: high, clean },
+                AppliedFrontend {
+                    service: None,
+                    rev_nat_id: value.rev_nat_id,
+                    backend_ids,
+                    slot_high_water: high,
+                    clean,
+                },
             );
         }
         let mut backends = BTreeMap::new();
@@ -84,9 +97,20 @@ impl<M: LbMaps> Reconciler<M> {
         let backend_ids = IdAllocator::restore(max_backend_id, snapshot.backends.keys().copied());
         let rev_nat_ids = IdAllocator::restore(
             MAX_REV_NAT_ID,
-            snapshot.revnat.keys().map(|id| u32::from(*id)).chain(applied.values().map(|a| u32::from(a.rev_nat_id))),
+            snapshot
+                .revnat
+                .keys()
+                .map(|id| u32::from(*id))
+                .chain(applied.values().map(|a| u32::from(a.rev_nat_id))),
         );
-        let mut reconciler = Self { maps, applied, backends, backend_ids, max_backends: max_backend_id, rev_nat_ids };
+        let mut reconciler = Self {
+            maps,
+            applied,
+            backends,
+            backend_ids,
+            max_backends: max_backend_id,
+            rev_nat_ids,
+        };
         // Slots of frontends without slot 0, and second ids for one backend,
         // are unreachable leftovers of an interrupted agent.
         for (frontend, slot) in snapshot.slots.keys() {
@@ -114,7 +138,9 @@ impl<M: LbMaps> Reconciler<M> {
 
     /// True while some frontend needs its writes retried.
     pub fn needs_retry(&self) -> bool {
-        self.applied.values().any(|a| !a.clean && a.service.is_some())
+        self.applied
+            .values()
+            .any(|a| !a.clean && a.service.is_some())
     }
 
     pub fn apply(&mut self, desired: &Desired) -> Report {
@@ -124,7 +150,10 @@ impl<M: LbMaps> Reconciler<M> {
             .iter()
             .filter(|(frontend, applied)| {
                 !desired.frontends.contains_key(frontend)
-                    && !applied.service.as_ref().is_some_and(|s| desired.keep.contains(s))
+                    && !applied
+                        .service
+                        .as_ref()
+                        .is_some_and(|s| desired.keep.contains(s))
             })
             .map(|(frontend, _)| *frontend)
             .collect();
@@ -132,14 +161,24 @@ impl<M: LbMaps> Reconciler<M> {
         for frontend in removed {
             match self.remove_frontend(frontend) {
                 Ok(()) => report.removed += 1,
-                Err(e) => report.errors.push(format!("removing frontend {frontend}: {e}")),
+                Err(e) => report
+                    .errors
+                    .push(format!("removing frontend {frontend}: {e}")),
             }
         }
-        report.kept = self.applied.values().filter(|a| a.service.as_ref().is_some_and(|s| desired.keep.contains(s))).count();
+        report.kept = self
+            .applied
+            .values()
+            .filter(|a| a.service.as_ref().is_some_and(|s| desired.keep.contains(s)))
+            .count();
 
         for (frontend, spec) in &desired.frontends {
             let existing = self.applied.get_mut(frontend);
-            let ids: Option<Vec<u32>> = spec.backends.iter().map(|b| self.backends.get(b).copied()).collect();
+            let ids: Option<Vec<u32>> = spec
+                .backends
+                .iter()
+                .map(|b| self.backends.get(b).copied())
+                .collect();
             if let Some(applied) = existing {
                 if applied.clean && ids.as_ref() == Some(&applied.backend_ids) {
                     applied.service = Some(spec.service.clone());
@@ -151,7 +190,9 @@ impl<M: LbMaps> Reconciler<M> {
             match self.upsert_frontend(*frontend, &spec.service, &spec.backends) {
                 Ok(()) if is_new => report.added += 1,
                 Ok(()) => report.updated += 1,
-                Err(e) => report.errors.push(format!("Service {} frontend {frontend}: {e}", spec.service)),
+                Err(e) => report
+                    .errors
+                    .push(format!("Service {} frontend {frontend}: {e}", spec.service)),
             }
         }
         self.prune_backends(&mut report.errors);
@@ -175,8 +216,16 @@ impl<M: LbMaps> Reconciler<M> {
         Ok(id)
     }
 
-    fn upsert_frontend(&mut self, frontend: L4Addr, service: &ServiceName, backends: &[L4Addr]) -> Result<(), MapWriteError> {
-        let ids = backends.iter().map(|b| self.backend_id(*b)).collect::<Result<Vec<u32>, _>>()?;
+    fn upsert_frontend(
+        &mut self,
+        frontend: L4Addr,
+        service: &ServiceName,
+        backends: &[L4Addr],
+    ) -> Result<(), MapWriteError> {
+        let ids = backends
+            .iter()
+            .map(|b| self.backend_id(*b))
+            .collect::<Result<Vec<u32>, _>>()?;
         let (rev_nat_id, old) = match self.applied.get(&frontend) {
             Some(applied) => (applied.rev_nat_id, Some(applied.clone())),
             None => {
@@ -190,7 +239,10 @@ impl<M: LbMaps> Reconciler<M> {
         };
         let new_count = ids.len() as u16;
         let clean = old.as_ref().is_some_and(|o| o.clean);
-        let old_ids = old.as_ref().map(|o| o.backend_ids.clone()).unwrap_or_default();
+        let old_ids = old
+            .as_ref()
+            .map(|o| o.backend_ids.clone())
+            .unwrap_or_default();
         let high_water = old.as_ref().map_or(0, |o| o.slot_high_water).max(new_count);
         // Record intent first: if a write fails, the next apply rewrites it
         // all, and until then both old and new backends stay referenced.
@@ -204,14 +256,23 @@ impl<M: LbMaps> Reconciler<M> {
                 clean: false,
             },
         );
-        let master = SvcValue { backend_id: 0, count: new_count, rev_nat_id, flags: SVC_FLAG_CLUSTER_IP, _pad: [0; 3] };
+        let master = SvcValue {
+            backend_id: 0,
+            count: new_count,
+            rev_nat_id,
+            flags: SVC_FLAG_CLUSTER_IP,
+            _pad: [0; 3],
+        };
         let shrinking = old.is_some() && (new_count as usize) < old_ids.len();
         if shrinking {
             self.maps.put_slot(frontend, 0, master)?;
         }
         for (i, id) in ids.iter().enumerate() {
             if !clean || old_ids.get(i) != Some(id) {
-                let slot = SvcValue { backend_id: *id, ..SvcValue::default() };
+                let slot = SvcValue {
+                    backend_id: *id,
+                    ..SvcValue::default()
+                };
                 self.maps.put_slot(frontend, i as u16 + 1, slot)?;
             }
         }
@@ -226,13 +287,21 @@ impl<M: LbMaps> Reconciler<M> {
         }
         self.applied.insert(
             frontend,
-            AppliedFrontend { service: Some(service.clone()), rev_nat_id, backend_ids: ids, slot_high_water: new_count, clean: true },
+            AppliedFrontend {
+                service: Some(service.clone()),
+                rev_nat_id,
+                backend_ids: ids,
+                slot_high_water: new_count,
+                clean: true,
+            },
         );
         Ok(())
     }
 
     fn remove_frontend(&mut self, frontend: L4Addr) -> Result<(), MapWriteError> {
-        let Some(applied) = self.applied.get_mut(&frontend) else { return Ok(()) };
+        let Some(applied) = self.applied.get_mut(&frontend) else {
+            return Ok(());
+        };
         applied.clean = false;
         let (rev_nat_id, high_water) = (applied.rev_nat_id, applied.slot_high_water);
         self.maps.delete_slot(frontend, 0)?;
@@ -247,10 +316,17 @@ impl<M: LbMaps> Reconciler<M> {
 
     /// Deletes backends that no frontend's slots refer to any more.
     fn prune_backends(&mut self, errors: &mut Vec<String>) {
-        let referenced: std::collections::BTreeSet<u32> =
-            self.applied.values().flat_map(|a| a.backend_ids.iter().copied()).collect();
-        let snapshot_ids: Vec<(L4Addr, u32)> =
-            self.backends.iter().filter(|(_, id)| !referenced.contains(id)).map(|(b, id)| (*b, *id)).collect();
+        let referenced: std::collections::BTreeSet<u32> = self
+            .applied
+            .values()
+            .flat_map(|a| a.backend_ids.iter().copied())
+            .collect();
+        let snapshot_ids: Vec<(L4Addr, u32)> = self
+            .backends
+            .iter()
+            .filter(|(_, id)| !referenced.contains(id))
+            .map(|(b, id)| (*b, *id))
+            .collect();
         for (backend, id) in snapshot_ids {
             match self.maps.delete_backend(id) {
                 Ok(()) => {

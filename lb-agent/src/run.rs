@@ -23,8 +23,8 @@ use tracing::{error, info, warn};
 
 use crate::{
     datapath::{attach, attach::Attacher, loader, loader::MapSizes, maps::KernelMaps},
-    dirwatch::DirWatch,
     desired::{self, Desired, Limits},
+    dirwatch::DirWatch,
     error::InputError,
     health,
     k8s::ApiSource,
@@ -66,7 +66,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             Source::Files(ManifestDir::new(dir))
         }
         SourceConfig::Api { kubeconfig } => {
-            let client = crate::k8s::client(kubeconfig.as_deref()).await.context("connecting to the API server")?;
+            let client = crate::k8s::client(kubeconfig.as_deref())
+                .await
+                .context("connecting to the API server")?;
             Source::Api(ApiSource::start(client, trigger.clone()))
         }
     };
@@ -74,7 +76,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     check_interface_patterns(&attacher, &config.interfaces)?;
     let ready = Arc::new(AtomicBool::new(false));
     if let Some(addr) = config.health_addr {
-        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--health-addr {addr}"))?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("--health-addr {addr}"))?;
         tokio::spawn(health::serve(listener, ready.clone()));
         info!(%addr, "serving /healthz");
     }
@@ -82,10 +86,21 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let pin_dir = config.pin_dir.clone();
     let mut ebpf = loader::load(Some(&pin_dir), config.sizes).context("loading the datapath")?;
     let maps = loader::kernel_maps(&mut ebpf, config.sizes)?;
-    let reconciler = Reconciler::restore(maps, config.sizes.backends).context("reading the pinned maps")?;
+    let reconciler =
+        Reconciler::restore(maps, config.sizes.backends).context("reading the pinned maps")?;
     info!(pin_dir = %pin_dir.display(), node = ?config.node_name, "datapath loaded");
 
-    let mut agent = Agent { config, ebpf, attacher, reconciler, source, trigger, ready, desired: None, reported: BTreeSet::new() };
+    let mut agent = Agent {
+        config,
+        ebpf,
+        attacher,
+        reconciler,
+        source,
+        trigger,
+        ready,
+        desired: None,
+        reported: BTreeSet::new(),
+    };
     let result = agent.serve().await;
     agent.shutdown();
     result
@@ -95,17 +110,34 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
 /// something; a glob matching nothing yet only warns (its interfaces may
 /// appear later: pods start after the agent).
 fn check_interface_patterns(attacher: &Attacher, patterns: &[String]) -> anyhow::Result<()> {
-    let unmatched = attacher.unmatched_patterns().context("listing interfaces")?;
+    let unmatched = attacher
+        .unmatched_patterns()
+        .context("listing interfaces")?;
     let have = || -> anyhow::Result<String> {
-        Ok(attach::interfaces()?.into_iter().map(|(n, _)| n).collect::<Vec<_>>().join(", "))
+        Ok(attach::interfaces()?
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect::<Vec<_>>()
+            .join(", "))
     };
-    let missing_literals: Vec<&String> = unmatched.iter().filter(|p| !p.contains(['*', '?'])).collect();
+    let missing_literals: Vec<&String> = unmatched
+        .iter()
+        .filter(|p| !p.contains(['*', '?']))
+        .collect();
     if !missing_literals.is_empty() {
         let names: Vec<&str> = missing_literals.iter().map(|s| s.as_str()).collect();
-        bail!("--interfaces: no interface named {} (have: {})", names.join(", "), have()?);
+        bail!(
+            "--interfaces: no interface named {} (have: {})",
+            names.join(", "),
+            have()?
+        );
     }
     if unmatched.len() == patterns.len() {
-        bail!("--interfaces: pattern(s) {} match no interface (have: {})", unmatched.join(", "), have()?);
+        bail!(
+            "--interfaces: pattern(s) {} match no interface (have: {})",
+            unmatched.join(", "),
+            have()?
+        );
     }
     for pattern in &unmatched {
         warn!(%pattern, "--interfaces pattern matches no interface yet; it will attach when one appears");
@@ -144,7 +176,11 @@ impl Agent {
             SourceConfig::Manifests(dir) => match DirWatch::new(dir) {
                 Ok(watch) => Some(watch),
                 Err(e) => {
-                    warn!("inotify on {}: {e}; polling every {:?} only", dir.display(), self.config.poll_interval);
+                    warn!(
+                        "inotify on {}: {e}; polling every {:?} only",
+                        dir.display(),
+                        self.config.poll_interval
+                    );
                     None
                 }
             },

@@ -65,7 +65,10 @@ impl From<&Service> for ServiceView {
         Self {
             namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
             name: meta.name.clone().unwrap_or_default(),
-            other_proxy: meta.labels.as_ref().is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL)),
+            other_proxy: meta
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL)),
             spec: s.spec.as_ref().map(|spec| ServiceSpecView {
                 type_: spec.type_.clone(),
                 cluster_ip: spec.cluster_ip.clone(),
@@ -74,7 +77,11 @@ impl From<&Service> for ServiceView {
                     .ports
                     .iter()
                     .flatten()
-                    .map(|p| ServicePortView { name: p.name.clone(), port: p.port, protocol: p.protocol.clone() })
+                    .map(|p| ServicePortView {
+                        name: p.name.clone(),
+                        port: p.port,
+                        protocol: p.protocol.clone(),
+                    })
                     .collect(),
             }),
         }
@@ -87,13 +94,21 @@ impl From<&EndpointSlice> for SliceView {
         Self {
             namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
             name: meta.name.clone().unwrap_or_default(),
-            service_name: meta.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)).cloned(),
+            service_name: meta
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                .cloned(),
             address_type: s.address_type.clone(),
             ports: s
                 .ports
                 .iter()
                 .flatten()
-                .map(|p| SlicePortView { name: p.name.clone(), port: p.port, protocol: p.protocol.clone() })
+                .map(|p| SlicePortView {
+                    name: p.name.clone(),
+                    port: p.port,
+                    protocol: p.protocol.clone(),
+                })
                 .collect(),
             endpoints: s
                 .endpoints

@@ -12,9 +12,14 @@ use serde::Deserialize as _;
 use serde_yaml::Value;
 
 fn documents(file: &str) -> Vec<Value> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy").join(file);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(file);
     let text = fs::read_to_string(&path).unwrap();
-    serde_yaml::Deserializer::from_str(&text).map(|d| Value::deserialize(d).unwrap()).filter(|v| !v.is_null()).collect()
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| Value::deserialize(d).unwrap())
+        .filter(|v| !v.is_null())
+        .collect()
 }
 
 fn typed<T: serde::de::DeserializeOwned>(v: &Value) -> T {
@@ -34,14 +39,20 @@ fn rbac_grants_only_reads_of_services_and_endpointslices() {
                 for rule in role.rules.unwrap() {
                     assert_eq!(rule.verbs, ["get", "list", "watch"]);
                     let resources = rule.resources.unwrap();
-                    assert!(resources == ["services"] || resources == ["endpointslices"], "{resources:?}");
+                    assert!(
+                        resources == ["services"] || resources == ["endpointslices"],
+                        "{resources:?}"
+                    );
                 }
             }
             other => panic!("unexpected kind {other}"),
         }
         kinds.push(doc["kind"].as_str().unwrap().to_owned());
     }
-    assert_eq!(kinds, ["ServiceAccount", "ClusterRole", "ClusterRoleBinding"]);
+    assert_eq!(
+        kinds,
+        ["ServiceAccount", "ClusterRole", "ClusterRoleBinding"]
+    );
 }
 
 #[test]
@@ -56,7 +67,10 @@ fn daemonset_is_unprivileged_with_the_needed_capabilities_and_probes() {
     let security = container.security_context.as_ref().unwrap();
     assert_ne!(security.privileged, Some(true));
     let caps = security.capabilities.as_ref().unwrap();
-    assert_eq!(caps.add.as_deref().unwrap(), ["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"]);
+    assert_eq!(
+        caps.add.as_deref().unwrap(),
+        ["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"]
+    );
     assert_eq!(caps.drop.as_deref().unwrap(), ["ALL"]);
     for probe in [&container.liveness_probe, &container.readiness_probe] {
         let get = probe.as_ref().unwrap().http_get.as_ref().unwrap();
@@ -64,15 +78,26 @@ fn daemonset_is_unprivileged_with_the_needed_capabilities_and_probes() {
     }
     let args = container.args.as_ref().unwrap();
     assert!(args.iter().any(|a| a == "--health-addr=0.0.0.0:10256"));
-    assert!(pod.volumes.unwrap().iter().any(|v| v.host_path.as_ref().is_some_and(|h| h.path == "/sys/fs/bpf")));
+    assert!(pod.volumes.unwrap().iter().any(|v| v
+        .host_path
+        .as_ref()
+        .is_some_and(|h| h.path == "/sys/fs/bpf")));
 }
 
 #[test]
 fn example_manifests_are_valid_input() {
-    let text = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/demo.yaml")).unwrap();
+    let text = fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/demo.yaml"),
+    )
+    .unwrap();
     let (objects, errors) = lb_agent::manifest::parse_str(&text, None).unwrap();
     assert!(errors.is_empty(), "{errors:?}");
-    let (desired, errors) = lb_agent::desired::compute(&objects, lb_agent::desired::Limits { max_backends_per_service: 16 });
+    let (desired, errors) = lb_agent::desired::compute(
+        &objects,
+        lb_agent::desired::Limits {
+            max_backends_per_service: 16,
+        },
+    );
     assert!(errors.is_empty(), "{errors:?}");
     assert_eq!(desired.frontends.len(), 3);
 }

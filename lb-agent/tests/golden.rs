@@ -12,8 +12,14 @@ use lb_agent::{
 
 fn run_case(dir: &Path) -> (String, String) {
     let text = fs::read_to_string(dir.join("input.yaml")).unwrap();
-    let (objects, mut errors) = manifest::parse_str(&text, Some(Path::new("input.yaml"))).expect("YAML");
-    let (desired, more) = desired::compute(&objects, Limits { max_backends_per_service: 4 });
+    let (objects, mut errors) =
+        manifest::parse_str(&text, Some(Path::new("input.yaml"))).expect("YAML");
+    let (desired, more) = desired::compute(
+        &objects,
+        Limits {
+            max_backends_per_service: 4,
+        },
+    );
     errors.extend(more);
     let mut reconciler = Reconciler::restore(FakeMaps::new(1 << 20, 1 << 20), 1 << 20).unwrap();
     let report = reconciler.apply(&desired);
@@ -34,7 +40,8 @@ fn golden_cases() {
             if std::env::var_os("UPDATE_GOLDEN").is_some() {
                 fs::write(&path, &actual).unwrap();
             }
-            let expected = fs::read_to_string(&path).unwrap_or_else(|_| panic!("{} missing (UPDATE_GOLDEN=1)", path.display()));
+            let expected = fs::read_to_string(&path)
+                .unwrap_or_else(|_| panic!("{} missing (UPDATE_GOLDEN=1)", path.display()));
             assert_eq!(actual, expected, "{} differs", path.display());
         }
         cases += 1;

@@ -20,11 +20,15 @@ fn service(name: &str, rv: &str, port: i64) -> serde_json::Value {
 }
 
 fn respond(status: StatusCode, body: String) -> Response<Body> {
-    Response::builder().status(status).body(Body::from(body.into_bytes())).unwrap()
+    Response::builder()
+        .status(status)
+        .body(Body::from(body.into_bytes()))
+        .unwrap()
 }
 
 fn list(kind: &str, rv: &str, items: Vec<serde_json::Value>) -> String {
-    json!({"apiVersion": "v1", "kind": kind, "metadata": {"resourceVersion": rv}, "items": items}).to_string()
+    json!({"apiVersion": "v1", "kind": kind, "metadata": {"resourceVersion": rv}, "items": items})
+        .to_string()
 }
 
 fn event(kind: &str, object: serde_json::Value) -> String {
@@ -43,7 +47,10 @@ async fn serve(mut handle: Handle, log: Arc<std::sync::Mutex<Vec<String>>>) {
             if watching {
                 parked.push(send);
             } else {
-                send.send_response(respond(StatusCode::OK, list("EndpointSliceList", "1", vec![])));
+                send.send_response(respond(
+                    StatusCode::OK,
+                    list("EndpointSliceList", "1", vec![]),
+                ));
             }
             continue;
         }
@@ -85,7 +92,10 @@ async fn survives_errors_malformed_objects_and_dropped_streams() {
     loop {
         let _ = tokio::time::timeout(Duration::from_millis(200), trigger.notified()).await;
         let uris = requests.lock().unwrap().clone();
-        let good_lists = uris.iter().filter(|u| u.contains("/services") && !u.contains("watch=true")).count();
+        let good_lists = uris
+            .iter()
+            .filter(|u| u.contains("/services") && !u.contains("watch=true"))
+            .count();
         if source.is_ready() && good_lists < 2 {
             was_ready_before_good_list = true;
         }
@@ -93,18 +103,35 @@ async fn survives_errors_malformed_objects_and_dropped_streams() {
         let mut names: Vec<(String, i32)> = objects
             .services
             .iter()
-            .map(|s| (s.object.name.clone(), s.object.spec.as_ref().unwrap().ports[0].port))
+            .map(|s| {
+                (
+                    s.object.name.clone(),
+                    s.object.spec.as_ref().unwrap().ports[0].port,
+                )
+            })
             .collect();
         names.sort();
         if names == [("a".to_string(), 81), ("b".to_string(), 90)] {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "did not converge; requests: {uris:#?}; services: {names:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "did not converge; requests: {uris:#?}; services: {names:?}"
+        );
     }
     assert!(!was_ready_before_good_list, "ready before a complete list");
     assert!(source.is_ready());
     let uris = requests.lock().unwrap().clone();
-    let service_watches = uris.iter().filter(|u| u.contains("/services") && u.contains("watch=true")).count();
-    assert!(service_watches >= 2, "the dropped watch was resumed: {uris:#?}");
-    assert!(uris.iter().all(|u| u.contains("labelSelector=")), "kube-proxy's label selector on every request: {uris:#?}");
+    let service_watches = uris
+        .iter()
+        .filter(|u| u.contains("/services") && u.contains("watch=true"))
+        .count();
+    assert!(
+        service_watches >= 2,
+        "the dropped watch was resumed: {uris:#?}"
+    );
+    assert!(
+        uris.iter().all(|u| u.contains("labelSelector=")),
+        "kube-proxy's label selector on every request: {uris:#?}"
+    );
 }

@@ -10,11 +10,20 @@ use lb_agent::{
     reconcile::Reconciler,
 };
 
-const LIMITS: Limits = Limits { max_backends_per_service: 16 };
+const LIMITS: Limits = Limits {
+    max_backends_per_service: 16,
+};
 
 fn service(name: &str, vip: &str, backends: &[&str]) -> String {
-    let endpoints: String = backends.iter().map(|b| format!("- addresses: [{b}]\n")).collect();
-    let endpoints = if endpoints.is_empty() { " []\n".into() } else { format!("\n{endpoints}") };
+    let endpoints: String = backends
+        .iter()
+        .map(|b| format!("- addresses: [{b}]\n"))
+        .collect();
+    let endpoints = if endpoints.is_empty() {
+        " []\n".into()
+    } else {
+        format!("\n{endpoints}")
+    };
     format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: t}}\nspec:\n  clusterIP: {vip}\n  ports: [{{port: 80, targetPort: 8080}}]\n---\n\
          apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: t\n  labels: {{kubernetes.io/service-name: {name}}}\n\
@@ -39,7 +48,11 @@ fn take_log(r: &mut Reconciler<FakeMaps>) -> Vec<String> {
 #[test]
 fn growing_writes_backends_then_slots_then_revnat_then_count() {
     let mut r = reconciler();
-    r.apply(&desired_of(&service("a", "198.19.0.1", &["198.18.0.1", "198.18.0.2"])));
+    r.apply(&desired_of(&service(
+        "a",
+        "198.19.0.1",
+        &["198.18.0.1", "198.18.0.2"],
+    )));
     assert_eq!(
         take_log(&mut r),
         [
@@ -51,17 +64,29 @@ fn growing_writes_backends_then_slots_then_revnat_then_count() {
             "put slot 198.19.0.1:80/TCP#0 count=2",
         ]
     );
-    r.apply(&desired_of(&service("a", "198.19.0.1", &["198.18.0.1", "198.18.0.2", "198.18.0.3"])));
+    r.apply(&desired_of(&service(
+        "a",
+        "198.19.0.1",
+        &["198.18.0.1", "198.18.0.2", "198.18.0.3"],
+    )));
     assert_eq!(
         take_log(&mut r),
-        ["put backend 3 198.18.0.3:8080/TCP", "put slot 198.19.0.1:80/TCP#3 backend=3", "put slot 198.19.0.1:80/TCP#0 count=3"]
+        [
+            "put backend 3 198.18.0.3:8080/TCP",
+            "put slot 198.19.0.1:80/TCP#3 backend=3",
+            "put slot 198.19.0.1:80/TCP#0 count=3"
+        ]
     );
 }
 
 #[test]
 fn shrinking_writes_count_first_then_deletes_tail_then_backends() {
     let mut r = reconciler();
-    r.apply(&desired_of(&service("a", "198.19.0.1", &["198.18.0.1", "198.18.0.2", "198.18.0.3"])));
+    r.apply(&desired_of(&service(
+        "a",
+        "198.19.0.1",
+        &["198.18.0.1", "198.18.0.2", "198.18.0.3"],
+    )));
     take_log(&mut r);
     r.apply(&desired_of(&service("a", "198.19.0.1", &["198.18.0.2"])));
     assert_eq!(
@@ -80,12 +105,22 @@ fn shrinking_writes_count_first_then_deletes_tail_then_backends() {
 #[test]
 fn removing_a_service_deletes_its_frontend_slot_first() {
     let mut r = reconciler();
-    r.apply(&desired_of(&(service("a", "198.19.0.1", &["198.18.0.1"]) + &service("b", "198.19.0.2", &["198.18.0.1"]))));
+    r.apply(&desired_of(
+        &(service("a", "198.19.0.1", &["198.18.0.1"])
+            + &service("b", "198.19.0.2", &["198.18.0.1"])),
+    ));
     take_log(&mut r);
     let report = r.apply(&desired_of(&service("b", "198.19.0.2", &["198.18.0.1"])));
     assert_eq!((report.removed, report.unchanged), (1, 1));
     // The backend is shared with b, so it stays.
-    assert_eq!(take_log(&mut r), ["del slot 198.19.0.1:80/TCP#0", "del slot 198.19.0.1:80/TCP#1", "del revnat 1"]);
+    assert_eq!(
+        take_log(&mut r),
+        [
+            "del slot 198.19.0.1:80/TCP#0",
+            "del slot 198.19.0.1:80/TCP#1",
+            "del revnat 1"
+        ]
+    );
 }
 
 #[test]
@@ -102,16 +137,26 @@ fn unchanged_input_writes_nothing() {
 #[test]
 fn restart_adopts_existing_maps_without_rewriting() {
     let mut first = reconciler();
-    let desired = desired_of(&(service("a", "198.19.0.1", &["198.18.0.1", "198.18.0.2"]) + &service("b", "198.19.0.2", &[])));
+    let desired = desired_of(
+        &(service("a", "198.19.0.1", &["198.18.0.1", "198.18.0.2"])
+            + &service("b", "198.19.0.2", &[])),
+    );
     first.apply(&desired);
     let mut maps = FakeMaps::new(1024, 1024);
     maps.state = first.maps().state.clone();
     let mut second = Reconciler::restore(maps, 1024).unwrap();
     let report = second.apply(&desired);
     assert_eq!(report.unchanged, 2);
-    assert!(take_log(&mut second).is_empty(), "a restarted agent must not disturb a correct datapath");
+    assert!(
+        take_log(&mut second).is_empty(),
+        "a restarted agent must not disturb a correct datapath"
+    );
     // New ids do not collide with restored ones.
-    second.apply(&desired_of(&service("a", "198.19.0.1", &["198.18.0.1", "198.18.0.2", "198.18.0.9"])));
+    second.apply(&desired_of(&service(
+        "a",
+        "198.19.0.1",
+        &["198.18.0.1", "198.18.0.2", "198.18.0.9"],
+    )));
     assert!(take_log(&mut second).contains(&"put backend 3 198.18.0.9:8080/TCP".to_string()));
 }
 
@@ -126,7 +171,13 @@ fn invalid_update_keeps_the_service_last_good_state() {
     let (objects, _) = manifest::parse_str(&broken, None).unwrap();
     let (desired, errors) = desired::compute(&objects, LIMITS);
     assert_eq!(errors.len(), 1);
-    assert!(errors[0].to_string().contains("spec.ports[0].port: 0 is out of range"), "{}", errors[0]);
+    assert!(
+        errors[0]
+            .to_string()
+            .contains("spec.ports[0].port: 0 is out of range"),
+        "{}",
+        errors[0]
+    );
     let report = r.apply(&desired);
     assert_eq!((report.kept, report.removed), (1, 0));
     assert_eq!(r.maps().state, before);
@@ -136,14 +187,30 @@ fn invalid_update_keeps_the_service_last_good_state() {
 #[test]
 fn full_backend_map_is_reported_and_leaves_the_old_state() {
     let mut r = Reconciler::restore(FakeMaps::new(1024, 2), 1024).unwrap();
-    r.apply(&desired_of(&service("a", "198.19.0.1", &["198.18.0.1", "198.18.0.2"])));
+    r.apply(&desired_of(&service(
+        "a",
+        "198.19.0.1",
+        &["198.18.0.1", "198.18.0.2"],
+    )));
     let before = r.maps().state.clone();
-    let report = r.apply(&desired_of(&service("a", "198.19.0.1", &["198.18.0.1", "198.18.0.2", "198.18.0.3"])));
+    let report = r.apply(&desired_of(&service(
+        "a",
+        "198.19.0.1",
+        &["198.18.0.1", "198.18.0.2", "198.18.0.3"],
+    )));
     assert_eq!(report.errors.len(), 1);
-    assert!(report.errors[0].contains("map lb_backend_v1 is full (2 entries): raise --max-backends"), "{:?}", report.errors);
+    assert!(
+        report.errors[0].contains("map lb_backend_v1 is full (2 entries): raise --max-backends"),
+        "{:?}",
+        report.errors
+    );
     assert_eq!(r.maps().state, before, "datapath keeps its last good state");
     // Removing the extra endpoint again converges without errors.
-    let report = r.apply(&desired_of(&service("a", "198.19.0.1", &["198.18.0.1", "198.18.0.2"])));
+    let report = r.apply(&desired_of(&service(
+        "a",
+        "198.19.0.1",
+        &["198.18.0.1", "198.18.0.2"],
+    )));
     assert!(report.errors.is_empty());
 }
 
@@ -166,17 +233,28 @@ fn malformed_file_keeps_its_last_good_content() {
     assert_eq!(objects.services.len(), 1, "last good content kept");
     assert_eq!(errors.len(), 1);
     let message = errors[0].to_string();
-    assert!(message.contains("a.yaml") && message.contains("invalid YAML") && message.contains("keeping its last good content"), "{message}");
+    assert!(
+        message.contains("a.yaml")
+            && message.contains("invalid YAML")
+            && message.contains("keeping its last good content"),
+        "{message}"
+    );
 
     fs::remove_file(&file).unwrap();
     let (objects, _) = manifests.poll().unwrap().expect("file removed");
-    assert!(objects.services.is_empty(), "a deleted file's objects go away");
+    assert!(
+        objects.services.is_empty(),
+        "a deleted file's objects go away"
+    );
     fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn frontends_follow_every_ipv4_cluster_ip() {
-    let yaml = service("a", "198.19.0.1", &["198.18.0.1"]).replace("clusterIP: 198.19.0.1", "clusterIP: 198.19.0.1\n  clusterIPs: [198.19.0.1, \"fd00::1\"]");
+    let yaml = service("a", "198.19.0.1", &["198.18.0.1"]).replace(
+        "clusterIP: 198.19.0.1",
+        "clusterIP: 198.19.0.1\n  clusterIPs: [198.19.0.1, \"fd00::1\"]",
+    );
     let desired = desired_of(&yaml);
     let vips: Vec<Ipv4Addr> = desired.frontends.keys().map(|f| f.addr).collect();
     assert_eq!(vips, [Ipv4Addr::new(198, 19, 0, 1)]);
@@ -184,7 +262,10 @@ fn frontends_follow_every_ipv4_cluster_ip() {
 
 #[test]
 fn endpoint_node_names_are_kept() {
-    let yaml = service("a", "198.19.0.1", &["198.18.0.1"]).replace("- addresses: [198.18.0.1]", "- addresses: [198.18.0.1]\n  nodeName: node-7");
+    let yaml = service("a", "198.19.0.1", &["198.18.0.1"]).replace(
+        "- addresses: [198.18.0.1]",
+        "- addresses: [198.18.0.1]\n  nodeName: node-7",
+    );
     let desired = desired_of(&yaml);
     let spec = desired.frontends.values().next().unwrap();
     assert_eq!(spec.nodes.values().collect::<Vec<_>>(), ["node-7"]);

@@ -14,6 +14,7 @@ pub struct Backend {
     pub flags: u8,
 }
 
-const _: () = assert!(core::mem::size_of::<Backend>() == 8 && core::mem::align_of::<Backend>() == 4);
+const _: () =
+    assert!(core::mem::size_of::<Backend>() == 8 && core::mem::align_of::<Backend>() == 4);
 
 user_pod!(Backend);

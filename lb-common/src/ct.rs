@@ -68,6 +68,7 @@ impl CtValue {
 }
 
 const _: () = assert!(core::mem::size_of::<CtKey>() == 16 && core::mem::align_of::<CtKey>() == 4);
-const _: () = assert!(core::mem::size_of::<CtValue>() == 32 && core::mem::align_of::<CtValue>() == 8);
+const _: () =
+    assert!(core::mem::size_of::<CtValue>() == 32 && core::mem::align_of::<CtValue>() == 8);
 
 user_pod!(CtKey, CtValue);

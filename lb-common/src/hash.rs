@@ -15,7 +15,13 @@ const fn fmix32(mut h: u32) -> u32 {
 }
 
 #[inline(always)]
-pub const fn flow_hash(saddr_be: u32, daddr_be: u32, sport_be: u16, dport_be: u16, proto: u8) -> u32 {
+pub const fn flow_hash(
+    saddr_be: u32,
+    daddr_be: u32,
+    sport_be: u16,
+    dport_be: u16,
+    proto: u8,
+) -> u32 {
     let mut h = fmix32(saddr_be ^ 0x9e37_79b9);
     h = fmix32(h ^ daddr_be);
     h = fmix32(h ^ ((sport_be as u32) << 16 | dport_be as u32));

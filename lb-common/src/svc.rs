@@ -41,11 +41,18 @@ pub const SVC_FLAG_CLUSTER_IP: u8 = 1 << 0;
 
 impl SvcKey {
     pub const fn new(addr_be: u32, port_be: u16, proto: u8, slot: u16) -> Self {
-        Self { addr_be, port_be, slot, proto, _pad: [0; 3] }
+        Self {
+            addr_be,
+            port_be,
+            slot,
+            proto,
+            _pad: [0; 3],
+        }
     }
 }
 
 const _: () = assert!(core::mem::size_of::<SvcKey>() == 12 && core::mem::align_of::<SvcKey>() == 4);
-const _: () = assert!(core::mem::size_of::<SvcValue>() == 12 && core::mem::align_of::<SvcValue>() == 4);
+const _: () =
+    assert!(core::mem::size_of::<SvcValue>() == 12 && core::mem::align_of::<SvcValue>() == 4);
 
 user_pod!(SvcKey, SvcValue);

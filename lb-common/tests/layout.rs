@@ -7,27 +7,87 @@ use lb_common::{backend::Backend, ct::*, hash::*, revnat::RevNat, svc::*};
 
 #[test]
 fn field_offsets_match_the_documented_layout() {
-    assert_eq!((offset_of!(SvcKey, addr_be), offset_of!(SvcKey, port_be), offset_of!(SvcKey, slot), offset_of!(SvcKey, proto)), (0, 4, 6, 8));
-    assert_eq!((offset_of!(SvcValue, backend_id), offset_of!(SvcValue, count), offset_of!(SvcValue, rev_nat_id), offset_of!(SvcValue, flags)), (0, 4, 6, 8));
-    assert_eq!((offset_of!(Backend, addr_be), offset_of!(Backend, port_be), offset_of!(Backend, proto)), (0, 4, 6));
-    assert_eq!((offset_of!(RevNat, addr_be), offset_of!(RevNat, port_be), offset_of!(RevNat, proto)), (0, 4, 6));
-    assert_eq!((offset_of!(CtKey, saddr_be), offset_of!(CtKey, daddr_be), offset_of!(CtKey, sport_be), offset_of!(CtKey, dport_be), offset_of!(CtKey, proto), offset_of!(CtKey, dir)), (0, 4, 8, 10, 12, 13));
-    assert_eq!((offset_of!(CtValue, nat_addr_be), offset_of!(CtValue, backend_id), offset_of!(CtValue, created_ns), offset_of!(CtValue, last_seen_ns)), (0, 8, 16, 24));
+    assert_eq!(
+        (
+            offset_of!(SvcKey, addr_be),
+            offset_of!(SvcKey, port_be),
+            offset_of!(SvcKey, slot),
+            offset_of!(SvcKey, proto)
+        ),
+        (0, 4, 6, 8)
+    );
+    assert_eq!(
+        (
+            offset_of!(SvcValue, backend_id),
+            offset_of!(SvcValue, count),
+            offset_of!(SvcValue, rev_nat_id),
+            offset_of!(SvcValue, flags)
+        ),
+        (0, 4, 6, 8)
+    );
+    assert_eq!(
+        (
+            offset_of!(Backend, addr_be),
+            offset_of!(Backend, port_be),
+            offset_of!(Backend, proto)
+        ),
+        (0, 4, 6)
+    );
+    assert_eq!(
+        (
+            offset_of!(RevNat, addr_be),
+            offset_of!(RevNat, port_be),
+            offset_of!(RevNat, proto)
+        ),
+        (0, 4, 6)
+    );
+    assert_eq!(
+        (
+            offset_of!(CtKey, saddr_be),
+            offset_of!(CtKey, daddr_be),
+            offset_of!(CtKey, sport_be),
+            offset_of!(CtKey, dport_be),
+            offset_of!(CtKey, proto),
+            offset_of!(CtKey, dir)
+        ),
+        (0, 4, 8, 10, 12, 13)
+    );
+    assert_eq!(
+        (
+            offset_of!(CtValue, nat_addr_be),
+            offset_of!(CtValue, backend_id),
+            offset_of!(CtValue, created_ns),
+            offset_of!(CtValue, last_seen_ns)
+        ),
+        (0, 8, 16, 24)
+    );
 }
 
 #[test]
 fn flow_hash_is_stable_and_spreads() {
-    assert_eq!(flow_hash(0x0201_12c6, 0x0a00_13c6, 0x3930, 0x5000, 6), flow_hash(0x0201_12c6, 0x0a00_13c6, 0x3930, 0x5000, 6));
+    assert_eq!(
+        flow_hash(0x0201_12c6, 0x0a00_13c6, 0x3930, 0x5000, 6),
+        flow_hash(0x0201_12c6, 0x0a00_13c6, 0x3930, 0x5000, 6)
+    );
     let mut counts = [0u32; 3];
     for port in 0..3000u16 {
-        counts[usize::from(select_slot(flow_hash(1, 2, port.to_be(), 80u16.to_be(), 6), 3)) - 1] += 1;
+        counts[usize::from(select_slot(
+            flow_hash(1, 2, port.to_be(), 80u16.to_be(), 6),
+            3,
+        )) - 1] += 1;
     }
-    assert!(counts.iter().all(|c| (800..1200).contains(c)), "uneven spread {counts:?}");
+    assert!(
+        counts.iter().all(|c| (800..1200).contains(c)),
+        "uneven spread {counts:?}"
+    );
 }
 
 #[test]
 fn conntrack_timeouts() {
-    let mut v = CtValue { last_seen_ns: 1_000, ..CtValue::default() };
+    let mut v = CtValue {
+        last_seen_ns: 1_000,
+        ..CtValue::default()
+    };
     assert!(!v.is_expired(6, 1_000 + CT_TIMEOUT_TCP_NS));
     assert!(v.is_expired(17, 1_001 + CT_TIMEOUT_UDP_NS));
     v.flags = CT_FLAG_CLOSING;

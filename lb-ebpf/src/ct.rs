@@ -1,8 +1,6 @@
 //! Connection tracking: lookups that honour timeouts, and flow creation.
 
-use lb_common::{
-    ct::{CtKey, CtValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING, CT_REFRESH_NS},
-};
+use lb_common::ct::{CtKey, CtValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING, CT_REFRESH_NS};
 
 use crate::{maps::CONNTRACK, parse::Packet};
 
@@ -11,7 +9,11 @@ use crate::{maps::CONNTRACK, parse::Packet};
 #[inline(always)]
 pub fn lookup_live(key: &CtKey, proto: u8, now: u64) -> Option<*mut CtValue> {
     let entry = CONNTRACK.get_ptr_mut(key)?;
-    if unsafe { (*entry).is_expired(proto, now) } { None } else { Some(entry) }
+    if unsafe { (*entry).is_expired(proto, now) } {
+        None
+    } else {
+        Some(entry)
+    }
 }
 
 /// A new SYN on a tuple whose connection was closing starts a new flow, so a
@@ -39,8 +41,19 @@ pub fn touch(entry: *mut CtValue, pkt: &Packet, now: u64) {
 /// Records a new flow: the reply entry first, so the backend's first answer
 /// always finds it, then the forward entry.
 #[inline(always)]
-pub fn create(pkt: &Packet, backend_addr_be: u32, backend_port_be: u16, backend_id: u32, rev_nat_id: u16, now: u64) -> Result<(), i32> {
-    let flags = if pkt.is_tcp_closing() { CT_FLAG_CLOSING } else { 0 };
+pub fn create(
+    pkt: &Packet,
+    backend_addr_be: u32,
+    backend_port_be: u16,
+    backend_id: u32,
+    rev_nat_id: u16,
+    now: u64,
+) -> Result<(), i32> {
+    let flags = if pkt.is_tcp_closing() {
+        CT_FLAG_CLOSING
+    } else {
+        0
+    };
     let reply_key = CtKey {
         saddr_be: backend_addr_be,
         daddr_be: pkt.saddr_be,
@@ -69,7 +82,11 @@ pub fn create(pkt: &Packet, backend_addr_be: u32, backend_port_be: u16, backend_
         dir: CT_DIR_FORWARD,
         _pad: [0; 2],
     };
-    let forward = CtValue { nat_addr_be: backend_addr_be, nat_port_be: backend_port_be, ..reply };
+    let forward = CtValue {
+        nat_addr_be: backend_addr_be,
+        nat_port_be: backend_port_be,
+        ..reply
+    };
     CONNTRACK.insert(&forward_key, &forward, 0)
 }
 

@@ -36,10 +36,16 @@ pub struct Outcome {
 
 impl Outcome {
     const fn pass(stat: Stat) -> Self {
-        Self { action: TC_ACT_OK as i32, stat }
+        Self {
+            action: TC_ACT_OK as i32,
+            stat,
+        }
     }
     const fn drop(stat: Stat) -> Self {
-        Self { action: TC_ACT_SHOT as i32, stat }
+        Self {
+            action: TC_ACT_SHOT as i32,
+            stat,
+        }
     }
 }
 
@@ -71,9 +77,17 @@ fn process(ctx: &TcContext) -> Outcome {
     }
 
     let forward_key = pkt.ct_key(CT_DIR_FORWARD);
-    if let Some(entry) = ct::lookup_live(&forward_key, pkt.proto, now).filter(|e| !ct::is_reopened(*e, &pkt)) {
+    if let Some(entry) =
+        ct::lookup_live(&forward_key, pkt.proto, now).filter(|e| !ct::is_reopened(*e, &pkt))
+    {
         ct::touch(entry, &pkt, now);
-        return dnat(ctx, &pkt, unsafe { (*entry).nat_addr_be }, unsafe { (*entry).nat_port_be }, Stat::DnatCtHit);
+        return dnat(
+            ctx,
+            &pkt,
+            unsafe { (*entry).nat_addr_be },
+            unsafe { (*entry).nat_port_be },
+            Stat::DnatCtHit,
+        );
     }
 
     // New flow: pick a slot by flow hash, so a lost conntrack entry still
@@ -82,8 +96,19 @@ fn process(ctx: &TcContext) -> Outcome {
     if count_ == 0 {
         return reject::port_unreachable(ctx, &pkt);
     }
-    let hash = flow_hash(pkt.saddr_be, pkt.daddr_be, pkt.sport_be, pkt.dport_be, pkt.proto);
-    let slot_key = SvcKey::new(pkt.daddr_be, pkt.dport_be, pkt.proto, select_slot(hash, count_));
+    let hash = flow_hash(
+        pkt.saddr_be,
+        pkt.daddr_be,
+        pkt.sport_be,
+        pkt.dport_be,
+        pkt.proto,
+    );
+    let slot_key = SvcKey::new(
+        pkt.daddr_be,
+        pkt.dport_be,
+        pkt.proto,
+        select_slot(hash, count_),
+    );
     let Some(slot) = maps::SERVICES.get_ptr(&slot_key) else {
         return Outcome::drop(Stat::DropBackendMissing);
     };
@@ -116,7 +141,9 @@ fn reverse_nat(ctx: &TcContext, pkt: &Packet, now: u64) -> Outcome {
         return Outcome::drop(Stat::DropFragment);
     }
     ct::touch(entry, pkt, now);
-    match nat::rewrite_source(ctx, pkt, unsafe { (*entry).nat_addr_be }, unsafe { (*entry).nat_port_be }) {
+    match nat::rewrite_source(ctx, pkt, unsafe { (*entry).nat_addr_be }, unsafe {
+        (*entry).nat_port_be
+    }) {
         Ok(()) => Outcome::pass(Stat::RevNat),
         Err(()) => Outcome::drop(Stat::DropRewrite),
     }

@@ -14,14 +14,37 @@ use crate::parse::{Packet, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF};
 
 /// Client → VIP becomes client → backend.
 #[inline(always)]
-pub fn rewrite_destination(ctx: &TcContext, pkt: &Packet, addr_be: u32, port_be: u16) -> Result<(), ()> {
-    rewrite(ctx, pkt, IP_DADDR_OFF, pkt.daddr_be, addr_be, pkt.l4_off + 2, pkt.dport_be, port_be)
+pub fn rewrite_destination(
+    ctx: &TcContext,
+    pkt: &Packet,
+    addr_be: u32,
+    port_be: u16,
+) -> Result<(), ()> {
+    rewrite(
+        ctx,
+        pkt,
+        IP_DADDR_OFF,
+        pkt.daddr_be,
+        addr_be,
+        pkt.l4_off + 2,
+        pkt.dport_be,
+        port_be,
+    )
 }
 
 /// Backend → client becomes VIP → client.
 #[inline(always)]
 pub fn rewrite_source(ctx: &TcContext, pkt: &Packet, addr_be: u32, port_be: u16) -> Result<(), ()> {
-    rewrite(ctx, pkt, IP_SADDR_OFF, pkt.saddr_be, addr_be, pkt.l4_off, pkt.sport_be, port_be)
+    rewrite(
+        ctx,
+        pkt,
+        IP_SADDR_OFF,
+        pkt.saddr_be,
+        addr_be,
+        pkt.l4_off,
+        pkt.sport_be,
+        port_be,
+    )
 }
 
 #[inline(always)]
@@ -36,14 +59,25 @@ fn rewrite(
     old_port: u16,
     new_port: u16,
 ) -> Result<(), ()> {
-    let mangled = if pkt.proto == IPPROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
+    let mangled = if pkt.proto == IPPROTO_UDP {
+        BPF_F_MARK_MANGLED_0 as u64
+    } else {
+        0
+    };
     let csum_off = pkt.l4_csum_off() as usize;
-    ctx.l4_csum_replace(csum_off, old_addr as u64, new_addr as u64, BPF_F_PSEUDO_HDR as u64 | mangled | 4)
-        .map_err(|_| ())?;
+    ctx.l4_csum_replace(
+        csum_off,
+        old_addr as u64,
+        new_addr as u64,
+        BPF_F_PSEUDO_HDR as u64 | mangled | 4,
+    )
+    .map_err(|_| ())?;
     if old_port != new_port {
-        ctx.l4_csum_replace(csum_off, old_port as u64, new_port as u64, mangled | 2).map_err(|_| ())?;
+        ctx.l4_csum_replace(csum_off, old_port as u64, new_port as u64, mangled | 2)
+            .map_err(|_| ())?;
         ctx.store(port_off as usize, &new_port, 0).map_err(|_| ())?;
     }
-    ctx.l3_csum_replace(IP_CSUM_OFF as usize, old_addr as u64, new_addr as u64, 4).map_err(|_| ())?;
+    ctx.l3_csum_replace(IP_CSUM_OFF as usize, old_addr as u64, new_addr as u64, 4)
+        .map_err(|_| ())?;
     ctx.store(addr_off as usize, &new_addr, 0).map_err(|_| ())
 }

@@ -59,7 +59,11 @@ pub enum Parsed {
 impl Packet {
     #[inline(always)]
     pub fn l4_csum_off(&self) -> u32 {
-        if self.proto == IPPROTO_TCP { self.l4_off + 16 } else { self.l4_off + 6 }
+        if self.proto == IPPROTO_TCP {
+            self.l4_off + 16
+        } else {
+            self.l4_off + 6
+        }
     }
 
     /// A connection request (SYN without ACK).
@@ -124,7 +128,11 @@ fn try_parse(ctx: &TcContext) -> Result<Parsed, ()> {
     let ip: Ipv4Fixed = read(ctx, ETH_HLEN)?;
     let ihl_len = ((ip.version_ihl & 0x0f) as u32) * 4;
     let tot_len = u16::from_be(ip.tot_len_be) as u32;
-    if ip.version_ihl >> 4 != 4 || ihl_len < 20 || tot_len < ihl_len || ETH_HLEN + tot_len > ctx.len() {
+    if ip.version_ihl >> 4 != 4
+        || ihl_len < 20
+        || tot_len < ihl_len
+        || ETH_HLEN + tot_len > ctx.len()
+    {
         return Err(());
     }
     if ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP {

@@ -30,7 +30,10 @@ pub fn port_unreachable(ctx: &TcContext, pkt: &Packet) -> Outcome {
     match build(ctx, pkt) {
         Ok(()) => {
             let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-            Outcome { action: unsafe { bpf_redirect(ifindex, 0) } as i32, stat: Stat::RejectNoBackend }
+            Outcome {
+                action: unsafe { bpf_redirect(ifindex, 0) } as i32,
+                stat: Stat::RejectNoBackend,
+            }
         }
         Err(()) => Outcome::drop(Stat::DropReject),
     }
@@ -70,8 +73,10 @@ fn build(ctx: &TcContext, pkt: &Packet) -> Result<(), ()> {
 
     ctx.store(0, &eth, 0).map_err(|_| ())?;
     ctx.store(ETH_HLEN as usize, &ip.0, 0).map_err(|_| ())?;
-    ctx.store((ETH_HLEN + 20) as usize, &icmp.0, 0).map_err(|_| ())?;
-    ctx.store((ETH_HLEN + 28) as usize, &quote, 0).map_err(|_| ())
+    ctx.store((ETH_HLEN + 20) as usize, &icmp.0, 0)
+        .map_err(|_| ())?;
+    ctx.store((ETH_HLEN + 28) as usize, &quote, 0)
+        .map_err(|_| ())
 }
 
 /// A byte buffer `bpf_csum_diff` can read as 32-bit words.

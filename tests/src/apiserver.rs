@@ -21,7 +21,10 @@ use nix::{
 use crate::{netns::NetNs, topology::ScratchDir};
 
 pub fn binaries_dir() -> PathBuf {
-    let dir = PathBuf::from(std::env::var("LB_APISERVER_BIN_DIR").unwrap_or_else(|_| "/var/cache/lb-apiserver/bin".into()));
+    let dir = PathBuf::from(
+        std::env::var("LB_APISERVER_BIN_DIR")
+            .unwrap_or_else(|_| "/var/cache/lb-apiserver/bin".into()),
+    );
     assert!(
         dir.join("lb-apiserver").exists() && dir.join("etcd").exists(),
         "{}: test API server not built: run tests/apiserver/build.sh (cargo xtask test does)",
@@ -72,16 +75,39 @@ impl TestApiServer {
             .arg(bins.join("etcd"))
             .arg("--data-dir")
             .arg(dir.0.join("etcd"))
-            .args(["--listen-client-urls", &format!("http://127.0.0.1:{etcd_port}")])
-            .args(["--advertise-client-urls", &format!("http://127.0.0.1:{etcd_port}")])
-            .args(["--listen-peer-urls", "http://127.0.0.1:2380", "--initial-advertise-peer-urls", "http://127.0.0.1:2380"])
-            .args(["--initial-cluster", "default=http://127.0.0.1:2380", "--log-level", "warn"])
+            .args([
+                "--listen-client-urls",
+                &format!("http://127.0.0.1:{etcd_port}"),
+            ])
+            .args([
+                "--advertise-client-urls",
+                &format!("http://127.0.0.1:{etcd_port}"),
+            ])
+            .args([
+                "--listen-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-advertise-peer-urls",
+                "http://127.0.0.1:2380",
+            ])
+            .args([
+                "--initial-cluster",
+                "default=http://127.0.0.1:2380",
+                "--log-level",
+                "warn",
+            ])
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.0.join("etcd.log"))?)
             .spawn()
             .context("starting etcd")?;
-        let mut server =
-            Self { netns_path: ns.path(), etcd: Some(etcd), apiserver: None, dir, port, etcd_port, kubeconfig };
+        let mut server = Self {
+            netns_path: ns.path(),
+            etcd: Some(etcd),
+            apiserver: None,
+            dir,
+            port,
+            etcd_port,
+            kubeconfig,
+        };
         server.wait_etcd(ns)?;
         server.start_apiserver(ns)?;
         Ok(server)
@@ -90,12 +116,18 @@ impl TestApiServer {
     fn wait_etcd(&self, ns: &NetNs) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
-            if ns.run(|| etcd_call(self.etcd_port, "GET", "/health", "")).is_ok_and(|r| r.contains("true")) {
+            if ns
+                .run(|| etcd_call(self.etcd_port, "GET", "/health", ""))
+                .is_ok_and(|r| r.contains("true"))
+            {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        bail!("etcd did not become healthy:\n{}", std::fs::read_to_string(self.dir.0.join("etcd.log")).unwrap_or_default())
+        bail!(
+            "etcd did not become healthy:\n{}",
+            std::fs::read_to_string(self.dir.0.join("etcd.log")).unwrap_or_default()
+        )
     }
 
     pub fn start_apiserver(&mut self, ns: &NetNs) -> anyhow::Result<()> {
@@ -105,11 +137,19 @@ impl TestApiServer {
     }
 
     fn spawn_apiserver(&self, port: u16) -> anyhow::Result<Child> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.0.join("apiserver.log"))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.0.join("apiserver.log"))?;
         Command::new("nsenter")
             .arg(format!("--net={}", self.netns_path.display()))
             .arg(binaries_dir().join("lb-apiserver"))
-            .args(["--etcd", &format!("http://127.0.0.1:{}", self.etcd_port), "--port", &port.to_string()])
+            .args([
+                "--etcd",
+                &format!("http://127.0.0.1:{}", self.etcd_port),
+                "--port",
+                &port.to_string(),
+            ])
             .arg("--cert-dir")
             .arg(self.dir.0.join(format!("certs-{port}")))
             .stdout(Stdio::null())
@@ -121,12 +161,23 @@ impl TestApiServer {
     fn wait_ready(&self, ns: &NetNs, port: u16) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if self.with_client_on(ns, port, |client| async move { client.apiserver_version().await.map_err(anyhow::Error::from) }).is_ok() {
+            if self
+                .with_client_on(ns, port, |client| async move {
+                    client
+                        .apiserver_version()
+                        .await
+                        .map_err(anyhow::Error::from)
+                })
+                .is_ok()
+            {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        bail!("lb-apiserver on port {port} did not become ready:\n{}", self.log())
+        bail!(
+            "lb-apiserver on port {port} did not become ready:\n{}",
+            self.log()
+        )
     }
 
     /// Runs `f` against a second API server on the same etcd, started for the
@@ -138,7 +189,9 @@ impl TestApiServer {
     {
         let port = self.port + 1;
         let mut child = self.spawn_apiserver(port)?;
-        let result = self.wait_ready(ns, port).and_then(|()| self.with_client_on(ns, port, f));
+        let result = self
+            .wait_ready(ns, port)
+            .and_then(|()| self.with_client_on(ns, port, f));
         let _ = child.kill();
         let _ = child.wait();
         result
@@ -174,7 +227,9 @@ impl TestApiServer {
         let server = format!("https://127.0.0.1:{port}");
         ns.run(move || {
             // A current-thread runtime: every socket is created on this thread, in the namespace.
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             rt.block_on(async move {
                 let kc = kube::config::Kubeconfig::read_from(&kubeconfig)?;
                 let mut config = Config::from_custom_kubeconfig(kc, &Default::default()).await?;
@@ -190,8 +245,16 @@ impl TestApiServer {
         ns.run(|| {
             let range = etcd_call(port, "POST", "/v3/kv/range", r#"{"key":"AA=="}"#)?;
             let value: serde_json::Value = serde_json::from_str(&range)?;
-            let revision: u64 = value["header"]["revision"].as_str().context("etcd revision")?.parse()?;
-            etcd_call(port, "POST", "/v3/kv/compaction", &format!(r#"{{"revision":"{revision}","physical":true}}"#))?;
+            let revision: u64 = value["header"]["revision"]
+                .as_str()
+                .context("etcd revision")?
+                .parse()?;
+            etcd_call(
+                port,
+                "POST",
+                "/v3/kv/compaction",
+                &format!(r#"{{"revision":"{revision}","physical":true}}"#),
+            )?;
             Ok(revision)
         })
     }

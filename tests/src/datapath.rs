@@ -33,7 +33,11 @@ pub struct RunResult {
 
 impl Harness {
     pub fn new() -> Self {
-        let sizes = MapSizes { service_slots: 4096, backends: 1024, conntrack: 4096 };
+        let sizes = MapSizes {
+            service_slots: 4096,
+            backends: 1024,
+            conntrack: 4096,
+        };
         let mut ebpf = loader::load(None, sizes).expect("load datapath");
         let maps = loader::kernel_maps(&mut ebpf, sizes).expect("service maps");
         let reconciler = Reconciler::restore(maps, sizes.backends).expect("restore");
@@ -44,15 +48,28 @@ impl Harness {
     pub fn apply_yaml(&mut self, yaml: &str) -> Report {
         let (objects, errors) = manifest::parse_str(yaml, None).expect("valid YAML");
         assert!(errors.is_empty(), "manifest errors: {errors:?}");
-        let (desired, errors) = desired::compute(&objects, Limits { max_backends_per_service: 64 });
+        let (desired, errors) = desired::compute(
+            &objects,
+            Limits {
+                max_backends_per_service: 64,
+            },
+        );
         assert!(errors.is_empty(), "manifest errors: {errors:?}");
         let report = self.reconciler.apply(&desired);
-        assert!(report.errors.is_empty(), "apply errors: {:?}", report.errors);
+        assert!(
+            report.errors.is_empty(),
+            "apply errors: {:?}",
+            report.errors
+        );
         report
     }
 
     fn program(&self) -> &SchedClassifier {
-        self.ebpf.program(lb_agent::datapath::PROGRAM_NAME).expect("program").try_into().expect("classifier")
+        self.ebpf
+            .program(lb_agent::datapath::PROGRAM_NAME)
+            .expect("program")
+            .try_into()
+            .expect("classifier")
     }
 
     pub fn run(&self, frame: &[u8]) -> RunResult {
@@ -63,19 +80,43 @@ impl Harness {
     /// output and the kernel's mean time per run.
     pub fn run_repeat(&self, frame: &[u8], repeat: u32) -> (RunResult, std::time::Duration) {
         let mut out = vec![0u8; frame.len() + 256];
-        let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), repeat, ..TestRunOptions::default() };
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat,
+            ..TestRunOptions::default()
+        };
         let result = self.program().test_run(opts).expect("BPF_PROG_TEST_RUN");
         out.truncate(result.data_size_out as usize);
-        (RunResult { verdict: result.return_value, frame: out }, result.duration)
+        (
+            RunResult {
+                verdict: result.return_value,
+                frame: out,
+            },
+            result.duration,
+        )
     }
 
     pub fn counter(&self, stat: Stat) -> u64 {
-        let map: PerCpuArray<&MapData, u64> = self.ebpf.map(STATS_MAP).expect("stats map").try_into().expect("per-cpu array");
-        map.get(&(stat as u32), 0).expect("read counter").iter().sum()
+        let map: PerCpuArray<&MapData, u64> = self
+            .ebpf
+            .map(STATS_MAP)
+            .expect("stats map")
+            .try_into()
+            .expect("per-cpu array");
+        map.get(&(stat as u32), 0)
+            .expect("read counter")
+            .iter()
+            .sum()
     }
 
     pub fn conntrack(&self) -> Vec<(CtKey, CtValue)> {
-        let map: HashMap<&MapData, CtKey, CtValue> = self.ebpf.map(CT_MAP).expect("ct map").try_into().expect("lru hash");
+        let map: HashMap<&MapData, CtKey, CtValue> = self
+            .ebpf
+            .map(CT_MAP)
+            .expect("ct map")
+            .try_into()
+            .expect("lru hash");
         map.iter().map(|e| e.expect("read ct")).collect()
     }
 }

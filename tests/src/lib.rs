@@ -11,5 +11,8 @@ pub mod topology;
 
 /// Fails the calling test unless running as root (tests must not silently skip).
 pub fn require_root() {
-    assert!(nix::unistd::Uid::effective().is_root(), "privileged tests need root: run `cargo xtask test` as root");
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "privileged tests need root: run `cargo xtask test` as root"
+    );
 }

@@ -1,21 +1,23 @@
 //! Network namespaces owned by a test or the demo; deleted on drop, even when
 //! the test panics.
 
-use std::{
-    fs::File,
-    os::fd::AsFd,
-    path::PathBuf,
-    process::Command,
-};
+use std::{fs::File, os::fd::AsFd, path::PathBuf, process::Command};
 
 use anyhow::{bail, Context as _};
 use nix::sched::{setns, CloneFlags};
 
 /// Runs a command, failing with its stderr.
 pub fn sh(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new(args[0]).args(&args[1..]).output().with_context(|| format!("running {}", args[0]))?;
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("running {}", args[0]))?;
     if !out.status.success() {
-        bail!("`{}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "`{}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -29,7 +31,9 @@ impl NetNs {
     pub fn new(name: &str) -> anyhow::Result<Self> {
         let _ = Command::new("ip").args(["netns", "del", name]).output();
         sh(&["ip", "netns", "add", name])?;
-        let ns = Self { name: name.to_owned() };
+        let ns = Self {
+            name: name.to_owned(),
+        };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
     }
@@ -46,7 +50,15 @@ impl NetNs {
     }
 
     pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
-        sh(&["ip", "netns", "exec", &self.name, "sysctl", "-qw", &format!("{key}={value}")])
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.name,
+            "sysctl",
+            "-qw",
+            &format!("{key}={value}"),
+        ])
     }
 
     /// Runs `f` on a thread inside the namespace. Sockets created there stay
@@ -56,8 +68,10 @@ impl NetNs {
         std::thread::scope(|scope| {
             scope
                 .spawn(move || {
-                    let file = File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-                    setns(file.as_fd(), CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {}: {e}", path.display()));
+                    let file = File::open(&path)
+                        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+                    setns(file.as_fd(), CloneFlags::CLONE_NEWNET)
+                        .unwrap_or_else(|e| panic!("setns {}: {e}", path.display()));
                     f()
                 })
                 .join()
@@ -66,11 +80,15 @@ impl NetNs {
     }
 
     /// Spawns a long-lived thread inside the namespace.
-    pub fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
         let path = self.path();
         std::thread::spawn(move || {
             let file = File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-            setns(file.as_fd(), CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {}: {e}", path.display()));
+            setns(file.as_fd(), CloneFlags::CLONE_NEWNET)
+                .unwrap_or_else(|e| panic!("setns {}: {e}", path.display()));
             f()
         })
     }
@@ -79,6 +97,8 @@ impl NetNs {
 impl Drop for NetNs {
     fn drop(&mut self) {
         // Deleting the namespace also deletes the veth ends inside it (and their peers).
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }

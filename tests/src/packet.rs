@@ -52,7 +52,12 @@ impl Packet {
     }
 
     pub fn udp(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Self {
-        Self { proto: 17, tcp_flags: 0, payload: payload.to_vec(), ..Self::tcp(src, dst, 0) }
+        Self {
+            proto: 17,
+            tcp_flags: 0,
+            payload: payload.to_vec(),
+            ..Self::tcp(src, dst, 0)
+        }
     }
 
     pub fn with_payload(mut self, payload: &[u8]) -> Self {
@@ -85,12 +90,19 @@ impl Packet {
     }
 
     pub fn l4_header_len(&self) -> usize {
-        if self.proto == 6 { 20 } else { 8 }
+        if self.proto == 6 {
+            20
+        } else {
+            8
+        }
     }
 
     pub fn build(&self) -> Vec<u8> {
         let ihl_len = 20 + self.ip_options.len();
-        assert!(ihl_len.is_multiple_of(4) && ihl_len <= 60, "IP options must pad to 4 bytes");
+        assert!(
+            ihl_len.is_multiple_of(4) && ihl_len <= 60,
+            "IP options must pad to 4 bytes"
+        );
         let l4_len = self.l4_header_len() + self.payload.len();
         let mut f = Vec::with_capacity(14 + ihl_len + l4_len);
         f.extend_from_slice(&self.dst_mac);
@@ -127,7 +139,10 @@ impl Packet {
         f.extend_from_slice(&self.payload);
         let csum_at = l4_start + if self.proto == 6 { 16 } else { 6 };
         if !(self.proto == 17 && self.udp_no_checksum) {
-            let mut c = checksum(&f[l4_start..], pseudo_sum(*self.src.ip(), *self.dst.ip(), self.proto, l4_len));
+            let mut c = checksum(
+                &f[l4_start..],
+                pseudo_sum(*self.src.ip(), *self.dst.ip(), self.proto, l4_len),
+            );
             if self.proto == 17 && c == 0 {
                 c = 0xffff;
             }
@@ -139,7 +154,11 @@ impl Packet {
 
 fn sum16(data: &[u8], mut sum: u32) -> u32 {
     for chunk in data.chunks(2) {
-        let word = if chunk.len() == 2 { u16::from_be_bytes([chunk[0], chunk[1]]) } else { u16::from_be_bytes([chunk[0], 0]) };
+        let word = if chunk.len() == 2 {
+            u16::from_be_bytes([chunk[0], chunk[1]])
+        } else {
+            u16::from_be_bytes([chunk[0], 0])
+        };
         sum += u32::from(word);
     }
     sum
@@ -183,10 +202,23 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
         }
         _ => true,
     };
-    if ok { Ok(()) } else { Err(format!("bad L4 checksum (protocol {})", ip[9])) }
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("bad L4 checksum (protocol {})", ip[9]))
+    }
 }
 
 /// Renders a frame as hex, 16 bytes a line, for assertion messages.
 pub fn hex(frame: &[u8]) -> String {
-    frame.chunks(16).map(|c| c.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")).collect::<Vec<_>>().join("\n")
+    frame
+        .chunks(16)
+        .map(|c| {
+            c.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }

@@ -73,7 +73,11 @@ impl Drop for BackendServers {
 /// Whether `listener` has a connection waiting within `timeout_ms`.
 fn readable(listener: &TcpListener, timeout_ms: i32) -> bool {
     use std::os::fd::AsRawFd as _;
-    let mut fd = libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let mut fd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
     // SAFETY: one valid pollfd for the duration of the call.
     unsafe { libc::poll(&mut fd, 1, timeout_ms) > 0 }
 }
@@ -81,7 +85,9 @@ fn readable(listener: &TcpListener, timeout_ms: i32) -> bool {
 fn serve_tcp(stream: TcpStream, peer: SocketAddr, name: &str) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
     let _ = stream.set_nonblocking(false);
-    let Ok(write_half) = stream.try_clone() else { return };
+    let Ok(write_half) = stream.try_clone() else {
+        return;
+    };
     let mut writer = write_half;
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
@@ -99,7 +105,11 @@ fn serve_tcp(stream: TcpStream, peer: SocketAddr, name: &str) {
                 header.clear();
             }
             let body = format!("backend {name} client {peer}\n");
-            let _ = write!(writer, "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+            let _ = write!(
+                writer,
+                "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
             return;
         }
         if writeln!(writer, "{name}").is_err() {
@@ -149,7 +159,10 @@ impl EchoConnection {
         writeln!(self.stream, "who")?;
         let mut line = String::new();
         if self.reader.read_line(&mut line)? == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "connection closed",
+            ));
         }
         Ok(line.trim().to_owned())
     }
@@ -172,7 +185,9 @@ pub fn sink_transfer(addr: SocketAddrV4, bytes: u64) -> std::io::Result<Duration
     let mut reply = String::new();
     stream.read_to_string(&mut reply)?;
     if reply.trim().parse::<u64>().ok() != Some(bytes) {
-        return Err(std::io::Error::other(format!("sink received {reply:?}, sent {bytes}")));
+        return Err(std::io::Error::other(format!(
+            "sink received {reply:?}, sent {bytes}"
+        )));
     }
     Ok(started.elapsed())
 }

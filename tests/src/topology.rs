@@ -45,8 +45,18 @@ impl Topology {
         node.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
         node.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
         let client = NetNs::new(&format!("{prefix}-client"))?;
-        let mut topology = Self { prefix: prefix.to_owned(), node, client, backends: Vec::new() };
-        topology.link(&topology.client, &format!("{}-c", topology.prefix), Ipv4Addr::new(198, 18, 1, 1), CLIENT_IP)?;
+        let mut topology = Self {
+            prefix: prefix.to_owned(),
+            node,
+            client,
+            backends: Vec::new(),
+        };
+        topology.link(
+            &topology.client,
+            &format!("{}-c", topology.prefix),
+            Ipv4Addr::new(198, 18, 1, 1),
+            CLIENT_IP,
+        )?;
         for _ in 0..backends {
             topology.add_backend()?;
         }
@@ -70,11 +80,21 @@ impl Topology {
     }
 
     /// A veth pair: `node_if` (gateway address) in the node, `eth0` in `pod`.
-    fn link(&self, pod: &NetNs, node_if: &str, gateway: Ipv4Addr, pod_ip: Ipv4Addr) -> anyhow::Result<()> {
-        self.node.ip(&["link", "add", node_if, "type", "veth", "peer", "name", "eth0", "netns", &pod.name])?;
-        self.node.ip(&["addr", "add", &format!("{gateway}/24"), "dev", node_if])?;
+    fn link(
+        &self,
+        pod: &NetNs,
+        node_if: &str,
+        gateway: Ipv4Addr,
+        pod_ip: Ipv4Addr,
+    ) -> anyhow::Result<()> {
+        self.node.ip(&[
+            "link", "add", node_if, "type", "veth", "peer", "name", "eth0", "netns", &pod.name,
+        ])?;
+        self.node
+            .ip(&["addr", "add", &format!("{gateway}/24"), "dev", node_if])?;
         self.node.ip(&["link", "set", node_if, "up"])?;
-        self.node.sysctl(&format!("net.ipv4.conf.{node_if}.rp_filter"), "0")?;
+        self.node
+            .sysctl(&format!("net.ipv4.conf.{node_if}.rp_filter"), "0")?;
         pod.ip(&["addr", "add", &format!("{pod_ip}/24"), "dev", "eth0"])?;
         pod.ip(&["link", "set", "eth0", "up"])?;
         pod.ip(&["route", "add", "default", "via", &gateway.to_string()])?;
@@ -87,7 +107,11 @@ pub fn agent_binary() -> PathBuf {
     let path = std::env::var_os("LB_AGENT_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/lb-agent"));
-    assert!(path.exists(), "{} not found: build it first (`cargo xtask test` does)", path.display());
+    assert!(
+        path.exists(),
+        "{} not found: build it first (`cargo xtask test` does)",
+        path.display()
+    );
     path
 }
 
@@ -108,16 +132,38 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn start(node: &NetNs, manifests: &Path, interfaces: &str, pin_dir: &Path, log: &Path, extra: &[&str]) -> anyhow::Result<Self> {
-        Self::start_with(node, Source::Manifests(manifests), interfaces, pin_dir, log, extra)
+    pub fn start(
+        node: &NetNs,
+        manifests: &Path,
+        interfaces: &str,
+        pin_dir: &Path,
+        log: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        Self::start_with(
+            node,
+            Source::Manifests(manifests),
+            interfaces,
+            pin_dir,
+            log,
+            extra,
+        )
     }
 
-    pub fn start_with(node: &NetNs, source: Source<'_>, interfaces: &str, pin_dir: &Path, log: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+    pub fn start_with(
+        node: &NetNs,
+        source: Source<'_>,
+        interfaces: &str,
+        pin_dir: &Path,
+        log: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let (flag, path) = match source {
             Source::Manifests(dir) => ("--manifests", dir),
             Source::Kubeconfig(file) => ("--kubeconfig", file),
         };
-        let log_file = fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let log_file =
+            fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         // nsenter, not `ip netns exec`: the latter remounts /sys and hides the host bpffs.
         let child = Command::new("nsenter")
             .arg(format!("--net={}", node.path().display()))
@@ -126,14 +172,26 @@ impl Agent {
             .arg(path)
             .args(["--interfaces", interfaces, "--pin-dir"])
             .arg(pin_dir)
-            .args(if extra.contains(&"--poll-interval-ms") { &[][..] } else { &["--poll-interval-ms", "50"][..] })
+            .args(if extra.contains(&"--poll-interval-ms") {
+                &[][..]
+            } else {
+                &["--poll-interval-ms", "50"][..]
+            })
             .args(extra)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
             .context("starting lb-agent")?;
-        Ok(Self { child: Some(child), pin_dir: pin_dir.to_owned(), log: log.to_owned(), cleanup_pins: true })
+        Ok(Self {
+            child: Some(child),
+            pin_dir: pin_dir.to_owned(),
+            log: log.to_owned(),
+            cleanup_pins: true,
+        })
     }
 
     /// The agent's PID while it runs.
@@ -146,12 +204,19 @@ impl Agent {
     }
 
     /// Waits until `inspect` output satisfies `ready`; returns that output.
-    pub fn wait_for_maps(&mut self, what: &str, ready: impl Fn(&str) -> bool) -> anyhow::Result<String> {
+    pub fn wait_for_maps(
+        &mut self,
+        what: &str,
+        ready: impl Fn(&str) -> bool,
+    ) -> anyhow::Result<String> {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Some(child) = self.child.as_mut() {
                 if let Some(status) = child.try_wait()? {
-                    bail!("lb-agent exited ({status}) while waiting for {what}:\n{}", self.log_text());
+                    bail!(
+                        "lb-agent exited ({status}) while waiting for {what}:\n{}",
+                        self.log_text()
+                    );
                 }
             }
             if let Ok(text) = lb_agent::inspect::services(&self.pin_dir) {
@@ -159,10 +224,16 @@ impl Agent {
                     return Ok(text);
                 }
                 if Instant::now() > deadline {
-                    bail!("timed out waiting for {what}; maps:\n{text}\nagent log:\n{}", self.log_text());
+                    bail!(
+                        "timed out waiting for {what}; maps:\n{text}\nagent log:\n{}",
+                        self.log_text()
+                    );
                 }
             } else if Instant::now() > deadline {
-                bail!("timed out waiting for {what}; maps not pinned; agent log:\n{}", self.log_text());
+                bail!(
+                    "timed out waiting for {what}; maps not pinned; agent log:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -170,7 +241,9 @@ impl Agent {
 
     /// SIGTERM, then waits (bounded) for exit.
     pub fn stop(&mut self) -> anyhow::Result<ExitStatus> {
-        let Some(mut child) = self.child.take() else { bail!("agent already stopped") };
+        let Some(mut child) = self.child.take() else {
+            bail!("agent already stopped")
+        };
         let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -196,7 +269,11 @@ impl Drop for Agent {
             return;
         }
         lb_agent::datapath::loader::unpin_all(&self.pin_dir);
-        for link in fs::read_dir(self.pin_dir.join("links")).into_iter().flatten().flatten() {
+        for link in fs::read_dir(self.pin_dir.join("links"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let _ = fs::remove_file(link.path());
         }
         lb_agent::datapath::loader::unpin_all(&self.pin_dir);
@@ -234,7 +311,9 @@ impl Drop for ScratchDir {
 pub fn web_manifest(backends: &[(Ipv4Addr, bool)]) -> String {
     let mut endpoints = String::new();
     for (addr, ready) in backends {
-        endpoints.push_str(&format!("- addresses: [\"{addr}\"]\n  conditions: {{ready: {ready}}}\n"));
+        endpoints.push_str(&format!(
+            "- addresses: [\"{addr}\"]\n  conditions: {{ready: {ready}}}\n"
+        ));
     }
     if endpoints.is_empty() {
         endpoints = "[]\n".into();

@@ -20,7 +20,11 @@ const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
 
 use lb_tests::topology::{CLIENT_IP as CLIENT, VIP};
-const BACKENDS: [Ipv4Addr; 3] = [Ipv4Addr::new(198, 18, 10, 2), Ipv4Addr::new(198, 18, 11, 2), Ipv4Addr::new(198, 18, 12, 2)];
+const BACKENDS: [Ipv4Addr; 3] = [
+    Ipv4Addr::new(198, 18, 10, 2),
+    Ipv4Addr::new(198, 18, 11, 2),
+    Ipv4Addr::new(198, 18, 12, 2),
+];
 
 /// The `web` service (TCP 80 → 8080, UDP 53 → 5353) with every backend ready.
 fn manifest(backends: &[Ipv4Addr]) -> String {
@@ -37,7 +41,12 @@ fn client(port: u16) -> SocketAddrV4 {
 }
 
 /// The backend the kernel must pick for a new flow (sorted backend order = slot order).
-fn expected_backend(backends: &[Ipv4Addr], src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> Ipv4Addr {
+fn expected_backend(
+    backends: &[Ipv4Addr],
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    proto: u8,
+) -> Ipv4Addr {
     let hash = flow_hash(
         u32::from(*src.ip()).to_be(),
         u32::from(*dst.ip()).to_be(),
@@ -52,11 +61,18 @@ fn expected_backend(backends: &[Ipv4Addr], src: SocketAddrV4, dst: SocketAddrV4,
 
 /// A client port whose flow hashes to `backend`.
 fn port_for(backend: Ipv4Addr, backends: &[Ipv4Addr], dst: SocketAddrV4, proto: u8) -> u16 {
-    (40000..41000).find(|p| expected_backend(backends, client(*p), dst, proto) == backend).expect("a port for every backend")
+    (40000..41000)
+        .find(|p| expected_backend(backends, client(*p), dst, proto) == backend)
+        .expect("a port for every backend")
 }
 
 fn assert_frame(actual: &[u8], expected: &[u8], what: &str) {
-    assert!(actual == expected, "{what}: frame differs\nexpected:\n{}\nactual:\n{}", hex(expected), hex(actual));
+    assert!(
+        actual == expected,
+        "{what}: frame differs\nexpected:\n{}\nactual:\n{}",
+        hex(expected),
+        hex(actual)
+    );
     verify_checksums(actual).unwrap_or_else(|e| panic!("{what}: {e}"));
 }
 
@@ -86,7 +102,11 @@ fn reply_from_backend_is_reverse_nated_to_the_vip() {
     let backend = expected_backend(&BACKENDS, client(41234), vip(80), 6);
 
     // The backend answers the translated packet.
-    let from_backend = syn.clone().to(SocketAddrV4::new(backend, 8080)).reply(TCP_SYN | TCP_ACK).with_payload(b"world");
+    let from_backend = syn
+        .clone()
+        .to(SocketAddrV4::new(backend, 8080))
+        .reply(TCP_SYN | TCP_ACK)
+        .with_payload(b"world");
     let out = h.run(&from_backend.build());
     assert_eq!(out.verdict, TC_ACT_OK);
     let expected = from_backend.clone().from(vip(80)).build();
@@ -96,8 +116,16 @@ fn reply_from_backend_is_reverse_nated_to_the_vip() {
 
     // Both conntrack entries exist with the right rewrite addresses.
     let ct = h.conntrack();
-    let forward = ct.iter().find(|(k, _)| k.dir == CT_DIR_FORWARD).expect("forward entry").1;
-    let reply = ct.iter().find(|(k, _)| k.dir == CT_DIR_REPLY).expect("reply entry").1;
+    let forward = ct
+        .iter()
+        .find(|(k, _)| k.dir == CT_DIR_FORWARD)
+        .expect("forward entry")
+        .1;
+    let reply = ct
+        .iter()
+        .find(|(k, _)| k.dir == CT_DIR_REPLY)
+        .expect("reply entry")
+        .1;
     assert_eq!(u32::from_be(forward.nat_addr_be), u32::from(backend));
     assert_eq!(u16::from_be(forward.nat_port_be), 8080);
     assert_eq!(u32::from_be(reply.nat_addr_be), u32::from(VIP));
@@ -113,11 +141,23 @@ fn udp_is_dnated_and_reverse_nated_with_checksums() {
     let backend = expected_backend(&BACKENDS, client(5000), vip(53), 17);
     let out = h.run(&query.build());
     assert_eq!(out.verdict, TC_ACT_OK);
-    assert_frame(&out.frame, &query.clone().to(SocketAddrV4::new(backend, 5353)).build(), "UDP query");
+    assert_frame(
+        &out.frame,
+        &query.clone().to(SocketAddrV4::new(backend, 5353)).build(),
+        "UDP query",
+    );
 
-    let answer = query.clone().to(SocketAddrV4::new(backend, 5353)).reply(0).with_payload(b"answer");
+    let answer = query
+        .clone()
+        .to(SocketAddrV4::new(backend, 5353))
+        .reply(0)
+        .with_payload(b"answer");
     let out = h.run(&answer.build());
-    assert_frame(&out.frame, &answer.clone().from(vip(53)).build(), "UDP answer");
+    assert_frame(
+        &out.frame,
+        &answer.clone().from(vip(53)).build(),
+        "UDP answer",
+    );
 }
 
 #[test]
@@ -144,7 +184,11 @@ fn ip_options_are_skipped_when_rewriting() {
     let backend = expected_backend(&BACKENDS, client(42000), vip(80), 6);
     let out = h.run(&syn.build());
     assert_eq!(out.verdict, TC_ACT_OK);
-    assert_frame(&out.frame, &syn.clone().to(SocketAddrV4::new(backend, 8080)).build(), "SYN with IP options");
+    assert_frame(
+        &out.frame,
+        &syn.clone().to(SocketAddrV4::new(backend, 8080)).build(),
+        "SYN with IP options",
+    );
 }
 
 #[test]
@@ -152,7 +196,12 @@ fn traffic_not_for_a_service_passes_untouched() {
     require_root();
     let mut h = Harness::new();
     h.apply_yaml(&manifest(&BACKENDS));
-    let other_ip = Packet::tcp(client(40000), SocketAddrV4::new(Ipv4Addr::new(198, 18, 99, 1), 80), TCP_SYN).build();
+    let other_ip = Packet::tcp(
+        client(40000),
+        SocketAddrV4::new(Ipv4Addr::new(198, 18, 99, 1), 80),
+        TCP_SYN,
+    )
+    .build();
     let other_port = Packet::tcp(client(40000), vip(81), TCP_SYN).build();
     let wrong_proto = Packet::udp(client(40000), vip(80), b"udp to a tcp port").build();
     let mut icmp = Packet::udp(client(40000), vip(80), b"icmp echo").build();
@@ -162,7 +211,14 @@ fn traffic_not_for_a_service_passes_untouched() {
     arp.extend_from_slice(&[0u8; 28]);
     let mut ipv6 = other_ip.clone();
     ipv6[12..14].copy_from_slice(&[0x86, 0xdd]);
-    for (name, frame) in [("other IP", &other_ip), ("other port", &other_port), ("UDP to TCP port", &wrong_proto), ("ICMP", &icmp), ("ARP", &arp), ("IPv6", &ipv6)] {
+    for (name, frame) in [
+        ("other IP", &other_ip),
+        ("other port", &other_port),
+        ("UDP to TCP port", &wrong_proto),
+        ("ICMP", &icmp),
+        ("ARP", &arp),
+        ("IPv6", &ipv6),
+    ] {
         let out = h.run(frame);
         assert_eq!(out.verdict, TC_ACT_OK, "{name}");
         assert_eq!(&out.frame, frame, "{name} must pass untouched");
@@ -177,7 +233,9 @@ fn truncated_and_malformed_packets_are_never_rewritten() {
     require_root();
     let mut h = Harness::new();
     h.apply_yaml(&manifest(&BACKENDS));
-    let good = Packet::tcp(client(40001), vip(80), TCP_SYN).with_payload(b"data").build();
+    let good = Packet::tcp(client(40001), vip(80), TCP_SYN)
+        .with_payload(b"data")
+        .build();
     let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
     cases.push(("cut inside the TCP header", good[..14 + 20 + 10].to_vec()));
     // (BPF_PROG_TEST_RUN itself refuses IPv4 frames shorter than 20 bytes of IP.)
@@ -230,9 +288,17 @@ fn fragments_to_a_service_are_dropped_and_counted() {
     assert_eq!(out.verdict, TC_ACT_OK);
     assert_eq!(out.frame, frame, "non-first fragments pass untouched");
 
-    let mut not_service = Packet::udp(client(40002), SocketAddrV4::new(Ipv4Addr::new(198, 18, 99, 1), 53), b"x");
+    let mut not_service = Packet::udp(
+        client(40002),
+        SocketAddrV4::new(Ipv4Addr::new(198, 18, 99, 1), 53),
+        b"x",
+    );
     not_service.frag = 0x2000;
-    assert_eq!(h.run(&not_service.build()).verdict, TC_ACT_OK, "fragments not for a service pass");
+    assert_eq!(
+        h.run(&not_service.build()).verdict,
+        TC_ACT_OK,
+        "fragments not for a service pass"
+    );
 }
 
 #[test]
@@ -243,7 +309,11 @@ fn conntrack_keeps_backend_after_backend_set_changes() {
     let chosen = BACKENDS[1];
     let port = port_for(chosen, &BACKENDS, vip(80), 6);
     let syn = Packet::tcp(client(port), vip(80), TCP_SYN);
-    assert_frame(&h.run(&syn.build()).frame, &syn.clone().to(SocketAddrV4::new(chosen, 8080)).build(), "SYN");
+    assert_frame(
+        &h.run(&syn.build()).frame,
+        &syn.clone().to(SocketAddrV4::new(chosen, 8080)).build(),
+        "SYN",
+    );
 
     // The chosen backend leaves the service.
     let remaining = [BACKENDS[0], BACKENDS[2]];
@@ -251,16 +321,30 @@ fn conntrack_keeps_backend_after_backend_set_changes() {
 
     let ack = Packet::tcp(client(port), vip(80), TCP_ACK).with_payload(b"GET /");
     let out = h.run(&ack.build());
-    assert_frame(&out.frame, &ack.clone().to(SocketAddrV4::new(chosen, 8080)).build(), "established flow keeps its backend");
+    assert_frame(
+        &out.frame,
+        &ack.clone().to(SocketAddrV4::new(chosen, 8080)).build(),
+        "established flow keeps its backend",
+    );
     assert_eq!(h.counter(Stat::DnatCtHit), 1);
-    let reply = ack.clone().to(SocketAddrV4::new(chosen, 8080)).reply(TCP_ACK);
-    assert_frame(&h.run(&reply.build()).frame, &reply.clone().from(vip(80)).build(), "its replies are still reverse-NATed");
+    let reply = ack
+        .clone()
+        .to(SocketAddrV4::new(chosen, 8080))
+        .reply(TCP_ACK);
+    assert_frame(
+        &h.run(&reply.build()).frame,
+        &reply.clone().from(vip(80)).build(),
+        "its replies are still reverse-NATed",
+    );
 
     // New flows only go to current backends.
     for p in 43000..43100 {
         let out = h.run(&Packet::tcp(client(p), vip(80), TCP_SYN).build());
         let dst = Ipv4Addr::new(out.frame[30], out.frame[31], out.frame[32], out.frame[33]);
-        assert!(remaining.contains(&dst), "new flow from port {p} went to {dst}");
+        assert!(
+            remaining.contains(&dst),
+            "new flow from port {p} went to {dst}"
+        );
     }
 }
 
@@ -269,10 +353,14 @@ fn service_without_backends_answers_icmp_port_unreachable() {
     require_root();
     let mut h = Harness::new();
     h.apply_yaml(&manifest(&[]));
-    let syn = Packet::tcp(client(40003), vip(80), TCP_SYN).with_payload(b"payload beyond the quote");
+    let syn =
+        Packet::tcp(client(40003), vip(80), TCP_SYN).with_payload(b"payload beyond the quote");
     let input = syn.build();
     let out = h.run(&input);
-    assert_eq!(out.verdict, TC_ACT_REDIRECT, "sent back out the ingress interface");
+    assert_eq!(
+        out.verdict, TC_ACT_REDIRECT,
+        "sent back out the ingress interface"
+    );
     assert_eq!(h.counter(Stat::RejectNoBackend), 1);
 
     let mut expected = Vec::new();
@@ -294,7 +382,11 @@ fn service_without_backends_answers_icmp_port_unreachable() {
     assert!(h.conntrack().is_empty(), "a rejected flow leaves no state");
 
     let query = Packet::udp(client(40004), vip(53), b"q");
-    assert_eq!(h.run(&query.build()).verdict, TC_ACT_REDIRECT, "UDP is rejected too");
+    assert_eq!(
+        h.run(&query.build()).verdict,
+        TC_ACT_REDIRECT,
+        "UDP is rejected too"
+    );
 }
 
 #[test]
@@ -312,7 +404,11 @@ fn syn_reusing_a_closed_flows_tuple_picks_a_current_backend() {
     let syn = Packet::tcp(client(port), vip(80), TCP_SYN);
     let out = h.run(&syn.build());
     let expected = expected_backend(&remaining, client(port), vip(80), 6);
-    assert_frame(&out.frame, &syn.clone().to(SocketAddrV4::new(expected, 8080)).build(), "reopened flow");
+    assert_frame(
+        &out.frame,
+        &syn.clone().to(SocketAddrV4::new(expected, 8080)).build(),
+        "reopened flow",
+    );
     assert_eq!(h.counter(Stat::DnatNew), 2);
 }
 
@@ -333,6 +429,10 @@ fn direct_connection_reusing_a_service_flows_port_is_not_reverse_nated() {
     assert_eq!(out.frame, direct.build(), "a direct SYN passes untouched");
     let syn_ack = direct.reply(TCP_SYN | TCP_ACK);
     let out = h.run(&syn_ack.build());
-    assert_eq!(out.frame, syn_ack.build(), "the pod's answer keeps its own source, not the VIP");
+    assert_eq!(
+        out.frame,
+        syn_ack.build(),
+        "the pod's answer keeps its own source, not the VIP"
+    );
     assert_eq!(h.counter(Stat::RevNat), 0);
 }

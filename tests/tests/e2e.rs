@@ -33,14 +33,30 @@ fn setup_with(prefix: &str, n: usize, manifest: &str, agent_args: &[&str]) -> Se
     require_root();
     let topology = Topology::new(prefix, n).expect("topology");
     let servers = (0..n)
-        .map(|i| BackendServers::start(&topology.backends[i], &format!("be{i}"), PORTS.0, PORTS.1).expect("servers"))
+        .map(|i| {
+            BackendServers::start(&topology.backends[i], &format!("be{i}"), PORTS.0, PORTS.1)
+                .expect("servers")
+        })
         .collect();
     let manifests = ScratchDir::new(&format!("{prefix}-manifests")).expect("scratch dir");
     manifests.write("web.yaml", manifest).expect("manifest");
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{prefix}-test"));
     let log = manifests.0.join("agent.log"); // not a manifest: ignored by the agent
-    let agent = Agent::start(&topology.node, &manifests.0, &topology.interface_pattern(), &pin_dir, &log, agent_args).expect("agent");
-    Setup { agent, manifests, _servers: servers, topology }
+    let agent = Agent::start(
+        &topology.node,
+        &manifests.0,
+        &topology.interface_pattern(),
+        &pin_dir,
+        &log,
+        agent_args,
+    )
+    .expect("agent");
+    Setup {
+        agent,
+        manifests,
+        _servers: servers,
+        topology,
+    }
 }
 
 fn ready(ips: &[Ipv4Addr]) -> Vec<(Ipv4Addr, bool)> {
@@ -48,14 +64,21 @@ fn ready(ips: &[Ipv4Addr]) -> Vec<(Ipv4Addr, bool)> {
 }
 
 fn backend_of(body: &str) -> String {
-    body.split_whitespace().nth(1).unwrap_or_default().to_owned()
+    body.split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned()
 }
 
 #[test]
 fn tcp_and_udp_clients_reach_every_backend_through_the_vip() {
     let backends: Vec<Ipv4Addr> = (0..3).map(backend_ip).collect();
     let mut s = setup("lbt1", 3, &web_manifest(&ready(&backends)));
-    s.agent.wait_for_maps("3 TCP backends", |m| m.contains(&format!("{VIP}:80/TCP count=3"))).unwrap();
+    s.agent
+        .wait_for_maps("3 TCP backends", |m| {
+            m.contains(&format!("{VIP}:80/TCP count=3"))
+        })
+        .unwrap();
 
     let (tcp_seen, udp_seen) = s.topology.client.run(|| {
         let mut tcp_seen = BTreeSet::new();
@@ -63,11 +86,25 @@ fn tcp_and_udp_clients_reach_every_backend_through_the_vip() {
         for _ in 0..60 {
             let body = http_get(SocketAddrV4::new(VIP, 80)).expect("HTTP through the VIP");
             // The backend saw the real client address: no SNAT.
-            assert!(body.contains(&format!("client {CLIENT_IP}:")), "backend saw {body:?}");
+            assert!(
+                body.contains(&format!("client {CLIENT_IP}:")),
+                "backend saw {body:?}"
+            );
             tcp_seen.insert(backend_of(&body));
-            let (answer, from) = udp_query(SocketAddrV4::new(VIP, 53)).expect("UDP through the VIP");
-            assert_eq!(from, SocketAddr::from((VIP, 53)), "UDP answers must come from the VIP");
-            udp_seen.insert(answer.split_whitespace().next().unwrap_or_default().to_owned());
+            let (answer, from) =
+                udp_query(SocketAddrV4::new(VIP, 53)).expect("UDP through the VIP");
+            assert_eq!(
+                from,
+                SocketAddr::from((VIP, 53)),
+                "UDP answers must come from the VIP"
+            );
+            udp_seen.insert(
+                answer
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned(),
+            );
         }
         (tcp_seen, udp_seen)
     });
@@ -80,8 +117,16 @@ fn tcp_and_udp_clients_reach_every_backend_through_the_vip() {
     // a UDP socket that reuses a port within the UDP timeout is a conntrack
     // hit. Each request and its answer crossed the datapath.
     assert!(get("dnat_new") >= 60, "{counters:?}");
-    assert!(get("dnat_new") + get("dnat_ct_hit") >= 60 * 4 + 60 && get("rev_nat") >= 60 * 3 + 60, "{counters:?}");
-    for drop in ["drop_backend_missing", "drop_ct_insert", "drop_rewrite", "pass_malformed"] {
+    assert!(
+        get("dnat_new") + get("dnat_ct_hit") >= 60 * 4 + 60 && get("rev_nat") >= 60 * 3 + 60,
+        "{counters:?}"
+    );
+    for drop in [
+        "drop_backend_missing",
+        "drop_ct_insert",
+        "drop_rewrite",
+        "pass_malformed",
+    ] {
         assert_eq!(get(drop), 0, "{drop}: {counters:?}");
     }
 }
@@ -90,23 +135,55 @@ fn tcp_and_udp_clients_reach_every_backend_through_the_vip() {
 fn removing_a_backend_moves_new_connections_but_keeps_established_ones() {
     let backends: Vec<Ipv4Addr> = (0..3).map(backend_ip).collect();
     let mut s = setup("lbt2", 3, &web_manifest(&ready(&backends)));
-    s.agent.wait_for_maps("3 backends", |m| m.contains(&format!("{VIP}:80/TCP count=3"))).unwrap();
+    s.agent
+        .wait_for_maps("3 backends", |m| {
+            m.contains(&format!("{VIP}:80/TCP count=3"))
+        })
+        .unwrap();
 
-    let mut established = s.topology.client.run(|| EchoConnection::open(SocketAddrV4::new(VIP, 80))).expect("connect");
+    let mut established = s
+        .topology
+        .client
+        .run(|| EchoConnection::open(SocketAddrV4::new(VIP, 80)))
+        .expect("connect");
     let kept = established.ask().expect("echo");
     let kept_index: usize = kept.trim_start_matches("be").parse().unwrap();
 
-    let remaining: Vec<Ipv4Addr> = backends.iter().copied().filter(|b| *b != backend_ip(kept_index)).collect();
-    s.manifests.write("web.yaml", &web_manifest(&ready(&remaining))).unwrap();
-    s.agent.wait_for_maps("2 backends", |m| m.contains(&format!("{VIP}:80/TCP count=2"))).unwrap();
+    let remaining: Vec<Ipv4Addr> = backends
+        .iter()
+        .copied()
+        .filter(|b| *b != backend_ip(kept_index))
+        .collect();
+    s.manifests
+        .write("web.yaml", &web_manifest(&ready(&remaining)))
+        .unwrap();
+    s.agent
+        .wait_for_maps("2 backends", |m| {
+            m.contains(&format!("{VIP}:80/TCP count=2"))
+        })
+        .unwrap();
 
     let seen: BTreeSet<String> = s.topology.client.run(|| {
-        (0..40).map(|_| backend_of(&http_get(SocketAddrV4::new(VIP, 80)).expect("new connection"))).collect()
+        (0..40)
+            .map(|_| backend_of(&http_get(SocketAddrV4::new(VIP, 80)).expect("new connection")))
+            .collect()
     });
-    assert!(!seen.contains(&kept), "new connections must avoid the removed backend {kept}: {seen:?}");
-    assert_eq!(seen.len(), 2, "new connections use both remaining backends: {seen:?}");
+    assert!(
+        !seen.contains(&kept),
+        "new connections must avoid the removed backend {kept}: {seen:?}"
+    );
+    assert_eq!(
+        seen.len(),
+        2,
+        "new connections use both remaining backends: {seen:?}"
+    );
     for _ in 0..3 {
-        assert_eq!(established.ask().expect("established connection still works"), kept);
+        assert_eq!(
+            established
+                .ask()
+                .expect("established connection still works"),
+            kept
+        );
     }
 }
 
@@ -114,11 +191,16 @@ fn removing_a_backend_moves_new_connections_but_keeps_established_ones() {
 fn service_without_ready_endpoints_refuses_connections_at_once() {
     let not_ready = vec![(backend_ip(0), false)];
     let mut s = setup("lbt3", 1, &web_manifest(&not_ready));
-    s.agent.wait_for_maps("service with no backends", |m| m.contains(&format!("{VIP}:80/TCP count=0"))).unwrap();
+    s.agent
+        .wait_for_maps("service with no backends", |m| {
+            m.contains(&format!("{VIP}:80/TCP count=0"))
+        })
+        .unwrap();
 
     s.topology.client.run(|| {
         let started = std::time::Instant::now();
-        let err = std::net::TcpStream::connect_timeout(&SocketAddr::from((VIP, 80)), IO_TIMEOUT).expect_err("no backend");
+        let err = std::net::TcpStream::connect_timeout(&SocketAddr::from((VIP, 80)), IO_TIMEOUT)
+            .expect_err("no backend");
         assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "TCP: {err}");
         assert!(started.elapsed() < IO_TIMEOUT, "refused, not timed out");
 
@@ -131,23 +213,47 @@ fn service_without_ready_endpoints_refuses_connections_at_once() {
     });
 
     // Once an endpoint becomes ready, the same service serves.
-    s.manifests.write("web.yaml", &web_manifest(&[(backend_ip(0), true)])).unwrap();
-    s.agent.wait_for_maps("one ready backend", |m| m.contains(&format!("{VIP}:80/TCP count=1"))).unwrap();
-    let body = s.topology.client.run(|| http_get(SocketAddrV4::new(VIP, 80))).expect("served after becoming ready");
+    s.manifests
+        .write("web.yaml", &web_manifest(&[(backend_ip(0), true)]))
+        .unwrap();
+    s.agent
+        .wait_for_maps("one ready backend", |m| {
+            m.contains(&format!("{VIP}:80/TCP count=1"))
+        })
+        .unwrap();
+    let body = s
+        .topology
+        .client
+        .run(|| http_get(SocketAddrV4::new(VIP, 80)))
+        .expect("served after becoming ready");
     assert_eq!(backend_of(&body), "be0");
 }
 
 #[test]
 fn interfaces_that_appear_later_are_attached() {
     let mut s = setup("lbt4", 1, &web_manifest(&ready(&[backend_ip(0)])));
-    s.agent.wait_for_maps("1 backend", |m| m.contains(&format!("{VIP}:80/TCP count=1"))).unwrap();
+    s.agent
+        .wait_for_maps("1 backend", |m| {
+            m.contains(&format!("{VIP}:80/TCP count=1"))
+        })
+        .unwrap();
     // A new pod (and its veth on the node) after the agent started.
     let i = s.topology.add_backend().unwrap();
     let _servers = BackendServers::start(&s.topology.backends[i], "be1", PORTS.0, PORTS.1).unwrap();
-    s.manifests.write("web.yaml", &web_manifest(&ready(&[backend_ip(i)]))).unwrap();
-    s.agent.wait_for_maps("the new backend", |m| m.contains(&backend_ip(i).to_string())).unwrap();
+    s.manifests
+        .write("web.yaml", &web_manifest(&ready(&[backend_ip(i)])))
+        .unwrap();
+    s.agent
+        .wait_for_maps("the new backend", |m| {
+            m.contains(&backend_ip(i).to_string())
+        })
+        .unwrap();
     // Replies from the new pod are reverse-NATed only if its interface got the program.
-    let (answer, from) = s.topology.client.run(|| udp_query(SocketAddrV4::new(VIP, 53))).expect("UDP via the new pod");
+    let (answer, from) = s
+        .topology
+        .client
+        .run(|| udp_query(SocketAddrV4::new(VIP, 53)))
+        .expect("UDP via the new pod");
     assert!(answer.starts_with("be1"), "{answer}");
     assert_eq!(from, SocketAddr::from((VIP, 53)));
 }
@@ -155,14 +261,31 @@ fn interfaces_that_appear_later_are_attached() {
 #[test]
 fn sigterm_detaches_and_unpins() {
     let mut s = setup("lbt5", 1, &web_manifest(&ready(&[backend_ip(0)])));
-    s.agent.wait_for_maps("1 backend", |m| m.contains(&format!("{VIP}:80/TCP count=1"))).unwrap();
-    s.topology.client.run(|| http_get(SocketAddrV4::new(VIP, 80))).expect("served while the agent runs");
+    s.agent
+        .wait_for_maps("1 backend", |m| {
+            m.contains(&format!("{VIP}:80/TCP count=1"))
+        })
+        .unwrap();
+    s.topology
+        .client
+        .run(|| http_get(SocketAddrV4::new(VIP, 80)))
+        .expect("served while the agent runs");
     let status = s.agent.stop().unwrap();
-    assert!(status.success(), "clean exit: {status}\n{}", s.agent.log_text());
+    assert!(
+        status.success(),
+        "clean exit: {status}\n{}",
+        s.agent.log_text()
+    );
     assert!(!s.agent.pin_dir.exists(), "pins removed on exit");
     // Without the program the VIP is just an unroutable address.
-    let result = s.topology.client.run(|| http_get(SocketAddrV4::new(VIP, 80)));
-    assert!(result.is_err(), "VIP must not answer after the agent detached: {result:?}");
+    let result = s
+        .topology
+        .client
+        .run(|| http_get(SocketAddrV4::new(VIP, 80)));
+    assert!(
+        result.is_err(),
+        "VIP must not answer after the agent detached: {result:?}"
+    );
 }
 
 #[test]
@@ -172,55 +295,135 @@ fn bad_interface_pattern_is_a_clear_error() {
     let manifests = ScratchDir::new("lbt6-manifests").unwrap();
     let log = manifests.0.join("agent.log");
     let pin_dir = PathBuf::from("/sys/fs/bpf/lbt6-test");
-    let mut agent = Agent::start(&topology.node, &manifests.0, "nosuch*", &pin_dir, &log, &[]).unwrap();
-    let err = agent.wait_for_maps("never", |_| false).expect_err("agent must exit");
-    assert!(err.to_string().contains("--interfaces: pattern(s) nosuch* match no interface"), "{err}");
+    let mut agent =
+        Agent::start(&topology.node, &manifests.0, "nosuch*", &pin_dir, &log, &[]).unwrap();
+    let err = agent
+        .wait_for_maps("never", |_| false)
+        .expect_err("agent must exit");
+    assert!(
+        err.to_string()
+            .contains("--interfaces: pattern(s) nosuch* match no interface"),
+        "{err}"
+    );
     assert!(!pin_dir.exists(), "nothing pinned on a start-up error");
 }
 
 #[test]
 fn keep_datapath_survives_an_agent_restart() {
     let backends: Vec<Ipv4Addr> = (0..2).map(backend_ip).collect();
-    let mut s = setup_with("lbt7", 2, &web_manifest(&ready(&backends)), &["--keep-datapath"]);
-    s.agent.wait_for_maps("2 backends", |m| m.contains(&format!("{VIP}:80/TCP count=2"))).unwrap();
-    let mut conn = s.topology.client.run(|| EchoConnection::open(SocketAddrV4::new(VIP, 80))).expect("connect");
+    let mut s = setup_with(
+        "lbt7",
+        2,
+        &web_manifest(&ready(&backends)),
+        &["--keep-datapath"],
+    );
+    s.agent
+        .wait_for_maps("2 backends", |m| {
+            m.contains(&format!("{VIP}:80/TCP count=2"))
+        })
+        .unwrap();
+    let mut conn = s
+        .topology
+        .client
+        .run(|| EchoConnection::open(SocketAddrV4::new(VIP, 80)))
+        .expect("connect");
     let backend = conn.ask().unwrap();
     let status = s.agent.stop().unwrap();
     assert!(status.success(), "{}", s.agent.log_text());
 
     // No agent runs now; the datapath keeps serving established and new flows.
     let pin_dir = s.agent.pin_dir.clone();
-    assert!(pin_dir.join(lb_common::svc::SVC_MAP).exists(), "maps stay pinned");
-    assert_eq!(conn.ask().expect("established flow without an agent"), backend);
-    s.topology.client.run(|| http_get(SocketAddrV4::new(VIP, 80))).expect("new flow without an agent");
+    assert!(
+        pin_dir.join(lb_common::svc::SVC_MAP).exists(),
+        "maps stay pinned"
+    );
+    assert_eq!(
+        conn.ask().expect("established flow without an agent"),
+        backend
+    );
+    s.topology
+        .client
+        .run(|| http_get(SocketAddrV4::new(VIP, 80)))
+        .expect("new flow without an agent");
 
     // A new agent adopts the pinned maps without rewriting them, replaces the
     // pinned links with its own, and the connection survives it all.
     let log = s.manifests.0.join("agent2.log");
     s.agent.cleanup_pins = false;
-    s.agent = Agent::start(&s.topology.node, &s.manifests.0, &s.topology.interface_pattern(), &pin_dir, &log, &[]).unwrap();
-    s.agent.wait_for_maps("2 backends", |m| m.contains(&format!("{VIP}:80/TCP count=2"))).unwrap();
+    s.agent = Agent::start(
+        &s.topology.node,
+        &s.manifests.0,
+        &s.topology.interface_pattern(),
+        &pin_dir,
+        &log,
+        &[],
+    )
+    .unwrap();
+    s.agent
+        .wait_for_maps("2 backends", |m| {
+            m.contains(&format!("{VIP}:80/TCP count=2"))
+        })
+        .unwrap();
     let deadline = std::time::Instant::now() + IO_TIMEOUT;
     while !s.agent.log_text().contains("released links") && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let log = s.agent.log_text();
-    assert!(log.contains("added=0") && log.contains("unchanged=2"), "restart must adopt, not rewrite:\n{log}");
-    assert!(log.contains("released links pinned by a previous run"), "{log}");
-    assert_eq!(conn.ask().expect("established flow across the restart"), backend);
-    s.topology.client.run(|| http_get(SocketAddrV4::new(VIP, 80))).expect("new flow after the restart");
+    assert!(
+        log.contains("added=0") && log.contains("unchanged=2"),
+        "restart must adopt, not rewrite:\n{log}"
+    );
+    assert!(
+        log.contains("released links pinned by a previous run"),
+        "{log}"
+    );
+    assert_eq!(
+        conn.ask().expect("established flow across the restart"),
+        backend
+    );
+    s.topology
+        .client
+        .run(|| http_get(SocketAddrV4::new(VIP, 80)))
+        .expect("new flow after the restart");
     let status = s.agent.stop().unwrap();
     assert!(status.success());
-    assert!(!pin_dir.exists(), "an agent without --keep-datapath cleans up on exit");
-    assert!(s.topology.client.run(|| http_get(SocketAddrV4::new(VIP, 80))).is_err(), "and detaches");
+    assert!(
+        !pin_dir.exists(),
+        "an agent without --keep-datapath cleans up on exit"
+    );
+    assert!(
+        s.topology
+            .client
+            .run(|| http_get(SocketAddrV4::new(VIP, 80)))
+            .is_err(),
+        "and detaches"
+    );
 }
 
 #[test]
 fn manifest_edits_apply_without_waiting_for_the_poll() {
     // Polling once a minute: only the directory watch can apply the edit
     // within wait_for_maps' 15 s.
-    let mut s = setup_with("lbt8", 2, &web_manifest(&ready(&[backend_ip(0)])), &["--poll-interval-ms", "60000"]);
-    s.agent.wait_for_maps("1 backend", |m| m.contains(&format!("{VIP}:80/TCP count=1"))).unwrap();
-    s.manifests.write("web.yaml", &web_manifest(&ready(&[backend_ip(0), backend_ip(1)]))).unwrap();
-    s.agent.wait_for_maps("2 backends after the edit", |m| m.contains(&format!("{VIP}:80/TCP count=2"))).unwrap();
+    let mut s = setup_with(
+        "lbt8",
+        2,
+        &web_manifest(&ready(&[backend_ip(0)])),
+        &["--poll-interval-ms", "60000"],
+    );
+    s.agent
+        .wait_for_maps("1 backend", |m| {
+            m.contains(&format!("{VIP}:80/TCP count=1"))
+        })
+        .unwrap();
+    s.manifests
+        .write(
+            "web.yaml",
+            &web_manifest(&ready(&[backend_ip(0), backend_ip(1)])),
+        )
+        .unwrap();
+    s.agent
+        .wait_for_maps("2 backends after the edit", |m| {
+            m.contains(&format!("{VIP}:80/TCP count=2"))
+        })
+        .unwrap();
 }

@@ -44,7 +44,11 @@ fn start(prefix: &str, backends: usize) -> Cluster {
         &["--health-addr", "127.0.0.1:10256"],
     )
     .expect("agent");
-    Cluster { agent, api, topology }
+    Cluster {
+        agent,
+        api,
+        topology,
+    }
 }
 
 /// Server-side applies every object of a manifest.
@@ -55,12 +59,16 @@ async fn apply(client: Client, yaml: String) -> anyhow::Result<()> {
     for s in objects.services {
         let ns = s.object.metadata.namespace.clone().unwrap_or_default();
         let name = s.object.metadata.name.clone().unwrap_or_default();
-        Api::<Service>::namespaced(client.clone(), &ns).patch(&name, &params, &Patch::Apply(&s.object)).await?;
+        Api::<Service>::namespaced(client.clone(), &ns)
+            .patch(&name, &params, &Patch::Apply(&s.object))
+            .await?;
     }
     for s in objects.slices {
         let ns = s.object.metadata.namespace.clone().unwrap_or_default();
         let name = s.object.metadata.name.clone().unwrap_or_default();
-        Api::<EndpointSlice>::namespaced(client.clone(), &ns).patch(&name, &params, &Patch::Apply(&s.object)).await?;
+        Api::<EndpointSlice>::namespaced(client.clone(), &ns)
+            .patch(&name, &params, &Patch::Apply(&s.object))
+            .await?;
     }
     Ok(())
 }
@@ -68,14 +76,18 @@ async fn apply(client: Client, yaml: String) -> anyhow::Result<()> {
 impl Cluster {
     fn apply(&self, yaml: &str) {
         let yaml = yaml.to_owned();
-        self.api.with_client(&self.topology.node, |c| apply(c, yaml)).expect("apply");
+        self.api
+            .with_client(&self.topology.node, |c| apply(c, yaml))
+            .expect("apply");
     }
 
     fn delete_service(&self, name: &str) {
         let name = name.to_owned();
         self.api
             .with_client(&self.topology.node, |c| async move {
-                Api::<Service>::namespaced(c, "demo").delete(&name, &DeleteParams::default()).await?;
+                Api::<Service>::namespaced(c, "demo")
+                    .delete(&name, &DeleteParams::default())
+                    .await?;
                 Ok(())
             })
             .expect("delete");
@@ -101,53 +113,98 @@ fn healthz(node: &NetNs) -> String {
 #[test]
 fn api_objects_are_programmed_updated_and_deleted() {
     let mut c = start("lbk1", 3);
-    let _servers: Vec<BackendServers> =
-        (0..3).map(|i| BackendServers::start(&c.topology.backends[i], &format!("be{i}"), 8080, 5353).unwrap()).collect();
+    let _servers: Vec<BackendServers> = (0..3)
+        .map(|i| {
+            BackendServers::start(&c.topology.backends[i], &format!("be{i}"), 8080, 5353).unwrap()
+        })
+        .collect();
     c.apply(&web_manifest(&ready(3)));
     // Another proxy's service is filtered out by the label selector.
     c.apply(
         "apiVersion: v1\nkind: Service\nmetadata:\n  name: theirs\n  namespace: demo\n  labels: {service.kubernetes.io/service-proxy-name: other}\n\
          spec:\n  clusterIP: 198.19.0.99\n  ports: [{port: 80}]\n",
     );
-    let maps = c.agent.wait_for_maps("3 backends from the API", |m| m.contains(&format!("{VIP}:80/TCP count=3"))).unwrap();
+    let maps = c
+        .agent
+        .wait_for_maps("3 backends from the API", |m| {
+            m.contains(&format!("{VIP}:80/TCP count=3"))
+        })
+        .unwrap();
     assert!(!maps.contains("198.19.0.99"), "{maps}");
-    assert!(healthz(&c.topology.node).contains("200"), "healthy after the first sync");
-    let body = c.topology.client.run(|| http_get(SocketAddrV4::new(VIP, 80))).expect("traffic through the VIP");
+    assert!(
+        healthz(&c.topology.node).contains("200"),
+        "healthy after the first sync"
+    );
+    let body = c
+        .topology
+        .client
+        .run(|| http_get(SocketAddrV4::new(VIP, 80)))
+        .expect("traffic through the VIP");
     assert!(body.starts_with("backend be"), "{body}");
 
     c.apply(&web_manifest(&ready(1)));
-    c.agent.wait_for_maps("scaled down to 1", |m| m.contains(&format!("{VIP}:80/TCP count=1"))).unwrap();
+    c.agent
+        .wait_for_maps("scaled down to 1", |m| {
+            m.contains(&format!("{VIP}:80/TCP count=1"))
+        })
+        .unwrap();
     c.apply(&web_manifest(&ready(2)));
-    c.agent.wait_for_maps("scaled up to 2", |m| m.contains(&format!("{VIP}:80/TCP count=2"))).unwrap();
+    c.agent
+        .wait_for_maps("scaled up to 2", |m| {
+            m.contains(&format!("{VIP}:80/TCP count=2"))
+        })
+        .unwrap();
 
     // The service's port changes: the old frontend goes, the new one serves.
     c.apply(&web_manifest(&ready(2)).replace("port: 80,", "port: 8081,"));
     let maps = c
         .agent
-        .wait_for_maps("port 80 → 8081", |m| m.contains(&format!("{VIP}:8081/TCP count=2")) && !m.contains(&format!("{VIP}:80/TCP")))
+        .wait_for_maps("port 80 → 8081", |m| {
+            m.contains(&format!("{VIP}:8081/TCP count=2")) && !m.contains(&format!("{VIP}:80/TCP"))
+        })
         .unwrap();
     assert!(maps.contains(&format!("{VIP}:53/UDP")), "{maps}");
-    c.topology.client.run(|| http_get(SocketAddrV4::new(VIP, 8081))).expect("new port serves");
+    c.topology
+        .client
+        .run(|| http_get(SocketAddrV4::new(VIP, 8081)))
+        .expect("new port serves");
 
     c.delete_service("web");
-    c.agent.wait_for_maps("service deleted", |m| !m.contains(&VIP.to_string())).unwrap();
+    c.agent
+        .wait_for_maps("service deleted", |m| !m.contains(&VIP.to_string()))
+        .unwrap();
 }
 
 #[test]
 fn apiserver_restart_and_compaction_force_a_relist() {
     let mut c = start("lbk2", 2);
-    let _servers: Vec<BackendServers> =
-        (0..2).map(|i| BackendServers::start(&c.topology.backends[i], &format!("be{i}"), 8080, 5353).unwrap()).collect();
+    let _servers: Vec<BackendServers> = (0..2)
+        .map(|i| {
+            BackendServers::start(&c.topology.backends[i], &format!("be{i}"), 8080, 5353).unwrap()
+        })
+        .collect();
     c.apply(&web_manifest(&ready(2)));
-    c.agent.wait_for_maps("2 backends", |m| m.contains(&format!("{VIP}:80/TCP count=2"))).unwrap();
+    c.agent
+        .wait_for_maps("2 backends", |m| {
+            m.contains(&format!("{VIP}:80/TCP count=2"))
+        })
+        .unwrap();
 
     // The agent's API server goes down; the datapath keeps serving.
     c.api.stop_apiserver();
-    c.topology.client.run(|| http_get(SocketAddrV4::new(VIP, 80))).expect("served with the API server down");
+    c.topology
+        .client
+        .run(|| http_get(SocketAddrV4::new(VIP, 80)))
+        .expect("served with the API server down");
 
     // Meanwhile the world changes through another API server on the same etcd,
     // and etcd compacts its history: the agent's resourceVersion is gone.
-    let (web, other) = (web_manifest(&ready(1)), web_manifest(&ready(1)).replace("name: web", "name: other").replace("198.19.0.10", "198.19.0.20"));
+    let (web, other) = (
+        web_manifest(&ready(1)),
+        web_manifest(&ready(1))
+            .replace("name: web", "name: other")
+            .replace("198.19.0.10", "198.19.0.20"),
+    );
     c.api
         .with_side_server(&c.topology.node, |client| async move {
             apply(client.clone(), web).await?;
@@ -155,16 +212,26 @@ fn apiserver_restart_and_compaction_force_a_relist() {
         })
         .expect("changes while the agent's server is down");
     c.api.compact(&c.topology.node).expect("compact");
-    c.api.start_apiserver(&c.topology.node).expect("API server back");
+    c.api
+        .start_apiserver(&c.topology.node)
+        .expect("API server back");
 
     // Resuming the watch gets 410 Expired; the watcher re-lists and the agent converges.
     let maps = c
         .agent
-        .wait_for_maps("state after relist", |m| m.contains(&format!("{VIP}:80/TCP count=1")) && m.contains("198.19.0.20:80/TCP count=1"))
+        .wait_for_maps("state after relist", |m| {
+            m.contains(&format!("{VIP}:80/TCP count=1")) && m.contains("198.19.0.20:80/TCP count=1")
+        })
         .unwrap();
-    assert!(maps.contains("198.18.10.2") && !maps.contains("198.18.11.2"), "{maps}");
+    assert!(
+        maps.contains("198.18.10.2") && !maps.contains("198.18.11.2"),
+        "{maps}"
+    );
     let log = c.agent.log_text();
-    assert!(log.contains("Expired"), "the agent's watch expired and re-listed:\n{log}");
+    assert!(
+        log.contains("Expired"),
+        "the agent's watch expired and re-listed:\n{log}"
+    );
 }
 
 #[test]
@@ -179,7 +246,10 @@ fn a_burst_of_1000_services_is_programmed() {
                         .replace("name: web-1", &format!("name: svc{i}-1"))
                         .replace("name: web", &format!("name: svc{i}"))
                         .replace("service-name: web", &format!("service-name: svc{i}"))
-                        .replace("198.19.0.10", &format!("198.19.{}.{}", 1 + i / 250, 1 + i % 250));
+                        .replace(
+                            "198.19.0.10",
+                            &format!("198.19.{}.{}", 1 + i / 250, 1 + i % 250),
+                        );
                     apply(client.clone(), yaml)
                 })
                 .buffer_unordered(16)
@@ -191,8 +261,13 @@ fn a_burst_of_1000_services_is_programmed() {
     let created = started.elapsed();
     let maps = c
         .agent
-        .wait_for_maps("2000 frontends", |m| m.lines().filter(|l| l.contains(" count=1 ")).count() == 2000)
+        .wait_for_maps("2000 frontends", |m| {
+            m.lines().filter(|l| l.contains(" count=1 ")).count() == 2000
+        })
         .unwrap();
-    eprintln!("1000 services (2000 frontends): created in {created:?}, programmed after {:?}", started.elapsed());
+    eprintln!(
+        "1000 services (2000 frontends): created in {created:?}, programmed after {:?}",
+        started.elapsed()
+    );
     assert!(!maps.contains("MISSING"));
 }

@@ -29,14 +29,25 @@ pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
     scratch.write("demo.yaml", MANIFEST)?;
     // SAFETY: single-threaded here; read by topology::agent_binary.
     unsafe { std::env::set_var("LB_AGENT_BIN", agent_bin) };
-    let mut agent = Agent::start(&topology.node, &scratch.0, &topology.interface_pattern(), Path::new(PIN_DIR), &scratch.0.join("agent.log"), &[])?;
-    agent.wait_for_maps("the demo services", |m| m.contains(&format!("{VIP}:80/TCP count=3")))?;
+    let mut agent = Agent::start(
+        &topology.node,
+        &scratch.0,
+        &topology.interface_pattern(),
+        Path::new(PIN_DIR),
+        &scratch.0.join("agent.log"),
+        &[],
+    )?;
+    agent.wait_for_maps("the demo services", |m| {
+        m.contains(&format!("{VIP}:80/TCP count=3"))
+    })?;
     println!("lb-agent running in namespace lbd-node, attached to lbd-*, maps pinned in {PIN_DIR}");
 
     step(&format!("services (lb-agent inspect --pin-dir {PIN_DIR})"));
     print!("{}", lb_agent::inspect::services(Path::new(PIN_DIR))?);
 
-    step(&format!("HTTP: 9 new connections to http://{VIP}:80 from the client pod"));
+    step(&format!(
+        "HTTP: 9 new connections to http://{VIP}:80 from the client pod"
+    ));
     topology.client.run(|| -> anyhow::Result<()> {
         for i in 1..=9 {
             let body = http_get(SocketAddrV4::new(VIP, 80)).context("HTTP through the VIP")?;
@@ -45,10 +56,13 @@ pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
         Ok(())
     })?;
 
-    step(&format!("UDP: 6 datagrams to {VIP}:53; answers come back from the VIP"));
+    step(&format!(
+        "UDP: 6 datagrams to {VIP}:53; answers come back from the VIP"
+    ));
     topology.client.run(|| -> anyhow::Result<()> {
         for i in 1..=6 {
-            let (answer, from) = udp_query(SocketAddrV4::new(VIP, 53)).context("UDP through the VIP")?;
+            let (answer, from) =
+                udp_query(SocketAddrV4::new(VIP, 53)).context("UDP through the VIP")?;
             println!("  datagram {i}: answered by {answer}, source {from}");
         }
         Ok(())
@@ -61,22 +75,36 @@ pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
             (c.ask().ok()? == "pod-1").then_some(c)
         })
     });
-    let without_pod1 = MANIFEST.replace("- addresses: [198.18.11.2]\n  conditions: {ready: true", "- addresses: [198.18.11.2]\n  conditions: {ready: false");
+    let without_pod1 = MANIFEST.replace(
+        "- addresses: [198.18.11.2]\n  conditions: {ready: true",
+        "- addresses: [198.18.11.2]\n  conditions: {ready: false",
+    );
     scratch.write("demo.yaml", &without_pod1)?;
-    agent.wait_for_maps("two backends", |m| m.contains(&format!("{VIP}:80/TCP count=2")))?;
+    agent.wait_for_maps("two backends", |m| {
+        m.contains(&format!("{VIP}:80/TCP count=2"))
+    })?;
     topology.client.run(|| -> anyhow::Result<()> {
         for i in 1..=6 {
-            println!("  new connection {i}: {}", http_get(SocketAddrV4::new(VIP, 80))?);
+            println!(
+                "  new connection {i}: {}",
+                http_get(SocketAddrV4::new(VIP, 80))?
+            );
         }
         Ok(())
     })?;
     if let Some(conn) = conn.as_mut() {
-        println!("  established connection to pod-1 still answered by: {}", conn.ask()?);
+        println!(
+            "  established connection to pod-1 still answered by: {}",
+            conn.ask()?
+        );
     }
 
     step("a service with no ready endpoint (starting, 198.19.0.11:80) refuses at once");
     let refused = topology.client.run(|| {
-        std::net::TcpStream::connect_timeout(&SocketAddr::from((Ipv4Addr::new(198, 19, 0, 11), 80)), std::time::Duration::from_secs(3))
+        std::net::TcpStream::connect_timeout(
+            &SocketAddr::from((Ipv4Addr::new(198, 19, 0, 11), 80)),
+            std::time::Duration::from_secs(3),
+        )
     });
     match refused {
         Err(e) => println!("  connect: {e}"),

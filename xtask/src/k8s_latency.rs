@@ -34,27 +34,52 @@ pub fn run(agent_bin: &Path, changes: usize) -> anyhow::Result<()> {
     let topology = Topology::new("lbl", 0)?;
     let api = TestApiServer::start(&topology.node, "lbl")?;
     let pin_dir = PathBuf::from("/sys/fs/bpf/lbl-latency");
-    let mut agent = Agent::start_with(&topology.node, Source::Kubeconfig(&api.kubeconfig), &topology.interface_pattern(), &pin_dir, &api.dir.0.join("agent.log"), &[])?;
+    let mut agent = Agent::start_with(
+        &topology.node,
+        Source::Kubeconfig(&api.kubeconfig),
+        &topology.interface_pattern(),
+        &pin_dir,
+        &api.dir.0.join("agent.log"),
+        &[],
+    )?;
 
-    let manifest = |n: usize| web_manifest(&(0..n).map(|i| (backend_ip(i), true)).collect::<Vec<(Ipv4Addr, bool)>>());
+    let manifest = |n: usize| {
+        web_manifest(
+            &(0..n)
+                .map(|i| (backend_ip(i), true))
+                .collect::<Vec<(Ipv4Addr, bool)>>(),
+        )
+    };
     let (objects, _) = lb_agent::manifest::parse_typed(&manifest(1), None)?;
     let service = objects.services[0].object.clone();
     api.with_client(&topology.node, |client| async move {
         let params = PatchParams::apply("lb-latency").force();
-        Api::<k8s_openapi::api::core::v1::Service>::namespaced(client, "demo").patch("web", &params, &Patch::Apply(&service)).await?;
+        Api::<k8s_openapi::api::core::v1::Service>::namespaced(client, "demo")
+            .patch("web", &params, &Patch::Apply(&service))
+            .await?;
         Ok(())
     })?;
     // Slices alternating between 1 and 2 endpoints.
     let slices: Vec<EndpointSlice> = [1, 2]
         .iter()
-        .map(|n| lb_agent::manifest::parse_typed(&manifest(*n), None).map(|(o, _)| o.slices[0].object.clone()))
+        .map(|n| {
+            lb_agent::manifest::parse_typed(&manifest(*n), None)
+                .map(|(o, _)| o.slices[0].object.clone())
+        })
         .collect::<Result<_, _>>()?;
 
     let svc: HashMap<MapData, SvcKey, SvcValue> = {
         agent.wait_for_maps("the service", |m| m.contains(&format!("{VIP}:80/TCP")))?;
         open_pinned(&pin_dir, SVC_MAP)?.try_into()?
     };
-    let key = svc_key(L4Addr { addr: VIP, port: 80, proto: Proto::Tcp }, 0);
+    let key = svc_key(
+        L4Addr {
+            addr: VIP,
+            port: 80,
+            proto: Proto::Tcp,
+        },
+        0,
+    );
 
     let (to_map, write_rtt) = api.with_client(&topology.node, move |client| async move {
         let slices_api = Api::<EndpointSlice>::namespaced(client, "demo");
@@ -64,11 +89,16 @@ pub fn run(agent_bin: &Path, changes: usize) -> anyhow::Result<()> {
             let slice = &slices[(i + 1) % 2];
             let expected = ((i + 1) % 2 + 1) as u16;
             let started = Instant::now();
-            slices_api.patch("web-1", &params, &Patch::Apply(slice)).await?;
+            slices_api
+                .patch("web-1", &params, &Patch::Apply(slice))
+                .await?;
             let acked = started.elapsed();
             let deadline = started + Duration::from_secs(10);
             while svc.get(&key, 0).map(|v| v.count).unwrap_or(0) != expected {
-                anyhow::ensure!(Instant::now() < deadline, "change {i} never reached the map");
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "change {i} never reached the map"
+                );
                 std::thread::sleep(Duration::from_micros(50));
             }
             if i >= 10 {

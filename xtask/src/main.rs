@@ -68,7 +68,10 @@ fn main() {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
 
 /// Runs `cargo test ...`, passing its output through, and returns the
@@ -87,7 +90,17 @@ fn cargo_test(args: &[&str]) -> anyhow::Result<(u64, u64)> {
         println!("{line}");
         if let Some(rest) = line.strip_prefix("test result: ") {
             let count = |word: &str| -> u64 {
-                rest.split(';').find_map(|part| part.trim().strip_suffix(word)?.trim().rsplit(' ').next()?.parse().ok()).unwrap_or(0)
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .strip_suffix(word)?
+                            .trim()
+                            .rsplit(' ')
+                            .next()?
+                            .parse()
+                            .ok()
+                    })
+                    .unwrap_or(0)
             };
             passed += count("passed");
             failed += count("failed");
@@ -95,7 +108,10 @@ fn cargo_test(args: &[&str]) -> anyhow::Result<(u64, u64)> {
     }
     let status = child.wait()?;
     if !status.success() {
-        bail!("cargo {} failed ({status}); {passed} passed, {failed} failed so far", args.join(" "));
+        bail!(
+            "cargo {} failed ({status}); {passed} passed, {failed} failed so far",
+            args.join(" ")
+        );
     }
     Ok((passed, failed))
 }
@@ -119,12 +135,17 @@ pub fn build_agent(release: bool) -> anyhow::Result<PathBuf> {
         args.push("--release");
     }
     cargo(&args)?;
-    Ok(workspace_root().join("target").join(if release { "release" } else { "debug" }).join("lb-agent"))
+    Ok(workspace_root()
+        .join("target")
+        .join(if release { "release" } else { "debug" })
+        .join("lb-agent"))
 }
 
 /// Builds (or finds cached) the test API server and etcd.
 fn build_apiserver() -> anyhow::Result<()> {
-    let status = Command::new("bash").arg(workspace_root().join("tests/apiserver/build.sh")).status()?;
+    let status = Command::new("bash")
+        .arg(workspace_root().join("tests/apiserver/build.sh"))
+        .status()?;
     if !status.success() {
         bail!("building the test API server failed ({status})");
     }
@@ -175,13 +196,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let agent = build_agent(false)?;
             demo::run(&agent)?;
         }
-        Task::Bench { scales, runs, seconds } => {
+        Task::Bench {
+            scales,
+            runs,
+            seconds,
+        } => {
             require_root("bench")?;
             if cfg!(debug_assertions) {
                 // The load generator runs in this process: measure with an optimised build.
                 let scales: Vec<String> = scales.iter().map(ToString::to_string).collect();
                 let (runs, seconds) = (runs.to_string(), seconds.to_string());
-                return cargo(&["run", "--quiet", "--release", "--package", "xtask", "--", "bench", "--scales", &scales.join(","), "--runs", &runs, "--seconds", &seconds]);
+                return cargo(&[
+                    "run",
+                    "--quiet",
+                    "--release",
+                    "--package",
+                    "xtask",
+                    "--",
+                    "bench",
+                    "--scales",
+                    &scales.join(","),
+                    "--runs",
+                    &runs,
+                    "--seconds",
+                    &seconds,
+                ]);
             }
             let agent = build_agent(true)?;
             let config = bench::BenchConfig {
@@ -201,7 +240,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Task::Test { filter } => {
             let filter: Vec<&str> = filter.as_deref().into_iter().collect();
-            let mut unprivileged = vec!["test", "--package", "lb-common", "--package", "lb-agent", "--"];
+            let mut unprivileged = vec![
+                "test",
+                "--package",
+                "lb-common",
+                "--package",
+                "lb-agent",
+                "--",
+            ];
             unprivileged.extend(&filter);
             let (p1, f1) = cargo_test(&unprivileged)?;
             require_root("the datapath and end-to-end tests")?;

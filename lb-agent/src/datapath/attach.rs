@@ -21,7 +21,12 @@ pub fn interfaces() -> std::io::Result<Vec<(String, u32)>> {
         let mut out = Vec::new();
         let mut entry = list;
         while (*entry).if_index != 0 {
-            out.push((CStr::from_ptr((*entry).if_name).to_string_lossy().into_owned(), (*entry).if_index));
+            out.push((
+                CStr::from_ptr((*entry).if_name)
+                    .to_string_lossy()
+                    .into_owned(),
+                (*entry).if_index,
+            ));
             entry = entry.add(1);
         }
         libc::if_freenameindex(list);
@@ -58,7 +63,10 @@ pub struct Attacher {
 
 impl Attacher {
     pub fn new(patterns: Vec<String>) -> Self {
-        Self { patterns, links: BTreeMap::new() }
+        Self {
+            patterns,
+            links: BTreeMap::new(),
+        }
     }
 
     pub fn matches(&self, name: &str) -> bool {
@@ -68,7 +76,12 @@ impl Attacher {
     /// Patterns that match no current interface.
     pub fn unmatched_patterns(&self) -> std::io::Result<Vec<String>> {
         let names = interfaces()?;
-        Ok(self.patterns.iter().filter(|p| !names.iter().any(|(n, _)| glob_match(p, n))).cloned().collect())
+        Ok(self
+            .patterns
+            .iter()
+            .filter(|p| !names.iter().any(|(n, _)| glob_match(p, n)))
+            .cloned()
+            .collect())
     }
 
     pub fn attached(&self) -> impl Iterator<Item = &str> {
@@ -114,7 +127,9 @@ impl Attacher {
             return vec![format!("{}: {e}", dir.display())];
         }
         for (name, (_, link)) in std::mem::take(&mut self.links) {
-            let pinned = FdLink::try_from(link).map_err(|e| e.to_string()).and_then(|l| l.pin(dir.join(&name)).map_err(|e| e.to_string()));
+            let pinned = FdLink::try_from(link)
+                .map_err(|e| e.to_string())
+                .and_then(|l| l.pin(dir.join(&name)).map_err(|e| e.to_string()));
             match pinned {
                 Ok(_pinned) => {} // dropping the PinnedLink keeps the pin
                 Err(e) => errors.push(format!("pinning link on {name}: {e}")),
@@ -124,7 +139,10 @@ impl Attacher {
     }
 }
 
-fn attach(program: &mut SchedClassifier, name: &str) -> Result<SchedClassifierLink, aya::programs::ProgramError> {
+fn attach(
+    program: &mut SchedClassifier,
+    name: &str,
+) -> Result<SchedClassifierLink, aya::programs::ProgramError> {
     let id = match program.attach(name, TcAttachType::Ingress) {
         Ok(id) => id,
         // Kernels before 6.6 (no TCX) need a clsact qdisc first.
@@ -140,7 +158,9 @@ fn attach(program: &mut SchedClassifier, name: &str) -> Result<SchedClassifierLi
 /// (after this run attached its own, so there is no gap).
 pub fn release_pinned_links(dir: &Path) -> Vec<String> {
     let mut released = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else { return released };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return released;
+    };
     for entry in entries.flatten() {
         if let Ok(link) = PinnedLink::from_pin(entry.path()) {
             if link.unpin().is_ok() {

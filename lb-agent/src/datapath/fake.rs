@@ -16,14 +16,24 @@ pub struct FakeMaps {
 
 impl FakeMaps {
     pub fn new(max_slots: usize, max_backends: usize) -> Self {
-        Self { state: Snapshot::default(), max_slots, max_backends, log: Vec::new() }
+        Self {
+            state: Snapshot::default(),
+            max_slots,
+            max_backends,
+            log: Vec::new(),
+        }
     }
 }
 
 impl LbMaps for FakeMaps {
     fn put_backend(&mut self, id: u32, backend: L4Addr) -> Result<(), MapWriteError> {
-        if !self.state.backends.contains_key(&id) && self.state.backends.len() >= self.max_backends {
-            return Err(MapWriteError::Full { map: "lb_backend_v1", capacity: self.max_backends as u32, flag: "--max-backends" });
+        if !self.state.backends.contains_key(&id) && self.state.backends.len() >= self.max_backends
+        {
+            return Err(MapWriteError::Full {
+                map: "lb_backend_v1",
+                capacity: self.max_backends as u32,
+                flag: "--max-backends",
+            });
         }
         self.log.push(format!("put backend {id} {backend}"));
         self.state.backends.insert(id, backend);
@@ -36,14 +46,29 @@ impl LbMaps for FakeMaps {
         Ok(())
     }
 
-    fn put_slot(&mut self, frontend: L4Addr, slot: u16, value: SvcValue) -> Result<(), MapWriteError> {
-        if !self.state.slots.contains_key(&(frontend, slot)) && self.state.slots.len() >= self.max_slots {
-            return Err(MapWriteError::Full { map: "lb_svc_v1", capacity: self.max_slots as u32, flag: "--max-service-slots" });
+    fn put_slot(
+        &mut self,
+        frontend: L4Addr,
+        slot: u16,
+        value: SvcValue,
+    ) -> Result<(), MapWriteError> {
+        if !self.state.slots.contains_key(&(frontend, slot))
+            && self.state.slots.len() >= self.max_slots
+        {
+            return Err(MapWriteError::Full {
+                map: "lb_svc_v1",
+                capacity: self.max_slots as u32,
+                flag: "--max-service-slots",
+            });
         }
         if slot == 0 {
-            self.log.push(format!("put slot {frontend}#0 count={}", value.count));
+            self.log
+                .push(format!("put slot {frontend}#0 count={}", value.count));
         } else {
-            self.log.push(format!("put slot {frontend}#{slot} backend={}", value.backend_id));
+            self.log.push(format!(
+                "put slot {frontend}#{slot} backend={}",
+                value.backend_id
+            ));
         }
         self.state.slots.insert((frontend, slot), value);
         Ok(())

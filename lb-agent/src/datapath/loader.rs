@@ -11,11 +11,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    backend::BACKEND_MAP,
-    ct::CT_MAP,
-    revnat::REVNAT_MAP,
-    stats::STATS_MAP,
-    svc::SVC_MAP,
+    backend::BACKEND_MAP, ct::CT_MAP, revnat::REVNAT_MAP, stats::STATS_MAP, svc::SVC_MAP,
 };
 
 use super::{
@@ -48,7 +44,11 @@ pub struct MapSizes {
 
 impl MapSizes {
     pub fn capacity(&self) -> Capacity {
-        Capacity { services: self.service_slots, backends: self.backends, revnat: u16::MAX as u32 + 1 }
+        Capacity {
+            services: self.service_slots,
+            backends: self.backends,
+            revnat: u16::MAX as u32 + 1,
+        }
     }
 }
 
@@ -110,23 +110,35 @@ fn warn_on_resized_pins(ebpf: &Ebpf, sizes: MapSizes) {
 }
 
 pub fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, LoadError> {
-    let program = ebpf
-        .program_mut(PROGRAM_NAME)
-        .ok_or_else(|| LoadError::Map("-", format!("program {PROGRAM_NAME} missing from the object")))?;
+    let program = ebpf.program_mut(PROGRAM_NAME).ok_or_else(|| {
+        LoadError::Map(
+            "-",
+            format!("program {PROGRAM_NAME} missing from the object"),
+        )
+    })?;
     Ok(program.try_into()?)
 }
 
 /// Takes the service maps out of a loaded datapath for the reconciler.
 pub fn kernel_maps(ebpf: &mut Ebpf, sizes: MapSizes) -> Result<KernelMaps, LoadError> {
-    let mut take = |name: &'static str| ebpf.take_map(name).ok_or_else(|| LoadError::Map(name, "missing from the object".into()));
+    let mut take = |name: &'static str| {
+        ebpf.take_map(name)
+            .ok_or_else(|| LoadError::Map(name, "missing from the object".into()))
+    };
     let (svc, backends, revnat) = (take(SVC_MAP)?, take(BACKEND_MAP)?, take(REVNAT_MAP)?);
-    KernelMaps::new(svc, backends, revnat, sizes.capacity()).map_err(|e| LoadError::Map(SVC_MAP, e.to_string()))
+    KernelMaps::new(svc, backends, revnat, sizes.capacity())
+        .map_err(|e| LoadError::Map(SVC_MAP, e.to_string()))
 }
 
 /// Opens one pinned map (for `inspect` and tests).
 pub fn open_pinned(pin_dir: &Path, name: &'static str) -> Result<Map, LoadError> {
     let path = pin_dir.join(name);
-    let data = MapData::from_pin(&path).map_err(|e| LoadError::Map(name, format!("{}: {e} (is lb-agent running?)", path.display())))?;
+    let data = MapData::from_pin(&path).map_err(|e| {
+        LoadError::Map(
+            name,
+            format!("{}: {e} (is lb-agent running?)", path.display()),
+        )
+    })?;
     Map::from_map_data(data).map_err(|e| LoadError::Map(name, e.to_string()))
 }
 
@@ -142,13 +154,16 @@ pub fn unpin_all(pin_dir: &Path) {
 fn ensure_bpffs_dir(dir: &Path) -> Result<(), LoadError> {
     let err = |m: String| LoadError::PinDir(dir.to_path_buf(), m);
     std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
-    let c_path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).map_err(|e| err(e.to_string()))?;
+    let c_path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|e| err(e.to_string()))?;
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statfs(c_path.as_ptr(), &mut stat) } != 0 {
         return Err(err(std::io::Error::last_os_error().to_string()));
     }
     if stat.f_type as i64 != BPF_FS_MAGIC {
-        return Err(err("not on a bpf filesystem (mount -t bpf bpf /sys/fs/bpf)".into()));
+        return Err(err(
+            "not on a bpf filesystem (mount -t bpf bpf /sys/fs/bpf)".into(),
+        ));
     }
     Ok(())
 }

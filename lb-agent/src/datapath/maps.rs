@@ -16,9 +16,17 @@ use crate::model::{L4Addr, Proto};
 #[derive(Debug, thiserror::Error)]
 pub enum MapWriteError {
     #[error("map {map} is full ({capacity} entries): raise {flag}")]
-    Full { map: &'static str, capacity: u32, flag: &'static str },
+    Full {
+        map: &'static str,
+        capacity: u32,
+        flag: &'static str,
+    },
     #[error("{op} on map {map}: {source}")]
-    Syscall { op: &'static str, map: &'static str, source: std::io::Error },
+    Syscall {
+        op: &'static str,
+        map: &'static str,
+        source: std::io::Error,
+    },
 }
 
 /// The service maps as the agent reads them back.
@@ -33,7 +41,12 @@ pub struct Snapshot {
 pub trait LbMaps {
     fn put_backend(&mut self, id: u32, backend: L4Addr) -> Result<(), MapWriteError>;
     fn delete_backend(&mut self, id: u32) -> Result<(), MapWriteError>;
-    fn put_slot(&mut self, frontend: L4Addr, slot: u16, value: SvcValue) -> Result<(), MapWriteError>;
+    fn put_slot(
+        &mut self,
+        frontend: L4Addr,
+        slot: u16,
+        value: SvcValue,
+    ) -> Result<(), MapWriteError>;
     fn delete_slot(&mut self, frontend: L4Addr, slot: u16) -> Result<(), MapWriteError>;
     fn put_revnat(&mut self, id: u16, frontend: L4Addr) -> Result<(), MapWriteError>;
     fn delete_revnat(&mut self, id: u16) -> Result<(), MapWriteError>;
@@ -43,11 +56,20 @@ pub trait LbMaps {
 // --- wire-order conversions -------------------------------------------------
 
 pub fn svc_key(frontend: L4Addr, slot: u16) -> SvcKey {
-    SvcKey::new(u32::from(frontend.addr).to_be(), frontend.port.to_be(), frontend.proto.number(), slot)
+    SvcKey::new(
+        u32::from(frontend.addr).to_be(),
+        frontend.port.to_be(),
+        frontend.proto.number(),
+        slot,
+    )
 }
 
 fn l4(addr_be: u32, port_be: u16, proto: u8) -> Option<L4Addr> {
-    Some(L4Addr { addr: Ipv4Addr::from(u32::from_be(addr_be)), port: u16::from_be(port_be), proto: Proto::from_number(proto)? })
+    Some(L4Addr {
+        addr: Ipv4Addr::from(u32::from_be(addr_be)),
+        port: u16::from_be(port_be),
+        proto: Proto::from_number(proto)?,
+    })
 }
 
 pub fn frontend_of(key: &SvcKey) -> Option<(L4Addr, u16)> {
@@ -55,7 +77,12 @@ pub fn frontend_of(key: &SvcKey) -> Option<(L4Addr, u16)> {
 }
 
 pub fn backend_value(backend: L4Addr) -> Backend {
-    Backend { addr_be: u32::from(backend.addr).to_be(), port_be: backend.port.to_be(), proto: backend.proto.number(), flags: 0 }
+    Backend {
+        addr_be: u32::from(backend.addr).to_be(),
+        port_be: backend.port.to_be(),
+        proto: backend.proto.number(),
+        flags: 0,
+    }
 }
 
 pub fn backend_of(value: &Backend) -> Option<L4Addr> {
@@ -63,7 +90,12 @@ pub fn backend_of(value: &Backend) -> Option<L4Addr> {
 }
 
 pub fn revnat_value(frontend: L4Addr) -> RevNat {
-    RevNat { addr_be: u32::from(frontend.addr).to_be(), port_be: frontend.port.to_be(), proto: frontend.proto.number(), _pad: 0 }
+    RevNat {
+        addr_be: u32::from(frontend.addr).to_be(),
+        port_be: frontend.port.to_be(),
+        proto: frontend.proto.number(),
+        _pad: 0,
+    }
 }
 
 pub fn revnat_of(value: &RevNat) -> Option<L4Addr> {
@@ -99,15 +131,29 @@ impl KernelMaps {
     }
 }
 
-fn write_error(op: &'static str, map: &'static str, capacity: u32, flag: &'static str, err: MapError) -> MapWriteError {
+fn write_error(
+    op: &'static str,
+    map: &'static str,
+    capacity: u32,
+    flag: &'static str,
+    err: MapError,
+) -> MapWriteError {
     let io = match err {
         MapError::SyscallError(e) => e.io_error,
         other => std::io::Error::other(other.to_string()),
     };
     if io.raw_os_error() == Some(libc::E2BIG) || io.raw_os_error() == Some(libc::ENOSPC) {
-        MapWriteError::Full { map, capacity, flag }
+        MapWriteError::Full {
+            map,
+            capacity,
+            flag,
+        }
     } else {
-        MapWriteError::Syscall { op, map, source: io }
+        MapWriteError::Syscall {
+            op,
+            map,
+            source: io,
+        }
     }
 }
 
@@ -124,34 +170,84 @@ impl LbMaps for KernelMaps {
     fn put_backend(&mut self, id: u32, backend: L4Addr) -> Result<(), MapWriteError> {
         self.backends
             .insert(id, backend_value(backend), 0)
-            .map_err(|e| write_error("insert", BACKEND_MAP, self.capacity.backends, "--max-backends", e))
+            .map_err(|e| {
+                write_error(
+                    "insert",
+                    BACKEND_MAP,
+                    self.capacity.backends,
+                    "--max-backends",
+                    e,
+                )
+            })
     }
 
     fn delete_backend(&mut self, id: u32) -> Result<(), MapWriteError> {
-        ignore_missing(self.backends.remove(&id))
-            .map_err(|e| write_error("delete", BACKEND_MAP, self.capacity.backends, "--max-backends", e))
+        ignore_missing(self.backends.remove(&id)).map_err(|e| {
+            write_error(
+                "delete",
+                BACKEND_MAP,
+                self.capacity.backends,
+                "--max-backends",
+                e,
+            )
+        })
     }
 
-    fn put_slot(&mut self, frontend: L4Addr, slot: u16, value: SvcValue) -> Result<(), MapWriteError> {
+    fn put_slot(
+        &mut self,
+        frontend: L4Addr,
+        slot: u16,
+        value: SvcValue,
+    ) -> Result<(), MapWriteError> {
         self.svc
             .insert(svc_key(frontend, slot), value, 0)
-            .map_err(|e| write_error("insert", SVC_MAP, self.capacity.services, "--max-service-slots", e))
+            .map_err(|e| {
+                write_error(
+                    "insert",
+                    SVC_MAP,
+                    self.capacity.services,
+                    "--max-service-slots",
+                    e,
+                )
+            })
     }
 
     fn delete_slot(&mut self, frontend: L4Addr, slot: u16) -> Result<(), MapWriteError> {
-        ignore_missing(self.svc.remove(&svc_key(frontend, slot)))
-            .map_err(|e| write_error("delete", SVC_MAP, self.capacity.services, "--max-service-slots", e))
+        ignore_missing(self.svc.remove(&svc_key(frontend, slot))).map_err(|e| {
+            write_error(
+                "delete",
+                SVC_MAP,
+                self.capacity.services,
+                "--max-service-slots",
+                e,
+            )
+        })
     }
 
     fn put_revnat(&mut self, id: u16, frontend: L4Addr) -> Result<(), MapWriteError> {
         self.revnat
             .insert(id, revnat_value(frontend), 0)
-            .map_err(|e| write_error("insert", REVNAT_MAP, self.capacity.revnat, "(65535 frontends at most)", e))
+            .map_err(|e| {
+                write_error(
+                    "insert",
+                    REVNAT_MAP,
+                    self.capacity.revnat,
+                    "(65535 frontends at most)",
+                    e,
+                )
+            })
     }
 
     fn delete_revnat(&mut self, id: u16) -> Result<(), MapWriteError> {
-        ignore_missing(self.revnat.remove(&id))
-            .map_err(|e| write_error("delete", REVNAT_MAP, self.capacity.revnat, "(65535 frontends at most)", e))
+        ignore_missing(self.revnat.remove(&id)).map_err(|e| {
+            write_error(
+                "delete",
+                REVNAT_MAP,
+                self.capacity.revnat,
+                "(65535 frontends at most)",
+                e,
+            )
+        })
     }
 
     fn snapshot(&self) -> Result<Snapshot, MapWriteError> {

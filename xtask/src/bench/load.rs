@@ -21,7 +21,12 @@ pub struct ConnResult {
 }
 
 /// Short connections to `targets` (round-robin per thread) for `duration`.
-pub fn connections(client: &NetNs, targets: &[SocketAddrV4], threads: usize, duration: Duration) -> ConnResult {
+pub fn connections(
+    client: &NetNs,
+    targets: &[SocketAddrV4],
+    threads: usize,
+    duration: Duration,
+) -> ConnResult {
     let stop = Arc::new(AtomicBool::new(false));
     let handles: Vec<_> = (0..threads)
         .map(|t| {
@@ -31,7 +36,9 @@ pub fn connections(client: &NetNs, targets: &[SocketAddrV4], threads: usize, dur
                 while !stop.load(Ordering::Relaxed) {
                     let started = Instant::now();
                     match http_get(targets[k % targets.len()]) {
-                        Ok(body) if body.starts_with("backend ") => latencies.push(started.elapsed()),
+                        Ok(body) if body.starts_with("backend ") => {
+                            latencies.push(started.elapsed())
+                        }
                         _ => errors += 1,
                     }
                     k += 1;
@@ -52,8 +59,17 @@ pub fn connections(client: &NetNs, targets: &[SocketAddrV4], threads: usize, dur
     }
     let elapsed = started.elapsed();
     all.sort();
-    let pick = |p: f64| all.get(((all.len().max(1) - 1) as f64 * p) as usize).copied().unwrap_or_default();
-    ConnResult { per_second: all.len() as f64 / elapsed.as_secs_f64(), p50: pick(0.5), p99: pick(0.99), errors }
+    let pick = |p: f64| {
+        all.get(((all.len().max(1) - 1) as f64 * p) as usize)
+            .copied()
+            .unwrap_or_default()
+    };
+    ConnResult {
+        per_second: all.len() as f64 / elapsed.as_secs_f64(),
+        p50: pick(0.5),
+        p99: pick(0.99),
+        errors,
+    }
 }
 
 /// One connection carrying `bytes`; returns Gbit/s.

@@ -20,7 +20,6 @@ use lb_tests::{
     topology::{backend_ip, Agent, ScratchDir, Topology},
 };
 
-
 /// One service as every mode programs it.
 #[derive(Clone)]
 pub struct Service {
@@ -72,11 +71,18 @@ pub fn services(n: usize) -> Vec<Service> {
                 (0..ENDPOINTS)
                     .map(|j| {
                         let k = (i * ENDPOINTS + j) as u32;
-                        (Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 128, 0)) + k % 32768), 8080 + (k / 32768) as u16)
+                        (
+                            Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 128, 0)) + k % 32768),
+                            8080 + (k / 32768) as u16,
+                        )
                     })
                     .collect()
             };
-            Service { vip: peers::vip(i), port: 80, endpoints }
+            Service {
+                vip: peers::vip(i),
+                port: 80,
+                endpoints,
+            }
         })
         .collect()
 }
@@ -107,24 +113,43 @@ pub fn run(agent_bin: &Path, config: &BenchConfig) -> anyhow::Result<()> {
         for mode in Mode::ALL {
             let mut sample = Sample::default();
             for run in 0..config.runs {
-                eprintln!("[bench] {scale} services, {}, run {}/{}", mode.name(), run + 1, config.runs);
-                one_run(mode, &services, config, &mut sample).with_context(|| format!("{} at {scale} services", mode.name()))?;
+                eprintln!(
+                    "[bench] {scale} services, {}, run {}/{}",
+                    mode.name(),
+                    run + 1,
+                    config.runs
+                );
+                one_run(mode, &services, config, &mut sample)
+                    .with_context(|| format!("{} at {scale} services", mode.name()))?;
             }
             results.push((scale, mode, sample));
         }
     }
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/results");
     std::fs::create_dir_all(&out)?;
-    let text = report::markdown(config, &results, &map_writes, &per_packet, started.elapsed());
+    let text = report::markdown(
+        config,
+        &results,
+        &map_writes,
+        &per_packet,
+        started.elapsed(),
+    );
     std::fs::write(out.join("bench.md"), &text)?;
     std::fs::write(out.join("connections.svg"), report::svg(config, &results))?;
     println!("{text}");
     Ok(())
 }
 
-fn one_run(mode: Mode, services: &[Service], config: &BenchConfig, sample: &mut Sample) -> anyhow::Result<()> {
+fn one_run(
+    mode: Mode,
+    services: &[Service],
+    config: &BenchConfig,
+    sample: &mut Sample,
+) -> anyhow::Result<()> {
     let topology = Topology::new(PREFIX, ENDPOINTS)?;
-    topology.client.sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
+    topology
+        .client
+        .sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
     topology.client.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
     let _servers: Vec<BackendServers> = (0..ENDPOINTS)
         .map(|i| BackendServers::start(&topology.backends[i], &format!("pod-{i}"), 8080, 5353))
@@ -135,7 +160,9 @@ fn one_run(mode: Mode, services: &[Service], config: &BenchConfig, sample: &mut 
     let mut agent = None;
     let started = Instant::now();
     let targets: Vec<SocketAddrV4> = match mode {
-        Mode::Direct => (0..ENDPOINTS).map(|i| SocketAddrV4::new(backend_ip(i), 8080)).collect(),
+        Mode::Direct => (0..ENDPOINTS)
+            .map(|i| SocketAddrV4::new(backend_ip(i), 8080))
+            .collect(),
         Mode::Iptables => {
             let rules = scratch.0.join("iptables.rules");
             std::fs::write(&rules, peers::iptables_rules(services))?;
@@ -150,7 +177,14 @@ fn one_run(mode: Mode, services: &[Service], config: &BenchConfig, sample: &mut 
         }
         Mode::Lb => {
             scratch.write("services.yaml", &peers::manifest(services))?;
-            let mut a = Agent::start(&topology.node, &scratch.0, &topology.interface_pattern(), Path::new(PIN_DIR), &scratch.0.join("agent.log"), &[])?;
+            let mut a = Agent::start(
+                &topology.node,
+                &scratch.0,
+                &topology.interface_pattern(),
+                Path::new(PIN_DIR),
+                &scratch.0.join("agent.log"),
+                &[],
+            )?;
             let needle = format!("{vip}/TCP count={ENDPOINTS}");
             a.wait_for_maps("the bench services", |m| m.contains(&needle))?;
             agent = Some(a);
@@ -162,14 +196,21 @@ fn one_run(mode: Mode, services: &[Service], config: &BenchConfig, sample: &mut 
     }
     // The path must work before it is measured.
     let probe = targets[0];
-    topology.client.run(|| http_get(probe)).with_context(|| format!("no answer from {probe}"))?;
+    topology
+        .client
+        .run(|| http_get(probe))
+        .with_context(|| format!("no answer from {probe}"))?;
 
     let conns = load::connections(&topology.client, &targets, config.threads, config.duration);
     sample.conns_per_s.push(conns.per_second);
     sample.p50_ms.push(conns.p50.as_secs_f64() * 1e3);
     sample.p99_ms.push(conns.p99.as_secs_f64() * 1e3);
     sample.errors += conns.errors;
-    sample.gbit_s.push(load::throughput(&topology.client, targets[0], config.bulk_bytes)?);
+    sample.gbit_s.push(load::throughput(
+        &topology.client,
+        targets[0],
+        config.bulk_bytes,
+    )?);
 
     if let Some(agent) = agent.as_mut() {
         let (rss, cpu) = process_usage(agent.pid().context("agent pid")?)?;
@@ -192,9 +233,16 @@ fn restore(netns: &str, command: &[&str], file: &PathBuf) -> anyhow::Result<()> 
     } else {
         cmd.stdin(std::fs::File::open(file)?);
     }
-    let out = cmd.stdout(Stdio::null()).output().with_context(|| format!("running {}", command[0]))?;
+    let out = cmd
+        .stdout(Stdio::null())
+        .output()
+        .with_context(|| format!("running {}", command[0]))?;
     if !out.status.success() {
-        bail!("{} failed: {}", command[0], String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "{} failed: {}",
+            command[0],
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(())
 }
@@ -208,7 +256,12 @@ fn process_usage(pid: u32) -> anyhow::Result<(f64, f64)> {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .context("VmRSS")?;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let fields: Vec<&str> = stat.rsplit_once(')').context("stat")?.1.split_whitespace().collect();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("stat")?
+        .1
+        .split_whitespace()
+        .collect();
     let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
     let hz = unsafe { sysconf_clk_tck() } as f64;
     Ok((rss_kib / 1024.0, ticks / hz))

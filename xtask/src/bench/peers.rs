@@ -15,14 +15,18 @@ use std::{fmt::Write as _, net::Ipv4Addr};
 use super::Service;
 
 pub fn iptables_rules(services: &[Service]) -> String {
-    let mut r = String::from("*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n");
+    let mut r = String::from(
+        "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n",
+    );
     for (i, svc) in services.iter().enumerate() {
         let _ = writeln!(r, ":KUBE-SVC-{i:06} - [0:0]");
         for j in 0..svc.endpoints.len() {
             let _ = writeln!(r, ":KUBE-SEP-{i:06}-{j:02} - [0:0]");
         }
     }
-    r.push_str("-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n");
+    r.push_str(
+        "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n",
+    );
     r.push_str("-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n");
     for (i, svc) in services.iter().enumerate() {
         let _ = writeln!(r, "-A KUBE-SERVICES -d {}/32 -p tcp -m comment --comment \"bench/svc{i}:http cluster IP\" -m tcp --dport {} -j KUBE-SVC-{i:06}", svc.vip, svc.port);
@@ -36,7 +40,10 @@ pub fn iptables_rules(services: &[Service]) -> String {
             }
         }
         for (j, (ip, port)) in svc.endpoints.iter().enumerate() {
-            let _ = writeln!(r, "-A KUBE-SEP-{i:06}-{j:02} -p tcp -m tcp -j DNAT --to-destination {ip}:{port}");
+            let _ = writeln!(
+                r,
+                "-A KUBE-SEP-{i:06}-{j:02} -p tcp -m tcp -j DNAT --to-destination {ip}:{port}"
+            );
         }
     }
     r.push_str("COMMIT\n");
@@ -49,19 +56,35 @@ pub fn nftables_rules(services: &[Service]) -> String {
     if !services.is_empty() {
         r.push_str("    elements = {\n");
         for (i, svc) in services.iter().enumerate() {
-            let _ = writeln!(r, "      {} . tcp . {} : goto service-{i:06},", svc.vip, svc.port);
+            let _ = writeln!(
+                r,
+                "      {} . tcp . {} : goto service-{i:06},",
+                svc.vip, svc.port
+            );
         }
         r.push_str("    }\n");
     }
     r.push_str("  }\n");
-    r.push_str("  chain services {\n    ip daddr . meta l4proto . th dport vmap @service-ips\n  }\n");
+    r.push_str(
+        "  chain services {\n    ip daddr . meta l4proto . th dport vmap @service-ips\n  }\n",
+    );
     r.push_str("  chain nat-prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n    jump services\n  }\n");
     r.push_str("  chain nat-output {\n    type nat hook output priority -100; policy accept;\n    jump services\n  }\n");
     for (i, svc) in services.iter().enumerate() {
-        let arms: Vec<String> = (0..svc.endpoints.len()).map(|j| format!("{j} : goto endpoint-{i:06}-{j:02}")).collect();
-        let _ = writeln!(r, "  chain service-{i:06} {{\n    numgen random mod {} vmap {{ {} }}\n  }}", svc.endpoints.len(), arms.join(", "));
+        let arms: Vec<String> = (0..svc.endpoints.len())
+            .map(|j| format!("{j} : goto endpoint-{i:06}-{j:02}"))
+            .collect();
+        let _ = writeln!(
+            r,
+            "  chain service-{i:06} {{\n    numgen random mod {} vmap {{ {} }}\n  }}",
+            svc.endpoints.len(),
+            arms.join(", ")
+        );
         for (j, (ip, port)) in svc.endpoints.iter().enumerate() {
-            let _ = writeln!(r, "  chain endpoint-{i:06}-{j:02} {{\n    meta l4proto tcp dnat to {ip}:{port}\n  }}");
+            let _ = writeln!(
+                r,
+                "  chain endpoint-{i:06}-{j:02} {{\n    meta l4proto tcp dnat to {ip}:{port}\n  }}"
+            );
         }
     }
     r.push_str("}\n");

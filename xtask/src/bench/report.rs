@@ -38,7 +38,11 @@ pub fn stats(v: &[f64]) -> Figure {
 pub fn per_packet_costs(runs: usize) -> anyhow::Result<Vec<(&'static str, Vec<f64>)>> {
     const PER_PACKET_RUNS: u16 = 20_000;
     let mut h = Harness::new();
-    h.apply_yaml(&web_manifest(&(0..10).map(|i| (Ipv4Addr::new(198, 18, 10 + i, 2), true)).collect::<Vec<_>>()));
+    h.apply_yaml(&web_manifest(
+        &(0..10)
+            .map(|i| (Ipv4Addr::new(198, 18, 10 + i, 2), true))
+            .collect::<Vec<_>>(),
+    ));
     let vip = SocketAddrV4::new(VIP, 80);
     let established = SocketAddrV4::new(CLIENT_IP, 40000);
     h.run(&Packet::tcp(established, vip, TCP_SYN).build());
@@ -54,20 +58,49 @@ pub fn per_packet_costs(runs: usize) -> anyhow::Result<Vec<(&'static str, Vec<f6
     arp.extend_from_slice(&[0x02, 0, 0, 0, 0, 1, 0x08, 0x06]);
     arp.extend_from_slice(&[0u8; 46]);
     let ack = Packet::tcp(established, vip, TCP_ACK).build();
-    let other = Packet::tcp(established, SocketAddrV4::new(Ipv4Addr::new(198, 18, 99, 1), 80), TCP_SYN).build();
+    let other = Packet::tcp(
+        established,
+        SocketAddrV4::new(Ipv4Addr::new(198, 18, 99, 1), 80),
+        TCP_SYN,
+    )
+    .build();
     for batch in 0..runs {
         // A new source address per batch and port per run: each SYN is a new flow.
         let client = Ipv4Addr::new(198, 18, 2, batch as u8 + 1);
-        let syns: Vec<Vec<u8>> = (0..PER_PACKET_RUNS).map(|p| Packet::tcp(SocketAddrV4::new(client, 1024 + p), vip, TCP_SYN).build()).collect();
-        new_flow.push(median(syns.iter().map(|f| h.run_repeat(f, 1).1.as_nanos() as f64).collect()));
-        ct_hit.push(median((0..PER_PACKET_RUNS).map(|_| h.run_repeat(&ack, 1).1.as_nanos() as f64).collect()));
-        not_service.push(median((0..PER_PACKET_RUNS).map(|_| h.run_repeat(&other, 1).1.as_nanos() as f64).collect()));
-        floor.push(median((0..PER_PACKET_RUNS).map(|_| h.run_repeat(&arp, 1).1.as_nanos() as f64).collect()));
+        let syns: Vec<Vec<u8>> = (0..PER_PACKET_RUNS)
+            .map(|p| Packet::tcp(SocketAddrV4::new(client, 1024 + p), vip, TCP_SYN).build())
+            .collect();
+        new_flow.push(median(
+            syns.iter()
+                .map(|f| h.run_repeat(f, 1).1.as_nanos() as f64)
+                .collect(),
+        ));
+        ct_hit.push(median(
+            (0..PER_PACKET_RUNS)
+                .map(|_| h.run_repeat(&ack, 1).1.as_nanos() as f64)
+                .collect(),
+        ));
+        not_service.push(median(
+            (0..PER_PACKET_RUNS)
+                .map(|_| h.run_repeat(&other, 1).1.as_nanos() as f64)
+                .collect(),
+        ));
+        floor.push(median(
+            (0..PER_PACKET_RUNS)
+                .map(|_| h.run_repeat(&arp, 1).1.as_nanos() as f64)
+                .collect(),
+        ));
     }
     Ok(vec![
-        ("first packet of a flow (service lookup, backend pick, 2 conntrack inserts, DNAT)", new_flow),
+        (
+            "first packet of a flow (service lookup, backend pick, 2 conntrack inserts, DNAT)",
+            new_flow,
+        ),
         ("conntrack hit (established flow, DNAT)", ct_hit),
-        ("not a service (service and conntrack lookups, pass)", not_service),
+        (
+            "not a service (service and conntrack lookups, pass)",
+            not_service,
+        ),
         ("ARP frame (one load, pass): the measurement's floor", floor),
     ])
 }
@@ -79,14 +112,24 @@ pub type MapWriteTimes = (Vec<f64>, Vec<f64>);
 pub fn map_write_times(services: &[Service], runs: usize) -> anyhow::Result<MapWriteTimes> {
     let yaml = peers::manifest(services);
     let n = services.len() as u32;
-    let sizes = MapSizes { service_slots: n * 11 + 64, backends: n * 10 + 64, conntrack: 4096 };
+    let sizes = MapSizes {
+        service_slots: n * 11 + 64,
+        backends: n * 10 + 64,
+        conntrack: 4096,
+    };
     let (mut compute, mut writes) = (Vec::new(), Vec::new());
     for _ in 0..runs {
         let mut ebpf = loader::load(None, sizes)?;
-        let mut reconciler = Reconciler::restore(loader::kernel_maps(&mut ebpf, sizes)?, sizes.backends)?;
+        let mut reconciler =
+            Reconciler::restore(loader::kernel_maps(&mut ebpf, sizes)?, sizes.backends)?;
         let started = Instant::now();
         let (objects, _) = manifest::parse_str(&yaml, None).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let (desired, errors) = desired::compute(&objects, Limits { max_backends_per_service: 64 });
+        let (desired, errors) = desired::compute(
+            &objects,
+            Limits {
+                max_backends_per_service: 64,
+            },
+        );
         anyhow::ensure!(errors.is_empty(), "{errors:?}");
         compute.push(started.elapsed().as_secs_f64());
         let started = Instant::now();
@@ -102,7 +145,11 @@ fn cell(f: Figure, digits: usize) -> String {
 }
 
 fn find(results: &[(usize, Mode, Sample)], scale: usize, mode: Mode) -> &Sample {
-    &results.iter().find(|(s, m, _)| *s == scale && *m == mode).expect("result").2
+    &results
+        .iter()
+        .find(|(s, m, _)| *s == scale && *m == mode)
+        .expect("result")
+        .2
 }
 
 pub fn markdown(
@@ -134,11 +181,29 @@ pub fn markdown(
     let _ = writeln!(r, "|---|---|---|---|---|---|---|---|");
     for &scale in &config.scales {
         let med = |m| stats(&find(results, scale, m).conns_per_s);
-        let (d, i, n, l) = (med(Mode::Direct), med(Mode::Iptables), med(Mode::Nftables), med(Mode::Lb));
-        let _ = writeln!(r, "| {scale} | {} | {} | {} | {} | {:.3} | {:.3} | {:.3} |", cell(d, 0), cell(i, 0), cell(n, 0), cell(l, 0), l.0 / d.0, l.0 / i.0, l.0 / n.0);
+        let (d, i, n, l) = (
+            med(Mode::Direct),
+            med(Mode::Iptables),
+            med(Mode::Nftables),
+            med(Mode::Lb),
+        );
+        let _ = writeln!(
+            r,
+            "| {scale} | {} | {} | {} | {} | {:.3} | {:.3} | {:.3} |",
+            cell(d, 0),
+            cell(i, 0),
+            cell(n, 0),
+            cell(l, 0),
+            l.0 / d.0,
+            l.0 / i.0,
+            l.0 / n.0
+        );
     }
     let _ = writeln!(r, "\n## Connection latency (ms, p50 / p99)\n");
-    let _ = writeln!(r, "| services | direct | iptables | nftables | lb |\n|---|---|---|---|---|");
+    let _ = writeln!(
+        r,
+        "| services | direct | iptables | nftables | lb |\n|---|---|---|---|---|"
+    );
     for &scale in &config.scales {
         let row: Vec<String> = Mode::ALL
             .iter()
@@ -149,17 +214,35 @@ pub fn markdown(
             .collect();
         let _ = writeln!(r, "| {scale} | {} |", row.join(" | "));
     }
-    let _ = writeln!(r, "\n## One long connection (Gbit/s, {} MiB)\n", config.bulk_bytes >> 20);
-    let _ = writeln!(r, "| services | direct | iptables | nftables | lb |\n|---|---|---|---|---|");
+    let _ = writeln!(
+        r,
+        "\n## One long connection (Gbit/s, {} MiB)\n",
+        config.bulk_bytes >> 20
+    );
+    let _ = writeln!(
+        r,
+        "| services | direct | iptables | nftables | lb |\n|---|---|---|---|---|"
+    );
     for &scale in &config.scales {
-        let row: Vec<String> = Mode::ALL.iter().map(|m| cell(stats(&find(results, scale, *m).gbit_s), 2)).collect();
+        let row: Vec<String> = Mode::ALL
+            .iter()
+            .map(|m| cell(stats(&find(results, scale, *m).gbit_s), 2))
+            .collect();
         let _ = writeln!(r, "| {scale} | {} |", row.join(" | "));
     }
     let _ = writeln!(r, "\n## Time to program N services (s)\n");
     let _ = writeln!(r, "| services | iptables-restore | nft -f | lb agent: start → programmed | lb: parse + compute | lb: map writes |\n|---|---|---|---|---|---|");
     for (scale, (compute, writes)) in map_writes {
         let p = |m| cell(stats(&find(results, *scale, m).program_s), 3);
-        let _ = writeln!(r, "| {scale} | {} | {} | {} | {} | {} |", p(Mode::Iptables), p(Mode::Nftables), p(Mode::Lb), cell(stats(compute), 3), cell(stats(writes), 3));
+        let _ = writeln!(
+            r,
+            "| {scale} | {} | {} | {} | {} | {} |",
+            p(Mode::Iptables),
+            p(Mode::Nftables),
+            p(Mode::Lb),
+            cell(stats(compute), 3),
+            cell(stats(writes), 3)
+        );
     }
     let _ = writeln!(r, "\n\"start → programmed\" includes loading and verifying the BPF program, reading the manifest and the poll interval; \
         \"map writes\" is the reconciler's ordered writes alone, on private maps.\n");
@@ -171,20 +254,35 @@ pub fn markdown(
     let _ = writeln!(r, "\nThe kernel's own timing of single BPF_PROG_TEST_RUN runs (fresh packet each), median of 20 000 per batch; \
         it includes the timer's own overhead of a few tens of ns.\n");
     let _ = writeln!(r, "## Agent resources after programming\n");
-    let _ = writeln!(r, "| services | RSS (MiB) | CPU time since start (s) |\n|---|---|---|");
+    let _ = writeln!(
+        r,
+        "| services | RSS (MiB) | CPU time since start (s) |\n|---|---|---|"
+    );
     for &scale in &config.scales {
         let s = find(results, scale, Mode::Lb);
-        let _ = writeln!(r, "| {scale} | {} | {} |", cell(stats(&s.rss_mib), 1), cell(stats(&s.cpu_s), 2));
+        let _ = writeln!(
+            r,
+            "| {scale} | {} | {} |",
+            cell(stats(&s.rss_mib), 1),
+            cell(stats(&s.cpu_s), 2)
+        );
     }
     let errors: u64 = results.iter().map(|(_, _, s)| s.errors).sum();
-    let _ = writeln!(r, "\nFailed requests during the connection runs, all modes: {errors}.");
+    let _ = writeln!(
+        r,
+        "\nFailed requests during the connection runs, all modes: {errors}."
+    );
     r
 }
 
 /// Grouped bars: connections/s per scale and mode, with min–max whiskers.
 pub fn svg(config: &BenchConfig, results: &[(usize, Mode, Sample)]) -> String {
     let colors = ["#888888", "#d95f02", "#7570b3", "#1b9e77"];
-    let max = results.iter().map(|(_, _, s)| stats(&s.conns_per_s).2).fold(1.0, f64::max) * 1.1;
+    let max = results
+        .iter()
+        .map(|(_, _, s)| stats(&s.conns_per_s).2)
+        .fold(1.0, f64::max)
+        * 1.1;
     let (w, h, left, bottom, top) = (640.0, 360.0, 70.0, 50.0, 40.0);
     let group = (w - left - 20.0) / config.scales.len() as f64;
     let bar = group / 5.0;
@@ -201,11 +299,28 @@ pub fn svg(config: &BenchConfig, results: &[(usize, Mode, Sample)]) -> String {
         for (m, mode) in Mode::ALL.iter().enumerate() {
             let f = stats(&find(results, scale, *mode).conns_per_s);
             let x = x0 + m as f64 * bar;
-            let _ = writeln!(s, "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{}\"/>", y(f.0), bar * 0.9, y(0.0) - y(f.0), colors[m]);
+            let _ = writeln!(
+                s,
+                "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{}\"/>",
+                y(f.0),
+                bar * 0.9,
+                y(0.0) - y(f.0),
+                colors[m]
+            );
             let cx = x + bar * 0.45;
-            let _ = writeln!(s, "<line x1=\"{cx:.1}\" x2=\"{cx:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"black\"/>", y(f.1), y(f.2));
+            let _ = writeln!(
+                s,
+                "<line x1=\"{cx:.1}\" x2=\"{cx:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"black\"/>",
+                y(f.1),
+                y(f.2)
+            );
         }
-        let _ = writeln!(s, "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{scale} services</text>", x0 + bar * 2.0, h - bottom + 18.0);
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{scale} services</text>",
+            x0 + bar * 2.0,
+            h - bottom + 18.0
+        );
     }
     for (m, mode) in Mode::ALL.iter().enumerate() {
         let x = left + m as f64 * 110.0;
