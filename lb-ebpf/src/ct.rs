@@ -90,17 +90,31 @@ pub fn create(
     CONNTRACK.insert(&forward_key, &forward, 0)
 }
 
-/// Removes the reply entry a backend's answers to `pkt` would match.
+/// Whether the service flow behind a reply entry is still open: its forward
+/// entry exists, is not closing, and points at the replying backend.
 #[inline(always)]
-pub fn forget_reply(pkt: &Packet) {
+pub fn forward_is_open(reply: *mut CtValue, pkt: &Packet) -> bool {
+    let (vip, vport) = unsafe { ((*reply).nat_addr_be, (*reply).nat_port_be) };
     let key = CtKey {
         saddr_be: pkt.daddr_be,
-        daddr_be: pkt.saddr_be,
+        daddr_be: vip,
         sport_be: pkt.dport_be,
-        dport_be: pkt.sport_be,
+        dport_be: vport,
         proto: pkt.proto,
-        dir: CT_DIR_REPLY,
+        dir: CT_DIR_FORWARD,
         _pad: [0; 2],
     };
-    let _ = CONNTRACK.remove(&key);
+    match CONNTRACK.get_ptr(&key) {
+        Some(fwd) => unsafe {
+            (*fwd).flags & CT_FLAG_CLOSING == 0
+                && (*fwd).nat_addr_be == pkt.saddr_be
+                && (*fwd).nat_port_be == pkt.sport_be
+        },
+        None => false,
+    }
+}
+
+#[inline(always)]
+pub fn forget(key: &CtKey) {
+    let _ = CONNTRACK.remove(key);
 }

@@ -127,16 +127,17 @@ fn process(ctx: &TcContext) -> Outcome {
 /// frontend as its source; anything else passes untouched.
 #[inline(always)]
 fn reverse_nat(ctx: &TcContext, pkt: &Packet, now: u64) -> Outcome {
-    let Some(entry) = ct::lookup_live(&pkt.ct_key(CT_DIR_REPLY), pkt.proto, now) else {
-        if pkt.is_tcp_syn() {
-            // A client opening a direct connection to a backend with a port
-            // it used through a frontend: the backend would see one tuple
-            // for both, and the old flow's reply entry would rewrite this
-            // connection's replies. The new connection wins.
-            ct::forget_reply(pkt);
-        }
+    let reply_key = pkt.ct_key(CT_DIR_REPLY);
+    let Some(entry) = ct::lookup_live(&reply_key, pkt.proto, now) else {
         return Outcome::pass(Stat::PassNotService);
     };
+    if pkt.is_tcp_syn_ack() && !ct::forward_is_open(entry, pkt) {
+        // A handshake answer on a tuple whose service flow has closed belongs
+        // to another connection: the client reused the port to reach the
+        // backend directly. Drop the stale entry; leave the packet alone.
+        ct::forget(&reply_key);
+        return Outcome::pass(Stat::PassNotService);
+    }
     if pkt.is_fragment {
         return Outcome::drop(Stat::DropFragment);
     }

@@ -72,6 +72,12 @@ impl Packet {
         self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
     }
 
+    /// A connection's acceptance (SYN with ACK).
+    #[inline(always)]
+    pub fn is_tcp_syn_ack(&self) -> bool {
+        self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK
+    }
+
     #[inline(always)]
     pub fn is_tcp_closing(&self) -> bool {
         self.tcp_flags & (TCP_FIN | TCP_RST) != 0
