@@ -72,9 +72,16 @@ fn daemonset_is_unprivileged_with_the_needed_capabilities_and_probes() {
         ["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"]
     );
     assert_eq!(caps.drop.as_deref().unwrap(), ["ALL"]);
-    for probe in [&container.liveness_probe, &container.readiness_probe] {
+    for (probe, path) in [
+        (&container.liveness_probe, "/healthz"),
+        (&container.readiness_probe, "/readyz"),
+    ] {
         let get = probe.as_ref().unwrap().http_get.as_ref().unwrap();
-        assert!(get.path.as_deref().unwrap().ends_with("z"));
+        assert_eq!(get.path.as_deref(), Some(path));
+        assert_eq!(
+            get.port,
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(10256)
+        );
     }
     let args = container.args.as_ref().unwrap();
     assert!(args.iter().any(|a| a == "--health-addr=0.0.0.0:10256"));

@@ -65,9 +65,11 @@ fn field_offsets_match_the_documented_layout() {
 
 #[test]
 fn flow_hash_is_stable_and_spreads() {
+    // A golden value: changing the hash moves flows to other backends
+    // whenever conntrack entries are lost (agent upgrade, LRU eviction).
     assert_eq!(
         flow_hash(0x0201_12c6, 0x0a00_13c6, 0x3930, 0x5000, 6),
-        flow_hash(0x0201_12c6, 0x0a00_13c6, 0x3930, 0x5000, 6)
+        0xf90b3fba
     );
     let mut counts = [0u32; 3];
     for port in 0..3000u16 {
@@ -92,4 +94,22 @@ fn conntrack_timeouts() {
     assert!(v.is_expired(17, 1_001 + CT_TIMEOUT_UDP_NS));
     v.flags = CT_FLAG_CLOSING;
     assert!(v.is_expired(6, 1_001 + CT_TIMEOUT_TCP_CLOSING_NS));
+}
+
+#[test]
+fn every_map_name_carries_the_layout_version() {
+    let suffix = format!("_v{}", lb_common::MAP_LAYOUT_VERSION);
+    for name in [
+        SVC_MAP,
+        lb_common::backend::BACKEND_MAP,
+        lb_common::revnat::REVNAT_MAP,
+        CT_MAP,
+        lb_common::stats::STATS_MAP,
+    ] {
+        assert!(name.ends_with(&suffix), "{name} lacks {suffix}");
+        assert!(
+            name.len() < 16,
+            "{name}: BPF object names are at most 15 bytes"
+        );
+    }
 }
