@@ -13,12 +13,8 @@ use std::{
 
 use anyhow::{bail, Context as _};
 use kube::{Client, Config};
-use nix::{
-    sys::signal::{kill, Signal},
-    unistd::Pid,
-};
 
-use crate::{netns::NetNs, topology::ScratchDir};
+use crate::{netns::NetNs, process::terminate, topology::ScratchDir};
 
 pub fn binaries_dir() -> PathBuf {
     let dir = PathBuf::from(
@@ -41,19 +37,6 @@ pub struct TestApiServer {
     pub port: u16,
     etcd_port: u16,
     pub kubeconfig: PathBuf,
-}
-
-fn stop(child: &mut Child) {
-    let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 impl TestApiServer {
@@ -278,7 +261,7 @@ impl Drop for TestApiServer {
     fn drop(&mut self) {
         self.stop_apiserver();
         if let Some(mut etcd) = self.etcd.take() {
-            stop(&mut etcd);
+            let _ = terminate(&mut etcd, Duration::from_secs(10));
         }
     }
 }

@@ -73,17 +73,16 @@ impl Harness {
     }
 
     pub fn run(&self, frame: &[u8]) -> RunResult {
-        self.run_repeat(frame, 1).0
+        self.run_timed(frame).0
     }
 
-    /// Runs the program `repeat` times on the same input; returns the last
-    /// output and the kernel's mean time per run.
-    pub fn run_repeat(&self, frame: &[u8], repeat: u32) -> (RunResult, std::time::Duration) {
+    /// One run, with the kernel's timing of it. (No `repeat`: later runs
+    /// would see the packet the first one rewrote.)
+    pub fn run_timed(&self, frame: &[u8]) -> (RunResult, std::time::Duration) {
         let mut out = vec![0u8; frame.len() + 256];
         let opts = TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut out),
-            repeat,
             ..TestRunOptions::default()
         };
         let result = self.program().test_run(opts).expect("BPF_PROG_TEST_RUN");

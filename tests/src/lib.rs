@@ -6,6 +6,7 @@ pub mod apiserver;
 pub mod datapath;
 pub mod netns;
 pub mod packet;
+pub mod process;
 pub mod servers;
 pub mod topology;
 

@@ -15,12 +15,8 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
-use nix::{
-    sys::signal::{kill, Signal},
-    unistd::Pid,
-};
 
-use crate::netns::NetNs;
+use crate::{netns::NetNs, servers::BackendServers};
 
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
 pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
@@ -72,6 +68,16 @@ impl Topology {
         self.link(&ns, &format!("{}-b{i}", self.prefix), gateway, ip)?;
         self.backends.push(ns);
         Ok(i)
+    }
+
+    /// Starts HTTP (8080) and UDP (5353) servers in every backend pod, named
+    /// `{name_prefix}{i}`.
+    pub fn serve_backends(&self, name_prefix: &str) -> anyhow::Result<Vec<BackendServers>> {
+        self.backends
+            .iter()
+            .enumerate()
+            .map(|(i, ns)| BackendServers::start(ns, &format!("{name_prefix}{i}"), 8080, 5353))
+            .collect()
     }
 
     /// The interface pattern the agent attaches to in the node namespace.
@@ -244,19 +250,8 @@ impl Agent {
         let Some(mut child) = self.child.take() else {
             bail!("agent already stopped")
         };
-        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = child.try_wait()? {
-                return Ok(status);
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("lb-agent ignored SIGTERM for 10 s");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        crate::process::terminate(&mut child, Duration::from_secs(10))?
+            .ok_or_else(|| anyhow::anyhow!("lb-agent ignored SIGTERM for 10 s"))
     }
 }
 
@@ -267,14 +262,6 @@ impl Drop for Agent {
         }
         if !self.cleanup_pins {
             return;
-        }
-        lb_agent::datapath::loader::unpin_all(&self.pin_dir);
-        for link in fs::read_dir(self.pin_dir.join("links"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let _ = fs::remove_file(link.path());
         }
         lb_agent::datapath::loader::unpin_all(&self.pin_dir);
     }

@@ -32,12 +32,7 @@ fn setup(prefix: &str, n: usize, manifest: &str) -> Setup {
 fn setup_with(prefix: &str, n: usize, manifest: &str, agent_args: &[&str]) -> Setup {
     require_root();
     let topology = Topology::new(prefix, n).expect("topology");
-    let servers = (0..n)
-        .map(|i| {
-            BackendServers::start(&topology.backends[i], &format!("be{i}"), PORTS.0, PORTS.1)
-                .expect("servers")
-        })
-        .collect();
+    let servers = topology.serve_backends("be").expect("servers");
     let manifests = ScratchDir::new(&format!("{prefix}-manifests")).expect("scratch dir");
     manifests.write("web.yaml", manifest).expect("manifest");
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{prefix}-test"));

@@ -19,7 +19,7 @@ use lb_tests::{
     apiserver::TestApiServer,
     netns::NetNs,
     require_root,
-    servers::{http_get, BackendServers},
+    servers::http_get,
     topology::{backend_ip, web_manifest, Agent, Source, Topology, VIP},
 };
 
@@ -113,11 +113,7 @@ fn healthz(node: &NetNs) -> String {
 #[test]
 fn api_objects_are_programmed_updated_and_deleted() {
     let mut c = start("lbk1", 3);
-    let _servers: Vec<BackendServers> = (0..3)
-        .map(|i| {
-            BackendServers::start(&c.topology.backends[i], &format!("be{i}"), 8080, 5353).unwrap()
-        })
-        .collect();
+    let _servers = c.topology.serve_backends("be").unwrap();
     c.apply(&web_manifest(&ready(3)));
     // Another proxy's service is filtered out by the label selector.
     c.apply(
@@ -178,11 +174,7 @@ fn api_objects_are_programmed_updated_and_deleted() {
 #[test]
 fn apiserver_restart_and_compaction_force_a_relist() {
     let mut c = start("lbk2", 2);
-    let _servers: Vec<BackendServers> = (0..2)
-        .map(|i| {
-            BackendServers::start(&c.topology.backends[i], &format!("be{i}"), 8080, 5353).unwrap()
-        })
-        .collect();
+    let _servers = c.topology.serve_backends("be").unwrap();
     c.apply(&web_manifest(&ready(2)));
     c.agent
         .wait_for_maps("2 backends", |m| {

@@ -7,7 +7,7 @@ use std::{
 
 use anyhow::Context as _;
 use lb_tests::{
-    servers::{http_get, udp_query, BackendServers, EchoConnection},
+    servers::{http_get, udp_query, EchoConnection},
     topology::{Agent, ScratchDir, Topology, VIP},
 };
 
@@ -22,9 +22,7 @@ fn step(text: &str) {
 pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
     step("topology: client pod 198.18.1.2 → node (lb-agent) → backend pods 198.18.{10,11,12}.2");
     let topology = Topology::new("lbd", 3)?;
-    let servers: Vec<BackendServers> = (0..3)
-        .map(|i| BackendServers::start(&topology.backends[i], &format!("pod-{i}"), 8080, 5353))
-        .collect::<anyhow::Result<_>>()?;
+    let servers = topology.serve_backends("pod-")?;
     let scratch = ScratchDir::new("lb-demo")?;
     scratch.write("demo.yaml", MANIFEST)?;
     // SAFETY: single-threaded here; read by topology::agent_binary.

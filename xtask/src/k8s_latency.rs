@@ -8,6 +8,8 @@ use std::{
 };
 
 use anyhow::Context as _;
+
+use crate::bench::percentile;
 use aya::maps::{HashMap, MapData};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::{
@@ -23,10 +25,6 @@ use lb_tests::{
     apiserver::TestApiServer,
     topology::{backend_ip, web_manifest, Agent, Source, Topology, VIP},
 };
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
 
 pub fn run(agent_bin: &Path, changes: usize) -> anyhow::Result<()> {
     // SAFETY: single-threaded here; read by topology::agent_binary.
@@ -113,7 +111,11 @@ pub fn run(agent_bin: &Path, changes: usize) -> anyhow::Result<()> {
 
     let report = |mut v: Vec<Duration>| {
         v.sort();
-        (percentile(&v, 0.5), percentile(&v, 0.99), v[v.len() - 1])
+        (
+            percentile(&v, 0.5),
+            percentile(&v, 0.99),
+            percentile(&v, 1.0),
+        )
     };
     let (p50, p99, max) = report(to_map);
     let (w50, w99, _) = report(write_rtt);

@@ -74,13 +74,17 @@ fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+fn cargo_command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(args).current_dir(workspace_root());
+    cmd
+}
+
 /// Runs `cargo test ...`, passing its output through, and returns the
 /// (passed, failed) totals from its `test result:` lines.
 fn cargo_test(args: &[&str]) -> anyhow::Result<(u64, u64)> {
     use std::io::{BufRead as _, BufReader};
-    let mut child = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(args)
-        .current_dir(workspace_root())
+    let mut child = cargo_command(args)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .context("running cargo test")?;
@@ -117,11 +121,7 @@ fn cargo_test(args: &[&str]) -> anyhow::Result<(u64, u64)> {
 }
 
 fn cargo(args: &[&str]) -> anyhow::Result<()> {
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(args)
-        .current_dir(workspace_root())
-        .status()
-        .context("running cargo")?;
+    let status = cargo_command(args).status().context("running cargo")?;
     if !status.success() {
         bail!("cargo {} failed ({status})", args.join(" "));
     }
@@ -154,15 +154,10 @@ fn build_apiserver() -> anyhow::Result<()> {
 
 fn require_root(what: &str) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc_geteuid() } != 0 {
+    if unsafe { libc::geteuid() } != 0 {
         bail!("{what} needs root (BPF, network namespaces): run it as root");
     }
     Ok(())
-}
-
-unsafe extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {

@@ -142,12 +142,17 @@ pub fn open_pinned(pin_dir: &Path, name: &'static str) -> Result<Map, LoadError>
     Map::from_map_data(data).map_err(|e| LoadError::Map(name, e.to_string()))
 }
 
-/// Removes the pinned maps (a clean shutdown leaves nothing behind).
+/// Removes the pinned maps and any pinned links (a clean shutdown leaves
+/// nothing behind; a removed link pin detaches its program).
 pub fn unpin_all(pin_dir: &Path) {
     for name in ALL_MAPS {
         let _ = std::fs::remove_file(pin_dir.join(name));
     }
-    let _ = std::fs::remove_dir(pin_dir.join("links"));
+    let links = pin_dir.join("links");
+    for link in std::fs::read_dir(&links).into_iter().flatten().flatten() {
+        let _ = std::fs::remove_file(link.path());
+    }
+    let _ = std::fs::remove_dir(links);
     let _ = std::fs::remove_dir(pin_dir);
 }
 

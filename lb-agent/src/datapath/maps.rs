@@ -109,7 +109,17 @@ pub struct KernelMaps {
     svc: HashMap<MapData, SvcKey, SvcValue>,
     backends: HashMap<MapData, u32, Backend>,
     revnat: HashMap<MapData, u16, RevNat>,
-    capacity: Capacity,
+    svc_limit: Limit,
+    backend_limit: Limit,
+    revnat_limit: Limit,
+}
+
+/// A map's size and the flag that sets it, for errors that say what to raise.
+#[derive(Clone, Copy, Debug)]
+struct Limit {
+    map: &'static str,
+    capacity: u32,
+    flag: &'static str,
 }
 
 /// Map sizes, for error messages that say which flag to raise.
@@ -126,33 +136,44 @@ impl KernelMaps {
             svc: HashMap::try_from(svc)?,
             backends: HashMap::try_from(backends)?,
             revnat: HashMap::try_from(revnat)?,
-            capacity,
+            svc_limit: Limit {
+                map: SVC_MAP,
+                capacity: capacity.services,
+                flag: "--max-service-slots",
+            },
+            backend_limit: Limit {
+                map: BACKEND_MAP,
+                capacity: capacity.backends,
+                flag: "--max-backends",
+            },
+            revnat_limit: Limit {
+                map: REVNAT_MAP,
+                capacity: capacity.revnat,
+                flag: "(65535 frontends at most)",
+            },
         })
     }
 }
 
-fn write_error(
-    op: &'static str,
-    map: &'static str,
-    capacity: u32,
-    flag: &'static str,
-    err: MapError,
-) -> MapWriteError {
-    let io = match err {
-        MapError::SyscallError(e) => e.io_error,
-        other => std::io::Error::other(other.to_string()),
-    };
-    if io.raw_os_error() == Some(libc::E2BIG) || io.raw_os_error() == Some(libc::ENOSPC) {
-        MapWriteError::Full {
-            map,
-            capacity,
-            flag,
-        }
-    } else {
-        MapWriteError::Syscall {
-            op,
-            map,
-            source: io,
+impl Limit {
+    /// A failed `op`: "full" with the flag to raise, or the syscall's error.
+    fn error(self, op: &'static str, err: MapError) -> MapWriteError {
+        let io = match err {
+            MapError::SyscallError(e) => e.io_error,
+            other => std::io::Error::other(other.to_string()),
+        };
+        if matches!(io.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC)) {
+            MapWriteError::Full {
+                map: self.map,
+                capacity: self.capacity,
+                flag: self.flag,
+            }
+        } else {
+            MapWriteError::Syscall {
+                op,
+                map: self.map,
+                source: io,
+            }
         }
     }
 }
@@ -168,29 +189,15 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
 
 impl LbMaps for KernelMaps {
     fn put_backend(&mut self, id: u32, backend: L4Addr) -> Result<(), MapWriteError> {
+        let limit = self.backend_limit;
         self.backends
             .insert(id, backend_value(backend), 0)
-            .map_err(|e| {
-                write_error(
-                    "insert",
-                    BACKEND_MAP,
-                    self.capacity.backends,
-                    "--max-backends",
-                    e,
-                )
-            })
+            .map_err(|e| limit.error("insert", e))
     }
 
     fn delete_backend(&mut self, id: u32) -> Result<(), MapWriteError> {
-        ignore_missing(self.backends.remove(&id)).map_err(|e| {
-            write_error(
-                "delete",
-                BACKEND_MAP,
-                self.capacity.backends,
-                "--max-backends",
-                e,
-            )
-        })
+        let limit = self.backend_limit;
+        ignore_missing(self.backends.remove(&id)).map_err(|e| limit.error("delete", e))
     }
 
     fn put_slot(
@@ -199,74 +206,47 @@ impl LbMaps for KernelMaps {
         slot: u16,
         value: SvcValue,
     ) -> Result<(), MapWriteError> {
+        let limit = self.svc_limit;
         self.svc
             .insert(svc_key(frontend, slot), value, 0)
-            .map_err(|e| {
-                write_error(
-                    "insert",
-                    SVC_MAP,
-                    self.capacity.services,
-                    "--max-service-slots",
-                    e,
-                )
-            })
+            .map_err(|e| limit.error("insert", e))
     }
 
     fn delete_slot(&mut self, frontend: L4Addr, slot: u16) -> Result<(), MapWriteError> {
-        ignore_missing(self.svc.remove(&svc_key(frontend, slot))).map_err(|e| {
-            write_error(
-                "delete",
-                SVC_MAP,
-                self.capacity.services,
-                "--max-service-slots",
-                e,
-            )
-        })
+        let limit = self.svc_limit;
+        ignore_missing(self.svc.remove(&svc_key(frontend, slot)))
+            .map_err(|e| limit.error("delete", e))
     }
 
     fn put_revnat(&mut self, id: u16, frontend: L4Addr) -> Result<(), MapWriteError> {
+        let limit = self.revnat_limit;
         self.revnat
             .insert(id, revnat_value(frontend), 0)
-            .map_err(|e| {
-                write_error(
-                    "insert",
-                    REVNAT_MAP,
-                    self.capacity.revnat,
-                    "(65535 frontends at most)",
-                    e,
-                )
-            })
+            .map_err(|e| limit.error("insert", e))
     }
 
     fn delete_revnat(&mut self, id: u16) -> Result<(), MapWriteError> {
-        ignore_missing(self.revnat.remove(&id)).map_err(|e| {
-            write_error(
-                "delete",
-                REVNAT_MAP,
-                self.capacity.revnat,
-                "(65535 frontends at most)",
-                e,
-            )
-        })
+        let limit = self.revnat_limit;
+        ignore_missing(self.revnat.remove(&id)).map_err(|e| limit.error("delete", e))
     }
 
     fn snapshot(&self) -> Result<Snapshot, MapWriteError> {
-        let read = |map: &'static str| move |e: MapError| write_error("read", map, 0, "", e);
+        let read = |limit: Limit| move |e: MapError| limit.error("read", e);
         let mut snapshot = Snapshot::default();
         for entry in self.svc.iter() {
-            let (key, value) = entry.map_err(read(SVC_MAP))?;
+            let (key, value) = entry.map_err(read(self.svc_limit))?;
             if let Some(at) = frontend_of(&key) {
                 snapshot.slots.insert(at, value);
             }
         }
         for entry in self.backends.iter() {
-            let (id, value) = entry.map_err(read(BACKEND_MAP))?;
+            let (id, value) = entry.map_err(read(self.backend_limit))?;
             if let Some(backend) = backend_of(&value) {
                 snapshot.backends.insert(id, backend);
             }
         }
         for entry in self.revnat.iter() {
-            let (id, value) = entry.map_err(read(REVNAT_MAP))?;
+            let (id, value) = entry.map_err(read(self.revnat_limit))?;
             if let Some(frontend) = revnat_of(&value) {
                 snapshot.revnat.insert(id, frontend);
             }

@@ -59,11 +59,7 @@ pub fn connections(
     }
     let elapsed = started.elapsed();
     all.sort();
-    let pick = |p: f64| {
-        all.get(((all.len().max(1) - 1) as f64 * p) as usize)
-            .copied()
-            .unwrap_or_default()
-    };
+    let pick = |p: f64| super::percentile(&all, p);
     ConnResult {
         per_second: all.len() as f64 / elapsed.as_secs_f64(),
         p50: pick(0.5),

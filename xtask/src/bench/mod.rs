@@ -16,9 +16,17 @@ use std::{
 
 use anyhow::{bail, Context as _};
 use lb_tests::{
-    servers::{http_get, BackendServers},
+    servers::http_get,
     topology::{backend_ip, Agent, ScratchDir, Topology},
 };
+
+/// The value at quantile `p` (0..=1) of sorted samples; default when empty.
+pub fn percentile<T: Copy + Default>(sorted: &[T], p: f64) -> T {
+    match sorted.len() {
+        0 => T::default(),
+        n => sorted[((n - 1) as f64 * p).round() as usize],
+    }
+}
 
 /// One service as every mode programs it.
 #[derive(Clone)]
@@ -151,9 +159,7 @@ fn one_run(
         .client
         .sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
     topology.client.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
-    let _servers: Vec<BackendServers> = (0..ENDPOINTS)
-        .map(|i| BackendServers::start(&topology.backends[i], &format!("pod-{i}"), 8080, 5353))
-        .collect::<anyhow::Result<_>>()?;
+    let _servers = topology.serve_backends("pod-")?;
     let scratch = ScratchDir::new("lbb-bench")?;
     let target = services.last().context("no services")?;
     let vip = SocketAddrV4::new(target.vip, target.port);
@@ -263,17 +269,7 @@ fn process_usage(pid: u32) -> anyhow::Result<(f64, f64)> {
         .split_whitespace()
         .collect();
     let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
-    let hz = unsafe { sysconf_clk_tck() } as f64;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     Ok((rss_kib / 1024.0, ticks / hz))
-}
-
-unsafe extern "C" {
-    #[link_name = "sysconf"]
-    fn sysconf(name: i32) -> i64;
-}
-
-/// `sysconf(_SC_CLK_TCK)`.
-unsafe fn sysconf_clk_tck() -> i64 {
-    const SC_CLK_TCK: i32 = 2;
-    unsafe { sysconf(SC_CLK_TCK) }
 }

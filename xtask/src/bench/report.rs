@@ -72,22 +72,22 @@ pub fn per_packet_costs(runs: usize) -> anyhow::Result<Vec<(&'static str, Vec<f6
             .collect();
         new_flow.push(median(
             syns.iter()
-                .map(|f| h.run_repeat(f, 1).1.as_nanos() as f64)
+                .map(|f| h.run_timed(f).1.as_nanos() as f64)
                 .collect(),
         ));
         ct_hit.push(median(
             (0..PER_PACKET_RUNS)
-                .map(|_| h.run_repeat(&ack, 1).1.as_nanos() as f64)
+                .map(|_| h.run_timed(&ack).1.as_nanos() as f64)
                 .collect(),
         ));
         not_service.push(median(
             (0..PER_PACKET_RUNS)
-                .map(|_| h.run_repeat(&other, 1).1.as_nanos() as f64)
+                .map(|_| h.run_timed(&other).1.as_nanos() as f64)
                 .collect(),
         ));
         floor.push(median(
             (0..PER_PACKET_RUNS)
-                .map(|_| h.run_repeat(&arp, 1).1.as_nanos() as f64)
+                .map(|_| h.run_timed(&arp).1.as_nanos() as f64)
                 .collect(),
         ));
     }
