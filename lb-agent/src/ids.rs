@@ -11,16 +11,8 @@ pub struct IdAllocator {
 }
 
 impl IdAllocator {
-    /// Ids are `1..=max`; 0 means "none" in the maps.
-    pub fn new(max: u32) -> Self {
-        Self {
-            max,
-            next: 1,
-            free: BTreeSet::new(),
-        }
-    }
-
-    /// Marks ids found in the maps at start-up as taken.
+    /// Ids are `1..=max` (0 means "none" in the maps); `used` are the ids
+    /// found in the maps at start-up.
     pub fn restore(max: u32, used: impl IntoIterator<Item = u32>) -> Self {
         let used: BTreeSet<u32> = used.into_iter().collect();
         let next = used.last().map_or(1, |last| last + 1);
@@ -52,7 +44,7 @@ mod tests {
 
     #[test]
     fn reuses_released_ids_and_stops_at_max() {
-        let mut ids = IdAllocator::new(3);
+        let mut ids = IdAllocator::restore(3, []);
         assert_eq!(
             (
                 ids.allocate(),

@@ -48,8 +48,7 @@ pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
     Ok(Client::try_from(config)?)
 }
 
-/// The reflector stores; cheap to clone.
-#[derive(Clone)]
+/// The reflector stores.
 pub struct ApiSource {
     services: Store<Service>,
     slices: Store<EndpointSlice>,

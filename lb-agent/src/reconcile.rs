@@ -76,9 +76,8 @@ impl<M: LbMaps> Reconciler<M> {
             let high = snapshot
                 .slots
                 .range((*frontend, 0)..=(*frontend, u16::MAX))
-                .map(|((_, s), _)| *s)
-                .max()
-                .unwrap_or(0);
+                .next_back()
+                .map_or(0, |((_, s), _)| *s);
             applied.insert(
                 *frontend,
                 AppliedFrontend {
