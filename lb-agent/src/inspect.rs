@@ -5,7 +5,7 @@ use std::{fmt::Write as _, net::Ipv4Addr, path::Path};
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use lb_common::{
     backend::BACKEND_MAP,
-    ct::{CtKey, CtValue, CT_DIR_FORWARD, CT_FLAG_CLOSING, CT_MAP},
+    ct::{is_closing, CtKey, CtValue, CT_DIR_FORWARD, CT_MAP, CT_SEEN_REPLY},
     revnat::REVNAT_MAP,
     stats::{STATS_MAP, STAT_COUNT, STAT_NAMES},
     svc::SVC_MAP,
@@ -13,6 +13,7 @@ use lb_common::{
 
 use crate::{
     datapath::{
+        conntrack::{flow_is_expired, monotonic_ns},
         loader::{open_pinned, MapSizes},
         maps::{KernelMaps, LbMaps},
     },
@@ -47,26 +48,30 @@ pub fn conntrack(pin_dir: &Path) -> anyhow::Result<String> {
         }
         let proto =
             Proto::from_number(key.proto).map_or_else(|| key.proto.to_string(), |p| p.to_string());
-        let state = if value.is_expired(key.proto, now) {
+        let peer = map.get(&key.peer_key(&value), 0).ok();
+        let state = if flow_is_expired(&value, peer.as_ref(), now) {
             "expired"
-        } else if value.flags & CT_FLAG_CLOSING != 0 {
+        } else if is_closing(value.flags) {
             "closing"
+        } else if value.flags & CT_SEEN_REPLY == 0 {
+            "opening"
         } else {
             "live"
         };
+        let expires = peer.map_or(value.expires_ns, |p| p.expires_ns.max(value.expires_ns));
         rows.push(format!(
             "{proto:<4} {:<22} {:<22} {:<22} {:>8.1} {:>8.1} {state}",
             endpoint(key.saddr_be, key.sport_be),
             endpoint(key.daddr_be, key.dport_be),
             endpoint(value.nat_addr_be, value.nat_port_be),
             now.saturating_sub(value.created_ns) as f64 / 1e9,
-            now.saturating_sub(value.last_seen_ns) as f64 / 1e9,
+            expires.saturating_sub(now) as f64 / 1e9,
         ));
     }
     rows.sort();
     let mut out = format!(
         "{:<4} {:<22} {:<22} {:<22} {:>8} {:>8} STATE\n",
-        "PROT", "CLIENT", "FRONTEND", "BACKEND", "AGE(s)", "IDLE(s)"
+        "PROT", "CLIENT", "FRONTEND", "BACKEND", "AGE(s)", "TTL(s)"
     );
     for row in &rows {
         let _ = writeln!(out, "{row}");
@@ -97,14 +102,4 @@ fn endpoint(addr_be: u32, port_be: u16) -> String {
         Ipv4Addr::from(u32::from_be(addr_be)),
         u16::from_be(port_be)
     )
-}
-
-/// CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Load the datapath, attach it, and program it from manifests or the API server until SIGINT/SIGTERM.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print services, conntrack and counters from the pinned maps.
     Inspect {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
@@ -80,6 +80,21 @@ struct RunArgs {
     /// On exit, leave the program attached and the maps pinned.
     #[arg(long)]
     keep_datapath: bool,
+    /// Conntrack: idle timeout of an established TCP connection.
+    #[arg(long, default_value = "6h", value_parser = parse_duration)]
+    conntrack_tcp_timeout_established: Duration,
+    /// Conntrack: how long a TCP connection may wait for the backend's answer.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    conntrack_tcp_timeout_opening: Duration,
+    /// Conntrack: how long a TCP connection lingers after RST or FINs both ways.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    conntrack_tcp_timeout_closing: Duration,
+    /// Conntrack: idle timeout of a UDP flow.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    conntrack_udp_timeout: Duration,
+    /// How often the agent frees expired conntrack flows.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    conntrack_gc_interval: Duration,
     /// How often to look for manifest and interface changes.
     #[arg(long, default_value_t = 200)]
     poll_interval_ms: u64,
@@ -100,6 +115,32 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// `90s`, `10m`, `6h`, `500ms`; a number of seconds must carry its unit.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (number, unit) = text
+        .find(|c: char| !c.is_ascii_digit())
+        .map(|i| text.split_at(i))
+        .ok_or_else(|| format!("{text:?}: missing unit (ms, s, m or h)"))?;
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?}: expected a number followed by ms, s, m or h"))?;
+    let duration = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (ms, s, m or h)")),
+    };
+    if duration.is_zero() {
+        return Err(format!("{text:?}: must be more than zero"));
+    }
+    Ok(duration)
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 fn real_main(cli: Cli) -> anyhow::Result<()> {
@@ -132,6 +173,13 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 },
                 keep_datapath: args.keep_datapath,
                 poll_interval: Duration::from_millis(args.poll_interval_ms),
+                timeouts: lb_common::ct::CtTimeouts {
+                    tcp_opening_ns: nanos(args.conntrack_tcp_timeout_opening),
+                    tcp_established_ns: nanos(args.conntrack_tcp_timeout_established),
+                    tcp_closing_ns: nanos(args.conntrack_tcp_timeout_closing),
+                    udp_ns: nanos(args.conntrack_udp_timeout),
+                },
+                conntrack_gc_interval: args.conntrack_gc_interval,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()

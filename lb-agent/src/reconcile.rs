@@ -14,7 +14,7 @@ use crate::{
     datapath::maps::{LbMaps, MapWriteError},
     desired::Desired,
     ids::IdAllocator,
-    model::{L4Addr, ServiceName},
+    model::{L4Addr, Proto, ServiceName},
 };
 
 /// What the agent knows it wrote for one frontend.
@@ -40,6 +40,9 @@ pub struct Report {
     pub unchanged: usize,
     pub kept: usize,
     pub errors: Vec<String>,
+    /// (UDP frontend, backend id) pairs the frontend no longer uses: their
+    /// conntrack flows are to be flushed so clients move to a live backend.
+    pub udp_backends_removed: Vec<(L4Addr, u32)>,
 }
 
 pub struct Reconciler<M> {
@@ -158,7 +161,7 @@ impl<M: LbMaps> Reconciler<M> {
             .collect();
         // Removals first: they free room in the maps for what comes next.
         for frontend in removed {
-            match self.remove_frontend(frontend) {
+            match self.remove_frontend(frontend, &mut report.udp_backends_removed) {
                 Ok(()) => report.removed += 1,
                 Err(e) => report
                     .errors
@@ -186,7 +189,12 @@ impl<M: LbMaps> Reconciler<M> {
                 }
             }
             let is_new = !self.applied.contains_key(frontend);
-            match self.upsert_frontend(*frontend, &spec.service, &spec.backends) {
+            match self.upsert_frontend(
+                *frontend,
+                &spec.service,
+                &spec.backends,
+                &mut report.udp_backends_removed,
+            ) {
                 Ok(()) if is_new => report.added += 1,
                 Ok(()) => report.updated += 1,
                 Err(e) => report
@@ -220,6 +228,7 @@ impl<M: LbMaps> Reconciler<M> {
         frontend: L4Addr,
         service: &ServiceName,
         backends: &[L4Addr],
+        udp_removed: &mut Vec<(L4Addr, u32)>,
     ) -> Result<(), MapWriteError> {
         let ids = backends
             .iter()
@@ -284,6 +293,16 @@ impl<M: LbMaps> Reconciler<M> {
         for slot in new_count + 1..=high_water {
             self.maps.delete_slot(frontend, slot)?;
         }
+        if frontend.proto == Proto::Udp {
+            udp_removed.extend(
+                old_ids
+                    .iter()
+                    .filter(|id| !ids.contains(id))
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .map(|id| (frontend, *id)),
+            );
+        }
         self.applied.insert(
             frontend,
             AppliedFrontend {
@@ -297,7 +316,11 @@ impl<M: LbMaps> Reconciler<M> {
         Ok(())
     }
 
-    fn remove_frontend(&mut self, frontend: L4Addr) -> Result<(), MapWriteError> {
+    fn remove_frontend(
+        &mut self,
+        frontend: L4Addr,
+        udp_removed: &mut Vec<(L4Addr, u32)>,
+    ) -> Result<(), MapWriteError> {
         let Some(applied) = self.applied.get_mut(&frontend) else {
             return Ok(());
         };
@@ -308,7 +331,13 @@ impl<M: LbMaps> Reconciler<M> {
             self.maps.delete_slot(frontend, slot)?;
         }
         self.maps.delete_revnat(rev_nat_id)?;
-        self.applied.remove(&frontend);
+        if let Some(applied) = self.applied.remove(&frontend) {
+            if frontend.proto == Proto::Udp {
+                let ids: std::collections::BTreeSet<u32> =
+                    applied.backend_ids.into_iter().collect();
+                udp_removed.extend(ids.into_iter().map(|id| (frontend, id)));
+            }
+        }
         self.rev_nat_ids.release(u32::from(rev_nat_id));
         Ok(())
     }

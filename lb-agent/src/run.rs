@@ -22,7 +22,14 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    datapath::{attach, attach::Attacher, loader, loader::MapSizes, maps::KernelMaps},
+    datapath::{
+        attach,
+        attach::Attacher,
+        conntrack::{monotonic_ns, Conntrack},
+        loader,
+        loader::MapSizes,
+        maps::KernelMaps,
+    },
     desired::{self, Desired, Limits},
     dirwatch::DirWatch,
     error::InputError,
@@ -47,6 +54,8 @@ pub struct RunConfig {
     pub poll_interval: Duration,
     pub node_name: Option<String>,
     pub health_addr: Option<SocketAddr>,
+    pub timeouts: lb_common::ct::CtTimeouts,
+    pub conntrack_gc_interval: Duration,
 }
 
 const RETRY_INTERVAL: Duration = Duration::from_secs(2);
@@ -72,7 +81,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             Source::Api(ApiSource::start(client, trigger.clone()))
         }
     };
-    let attacher = Attacher::new(config.interfaces.clone());
+    let attacher = Attacher::new(
+        config.interfaces.clone(),
+        Some(config.pin_dir.join("links")),
+    );
     check_interface_patterns(&attacher, &config.interfaces)?;
     let ready = Arc::new(AtomicBool::new(false));
     if let Some(addr) = config.health_addr {
@@ -84,8 +96,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     }
 
     let pin_dir = config.pin_dir.clone();
-    let mut ebpf = loader::load(Some(&pin_dir), config.sizes).context("loading the datapath")?;
+    let mut ebpf = loader::load(Some(&pin_dir), config.sizes, &config.timeouts)
+        .context("loading the datapath")?;
     let maps = loader::kernel_maps(&mut ebpf, config.sizes)?;
+    let conntrack = loader::conntrack(&mut ebpf, config.sizes)?;
     let reconciler =
         Reconciler::restore(maps, config.sizes.backends).context("reading the pinned maps")?;
     info!(pin_dir = %pin_dir.display(), node = ?config.node_name, "datapath loaded");
@@ -95,6 +109,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         ebpf,
         attacher,
         reconciler,
+        conntrack,
         source,
         trigger,
         ready,
@@ -157,6 +172,7 @@ struct Agent {
     ebpf: aya::Ebpf,
     attacher: Attacher,
     reconciler: Reconciler<KernelMaps>,
+    conntrack: Conntrack,
     source: Source,
     trigger: Arc<Notify>,
     ready: Arc<AtomicBool>,
@@ -188,6 +204,7 @@ impl Agent {
         };
         let mut released_links = false;
         let mut last_retry = Instant::now();
+        let mut last_gc = Instant::now();
         loop {
             // Interfaces before objects each round: a pod's interface exists
             // before its endpoint is listed, so by the time the maps send
@@ -206,12 +223,16 @@ impl Agent {
             }
             if !released_links && self.desired.is_some() {
                 // This run's links are attached and its maps programmed:
-                // drop links a previous --keep-datapath run left pinned.
+                // drop the links a previous run left pinned.
                 released_links = true;
-                let released = attach::release_pinned_links(&self.config.pin_dir.join("links"));
+                let released = self.attacher.release_previous();
                 if !released.is_empty() {
-                    info!(interfaces = ?released, "released links pinned by a previous run");
+                    info!(links = ?released, "released links pinned by a previous run");
                 }
+            }
+            if last_gc.elapsed() >= self.config.conntrack_gc_interval {
+                last_gc = Instant::now();
+                self.collect_conntrack();
             }
             tokio::select! {
                 _ = sigterm.recv() => { info!("SIGTERM"); return Ok(()); }
@@ -278,13 +299,46 @@ impl Agent {
         for e in &report.errors {
             error!("datapath update failed (will retry): {e}");
         }
+        if !report.udp_backends_removed.is_empty() {
+            let removed = report.udp_backends_removed.iter().copied().collect();
+            match self.conntrack.flush_udp(&removed) {
+                Ok(sweep) => info!(
+                    flows = sweep.flows_removed,
+                    "flushed UDP conntrack of backends that left their service"
+                ),
+                Err(e) => error!("flushing UDP conntrack: {e}"),
+            }
+        }
+    }
+
+    /// Frees flows whose both directions have expired, and reports the fill.
+    fn collect_conntrack(&mut self) {
+        let capacity = self.conntrack.capacity;
+        match self.conntrack.gc(monotonic_ns()) {
+            Ok(sweep) => {
+                let fill = sweep.entries as f64 / f64::from(capacity.max(1));
+                let entries = sweep.entries;
+                if fill >= 0.9 {
+                    warn!(entries, capacity, freed_flows = sweep.flows_removed,
+                        "conntrack table {:.0}% full: new flows are dropped when it is full (raise --max-conntrack)",
+                        fill * 100.0);
+                } else if sweep.flows_removed > 0 {
+                    info!(
+                        entries,
+                        capacity,
+                        freed_flows = sweep.flows_removed,
+                        "conntrack gc"
+                    );
+                }
+            }
+            Err(e) => error!("conntrack gc: {e}"),
+        }
     }
 
     fn sync_interfaces(&mut self) -> anyhow::Result<()> {
-        let program = loader::program(&mut self.ebpf)?;
-        let changes = self.attacher.sync(program)?;
+        let changes = self.attacher.sync(&mut self.ebpf)?;
         for name in &changes.attached {
-            info!(interface = %name, "attached tc ingress");
+            info!(interface = %name, "attached tc ingress and egress");
         }
         for name in &changes.gone {
             info!(interface = %name, "interface gone");
@@ -298,14 +352,11 @@ impl Agent {
     fn shutdown(&mut self) {
         let pin_dir = &self.config.pin_dir;
         if self.config.keep_datapath {
-            for e in self.attacher.pin_all(&pin_dir.join("links")) {
-                error!("{e}");
-            }
+            // Links are pinned from the moment they are attached.
             info!(pin_dir = %pin_dir.display(), "exiting; datapath kept (links and maps pinned)");
         } else {
-            // Dropping the links detaches the program; removing the pins frees the maps.
             let interfaces: Vec<String> = self.attacher.attached().map(str::to_owned).collect();
-            self.attacher = Attacher::new(Vec::new());
+            self.attacher.detach_all();
             loader::unpin_all(pin_dir);
             info!(?interfaces, "exiting; datapath detached and unpinned");
         }

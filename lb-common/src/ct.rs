@@ -1,30 +1,80 @@
-//! Connection tracking: an LRU hash keyed by the 5-tuple as seen on the wire.
+//! Connection tracking: a hash map (no LRU: nothing is evicted behind the
+//! agent's back) keyed by the 5-tuple as seen on the wire.
 //!
-//! A new flow to a frontend creates two entries:
-//! - forward: `client → VIP` (dir `CT_DIR_FORWARD`) with the backend address,
-//! - reply: `backend → client` (dir `CT_DIR_REPLY`) with the VIP address.
+//! A flow has two entries, written and retired together:
+//! - forward: `client → VIP` (dir `CT_DIR_FORWARD`), NAT address = the backend,
+//! - reply: `backend → client` (dir `CT_DIR_REPLY`), NAT address = the VIP.
 //!
-//! Both carry the rewrite address directly, so an established flow keeps its
-//! backend even after the backend leaves the service, and replies need one
-//! lookup.
+//! Each entry holds enough to rebuild the other (`peer_key`, `peer_value`),
+//! both carry the same state `flags`, and each has its own expiry, refreshed
+//! by packets in its direction. A flow is alive while either entry is
+//! unexpired; the agent's GC removes both entries once both have expired.
 
 use crate::user_pod;
 
-pub const CT_MAP: &str = "lb_ct_v1";
+pub const CT_MAP: &str = "lb_ct_v2";
 pub const DEFAULT_MAX_CT_ENTRIES: u32 = 262_144;
 
 pub const CT_DIR_FORWARD: u8 = 0;
 pub const CT_DIR_REPLY: u8 = 1;
 
-/// `CtValue::flags`: a FIN or RST was seen; the entry ages out quickly.
-pub const CT_FLAG_CLOSING: u32 = 1 << 0;
+/// `CtValue::flags`: the flow's state, the same in both entries.
+/// The backend has answered (TCP: the handshake completed).
+pub const CT_SEEN_REPLY: u8 = 1 << 0;
+/// The client sent a FIN.
+pub const CT_FIN_FORWARD: u8 = 1 << 1;
+/// The backend sent a FIN.
+pub const CT_FIN_REPLY: u8 = 1 << 2;
+/// Either side sent an RST.
+pub const CT_RST: u8 = 1 << 3;
 
-/// Lifetimes after the last packet. Expired entries count as misses.
-pub const CT_TIMEOUT_TCP_NS: u64 = 6 * 3600 * 1_000_000_000;
-pub const CT_TIMEOUT_TCP_CLOSING_NS: u64 = 10 * 1_000_000_000;
-pub const CT_TIMEOUT_UDP_NS: u64 = 60 * 1_000_000_000;
-/// `last_seen_ns` is refreshed at most this often, to spare a map write per packet.
+/// An entry's expiry is pushed forward at most this often (one map write a
+/// second per direction, not one per packet).
 pub const CT_REFRESH_NS: u64 = 1_000_000_000;
+
+const SEC: u64 = 1_000_000_000;
+
+/// Per-state lifetimes after the last packet, set by the agent at load time
+/// (a global of the eBPF object).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct CtTimeouts {
+    /// TCP before the backend answered (SYN sent, or a mid-stream pickup).
+    pub tcp_opening_ns: u64,
+    pub tcp_established_ns: u64,
+    /// TCP after an RST or FINs from both sides.
+    pub tcp_closing_ns: u64,
+    pub udp_ns: u64,
+}
+
+impl CtTimeouts {
+    pub const DEFAULT: Self = Self {
+        tcp_opening_ns: 60 * SEC,
+        tcp_established_ns: 6 * 3600 * SEC,
+        tcp_closing_ns: 10 * SEC,
+        udp_ns: 60 * SEC,
+    };
+
+    /// The lifetime of a flow in state `flags`.
+    #[inline(always)]
+    pub const fn for_state(&self, proto: u8, flags: u8) -> u64 {
+        if proto != crate::IPPROTO_TCP {
+            self.udp_ns
+        } else if is_closing(flags) {
+            self.tcp_closing_ns
+        } else if flags & CT_SEEN_REPLY == 0 {
+            self.tcp_opening_ns
+        } else {
+            self.tcp_established_ns
+        }
+    }
+}
+
+/// An RST, or FINs both ways: the connection is over.
+#[inline(always)]
+pub const fn is_closing(flags: u8) -> bool {
+    flags & CT_RST != 0 || flags & (CT_FIN_FORWARD | CT_FIN_REPLY) == CT_FIN_FORWARD | CT_FIN_REPLY
+}
 
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -46,29 +96,86 @@ pub struct CtValue {
     pub nat_port_be: u16,
     pub rev_nat_id: u16,
     pub backend_id: u32,
-    pub flags: u32,
+    /// `CT_SEEN_REPLY | CT_FIN_* | CT_RST`.
+    pub flags: u8,
+    pub _pad: [u8; 3],
     pub created_ns: u64,
-    pub last_seen_ns: u64,
+    /// Monotonic (`bpf_ktime_get_ns`) time after which this entry is idle.
+    pub expires_ns: u64,
 }
 
-impl CtValue {
-    pub const fn timeout_ns(&self, proto: u8) -> u64 {
-        if proto != crate::IPPROTO_TCP {
-            CT_TIMEOUT_UDP_NS
-        } else if self.flags & CT_FLAG_CLOSING != 0 {
-            CT_TIMEOUT_TCP_CLOSING_NS
-        } else {
-            CT_TIMEOUT_TCP_NS
+impl CtKey {
+    #[inline(always)]
+    pub const fn new(
+        saddr_be: u32,
+        sport_be: u16,
+        daddr_be: u32,
+        dport_be: u16,
+        proto: u8,
+        dir: u8,
+    ) -> Self {
+        Self {
+            saddr_be,
+            daddr_be,
+            sport_be,
+            dport_be,
+            proto,
+            dir,
+            _pad: [0; 2],
         }
     }
 
-    pub const fn is_expired(&self, proto: u8, now_ns: u64) -> bool {
-        now_ns.saturating_sub(self.last_seen_ns) > self.timeout_ns(proto)
+    /// The key of the flow's other entry.
+    #[inline(always)]
+    pub const fn peer_key(&self, value: &CtValue) -> CtKey {
+        if self.dir == CT_DIR_FORWARD {
+            // client → VIP  ⇒  backend → client
+            CtKey::new(
+                value.nat_addr_be,
+                value.nat_port_be,
+                self.saddr_be,
+                self.sport_be,
+                self.proto,
+                CT_DIR_REPLY,
+            )
+        } else {
+            // backend → client  ⇒  client → VIP
+            CtKey::new(
+                self.daddr_be,
+                self.dport_be,
+                value.nat_addr_be,
+                value.nat_port_be,
+                self.proto,
+                CT_DIR_FORWARD,
+            )
+        }
+    }
+
+    /// The flow's other entry, rebuilt from this one (same state and expiry).
+    #[inline(always)]
+    pub const fn peer_value(&self, value: &CtValue) -> CtValue {
+        let (nat_addr_be, nat_port_be) = if self.dir == CT_DIR_FORWARD {
+            (self.daddr_be, self.dport_be) // the reply's new source: the VIP
+        } else {
+            (self.saddr_be, self.sport_be) // the forward's new destination: the backend
+        };
+        CtValue {
+            nat_addr_be,
+            nat_port_be,
+            ..*value
+        }
+    }
+}
+
+impl CtValue {
+    pub const fn is_expired(&self, now_ns: u64) -> bool {
+        now_ns >= self.expires_ns
     }
 }
 
 const _: () = assert!(core::mem::size_of::<CtKey>() == 16 && core::mem::align_of::<CtKey>() == 4);
 const _: () =
     assert!(core::mem::size_of::<CtValue>() == 32 && core::mem::align_of::<CtValue>() == 8);
+const _: () = assert!(core::mem::size_of::<CtTimeouts>() == 32);
 
-user_pod!(CtKey, CtValue);
+user_pod!(CtKey, CtValue, CtTimeouts);

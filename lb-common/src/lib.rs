@@ -6,7 +6,7 @@
 //! suffix); the kernel never byte-swaps on the fast path, the agent converts at
 //! one boundary (`lb_agent::datapath::maps`).
 //!
-//! Layout version: map names carry `_v1`. A layout change bumps the version so
+//! Layout version: map names carry `_v2`. A layout change bumps the version so
 //! a new agent never reads an old pinned map with the wrong shape.
 #![no_std]
 
@@ -18,7 +18,7 @@ pub mod stats;
 pub mod svc;
 
 /// Version of the map layout; part of every map name.
-pub const MAP_LAYOUT_VERSION: u32 = 1;
+pub const MAP_LAYOUT_VERSION: u32 = 2;
 
 /// IANA protocol numbers, as in the IPv4 header.
 pub const IPPROTO_TCP: u8 = 6;

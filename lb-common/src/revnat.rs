@@ -7,7 +7,7 @@
 
 use crate::user_pod;
 
-pub const REVNAT_MAP: &str = "lb_revnat_v1";
+pub const REVNAT_MAP: &str = "lb_revnat_v2";
 
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]

@@ -1,18 +1,18 @@
 //! Per-reason packet counters: a per-CPU array indexed by `Stat`.
 
-pub const STATS_MAP: &str = "lb_stats_v1";
+pub const STATS_MAP: &str = "lb_stats_v2";
 
 /// Every decision and drop the datapath makes has its own counter.
 #[repr(u32)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum Stat {
-    /// Not IPv4, or not TCP/UDP, or not addressed to a frontend: untouched.
+    /// Ingress: not IPv4, or not TCP/UDP, or not addressed to a frontend: untouched.
     PassNotService = 0,
     /// New flow to a frontend: backend chosen, conntrack created, DNATed.
     DnatNew = 1,
     /// Packet of a tracked flow DNATed to its recorded backend.
     DnatCtHit = 2,
-    /// Reply from a backend rewritten to come from the VIP.
+    /// Egress: reply from a backend rewritten to come from the VIP.
     RevNat = 3,
     /// New flow to a frontend with no backends: answered with ICMP port unreachable.
     RejectNoBackend = 4,
@@ -22,15 +22,19 @@ pub enum Stat {
     PassMalformed = 6,
     /// IPv4 fragment addressed to a frontend: dropped (no fragment tracking).
     DropFragment = 7,
-    /// Conntrack insert failed: dropped rather than NATed without state.
-    DropCtInsert = 8,
+    /// Conntrack table full: the new flow is dropped, existing flows are unaffected.
+    DropCtFull = 8,
     /// A packet rewrite helper failed: dropped.
     DropRewrite = 9,
     /// Reject reply could not be built: dropped.
     DropReject = 10,
+    /// Egress: not a reply of a tracked flow: untouched.
+    PassNotReply = 11,
+    /// One direction of a live flow was missing and was rebuilt from the other.
+    CtRecreated = 12,
 }
 
-pub const STAT_COUNT: u32 = 11;
+pub const STAT_COUNT: u32 = 13;
 
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "pass_not_service",
@@ -41,7 +45,9 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "drop_backend_missing",
     "pass_malformed",
     "drop_fragment",
-    "drop_ct_insert",
+    "drop_ct_full",
     "drop_rewrite",
     "drop_reject",
+    "pass_not_reply",
+    "ct_recreated",
 ];

@@ -7,7 +7,7 @@
 
 use crate::user_pod;
 
-pub const SVC_MAP: &str = "lb_svc_v1";
+pub const SVC_MAP: &str = "lb_svc_v2";
 pub const DEFAULT_MAX_SVC_ENTRIES: u32 = 262_144;
 /// Most backends one frontend may have (slots are `u16`, slot 0 is the frontend).
 pub const MAX_BACKENDS_PER_SVC: u32 = 65_534;

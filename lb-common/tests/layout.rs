@@ -56,10 +56,11 @@ fn field_offsets_match_the_documented_layout() {
         (
             offset_of!(CtValue, nat_addr_be),
             offset_of!(CtValue, backend_id),
+            offset_of!(CtValue, flags),
             offset_of!(CtValue, created_ns),
-            offset_of!(CtValue, last_seen_ns)
+            offset_of!(CtValue, expires_ns)
         ),
-        (0, 8, 16, 24)
+        (0, 8, 12, 16, 24)
     );
 }
 
@@ -85,15 +86,62 @@ fn flow_hash_is_stable_and_spreads() {
 }
 
 #[test]
-fn conntrack_timeouts() {
-    let mut v = CtValue {
-        last_seen_ns: 1_000,
+fn conntrack_state_picks_the_timeout() {
+    let t = CtTimeouts::DEFAULT;
+    assert_eq!(t.for_state(6, 0), t.tcp_opening_ns, "SYN sent, no answer");
+    assert_eq!(t.for_state(6, CT_SEEN_REPLY), t.tcp_established_ns);
+    assert_eq!(
+        t.for_state(6, CT_SEEN_REPLY | CT_FIN_FORWARD),
+        t.tcp_established_ns,
+        "half-closed stays open"
+    );
+    assert_eq!(
+        t.for_state(6, CT_SEEN_REPLY | CT_FIN_FORWARD | CT_FIN_REPLY),
+        t.tcp_closing_ns
+    );
+    assert_eq!(t.for_state(6, CT_RST), t.tcp_closing_ns);
+    assert_eq!(t.for_state(17, 0), t.udp_ns);
+    assert_eq!(t.for_state(17, CT_SEEN_REPLY), t.udp_ns);
+    let v = CtValue {
+        expires_ns: 1_000,
         ..CtValue::default()
     };
-    assert!(!v.is_expired(6, 1_000 + CT_TIMEOUT_TCP_NS));
-    assert!(v.is_expired(17, 1_001 + CT_TIMEOUT_UDP_NS));
-    v.flags = CT_FLAG_CLOSING;
-    assert!(v.is_expired(6, 1_001 + CT_TIMEOUT_TCP_CLOSING_NS));
+    assert!(!v.is_expired(999) && v.is_expired(1_000));
+}
+
+#[test]
+fn each_conntrack_entry_rebuilds_its_peer() {
+    let (client, vip, backend) = (0x0201_12c6u32, 0x0a00_13c6u32, 0x020a_12c6u32);
+    let (cport, vport, bport) = (0x3930u16, 0x5000u16, 0x901fu16);
+    let forward_key = CtKey::new(client, cport, vip, vport, 6, CT_DIR_FORWARD);
+    let forward = CtValue {
+        nat_addr_be: backend,
+        nat_port_be: bport,
+        rev_nat_id: 7,
+        backend_id: 9,
+        flags: CT_SEEN_REPLY,
+        created_ns: 5,
+        expires_ns: 50,
+        ..CtValue::default()
+    };
+    let reply_key = forward_key.peer_key(&forward);
+    assert_eq!(
+        reply_key,
+        CtKey::new(backend, bport, client, cport, 6, CT_DIR_REPLY)
+    );
+    let reply = forward_key.peer_value(&forward);
+    assert_eq!((reply.nat_addr_be, reply.nat_port_be), (vip, vport));
+    assert_eq!(
+        (
+            reply.rev_nat_id,
+            reply.backend_id,
+            reply.flags,
+            reply.expires_ns
+        ),
+        (7, 9, CT_SEEN_REPLY, 50)
+    );
+    assert_eq!(reply_key.peer_key(&reply), forward_key);
+    assert_eq!(reply_key.peer_value(&reply), forward);
 }
 
 #[test]

@@ -1,45 +1,140 @@
-//! Connection tracking: lookups that honour timeouts, and flow creation.
+//! Connection tracking: one lifecycle for both entries of a flow.
+//!
+//! Values are copied out right after each lookup and written back whole:
+//! an entry can be deleted (agent GC, UDP flush) between two helper calls.
 
-use lb_common::ct::{CtKey, CtValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING, CT_REFRESH_NS};
+use aya_ebpf::bindings::BPF_NOEXIST;
+use lb_common::ct::{
+    is_closing, CtKey, CtTimeouts, CtValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FIN_FORWARD,
+    CT_FIN_REPLY, CT_REFRESH_NS, CT_RST, CT_SEEN_REPLY,
+};
 
-use crate::{maps::CONNTRACK, parse::Packet};
+use crate::{maps::CONNTRACK, parse::Packet, stats::count};
 
-/// The entry for `key` unless it has expired (an expired entry is a miss and
-/// is overwritten by the next new flow on the same tuple).
+/// Per-state timeouts; the agent overrides them at load time.
+#[unsafe(no_mangle)]
+static CT_TIMEOUTS: CtTimeouts = CtTimeouts::DEFAULT;
+
 #[inline(always)]
-pub fn lookup_live(key: &CtKey, proto: u8, now: u64) -> Option<*mut CtValue> {
-    let entry = CONNTRACK.get_ptr_mut(key)?;
-    if unsafe { (*entry).is_expired(proto, now) } {
+fn timeouts() -> CtTimeouts {
+    // SAFETY: a read-only global; volatile so the agent's value is used,
+    // not the compile-time default.
+    unsafe { core::ptr::read_volatile(&CT_TIMEOUTS) }
+}
+
+#[inline(always)]
+fn get(key: &CtKey) -> Option<CtValue> {
+    // SAFETY: the pointer is valid for this program run (RCU); copied at once.
+    CONNTRACK.get_ptr(key).map(|v| unsafe { *v })
+}
+
+/// The other entry of `value`'s flow, if it exists. Both entries of a flow
+/// carry its `created_ns`; a peer key held by a newer flow is not ours.
+#[inline(always)]
+fn peer_of(key: &CtKey, value: &CtValue) -> Option<(CtKey, CtValue)> {
+    let peer_key = key.peer_key(value);
+    get(&peer_key)
+        .filter(|p| p.created_ns == value.created_ns)
+        .map(|p| (peer_key, p))
+}
+
+/// The entry for `key` if its flow is alive: this entry is unexpired, or
+/// the other direction is (a one-way stream keeps its idle return path).
+#[inline(always)]
+pub fn lookup_flow(key: &CtKey, now: u64) -> Option<CtValue> {
+    let value = get(key)?;
+    if !value.is_expired(now) {
+        return Some(value);
+    }
+    let (_, peer) = peer_of(key, &value)?;
+    if peer.is_expired(now) {
         None
     } else {
-        Some(entry)
+        Some(value)
     }
 }
 
-/// A new SYN on a tuple whose connection was closing starts a new flow, so a
-/// reused client port gets a current backend, not the old connection's.
+/// State the packet adds to its flow.
 #[inline(always)]
-pub fn is_reopened(entry: *mut CtValue, pkt: &Packet) -> bool {
-    pkt.is_tcp_syn() && unsafe { (*entry).flags } & CT_FLAG_CLOSING != 0
+fn flags_of(pkt: &Packet, dir: u8) -> u8 {
+    let mut flags = if dir == CT_DIR_REPLY {
+        CT_SEEN_REPLY
+    } else {
+        0
+    };
+    if pkt.is_tcp_rst() {
+        flags |= CT_RST;
+    }
+    if pkt.is_tcp_fin() {
+        flags |= if dir == CT_DIR_FORWARD {
+            CT_FIN_FORWARD
+        } else {
+            CT_FIN_REPLY
+        };
+    }
+    flags
 }
 
-/// Refreshes the entry's age (at most once per `CT_REFRESH_NS`) and notes TCP
-/// teardown so the entry ages out quickly.
+/// A new SYN on a tuple whose connection is over starts a new flow, so a
+/// reused client port gets a current backend, not the old connection's.
 #[inline(always)]
-pub fn touch(entry: *mut CtValue, pkt: &Packet, now: u64) {
-    unsafe {
-        if now.wrapping_sub((*entry).last_seen_ns) > CT_REFRESH_NS {
-            (*entry).last_seen_ns = now;
+pub fn is_reopened(value: &CtValue, pkt: &Packet) -> bool {
+    pkt.is_tcp_syn() && is_closing(value.flags)
+}
+
+/// Records the packet on its flow: a state change (answer, FIN, RST) is
+/// written to both entries with the new state's timeout; otherwise this
+/// entry's expiry moves forward at most once per `CT_REFRESH_NS`, and then
+/// the other entry is checked and rebuilt if it went missing.
+#[inline(always)]
+pub fn update(key: &CtKey, value: &CtValue, pkt: &Packet, now: u64) {
+    let flags = value.flags | flags_of(pkt, key.dir);
+    let timeout = timeouts().for_state(key.proto, flags);
+    let expires_ns = now + timeout;
+    let changed = flags != value.flags;
+    if !changed && value.expires_ns + CT_REFRESH_NS > expires_ns {
+        return;
+    }
+    let updated = CtValue {
+        flags,
+        expires_ns,
+        ..*value
+    };
+    // Written whole (BPF_ANY): also restores an entry removed meanwhile.
+    let _ = CONNTRACK.insert(key, &updated, 0);
+    match peer_of(key, &updated) {
+        Some((peer_key, peer)) if changed => {
+            let peer = CtValue {
+                flags,
+                expires_ns: if peer.expires_ns > expires_ns && !is_closing(flags) {
+                    peer.expires_ns
+                } else {
+                    expires_ns
+                },
+                ..peer
+            };
+            let _ = CONNTRACK.insert(&peer_key, &peer, 0);
         }
-        if pkt.is_tcp_closing() && (*entry).flags & CT_FLAG_CLOSING == 0 {
-            (*entry).flags |= CT_FLAG_CLOSING;
-            (*entry).last_seen_ns = now;
+        Some(_) => {}
+        None => {
+            // Only into a free slot: a newer flow's entry there stays.
+            if CONNTRACK
+                .insert(
+                    &key.peer_key(&updated),
+                    &key.peer_value(&updated),
+                    BPF_NOEXIST as u64,
+                )
+                .is_ok()
+            {
+                count(lb_common::stats::Stat::CtRecreated);
+            }
         }
     }
 }
 
 /// Records a new flow: the reply entry first, so the backend's first answer
-/// always finds it, then the forward entry.
+/// always finds it, then the forward entry. If the forward entry cannot be
+/// written (table full), the reply entry is removed again: no half flows.
 #[inline(always)]
 pub fn create(
     pkt: &Packet,
@@ -48,68 +143,41 @@ pub fn create(
     backend_id: u32,
     rev_nat_id: u16,
     now: u64,
-) -> Result<(), i32> {
-    let flags = if pkt.is_tcp_closing() {
-        CT_FLAG_CLOSING
-    } else {
-        0
-    };
-    let reply_key = CtKey {
-        saddr_be: backend_addr_be,
-        daddr_be: pkt.saddr_be,
-        sport_be: backend_port_be,
-        dport_be: pkt.sport_be,
-        proto: pkt.proto,
-        dir: CT_DIR_REPLY,
-        _pad: [0; 2],
-    };
-    let reply = CtValue {
-        nat_addr_be: pkt.daddr_be,
-        nat_port_be: pkt.dport_be,
-        rev_nat_id,
-        backend_id,
-        flags,
-        created_ns: now,
-        last_seen_ns: now,
-    };
-    CONNTRACK.insert(&reply_key, &reply, 0)?;
-    let forward_key = CtKey {
-        saddr_be: pkt.saddr_be,
-        daddr_be: pkt.daddr_be,
-        sport_be: pkt.sport_be,
-        dport_be: pkt.dport_be,
-        proto: pkt.proto,
-        dir: CT_DIR_FORWARD,
-        _pad: [0; 2],
-    };
+) -> Result<(), ()> {
+    let flags = flags_of(pkt, CT_DIR_FORWARD);
+    let forward_key = pkt.ct_key(CT_DIR_FORWARD);
     let forward = CtValue {
         nat_addr_be: backend_addr_be,
         nat_port_be: backend_port_be,
-        ..reply
+        rev_nat_id,
+        backend_id,
+        flags,
+        _pad: [0; 3],
+        created_ns: now,
+        expires_ns: now + timeouts().for_state(pkt.proto, flags),
     };
-    CONNTRACK.insert(&forward_key, &forward, 0)
+    let reply_key = forward_key.peer_key(&forward);
+    CONNTRACK
+        .insert(&reply_key, &forward_key.peer_value(&forward), 0)
+        .map_err(|_| ())?;
+    if CONNTRACK.insert(&forward_key, &forward, 0).is_err() {
+        let _ = CONNTRACK.remove(&reply_key);
+        return Err(());
+    }
+    Ok(())
 }
 
 /// Whether the service flow behind a reply entry is still open: its forward
-/// entry exists, is not closing, and points at the replying backend.
+/// entry exists, the connection is not over, and it points at the replying
+/// backend.
 #[inline(always)]
-pub fn forward_is_open(reply: *mut CtValue, pkt: &Packet) -> bool {
-    let (vip, vport) = unsafe { ((*reply).nat_addr_be, (*reply).nat_port_be) };
-    let key = CtKey {
-        saddr_be: pkt.daddr_be,
-        daddr_be: vip,
-        sport_be: pkt.dport_be,
-        dport_be: vport,
-        proto: pkt.proto,
-        dir: CT_DIR_FORWARD,
-        _pad: [0; 2],
-    };
-    match CONNTRACK.get_ptr(&key) {
-        Some(fwd) => unsafe {
-            (*fwd).flags & CT_FLAG_CLOSING == 0
-                && (*fwd).nat_addr_be == pkt.saddr_be
-                && (*fwd).nat_port_be == pkt.sport_be
-        },
+pub fn forward_is_open(reply_key: &CtKey, reply: &CtValue, pkt: &Packet) -> bool {
+    match get(&reply_key.peer_key(reply)) {
+        Some(fwd) => {
+            !is_closing(fwd.flags)
+                && fwd.nat_addr_be == pkt.saddr_be
+                && fwd.nat_port_be == pkt.sport_be
+        }
         None => false,
     }
 }
@@ -117,4 +185,19 @@ pub fn forward_is_open(reply: *mut CtValue, pkt: &Packet) -> bool {
 #[inline(always)]
 pub fn forget(key: &CtKey) {
     let _ = CONNTRACK.remove(key);
+}
+
+impl Packet {
+    /// The conntrack key of this packet's tuple, as seen on the wire.
+    #[inline(always)]
+    pub fn ct_key(&self, dir: u8) -> CtKey {
+        CtKey::new(
+            self.saddr_be,
+            self.sport_be,
+            self.daddr_be,
+            self.dport_be,
+            self.proto,
+            dir,
+        )
+    }
 }

@@ -1,5 +1,8 @@
-//! tc (clsact ingress) service load balancer: DNAT to a backend, conntrack,
-//! reverse NAT of replies. See README.md "Packet path".
+//! tc service load balancer. Ingress (`lb_ingress`): DNAT a client's packet
+//! to a backend and track the flow. Egress (`lb_egress`): reverse-NAT the
+//! backend's reply on its way out to the client. Between the two hooks the
+//! node's own stack (routing, netfilter) sees the flow as client ↔ backend
+//! in both directions, consistently. See README.md "Packet path".
 #![no_std]
 #![no_main]
 
@@ -12,12 +15,12 @@ mod reject;
 mod stats;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{tcx_action_base::TCX_NEXT, TC_ACT_SHOT},
     macros::classifier,
     programs::TcContext,
 };
 use lb_common::{
-    ct::{CtKey, CT_DIR_FORWARD, CT_DIR_REPLY},
+    ct::{CT_DIR_FORWARD, CT_DIR_REPLY},
     hash::{flow_hash, select_slot},
     stats::Stat,
     svc::SvcKey,
@@ -35,9 +38,13 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    const fn pass(stat: Stat) -> Self {
+    /// Continue with the next program or tc filter on the hook (TCX_NEXT,
+    /// i.e. TC_ACT_UNSPEC), then the stack. Used for packets we leave alone
+    /// and for those we translated: a CNI's or a shaper's programs still see
+    /// every packet, translated ones as client ↔ backend.
+    const fn next(stat: Stat) -> Self {
         Self {
-            action: TC_ACT_OK as i32,
+            action: TCX_NEXT,
             stat,
         }
     }
@@ -51,48 +58,51 @@ impl Outcome {
 
 #[classifier]
 pub fn lb_ingress(ctx: TcContext) -> i32 {
-    let outcome = process(&ctx);
+    let outcome = ingress(&ctx);
     count(outcome.stat);
     outcome.action
 }
 
-fn process(ctx: &TcContext) -> Outcome {
+#[classifier]
+pub fn lb_egress(ctx: TcContext) -> i32 {
+    let outcome = egress(&ctx);
+    count(outcome.stat);
+    outcome.action
+}
+
+fn ingress(ctx: &TcContext) -> Outcome {
     let pkt = match parse::parse(ctx) {
         Parsed::Packet(pkt) => pkt,
-        Parsed::NotForUs => return Outcome::pass(Stat::PassNotService),
-        Parsed::Malformed => return Outcome::pass(Stat::PassMalformed),
+        Parsed::NotForUs => return Outcome::next(Stat::PassNotService),
+        Parsed::Malformed => return Outcome::next(Stat::PassMalformed),
     };
-    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
-
-    // Frontend first: a client's packet costs one lookup before its
-    // conntrack entry; anything else is a reply candidate or not ours.
     let frontend = SvcKey::new(pkt.daddr_be, pkt.dport_be, pkt.proto, 0);
     let Some(svc) = maps::SERVICES.get_ptr(&frontend) else {
-        return reverse_nat(ctx, &pkt, now);
+        return Outcome::next(Stat::PassNotService);
     };
+    // SAFETY: copied at once; the agent may rewrite slot 0 at any time.
+    let (count_, rev_nat_id) = unsafe { ((*svc).count, (*svc).rev_nat_id) };
     if pkt.is_fragment {
         // Later fragments carry no ports and never get here; the first one
         // would be NATed alone. Without reassembly, drop it and count.
         return Outcome::drop(Stat::DropFragment);
     }
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
 
     let forward_key = pkt.ct_key(CT_DIR_FORWARD);
-    if let Some(entry) =
-        ct::lookup_live(&forward_key, pkt.proto, now).filter(|e| !ct::is_reopened(*e, &pkt))
-    {
-        ct::touch(entry, &pkt, now);
+    if let Some(entry) = ct::lookup_flow(&forward_key, now).filter(|e| !ct::is_reopened(e, &pkt)) {
+        ct::update(&forward_key, &entry, &pkt, now);
         return dnat(
             ctx,
             &pkt,
-            unsafe { (*entry).nat_addr_be },
-            unsafe { (*entry).nat_port_be },
+            entry.nat_addr_be,
+            entry.nat_port_be,
             Stat::DnatCtHit,
         );
     }
 
     // New flow: pick a slot by flow hash, so a lost conntrack entry still
     // maps a flow to the same backend while the backend set is unchanged.
-    let (count_, rev_nat_id) = unsafe { ((*svc).count, (*svc).rev_nat_id) };
     if count_ == 0 {
         return reject::port_unreachable(ctx, &pkt);
     }
@@ -118,34 +128,37 @@ fn process(ctx: &TcContext) -> Outcome {
     };
     let (baddr, bport) = unsafe { ((*backend).addr_be, (*backend).port_be) };
     if ct::create(&pkt, baddr, bport, backend_id, rev_nat_id, now).is_err() {
-        return Outcome::drop(Stat::DropCtInsert);
+        return Outcome::drop(Stat::DropCtFull);
     }
     dnat(ctx, &pkt, baddr, bport, Stat::DnatNew)
 }
 
 /// A backend's reply matches a reply-direction entry and leaves with the
 /// frontend as its source; anything else passes untouched.
-#[inline(always)]
-fn reverse_nat(ctx: &TcContext, pkt: &Packet, now: u64) -> Outcome {
-    let reply_key = pkt.ct_key(CT_DIR_REPLY);
-    let Some(entry) = ct::lookup_live(&reply_key, pkt.proto, now) else {
-        return Outcome::pass(Stat::PassNotService);
+fn egress(ctx: &TcContext) -> Outcome {
+    let pkt = match parse::parse(ctx) {
+        Parsed::Packet(pkt) => pkt,
+        Parsed::NotForUs => return Outcome::next(Stat::PassNotReply),
+        Parsed::Malformed => return Outcome::next(Stat::PassMalformed),
     };
-    if pkt.is_tcp_syn_ack() && !ct::forward_is_open(entry, pkt) {
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+    let reply_key = pkt.ct_key(CT_DIR_REPLY);
+    let Some(entry) = ct::lookup_flow(&reply_key, now) else {
+        return Outcome::next(Stat::PassNotReply);
+    };
+    if pkt.is_tcp_syn_ack() && !ct::forward_is_open(&reply_key, &entry, &pkt) {
         // A handshake answer on a tuple whose service flow has closed belongs
         // to another connection: the client reused the port to reach the
         // backend directly. Drop the stale entry; leave the packet alone.
         ct::forget(&reply_key);
-        return Outcome::pass(Stat::PassNotService);
+        return Outcome::next(Stat::PassNotReply);
     }
     if pkt.is_fragment {
         return Outcome::drop(Stat::DropFragment);
     }
-    ct::touch(entry, pkt, now);
-    match nat::rewrite_source(ctx, pkt, unsafe { (*entry).nat_addr_be }, unsafe {
-        (*entry).nat_port_be
-    }) {
-        Ok(()) => Outcome::pass(Stat::RevNat),
+    ct::update(&reply_key, &entry, &pkt, now);
+    match nat::rewrite_source(ctx, &pkt, entry.nat_addr_be, entry.nat_port_be) {
+        Ok(()) => Outcome::next(Stat::RevNat),
         Err(()) => Outcome::drop(Stat::DropRewrite),
     }
 }
@@ -153,23 +166,8 @@ fn reverse_nat(ctx: &TcContext, pkt: &Packet, now: u64) -> Outcome {
 #[inline(always)]
 fn dnat(ctx: &TcContext, pkt: &Packet, addr_be: u32, port_be: u16, stat: Stat) -> Outcome {
     match nat::rewrite_destination(ctx, pkt, addr_be, port_be) {
-        Ok(()) => Outcome::pass(stat),
+        Ok(()) => Outcome::next(stat),
         Err(()) => Outcome::drop(Stat::DropRewrite),
-    }
-}
-
-impl Packet {
-    #[inline(always)]
-    fn ct_key(&self, dir: u8) -> CtKey {
-        CtKey {
-            saddr_be: self.saddr_be,
-            daddr_be: self.daddr_be,
-            sport_be: self.sport_be,
-            dport_be: self.dport_be,
-            proto: self.proto,
-            dir,
-            _pad: [0; 2],
-        }
     }
 }
 

@@ -2,7 +2,8 @@
 //! overrides `max_entries` at load time from its flags.
 
 use aya_ebpf::{
-    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    bindings::BPF_F_NO_PREALLOC,
+    btf_maps::{HashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
@@ -13,19 +14,24 @@ use lb_common::{
     svc::{SvcKey, SvcValue},
 };
 
-#[btf_map(name = "lb_svc_v1")]
+#[btf_map(name = "lb_svc_v2")]
 pub static SERVICES: HashMap<SvcKey, SvcValue, 262_144> = HashMap::new();
 
-#[btf_map(name = "lb_backend_v1")]
+#[btf_map(name = "lb_backend_v2")]
 pub static BACKENDS: HashMap<u32, Backend, 262_144> = HashMap::new();
 
 /// Written by the agent for operators and inspect; the datapath never reads it
 /// (conntrack carries the reply address).
-#[btf_map(name = "lb_revnat_v1")]
+#[btf_map(name = "lb_revnat_v2")]
 pub static REVNAT: HashMap<u16, RevNat, 65_536> = HashMap::new();
 
-#[btf_map(name = "lb_ct_v1")]
-pub static CONNTRACK: LruHashMap<CtKey, CtValue, 262_144> = LruHashMap::new();
+/// A plain hash, not an LRU: a live flow is never evicted to make room
+/// (a full table drops new flows, counted); the agent's GC frees expired
+/// flows. Not preallocated, so an element deleted during a program run is
+/// not recycled under it.
+#[btf_map(name = "lb_ct_v2")]
+pub static CONNTRACK: HashMap<CtKey, CtValue, 262_144, { BPF_F_NO_PREALLOC as usize }> =
+    HashMap::new();
 
-#[btf_map(name = "lb_stats_v1")]
+#[btf_map(name = "lb_stats_v2")]
 pub static STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::new();

@@ -79,8 +79,13 @@ impl Packet {
     }
 
     #[inline(always)]
-    pub fn is_tcp_closing(&self) -> bool {
-        self.tcp_flags & (TCP_FIN | TCP_RST) != 0
+    pub fn is_tcp_fin(&self) -> bool {
+        self.tcp_flags & TCP_FIN != 0
+    }
+
+    #[inline(always)]
+    pub fn is_tcp_rst(&self) -> bool {
+        self.tcp_flags & TCP_RST != 0
     }
 }
 
@@ -133,7 +138,12 @@ fn try_parse(ctx: &TcContext) -> Result<Parsed, ()> {
     ensure_linear(ctx, ETH_HLEN + 20)?;
     let ip: Ipv4Fixed = read(ctx, ETH_HLEN)?;
     let ihl_len = ((ip.version_ihl & 0x0f) as u32) * 4;
-    let tot_len = u16::from_be(ip.tot_len_be) as u32;
+    let mut tot_len = u16::from_be(ip.tot_len_be) as u32;
+    if tot_len == 0 && ip.proto == IPPROTO_TCP && ctx.len() > ETH_HLEN + 0xffff {
+        // IPv4 BIG TCP: a GRO/GSO packet past 64 KiB carries total length 0;
+        // its length is the skb's (as the kernel's iph_totlen()).
+        tot_len = ctx.len() - ETH_HLEN;
+    }
     if ip.version_ihl >> 4 != 4
         || ihl_len < 20
         || tot_len < ihl_len

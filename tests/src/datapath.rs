@@ -8,15 +8,17 @@ use aya::{
 };
 use lb_agent::{
     datapath::{
+        conntrack::Conntrack,
         loader::{self, MapSizes},
         maps::KernelMaps,
+        EGRESS_PROGRAM, INGRESS_PROGRAM,
     },
     desired::{self, Limits},
     manifest,
     reconcile::{Reconciler, Report},
 };
 use lb_common::{
-    ct::{CtKey, CtValue, CT_MAP},
+    ct::{CtKey, CtTimeouts, CtValue, CT_MAP},
     stats::{Stat, STATS_MAP},
 };
 
@@ -33,12 +35,17 @@ pub struct RunResult {
 
 impl Harness {
     pub fn new() -> Self {
+        Self::with_conntrack(4096)
+    }
+
+    /// A datapath whose conntrack table holds `entries` (two per flow).
+    pub fn with_conntrack(entries: u32) -> Self {
         let sizes = MapSizes {
             service_slots: 4096,
             backends: 1024,
-            conntrack: 4096,
+            conntrack: entries,
         };
-        let mut ebpf = loader::load(None, sizes).expect("load datapath");
+        let mut ebpf = loader::load(None, sizes, &CtTimeouts::DEFAULT).expect("load datapath");
         let maps = loader::kernel_maps(&mut ebpf, sizes).expect("service maps");
         let reconciler = Reconciler::restore(maps, sizes.backends).expect("restore");
         Self { ebpf, reconciler }
@@ -64,28 +71,41 @@ impl Harness {
         report
     }
 
-    fn program(&self) -> &SchedClassifier {
+    fn program(&self, name: &str) -> &SchedClassifier {
         self.ebpf
-            .program(lb_agent::datapath::PROGRAM_NAME)
+            .program(name)
             .expect("program")
             .try_into()
             .expect("classifier")
     }
 
+    /// The packet through the ingress program (DNAT).
     pub fn run(&self, frame: &[u8]) -> RunResult {
         self.run_timed(frame).0
     }
 
-    /// One run, with the kernel's timing of it. (No `repeat`: later runs
-    /// would see the packet the first one rewrote.)
+    /// The packet through the egress program (reverse NAT of replies).
+    pub fn run_egress(&self, frame: &[u8]) -> RunResult {
+        self.run_program(EGRESS_PROGRAM, frame).0
+    }
+
+    /// One ingress run, with the kernel's timing of it. (No `repeat`: later
+    /// runs would see the packet the first one rewrote.)
     pub fn run_timed(&self, frame: &[u8]) -> (RunResult, std::time::Duration) {
+        self.run_program(INGRESS_PROGRAM, frame)
+    }
+
+    pub fn run_program(&self, name: &str, frame: &[u8]) -> (RunResult, std::time::Duration) {
         let mut out = vec![0u8; frame.len() + 256];
         let opts = TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut out),
             ..TestRunOptions::default()
         };
-        let result = self.program().test_run(opts).expect("BPF_PROG_TEST_RUN");
+        let result = self
+            .program(name)
+            .test_run(opts)
+            .expect("BPF_PROG_TEST_RUN");
         out.truncate(result.data_size_out as usize);
         (
             RunResult {
@@ -109,14 +129,37 @@ impl Harness {
             .sum()
     }
 
+    fn ct_map(&mut self) -> HashMap<&mut MapData, CtKey, CtValue> {
+        self.ebpf
+            .map_mut(CT_MAP)
+            .expect("ct map")
+            .try_into()
+            .expect("hash")
+    }
+
     pub fn conntrack(&self) -> Vec<(CtKey, CtValue)> {
         let map: HashMap<&MapData, CtKey, CtValue> = self
             .ebpf
             .map(CT_MAP)
             .expect("ct map")
             .try_into()
-            .expect("lru hash");
+            .expect("hash");
         map.iter().map(|e| e.expect("read ct")).collect()
+    }
+
+    /// Rewrites one conntrack entry (to age it, or to lose it: `None`).
+    pub fn set_conntrack(&mut self, key: &CtKey, value: Option<CtValue>) {
+        let mut map = self.ct_map();
+        match value {
+            Some(v) => map.insert(key, v, 0).expect("write ct"),
+            None => map.remove(key).expect("delete ct"),
+        }
+    }
+
+    /// The agent's conntrack upkeep on this datapath's table.
+    pub fn agent_conntrack(&mut self) -> Conntrack {
+        let map = self.ebpf.take_map(CT_MAP).expect("ct map");
+        Conntrack::new(map, 0).expect("ct table")
     }
 }
 

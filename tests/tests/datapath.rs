@@ -4,18 +4,22 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use lb_common::{
-    ct::{CT_DIR_FORWARD, CT_DIR_REPLY},
+    ct::{
+        CtKey, CtTimeouts, CtValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FIN_FORWARD, CT_FIN_REPLY,
+        CT_RST, CT_SEEN_REPLY,
+    },
     hash::{flow_hash, select_slot},
     stats::Stat,
 };
 use lb_tests::{
     datapath::Harness,
-    packet::{hex, verify_checksums, Packet, TCP_ACK, TCP_SYN},
+    packet::{hex, verify_checksums, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     require_root,
     topology::web_manifest,
 };
 
-const TC_ACT_OK: u32 = 0;
+/// TCX_NEXT (TC_ACT_UNSPEC, -1): continue with the next program or filter.
+const TCX_NEXT: u32 = u32::MAX;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
 
@@ -66,6 +70,16 @@ fn port_for(backend: Ipv4Addr, backends: &[Ipv4Addr], dst: SocketAddrV4, proto: 
         .expect("a port for every backend")
 }
 
+/// A connection through the VIP from `from` to `backend`: handshake, then
+/// FINs both ways.
+fn close_with_fins(h: &Harness, from: SocketAddrV4, backend: SocketAddrV4) {
+    h.run(&Packet::tcp(from, vip(80), TCP_SYN).build());
+    let at_backend = Packet::tcp(from, backend, TCP_SYN);
+    h.run_egress(&at_backend.reply(TCP_SYN | TCP_ACK).build());
+    h.run(&Packet::tcp(from, vip(80), TCP_ACK | TCP_FIN).build());
+    h.run_egress(&at_backend.reply(TCP_ACK | TCP_FIN).build());
+}
+
 fn assert_frame(actual: &[u8], expected: &[u8], what: &str) {
     assert!(
         actual == expected,
@@ -85,7 +99,7 @@ fn tcp_syn_is_dnated_to_each_backend_with_exact_bytes() {
         let port = port_for(backend, &BACKENDS, vip(80), 6);
         let syn = Packet::tcp(client(port), vip(80), TCP_SYN).with_payload(b"hello");
         let out = h.run(&syn.build());
-        assert_eq!(out.verdict, TC_ACT_OK);
+        assert_eq!(out.verdict, TCX_NEXT);
         let expected = syn.clone().to(SocketAddrV4::new(backend, 8080)).build();
         assert_frame(&out.frame, &expected, &format!("SYN to {backend}"));
     }
@@ -107,8 +121,8 @@ fn reply_from_backend_is_reverse_nated_to_the_vip() {
         .to(SocketAddrV4::new(backend, 8080))
         .reply(TCP_SYN | TCP_ACK)
         .with_payload(b"world");
-    let out = h.run(&from_backend.build());
-    assert_eq!(out.verdict, TC_ACT_OK);
+    let out = h.run_egress(&from_backend.build());
+    assert_eq!(out.verdict, TCX_NEXT);
     let expected = from_backend.clone().from(vip(80)).build();
     assert_frame(&out.frame, &expected, "SYN-ACK back to the client");
     assert_eq!(h.counter(Stat::RevNat), 1);
@@ -140,7 +154,7 @@ fn udp_is_dnated_and_reverse_nated_with_checksums() {
     let query = Packet::udp(client(5000), vip(53), b"query payload, odd length");
     let backend = expected_backend(&BACKENDS, client(5000), vip(53), 17);
     let out = h.run(&query.build());
-    assert_eq!(out.verdict, TC_ACT_OK);
+    assert_eq!(out.verdict, TCX_NEXT);
     assert_frame(
         &out.frame,
         &query.clone().to(SocketAddrV4::new(backend, 5353)).build(),
@@ -152,7 +166,7 @@ fn udp_is_dnated_and_reverse_nated_with_checksums() {
         .to(SocketAddrV4::new(backend, 5353))
         .reply(0)
         .with_payload(b"answer");
-    let out = h.run(&answer.build());
+    let out = h.run_egress(&answer.build());
     assert_frame(
         &out.frame,
         &answer.clone().from(vip(53)).build(),
@@ -183,7 +197,7 @@ fn ip_options_are_skipped_when_rewriting() {
     syn.ip_options = vec![1, 1, 1, 0]; // NOP NOP NOP EOL
     let backend = expected_backend(&BACKENDS, client(42000), vip(80), 6);
     let out = h.run(&syn.build());
-    assert_eq!(out.verdict, TC_ACT_OK);
+    assert_eq!(out.verdict, TCX_NEXT);
     assert_frame(
         &out.frame,
         &syn.clone().to(SocketAddrV4::new(backend, 8080)).build(),
@@ -220,7 +234,7 @@ fn traffic_not_for_a_service_passes_untouched() {
         ("IPv6", &ipv6),
     ] {
         let out = h.run(frame);
-        assert_eq!(out.verdict, TC_ACT_OK, "{name}");
+        assert_eq!(out.verdict, TCX_NEXT, "{name}");
         assert_eq!(&out.frame, frame, "{name} must pass untouched");
     }
     assert_eq!(h.counter(Stat::PassNotService), 6);
@@ -263,7 +277,7 @@ fn truncated_and_malformed_packets_are_never_rewritten() {
     cases.push(("UDP length below 8", short_udp));
     for (name, frame) in &cases {
         let out = h.run(frame);
-        assert_eq!(out.verdict, TC_ACT_OK, "{name}");
+        assert_eq!(out.verdict, TCX_NEXT, "{name}");
         assert_eq!(&out.frame, frame, "{name}: must not be rewritten");
     }
     assert_eq!(h.counter(Stat::PassMalformed), cases.len() as u64);
@@ -285,7 +299,7 @@ fn fragments_to_a_service_are_dropped_and_counted() {
     later.frag = 0x0003; // offset 24 bytes: no L4 header
     let frame = later.build();
     let out = h.run(&frame);
-    assert_eq!(out.verdict, TC_ACT_OK);
+    assert_eq!(out.verdict, TCX_NEXT);
     assert_eq!(out.frame, frame, "non-first fragments pass untouched");
 
     let mut not_service = Packet::udp(
@@ -296,7 +310,7 @@ fn fragments_to_a_service_are_dropped_and_counted() {
     not_service.frag = 0x2000;
     assert_eq!(
         h.run(&not_service.build()).verdict,
-        TC_ACT_OK,
+        TCX_NEXT,
         "fragments not for a service pass"
     );
 }
@@ -332,7 +346,7 @@ fn conntrack_keeps_backend_after_backend_set_changes() {
         .to(SocketAddrV4::new(chosen, 8080))
         .reply(TCP_ACK);
     assert_frame(
-        &h.run(&reply.build()).frame,
+        &h.run_egress(&reply.build()).frame,
         &reply.clone().from(vip(80)).build(),
         "its replies are still reverse-NATed",
     );
@@ -396,8 +410,7 @@ fn syn_reusing_a_closed_flows_tuple_picks_a_current_backend() {
     h.apply_yaml(&manifest(&BACKENDS));
     let chosen = BACKENDS[2];
     let port = port_for(chosen, &BACKENDS, vip(80), 6);
-    h.run(&Packet::tcp(client(port), vip(80), TCP_SYN).build());
-    h.run(&Packet::tcp(client(port), vip(80), TCP_ACK | lb_tests::packet::TCP_FIN).build());
+    close_with_fins(&h, client(port), SocketAddrV4::new(chosen, 8080));
     let remaining = [BACKENDS[0], BACKENDS[1]];
     h.apply_yaml(&manifest(&remaining));
 
@@ -421,18 +434,418 @@ fn direct_connection_reusing_a_service_flows_port_is_not_reverse_nated() {
     let port = port_for(chosen, &BACKENDS, vip(80), 6);
     let backend = SocketAddrV4::new(chosen, 8080);
     // A connection through the VIP, closed.
-    h.run(&Packet::tcp(client(port), vip(80), TCP_SYN).build());
-    h.run(&Packet::tcp(client(port), vip(80), TCP_ACK | lb_tests::packet::TCP_FIN).build());
+    close_with_fins(&h, client(port), backend);
+    let rev_nat_before = h.counter(Stat::RevNat);
     // The client then connects to the pod directly from the same port.
     let direct = Packet::tcp(client(port), backend, TCP_SYN);
     let out = h.run(&direct.build());
     assert_eq!(out.frame, direct.build(), "a direct SYN passes untouched");
     let syn_ack = direct.reply(TCP_SYN | TCP_ACK);
-    let out = h.run(&syn_ack.build());
+    let out = h.run_egress(&syn_ack.build());
     assert_eq!(
         out.frame,
         syn_ack.build(),
         "the pod's answer keeps its own source, not the VIP"
     );
-    assert_eq!(h.counter(Stat::RevNat), 0);
+    assert_eq!(h.counter(Stat::RevNat), rev_nat_before);
+}
+
+// --- conntrack lifecycle -----------------------------------------------------
+
+/// The flow's (forward, reply) entries.
+fn flow_entries(h: &Harness, from: SocketAddrV4) -> ((CtKey, CtValue), (CtKey, CtValue)) {
+    let ct = h.conntrack();
+    let forward = *ct
+        .iter()
+        .find(|(k, _)| k.dir == CT_DIR_FORWARD && u16::from_be(k.sport_be) == from.port())
+        .expect("forward entry");
+    let reply = *ct
+        .iter()
+        .find(|(k, _)| k.dir == CT_DIR_REPLY && u16::from_be(k.dport_be) == from.port())
+        .expect("reply entry");
+    (forward, reply)
+}
+
+fn now_ns() -> u64 {
+    lb_agent::datapath::conntrack::monotonic_ns()
+}
+
+#[test]
+fn unanswered_syn_gets_the_short_opening_timeout_and_an_answer_the_long_one() {
+    require_root();
+    let mut h = Harness::new();
+    h.apply_yaml(&manifest(&BACKENDS));
+    let from = client(44000);
+    let backend = SocketAddrV4::new(expected_backend(&BACKENDS, from, vip(80), 6), 8080);
+    h.run(&Packet::tcp(from, vip(80), TCP_SYN).build());
+    let t = CtTimeouts::DEFAULT;
+    let ((_, fwd), (_, rep)) = flow_entries(&h, from);
+    assert_eq!(
+        fwd.expires_ns - fwd.created_ns,
+        t.tcp_opening_ns,
+        "SYN sent"
+    );
+    assert_eq!(rep.expires_ns - rep.created_ns, t.tcp_opening_ns);
+    assert_eq!(fwd.flags, 0);
+
+    let before = now_ns();
+    h.run_egress(
+        &Packet::tcp(from, backend, TCP_SYN)
+            .reply(TCP_SYN | TCP_ACK)
+            .build(),
+    );
+    let ((_, fwd), (_, rep)) = flow_entries(&h, from);
+    assert_eq!(
+        (fwd.flags, rep.flags),
+        (CT_SEEN_REPLY, CT_SEEN_REPLY),
+        "both directions learn the answer"
+    );
+    for (what, e) in [("forward", fwd), ("reply", rep)] {
+        assert!(
+            e.expires_ns >= before + t.tcp_established_ns
+                && e.expires_ns <= now_ns() + t.tcp_established_ns,
+            "{what}: established timeout from the answer on"
+        );
+    }
+}
+
+#[test]
+fn syn_whose_flow_timed_out_unanswered_is_a_new_flow() {
+    require_root();
+    let mut h = Harness::new();
+    h.apply_yaml(&manifest(&BACKENDS));
+    let chosen = BACKENDS[1];
+    let port = port_for(chosen, &BACKENDS, vip(80), 6);
+    h.run(&Packet::tcp(client(port), vip(80), TCP_SYN).build());
+    // The opening timeout passes for both entries.
+    let ((fk, fv), (rk, rv)) = flow_entries(&h, client(port));
+    let past = now_ns() - 1;
+    h.set_conntrack(
+        &fk,
+        Some(CtValue {
+            expires_ns: past,
+            ..fv
+        }),
+    );
+    h.set_conntrack(
+        &rk,
+        Some(CtValue {
+            expires_ns: past,
+            ..rv
+        }),
+    );
+    let remaining = [BACKENDS[0], BACKENDS[2]];
+    h.apply_yaml(&manifest(&remaining));
+    let syn = Packet::tcp(client(port), vip(80), TCP_SYN);
+    let expected = expected_backend(&remaining, client(port), vip(80), 6);
+    assert_frame(
+        &h.run(&syn.build()).frame,
+        &syn.clone().to(SocketAddrV4::new(expected, 8080)).build(),
+        "SYN after the timeout",
+    );
+    assert_eq!(
+        (h.counter(Stat::DnatNew), h.counter(Stat::DnatCtHit)),
+        (2, 0)
+    );
+    // A late answer from the old backend belongs to no flow now.
+    let late = Packet::tcp(client(port), SocketAddrV4::new(chosen, 8080), TCP_SYN).reply(TCP_ACK);
+    assert_eq!(
+        h.run_egress(&late.build()).frame,
+        late.build(),
+        "not reverse-NATed"
+    );
+}
+
+#[test]
+fn an_idle_direction_lives_while_the_other_is_active() {
+    require_root();
+    let mut h = Harness::new();
+    h.apply_yaml(&manifest(&BACKENDS));
+    let from = client(44100);
+    let backend = SocketAddrV4::new(expected_backend(&BACKENDS, from, vip(80), 6), 8080);
+    h.run(&Packet::tcp(from, vip(80), TCP_SYN).build());
+    h.run_egress(
+        &Packet::tcp(from, backend, TCP_SYN)
+            .reply(TCP_SYN | TCP_ACK)
+            .build(),
+    );
+    // The client has been silent past its timeout (a server push stream);
+    // the backend's direction is fresh.
+    let ((fk, fv), _) = flow_entries(&h, from);
+    h.set_conntrack(
+        &fk,
+        Some(CtValue {
+            expires_ns: now_ns() - 1,
+            ..fv
+        }),
+    );
+    let ack = Packet::tcp(from, vip(80), TCP_ACK);
+    assert_frame(
+        &h.run(&ack.build()).frame,
+        &ack.clone().to(backend).build(),
+        "the quiet client's packet still belongs to its flow",
+    );
+    assert_eq!(
+        (h.counter(Stat::DnatNew), h.counter(Stat::DnatCtHit)),
+        (1, 1)
+    );
+    let ((_, fv), _) = flow_entries(&h, from);
+    assert!(fv.expires_ns > now_ns(), "and its direction is refreshed");
+}
+
+#[test]
+fn rst_from_either_side_closes_both_entries() {
+    require_root();
+    for backend_resets in [false, true] {
+        let mut h = Harness::new();
+        h.apply_yaml(&manifest(&BACKENDS));
+        let from = client(44200);
+        let backend = SocketAddrV4::new(expected_backend(&BACKENDS, from, vip(80), 6), 8080);
+        h.run(&Packet::tcp(from, vip(80), TCP_SYN).build());
+        let at_backend = Packet::tcp(from, backend, TCP_SYN);
+        h.run_egress(&at_backend.reply(TCP_SYN | TCP_ACK).build());
+        let before = now_ns();
+        if backend_resets {
+            let rst = at_backend.reply(TCP_RST | TCP_ACK);
+            assert_frame(
+                &h.run_egress(&rst.build()).frame,
+                &rst.clone().from(vip(80)).build(),
+                "the RST itself is reverse-NATed",
+            );
+        } else {
+            h.run(&Packet::tcp(from, vip(80), TCP_RST).build());
+        }
+        let ((_, fwd), (_, rep)) = flow_entries(&h, from);
+        let closing = CtTimeouts::DEFAULT.tcp_closing_ns;
+        for (what, e) in [("forward", fwd), ("reply", rep)] {
+            assert_eq!(
+                e.flags,
+                CT_SEEN_REPLY | CT_RST,
+                "{what} (backend resets: {backend_resets})"
+            );
+            assert!(
+                e.expires_ns >= before + closing && e.expires_ns <= now_ns() + closing,
+                "{what}: closing timeout (backend resets: {backend_resets})"
+            );
+        }
+        // The tuple is free for a new connection at once.
+        h.run(&Packet::tcp(from, vip(80), TCP_SYN).build());
+        assert_eq!(
+            h.counter(Stat::DnatNew),
+            2,
+            "backend resets: {backend_resets}"
+        );
+    }
+}
+
+#[test]
+fn fin_from_one_side_half_closes_and_fins_from_both_close() {
+    require_root();
+    let mut h = Harness::new();
+    h.apply_yaml(&manifest(&BACKENDS));
+    let from = client(44300);
+    let backend = SocketAddrV4::new(expected_backend(&BACKENDS, from, vip(80), 6), 8080);
+    h.run(&Packet::tcp(from, vip(80), TCP_SYN).build());
+    let at_backend = Packet::tcp(from, backend, TCP_SYN);
+    h.run_egress(&at_backend.reply(TCP_SYN | TCP_ACK).build());
+    h.run(&Packet::tcp(from, vip(80), TCP_ACK | TCP_FIN).build());
+    let (_, (_, rep)) = flow_entries(&h, from);
+    assert_eq!(
+        rep.flags,
+        CT_SEEN_REPLY | CT_FIN_FORWARD,
+        "the reply entry learns the client's FIN"
+    );
+    let t = CtTimeouts::DEFAULT;
+    assert!(
+        rep.expires_ns > now_ns() + t.tcp_closing_ns,
+        "half-closed: the backend may still send"
+    );
+    // A SYN retransmission on a half-closed tuple stays on its backend.
+    let fin_back = at_backend.reply(TCP_ACK | TCP_FIN);
+    h.run_egress(&fin_back.build());
+    let ((_, fwd), (_, rep)) = flow_entries(&h, from);
+    assert_eq!(fwd.flags, CT_SEEN_REPLY | CT_FIN_FORWARD | CT_FIN_REPLY);
+    assert_eq!(rep.flags, fwd.flags);
+    assert!(
+        fwd.expires_ns <= now_ns() + t.tcp_closing_ns,
+        "closed both ways: short timeout"
+    );
+}
+
+#[test]
+fn lost_reply_entry_is_rebuilt_from_the_forward_entry() {
+    require_root();
+    let mut h = Harness::new();
+    h.apply_yaml(&manifest(&BACKENDS));
+    let from = client(44400);
+    let backend = SocketAddrV4::new(expected_backend(&BACKENDS, from, vip(80), 6), 8080);
+    h.run(&Packet::tcp(from, vip(80), TCP_SYN).build());
+    h.run_egress(
+        &Packet::tcp(from, backend, TCP_SYN)
+            .reply(TCP_SYN | TCP_ACK)
+            .build(),
+    );
+    let ((fk, fv), (rk, rv)) = flow_entries(&h, from);
+    // The reply entry is lost; the forward entry's refresh is due.
+    h.set_conntrack(&rk, None);
+    h.set_conntrack(
+        &fk,
+        Some(CtValue {
+            expires_ns: fv.expires_ns - 2_000_000_000,
+            ..fv
+        }),
+    );
+    let ack = Packet::tcp(from, vip(80), TCP_ACK);
+    assert_frame(
+        &h.run(&ack.build()).frame,
+        &ack.clone().to(backend).build(),
+        "forward still DNATed",
+    );
+    assert_eq!(h.counter(Stat::CtRecreated), 1);
+    let (_, (rk2, rv2)) = flow_entries(&h, from);
+    assert_eq!(rk2, rk);
+    assert_eq!(
+        (
+            rv2.nat_addr_be,
+            rv2.nat_port_be,
+            rv2.backend_id,
+            rv2.rev_nat_id,
+            rv2.flags,
+            rv2.created_ns
+        ),
+        (
+            rv.nat_addr_be,
+            rv.nat_port_be,
+            rv.backend_id,
+            rv.rev_nat_id,
+            rv.flags,
+            rv.created_ns
+        ),
+        "rebuilt exactly"
+    );
+    let reply = Packet::tcp(from, backend, TCP_ACK)
+        .reply(TCP_ACK)
+        .with_payload(b"data");
+    assert_frame(
+        &h.run_egress(&reply.build()).frame,
+        &reply.clone().from(vip(80)).build(),
+        "the backend's replies are reverse-NATed again",
+    );
+    // And the other way round: a lost forward entry is rebuilt by a reply.
+    let ((fk, _), (rk, rv)) = flow_entries(&h, from);
+    h.set_conntrack(&fk, None);
+    h.set_conntrack(
+        &rk,
+        Some(CtValue {
+            expires_ns: rv.expires_ns - 2_000_000_000,
+            ..rv
+        }),
+    );
+    h.run_egress(&reply.build());
+    assert_eq!(h.counter(Stat::CtRecreated), 2);
+    assert_frame(
+        &h.run(&ack.build()).frame,
+        &ack.clone().to(backend).build(),
+        "same backend",
+    );
+    assert_eq!(h.counter(Stat::DnatNew), 1, "no new flow was needed");
+}
+
+#[test]
+fn full_conntrack_drops_new_flows_and_keeps_existing_ones() {
+    require_root();
+    let mut h = Harness::with_conntrack(4); // two flows
+    h.apply_yaml(&manifest(&BACKENDS));
+    let flows = [client(44500), client(44501)];
+    for from in flows {
+        h.run(&Packet::tcp(from, vip(80), TCP_SYN).build());
+    }
+    let third = Packet::tcp(client(44502), vip(80), TCP_SYN);
+    let out = h.run(&third.build());
+    assert_eq!(out.verdict, TC_ACT_SHOT, "no state, no NAT");
+    assert_eq!(h.counter(Stat::DropCtFull), 1);
+    assert_eq!(h.conntrack().len(), 4, "no half flow left behind");
+    for from in flows {
+        let backend = SocketAddrV4::new(expected_backend(&BACKENDS, from, vip(80), 6), 8080);
+        let ack = Packet::tcp(from, vip(80), TCP_ACK);
+        assert_frame(
+            &h.run(&ack.build()).frame,
+            &ack.clone().to(backend).build(),
+            "existing flow",
+        );
+        let reply = Packet::tcp(from, backend, TCP_ACK).reply(TCP_ACK);
+        assert_frame(
+            &h.run_egress(&reply.build()).frame,
+            &reply.clone().from(vip(80)).build(),
+            "existing flow's reply",
+        );
+    }
+}
+
+#[test]
+fn agent_gc_frees_expired_flows_and_keeps_live_ones() {
+    require_root();
+    let mut h = Harness::new();
+    h.apply_yaml(&manifest(&BACKENDS));
+    let (dead, half, live) = (client(44600), client(44601), client(44602));
+    for from in [dead, half, live] {
+        h.run(&Packet::tcp(from, vip(80), TCP_SYN).build());
+    }
+    let past = now_ns() - 1;
+    let ((fk, fv), (rk, rv)) = flow_entries(&h, dead);
+    h.set_conntrack(
+        &fk,
+        Some(CtValue {
+            expires_ns: past,
+            ..fv
+        }),
+    );
+    h.set_conntrack(
+        &rk,
+        Some(CtValue {
+            expires_ns: past,
+            ..rv
+        }),
+    );
+    let ((fk, fv), _) = flow_entries(&h, half);
+    h.set_conntrack(
+        &fk,
+        Some(CtValue {
+            expires_ns: past,
+            ..fv
+        }),
+    );
+    let mut ct = h.agent_conntrack();
+    let sweep = ct.gc(now_ns()).expect("gc");
+    assert_eq!((sweep.entries, sweep.flows_removed), (6, 1));
+    let ports: std::collections::BTreeSet<u16> = ct
+        .entries()
+        .unwrap()
+        .keys()
+        .map(|k| {
+            if k.dir == CT_DIR_FORWARD {
+                u16::from_be(k.sport_be)
+            } else {
+                u16::from_be(k.dport_be)
+            }
+        })
+        .collect();
+    assert_eq!(
+        ports,
+        [half.port(), live.port()].into(),
+        "both entries of the dead flow, nothing else"
+    );
+}
+
+#[test]
+fn big_tcp_length_zero_on_a_small_packet_is_malformed() {
+    require_root();
+    let mut h = Harness::new();
+    h.apply_yaml(&manifest(&BACKENDS));
+    // Total length 0 means "BIG TCP" only on a packet past 64 KiB.
+    let mut frame = Packet::tcp(client(44700), vip(80), TCP_ACK).build();
+    frame[16..18].copy_from_slice(&[0, 0]);
+    let out = h.run(&frame);
+    assert_eq!((out.verdict, &out.frame), (TCX_NEXT, &frame));
+    assert_eq!(h.counter(Stat::PassMalformed), 1);
 }

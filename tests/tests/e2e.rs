@@ -118,7 +118,7 @@ fn tcp_and_udp_clients_reach_every_backend_through_the_vip() {
     );
     for drop in [
         "drop_backend_missing",
-        "drop_ct_insert",
+        "drop_ct_full",
         "drop_rewrite",
         "pass_malformed",
     ] {

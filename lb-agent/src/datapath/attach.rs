@@ -1,13 +1,18 @@
-//! Keeps the tc ingress program attached to every interface whose name
+//! Keeps the tc programs (ingress and egress) attached to every interface whose name
 //! matches one of the patterns, including interfaces that appear later.
 
-use std::{collections::BTreeMap, ffi::CStr, path::Path};
+use std::{collections::BTreeMap, ffi::CStr, path::PathBuf};
 
-use aya::programs::{
-    links::{FdLink, PinnedLink},
-    tc::{self, SchedClassifierLink},
-    SchedClassifier, TcAttachType,
+use aya::{
+    programs::{
+        links::{FdLink, PinnedLink},
+        tc::{self, SchedClassifierLink},
+        SchedClassifier, TcAttachType,
+    },
+    Ebpf,
 };
+
+use super::{loader, EGRESS_PROGRAM, INGRESS_PROGRAM};
 
 /// Interfaces of the current network namespace: (name, ifindex).
 pub fn interfaces() -> std::io::Result<Vec<(String, u32)>> {
@@ -55,17 +60,49 @@ pub struct Changes {
     pub errors: Vec<String>,
 }
 
-pub struct Attacher {
-    patterns: Vec<String>,
-    /// name → (ifindex, link)
-    links: BTreeMap<String, (u32, SchedClassifierLink)>,
+/// A link this agent made: pinned from the moment it is attached (so a
+/// crash leaves the datapath attached), or held in memory where the kernel
+/// cannot pin it (legacy tc without TCX).
+enum Held {
+    Pinned(PathBuf),
+    Owned(#[allow(dead_code)] SchedClassifierLink), // held: dropping it detaches
 }
 
+impl Held {
+    /// Detaches now: the link is released with its last reference.
+    fn detach(self) {
+        if let Held::Pinned(path) = self {
+            release_pin(&path);
+        }
+    }
+}
+
+struct Attached {
+    ifindex: u32,
+    links: Vec<Held>,
+}
+
+pub struct Attacher {
+    patterns: Vec<String>,
+    /// Where links are pinned (`None`: held in memory only, for tests).
+    link_dir: Option<PathBuf>,
+    /// Suffix of this run's pins, so a previous run's pins can be told apart.
+    run_id: String,
+    attached: BTreeMap<String, Attached>,
+}
+
+const HOOKS: [(&str, TcAttachType, &str); 2] = [
+    (INGRESS_PROGRAM, TcAttachType::Ingress, "ingress"),
+    (EGRESS_PROGRAM, TcAttachType::Egress, "egress"),
+];
+
 impl Attacher {
-    pub fn new(patterns: Vec<String>) -> Self {
+    pub fn new(patterns: Vec<String>, link_dir: Option<PathBuf>) -> Self {
         Self {
             patterns,
-            links: BTreeMap::new(),
+            link_dir,
+            run_id: format!("{}", crate::datapath::conntrack::monotonic_ns()),
+            attached: BTreeMap::new(),
         }
     }
 
@@ -85,33 +122,35 @@ impl Attacher {
     }
 
     pub fn attached(&self) -> impl Iterator<Item = &str> {
-        self.links.keys().map(String::as_str)
+        self.attached.keys().map(String::as_str)
     }
 
-    /// Attaches to new matching interfaces and forgets vanished ones.
-    pub fn sync(&mut self, program: &mut SchedClassifier) -> std::io::Result<Changes> {
+    /// Attaches both programs to new matching interfaces and forgets
+    /// vanished ones.
+    pub fn sync(&mut self, ebpf: &mut Ebpf) -> std::io::Result<Changes> {
         let current = interfaces()?;
         let mut changes = Changes::default();
         let stale: Vec<String> = self
-            .links
+            .attached
             .iter()
-            .filter(|(name, (index, _))| !current.iter().any(|(n, i)| n == *name && i == index))
+            .filter(|(name, a)| !current.iter().any(|(n, i)| n == *name && *i == a.ifindex))
             .map(|(name, _)| name.clone())
             .collect();
         for name in stale {
-            // The kernel already released the link with its interface.
-            if let Some((_, link)) = self.links.remove(&name) {
-                drop(link);
+            // The kernel released the links with the interface; drop the pins.
+            if let Some(gone) = self.attached.remove(&name) {
+                gone.links.into_iter().for_each(Held::detach);
             }
             changes.gone.push(name);
         }
-        for (name, index) in current {
-            if self.links.contains_key(&name) || !self.matches(&name) {
+        for (name, ifindex) in current {
+            if self.attached.contains_key(&name) || !self.matches(&name) {
                 continue;
             }
-            match attach(program, &name) {
-                Ok(link) => {
-                    self.links.insert(name.clone(), (index, link));
+            match self.attach_both(ebpf, &name) {
+                Ok(links) => {
+                    self.attached
+                        .insert(name.clone(), Attached { ifindex, links });
                     changes.attached.push(name);
                 }
                 Err(e) => changes.errors.push(format!("attaching to {name}: {e}")),
@@ -120,55 +159,109 @@ impl Attacher {
         Ok(changes)
     }
 
-    /// Pins every link under `dir` so the program stays attached after exit.
-    pub fn pin_all(&mut self, dir: &Path) -> Vec<String> {
-        let mut errors = Vec::new();
-        if let Err(e) = std::fs::create_dir_all(dir) {
-            return vec![format!("{}: {e}", dir.display())];
-        }
-        for (name, (_, link)) in std::mem::take(&mut self.links) {
-            let pinned = FdLink::try_from(link)
-                .map_err(|e| e.to_string())
-                .and_then(|l| l.pin(dir.join(&name)).map_err(|e| e.to_string()));
-            match pinned {
-                Ok(_pinned) => {} // dropping the PinnedLink keeps the pin
-                Err(e) => errors.push(format!("pinning link on {name}: {e}")),
+    fn attach_both(&self, ebpf: &mut Ebpf, name: &str) -> Result<Vec<Held>, String> {
+        let mut links = Vec::new();
+        for (program, hook, hook_name) in HOOKS {
+            let mut attach_now = || {
+                loader::program(ebpf, program)
+                    .map_err(|e| e.to_string())
+                    .and_then(|p| attach(p, name, hook).map_err(|e| e.to_string()))
+                    .map_err(|e| format!("{hook_name}: {e}"))
+            };
+            let held = match (attach_now(), &self.link_dir) {
+                (Err(e), _) => Err(e),
+                (Ok(link), None) => Ok(Held::Owned(link)),
+                (Ok(link), Some(dir)) => match pin(link, dir, &self.pin_name(name, hook_name)) {
+                    Ok(path) => Ok(Held::Pinned(path)),
+                    Err(e) => {
+                        tracing::warn!(
+                            interface = name,
+                            "cannot pin the {hook_name} link ({e}): it detaches when the agent exits"
+                        );
+                        // The failed conversion released the link: attach again, unpinned.
+                        attach_now().map(Held::Owned)
+                    }
+                },
+            };
+            match held {
+                Ok(held) => links.push(held),
+                Err(e) => {
+                    links.into_iter().for_each(Held::detach);
+                    return Err(e);
+                }
             }
         }
-        errors
+        Ok(links)
     }
+
+    /// `IFNAME-HOOK-RUN`; bpffs refuses '.' in names (VLAN interfaces have one).
+    fn pin_name(&self, name: &str, hook: &str) -> String {
+        format!("{}-{hook}-{}", name.replace('.', "_"), self.run_id)
+    }
+
+    /// Releases links pinned by earlier runs (after this run attached its
+    /// own, so there is no gap). Returns the pins released.
+    pub fn release_previous(&self) -> Vec<String> {
+        let Some(dir) = &self.link_dir else {
+            return Vec::new();
+        };
+        let suffix = format!("-{}", self.run_id);
+        let mut released = Vec::new();
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with(&suffix) {
+                continue;
+            }
+            if release_pin(&entry.path()) {
+                released.push(name);
+            }
+        }
+        released.sort();
+        released
+    }
+
+    /// Detaches everything this run attached.
+    pub fn detach_all(&mut self) {
+        for (_, a) in std::mem::take(&mut self.attached) {
+            a.links.into_iter().for_each(Held::detach);
+        }
+    }
+}
+
+/// Removes a link pin while holding the link open, so closing it is the
+/// last reference and detaches at once (an unlinked pin alone releases the
+/// link later, from a kernel work queue).
+pub fn release_pin(path: &std::path::Path) -> bool {
+    match PinnedLink::from_pin(path) {
+        Ok(link) => link.unpin().is_ok(),
+        Err(_) => std::fs::remove_file(path).is_ok(),
+    }
+}
+
+/// Pins `link` as `dir/file`.
+fn pin(link: SchedClassifierLink, dir: &std::path::Path, file: &str) -> Result<PathBuf, String> {
+    let path = dir.join(file);
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let link = FdLink::try_from(link).map_err(|e| e.to_string())?;
+    // Dropping the PinnedLink keeps the pin, and with it the link.
+    link.pin(&path).map_err(|e| e.to_string())?;
+    Ok(path)
 }
 
 fn attach(
     program: &mut SchedClassifier,
     name: &str,
+    hook: TcAttachType,
 ) -> Result<SchedClassifierLink, aya::programs::ProgramError> {
-    let id = match program.attach(name, TcAttachType::Ingress) {
+    let id = match program.attach(name, hook) {
         Ok(id) => id,
         // Kernels before 6.6 (no TCX) need a clsact qdisc first.
         Err(_) => {
             let _ = tc::qdisc_add_clsact(name);
-            program.attach(name, TcAttachType::Ingress)?
+            program.attach(name, hook)?
         }
     };
     program.take_link(id)
-}
-
-/// Releases links pinned by an earlier agent run with `--keep-datapath`
-/// (after this run attached its own, so there is no gap).
-pub fn release_pinned_links(dir: &Path) -> Vec<String> {
-    let mut released = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return released;
-    };
-    for entry in entries.flatten() {
-        if let Ok(link) = PinnedLink::from_pin(entry.path()) {
-            if link.unpin().is_ok() {
-                released.push(entry.file_name().to_string_lossy().into_owned());
-            }
-        }
-    }
-    released
 }
 
 #[cfg(test)]

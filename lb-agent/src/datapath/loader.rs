@@ -11,12 +11,18 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    backend::BACKEND_MAP, ct::CT_MAP, revnat::REVNAT_MAP, stats::STATS_MAP, svc::SVC_MAP,
+    backend::BACKEND_MAP,
+    ct::{CtTimeouts, CT_MAP},
+    revnat::REVNAT_MAP,
+    stats::STATS_MAP,
+    svc::SVC_MAP,
+    MAP_LAYOUT_VERSION,
 };
 
 use super::{
+    conntrack::Conntrack,
     maps::{Capacity, KernelMaps},
-    EBPF_OBJECT, PROGRAM_NAME,
+    EBPF_OBJECT, EGRESS_PROGRAM, INGRESS_PROGRAM,
 };
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
@@ -29,8 +35,18 @@ pub enum LoadError {
     PinDir(PathBuf, String),
     #[error("loading the eBPF object: {0}")]
     Ebpf(#[from] aya::EbpfError),
-    #[error("loading program {PROGRAM_NAME}: {0}")]
+    #[error("loading the tc programs: {0}")]
     Program(#[from] aya::programs::ProgramError),
+    #[error(
+        "pin directory {dir} holds maps of map layout v{found} ({names}); this agent uses v{MAP_LAYOUT_VERSION}. \
+         Stop the old agent, then remove them (rm -r {dir}) and start again: \
+         established connections through the old datapath are reset"
+    )]
+    OtherLayout {
+        dir: String,
+        found: String,
+        names: String,
+    },
     #[error("map {0}: {1}")]
     Map(&'static str, String),
 }
@@ -65,20 +81,28 @@ impl Default for MapSizes {
 /// Loads the datapath. With `pin_dir`, maps already pinned there are reused
 /// (a restarted agent keeps its services and connections); missing ones are
 /// created and pinned. Without it, maps are private (tests).
-pub fn load(pin_dir: Option<&Path>, sizes: MapSizes) -> Result<Ebpf, LoadError> {
+pub fn load(
+    pin_dir: Option<&Path>,
+    sizes: MapSizes,
+    timeouts: &CtTimeouts,
+) -> Result<Ebpf, LoadError> {
     let mut loader = EbpfLoader::new();
     loader
         .map_max_entries(SVC_MAP, sizes.service_slots)
         .map_max_entries(BACKEND_MAP, sizes.backends)
-        .map_max_entries(CT_MAP, sizes.conntrack);
+        .map_max_entries(CT_MAP, sizes.conntrack)
+        .override_global("CT_TIMEOUTS", timeouts, true);
     if let Some(dir) = pin_dir {
         ensure_bpffs_dir(dir)?;
+        refuse_other_layouts(dir)?;
         for name in ALL_MAPS {
             loader.map_pin_path(name, Cow::Owned(dir.join(name)));
         }
     }
     let mut ebpf = loader.load(EBPF_OBJECT)?;
-    program(&mut ebpf)?.load()?;
+    for name in [INGRESS_PROGRAM, EGRESS_PROGRAM] {
+        program(&mut ebpf, name)?.load()?;
+    }
     if pin_dir.is_some() {
         warn_on_resized_pins(&ebpf, sizes);
     }
@@ -109,14 +133,42 @@ fn warn_on_resized_pins(ebpf: &Ebpf, sizes: MapSizes) {
     }
 }
 
-pub fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, LoadError> {
-    let program = ebpf.program_mut(PROGRAM_NAME).ok_or_else(|| {
-        LoadError::Map(
-            "-",
-            format!("program {PROGRAM_NAME} missing from the object"),
-        )
-    })?;
+pub fn program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, LoadError> {
+    let program = ebpf
+        .program_mut(name)
+        .ok_or_else(|| LoadError::Map("-", format!("program {name} missing from the object")))?;
     Ok(program.try_into()?)
+}
+
+/// A pinned map of another layout version would be silently ignored (its
+/// name differs) while its old program keeps running: refuse instead, with
+/// the way out.
+fn refuse_other_layouts(dir: &Path) -> Result<(), LoadError> {
+    let ours = format!("_v{MAP_LAYOUT_VERSION}");
+    let mut found = std::collections::BTreeSet::new();
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some((_, version)) = name.strip_prefix("lb_").and_then(|n| n.rsplit_once("_v")) else {
+            continue;
+        };
+        if !name.ends_with(&ours) && version.parse::<u32>().is_ok() {
+            found.insert(version.to_owned());
+            names.push(name);
+        }
+    }
+    if names.is_empty() {
+        return Ok(());
+    }
+    names.sort();
+    Err(LoadError::OtherLayout {
+        dir: dir.display().to_string(),
+        found: found.into_iter().collect::<Vec<_>>().join(", v"),
+        names: names.join(", "),
+    })
 }
 
 /// Takes the service maps out of a loaded datapath for the reconciler.
@@ -128,6 +180,14 @@ pub fn kernel_maps(ebpf: &mut Ebpf, sizes: MapSizes) -> Result<KernelMaps, LoadE
     let (svc, backends, revnat) = (take(SVC_MAP)?, take(BACKEND_MAP)?, take(REVNAT_MAP)?);
     KernelMaps::new(svc, backends, revnat, sizes.capacity())
         .map_err(|e| LoadError::Map(SVC_MAP, e.to_string()))
+}
+
+/// Takes the conntrack table out of a loaded datapath for the GC.
+pub fn conntrack(ebpf: &mut Ebpf, sizes: MapSizes) -> Result<Conntrack, LoadError> {
+    let map = ebpf
+        .take_map(CT_MAP)
+        .ok_or_else(|| LoadError::Map(CT_MAP, "missing from the object".into()))?;
+    Conntrack::new(map, sizes.conntrack).map_err(|e| LoadError::Map(CT_MAP, e.to_string()))
 }
 
 /// Opens one pinned map (for `inspect` and tests).
@@ -150,7 +210,7 @@ pub fn unpin_all(pin_dir: &Path) {
     }
     let links = pin_dir.join("links");
     for link in std::fs::read_dir(&links).into_iter().flatten().flatten() {
-        let _ = std::fs::remove_file(link.path());
+        super::attach::release_pin(&link.path());
     }
     let _ = std::fs::remove_dir(links);
     let _ = std::fs::remove_dir(pin_dir);

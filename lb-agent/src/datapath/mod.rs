@@ -2,6 +2,7 @@
 //! pinning, typed map access, and attaching to interfaces.
 
 pub mod attach;
+pub mod conntrack;
 pub mod fake;
 pub mod loader;
 pub mod maps;
@@ -9,5 +10,6 @@ pub mod maps;
 /// The `lb-ebpf` object built by build.rs.
 pub const EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
-/// Name of the tc classifier in the object.
-pub const PROGRAM_NAME: &str = "lb_ingress";
+/// The tc classifiers in the object: DNAT at ingress, reverse NAT at egress.
+pub const INGRESS_PROGRAM: &str = "lb_ingress";
+pub const EGRESS_PROGRAM: &str = "lb_egress";

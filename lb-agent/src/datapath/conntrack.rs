@@ -1,0 +1,250 @@
+//! Conntrack upkeep from userspace: the GC that frees expired flows (the
+//! table is not an LRU, so nothing else does), and the UDP flush when a
+//! backend leaves a service. Both remove a flow's two entries together.
+//!
+//! Deletion order per flow: the reply entry, then the forward entry, each
+//! only if it is still the entry that was judged (same `created_ns`). A
+//! packet that recreates the flow in between gets a fresh forward entry
+//! that is not touched, or — in the worst case — loses its forward entry
+//! and is recreated by its next packet on the same (hash-picked) backend.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use aya::maps::{HashMap, Map, MapData, MapError};
+use lb_common::ct::{CtKey, CtValue, CT_DIR_FORWARD};
+
+use crate::model::{L4Addr, Proto};
+
+/// One flow's two keys and the `created_ns` that identifies it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct FlowRef {
+    pub forward: CtKey,
+    pub reply: CtKey,
+    pub created_ns: u64,
+}
+
+impl FlowRef {
+    pub fn of(key: &CtKey, value: &CtValue) -> Self {
+        let peer = key.peer_key(value);
+        let (forward, reply) = if key.dir == CT_DIR_FORWARD {
+            (*key, peer)
+        } else {
+            (peer, *key)
+        };
+        Self {
+            forward,
+            reply,
+            created_ns: value.created_ns,
+        }
+    }
+
+    /// The service frontend the flow was addressed to.
+    pub fn frontend(&self) -> Option<L4Addr> {
+        Some(L4Addr {
+            addr: u32::from_be(self.forward.daddr_be).into(),
+            port: u16::from_be(self.forward.dport_be),
+            proto: Proto::from_number(self.forward.proto)?,
+        })
+    }
+}
+
+/// A flow is over when the entry is expired and its peer is too (or gone).
+/// `peer` is whatever the peer key holds: an entry of a newer flow (another
+/// `created_ns`) does not count.
+pub fn flow_is_expired(value: &CtValue, peer: Option<&CtValue>, now_ns: u64) -> bool {
+    value.is_expired(now_ns)
+        && peer
+            .filter(|p| p.created_ns == value.created_ns)
+            .is_none_or(|p| p.is_expired(now_ns))
+}
+
+/// Flows to free at `now_ns` (pure: the GC's decision, testable without a kernel).
+pub fn plan_gc(entries: &BTreeMap<CtKey, CtValue>, now_ns: u64) -> BTreeSet<FlowRef> {
+    entries
+        .iter()
+        .filter(|(k, v)| flow_is_expired(v, entries.get(&k.peer_key(v)), now_ns))
+        .map(|(k, v)| FlowRef::of(k, v))
+        .collect()
+}
+
+/// UDP flows to `(frontend, backend id)` pairs a service no longer uses.
+pub fn plan_flush(
+    entries: &BTreeMap<CtKey, CtValue>,
+    removed: &BTreeSet<(L4Addr, u32)>,
+) -> BTreeSet<FlowRef> {
+    entries
+        .iter()
+        .map(|(k, v)| (FlowRef::of(k, v), v.backend_id))
+        .filter(|(flow, backend_id)| {
+            flow.frontend()
+                .is_some_and(|f| f.proto == Proto::Udp && removed.contains(&(f, *backend_id)))
+        })
+        .map(|(flow, _)| flow)
+        .collect()
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Sweep {
+    /// Entries in the table before the sweep (two per flow).
+    pub entries: usize,
+    pub flows_removed: usize,
+}
+
+/// The pinned conntrack table.
+pub struct Conntrack {
+    map: HashMap<MapData, CtKey, CtValue>,
+    pub capacity: u32,
+}
+
+impl Conntrack {
+    pub fn new(map: Map, capacity: u32) -> Result<Self, MapError> {
+        Ok(Self {
+            map: HashMap::try_from(map)?,
+            capacity,
+        })
+    }
+
+    pub fn entries(&self) -> Result<BTreeMap<CtKey, CtValue>, MapError> {
+        self.map.iter().collect()
+    }
+
+    /// Frees flows whose entries have both expired.
+    pub fn gc(&mut self, now_ns: u64) -> Result<Sweep, MapError> {
+        let entries = self.entries()?;
+        let flows = plan_gc(&entries, now_ns);
+        self.remove(entries.len(), &flows)
+    }
+
+    /// Removes the UDP flows of backends that left their frontend.
+    pub fn flush_udp(&mut self, removed: &BTreeSet<(L4Addr, u32)>) -> Result<Sweep, MapError> {
+        if removed.is_empty() {
+            return Ok(Sweep::default());
+        }
+        let entries = self.entries()?;
+        let flows = plan_flush(&entries, removed);
+        self.remove(entries.len(), &flows)
+    }
+
+    fn remove(&mut self, entries: usize, flows: &BTreeSet<FlowRef>) -> Result<Sweep, MapError> {
+        let mut flows_removed = 0;
+        for flow in flows {
+            let mut removed_any = false;
+            for key in [flow.reply, flow.forward] {
+                match self.map.get(&key, 0) {
+                    Ok(v) if v.created_ns == flow.created_ns => match self.map.remove(&key) {
+                        Ok(()) => removed_any = true,
+                        Err(MapError::KeyNotFound) => {}
+                        Err(MapError::SyscallError(e))
+                            if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                        Err(e) => return Err(e),
+                    },
+                    _ => {} // gone, or already a new flow on this tuple
+                }
+            }
+            flows_removed += usize::from(removed_any);
+        }
+        Ok(Sweep {
+            entries,
+            flows_removed,
+        })
+    }
+}
+
+/// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lb_common::ct::CT_DIR_REPLY;
+
+    const SEC: u64 = 1_000_000_000;
+
+    fn flow(
+        cport: u16,
+        vport: u16,
+        proto: u8,
+        backend_id: u32,
+        expires: (u64, u64),
+    ) -> [(CtKey, CtValue); 2] {
+        let (client, vip, backend) = (0x0201_12c6u32, 0x0a00_13c6u32, 0x020a_12c6u32 + backend_id);
+        let fkey = CtKey::new(
+            client,
+            cport.to_be(),
+            vip,
+            vport.to_be(),
+            proto,
+            CT_DIR_FORWARD,
+        );
+        let fval = CtValue {
+            nat_addr_be: backend,
+            nat_port_be: 8080u16.to_be(),
+            backend_id,
+            created_ns: 1,
+            expires_ns: expires.0,
+            ..CtValue::default()
+        };
+        let rkey = fkey.peer_key(&fval);
+        let rval = CtValue {
+            expires_ns: expires.1,
+            ..fkey.peer_value(&fval)
+        };
+        [(fkey, fval), (rkey, rval)]
+    }
+
+    #[test]
+    fn gc_frees_a_flow_only_when_both_directions_expired() {
+        let now = 100 * SEC;
+        let mut entries = BTreeMap::new();
+        entries.extend(flow(1000, 80, 6, 1, (now - 1, now - 1))); // both idle: free
+        entries.extend(flow(1001, 80, 6, 1, (now - 1, now + 5 * SEC))); // replies still flow
+        entries.extend(flow(1002, 80, 6, 1, (now + 5 * SEC, now - 1))); // requests still flow
+        entries.extend(flow(1003, 80, 6, 1, (now + 1, now + 1))); // live
+        let mut orphan = flow(1004, 80, 6, 1, (now - 1, 0));
+        orphan[1].0.dir = CT_DIR_REPLY; // keep the shape; drop the reply entry below
+        entries.insert(orphan[0].0, orphan[0].1); // forward only, expired: free
+        let planned = plan_gc(&entries, now);
+        let ports: Vec<u16> = planned
+            .iter()
+            .map(|f| u16::from_be(f.forward.sport_be))
+            .collect();
+        assert_eq!(ports, vec![1000, 1004]);
+        let both = planned
+            .iter()
+            .find(|f| u16::from_be(f.forward.sport_be) == 1000)
+            .unwrap();
+        assert_eq!(both.reply.dir, CT_DIR_REPLY);
+        assert!(
+            entries.contains_key(&both.reply),
+            "the reply key is the real entry's"
+        );
+    }
+
+    #[test]
+    fn udp_flush_takes_only_the_removed_backends_flows_of_that_frontend() {
+        let mut entries = BTreeMap::new();
+        entries.extend(flow(2000, 53, 17, 1, (u64::MAX, u64::MAX))); // removed pair
+        entries.extend(flow(2001, 53, 17, 2, (u64::MAX, u64::MAX))); // other backend
+        entries.extend(flow(2002, 54, 17, 1, (u64::MAX, u64::MAX))); // other frontend
+        entries.extend(flow(2003, 53, 6, 1, (u64::MAX, u64::MAX))); // TCP drains
+        let frontend = L4Addr {
+            addr: std::net::Ipv4Addr::new(198, 19, 0, 10),
+            port: 53,
+            proto: Proto::Udp,
+        };
+        let removed = BTreeSet::from([(frontend, 1)]);
+        let planned = plan_flush(&entries, &removed);
+        assert_eq!(planned.len(), 1, "{planned:?}");
+        let flow = planned.first().unwrap();
+        assert_eq!(u16::from_be(flow.forward.sport_be), 2000);
+        assert!(entries.contains_key(&flow.forward) && entries.contains_key(&flow.reply));
+    }
+}
