@@ -3,7 +3,7 @@
 //! 198.18.0.0/15 only). The agent runs in the node namespace.
 //!
 //! ```text
-//!  client 198.18.1.2 ──veth── node (lb-agent, tc ingress on P-*) ──veth── backend i 198.18.(10+i).2
+//!  client 198.18.1.2 ──veth── node (lb-agent, tc ingress+egress on P-*) ──veth── backend i 198.18.(10+i).2
 //! ```
 
 use std::{
@@ -243,6 +243,16 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// SIGKILL (a crash, an OOM kill): no cleanup runs.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        let Some(mut child) = self.child.take() else {
+            bail!("agent already stopped")
+        };
+        child.kill()?;
+        child.wait()?;
+        Ok(())
     }
 
     /// SIGTERM, then waits (bounded) for exit.

@@ -422,3 +422,283 @@ fn manifest_edits_apply_without_waiting_for_the_poll() {
         })
         .unwrap();
 }
+
+/// Runs a command inside the namespace, returning its stdout.
+fn in_ns(ns: &lb_tests::netns::NetNs, args: &[&str]) -> String {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .args(args)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_legacy_tc_filter_after_lb_still_sees_every_packet() {
+    let mut s = setup("lbt9", 1, &web_manifest(&ready(&[backend_ip(0)])));
+    s.agent
+        .wait_for_maps("1 backend", |m| {
+            m.contains(&format!("{VIP}:80/TCP count=1"))
+        })
+        .unwrap();
+    let direct = SocketAddrV4::new(backend_ip(0), PORTS.1);
+    let client = &s.topology.client;
+    client
+        .run(|| udp_query(direct))
+        .expect("direct UDP before the filter");
+    // A legacy tc filter on the client's node interface, behind lb's TCX
+    // programs: it steals UDP to port 5353 into a sink device (this kernel
+    // has u32 and mirred; gact's plain "drop" may be missing).
+    let node = &s.topology.node;
+    let dev = format!("{}-c", s.topology.prefix);
+    let sink = format!("{}sink", s.topology.prefix);
+    node.ip(&[
+        "link",
+        "add",
+        &sink,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &format!("{sink}p"),
+    ])
+    .unwrap();
+    node.ip(&["link", "set", &sink, "up"]).unwrap();
+    in_ns(node, &["tc", "qdisc", "add", "dev", &dev, "clsact"]);
+    in_ns(
+        node,
+        &[
+            "tc", "filter", "add", "dev", &dev, "ingress", "protocol", "ip", "u32", "match", "ip",
+            "protocol", "17", "0xff", "match", "ip", "dport", "5353", "0xffff", "action", "mirred",
+            "egress", "redirect", "dev", &sink,
+        ],
+    );
+    let err = client
+        .run(|| udp_query(direct))
+        .expect_err("the filter must see (and drop) non-service traffic");
+    assert!(
+        matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+        "{err}"
+    );
+    // Translated packets continue down the chain too, as client → backend.
+    let err = client
+        .run(|| udp_query(SocketAddrV4::new(VIP, 53)))
+        .expect_err("the filter sees the translated packet");
+    assert!(
+        matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+        "{err}"
+    );
+    // TCP is not matched by the filter and still flows.
+    client
+        .run(|| http_get(SocketAddrV4::new(VIP, 80)))
+        .expect("TCP through the VIP");
+}
+
+#[test]
+fn service_connections_survive_a_forward_chain_that_drops_invalid_conntrack() {
+    let backends: Vec<Ipv4Addr> = (0..2).map(backend_ip).collect();
+    let s = setup("lbt10", 2, &web_manifest(&ready(&backends)));
+    let node = &s.topology.node;
+    // What kube-proxy's KUBE-FORWARD, firewalld and many CNIs install.
+    in_ns(node, &["nft", "add", "table", "ip", "lbtest"]);
+    in_ns(
+        node,
+        &[
+            "nft",
+            "add chain ip lbtest forward_check { type filter hook forward priority 0; policy accept; }",
+        ],
+    );
+    in_ns(
+        node,
+        &[
+            "nft",
+            "add",
+            "rule",
+            "ip",
+            "lbtest",
+            "forward_check",
+            "ct",
+            "state",
+            "invalid",
+            "counter",
+            "drop",
+        ],
+    );
+    let mut agent = s.agent;
+    agent
+        .wait_for_maps("2 backends", |m| {
+            m.contains(&format!("{VIP}:80/TCP count=2"))
+        })
+        .unwrap();
+    s.topology.client.run(|| {
+        for i in 0..20 {
+            http_get(SocketAddrV4::new(VIP, 80))
+                .unwrap_or_else(|e| panic!("TCP connection {i} through the VIP: {e}"));
+            let (_, from) = udp_query(SocketAddrV4::new(VIP, 53)).expect("UDP through the VIP");
+            assert_eq!(from, SocketAddr::from((VIP, 53)));
+        }
+    });
+    let chain = in_ns(
+        node,
+        &["nft", "list", "chain", "ip", "lbtest", "forward_check"],
+    );
+    assert!(
+        chain.contains("ct state invalid counter packets 0 bytes 0 drop"),
+        "netfilter saw service packets as invalid:\n{chain}"
+    );
+}
+
+/// Mirrors the upstream e2e "[sig-network] Conntrack should be able to
+/// preserve UDP traffic when server pod cycles for a ClusterIP service": a
+/// client keeping one UDP socket moves to a live backend when its backend
+/// leaves the service.
+#[test]
+fn udp_client_moves_off_a_backend_that_left_the_service() {
+    let backends: Vec<Ipv4Addr> = (0..2).map(backend_ip).collect();
+    let mut s = setup("lbt11", 2, &web_manifest(&ready(&backends)));
+    s.agent
+        .wait_for_maps("2 UDP backends", |m| {
+            m.contains(&format!("{VIP}:53/UDP count=2"))
+        })
+        .unwrap();
+    let socket = s.topology.client.run(|| {
+        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+        socket
+            .set_read_timeout(Some(std::time::Duration::from_millis(300)))
+            .unwrap();
+        socket.connect((VIP, 53)).unwrap();
+        socket
+    });
+    let ask = |socket: &UdpSocket| -> Option<String> {
+        socket.send(b"who").ok()?;
+        let mut buf = [0u8; 256];
+        let n = socket.recv(&mut buf).ok()?;
+        Some(backend_of_udp(&buf[..n]))
+    };
+    let first = ask(&socket).expect("first answer");
+    assert_eq!(
+        ask(&socket).as_deref(),
+        Some(first.as_str()),
+        "one flow, one backend"
+    );
+    let index: usize = first.trim_start_matches("be").parse().unwrap();
+    let remaining: Vec<Ipv4Addr> = backends
+        .iter()
+        .copied()
+        .filter(|b| *b != backend_ip(index))
+        .collect();
+    s.manifests
+        .write("web.yaml", &web_manifest(&ready(&remaining)))
+        .unwrap();
+    s.agent
+        .wait_for_maps("1 UDP backend", |m| {
+            m.contains(&format!("{VIP}:53/UDP count=1"))
+        })
+        .unwrap();
+    // The removed pod still runs and would answer: only a flushed flow moves.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let mut last = None;
+    while std::time::Instant::now() < deadline {
+        last = ask(&socket);
+        if last.as_deref().is_some_and(|b| b != first) {
+            break;
+        }
+    }
+    let moved = last.expect("answers keep coming");
+    assert_ne!(
+        moved, first,
+        "the UDP flow still goes to the removed backend"
+    );
+    let want = format!("be{}", 1 - index);
+    assert_eq!(moved, want);
+}
+
+fn backend_of_udp(answer: &[u8]) -> String {
+    String::from_utf8_lossy(answer)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[test]
+fn a_killed_agent_leaves_the_datapath_serving_and_the_next_one_adopts_it() {
+    let backends: Vec<Ipv4Addr> = (0..2).map(backend_ip).collect();
+    let mut s = setup("lbt12", 2, &web_manifest(&ready(&backends)));
+    s.agent
+        .wait_for_maps("2 backends", |m| {
+            m.contains(&format!("{VIP}:80/TCP count=2"))
+        })
+        .unwrap();
+    let mut conn = s
+        .topology
+        .client
+        .run(|| EchoConnection::open(SocketAddrV4::new(VIP, 80)))
+        .expect("connect");
+    let backend = conn.ask().unwrap();
+    s.agent.kill().unwrap(); // no --keep-datapath, no cleanup: a crash
+    s.agent.cleanup_pins = false;
+    assert_eq!(
+        conn.ask().expect("established flow after the crash"),
+        backend
+    );
+    s.topology
+        .client
+        .run(|| http_get(SocketAddrV4::new(VIP, 80)))
+        .expect("new flow after the crash");
+
+    let pin_dir = s.agent.pin_dir.clone();
+    let links = |dir: &std::path::Path| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir.join("links"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let before = links(&pin_dir);
+    assert_eq!(
+        before.len(),
+        2 * 3,
+        "ingress and egress on 3 interfaces: {before:?}"
+    );
+    let log = s.manifests.0.join("agent2.log");
+    s.agent = Agent::start(
+        &s.topology.node,
+        &s.manifests.0,
+        &s.topology.interface_pattern(),
+        &pin_dir,
+        &log,
+        &[],
+    )
+    .unwrap();
+    s.agent
+        .wait_for_maps("2 backends", |m| {
+            m.contains(&format!("{VIP}:80/TCP count=2"))
+        })
+        .unwrap();
+    let deadline = std::time::Instant::now() + IO_TIMEOUT;
+    let mut after = links(&pin_dir);
+    while after.iter().any(|l| before.contains(l)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        after = links(&pin_dir);
+    }
+    assert_eq!(after.len(), 6, "{after:?}");
+    assert!(
+        after.iter().all(|l| !before.contains(l)),
+        "the crashed run's links are released once the new ones serve: {after:?}"
+    );
+    assert_eq!(
+        conn.ask().expect("established flow across the restart"),
+        backend
+    );
+    s.topology
+        .client
+        .run(|| http_get(SocketAddrV4::new(VIP, 80)))
+        .expect("new flow after the restart");
+}
