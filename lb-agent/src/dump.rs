@@ -13,8 +13,11 @@ pub fn services(snapshot: &Snapshot) -> String {
             continue;
         }
         let revnat = match snapshot.revnat.get(&value.rev_nat_id) {
-            Some(r) if r == frontend => format!("revnat={}", value.rev_nat_id),
-            Some(r) => format!("revnat={} (MISMATCH: {r})", value.rev_nat_id),
+            Some(r) if r.frontend == *frontend => match &r.owner {
+                Some(owner) => format!("revnat={} service={owner}", value.rev_nat_id),
+                None => format!("revnat={} service=?", value.rev_nat_id),
+            },
+            Some(r) => format!("revnat={} (MISMATCH: {})", value.rev_nat_id, r.frontend),
             None => format!("revnat={} (MISSING)", value.rev_nat_id),
         };
         let _ = writeln!(out, "{frontend} count={} {revnat}", value.count);

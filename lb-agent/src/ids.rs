@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 
 /// Hands out the lowest released id first, then fresh ones up to `max`.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct IdAllocator {
     max: u32,
     next: u32,
@@ -29,6 +29,16 @@ impl IdAllocator {
         }
         self.next += 1;
         Some(self.next - 1)
+    }
+
+    /// Marks `id` as used (an id a plan allocated on a copy of this allocator).
+    pub fn take(&mut self, id: u32) {
+        if id >= self.next {
+            self.free.extend(self.next..id);
+            self.next = id + 1;
+        } else {
+            self.free.remove(&id);
+        }
     }
 
     pub fn release(&mut self, id: u32) {
@@ -66,5 +76,16 @@ mod tests {
             (Some(1), Some(3), Some(4))
         );
         assert_eq!(restored.allocate(), Some(6));
+        let mut planned = restored.clone();
+        assert_eq!(planned.allocate(), Some(7));
+        restored.take(9);
+        assert_eq!(
+            (
+                restored.allocate(),
+                restored.allocate(),
+                restored.allocate()
+            ),
+            (Some(7), Some(8), Some(10))
+        );
     }
 }

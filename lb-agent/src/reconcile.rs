@@ -1,12 +1,22 @@
-//! Applies desired frontends to the maps, diffing against what the maps hold.
+//! Desired frontends → map writes, in two steps kept apart:
+//!
+//! - `plan` (pure) diffs the desired state against what the agent knows the
+//!   maps hold and returns the ordered writes (`Op`s);
+//! - `apply` performs them one by one and updates that knowledge after each
+//!   write that succeeded — so after a failure it is still exact, and the
+//!   next plan (the retry) starts from what really is in the maps.
 //!
 //! Write order per frontend, so no packet sees a half-written service:
-//! backends → slots 1..N → reverse NAT → slot 0 (count) last; when shrinking,
-//! slot 0 first, then the tail slots are deleted. Removed frontends lose slot
-//! 0 first. Backends no slot refers to are deleted last. Bookkeeping changes
-//! only after the writes succeed, so a failed apply is retried idempotently.
+//! backends → slots 1..N → reverse NAT → slot 0 (count) last; when the count
+//! shrinks (judged against the count slot 0 really holds), slot 0 first,
+//! then the tail slots are deleted. Removed frontends lose slot 0 first.
+//! Backends no slot refers to are deleted last. When one write of a frontend
+//! fails, its later writes are skipped (they depend on the earlier ones).
 
-use std::collections::BTreeMap;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+};
 
 use lb_common::svc::{SvcValue, SVC_FLAG_CLUSTER_IP};
 
@@ -17,19 +27,112 @@ use crate::{
     model::{L4Addr, Proto, ServiceName},
 };
 
-/// What the agent knows it wrote for one frontend.
-/// `backend_ids` are in slot order when `clean`; otherwise every id the
-/// frontend's slots may refer to.
-#[derive(Clone, Debug)]
-struct AppliedFrontend {
-    /// `None` for frontends restored from pinned maps.
+/// One map write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    PutBackend {
+        id: u32,
+        backend: L4Addr,
+    },
+    PutSlot {
+        frontend: L4Addr,
+        slot: u16,
+        backend_id: u32,
+    },
+    PutRevNat {
+        frontend: L4Addr,
+        id: u16,
+        owner: ServiceName,
+    },
+    /// Slot 0: publishes `count` slots.
+    PutCount {
+        frontend: L4Addr,
+        count: u16,
+        rev_nat_id: u16,
+    },
+    /// Slot 0 is the frontend itself.
+    DeleteSlot {
+        frontend: L4Addr,
+        slot: u16,
+    },
+    DeleteRevNat {
+        id: u16,
+    },
+    DeleteBackend {
+        id: u32,
+    },
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Op::PutBackend { id, backend } => write!(f, "put backend {id} {backend}"),
+            Op::PutSlot {
+                frontend,
+                slot,
+                backend_id,
+            } => write!(f, "put slot {frontend}#{slot} backend={backend_id}"),
+            Op::PutRevNat {
+                frontend,
+                id,
+                owner,
+            } => write!(f, "put revnat {id} {frontend} {owner}"),
+            Op::PutCount {
+                frontend, count, ..
+            } => write!(f, "put slot {frontend}#0 count={count}"),
+            Op::DeleteSlot { frontend, slot } => write!(f, "del slot {frontend}#{slot}"),
+            Op::DeleteRevNat { id } => write!(f, "del revnat {id}"),
+            Op::DeleteBackend { id } => write!(f, "del backend {id}"),
+        }
+    }
+}
+
+/// The writes for one frontend, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendPlan {
+    pub frontend: L4Addr,
+    /// The desired owner; `None` when the frontend is being removed.
+    pub service: Option<ServiceName>,
+    pub rev_nat_id: u16,
+    pub is_new: bool,
+    pub ops: Vec<Op>,
+    /// UDP backends this frontend stops using (their flows get flushed).
+    pub udp_removed: Vec<u32>,
+}
+
+/// Everything one pass writes: new backends, then each frontend's writes.
+/// Unreferenced backends are planned after these ran (`plan_prune`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub backends: Vec<Op>,
+    pub frontends: Vec<FrontendPlan>,
+    /// Reverse-NAT entries no frontend uses (left by an interrupted agent).
+    pub orphans: Vec<Op>,
+    pub unchanged: usize,
+    pub kept: usize,
+}
+
+impl Plan {
+    pub fn ops(&self) -> impl Iterator<Item = &Op> {
+        self.backends
+            .iter()
+            .chain(self.frontends.iter().flat_map(|f| f.ops.iter()))
+            .chain(&self.orphans)
+    }
+}
+
+/// What the maps hold for one frontend, as far as this agent wrote or read.
+#[derive(Clone, Debug, Default)]
+struct Written {
+    /// The owner stored with the reverse-NAT entry (`None`: unknown).
     service: Option<ServiceName>,
-    rev_nat_id: u16,
-    backend_ids: Vec<u32>,
-    /// Highest slot that may exist in the map (to clean up after failures).
-    slot_high_water: u16,
-    /// False after a failed write: rewrite everything next time.
-    clean: bool,
+    rev_nat_id: Option<u16>,
+    /// The reverse-NAT entry holds this frontend and `service`.
+    revnat_written: bool,
+    /// Slot 0's count, if slot 0 exists.
+    count: Option<u16>,
+    /// Slots 1.. → backend id.
+    slots: BTreeMap<u16, u32>,
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -47,50 +150,49 @@ pub struct Report {
 
 pub struct Reconciler<M> {
     maps: M,
-    applied: BTreeMap<L4Addr, AppliedFrontend>,
+    written: BTreeMap<L4Addr, Written>,
+    /// Every backend entry in the map.
+    backend_entries: BTreeMap<u32, L4Addr>,
+    /// The id used for each backend address (one per address).
     backends: BTreeMap<L4Addr, u32>,
     backend_ids: IdAllocator,
     max_backends: u32,
     rev_nat_ids: IdAllocator,
+    /// Reverse-NAT entries present in the map that no frontend owns.
+    orphan_revnat: BTreeSet<u16>,
+    /// True after a pass with failed writes, until one succeeds.
+    pending: bool,
 }
 
 const MAX_REV_NAT_ID: u32 = u16::MAX as u32;
 
 impl<M: LbMaps> Reconciler<M> {
-    /// Starts from what the maps already hold (a restarted agent keeps
-    /// serving, and reuses ids so established state stays valid).
+    /// Starts from what the maps already hold: a restarted agent keeps
+    /// serving, reuses ids, and knows each frontend's owner.
     pub fn restore(maps: M, max_backend_id: u32) -> Result<Self, MapWriteError> {
         let snapshot = maps.snapshot()?;
-        let mut applied = BTreeMap::new();
+        let mut written: BTreeMap<L4Addr, Written> = BTreeMap::new();
         for ((frontend, slot), value) in &snapshot.slots {
-            if *slot != 0 {
-                continue;
+            let w = written.entry(*frontend).or_default();
+            if *slot == 0 {
+                w.count = Some(value.count);
+                w.rev_nat_id = Some(value.rev_nat_id);
+            } else {
+                w.slots.insert(*slot, value.backend_id);
             }
-            let mut clean = snapshot.revnat.get(&value.rev_nat_id) == Some(frontend);
-            let mut backend_ids = Vec::new();
-            for s in 1..=value.count {
-                match snapshot.slots.get(&(*frontend, s)) {
-                    Some(v) if snapshot.backends.contains_key(&v.backend_id) => {
-                        backend_ids.push(v.backend_id)
-                    }
-                    _ => clean = false,
+        }
+        let mut orphan_revnat = BTreeSet::new();
+        for (id, entry) in &snapshot.revnat {
+            match written.get_mut(&entry.frontend) {
+                Some(w) if w.rev_nat_id.is_none_or(|r| r == *id) => {
+                    w.rev_nat_id = Some(*id);
+                    w.service = entry.owner.clone();
+                    w.revnat_written = entry.owner.is_some();
+                }
+                _ => {
+                    orphan_revnat.insert(*id);
                 }
             }
-            let high = snapshot
-                .slots
-                .range((*frontend, 0)..=(*frontend, u16::MAX))
-                .next_back()
-                .map_or(0, |((_, s), _)| *s);
-            applied.insert(
-                *frontend,
-                AppliedFrontend {
-                    service: None,
-                    rev_nat_id: value.rev_nat_id,
-                    backend_ids,
-                    slot_high_water: high,
-                    clean,
-                },
-            );
         }
         let mut backends = BTreeMap::new();
         for (id, addr) in &snapshot.backends {
@@ -103,31 +205,19 @@ impl<M: LbMaps> Reconciler<M> {
                 .revnat
                 .keys()
                 .map(|id| u32::from(*id))
-                .chain(applied.values().map(|a| u32::from(a.rev_nat_id))),
+                .chain(written.values().filter_map(|w| w.rev_nat_id).map(u32::from)),
         );
-        let mut reconciler = Self {
+        Ok(Self {
             maps,
-            applied,
+            written,
+            backend_entries: snapshot.backends,
             backends,
             backend_ids,
             max_backends: max_backend_id,
             rev_nat_ids,
-        };
-        // Slots of frontends without slot 0, and second ids for one backend,
-        // are unreachable leftovers of an interrupted agent.
-        for (frontend, slot) in snapshot.slots.keys() {
-            if !reconciler.applied.contains_key(frontend) {
-                reconciler.maps.delete_slot(*frontend, *slot)?;
-            }
-        }
-        for (id, backend) in &snapshot.backends {
-            if reconciler.backends.get(backend) != Some(id) {
-                reconciler.maps.delete_backend(*id)?;
-                reconciler.backend_ids.release(*id);
-            }
-        }
-        reconciler.prune_backends(&mut Vec::new());
-        Ok(reconciler)
+            orphan_revnat,
+            pending: false,
+        })
     }
 
     pub fn maps(&self) -> &M {
@@ -138,231 +228,351 @@ impl<M: LbMaps> Reconciler<M> {
         &mut self.maps
     }
 
-    /// True while some frontend needs its writes retried.
+    /// True while writes of the last pass are still to be retried.
     pub fn needs_retry(&self) -> bool {
-        self.applied
+        self.pending
+    }
+
+    /// The writes that bring the maps to `desired` (pure: nothing is written,
+    /// ids are allocated on copies).
+    pub fn plan(&self, desired: &Desired) -> Result<Plan, (ServiceName, MapWriteError)> {
+        let mut plan = Plan::default();
+        let mut backend_ids = self.backend_ids.clone();
+        let mut rev_nat_ids = self.rev_nat_ids.clone();
+        let mut new_backends: BTreeMap<L4Addr, u32> = BTreeMap::new();
+
+        // Removals first: they free room in the maps for what comes next.
+        for (frontend, w) in &self.written {
+            if desired.frontends.contains_key(frontend) {
+                continue;
+            }
+            if w.service.as_ref().is_some_and(|s| desired.keep.contains(s)) {
+                plan.kept += 1;
+                continue;
+            }
+            let mut ops = vec![Op::DeleteSlot {
+                frontend: *frontend,
+                slot: 0,
+            }];
+            ops.extend(w.slots.keys().map(|slot| Op::DeleteSlot {
+                frontend: *frontend,
+                slot: *slot,
+            }));
+            if let Some(id) = w.rev_nat_id {
+                ops.push(Op::DeleteRevNat { id });
+            }
+            plan.frontends.push(FrontendPlan {
+                frontend: *frontend,
+                service: None,
+                rev_nat_id: w.rev_nat_id.unwrap_or(0),
+                is_new: false,
+                ops,
+                udp_removed: udp_ids(*frontend, w.slots.values().copied()),
+            });
+        }
+
+        for (frontend, spec) in &desired.frontends {
+            let mut ids = Vec::with_capacity(spec.backends.len());
+            for backend in &spec.backends {
+                let id = match self.backends.get(backend).or(new_backends.get(backend)) {
+                    Some(id) => *id,
+                    None => {
+                        let id = backend_ids.allocate().ok_or_else(|| {
+                            (
+                                spec.service.clone(),
+                                MapWriteError::Full {
+                                    map: lb_common::backend::BACKEND_MAP,
+                                    capacity: self.max_backends,
+                                    flag: "--max-backends",
+                                },
+                            )
+                        })?;
+                        new_backends.insert(*backend, id);
+                        plan.backends.push(Op::PutBackend {
+                            id,
+                            backend: *backend,
+                        });
+                        id
+                    }
+                };
+                ids.push(id);
+            }
+            let current = self.written.get(frontend);
+            let rev_nat_id = match current.and_then(|w| w.rev_nat_id) {
+                Some(id) => id,
+                None => rev_nat_ids.allocate().map(|id| id as u16).ok_or_else(|| {
+                    (
+                        spec.service.clone(),
+                        MapWriteError::Full {
+                            map: lb_common::revnat::REVNAT_MAP,
+                            capacity: MAX_REV_NAT_ID,
+                            flag: "(65535 frontends at most)",
+                        },
+                    )
+                })?,
+            };
+            let empty = Written::default();
+            let ops = plan_frontend(
+                *frontend,
+                current.unwrap_or(&empty),
+                rev_nat_id,
+                &spec.service,
+                &ids,
+            );
+            if ops.is_empty() {
+                plan.unchanged += 1;
+                continue;
+            }
+            let old = current.map(|w| w.slots.values().copied().collect::<BTreeSet<_>>());
+            plan.frontends.push(FrontendPlan {
+                frontend: *frontend,
+                service: Some(spec.service.clone()),
+                rev_nat_id,
+                is_new: current.is_none(),
+                ops,
+                udp_removed: udp_ids(
+                    *frontend,
+                    old.unwrap_or_default()
+                        .into_iter()
+                        .filter(|id| !ids.contains(id)),
+                ),
+            });
+        }
+        plan.orphans = self
+            .orphan_revnat
+            .iter()
+            .map(|id| Op::DeleteRevNat { id: *id })
+            .collect();
+        Ok(plan)
+    }
+
+    /// Backend entries no frontend's slots refer to and `desired` does not
+    /// need (pure; a backend a failed frontend still needs is kept for its
+    /// retry).
+    pub fn plan_prune(&self, desired: &Desired) -> Vec<Op> {
+        let wanted = desired
+            .frontends
             .values()
-            .any(|a| !a.clean && a.service.is_some())
+            .flat_map(|spec| spec.backends.iter())
+            .filter_map(|b| self.backends.get(b).copied());
+        let referenced: BTreeSet<u32> = self
+            .written
+            .values()
+            .flat_map(|w| w.slots.values().copied())
+            .chain(wanted)
+            .collect();
+        self.backend_entries
+            .keys()
+            .filter(|id| !referenced.contains(id))
+            .map(|id| Op::DeleteBackend { id: *id })
+            .collect()
     }
 
     pub fn apply(&mut self, desired: &Desired) -> Report {
         let mut report = Report::default();
-        let removed: Vec<L4Addr> = self
-            .applied
-            .iter()
-            .filter(|(frontend, applied)| {
-                !desired.frontends.contains_key(frontend)
-                    && !applied
-                        .service
-                        .as_ref()
-                        .is_some_and(|s| desired.keep.contains(s))
-            })
-            .map(|(frontend, _)| *frontend)
-            .collect();
-        // Removals first: they free room in the maps for what comes next.
-        for frontend in removed {
-            match self.remove_frontend(frontend, &mut report.udp_backends_removed) {
-                Ok(()) => report.removed += 1,
-                Err(e) => report
-                    .errors
-                    .push(format!("removing frontend {frontend}: {e}")),
+        let plan = match self.plan(desired) {
+            Ok(plan) => plan,
+            Err((service, e)) => {
+                report.errors.push(format!("Service {service}: {e}"));
+                self.pending = true;
+                return report;
+            }
+        };
+        report.unchanged = plan.unchanged;
+        report.kept = plan.kept;
+        // A failed backend write is reported by the frontends that need it.
+        let mut failed_backends = BTreeMap::new();
+        for op in &plan.backends {
+            if let (Err(e), Op::PutBackend { id, .. }) = (self.execute(op), op) {
+                failed_backends.insert(*id, format!("{op}: {e}"));
             }
         }
-        report.kept = self
-            .applied
-            .values()
-            .filter(|a| a.service.as_ref().is_some_and(|s| desired.keep.contains(s)))
-            .count();
-
-        for (frontend, spec) in &desired.frontends {
-            let existing = self.applied.get_mut(frontend);
-            let ids: Option<Vec<u32>> = spec
-                .backends
-                .iter()
-                .map(|b| self.backends.get(b).copied())
-                .collect();
-            if let Some(applied) = existing {
-                if applied.clean && ids.as_ref() == Some(&applied.backend_ids) {
-                    applied.service = Some(spec.service.clone());
-                    report.unchanged += 1;
-                    continue;
+        for fp in &plan.frontends {
+            let what = match &fp.service {
+                Some(s) => format!("Service {s} frontend {}", fp.frontend),
+                None => format!("removing frontend {}", fp.frontend),
+            };
+            let failed_backend = fp.ops.iter().find_map(|op| match op {
+                Op::PutSlot { backend_id, .. } => failed_backends.get(backend_id),
+                _ => None,
+            });
+            if let Some(e) = failed_backend {
+                report.errors.push(format!("{what}: {e}"));
+                continue;
+            }
+            if fp.is_new {
+                self.rev_nat_ids.take(u32::from(fp.rev_nat_id));
+                self.written.insert(
+                    fp.frontend,
+                    Written {
+                        rev_nat_id: Some(fp.rev_nat_id),
+                        ..Written::default()
+                    },
+                );
+            }
+            match fp.ops.iter().try_for_each(|op| self.execute(op)) {
+                Ok(()) => {
+                    match (&fp.service, fp.is_new) {
+                        (None, _) => {
+                            self.written.remove(&fp.frontend);
+                            report.removed += 1;
+                        }
+                        (Some(_), true) => report.added += 1,
+                        (Some(_), false) => report.updated += 1,
+                    }
+                    report
+                        .udp_backends_removed
+                        .extend(fp.udp_removed.iter().map(|id| (fp.frontend, *id)));
                 }
-            }
-            let is_new = !self.applied.contains_key(frontend);
-            match self.upsert_frontend(
-                *frontend,
-                &spec.service,
-                &spec.backends,
-                &mut report.udp_backends_removed,
-            ) {
-                Ok(()) if is_new => report.added += 1,
-                Ok(()) => report.updated += 1,
-                Err(e) => report
-                    .errors
-                    .push(format!("Service {} frontend {frontend}: {e}", spec.service)),
+                Err(e) => report.errors.push(format!("{what}: {e}")),
             }
         }
-        self.prune_backends(&mut report.errors);
+        for op in plan.orphans.iter().chain(&self.plan_prune(desired)) {
+            if let Err(e) = self.execute(op) {
+                report.errors.push(format!("{op}: {e}"));
+            }
+        }
+        self.pending = !report.errors.is_empty();
         report
     }
 
-    fn backend_id(&mut self, backend: L4Addr) -> Result<u32, MapWriteError> {
-        if let Some(id) = self.backends.get(&backend) {
-            return Ok(*id);
-        }
-        let id = self.backend_ids.allocate().ok_or(MapWriteError::Full {
-            map: lb_common::backend::BACKEND_MAP,
-            capacity: self.max_backends,
-            flag: "--max-backends",
-        })?;
-        if let Err(e) = self.maps.put_backend(id, backend) {
-            self.backend_ids.release(id);
-            return Err(e);
-        }
-        self.backends.insert(backend, id);
-        Ok(id)
-    }
-
-    fn upsert_frontend(
-        &mut self,
-        frontend: L4Addr,
-        service: &ServiceName,
-        backends: &[L4Addr],
-        udp_removed: &mut Vec<(L4Addr, u32)>,
-    ) -> Result<(), MapWriteError> {
-        let ids = backends
-            .iter()
-            .map(|b| self.backend_id(*b))
-            .collect::<Result<Vec<u32>, _>>()?;
-        let (rev_nat_id, old) = match self.applied.get(&frontend) {
-            Some(applied) => (applied.rev_nat_id, Some(applied.clone())),
-            None => {
-                let id = self.rev_nat_ids.allocate().ok_or(MapWriteError::Full {
-                    map: lb_common::revnat::REVNAT_MAP,
-                    capacity: MAX_REV_NAT_ID,
-                    flag: "(65535 frontends at most)",
-                })?;
-                (id as u16, None)
+    /// Performs one write and records its effect.
+    fn execute(&mut self, op: &Op) -> Result<(), MapWriteError> {
+        match op {
+            Op::PutBackend { id, backend } => {
+                self.maps.put_backend(*id, *backend)?;
+                self.backend_ids.take(*id);
+                self.backend_entries.insert(*id, *backend);
+                self.backends.insert(*backend, *id);
             }
-        };
-        let new_count = ids.len() as u16;
-        let clean = old.as_ref().is_some_and(|o| o.clean);
-        let old_ids = old
-            .as_ref()
-            .map(|o| o.backend_ids.clone())
-            .unwrap_or_default();
-        let high_water = old.as_ref().map_or(0, |o| o.slot_high_water).max(new_count);
-        // Record intent first: if a write fails, the next apply rewrites it
-        // all, and until then both old and new backends stay referenced.
-        self.applied.insert(
-            frontend,
-            AppliedFrontend {
-                service: Some(service.clone()),
-                rev_nat_id,
-                backend_ids: old_ids.iter().chain(&ids).copied().collect(),
-                slot_high_water: high_water,
-                clean: false,
-            },
-        );
-        let master = SvcValue {
-            backend_id: 0,
-            count: new_count,
-            rev_nat_id,
-            flags: SVC_FLAG_CLUSTER_IP,
-            _pad: [0; 3],
-        };
-        let shrinking = old.is_some() && (new_count as usize) < old_ids.len();
-        if shrinking {
-            self.maps.put_slot(frontend, 0, master)?;
-        }
-        for (i, id) in ids.iter().enumerate() {
-            if !clean || old_ids.get(i) != Some(id) {
-                let slot = SvcValue {
-                    backend_id: *id,
+            Op::PutSlot {
+                frontend,
+                slot,
+                backend_id,
+            } => {
+                let value = SvcValue {
+                    backend_id: *backend_id,
                     ..SvcValue::default()
                 };
-                self.maps.put_slot(frontend, i as u16 + 1, slot)?;
+                self.maps.put_slot(*frontend, *slot, value)?;
+                self.entry(*frontend).slots.insert(*slot, *backend_id);
             }
-        }
-        if !clean {
-            self.maps.put_revnat(rev_nat_id, frontend)?;
-        }
-        if !shrinking {
-            self.maps.put_slot(frontend, 0, master)?;
-        }
-        for slot in new_count + 1..=high_water {
-            self.maps.delete_slot(frontend, slot)?;
-        }
-        if frontend.proto == Proto::Udp {
-            udp_removed.extend(
-                old_ids
-                    .iter()
-                    .filter(|id| !ids.contains(id))
-                    .collect::<std::collections::BTreeSet<_>>()
-                    .into_iter()
-                    .map(|id| (frontend, *id)),
-            );
-        }
-        self.applied.insert(
-            frontend,
-            AppliedFrontend {
-                service: Some(service.clone()),
+            Op::PutRevNat {
+                frontend,
+                id,
+                owner,
+            } => {
+                self.maps.put_revnat(*id, *frontend, owner)?;
+                let w = self.entry(*frontend);
+                w.service = Some(owner.clone());
+                w.revnat_written = true;
+            }
+            Op::PutCount {
+                frontend,
+                count,
                 rev_nat_id,
-                backend_ids: ids,
-                slot_high_water: new_count,
-                clean: true,
-            },
-        );
-        Ok(())
-    }
-
-    fn remove_frontend(
-        &mut self,
-        frontend: L4Addr,
-        udp_removed: &mut Vec<(L4Addr, u32)>,
-    ) -> Result<(), MapWriteError> {
-        let Some(applied) = self.applied.get_mut(&frontend) else {
-            return Ok(());
-        };
-        applied.clean = false;
-        let (rev_nat_id, high_water) = (applied.rev_nat_id, applied.slot_high_water);
-        self.maps.delete_slot(frontend, 0)?;
-        for slot in 1..=high_water {
-            self.maps.delete_slot(frontend, slot)?;
-        }
-        self.maps.delete_revnat(rev_nat_id)?;
-        if let Some(applied) = self.applied.remove(&frontend) {
-            if frontend.proto == Proto::Udp {
-                let ids: std::collections::BTreeSet<u32> =
-                    applied.backend_ids.into_iter().collect();
-                udp_removed.extend(ids.into_iter().map(|id| (frontend, id)));
+            } => {
+                let value = SvcValue {
+                    backend_id: 0,
+                    count: *count,
+                    rev_nat_id: *rev_nat_id,
+                    flags: SVC_FLAG_CLUSTER_IP,
+                    _pad: [0; 3],
+                };
+                self.maps.put_slot(*frontend, 0, value)?;
+                self.entry(*frontend).count = Some(*count);
             }
-        }
-        self.rev_nat_ids.release(u32::from(rev_nat_id));
-        Ok(())
-    }
-
-    /// Deletes backends that no frontend's slots refer to any more.
-    fn prune_backends(&mut self, errors: &mut Vec<String>) {
-        let referenced: std::collections::BTreeSet<u32> = self
-            .applied
-            .values()
-            .flat_map(|a| a.backend_ids.iter().copied())
-            .collect();
-        let snapshot_ids: Vec<(L4Addr, u32)> = self
-            .backends
-            .iter()
-            .filter(|(_, id)| !referenced.contains(id))
-            .map(|(b, id)| (*b, *id))
-            .collect();
-        for (backend, id) in snapshot_ids {
-            match self.maps.delete_backend(id) {
-                Ok(()) => {
-                    self.backends.remove(&backend);
-                    self.backend_ids.release(id);
+            Op::DeleteSlot { frontend, slot } => {
+                self.maps.delete_slot(*frontend, *slot)?;
+                let w = self.entry(*frontend);
+                if *slot == 0 {
+                    w.count = None;
+                } else {
+                    w.slots.remove(slot);
                 }
-                Err(e) => errors.push(format!("deleting backend {id} ({backend}): {e}")),
+            }
+            Op::DeleteRevNat { id } => {
+                self.maps.delete_revnat(*id)?;
+                self.orphan_revnat.remove(id);
+                self.rev_nat_ids.release(u32::from(*id));
+            }
+            Op::DeleteBackend { id } => {
+                self.maps.delete_backend(*id)?;
+                if let Some(backend) = self.backend_entries.remove(id) {
+                    if self.backends.get(&backend) == Some(id) {
+                        self.backends.remove(&backend);
+                    }
+                }
+                self.backend_ids.release(*id);
             }
         }
+        Ok(())
     }
+
+    fn entry(&mut self, frontend: L4Addr) -> &mut Written {
+        self.written.entry(frontend).or_default()
+    }
+}
+
+/// The ordered writes that turn `current` into `ids` behind `frontend`.
+fn plan_frontend(
+    frontend: L4Addr,
+    current: &Written,
+    rev_nat_id: u16,
+    owner: &ServiceName,
+    ids: &[u32],
+) -> Vec<Op> {
+    let count = ids.len() as u16;
+    let published = current.count.unwrap_or(0);
+    let shrinking = current.count.is_some() && count < published;
+    let put_count = Op::PutCount {
+        frontend,
+        count,
+        rev_nat_id,
+    };
+    let mut ops = Vec::new();
+    if shrinking {
+        ops.push(put_count.clone());
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let slot = i as u16 + 1;
+        if current.slots.get(&slot) != Some(id) {
+            ops.push(Op::PutSlot {
+                frontend,
+                slot,
+                backend_id: *id,
+            });
+        }
+    }
+    let revnat_current = current.revnat_written
+        && current.rev_nat_id == Some(rev_nat_id)
+        && current.service.as_ref() == Some(owner);
+    if !revnat_current {
+        ops.push(Op::PutRevNat {
+            frontend,
+            id: rev_nat_id,
+            owner: owner.clone(),
+        });
+    }
+    if !shrinking && current.count != Some(count) {
+        ops.push(put_count);
+    }
+    ops.extend(
+        current
+            .slots
+            .keys()
+            .filter(|slot| **slot > count)
+            .map(|slot| Op::DeleteSlot {
+                frontend,
+                slot: *slot,
+            }),
+    );
+    ops
+}
+
+fn udp_ids(frontend: L4Addr, ids: impl Iterator<Item = u32>) -> Vec<u32> {
+    if frontend.proto != Proto::Udp {
+        return Vec::new();
+    }
+    ids.collect::<BTreeSet<_>>().into_iter().collect()
 }

@@ -200,7 +200,10 @@ fn full_backend_map_is_reported_and_leaves_the_old_state() {
     )));
     assert_eq!(report.errors.len(), 1);
     assert!(
-        report.errors[0].contains("map lb_backend_v1 is full (2 entries): raise --max-backends"),
+        report.errors[0].contains(&format!(
+            "map {} is full (2 entries): raise --max-backends",
+            lb_common::backend::BACKEND_MAP
+        )),
         "{:?}",
         report.errors
     );
@@ -269,4 +272,166 @@ fn endpoint_node_names_are_kept() {
     let desired = desired_of(&yaml);
     let spec = desired.frontends.values().next().unwrap();
     assert_eq!(spec.nodes.values().collect::<Vec<_>>(), ["node-7"]);
+}
+
+/// Every transition between these backend sets, with the write number `k`
+/// failing once: no state a packet can see ever publishes a count whose
+/// slots or backends are not written, and the retry converges.
+#[test]
+fn a_failed_write_at_any_point_keeps_the_order_and_the_retry_converges() {
+    let sets: [&[&str]; 4] = [
+        &["198.18.0.1", "198.18.0.2"],
+        &["198.18.0.1", "198.18.0.2", "198.18.0.3", "198.18.0.4"],
+        &["198.18.0.3"],
+        &[],
+    ];
+    for from in sets {
+        for to in sets {
+            for k in 0..12 {
+                let mut r = reconciler();
+                r.apply(&desired_of(&service("a", "198.19.0.1", from)));
+                let target = desired_of(&service("a", "198.19.0.1", to));
+                let mut expected = reconciler();
+                expected.apply(&target);
+                r.maps_mut().fail_attempt = Some(k + r.maps().log.len());
+                let failed = r.apply(&target);
+                if failed.errors.is_empty() {
+                    continue; // fewer than k+1 writes
+                }
+                assert!(r.needs_retry());
+                let retry = r.apply(&target);
+                assert!(
+                    retry.errors.is_empty(),
+                    "{from:?} → {to:?}, write {k}: {retry:?}"
+                );
+                assert!(!r.needs_retry());
+                assert_eq!(
+                    r.maps().violations,
+                    Vec::<String>::new(),
+                    "{from:?} → {to:?}, write {k} failed"
+                );
+                // Same frontends and slots as a clean run (ids may differ).
+                let backends = |r: &Reconciler<FakeMaps>| -> Vec<String> {
+                    let state = &r.maps().state;
+                    state
+                        .slots
+                        .iter()
+                        .map(|((f, slot), v)| match *slot {
+                            0 => format!("{f}#0 count={}", v.count),
+                            s => format!("{f}#{s} {}", state.backends[&v.backend_id]),
+                        })
+                        .collect()
+                };
+                assert_eq!(
+                    backends(&r),
+                    backends(&expected),
+                    "{from:?} → {to:?}, write {k}"
+                );
+                assert_eq!(
+                    r.maps().state.backends.len(),
+                    expected.maps().state.backends.len()
+                );
+                assert_eq!(r.apply(&target).unchanged, 1, "converged");
+            }
+        }
+    }
+}
+
+#[test]
+fn retry_after_a_failed_slot_write_publishes_the_count_last() {
+    let mut r = reconciler();
+    r.apply(&desired_of(&service(
+        "a",
+        "198.19.0.1",
+        &["198.18.0.1", "198.18.0.2"],
+    )));
+    take_log(&mut r);
+    let grown = desired_of(&service(
+        "a",
+        "198.19.0.1",
+        &["198.18.0.1", "198.18.0.2", "198.18.0.3", "198.18.0.4"],
+    ));
+    r.maps_mut().fail_matching = Some("#4 ".into());
+    let report = r.apply(&grown);
+    assert_eq!(report.errors.len(), 1, "{report:?}");
+    assert_eq!(
+        take_log(&mut r),
+        [
+            "put backend 3 198.18.0.3:8080/TCP",
+            "put backend 4 198.18.0.4:8080/TCP",
+            "put slot 198.19.0.1:80/TCP#3 backend=3",
+        ],
+        "stopped at the failed slot, count not published"
+    );
+    r.maps_mut().fail_matching = None;
+    r.apply(&grown);
+    assert_eq!(
+        take_log(&mut r),
+        [
+            "put slot 198.19.0.1:80/TCP#4 backend=4",
+            "put slot 198.19.0.1:80/TCP#0 count=4",
+        ],
+        "the retry writes only what is missing, count last"
+    );
+    assert!(r.maps().violations.is_empty(), "{:?}", r.maps().violations);
+}
+
+#[test]
+fn restart_keeps_a_broken_services_last_good_state() {
+    let mut first = reconciler();
+    first.apply(&desired_of(
+        &(service("a", "198.19.0.1", &["198.18.0.1"])
+            + &service("b", "198.19.0.2", &["198.18.0.2"])),
+    ));
+    let before = first.maps().state.clone();
+    // The agent restarts while Service a is broken.
+    let mut maps = FakeMaps::new(1024, 1024);
+    maps.state = before.clone();
+    let mut second = Reconciler::restore(maps, 1024).unwrap();
+    let broken = service("a", "198.19.0.1", &["198.18.0.1"]).replace("port: 80,", "port: 0,")
+        + &service("b", "198.19.0.2", &["198.18.0.2"]);
+    let (objects, _) = manifest::parse_str(&broken, None).unwrap();
+    let (desired, errors) = desired::compute(&objects, LIMITS);
+    assert_eq!(errors.len(), 1);
+    let report = second.apply(&desired);
+    assert_eq!((report.kept, report.removed, report.unchanged), (1, 0, 1));
+    assert_eq!(
+        second.maps().state,
+        before,
+        "a's frontend survives the restart"
+    );
+}
+
+#[test]
+fn restart_removes_entries_an_interrupted_agent_left_behind() {
+    let mut first = reconciler();
+    first.apply(&desired_of(&service("a", "198.19.0.1", &["198.18.0.1"])));
+    // Killed while adding b: its backend, slot and reverse NAT are written,
+    // its slot 0 is not.
+    first.maps_mut().fail_matching = Some("198.19.0.2:80/TCP#0".into());
+    first.apply(&desired_of(
+        &(service("a", "198.19.0.1", &["198.18.0.1"])
+            + &service("b", "198.19.0.2", &["198.18.0.7"])),
+    ));
+    let mut maps = FakeMaps::new(1024, 1024);
+    maps.state = first.maps().state.clone();
+    assert_eq!(maps.state.revnat.len(), 2);
+    let mut second = Reconciler::restore(maps, 1024).unwrap();
+    let report = second.apply(&desired_of(&service("a", "198.19.0.1", &["198.18.0.1"])));
+    assert!(report.errors.is_empty(), "{report:?}");
+    assert_eq!(
+        take_log(&mut second),
+        [
+            "del slot 198.19.0.2:80/TCP#0",
+            "del slot 198.19.0.2:80/TCP#1",
+            "del revnat 2",
+            "del backend 2",
+        ]
+    );
+    let state = &second.maps().state;
+    assert_eq!(
+        (state.revnat.len(), state.backends.len()),
+        (1, 1),
+        "no leaked ids"
+    );
 }

@@ -1,23 +1,44 @@
-//! Reverse-NAT map: rev-NAT id → the frontend a reply must appear to come from.
+//! Reverse-NAT map: rev-NAT id → the frontend a reply must appear to come
+//! from, and the Service that owns it.
 //!
 //! Conntrack entries carry the rewrite address themselves (one lookup per
 //! reply, and replies survive a service edit); this map names each frontend
 //! by id for `lb-agent inspect` and `bpftool`, and is written before slot 0 so
-//! a frontend is never visible without it.
+//! a frontend is never visible without it. The owner lets a restarted agent
+//! keep a broken Service's frontends (last good state) instead of deleting
+//! them as unknown.
 
 use crate::user_pod;
 
 pub const REVNAT_MAP: &str = "lb_revnat_v2";
 
+/// `namespace/name` fits: both are DNS labels of at most 63 bytes.
+pub const OWNER_LEN: usize = 128;
+
 #[repr(C)]
-#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct RevNat {
     pub addr_be: u32,
     pub port_be: u16,
     pub proto: u8,
     pub _pad: u8,
+    /// The owning Service as `namespace/name`, NUL-padded.
+    pub owner: [u8; OWNER_LEN],
 }
 
-const _: () = assert!(core::mem::size_of::<RevNat>() == 8 && core::mem::align_of::<RevNat>() == 4);
+impl Default for RevNat {
+    fn default() -> Self {
+        Self {
+            addr_be: 0,
+            port_be: 0,
+            proto: 0,
+            _pad: 0,
+            owner: [0; OWNER_LEN],
+        }
+    }
+}
+
+const _: () =
+    assert!(core::mem::size_of::<RevNat>() == 136 && core::mem::align_of::<RevNat>() == 4);
 
 user_pod!(RevNat);

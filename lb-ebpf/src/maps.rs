@@ -23,7 +23,7 @@ pub static BACKENDS: HashMap<u32, Backend, 262_144> = HashMap::new();
 /// Written by the agent for operators and inspect; the datapath never reads it
 /// (conntrack carries the reply address).
 #[btf_map(name = "lb_revnat_v2")]
-pub static REVNAT: HashMap<u16, RevNat, 65_536> = HashMap::new();
+pub static REVNAT: HashMap<u16, RevNat, 65_536, { BPF_F_NO_PREALLOC as usize }> = HashMap::new();
 
 /// A plain hash, not an LRU: a live flow is never evicted to make room
 /// (a full table drops new flows, counted); the agent's GC frees expired

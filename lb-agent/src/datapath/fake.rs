@@ -1,8 +1,8 @@
 //! In-memory `LbMaps` with capacities and a log of every write, so the
 //! control plane (including write order and full maps) tests without root.
 
-use super::maps::{LbMaps, MapWriteError, Snapshot};
-use crate::model::L4Addr;
+use super::maps::{LbMaps, MapWriteError, RevNatEntry, Snapshot};
+use crate::model::{L4Addr, ServiceName};
 use lb_common::svc::SvcValue;
 
 #[derive(Debug)]
@@ -12,6 +12,15 @@ pub struct FakeMaps {
     pub max_backends: usize,
     /// Every write, in order, as `op target`.
     pub log: Vec<String>,
+    /// Writes whose log line contains this fail (an I/O error), to test
+    /// what a failed write leaves behind and how it is retried.
+    pub fail_matching: Option<String>,
+    /// The write attempt with this number (0-based) fails, once.
+    pub fail_attempt: Option<usize>,
+    attempts: usize,
+    /// States a packet could have seen that break the write-order promise:
+    /// a published count whose slots or backends are not all written.
+    pub violations: Vec<String>,
 }
 
 impl FakeMaps {
@@ -21,7 +30,58 @@ impl FakeMaps {
             max_slots,
             max_backends,
             log: Vec::new(),
+            fail_matching: None,
+            fail_attempt: None,
+            attempts: 0,
+            violations: Vec::new(),
         }
+    }
+
+    /// Checks what a packet may see after each write: every frontend with
+    /// a slot 0 has slots 1..=count, each naming an existing backend.
+    fn check(&mut self, after: &str) {
+        for ((frontend, slot), value) in &self.state.slots {
+            if *slot != 0 {
+                continue;
+            }
+            for s in 1..=value.count {
+                let ok = self
+                    .state
+                    .slots
+                    .get(&(*frontend, s))
+                    .is_some_and(|v| self.state.backends.contains_key(&v.backend_id));
+                if !ok {
+                    self.violations.push(format!(
+                        "after `{after}`: {frontend} publishes {} slots but slot {s} is missing or dangling",
+                        value.count
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Logs the write, or fails it if it matches `fail_matching`.
+    fn record(&mut self, line: String) -> Result<(), MapWriteError> {
+        let attempt = self.attempts;
+        self.attempts += 1;
+        let fail_now = self.fail_attempt == Some(attempt);
+        if fail_now {
+            self.fail_attempt = None;
+        }
+        if fail_now
+            || self
+                .fail_matching
+                .as_ref()
+                .is_some_and(|m| line.contains(m.as_str()))
+        {
+            return Err(MapWriteError::Syscall {
+                op: "write",
+                map: "fake",
+                source: std::io::Error::other(format!("injected failure: {line}")),
+            });
+        }
+        self.log.push(line);
+        Ok(())
     }
 }
 
@@ -30,19 +90,21 @@ impl LbMaps for FakeMaps {
         if !self.state.backends.contains_key(&id) && self.state.backends.len() >= self.max_backends
         {
             return Err(MapWriteError::Full {
-                map: "lb_backend_v1",
+                map: lb_common::backend::BACKEND_MAP,
                 capacity: self.max_backends as u32,
                 flag: "--max-backends",
             });
         }
-        self.log.push(format!("put backend {id} {backend}"));
+        self.record(format!("put backend {id} {backend}"))?;
         self.state.backends.insert(id, backend);
+        self.check(&format!("put backend {id}"));
         Ok(())
     }
 
     fn delete_backend(&mut self, id: u32) -> Result<(), MapWriteError> {
-        self.log.push(format!("del backend {id}"));
+        self.record(format!("del backend {id}"))?;
         self.state.backends.remove(&id);
+        self.check(&format!("del backend {id}"));
         Ok(())
     }
 
@@ -56,38 +118,50 @@ impl LbMaps for FakeMaps {
             && self.state.slots.len() >= self.max_slots
         {
             return Err(MapWriteError::Full {
-                map: "lb_svc_v1",
+                map: lb_common::svc::SVC_MAP,
                 capacity: self.max_slots as u32,
                 flag: "--max-service-slots",
             });
         }
         if slot == 0 {
-            self.log
-                .push(format!("put slot {frontend}#0 count={}", value.count));
+            self.record(format!("put slot {frontend}#0 count={}", value.count))?;
         } else {
-            self.log.push(format!(
+            self.record(format!(
                 "put slot {frontend}#{slot} backend={}",
                 value.backend_id
-            ));
+            ))?;
         }
         self.state.slots.insert((frontend, slot), value);
+        self.check(&format!("put slot {frontend}#{slot}"));
         Ok(())
     }
 
     fn delete_slot(&mut self, frontend: L4Addr, slot: u16) -> Result<(), MapWriteError> {
-        self.log.push(format!("del slot {frontend}#{slot}"));
+        self.record(format!("del slot {frontend}#{slot}"))?;
         self.state.slots.remove(&(frontend, slot));
+        self.check(&format!("del slot {frontend}#{slot}"));
         Ok(())
     }
 
-    fn put_revnat(&mut self, id: u16, frontend: L4Addr) -> Result<(), MapWriteError> {
-        self.log.push(format!("put revnat {id} {frontend}"));
-        self.state.revnat.insert(id, frontend);
+    fn put_revnat(
+        &mut self,
+        id: u16,
+        frontend: L4Addr,
+        owner: &ServiceName,
+    ) -> Result<(), MapWriteError> {
+        self.record(format!("put revnat {id} {frontend}"))?;
+        self.state.revnat.insert(
+            id,
+            RevNatEntry {
+                frontend,
+                owner: Some(owner.clone()),
+            },
+        );
         Ok(())
     }
 
     fn delete_revnat(&mut self, id: u16) -> Result<(), MapWriteError> {
-        self.log.push(format!("del revnat {id}"));
+        self.record(format!("del revnat {id}"))?;
         self.state.revnat.remove(&id);
         Ok(())
     }

@@ -7,11 +7,11 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 use aya::maps::{HashMap, Map, MapData, MapError};
 use lb_common::{
     backend::{Backend, BACKEND_MAP},
-    revnat::{RevNat, REVNAT_MAP},
+    revnat::{RevNat, OWNER_LEN, REVNAT_MAP},
     svc::{SvcKey, SvcValue, SVC_MAP},
 };
 
-use crate::model::{L4Addr, Proto};
+use crate::model::{L4Addr, Proto, ServiceName};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapWriteError {
@@ -29,12 +29,20 @@ pub enum MapWriteError {
     },
 }
 
+/// A reverse-NAT entry: the frontend and the Service that owns it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RevNatEntry {
+    pub frontend: L4Addr,
+    /// `None` when the stored name is empty or unreadable.
+    pub owner: Option<ServiceName>,
+}
+
 /// The service maps as the agent reads them back.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
     pub slots: BTreeMap<(L4Addr, u16), SvcValue>,
     pub backends: BTreeMap<u32, L4Addr>,
-    pub revnat: BTreeMap<u16, L4Addr>,
+    pub revnat: BTreeMap<u16, RevNatEntry>,
 }
 
 /// Writes the agent performs, one entry at a time, in the order it chooses.
@@ -48,7 +56,12 @@ pub trait LbMaps {
         value: SvcValue,
     ) -> Result<(), MapWriteError>;
     fn delete_slot(&mut self, frontend: L4Addr, slot: u16) -> Result<(), MapWriteError>;
-    fn put_revnat(&mut self, id: u16, frontend: L4Addr) -> Result<(), MapWriteError>;
+    fn put_revnat(
+        &mut self,
+        id: u16,
+        frontend: L4Addr,
+        owner: &ServiceName,
+    ) -> Result<(), MapWriteError>;
     fn delete_revnat(&mut self, id: u16) -> Result<(), MapWriteError>;
     fn snapshot(&self) -> Result<Snapshot, MapWriteError>;
 }
@@ -89,17 +102,38 @@ pub fn backend_of(value: &Backend) -> Option<L4Addr> {
     l4(value.addr_be, value.port_be, value.proto)
 }
 
-pub fn revnat_value(frontend: L4Addr) -> RevNat {
-    RevNat {
+pub fn revnat_value(frontend: L4Addr, owner: &ServiceName) -> RevNat {
+    let mut value = RevNat {
         addr_be: u32::from(frontend.addr).to_be(),
         port_be: frontend.port.to_be(),
         proto: frontend.proto.number(),
-        _pad: 0,
-    }
+        ..RevNat::default()
+    };
+    let name = owner.to_string();
+    // Kubernetes names are at most 63 bytes each; a longer one is cut (and
+    // then not recognised after a restart, which only loses last-good-state).
+    let n = name.len().min(OWNER_LEN - 1);
+    value.owner[..n].copy_from_slice(&name.as_bytes()[..n]);
+    value
 }
 
-pub fn revnat_of(value: &RevNat) -> Option<L4Addr> {
-    l4(value.addr_be, value.port_be, value.proto)
+pub fn revnat_of(value: &RevNat) -> Option<RevNatEntry> {
+    let end = value
+        .owner
+        .iter()
+        .position(|b| *b == 0)
+        .unwrap_or(OWNER_LEN);
+    let owner = std::str::from_utf8(&value.owner[..end])
+        .ok()
+        .and_then(|s| s.split_once('/'))
+        .map(|(namespace, name)| ServiceName {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        });
+    Some(RevNatEntry {
+        frontend: l4(value.addr_be, value.port_be, value.proto)?,
+        owner,
+    })
 }
 
 // --- kernel maps --------------------------------------------------------------
@@ -218,10 +252,15 @@ impl LbMaps for KernelMaps {
             .map_err(|e| limit.error("delete", e))
     }
 
-    fn put_revnat(&mut self, id: u16, frontend: L4Addr) -> Result<(), MapWriteError> {
+    fn put_revnat(
+        &mut self,
+        id: u16,
+        frontend: L4Addr,
+        owner: &ServiceName,
+    ) -> Result<(), MapWriteError> {
         let limit = self.revnat_limit;
         self.revnat
-            .insert(id, revnat_value(frontend), 0)
+            .insert(id, revnat_value(frontend, owner), 0)
             .map_err(|e| limit.error("insert", e))
     }
 
@@ -247,8 +286,8 @@ impl LbMaps for KernelMaps {
         }
         for entry in self.revnat.iter() {
             let (id, value) = entry.map_err(read(self.revnat_limit))?;
-            if let Some(frontend) = revnat_of(&value) {
-                snapshot.revnat.insert(id, frontend);
+            if let Some(entry) = revnat_of(&value) {
+                snapshot.revnat.insert(id, entry);
             }
         }
         Ok(snapshot)
