@@ -10,8 +10,9 @@
 //!   the datapath rejects new flows;
 //! - only IPv4 (single-stack for now; IPv6 addresses are skipped, not errors).
 //!
-//! A service with any error keeps its last good datapath state (see
-//! `Desired::keep`), the rest still applies.
+//! A service with an error keeps its last good datapath state (see
+//! `Desired::keep`), the rest still applies; a bad endpoint or an unusable
+//! slice port is reported and skipped without holding back its service.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -20,18 +21,31 @@ use std::{
 };
 
 use crate::{
-    error::InputError,
-    manifest::{Objects, Sourced},
+    error::{InputError, InputErrorKind},
     model::{FrontendSpec, L4Addr, Proto, ServiceName},
-    view::{ServiceSpecView, ServiceView, SliceView},
+    objects::{Objects, Sourced},
+    view::{ServiceSpecView, ServiceView, SliceView, SERVICE_PROXY_NAME_LABEL},
 };
-
-pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
     pub max_backends_per_service: usize,
+}
+
+impl Limits {
+    /// Validated against the map fields: a frontend's slots are numbered
+    /// with 16 bits and slot 0 is the frontend, so more would wrap.
+    pub fn new(max_backends_per_service: usize) -> Result<Self, String> {
+        let most = lb_common::svc::MAX_BACKENDS_PER_SVC as usize;
+        if max_backends_per_service == 0 || max_backends_per_service > most {
+            return Err(format!(
+                "--max-backends-per-service {max_backends_per_service}: must be 1-{most} (slot numbers are 16-bit)"
+            ));
+        }
+        Ok(Self {
+            max_backends_per_service,
+        })
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -60,6 +74,7 @@ pub fn compute(objects: &Objects, limits: Limits) -> (Desired, Vec<InputError>) 
     services.sort_by_key(|s| service_name(&s.object));
 
     let mut desired = Desired::default();
+    desired.keep.extend(objects.unparsed.iter().cloned());
     let mut errors = Vec::new();
     let mut seen = BTreeSet::new();
     for service in services {
@@ -70,39 +85,46 @@ pub fn compute(objects: &Objects, limits: Limits) -> (Desired, Vec<InputError>) 
         };
         if !seen.insert(name.clone()) {
             errors.push(ctx.error(
+                InputErrorKind::Conflict,
                 "metadata.name",
                 "defined more than once; the first definition is used",
             ));
             continue;
         }
+        if desired.keep.contains(&name) {
+            continue; // part of its input did not parse: keep what it had
+        }
         let slices = slices_by_service
             .get(&name)
             .map(Vec::as_slice)
             .unwrap_or_default();
-        match service_frontends(service, &name, slices, limits) {
-            Ok(frontends) => {
-                let mut duplicate = None;
-                for (frontend, _) in &frontends {
-                    if let Some(other) = desired.frontends.get(frontend) {
-                        duplicate = Some((*frontend, other.service.clone()));
-                    }
-                }
-                if let Some((frontend, other)) = duplicate {
-                    errors.push(ctx.error(
-                        "spec.ports",
-                        &format!("frontend {frontend} is already used by Service {other}"),
-                    ));
-                    desired.keep.insert(name);
-                    continue;
-                }
-                desired.frontends.extend(frontends);
-            }
-            Err(mut errs) => {
-                errors.append(&mut errs);
-                desired.keep.insert(name);
-            }
+        let (frontends, mut problems) = service_frontends(service, &name, slices, limits);
+        let blocking = problems.iter().any(|e| e.kind.keeps_last_good());
+        errors.append(&mut problems);
+        if blocking {
+            desired.keep.insert(name);
+            continue;
         }
+        let duplicate = frontends.iter().find_map(|(frontend, _)| {
+            desired
+                .frontends
+                .get(frontend)
+                .map(|other| (*frontend, other.service.clone()))
+        });
+        if let Some((frontend, other)) = duplicate {
+            errors.push(ctx.error(
+                InputErrorKind::Conflict,
+                "spec.ports",
+                &format!("frontend {frontend} is already used by Service {other}"),
+            ));
+            desired.keep.insert(name);
+            continue;
+        }
+        desired.frontends.extend(frontends);
     }
+    // Slice problems are found once per service port: report each once.
+    let mut seen = BTreeSet::new();
+    errors.retain(|e| seen.insert(e.to_string()));
     (desired, errors)
 }
 
@@ -119,8 +141,9 @@ struct ErrCtx {
 }
 
 impl ErrCtx {
-    fn error(&self, field: &str, message: &str) -> InputError {
+    fn error(&self, kind: InputErrorKind, field: &str, message: &str) -> InputError {
         InputError {
+            kind,
             file: self.file.clone(),
             object: self.object.clone(),
             field: field.into(),
@@ -134,28 +157,34 @@ fn service_frontends(
     name: &ServiceName,
     slices: &[&Sourced<SliceView>],
     limits: Limits,
-) -> Result<Vec<(L4Addr, FrontendSpec)>, Vec<InputError>> {
+) -> (Vec<(L4Addr, FrontendSpec)>, Vec<InputError>) {
     let ctx = ErrCtx {
         file: service.file.clone(),
         object: format!("Service {name}"),
     };
     if service.object.other_proxy {
         tracing::debug!(service = %name, "skipped: {SERVICE_PROXY_NAME_LABEL} is set");
-        return Ok(Vec::new());
+        return (Vec::new(), Vec::new());
     }
     let Some(spec) = &service.object.spec else {
-        return Err(vec![ctx.error("spec", "missing")]);
+        return (
+            Vec::new(),
+            vec![ctx.error(InputErrorKind::InvalidField, "spec", "missing")],
+        );
     };
     if spec.type_.as_deref() == Some("ExternalName") {
-        return Ok(Vec::new());
+        return (Vec::new(), Vec::new());
     }
-    let vips = cluster_ips(spec, &ctx)?;
+    let vips = match cluster_ips(spec, &ctx) {
+        Ok(vips) => vips,
+        Err(errors) => return (Vec::new(), errors),
+    };
     if vips.is_empty() {
-        return Ok(Vec::new()); // headless, or IPv6-only
+        return (Vec::new(), Vec::new()); // headless, or IPv6-only
     }
 
     let mut errors = Vec::new();
-    let mut ports = Vec::new();
+    let mut ports: Vec<(String, u16, Proto)> = Vec::new();
     for (i, port) in spec.ports.iter().enumerate() {
         let field = |f: &str| format!("spec.ports[{i}].{f}");
         let proto = match parse_proto(port.protocol.as_deref()) {
@@ -165,21 +194,33 @@ fn service_frontends(
                 continue;
             }
             Err(m) => {
-                errors.push(ctx.error(&field("protocol"), &m));
+                errors.push(ctx.error(InputErrorKind::InvalidField, &field("protocol"), &m));
                 continue;
             }
         };
         match valid_port(port.port) {
-            Ok(p) => ports.push((port.name.clone().unwrap_or_default(), p, proto)),
-            Err(m) => errors.push(ctx.error(&field("port"), &m)),
+            Ok(p) => {
+                if let Some(j) = ports.iter().position(|(_, q, r)| *q == p && *r == proto) {
+                    errors.push(ctx.error(
+                        InputErrorKind::Conflict,
+                        &field("port"),
+                        &format!("{p}/{proto} is also spec.ports[{j}]"),
+                    ));
+                    continue;
+                }
+                ports.push((port.name.clone().unwrap_or_default(), p, proto))
+            }
+            Err(m) => errors.push(ctx.error(InputErrorKind::InvalidField, &field("port"), &m)),
         }
     }
 
     let mut frontends = Vec::new();
     for (port_name, port, proto) in ports {
-        match port_backends(slices, &port_name, proto) {
-            Ok((backends, _)) if backends.len() > limits.max_backends_per_service => {
+        let (backends, nodes) = port_backends(slices, &port_name, proto, &mut errors);
+        match (backends, nodes) {
+            (backends, _) if backends.len() > limits.max_backends_per_service => {
                 errors.push(ctx.error(
+                    InputErrorKind::OverLimit,
                     "spec.ports",
                     &format!(
                     "port {port_name:?} has {} endpoints, more than --max-backends-per-service {}",
@@ -188,7 +229,7 @@ fn service_frontends(
                 ),
                 ))
             }
-            Ok((backends, nodes)) => {
+            (backends, nodes) => {
                 for vip in &vips {
                     let frontend = L4Addr {
                         addr: *vip,
@@ -204,14 +245,9 @@ fn service_frontends(
                     frontends.push((frontend, spec));
                 }
             }
-            Err(mut errs) => errors.append(&mut errs),
         }
     }
-    if errors.is_empty() {
-        Ok(frontends)
-    } else {
-        Err(errors)
-    }
+    (frontends, errors)
 }
 
 /// IPv4 cluster IPs from `clusterIPs` (or `clusterIP`); empty when headless.
@@ -221,6 +257,7 @@ fn cluster_ips(spec: &ServiceSpecView, ctx: &ErrCtx) -> Result<Vec<Ipv4Addr>, Ve
         (_, Some(ip)) => ("spec.clusterIP", vec![ip.clone()]),
         _ => {
             return Err(vec![ctx.error(
+                InputErrorKind::InvalidField,
                 "spec.clusterIP",
                 "missing (the agent does not allocate cluster IPs)",
             )])
@@ -238,18 +275,22 @@ fn cluster_ips(spec: &ServiceSpecView, ctx: &ErrCtx) -> Result<Vec<Ipv4Addr>, Ve
         };
         match ip.parse::<IpAddr>() {
             Ok(IpAddr::V4(v4)) if v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast() => {
-                return Err(vec![
-                    ctx.error(&field, &format!("{ip} is not a usable service address"))
-                ]);
+                return Err(vec![ctx.error(
+                    InputErrorKind::InvalidField,
+                    &field,
+                    &format!("{ip} is not a usable service address"),
+                )]);
             }
             Ok(IpAddr::V4(v4)) => vips.push(v4),
             Ok(IpAddr::V6(_)) => {
                 tracing::debug!(object = %ctx.object, %ip, "IPv6 cluster IP skipped (IPv4 only)")
             }
             Err(_) => {
-                return Err(vec![
-                    ctx.error(&field, &format!("{ip:?} is not an IP address"))
-                ])
+                return Err(vec![ctx.error(
+                    InputErrorKind::InvalidField,
+                    &field,
+                    &format!("{ip:?} is not an IP address"),
+                )])
             }
         }
     }
@@ -277,13 +318,16 @@ fn valid_port(port: i32) -> Result<u16, String> {
 /// A port's backends (sorted) and the nodes they run on.
 type PortBackends = (Vec<L4Addr>, BTreeMap<L4Addr, String>);
 
-/// The backends for one service port, merged over every slice.
+/// The backends for one service port, merged over every slice. Problems go
+/// to `errors`: a bad endpoint or an unusable slice port is skipped
+/// (`Skipped`); a bad target port of this service port holds the service
+/// back (`InvalidField`).
 fn port_backends(
     slices: &[&Sourced<SliceView>],
     port_name: &str,
     proto: Proto,
-) -> Result<PortBackends, Vec<InputError>> {
-    let mut errors = Vec::new();
+    errors: &mut Vec<InputError>,
+) -> PortBackends {
     let mut ready = BTreeSet::new();
     let mut terminating = BTreeSet::new();
     let mut nodes = BTreeMap::new();
@@ -302,7 +346,11 @@ fn port_backends(
             let slice_proto = match parse_proto(port.protocol.as_deref()) {
                 Ok(p) => p,
                 Err(m) => {
-                    errors.push(ctx.error(&format!("ports[{i}].protocol"), &m));
+                    errors.push(ctx.error(
+                        InputErrorKind::Skipped,
+                        &format!("ports[{i}].protocol"),
+                        &format!("{m}; port skipped"),
+                    ));
                     continue;
                 }
             };
@@ -311,22 +359,35 @@ fn port_backends(
             }
             match port.port.map(valid_port) {
                 Some(Ok(p)) => target = Some(p),
-                Some(Err(m)) => errors.push(ctx.error(&format!("ports[{i}].port"), &m)),
-                None => errors.push(ctx.error(&format!("ports[{i}].port"), "missing")),
+                Some(Err(m)) => errors.push(ctx.error(
+                    InputErrorKind::InvalidField,
+                    &format!("ports[{i}].port"),
+                    &m,
+                )),
+                None => errors.push(ctx.error(
+                    InputErrorKind::InvalidField,
+                    &format!("ports[{i}].port"),
+                    "missing",
+                )),
             }
         }
         let Some(target) = target else { continue };
         for (i, endpoint) in object.endpoints.iter().enumerate() {
             let Some(address) = &endpoint.address else {
-                errors.push(ctx.error(&format!("endpoints[{i}].addresses"), "empty"));
+                errors.push(ctx.error(
+                    InputErrorKind::Skipped,
+                    &format!("endpoints[{i}].addresses"),
+                    "empty; endpoint skipped",
+                ));
                 continue;
             };
             let addr = match address.parse::<Ipv4Addr>() {
                 Ok(a) if !a.is_unspecified() && !a.is_broadcast() && !a.is_multicast() => a,
                 _ => {
                     errors.push(ctx.error(
+                        InputErrorKind::Skipped,
                         &format!("endpoints[{i}].addresses[0]"),
-                        &format!("{address:?} is not a usable IPv4 address"),
+                        &format!("{address:?} is not a usable IPv4 address; endpoint skipped"),
                     ));
                     continue;
                 }
@@ -350,12 +411,9 @@ fn port_backends(
             }
         }
     }
-    if !errors.is_empty() {
-        return Err(errors);
-    }
     let backends: Vec<L4Addr> = if ready.is_empty() { terminating } else { ready }
         .into_iter()
         .collect();
     nodes.retain(|b, _| backends.binary_search(b).is_ok());
-    Ok((backends, nodes))
+    (backends, nodes)
 }

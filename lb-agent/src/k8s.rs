@@ -26,7 +26,7 @@ use tokio::sync::Notify;
 use tracing::{debug, warn};
 
 use crate::{
-    manifest::{Objects, Sourced},
+    objects::{Objects, Sourced},
     view::{ServiceView, SliceView},
 };
 
@@ -102,6 +102,7 @@ impl ApiSource {
                     object: SliceView::from(s.as_ref()),
                 })
                 .collect(),
+            unparsed: Vec::new(),
         }
     }
 }

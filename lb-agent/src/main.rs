@@ -35,12 +35,20 @@ enum Command {
         #[arg(long)]
         stats: bool,
     },
-    /// Validate manifests and print the maps they would produce (no kernel access).
+    /// Validate manifests and print the maps they would produce (no kernel
+    /// access). Exits non-zero whenever `run` with the same limits would not
+    /// program everything.
     Check {
         #[arg(long)]
         manifests: PathBuf,
         #[arg(long, default_value_t = 4096)]
         max_backends_per_service: usize,
+        /// As `run --max-service-slots`.
+        #[arg(long, default_value_t = DEFAULT_MAX_SVC_ENTRIES)]
+        max_service_slots: u32,
+        /// As `run --max-backends`.
+        #[arg(long, default_value_t = DEFAULT_MAX_BACKENDS)]
+        max_backends: u32,
     },
 }
 
@@ -146,11 +154,7 @@ fn nanos(d: Duration) -> u64 {
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => {
-            anyhow::ensure!(
-                args.max_backends_per_service as u32 <= lb_common::svc::MAX_BACKENDS_PER_SVC,
-                "--max-backends-per-service: at most {}",
-                lb_common::svc::MAX_BACKENDS_PER_SVC
-            );
+            let limits = Limits::new(args.max_backends_per_service).map_err(anyhow::Error::msg)?;
             let source = match args.manifests {
                 Some(dir) => SourceConfig::Manifests(dir),
                 None => SourceConfig::Api {
@@ -168,9 +172,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     backends: args.max_backends,
                     conntrack: args.max_conntrack,
                 },
-                limits: Limits {
-                    max_backends_per_service: args.max_backends_per_service,
-                },
+                limits,
                 keep_datapath: args.keep_datapath,
                 poll_interval: Duration::from_millis(args.poll_interval_ms),
                 timeouts: lb_common::ct::CtTimeouts {
@@ -203,29 +205,34 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         Command::Check {
             manifests,
             max_backends_per_service,
+            max_service_slots,
+            max_backends,
         } => {
+            let limits = Limits::new(max_backends_per_service).map_err(anyhow::Error::msg)?;
             let mut dir = manifest::ManifestDir::new(&manifests);
             let (objects, mut errors) = dir.poll()?.unwrap_or_default();
-            let (desired, more) = desired::compute(
-                &objects,
-                Limits {
-                    max_backends_per_service,
-                },
-            );
+            let (desired, more) = desired::compute(&objects, limits);
             errors.extend(more);
             let mut reconciler = Reconciler::restore(
-                lb_agent::datapath::fake::FakeMaps::new(usize::MAX, usize::MAX),
-                lb_common::backend::DEFAULT_MAX_BACKENDS,
+                lb_agent::datapath::fake::FakeMaps::new(
+                    max_service_slots as usize,
+                    max_backends as usize,
+                ),
+                max_backends,
             )?;
-            reconciler.apply(&desired);
+            let report = reconciler.apply(&desired);
             print!("{}", dump::services(&reconciler.maps().state));
             for e in &errors {
                 eprintln!("invalid: {e}");
             }
+            for e in &report.errors {
+                eprintln!("not programmed: {e}");
+            }
             anyhow::ensure!(
-                errors.is_empty(),
-                "{} problem(s) in {}",
+                errors.is_empty() && report.errors.is_empty(),
+                "{} input problem(s) and {} map problem(s) in {}: `run` would not program everything",
                 errors.len(),
+                report.errors.len(),
                 manifests.display()
             );
             Ok(())

@@ -17,29 +17,19 @@ use serde::Deserialize as _;
 use serde_yaml::Value;
 
 use crate::{
-    error::InputError,
-    view::{ServiceView, SliceView},
+    error::{InputError, InputErrorKind},
+    model::ServiceName,
+    objects::{Objects, Sourced},
+    view::{ServiceView, SliceView, SERVICE_NAME_LABEL},
 };
-
-/// An object and where it was read from.
-#[derive(Clone, Debug)]
-pub struct Sourced<T> {
-    pub file: Option<PathBuf>,
-    pub object: T,
-}
-
-/// What the agent keeps of the objects: their views (see `view`).
-#[derive(Clone, Debug, Default)]
-pub struct Objects {
-    pub services: Vec<Sourced<ServiceView>>,
-    pub slices: Vec<Sourced<SliceView>>,
-}
 
 /// The objects as parsed, full k8s-openapi types.
 #[derive(Clone, Debug, Default)]
 pub struct Typed {
     pub services: Vec<Sourced<Service>>,
     pub slices: Vec<Sourced<EndpointSlice>>,
+    /// Services named by objects that did not parse.
+    pub unparsed: Vec<ServiceName>,
 }
 
 impl From<&Typed> for Objects {
@@ -61,14 +51,8 @@ impl From<&Typed> for Objects {
                     object: SliceView::from(&s.object),
                 })
                 .collect(),
+            unparsed: typed.unparsed.clone(),
         }
-    }
-}
-
-impl Objects {
-    fn extend(&mut self, other: &Objects) {
-        self.services.extend(other.services.iter().cloned());
-        self.slices.extend(other.slices.iter().cloned());
     }
 }
 
@@ -92,6 +76,7 @@ pub fn parse_typed(
     let mut errors = Vec::new();
     for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let value = Value::deserialize(document).map_err(|e| InputError {
+            kind: InputErrorKind::InvalidYaml,
             file: file.map(Path::to_path_buf),
             object: format!("document {}", index + 1),
             field: String::new(),
@@ -128,24 +113,60 @@ fn parse_document(
         (None, "") => format!("document {}", index + 1),
         (None, _) => format!("document {} ({kind})", index + 1),
     };
-    let error = |field: String, message: String| InputError {
-        file: file.map(Path::to_path_buf),
-        object: object.clone(),
-        field,
-        message,
+    // The Service an object speaks for, when it can be told even from an
+    // object that does not parse: that Service keeps its last good state.
+    let service = match kind.as_str() {
+        "Service" => name.clone(),
+        "EndpointSlice" => value
+            .get("metadata")
+            .and_then(|m| m.get("labels"))
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        _ => None,
+    }
+    .map(|name| ServiceName {
+        namespace: namespace.clone(),
+        name,
+    });
+    let mut error = |kind: InputErrorKind, field: String, message: String| {
+        if let Some(service) = &service {
+            out.unparsed.push(service.clone());
+        }
+        InputError {
+            kind,
+            file: file.map(Path::to_path_buf),
+            object: object.clone(),
+            field,
+            message,
+        }
     };
     if !value.is_mapping() {
         return Err(error(
+            InputErrorKind::UnsupportedObject,
             String::new(),
             "not a Kubernetes object (expected a mapping)".into(),
         ));
     }
     match (api_version.as_str(), kind.as_str()) {
-        ("", _) => return Err(error("apiVersion".into(), "missing".into())),
-        (_, "") => return Err(error("kind".into(), "missing".into())),
+        ("", _) => {
+            return Err(error(
+                InputErrorKind::UnsupportedObject,
+                "apiVersion".into(),
+                "missing".into(),
+            ))
+        }
+        (_, "") => {
+            return Err(error(
+                InputErrorKind::UnsupportedObject,
+                "kind".into(),
+                "missing".into(),
+            ))
+        }
         ("v1", "Service") | ("discovery.k8s.io/v1", "EndpointSlice") => {}
         (_, "Service") | (_, "EndpointSlice") => {
             return Err(error(
+                InputErrorKind::UnsupportedObject,
                 "apiVersion".into(),
                 format!("unsupported apiVersion {api_version:?} for {kind}"),
             ));
@@ -156,17 +177,23 @@ fn parse_document(
         }
     }
     if name.is_none() {
-        return Err(error("metadata.name".into(), "missing".into()));
+        return Err(error(
+            InputErrorKind::UnsupportedObject,
+            "metadata.name".into(),
+            "missing".into(),
+        ));
     }
-    let file = file.map(Path::to_path_buf);
+    let path = file.map(Path::to_path_buf);
     if kind == "Service" {
-        let mut object: Service = typed(value).map_err(|(f, m)| error(f, m))?;
+        let mut object: Service =
+            typed(value).map_err(|(f, m)| error(InputErrorKind::Schema, f, m))?;
         object.metadata.namespace.get_or_insert(namespace);
-        out.services.push(Sourced { file, object });
+        out.services.push(Sourced { file: path, object });
     } else {
-        let mut object: EndpointSlice = typed(value).map_err(|(f, m)| error(f, m))?;
+        let mut object: EndpointSlice =
+            typed(value).map_err(|(f, m)| error(InputErrorKind::Schema, f, m))?;
         object.metadata.namespace.get_or_insert(namespace);
-        out.slices.push(Sourced { file, object });
+        out.slices.push(Sourced { file: path, object });
     }
     Ok(())
 }
@@ -232,18 +259,35 @@ impl ManifestDir {
             changed = true;
             let text = fs::read_to_string(&path);
             let previous = self.files.remove(&path);
-            let state = match text
-                .map_err(|e| e.to_string())
-                .and_then(|t| parse_str(&t, Some(&path)).map_err(|e| e.to_string()))
-            {
+            let parsed = text
+                .map_err(|e| (InputErrorKind::InvalidYaml, e.to_string()))
+                .and_then(|t| {
+                    parse_str(&t, Some(&path))
+                        .map_err(|e| (InputErrorKind::InvalidYaml, e.to_string()))
+                })
+                .and_then(|(objects, errors)| {
+                    // A file being rewritten in place is empty for a moment
+                    // (truncate, then write): that is not "delete everything".
+                    let had_objects = previous.as_ref().is_some_and(|p| !p.objects.is_empty());
+                    if objects.is_empty() && errors.is_empty() && had_objects {
+                        Err((
+                            InputErrorKind::EmptyFile,
+                            "the file is empty (delete it to remove its objects)".to_owned(),
+                        ))
+                    } else {
+                        Ok((objects, errors))
+                    }
+                });
+            let state = match parsed {
                 Ok((objects, errors)) => FileState {
                     fingerprint,
                     objects,
                     errors,
                 },
-                Err(message) => {
+                Err((kind, message)) => {
                     let kept = previous.map(|p| p.objects).unwrap_or_default();
                     let error = InputError {
+                        kind,
                         file: Some(path.clone()),
                         object: "file".into(),
                         field: String::new(),

@@ -102,7 +102,7 @@ pub struct FrontendPlan {
 
 /// Everything one pass writes: new backends, then each frontend's writes.
 /// Unreferenced backends are planned after these ran (`plan_prune`).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct Plan {
     pub backends: Vec<Op>,
     pub frontends: Vec<FrontendPlan>,
@@ -110,6 +110,8 @@ pub struct Plan {
     pub orphans: Vec<Op>,
     pub unchanged: usize,
     pub kept: usize,
+    /// Frontends left out: no id was free for them (the map is full).
+    pub skipped: Vec<(ServiceName, L4Addr, MapWriteError)>,
 }
 
 impl Plan {
@@ -135,14 +137,32 @@ struct Written {
     slots: BTreeMap<u16, u32>,
 }
 
-#[derive(Debug, Default, PartialEq, Eq)]
+/// A write that failed, and what it was for.
+#[derive(Clone, Debug)]
+pub struct ApplyError {
+    /// e.g. `Service shop/web frontend 198.19.0.10:80/TCP`.
+    pub target: String,
+    pub op: Option<String>,
+    pub error: MapWriteError,
+}
+
+impl fmt::Display for ApplyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.op {
+            Some(op) => write!(f, "{}: {op}: {}", self.target, self.error),
+            None => write!(f, "{}: {}", self.target, self.error),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
 pub struct Report {
     pub added: usize,
     pub updated: usize,
     pub removed: usize,
     pub unchanged: usize,
     pub kept: usize,
-    pub errors: Vec<String>,
+    pub errors: Vec<ApplyError>,
     /// (UDP frontend, backend id) pairs the frontend no longer uses: their
     /// conntrack flows are to be flushed so clients move to a live backend.
     pub udp_backends_removed: Vec<(L4Addr, u32)>,
@@ -235,7 +255,7 @@ impl<M: LbMaps> Reconciler<M> {
 
     /// The writes that bring the maps to `desired` (pure: nothing is written,
     /// ids are allocated on copies).
-    pub fn plan(&self, desired: &Desired) -> Result<Plan, (ServiceName, MapWriteError)> {
+    pub fn plan(&self, desired: &Desired) -> Plan {
         let mut plan = Plan::default();
         let mut backend_ids = self.backend_ids.clone();
         let mut rev_nat_ids = self.rev_nat_ids.clone();
@@ -272,44 +292,21 @@ impl<M: LbMaps> Reconciler<M> {
         }
 
         for (frontend, spec) in &desired.frontends {
-            let mut ids = Vec::with_capacity(spec.backends.len());
-            for backend in &spec.backends {
-                let id = match self.backends.get(backend).or(new_backends.get(backend)) {
-                    Some(id) => *id,
-                    None => {
-                        let id = backend_ids.allocate().ok_or_else(|| {
-                            (
-                                spec.service.clone(),
-                                MapWriteError::Full {
-                                    map: lb_common::backend::BACKEND_MAP,
-                                    capacity: self.max_backends,
-                                    flag: "--max-backends",
-                                },
-                            )
-                        })?;
-                        new_backends.insert(*backend, id);
-                        plan.backends.push(Op::PutBackend {
-                            id,
-                            backend: *backend,
-                        });
-                        id
-                    }
-                };
-                ids.push(id);
-            }
             let current = self.written.get(frontend);
-            let rev_nat_id = match current.and_then(|w| w.rev_nat_id) {
-                Some(id) => id,
-                None => rev_nat_ids.allocate().map(|id| id as u16).ok_or_else(|| {
-                    (
-                        spec.service.clone(),
-                        MapWriteError::Full {
-                            map: lb_common::revnat::REVNAT_MAP,
-                            capacity: MAX_REV_NAT_ID,
-                            flag: "(65535 frontends at most)",
-                        },
-                    )
-                })?,
+            let ids = self.plan_ids(
+                spec,
+                current,
+                &mut backend_ids,
+                &mut rev_nat_ids,
+                &mut new_backends,
+                &mut plan.backends,
+            );
+            let (ids, rev_nat_id) = match ids {
+                Ok(ids) => ids,
+                Err(e) => {
+                    plan.skipped.push((spec.service.clone(), *frontend, e));
+                    continue;
+                }
             };
             let empty = Written::default();
             let ops = plan_frontend(
@@ -343,7 +340,50 @@ impl<M: LbMaps> Reconciler<M> {
             .iter()
             .map(|id| Op::DeleteRevNat { id: *id })
             .collect();
-        Ok(plan)
+        plan
+    }
+
+    /// Backend ids (new ones planned as `PutBackend`) and the reverse-NAT id
+    /// for one frontend, allocated on the plan's copies of the allocators.
+    fn plan_ids(
+        &self,
+        spec: &crate::model::FrontendSpec,
+        current: Option<&Written>,
+        backend_ids: &mut IdAllocator,
+        rev_nat_ids: &mut IdAllocator,
+        new_backends: &mut BTreeMap<L4Addr, u32>,
+        puts: &mut Vec<Op>,
+    ) -> Result<(Vec<u32>, u16), MapWriteError> {
+        let mut ids = Vec::with_capacity(spec.backends.len());
+        for backend in &spec.backends {
+            if let Some(id) = self.backends.get(backend).or(new_backends.get(backend)) {
+                ids.push(*id);
+                continue;
+            }
+            let id = backend_ids.allocate().ok_or(MapWriteError::Full {
+                map: lb_common::backend::BACKEND_MAP,
+                capacity: self.max_backends,
+                flag: "--max-backends",
+            })?;
+            new_backends.insert(*backend, id);
+            puts.push(Op::PutBackend {
+                id,
+                backend: *backend,
+            });
+            ids.push(id);
+        }
+        let rev_nat_id = match current.and_then(|w| w.rev_nat_id) {
+            Some(id) => id,
+            None => rev_nat_ids
+                .allocate()
+                .map(|id| id as u16)
+                .ok_or(MapWriteError::Full {
+                    map: lb_common::revnat::REVNAT_MAP,
+                    capacity: MAX_REV_NAT_ID,
+                    flag: "(65535 frontends at most)",
+                })?,
+        };
+        Ok((ids, rev_nat_id))
     }
 
     /// Backend entries no frontend's slots refer to and `desired` does not
@@ -370,21 +410,21 @@ impl<M: LbMaps> Reconciler<M> {
 
     pub fn apply(&mut self, desired: &Desired) -> Report {
         let mut report = Report::default();
-        let plan = match self.plan(desired) {
-            Ok(plan) => plan,
-            Err((service, e)) => {
-                report.errors.push(format!("Service {service}: {e}"));
-                self.pending = true;
-                return report;
-            }
-        };
+        let plan = self.plan(desired);
+        for (service, frontend, e) in &plan.skipped {
+            report.errors.push(ApplyError {
+                target: format!("Service {service} frontend {frontend}"),
+                op: None,
+                error: e.clone(),
+            });
+        }
         report.unchanged = plan.unchanged;
         report.kept = plan.kept;
         // A failed backend write is reported by the frontends that need it.
         let mut failed_backends = BTreeMap::new();
         for op in &plan.backends {
             if let (Err(e), Op::PutBackend { id, .. }) = (self.execute(op), op) {
-                failed_backends.insert(*id, format!("{op}: {e}"));
+                failed_backends.insert(*id, (op.to_string(), e));
             }
         }
         for fp in &plan.frontends {
@@ -396,8 +436,12 @@ impl<M: LbMaps> Reconciler<M> {
                 Op::PutSlot { backend_id, .. } => failed_backends.get(backend_id),
                 _ => None,
             });
-            if let Some(e) = failed_backend {
-                report.errors.push(format!("{what}: {e}"));
+            if let Some((op, e)) = failed_backend {
+                report.errors.push(ApplyError {
+                    target: what,
+                    op: Some(op.clone()),
+                    error: e.clone(),
+                });
                 continue;
             }
             if fp.is_new {
@@ -410,7 +454,11 @@ impl<M: LbMaps> Reconciler<M> {
                     },
                 );
             }
-            match fp.ops.iter().try_for_each(|op| self.execute(op)) {
+            match fp
+                .ops
+                .iter()
+                .try_for_each(|op| self.execute(op).map_err(|e| (op.to_string(), e)))
+            {
                 Ok(()) => {
                     match (&fp.service, fp.is_new) {
                         (None, _) => {
@@ -424,12 +472,20 @@ impl<M: LbMaps> Reconciler<M> {
                         .udp_backends_removed
                         .extend(fp.udp_removed.iter().map(|id| (fp.frontend, *id)));
                 }
-                Err(e) => report.errors.push(format!("{what}: {e}")),
+                Err((op, error)) => report.errors.push(ApplyError {
+                    target: what,
+                    op: Some(op),
+                    error,
+                }),
             }
         }
         for op in plan.orphans.iter().chain(&self.plan_prune(desired)) {
-            if let Err(e) = self.execute(op) {
-                report.errors.push(format!("{op}: {e}"));
+            if let Err(error) = self.execute(op) {
+                report.errors.push(ApplyError {
+                    target: "cleanup".into(),
+                    op: Some(op.to_string()),
+                    error,
+                });
             }
         }
         self.pending = !report.errors.is_empty();

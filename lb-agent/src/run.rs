@@ -35,7 +35,8 @@ use crate::{
     error::InputError,
     health,
     k8s::ApiSource,
-    manifest::{ManifestDir, Objects},
+    manifest::ManifestDir,
+    objects::Objects,
     reconcile::Reconciler,
 };
 

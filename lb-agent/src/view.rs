@@ -5,7 +5,10 @@
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
-use crate::desired::{SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL};
+/// The label joining an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Services with this label belong to another proxy.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceView {

@@ -4,8 +4,9 @@
 use std::{fs, net::Ipv4Addr};
 
 use lb_agent::{
-    datapath::fake::FakeMaps,
+    datapath::{fake::FakeMaps, maps::MapWriteError},
     desired::{self, Desired, Limits},
+    error::InputErrorKind,
     manifest::{self, ManifestDir},
     reconcile::Reconciler,
 };
@@ -200,12 +201,17 @@ fn full_backend_map_is_reported_and_leaves_the_old_state() {
     )));
     assert_eq!(report.errors.len(), 1);
     assert!(
-        report.errors[0].contains(&format!(
-            "map {} is full (2 entries): raise --max-backends",
-            lb_common::backend::BACKEND_MAP
-        )),
+        matches!(
+            report.errors[0].error,
+            MapWriteError::Full { map, capacity: 2, flag: "--max-backends" }
+                if map == lb_common::backend::BACKEND_MAP
+        ),
         "{:?}",
         report.errors
+    );
+    assert_eq!(
+        report.errors[0].target,
+        "Service t/a frontend 198.19.0.1:80/TCP"
     );
     assert_eq!(r.maps().state, before, "datapath keeps its last good state");
     // Removing the extra endpoint again converges without errors.
@@ -235,12 +241,23 @@ fn malformed_file_keeps_its_last_good_content() {
     let (objects, errors) = manifests.poll().unwrap().expect("changed");
     assert_eq!(objects.services.len(), 1, "last good content kept");
     assert_eq!(errors.len(), 1);
-    let message = errors[0].to_string();
-    assert!(
-        message.contains("a.yaml")
-            && message.contains("invalid YAML")
-            && message.contains("keeping its last good content"),
-        "{message}"
+    assert_eq!(errors[0].kind, InputErrorKind::InvalidYaml);
+    assert_eq!(errors[0].file.as_deref(), Some(file.as_path()));
+
+    // Rewritten in place: truncated first. Empty is "not yet", not "delete all".
+    fs::write(&file, "").unwrap();
+    let (objects, errors) = manifests.poll().unwrap().expect("changed");
+    assert_eq!(objects.services.len(), 1, "last good content kept");
+    assert_eq!(
+        errors.iter().map(|e| e.kind).collect::<Vec<_>>(),
+        [InputErrorKind::EmptyFile]
+    );
+    fs::write(&file, service("a", "198.19.0.1", &["198.18.0.2"])).unwrap();
+    let (objects, errors) = manifests.poll().unwrap().expect("changed");
+    assert!(errors.is_empty());
+    assert_eq!(
+        objects.slices[0].object.endpoints[0].address.as_deref(),
+        Some("198.18.0.2")
     );
 
     fs::remove_file(&file).unwrap();
@@ -434,4 +451,60 @@ fn restart_removes_entries_an_interrupted_agent_left_behind() {
         (1, 1),
         "no leaked ids"
     );
+}
+
+/// An object that no longer parses into its Kubernetes type (a wrong field
+/// type, an unknown apiVersion, a bad condition) keeps its Service's state.
+#[test]
+fn objects_that_stop_parsing_keep_their_services_last_good_state() {
+    let good = service("a", "198.19.0.1", &["198.18.0.1"]);
+    let cases = [
+        ("wrong type", good.replace("port: 80,", "port: eighty,")),
+        (
+            "unknown apiVersion",
+            good.replacen("apiVersion: v1\n", "apiVersion: v2\n", 1),
+        ),
+        (
+            "bad slice condition",
+            good.replace(
+                "- addresses: [198.18.0.1]",
+                "- addresses: [198.18.0.1]\n  conditions: {ready: maybe}",
+            ),
+        ),
+    ];
+    for (what, broken) in cases {
+        let mut r = reconciler();
+        r.apply(&desired_of(&good));
+        let before = r.maps().state.clone();
+        take_log(&mut r);
+        let (objects, errors) = manifest::parse_str(&broken, None).unwrap();
+        assert_eq!(errors.len(), 1, "{what}: {errors:?}");
+        assert!(
+            matches!(
+                errors[0].kind,
+                InputErrorKind::Schema | InputErrorKind::UnsupportedObject
+            ),
+            "{what}: {:?}",
+            errors[0]
+        );
+        let (desired, _) = desired::compute(&objects, LIMITS);
+        let report = r.apply(&desired);
+        assert_eq!((report.kept, report.removed), (1, 0), "{what}");
+        assert_eq!(r.maps().state, before, "{what}");
+    }
+}
+
+#[test]
+fn duplicate_ports_are_an_error_not_last_wins() {
+    let yaml = service("a", "198.19.0.1", &["198.18.0.1"]).replace(
+        "ports: [{port: 80, targetPort: 8080}]",
+        "ports: [{name: x, port: 80, targetPort: 8080}, {name: y, port: 80, targetPort: 9090}]",
+    );
+    let (objects, _) = manifest::parse_str(&yaml, None).unwrap();
+    let (desired, errors) = desired::compute(&objects, LIMITS);
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0].kind, InputErrorKind::Conflict);
+    assert_eq!(errors[0].field, "spec.ports[1].port");
+    assert!(desired.frontends.is_empty());
+    assert_eq!(desired.keep.len(), 1);
 }

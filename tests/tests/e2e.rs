@@ -702,3 +702,51 @@ fn a_killed_agent_leaves_the_datapath_serving_and_the_next_one_adopts_it() {
         .run(|| http_get(SocketAddrV4::new(VIP, 80)))
         .expect("new flow after the restart");
 }
+
+#[test]
+fn a_service_broken_while_the_agent_was_down_keeps_serving_after_the_restart() {
+    let backends: Vec<Ipv4Addr> = (0..2).map(backend_ip).collect();
+    let mut s = setup("lbt13", 2, &web_manifest(&ready(&backends)));
+    s.agent
+        .wait_for_maps("2 backends", |m| {
+            m.contains(&format!("{VIP}:80/TCP count=2"))
+        })
+        .unwrap();
+    s.agent.kill().unwrap();
+    s.agent.cleanup_pins = false;
+    // Edited while no agent runs: the Service no longer parses.
+    let broken = web_manifest(&ready(&backends)).replace("port: 80,", "port: eighty,");
+    assert_ne!(broken, web_manifest(&ready(&backends)));
+    s.manifests.write("web.yaml", &broken).unwrap();
+    let pin_dir = s.agent.pin_dir.clone();
+    let log = s.manifests.0.join("agent2.log");
+    s.agent = Agent::start(
+        &s.topology.node,
+        &s.manifests.0,
+        &s.topology.interface_pattern(),
+        &pin_dir,
+        &log,
+        &[],
+    )
+    .unwrap();
+    // The new agent has reconciled once it released the old links.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while !s.agent.log_text().contains("released links") && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let maps = s
+        .agent
+        .wait_for_maps("the kept service", |m| {
+            m.contains(&format!("{VIP}:80/TCP count=2"))
+        })
+        .unwrap();
+    assert!(maps.contains("service=demo/web"), "{maps}");
+    let seen: BTreeSet<String> = s.topology.client.run(|| {
+        (0..20)
+            .map(|_| backend_of(&http_get(SocketAddrV4::new(VIP, 80)).expect("still served")))
+            .collect()
+    });
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    let log = s.agent.log_text();
+    assert!(log.contains("released links"), "{log}");
+}

@@ -77,7 +77,7 @@ impl FakeMaps {
             return Err(MapWriteError::Syscall {
                 op: "write",
                 map: "fake",
-                source: std::io::Error::other(format!("injected failure: {line}")),
+                source: std::io::Error::other(format!("injected failure: {line}")).into(),
             });
         }
         self.log.push(line);

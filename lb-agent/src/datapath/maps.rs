@@ -13,7 +13,7 @@ use lb_common::{
 
 use crate::model::{L4Addr, Proto, ServiceName};
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum MapWriteError {
     #[error("map {map} is full ({capacity} entries): raise {flag}")]
     Full {
@@ -25,7 +25,7 @@ pub enum MapWriteError {
     Syscall {
         op: &'static str,
         map: &'static str,
-        source: std::io::Error,
+        source: std::sync::Arc<std::io::Error>,
     },
 }
 
@@ -206,7 +206,7 @@ impl Limit {
             MapWriteError::Syscall {
                 op,
                 map: self.map,
-                source: io,
+                source: io.into(),
             }
         }
     }
