@@ -1,42 +1,132 @@
-//! `/healthz` (and `/readyz`): 200 once the agent has programmed the datapath
-//! from a complete view of its source, 503 before. Minimal HTTP/1.0.
+//! `/healthz` and `/readyz` with kube-proxy's meaning, served by axum.
+//!
+//! - `/readyz`: 200 once the datapath was programmed from a complete view
+//!   of the source, 503 before.
+//! - `/healthz`: like `/readyz`, and also 503 while a change seen at the
+//!   source has waited longer than the timeout for a successful map update
+//!   (kube-proxy: a queued change older than its health timeout). The body
+//!   is JSON: `lastUpdated`, `currentTime`, and `pendingSince` if any.
 
-use std::sync::{
-    atomic::{AtomicBool, Ordering},
-    Arc,
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpListener,
-};
+use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Json, Router};
+use serde_json::json;
 
-pub async fn serve(listener: TcpListener, ready: Arc<AtomicBool>) {
-    loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let ready = ready.load(Ordering::Relaxed);
-        tokio::spawn(async move {
-            let mut request = [0u8; 1024];
-            let n =
-                tokio::time::timeout(std::time::Duration::from_secs(2), stream.read(&mut request))
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .unwrap_or(0);
-            let line = String::from_utf8_lossy(&request[..n]);
-            let path = line.split_whitespace().nth(1).unwrap_or("");
-            let (status, body) = match path {
-                "/healthz" | "/readyz" if ready => ("200 OK", "ok\n"),
-                "/healthz" | "/readyz" => ("503 Service Unavailable", "not synced yet\n"),
-                _ => ("404 Not Found", "not found\n"),
-            };
-            let response = format!(
-                "HTTP/1.0 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(response.as_bytes()).await;
-        });
+#[derive(Default)]
+struct Status {
+    /// Wall-clock time of the last successful sync (for the body).
+    last_updated: Option<jiff::Timestamp>,
+    /// The oldest change seen since the last successful sync.
+    pending_since: Option<(Instant, jiff::Timestamp)>,
+}
+
+/// Shared between the agent loop (writer) and the HTTP handlers.
+pub struct Health {
+    status: Mutex<Status>,
+    timeout: Duration,
+}
+
+impl Health {
+    pub fn new(timeout: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            status: Mutex::new(Status::default()),
+            timeout,
+        })
+    }
+
+    /// A change at the source (watch event, edited file) awaits a sync.
+    pub fn change_seen(&self) {
+        let mut s = self.lock();
+        if s.pending_since.is_none() {
+            s.pending_since = Some((Instant::now(), jiff::Timestamp::now()));
+        }
+    }
+
+    /// Everything seen so far is in the maps.
+    pub fn synced(&self) {
+        let mut s = self.lock();
+        s.last_updated = Some(jiff::Timestamp::now());
+        s.pending_since = None;
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.lock().last_updated.is_some()
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        let s = self.lock();
+        s.last_updated.is_some()
+            && s.pending_since
+                .is_none_or(|(since, _)| since.elapsed() <= self.timeout)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Status> {
+        // A poisoned lock only means a panic elsewhere; the data is plain.
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn body(&self) -> serde_json::Value {
+        let s = self.lock();
+        json!({
+            "lastUpdated": s.last_updated.map(|t| t.to_string()),
+            "currentTime": jiff::Timestamp::now().to_string(),
+            "pendingSince": s.pending_since.map(|(_, t)| t.to_string()),
+        })
+    }
+}
+
+pub fn router(health: Arc<Health>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(health)
+}
+
+async fn healthz(State(health): State<Arc<Health>>) -> impl IntoResponse {
+    let code = if health.is_healthy() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(health.body()))
+}
+
+async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
+    let code = if health.is_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(health.body()))
+}
+
+/// Serves until the task is dropped (axum backs off on accept errors).
+pub async fn serve(listener: tokio::net::TcpListener, health: Arc<Health>) {
+    if let Err(e) = axum::serve(listener, router(health)).await {
+        tracing::error!("health server: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn healthy_after_a_sync_until_a_change_waits_too_long() {
+        let h = Health::new(Duration::from_millis(30));
+        assert!(!h.is_ready() && !h.is_healthy(), "nothing synced yet");
+        h.synced();
+        assert!(h.is_ready() && h.is_healthy());
+        h.change_seen();
+        assert!(h.is_healthy(), "a fresh change is normal");
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(!h.is_healthy(), "a change stuck past the timeout");
+        assert!(h.is_ready(), "still ready: it did sync once");
+        h.synced();
+        assert!(h.is_healthy());
+        assert!(h.body()["pendingSince"].is_null());
     }
 }

@@ -35,9 +35,10 @@ pub const PROXY_LABEL_SELECTOR: &str =
     "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
 
 /// A client from `--kubeconfig`, else `KUBECONFIG`/`~/.kube/config`, else the
-/// in-cluster service account.
-pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
-    let config = match kubeconfig {
+/// in-cluster service account; `api_server` replaces the address (the
+/// credentials stay).
+pub async fn client(kubeconfig: Option<&Path>, api_server: Option<&str>) -> anyhow::Result<Client> {
+    let mut config = match kubeconfig {
         Some(path) => {
             let kubeconfig = Kubeconfig::read_from(path)
                 .map_err(|e| anyhow::anyhow!("--kubeconfig {}: {e}", path.display()))?;
@@ -45,6 +46,13 @@ pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
         }
         None => Config::infer().await?,
     };
+    if let Some(url) = api_server {
+        config.cluster_url = url
+            .parse::<http::Uri>()
+            .ok()
+            .filter(|u| u.scheme().is_some() && u.host().is_some())
+            .ok_or_else(|| anyhow::anyhow!("--api-server {url:?}: expected https://HOST:PORT"))?;
+    }
     Ok(Client::try_from(config)?)
 }
 

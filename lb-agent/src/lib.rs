@@ -6,7 +6,7 @@
 
 pub mod datapath;
 pub mod desired;
-pub mod dirwatch;
+
 pub mod dump;
 pub mod error;
 pub mod health;
@@ -19,3 +19,4 @@ pub mod objects;
 pub mod reconcile;
 pub mod run;
 pub mod view;
+pub mod watch;

@@ -61,13 +61,20 @@ struct RunArgs {
     /// Kubeconfig for the API server (default: KUBECONFIG, ~/.kube/config, then in-cluster).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
+    /// The API server's real address (`https://HOST:PORT`), overriding the
+    /// kubeconfig's or in-cluster one. A host-network agent must not reach
+    /// the API server through the `kubernetes` ClusterIP it serves itself.
+    #[arg(long, env = "LB_API_SERVER", conflicts_with = "manifests")]
+    api_server: Option<String>,
     /// This node's name (for node-local traffic policies).
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
     /// Serve /healthz and /readyz here (200 after the first full sync).
     #[arg(long)]
     health_addr: Option<std::net::SocketAddr>,
-    /// Interfaces to attach to: names or globs, comma separated (e.g. `veth*,eth0`).
+    /// Interfaces to attach to: names or globs, comma separated (e.g.
+    /// `veth*,eth0`); `@uplink` stands for the interface(s) of the IPv4
+    /// default route(s).
     #[arg(long, value_delimiter = ',', required = true)]
     interfaces: Vec<String>,
     /// bpffs directory for the pinned maps.
@@ -100,10 +107,15 @@ struct RunArgs {
     /// Conntrack: idle timeout of a UDP flow.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     conntrack_udp_timeout: Duration,
+    /// `/healthz` fails while a change seen at the source has waited longer
+    /// than this for its map update (kube-proxy's health timeout).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    health_timeout: Duration,
     /// How often the agent frees expired conntrack flows.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     conntrack_gc_interval: Duration,
-    /// How often to look for manifest and interface changes.
+    /// How often to rescan manifests and interfaces when file or link events
+    /// are unavailable (with them, a rescan every 30 s only backs them up).
     #[arg(long, default_value_t = 200)]
     poll_interval_ms: u64,
 }
@@ -159,6 +171,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 Some(dir) => SourceConfig::Manifests(dir),
                 None => SourceConfig::Api {
                     kubeconfig: args.kubeconfig,
+                    api_server: args.api_server.filter(|s| !s.is_empty()),
                 },
             };
             let config = RunConfig {
@@ -182,6 +195,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     udp_ns: nanos(args.conntrack_udp_timeout),
                 },
                 conntrack_gc_interval: args.conntrack_gc_interval,
+                health_timeout: args.health_timeout,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()

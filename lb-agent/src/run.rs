@@ -3,16 +3,7 @@
 //! server — until SIGINT/SIGTERM. Both sources feed the same path:
 //! objects → `desired::compute` → `Reconciler::apply`.
 
-use std::{
-    collections::BTreeSet,
-    net::SocketAddr,
-    path::PathBuf,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{bail, Context as _};
 use tokio::{
@@ -31,18 +22,21 @@ use crate::{
         maps::KernelMaps,
     },
     desired::{self, Desired, Limits},
-    dirwatch::DirWatch,
     error::InputError,
-    health,
+    health::{self, Health},
     k8s::ApiSource,
     manifest::ManifestDir,
     objects::Objects,
     reconcile::Reconciler,
+    watch,
 };
 
 pub enum SourceConfig {
     Manifests(PathBuf),
-    Api { kubeconfig: Option<PathBuf> },
+    Api {
+        kubeconfig: Option<PathBuf>,
+        api_server: Option<String>,
+    },
 }
 
 pub struct RunConfig {
@@ -57,9 +51,13 @@ pub struct RunConfig {
     pub health_addr: Option<SocketAddr>,
     pub timeouts: lb_common::ct::CtTimeouts,
     pub conntrack_gc_interval: Duration,
+    /// `/healthz` fails while a seen change waits longer than this.
+    pub health_timeout: Duration,
 }
 
 const RETRY_INTERVAL: Duration = Duration::from_secs(2);
+/// With file and link events, a full rescan only backs them up.
+const RESCAN_INTERVAL: Duration = Duration::from_secs(30);
 
 enum Source {
     Files(ManifestDir),
@@ -75,25 +73,35 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             }
             Source::Files(ManifestDir::new(dir))
         }
-        SourceConfig::Api { kubeconfig } => {
-            let client = crate::k8s::client(kubeconfig.as_deref())
+        SourceConfig::Api {
+            kubeconfig,
+            api_server,
+        } => {
+            let client = crate::k8s::client(kubeconfig.as_deref(), api_server.as_deref())
                 .await
                 .context("connecting to the API server")?;
             Source::Api(ApiSource::start(client, trigger.clone()))
         }
     };
-    let attacher = Attacher::new(
+    let mut attacher = Attacher::new(
         config.interfaces.clone(),
         Some(config.pin_dir.join("links")),
     );
+    if attacher.wants_uplinks() {
+        attacher.set_uplinks(
+            watch::default_route_interfaces()
+                .await
+                .context("--interfaces @uplink: reading the default routes")?,
+        );
+    }
     check_interface_patterns(&attacher, &config.interfaces)?;
-    let ready = Arc::new(AtomicBool::new(false));
+    let health = Health::new(config.health_timeout);
     if let Some(addr) = config.health_addr {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("--health-addr {addr}"))?;
-        tokio::spawn(health::serve(listener, ready.clone()));
-        info!(%addr, "serving /healthz");
+        tokio::spawn(health::serve(listener, health.clone()));
+        info!(%addr, "serving /healthz and /readyz");
     }
 
     let pin_dir = config.pin_dir.clone();
@@ -113,7 +121,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         conntrack,
         source,
         trigger,
-        ready,
+        health,
         desired: None,
         reported: BTreeSet::new(),
     };
@@ -138,7 +146,7 @@ fn check_interface_patterns(attacher: &Attacher, patterns: &[String]) -> anyhow:
     };
     let missing_literals: Vec<&String> = unmatched
         .iter()
-        .filter(|p| !p.contains(['*', '?']))
+        .filter(|p| !p.contains(['*', '?']) && *p != attach::UPLINK)
         .collect();
     if !missing_literals.is_empty() {
         let names: Vec<&str> = missing_literals.iter().map(|s| s.as_str()).collect();
@@ -175,26 +183,28 @@ struct Agent {
     reconciler: Reconciler<KernelMaps>,
     conntrack: Conntrack,
     source: Source,
+    /// Nudged by watch events (API) or file events (manifests).
     trigger: Arc<Notify>,
-    ready: Arc<AtomicBool>,
+    health: Arc<Health>,
     desired: Option<Desired>,
     reported: BTreeSet<String>,
 }
 
 impl Agent {
+    /// Event-driven: work happens when something changed (a watch or file
+    /// event, a link event, a retry or GC due), not on a timer.
     async fn serve(&mut self) -> anyhow::Result<()> {
         let mut sigterm = signal(SignalKind::terminate())?;
         let mut sigint = signal(SignalKind::interrupt())?;
         // Attach first (empty maps pass everything), then program: once the
         // maps show a service, every matching interface already serves it.
-        self.sync_interfaces()?;
-        self.trigger.notify_one();
-        let dir_watch = match &self.config.source {
-            SourceConfig::Manifests(dir) => match DirWatch::new(dir) {
-                Ok(watch) => Some(watch),
+        self.sync_interfaces().await?;
+        let _dir_watch = match &self.config.source {
+            SourceConfig::Manifests(dir) => match watch::watch_dir(dir, self.trigger.clone()) {
+                Ok(watcher) => Some(watcher),
                 Err(e) => {
                     warn!(
-                        "inotify on {}: {e}; polling every {:?} only",
+                        "watching {}: {e}; polling every {:?} instead",
                         dir.display(),
                         self.config.poll_interval
                     );
@@ -203,24 +213,52 @@ impl Agent {
             },
             SourceConfig::Api { .. } => None,
         };
+        let links = Arc::new(Notify::new());
+        let link_events = match watch::watch_links(links.clone(), self.attacher.wants_uplinks()) {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(
+                    "link events: {e}; polling interfaces every {:?} instead",
+                    self.config.poll_interval
+                );
+                false
+            }
+        };
+        let watched =
+            link_events && (_dir_watch.is_some() || matches!(self.source, Source::Api(_)));
+        let mut rescan = tokio::time::interval(if watched {
+            RESCAN_INTERVAL.max(self.config.poll_interval)
+        } else {
+            self.config.poll_interval
+        });
+        let mut retry = tokio::time::interval(RETRY_INTERVAL);
+        let mut gc = tokio::time::interval(self.config.conntrack_gc_interval);
+        gc.reset(); // not at start: nothing has expired yet
+        for timer in [&mut rescan, &mut retry, &mut gc] {
+            timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        }
         let mut released_links = false;
-        let mut last_retry = Instant::now();
-        let mut last_gc = Instant::now();
+        let (mut source_due, mut interfaces_due, mut retry_due) = (true, false, false);
         loop {
-            // Interfaces before objects each round: a pod's interface exists
-            // before its endpoint is listed, so by the time the maps send
-            // traffic to it, the interface reverse-NATs its replies.
-            if let Err(e) = self.sync_interfaces() {
-                error!("listing interfaces: {e:#}");
+            // Interfaces before objects: a pod's interface exists before its
+            // endpoint is listed, so by the time the maps send traffic to it,
+            // the interface reverse-NATs its replies.
+            if interfaces_due {
+                if let Err(e) = self.sync_interfaces().await {
+                    error!("listing interfaces: {e:#}");
+                }
             }
-            if let Err(e) = self.sync_source() {
-                error!("reading {}: {e:#}", self.source_name());
-            }
-            if self.reconciler.needs_retry() && last_retry.elapsed() >= RETRY_INTERVAL {
-                last_retry = Instant::now();
+            if source_due {
+                if let Err(e) = self.sync_source() {
+                    error!("reading {}: {e:#}", self.source_name());
+                }
+            } else if retry_due && self.reconciler.needs_retry() {
                 if let Some(desired) = self.desired.clone() {
                     self.apply(&desired);
                 }
+            }
+            if self.desired.is_some() && !self.reconciler.needs_retry() {
+                self.health.synced();
             }
             if !released_links && self.desired.is_some() {
                 // This run's links are attached and its maps programmed:
@@ -231,16 +269,18 @@ impl Agent {
                     info!(links = ?released, "released links pinned by a previous run");
                 }
             }
-            if last_gc.elapsed() >= self.config.conntrack_gc_interval {
-                last_gc = Instant::now();
-                self.collect_conntrack();
-            }
+            (source_due, interfaces_due, retry_due) = (false, false, false);
             tokio::select! {
                 _ = sigterm.recv() => { info!("SIGTERM"); return Ok(()); }
                 _ = sigint.recv() => { info!("SIGINT"); return Ok(()); }
-                _ = self.trigger.notified(), if matches!(self.source, Source::Api(_)) => {}
-                Ok(()) = async { dir_watch.as_ref().expect("guarded").changed().await }, if dir_watch.is_some() => {}
-                _ = tokio::time::sleep(self.config.poll_interval) => {}
+                _ = self.trigger.notified() => {
+                    self.health.change_seen();
+                    source_due = true;
+                }
+                _ = links.notified() => interfaces_due = true,
+                _ = rescan.tick() => (source_due, interfaces_due) = (!matches!(self.source, Source::Api(_)), true),
+                _ = retry.tick(), if self.reconciler.needs_retry() => retry_due = true,
+                _ = gc.tick() => self.collect_conntrack(),
             }
         }
     }
@@ -282,7 +322,6 @@ impl Agent {
         }
         self.apply(&desired);
         self.desired = Some(desired);
-        self.ready.store(true, Ordering::Relaxed);
         release_freed_memory();
     }
 
@@ -336,7 +375,13 @@ impl Agent {
         }
     }
 
-    fn sync_interfaces(&mut self) -> anyhow::Result<()> {
+    async fn sync_interfaces(&mut self) -> anyhow::Result<()> {
+        if self.attacher.wants_uplinks() {
+            match watch::default_route_interfaces().await {
+                Ok(uplinks) => self.attacher.set_uplinks(uplinks),
+                Err(e) => warn!("reading the default routes for @uplink: {e}"),
+            }
+        }
         let changes = self.attacher.sync(&mut self.ebpf)?;
         for name in &changes.attached {
             info!(interface = %name, "attached tc ingress and egress");

@@ -85,6 +85,22 @@ fn daemonset_is_unprivileged_with_the_needed_capabilities_and_probes() {
     }
     let args = container.args.as_ref().unwrap();
     assert!(args.iter().any(|a| a == "--health-addr=0.0.0.0:10256"));
+    // No interface name that a node may lack: the uplink by route, the rest by glob.
+    let interfaces = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--interfaces="))
+        .unwrap();
+    for pattern in interfaces.split(',') {
+        assert!(
+            pattern == "@uplink" || pattern.ends_with('*'),
+            "{pattern} must exist on every node"
+        );
+    }
+    for overlay in ["vxlan*", "genev*", "flannel*"] {
+        assert!(interfaces.split(',').any(|p| p == overlay), "{overlay}");
+    }
+    let env = container.env.as_ref().unwrap();
+    assert!(env.iter().any(|e| e.name == "LB_API_SERVER"));
     assert!(pod.volumes.unwrap().iter().any(|v| v
         .host_path
         .as_ref()

@@ -750,3 +750,160 @@ fn a_service_broken_while_the_agent_was_down_keeps_serving_after_the_restart() {
     let log = s.agent.log_text();
     assert!(log.contains("released links"), "{log}");
 }
+
+/// GET `path` on the agent's health port in the node namespace: (status, body).
+fn health_get(node: &lb_tests::netns::NetNs, path: &str) -> (u16, String) {
+    node.run(|| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect("127.0.0.1:10256").expect("health port");
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let status = out
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or("0")
+            .parse()
+            .unwrap_or(0);
+        let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+        (status, body)
+    })
+}
+
+#[test]
+fn healthz_fails_while_a_change_cannot_reach_the_datapath() {
+    let mut s = setup_with(
+        "lbt14",
+        2,
+        &web_manifest(&ready(&[backend_ip(0)])),
+        &[
+            "--max-backends",
+            "2", // one per port: room for exactly one endpoint
+            "--health-timeout",
+            "1s",
+            "--health-addr",
+            "127.0.0.1:10256",
+        ],
+    );
+    s.agent
+        .wait_for_maps("1 backend", |m| {
+            m.contains(&format!("{VIP}:80/TCP count=1"))
+        })
+        .unwrap();
+    let node = &s.topology.node;
+    let wait_for = |want: u16| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let (status, body) = health_get(node, "/healthz");
+            if status == want || std::time::Instant::now() > deadline {
+                return (status, body);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    let (status, body) = wait_for(200);
+    assert_eq!(status, 200, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        json["lastUpdated"].is_string() && json["pendingSince"].is_null(),
+        "{json}"
+    );
+
+    // A second endpoint does not fit in the backends map: the change waits.
+    s.manifests
+        .write(
+            "web.yaml",
+            &web_manifest(&ready(&[backend_ip(0), backend_ip(1)])),
+        )
+        .unwrap();
+    let (status, body) = wait_for(503);
+    assert_eq!(
+        status, 503,
+        "unhealthy once the change waited past the timeout: {body}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(json["pendingSince"].is_string(), "{json}");
+    assert_eq!(
+        health_get(node, "/readyz").0,
+        200,
+        "still ready: it did sync"
+    );
+    // The datapath kept serving its last good state meanwhile.
+    s.topology
+        .client
+        .run(|| http_get(SocketAddrV4::new(VIP, 80)))
+        .expect("served");
+
+    s.manifests
+        .write("web.yaml", &web_manifest(&ready(&[backend_ip(0)])))
+        .unwrap();
+    let (status, body) = wait_for(200);
+    assert_eq!(status, 200, "healthy again once the change is in: {body}");
+}
+
+#[test]
+fn uplink_token_attaches_to_the_default_route_interface_and_follows_it() {
+    require_root();
+    let topology = Topology::new("lbt15", 0).unwrap();
+    let node = &topology.node;
+    node.ip(&[
+        "link", "add", "lbt15up", "type", "veth", "peer", "name", "lbt15uq",
+    ])
+    .unwrap();
+    for dev in ["lbt15up", "lbt15uq"] {
+        node.ip(&["link", "set", dev, "up"]).unwrap();
+    }
+    node.ip(&["addr", "add", "198.18.200.1/24", "dev", "lbt15up"])
+        .unwrap();
+    node.ip(&["route", "add", "default", "via", "198.18.200.2"])
+        .unwrap();
+    let manifests = ScratchDir::new("lbt15-manifests").unwrap();
+    manifests
+        .write("web.yaml", &web_manifest(&ready(&[backend_ip(0)])))
+        .unwrap();
+    let log = manifests.0.join("agent.log");
+    let pin_dir = PathBuf::from("/sys/fs/bpf/lbt15-test");
+    let mut agent = Agent::start(node, &manifests.0, "@uplink", &pin_dir, &log, &[]).unwrap();
+    agent
+        .wait_for_maps("the service", |m| m.contains("count=1"))
+        .unwrap();
+    let attached = |dev: &str| -> usize {
+        std::fs::read_dir(pin_dir.join("links"))
+            .map(|d| {
+                d.filter(|e| {
+                    e.as_ref()
+                        .unwrap()
+                        .file_name()
+                        .to_string_lossy()
+                        .starts_with(&format!("{dev}-"))
+                })
+                .count()
+            })
+            .unwrap_or(0)
+    };
+    let wait = |dev: &str| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while attached(dev) < 2 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        attached(dev)
+    };
+    assert_eq!(wait("lbt15up"), 2, "ingress and egress on the uplink");
+    assert_eq!(attached("lbt15-c"), 0, "nothing else");
+    // The default route moves to another interface: it is attached too.
+    node.ip(&[
+        "route",
+        "replace",
+        "default",
+        "via",
+        "198.18.1.2",
+        "dev",
+        "lbt15-c",
+    ])
+    .unwrap();
+    assert_eq!(wait("lbt15-c"), 2, "{}", agent.log_text());
+}

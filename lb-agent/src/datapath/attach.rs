@@ -82,8 +82,13 @@ struct Attached {
     links: Vec<Held>,
 }
 
+/// The `--interfaces` token for the default route's interface(s).
+pub const UPLINK: &str = "@uplink";
+
 pub struct Attacher {
     patterns: Vec<String>,
+    /// Ifindexes of the default route(s), for the `@uplink` token.
+    uplinks: Vec<u32>,
     /// Where links are pinned (`None`: held in memory only, for tests).
     link_dir: Option<PathBuf>,
     /// Suffix of this run's pins, so a previous run's pins can be told apart.
@@ -100,14 +105,33 @@ impl Attacher {
     pub fn new(patterns: Vec<String>, link_dir: Option<PathBuf>) -> Self {
         Self {
             patterns,
+            uplinks: Vec::new(),
             link_dir,
             run_id: format!("{}", crate::datapath::conntrack::monotonic_ns()),
             attached: BTreeMap::new(),
         }
     }
 
-    pub fn matches(&self, name: &str) -> bool {
-        self.patterns.iter().any(|p| glob_match(p, name))
+    pub fn wants_uplinks(&self) -> bool {
+        self.patterns.iter().any(|p| p == UPLINK)
+    }
+
+    pub fn set_uplinks(&mut self, ifindexes: Vec<u32>) {
+        self.uplinks = ifindexes;
+    }
+
+    fn pattern_matches(&self, pattern: &str, name: &str, ifindex: u32) -> bool {
+        if pattern == UPLINK {
+            self.uplinks.contains(&ifindex)
+        } else {
+            glob_match(pattern, name)
+        }
+    }
+
+    pub fn matches(&self, name: &str, ifindex: u32) -> bool {
+        self.patterns
+            .iter()
+            .any(|p| self.pattern_matches(p, name, ifindex))
     }
 
     /// Patterns that match no current interface.
@@ -116,7 +140,7 @@ impl Attacher {
         Ok(self
             .patterns
             .iter()
-            .filter(|p| !names.iter().any(|(n, _)| glob_match(p, n)))
+            .filter(|p| !names.iter().any(|(n, i)| self.pattern_matches(p, n, *i)))
             .cloned()
             .collect())
     }
@@ -144,7 +168,7 @@ impl Attacher {
             changes.gone.push(name);
         }
         for (name, ifindex) in current {
-            if self.attached.contains_key(&name) || !self.matches(&name) {
+            if self.attached.contains_key(&name) || !self.matches(&name, ifindex) {
                 continue;
             }
             match self.attach_both(ebpf, &name) {

@@ -1,0 +1,73 @@
+//! Wake-ups for the agent loop, so idle means idle: file changes in the
+//! manifest directory (the `notify` crate) and network interfaces appearing
+//! or going (rtnetlink link events), each nudging a `Notify`.
+
+use std::{path::Path, sync::Arc};
+
+use futures::StreamExt as _;
+use notify::{RecursiveMode, Watcher as _};
+use tokio::sync::Notify;
+
+/// Watches `dir` (not recursively); every event nudges `wake`. Dropping the
+/// watcher stops it.
+pub fn watch_dir(dir: &Path, wake: Arc<Notify>) -> notify::Result<notify::RecommendedWatcher> {
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // Errors too: the next pass rescans and reports what it finds.
+        let _ = event;
+        wake.notify_one();
+    })?;
+    watcher.watch(dir, RecursiveMode::NonRecursive)?;
+    Ok(watcher)
+}
+
+/// Subscribes to link events (and IPv4 route events with `routes`, for
+/// `@uplink`) in this network namespace; each one nudges `wake`. Runs on the
+/// current runtime until the socket fails.
+pub fn watch_links(wake: Arc<Notify>, routes: bool) -> std::io::Result<()> {
+    use rtnetlink::MulticastGroup;
+    let groups: &[MulticastGroup] = if routes {
+        &[MulticastGroup::Link, MulticastGroup::Ipv4Route]
+    } else {
+        &[MulticastGroup::Link]
+    };
+    let (connection, _handle, mut messages) = rtnetlink::new_multicast_connection(groups)?;
+    tokio::spawn(connection);
+    tokio::spawn(async move {
+        while messages.next().await.is_some() {
+            wake.notify_one();
+        }
+        tracing::warn!("link event stream ended; interfaces are rescanned periodically only");
+    });
+    Ok(())
+}
+
+/// The interfaces of the IPv4 default route(s): the node's uplinks.
+pub async fn default_route_interfaces() -> std::io::Result<Vec<u32>> {
+    use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage};
+    let (connection, handle, _) = rtnetlink::new_connection()?;
+    let task = tokio::spawn(connection);
+    let mut routes = handle
+        .route()
+        .get(rtnetlink::RouteMessageBuilder::<std::net::Ipv4Addr>::new().build())
+        .execute();
+    let mut out = Vec::new();
+    while let Some(route) = routes.next().await {
+        let route: RouteMessage = route.map_err(std::io::Error::other)?;
+        if route.header.destination_prefix_length != 0 {
+            continue;
+        }
+        for attr in &route.attributes {
+            match attr {
+                RouteAttribute::Oif(index) => out.push(*index),
+                RouteAttribute::MultiPath(hops) => {
+                    out.extend(hops.iter().map(|hop| hop.interface_index))
+                }
+                _ => {}
+            }
+        }
+    }
+    task.abort();
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
