@@ -52,6 +52,9 @@ enum Task {
     K8sLatency {
         #[arg(long, default_value_t = 200)]
         changes: usize,
+        /// Service counts to measure at (each × 10 endpoints).
+        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 10_000])]
+        scales: Vec<usize>,
     },
     /// Unprivileged tests, then (as root) datapath and end-to-end tests.
     Test {
@@ -227,11 +230,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             bench::run(&agent, &config)?;
         }
-        Task::K8sLatency { changes } => {
+        Task::K8sLatency { changes, scales } => {
             require_root("k8s-latency")?;
             let agent = build_agent(true)?;
             build_apiserver()?;
-            k8s_latency::run(&agent, changes)?;
+            k8s_latency::run(&agent, changes, &scales)?;
         }
         Task::Test { filter } => {
             let filter: Vec<&str> = filter.as_deref().into_iter().collect();

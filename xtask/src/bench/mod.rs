@@ -254,7 +254,7 @@ fn restore(netns: &str, command: &[&str], file: &PathBuf) -> anyhow::Result<()> 
 }
 
 /// Resident memory (MiB) and CPU time (s, user + system) of a process.
-fn process_usage(pid: u32) -> anyhow::Result<(f64, f64)> {
+pub fn process_usage(pid: u32) -> anyhow::Result<(f64, f64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let rss_kib: f64 = status
         .lines()
