@@ -24,6 +24,7 @@ use crate::{
     error::{InputError, InputErrorKind},
     model::{FrontendSpec, L4Addr, Proto, ServiceName},
     objects::{Objects, Sourced},
+    store::{ObjectStore, ServiceInput},
     view::{ServiceSpecView, ServiceView, SliceView, SERVICE_PROXY_NAME_LABEL},
 };
 
@@ -55,84 +56,220 @@ pub struct Desired {
     pub keep: BTreeSet<ServiceName>,
 }
 
+/// Everything at once (for `check`, tests and benches): the same code the
+/// agent runs incrementally, over every Service.
 pub fn compute(objects: &Objects, limits: Limits) -> (Desired, Vec<InputError>) {
-    let mut slices_by_service: BTreeMap<ServiceName, Vec<&Sourced<SliceView>>> = BTreeMap::new();
-    for slice in &objects.slices {
-        if let Some(name) = &slice.object.service_name {
-            let namespace = slice.object.namespace.clone();
-            slices_by_service
-                .entry(ServiceName {
-                    namespace,
-                    name: name.clone(),
-                })
-                .or_default()
-                .push(slice);
-        }
-    }
-
-    let mut services: Vec<&Sourced<ServiceView>> = objects.services.iter().collect();
-    services.sort_by_key(|s| service_name(&s.object));
-
-    let mut desired = Desired::default();
-    desired.keep.extend(objects.unparsed.iter().cloned());
-    let mut errors = Vec::new();
-    let mut seen = BTreeSet::new();
-    for service in services {
-        let name = service_name(&service.object);
-        let ctx = ErrCtx {
-            file: service.file.clone(),
-            object: format!("Service {name}"),
-        };
-        if !seen.insert(name.clone()) {
-            errors.push(ctx.error(
-                InputErrorKind::Conflict,
-                "metadata.name",
-                "defined more than once; the first definition is used",
-            ));
-            continue;
-        }
-        if desired.keep.contains(&name) {
-            continue; // part of its input did not parse: keep what it had
-        }
-        let slices = slices_by_service
-            .get(&name)
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        let (frontends, mut problems) = service_frontends(service, &name, slices, limits);
-        let blocking = problems.iter().any(|e| e.kind.keeps_last_good());
-        errors.append(&mut problems);
-        if blocking {
-            desired.keep.insert(name);
-            continue;
-        }
-        let duplicate = frontends.iter().find_map(|(frontend, _)| {
-            desired
-                .frontends
-                .get(frontend)
-                .map(|other| (*frontend, other.service.clone()))
-        });
-        if let Some((frontend, other)) = duplicate {
-            errors.push(ctx.error(
-                InputErrorKind::Conflict,
-                "spec.ports",
-                &format!("frontend {frontend} is already used by Service {other}"),
-            ));
-            desired.keep.insert(name);
-            continue;
-        }
-        desired.frontends.extend(frontends);
-    }
-    // Slice problems are found once per service port: report each once.
-    let mut seen = BTreeSet::new();
-    errors.retain(|e| seen.insert(e.to_string()));
-    (desired, errors)
+    let store = ObjectStore::from_objects(objects);
+    let mut state = DesiredState::new(limits);
+    state.update(&store, &store.names());
+    (state.desired().clone(), state.errors())
 }
 
-fn service_name(service: &ServiceView) -> ServiceName {
-    ServiceName {
-        namespace: service.namespace.clone(),
-        name: service.name.clone(),
+/// What one Service contributes.
+#[derive(Clone, Debug, Default)]
+struct ServiceResult {
+    /// Where the Service was defined (for errors about it).
+    file: Option<std::path::PathBuf>,
+    frontends: BTreeMap<L4Addr, FrontendSpec>,
+    errors: Vec<InputError>,
+    /// An error that keeps the Service at its last good state.
+    blocking: bool,
+}
+
+/// What an update changed, for the reconciler to look at (and nothing else).
+#[derive(Clone, Debug, Default)]
+pub struct Changes {
+    pub frontends: BTreeSet<L4Addr>,
+    pub services: BTreeSet<ServiceName>,
+    /// Anything may have changed (a conflict was re-resolved): check all.
+    pub all: bool,
+}
+
+/// The desired state, kept up to date one Service at a time: a change costs
+/// the Services it touches, not all of them. Frontend conflicts between
+/// Services (rare) fall back to a merge over every Service's cached result.
+pub struct DesiredState {
+    limits: Limits,
+    results: BTreeMap<ServiceName, ServiceResult>,
+    desired: Desired,
+    /// Services that lost a frontend to another: the error they get.
+    conflicts: BTreeMap<ServiceName, InputError>,
+    /// Services that won such a conflict.
+    winners: BTreeSet<ServiceName>,
+}
+
+impl DesiredState {
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            results: BTreeMap::new(),
+            desired: Desired::default(),
+            conflicts: BTreeMap::new(),
+            winners: BTreeSet::new(),
+        }
     }
+
+    pub fn desired(&self) -> &Desired {
+        &self.desired
+    }
+
+    /// Every current problem, by Service.
+    pub fn errors(&self) -> Vec<InputError> {
+        let mut errors: Vec<InputError> = self
+            .results
+            .values()
+            .flat_map(|r| r.errors.iter().cloned())
+            .collect();
+        errors.extend(self.conflicts.values().cloned());
+        errors
+    }
+
+    /// Recomputes the `dirty` Services from `store`.
+    pub fn update(&mut self, store: &ObjectStore, dirty: &BTreeSet<ServiceName>) -> Changes {
+        let mut changes = Changes {
+            frontends: BTreeSet::new(),
+            services: dirty.clone(),
+            all: false,
+        };
+        let mut merge_all = false;
+        let mut old = BTreeMap::new();
+        for name in dirty {
+            merge_all |= self.conflicts.contains_key(name) || self.winners.contains(name);
+            let result = service_result(name, &store.input(name), self.limits);
+            let previous =
+                if result.frontends.is_empty() && result.errors.is_empty() && !result.blocking {
+                    self.results.remove(name)
+                } else {
+                    self.results.insert(name.clone(), result)
+                };
+            old.insert(name, previous.unwrap_or_default());
+        }
+        // A frontend claimed twice (by two dirty Services, or by one and a
+        // Service that keeps it): resolve every claim in order.
+        let mut claimed: BTreeMap<L4Addr, &ServiceName> = BTreeMap::new();
+        for name in dirty {
+            let Some(result) = self.results.get(name).filter(|r| !r.blocking) else {
+                continue;
+            };
+            for frontend in result.frontends.keys() {
+                let held_elsewhere =
+                    self.desired.frontends.get(frontend).is_some_and(|spec| {
+                        spec.service != *name && !dirty.contains(&spec.service)
+                    });
+                merge_all |= held_elsewhere || claimed.insert(*frontend, name).is_some();
+            }
+        }
+        if merge_all {
+            self.merge_all();
+            changes.all = true;
+            return changes;
+        }
+        for (name, previous) in old {
+            for frontend in previous.frontends.keys() {
+                if self
+                    .desired
+                    .frontends
+                    .get(frontend)
+                    .is_some_and(|s| s.service == *name)
+                {
+                    self.desired.frontends.remove(frontend);
+                }
+                changes.frontends.insert(*frontend);
+            }
+            self.desired.keep.remove(name);
+            match self.results.get(name) {
+                Some(r) if r.blocking => {
+                    self.desired.keep.insert(name.clone());
+                }
+                Some(r) => {
+                    changes.frontends.extend(r.frontends.keys().copied());
+                    self.desired
+                        .frontends
+                        .extend(r.frontends.iter().map(|(f, s)| (*f, s.clone())));
+                }
+                None => {}
+            }
+        }
+        changes
+    }
+
+    /// Rebuilds the desired state from every cached result, in Service name
+    /// order: of two Services claiming a frontend, the first keeps it and the
+    /// second keeps its last good state.
+    fn merge_all(&mut self) {
+        self.desired = Desired::default();
+        self.conflicts.clear();
+        self.winners.clear();
+        for (name, result) in &self.results {
+            if result.blocking {
+                self.desired.keep.insert(name.clone());
+                continue;
+            }
+            let taken = result.frontends.keys().find_map(|f| {
+                self.desired
+                    .frontends
+                    .get(f)
+                    .map(|other| (*f, other.service.clone()))
+            });
+            if let Some((frontend, other)) = taken {
+                self.conflicts.insert(
+                    name.clone(),
+                    InputError {
+                        kind: InputErrorKind::Conflict,
+                        file: result.file.clone(),
+                        object: format!("Service {name}"),
+                        field: "spec.ports".into(),
+                        message: format!("frontend {frontend} is already used by Service {other}"),
+                    },
+                );
+                self.winners.insert(other);
+                self.desired.keep.insert(name.clone());
+                continue;
+            }
+            self.desired
+                .frontends
+                .extend(result.frontends.iter().map(|(f, s)| (*f, s.clone())));
+        }
+    }
+}
+
+/// One Service's frontends and problems from its input.
+fn service_result(name: &ServiceName, input: &ServiceInput<'_>, limits: Limits) -> ServiceResult {
+    let mut result = ServiceResult::default();
+    if input.unparsed {
+        // Part of its input did not parse (reported by the source): keep
+        // what it had.
+        result.blocking = true;
+        return result;
+    }
+    let mut definitions: Vec<&Sourced<ServiceView>> = input.definitions.iter().collect();
+    definitions.sort_by(|a, b| a.file.cmp(&b.file));
+    let Some((first, others)) = definitions.split_first() else {
+        return result; // slices without their Service: nothing to program
+    };
+    result.file = first.file.clone();
+    for other in others {
+        let ctx = ErrCtx {
+            file: other.file.clone(),
+            object: format!("Service {name}"),
+        };
+        result.errors.push(ctx.error(
+            InputErrorKind::Conflict,
+            "metadata.name",
+            "defined more than once; the first definition is used",
+        ));
+    }
+    let (frontends, problems) = service_frontends(first, name, &input.slices, limits);
+    result.blocking = problems.iter().any(|e| e.kind.keeps_last_good());
+    // Slice problems are found once per service port: report each once.
+    let mut seen = BTreeSet::new();
+    result
+        .errors
+        .extend(problems.into_iter().filter(|e| seen.insert(e.to_string())));
+    if !result.blocking {
+        result.frontends = frontends.into_iter().collect();
+    }
+    result
 }
 
 struct ErrCtx {

@@ -1,32 +1,27 @@
-//! API-server source: reflectors over Services and EndpointSlices with the
-//! label selector kube-proxy uses. Events only nudge a trigger; the agent
-//! reconciles from the complete stores (level-triggered), never from a lone
-//! event, and not before both stores have completed their first list.
-//! Relists after `410 Expired` and backoff on errors are the watcher's.
+//! API-server source: watches of Services and EndpointSlices with the
+//! label selector kube-proxy uses. Each change is reduced to the agent's
+//! views and handed to its object store, which tells which Services it
+//! touched; the agent recomputes only those. Nothing is applied before both
+//! kinds have been listed completely, and a relist (after `410 Expired`)
+//! replaces a kind only once complete. Backoff on errors is the watcher's.
+//! No full objects are kept (no reflector store): memory is the views'.
 
-use std::{
-    path::Path,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-};
+use std::{collections::BTreeSet, path::Path, sync::Arc};
 
-use futures::{Stream, StreamExt as _};
+use futures::StreamExt as _;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kube::{
     config::{KubeConfigOptions, Kubeconfig},
-    runtime::{
-        reflector::{self, Store},
-        watcher, WatchStreamExt as _,
-    },
+    runtime::{watcher, WatchStreamExt as _},
     Api, Client, Config, Resource,
 };
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 use tracing::{debug, warn};
 
 use crate::{
-    objects::{Objects, Sourced},
+    model::ServiceName,
+    objects::Sourced,
+    store::ObjectStore,
     view::{ServiceView, SliceView},
 };
 
@@ -56,102 +51,143 @@ pub async fn client(kubeconfig: Option<&Path>, api_server: Option<&str>) -> anyh
     Ok(Client::try_from(config)?)
 }
 
-/// The reflector stores.
+/// One change seen at the API server, already reduced to the views the
+/// agent keeps (no full objects are stored: memory is the views').
+#[derive(Debug)]
+enum ApiChange {
+    Service(ServiceView),
+    ServiceDeleted(ServiceView),
+    Slice(SliceView),
+    SliceDeleted(SliceView),
+    /// A complete (re)list: the given objects replace all of that kind.
+    Services(Vec<ServiceView>),
+    Slices(Vec<SliceView>),
+}
+
+/// Watches of Services and EndpointSlices, delivering their changes in order.
 pub struct ApiSource {
-    services: Store<Service>,
-    slices: Store<EndpointSlice>,
-    synced: Arc<AtomicBool>,
+    changes: mpsc::UnboundedReceiver<ApiChange>,
+    services_listed: bool,
+    slices_listed: bool,
+}
+
+/// An object from the API server (no file).
+fn sourced<T>(object: T) -> Sourced<T> {
+    Sourced { file: None, object }
 }
 
 impl ApiSource {
     /// Starts both watches on the current runtime; `trigger` is notified on
     /// every change (and every error, so a recovered stream reconciles too).
     pub fn start(client: Client, trigger: Arc<Notify>) -> Self {
-        let services = reflect(Api::<Service>::all(client.clone()), trigger.clone());
-        let slices = reflect(Api::<EndpointSlice>::all(client), trigger.clone());
-        let synced = Arc::new(AtomicBool::new(false));
-        let (s, e, flag) = (services.clone(), slices.clone(), synced.clone());
-        tokio::spawn(async move {
-            if s.wait_until_ready().await.is_ok() && e.wait_until_ready().await.is_ok() {
-                flag.store(true, Ordering::Release);
-                trigger.notify_one();
-            }
-        });
+        let (tx, changes) = mpsc::unbounded_channel();
+        watch(
+            Api::<Service>::all(client.clone()),
+            tx.clone(),
+            trigger.clone(),
+            |s| ApiChange::Service(ServiceView::from(&s)),
+            |s| ApiChange::ServiceDeleted(ServiceView::from(&s)),
+            |list| ApiChange::Services(list.iter().map(ServiceView::from).collect()),
+        );
+        watch(
+            Api::<EndpointSlice>::all(client),
+            tx,
+            trigger,
+            |s| ApiChange::Slice(SliceView::from(&s)),
+            |s| ApiChange::SliceDeleted(SliceView::from(&s)),
+            |list| ApiChange::Slices(list.iter().map(SliceView::from).collect()),
+        );
         Self {
-            services,
-            slices,
-            synced,
+            changes,
+            services_listed: false,
+            slices_listed: false,
         }
     }
 
-    /// True once both stores have held a complete list.
+    /// True once both kinds have been listed completely (and drained).
     pub fn is_ready(&self) -> bool {
-        self.synced.load(Ordering::Acquire)
+        self.services_listed && self.slices_listed
     }
 
-    /// A consistent-enough snapshot of both stores for one reconcile.
-    pub fn objects(&self) -> Objects {
-        Objects {
-            services: self
-                .services
-                .state()
-                .iter()
-                .map(|s| Sourced {
-                    file: None,
-                    object: ServiceView::from(s.as_ref()),
-                })
-                .collect(),
-            slices: self
-                .slices
-                .state()
-                .iter()
-                .map(|s| Sourced {
-                    file: None,
-                    object: SliceView::from(s.as_ref()),
-                })
-                .collect(),
-            unparsed: Vec::new(),
+    /// Applies every change received so far to `store`; returns the
+    /// Services they touched.
+    pub fn drain(&mut self, store: &mut ObjectStore) -> BTreeSet<ServiceName> {
+        let mut dirty = BTreeSet::new();
+        while let Ok(change) = self.changes.try_recv() {
+            match change {
+                ApiChange::Service(view) => {
+                    dirty.insert(store.upsert_service(sourced(view)));
+                }
+                ApiChange::ServiceDeleted(view) => {
+                    dirty.insert(store.remove_service(&sourced(view)));
+                }
+                ApiChange::Slice(view) => dirty.extend(store.upsert_slice(sourced(view))),
+                ApiChange::SliceDeleted(view) => dirty.extend(store.remove_slice(&sourced(view))),
+                ApiChange::Services(list) => {
+                    self.services_listed = true;
+                    dirty.extend(store.replace_services(list.into_iter().map(sourced).collect()));
+                }
+                ApiChange::Slices(list) => {
+                    self.slices_listed = true;
+                    dirty.extend(store.replace_slices(list.into_iter().map(sourced).collect()));
+                }
+            }
         }
+        dirty
     }
 }
 
-fn reflect<K>(api: Api<K>, trigger: Arc<Notify>) -> Store<K>
-where
+/// Runs one watch: applies and deletes go out one by one; a (re)list is
+/// collected and sent whole when complete, so a partial list never looks
+/// like deleted objects.
+fn watch<K>(
+    api: Api<K>,
+    tx: mpsc::UnboundedSender<ApiChange>,
+    trigger: Arc<Notify>,
+    applied: fn(K) -> ApiChange,
+    deleted: fn(K) -> ApiChange,
+    listed: fn(Vec<K>) -> ApiChange,
+) where
     K: Resource<DynamicType = ()>
         + Clone
         + std::fmt::Debug
         + Send
-        + Sync
         + serde::de::DeserializeOwned
         + 'static,
 {
-    let (reader, writer) = reflector::store();
     let config = watcher::Config::default().labels(PROXY_LABEL_SELECTOR);
-    // The stores hold every object between passes: drop what the datapath
-    // never reads (managed fields and annotations can dwarf the rest).
-    let stream = watcher(api, config)
-        .default_backoff()
-        .modify(|obj: &mut K| {
-            obj.meta_mut().managed_fields = None;
-            obj.meta_mut().annotations = None;
-        })
-        .reflect(writer);
-    tokio::spawn(drive(stream, K::kind(&()).into_owned(), trigger));
-    reader
-}
-
-async fn drive<K>(
-    stream: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
-    kind: String,
-    trigger: Arc<Notify>,
-) {
-    let mut stream = std::pin::pin!(stream);
-    while let Some(event) = stream.next().await {
-        match event {
-            Ok(watcher::Event::InitDone) => debug!(%kind, "list complete"),
-            Ok(_) => {}
-            Err(e) => warn!(%kind, "watch error (retrying with backoff): {e}"),
+    let kind = K::kind(&()).into_owned();
+    tokio::spawn(async move {
+        let stream = watcher(api, config).default_backoff();
+        let mut stream = std::pin::pin!(stream);
+        let mut listing: Vec<K> = Vec::new();
+        while let Some(event) = stream.next().await {
+            let change = match event {
+                Ok(watcher::Event::Apply(object)) => Some(applied(object)),
+                Ok(watcher::Event::Delete(object)) => Some(deleted(object)),
+                Ok(watcher::Event::Init) => {
+                    listing.clear();
+                    None
+                }
+                Ok(watcher::Event::InitApply(object)) => {
+                    listing.push(object);
+                    None
+                }
+                Ok(watcher::Event::InitDone) => {
+                    debug!(%kind, objects = listing.len(), "list complete");
+                    Some(listed(std::mem::take(&mut listing)))
+                }
+                Err(e) => {
+                    warn!(%kind, "watch error (retrying with backoff): {e}");
+                    None
+                }
+            };
+            if let Some(change) = change {
+                if tx.send(change).is_err() {
+                    return; // the agent is gone
+                }
+            }
+            trigger.notify_one();
         }
-        trigger.notify_one();
-    }
+    });
 }

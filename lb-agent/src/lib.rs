@@ -18,5 +18,6 @@ pub mod model;
 pub mod objects;
 pub mod reconcile;
 pub mod run;
+pub mod store;
 pub mod view;
 pub mod watch;

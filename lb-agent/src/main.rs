@@ -224,7 +224,8 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         } => {
             let limits = Limits::new(max_backends_per_service).map_err(anyhow::Error::msg)?;
             let mut dir = manifest::ManifestDir::new(&manifests);
-            let (objects, mut errors) = dir.poll()?.unwrap_or_default();
+            let mut errors = dir.poll()?.unwrap_or_default().errors;
+            let objects = dir.objects();
             let (desired, more) = desired::compute(&objects, limits);
             errors.extend(more);
             let mut reconciler = Reconciler::restore(

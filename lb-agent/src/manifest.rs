@@ -231,9 +231,11 @@ impl ManifestDir {
     }
 
     /// Re-reads changed files. Returns `None` when nothing changed since the
-    /// last call, otherwise every object and every current error.
-    pub fn poll(&mut self) -> std::io::Result<Option<(Objects, Vec<InputError>)>> {
-        let mut seen = Vec::new();
+    /// last call, otherwise what the changed files held before and hold now,
+    /// and every current error.
+    pub fn poll(&mut self) -> std::io::Result<Option<DirChanges>> {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut changes = DirChanges::default();
         let mut changed = false;
         for entry in fs::read_dir(&self.dir)? {
             let path = entry?.path();
@@ -248,7 +250,7 @@ impl ManifestDir {
             }
             let meta = fs::metadata(&path)?;
             let fingerprint = (meta.modified().ok(), meta.len());
-            seen.push(path.clone());
+            seen.insert(path.clone());
             if self
                 .files
                 .get(&path)
@@ -259,6 +261,9 @@ impl ManifestDir {
             changed = true;
             let text = fs::read_to_string(&path);
             let previous = self.files.remove(&path);
+            if let Some(previous) = &previous {
+                changes.removed.extend(&previous.objects);
+            }
             let parsed = text
                 .map_err(|e| (InputErrorKind::InvalidYaml, e.to_string()))
                 .and_then(|t| {
@@ -303,20 +308,49 @@ impl ManifestDir {
                     }
                 }
             };
+            changes.added.extend(&state.objects);
             self.files.insert(path, state);
         }
-        let before = self.files.len();
-        self.files.retain(|path, _| seen.contains(path));
-        changed |= self.files.len() != before;
+        let gone: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|path| !seen.contains(*path))
+            .cloned()
+            .collect();
+        for path in gone {
+            if let Some(state) = self.files.remove(&path) {
+                changes.removed.extend(&state.objects);
+                changed = true;
+            }
+        }
         if !changed {
             return Ok(None);
         }
+        changes.errors = self
+            .files
+            .values()
+            .flat_map(|state| state.errors.iter().cloned())
+            .collect();
+        Ok(Some(changes))
+    }
+
+    /// Every object the directory holds now (as of the last `poll`).
+    pub fn objects(&self) -> Objects {
         let mut objects = Objects::default();
-        let mut errors = Vec::new();
         for state in self.files.values() {
             objects.extend(&state.objects);
-            errors.extend(state.errors.iter().cloned());
         }
-        Ok(Some((objects, errors)))
+        objects
     }
+}
+
+/// What one `poll` found.
+#[derive(Debug, Default)]
+pub struct DirChanges {
+    /// The objects of changed or deleted files, as they were.
+    pub removed: Objects,
+    /// The objects of changed or new files, as they are now.
+    pub added: Objects,
+    /// Every current problem, in every file.
+    pub errors: Vec<InputError>,
 }

@@ -22,7 +22,7 @@ use lb_common::svc::{SvcValue, SVC_FLAG_CLUSTER_IP};
 
 use crate::{
     datapath::maps::{LbMaps, MapWriteError},
-    desired::Desired,
+    desired::{Changes, Desired},
     ids::IdAllocator,
     model::{L4Addr, Proto, ServiceName},
 };
@@ -180,6 +180,10 @@ pub struct Reconciler<M> {
     rev_nat_ids: IdAllocator,
     /// Reverse-NAT entries present in the map that no frontend owns.
     orphan_revnat: BTreeSet<u16>,
+    /// How many slots refer to each backend id, and the ids no slot refers
+    /// to: pruning costs what changed, not every backend.
+    refs: BTreeMap<u32, u32>,
+    unreferenced: BTreeSet<u32>,
     /// True after a pass with failed writes, until one succeeds.
     pending: bool,
 }
@@ -227,9 +231,21 @@ impl<M: LbMaps> Reconciler<M> {
                 .map(|id| u32::from(*id))
                 .chain(written.values().filter_map(|w| w.rev_nat_id).map(u32::from)),
         );
+        let mut refs: BTreeMap<u32, u32> = BTreeMap::new();
+        for id in written.values().flat_map(|w| w.slots.values()) {
+            *refs.entry(*id).or_default() += 1;
+        }
+        let unreferenced = snapshot
+            .backends
+            .keys()
+            .filter(|id| !refs.contains_key(id))
+            .copied()
+            .collect();
         Ok(Self {
             maps,
             written,
+            refs,
+            unreferenced,
             backend_entries: snapshot.backends,
             backends,
             backend_ids,
@@ -256,13 +272,49 @@ impl<M: LbMaps> Reconciler<M> {
     /// The writes that bring the maps to `desired` (pure: nothing is written,
     /// ids are allocated on copies).
     pub fn plan(&self, desired: &Desired) -> Plan {
+        self.plan_scope(desired, None)
+    }
+
+    /// The frontends a change can affect: those it names, and those written
+    /// for the Services it touched (a Service's old frontends may be gone).
+    fn scope(&self, changes: &Changes) -> BTreeSet<L4Addr> {
+        let mut scope = changes.frontends.clone();
+        if !changes.services.is_empty() {
+            scope.extend(
+                self.written
+                    .iter()
+                    .filter(|(_, w)| {
+                        w.service
+                            .as_ref()
+                            .is_some_and(|s| changes.services.contains(s))
+                    })
+                    .map(|(f, _)| *f),
+            );
+        }
+        scope
+    }
+
+    /// Like `plan`, limited to the frontends in `scope` (all with `None`).
+    fn plan_scope(&self, desired: &Desired, scope: Option<&BTreeSet<L4Addr>>) -> Plan {
         let mut plan = Plan::default();
         let mut backend_ids = self.backend_ids.clone();
         let mut rev_nat_ids = self.rev_nat_ids.clone();
         let mut new_backends: BTreeMap<L4Addr, u32> = BTreeMap::new();
+        let written: Box<dyn Iterator<Item = (&L4Addr, &Written)>> = match scope {
+            None => Box::new(self.written.iter()),
+            Some(scope) => Box::new(scope.iter().filter_map(|f| self.written.get_key_value(f))),
+        };
+        let wanted: Box<dyn Iterator<Item = (&L4Addr, &crate::model::FrontendSpec)>> = match scope {
+            None => Box::new(desired.frontends.iter()),
+            Some(scope) => Box::new(
+                scope
+                    .iter()
+                    .filter_map(|f| desired.frontends.get_key_value(f)),
+            ),
+        };
 
         // Removals first: they free room in the maps for what comes next.
-        for (frontend, w) in &self.written {
+        for (frontend, w) in written {
             if desired.frontends.contains_key(frontend) {
                 continue;
             }
@@ -291,7 +343,7 @@ impl<M: LbMaps> Reconciler<M> {
             });
         }
 
-        for (frontend, spec) in &desired.frontends {
+        for (frontend, spec) in wanted {
             let current = self.written.get(frontend);
             let ids = self.plan_ids(
                 spec,
@@ -335,11 +387,13 @@ impl<M: LbMaps> Reconciler<M> {
                 ),
             });
         }
-        plan.orphans = self
-            .orphan_revnat
-            .iter()
-            .map(|id| Op::DeleteRevNat { id: *id })
-            .collect();
+        if scope.is_none() {
+            plan.orphans = self
+                .orphan_revnat
+                .iter()
+                .map(|id| Op::DeleteRevNat { id: *id })
+                .collect();
+        }
         plan
     }
 
@@ -386,31 +440,35 @@ impl<M: LbMaps> Reconciler<M> {
         Ok((ids, rev_nat_id))
     }
 
-    /// Backend entries no frontend's slots refer to and `desired` does not
-    /// need (pure; a backend a failed frontend still needs is kept for its
-    /// retry).
-    pub fn plan_prune(&self, desired: &Desired) -> Vec<Op> {
-        let wanted = desired
-            .frontends
-            .values()
-            .flat_map(|spec| spec.backends.iter())
-            .filter_map(|b| self.backends.get(b).copied());
-        let referenced: BTreeSet<u32> = self
-            .written
-            .values()
-            .flat_map(|w| w.slots.values().copied())
-            .chain(wanted)
-            .collect();
-        self.backend_entries
-            .keys()
-            .filter(|id| !referenced.contains(id))
+    /// Backend entries no slot refers to, except those a failed frontend
+    /// still needs for its retry (pure).
+    pub fn plan_prune(&self, needed: &BTreeSet<u32>) -> Vec<Op> {
+        self.unreferenced
+            .difference(needed)
             .map(|id| Op::DeleteBackend { id: *id })
             .collect()
     }
 
+    /// Brings every frontend to `desired`.
     pub fn apply(&mut self, desired: &Desired) -> Report {
-        let mut report = Report::default();
         let plan = self.plan(desired);
+        self.run(plan)
+    }
+
+    /// Brings the frontends `changes` can affect to `desired`: the work is
+    /// proportional to the change. After a failed pass, everything is
+    /// checked again (`apply`).
+    pub fn apply_changes(&mut self, desired: &Desired, changes: &Changes) -> Report {
+        if self.pending || changes.all {
+            return self.apply(desired);
+        }
+        let plan = self.plan_scope(desired, Some(&self.scope(changes)));
+        self.run(plan)
+    }
+
+    fn run(&mut self, plan: Plan) -> Report {
+        let mut report = Report::default();
+        let mut needed = BTreeSet::new();
         for (service, frontend, e) in &plan.skipped {
             report.errors.push(ApplyError {
                 target: format!("Service {service} frontend {frontend}"),
@@ -437,6 +495,10 @@ impl<M: LbMaps> Reconciler<M> {
                 _ => None,
             });
             if let Some((op, e)) = failed_backend {
+                needed.extend(fp.ops.iter().filter_map(|op| match op {
+                    Op::PutSlot { backend_id, .. } => Some(*backend_id),
+                    _ => None,
+                }));
                 report.errors.push(ApplyError {
                     target: what,
                     op: Some(op.clone()),
@@ -472,14 +534,20 @@ impl<M: LbMaps> Reconciler<M> {
                         .udp_backends_removed
                         .extend(fp.udp_removed.iter().map(|id| (fp.frontend, *id)));
                 }
-                Err((op, error)) => report.errors.push(ApplyError {
-                    target: what,
-                    op: Some(op),
-                    error,
-                }),
+                Err((op, error)) => {
+                    needed.extend(fp.ops.iter().filter_map(|op| match op {
+                        Op::PutSlot { backend_id, .. } => Some(*backend_id),
+                        _ => None,
+                    }));
+                    report.errors.push(ApplyError {
+                        target: what,
+                        op: Some(op),
+                        error,
+                    })
+                }
             }
         }
-        for op in plan.orphans.iter().chain(&self.plan_prune(desired)) {
+        for op in plan.orphans.iter().chain(&self.plan_prune(&needed)) {
             if let Err(error) = self.execute(op) {
                 report.errors.push(ApplyError {
                     target: "cleanup".into(),
@@ -500,6 +568,9 @@ impl<M: LbMaps> Reconciler<M> {
                 self.backend_ids.take(*id);
                 self.backend_entries.insert(*id, *backend);
                 self.backends.insert(*backend, *id);
+                if !self.refs.contains_key(id) {
+                    self.unreferenced.insert(*id);
+                }
             }
             Op::PutSlot {
                 frontend,
@@ -511,7 +582,13 @@ impl<M: LbMaps> Reconciler<M> {
                     ..SvcValue::default()
                 };
                 self.maps.put_slot(*frontend, *slot, value)?;
-                self.entry(*frontend).slots.insert(*slot, *backend_id);
+                let old = self.entry(*frontend).slots.insert(*slot, *backend_id);
+                if old != Some(*backend_id) {
+                    self.add_ref(*backend_id);
+                    if let Some(old) = old {
+                        self.drop_ref(old);
+                    }
+                }
             }
             Op::PutRevNat {
                 frontend,
@@ -543,8 +620,8 @@ impl<M: LbMaps> Reconciler<M> {
                 let w = self.entry(*frontend);
                 if *slot == 0 {
                     w.count = None;
-                } else {
-                    w.slots.remove(slot);
+                } else if let Some(old) = w.slots.remove(slot) {
+                    self.drop_ref(old);
                 }
             }
             Op::DeleteRevNat { id } => {
@@ -554,6 +631,7 @@ impl<M: LbMaps> Reconciler<M> {
             }
             Op::DeleteBackend { id } => {
                 self.maps.delete_backend(*id)?;
+                self.unreferenced.remove(id);
                 if let Some(backend) = self.backend_entries.remove(id) {
                     if self.backends.get(&backend) == Some(id) {
                         self.backends.remove(&backend);
@@ -563,6 +641,23 @@ impl<M: LbMaps> Reconciler<M> {
             }
         }
         Ok(())
+    }
+
+    fn add_ref(&mut self, id: u32) {
+        *self.refs.entry(id).or_default() += 1;
+        self.unreferenced.remove(&id);
+    }
+
+    fn drop_ref(&mut self, id: u32) {
+        if let Some(count) = self.refs.get_mut(&id) {
+            *count -= 1;
+            if *count == 0 {
+                self.refs.remove(&id);
+                if self.backend_entries.contains_key(&id) {
+                    self.unreferenced.insert(id);
+                }
+            }
+        }
     }
 
     fn entry(&mut self, frontend: L4Addr) -> &mut Written {

@@ -21,13 +21,13 @@ use crate::{
         loader::MapSizes,
         maps::KernelMaps,
     },
-    desired::{self, Desired, Limits},
+    desired::{DesiredState, Limits},
     error::InputError,
     health::{self, Health},
     k8s::ApiSource,
     manifest::ManifestDir,
-    objects::Objects,
     reconcile::Reconciler,
+    store::ObjectStore,
     watch,
 };
 
@@ -113,6 +113,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         Reconciler::restore(maps, config.sizes.backends).context("reading the pinned maps")?;
     info!(pin_dir = %pin_dir.display(), node = ?config.node_name, "datapath loaded");
 
+    let config_limits = config.limits;
     let mut agent = Agent {
         config,
         ebpf,
@@ -122,7 +123,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         source,
         trigger,
         health,
-        desired: None,
+        store: ObjectStore::default(),
+        state: DesiredState::new(config_limits),
+        file_errors: Vec::new(),
+        synced: false,
         reported: BTreeSet::new(),
     };
     let result = agent.serve().await;
@@ -186,7 +190,14 @@ struct Agent {
     /// Nudged by watch events (API) or file events (manifests).
     trigger: Arc<Notify>,
     health: Arc<Health>,
-    desired: Option<Desired>,
+    /// Every object the source holds, by Service.
+    store: ObjectStore,
+    /// The desired state, updated per changed Service.
+    state: DesiredState,
+    /// Problems in the manifest files themselves (not YAML, empty, …).
+    file_errors: Vec<InputError>,
+    /// The maps were programmed from a complete view of the source.
+    synced: bool,
     reported: BTreeSet<String>,
 }
 
@@ -253,14 +264,12 @@ impl Agent {
                     error!("reading {}: {e:#}", self.source_name());
                 }
             } else if retry_due && self.reconciler.needs_retry() {
-                if let Some(desired) = self.desired.clone() {
-                    self.apply(&desired);
-                }
+                self.retry();
             }
-            if self.desired.is_some() && !self.reconciler.needs_retry() {
+            if self.synced && !self.reconciler.needs_retry() {
                 self.health.synced();
             }
-            if !released_links && self.desired.is_some() {
+            if !released_links && self.synced {
                 // This run's links are attached and its maps programmed:
                 // drop the links a previous run left pinned.
                 released_links = true;
@@ -292,43 +301,71 @@ impl Agent {
         }
     }
 
-    /// Reconciles if the source changed (files) or has news (API).
+    /// Brings the Services the source changed into the store, recomputes
+    /// just those, and applies just what they changed.
     fn sync_source(&mut self) -> anyhow::Result<()> {
-        let (objects, errors) = match &mut self.source {
+        let dirty = match &mut self.source {
             Source::Files(dir) => match dir.poll()? {
-                Some(found) => found,
+                Some(changes) => {
+                    let mut dirty = self.store.remove(&changes.removed);
+                    dirty.extend(self.store.add(&changes.added));
+                    self.file_errors = changes.errors;
+                    dirty
+                }
                 None => return Ok(()),
             },
-            // Never act before both lists are complete: a partial store would
-            // look like deleted services.
-            Source::Api(api) if !api.is_ready() => return Ok(()),
-            Source::Api(api) => (api.objects(), Vec::new()),
+            Source::Api(api) => {
+                let dirty = api.drain(&mut self.store);
+                // Never act before both lists are complete: a partial store
+                // would look like deleted services.
+                if !api.is_ready() {
+                    return Ok(());
+                }
+                dirty
+            }
         };
-        self.reconcile(&objects, errors);
+        if dirty.is_empty() && self.synced {
+            return Ok(());
+        }
+        let changes = self.state.update(&self.store, &dirty);
+        self.report_input_errors();
+        let report = if self.synced {
+            self.reconciler
+                .apply_changes(self.state.desired(), &changes)
+        } else {
+            self.reconciler.apply(self.state.desired())
+        };
+        self.synced = true;
+        self.after_apply(report);
+        if changes.all || dirty.len() > 100 {
+            release_freed_memory();
+        }
         Ok(())
     }
 
-    fn reconcile(&mut self, objects: &Objects, mut errors: Vec<InputError>) {
-        let (desired, desired_errors) = desired::compute(objects, self.config.limits);
-        errors.extend(desired_errors);
-        // Report each distinct problem once, not on every pass.
-        let current: BTreeSet<String> = errors.iter().map(ToString::to_string).collect();
+    /// Reports each distinct problem once, not on every pass.
+    fn report_input_errors(&mut self) {
+        let current: BTreeSet<String> = self
+            .file_errors
+            .iter()
+            .chain(&self.state.errors())
+            .map(ToString::to_string)
+            .collect();
         for problem in current.difference(&self.reported) {
             warn!("invalid input, skipped: {problem}");
         }
         self.reported = current;
-        if self.desired.as_ref() == Some(&desired) && !self.reconciler.needs_retry() {
-            return;
-        }
-        self.apply(&desired);
-        self.desired = Some(desired);
-        release_freed_memory();
     }
 
-    fn apply(&mut self, desired: &Desired) {
-        let report = self.reconciler.apply(desired);
+    /// Retries everything after a failed pass.
+    fn retry(&mut self) {
+        let report = self.reconciler.apply(self.state.desired());
+        self.after_apply(report);
+    }
+
+    fn after_apply(&mut self, report: crate::reconcile::Report) {
         info!(
-            frontends = desired.frontends.len(),
+            frontends = self.state.desired().frontends.len(),
             added = report.added,
             updated = report.updated,
             removed = report.removed,

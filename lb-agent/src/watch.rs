@@ -12,9 +12,11 @@ use tokio::sync::Notify;
 /// watcher stops it.
 pub fn watch_dir(dir: &Path, wake: Arc<Notify>) -> notify::Result<notify::RecommendedWatcher> {
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        // Errors too: the next pass rescans and reports what it finds.
-        let _ = event;
-        wake.notify_one();
+        // Not reads: the agent's own reads of the directory would wake it
+        // again, forever. Errors do wake it: the pass rescans.
+        if !event.is_ok_and(|e| e.kind.is_access()) {
+            wake.notify_one();
+        }
     })?;
     watcher.watch(dir, RecursiveMode::NonRecursive)?;
     Ok(watcher)

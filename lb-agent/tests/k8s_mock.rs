@@ -85,7 +85,8 @@ async fn survives_errors_malformed_objects_and_dropped_streams() {
     tokio::spawn(serve(handle, requests.clone()));
     let client = Client::new(mock, "default");
     let trigger = Arc::new(Notify::new());
-    let source = ApiSource::start(client, trigger.clone());
+    let mut source = ApiSource::start(client, trigger.clone());
+    let mut store = lb_agent::store::ObjectStore::default();
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut was_ready_before_good_list = false;
@@ -96,13 +97,12 @@ async fn survives_errors_malformed_objects_and_dropped_streams() {
             .iter()
             .filter(|u| u.contains("/services") && !u.contains("watch=true"))
             .count();
+        source.drain(&mut store);
         if source.is_ready() && good_lists < 2 {
             was_ready_before_good_list = true;
         }
-        let objects = source.objects();
-        let mut names: Vec<(String, i32)> = objects
-            .services
-            .iter()
+        let mut names: Vec<(String, i32)> = store
+            .services()
             .map(|s| {
                 (
                     s.object.name.clone(),

@@ -232,13 +232,15 @@ fn malformed_file_keeps_its_last_good_content() {
     fs::write(&file, service("a", "198.19.0.1", &["198.18.0.1"])).unwrap();
     fs::write(dir.join("notes.txt"), "not a manifest").unwrap();
     let mut manifests = ManifestDir::new(&dir);
-    let (objects, errors) = manifests.poll().unwrap().expect("first read");
+    let errors = manifests.poll().unwrap().expect("first read").errors;
+    let objects = manifests.objects();
     assert!(errors.is_empty());
     assert_eq!(objects.services.len(), 1);
     assert!(manifests.poll().unwrap().is_none(), "no change, no reload");
 
     fs::write(&file, "apiVersion: v1\nkind: Service\n  bad: [indent").unwrap();
-    let (objects, errors) = manifests.poll().unwrap().expect("changed");
+    let errors = manifests.poll().unwrap().expect("changed").errors;
+    let objects = manifests.objects();
     assert_eq!(objects.services.len(), 1, "last good content kept");
     assert_eq!(errors.len(), 1);
     assert_eq!(errors[0].kind, InputErrorKind::InvalidYaml);
@@ -246,14 +248,16 @@ fn malformed_file_keeps_its_last_good_content() {
 
     // Rewritten in place: truncated first. Empty is "not yet", not "delete all".
     fs::write(&file, "").unwrap();
-    let (objects, errors) = manifests.poll().unwrap().expect("changed");
+    let errors = manifests.poll().unwrap().expect("changed").errors;
+    let objects = manifests.objects();
     assert_eq!(objects.services.len(), 1, "last good content kept");
     assert_eq!(
         errors.iter().map(|e| e.kind).collect::<Vec<_>>(),
         [InputErrorKind::EmptyFile]
     );
     fs::write(&file, service("a", "198.19.0.1", &["198.18.0.2"])).unwrap();
-    let (objects, errors) = manifests.poll().unwrap().expect("changed");
+    let errors = manifests.poll().unwrap().expect("changed").errors;
+    let objects = manifests.objects();
     assert!(errors.is_empty());
     assert_eq!(
         objects.slices[0].object.endpoints[0].address.as_deref(),
@@ -261,7 +265,8 @@ fn malformed_file_keeps_its_last_good_content() {
     );
 
     fs::remove_file(&file).unwrap();
-    let (objects, _) = manifests.poll().unwrap().expect("file removed");
+    manifests.poll().unwrap().expect("file removed");
+    let objects = manifests.objects();
     assert!(
         objects.services.is_empty(),
         "a deleted file's objects go away"

@@ -76,7 +76,10 @@ pub fn run(agent_bin: &Path, changes: usize, scales: &[usize]) -> anyhow::Result
             r.rss_mib
         );
     }
-    let _ = writeln!(text, "\nTargets: p99 < 10 ms at 10 000 services; RSS < 64 MiB in API mode at 10 000.");
+    let _ = writeln!(
+        text,
+        "\nTargets: p99 < 10 ms at 10 000 services; RSS < 64 MiB in API mode at 10 000."
+    );
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/results");
     std::fs::create_dir_all(&out)?;
     std::fs::write(out.join("k8s-latency.md"), &text).context("writing the report")?;
@@ -89,7 +92,12 @@ pub fn run(agent_bin: &Path, changes: usize, scales: &[usize]) -> anyhow::Result
 fn filler(i: usize) -> String {
     let base = u32::from(Ipv4Addr::new(198, 18, 32, 0));
     let endpoints: Vec<(Ipv4Addr, bool)> = (0..ENDPOINTS)
-        .map(|j| (Ipv4Addr::from(base + ((i * ENDPOINTS + j) % 57_344) as u32), true))
+        .map(|j| {
+            (
+                Ipv4Addr::from(base + ((i * ENDPOINTS + j) % 57_344) as u32),
+                true,
+            )
+        })
         .collect();
     web_manifest(&endpoints)
         .replace("name: web-1", &format!("name: svc{i}-1"))
@@ -158,7 +166,10 @@ impl WebCount {
     fn wait(&self, expected: u16, started: Instant) -> anyhow::Result<Duration> {
         let deadline = started + Duration::from_secs(30);
         while self.count() != expected {
-            anyhow::ensure!(Instant::now() < deadline, "the change never reached the map");
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the change never reached the map"
+            );
             std::thread::sleep(Duration::from_micros(50));
         }
         Ok(started.elapsed())
@@ -168,15 +179,29 @@ impl WebCount {
 /// Waits until the maps hold `n` filler services plus `web` (counting slot-0
 /// entries), then returns how long that took from `started`.
 fn wait_programmed(pin_dir: &Path, n: usize, started: Instant) -> anyhow::Result<Duration> {
-    let map: HashMap<MapData, SvcKey, SvcValue> = open_pinned(pin_dir, SVC_MAP)?.try_into()?;
-    let want = 2 * (n + 1); // TCP and UDP frontend each
     let deadline = started + Duration::from_secs(600);
+    let map: HashMap<MapData, SvcKey, SvcValue> = loop {
+        // The agent pins its maps once it has connected and loaded.
+        match open_pinned(pin_dir, SVC_MAP) {
+            Ok(map) => break map.try_into()?,
+            Err(e) if Instant::now() > deadline => return Err(e.into()),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    };
+    let want = 2 * (n + 1); // TCP and UDP frontend each
     loop {
-        let frontends = map.keys().filter_map(Result::ok).filter(|k| k.slot == 0).count();
+        let frontends = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.slot == 0)
+            .count();
         if frontends >= want {
             return Ok(started.elapsed());
         }
-        anyhow::ensure!(Instant::now() < deadline, "{frontends}/{want} frontends after 10 min");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{frontends}/{want} frontends after 10 min"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -192,11 +217,7 @@ fn idle_usage(pid: u32) -> anyhow::Result<(f64, f64)> {
 
 fn summary(v: &mut [Duration]) -> (Duration, Duration, Duration) {
     v.sort();
-    (
-        percentile(v, 0.5),
-        percentile(v, 0.99),
-        percentile(v, 1.0),
-    )
+    (percentile(v, 0.5), percentile(v, 0.99), percentile(v, 1.0))
 }
 
 fn api_mode(n: usize, changes: usize) -> anyhow::Result<Row> {
