@@ -18,6 +18,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr},
     path::PathBuf,
+    sync::Arc,
 };
 
 use crate::{
@@ -51,7 +52,8 @@ impl Limits {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
-    pub frontends: BTreeMap<L4Addr, FrontendSpec>,
+    /// Shared with the per-Service results (one copy of each spec).
+    pub frontends: BTreeMap<L4Addr, Arc<FrontendSpec>>,
     /// Services whose input had errors: their applied state is left as is.
     pub keep: BTreeSet<ServiceName>,
 }
@@ -70,7 +72,7 @@ pub fn compute(objects: &Objects, limits: Limits) -> (Desired, Vec<InputError>) 
 struct ServiceResult {
     /// Where the Service was defined (for errors about it).
     file: Option<std::path::PathBuf>,
-    frontends: BTreeMap<L4Addr, FrontendSpec>,
+    frontends: BTreeMap<L4Addr, Arc<FrontendSpec>>,
     errors: Vec<InputError>,
     /// An error that keeps the Service at its last good state.
     blocking: bool,
@@ -267,7 +269,10 @@ fn service_result(name: &ServiceName, input: &ServiceInput<'_>, limits: Limits) 
         .errors
         .extend(problems.into_iter().filter(|e| seen.insert(e.to_string())));
     if !result.blocking {
-        result.frontends = frontends.into_iter().collect();
+        result.frontends = frontends
+            .into_iter()
+            .map(|(f, spec)| (f, Arc::new(spec)))
+            .collect();
     }
     result
 }

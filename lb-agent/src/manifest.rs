@@ -216,6 +216,17 @@ struct FileState {
     errors: Vec<InputError>,
 }
 
+/// `.yaml`, `.yml` or `.json`, and not hidden (editors' temporary files are).
+fn is_manifest(path: &Path) -> bool {
+    let extension = path
+        .extension()
+        .is_some_and(|e| e == "yaml" || e == "yml" || e == "json");
+    let hidden = path
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with('.'));
+    extension && !hidden
+}
+
 /// A directory of manifests, re-read when its files change.
 pub struct ManifestDir {
     dir: PathBuf,
@@ -230,86 +241,20 @@ impl ManifestDir {
         }
     }
 
-    /// Re-reads changed files. Returns `None` when nothing changed since the
-    /// last call, otherwise what the changed files held before and hold now,
-    /// and every current error.
+    /// Re-reads every changed file (a full scan). Returns `None` when
+    /// nothing changed since the last call, otherwise what the changed files
+    /// held before and hold now, and every current error.
     pub fn poll(&mut self) -> std::io::Result<Option<DirChanges>> {
         let mut seen = std::collections::BTreeSet::new();
         let mut changes = DirChanges::default();
         let mut changed = false;
         for entry in fs::read_dir(&self.dir)? {
             let path = entry?.path();
-            let is_manifest = path
-                .extension()
-                .is_some_and(|e| e == "yaml" || e == "yml" || e == "json");
-            let hidden = path
-                .file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with('.'));
-            if !is_manifest || hidden || !path.is_file() {
+            if !is_manifest(&path) || !path.is_file() {
                 continue;
             }
-            let meta = fs::metadata(&path)?;
-            let fingerprint = (meta.modified().ok(), meta.len());
             seen.insert(path.clone());
-            if self
-                .files
-                .get(&path)
-                .is_some_and(|s| s.fingerprint == fingerprint)
-            {
-                continue;
-            }
-            changed = true;
-            let text = fs::read_to_string(&path);
-            let previous = self.files.remove(&path);
-            if let Some(previous) = &previous {
-                changes.removed.extend(&previous.objects);
-            }
-            let parsed = text
-                .map_err(|e| (InputErrorKind::InvalidYaml, e.to_string()))
-                .and_then(|t| {
-                    parse_str(&t, Some(&path))
-                        .map_err(|e| (InputErrorKind::InvalidYaml, e.to_string()))
-                })
-                .and_then(|(objects, errors)| {
-                    // A file being rewritten in place is empty for a moment
-                    // (truncate, then write): that is not "delete everything".
-                    let had_objects = previous.as_ref().is_some_and(|p| !p.objects.is_empty());
-                    if objects.is_empty() && errors.is_empty() && had_objects {
-                        Err((
-                            InputErrorKind::EmptyFile,
-                            "the file is empty (delete it to remove its objects)".to_owned(),
-                        ))
-                    } else {
-                        Ok((objects, errors))
-                    }
-                });
-            let state = match parsed {
-                Ok((objects, errors)) => FileState {
-                    fingerprint,
-                    objects,
-                    errors,
-                },
-                Err((kind, message)) => {
-                    let kept = previous.map(|p| p.objects).unwrap_or_default();
-                    let error = InputError {
-                        kind,
-                        file: Some(path.clone()),
-                        object: "file".into(),
-                        field: String::new(),
-                        message: format!(
-                            "{message}; keeping its last good content ({} objects)",
-                            kept.services.len() + kept.slices.len()
-                        ),
-                    };
-                    FileState {
-                        fingerprint,
-                        objects: kept,
-                        errors: vec![error],
-                    }
-                }
-            };
-            changes.added.extend(&state.objects);
-            self.files.insert(path, state);
+            changed |= self.refresh(path, &mut changes)?;
         }
         let gone: Vec<PathBuf> = self
             .files
@@ -318,20 +263,123 @@ impl ManifestDir {
             .cloned()
             .collect();
         for path in gone {
-            if let Some(state) = self.files.remove(&path) {
-                changes.removed.extend(&state.objects);
-                changed = true;
+            changed |= self.forget(&path, &mut changes);
+        }
+        Ok(self.finish(changed, changes))
+    }
+
+    /// Re-reads just `paths` (those a file watch reported): the cost of a
+    /// change is the changed files', not the directory's.
+    pub fn poll_paths(
+        &mut self,
+        paths: &std::collections::BTreeSet<PathBuf>,
+    ) -> std::io::Result<Option<DirChanges>> {
+        let mut changes = DirChanges::default();
+        let mut changed = false;
+        for path in paths {
+            if path.parent() != Some(self.dir.as_path()) || !is_manifest(path) {
+                continue;
+            }
+            if path.is_file() {
+                changed |= self.refresh(path.clone(), &mut changes)?;
+            } else {
+                changed |= self.forget(path, &mut changes);
             }
         }
+        Ok(self.finish(changed, changes))
+    }
+
+    fn finish(&self, changed: bool, mut changes: DirChanges) -> Option<DirChanges> {
         if !changed {
-            return Ok(None);
+            return None;
         }
         changes.errors = self
             .files
             .values()
             .flat_map(|state| state.errors.iter().cloned())
             .collect();
-        Ok(Some(changes))
+        Some(changes)
+    }
+
+    /// A file that is gone: its objects go with it.
+    fn forget(&mut self, path: &Path, changes: &mut DirChanges) -> bool {
+        match self.files.remove(path) {
+            Some(state) => {
+                changes.removed.extend(&state.objects);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Re-reads `path` if its size or modification time changed; whether it did.
+    fn refresh(&mut self, path: PathBuf, changes: &mut DirChanges) -> std::io::Result<bool> {
+        let meta = match fs::metadata(&path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(self.forget(&path, changes));
+            }
+            Err(e) => return Err(e),
+        };
+        let fingerprint = (meta.modified().ok(), meta.len());
+        if self
+            .files
+            .get(&path)
+            .is_some_and(|s| s.fingerprint == fingerprint)
+        {
+            return Ok(false);
+        }
+        let text = fs::read_to_string(&path);
+        let previous = self.files.remove(&path);
+        if let Some(previous) = &previous {
+            changes.removed.extend(&previous.objects);
+        }
+        let parsed = text
+            .map_err(|e| (InputErrorKind::InvalidYaml, e.to_string()))
+            .and_then(|t| {
+                parse_str(&t, Some(&path)).map_err(|e| (InputErrorKind::InvalidYaml, e.to_string()))
+            })
+            .and_then(|(objects, errors)| {
+                // A file being rewritten in place is empty for a moment
+                // (truncate, then write): that is not "delete everything".
+                let had_objects = previous.as_ref().is_some_and(|p| !p.objects.is_empty());
+                if objects.is_empty() && errors.is_empty() && had_objects {
+                    Err((
+                        InputErrorKind::EmptyFile,
+                        "the file is empty (delete it to remove its objects)".to_owned(),
+                    ))
+                } else {
+                    Ok((objects, errors))
+                }
+            });
+        let state = match parsed {
+            Ok((objects, errors)) => FileState {
+                fingerprint,
+                objects,
+                errors,
+            },
+            Err((kind, message)) => {
+                let kept = previous.map(|p| p.objects).unwrap_or_default();
+                let error = InputError {
+                    kind,
+                    file: Some(path.clone()),
+                    object: "file".into(),
+                    field: String::new(),
+                    message: format!(
+                        "{message}; keeping its last good content ({} objects)",
+                        kept.services.len() + kept.slices.len()
+                    ),
+                };
+                FileState {
+                    fingerprint,
+                    objects: kept,
+                    errors: vec![error],
+                }
+            }
+        };
+        changes.added.extend(&state.objects);
+        self.files.insert(path, state);
+        Ok(true)
     }
 
     /// Every object the directory holds now (as of the last `poll`).

@@ -304,7 +304,9 @@ impl<M: LbMaps> Reconciler<M> {
             None => Box::new(self.written.iter()),
             Some(scope) => Box::new(scope.iter().filter_map(|f| self.written.get_key_value(f))),
         };
-        let wanted: Box<dyn Iterator<Item = (&L4Addr, &crate::model::FrontendSpec)>> = match scope {
+        let wanted: Box<
+            dyn Iterator<Item = (&L4Addr, &std::sync::Arc<crate::model::FrontendSpec>)>,
+        > = match scope {
             None => Box::new(desired.frontends.iter()),
             Some(scope) => Box::new(
                 scope

@@ -127,6 +127,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         state: DesiredState::new(config_limits),
         file_errors: Vec::new(),
         synced: false,
+        changed_paths: watch::SharedPaths::default(),
+        full_scan: true,
+        recomputed_since_trim: 0,
         reported: BTreeSet::new(),
     };
     let result = agent.serve().await;
@@ -198,6 +201,11 @@ struct Agent {
     file_errors: Vec<InputError>,
     /// The maps were programmed from a complete view of the source.
     synced: bool,
+    /// Manifest files a watch reported changed, and whether the next pass
+    /// scans the whole directory instead.
+    changed_paths: watch::SharedPaths,
+    full_scan: bool,
+    recomputed_since_trim: usize,
     reported: BTreeSet<String>,
 }
 
@@ -211,17 +219,19 @@ impl Agent {
         // maps show a service, every matching interface already serves it.
         self.sync_interfaces().await?;
         let _dir_watch = match &self.config.source {
-            SourceConfig::Manifests(dir) => match watch::watch_dir(dir, self.trigger.clone()) {
-                Ok(watcher) => Some(watcher),
-                Err(e) => {
-                    warn!(
-                        "watching {}: {e}; polling every {:?} instead",
-                        dir.display(),
-                        self.config.poll_interval
-                    );
-                    None
+            SourceConfig::Manifests(dir) => {
+                match watch::watch_dir(dir, self.changed_paths.clone(), self.trigger.clone()) {
+                    Ok(watcher) => Some(watcher),
+                    Err(e) => {
+                        warn!(
+                            "watching {}: {e}; polling every {:?} instead",
+                            dir.display(),
+                            self.config.poll_interval
+                        );
+                        None
+                    }
                 }
-            },
+            }
             SourceConfig::Api { .. } => None,
         };
         let links = Arc::new(Notify::new());
@@ -287,7 +297,10 @@ impl Agent {
                     source_due = true;
                 }
                 _ = links.notified() => interfaces_due = true,
-                _ = rescan.tick() => (source_due, interfaces_due) = (!matches!(self.source, Source::Api(_)), true),
+                _ = rescan.tick() => {
+                    self.full_scan = true;
+                    (source_due, interfaces_due) = (!matches!(self.source, Source::Api(_)), true);
+                }
                 _ = retry.tick(), if self.reconciler.needs_retry() => retry_due = true,
                 _ = gc.tick() => self.collect_conntrack(),
             }
@@ -305,7 +318,14 @@ impl Agent {
     /// just those, and applies just what they changed.
     fn sync_source(&mut self) -> anyhow::Result<()> {
         let dirty = match &mut self.source {
-            Source::Files(dir) => match dir.poll()? {
+            Source::Files(dir) => match {
+                let (paths, rescan) = watch::take(&self.changed_paths);
+                if rescan || std::mem::take(&mut self.full_scan) || !self.synced {
+                    dir.poll()?
+                } else {
+                    dir.poll_paths(&paths)?
+                }
+            } {
                 Some(changes) => {
                     let mut dirty = self.store.remove(&changes.removed);
                     dirty.extend(self.store.add(&changes.added));
@@ -337,7 +357,11 @@ impl Agent {
         };
         self.synced = true;
         self.after_apply(report);
-        if changes.all || dirty.len() > 100 {
+        // Bursts (a relist, thousands of single events) leave freed heap
+        // behind: hand it back once enough Services were recomputed.
+        self.recomputed_since_trim += dirty.len();
+        if changes.all || self.recomputed_since_trim > 1000 {
+            self.recomputed_since_trim = 0;
             release_freed_memory();
         }
         Ok(())

@@ -2,21 +2,51 @@
 //! manifest directory (the `notify` crate) and network interfaces appearing
 //! or going (rtnetlink link events), each nudging a `Notify`.
 
-use std::{path::Path, sync::Arc};
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
 
 use futures::StreamExt as _;
 use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::Notify;
 
-/// Watches `dir` (not recursively); every event nudges `wake`. Dropping the
-/// watcher stops it.
-pub fn watch_dir(dir: &Path, wake: Arc<Notify>) -> notify::Result<notify::RecommendedWatcher> {
+/// Files a watch reported since the last `take`.
+#[derive(Debug, Default)]
+pub struct ChangedPaths {
+    paths: BTreeSet<PathBuf>,
+    /// Events were lost or came without paths: scan the whole directory.
+    rescan: bool,
+}
+
+pub type SharedPaths = Arc<Mutex<ChangedPaths>>;
+
+/// The paths reported so far and whether a full scan is needed; resets.
+pub fn take(changed: &SharedPaths) -> (BTreeSet<PathBuf>, bool) {
+    let mut c = changed.lock().unwrap_or_else(|p| p.into_inner());
+    let taken = std::mem::take(&mut *c);
+    (taken.paths, taken.rescan)
+}
+
+/// Watches `dir` (not recursively): every event records its paths in
+/// `changed` and nudges `wake`. Dropping the watcher stops it.
+pub fn watch_dir(
+    dir: &Path,
+    changed: SharedPaths,
+    wake: Arc<Notify>,
+) -> notify::Result<notify::RecommendedWatcher> {
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        // Not reads: the agent's own reads of the directory would wake it
-        // again, forever. Errors do wake it: the pass rescans.
-        if !event.is_ok_and(|e| e.kind.is_access()) {
-            wake.notify_one();
+        let mut c = changed.lock().unwrap_or_else(|p| p.into_inner());
+        match event {
+            // Not reads: the agent's own reads of the directory would wake
+            // it again, forever.
+            Ok(e) if e.kind.is_access() => return,
+            Ok(e) if !e.need_rescan() && !e.paths.is_empty() => c.paths.extend(e.paths),
+            _ => c.rescan = true,
         }
+        drop(c);
+        wake.notify_one();
     })?;
     watcher.watch(dir, RecursiveMode::NonRecursive)?;
     Ok(watcher)

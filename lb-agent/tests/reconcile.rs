@@ -513,3 +513,52 @@ fn duplicate_ports_are_an_error_not_last_wins() {
     assert!(desired.frontends.is_empty());
     assert_eq!(desired.keep.len(), 1);
 }
+
+#[test]
+fn a_change_rereads_only_the_files_a_watch_named() {
+    let dir = std::env::temp_dir().join(format!("lb-paths-test-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    let (a, b) = (dir.join("a.yaml"), dir.join("b.yaml"));
+    fs::write(&a, service("a", "198.19.0.1", &["198.18.0.1"])).unwrap();
+    fs::write(&b, service("b", "198.19.0.2", &["198.18.0.2"])).unwrap();
+    let mut manifests = ManifestDir::new(&dir);
+    manifests.poll().unwrap().expect("first read");
+
+    // b changes too, but only a is named: b is not read.
+    fs::write(&a, service("a", "198.19.0.1", &["198.18.0.3"])).unwrap();
+    fs::write(
+        &b,
+        service("b", "198.19.0.2", &["198.18.0.4", "198.18.0.5"]),
+    )
+    .unwrap();
+    let changes = manifests
+        .poll_paths(&[a.clone()].into())
+        .unwrap()
+        .expect("a changed");
+    let names = |o: &lb_agent::objects::Objects| -> Vec<String> {
+        o.services.iter().map(|s| s.object.name.clone()).collect()
+    };
+    assert_eq!(
+        (names(&changes.removed), names(&changes.added)),
+        (vec!["a".into()], vec!["a".into()])
+    );
+    assert!(
+        manifests.poll_paths(&[a.clone()].into()).unwrap().is_none(),
+        "unchanged since"
+    );
+
+    fs::remove_file(&a).unwrap();
+    let changes = manifests
+        .poll_paths(&[a.clone()].into())
+        .unwrap()
+        .expect("a deleted");
+    assert_eq!(
+        (names(&changes.removed), names(&changes.added)),
+        (vec!["a".into()], vec![])
+    );
+    // A full scan still finds what no watch named.
+    let changes = manifests.poll().unwrap().expect("b changed");
+    assert_eq!(names(&changes.added), ["b"]);
+    fs::remove_dir_all(&dir).unwrap();
+}

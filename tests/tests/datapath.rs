@@ -466,6 +466,17 @@ fn flow_entries(h: &Harness, from: SocketAddrV4) -> ((CtKey, CtValue), (CtKey, C
     (forward, reply)
 }
 
+/// A handshake through the VIP from `from`: the SYN (ingress) and the
+/// backend's SYN-ACK (egress). Returns the backend and the packet as it
+/// reaches the backend (whose `reply` is the backend's side).
+fn establish(h: &Harness, from: SocketAddrV4) -> (SocketAddrV4, Packet) {
+    let backend = SocketAddrV4::new(expected_backend(&BACKENDS, from, vip(80), 6), 8080);
+    h.run(&Packet::tcp(from, vip(80), TCP_SYN).build());
+    let at_backend = Packet::tcp(from, backend, TCP_SYN);
+    h.run_egress(&at_backend.reply(TCP_SYN | TCP_ACK).build());
+    (backend, at_backend)
+}
+
 fn now_ns() -> u64 {
     lb_agent::datapath::conntrack::monotonic_ns()
 }
@@ -562,13 +573,7 @@ fn an_idle_direction_lives_while_the_other_is_active() {
     let mut h = Harness::new();
     h.apply_yaml(&manifest(&BACKENDS));
     let from = client(44100);
-    let backend = SocketAddrV4::new(expected_backend(&BACKENDS, from, vip(80), 6), 8080);
-    h.run(&Packet::tcp(from, vip(80), TCP_SYN).build());
-    h.run_egress(
-        &Packet::tcp(from, backend, TCP_SYN)
-            .reply(TCP_SYN | TCP_ACK)
-            .build(),
-    );
+    let (backend, _) = establish(&h, from);
     // The client has been silent past its timeout (a server push stream);
     // the backend's direction is fresh.
     let ((fk, fv), _) = flow_entries(&h, from);
@@ -600,10 +605,7 @@ fn rst_from_either_side_closes_both_entries() {
         let mut h = Harness::new();
         h.apply_yaml(&manifest(&BACKENDS));
         let from = client(44200);
-        let backend = SocketAddrV4::new(expected_backend(&BACKENDS, from, vip(80), 6), 8080);
-        h.run(&Packet::tcp(from, vip(80), TCP_SYN).build());
-        let at_backend = Packet::tcp(from, backend, TCP_SYN);
-        h.run_egress(&at_backend.reply(TCP_SYN | TCP_ACK).build());
+        let (_, at_backend) = establish(&h, from);
         let before = now_ns();
         if backend_resets {
             let rst = at_backend.reply(TCP_RST | TCP_ACK);
@@ -644,10 +646,7 @@ fn fin_from_one_side_half_closes_and_fins_from_both_close() {
     let mut h = Harness::new();
     h.apply_yaml(&manifest(&BACKENDS));
     let from = client(44300);
-    let backend = SocketAddrV4::new(expected_backend(&BACKENDS, from, vip(80), 6), 8080);
-    h.run(&Packet::tcp(from, vip(80), TCP_SYN).build());
-    let at_backend = Packet::tcp(from, backend, TCP_SYN);
-    h.run_egress(&at_backend.reply(TCP_SYN | TCP_ACK).build());
+    let (_, at_backend) = establish(&h, from);
     h.run(&Packet::tcp(from, vip(80), TCP_ACK | TCP_FIN).build());
     let (_, (_, rep)) = flow_entries(&h, from);
     assert_eq!(
@@ -678,13 +677,7 @@ fn lost_reply_entry_is_rebuilt_from_the_forward_entry() {
     let mut h = Harness::new();
     h.apply_yaml(&manifest(&BACKENDS));
     let from = client(44400);
-    let backend = SocketAddrV4::new(expected_backend(&BACKENDS, from, vip(80), 6), 8080);
-    h.run(&Packet::tcp(from, vip(80), TCP_SYN).build());
-    h.run_egress(
-        &Packet::tcp(from, backend, TCP_SYN)
-            .reply(TCP_SYN | TCP_ACK)
-            .build(),
-    );
+    let (backend, _) = establish(&h, from);
     let ((fk, fv), (rk, rv)) = flow_entries(&h, from);
     // The reply entry is lost; the forward entry's refresh is due.
     h.set_conntrack(&rk, None);

@@ -54,6 +54,36 @@ fn setup_with(prefix: &str, n: usize, manifest: &str, agent_args: &[&str]) -> Se
     }
 }
 
+impl Setup {
+    /// Starts the next agent on the same pins (the previous one has exited
+    /// or been killed, leaving them), logging to `log_name`.
+    fn restart_agent(&mut self, log_name: &str) {
+        self.agent.cleanup_pins = false;
+        let pin_dir = self.agent.pin_dir.clone();
+        self.agent = Agent::start(
+            &self.topology.node,
+            &self.manifests.0,
+            &self.topology.interface_pattern(),
+            &pin_dir,
+            &self.manifests.0.join(log_name),
+            &[],
+        )
+        .unwrap();
+    }
+}
+
+/// Polls `done` every 20 ms for up to `within`; whether it came true.
+fn wait_until(within: std::time::Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    while !done() {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    true
+}
+
 fn ready(ips: &[Ipv4Addr]) -> Vec<(Ipv4Addr, bool)> {
     ips.iter().map(|ip| (*ip, true)).collect()
 }
@@ -343,26 +373,13 @@ fn keep_datapath_survives_an_agent_restart() {
 
     // A new agent adopts the pinned maps without rewriting them, replaces the
     // pinned links with its own, and the connection survives it all.
-    let log = s.manifests.0.join("agent2.log");
-    s.agent.cleanup_pins = false;
-    s.agent = Agent::start(
-        &s.topology.node,
-        &s.manifests.0,
-        &s.topology.interface_pattern(),
-        &pin_dir,
-        &log,
-        &[],
-    )
-    .unwrap();
+    s.restart_agent("agent2.log");
     s.agent
         .wait_for_maps("2 backends", |m| {
             m.contains(&format!("{VIP}:80/TCP count=2"))
         })
         .unwrap();
-    let deadline = std::time::Instant::now() + IO_TIMEOUT;
-    while !s.agent.log_text().contains("released links") && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_until(IO_TIMEOUT, || s.agent.log_text().contains("released links"));
     let log = s.agent.log_text();
     assert!(
         log.contains("added=0") && log.contains("unchanged=2"),
@@ -667,27 +684,16 @@ fn a_killed_agent_leaves_the_datapath_serving_and_the_next_one_adopts_it() {
         2 * 3,
         "ingress and egress on 3 interfaces: {before:?}"
     );
-    let log = s.manifests.0.join("agent2.log");
-    s.agent = Agent::start(
-        &s.topology.node,
-        &s.manifests.0,
-        &s.topology.interface_pattern(),
-        &pin_dir,
-        &log,
-        &[],
-    )
-    .unwrap();
+    s.restart_agent("agent2.log");
     s.agent
         .wait_for_maps("2 backends", |m| {
             m.contains(&format!("{VIP}:80/TCP count=2"))
         })
         .unwrap();
-    let deadline = std::time::Instant::now() + IO_TIMEOUT;
-    let mut after = links(&pin_dir);
-    while after.iter().any(|l| before.contains(l)) && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        after = links(&pin_dir);
-    }
+    wait_until(IO_TIMEOUT, || {
+        links(&pin_dir).iter().all(|l| !before.contains(l))
+    });
+    let after = links(&pin_dir);
     assert_eq!(after.len(), 6, "{after:?}");
     assert!(
         after.iter().all(|l| !before.contains(l)),
@@ -718,22 +724,11 @@ fn a_service_broken_while_the_agent_was_down_keeps_serving_after_the_restart() {
     let broken = web_manifest(&ready(&backends)).replace("port: 80,", "port: eighty,");
     assert_ne!(broken, web_manifest(&ready(&backends)));
     s.manifests.write("web.yaml", &broken).unwrap();
-    let pin_dir = s.agent.pin_dir.clone();
-    let log = s.manifests.0.join("agent2.log");
-    s.agent = Agent::start(
-        &s.topology.node,
-        &s.manifests.0,
-        &s.topology.interface_pattern(),
-        &pin_dir,
-        &log,
-        &[],
-    )
-    .unwrap();
+    s.restart_agent("agent2.log");
     // The new agent has reconciled once it released the old links.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    while !s.agent.log_text().contains("released links") && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_until(std::time::Duration::from_secs(15), || {
+        s.agent.log_text().contains("released links")
+    });
     let maps = s
         .agent
         .wait_for_maps("the kept service", |m| {
