@@ -23,8 +23,9 @@ pub struct ObjectStore {
     /// Every definition of each Service, in the order they were added (more
     /// than one is an error; the first is used).
     services: BTreeMap<ServiceName, Vec<Sourced<ServiceView>>>,
-    /// Slices by the Service their label names.
-    slices: BTreeMap<ServiceName, BTreeMap<ObjectKey, Sourced<SliceView>>>,
+    /// Slices by the Service their label names (a Vec: a Service has a few
+    /// slices, and a map's node would reserve room for eleven).
+    slices: BTreeMap<ServiceName, Vec<(ObjectKey, Sourced<SliceView>)>>,
     /// Which Service each stored slice is filed under (to move it on relabel).
     slice_owner: BTreeMap<ObjectKey, ServiceName>,
     /// Services named by objects that did not parse, with how many.
@@ -85,7 +86,12 @@ impl ObjectStore {
             slices: self
                 .slices
                 .get(name)
-                .map(|s| s.values().collect())
+                .map(|s| {
+                    // In a fixed order, whatever order they arrived in.
+                    let mut sorted: Vec<&(ObjectKey, Sourced<SliceView>)> = s.iter().collect();
+                    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+                    sorted.into_iter().map(|(_, slice)| slice).collect()
+                })
                 .unwrap_or_default(),
             unparsed: self.unparsed.contains_key(name),
         }
@@ -126,7 +132,7 @@ impl ObjectStore {
             self.slices
                 .entry(name.clone())
                 .or_default()
-                .insert(key, slice);
+                .push((key, slice));
             dirty.push(name);
         }
         dirty
@@ -138,7 +144,7 @@ impl ObjectStore {
             return Vec::new();
         };
         if let Some(slices) = self.slices.get_mut(&owner) {
-            slices.remove(&key);
+            slices.retain(|(k, _)| *k != key);
             if slices.is_empty() {
                 self.slices.remove(&owner);
             }
