@@ -261,5 +261,15 @@ fn a_burst_of_1000_services_is_programmed() {
         "1000 services (2000 frontends): created in {created:?}, programmed after {:?}",
         started.elapsed()
     );
-    assert!(!maps.contains("MISSING"));
+    // `maps` was read while the agent was still writing: a hash map walked
+    // during inserts may miss entries. Now that all are programmed, a fresh
+    // read must be complete and consistent.
+    drop(maps);
+    let maps = lb_agent::inspect::services(&c.agent.pin_dir).unwrap();
+    assert_eq!(
+        maps.lines().filter(|l| l.contains(" count=1 ")).count(),
+        2000
+    );
+    let missing: Vec<&str> = maps.lines().filter(|l| l.contains("MISSING")).collect();
+    assert!(missing.is_empty(), "{missing:?}");
 }
