@@ -26,7 +26,7 @@ use crate::{
     model::{FrontendSpec, L4Addr, Proto, ServiceName},
     objects::{Objects, Sourced},
     store::{ObjectStore, ServiceInput},
-    view::{ServiceSpecView, ServiceView, SliceView, SERVICE_PROXY_NAME_LABEL},
+    view::{EndpointAddress, ServiceSpecView, ServiceView, SliceView, SERVICE_PROXY_NAME_LABEL},
 };
 
 #[derive(Clone, Copy, Debug)]
@@ -523,13 +523,20 @@ fn port_backends(
                 ));
                 continue;
             };
-            let addr = match address.parse::<Ipv4Addr>() {
-                Ok(a) if !a.is_unspecified() && !a.is_broadcast() && !a.is_multicast() => a,
+            let addr = match address {
+                EndpointAddress::V4(a)
+                    if !a.is_unspecified() && !a.is_broadcast() && !a.is_multicast() =>
+                {
+                    *a
+                }
                 _ => {
                     errors.push(ctx.error(
                         InputErrorKind::Skipped,
                         &format!("endpoints[{i}].addresses[0]"),
-                        &format!("{address:?} is not a usable IPv4 address; endpoint skipped"),
+                        &format!(
+                            "{:?} is not a usable IPv4 address; endpoint skipped",
+                            address.to_string()
+                        ),
                     ));
                     continue;
                 }

@@ -126,8 +126,8 @@ fn parse_document(
         _ => None,
     }
     .map(|name| ServiceName {
-        namespace: namespace.clone(),
-        name,
+        namespace: namespace.as_str().into(),
+        name: name.into(),
     });
     let mut error = |kind: InputErrorKind, field: String, message: String| {
         if let Some(service) = &service {

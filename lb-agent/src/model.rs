@@ -51,11 +51,13 @@ impl fmt::Display for L4Addr {
     }
 }
 
-/// `namespace/name` of a Service.
+/// `namespace/name` of a Service. Shared strings: the agent holds a
+/// Service's name in several places (store, results, specs, write records),
+/// and a clone is a reference count, not a copy.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceName {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: std::sync::Arc<str>,
+    pub name: std::sync::Arc<str>,
 }
 
 impl fmt::Display for ServiceName {

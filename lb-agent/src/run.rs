@@ -299,6 +299,9 @@ impl Agent {
                 _ = links.notified() => interfaces_due = true,
                 _ = rescan.tick() => {
                     self.full_scan = true;
+                    if std::mem::take(&mut self.recomputed_since_trim) > 0 {
+                        release_freed_memory(); // what the last changes left behind
+                    }
                     (source_due, interfaces_due) = (!matches!(self.source, Source::Api(_)), true);
                 }
                 _ = retry.tick(), if self.reconciler.needs_retry() => retry_due = true,
@@ -317,14 +320,13 @@ impl Agent {
     /// Brings the Services the source changed into the store, recomputes
     /// just those, and applies just what they changed.
     fn sync_source(&mut self) -> anyhow::Result<()> {
+        let (paths, rescan) = watch::take(&self.changed_paths);
+        let full_scan = rescan || std::mem::take(&mut self.full_scan) || !self.synced;
         let dirty = match &mut self.source {
-            Source::Files(dir) => match {
-                let (paths, rescan) = watch::take(&self.changed_paths);
-                if rescan || std::mem::take(&mut self.full_scan) || !self.synced {
-                    dir.poll()?
-                } else {
-                    dir.poll_paths(&paths)?
-                }
+            Source::Files(dir) => match if full_scan {
+                dir.poll()?
+            } else {
+                dir.poll_paths(&paths)?
             } {
                 Some(changes) => {
                     let mut dirty = self.store.remove(&changes.removed);

@@ -25,7 +25,7 @@ pub struct ObjectStore {
     services: BTreeMap<ServiceName, Vec<Sourced<ServiceView>>>,
     /// Slices by the Service their label names (a Vec: a Service has a few
     /// slices, and a map's node would reserve room for eleven).
-    slices: BTreeMap<ServiceName, Vec<(ObjectKey, Sourced<SliceView>)>>,
+    slices: BTreeMap<ServiceName, Vec<Sourced<SliceView>>>,
     /// Which Service each stored slice is filed under (to move it on relabel).
     slice_owner: BTreeMap<ObjectKey, ServiceName>,
     /// Services named by objects that did not parse, with how many.
@@ -41,8 +41,8 @@ pub struct ServiceInput<'a> {
 
 fn service_name(view: &ServiceView) -> ServiceName {
     ServiceName {
-        namespace: view.namespace.clone(),
-        name: view.name.clone(),
+        namespace: view.namespace.as_str().into(),
+        name: view.name.as_str().into(),
     }
 }
 
@@ -88,9 +88,9 @@ impl ObjectStore {
                 .get(name)
                 .map(|s| {
                     // In a fixed order, whatever order they arrived in.
-                    let mut sorted: Vec<&(ObjectKey, Sourced<SliceView>)> = s.iter().collect();
-                    sorted.sort_by(|a, b| a.0.cmp(&b.0));
-                    sorted.into_iter().map(|(_, slice)| slice).collect()
+                    let mut sorted: Vec<&Sourced<SliceView>> = s.iter().collect();
+                    sorted.sort_by_key(|slice| slice_key(slice));
+                    sorted
                 })
                 .unwrap_or_default(),
             unparsed: self.unparsed.contains_key(name),
@@ -124,15 +124,11 @@ impl ObjectStore {
         let mut dirty = self.remove_slice(&slice);
         if let Some(label) = &slice.object.service_name {
             let name = ServiceName {
-                namespace: slice.object.namespace.clone(),
-                name: label.clone(),
+                namespace: slice.object.namespace.as_str().into(),
+                name: label.as_str().into(),
             };
-            let key = slice_key(&slice);
-            self.slice_owner.insert(key.clone(), name.clone());
-            self.slices
-                .entry(name.clone())
-                .or_default()
-                .push((key, slice));
+            self.slice_owner.insert(slice_key(&slice), name.clone());
+            self.slices.entry(name.clone()).or_default().push(slice);
             dirty.push(name);
         }
         dirty
@@ -144,7 +140,7 @@ impl ObjectStore {
             return Vec::new();
         };
         if let Some(slices) = self.slices.get_mut(&owner) {
-            slices.retain(|(k, _)| *k != key);
+            slices.retain(|s| slice_key(s) != key);
             if slices.is_empty() {
                 self.slices.remove(&owner);
             }

@@ -127,8 +127,8 @@ pub fn revnat_of(value: &RevNat) -> Option<RevNatEntry> {
         .ok()
         .and_then(|s| s.split_once('/'))
         .map(|(namespace, name)| ServiceName {
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
+            namespace: namespace.into(),
+            name: name.into(),
         });
     Some(RevNatEntry {
         frontend: l4(value.addr_be, value.port_be, value.proto)?,
