@@ -156,6 +156,18 @@ impl Harness {
         }
     }
 
+    /// Sets an entry's expiry, to age it as time would.
+    pub fn expire_at(&mut self, entry: &(CtKey, CtValue), expires_ns: u64) {
+        let (key, value) = entry;
+        self.set_conntrack(
+            key,
+            Some(CtValue {
+                expires_ns,
+                ..*value
+            }),
+        );
+    }
+
     /// The agent's conntrack upkeep on this datapath's table.
     pub fn agent_conntrack(&mut self) -> Conntrack {
         let map = self.ebpf.take_map(CT_MAP).expect("ct map");

@@ -531,20 +531,8 @@ fn syn_whose_flow_timed_out_unanswered_is_a_new_flow() {
     // The opening timeout passes for both entries.
     let ((fk, fv), (rk, rv)) = flow_entries(&h, client(port));
     let past = now_ns() - 1;
-    h.set_conntrack(
-        &fk,
-        Some(CtValue {
-            expires_ns: past,
-            ..fv
-        }),
-    );
-    h.set_conntrack(
-        &rk,
-        Some(CtValue {
-            expires_ns: past,
-            ..rv
-        }),
-    );
+    h.expire_at(&(fk, fv), past);
+    h.expire_at(&(rk, rv), past);
     let remaining = [BACKENDS[0], BACKENDS[2]];
     h.apply_yaml(&manifest(&remaining));
     let syn = Packet::tcp(client(port), vip(80), TCP_SYN);
@@ -577,13 +565,7 @@ fn an_idle_direction_lives_while_the_other_is_active() {
     // The client has been silent past its timeout (a server push stream);
     // the backend's direction is fresh.
     let ((fk, fv), _) = flow_entries(&h, from);
-    h.set_conntrack(
-        &fk,
-        Some(CtValue {
-            expires_ns: now_ns() - 1,
-            ..fv
-        }),
-    );
+    h.expire_at(&(fk, fv), now_ns() - 1);
     let ack = Packet::tcp(from, vip(80), TCP_ACK);
     assert_frame(
         &h.run(&ack.build()).frame,
@@ -681,13 +663,7 @@ fn lost_reply_entry_is_rebuilt_from_the_forward_entry() {
     let ((fk, fv), (rk, rv)) = flow_entries(&h, from);
     // The reply entry is lost; the forward entry's refresh is due.
     h.set_conntrack(&rk, None);
-    h.set_conntrack(
-        &fk,
-        Some(CtValue {
-            expires_ns: fv.expires_ns - 2_000_000_000,
-            ..fv
-        }),
-    );
+    h.expire_at(&(fk, fv), fv.expires_ns - 2_000_000_000);
     let ack = Packet::tcp(from, vip(80), TCP_ACK);
     assert_frame(
         &h.run(&ack.build()).frame,
@@ -727,13 +703,7 @@ fn lost_reply_entry_is_rebuilt_from_the_forward_entry() {
     // And the other way round: a lost forward entry is rebuilt by a reply.
     let ((fk, _), (rk, rv)) = flow_entries(&h, from);
     h.set_conntrack(&fk, None);
-    h.set_conntrack(
-        &rk,
-        Some(CtValue {
-            expires_ns: rv.expires_ns - 2_000_000_000,
-            ..rv
-        }),
-    );
+    h.expire_at(&(rk, rv), rv.expires_ns - 2_000_000_000);
     h.run_egress(&reply.build());
     assert_eq!(h.counter(Stat::CtRecreated), 2);
     assert_frame(
@@ -786,28 +756,10 @@ fn agent_gc_frees_expired_flows_and_keeps_live_ones() {
     }
     let past = now_ns() - 1;
     let ((fk, fv), (rk, rv)) = flow_entries(&h, dead);
-    h.set_conntrack(
-        &fk,
-        Some(CtValue {
-            expires_ns: past,
-            ..fv
-        }),
-    );
-    h.set_conntrack(
-        &rk,
-        Some(CtValue {
-            expires_ns: past,
-            ..rv
-        }),
-    );
+    h.expire_at(&(fk, fv), past);
+    h.expire_at(&(rk, rv), past);
     let ((fk, fv), _) = flow_entries(&h, half);
-    h.set_conntrack(
-        &fk,
-        Some(CtValue {
-            expires_ns: past,
-            ..fv
-        }),
-    );
+    h.expire_at(&(fk, fv), past);
     let mut ct = h.agent_conntrack();
     let sweep = ct.gc(now_ns()).expect("gc");
     assert_eq!((sweep.entries, sweep.flows_removed), (6, 1));

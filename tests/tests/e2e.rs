@@ -55,6 +55,17 @@ fn setup_with(prefix: &str, n: usize, manifest: &str, agent_args: &[&str]) -> Se
 }
 
 impl Setup {
+    /// Rewrites the manifest to serve exactly `backends`; waits until the
+    /// maps show `expect`.
+    fn set_backends(&mut self, backends: &[Ipv4Addr], expect: &str) {
+        self.manifests
+            .write("web.yaml", &web_manifest(&ready(backends)))
+            .unwrap();
+        self.agent
+            .wait_for_maps(expect, |m| m.contains(expect))
+            .unwrap();
+    }
+
     /// Starts the next agent on the same pins (the previous one has exited
     /// or been killed, leaving them), logging to `log_name`.
     fn restart_agent(&mut self, log_name: &str) {
@@ -82,6 +93,15 @@ fn wait_until(within: std::time::Duration, mut done: impl FnMut() -> bool) -> bo
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     true
+}
+
+/// `backends` without backend number `index`.
+fn all_but(backends: &[Ipv4Addr], index: usize) -> Vec<Ipv4Addr> {
+    backends
+        .iter()
+        .copied()
+        .filter(|b| *b != backend_ip(index))
+        .collect()
 }
 
 fn ready(ips: &[Ipv4Addr]) -> Vec<(Ipv4Addr, bool)> {
@@ -174,19 +194,10 @@ fn removing_a_backend_moves_new_connections_but_keeps_established_ones() {
     let kept = established.ask().expect("echo");
     let kept_index: usize = kept.trim_start_matches("be").parse().unwrap();
 
-    let remaining: Vec<Ipv4Addr> = backends
-        .iter()
-        .copied()
-        .filter(|b| *b != backend_ip(kept_index))
-        .collect();
-    s.manifests
-        .write("web.yaml", &web_manifest(&ready(&remaining)))
-        .unwrap();
-    s.agent
-        .wait_for_maps("2 backends", |m| {
-            m.contains(&format!("{VIP}:80/TCP count=2"))
-        })
-        .unwrap();
+    s.set_backends(
+        &all_but(&backends, kept_index),
+        &format!("{VIP}:80/TCP count=2"),
+    );
 
     let seen: BTreeSet<String> = s.topology.client.run(|| {
         (0..40)
@@ -604,19 +615,7 @@ fn udp_client_moves_off_a_backend_that_left_the_service() {
         "one flow, one backend"
     );
     let index: usize = first.trim_start_matches("be").parse().unwrap();
-    let remaining: Vec<Ipv4Addr> = backends
-        .iter()
-        .copied()
-        .filter(|b| *b != backend_ip(index))
-        .collect();
-    s.manifests
-        .write("web.yaml", &web_manifest(&ready(&remaining)))
-        .unwrap();
-    s.agent
-        .wait_for_maps("1 UDP backend", |m| {
-            m.contains(&format!("{VIP}:53/UDP count=1"))
-        })
-        .unwrap();
+    s.set_backends(&all_but(&backends, index), &format!("{VIP}:53/UDP count=1"));
     // The removed pod still runs and would answer: only a flushed flow moves.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
     let mut last = None;
