@@ -26,7 +26,10 @@ use crate::{
     model::{FrontendSpec, L4Addr, Proto, ServiceName},
     objects::{Objects, Sourced},
     store::{ObjectStore, ServiceInput},
-    view::{EndpointAddress, ServiceSpecView, ServiceView, SliceView, SERVICE_PROXY_NAME_LABEL},
+    view::{
+        EndpointAddress, ProtocolText, ServiceSpecView, ServiceView, SliceView,
+        SERVICE_PROXY_NAME_LABEL,
+    },
 };
 
 #[derive(Clone, Copy, Debug)]
@@ -329,7 +332,7 @@ fn service_frontends(
     let mut ports: Vec<(String, u16, Proto)> = Vec::new();
     for (i, port) in spec.ports.iter().enumerate() {
         let field = |f: &str| format!("spec.ports[{i}].{f}");
-        let proto = match parse_proto(port.protocol.as_deref()) {
+        let proto = match parse_proto(port.protocol.as_ref().map(ProtocolText::as_str)) {
             Ok(Some(p)) => p,
             Ok(None) => {
                 tracing::warn!(service = %name, port = i, "SCTP is not supported; port skipped");
@@ -485,7 +488,7 @@ fn port_backends(
         }
         let mut target = None;
         for (i, port) in object.ports.iter().enumerate() {
-            let slice_proto = match parse_proto(port.protocol.as_deref()) {
+            let slice_proto = match parse_proto(port.protocol.as_ref().map(ProtocolText::as_str)) {
                 Ok(p) => p,
                 Err(m) => {
                     errors.push(ctx.error(

@@ -123,6 +123,13 @@ impl Plan {
     }
 }
 
+/// A backend in the map and how many slots refer to it.
+#[derive(Clone, Copy, Debug)]
+struct BackendEntry {
+    addr: L4Addr,
+    refs: u32,
+}
+
 /// What the maps hold for one frontend, as far as this agent wrote or read.
 #[derive(Clone, Debug, Default)]
 struct Written {
@@ -221,7 +228,7 @@ pub struct Reconciler<M> {
     maps: M,
     written: BTreeMap<L4Addr, Written>,
     /// Every backend entry in the map.
-    backend_entries: BTreeMap<u32, L4Addr>,
+    backend_entries: BTreeMap<u32, BackendEntry>,
     /// The id used for each backend address (one per address).
     backends: BTreeMap<L4Addr, u32>,
     backend_ids: IdAllocator,
@@ -229,9 +236,8 @@ pub struct Reconciler<M> {
     rev_nat_ids: IdAllocator,
     /// Reverse-NAT entries present in the map that no frontend owns.
     orphan_revnat: BTreeSet<u16>,
-    /// How many slots refer to each backend id, and the ids no slot refers
-    /// to: pruning costs what changed, not every backend.
-    refs: BTreeMap<u32, u32>,
+    /// The ids no slot refers to (by the entries' reference counts):
+    /// pruning costs what changed, not every backend.
     unreferenced: BTreeSet<u32>,
     /// True after a pass with failed writes, until one succeeds.
     pending: bool,
@@ -271,7 +277,16 @@ impl<M: LbMaps> Reconciler<M> {
         for (id, addr) in &snapshot.backends {
             backends.entry(*addr).or_insert(*id);
         }
-        let backend_ids = IdAllocator::restore(max_backend_id, snapshot.backends.keys().copied());
+        // Ids a slot names are taken even when their backend is missing, so
+        // a new backend never inherits a dangling slot's references.
+        let backend_ids = IdAllocator::restore(
+            max_backend_id,
+            snapshot
+                .backends
+                .keys()
+                .copied()
+                .chain(written.values().flat_map(|w| w.slots.ids())),
+        );
         let rev_nat_ids = IdAllocator::restore(
             MAX_REV_NAT_ID,
             snapshot
@@ -280,22 +295,34 @@ impl<M: LbMaps> Reconciler<M> {
                 .map(|id| u32::from(*id))
                 .chain(written.values().filter_map(|w| w.rev_nat_id).map(u32::from)),
         );
-        let mut refs: BTreeMap<u32, u32> = BTreeMap::new();
-        for id in written.values().flat_map(|w| w.slots.ids()) {
-            *refs.entry(id).or_default() += 1;
-        }
-        let unreferenced = snapshot
+        let mut backend_entries: BTreeMap<u32, BackendEntry> = snapshot
             .backends
-            .keys()
-            .filter(|id| !refs.contains_key(id))
-            .copied()
+            .iter()
+            .map(|(id, addr)| {
+                (
+                    *id,
+                    BackendEntry {
+                        addr: *addr,
+                        refs: 0,
+                    },
+                )
+            })
+            .collect();
+        for id in written.values().flat_map(|w| w.slots.ids()) {
+            if let Some(entry) = backend_entries.get_mut(&id) {
+                entry.refs += 1;
+            }
+        }
+        let unreferenced = backend_entries
+            .iter()
+            .filter(|(_, e)| e.refs == 0)
+            .map(|(id, _)| *id)
             .collect();
         Ok(Self {
             maps,
             written,
-            refs,
             unreferenced,
-            backend_entries: snapshot.backends,
+            backend_entries,
             backends,
             backend_ids,
             max_backends: max_backend_id,
@@ -617,11 +644,15 @@ impl<M: LbMaps> Reconciler<M> {
             Op::PutBackend { id, backend } => {
                 self.maps.put_backend(*id, *backend)?;
                 self.backend_ids.take(*id);
-                self.backend_entries.insert(*id, *backend);
-                self.backends.insert(*backend, *id);
-                if !self.refs.contains_key(id) {
+                let entry = self.backend_entries.entry(*id).or_insert(BackendEntry {
+                    addr: *backend,
+                    refs: 0,
+                });
+                entry.addr = *backend;
+                if entry.refs == 0 {
                     self.unreferenced.insert(*id);
                 }
+                self.backends.insert(*backend, *id);
             }
             Op::PutSlot {
                 frontend,
@@ -683,9 +714,9 @@ impl<M: LbMaps> Reconciler<M> {
             Op::DeleteBackend { id } => {
                 self.maps.delete_backend(*id)?;
                 self.unreferenced.remove(id);
-                if let Some(backend) = self.backend_entries.remove(id) {
-                    if self.backends.get(&backend) == Some(id) {
-                        self.backends.remove(&backend);
+                if let Some(entry) = self.backend_entries.remove(id) {
+                    if self.backends.get(&entry.addr) == Some(id) {
+                        self.backends.remove(&entry.addr);
                     }
                 }
                 self.backend_ids.release(*id);
@@ -695,18 +726,17 @@ impl<M: LbMaps> Reconciler<M> {
     }
 
     fn add_ref(&mut self, id: u32) {
-        *self.refs.entry(id).or_default() += 1;
-        self.unreferenced.remove(&id);
+        if let Some(entry) = self.backend_entries.get_mut(&id) {
+            entry.refs += 1;
+            self.unreferenced.remove(&id);
+        }
     }
 
     fn drop_ref(&mut self, id: u32) {
-        if let Some(count) = self.refs.get_mut(&id) {
-            *count -= 1;
-            if *count == 0 {
-                self.refs.remove(&id);
-                if self.backend_entries.contains_key(&id) {
-                    self.unreferenced.insert(id);
-                }
+        if let Some(entry) = self.backend_entries.get_mut(&id) {
+            entry.refs = entry.refs.saturating_sub(1);
+            if entry.refs == 0 {
+                self.unreferenced.insert(id);
             }
         }
     }

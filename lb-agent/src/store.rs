@@ -7,6 +7,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::PathBuf,
+    sync::Arc,
 };
 
 use crate::{
@@ -16,7 +17,7 @@ use crate::{
 };
 
 /// An object's identity: where it came from, its namespace and name.
-type ObjectKey = (Option<PathBuf>, String, String);
+type ObjectKey = (Option<PathBuf>, Arc<str>, Arc<str>);
 
 #[derive(Debug, Default)]
 pub struct ObjectStore {
@@ -41,8 +42,8 @@ pub struct ServiceInput<'a> {
 
 fn service_name(view: &ServiceView) -> ServiceName {
     ServiceName {
-        namespace: view.namespace.as_str().into(),
-        name: view.name.as_str().into(),
+        namespace: view.namespace.clone(),
+        name: view.name.clone(),
     }
 }
 
@@ -124,8 +125,8 @@ impl ObjectStore {
         let mut dirty = self.remove_slice(&slice);
         if let Some(label) = &slice.object.service_name {
             let name = ServiceName {
-                namespace: slice.object.namespace.as_str().into(),
-                name: label.as_str().into(),
+                namespace: slice.object.namespace.clone(),
+                name: label.clone(),
             };
             self.slice_owner.insert(slice_key(&slice), name.clone());
             self.slices.entry(name.clone()).or_default().push(slice);

@@ -3,6 +3,8 @@
 //! (a few dozen bytes an endpoint) rather than the full objects (hundreds),
 //! which matters at tens of thousands of services.
 
+use std::sync::Arc;
+
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 /// The label joining an EndpointSlice to its Service.
@@ -12,8 +14,9 @@ pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceView {
-    pub namespace: String,
-    pub name: String,
+    /// Shared (`Arc<str>`): the agent's Service names point at these.
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
     /// Labelled `service.kubernetes.io/service-proxy-name`: another proxy's.
     pub other_proxy: bool,
     pub spec: Option<ServiceSpecView>,
@@ -31,15 +34,15 @@ pub struct ServiceSpecView {
 pub struct ServicePortView {
     pub name: Option<String>,
     pub port: i32,
-    pub protocol: Option<String>,
+    pub protocol: Option<ProtocolText>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SliceView {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
     /// The `kubernetes.io/service-name` label.
-    pub service_name: Option<String>,
+    pub service_name: Option<Arc<str>>,
     pub address_type: String,
     pub ports: Vec<SlicePortView>,
     pub endpoints: Vec<EndpointView>,
@@ -49,7 +52,7 @@ pub struct SliceView {
 pub struct SlicePortView {
     pub name: Option<String>,
     pub port: Option<i32>,
-    pub protocol: Option<String>,
+    pub protocol: Option<ProtocolText>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,6 +63,38 @@ pub struct EndpointView {
     pub serving: Option<bool>,
     pub terminating: Option<bool>,
     pub node_name: Option<String>,
+}
+
+/// A port's protocol as written: the three known ones without an
+/// allocation (four per Service and slice), anything else kept for the error.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProtocolText {
+    Tcp,
+    Udp,
+    Sctp,
+    Other(Box<str>),
+}
+
+impl From<&str> for ProtocolText {
+    fn from(text: &str) -> Self {
+        match text {
+            "TCP" => Self::Tcp,
+            "UDP" => Self::Udp,
+            "SCTP" => Self::Sctp,
+            other => Self::Other(other.into()),
+        }
+    }
+}
+
+impl ProtocolText {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+            Self::Sctp => "SCTP",
+            Self::Other(text) => text,
+        }
+    }
 }
 
 /// An endpoint address: parsed at once (4 bytes, where the text took an
@@ -93,8 +128,8 @@ impl From<&Service> for ServiceView {
     fn from(s: &Service) -> Self {
         let meta = &s.metadata;
         Self {
-            namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
-            name: meta.name.clone().unwrap_or_default(),
+            namespace: meta.namespace.as_deref().unwrap_or("default").into(),
+            name: meta.name.as_deref().unwrap_or_default().into(),
             other_proxy: meta
                 .labels
                 .as_ref()
@@ -110,7 +145,7 @@ impl From<&Service> for ServiceView {
                     .map(|p| ServicePortView {
                         name: p.name.clone(),
                         port: p.port,
-                        protocol: p.protocol.clone(),
+                        protocol: p.protocol.as_deref().map(ProtocolText::from),
                     })
                     .collect(),
             }),
@@ -122,13 +157,13 @@ impl From<&EndpointSlice> for SliceView {
     fn from(s: &EndpointSlice) -> Self {
         let meta = &s.metadata;
         Self {
-            namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
-            name: meta.name.clone().unwrap_or_default(),
+            namespace: meta.namespace.as_deref().unwrap_or("default").into(),
+            name: meta.name.as_deref().unwrap_or_default().into(),
             service_name: meta
                 .labels
                 .as_ref()
                 .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                .cloned(),
+                .map(|label| Arc::from(label.as_str())),
             address_type: s.address_type.clone(),
             ports: s
                 .ports
@@ -137,7 +172,7 @@ impl From<&EndpointSlice> for SliceView {
                 .map(|p| SlicePortView {
                     name: p.name.clone(),
                     port: p.port,
-                    protocol: p.protocol.clone(),
+                    protocol: p.protocol.as_deref().map(ProtocolText::from),
                 })
                 .collect(),
             endpoints: s

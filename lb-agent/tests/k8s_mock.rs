@@ -105,7 +105,7 @@ async fn survives_errors_malformed_objects_and_dropped_streams() {
             .services()
             .map(|s| {
                 (
-                    s.object.name.clone(),
+                    s.object.name.to_string(),
                     s.object.spec.as_ref().unwrap().ports[0].port,
                 )
             })

@@ -541,7 +541,10 @@ fn a_change_rereads_only_the_files_a_watch_named() {
         .unwrap()
         .expect("a changed");
     let names = |o: &lb_agent::objects::Objects| -> Vec<String> {
-        o.services.iter().map(|s| s.object.name.clone()).collect()
+        o.services
+            .iter()
+            .map(|s| s.object.name.to_string())
+            .collect()
     };
     assert_eq!(
         (names(&changes.removed), names(&changes.added)),
