@@ -461,7 +461,7 @@ fn valid_port(port: i32) -> Result<u16, String> {
 }
 
 /// A port's backends (sorted) and the nodes they run on.
-type PortBackends = (Vec<L4Addr>, BTreeMap<L4Addr, String>);
+type PortBackends = (Vec<L4Addr>, Vec<Option<Arc<str>>>);
 
 /// The backends for one service port, merged over every slice. Problems go
 /// to `errors`: a bad endpoint or an unusable slice port is skipped
@@ -566,6 +566,6 @@ fn port_backends(
     let backends: Vec<L4Addr> = if ready.is_empty() { terminating } else { ready }
         .into_iter()
         .collect();
-    nodes.retain(|b, _| backends.binary_search(b).is_ok());
+    let nodes = backends.iter().map(|b| nodes.remove(b)).collect();
     (backends, nodes)
 }

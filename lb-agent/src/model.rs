@@ -1,7 +1,7 @@
 //! The agent's view of what to program: frontends (VIP, port, protocol) and
 //! the backends behind each, independent of where they came from.
 
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
+use std::{fmt, net::Ipv4Addr};
 
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
 
@@ -74,7 +74,7 @@ pub struct FrontendSpec {
     pub port_name: String,
     /// Sorted, without duplicates. Empty: new flows are rejected.
     pub backends: Vec<L4Addr>,
-    /// The node each backend runs on, where the EndpointSlice says (for the
-    /// node-local traffic policies).
-    pub nodes: BTreeMap<L4Addr, String>,
+    /// The node each backend runs on (same index as `backends`), where the
+    /// EndpointSlice says; for the node-local traffic policies.
+    pub nodes: Vec<Option<std::sync::Arc<str>>>,
 }

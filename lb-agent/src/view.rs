@@ -62,7 +62,22 @@ pub struct EndpointView {
     pub ready: Option<bool>,
     pub serving: Option<bool>,
     pub terminating: Option<bool>,
-    pub node_name: Option<String>,
+    /// Interned: a cluster has few nodes and many endpoints.
+    pub node_name: Option<Arc<str>>,
+}
+
+/// One shared string per node name, process-wide (node names are few and
+/// long-lived; endpoints are many).
+fn intern_node_name(name: &str) -> Arc<str> {
+    static NAMES: std::sync::Mutex<std::collections::BTreeSet<Arc<str>>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut names = NAMES.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(known) = names.get(name) {
+        return known.clone();
+    }
+    let name: Arc<str> = name.into();
+    names.insert(name.clone());
+    name
 }
 
 /// A port's protocol as written: the three known ones without an
@@ -183,7 +198,7 @@ impl From<&EndpointSlice> for SliceView {
                     ready: e.conditions.as_ref().and_then(|c| c.ready),
                     serving: e.conditions.as_ref().and_then(|c| c.serving),
                     terminating: e.conditions.as_ref().and_then(|c| c.terminating),
-                    node_name: e.node_name.clone(),
+                    node_name: e.node_name.as_deref().map(intern_node_name),
                 })
                 .collect(),
         }

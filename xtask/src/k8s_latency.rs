@@ -43,6 +43,8 @@ struct Row {
     idle_cpu: f64,
     rss_mib: f64,
     programmed_after: Duration,
+    /// The write's own round trip (API server alone: patch sent → answered), p50 / p99.
+    source_rtt: Option<(Duration, Duration)>,
 }
 
 pub fn run(agent_bin: &Path, changes: usize, scales: &[usize]) -> anyhow::Result<()> {
@@ -59,13 +61,16 @@ pub fn run(agent_bin: &Path, changes: usize, scales: &[usize]) -> anyhow::Result
          EndpointSlice (1 ↔ 2 endpoints), from sending it (a server-side-apply patch at lb-apiserver, k8s.io/apiserver + \
          etcd on loopback; or rewriting the service's own file) to the agent's map showing the new count. Idle CPU: the \
          agent's user+system time over {IDLE:?} with nothing changing. Agent: `{}`.\n\n\
-         | source | services | programmed after | change → map p50 | p99 | max | idle CPU | RSS |\n|---|---|---|---|---|---|---|---|\n",
+         | source | services | programmed after | change → map p50 | p99 | max | of which the write's round trip p50 / p99 | idle CPU | RSS |\n|---|---|---|---|---|---|---|---|---|\n",
         agent_bin.display()
     );
     for r in &rows {
+        let rtt = r.source_rtt.map_or("—".to_string(), |(p50, p99)| {
+            format!("{p50:.2?} / {p99:.2?}")
+        });
         let _ = writeln!(
             text,
-            "| {} | {} | {:.1?} | {:.2?} | {:.2?} | {:.2?} | {:.2} % | {:.0} MiB |",
+            "| {} | {} | {:.1?} | {:.2?} | {:.2?} | {:.2?} | {rtt} | {:.2} % | {:.0} MiB |",
             r.mode,
             r.services,
             r.programmed_after,
@@ -88,7 +93,7 @@ pub fn run(agent_bin: &Path, changes: usize, scales: &[usize]) -> anyhow::Result
 }
 
 /// Service `i` of the filler set: its own VIP and endpoints (pod addresses
-/// from 198.18.32.0 up, reused past 57 000).
+/// from 198.18.32.0 up, reused past 57 000) on 20 nodes.
 fn filler(i: usize) -> String {
     let base = u32::from(Ipv4Addr::new(198, 18, 32, 0));
     let endpoints: Vec<(Ipv4Addr, bool)> = (0..ENDPOINTS)
@@ -99,7 +104,20 @@ fn filler(i: usize) -> String {
             )
         })
         .collect();
-    web_manifest(&endpoints)
+    // Each endpoint on one of 20 nodes, as EndpointSlices say in a cluster.
+    let mut node = i * ENDPOINTS;
+    let manifest = web_manifest(&endpoints)
+        .lines()
+        .map(|line| {
+            if line.starts_with("- addresses:") {
+                node += 1;
+                format!("{line}\n  nodeName: node-{}\n", node % 20)
+            } else {
+                format!("{line}\n")
+            }
+        })
+        .collect::<String>();
+    manifest
         .replace("name: web-1", &format!("name: svc{i}-1"))
         .replace("name: web", &format!("name: svc{i}"))
         .replace("service-name: web", &format!("service-name: svc{i}"))
@@ -254,10 +272,10 @@ fn api_mode(n: usize, changes: usize) -> anyhow::Result<Row> {
                 .map_err(|e| anyhow::anyhow!("{e}"))
         })
         .collect::<Result<_, _>>()?;
-    let mut to_map = api.with_client(&topology.node, move |client| async move {
+    let (mut to_map, mut rtt) = api.with_client(&topology.node, move |client| async move {
         let slices_api = Api::<EndpointSlice>::namespaced(client, "demo");
         let params = PatchParams::apply("lb-latency").force();
-        let mut to_map = Vec::new();
+        let (mut to_map, mut rtt) = (Vec::new(), Vec::new());
         for i in 0..changes + 10 {
             let slice = &slices[(i + 1) % 2];
             let expected = ((i + 1) % 2 + 1) as u16;
@@ -265,15 +283,19 @@ fn api_mode(n: usize, changes: usize) -> anyhow::Result<Row> {
             slices_api
                 .patch("web-1", &params, &Patch::Apply(slice))
                 .await?;
+            let acked = started.elapsed();
             let took = web_count.wait(expected, started)?;
             if i >= 10 {
-                to_map.push(took); // the first changes warm up connections and caches
+                // The first changes warm up connections and caches.
+                to_map.push(took);
+                rtt.push(acked);
             }
         }
-        Ok(to_map)
+        Ok((to_map, rtt))
     })?;
     drop(agent);
     let (p50, p99, max) = summary(&mut to_map);
+    let (rtt50, rtt99, _) = summary(&mut rtt);
     Ok(Row {
         mode: "API server",
         services: n,
@@ -283,6 +305,7 @@ fn api_mode(n: usize, changes: usize) -> anyhow::Result<Row> {
         idle_cpu,
         rss_mib,
         programmed_after,
+        source_rtt: Some((rtt50, rtt99)),
     })
 }
 
@@ -331,5 +354,6 @@ fn manifest_mode(n: usize, changes: usize) -> anyhow::Result<Row> {
         idle_cpu,
         rss_mib,
         programmed_after,
+        source_rtt: None,
     })
 }
