@@ -86,16 +86,15 @@ pub fn router(health: Arc<Health>) -> Router {
 }
 
 async fn healthz(State(health): State<Arc<Health>>) -> impl IntoResponse {
-    let code = if health.is_healthy() {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (code, Json(health.body()))
+    respond(health.is_healthy(), &health)
 }
 
 async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
-    let code = if health.is_ready() {
+    respond(health.is_ready(), &health)
+}
+
+fn respond(ok: bool, health: &Health) -> impl IntoResponse {
+    let code = if ok {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

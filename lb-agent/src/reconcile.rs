@@ -114,15 +114,6 @@ pub struct Plan {
     pub skipped: Vec<(ServiceName, L4Addr, MapWriteError)>,
 }
 
-impl Plan {
-    pub fn ops(&self) -> impl Iterator<Item = &Op> {
-        self.backends
-            .iter()
-            .chain(self.frontends.iter().flat_map(|f| f.ops.iter()))
-            .chain(&self.orphans)
-    }
-}
-
 /// A backend in the map and how many slots refer to it.
 #[derive(Clone, Copy, Debug)]
 struct BackendEntry {

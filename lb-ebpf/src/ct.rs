@@ -38,19 +38,29 @@ fn peer_of(key: &CtKey, value: &CtValue) -> Option<(CtKey, CtValue)> {
         .map(|p| (peer_key, p))
 }
 
-/// The entry for `key` if its flow is alive: this entry is unexpired, or
-/// the other direction is (a one-way stream keeps its idle return path).
+/// Monotonic time, the clock of `CtValue::expires_ns`.
 #[inline(always)]
-pub fn lookup_flow(key: &CtKey, now: u64) -> Option<CtValue> {
+pub fn now() -> u64 {
+    // SAFETY: a helper without arguments.
+    unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() }
+}
+
+/// The entry for `key` and the time it was judged at, if its flow is alive:
+/// this entry is unexpired, or the other direction is (a one-way stream
+/// keeps its idle return path). The clock is read only on a hit: most
+/// packets at egress are not replies of a tracked flow.
+#[inline(always)]
+pub fn lookup_flow(key: &CtKey) -> Option<(CtValue, u64)> {
     let value = get(key)?;
+    let now = now();
     if !value.is_expired(now) {
-        return Some(value);
+        return Some((value, now));
     }
     let (_, peer) = peer_of(key, &value)?;
     if peer.is_expired(now) {
         None
     } else {
-        Some(value)
+        Some((value, now))
     }
 }
 

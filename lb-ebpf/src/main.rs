@@ -87,10 +87,9 @@ fn ingress(ctx: &TcContext) -> Outcome {
         // would be NATed alone. Without reassembly, drop it and count.
         return Outcome::drop(Stat::DropFragment);
     }
-    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
-
     let forward_key = pkt.ct_key(CT_DIR_FORWARD);
-    if let Some(entry) = ct::lookup_flow(&forward_key, now).filter(|e| !ct::is_reopened(e, &pkt)) {
+    let found = ct::lookup_flow(&forward_key);
+    if let Some((entry, now)) = found.filter(|(e, _)| !ct::is_reopened(e, &pkt)) {
         ct::update(&forward_key, &entry, &pkt, now);
         return dnat(
             ctx,
@@ -127,6 +126,7 @@ fn ingress(ctx: &TcContext) -> Outcome {
         return Outcome::drop(Stat::DropBackendMissing);
     };
     let (baddr, bport) = unsafe { ((*backend).addr_be, (*backend).port_be) };
+    let now = found.map_or_else(ct::now, |(_, now)| now);
     if ct::create(&pkt, baddr, bport, backend_id, rev_nat_id, now).is_err() {
         return Outcome::drop(Stat::DropCtFull);
     }
@@ -141,9 +141,8 @@ fn egress(ctx: &TcContext) -> Outcome {
         Parsed::NotForUs => return Outcome::next(Stat::PassNotReply),
         Parsed::Malformed => return Outcome::next(Stat::PassMalformed),
     };
-    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
     let reply_key = pkt.ct_key(CT_DIR_REPLY);
-    let Some(entry) = ct::lookup_flow(&reply_key, now) else {
+    let Some((entry, now)) = ct::lookup_flow(&reply_key) else {
         return Outcome::next(Stat::PassNotReply);
     };
     if pkt.is_tcp_syn_ack() && !ct::forward_is_open(&reply_key, &entry, &pkt) {
