@@ -23,7 +23,7 @@ use std::{
 
 use crate::{
     error::{InputError, InputErrorKind},
-    model::{FrontendSpec, L4Addr, Proto, ServiceName},
+    model::{FrontendKind, FrontendSpec, L4Addr, Proto, ServiceName},
     objects::{Objects, Sourced},
     store::{ObjectStore, ServiceInput},
     view::{
@@ -53,6 +53,15 @@ impl Limits {
     }
 }
 
+/// This node, as the node-dependent parts of the desired state see it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeContext {
+    /// `--node-name`: endpoints whose `nodeName` matches are local.
+    pub name: Option<Arc<str>>,
+    /// The addresses node ports are served on (`--nodeport-addresses`).
+    pub nodeport_addresses: Vec<Ipv4Addr>,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     /// Shared with the per-Service results (one copy of each spec).
@@ -63,9 +72,9 @@ pub struct Desired {
 
 /// Everything at once (for `check`, tests and benches): the same code the
 /// agent runs incrementally, over every Service.
-pub fn compute(objects: &Objects, limits: Limits) -> (Desired, Vec<InputError>) {
+pub fn compute(objects: &Objects, limits: Limits, node: NodeContext) -> (Desired, Vec<InputError>) {
     let store = ObjectStore::from_objects(objects);
-    let mut state = DesiredState::new(limits);
+    let mut state = DesiredState::new(limits, node);
     state.update(&store, &store.names());
     (state.desired().clone(), state.errors())
 }
@@ -79,6 +88,7 @@ struct ServiceResult {
     errors: Vec<InputError>,
     /// An error that keeps the Service at its last good state.
     blocking: bool,
+    created: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
 }
 
 /// What an update changed, for the reconciler to look at (and nothing else).
@@ -95,6 +105,7 @@ pub struct Changes {
 /// Services (rare) fall back to a merge over every Service's cached result.
 pub struct DesiredState {
     limits: Limits,
+    node: NodeContext,
     results: BTreeMap<ServiceName, ServiceResult>,
     desired: Desired,
     /// Services that lost a frontend to another: the error they get.
@@ -104,9 +115,10 @@ pub struct DesiredState {
 }
 
 impl DesiredState {
-    pub fn new(limits: Limits) -> Self {
+    pub fn new(limits: Limits, node: NodeContext) -> Self {
         Self {
             limits,
+            node,
             results: BTreeMap::new(),
             desired: Desired::default(),
             conflicts: BTreeMap::new(),
@@ -116,6 +128,20 @@ impl DesiredState {
 
     pub fn desired(&self) -> &Desired {
         &self.desired
+    }
+
+    pub fn node(&self) -> &NodeContext {
+        &self.node
+    }
+
+    /// A new view of this node (its addresses changed): every Service is
+    /// recomputed when it differs. `None` when nothing changed.
+    pub fn set_node(&mut self, node: NodeContext, store: &ObjectStore) -> Option<Changes> {
+        if node == self.node {
+            return None;
+        }
+        self.node = node;
+        Some(self.update(store, &store.names()))
     }
 
     /// Every current problem, by Service.
@@ -140,7 +166,7 @@ impl DesiredState {
         let mut old = BTreeMap::new();
         for name in dirty {
             merge_all |= self.conflicts.contains_key(name) || self.winners.contains(name);
-            let result = service_result(name, &store.input(name), self.limits);
+            let result = service_result(name, &store.input(name), self.limits, &self.node);
             let previous =
                 if result.frontends.is_empty() && result.errors.is_empty() && !result.blocking {
                     self.results.remove(name)
@@ -156,11 +182,9 @@ impl DesiredState {
             let Some(result) = self.results.get(name).filter(|r| !r.blocking) else {
                 continue;
             };
-            for frontend in result.frontends.keys() {
-                let held_elsewhere =
-                    self.desired.frontends.get(frontend).is_some_and(|spec| {
-                        spec.service != *name && !dirty.contains(&spec.service)
-                    });
+            for (frontend, spec) in &result.frontends {
+                let held_elsewhere = clash(&self.desired, name, frontend, spec)
+                    .is_some_and(|(_, other)| !dirty.contains(&other));
                 merge_all |= held_elsewhere || claimed.insert(*frontend, name).is_some();
             }
         }
@@ -198,48 +222,109 @@ impl DesiredState {
         changes
     }
 
-    /// Rebuilds the desired state from every cached result, in Service name
-    /// order: of two Services claiming a frontend, the first keeps it and the
-    /// second keeps its last good state.
+    /// Rebuilds the desired state from every cached result. Of two Services
+    /// claiming a frontend, the older (`creationTimestamp`, then name) keeps
+    /// it — the same winner on every run — and the other keeps its last
+    /// good state.
     fn merge_all(&mut self) {
-        self.desired = Desired::default();
+        let mut order: Vec<(&ServiceName, &ServiceResult)> = self.results.iter().collect();
+        order.sort_by(|a, b| (&a.1.created, a.0).cmp(&(&b.1.created, b.0)));
+        let mut desired = Desired::default();
         self.conflicts.clear();
         self.winners.clear();
-        for (name, result) in &self.results {
+        for (name, result) in order {
             if result.blocking {
-                self.desired.keep.insert(name.clone());
+                desired.keep.insert(name.clone());
                 continue;
             }
-            let taken = result.frontends.keys().find_map(|f| {
-                self.desired
-                    .frontends
-                    .get(f)
-                    .map(|other| (*f, other.service.clone()))
-            });
-            if let Some((frontend, other)) = taken {
+            let taken = result
+                .frontends
+                .iter()
+                .find_map(|(f, spec)| clash(&desired, name, f, spec).map(|c| (spec.kind, c)));
+            if let Some((kind, (message, other))) = taken {
                 self.conflicts.insert(
                     name.clone(),
                     InputError {
                         kind: InputErrorKind::Conflict,
                         file: result.file.clone(),
                         object: format!("Service {name}"),
-                        field: "spec.ports".into(),
-                        message: format!("frontend {frontend} is already used by Service {other}"),
+                        field: kind.field().into(),
+                        message,
                     },
                 );
                 self.winners.insert(other);
-                self.desired.keep.insert(name.clone());
+                desired.keep.insert(name.clone());
                 continue;
             }
-            self.desired
+            desired
                 .frontends
                 .extend(result.frontends.iter().map(|(f, s)| (*f, s.clone())));
         }
+        self.desired = desired;
     }
 }
 
+/// Whether another Service in `desired` holds `frontend`, or the address of
+/// an external frontend is another Service's cluster IP (or the reverse):
+/// traffic to it would reach the wrong Service (the CVE-2020-8554 class).
+/// Returns the message and the other Service.
+fn clash(
+    desired: &Desired,
+    name: &ServiceName,
+    frontend: &L4Addr,
+    spec: &FrontendSpec,
+) -> Option<(String, ServiceName)> {
+    if let Some(other) = desired
+        .frontends
+        .get(frontend)
+        .filter(|o| o.service != *name)
+    {
+        return Some((
+            format!(
+                "{} {frontend} is already used by Service {} ({})",
+                spec.kind, other.service, other.kind
+            ),
+            other.service.clone(),
+        ));
+    }
+    let same_address = L4Addr {
+        addr: frontend.addr,
+        port: 0,
+        proto: Proto::Tcp,
+    }..=L4Addr {
+        addr: frontend.addr,
+        port: u16::MAX,
+        proto: Proto::Udp,
+    };
+    let is_cluster_ip = spec.kind == FrontendKind::ClusterIp;
+    desired
+        .frontends
+        .range(same_address)
+        .map(|(_, other)| other)
+        .find(|other| {
+            other.service != *name
+                && other.kind != FrontendKind::NodePort
+                && spec.kind != FrontendKind::NodePort
+                && (other.kind == FrontendKind::ClusterIp) != is_cluster_ip
+        })
+        .map(|other| {
+            (
+                format!(
+                    "{} {} is the {} of Service {}",
+                    spec.kind, frontend.addr, other.kind, other.service
+                ),
+                other.service.clone(),
+            )
+        })
+}
+
 /// One Service's frontends and problems from its input.
-fn service_result(name: &ServiceName, input: &ServiceInput<'_>, limits: Limits) -> ServiceResult {
+fn service_result(
+    name: &ServiceName,
+    input: &ServiceInput<'_>,
+    limits: Limits,
+    node: &NodeContext,
+) -> ServiceResult {
     let mut result = ServiceResult::default();
     if input.unparsed {
         // Part of its input did not parse (reported by the source): keep
@@ -253,6 +338,7 @@ fn service_result(name: &ServiceName, input: &ServiceInput<'_>, limits: Limits) 
         return result; // slices without their Service: nothing to program
     };
     result.file = first.file.clone();
+    result.created = first.object.created.clone();
     for other in others {
         let ctx = ErrCtx {
             file: other.file.clone(),
@@ -264,7 +350,7 @@ fn service_result(name: &ServiceName, input: &ServiceInput<'_>, limits: Limits) 
             "defined more than once; the first definition is used",
         ));
     }
-    let (frontends, problems) = service_frontends(first, name, &input.slices, limits);
+    let (frontends, problems) = service_frontends(first, name, &input.slices, limits, node);
     result.blocking = problems.iter().any(|e| e.kind.keeps_last_good());
     // Slice problems are found once per service port: report each once.
     let mut seen = BTreeSet::new();
@@ -302,6 +388,7 @@ fn service_frontends(
     name: &ServiceName,
     slices: &[&Sourced<SliceView>],
     limits: Limits,
+    node: &NodeContext,
 ) -> (Vec<(L4Addr, FrontendSpec)>, Vec<InputError>) {
     let ctx = ErrCtx {
         file: service.file.clone(),
@@ -329,7 +416,16 @@ fn service_frontends(
     }
 
     let mut errors = Vec::new();
-    let mut ports: Vec<(String, u16, Proto)> = Vec::new();
+    let policy = match Policy::of(spec, &ctx) {
+        Ok(policy) => policy,
+        Err(e) => return (Vec::new(), vec![e]),
+    };
+    let external = match external_addresses(spec, &ctx) {
+        Ok(external) => external,
+        Err(e) => return (Vec::new(), vec![e]),
+    };
+    let has_node_ports = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
+    let mut ports: Vec<ServicePort> = Vec::new();
     for (i, port) in spec.ports.iter().enumerate() {
         let field = |f: &str| format!("spec.ports[{i}].{f}");
         let proto = match parse_proto(port.protocol.as_ref().map(ProtocolText::as_str)) {
@@ -343,9 +439,17 @@ fn service_frontends(
                 continue;
             }
         };
+        let node_port = match port.node_port.filter(|_| has_node_ports).map(valid_port) {
+            Some(Ok(p)) => Some(p),
+            Some(Err(m)) => {
+                errors.push(ctx.error(InputErrorKind::InvalidField, &field("nodePort"), &m));
+                continue;
+            }
+            None => None, // allocateLoadBalancerNodePorts: false, or not a NodePort type
+        };
         match valid_port(port.port) {
             Ok(p) => {
-                if let Some(j) = ports.iter().position(|(_, q, r)| *q == p && *r == proto) {
+                if let Some(j) = ports.iter().position(|q| q.port == p && q.proto == proto) {
                     errors.push(ctx.error(
                         InputErrorKind::Conflict,
                         &field("port"),
@@ -353,46 +457,207 @@ fn service_frontends(
                     ));
                     continue;
                 }
-                ports.push((port.name.clone().unwrap_or_default(), p, proto))
+                ports.push(ServicePort {
+                    name: port.name.clone().unwrap_or_default(),
+                    port: p,
+                    proto,
+                    node_port,
+                })
             }
             Err(m) => errors.push(ctx.error(InputErrorKind::InvalidField, &field("port"), &m)),
         }
     }
 
     let mut frontends = Vec::new();
-    for (port_name, port, proto) in ports {
-        let (backends, nodes) = port_backends(slices, &port_name, proto, &mut errors);
-        match (backends, nodes) {
-            (backends, _) if backends.len() > limits.max_backends_per_service => {
-                errors.push(ctx.error(
-                    InputErrorKind::OverLimit,
-                    "spec.ports",
-                    &format!(
-                    "port {port_name:?} has {} endpoints, more than --max-backends-per-service {}",
+    for port in ports {
+        let (backends, nodes) = port_backends(slices, &port.name, port.proto, &mut errors);
+        if backends.len() > limits.max_backends_per_service {
+            errors.push(ctx.error(
+                InputErrorKind::OverLimit,
+                "spec.ports",
+                &format!(
+                    "port {:?} has {} endpoints, more than --max-backends-per-service {}",
+                    port.name,
                     backends.len(),
                     limits.max_backends_per_service
                 ),
-                ))
-            }
-            (backends, nodes) => {
-                for vip in &vips {
-                    let frontend = L4Addr {
-                        addr: *vip,
-                        port,
-                        proto,
-                    };
-                    let spec = FrontendSpec {
-                        service: name.clone(),
-                        port_name: port_name.clone(),
-                        backends: backends.clone(),
-                        nodes: nodes.clone(),
-                    };
-                    frontends.push((frontend, spec));
-                }
-            }
+            ));
+            continue;
+        }
+        let (backends, nodes, local_count) = local_first(backends, nodes, node.name.as_deref());
+        let addresses = vips
+            .iter()
+            .map(|vip| (FrontendKind::ClusterIp, *vip, port.port))
+            .chain(
+                port.node_port
+                    .into_iter()
+                    .flat_map(|np| node.nodeport_addresses.iter().map(move |a| (*a, np)))
+                    .map(|(a, np)| (FrontendKind::NodePort, a, np)),
+            )
+            .chain(external.iter().map(|(kind, a)| (*kind, *a, port.port)));
+        for (kind, addr, frontend_port) in addresses {
+            let frontend = L4Addr {
+                addr,
+                port: frontend_port,
+                proto: port.proto,
+            };
+            let spec = FrontendSpec {
+                service: name.clone(),
+                port_name: port.name.clone(),
+                kind,
+                backends: backends.clone(),
+                local_count,
+                nodes: nodes.clone(),
+                policy_flags: policy.flags(kind),
+                affinity_timeout_s: policy.affinity_timeout_s,
+            };
+            frontends.push((frontend, spec));
         }
     }
     (frontends, errors)
+}
+
+/// One usable port of a Service.
+struct ServicePort {
+    name: String,
+    port: u16,
+    proto: Proto,
+    node_port: Option<u16>,
+}
+
+/// A Service's traffic policies and affinity.
+struct Policy {
+    external_local: bool,
+    internal_local: bool,
+    affinity_timeout_s: Option<u32>,
+}
+
+/// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 h).
+const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+/// The API's upper bound for it (1 day).
+const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
+
+impl Policy {
+    fn of(spec: &ServiceSpecView, ctx: &ErrCtx) -> Result<Self, InputError> {
+        let local = |field: &str, value: &Option<String>| match value.as_deref() {
+            None | Some("Cluster") => Ok(false),
+            Some("Local") => Ok(true),
+            Some(other) => Err(ctx.error(
+                InputErrorKind::InvalidField,
+                field,
+                &format!("unknown policy {other:?} (expected Cluster or Local)"),
+            )),
+        };
+        let affinity_timeout_s = match spec.session_affinity.as_deref() {
+            None | Some("None") => None,
+            Some("ClientIP") => match spec.affinity_timeout_s {
+                None => Some(DEFAULT_AFFINITY_TIMEOUT_S),
+                Some(t) => match u32::try_from(t) {
+                    Ok(t) if (1..=MAX_AFFINITY_TIMEOUT_S).contains(&t) => Some(t),
+                    _ => {
+                        return Err(ctx.error(
+                            InputErrorKind::InvalidField,
+                            "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                            &format!("{t} is out of range 1-{MAX_AFFINITY_TIMEOUT_S}"),
+                        ))
+                    }
+                },
+            },
+            Some(other) => {
+                return Err(ctx.error(
+                    InputErrorKind::InvalidField,
+                    "spec.sessionAffinity",
+                    &format!("unknown affinity {other:?} (expected None or ClientIP)"),
+                ))
+            }
+        };
+        Ok(Self {
+            external_local: local("spec.externalTrafficPolicy", &spec.external_traffic_policy)?,
+            internal_local: local("spec.internalTrafficPolicy", &spec.internal_traffic_policy)?,
+            affinity_timeout_s,
+        })
+    }
+
+    /// The policy flags of a frontend of `kind`: externalTrafficPolicy
+    /// governs the external kinds, internalTrafficPolicy the cluster IPs.
+    fn flags(&self, kind: FrontendKind) -> u16 {
+        use lb_common::svc::{SVC_FLAG_AFFINITY, SVC_FLAG_EXTERNAL_LOCAL, SVC_FLAG_INTERNAL_LOCAL};
+        let mut flags = 0;
+        if kind.is_external() && self.external_local {
+            flags |= SVC_FLAG_EXTERNAL_LOCAL;
+        }
+        if !kind.is_external() && self.internal_local {
+            flags |= SVC_FLAG_INTERNAL_LOCAL;
+        }
+        if self.affinity_timeout_s.is_some() {
+            flags |= SVC_FLAG_AFFINITY;
+        }
+        flags
+    }
+}
+
+/// `spec.externalIPs` and, for type LoadBalancer, the load balancer's
+/// ingress IPs (not those with `ipMode: Proxy`: the load balancer proxies
+/// those itself and sends to the node ports).
+fn external_addresses(
+    spec: &ServiceSpecView,
+    ctx: &ErrCtx,
+) -> Result<Vec<(FrontendKind, Ipv4Addr)>, InputError> {
+    let mut found = Vec::new();
+    let mut add = |kind, field: String, text: &str| match text.parse::<IpAddr>() {
+        Ok(IpAddr::V4(v4)) if usable(v4) => {
+            if !found.contains(&(kind, v4)) {
+                found.push((kind, v4));
+            }
+            Ok(())
+        }
+        Ok(IpAddr::V6(_)) => Ok(()), // IPv4 only
+        _ => Err(ctx.error(
+            InputErrorKind::InvalidField,
+            &field,
+            &format!("{text:?} is not a usable IPv4 address"),
+        )),
+    };
+    for (i, ip) in spec.external_ips.iter().enumerate() {
+        add(
+            FrontendKind::ExternalIp,
+            format!("spec.externalIPs[{i}]"),
+            ip,
+        )?;
+    }
+    if spec.type_.as_deref() == Some("LoadBalancer") {
+        for (i, (ip, mode)) in spec.load_balancer_ingress.iter().enumerate() {
+            if let (Some(ip), false) = (ip, mode.as_deref() == Some("Proxy")) {
+                add(
+                    FrontendKind::LoadBalancer,
+                    format!("status.loadBalancer.ingress[{i}].ip"),
+                    ip,
+                )?;
+            }
+        }
+    }
+    Ok(found)
+}
+
+fn usable(ip: Ipv4Addr) -> bool {
+    !ip.is_unspecified() && !ip.is_broadcast() && !ip.is_multicast()
+}
+
+/// Reorders a port's backends so this node's come first (each part stays
+/// sorted); returns them with their count.
+fn local_first(
+    backends: Vec<L4Addr>,
+    nodes: Vec<Option<Arc<str>>>,
+    this_node: Option<&str>,
+) -> (Vec<L4Addr>, Vec<Option<Arc<str>>>, usize) {
+    let is_local = |n: &Option<Arc<str>>| this_node.is_some() && n.as_deref() == this_node;
+    let (local, remote): (Vec<_>, Vec<_>) = backends
+        .into_iter()
+        .zip(nodes)
+        .partition(|(_, n)| is_local(n));
+    let local_count = local.len();
+    let (backends, nodes) = local.into_iter().chain(remote).unzip();
+    (backends, nodes, local_count)
 }
 
 /// IPv4 cluster IPs from `clusterIPs` (or `clusterIP`); empty when headless.

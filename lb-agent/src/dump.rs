@@ -3,6 +3,11 @@
 
 use std::fmt::Write as _;
 
+use lb_common::svc::{
+    SvcValue, SVC_FLAG_AFFINITY, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_EXTERNAL_LOCAL,
+    SVC_FLAG_INTERNAL_LOCAL, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
+};
+
 use crate::datapath::maps::Snapshot;
 
 /// One block per frontend: slot 0, then each slot with its backend.
@@ -20,7 +25,14 @@ pub fn services(snapshot: &Snapshot) -> String {
             Some(r) => format!("revnat={} (MISMATCH: {})", value.rev_nat_id, r.frontend),
             None => format!("revnat={} (MISSING)", value.rev_nat_id),
         };
-        let _ = writeln!(out, "{frontend} count={} {revnat}", value.count);
+        let _ = writeln!(
+            out,
+            "{frontend} count={} local={} {revnat} {}{}",
+            value.count,
+            value.local_count,
+            kind(value.flags),
+            policies(value)
+        );
         if value.count == 0 {
             let _ = writeln!(out, "  (no backends: new flows are rejected)");
         }
@@ -34,6 +46,36 @@ pub fn services(snapshot: &Snapshot) -> String {
             };
             let _ = writeln!(out, "  slot {s}: {line}");
         }
+    }
+    out
+}
+
+fn kind(flags: u16) -> &'static str {
+    if flags & SVC_FLAG_NODE_PORT != 0 {
+        "NodePort"
+    } else if flags & SVC_FLAG_LOAD_BALANCER != 0 {
+        "LoadBalancer"
+    } else if flags & SVC_FLAG_EXTERNAL_IP != 0 {
+        "externalIP"
+    } else {
+        "ClusterIP"
+    }
+}
+
+/// The policies that differ from the defaults.
+fn policies(value: &SvcValue) -> String {
+    let mut out = String::new();
+    if value.flags & SVC_FLAG_EXTERNAL_LOCAL != 0 {
+        out.push_str(" externalTrafficPolicy=Local");
+    }
+    if value.flags & SVC_FLAG_INTERNAL_LOCAL != 0 {
+        out.push_str(" internalTrafficPolicy=Local");
+    }
+    if value.flags & SVC_FLAG_AFFINITY != 0 {
+        let _ = write!(out, " affinity=ClientIP/{}s", value.affinity_timeout_s);
+    }
+    if value.flags & SVC_FLAG_SOURCE_RANGES != 0 {
+        out.push_str(" sourceRanges");
     }
     out
 }

@@ -5,7 +5,7 @@ use std::{fmt::Write as _, net::Ipv4Addr, path::Path};
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use lb_common::{
     backend::BACKEND_MAP,
-    ct::{is_closing, CtKey, CtValue, CT_DIR_FORWARD, CT_MAP, CT_SEEN_REPLY},
+    ct::{is_closing, CtKey, CtValue, CT_DIR_FORWARD, CT_MAP, CT_SEEN_REPLY, CT_SNAT},
     revnat::REVNAT_MAP,
     stats::{STATS_MAP, STAT_COUNT, STAT_NAMES},
     svc::SVC_MAP,
@@ -59,19 +59,24 @@ pub fn conntrack(pin_dir: &Path) -> anyhow::Result<String> {
             "live"
         };
         let expires = peer.map_or(value.expires_ns, |p| p.expires_ns.max(value.expires_ns));
+        let snat = if value.flags & CT_SNAT != 0 {
+            endpoint(value.src_addr_be, value.src_port_be)
+        } else {
+            "-".into()
+        };
         rows.push(format!(
-            "{proto:<4} {:<22} {:<22} {:<22} {:>8.1} {:>8.1} {state}",
+            "{proto:<4} {:<22} {:<22} {:<22} {:>8.1} {:>8.1} {state:<8} {snat}",
             endpoint(key.saddr_be, key.sport_be),
             endpoint(key.daddr_be, key.dport_be),
-            endpoint(value.nat_addr_be, value.nat_port_be),
+            endpoint(value.dst_addr_be, value.dst_port_be),
             now.saturating_sub(value.created_ns) as f64 / 1e9,
             expires.saturating_sub(now) as f64 / 1e9,
         ));
     }
     rows.sort();
     let mut out = format!(
-        "{:<4} {:<22} {:<22} {:<22} {:>8} {:>8} STATE\n",
-        "PROT", "CLIENT", "FRONTEND", "BACKEND", "AGE(s)", "TTL(s)"
+        "{:<4} {:<22} {:<22} {:<22} {:>8} {:>8} {:<8} SNAT\n",
+        "PROT", "CLIENT", "FRONTEND", "BACKEND", "AGE(s)", "TTL(s)", "STATE"
     );
     for row in &rows {
         let _ = writeln!(out, "{row}");

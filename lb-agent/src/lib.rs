@@ -15,6 +15,7 @@ pub mod inspect;
 pub mod k8s;
 pub mod manifest;
 pub mod model;
+pub mod node;
 pub mod objects;
 pub mod reconcile;
 pub mod run;

@@ -49,6 +49,12 @@ enum Command {
         /// As `run --max-backends`.
         #[arg(long, default_value_t = DEFAULT_MAX_BACKENDS)]
         max_backends: u32,
+        /// The node to check for (node-local policies).
+        #[arg(long)]
+        node_name: Option<String>,
+        /// Node addresses to show node ports on.
+        #[arg(long, value_delimiter = ',')]
+        node_address: Vec<std::net::Ipv4Addr>,
     },
 }
 
@@ -66,9 +72,27 @@ struct RunArgs {
     /// the API server through the `kubernetes` ClusterIP it serves itself.
     #[arg(long, env = "LB_API_SERVER", conflicts_with = "manifests")]
     api_server: Option<String>,
-    /// This node's name (for node-local traffic policies).
+    /// This node's name: endpoints whose `nodeName` matches are local (the
+    /// node-local traffic policies). Default: the host name, as kube-proxy.
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
+    /// Interfaces facing outside the cluster: traffic arriving there is
+    /// external (externalTrafficPolicy applies, and flows to another node's
+    /// backend are SNATed). Names, globs or `@uplink`; attached like
+    /// `--interfaces`.
+    #[arg(long, value_delimiter = ',', default_value = "@uplink")]
+    external_interfaces: Vec<String>,
+    /// Node ports are served on the node addresses in these CIDRs
+    /// (kube-proxy's flag). Default: the addresses of the external interfaces.
+    #[arg(long, value_delimiter = ',')]
+    nodeport_addresses: Vec<ipnet::Ipv4Net>,
+    /// The node address external flows to other nodes' backends are SNATed
+    /// to. Default: the first address of the first external interface.
+    #[arg(long)]
+    snat_address: Option<std::net::Ipv4Addr>,
+    /// Source ports for SNAT; must lie outside net.ipv4.ip_local_port_range.
+    #[arg(long, default_value = "61000-65535", value_parser = lb_agent::node::parse_port_range)]
+    snat_port_range: std::ops::RangeInclusive<u16>,
     /// Serve /healthz and /readyz here (200 after the first full sync).
     #[arg(long)]
     health_addr: Option<std::net::SocketAddr>,
@@ -174,9 +198,22 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     api_server: args.api_server.filter(|s| !s.is_empty()),
                 },
             };
+            lb_agent::node::check_snat_ports(&args.snat_port_range).map_err(anyhow::Error::msg)?;
+            let node_name = match args.node_name.filter(|n| !n.is_empty()) {
+                Some(name) => name,
+                None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_owned())
+                    .map_err(|e| anyhow::anyhow!("reading the host name ({e}): set --node-name"))?,
+            };
             let config = RunConfig {
                 source,
-                node_name: args.node_name,
+                external_interfaces: args.external_interfaces,
+                node: lb_agent::node::NodeSettings {
+                    name: node_name.into(),
+                    nodeport_cidrs: args.nodeport_addresses,
+                    snat_address: args.snat_address,
+                    snat_ports: args.snat_port_range,
+                },
                 health_addr: args.health_addr,
                 interfaces: args.interfaces,
                 pin_dir: args.pin_dir,
@@ -221,12 +258,18 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             max_backends_per_service,
             max_service_slots,
             max_backends,
+            node_name,
+            node_address,
         } => {
             let limits = Limits::new(max_backends_per_service).map_err(anyhow::Error::msg)?;
             let mut dir = manifest::ManifestDir::new(&manifests);
             let mut errors = dir.poll()?.unwrap_or_default().errors;
             let objects = dir.objects();
-            let (desired, more) = desired::compute(&objects, limits);
+            let node = desired::NodeContext {
+                name: node_name.map(Into::into),
+                nodeport_addresses: node_address,
+            };
+            let (desired, more) = desired::compute(&objects, limits, node);
             errors.extend(more);
             let mut reconciler = Reconciler::restore(
                 lb_agent::datapath::fake::FakeMaps::new(

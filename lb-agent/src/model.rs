@@ -66,15 +66,78 @@ impl fmt::Display for ServiceName {
     }
 }
 
+/// How a frontend is reached: a Service's cluster IP, a node port on a node
+/// address, a load balancer's IP, or one of `spec.externalIPs`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FrontendKind {
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
+    ExternalIp,
+}
+
+impl FrontendKind {
+    /// Reached from outside the cluster: `externalTrafficPolicy` applies.
+    pub const fn is_external(self) -> bool {
+        !matches!(self, FrontendKind::ClusterIp)
+    }
+
+    pub const fn flag(self) -> u16 {
+        use lb_common::svc::*;
+        match self {
+            FrontendKind::ClusterIp => SVC_FLAG_CLUSTER_IP,
+            FrontendKind::NodePort => SVC_FLAG_NODE_PORT,
+            FrontendKind::LoadBalancer => SVC_FLAG_LOAD_BALANCER,
+            FrontendKind::ExternalIp => SVC_FLAG_EXTERNAL_IP,
+        }
+    }
+
+    /// The Service field that asks for this frontend (for errors).
+    pub const fn field(self) -> &'static str {
+        match self {
+            FrontendKind::ClusterIp => "spec.clusterIP",
+            FrontendKind::NodePort => "spec.ports[].nodePort",
+            FrontendKind::LoadBalancer => "status.loadBalancer.ingress",
+            FrontendKind::ExternalIp => "spec.externalIPs",
+        }
+    }
+}
+
+impl fmt::Display for FrontendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FrontendKind::ClusterIp => "ClusterIP",
+            FrontendKind::NodePort => "NodePort",
+            FrontendKind::LoadBalancer => "LoadBalancer",
+            FrontendKind::ExternalIp => "externalIP",
+        })
+    }
+}
+
 /// What one frontend should forward to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FrontendSpec {
     pub service: ServiceName,
     /// The Service port's name ("" when unnamed).
     pub port_name: String,
-    /// Sorted, without duplicates. Empty: new flows are rejected.
+    pub kind: FrontendKind,
+    /// This node's backends first, then the others; each part sorted,
+    /// without duplicates. Empty: new flows are rejected.
     pub backends: Vec<L4Addr>,
+    /// `backends[..local_count]` run on this node.
+    pub local_count: usize,
     /// The node each backend runs on (same index as `backends`), where the
-    /// EndpointSlice says; for the node-local traffic policies.
+    /// EndpointSlice says.
     pub nodes: Vec<Option<std::sync::Arc<str>>>,
+    /// `SVC_FLAG_*` policies besides the kind (traffic policies, affinity).
+    pub policy_flags: u16,
+    /// `sessionAffinity: ClientIP` timeout in seconds.
+    pub affinity_timeout_s: Option<u32>,
+}
+
+impl FrontendSpec {
+    /// Slot 0's flags: the kind and the policies.
+    pub fn flags(&self) -> u16 {
+        self.kind.flag() | self.policy_flags
+    }
 }

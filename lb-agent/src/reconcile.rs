@@ -18,7 +18,7 @@ use std::{
     fmt,
 };
 
-use lb_common::svc::{SvcValue, SVC_FLAG_CLUSTER_IP};
+use lb_common::svc::SvcValue;
 
 use crate::{
     datapath::maps::{LbMaps, MapWriteError},
@@ -44,11 +44,10 @@ pub enum Op {
         id: u16,
         owner: ServiceName,
     },
-    /// Slot 0: publishes `count` slots.
+    /// Slot 0: publishes `head.count` slots.
     PutCount {
         frontend: L4Addr,
-        count: u16,
-        rev_nat_id: u16,
+        head: Head,
     },
     /// Slot 0 is the frontend itself.
     DeleteSlot {
@@ -77,12 +76,48 @@ impl fmt::Display for Op {
                 id,
                 owner,
             } => write!(f, "put revnat {id} {frontend} {owner}"),
-            Op::PutCount {
-                frontend, count, ..
-            } => write!(f, "put slot {frontend}#0 count={count}"),
+            Op::PutCount { frontend, head } => write!(
+                f,
+                "put slot {frontend}#0 count={} local={} flags={:#x}",
+                head.count, head.local_count, head.flags
+            ),
             Op::DeleteSlot { frontend, slot } => write!(f, "del slot {frontend}#{slot}"),
             Op::DeleteRevNat { id } => write!(f, "del revnat {id}"),
             Op::DeleteBackend { id } => write!(f, "del backend {id}"),
+        }
+    }
+}
+
+/// Slot 0 of a frontend: what a packet reads before it picks a slot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Head {
+    pub count: u16,
+    /// Slots 1..=local_count hold this node's backends.
+    pub local_count: u16,
+    pub rev_nat_id: u16,
+    pub flags: u16,
+    pub affinity_timeout_s: u32,
+}
+
+impl Head {
+    fn of(value: &SvcValue) -> Self {
+        Self {
+            count: value.count,
+            local_count: value.local_count,
+            rev_nat_id: value.rev_nat_id,
+            flags: value.flags,
+            affinity_timeout_s: value.affinity_timeout_s,
+        }
+    }
+
+    fn value(&self) -> SvcValue {
+        SvcValue {
+            backend_id: 0,
+            count: self.count,
+            rev_nat_id: self.rev_nat_id,
+            local_count: self.local_count,
+            flags: self.flags,
+            affinity_timeout_s: self.affinity_timeout_s,
         }
     }
 }
@@ -129,8 +164,8 @@ struct Written {
     rev_nat_id: Option<u16>,
     /// The reverse-NAT entry holds this frontend and `service`.
     revnat_written: bool,
-    /// Slot 0's count, if slot 0 exists.
-    count: Option<u16>,
+    /// Slot 0, if it exists.
+    head: Option<Head>,
     /// Slots 1.. → backend id.
     slots: Slots,
 }
@@ -245,7 +280,7 @@ impl<M: LbMaps> Reconciler<M> {
         for ((frontend, slot), value) in &snapshot.slots {
             let w = written.entry(*frontend).or_default();
             if *slot == 0 {
-                w.count = Some(value.count);
+                w.head = Some(Head::of(value));
                 w.rev_nat_id = Some(value.rev_nat_id);
             } else {
                 w.slots.insert(*slot, value.backend_id);
@@ -430,10 +465,17 @@ impl<M: LbMaps> Reconciler<M> {
                 }
             };
             let empty = Written::default();
+            let head = Head {
+                count: ids.len() as u16,
+                local_count: spec.local_count as u16,
+                rev_nat_id,
+                flags: spec.flags(),
+                affinity_timeout_s: spec.affinity_timeout_s.unwrap_or(0),
+            };
             let ops = plan_frontend(
                 *frontend,
                 current.unwrap_or(&empty),
-                rev_nat_id,
+                head,
                 &spec.service,
                 &ids,
             );
@@ -673,26 +715,15 @@ impl<M: LbMaps> Reconciler<M> {
                 w.service = Some(owner.clone());
                 w.revnat_written = true;
             }
-            Op::PutCount {
-                frontend,
-                count,
-                rev_nat_id,
-            } => {
-                let value = SvcValue {
-                    backend_id: 0,
-                    count: *count,
-                    rev_nat_id: *rev_nat_id,
-                    flags: SVC_FLAG_CLUSTER_IP,
-                    _pad: [0; 3],
-                };
-                self.maps.put_slot(*frontend, 0, value)?;
-                self.entry(*frontend).count = Some(*count);
+            Op::PutCount { frontend, head } => {
+                self.maps.put_slot(*frontend, 0, head.value())?;
+                self.entry(*frontend).head = Some(*head);
             }
             Op::DeleteSlot { frontend, slot } => {
                 self.maps.delete_slot(*frontend, *slot)?;
                 let w = self.entry(*frontend);
                 if *slot == 0 {
-                    w.count = None;
+                    w.head = None;
                 } else if let Some(old) = w.slots.remove(*slot) {
                     self.drop_ref(old);
                 }
@@ -738,24 +769,31 @@ impl<M: LbMaps> Reconciler<M> {
 }
 
 /// The ordered writes that turn `current` into `ids` behind `frontend`.
+/// A count (or local count) that shrinks is published first, at the
+/// smaller of old and new, so no packet picks a slot while it is rewritten
+/// for another role; the final head goes last, after its slots.
 fn plan_frontend(
     frontend: L4Addr,
     current: &Written,
-    rev_nat_id: u16,
+    target: Head,
     owner: &ServiceName,
     ids: &[u32],
 ) -> Vec<Op> {
-    let count = ids.len() as u16;
-    let published = current.count.unwrap_or(0);
-    let shrinking = current.count.is_some() && count < published;
-    let put_count = Op::PutCount {
-        frontend,
-        count,
-        rev_nat_id,
-    };
     let mut ops = Vec::new();
-    if shrinking {
-        ops.push(put_count.clone());
+    let mut published = current.head;
+    if let Some(head) = current.head {
+        if target.count < head.count || target.local_count < head.local_count {
+            let interim = Head {
+                count: target.count.min(head.count),
+                local_count: target.local_count.min(head.local_count),
+                ..target
+            };
+            ops.push(Op::PutCount {
+                frontend,
+                head: interim,
+            });
+            published = Some(interim);
+        }
     }
     for (i, id) in ids.iter().enumerate() {
         let slot = i as u16 + 1;
@@ -768,23 +806,26 @@ fn plan_frontend(
         }
     }
     let revnat_current = current.revnat_written
-        && current.rev_nat_id == Some(rev_nat_id)
+        && current.rev_nat_id == Some(target.rev_nat_id)
         && current.service.as_ref() == Some(owner);
     if !revnat_current {
         ops.push(Op::PutRevNat {
             frontend,
-            id: rev_nat_id,
+            id: target.rev_nat_id,
             owner: owner.clone(),
         });
     }
-    if !shrinking && current.count != Some(count) {
-        ops.push(put_count);
+    if published != Some(target) {
+        ops.push(Op::PutCount {
+            frontend,
+            head: target,
+        });
     }
     ops.extend(
         current
             .slots
             .numbers()
-            .filter(|slot| *slot > count)
+            .filter(|slot| *slot > target.count)
             .map(|slot| Op::DeleteSlot { frontend, slot }),
     );
     ops

@@ -21,11 +21,12 @@ use crate::{
         loader::MapSizes,
         maps::KernelMaps,
     },
-    desired::{DesiredState, Limits},
+    desired::{DesiredState, Limits, NodeContext},
     error::InputError,
     health::{self, Health},
     k8s::ApiSource,
     manifest::ManifestDir,
+    node::NodeSettings,
     reconcile::Reconciler,
     store::ObjectStore,
     watch,
@@ -42,12 +43,14 @@ pub enum SourceConfig {
 pub struct RunConfig {
     pub source: SourceConfig,
     pub interfaces: Vec<String>,
+    /// Interfaces facing outside the cluster (a subset or more of `interfaces`).
+    pub external_interfaces: Vec<String>,
+    pub node: NodeSettings,
     pub pin_dir: PathBuf,
     pub sizes: MapSizes,
     pub limits: Limits,
     pub keep_datapath: bool,
     pub poll_interval: Duration,
-    pub node_name: Option<String>,
     pub health_addr: Option<SocketAddr>,
     pub timeouts: lb_common::ct::CtTimeouts,
     pub conntrack_gc_interval: Duration,
@@ -85,6 +88,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     };
     let mut attacher = Attacher::new(
         config.interfaces.clone(),
+        config.external_interfaces.clone(),
         Some(config.pin_dir.join("links")),
     );
     if attacher.wants_uplinks() {
@@ -94,7 +98,13 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 .context("--interfaces @uplink: reading the default routes")?,
         );
     }
-    check_interface_patterns(&attacher, &config.interfaces)?;
+    let patterns: Vec<String> = config
+        .interfaces
+        .iter()
+        .chain(&config.external_interfaces)
+        .cloned()
+        .collect();
+    check_interface_patterns(&attacher, &patterns)?;
     let health = Health::new(config.health_timeout);
     if let Some(addr) = config.health_addr {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -109,11 +119,16 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         .context("loading the datapath")?;
     let maps = loader::kernel_maps(&mut ebpf, config.sizes)?;
     let conntrack = loader::conntrack(&mut ebpf, config.sizes)?;
+    let config_map = loader::ConfigMap::take(&mut ebpf)?;
     let reconciler =
         Reconciler::restore(maps, config.sizes.backends).context("reading the pinned maps")?;
-    info!(pin_dir = %pin_dir.display(), node = ?config.node_name, "datapath loaded");
+    info!(pin_dir = %pin_dir.display(), node = %config.node.name, "datapath loaded");
 
     let config_limits = config.limits;
+    let node_context = NodeContext {
+        name: Some(config.node.name.clone()),
+        nodeport_addresses: Vec::new(),
+    };
     let mut agent = Agent {
         config,
         ebpf,
@@ -124,7 +139,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         trigger,
         health,
         store: ObjectStore::default(),
-        state: DesiredState::new(config_limits),
+        state: DesiredState::new(config_limits, node_context),
+        config_map,
+        node_config: None,
         file_errors: Vec::new(),
         synced: false,
         changed_paths: watch::SharedPaths::default(),
@@ -165,7 +182,7 @@ fn check_interface_patterns(attacher: &Attacher, patterns: &[String]) -> anyhow:
     }
     if unmatched.len() == patterns.len() {
         bail!(
-            "--interfaces: pattern(s) {} match no interface (have: {})",
+            "--interfaces/--external-interfaces: pattern(s) {} match no interface (have: {})",
             unmatched.join(", "),
             have()?
         );
@@ -207,6 +224,9 @@ struct Agent {
     full_scan: bool,
     recomputed_since_trim: usize,
     reported: BTreeSet<String>,
+    config_map: loader::ConfigMap,
+    /// What the config map holds (`None`: not written by this run yet).
+    node_config: Option<lb_common::config::NodeConfig>,
 }
 
 impl Agent {
@@ -449,6 +469,10 @@ impl Agent {
         for name in &changes.attached {
             info!(interface = %name, "attached tc ingress and egress");
         }
+        match crate::node::interface_addresses().await {
+            Ok(addresses) => self.sync_node(&addresses),
+            Err(e) => warn!("reading the node's addresses: {e}"),
+        }
         for name in &changes.gone {
             info!(interface = %name, "interface gone");
         }
@@ -456,6 +480,39 @@ impl Agent {
             warn!("{e}");
         }
         Ok(())
+    }
+
+    /// Follows the node's addresses: the node-port frontends and the SNAT
+    /// address move with them.
+    fn sync_node(&mut self, addresses: &[crate::node::InterfaceAddress]) {
+        let external = self.attacher.external_ifindexes();
+        let (context, config) = self.config.node.resolve(addresses, &external);
+        if self.node_config != Some(config) {
+            match self.config_map.set(&config) {
+                Ok(()) => {
+                    let snat = std::net::Ipv4Addr::from(u32::from_be(config.snat_addr_be));
+                    if config.snat_addr_be == 0 {
+                        warn!("no SNAT address (no address on an external interface): external flows to other nodes' backends are dropped");
+                    } else {
+                        info!(%snat, ports = ?(config.snat_port_first..=config.snat_port_last), "SNAT for external flows to other nodes");
+                    }
+                    self.node_config = Some(config);
+                }
+                Err(e) => error!("writing the node config: {e}"),
+            }
+        }
+        if context != *self.state.node() {
+            info!(addresses = ?context.nodeport_addresses, "node port addresses");
+            if let Some(changes) = self.state.set_node(context, &self.store) {
+                if self.synced {
+                    self.report_input_errors();
+                    let report = self
+                        .reconciler
+                        .apply_changes(self.state.desired(), &changes);
+                    self.after_apply(report);
+                }
+            }
+        }
     }
 
     fn shutdown(&mut self) {

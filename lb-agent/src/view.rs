@@ -19,6 +19,9 @@ pub struct ServiceView {
     pub name: Arc<str>,
     /// Labelled `service.kubernetes.io/service-proxy-name`: another proxy's.
     pub other_proxy: bool,
+    /// `metadata.creationTimestamp`: of two Services claiming one frontend,
+    /// the older keeps it (manifests without one sort first, by name).
+    pub created: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
     pub spec: Option<ServiceSpecView>,
 }
 
@@ -28,6 +31,16 @@ pub struct ServiceSpecView {
     pub cluster_ip: Option<String>,
     pub cluster_ips: Option<Vec<String>>,
     pub ports: Vec<ServicePortView>,
+    pub external_ips: Vec<String>,
+    /// `status.loadBalancer.ingress[]` as (ip, ipMode).
+    pub load_balancer_ingress: Vec<(Option<String>, Option<String>)>,
+    pub external_traffic_policy: Option<String>,
+    pub internal_traffic_policy: Option<String>,
+    pub session_affinity: Option<String>,
+    /// `sessionAffinityConfig.clientIP.timeoutSeconds`.
+    pub affinity_timeout_s: Option<i32>,
+    pub load_balancer_source_ranges: Vec<String>,
+    pub health_check_node_port: Option<i32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,6 +48,7 @@ pub struct ServicePortView {
     pub name: Option<String>,
     pub port: i32,
     pub protocol: Option<ProtocolText>,
+    pub node_port: Option<i32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -149,6 +163,7 @@ impl From<&Service> for ServiceView {
                 .labels
                 .as_ref()
                 .is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL)),
+            created: meta.creation_timestamp.clone(),
             spec: s.spec.as_ref().map(|spec| ServiceSpecView {
                 type_: spec.type_.clone(),
                 cluster_ip: spec.cluster_ip.clone(),
@@ -161,8 +176,32 @@ impl From<&Service> for ServiceView {
                         name: p.name.clone(),
                         port: p.port,
                         protocol: p.protocol.as_deref().map(ProtocolText::from),
+                        node_port: p.node_port,
                     })
                     .collect(),
+                external_ips: spec.external_ips.clone().unwrap_or_default(),
+                load_balancer_ingress: s
+                    .status
+                    .as_ref()
+                    .and_then(|st| st.load_balancer.as_ref())
+                    .and_then(|lb| lb.ingress.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|i| (i.ip.clone(), i.ip_mode.clone()))
+                    .collect(),
+                external_traffic_policy: spec.external_traffic_policy.clone(),
+                internal_traffic_policy: spec.internal_traffic_policy.clone(),
+                session_affinity: spec.session_affinity.clone(),
+                affinity_timeout_s: spec
+                    .session_affinity_config
+                    .as_ref()
+                    .and_then(|c| c.client_ip.as_ref())
+                    .and_then(|c| c.timeout_seconds),
+                load_balancer_source_ranges: spec
+                    .load_balancer_source_ranges
+                    .clone()
+                    .unwrap_or_default(),
+                health_check_node_port: spec.health_check_node_port,
             }),
         }
     }

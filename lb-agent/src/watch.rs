@@ -1,6 +1,6 @@
 //! Wake-ups for the agent loop, so idle means idle: file changes in the
 //! manifest directory (the `notify` crate) and network interfaces appearing
-//! or going (rtnetlink link events), each nudging a `Notify`.
+//! or going and addresses changing (rtnetlink events), each nudging a `Notify`.
 
 use std::{
     collections::BTreeSet,
@@ -52,15 +52,19 @@ pub fn watch_dir(
     Ok(watcher)
 }
 
-/// Subscribes to link events (and IPv4 route events with `routes`, for
-/// `@uplink`) in this network namespace; each one nudges `wake`. Runs on the
-/// current runtime until the socket fails.
+/// Subscribes to link and IPv4 address events (and IPv4 route events with
+/// `routes`, for `@uplink`) in this network namespace; each one nudges
+/// `wake`. Runs on the current runtime until the socket fails.
 pub fn watch_links(wake: Arc<Notify>, routes: bool) -> std::io::Result<()> {
     use rtnetlink::MulticastGroup;
     let groups: &[MulticastGroup] = if routes {
-        &[MulticastGroup::Link, MulticastGroup::Ipv4Route]
+        &[
+            MulticastGroup::Link,
+            MulticastGroup::Ipv4Ifaddr,
+            MulticastGroup::Ipv4Route,
+        ]
     } else {
-        &[MulticastGroup::Link]
+        &[MulticastGroup::Link, MulticastGroup::Ipv4Ifaddr]
     };
     let (connection, _handle, mut messages) = rtnetlink::new_multicast_connection(groups)?;
     tokio::spawn(connection);

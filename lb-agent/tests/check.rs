@@ -46,7 +46,9 @@ fn valid_input_passes_and_prints_the_maps() {
     let (ok, stdout, stderr) = check(&dir, &[]);
     assert!(ok, "{stderr}");
     assert!(
-        stdout.starts_with("198.19.0.10:80/TCP count=2 revnat=1 service=shop/web\n"),
+        stdout.starts_with(
+            "198.19.0.10:80/TCP count=2 local=0 revnat=1 service=shop/web ClusterIP\n"
+        ),
         "{stdout}"
     );
 }

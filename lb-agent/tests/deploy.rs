@@ -120,6 +120,7 @@ fn example_manifests_are_valid_input() {
         lb_agent::desired::Limits {
             max_backends_per_service: 16,
         },
+        Default::default(),
     );
     assert!(errors.is_empty(), "{errors:?}");
     assert_eq!(desired.frontends.len(), 3);

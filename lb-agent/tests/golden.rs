@@ -19,6 +19,11 @@ fn run_case(dir: &Path) -> (String, String) {
         Limits {
             max_backends_per_service: 4,
         },
+        // The node the cases are computed for: endpoints on node-a are local.
+        desired::NodeContext {
+            name: Some("node-a".into()),
+            nodeport_addresses: vec!["198.18.0.2".parse().unwrap(), "198.18.0.3".parse().unwrap()],
+        },
     );
     errors.extend(more);
     let mut reconciler = Reconciler::restore(FakeMaps::new(1 << 20, 1 << 20), 1 << 20).unwrap();
@@ -46,5 +51,5 @@ fn golden_cases() {
         }
         cases += 1;
     }
-    assert!(cases >= 4, "golden cases not found in {}", root.display());
+    assert!(cases >= 8, "golden cases not found in {}", root.display());
 }

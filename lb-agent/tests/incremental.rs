@@ -75,7 +75,7 @@ fn incremental_updates_equal_a_full_computation() {
         let files = 8;
         let mut contents: Vec<Objects> = vec![Objects::default(); files];
         let mut store = ObjectStore::default();
-        let mut state = DesiredState::new(LIMITS);
+        let mut state = DesiredState::new(LIMITS, Default::default());
         let fresh = || Reconciler::restore(FakeMaps::new(4096, 4096), 4096).unwrap();
         let (mut incremental, mut full) = (fresh(), fresh());
         for step in 0..60 {
@@ -94,7 +94,7 @@ fn incremental_updates_equal_a_full_computation() {
             for objects in &contents {
                 all.extend(objects);
             }
-            let (expected, expected_errors) = desired::compute(&all, LIMITS);
+            let (expected, expected_errors) = desired::compute(&all, LIMITS, Default::default());
             assert_eq!(state.desired(), &expected, "seed {seed} step {step}");
             let sorted = |mut v: Vec<String>| {
                 v.sort();

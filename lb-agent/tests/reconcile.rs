@@ -35,7 +35,7 @@ fn service(name: &str, vip: &str, backends: &[&str]) -> String {
 fn desired_of(yaml: &str) -> Desired {
     let (objects, errors) = manifest::parse_str(yaml, None).unwrap();
     assert!(errors.is_empty(), "{errors:?}");
-    desired::compute(&objects, LIMITS).0
+    desired::compute(&objects, LIMITS, Default::default()).0
 }
 
 fn reconciler() -> Reconciler<FakeMaps> {
@@ -62,7 +62,7 @@ fn growing_writes_backends_then_slots_then_revnat_then_count() {
             "put slot 198.19.0.1:80/TCP#1 backend=1",
             "put slot 198.19.0.1:80/TCP#2 backend=2",
             "put revnat 1 198.19.0.1:80/TCP",
-            "put slot 198.19.0.1:80/TCP#0 count=2",
+            "put slot 198.19.0.1:80/TCP#0 count=2 local=0 flags=0x1",
         ]
     );
     r.apply(&desired_of(&service(
@@ -75,7 +75,7 @@ fn growing_writes_backends_then_slots_then_revnat_then_count() {
         [
             "put backend 3 198.18.0.3:8080/TCP",
             "put slot 198.19.0.1:80/TCP#3 backend=3",
-            "put slot 198.19.0.1:80/TCP#0 count=3"
+            "put slot 198.19.0.1:80/TCP#0 count=3 local=0 flags=0x1"
         ]
     );
 }
@@ -93,7 +93,7 @@ fn shrinking_writes_count_first_then_deletes_tail_then_backends() {
     assert_eq!(
         take_log(&mut r),
         [
-            "put slot 198.19.0.1:80/TCP#0 count=1",
+            "put slot 198.19.0.1:80/TCP#0 count=1 local=0 flags=0x1",
             "put slot 198.19.0.1:80/TCP#1 backend=2",
             "del slot 198.19.0.1:80/TCP#2",
             "del slot 198.19.0.1:80/TCP#3",
@@ -170,7 +170,7 @@ fn invalid_update_keeps_the_service_last_good_state() {
     // The service's port becomes invalid: it is reported, and its frontend stays.
     let broken = service("a", "198.19.0.1", &["198.18.0.1"]).replace("port: 80,", "port: 0,");
     let (objects, _) = manifest::parse_str(&broken, None).unwrap();
-    let (desired, errors) = desired::compute(&objects, LIMITS);
+    let (desired, errors) = desired::compute(&objects, LIMITS, Default::default());
     assert_eq!(errors.len(), 1);
     assert!(
         errors[0]
@@ -398,7 +398,7 @@ fn retry_after_a_failed_slot_write_publishes_the_count_last() {
         take_log(&mut r),
         [
             "put slot 198.19.0.1:80/TCP#4 backend=4",
-            "put slot 198.19.0.1:80/TCP#0 count=4",
+            "put slot 198.19.0.1:80/TCP#0 count=4 local=0 flags=0x1",
         ],
         "the retry writes only what is missing, count last"
     );
@@ -420,7 +420,7 @@ fn restart_keeps_a_broken_services_last_good_state() {
     let broken = service("a", "198.19.0.1", &["198.18.0.1"]).replace("port: 80,", "port: 0,")
         + &service("b", "198.19.0.2", &["198.18.0.2"]);
     let (objects, _) = manifest::parse_str(&broken, None).unwrap();
-    let (desired, errors) = desired::compute(&objects, LIMITS);
+    let (desired, errors) = desired::compute(&objects, LIMITS, Default::default());
     assert_eq!(errors.len(), 1);
     let report = second.apply(&desired);
     assert_eq!((report.kept, report.removed, report.unchanged), (1, 0, 1));
@@ -499,7 +499,7 @@ fn objects_that_stop_parsing_keep_their_services_last_good_state() {
             "{what}: {:?}",
             errors[0]
         );
-        let (desired, _) = desired::compute(&objects, LIMITS);
+        let (desired, _) = desired::compute(&objects, LIMITS, Default::default());
         let report = r.apply(&desired);
         assert_eq!((report.kept, report.removed), (1, 0), "{what}");
         assert_eq!(r.maps().state, before, "{what}");
@@ -513,7 +513,7 @@ fn duplicate_ports_are_an_error_not_last_wins() {
         "ports: [{name: x, port: 80, targetPort: 8080}, {name: y, port: 80, targetPort: 9090}]",
     );
     let (objects, _) = manifest::parse_str(&yaml, None).unwrap();
-    let (desired, errors) = desired::compute(&objects, LIMITS);
+    let (desired, errors) = desired::compute(&objects, LIMITS, Default::default());
     assert_eq!(errors.len(), 1);
     assert_eq!(errors[0].kind, InputErrorKind::Conflict);
     assert_eq!(errors[0].field, "spec.ports[1].port");

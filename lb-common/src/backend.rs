@@ -2,7 +2,7 @@
 
 use crate::user_pod;
 
-pub const BACKEND_MAP: &str = "lb_backend_v2";
+pub const BACKEND_MAP: &str = "lb_backend_v3";
 pub const DEFAULT_MAX_BACKENDS: u32 = 262_144;
 
 #[repr(C)]

@@ -1,9 +1,12 @@
 //! Connection tracking: a hash map (no LRU: nothing is evicted behind the
 //! agent's back) keyed by the 5-tuple as seen on the wire.
 //!
-//! A flow has two entries, written and retired together:
-//! - forward: `client → VIP` (dir `CT_DIR_FORWARD`), NAT address = the backend,
-//! - reply: `backend → client` (dir `CT_DIR_REPLY`), NAT address = the VIP.
+//! A flow has two entries, written and retired together. Each value holds
+//! the tuple its packets leave with:
+//! - forward: `client → frontend` (dir `CT_DIR_FORWARD`) leaves as
+//!   `client → backend`, or `node:snat_port → backend` when SNATed;
+//! - reply: `backend → client` (or `backend → node:snat_port`) leaves as
+//!   `frontend → client`.
 //!
 //! Each entry holds enough to rebuild the other (`peer_key`, `peer_value`),
 //! both carry the same state `flags`, and each has its own expiry, refreshed
@@ -12,7 +15,7 @@
 
 use crate::user_pod;
 
-pub const CT_MAP: &str = "lb_ct_v2";
+pub const CT_MAP: &str = "lb_ct_v3";
 pub const DEFAULT_MAX_CT_ENTRIES: u32 = 262_144;
 
 pub const CT_DIR_FORWARD: u8 = 0;
@@ -27,6 +30,9 @@ pub const CT_FIN_FORWARD: u8 = 1 << 1;
 pub const CT_FIN_REPLY: u8 = 1 << 2;
 /// Either side sent an RST.
 pub const CT_RST: u8 = 1 << 3;
+/// The flow is source-NATed to the node (external traffic to a backend on
+/// another node): both directions are translated at ingress and redirected.
+pub const CT_SNAT: u8 = 1 << 4;
 
 /// An entry's expiry is pushed forward at most this often (one map write a
 /// second per direction, not one per packet).
@@ -91,14 +97,20 @@ pub struct CtKey {
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct CtValue {
-    /// Forward: backend address/port (new destination). Reply: VIP/port (new source).
-    pub nat_addr_be: u32,
-    pub nat_port_be: u16,
+    /// The packet's source after translation. Forward: the client, or the
+    /// node's SNAT address. Reply: the frontend.
+    pub src_addr_be: u32,
+    /// The packet's destination after translation. Forward: the backend.
+    /// Reply: the client.
+    pub dst_addr_be: u32,
+    pub src_port_be: u16,
+    pub dst_port_be: u16,
     pub rev_nat_id: u16,
-    pub backend_id: u32,
-    /// `CT_SEEN_REPLY | CT_FIN_* | CT_RST`.
+    /// `CT_SEEN_REPLY | CT_FIN_* | CT_RST | CT_SNAT`.
     pub flags: u8,
-    pub _pad: [u8; 3],
+    pub _pad: u8,
+    pub backend_id: u32,
+    pub _pad2: u32,
     pub created_ns: u64,
     /// Monotonic (`bpf_ktime_get_ns`) time after which this entry is idle.
     pub expires_ns: u64,
@@ -125,43 +137,34 @@ impl CtKey {
         }
     }
 
-    /// The key of the flow's other entry.
+    /// The key of the flow's other entry: the translated tuple, reversed.
+    /// (client → VIP leaves as S → backend, so its reply is backend → S;
+    /// backend → S leaves as VIP → client, so its forward is client → VIP.)
     #[inline(always)]
     pub const fn peer_key(&self, value: &CtValue) -> CtKey {
-        if self.dir == CT_DIR_FORWARD {
-            // client → VIP  ⇒  backend → client
-            CtKey::new(
-                value.nat_addr_be,
-                value.nat_port_be,
-                self.saddr_be,
-                self.sport_be,
-                self.proto,
-                CT_DIR_REPLY,
-            )
-        } else {
-            // backend → client  ⇒  client → VIP
-            CtKey::new(
-                self.daddr_be,
-                self.dport_be,
-                value.nat_addr_be,
-                value.nat_port_be,
-                self.proto,
-                CT_DIR_FORWARD,
-            )
-        }
+        CtKey::new(
+            value.dst_addr_be,
+            value.dst_port_be,
+            value.src_addr_be,
+            value.src_port_be,
+            self.proto,
+            if self.dir == CT_DIR_FORWARD {
+                CT_DIR_REPLY
+            } else {
+                CT_DIR_FORWARD
+            },
+        )
     }
 
-    /// The flow's other entry, rebuilt from this one (same state and expiry).
+    /// The flow's other entry, rebuilt from this one (same state and
+    /// expiry): its packets leave as this entry's tuple, reversed.
     #[inline(always)]
     pub const fn peer_value(&self, value: &CtValue) -> CtValue {
-        let (nat_addr_be, nat_port_be) = if self.dir == CT_DIR_FORWARD {
-            (self.daddr_be, self.dport_be) // the reply's new source: the VIP
-        } else {
-            (self.saddr_be, self.sport_be) // the forward's new destination: the backend
-        };
         CtValue {
-            nat_addr_be,
-            nat_port_be,
+            src_addr_be: self.daddr_be,
+            src_port_be: self.dport_be,
+            dst_addr_be: self.saddr_be,
+            dst_port_be: self.sport_be,
             ..*value
         }
     }
@@ -175,7 +178,7 @@ impl CtValue {
 
 const _: () = assert!(core::mem::size_of::<CtKey>() == 16 && core::mem::align_of::<CtKey>() == 4);
 const _: () =
-    assert!(core::mem::size_of::<CtValue>() == 32 && core::mem::align_of::<CtValue>() == 8);
+    assert!(core::mem::size_of::<CtValue>() == 40 && core::mem::align_of::<CtValue>() == 8);
 const _: () = assert!(core::mem::size_of::<CtTimeouts>() == 32);
 
 user_pod!(CtKey, CtValue, CtTimeouts);

@@ -6,11 +6,12 @@
 //! suffix); the kernel never byte-swaps on the fast path, the agent converts at
 //! one boundary (`lb_agent::datapath::maps`).
 //!
-//! Layout version: map names carry `_v2`. A layout change bumps the version so
+//! Layout version: map names carry `_v3`. A layout change bumps the version so
 //! a new agent never reads an old pinned map with the wrong shape.
 #![no_std]
 
 pub mod backend;
+pub mod config;
 pub mod ct;
 pub mod hash;
 pub mod revnat;
@@ -18,7 +19,7 @@ pub mod stats;
 pub mod svc;
 
 /// Version of the map layout; part of every map name.
-pub const MAP_LAYOUT_VERSION: u32 = 2;
+pub const MAP_LAYOUT_VERSION: u32 = 3;
 
 /// IANA protocol numbers, as in the IPv4 header.
 pub const IPPROTO_TCP: u8 = 6;

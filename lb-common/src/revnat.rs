@@ -10,7 +10,7 @@
 
 use crate::user_pod;
 
-pub const REVNAT_MAP: &str = "lb_revnat_v2";
+pub const REVNAT_MAP: &str = "lb_revnat_v3";
 
 /// `namespace/name` fits: both are DNS labels of at most 63 bytes.
 pub const OWNER_LEN: usize = 128;

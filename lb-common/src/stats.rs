@@ -1,6 +1,6 @@
 //! Per-reason packet counters: a per-CPU array indexed by `Stat`.
 
-pub const STATS_MAP: &str = "lb_stats_v2";
+pub const STATS_MAP: &str = "lb_stats_v3";
 
 /// Every decision and drop the datapath makes has its own counter.
 #[repr(u32)]
@@ -32,9 +32,22 @@ pub enum Stat {
     PassNotReply = 11,
     /// One direction of a live flow was missing and was rebuilt from the other.
     CtRecreated = 12,
+    /// New external flow to a backend on another node: also SNATed to the
+    /// node and redirected out (counted besides `dnat_new`).
+    SnatNew = 13,
+    /// Ingress: reply of a SNATed flow translated back and redirected to the client.
+    RevSnat = 14,
+    /// New flow under a node-local traffic policy with no local endpoint: dropped.
+    DropNoLocalBackend = 15,
+    /// No free SNAT port for a new flow (or no SNAT address): dropped.
+    DropSnatExhausted = 16,
+    /// A SNATed packet had no route, or its TTL ran out: dropped.
+    DropRedirect = 17,
+    /// New flow from outside `loadBalancerSourceRanges`: dropped.
+    DropSourceRange = 18,
 }
 
-pub const STAT_COUNT: u32 = 13;
+pub const STAT_COUNT: u32 = 19;
 
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "pass_not_service",
@@ -50,4 +63,10 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "drop_reject",
     "pass_not_reply",
     "ct_recreated",
+    "snat_new",
+    "rev_snat",
+    "drop_no_local_backend",
+    "drop_snat_exhausted",
+    "drop_redirect",
+    "drop_source_range",
 ];

@@ -7,7 +7,7 @@
 
 use crate::user_pod;
 
-pub const SVC_MAP: &str = "lb_svc_v2";
+pub const SVC_MAP: &str = "lb_svc_v3";
 pub const DEFAULT_MAX_SVC_ENTRIES: u32 = 262_144;
 /// Most backends one frontend may have (slots are `u16`, slot 0 is the frontend).
 pub const MAX_BACKENDS_PER_SVC: u32 = 65_534;
@@ -32,12 +32,33 @@ pub struct SvcValue {
     pub count: u16,
     /// Slot 0: id of the reverse-NAT entry (the frontend's VIP:port).
     pub rev_nat_id: u16,
-    pub flags: u8,
-    pub _pad: [u8; 3],
+    /// Slot 0: slots 1..=local_count hold the backends on this node (the
+    /// node-local traffic policies pick among these).
+    pub local_count: u16,
+    /// Slot 0: `SVC_FLAG_*`.
+    pub flags: u16,
+    /// Slot 0: session affinity timeout (seconds) when `SVC_FLAG_AFFINITY`.
+    pub affinity_timeout_s: u32,
 }
 
-/// `SvcValue::flags`: service kinds (more to come with NodePort/LoadBalancer).
-pub const SVC_FLAG_CLUSTER_IP: u8 = 1 << 0;
+/// `SvcValue::flags`: the frontend's kind (one of these four)…
+pub const SVC_FLAG_CLUSTER_IP: u16 = 1 << 0;
+pub const SVC_FLAG_NODE_PORT: u16 = 1 << 1;
+pub const SVC_FLAG_LOAD_BALANCER: u16 = 1 << 2;
+pub const SVC_FLAG_EXTERNAL_IP: u16 = 1 << 3;
+/// …and its policies. `externalTrafficPolicy: Local`: traffic arriving on an
+/// external interface uses the local slots only, without SNAT.
+pub const SVC_FLAG_EXTERNAL_LOCAL: u16 = 1 << 4;
+/// `internalTrafficPolicy: Local` (cluster IPs): the local slots only.
+pub const SVC_FLAG_INTERNAL_LOCAL: u16 = 1 << 5;
+/// `sessionAffinity: ClientIP`.
+pub const SVC_FLAG_AFFINITY: u16 = 1 << 6;
+/// `loadBalancerSourceRanges` apply (checked in the source-range map).
+pub const SVC_FLAG_SOURCE_RANGES: u16 = 1 << 7;
+
+/// Kinds reached from outside the cluster (subject to `externalTrafficPolicy`).
+pub const SVC_FLAGS_EXTERNAL: u16 =
+    SVC_FLAG_NODE_PORT | SVC_FLAG_LOAD_BALANCER | SVC_FLAG_EXTERNAL_IP;
 
 impl SvcKey {
     pub const fn new(addr_be: u32, port_be: u16, proto: u8, slot: u16) -> Self {
@@ -53,6 +74,6 @@ impl SvcKey {
 
 const _: () = assert!(core::mem::size_of::<SvcKey>() == 12 && core::mem::align_of::<SvcKey>() == 4);
 const _: () =
-    assert!(core::mem::size_of::<SvcValue>() == 12 && core::mem::align_of::<SvcValue>() == 4);
+    assert!(core::mem::size_of::<SvcValue>() == 16 && core::mem::align_of::<SvcValue>() == 4);
 
 user_pod!(SvcKey, SvcValue);

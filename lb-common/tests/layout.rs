@@ -21,9 +21,11 @@ fn field_offsets_match_the_documented_layout() {
             offset_of!(SvcValue, backend_id),
             offset_of!(SvcValue, count),
             offset_of!(SvcValue, rev_nat_id),
-            offset_of!(SvcValue, flags)
+            offset_of!(SvcValue, local_count),
+            offset_of!(SvcValue, flags),
+            offset_of!(SvcValue, affinity_timeout_s)
         ),
-        (0, 4, 6, 8)
+        (0, 4, 6, 8, 10, 12)
     );
     assert_eq!(
         (
@@ -54,13 +56,17 @@ fn field_offsets_match_the_documented_layout() {
     );
     assert_eq!(
         (
-            offset_of!(CtValue, nat_addr_be),
-            offset_of!(CtValue, backend_id),
+            offset_of!(CtValue, src_addr_be),
+            offset_of!(CtValue, dst_addr_be),
+            offset_of!(CtValue, src_port_be),
+            offset_of!(CtValue, dst_port_be),
+            offset_of!(CtValue, rev_nat_id),
             offset_of!(CtValue, flags),
+            offset_of!(CtValue, backend_id),
             offset_of!(CtValue, created_ns),
             offset_of!(CtValue, expires_ns)
         ),
-        (0, 8, 12, 16, 24)
+        (0, 4, 8, 10, 12, 14, 16, 24, 32)
     );
 }
 
@@ -115,8 +121,10 @@ fn each_conntrack_entry_rebuilds_its_peer() {
     let (cport, vport, bport) = (0x3930u16, 0x5000u16, 0x901fu16);
     let forward_key = CtKey::new(client, cport, vip, vport, 6, CT_DIR_FORWARD);
     let forward = CtValue {
-        nat_addr_be: backend,
-        nat_port_be: bport,
+        src_addr_be: client,
+        src_port_be: cport,
+        dst_addr_be: backend,
+        dst_port_be: bport,
         rev_nat_id: 7,
         backend_id: 9,
         flags: CT_SEEN_REPLY,
@@ -130,7 +138,15 @@ fn each_conntrack_entry_rebuilds_its_peer() {
         CtKey::new(backend, bport, client, cport, 6, CT_DIR_REPLY)
     );
     let reply = forward_key.peer_value(&forward);
-    assert_eq!((reply.nat_addr_be, reply.nat_port_be), (vip, vport));
+    assert_eq!(
+        (
+            reply.src_addr_be,
+            reply.src_port_be,
+            reply.dst_addr_be,
+            reply.dst_port_be
+        ),
+        (vip, vport, client, cport)
+    );
     assert_eq!(
         (
             reply.rev_nat_id,
@@ -145,6 +161,55 @@ fn each_conntrack_entry_rebuilds_its_peer() {
 }
 
 #[test]
+fn a_snat_flow_pairs_the_translated_tuples() {
+    let (client, vip, backend, node) =
+        (0x0201_12c6u32, 0x0a00_13c6u32, 0x020a_12c6u32, 0x0200_12c6);
+    let (cport, vport, bport, sport) = (0x3930u16, 0x5000u16, 0x901fu16, 0x4ef0u16);
+    let forward_key = CtKey::new(client, cport, vip, vport, 17, CT_DIR_FORWARD);
+    let forward = CtValue {
+        src_addr_be: node,
+        src_port_be: sport,
+        dst_addr_be: backend,
+        dst_port_be: bport,
+        flags: CT_SNAT,
+        ..CtValue::default()
+    };
+    let reply_key = forward_key.peer_key(&forward);
+    assert_eq!(
+        reply_key,
+        CtKey::new(backend, bport, node, sport, 17, CT_DIR_REPLY),
+        "the backend answers the node"
+    );
+    let reply = forward_key.peer_value(&forward);
+    assert_eq!(
+        (
+            reply.src_addr_be,
+            reply.src_port_be,
+            reply.dst_addr_be,
+            reply.dst_port_be
+        ),
+        (vip, vport, client, cport),
+        "the answer leaves from the frontend to the client"
+    );
+    assert_eq!(reply_key.peer_key(&reply), forward_key);
+    assert_eq!(reply_key.peer_value(&reply), forward);
+}
+
+#[test]
+fn snat_replies_are_recognised_by_address_and_port_range() {
+    let config = lb_common::config::NodeConfig {
+        snat_addr_be: 0x0200_12c6,
+        snat_port_first: 61000,
+        snat_port_last: 65000,
+    };
+    assert!(config.is_snat_target(0x0200_12c6, 61000u16.to_be()));
+    assert!(config.is_snat_target(0x0200_12c6, 65000u16.to_be()));
+    assert!(!config.is_snat_target(0x0200_12c6, 60999u16.to_be()));
+    assert!(!config.is_snat_target(0x0300_12c6, 62000u16.to_be()));
+    assert!(!lb_common::config::NodeConfig::default().is_snat_target(0, 0));
+}
+
+#[test]
 fn every_map_name_carries_the_layout_version() {
     let suffix = format!("_v{}", lb_common::MAP_LAYOUT_VERSION);
     for name in [
@@ -153,6 +218,7 @@ fn every_map_name_carries_the_layout_version() {
         lb_common::revnat::REVNAT_MAP,
         CT_MAP,
         lb_common::stats::STATS_MAP,
+        lb_common::config::CONFIG_MAP,
     ] {
         assert!(name.ends_with(&suffix), "{name} lacks {suffix}");
         assert!(

@@ -4,9 +4,14 @@
 //! an entry can be deleted (agent GC, UDP flush) between two helper calls.
 
 use aya_ebpf::bindings::BPF_NOEXIST;
-use lb_common::ct::{
-    is_closing, CtKey, CtTimeouts, CtValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FIN_FORWARD,
-    CT_FIN_REPLY, CT_REFRESH_NS, CT_RST, CT_SEEN_REPLY,
+use lb_common::{
+    backend::Backend,
+    config::NodeConfig,
+    ct::{
+        is_closing, CtKey, CtTimeouts, CtValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FIN_FORWARD,
+        CT_FIN_REPLY, CT_REFRESH_NS, CT_RST, CT_SEEN_REPLY, CT_SNAT,
+    },
+    stats::Stat,
 };
 
 use crate::{maps::CONNTRACK, parse::Packet, stats::count};
@@ -136,45 +141,101 @@ pub fn update(key: &CtKey, value: &CtValue, pkt: &Packet, now: u64) {
                 )
                 .is_ok()
             {
-                count(lb_common::stats::Stat::CtRecreated);
+                count(Stat::CtRecreated);
             }
         }
     }
 }
 
-/// Records a new flow: the reply entry first, so the backend's first answer
-/// always finds it, then the forward entry. If the forward entry cannot be
-/// written (table full), the reply entry is removed again: no half flows.
+/// The forward entry of a new flow to `backend` (not SNATed: the source stays).
 #[inline(always)]
-pub fn create(
+pub fn new_forward(
     pkt: &Packet,
-    backend_addr_be: u32,
-    backend_port_be: u16,
+    backend: &Backend,
     backend_id: u32,
     rev_nat_id: u16,
     now: u64,
-) -> Result<(), ()> {
+) -> CtValue {
     let flags = flags_of(pkt, CT_DIR_FORWARD);
-    let forward_key = pkt.ct_key(CT_DIR_FORWARD);
-    let forward = CtValue {
-        nat_addr_be: backend_addr_be,
-        nat_port_be: backend_port_be,
+    CtValue {
+        src_addr_be: pkt.saddr_be,
+        dst_addr_be: backend.addr_be,
+        src_port_be: pkt.sport_be,
+        dst_port_be: backend.port_be,
         rev_nat_id,
-        backend_id,
         flags,
-        _pad: [0; 3],
+        _pad: 0,
+        backend_id,
+        _pad2: 0,
         created_ns: now,
         expires_ns: now + timeouts().for_state(pkt.proto, flags),
-    };
-    let reply_key = forward_key.peer_key(&forward);
-    CONNTRACK
-        .insert(&reply_key, &forward_key.peer_value(&forward), 0)
-        .map_err(|_| ())?;
-    if CONNTRACK.insert(&forward_key, &forward, 0).is_err() {
+    }
+}
+
+pub enum CreateError {
+    /// The table is full.
+    Full,
+    /// The reply tuple is another flow's (only with `BPF_NOEXIST`).
+    Taken,
+}
+
+const EEXIST: i32 = 17;
+
+/// Records a new flow: the reply entry first, so the backend's first answer
+/// always finds it, then the forward entry. If the forward entry cannot be
+/// written (table full), the reply entry is removed again: no half flows.
+/// `reply_flags` `BPF_NOEXIST` claims the reply tuple only if it is free.
+#[inline(always)]
+pub fn create(pkt: &Packet, forward: &CtValue, reply_flags: u64) -> Result<(), CreateError> {
+    let forward_key = pkt.ct_key(CT_DIR_FORWARD);
+    let reply_key = forward_key.peer_key(forward);
+    if let Err(e) = CONNTRACK.insert(&reply_key, &forward_key.peer_value(forward), reply_flags) {
+        return Err(if e == -EEXIST {
+            CreateError::Taken
+        } else {
+            CreateError::Full
+        });
+    }
+    if CONNTRACK.insert(&forward_key, forward, 0).is_err() {
         let _ = CONNTRACK.remove(&reply_key);
-        return Err(());
+        return Err(CreateError::Full);
     }
     Ok(())
+}
+
+/// SNAT ports tried per new flow before giving up (counted).
+const SNAT_TRIES: u32 = 8;
+/// Odd, so successive tries visit different ports of any range.
+const SNAT_STRIDE: u32 = 7919;
+
+/// Records a new flow SNATed to the node: the source port is claimed with
+/// the reply tuple itself (`BPF_NOEXIST`), so two flows never share one,
+/// even when CPUs race. Starts at a port derived from the flow hash.
+#[inline(always)]
+pub fn create_snat(
+    pkt: &Packet,
+    forward: &mut CtValue,
+    config: &NodeConfig,
+    hash: u32,
+) -> Result<(), Stat> {
+    if config.snat_addr_be == 0 || config.snat_port_last < config.snat_port_first {
+        return Err(Stat::DropSnatExhausted);
+    }
+    let first = u32::from(config.snat_port_first);
+    let span = u32::from(config.snat_port_last) - first + 1;
+    forward.src_addr_be = config.snat_addr_be;
+    forward.flags |= CT_SNAT;
+    let mut i = 0;
+    while i < SNAT_TRIES {
+        let port = first + hash.wrapping_add(i.wrapping_mul(SNAT_STRIDE)) % span;
+        forward.src_port_be = (port as u16).to_be();
+        match create(pkt, forward, BPF_NOEXIST as u64) {
+            Ok(()) => return Ok(()),
+            Err(CreateError::Full) => return Err(Stat::DropCtFull),
+            Err(CreateError::Taken) => i += 1,
+        }
+    }
+    Err(Stat::DropSnatExhausted)
 }
 
 /// Whether the service flow behind a reply entry is still open: its forward
@@ -185,8 +246,8 @@ pub fn forward_is_open(reply_key: &CtKey, reply: &CtValue, pkt: &Packet) -> bool
     match get(&reply_key.peer_key(reply)) {
         Some(fwd) => {
             !is_closing(fwd.flags)
-                && fwd.nat_addr_be == pkt.saddr_be
-                && fwd.nat_port_be == pkt.sport_be
+                && fwd.dst_addr_be == pkt.saddr_be
+                && fwd.dst_port_be == pkt.sport_be
         }
         None => false,
     }

@@ -1,5 +1,6 @@
-//! tc service load balancer. Ingress (`lb_ingress`): DNAT a client's packet
-//! to a backend and track the flow. Egress (`lb_egress`): reverse-NAT the
+//! tc service load balancer. Ingress (`lb_ingress`, `lb_ingress_external`
+//! on uplinks): DNAT a client's packet to a backend and track the flow;
+//! external traffic to another node's backend is also SNATed to the node. Egress (`lb_egress`): reverse-NAT the
 //! backend's reply on its way out to the client. Between the two hooks the
 //! node's own stack (routing, netfilter) sees the flow as client ↔ backend
 //! in both directions, consistently. See README.md "Packet path".
@@ -11,6 +12,7 @@ mod ct;
 mod maps;
 mod nat;
 mod parse;
+mod redirect;
 mod reject;
 mod stats;
 
@@ -20,10 +22,10 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    ct::{CT_DIR_FORWARD, CT_DIR_REPLY},
+    ct::{CtValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_SNAT},
     hash::{flow_hash, select_slot},
     stats::Stat,
-    svc::SvcKey,
+    svc::{SvcKey, SVC_FLAGS_EXTERNAL, SVC_FLAG_EXTERNAL_LOCAL, SVC_FLAG_INTERNAL_LOCAL},
 };
 
 use crate::{
@@ -56,9 +58,20 @@ impl Outcome {
     }
 }
 
+/// Ingress on pod-facing (internal) interfaces.
 #[classifier]
 pub fn lb_ingress(ctx: TcContext) -> i32 {
-    let outcome = ingress(&ctx);
+    let outcome = ingress::<false>(&ctx);
+    count(outcome.stat);
+    outcome.action
+}
+
+/// Ingress on the node's uplinks (`--external-interfaces`): traffic from
+/// outside the cluster, subject to `externalTrafficPolicy`, and the replies
+/// of SNATed flows.
+#[classifier]
+pub fn lb_ingress_external(ctx: TcContext) -> i32 {
+    let outcome = ingress::<true>(&ctx);
     count(outcome.stat);
     outcome.action
 }
@@ -70,7 +83,8 @@ pub fn lb_egress(ctx: TcContext) -> i32 {
     outcome.action
 }
 
-fn ingress(ctx: &TcContext) -> Outcome {
+#[inline(always)]
+fn ingress<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
     let pkt = match parse::parse(ctx) {
         Parsed::Packet(pkt) => pkt,
         Parsed::NotForUs => return Outcome::next(Stat::PassNotService),
@@ -78,10 +92,13 @@ fn ingress(ctx: &TcContext) -> Outcome {
     };
     let frontend = SvcKey::new(pkt.daddr_be, pkt.dport_be, pkt.proto, 0);
     let Some(svc) = maps::SERVICES.get_ptr(&frontend) else {
+        if EXTERNAL {
+            return reverse_snat(ctx, &pkt);
+        }
         return Outcome::next(Stat::PassNotService);
     };
     // SAFETY: copied at once; the agent may rewrite slot 0 at any time.
-    let (count_, rev_nat_id) = unsafe { ((*svc).count, (*svc).rev_nat_id) };
+    let svc = unsafe { *svc };
     if pkt.is_fragment {
         // Later fragments carry no ports and never get here; the first one
         // would be NATed alone. Without reassembly, drop it and count.
@@ -91,20 +108,31 @@ fn ingress(ctx: &TcContext) -> Outcome {
     let found = ct::lookup_flow(&forward_key);
     if let Some((entry, now)) = found.filter(|(e, _)| !ct::is_reopened(e, &pkt)) {
         ct::update(&forward_key, &entry, &pkt, now);
-        return dnat(
-            ctx,
-            &pkt,
-            entry.nat_addr_be,
-            entry.nat_port_be,
-            Stat::DnatCtHit,
-        );
+        return send(ctx, &pkt, &entry, Stat::DnatCtHit);
     }
 
-    // New flow: pick a slot by flow hash, so a lost conntrack entry still
-    // maps a flow to the same backend while the backend set is unchanged.
-    if count_ == 0 {
+    // New flow. Traffic from outside to an external frontend follows
+    // externalTrafficPolicy; everything else to a cluster IP follows
+    // internalTrafficPolicy. Local slots come first (1..=local_count).
+    if svc.count == 0 {
         return reject::port_unreachable(ctx, &pkt);
     }
+    let external = EXTERNAL && svc.flags & SVC_FLAGS_EXTERNAL != 0;
+    let local_only = if external {
+        svc.flags & SVC_FLAG_EXTERNAL_LOCAL != 0
+    } else {
+        svc.flags & SVC_FLAG_INTERNAL_LOCAL != 0
+    };
+    let choices = if local_only {
+        svc.local_count
+    } else {
+        svc.count
+    };
+    if choices == 0 {
+        return Outcome::drop(Stat::DropNoLocalBackend);
+    }
+    // A slot by flow hash, so a lost conntrack entry still maps a flow to
+    // the same backend while the backend set is unchanged.
     let hash = flow_hash(
         pkt.saddr_be,
         pkt.daddr_be,
@@ -112,25 +140,55 @@ fn ingress(ctx: &TcContext) -> Outcome {
         pkt.dport_be,
         pkt.proto,
     );
-    let slot_key = SvcKey::new(
-        pkt.daddr_be,
-        pkt.dport_be,
-        pkt.proto,
-        select_slot(hash, count_),
-    );
-    let Some(slot) = maps::SERVICES.get_ptr(&slot_key) else {
+    let slot = select_slot(hash, choices);
+    let slot_key = SvcKey::new(pkt.daddr_be, pkt.dport_be, pkt.proto, slot);
+    let Some(slot_value) = maps::SERVICES.get_ptr(&slot_key) else {
         return Outcome::drop(Stat::DropBackendMissing);
     };
-    let backend_id = unsafe { (*slot).backend_id };
+    let backend_id = unsafe { (*slot_value).backend_id };
     let Some(backend) = maps::BACKENDS.get_ptr(&backend_id) else {
         return Outcome::drop(Stat::DropBackendMissing);
     };
-    let (baddr, bport) = unsafe { ((*backend).addr_be, (*backend).port_be) };
+    let backend = unsafe { *backend };
     let now = found.map_or_else(ct::now, |(_, now)| now);
-    if ct::create(&pkt, baddr, bport, backend_id, rev_nat_id, now).is_err() {
+    let mut entry = ct::new_forward(&pkt, &backend, backend_id, svc.rev_nat_id, now);
+    if external && slot > svc.local_count {
+        // To another node: SNAT to this node so the answer comes back here.
+        let Some(config) = maps::CONFIG.get(0) else {
+            return Outcome::drop(Stat::DropSnatExhausted);
+        };
+        if let Err(stat) = ct::create_snat(&pkt, &mut entry, config, hash) {
+            return Outcome::drop(stat);
+        }
+        count(Stat::SnatNew);
+    } else if ct::create(&pkt, &entry, 0).is_err() {
         return Outcome::drop(Stat::DropCtFull);
     }
-    dnat(ctx, &pkt, baddr, bport, Stat::DnatNew)
+    send(ctx, &pkt, &entry, Stat::DnatNew)
+}
+
+/// At an uplink: the answer of a SNATed flow (backend → node:snat_port)
+/// goes back to the client from the frontend. Anything else passes.
+#[inline(always)]
+fn reverse_snat(ctx: &TcContext, pkt: &Packet) -> Outcome {
+    let Some(config) = maps::CONFIG.get(0) else {
+        return Outcome::next(Stat::PassNotService);
+    };
+    if !config.is_snat_target(pkt.daddr_be, pkt.dport_be) {
+        return Outcome::next(Stat::PassNotService);
+    }
+    let reply_key = pkt.ct_key(CT_DIR_REPLY);
+    let Some((entry, now)) = ct::lookup_flow(&reply_key) else {
+        return Outcome::next(Stat::PassNotService);
+    };
+    if entry.flags & CT_SNAT == 0 {
+        return Outcome::next(Stat::PassNotService);
+    }
+    if pkt.is_fragment {
+        return Outcome::drop(Stat::DropFragment);
+    }
+    ct::update(&reply_key, &entry, pkt, now);
+    send(ctx, pkt, &entry, Stat::RevSnat)
 }
 
 /// A backend's reply matches a reply-direction entry and leaves with the
@@ -145,6 +203,10 @@ fn egress(ctx: &TcContext) -> Outcome {
     let Some((entry, now)) = ct::lookup_flow(&reply_key) else {
         return Outcome::next(Stat::PassNotReply);
     };
+    if entry.flags & CT_SNAT != 0 {
+        // Answered at the uplink's ingress, never here.
+        return Outcome::next(Stat::PassNotReply);
+    }
     if pkt.is_tcp_syn_ack() && !ct::forward_is_open(&reply_key, &entry, &pkt) {
         // A handshake answer on a tuple whose service flow has closed belongs
         // to another connection: the client reused the port to reach the
@@ -156,17 +218,23 @@ fn egress(ctx: &TcContext) -> Outcome {
         return Outcome::drop(Stat::DropFragment);
     }
     ct::update(&reply_key, &entry, &pkt, now);
-    match nat::rewrite_source(ctx, &pkt, entry.nat_addr_be, entry.nat_port_be) {
-        Ok(()) => Outcome::next(Stat::RevNat),
-        Err(()) => Outcome::drop(Stat::DropRewrite),
-    }
+    send(ctx, &pkt, &entry, Stat::RevNat)
 }
 
+/// Rewrites the packet to its flow's tuple. A SNATed flow's packet is then
+/// routed here (the node's input path would take its source for a martian);
+/// any other goes on through the stack.
 #[inline(always)]
-fn dnat(ctx: &TcContext, pkt: &Packet, addr_be: u32, port_be: u16, stat: Stat) -> Outcome {
-    match nat::rewrite_destination(ctx, pkt, addr_be, port_be) {
-        Ok(()) => Outcome::next(stat),
-        Err(()) => Outcome::drop(Stat::DropRewrite),
+fn send(ctx: &TcContext, pkt: &Packet, to: &CtValue, stat: Stat) -> Outcome {
+    if nat::translate(ctx, pkt, to).is_err() {
+        return Outcome::drop(Stat::DropRewrite);
+    }
+    if to.flags & CT_SNAT == 0 {
+        return Outcome::next(stat);
+    }
+    match redirect::forward(ctx, pkt, to.src_addr_be, to.dst_addr_be) {
+        Ok(action) => Outcome { action, stat },
+        Err(()) => Outcome::drop(Stat::DropRedirect),
     }
 }
 

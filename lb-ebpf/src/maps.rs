@@ -3,35 +3,40 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{HashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
     backend::Backend,
+    config::NodeConfig,
     ct::{CtKey, CtValue},
     revnat::RevNat,
     stats::STAT_COUNT,
     svc::{SvcKey, SvcValue},
 };
 
-#[btf_map(name = "lb_svc_v2")]
+#[btf_map(name = "lb_svc_v3")]
 pub static SERVICES: HashMap<SvcKey, SvcValue, 262_144> = HashMap::new();
 
-#[btf_map(name = "lb_backend_v2")]
+#[btf_map(name = "lb_backend_v3")]
 pub static BACKENDS: HashMap<u32, Backend, 262_144> = HashMap::new();
 
 /// Written by the agent for operators and inspect; the datapath never reads it
 /// (conntrack carries the reply address).
-#[btf_map(name = "lb_revnat_v2")]
+#[btf_map(name = "lb_revnat_v3")]
 pub static REVNAT: HashMap<u16, RevNat, 65_536, { BPF_F_NO_PREALLOC as usize }> = HashMap::new();
 
 /// A plain hash, not an LRU: a live flow is never evicted to make room
 /// (a full table drops new flows, counted); the agent's GC frees expired
 /// flows. Not preallocated, so an element deleted during a program run is
 /// not recycled under it.
-#[btf_map(name = "lb_ct_v2")]
+#[btf_map(name = "lb_ct_v3")]
 pub static CONNTRACK: HashMap<CtKey, CtValue, 262_144, { BPF_F_NO_PREALLOC as usize }> =
     HashMap::new();
 
-#[btf_map(name = "lb_stats_v2")]
+#[btf_map(name = "lb_stats_v3")]
 pub static STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::new();
+
+/// One entry: the node's SNAT address and port range (see `NodeConfig`).
+#[btf_map(name = "lb_config_v3")]
+pub static CONFIG: Array<NodeConfig, 1> = Array::new();

@@ -8,43 +8,40 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use lb_common::IPPROTO_UDP;
+use lb_common::{ct::CtValue, IPPROTO_UDP};
 
 use crate::parse::{Packet, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF};
 
-/// Client → VIP becomes client → backend.
+/// Rewrites the packet to the tuple its conntrack entry gives it: the
+/// destination (DNAT: client → backend), the source (reverse NAT: backend →
+/// VIP), or both (SNAT flows). Unchanged halves are not touched.
 #[inline(always)]
-pub fn rewrite_destination(
-    ctx: &TcContext,
-    pkt: &Packet,
-    addr_be: u32,
-    port_be: u16,
-) -> Result<(), ()> {
-    rewrite(
-        ctx,
-        pkt,
-        IP_DADDR_OFF,
-        pkt.daddr_be,
-        addr_be,
-        pkt.l4_off + 2,
-        pkt.dport_be,
-        port_be,
-    )
-}
-
-/// Backend → client becomes VIP → client.
-#[inline(always)]
-pub fn rewrite_source(ctx: &TcContext, pkt: &Packet, addr_be: u32, port_be: u16) -> Result<(), ()> {
-    rewrite(
-        ctx,
-        pkt,
-        IP_SADDR_OFF,
-        pkt.saddr_be,
-        addr_be,
-        pkt.l4_off,
-        pkt.sport_be,
-        port_be,
-    )
+pub fn translate(ctx: &TcContext, pkt: &Packet, to: &CtValue) -> Result<(), ()> {
+    if to.dst_addr_be != pkt.daddr_be || to.dst_port_be != pkt.dport_be {
+        rewrite(
+            ctx,
+            pkt,
+            IP_DADDR_OFF,
+            pkt.daddr_be,
+            to.dst_addr_be,
+            pkt.l4_off + 2,
+            pkt.dport_be,
+            to.dst_port_be,
+        )?;
+    }
+    if to.src_addr_be != pkt.saddr_be || to.src_port_be != pkt.sport_be {
+        rewrite(
+            ctx,
+            pkt,
+            IP_SADDR_OFF,
+            pkt.saddr_be,
+            to.src_addr_be,
+            pkt.l4_off,
+            pkt.sport_be,
+            to.src_port_be,
+        )?;
+    }
+    Ok(())
 }
 
 #[inline(always)]
@@ -65,19 +62,22 @@ fn rewrite(
         0
     };
     let csum_off = pkt.l4_csum_off() as usize;
-    ctx.l4_csum_replace(
-        csum_off,
-        old_addr as u64,
-        new_addr as u64,
-        BPF_F_PSEUDO_HDR as u64 | mangled | 4,
-    )
-    .map_err(|_| ())?;
+    if old_addr != new_addr {
+        ctx.l4_csum_replace(
+            csum_off,
+            old_addr as u64,
+            new_addr as u64,
+            BPF_F_PSEUDO_HDR as u64 | mangled | 4,
+        )
+        .map_err(|_| ())?;
+        ctx.l3_csum_replace(IP_CSUM_OFF as usize, old_addr as u64, new_addr as u64, 4)
+            .map_err(|_| ())?;
+        ctx.store(addr_off as usize, &new_addr, 0).map_err(|_| ())?;
+    }
     if old_port != new_port {
         ctx.l4_csum_replace(csum_off, old_port as u64, new_port as u64, mangled | 2)
             .map_err(|_| ())?;
         ctx.store(port_off as usize, &new_port, 0).map_err(|_| ())?;
     }
-    ctx.l3_csum_replace(IP_CSUM_OFF as usize, old_addr as u64, new_addr as u64, 4)
-        .map_err(|_| ())?;
-    ctx.store(addr_off as usize, &new_addr, 0).map_err(|_| ())
+    Ok(())
 }

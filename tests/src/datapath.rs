@@ -11,13 +11,14 @@ use lb_agent::{
         conntrack::Conntrack,
         loader::{self, MapSizes},
         maps::KernelMaps,
-        EGRESS_PROGRAM, INGRESS_PROGRAM,
+        EGRESS_PROGRAM, INGRESS_EXTERNAL_PROGRAM, INGRESS_PROGRAM,
     },
-    desired::{self, Limits},
+    desired::{self, Limits, NodeContext},
     manifest,
     reconcile::{Reconciler, Report},
 };
 use lb_common::{
+    config::{NodeConfig, CONFIG_MAP},
     ct::{CtKey, CtTimeouts, CtValue, CT_MAP},
     stats::{Stat, STATS_MAP},
 };
@@ -25,6 +26,8 @@ use lb_common::{
 pub struct Harness {
     pub ebpf: Ebpf,
     pub reconciler: Reconciler<KernelMaps>,
+    /// The node the manifests are computed for (node ports, local endpoints).
+    pub node: NodeContext,
 }
 
 /// Result of one program run.
@@ -48,7 +51,11 @@ impl Harness {
         let mut ebpf = loader::load(None, sizes, &CtTimeouts::DEFAULT).expect("load datapath");
         let maps = loader::kernel_maps(&mut ebpf, sizes).expect("service maps");
         let reconciler = Reconciler::restore(maps, sizes.backends).expect("restore");
-        Self { ebpf, reconciler }
+        Self {
+            ebpf,
+            reconciler,
+            node: NodeContext::default(),
+        }
     }
 
     /// Programs the maps from manifest YAML, exactly as the agent would.
@@ -60,6 +67,7 @@ impl Harness {
             Limits {
                 max_backends_per_service: 64,
             },
+            self.node.clone(),
         );
         assert!(errors.is_empty(), "manifest errors: {errors:?}");
         let report = self.reconciler.apply(&desired);
@@ -82,6 +90,22 @@ impl Harness {
     /// The packet through the ingress program (DNAT).
     pub fn run(&self, frame: &[u8]) -> RunResult {
         self.run_timed(frame).0
+    }
+
+    /// The packet through the ingress program of external interfaces.
+    pub fn run_external(&self, frame: &[u8]) -> RunResult {
+        self.run_program(INGRESS_EXTERNAL_PROGRAM, frame).0
+    }
+
+    /// Writes the node settings (SNAT address and ports), as the agent does.
+    pub fn set_node_config(&mut self, config: NodeConfig) {
+        let mut map: aya::maps::Array<&mut MapData, NodeConfig> = self
+            .ebpf
+            .map_mut(CONFIG_MAP)
+            .expect("config map")
+            .try_into()
+            .expect("array");
+        map.set(0, config, 0).expect("write config");
     }
 
     /// The packet through the egress program (reverse NAT of replies).

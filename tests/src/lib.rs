@@ -3,6 +3,7 @@
 //! `cargo xtask demo`.
 
 pub mod apiserver;
+pub mod cluster;
 pub mod datapath;
 pub mod netns;
 pub mod packet;

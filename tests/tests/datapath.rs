@@ -140,10 +140,19 @@ fn reply_from_backend_is_reverse_nated_to_the_vip() {
         .find(|(k, _)| k.dir == CT_DIR_REPLY)
         .expect("reply entry")
         .1;
-    assert_eq!(u32::from_be(forward.nat_addr_be), u32::from(backend));
-    assert_eq!(u16::from_be(forward.nat_port_be), 8080);
-    assert_eq!(u32::from_be(reply.nat_addr_be), u32::from(VIP));
-    assert_eq!(u16::from_be(reply.nat_port_be), 80);
+    assert_eq!(u32::from_be(forward.dst_addr_be), u32::from(backend));
+    assert_eq!(u16::from_be(forward.dst_port_be), 8080);
+    assert_eq!(
+        (
+            u32::from_be(forward.src_addr_be),
+            u16::from_be(forward.src_port_be)
+        ),
+        (u32::from(CLIENT), 41234),
+        "not SNATed"
+    );
+    assert_eq!(u32::from_be(reply.src_addr_be), u32::from(VIP));
+    assert_eq!(u16::from_be(reply.src_port_be), 80);
+    assert_eq!(u32::from_be(reply.dst_addr_be), u32::from(CLIENT));
 }
 
 #[test]
@@ -675,16 +684,18 @@ fn lost_reply_entry_is_rebuilt_from_the_forward_entry() {
     assert_eq!(rk2, rk);
     assert_eq!(
         (
-            rv2.nat_addr_be,
-            rv2.nat_port_be,
+            rv2.src_addr_be,
+            rv2.src_port_be,
+            rv2.dst_addr_be,
             rv2.backend_id,
             rv2.rev_nat_id,
             rv2.flags,
             rv2.created_ns
         ),
         (
-            rv.nat_addr_be,
-            rv.nat_port_be,
+            rv.src_addr_be,
+            rv.src_port_be,
+            rv.dst_addr_be,
             rv.backend_id,
             rv.rev_nat_id,
             rv.flags,

@@ -338,7 +338,7 @@ fn bad_interface_pattern_is_a_clear_error() {
         .expect_err("agent must exit");
     assert!(
         err.to_string()
-            .contains("--interfaces: pattern(s) nosuch* match no interface"),
+            .contains("--external-interfaces: pattern(s) nosuch*, @uplink match no interface"),
         "{err}"
     );
     assert!(!pin_dir.exists(), "nothing pinned on a start-up error");

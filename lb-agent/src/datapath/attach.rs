@@ -12,7 +12,7 @@ use aya::{
     Ebpf,
 };
 
-use super::{loader, EGRESS_PROGRAM, INGRESS_PROGRAM};
+use super::{loader, EGRESS_PROGRAM, INGRESS_EXTERNAL_PROGRAM, INGRESS_PROGRAM};
 
 /// Interfaces of the current network namespace: (name, ifindex).
 pub fn interfaces() -> std::io::Result<Vec<(String, u32)>> {
@@ -79,6 +79,8 @@ impl Held {
 
 struct Attached {
     ifindex: u32,
+    /// Attached with the external ingress program.
+    external: bool,
     links: Vec<Held>,
 }
 
@@ -87,6 +89,9 @@ pub const UPLINK: &str = "@uplink";
 
 pub struct Attacher {
     patterns: Vec<String>,
+    /// Interfaces facing outside the cluster (`--external-interfaces`):
+    /// they get the external ingress program.
+    external_patterns: Vec<String>,
     /// Ifindexes of the default route(s), for the `@uplink` token.
     uplinks: Vec<u32>,
     /// Where links are pinned (`None`: held in memory only, for tests).
@@ -96,15 +101,15 @@ pub struct Attacher {
     attached: BTreeMap<String, Attached>,
 }
 
-const HOOKS: [(&str, TcAttachType, &str); 2] = [
-    (INGRESS_PROGRAM, TcAttachType::Ingress, "ingress"),
-    (EGRESS_PROGRAM, TcAttachType::Egress, "egress"),
-];
-
 impl Attacher {
-    pub fn new(patterns: Vec<String>, link_dir: Option<PathBuf>) -> Self {
+    pub fn new(
+        patterns: Vec<String>,
+        external_patterns: Vec<String>,
+        link_dir: Option<PathBuf>,
+    ) -> Self {
         Self {
             patterns,
+            external_patterns,
             uplinks: Vec::new(),
             link_dir,
             run_id: format!("{}", crate::datapath::conntrack::monotonic_ns()),
@@ -113,7 +118,27 @@ impl Attacher {
     }
 
     pub fn wants_uplinks(&self) -> bool {
-        self.patterns.iter().any(|p| p == UPLINK)
+        self.all_patterns().any(|p| p == UPLINK)
+    }
+
+    fn all_patterns(&self) -> impl Iterator<Item = &String> {
+        self.patterns.iter().chain(&self.external_patterns)
+    }
+
+    /// Whether an interface gets the external ingress program.
+    pub fn is_external(&self, name: &str, ifindex: u32) -> bool {
+        self.external_patterns
+            .iter()
+            .any(|p| self.pattern_matches(p, name, ifindex))
+    }
+
+    /// The ifindexes attached as external, in name order.
+    pub fn external_ifindexes(&self) -> Vec<u32> {
+        self.attached
+            .values()
+            .filter(|a| a.external)
+            .map(|a| a.ifindex)
+            .collect()
     }
 
     pub fn set_uplinks(&mut self, ifindexes: Vec<u32>) {
@@ -129,8 +154,7 @@ impl Attacher {
     }
 
     pub fn matches(&self, name: &str, ifindex: u32) -> bool {
-        self.patterns
-            .iter()
+        self.all_patterns()
             .any(|p| self.pattern_matches(p, name, ifindex))
     }
 
@@ -138,8 +162,7 @@ impl Attacher {
     pub fn unmatched_patterns(&self) -> std::io::Result<Vec<String>> {
         let names = interfaces()?;
         Ok(self
-            .patterns
-            .iter()
+            .all_patterns()
             .filter(|p| !names.iter().any(|(n, i)| self.pattern_matches(p, n, *i)))
             .cloned()
             .collect())
@@ -149,15 +172,19 @@ impl Attacher {
         self.attached.keys().map(String::as_str)
     }
 
-    /// Attaches both programs to new matching interfaces and forgets
-    /// vanished ones.
+    /// Attaches both programs to new matching interfaces, forgets vanished
+    /// ones, and re-attaches an interface whose role (external or not) changed.
     pub fn sync(&mut self, ebpf: &mut Ebpf) -> std::io::Result<Changes> {
         let current = interfaces()?;
         let mut changes = Changes::default();
         let stale: Vec<String> = self
             .attached
             .iter()
-            .filter(|(name, a)| !current.iter().any(|(n, i)| n == *name && *i == a.ifindex))
+            .filter(|(name, a)| {
+                !current.iter().any(|(n, i)| {
+                    n == *name && *i == a.ifindex && self.is_external(n, *i) == a.external
+                })
+            })
             .map(|(name, _)| name.clone())
             .collect();
         for name in stale {
@@ -171,10 +198,17 @@ impl Attacher {
             if self.attached.contains_key(&name) || !self.matches(&name, ifindex) {
                 continue;
             }
-            match self.attach_both(ebpf, &name) {
+            let external = self.is_external(&name, ifindex);
+            match self.attach_both(ebpf, &name, external) {
                 Ok(links) => {
-                    self.attached
-                        .insert(name.clone(), Attached { ifindex, links });
+                    self.attached.insert(
+                        name.clone(),
+                        Attached {
+                            ifindex,
+                            external,
+                            links,
+                        },
+                    );
                     changes.attached.push(name);
                 }
                 Err(e) => changes.errors.push(format!("attaching to {name}: {e}")),
@@ -183,9 +217,23 @@ impl Attacher {
         Ok(changes)
     }
 
-    fn attach_both(&self, ebpf: &mut Ebpf, name: &str) -> Result<Vec<Held>, String> {
+    fn attach_both(
+        &self,
+        ebpf: &mut Ebpf,
+        name: &str,
+        external: bool,
+    ) -> Result<Vec<Held>, String> {
+        let ingress = if external {
+            INGRESS_EXTERNAL_PROGRAM
+        } else {
+            INGRESS_PROGRAM
+        };
+        let hooks = [
+            (ingress, TcAttachType::Ingress, "ingress"),
+            (EGRESS_PROGRAM, TcAttachType::Egress, "egress"),
+        ];
         let mut links = Vec::new();
-        for (program, hook, hook_name) in HOOKS {
+        for (program, hook, hook_name) in hooks {
             let mut attach_now = || {
                 loader::program(ebpf, program)
                     .map_err(|e| e.to_string())

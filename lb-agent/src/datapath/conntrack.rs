@@ -185,8 +185,10 @@ mod tests {
             CT_DIR_FORWARD,
         );
         let fval = CtValue {
-            nat_addr_be: backend,
-            nat_port_be: 8080u16.to_be(),
+            src_addr_be: client,
+            src_port_be: cport.to_be(),
+            dst_addr_be: backend,
+            dst_port_be: 8080u16.to_be(),
             backend_id,
             created_ns: 1,
             expires_ns: expires.0,

@@ -44,6 +44,12 @@ impl FakeMaps {
             if *slot != 0 {
                 continue;
             }
+            if value.local_count > value.count {
+                self.violations.push(format!(
+                    "after `{after}`: {frontend} publishes {} local slots of {}",
+                    value.local_count, value.count
+                ));
+            }
             for s in 1..=value.count {
                 let ok = self
                     .state
@@ -124,7 +130,10 @@ impl LbMaps for FakeMaps {
             });
         }
         if slot == 0 {
-            self.record(format!("put slot {frontend}#0 count={}", value.count))?;
+            self.record(format!(
+                "put slot {frontend}#0 count={} local={} flags={:#x}",
+                value.count, value.local_count, value.flags
+            ))?;
         } else {
             self.record(format!(
                 "put slot {frontend}#{slot} backend={}",

@@ -12,6 +12,7 @@ use aya::{
 };
 use lb_common::{
     backend::BACKEND_MAP,
+    config::{NodeConfig, CONFIG_MAP},
     ct::{CtTimeouts, CT_MAP},
     revnat::REVNAT_MAP,
     stats::STATS_MAP,
@@ -22,11 +23,18 @@ use lb_common::{
 use super::{
     conntrack::Conntrack,
     maps::{Capacity, KernelMaps},
-    EBPF_OBJECT, EGRESS_PROGRAM, INGRESS_PROGRAM,
+    EBPF_OBJECT, EGRESS_PROGRAM, INGRESS_EXTERNAL_PROGRAM, INGRESS_PROGRAM,
 };
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
-pub const ALL_MAPS: [&str; 5] = [SVC_MAP, BACKEND_MAP, REVNAT_MAP, CT_MAP, STATS_MAP];
+pub const ALL_MAPS: [&str; 6] = [
+    SVC_MAP,
+    BACKEND_MAP,
+    REVNAT_MAP,
+    CT_MAP,
+    STATS_MAP,
+    CONFIG_MAP,
+];
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 #[derive(Debug, thiserror::Error)]
@@ -100,7 +108,7 @@ pub fn load(
         }
     }
     let mut ebpf = loader.load(EBPF_OBJECT)?;
-    for name in [INGRESS_PROGRAM, EGRESS_PROGRAM] {
+    for name in [INGRESS_PROGRAM, INGRESS_EXTERNAL_PROGRAM, EGRESS_PROGRAM] {
         program(&mut ebpf, name)?.load()?;
     }
     if pin_dir.is_some() {
@@ -188,6 +196,26 @@ pub fn conntrack(ebpf: &mut Ebpf, sizes: MapSizes) -> Result<Conntrack, LoadErro
         .take_map(CT_MAP)
         .ok_or_else(|| LoadError::Map(CT_MAP, "missing from the object".into()))?;
     Conntrack::new(map, sizes.conntrack).map_err(|e| LoadError::Map(CT_MAP, e.to_string()))
+}
+
+/// The node settings map (SNAT address and ports), for the agent to keep current.
+pub struct ConfigMap(aya::maps::Array<MapData, NodeConfig>);
+
+impl ConfigMap {
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self, LoadError> {
+        let map = ebpf
+            .take_map(CONFIG_MAP)
+            .ok_or_else(|| LoadError::Map(CONFIG_MAP, "missing from the object".into()))?;
+        aya::maps::Array::try_from(map)
+            .map(Self)
+            .map_err(|e| LoadError::Map(CONFIG_MAP, e.to_string()))
+    }
+
+    pub fn set(&mut self, config: &NodeConfig) -> Result<(), LoadError> {
+        self.0
+            .set(0, config, 0)
+            .map_err(|e| LoadError::Map(CONFIG_MAP, e.to_string()))
+    }
 }
 
 /// Opens one pinned map (for `inspect` and tests).

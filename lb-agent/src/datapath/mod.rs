@@ -10,6 +10,8 @@ pub mod maps;
 /// The `lb-ebpf` object built by build.rs.
 pub const EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
-/// The tc classifiers in the object: DNAT at ingress, reverse NAT at egress.
+/// The tc classifiers in the object: DNAT at ingress (the external variant
+/// on uplinks also SNATs and answers SNATed flows), reverse NAT at egress.
 pub const INGRESS_PROGRAM: &str = "lb_ingress";
+pub const INGRESS_EXTERNAL_PROGRAM: &str = "lb_ingress_external";
 pub const EGRESS_PROGRAM: &str = "lb_egress";

@@ -128,6 +128,7 @@ pub fn map_write_times(services: &[Service], runs: usize) -> anyhow::Result<MapW
             Limits {
                 max_backends_per_service: 64,
             },
+            Default::default(),
         );
         anyhow::ensure!(errors.is_empty(), "{errors:?}");
         compute.push(started.elapsed().as_secs_f64());

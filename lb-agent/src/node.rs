@@ -1,0 +1,204 @@
+//! This node as the datapath needs it: its name (which endpoints are
+//! local), the addresses node ports are served on, and the address and
+//! ports external flows to other nodes' backends are SNATed to.
+
+use std::{net::Ipv4Addr, ops::RangeInclusive, sync::Arc};
+
+use futures::StreamExt as _;
+use ipnet::Ipv4Net;
+use lb_common::config::NodeConfig;
+
+use crate::desired::NodeContext;
+
+/// An IPv4 address of one of this namespace's interfaces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InterfaceAddress {
+    pub ifindex: u32,
+    pub addr: Ipv4Addr,
+}
+
+/// What the agent's flags say about this node.
+#[derive(Clone, Debug)]
+pub struct NodeSettings {
+    pub name: Arc<str>,
+    /// `--nodeport-addresses`; empty: the external interfaces' addresses.
+    pub nodeport_cidrs: Vec<Ipv4Net>,
+    /// `--snat-address`; `None`: the first external interface's first address.
+    pub snat_address: Option<Ipv4Addr>,
+    pub snat_ports: RangeInclusive<u16>,
+}
+
+impl NodeSettings {
+    /// The node context and datapath config for the current addresses;
+    /// `external` are the ifindexes of the external interfaces, in order.
+    pub fn resolve(
+        &self,
+        addresses: &[InterfaceAddress],
+        external: &[u32],
+    ) -> (NodeContext, NodeConfig) {
+        let on_external = || {
+            external
+                .iter()
+                .flat_map(|i| addresses.iter().filter(move |a| a.ifindex == *i))
+                .map(|a| a.addr)
+        };
+        let mut nodeport_addresses: Vec<Ipv4Addr> = if self.nodeport_cidrs.is_empty() {
+            on_external().collect()
+        } else {
+            addresses
+                .iter()
+                .map(|a| a.addr)
+                .filter(|a| self.nodeport_cidrs.iter().any(|c| c.contains(a)))
+                .collect()
+        };
+        nodeport_addresses.sort_unstable();
+        nodeport_addresses.dedup();
+        let snat = self.snat_address.or_else(|| on_external().next());
+        let context = NodeContext {
+            name: Some(self.name.clone()),
+            nodeport_addresses,
+        };
+        let config = NodeConfig {
+            snat_addr_be: snat.map_or(0, |a| u32::from(a).to_be()),
+            snat_port_first: *self.snat_ports.start(),
+            snat_port_last: *self.snat_ports.end(),
+        };
+        (context, config)
+    }
+}
+
+/// `61000-65535`.
+pub fn parse_port_range(text: &str) -> Result<RangeInclusive<u16>, String> {
+    let (first, last) = text
+        .split_once('-')
+        .ok_or_else(|| format!("{text:?}: expected FIRST-LAST, e.g. 61000-65535"))?;
+    let port = |p: &str| {
+        p.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| format!("{text:?}: {p:?} is not a port 1-65535"))
+    };
+    let (first, last) = (port(first)?, port(last)?);
+    if first > last {
+        return Err(format!("{text:?}: the first port is above the last"));
+    }
+    Ok(first..=last)
+}
+
+/// The SNAT ports must lie outside the range the node's own sockets get
+/// ports from, or a SNATed flow and a node connection could share a tuple.
+pub fn check_snat_ports(snat: &RangeInclusive<u16>) -> Result<(), String> {
+    const SYSCTL: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+    let text = std::fs::read_to_string(SYSCTL).map_err(|e| format!("reading {SYSCTL}: {e}"))?;
+    let mut parts = text.split_whitespace().map(str::parse::<u16>);
+    let (Some(Ok(low)), Some(Ok(high))) = (parts.next(), parts.next()) else {
+        return Err(format!("{SYSCTL}: unexpected content {text:?}"));
+    };
+    if *snat.start() <= high && low <= *snat.end() {
+        return Err(format!(
+            "--snat-port-range {}-{} overlaps net.ipv4.ip_local_port_range {low}-{high}: \
+             the node's own connections could take a SNAT port; pick ports outside it",
+            snat.start(),
+            snat.end()
+        ));
+    }
+    Ok(())
+}
+
+/// Every IPv4 address in this network namespace.
+pub async fn interface_addresses() -> std::io::Result<Vec<InterfaceAddress>> {
+    use rtnetlink::packet_route::address::AddressAttribute;
+    let (connection, handle, _) = rtnetlink::new_connection()?;
+    let task = tokio::spawn(connection);
+    let mut messages = handle.address().get().execute();
+    let mut out = Vec::new();
+    while let Some(message) = messages.next().await {
+        let message = message.map_err(std::io::Error::other)?;
+        for attr in &message.attributes {
+            if let AddressAttribute::Local(std::net::IpAddr::V4(addr)) = attr {
+                out.push(InterfaceAddress {
+                    ifindex: message.header.index,
+                    addr: *addr,
+                });
+            }
+        }
+    }
+    task.abort();
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(cidrs: &[&str]) -> NodeSettings {
+        NodeSettings {
+            name: "node-a".into(),
+            nodeport_cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
+            snat_address: None,
+            snat_ports: 61000..=65535,
+        }
+    }
+
+    const ADDRESSES: [InterfaceAddress; 3] = [
+        InterfaceAddress {
+            ifindex: 1,
+            addr: Ipv4Addr::new(127, 0, 0, 1),
+        },
+        InterfaceAddress {
+            ifindex: 2,
+            addr: Ipv4Addr::new(198, 18, 0, 2),
+        },
+        InterfaceAddress {
+            ifindex: 3,
+            addr: Ipv4Addr::new(198, 18, 20, 1),
+        },
+    ];
+
+    #[test]
+    fn node_ports_default_to_the_external_interfaces_addresses() {
+        let (context, config) = settings(&[]).resolve(&ADDRESSES, &[2]);
+        assert_eq!(context.nodeport_addresses, [Ipv4Addr::new(198, 18, 0, 2)]);
+        assert_eq!(
+            config.snat_addr_be,
+            u32::from(Ipv4Addr::new(198, 18, 0, 2)).to_be()
+        );
+        assert_eq!(
+            (config.snat_port_first, config.snat_port_last),
+            (61000, 65535)
+        );
+    }
+
+    #[test]
+    fn nodeport_cidrs_select_any_local_address() {
+        let (context, _) = settings(&["198.18.0.0/16", "127.0.0.0/8"]).resolve(&ADDRESSES, &[2]);
+        assert_eq!(
+            context.nodeport_addresses,
+            [
+                Ipv4Addr::new(127, 0, 0, 1),
+                Ipv4Addr::new(198, 18, 0, 2),
+                Ipv4Addr::new(198, 18, 20, 1)
+            ]
+        );
+    }
+
+    #[test]
+    fn without_an_external_address_nothing_is_snated() {
+        let (context, config) = settings(&[]).resolve(&ADDRESSES, &[]);
+        assert!(context.nodeport_addresses.is_empty());
+        assert_eq!(config.snat_addr_be, 0);
+    }
+
+    #[test]
+    fn port_ranges_parse_or_say_why_not() {
+        assert_eq!(parse_port_range("61000-65535"), Ok(61000..=65535));
+        assert!(parse_port_range("65535-61000")
+            .unwrap_err()
+            .contains("above"));
+        assert!(parse_port_range("0-10").unwrap_err().contains("not a port"));
+        assert!(parse_port_range("61000")
+            .unwrap_err()
+            .contains("FIRST-LAST"));
+    }
+}

@@ -1,0 +1,214 @@
+//! Two nodes on one kernel: each node a network namespace running its own
+//! agent (own `--pin-dir`, own `--node-name`), a pod on each, a routed pod
+//! network between the nodes, and external clients on the LAN. Addresses in
+//! 198.18.0.0/15 (nodes, pods, clients) and 198.19.0.0/16 (service IPs).
+//!
+//! ```text
+//!   client 198.18.0.100 ─┐                 ┌─ node-a eth0 198.18.0.2 ┬─ pod a 198.18.10.2 (server)
+//!   client 198.18.0.101 ─┤ LAN bridge (lan) │                          └─ client pod 198.18.20.2
+//!                        └─────────────────┴─ node-b eth0 198.18.0.3 ┬─ pod b 198.18.11.2 (server)
+//!                                                                      └─ client pod 198.18.21.2
+//! ```
+//!
+//! The client pods are not endpoints: a pod reaching a service that picks
+//! itself (hairpin) is not handled by the tc path (see README).
+//!
+//! Each node routes the other's pod subnet via the other's LAN address and
+//! has a default route on `eth0` (its uplink, the agent's `@uplink`). The
+//! clients reach the service IPs (198.19.0.0/16) via node-a and know no pod
+//! routes: an answer straight from a pod on node-b would not reach them.
+
+use std::{net::Ipv4Addr, path::PathBuf};
+
+use crate::{
+    netns::NetNs,
+    servers::BackendServers,
+    topology::{Agent, ScratchDir},
+};
+
+pub const NODE_IPS: [Ipv4Addr; 2] = [Ipv4Addr::new(198, 18, 0, 2), Ipv4Addr::new(198, 18, 0, 3)];
+pub const POD_IPS: [Ipv4Addr; 2] = [Ipv4Addr::new(198, 18, 10, 2), Ipv4Addr::new(198, 18, 11, 2)];
+pub const CLIENT_POD_IPS: [Ipv4Addr; 2] =
+    [Ipv4Addr::new(198, 18, 20, 2), Ipv4Addr::new(198, 18, 21, 2)];
+pub const CLIENT_IPS: [Ipv4Addr; 2] = [
+    Ipv4Addr::new(198, 18, 0, 100),
+    Ipv4Addr::new(198, 18, 0, 101),
+];
+pub const NODE_NAMES: [&str; 2] = ["node-a", "node-b"];
+
+pub struct Cluster {
+    pub prefix: String,
+    pub lan: NetNs,
+    pub nodes: [NetNs; 2],
+    pub pods: [NetNs; 2],
+    /// A pod on each node that only connects (never an endpoint).
+    pub client_pods: [NetNs; 2],
+    pub clients: [NetNs; 2],
+    pub manifests: ScratchDir,
+    pub agents: Vec<Agent>,
+    _servers: Vec<BackendServers>,
+}
+
+impl Cluster {
+    /// Builds the network, starts a server in each pod (HTTP 8080, UDP 5353,
+    /// named `pod-a` / `pod-b`), writes `manifest` and starts both agents.
+    pub fn new(prefix: &str, manifest: &str) -> anyhow::Result<Self> {
+        assert!(prefix.len() <= 6, "prefix too long for interface names");
+        let ns = |name: &str| NetNs::new(&format!("{prefix}-{name}"));
+        let lan = ns("lan")?;
+        let nodes = [ns("node-a")?, ns("node-b")?];
+        let pods = [ns("pod-a")?, ns("pod-b")?];
+        let client_pods = [ns("cpod-a")?, ns("cpod-b")?];
+        let clients = [ns("client1")?, ns("client2")?];
+        lan.ip(&["link", "add", "br0", "type", "bridge"])?;
+        lan.ip(&["link", "set", "br0", "up"])?;
+        let on_lan = |peer: &NetNs, port: &str, addr: Ipv4Addr| -> anyhow::Result<()> {
+            let lan_end = format!("{prefix}-{port}");
+            lan.ip(&[
+                "link", "add", &lan_end, "type", "veth", "peer", "name", "eth0", "netns",
+                &peer.name,
+            ])?;
+            lan.ip(&["link", "set", &lan_end, "master", "br0", "up"])?;
+            peer.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+            peer.ip(&["link", "set", "eth0", "up"])?;
+            Ok(())
+        };
+        for (i, node) in nodes.iter().enumerate() {
+            on_lan(node, &format!("n{i}"), NODE_IPS[i])?;
+            node.sysctl("net.ipv4.ip_forward", "1")?;
+            node.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+            node.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+            node.ip(&[
+                "route",
+                "add",
+                "default",
+                "via",
+                "198.18.0.1",
+                "dev",
+                "eth0",
+                "onlink",
+            ])?;
+            let other = 1 - i;
+            for (pod, name, subnet, addr) in [
+                (&pods[i], "p", 10, POD_IPS[i]),
+                (&client_pods[i], "q", 20, CLIENT_POD_IPS[i]),
+            ] {
+                add_pod(
+                    node,
+                    pod,
+                    &format!("{prefix}-{name}{i}"),
+                    subnet + i as u8,
+                    addr,
+                )?;
+                node.ip(&[
+                    "route",
+                    "add",
+                    &format!("198.18.{}.0/24", subnet + other as u8),
+                    "via",
+                    &NODE_IPS[other].to_string(),
+                ])?;
+            }
+        }
+        for (i, client) in clients.iter().enumerate() {
+            on_lan(client, &format!("c{i}"), CLIENT_IPS[i])?;
+            client.ip(&[
+                "route",
+                "add",
+                "198.19.0.0/16",
+                "via",
+                &NODE_IPS[0].to_string(),
+            ])?;
+        }
+        let servers = vec![
+            BackendServers::start(&pods[0], "pod-a", 8080, 5353)?,
+            BackendServers::start(&pods[1], "pod-b", 8080, 5353)?,
+        ];
+        let manifests = ScratchDir::new(&format!("lb-{prefix}-manifests"))?;
+        manifests.write("cluster.yaml", manifest)?;
+        let mut cluster = Self {
+            prefix: prefix.to_owned(),
+            lan,
+            nodes,
+            pods,
+            client_pods,
+            clients,
+            manifests,
+            agents: Vec::new(),
+            _servers: servers,
+        };
+        for i in 0..2 {
+            let agent = cluster.start_agent(i)?;
+            cluster.agents.push(agent);
+        }
+        Ok(cluster)
+    }
+
+    fn start_agent(&self, i: usize) -> anyhow::Result<Agent> {
+        let pin_dir = PathBuf::from(format!(
+            "/sys/fs/bpf/lb-test-{}-{}-{}",
+            self.prefix,
+            NODE_NAMES[i],
+            std::process::id()
+        ));
+        let log = std::env::temp_dir().join(format!(
+            "lb-{}-{}-{}.log",
+            self.prefix,
+            NODE_NAMES[i],
+            std::process::id()
+        ));
+        Agent::start(
+            &self.nodes[i],
+            &self.manifests.0,
+            &format!("{}-*", self.prefix),
+            &pin_dir,
+            &log,
+            &["--node-name", NODE_NAMES[i]],
+        )
+    }
+
+    /// Replaces the manifest both agents read.
+    pub fn set_manifest(&self, manifest: &str) -> anyhow::Result<()> {
+        self.manifests.write("cluster.yaml", manifest)
+    }
+
+    /// Waits until both agents' maps satisfy `ready`.
+    pub fn wait_for_maps(
+        &mut self,
+        what: &str,
+        ready: impl Fn(&str) -> bool,
+    ) -> anyhow::Result<()> {
+        for agent in &mut self.agents {
+            agent.wait_for_maps(what, &ready)?;
+        }
+        Ok(())
+    }
+}
+
+/// A pod namespace on `node`: a veth `node_if` whose node end is the pod's
+/// gateway `198.18.SUBNET.1/24`.
+fn add_pod(
+    node: &NetNs,
+    pod: &NetNs,
+    node_if: &str,
+    subnet: u8,
+    addr: Ipv4Addr,
+) -> anyhow::Result<()> {
+    let gateway = Ipv4Addr::new(198, 18, subnet, 1);
+    node.ip(&[
+        "link", "add", node_if, "type", "veth", "peer", "name", "eth0", "netns", &pod.name,
+    ])?;
+    node.ip(&["addr", "add", &format!("{gateway}/24"), "dev", node_if])?;
+    node.ip(&["link", "set", node_if, "up"])?;
+    pod.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+    pod.ip(&["link", "set", "eth0", "up"])?;
+    pod.ip(&["route", "add", "default", "via", &gateway.to_string()])?;
+    Ok(())
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Agents first (they detach from the nodes' interfaces), then the
+        // namespaces go with their fields.
+        self.agents.clear();
+    }
+}

@@ -1,0 +1,440 @@
+//! Datapath tests for traffic from outside the node (the external ingress
+//! program on uplinks): node ports, SNAT to other nodes' backends and its
+//! reverse, the node-local traffic policies. Crafted packets through the
+//! real programs with BPF_PROG_TEST_RUN, exact bytes and checksums.
+//!
+//! SNATed packets are routed by the program itself (FIB lookup, then
+//! `bpf_redirect_neigh`), so the runs happen inside a namespace that has
+//! the node's routes: `198.18.0.2/24` on the LAN, the other node's pods
+//! `198.18.11.0/24` via `198.18.0.3`.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use lb_common::{
+    config::NodeConfig,
+    ct::{CtKey, CtValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_SNAT},
+    hash::{flow_hash, select_slot},
+    stats::Stat,
+};
+use lb_tests::{
+    datapath::{Harness, RunResult},
+    netns::NetNs,
+    packet::{hex, verify_checksums, Packet, TCP_ACK, TCP_SYN},
+    require_root,
+};
+
+const TCX_NEXT: u32 = u32::MAX;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+const POD_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 10, 5);
+const LOCAL_BACKEND: Ipv4Addr = Ipv4Addr::new(198, 18, 10, 2);
+const REMOTE_BACKEND: Ipv4Addr = Ipv4Addr::new(198, 18, 11, 2);
+const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
+const SNAT_PORTS: (u16, u16) = (61000, 65535);
+
+/// Service `web`: NodePort (TCP 80 → 8080 at 30080, UDP 53 → 5353 at
+/// 30053) with the given endpoints as (address, node).
+fn manifest(policies: &str, endpoints: &[(Ipv4Addr, &str)]) -> String {
+    let mut list = String::new();
+    for (addr, node) in endpoints {
+        list.push_str(&format!(
+            "\n- {{addresses: [\"{addr}\"], nodeName: {node}}}"
+        ));
+    }
+    if list.is_empty() {
+        list = " []".into();
+    }
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: shop}}
+spec:
+  type: NodePort
+  clusterIP: {CLUSTER_IP}
+  {policies}
+  ports:
+  - {{name: http, port: 80, targetPort: 8080, nodePort: 30080, protocol: TCP}}
+  - {{name: dns, port: 53, targetPort: 5353, nodePort: 30053, protocol: UDP}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: shop
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv4
+ports:
+- {{name: http, port: 8080, protocol: TCP}}
+- {{name: dns, port: 5353, protocol: UDP}}
+endpoints:{list}
+"#
+    )
+}
+
+/// The node's namespace (routes for the redirect) and a datapath
+/// programmed for node `node-a` with `yaml`.
+struct Node {
+    ns: NetNs,
+    h: Harness,
+}
+
+impl Node {
+    fn new(name: &str, yaml: &str) -> Self {
+        require_root();
+        let ns = NetNs::new(&format!("dpx-{name}")).unwrap();
+        // A veth pair stands in for the uplink (no dummy driver everywhere).
+        ns.ip(&[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "lan0",
+        ])
+        .unwrap();
+        ns.ip(&["addr", "add", "198.18.0.2/24", "dev", "eth0"])
+            .unwrap();
+        ns.ip(&["link", "set", "eth0", "up"]).unwrap();
+        ns.ip(&["link", "set", "lan0", "up"]).unwrap();
+        ns.ip(&["route", "add", "198.18.11.0/24", "via", "198.18.0.3"])
+            .unwrap();
+        ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
+        let mut h = Harness::new();
+        h.node = lb_agent::desired::NodeContext {
+            name: Some("node-a".into()),
+            nodeport_addresses: vec![NODE_IP],
+        };
+        h.set_node_config(NodeConfig {
+            snat_addr_be: u32::from(NODE_IP).to_be(),
+            snat_port_first: SNAT_PORTS.0,
+            snat_port_last: SNAT_PORTS.1,
+        });
+        h.apply_yaml(yaml);
+        Self { ns, h }
+    }
+
+    /// Through the uplink's ingress program, inside the node's namespace.
+    fn external(&self, frame: &[u8]) -> RunResult {
+        let h = &self.h;
+        self.ns.run(|| h.run_external(frame))
+    }
+
+    /// Through a pod interface's ingress program.
+    fn internal(&self, frame: &[u8]) -> RunResult {
+        let h = &self.h;
+        self.ns.run(|| h.run(frame))
+    }
+
+    fn forward_entry(&self, client: SocketAddrV4, frontend: SocketAddrV4) -> CtValue {
+        let key = CtKey::new(
+            u32::from(*client.ip()).to_be(),
+            client.port().to_be(),
+            u32::from(*frontend.ip()).to_be(),
+            frontend.port().to_be(),
+            6,
+            CT_DIR_FORWARD,
+        );
+        let proto_key = |p| CtKey { proto: p, ..key };
+        self.h
+            .conntrack()
+            .into_iter()
+            .find(|(k, _)| *k == proto_key(6) || *k == proto_key(17))
+            .map(|(_, v)| v)
+            .expect("forward conntrack entry")
+    }
+}
+
+fn node_port(port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(NODE_IP, port)
+}
+
+fn client(port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(CLIENT_IP, port)
+}
+
+fn hash_of(src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> u32 {
+    flow_hash(
+        u32::from(*src.ip()).to_be(),
+        u32::from(*dst.ip()).to_be(),
+        src.port().to_be(),
+        dst.port().to_be(),
+        proto,
+    )
+}
+
+/// A client port whose new flow to `dst` takes slot `slot` of `choices`.
+fn port_for_slot(dst: SocketAddrV4, proto: u8, slot: u16, choices: u16) -> u16 {
+    (40000..41000)
+        .find(|p| select_slot(hash_of(client(*p), dst, proto), choices) == slot)
+        .expect("a port for every slot")
+}
+
+/// The first SNAT port tried for a flow.
+fn first_snat_port(src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> u16 {
+    let span = u32::from(SNAT_PORTS.1 - SNAT_PORTS.0) + 1;
+    SNAT_PORTS.0 + (hash_of(src, dst, proto) % span) as u16
+}
+
+fn assert_frame(actual: &[u8], expected: &[u8], what: &str) {
+    assert!(
+        actual == expected,
+        "{what}: frame differs\nexpected:\n{}\nactual:\n{}",
+        hex(expected),
+        hex(actual)
+    );
+    verify_checksums(actual).unwrap_or_else(|e| panic!("{what}: {e}"));
+}
+
+/// Forwarded by the datapath itself: one hop, as the kernel would count it.
+fn hop(mut packet: Packet) -> Packet {
+    packet.ttl -= 1;
+    packet
+}
+
+const BOTH: [(Ipv4Addr, &str); 2] = [(LOCAL_BACKEND, "node-a"), (REMOTE_BACKEND, "node-b")];
+
+#[test]
+fn nodeport_to_a_remote_backend_is_snated_both_ways_with_exact_bytes() {
+    let node = Node::new("snat", &manifest("", &BOTH));
+    // Local backends take slot 1, the remote one slot 2.
+    let cport = port_for_slot(node_port(30080), 6, 2, 2);
+    let syn = Packet::tcp(client(cport), node_port(30080), TCP_SYN).with_payload(b"hello");
+    let out = node.external(&syn.build());
+    assert_eq!(out.verdict, TC_ACT_REDIRECT, "routed by the datapath");
+
+    let entry = node.forward_entry(client(cport), node_port(30080));
+    assert_ne!(entry.flags & CT_SNAT, 0);
+    let snat_port = u16::from_be(entry.src_port_be);
+    assert_eq!(
+        snat_port,
+        first_snat_port(client(cport), node_port(30080), 6),
+        "the first candidate port was free"
+    );
+    let remote = SocketAddrV4::new(REMOTE_BACKEND, 8080);
+    let at_backend = hop(syn.clone().from(node_port(snat_port)).to(remote));
+    assert_frame(
+        &out.frame,
+        &at_backend.build(),
+        "SYN to the other node's pod",
+    );
+
+    // The pod answers the node; the answer leaves from the node port to the client.
+    let answer = at_backend.reply(TCP_SYN | TCP_ACK).with_payload(b"world");
+    let answer = Packet { ttl: 64, ..answer };
+    let out = node.external(&answer.build());
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    let to_client = hop(answer.clone().from(node_port(30080)).to(client(cport)));
+    assert_frame(&out.frame, &to_client.build(), "SYN-ACK back to the client");
+
+    // The rest of the connection follows the same entries.
+    let ack = Packet::tcp(client(cport), node_port(30080), TCP_ACK);
+    let out = node.external(&ack.build());
+    assert_frame(
+        &out.frame,
+        &hop(ack.clone().from(node_port(snat_port)).to(remote)).build(),
+        "ACK",
+    );
+    assert_eq!(
+        (
+            node.h.counter(Stat::DnatNew),
+            node.h.counter(Stat::SnatNew),
+            node.h.counter(Stat::DnatCtHit),
+            node.h.counter(Stat::RevSnat)
+        ),
+        (1, 1, 1, 1)
+    );
+}
+
+#[test]
+fn udp_nodeport_to_a_remote_backend_is_snated_with_checksums() {
+    let node = Node::new("udp", &manifest("", &BOTH));
+    let cport = port_for_slot(node_port(30053), 17, 2, 2);
+    let query = Packet::udp(client(cport), node_port(30053), b"query, odd length");
+    let out = node.external(&query.build());
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    let snat_port = first_snat_port(client(cport), node_port(30053), 17);
+    let remote = SocketAddrV4::new(REMOTE_BACKEND, 5353);
+    let at_backend = hop(query.clone().from(node_port(snat_port)).to(remote));
+    assert_frame(&out.frame, &at_backend.build(), "UDP query");
+
+    let answer = Packet {
+        ttl: 64,
+        ..at_backend.reply(0).with_payload(b"answer")
+    };
+    let out = node.external(&answer.build());
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    assert_frame(
+        &out.frame,
+        &hop(answer.clone().from(node_port(30053)).to(client(cport))).build(),
+        "UDP answer",
+    );
+}
+
+#[test]
+fn nodeport_to_a_local_backend_keeps_the_client_address() {
+    let node = Node::new("local", &manifest("", &BOTH));
+    let cport = port_for_slot(node_port(30080), 6, 1, 2);
+    let syn = Packet::tcp(client(cport), node_port(30080), TCP_SYN);
+    let out = node.external(&syn.build());
+    assert_eq!(out.verdict, TCX_NEXT, "through the node's stack to the pod");
+    let local = SocketAddrV4::new(LOCAL_BACKEND, 8080);
+    assert_frame(&out.frame, &syn.clone().to(local).build(), "DNAT only");
+    assert_eq!(node.h.counter(Stat::SnatNew), 0);
+
+    // The pod's answer is reverse-NATed on its way out of the uplink.
+    let answer = syn.clone().to(local).reply(TCP_SYN | TCP_ACK);
+    let out = node.h.run_egress(&answer.build());
+    assert_eq!(out.verdict, TCX_NEXT);
+    assert_frame(
+        &out.frame,
+        &answer.clone().from(node_port(30080)).build(),
+        "answer from the node port",
+    );
+}
+
+#[test]
+fn etp_local_uses_only_local_endpoints_and_keeps_the_source() {
+    let node = Node::new("etplocal", &manifest("externalTrafficPolicy: Local", &BOTH));
+    for cport in 40000..40020 {
+        let syn = Packet::tcp(client(cport), node_port(30080), TCP_SYN);
+        let out = node.external(&syn.build());
+        assert_eq!(out.verdict, TCX_NEXT);
+        assert_frame(
+            &out.frame,
+            &syn.clone()
+                .to(SocketAddrV4::new(LOCAL_BACKEND, 8080))
+                .build(),
+            "to the local endpoint, client address kept",
+        );
+    }
+    assert_eq!(node.h.counter(Stat::SnatNew), 0);
+
+    // A pod reaching the same node port is not external: every endpoint.
+    let to_remote = (40000..41000)
+        .map(|p| SocketAddrV4::new(POD_IP, p))
+        .find(|src| select_slot(hash_of(*src, node_port(30080), 6), 2) == 2)
+        .unwrap();
+    let syn = Packet::tcp(to_remote, node_port(30080), TCP_SYN);
+    let out = node.internal(&syn.build());
+    assert_eq!(out.verdict, TCX_NEXT);
+    assert_frame(
+        &out.frame,
+        &syn.clone()
+            .to(SocketAddrV4::new(REMOTE_BACKEND, 8080))
+            .build(),
+        "pod to node port: any endpoint, no SNAT",
+    );
+}
+
+#[test]
+fn etp_local_without_a_local_endpoint_drops_external_traffic() {
+    let node = Node::new(
+        "etpnone",
+        &manifest(
+            "externalTrafficPolicy: Local",
+            &[(REMOTE_BACKEND, "node-b")],
+        ),
+    );
+    let syn = Packet::tcp(client(40000), node_port(30080), TCP_SYN);
+    assert_eq!(node.external(&syn.build()).verdict, TC_ACT_SHOT);
+    assert_eq!(node.h.counter(Stat::DropNoLocalBackend), 1);
+    // The cluster IP still reaches every endpoint.
+    let syn = Packet::tcp(
+        SocketAddrV4::new(POD_IP, 40000),
+        SocketAddrV4::new(CLUSTER_IP, 80),
+        TCP_SYN,
+    );
+    let out = node.internal(&syn.build());
+    assert_frame(
+        &out.frame,
+        &syn.clone()
+            .to(SocketAddrV4::new(REMOTE_BACKEND, 8080))
+            .build(),
+        "cluster IP to the remote endpoint",
+    );
+}
+
+#[test]
+fn itp_local_drops_cluster_ip_traffic_without_a_local_endpoint() {
+    let node = Node::new(
+        "itplocal",
+        &manifest(
+            "internalTrafficPolicy: Local",
+            &[(REMOTE_BACKEND, "node-b")],
+        ),
+    );
+    let syn = Packet::tcp(
+        SocketAddrV4::new(POD_IP, 40000),
+        SocketAddrV4::new(CLUSTER_IP, 80),
+        TCP_SYN,
+    );
+    assert_eq!(node.internal(&syn.build()).verdict, TC_ACT_SHOT);
+    assert_eq!(node.h.counter(Stat::DropNoLocalBackend), 1);
+    // externalTrafficPolicy stays Cluster: the node port still serves (SNATed).
+    let syn = Packet::tcp(client(40000), node_port(30080), TCP_SYN);
+    assert_eq!(node.external(&syn.build()).verdict, TC_ACT_REDIRECT);
+}
+
+#[test]
+fn a_snat_port_in_use_is_skipped_and_exhaustion_is_counted() {
+    let mut node = Node::new("ports", &manifest("", &[(REMOTE_BACKEND, "node-b")]));
+    let remote = SocketAddrV4::new(REMOTE_BACKEND, 8080);
+    // Another flow holds the first port this one would take.
+    let first = first_snat_port(client(40000), node_port(30080), 6);
+    let taken = CtKey::new(
+        u32::from(REMOTE_BACKEND).to_be(),
+        8080u16.to_be(),
+        u32::from(NODE_IP).to_be(),
+        first.to_be(),
+        6,
+        CT_DIR_REPLY,
+    );
+    node.h.set_conntrack(
+        &taken,
+        Some(CtValue {
+            flags: CT_SNAT,
+            expires_ns: u64::MAX,
+            ..CtValue::default()
+        }),
+    );
+    let syn = Packet::tcp(client(40000), node_port(30080), TCP_SYN);
+    let out = node.external(&syn.build());
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    let span = u32::from(SNAT_PORTS.1 - SNAT_PORTS.0) + 1;
+    let second = SNAT_PORTS.0
+        + (hash_of(client(40000), node_port(30080), 6).wrapping_add(7919) % span) as u16;
+    assert_frame(
+        &out.frame,
+        &hop(syn.clone().from(node_port(second)).to(remote)).build(),
+        "the next candidate port",
+    );
+
+    // One port, taken: the new flow is dropped and counted, never sent
+    // with a colliding tuple.
+    node.h.set_node_config(NodeConfig {
+        snat_addr_be: u32::from(NODE_IP).to_be(),
+        snat_port_first: first,
+        snat_port_last: first,
+    });
+    let syn = Packet::tcp(client(40001), node_port(30080), TCP_SYN);
+    assert_eq!(node.external(&syn.build()).verdict, TC_ACT_SHOT);
+    assert_eq!(node.h.counter(Stat::DropSnatExhausted), 1);
+
+    // No SNAT address at all: the same.
+    node.h.set_node_config(NodeConfig::default());
+    let syn = Packet::tcp(client(40002), node_port(30080), TCP_SYN);
+    assert_eq!(node.external(&syn.build()).verdict, TC_ACT_SHOT);
+    assert_eq!(node.h.counter(Stat::DropSnatExhausted), 2);
+}
+
+#[test]
+fn untracked_packets_to_the_snat_ports_pass_untouched() {
+    let node = Node::new("untracked", &manifest("", &BOTH));
+    let stray = Packet::tcp(
+        SocketAddrV4::new(REMOTE_BACKEND, 8080),
+        node_port(62000),
+        TCP_ACK,
+    );
+    let out = node.external(&stray.build());
+    assert_eq!(out.verdict, TCX_NEXT);
+    assert_frame(&out.frame, &stray.build(), "untouched");
+    assert_eq!(node.h.counter(Stat::RevSnat), 0);
+}

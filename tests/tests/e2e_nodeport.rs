@@ -1,0 +1,340 @@
+//! End to end on two nodes (`lb_tests::cluster`): NodePort, LoadBalancer
+//! and external IPs reached by real TCP/UDP clients outside the cluster,
+//! the traffic policies, and bad input. Named after the upstream
+//! `[sig-network] Services` e2e cases they mirror.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use lb_tests::{
+    cluster::{Cluster, CLIENT_IPS, NODE_IPS, POD_IPS},
+    require_root,
+    servers::{http_get, udp_query},
+};
+
+const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
+const LB_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 1);
+const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 2, 1);
+
+/// Service `shop/web` (TCP 80 → 8080, UDP 53 → 5353; node ports 30080 and
+/// 30053 where the type has them) and its slice: `pod-a` on node-a and
+/// `pod-b` on node-b, or the pods listed in `pods` (indexes).
+fn web(type_: &str, spec: &str, status: &str, pods: &[usize]) -> String {
+    let nodes = ["node-a", "node-b"];
+    let mut endpoints = String::new();
+    for i in pods {
+        endpoints.push_str(&format!(
+            "\n- {{addresses: [\"{}\"], nodeName: {}}}",
+            POD_IPS[*i], nodes[*i]
+        ));
+    }
+    if endpoints.is_empty() {
+        endpoints = " []".into();
+    }
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: shop}}
+spec:
+  type: {type_}
+  clusterIP: {CLUSTER_IP}
+  {spec}
+  ports:
+  - {{name: http, port: 80, targetPort: 8080, nodePort: 30080, protocol: TCP}}
+  - {{name: dns, port: 53, targetPort: 5353, nodePort: 30053, protocol: UDP}}
+{status}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: shop
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv4
+ports:
+- {{name: http, port: 8080, protocol: TCP}}
+- {{name: dns, port: 5353, protocol: UDP}}
+endpoints:{endpoints}
+"#
+    )
+}
+
+/// `backend NAME client IP:PORT` → (NAME, IP).
+fn parse_answer(body: &str) -> (String, Ipv4Addr) {
+    let words: Vec<&str> = body.split_whitespace().collect();
+    assert!(
+        words.len() == 4 && words[0] == "backend" && words[2] == "client",
+        "unexpected answer {body:?}"
+    );
+    let ip = words[3]
+        .rsplit_once(':')
+        .and_then(|(ip, _)| ip.parse().ok())
+        .unwrap_or_else(|| panic!("no client address in {body:?}"));
+    (words[1].to_owned(), ip)
+}
+
+/// `n` HTTP requests from client `c` to `addr`: each answer's (backend, client address seen).
+fn requests(cluster: &Cluster, c: usize, addr: SocketAddrV4, n: usize) -> Vec<(String, Ipv4Addr)> {
+    cluster.clients[c].run(|| {
+        (0..n)
+            .map(|i| {
+                let body = http_get(addr)
+                    .unwrap_or_else(|e| panic!("request {i} to {addr} from client {c}: {e}"));
+                parse_answer(&body)
+            })
+            .collect()
+    })
+}
+
+fn node_port(node: usize, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(NODE_IPS[node], port)
+}
+
+/// The connection attempt fails (refused, or dropped until the timeout).
+fn unreachable(cluster: &Cluster, c: usize, addr: SocketAddrV4) -> bool {
+    cluster.clients[c].run(|| http_get(addr).is_err())
+}
+
+fn wait_until(within: std::time::Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    while !done() {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    true
+}
+
+#[test]
+fn should_be_able_to_create_a_functioning_nodeport_service() {
+    require_root();
+    let mut cluster = Cluster::new("np1", &web("NodePort", "", "", &[0, 1])).unwrap();
+    cluster
+        .wait_for_maps("the node ports", |m| {
+            m.contains("30080/TCP count=2") && m.contains("30053/UDP count=2")
+        })
+        .unwrap();
+    for node in [0usize, 1] {
+        let answers = requests(&cluster, 0, node_port(node, 30080), 40);
+        for (backend, seen) in &answers {
+            // externalTrafficPolicy Cluster: the node's own pod sees the
+            // client; the other node's pod sees this node (SNAT), so its
+            // answer comes back through this node.
+            let local = if node == 0 { "pod-a" } else { "pod-b" };
+            let expected = if backend == local {
+                CLIENT_IPS[0]
+            } else {
+                NODE_IPS[node]
+            };
+            assert_eq!(*seen, expected, "{backend} via node {node}");
+        }
+        for pod in ["pod-a", "pod-b"] {
+            assert!(
+                answers.iter().any(|(b, _)| b == pod),
+                "{pod} never answered through node {node}: {answers:?}"
+            );
+        }
+        // UDP: every answer comes from the node port the client asked.
+        let answers: Vec<(String, std::net::SocketAddr)> = cluster.clients[0].run(|| {
+            (0..30)
+                .map(|_| udp_query(node_port(node, 30053)).expect("UDP answer"))
+                .collect()
+        });
+        for pod in ["pod-a", "pod-b"] {
+            assert!(
+                answers.iter().any(|(a, _)| a.starts_with(pod)),
+                "{pod} never answered UDP through node {node}"
+            );
+        }
+        assert!(answers
+            .iter()
+            .all(|(_, from)| *from == node_port(node, 30053).into()));
+    }
+}
+
+#[test]
+fn should_preserve_source_ip_for_etp_local() {
+    require_root();
+    let mut cluster = Cluster::new(
+        "np2",
+        &web("NodePort", "externalTrafficPolicy: Local", "", &[0, 1]),
+    )
+    .unwrap();
+    cluster
+        .wait_for_maps("the node ports", |m| {
+            m.contains("30080/TCP count=2 local=1")
+        })
+        .unwrap();
+    for (node, pod) in [(0, "pod-a"), (1, "pod-b")] {
+        for (backend, seen) in requests(&cluster, 1, node_port(node, 30080), 20) {
+            assert_eq!(backend, pod, "only the node's own endpoint");
+            assert_eq!(seen, CLIENT_IPS[1], "the client's own address");
+        }
+    }
+    // Pods still reach the cluster IP on every endpoint.
+    let seen: Vec<String> = cluster.client_pods[0].run(|| {
+        (0..30)
+            .map(|_| parse_answer(&http_get(SocketAddrV4::new(CLUSTER_IP, 80)).unwrap()).0)
+            .collect()
+    });
+    assert!(seen.iter().any(|b| b == "pod-b") && seen.iter().any(|b| b == "pod-a"));
+
+    // Node-b loses its endpoint: its node port drops external traffic,
+    // node-a's still serves.
+    cluster
+        .set_manifest(&web("NodePort", "externalTrafficPolicy: Local", "", &[0]))
+        .unwrap();
+    cluster
+        .wait_for_maps("one endpoint", |m| m.contains("30080/TCP count=1"))
+        .unwrap();
+    assert!(unreachable(&cluster, 1, node_port(1, 30080)));
+    for (backend, _) in requests(&cluster, 1, node_port(0, 30080), 5) {
+        assert_eq!(backend, "pod-a");
+    }
+}
+
+#[test]
+fn should_be_able_to_change_the_type_from_clusterip_to_nodeport() {
+    require_root();
+    let mut cluster = Cluster::new("np3", &web("ClusterIP", "", "", &[0, 1])).unwrap();
+    cluster
+        .wait_for_maps("the cluster IP", |m| m.contains(":80/TCP count=2"))
+        .unwrap();
+    assert!(
+        unreachable(&cluster, 0, node_port(0, 30080)),
+        "no node port yet"
+    );
+
+    cluster
+        .set_manifest(&web("NodePort", "", "", &[0, 1]))
+        .unwrap();
+    cluster
+        .wait_for_maps("the node port", |m| m.contains("30080/TCP count=2"))
+        .unwrap();
+    assert_eq!(requests(&cluster, 0, node_port(0, 30080), 3).len(), 3);
+
+    // And back (upstream: "should be able to change the type from NodePort to ClusterIP").
+    cluster
+        .set_manifest(&web("ClusterIP", "", "", &[0, 1]))
+        .unwrap();
+    cluster
+        .wait_for_maps("no node port", |m| !m.contains("30080"))
+        .unwrap();
+    assert!(unreachable(&cluster, 0, node_port(0, 30080)));
+}
+
+#[test]
+fn should_be_able_to_create_loadbalancer_service_without_nodeport_and_change_it() {
+    require_root();
+    let status = format!("status: {{loadBalancer: {{ingress: [{{ip: {LB_IP}}}]}}}}");
+    let spec = format!("allocateLoadBalancerNodePorts: false\n  externalIPs: [\"{EXTERNAL_IP}\"]");
+    let yaml = web("LoadBalancer", &spec, &status, &[0, 1]).replace(", nodePort: 30080", "");
+    let mut cluster = Cluster::new("np4", &yaml).unwrap();
+    cluster
+        .wait_for_maps("the load balancer IP", |m| {
+            m.contains(&format!("{LB_IP}:80/TCP count=2"))
+                && m.contains(&format!("{EXTERNAL_IP}:80/TCP count=2"))
+        })
+        .unwrap();
+    // The clients route 198.19.0.0/16 to node-a, as a load balancer would.
+    for addr in [LB_IP, EXTERNAL_IP] {
+        let answers = requests(&cluster, 0, SocketAddrV4::new(addr, 80), 30);
+        for pod in ["pod-a", "pod-b"] {
+            assert!(answers.iter().any(|(b, _)| b == pod), "{pod} via {addr}");
+        }
+    }
+    assert!(
+        unreachable(&cluster, 0, node_port(0, 30080)),
+        "no node port allocated"
+    );
+
+    // The Service gets its node port.
+    cluster
+        .set_manifest(&web("LoadBalancer", "", &status, &[0, 1]))
+        .unwrap();
+    cluster
+        .wait_for_maps("the node port", |m| m.contains("30080/TCP count=2"))
+        .unwrap();
+    assert_eq!(requests(&cluster, 0, node_port(1, 30080), 3).len(), 3);
+    assert!(
+        wait_until(std::time::Duration::from_secs(5), || unreachable(
+            &cluster,
+            0,
+            SocketAddrV4::new(EXTERNAL_IP, 80)
+        )),
+        "the external IP was removed"
+    );
+}
+
+#[test]
+fn should_respect_internal_traffic_policy_local_pod_to_pod() {
+    require_root();
+    let mut cluster = Cluster::new(
+        "np5",
+        &web("ClusterIP", "internalTrafficPolicy: Local", "", &[0, 1]),
+    )
+    .unwrap();
+    cluster
+        .wait_for_maps("the cluster IP", |m| m.contains(":80/TCP count=2 local=1"))
+        .unwrap();
+    let vip = SocketAddrV4::new(CLUSTER_IP, 80);
+    for (i, pod) in [(0, "pod-a"), (1, "pod-b")] {
+        let seen: Vec<String> = cluster.client_pods[i].run(|| {
+            (0..20)
+                .map(|_| parse_answer(&http_get(vip).unwrap()).0)
+                .collect()
+        });
+        assert!(seen.iter().all(|b| b == pod), "{pod}'s node: {seen:?}");
+    }
+    // No local endpoint on node-a: its pods' connections are dropped.
+    cluster
+        .set_manifest(&web("ClusterIP", "internalTrafficPolicy: Local", "", &[1]))
+        .unwrap();
+    cluster
+        .wait_for_maps("one endpoint", |m| m.contains(":80/TCP count=1"))
+        .unwrap();
+    assert!(cluster.client_pods[0].run(|| http_get(vip).is_err()));
+    assert!(cluster.client_pods[1].run(|| http_get(vip).is_ok()));
+}
+
+#[test]
+fn two_services_claiming_one_node_port_leave_the_first_serving() {
+    require_root();
+    let first = web("NodePort", "", "", &[0, 1]).replacen(
+        "namespace: shop}",
+        "namespace: shop, creationTimestamp: \"2026-01-01T00:00:00Z\"}",
+        1,
+    );
+    let second = r#"apiVersion: v1
+kind: Service
+metadata: {name: aaa-later, namespace: shop, creationTimestamp: "2026-06-01T00:00:00Z"}
+spec:
+  type: NodePort
+  clusterIP: 198.19.0.20
+  ports:
+  - {name: http, port: 80, nodePort: 30080, protocol: TCP}
+"#;
+    let yaml = format!("{first}---\n{second}");
+    let mut cluster = Cluster::new("np6", &yaml).unwrap();
+    cluster
+        .wait_for_maps("the first service", |m| {
+            m.contains("30080/TCP count=2 local=1 revnat") && m.contains("service=shop/web")
+        })
+        .unwrap();
+    let answers = requests(&cluster, 0, node_port(0, 30080), 10);
+    assert!(answers.iter().all(|(b, _)| b.starts_with("pod-")));
+
+    // `check` refuses the input and names both Services.
+    let out = std::process::Command::new(lb_tests::topology::agent_binary())
+        .args(["check", "--manifests"])
+        .arg(&cluster.manifests.0)
+        .args(["--node-name", "node-a", "--node-address", "198.18.0.2"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("Service shop/aaa-later: spec.ports[].nodePort: NodePort 198.18.0.2:30080/TCP is already used by Service shop/web"),
+        "{stderr}"
+    );
+}
