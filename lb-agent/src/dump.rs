@@ -46,6 +46,18 @@ pub fn services(snapshot: &Snapshot) -> String {
             };
             let _ = writeln!(out, "  slot {s}: {line}");
         }
+        let matches: Vec<String> = snapshot
+            .affinity_match
+            .range((value.rev_nat_id, 0)..=(value.rev_nat_id, u32::MAX))
+            .map(|((_, id), local)| format!("{id}{}", if *local { " (local)" } else { "" }))
+            .collect();
+        if !matches.is_empty() {
+            let _ = writeln!(
+                out,
+                "  affinity may return to backends: {}",
+                matches.join(", ")
+            );
+        }
     }
     out
 }

@@ -4,6 +4,7 @@ use std::{fmt::Write as _, net::Ipv4Addr, path::Path};
 
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use lb_common::{
+    affinity::AFFINITY_MATCH_MAP,
     backend::BACKEND_MAP,
     ct::{is_closing, CtKey, CtValue, CT_DIR_FORWARD, CT_MAP, CT_SEEN_REPLY, CT_SNAT},
     revnat::REVNAT_MAP,
@@ -26,6 +27,7 @@ pub fn services(pin_dir: &Path) -> anyhow::Result<String> {
         open_pinned(pin_dir, SVC_MAP)?,
         open_pinned(pin_dir, BACKEND_MAP)?,
         open_pinned(pin_dir, REVNAT_MAP)?,
+        open_pinned(pin_dir, AFFINITY_MATCH_MAP)?,
         MapSizes::default().capacity(),
     )?;
     let text = dump::services(&maps.snapshot()?);

@@ -113,6 +113,10 @@ struct RunArgs {
     /// Size of the conntrack LRU (two entries per flow).
     #[arg(long, default_value_t = DEFAULT_MAX_CT_ENTRIES)]
     max_conntrack: u32,
+    /// Size of the session affinity table (clients × affinity frontends;
+    /// the least recently used entry gives way).
+    #[arg(long, default_value_t = lb_common::affinity::DEFAULT_MAX_AFFINITY_ENTRIES)]
+    max_affinity: u32,
     /// Most endpoints one service port may have.
     #[arg(long, default_value_t = 4096)]
     max_backends_per_service: usize,
@@ -221,6 +225,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     service_slots: args.max_service_slots,
                     backends: args.max_backends,
                     conntrack: args.max_conntrack,
+                    affinity: args.max_affinity,
                 },
                 limits,
                 keep_datapath: args.keep_datapath,

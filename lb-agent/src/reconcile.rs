@@ -18,7 +18,7 @@ use std::{
     fmt,
 };
 
-use lb_common::svc::SvcValue;
+use lb_common::svc::{SvcValue, SVC_FLAG_AFFINITY};
 
 use crate::{
     datapath::maps::{LbMaps, MapWriteError},
@@ -60,6 +60,19 @@ pub enum Op {
     DeleteBackend {
         id: u32,
     },
+    /// Session affinity may lead to `backend_id` from this frontend.
+    PutAffinityMatch {
+        frontend: L4Addr,
+        rev_nat_id: u16,
+        backend_id: u32,
+        local: bool,
+    },
+    /// `frontend` is `None` for an entry no frontend owns.
+    DeleteAffinityMatch {
+        frontend: Option<L4Addr>,
+        rev_nat_id: u16,
+        backend_id: u32,
+    },
 }
 
 impl fmt::Display for Op {
@@ -84,6 +97,20 @@ impl fmt::Display for Op {
             Op::DeleteSlot { frontend, slot } => write!(f, "del slot {frontend}#{slot}"),
             Op::DeleteRevNat { id } => write!(f, "del revnat {id}"),
             Op::DeleteBackend { id } => write!(f, "del backend {id}"),
+            Op::PutAffinityMatch {
+                rev_nat_id,
+                backend_id,
+                local,
+                ..
+            } => write!(
+                f,
+                "put affinity match {rev_nat_id}/{backend_id} local={local}"
+            ),
+            Op::DeleteAffinityMatch {
+                rev_nat_id,
+                backend_id,
+                ..
+            } => write!(f, "del affinity match {rev_nat_id}/{backend_id}"),
         }
     }
 }
@@ -168,6 +195,8 @@ struct Written {
     head: Option<Head>,
     /// Slots 1.. → backend id.
     slots: Slots,
+    /// Affinity match entries: backend id → runs on this node.
+    affinity: BTreeMap<u32, bool>,
 }
 
 /// A write that failed, and what it was for.
@@ -262,6 +291,8 @@ pub struct Reconciler<M> {
     rev_nat_ids: IdAllocator,
     /// Reverse-NAT entries present in the map that no frontend owns.
     orphan_revnat: BTreeSet<u16>,
+    /// Affinity match entries present in the map that no frontend owns.
+    orphan_affinity: BTreeSet<(u16, u32)>,
     /// The ids no slot refers to (by the entries' reference counts):
     /// pruning costs what changed, not every backend.
     unreferenced: BTreeSet<u32>,
@@ -296,6 +327,21 @@ impl<M: LbMaps> Reconciler<M> {
                 }
                 _ => {
                     orphan_revnat.insert(*id);
+                }
+            }
+        }
+        let by_rev_nat: BTreeMap<u16, L4Addr> = written
+            .iter()
+            .filter_map(|(f, w)| Some((w.rev_nat_id?, *f)))
+            .collect();
+        let mut orphan_affinity = BTreeSet::new();
+        for ((rev_nat_id, backend_id), local) in &snapshot.affinity_match {
+            match by_rev_nat.get(rev_nat_id).and_then(|f| written.get_mut(f)) {
+                Some(w) => {
+                    w.affinity.insert(*backend_id, *local);
+                }
+                None => {
+                    orphan_affinity.insert((*rev_nat_id, *backend_id));
                 }
             }
         }
@@ -354,6 +400,7 @@ impl<M: LbMaps> Reconciler<M> {
             max_backends: max_backend_id,
             rev_nat_ids,
             orphan_revnat,
+            orphan_affinity,
             pending: false,
         })
     }
@@ -434,6 +481,11 @@ impl<M: LbMaps> Reconciler<M> {
                 frontend: *frontend,
                 slot,
             }));
+            ops.extend(w.affinity.keys().map(|backend_id| Op::DeleteAffinityMatch {
+                frontend: Some(*frontend),
+                rev_nat_id: w.rev_nat_id.unwrap_or(0),
+                backend_id: *backend_id,
+            }));
             if let Some(id) = w.rev_nat_id {
                 ops.push(Op::DeleteRevNat { id });
             }
@@ -500,9 +552,18 @@ impl<M: LbMaps> Reconciler<M> {
         }
         if scope.is_none() {
             plan.orphans = self
-                .orphan_revnat
+                .orphan_affinity
                 .iter()
-                .map(|id| Op::DeleteRevNat { id: *id })
+                .map(|(rev_nat_id, backend_id)| Op::DeleteAffinityMatch {
+                    frontend: None,
+                    rev_nat_id: *rev_nat_id,
+                    backend_id: *backend_id,
+                })
+                .chain(
+                    self.orphan_revnat
+                        .iter()
+                        .map(|id| Op::DeleteRevNat { id: *id }),
+                )
                 .collect();
         }
         plan
@@ -733,6 +794,31 @@ impl<M: LbMaps> Reconciler<M> {
                 self.orphan_revnat.remove(id);
                 self.rev_nat_ids.release(u32::from(*id));
             }
+            Op::PutAffinityMatch {
+                frontend,
+                rev_nat_id,
+                backend_id,
+                local,
+            } => {
+                self.maps
+                    .put_affinity_match(*rev_nat_id, *backend_id, *local)?;
+                self.entry(*frontend).affinity.insert(*backend_id, *local);
+            }
+            Op::DeleteAffinityMatch {
+                frontend,
+                rev_nat_id,
+                backend_id,
+            } => {
+                self.maps.delete_affinity_match(*rev_nat_id, *backend_id)?;
+                match frontend.and_then(|f| self.written.get_mut(&f)) {
+                    Some(w) => {
+                        w.affinity.remove(backend_id);
+                    }
+                    None => {
+                        self.orphan_affinity.remove(&(*rev_nat_id, *backend_id));
+                    }
+                }
+            }
             Op::DeleteBackend { id } => {
                 self.maps.delete_backend(*id)?;
                 self.unreferenced.remove(id);
@@ -780,6 +866,27 @@ fn plan_frontend(
     ids: &[u32],
 ) -> Vec<Op> {
     let mut ops = Vec::new();
+    // Affinity may lead only to current backends: a leaving backend's match
+    // goes first, an arriving one's after its slot.
+    let affinity: BTreeMap<u32, bool> = if target.flags & SVC_FLAG_AFFINITY != 0 {
+        ids.iter()
+            .enumerate()
+            .map(|(i, id)| (*id, i < usize::from(target.local_count)))
+            .collect()
+    } else {
+        BTreeMap::new()
+    };
+    ops.extend(
+        current
+            .affinity
+            .keys()
+            .filter(|id| !affinity.contains_key(id))
+            .map(|id| Op::DeleteAffinityMatch {
+                frontend: Some(frontend),
+                rev_nat_id: target.rev_nat_id,
+                backend_id: *id,
+            }),
+    );
     let mut published = current.head;
     if let Some(head) = current.head {
         if target.count < head.count || target.local_count < head.local_count {
@@ -805,6 +912,17 @@ fn plan_frontend(
             });
         }
     }
+    ops.extend(
+        affinity
+            .iter()
+            .filter(|(id, local)| current.affinity.get(id) != Some(local))
+            .map(|(id, local)| Op::PutAffinityMatch {
+                frontend,
+                rev_nat_id: target.rev_nat_id,
+                backend_id: *id,
+                local: *local,
+            }),
+    );
     let revnat_current = current.revnat_written
         && current.rev_nat_id == Some(target.rev_nat_id)
         && current.service.as_ref() == Some(owner);

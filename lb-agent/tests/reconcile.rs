@@ -572,3 +572,107 @@ fn a_change_rereads_only_the_files_a_watch_named() {
     assert_eq!(names(&changes.added), ["b"]);
     fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `service` with ClientIP affinity and endpoints placed on nodes.
+fn placed_service(affinity: bool, endpoints: &[(&str, &str)]) -> String {
+    let list: String = endpoints
+        .iter()
+        .map(|(b, node)| format!("- {{addresses: [{b}], nodeName: {node}}}\n"))
+        .collect();
+    let affinity = if affinity {
+        "  sessionAffinity: ClientIP\n"
+    } else {
+        ""
+    };
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: a, namespace: t}}\nspec:\n  clusterIP: 198.19.0.1\n{affinity}  ports: [{{port: 80, targetPort: 8080}}]\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: a-1\n  namespace: t\n  labels: {{kubernetes.io/service-name: a}}\n\
+         addressType: IPv4\nports: [{{port: 8080}}]\nendpoints:\n{list}"
+    )
+}
+
+fn desired_on_node_a(yaml: &str) -> Desired {
+    let (objects, errors) = manifest::parse_str(yaml, None).unwrap();
+    assert!(errors.is_empty(), "{errors:?}");
+    let node = desired::NodeContext {
+        name: Some("node-a".into()),
+        nodeport_addresses: Vec::new(),
+    };
+    desired::compute(&objects, LIMITS, node).0
+}
+
+#[test]
+fn a_shrinking_local_count_is_published_before_its_slots_change_role() {
+    let mut r = reconciler();
+    r.apply(&desired_on_node_a(&placed_service(
+        false,
+        &[
+            ("198.18.0.1", "node-a"),
+            ("198.18.0.2", "node-a"),
+            ("198.18.0.3", "node-b"),
+        ],
+    )));
+    take_log(&mut r);
+    // 198.18.0.2 moves to node-b: slot 2 changes from local to remote.
+    r.apply(&desired_on_node_a(&placed_service(
+        false,
+        &[
+            ("198.18.0.1", "node-a"),
+            ("198.18.0.2", "node-b"),
+            ("198.18.0.3", "node-b"),
+            ("198.18.0.4", "node-b"),
+        ],
+    )));
+    let log = take_log(&mut r);
+    assert_eq!(
+        log[..2],
+        [
+            "put backend 4 198.18.0.4:8080/TCP",
+            "put slot 198.19.0.1:80/TCP#0 count=3 local=1 flags=0x1",
+        ],
+        "local slots shrink to the smaller count first: {log:?}"
+    );
+    assert_eq!(
+        log.last().unwrap(),
+        "put slot 198.19.0.1:80/TCP#0 count=4 local=1 flags=0x1"
+    );
+    assert!(r.maps().violations.is_empty(), "{:?}", r.maps().violations);
+}
+
+#[test]
+fn affinity_matches_follow_the_current_backends() {
+    let mut r = reconciler();
+    let two = [("198.18.0.1", "node-a"), ("198.18.0.2", "node-b")];
+    r.apply(&desired_on_node_a(&placed_service(true, &two)));
+    let log = take_log(&mut r);
+    let count_at = log.iter().position(|l| l.contains("#0 count=2")).unwrap();
+    let matches: Vec<usize> = (0..log.len())
+        .filter(|i| log[*i].starts_with("put affinity match"))
+        .collect();
+    assert_eq!(matches.len(), 2, "{log:?}");
+    assert!(
+        matches.iter().all(|i| *i < count_at),
+        "before publishing: {log:?}"
+    );
+    assert!(log.contains(&"put affinity match 1/1 local=true".to_string()));
+    assert!(log.contains(&"put affinity match 1/2 local=false".to_string()));
+
+    // A backend leaves: its match goes before anything else.
+    r.apply(&desired_on_node_a(&placed_service(true, &two[..1])));
+    let log = take_log(&mut r);
+    assert_eq!(log[0], "del affinity match 1/2", "{log:?}");
+
+    // Affinity switched off: no match is left.
+    r.apply(&desired_on_node_a(&placed_service(false, &two[..1])));
+    let log = take_log(&mut r);
+    assert_eq!(log[0], "del affinity match 1/1", "{log:?}");
+    assert!(r.maps().state.affinity_match.is_empty());
+
+    // A restart adopts the matches and writes nothing.
+    r.apply(&desired_on_node_a(&placed_service(true, &two)));
+    let maps = std::mem::replace(r.maps_mut(), FakeMaps::new(1024, 1024));
+    let mut restarted = Reconciler::restore(maps, 1024).unwrap();
+    take_log(&mut restarted);
+    let report = restarted.apply(&desired_on_node_a(&placed_service(true, &two)));
+    assert_eq!(take_log(&mut restarted), Vec::<String>::new(), "{report:?}");
+}

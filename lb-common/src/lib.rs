@@ -10,6 +10,7 @@
 //! a new agent never reads an old pinned map with the wrong shape.
 #![no_std]
 
+pub mod affinity;
 pub mod backend;
 pub mod config;
 pub mod ct;

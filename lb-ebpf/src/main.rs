@@ -7,6 +7,7 @@
 #![no_std]
 #![no_main]
 
+mod affinity;
 mod csum;
 mod ct;
 mod maps;
@@ -25,7 +26,10 @@ use lb_common::{
     ct::{CtValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_SNAT},
     hash::{flow_hash, select_slot},
     stats::Stat,
-    svc::{SvcKey, SVC_FLAGS_EXTERNAL, SVC_FLAG_EXTERNAL_LOCAL, SVC_FLAG_INTERNAL_LOCAL},
+    svc::{
+        SvcKey, SVC_FLAGS_EXTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_EXTERNAL_LOCAL,
+        SVC_FLAG_INTERNAL_LOCAL,
+    },
 };
 
 use crate::{
@@ -131,8 +135,7 @@ fn ingress<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
     if choices == 0 {
         return Outcome::drop(Stat::DropNoLocalBackend);
     }
-    // A slot by flow hash, so a lost conntrack entry still maps a flow to
-    // the same backend while the backend set is unchanged.
+    let now = found.map_or_else(ct::now, |(_, now)| now);
     let hash = flow_hash(
         pkt.saddr_be,
         pkt.daddr_be,
@@ -140,19 +143,34 @@ fn ingress<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
         pkt.dport_be,
         pkt.proto,
     );
-    let slot = select_slot(hash, choices);
-    let slot_key = SvcKey::new(pkt.daddr_be, pkt.dport_be, pkt.proto, slot);
-    let Some(slot_value) = maps::SERVICES.get_ptr(&slot_key) else {
-        return Outcome::drop(Stat::DropBackendMissing);
+    let affinity = svc.flags & SVC_FLAG_AFFINITY != 0;
+    let remembered = if affinity {
+        affinity::remembered(pkt.saddr_be, &svc, local_only, now)
+    } else {
+        None
     };
-    let backend_id = unsafe { (*slot_value).backend_id };
+    let (backend_id, remote) = match remembered {
+        Some(choice) => choice,
+        None => {
+            // A slot by flow hash, so a lost conntrack entry still maps a
+            // flow to the same backend while the backend set is unchanged.
+            let slot = select_slot(hash, choices);
+            let slot_key = SvcKey::new(pkt.daddr_be, pkt.dport_be, pkt.proto, slot);
+            let Some(slot_value) = maps::SERVICES.get_ptr(&slot_key) else {
+                return Outcome::drop(Stat::DropBackendMissing);
+            };
+            (unsafe { (*slot_value).backend_id }, slot > svc.local_count)
+        }
+    };
     let Some(backend) = maps::BACKENDS.get_ptr(&backend_id) else {
         return Outcome::drop(Stat::DropBackendMissing);
     };
     let backend = unsafe { *backend };
-    let now = found.map_or_else(ct::now, |(_, now)| now);
+    if affinity {
+        affinity::remember(pkt.saddr_be, svc.rev_nat_id, backend_id, now);
+    }
     let mut entry = ct::new_forward(&pkt, &backend, backend_id, svc.rev_nat_id, now);
-    if external && slot > svc.local_count {
+    if external && remote {
         // To another node: SNAT to this node so the answer comes back here.
         let Some(config) = maps::CONFIG.get(0) else {
             return Outcome::drop(Stat::DropSnatExhausted);

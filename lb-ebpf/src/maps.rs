@@ -3,10 +3,11 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array, HashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
+    affinity::{AffinityKey, AffinityMatchKey, AffinityValue},
     backend::Backend,
     config::NodeConfig,
     ct::{CtKey, CtValue},
@@ -40,3 +41,12 @@ pub static STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::new()
 /// One entry: the node's SNAT address and port range (see `NodeConfig`).
 #[btf_map(name = "lb_config_v3")]
 pub static CONFIG: Array<NodeConfig, 1> = Array::new();
+
+/// Session affinity: client + frontend → last backend (see `lb_common::affinity`).
+#[btf_map(name = "lb_affinity_v3")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, 65_536> = LruHashMap::new();
+
+/// The current backends of each affinity frontend, and where they run.
+#[btf_map(name = "lb_aff_match_v3")]
+pub static AFFINITY_MATCH: HashMap<AffinityMatchKey, u8, 262_144, { BPF_F_NO_PREALLOC as usize }> =
+    HashMap::new();

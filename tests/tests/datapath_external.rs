@@ -438,3 +438,90 @@ fn untracked_packets_to_the_snat_ports_pass_untouched() {
     assert_frame(&out.frame, &stray.build(), "untouched");
     assert_eq!(node.h.counter(Stat::RevSnat), 0);
 }
+
+#[test]
+fn client_ip_affinity_returns_to_the_backend_while_it_is_current() {
+    use lb_common::affinity::{AffinityKey, AffinityValue, AFFINITY_MAP};
+    let three = [
+        (LOCAL_BACKEND, "node-a"),
+        (REMOTE_BACKEND, "node-b"),
+        (Ipv4Addr::new(198, 18, 11, 3), "node-b"),
+    ];
+    let policy =
+        "sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 30}}";
+    let mut node = Node::new("affinity", &manifest(policy, &three));
+    let vip = SocketAddrV4::new(CLUSTER_IP, 80);
+    let pod = |port| SocketAddrV4::new(POD_IP, port);
+    let backend_of =
+        |out: &RunResult| Ipv4Addr::new(out.frame[30], out.frame[31], out.frame[32], out.frame[33]);
+    let first = backend_of(&node.internal(&Packet::tcp(pod(40000), vip, TCP_SYN).build()));
+    for port in 40001..40030 {
+        let out = node.internal(&Packet::tcp(pod(port), vip, TCP_SYN).build());
+        assert_eq!(
+            backend_of(&out),
+            first,
+            "port {port} follows the client's affinity"
+        );
+    }
+    // Another client is balanced on its own.
+    let other = SocketAddrV4::new(Ipv4Addr::new(198, 18, 10, 6), 40000);
+    node.internal(&Packet::tcp(other, vip, TCP_SYN).build());
+
+    // The timeout passed since the client's last connection: hashing again.
+    let key = AffinityKey::new(u32::from(POD_IP).to_be(), {
+        let flows = node.h.conntrack();
+        flows
+            .iter()
+            .find(|(k, _)| k.dir == CT_DIR_FORWARD)
+            .unwrap()
+            .1
+            .rev_nat_id
+    });
+    let mut map: aya::maps::HashMap<&mut aya::maps::MapData, AffinityKey, AffinityValue> = node
+        .h
+        .ebpf
+        .map_mut(AFFINITY_MAP)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let remembered = map.get(&key, 0).unwrap();
+    map.insert(
+        key,
+        AffinityValue {
+            last_used_ns: remembered.last_used_ns - 31_000_000_000,
+            ..remembered
+        },
+        0,
+    )
+    .unwrap();
+    let port = (41000..42000)
+        .find(|p| {
+            let slot = select_slot(hash_of(pod(*p), vip, 6), 3);
+            // slot order: the local backend, then the remote ones sorted
+            let by_slot = [three[0].0, three[1].0, three[2].0];
+            by_slot[usize::from(slot) - 1] != first
+        })
+        .unwrap();
+    let out = node.internal(&Packet::tcp(pod(port), vip, TCP_SYN).build());
+    let second = backend_of(&out);
+    assert_ne!(second, first, "expired affinity no longer applies");
+    // …and the new choice is remembered.
+    let out = node.internal(&Packet::tcp(pod(port + 1000), vip, TCP_SYN).build());
+    assert_eq!(backend_of(&out), second);
+
+    // The remembered backend leaves the Service: never chosen again.
+    let remaining: Vec<(Ipv4Addr, &str)> = three
+        .iter()
+        .copied()
+        .filter(|(b, _)| *b != second)
+        .collect();
+    node.h.apply_yaml(&manifest(policy, &remaining));
+    for port in 43000..43020 {
+        let out = node.internal(&Packet::tcp(pod(port), vip, TCP_SYN).build());
+        assert_eq!(out.verdict, TCX_NEXT);
+        assert!(
+            remaining.iter().any(|(b, _)| *b == backend_of(&out)),
+            "port {port}: to a current backend"
+        );
+    }
+}

@@ -338,3 +338,49 @@ spec:
         "{stderr}"
     );
 }
+
+#[test]
+fn should_be_able_to_switch_session_affinity_for_nodeport_service() {
+    require_root();
+    // Upstream also has "should have session affinity work for NodePort
+    // service"; this covers it and the switch both ways.
+    let mut cluster = Cluster::new(
+        "np7",
+        &web("NodePort", "sessionAffinity: ClientIP", "", &[0, 1]),
+    )
+    .unwrap();
+    cluster
+        .wait_for_maps("affinity", |m| m.contains("affinity=ClientIP/10800s"))
+        .unwrap();
+    let answers = requests(&cluster, 0, node_port(0, 30080), 20);
+    assert!(
+        answers.iter().all(|(b, _)| *b == answers[0].0),
+        "one backend for the client: {answers:?}"
+    );
+    cluster
+        .set_manifest(&web("NodePort", "sessionAffinity: None", "", &[0, 1]))
+        .unwrap();
+    cluster
+        .wait_for_maps("no affinity", |m| {
+            m.contains("30080/TCP count=2") && !m.contains("affinity")
+        })
+        .unwrap();
+    let answers = requests(&cluster, 0, node_port(0, 30080), 30);
+    for pod in ["pod-a", "pod-b"] {
+        assert!(
+            answers.iter().any(|(b, _)| b == pod),
+            "{pod} without affinity"
+        );
+    }
+    cluster
+        .set_manifest(&web("NodePort", "sessionAffinity: ClientIP", "", &[0, 1]))
+        .unwrap();
+    cluster
+        .wait_for_maps("affinity again", |m| m.contains("affinity=ClientIP"))
+        .unwrap();
+    let answers = requests(&cluster, 1, node_port(0, 30080), 20);
+    assert!(
+        answers.iter().all(|(b, _)| *b == answers[0].0),
+        "{answers:?}"
+    );
+}

@@ -175,6 +175,31 @@ impl LbMaps for FakeMaps {
         Ok(())
     }
 
+    fn put_affinity_match(
+        &mut self,
+        rev_nat_id: u16,
+        backend_id: u32,
+        local: bool,
+    ) -> Result<(), MapWriteError> {
+        self.record(format!(
+            "put affinity match {rev_nat_id}/{backend_id} local={local}"
+        ))?;
+        self.state
+            .affinity_match
+            .insert((rev_nat_id, backend_id), local);
+        Ok(())
+    }
+
+    fn delete_affinity_match(
+        &mut self,
+        rev_nat_id: u16,
+        backend_id: u32,
+    ) -> Result<(), MapWriteError> {
+        self.record(format!("del affinity match {rev_nat_id}/{backend_id}"))?;
+        self.state.affinity_match.remove(&(rev_nat_id, backend_id));
+        Ok(())
+    }
+
     fn snapshot(&self) -> Result<Snapshot, MapWriteError> {
         Ok(self.state.clone())
     }

@@ -11,6 +11,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
+    affinity::{AFFINITY_MAP, AFFINITY_MATCH_MAP},
     backend::BACKEND_MAP,
     config::{NodeConfig, CONFIG_MAP},
     ct::{CtTimeouts, CT_MAP},
@@ -27,13 +28,15 @@ use super::{
 };
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
-pub const ALL_MAPS: [&str; 6] = [
+pub const ALL_MAPS: [&str; 8] = [
     SVC_MAP,
     BACKEND_MAP,
     REVNAT_MAP,
     CT_MAP,
     STATS_MAP,
     CONFIG_MAP,
+    AFFINITY_MAP,
+    AFFINITY_MATCH_MAP,
 ];
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -64,6 +67,8 @@ pub struct MapSizes {
     pub service_slots: u32,
     pub backends: u32,
     pub conntrack: u32,
+    /// Session affinity entries (clients × affinity frontends).
+    pub affinity: u32,
 }
 
 impl MapSizes {
@@ -82,6 +87,7 @@ impl Default for MapSizes {
             service_slots: lb_common::svc::DEFAULT_MAX_SVC_ENTRIES,
             backends: lb_common::backend::DEFAULT_MAX_BACKENDS,
             conntrack: lb_common::ct::DEFAULT_MAX_CT_ENTRIES,
+            affinity: lb_common::affinity::DEFAULT_MAX_AFFINITY_ENTRIES,
         }
     }
 }
@@ -99,6 +105,8 @@ pub fn load(
         .map_max_entries(SVC_MAP, sizes.service_slots)
         .map_max_entries(BACKEND_MAP, sizes.backends)
         .map_max_entries(CT_MAP, sizes.conntrack)
+        .map_max_entries(AFFINITY_MAP, sizes.affinity)
+        .map_max_entries(AFFINITY_MATCH_MAP, sizes.service_slots)
         .override_global("CT_TIMEOUTS", timeouts, true);
     if let Some(dir) = pin_dir {
         ensure_bpffs_dir(dir)?;
@@ -124,6 +132,7 @@ fn warn_on_resized_pins(ebpf: &Ebpf, sizes: MapSizes) {
         (SVC_MAP, "--max-service-slots", sizes.service_slots),
         (BACKEND_MAP, "--max-backends", sizes.backends),
         (CT_MAP, "--max-conntrack", sizes.conntrack),
+        (AFFINITY_MAP, "--max-affinity", sizes.affinity),
     ] {
         let data = match ebpf.map(name) {
             Some(Map::HashMap(data) | Map::LruHashMap(data)) => data,
@@ -186,7 +195,8 @@ pub fn kernel_maps(ebpf: &mut Ebpf, sizes: MapSizes) -> Result<KernelMaps, LoadE
             .ok_or_else(|| LoadError::Map(name, "missing from the object".into()))
     };
     let (svc, backends, revnat) = (take(SVC_MAP)?, take(BACKEND_MAP)?, take(REVNAT_MAP)?);
-    KernelMaps::new(svc, backends, revnat, sizes.capacity())
+    let affinity_match = take(AFFINITY_MATCH_MAP)?;
+    KernelMaps::new(svc, backends, revnat, affinity_match, sizes.capacity())
         .map_err(|e| LoadError::Map(SVC_MAP, e.to_string()))
 }
 

@@ -6,6 +6,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use aya::maps::{HashMap, Map, MapData, MapError};
 use lb_common::{
+    affinity::{AffinityMatchKey, AFFINITY_BACKEND_LOCAL, AFFINITY_BACKEND_REMOTE},
     backend::{Backend, BACKEND_MAP},
     revnat::{RevNat, OWNER_LEN, REVNAT_MAP},
     svc::{SvcKey, SvcValue, SVC_MAP},
@@ -43,6 +44,8 @@ pub struct Snapshot {
     pub slots: BTreeMap<(L4Addr, u16), SvcValue>,
     pub backends: BTreeMap<u32, L4Addr>,
     pub revnat: BTreeMap<u16, RevNatEntry>,
+    /// (rev-NAT id, backend id) → the backend runs on this node.
+    pub affinity_match: BTreeMap<(u16, u32), bool>,
 }
 
 /// Writes the agent performs, one entry at a time, in the order it chooses.
@@ -63,6 +66,17 @@ pub trait LbMaps {
         owner: &ServiceName,
     ) -> Result<(), MapWriteError>;
     fn delete_revnat(&mut self, id: u16) -> Result<(), MapWriteError>;
+    fn put_affinity_match(
+        &mut self,
+        rev_nat_id: u16,
+        backend_id: u32,
+        local: bool,
+    ) -> Result<(), MapWriteError>;
+    fn delete_affinity_match(
+        &mut self,
+        rev_nat_id: u16,
+        backend_id: u32,
+    ) -> Result<(), MapWriteError>;
     fn snapshot(&self) -> Result<Snapshot, MapWriteError>;
 }
 
@@ -143,6 +157,7 @@ pub struct KernelMaps {
     svc: HashMap<MapData, SvcKey, SvcValue>,
     backends: HashMap<MapData, u32, Backend>,
     revnat: HashMap<MapData, u16, RevNat>,
+    affinity_match: HashMap<MapData, AffinityMatchKey, u8>,
     svc_limit: Limit,
     backend_limit: Limit,
     revnat_limit: Limit,
@@ -165,11 +180,18 @@ pub struct Capacity {
 }
 
 impl KernelMaps {
-    pub fn new(svc: Map, backends: Map, revnat: Map, capacity: Capacity) -> Result<Self, MapError> {
+    pub fn new(
+        svc: Map,
+        backends: Map,
+        revnat: Map,
+        affinity_match: Map,
+        capacity: Capacity,
+    ) -> Result<Self, MapError> {
         Ok(Self {
             svc: HashMap::try_from(svc)?,
             backends: HashMap::try_from(backends)?,
             revnat: HashMap::try_from(revnat)?,
+            affinity_match: HashMap::try_from(affinity_match)?,
             svc_limit: Limit {
                 map: SVC_MAP,
                 capacity: capacity.services,
@@ -269,6 +291,37 @@ impl LbMaps for KernelMaps {
         ignore_missing(self.revnat.remove(&id)).map_err(|e| limit.error("delete", e))
     }
 
+    fn put_affinity_match(
+        &mut self,
+        rev_nat_id: u16,
+        backend_id: u32,
+        local: bool,
+    ) -> Result<(), MapWriteError> {
+        // One entry per service slot at most: the map is sized like it.
+        let limit = self.svc_limit;
+        let value = if local {
+            AFFINITY_BACKEND_LOCAL
+        } else {
+            AFFINITY_BACKEND_REMOTE
+        };
+        self.affinity_match
+            .insert(AffinityMatchKey::new(backend_id, rev_nat_id), value, 0)
+            .map_err(|e| limit.error("insert", e))
+    }
+
+    fn delete_affinity_match(
+        &mut self,
+        rev_nat_id: u16,
+        backend_id: u32,
+    ) -> Result<(), MapWriteError> {
+        let limit = self.svc_limit;
+        ignore_missing(
+            self.affinity_match
+                .remove(&AffinityMatchKey::new(backend_id, rev_nat_id)),
+        )
+        .map_err(|e| limit.error("delete", e))
+    }
+
     fn snapshot(&self) -> Result<Snapshot, MapWriteError> {
         let read = |limit: Limit| move |e: MapError| limit.error("read", e);
         let mut snapshot = Snapshot::default();
@@ -289,6 +342,13 @@ impl LbMaps for KernelMaps {
             if let Some(entry) = revnat_of(&value) {
                 snapshot.revnat.insert(id, entry);
             }
+        }
+        for entry in self.affinity_match.iter() {
+            let (key, value) = entry.map_err(read(self.svc_limit))?;
+            snapshot.affinity_match.insert(
+                (key.rev_nat_id, key.backend_id),
+                value == AFFINITY_BACKEND_LOCAL,
+            );
         }
         Ok(snapshot)
     }

@@ -115,6 +115,7 @@ pub fn map_write_times(services: &[Service], runs: usize) -> anyhow::Result<MapW
         service_slots: n * 11 + 64,
         backends: n * 10 + 64,
         conntrack: 4096,
+        ..MapSizes::default()
     };
     let (mut compute, mut writes) = (Vec::new(), Vec::new());
     for _ in 0..runs {

@@ -1,0 +1,76 @@
+//! Session affinity (`sessionAffinity: ClientIP`).
+//!
+//! - `lb_affinity_v3` (LRU): client address + frontend (rev-NAT id) → the
+//!   backend its last new connection went to, and when. Written by the
+//!   datapath; an LRU, because it is a cache: losing an entry only loses
+//!   the stickiness of an idle client.
+//! - `lb_aff_match_v3`: (backend id, frontend) pairs the agent keeps for
+//!   every current backend of an affinity frontend. A remembered backend is
+//!   used only while its pair exists, so a client never follows affinity to
+//!   a backend that left the Service.
+
+use crate::user_pod;
+
+pub const AFFINITY_MAP: &str = "lb_affinity_v3";
+pub const AFFINITY_MATCH_MAP: &str = "lb_aff_match_v3";
+pub const DEFAULT_MAX_AFFINITY_ENTRIES: u32 = 65_536;
+
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AffinityKey {
+    pub client_addr_be: u32,
+    pub rev_nat_id: u16,
+    pub _pad: u16,
+}
+
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// Monotonic time of the client's last new connection.
+    pub last_used_ns: u64,
+}
+
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AffinityMatchKey {
+    pub backend_id: u32,
+    pub rev_nat_id: u16,
+    pub _pad: u16,
+}
+
+/// `AffinityMatch` values: where the backend runs, for the node-local
+/// policies and SNAT (a remembered backend has no slot number).
+pub const AFFINITY_BACKEND_REMOTE: u8 = 0;
+pub const AFFINITY_BACKEND_LOCAL: u8 = 1;
+
+impl AffinityKey {
+    #[inline(always)]
+    pub const fn new(client_addr_be: u32, rev_nat_id: u16) -> Self {
+        Self {
+            client_addr_be,
+            rev_nat_id,
+            _pad: 0,
+        }
+    }
+}
+
+impl AffinityMatchKey {
+    #[inline(always)]
+    pub const fn new(backend_id: u32, rev_nat_id: u16) -> Self {
+        Self {
+            backend_id,
+            rev_nat_id,
+            _pad: 0,
+        }
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<AffinityKey>() == 8);
+const _: () = assert!(
+    core::mem::size_of::<AffinityValue>() == 16 && core::mem::align_of::<AffinityValue>() == 8
+);
+const _: () = assert!(core::mem::size_of::<AffinityMatchKey>() == 8);
+
+user_pod!(AffinityKey, AffinityValue, AffinityMatchKey);
