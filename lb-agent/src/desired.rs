@@ -510,6 +510,10 @@ fn service_frontends(
                 nodes: nodes.clone(),
                 policy_flags: policy.flags(kind),
                 affinity_timeout_s: policy.affinity_timeout_s,
+                source_ranges: match (&policy.source_ranges, kind) {
+                    (Some(ranges), FrontendKind::LoadBalancer) => ranges.clone(),
+                    _ => Vec::new(),
+                },
             };
             frontends.push((frontend, spec));
         }
@@ -530,6 +534,8 @@ struct Policy {
     external_local: bool,
     internal_local: bool,
     affinity_timeout_s: Option<u32>,
+    /// `loadBalancerSourceRanges`, when set (IPv4 prefixes only).
+    source_ranges: Option<Vec<ipnet::Ipv4Net>>,
 }
 
 /// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 h).
@@ -571,7 +577,23 @@ impl Policy {
                 ))
             }
         };
+        let mut source_ranges = None;
+        for (i, text) in spec.load_balancer_source_ranges.iter().enumerate() {
+            let ranges = source_ranges.get_or_insert_with(Vec::new);
+            match text.trim().parse::<ipnet::IpNet>() {
+                Ok(ipnet::IpNet::V4(net)) => ranges.push(net.trunc()),
+                Ok(ipnet::IpNet::V6(_)) => {} // IPv4 only
+                Err(_) => {
+                    return Err(ctx.error(
+                        InputErrorKind::InvalidField,
+                        &format!("spec.loadBalancerSourceRanges[{i}]"),
+                        &format!("{text:?} is not a CIDR"),
+                    ))
+                }
+            }
+        }
         Ok(Self {
+            source_ranges,
             external_local: local("spec.externalTrafficPolicy", &spec.external_traffic_policy)?,
             internal_local: local("spec.internalTrafficPolicy", &spec.internal_traffic_policy)?,
             affinity_timeout_s,
@@ -591,6 +613,9 @@ impl Policy {
         }
         if self.affinity_timeout_s.is_some() {
             flags |= SVC_FLAG_AFFINITY;
+        }
+        if kind == FrontendKind::LoadBalancer && self.source_ranges.is_some() {
+            flags |= lb_common::svc::SVC_FLAG_SOURCE_RANGES;
         }
         flags
     }

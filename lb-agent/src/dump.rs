@@ -51,6 +51,15 @@ pub fn services(snapshot: &Snapshot) -> String {
             .range((value.rev_nat_id, 0)..=(value.rev_nat_id, u32::MAX))
             .map(|((_, id), local)| format!("{id}{}", if *local { " (local)" } else { "" }))
             .collect();
+        let ranges: Vec<String> = snapshot
+            .source_ranges
+            .iter()
+            .filter(|(id, _)| *id == value.rev_nat_id)
+            .map(|(_, range)| range.to_string())
+            .collect();
+        if value.flags & SVC_FLAG_SOURCE_RANGES != 0 {
+            let _ = writeln!(out, "  clients admitted from: [{}]", ranges.join(", "));
+        }
         if !matches.is_empty() {
             let _ = writeln!(
                 out,

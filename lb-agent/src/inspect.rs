@@ -28,6 +28,7 @@ pub fn services(pin_dir: &Path) -> anyhow::Result<String> {
         open_pinned(pin_dir, BACKEND_MAP)?,
         open_pinned(pin_dir, REVNAT_MAP)?,
         open_pinned(pin_dir, AFFINITY_MATCH_MAP)?,
+        open_pinned(pin_dir, lb_common::source_range::SOURCE_RANGE_MAP)?,
         MapSizes::default().capacity(),
     )?;
     let text = dump::services(&maps.snapshot()?);

@@ -117,6 +117,10 @@ struct RunArgs {
     /// the least recently used entry gives way).
     #[arg(long, default_value_t = lb_common::affinity::DEFAULT_MAX_AFFINITY_ENTRIES)]
     max_affinity: u32,
+    /// Size of the `loadBalancerSourceRanges` table (prefixes over all
+    /// load balancer IPs).
+    #[arg(long, default_value_t = lb_common::source_range::DEFAULT_MAX_SOURCE_RANGES)]
+    max_source_ranges: u32,
     /// Most endpoints one service port may have.
     #[arg(long, default_value_t = 4096)]
     max_backends_per_service: usize,
@@ -226,6 +230,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     backends: args.max_backends,
                     conntrack: args.max_conntrack,
                     affinity: args.max_affinity,
+                    source_ranges: args.max_source_ranges,
                 },
                 limits,
                 keep_datapath: args.keep_datapath,

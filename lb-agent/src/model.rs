@@ -133,6 +133,9 @@ pub struct FrontendSpec {
     pub policy_flags: u16,
     /// `sessionAffinity: ClientIP` timeout in seconds.
     pub affinity_timeout_s: Option<u32>,
+    /// `loadBalancerSourceRanges` (load balancer IPs only; with
+    /// `SVC_FLAG_SOURCE_RANGES` set, an empty list admits nobody).
+    pub source_ranges: Vec<ipnet::Ipv4Net>,
 }
 
 impl FrontendSpec {

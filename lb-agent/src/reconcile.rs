@@ -18,6 +18,7 @@ use std::{
     fmt,
 };
 
+use ipnet::Ipv4Net;
 use lb_common::svc::{SvcValue, SVC_FLAG_AFFINITY};
 
 use crate::{
@@ -67,6 +68,18 @@ pub enum Op {
         backend_id: u32,
         local: bool,
     },
+    /// Clients in `range` may open flows to this frontend.
+    PutSourceRange {
+        frontend: L4Addr,
+        rev_nat_id: u16,
+        range: Ipv4Net,
+    },
+    /// `frontend` is `None` for an entry no frontend owns.
+    DeleteSourceRange {
+        frontend: Option<L4Addr>,
+        rev_nat_id: u16,
+        range: Ipv4Net,
+    },
     /// `frontend` is `None` for an entry no frontend owns.
     DeleteAffinityMatch {
         frontend: Option<L4Addr>,
@@ -111,6 +124,12 @@ impl fmt::Display for Op {
                 backend_id,
                 ..
             } => write!(f, "del affinity match {rev_nat_id}/{backend_id}"),
+            Op::PutSourceRange {
+                rev_nat_id, range, ..
+            } => write!(f, "put source range {rev_nat_id}/{range}"),
+            Op::DeleteSourceRange {
+                rev_nat_id, range, ..
+            } => write!(f, "del source range {rev_nat_id}/{range}"),
         }
     }
 }
@@ -197,6 +216,8 @@ struct Written {
     slots: Slots,
     /// Affinity match entries: backend id → runs on this node.
     affinity: BTreeMap<u32, bool>,
+    /// Source-range entries.
+    source_ranges: BTreeSet<Ipv4Net>,
 }
 
 /// A write that failed, and what it was for.
@@ -293,6 +314,8 @@ pub struct Reconciler<M> {
     orphan_revnat: BTreeSet<u16>,
     /// Affinity match entries present in the map that no frontend owns.
     orphan_affinity: BTreeSet<(u16, u32)>,
+    /// Source-range entries present in the map that no frontend owns.
+    orphan_ranges: BTreeSet<(u16, Ipv4Net)>,
     /// The ids no slot refers to (by the entries' reference counts):
     /// pruning costs what changed, not every backend.
     unreferenced: BTreeSet<u32>,
@@ -342,6 +365,17 @@ impl<M: LbMaps> Reconciler<M> {
                 }
                 None => {
                     orphan_affinity.insert((*rev_nat_id, *backend_id));
+                }
+            }
+        }
+        let mut orphan_ranges = BTreeSet::new();
+        for (rev_nat_id, range) in &snapshot.source_ranges {
+            match by_rev_nat.get(rev_nat_id).and_then(|f| written.get_mut(f)) {
+                Some(w) => {
+                    w.source_ranges.insert(*range);
+                }
+                None => {
+                    orphan_ranges.insert((*rev_nat_id, *range));
                 }
             }
         }
@@ -401,6 +435,7 @@ impl<M: LbMaps> Reconciler<M> {
             rev_nat_ids,
             orphan_revnat,
             orphan_affinity,
+            orphan_ranges,
             pending: false,
         })
     }
@@ -486,6 +521,11 @@ impl<M: LbMaps> Reconciler<M> {
                 rev_nat_id: w.rev_nat_id.unwrap_or(0),
                 backend_id: *backend_id,
             }));
+            ops.extend(w.source_ranges.iter().map(|range| Op::DeleteSourceRange {
+                frontend: Some(*frontend),
+                rev_nat_id: w.rev_nat_id.unwrap_or(0),
+                range: *range,
+            }));
             if let Some(id) = w.rev_nat_id {
                 ops.push(Op::DeleteRevNat { id });
             }
@@ -530,6 +570,7 @@ impl<M: LbMaps> Reconciler<M> {
                 head,
                 &spec.service,
                 &ids,
+                &spec.source_ranges,
             );
             if ops.is_empty() {
                 plan.unchanged += 1;
@@ -551,20 +592,27 @@ impl<M: LbMaps> Reconciler<M> {
             });
         }
         if scope.is_none() {
-            plan.orphans = self
-                .orphan_affinity
-                .iter()
-                .map(|(rev_nat_id, backend_id)| Op::DeleteAffinityMatch {
-                    frontend: None,
-                    rev_nat_id: *rev_nat_id,
-                    backend_id: *backend_id,
-                })
-                .chain(
-                    self.orphan_revnat
-                        .iter()
-                        .map(|id| Op::DeleteRevNat { id: *id }),
-                )
-                .collect();
+            plan.orphans =
+                self.orphan_affinity
+                    .iter()
+                    .map(|(rev_nat_id, backend_id)| Op::DeleteAffinityMatch {
+                        frontend: None,
+                        rev_nat_id: *rev_nat_id,
+                        backend_id: *backend_id,
+                    })
+                    .chain(self.orphan_ranges.iter().map(|(rev_nat_id, range)| {
+                        Op::DeleteSourceRange {
+                            frontend: None,
+                            rev_nat_id: *rev_nat_id,
+                            range: *range,
+                        }
+                    }))
+                    .chain(
+                        self.orphan_revnat
+                            .iter()
+                            .map(|id| Op::DeleteRevNat { id: *id }),
+                    )
+                    .collect();
         }
         plan
     }
@@ -819,6 +867,29 @@ impl<M: LbMaps> Reconciler<M> {
                     }
                 }
             }
+            Op::PutSourceRange {
+                frontend,
+                rev_nat_id,
+                range,
+            } => {
+                self.maps.put_source_range(*rev_nat_id, *range)?;
+                self.entry(*frontend).source_ranges.insert(*range);
+            }
+            Op::DeleteSourceRange {
+                frontend,
+                rev_nat_id,
+                range,
+            } => {
+                self.maps.delete_source_range(*rev_nat_id, *range)?;
+                match frontend.and_then(|f| self.written.get_mut(&f)) {
+                    Some(w) => {
+                        w.source_ranges.remove(range);
+                    }
+                    None => {
+                        self.orphan_ranges.remove(&(*rev_nat_id, *range));
+                    }
+                }
+            }
             Op::DeleteBackend { id } => {
                 self.maps.delete_backend(*id)?;
                 self.unreferenced.remove(id);
@@ -864,6 +935,7 @@ fn plan_frontend(
     target: Head,
     owner: &ServiceName,
     ids: &[u32],
+    source_ranges: &[Ipv4Net],
 ) -> Vec<Op> {
     let mut ops = Vec::new();
     // Affinity may lead only to current backends: a leaving backend's match
@@ -933,12 +1005,34 @@ fn plan_frontend(
             owner: owner.clone(),
         });
     }
+    // Ranges admit clients: new ones before the head that may start
+    // checking them, old ones after it.
+    let ranges: BTreeSet<Ipv4Net> = source_ranges.iter().copied().collect();
+    ops.extend(
+        ranges
+            .difference(&current.source_ranges)
+            .map(|range| Op::PutSourceRange {
+                frontend,
+                rev_nat_id: target.rev_nat_id,
+                range: *range,
+            }),
+    );
     if published != Some(target) {
         ops.push(Op::PutCount {
             frontend,
             head: target,
         });
     }
+    ops.extend(
+        current
+            .source_ranges
+            .difference(&ranges)
+            .map(|range| Op::DeleteSourceRange {
+                frontend: Some(frontend),
+                rev_nat_id: target.rev_nat_id,
+                range: *range,
+            }),
+    );
     ops.extend(
         current
             .slots

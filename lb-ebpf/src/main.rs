@@ -19,16 +19,18 @@ mod stats;
 
 use aya_ebpf::{
     bindings::{tcx_action_base::TCX_NEXT, TC_ACT_SHOT},
+    btf_maps::lpm_trie::Key,
     macros::classifier,
     programs::TcContext,
 };
 use lb_common::{
     ct::{CtValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_SNAT},
     hash::{flow_hash, select_slot},
+    source_range::{SourceRangeKey, SOURCE_RANGE_ID_BITS},
     stats::Stat,
     svc::{
         SvcKey, SVC_FLAGS_EXTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_EXTERNAL_LOCAL,
-        SVC_FLAG_INTERNAL_LOCAL,
+        SVC_FLAG_INTERNAL_LOCAL, SVC_FLAG_SOURCE_RANGES,
     },
 };
 
@@ -118,6 +120,9 @@ fn ingress<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
     // New flow. Traffic from outside to an external frontend follows
     // externalTrafficPolicy; everything else to a cluster IP follows
     // internalTrafficPolicy. Local slots come first (1..=local_count).
+    if svc.flags & SVC_FLAG_SOURCE_RANGES != 0 && !source_allowed(&pkt, svc.rev_nat_id) {
+        return Outcome::drop(Stat::DropSourceRange);
+    }
     if svc.count == 0 {
         return reject::port_unreachable(ctx, &pkt);
     }
@@ -183,6 +188,16 @@ fn ingress<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
         return Outcome::drop(Stat::DropCtFull);
     }
     send(ctx, &pkt, &entry, Stat::DnatNew)
+}
+
+/// `loadBalancerSourceRanges`: the client is in one of the frontend's prefixes.
+#[inline(always)]
+fn source_allowed(pkt: &Packet, rev_nat_id: u16) -> bool {
+    let key = Key::new(
+        SOURCE_RANGE_ID_BITS + 32,
+        SourceRangeKey::new(rev_nat_id, pkt.saddr_be),
+    );
+    maps::SOURCE_RANGES.get(&key).is_some()
 }
 
 /// At an uplink: the answer of a SNATed flow (backend → node:snat_port)

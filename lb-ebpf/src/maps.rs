@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
@@ -12,6 +12,7 @@ use lb_common::{
     config::NodeConfig,
     ct::{CtKey, CtValue},
     revnat::RevNat,
+    source_range::SourceRangeKey,
     stats::STAT_COUNT,
     svc::{SvcKey, SvcValue},
 };
@@ -50,3 +51,8 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, 65_536> = LruHashMap
 #[btf_map(name = "lb_aff_match_v3")]
 pub static AFFINITY_MATCH: HashMap<AffinityMatchKey, u8, 262_144, { BPF_F_NO_PREALLOC as usize }> =
     HashMap::new();
+
+/// `loadBalancerSourceRanges` per frontend (see `lb_common::source_range`).
+#[btf_map(name = "lb_src_range_v3")]
+pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8, 16_384, { BPF_F_NO_PREALLOC as usize }> =
+    LpmTrie::new();

@@ -48,6 +48,7 @@ impl Harness {
             backends: 1024,
             conntrack: entries,
             affinity: 1024,
+            source_ranges: 1024,
         };
         let mut ebpf = loader::load(None, sizes, &CtTimeouts::DEFAULT).expect("load datapath");
         let maps = loader::kernel_maps(&mut ebpf, sizes).expect("service maps");

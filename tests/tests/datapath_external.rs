@@ -525,3 +525,60 @@ fn client_ip_affinity_returns_to_the_backend_while_it_is_current() {
         );
     }
 }
+
+#[test]
+fn load_balancer_source_ranges_admit_only_their_clients() {
+    let lb = SocketAddrV4::new(Ipv4Addr::new(198, 19, 1, 1), 80);
+    let yaml = manifest(
+        "loadBalancerSourceRanges: [\"198.18.0.96/30\", \"198.18.0.100/32\"]",
+        &[(LOCAL_BACKEND, "node-a")],
+    )
+    .replace("type: NodePort", "type: LoadBalancer");
+    let yaml = yaml.replacen(
+        "\n---\n",
+        "\nstatus: {loadBalancer: {ingress: [{ip: 198.19.1.1}]}}\n---\n",
+        1,
+    );
+    let mut node = Node::new("ranges", &yaml);
+    for (client_ip, admitted) in [
+        (CLIENT_IP, true),                       // 198.18.0.100/32
+        (Ipv4Addr::new(198, 18, 0, 97), true),   // in 198.18.0.96/30
+        (Ipv4Addr::new(198, 18, 0, 101), false), // outside both
+        (Ipv4Addr::new(198, 18, 1, 100), false),
+    ] {
+        let syn = Packet::tcp(SocketAddrV4::new(client_ip, 40000), lb, TCP_SYN);
+        let out = node.external(&syn.build());
+        if admitted {
+            assert_eq!(out.verdict, TCX_NEXT, "{client_ip} admitted");
+            assert_frame(
+                &out.frame,
+                &syn.clone()
+                    .to(SocketAddrV4::new(LOCAL_BACKEND, 8080))
+                    .build(),
+                "DNAT",
+            );
+        } else {
+            assert_eq!(out.verdict, TC_ACT_SHOT, "{client_ip} dropped");
+        }
+    }
+    assert_eq!(node.h.counter(Stat::DropSourceRange), 2);
+    // The node port of the same Service is not restricted (as kube-proxy).
+    let syn = Packet::tcp(
+        SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 101), 40000),
+        node_port(30080),
+        TCP_SYN,
+    );
+    assert_eq!(node.external(&syn.build()).verdict, TCX_NEXT);
+
+    // Ranges removed: everyone is admitted again.
+    node.h.apply_yaml(&yaml.replace(
+        "loadBalancerSourceRanges: [\"198.18.0.96/30\", \"198.18.0.100/32\"]",
+        "",
+    ));
+    let syn = Packet::tcp(
+        SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 101), 40001),
+        lb,
+        TCP_SYN,
+    );
+    assert_eq!(node.external(&syn.build()).verdict, TCX_NEXT);
+}

@@ -384,3 +384,31 @@ fn should_be_able_to_switch_session_affinity_for_nodeport_service() {
         "{answers:?}"
     );
 }
+
+#[test]
+fn should_only_allow_access_from_service_loadbalancer_source_ranges() {
+    require_root();
+    let status = format!("status: {{loadBalancer: {{ingress: [{{ip: {LB_IP}}}]}}}}");
+    let ranges = format!("loadBalancerSourceRanges: [\"{}/32\"]", CLIENT_IPS[0]);
+    let mut cluster = Cluster::new("np8", &web("LoadBalancer", &ranges, &status, &[0, 1])).unwrap();
+    cluster
+        .wait_for_maps("the ranges", |m| {
+            m.contains("clients admitted from: [198.18.0.100/32]")
+        })
+        .unwrap();
+    let lb = SocketAddrV4::new(LB_IP, 80);
+    assert_eq!(requests(&cluster, 0, lb, 5).len(), 5, "inside the ranges");
+    assert!(unreachable(&cluster, 1, lb), "outside the ranges: dropped");
+    // Opened to the second client too.
+    let both = format!(
+        "loadBalancerSourceRanges: [\"{}/32\", \"{}/31\"]",
+        CLIENT_IPS[0], CLIENT_IPS[1]
+    );
+    cluster
+        .set_manifest(&web("LoadBalancer", &both, &status, &[0, 1]))
+        .unwrap();
+    cluster
+        .wait_for_maps("both ranges", |m| m.contains("198.18.0.100/31"))
+        .unwrap();
+    assert_eq!(requests(&cluster, 1, lb, 5).len(), 5);
+}

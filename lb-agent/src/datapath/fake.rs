@@ -200,6 +200,26 @@ impl LbMaps for FakeMaps {
         Ok(())
     }
 
+    fn put_source_range(
+        &mut self,
+        rev_nat_id: u16,
+        range: ipnet::Ipv4Net,
+    ) -> Result<(), MapWriteError> {
+        self.record(format!("put source range {rev_nat_id}/{range}"))?;
+        self.state.source_ranges.insert((rev_nat_id, range));
+        Ok(())
+    }
+
+    fn delete_source_range(
+        &mut self,
+        rev_nat_id: u16,
+        range: ipnet::Ipv4Net,
+    ) -> Result<(), MapWriteError> {
+        self.record(format!("del source range {rev_nat_id}/{range}"))?;
+        self.state.source_ranges.remove(&(rev_nat_id, range));
+        Ok(())
+    }
+
     fn snapshot(&self) -> Result<Snapshot, MapWriteError> {
         Ok(self.state.clone())
     }

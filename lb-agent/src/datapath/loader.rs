@@ -16,6 +16,7 @@ use lb_common::{
     config::{NodeConfig, CONFIG_MAP},
     ct::{CtTimeouts, CT_MAP},
     revnat::REVNAT_MAP,
+    source_range::SOURCE_RANGE_MAP,
     stats::STATS_MAP,
     svc::SVC_MAP,
     MAP_LAYOUT_VERSION,
@@ -28,7 +29,8 @@ use super::{
 };
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
-pub const ALL_MAPS: [&str; 8] = [
+pub const ALL_MAPS: [&str; 9] = [
+    SOURCE_RANGE_MAP,
     SVC_MAP,
     BACKEND_MAP,
     REVNAT_MAP,
@@ -69,6 +71,8 @@ pub struct MapSizes {
     pub conntrack: u32,
     /// Session affinity entries (clients × affinity frontends).
     pub affinity: u32,
+    /// `loadBalancerSourceRanges` prefixes over all load balancer IPs.
+    pub source_ranges: u32,
 }
 
 impl MapSizes {
@@ -77,6 +81,7 @@ impl MapSizes {
             services: self.service_slots,
             backends: self.backends,
             revnat: u16::MAX as u32 + 1,
+            source_ranges: self.source_ranges,
         }
     }
 }
@@ -88,6 +93,7 @@ impl Default for MapSizes {
             backends: lb_common::backend::DEFAULT_MAX_BACKENDS,
             conntrack: lb_common::ct::DEFAULT_MAX_CT_ENTRIES,
             affinity: lb_common::affinity::DEFAULT_MAX_AFFINITY_ENTRIES,
+            source_ranges: lb_common::source_range::DEFAULT_MAX_SOURCE_RANGES,
         }
     }
 }
@@ -107,6 +113,7 @@ pub fn load(
         .map_max_entries(CT_MAP, sizes.conntrack)
         .map_max_entries(AFFINITY_MAP, sizes.affinity)
         .map_max_entries(AFFINITY_MATCH_MAP, sizes.service_slots)
+        .map_max_entries(SOURCE_RANGE_MAP, sizes.source_ranges)
         .override_global("CT_TIMEOUTS", timeouts, true);
     if let Some(dir) = pin_dir {
         ensure_bpffs_dir(dir)?;
@@ -133,6 +140,7 @@ fn warn_on_resized_pins(ebpf: &Ebpf, sizes: MapSizes) {
         (BACKEND_MAP, "--max-backends", sizes.backends),
         (CT_MAP, "--max-conntrack", sizes.conntrack),
         (AFFINITY_MAP, "--max-affinity", sizes.affinity),
+        (SOURCE_RANGE_MAP, "--max-source-ranges", sizes.source_ranges),
     ] {
         let data = match ebpf.map(name) {
             Some(Map::HashMap(data) | Map::LruHashMap(data)) => data,
@@ -195,9 +203,16 @@ pub fn kernel_maps(ebpf: &mut Ebpf, sizes: MapSizes) -> Result<KernelMaps, LoadE
             .ok_or_else(|| LoadError::Map(name, "missing from the object".into()))
     };
     let (svc, backends, revnat) = (take(SVC_MAP)?, take(BACKEND_MAP)?, take(REVNAT_MAP)?);
-    let affinity_match = take(AFFINITY_MATCH_MAP)?;
-    KernelMaps::new(svc, backends, revnat, affinity_match, sizes.capacity())
-        .map_err(|e| LoadError::Map(SVC_MAP, e.to_string()))
+    let (affinity_match, source_ranges) = (take(AFFINITY_MATCH_MAP)?, take(SOURCE_RANGE_MAP)?);
+    KernelMaps::new(
+        svc,
+        backends,
+        revnat,
+        affinity_match,
+        source_ranges,
+        sizes.capacity(),
+    )
+    .map_err(|e| LoadError::Map(SVC_MAP, e.to_string()))
 }
 
 /// Takes the conntrack table out of a loaded datapath for the GC.

@@ -4,15 +4,28 @@
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
-use aya::maps::{HashMap, Map, MapData, MapError};
+use aya::maps::{
+    lpm_trie::{Key, LpmTrie},
+    HashMap, Map, MapData, MapError,
+};
+use ipnet::Ipv4Net;
 use lb_common::{
     affinity::{AffinityMatchKey, AFFINITY_BACKEND_LOCAL, AFFINITY_BACKEND_REMOTE},
     backend::{Backend, BACKEND_MAP},
     revnat::{RevNat, OWNER_LEN, REVNAT_MAP},
+    source_range::{SourceRangeKey, SOURCE_RANGE_ID_BITS, SOURCE_RANGE_MAP},
     svc::{SvcKey, SvcValue, SVC_MAP},
 };
 
 use crate::model::{L4Addr, Proto, ServiceName};
+
+/// The trie key of one client prefix of one frontend.
+fn range_key(rev_nat_id: u16, range: Ipv4Net) -> Key<SourceRangeKey> {
+    Key::new(
+        SOURCE_RANGE_ID_BITS + u32::from(range.prefix_len()),
+        SourceRangeKey::new(rev_nat_id, u32::from(range.network()).to_be()),
+    )
+}
 
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum MapWriteError {
@@ -46,6 +59,8 @@ pub struct Snapshot {
     pub revnat: BTreeMap<u16, RevNatEntry>,
     /// (rev-NAT id, backend id) → the backend runs on this node.
     pub affinity_match: BTreeMap<(u16, u32), bool>,
+    /// (rev-NAT id, client prefix) pairs of `loadBalancerSourceRanges`.
+    pub source_ranges: std::collections::BTreeSet<(u16, Ipv4Net)>,
 }
 
 /// Writes the agent performs, one entry at a time, in the order it chooses.
@@ -77,6 +92,9 @@ pub trait LbMaps {
         rev_nat_id: u16,
         backend_id: u32,
     ) -> Result<(), MapWriteError>;
+    fn put_source_range(&mut self, rev_nat_id: u16, range: Ipv4Net) -> Result<(), MapWriteError>;
+    fn delete_source_range(&mut self, rev_nat_id: u16, range: Ipv4Net)
+        -> Result<(), MapWriteError>;
     fn snapshot(&self) -> Result<Snapshot, MapWriteError>;
 }
 
@@ -158,7 +176,9 @@ pub struct KernelMaps {
     backends: HashMap<MapData, u32, Backend>,
     revnat: HashMap<MapData, u16, RevNat>,
     affinity_match: HashMap<MapData, AffinityMatchKey, u8>,
+    source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     svc_limit: Limit,
+    range_limit: Limit,
     backend_limit: Limit,
     revnat_limit: Limit,
 }
@@ -174,6 +194,7 @@ struct Limit {
 /// Map sizes, for error messages that say which flag to raise.
 #[derive(Clone, Copy, Debug)]
 pub struct Capacity {
+    pub source_ranges: u32,
     pub services: u32,
     pub backends: u32,
     pub revnat: u32,
@@ -185,6 +206,7 @@ impl KernelMaps {
         backends: Map,
         revnat: Map,
         affinity_match: Map,
+        source_ranges: Map,
         capacity: Capacity,
     ) -> Result<Self, MapError> {
         Ok(Self {
@@ -192,6 +214,12 @@ impl KernelMaps {
             backends: HashMap::try_from(backends)?,
             revnat: HashMap::try_from(revnat)?,
             affinity_match: HashMap::try_from(affinity_match)?,
+            source_ranges: LpmTrie::try_from(source_ranges)?,
+            range_limit: Limit {
+                map: SOURCE_RANGE_MAP,
+                capacity: capacity.source_ranges,
+                flag: "--max-source-ranges",
+            },
             svc_limit: Limit {
                 map: SVC_MAP,
                 capacity: capacity.services,
@@ -322,6 +350,23 @@ impl LbMaps for KernelMaps {
         .map_err(|e| limit.error("delete", e))
     }
 
+    fn put_source_range(&mut self, rev_nat_id: u16, range: Ipv4Net) -> Result<(), MapWriteError> {
+        let limit = self.range_limit;
+        self.source_ranges
+            .insert(&range_key(rev_nat_id, range), 1, 0)
+            .map_err(|e| limit.error("insert", e))
+    }
+
+    fn delete_source_range(
+        &mut self,
+        rev_nat_id: u16,
+        range: Ipv4Net,
+    ) -> Result<(), MapWriteError> {
+        let limit = self.range_limit;
+        ignore_missing(self.source_ranges.remove(&range_key(rev_nat_id, range)))
+            .map_err(|e| limit.error("delete", e))
+    }
+
     fn snapshot(&self) -> Result<Snapshot, MapWriteError> {
         let read = |limit: Limit| move |e: MapError| limit.error("read", e);
         let mut snapshot = Snapshot::default();
@@ -341,6 +386,17 @@ impl LbMaps for KernelMaps {
             let (id, value) = entry.map_err(read(self.revnat_limit))?;
             if let Some(entry) = revnat_of(&value) {
                 snapshot.revnat.insert(id, entry);
+            }
+        }
+        for key in self.source_ranges.keys() {
+            let key = key.map_err(read(self.range_limit))?;
+            let data = key.data();
+            let bits = key.prefix_len().saturating_sub(SOURCE_RANGE_ID_BITS);
+            let addr = std::net::Ipv4Addr::from(u32::from_be(data.addr_be));
+            if let Ok(range) = Ipv4Net::new(addr, bits as u8) {
+                snapshot
+                    .source_ranges
+                    .insert((u16::from_be(data.rev_nat_id_be), range));
             }
         }
         for entry in self.affinity_match.iter() {
