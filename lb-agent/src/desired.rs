@@ -68,6 +68,15 @@ pub struct Desired {
     pub frontends: BTreeMap<L4Addr, Arc<FrontendSpec>>,
     /// Services whose input had errors: their applied state is left as is.
     pub keep: BTreeSet<ServiceName>,
+    /// `healthCheckNodePort` of each `externalTrafficPolicy: Local` load
+    /// balancer, and how many of its endpoints run on this node.
+    pub health_checks: BTreeMap<ServiceName, HealthCheck>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub port: u16,
+    pub local_endpoints: usize,
 }
 
 /// Everything at once (for `check`, tests and benches): the same code the
@@ -88,6 +97,7 @@ struct ServiceResult {
     errors: Vec<InputError>,
     /// An error that keeps the Service at its last good state.
     blocking: bool,
+    health_check: Option<HealthCheck>,
     created: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
 }
 
@@ -211,12 +221,18 @@ impl DesiredState {
                     self.desired.keep.insert(name.clone());
                 }
                 Some(r) => {
+                    match r.health_check {
+                        Some(check) => self.desired.health_checks.insert(name.clone(), check),
+                        None => self.desired.health_checks.remove(name),
+                    };
                     changes.frontends.extend(r.frontends.keys().copied());
                     self.desired
                         .frontends
                         .extend(r.frontends.iter().map(|(f, s)| (*f, s.clone())));
                 }
-                None => {}
+                None => {
+                    self.desired.health_checks.remove(name);
+                }
             }
         }
         changes
@@ -230,11 +246,19 @@ impl DesiredState {
         let mut order: Vec<(&ServiceName, &ServiceResult)> = self.results.iter().collect();
         order.sort_by(|a, b| (&a.1.created, a.0).cmp(&(&b.1.created, b.0)));
         let mut desired = Desired::default();
+        let previous_checks = std::mem::take(&mut self.desired.health_checks);
+        // A Service at its last good state keeps its health check as it was.
+        let keep_check = |desired: &mut Desired, name: &ServiceName| {
+            if let Some(check) = previous_checks.get(name) {
+                desired.health_checks.insert(name.clone(), *check);
+            }
+        };
         self.conflicts.clear();
         self.winners.clear();
         for (name, result) in order {
             if result.blocking {
                 desired.keep.insert(name.clone());
+                keep_check(&mut desired, name);
                 continue;
             }
             let taken = result
@@ -254,7 +278,11 @@ impl DesiredState {
                 );
                 self.winners.insert(other);
                 desired.keep.insert(name.clone());
+                keep_check(&mut desired, name);
                 continue;
+            }
+            if let Some(check) = result.health_check {
+                desired.health_checks.insert(name.clone(), check);
             }
             desired
                 .frontends
@@ -358,12 +386,37 @@ fn service_result(
         .errors
         .extend(problems.into_iter().filter(|e| seen.insert(e.to_string())));
     if !result.blocking {
+        result.health_check = health_check(first, &frontends);
         result.frontends = frontends
             .into_iter()
             .map(|(f, spec)| (f, Arc::new(spec)))
             .collect();
     }
     result
+}
+
+/// A load balancer with `externalTrafficPolicy: Local` and a
+/// `healthCheckNodePort` is health-checked per node: the count of its
+/// distinct endpoints on this node.
+fn health_check(
+    service: &Sourced<ServiceView>,
+    frontends: &[(L4Addr, FrontendSpec)],
+) -> Option<HealthCheck> {
+    let spec = service.object.spec.as_ref()?;
+    if spec.type_.as_deref() != Some("LoadBalancer")
+        || spec.external_traffic_policy.as_deref() != Some("Local")
+    {
+        return None;
+    }
+    let port = valid_port(spec.health_check_node_port?).ok()?;
+    let local: BTreeSet<Ipv4Addr> = frontends
+        .iter()
+        .flat_map(|(_, f)| f.backends[..f.local_count].iter().map(|b| b.addr))
+        .collect();
+    Some(HealthCheck {
+        port,
+        local_endpoints: local.len(),
+    })
 }
 
 struct ErrCtx {
@@ -420,6 +473,12 @@ fn service_frontends(
         Ok(policy) => policy,
         Err(e) => return (Vec::new(), vec![e]),
     };
+    if let Some(Err(m)) = spec.health_check_node_port.map(valid_port) {
+        return (
+            Vec::new(),
+            vec![ctx.error(InputErrorKind::InvalidField, "spec.healthCheckNodePort", &m)],
+        );
+    }
     let external = match external_addresses(spec, &ctx) {
         Ok(external) => external,
         Err(e) => return (Vec::new(), vec![e]),

@@ -19,6 +19,7 @@ pub mod node;
 pub mod objects;
 pub mod reconcile;
 pub mod run;
+pub mod service_health;
 pub mod store;
 pub mod view;
 pub mod watch;

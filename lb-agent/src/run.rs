@@ -28,6 +28,7 @@ use crate::{
     manifest::ManifestDir,
     node::NodeSettings,
     reconcile::Reconciler,
+    service_health::ServiceHealthServers,
     store::ObjectStore,
     watch,
 };
@@ -137,11 +138,13 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         conntrack,
         source,
         trigger,
+        service_health: ServiceHealthServers::new(health.clone()),
         health,
         store: ObjectStore::default(),
         state: DesiredState::new(config_limits, node_context),
         config_map,
         node_config: None,
+        served_checks: None,
         file_errors: Vec::new(),
         synced: false,
         changed_paths: watch::SharedPaths::default(),
@@ -227,6 +230,12 @@ struct Agent {
     config_map: loader::ConfigMap,
     /// What the config map holds (`None`: not written by this run yet).
     node_config: Option<lb_common::config::NodeConfig>,
+    service_health: ServiceHealthServers,
+    /// The health checks being served and the addresses they are served on.
+    served_checks: Option<(
+        std::collections::BTreeMap<crate::model::ServiceName, crate::desired::HealthCheck>,
+        Vec<std::net::Ipv4Addr>,
+    )>,
 }
 
 impl Agent {
@@ -409,7 +418,23 @@ impl Agent {
         self.after_apply(report);
     }
 
+    /// Serves the health checks of the desired state on the node addresses.
+    fn sync_health_checks(&mut self) {
+        let wanted = (
+            self.state.desired().health_checks.clone(),
+            self.state.node().nodeport_addresses.clone(),
+        );
+        if self.served_checks.as_ref() == Some(&wanted) {
+            return;
+        }
+        for e in self.service_health.sync(&wanted.0, &wanted.1) {
+            error!("{e}");
+        }
+        self.served_checks = Some(wanted);
+    }
+
     fn after_apply(&mut self, report: crate::reconcile::Report) {
+        self.sync_health_checks();
         info!(
             frontends = self.state.desired().frontends.len(),
             added = report.added,

@@ -412,3 +412,69 @@ fn should_only_allow_access_from_service_loadbalancer_source_ranges() {
         .unwrap();
     assert_eq!(requests(&cluster, 1, lb, 5).len(), 5);
 }
+
+/// GET http://ADDR/healthz: (status code, JSON body); `None` while
+/// nothing listens.
+fn health_check(cluster: &Cluster, addr: SocketAddrV4) -> Option<(u16, serde_json::Value)> {
+    use std::io::{Read, Write};
+    cluster.clients[0].run(|| {
+        let mut s =
+            std::net::TcpStream::connect_timeout(&addr.into(), std::time::Duration::from_secs(3))
+                .ok()?;
+        write!(
+            s,
+            "GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let code = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap();
+        let body = out.split("\r\n\r\n").nth(1).unwrap_or_default();
+        Some((
+            code,
+            serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {out}")),
+        ))
+    })
+}
+
+#[test]
+fn should_serve_health_check_node_port_for_etp_local_load_balancers() {
+    require_root();
+    let status = format!("status: {{loadBalancer: {{ingress: [{{ip: {LB_IP}}}]}}}}");
+    let spec = "externalTrafficPolicy: Local\n  healthCheckNodePort: 32000";
+    let mut cluster = Cluster::new("np9", &web("LoadBalancer", spec, &status, &[0])).unwrap();
+    cluster
+        .wait_for_maps("the service", |m| m.contains("30080/TCP count=1"))
+        .unwrap();
+    let check = |node| {
+        let addr = node_port(node, 32000);
+        let mut last = None;
+        // The server starts right after the maps are written.
+        wait_until(std::time::Duration::from_secs(5), || {
+            last = health_check(&cluster, addr);
+            last.is_some()
+        });
+        last.unwrap_or_else(|| panic!("nothing serves {addr}"))
+    };
+    let (code, body) = check(0);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["localEndpoints"], 1);
+    assert_eq!(body["service"]["namespace"], "shop");
+    assert_eq!(body["service"]["name"], "web");
+    let (code, body) = check(1);
+    assert_eq!(code, 503, "node-b has no endpoint: {body}");
+    assert_eq!(body["localEndpoints"], 0);
+
+    // The endpoint moves to node-b: the answers follow.
+    cluster
+        .set_manifest(&web("LoadBalancer", spec, &status, &[1]))
+        .unwrap();
+    assert!(wait_until(std::time::Duration::from_secs(10), || {
+        health_check(&cluster, node_port(1, 32000)).is_some_and(|(c, _)| c == 200)
+            && health_check(&cluster, node_port(0, 32000)).is_some_and(|(c, _)| c == 503)
+    }));
+}
