@@ -265,3 +265,95 @@ impl Drop for TestApiServer {
         }
     }
 }
+
+/// Server-side applies every object of a manifest.
+pub async fn apply(client: Client, yaml: String) -> anyhow::Result<()> {
+    use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+    use kube::{
+        api::{Patch, PatchParams},
+        Api,
+    };
+    let (objects, errors) = lb_agent::manifest::parse_typed(&yaml, None)?;
+    anyhow::ensure!(errors.is_empty(), "{errors:?}");
+    let params = PatchParams::apply("lb-tests").force();
+    for s in objects.services {
+        let ns = s.object.metadata.namespace.clone().unwrap_or_default();
+        let name = s.object.metadata.name.clone().unwrap_or_default();
+        Api::<Service>::namespaced(client.clone(), &ns)
+            .patch(&name, &params, &Patch::Apply(&s.object))
+            .await?;
+    }
+    for s in objects.slices {
+        let ns = s.object.metadata.namespace.clone().unwrap_or_default();
+        let name = s.object.metadata.name.clone().unwrap_or_default();
+        Api::<EndpointSlice>::namespaced(client.clone(), &ns)
+            .patch(&name, &params, &Patch::Apply(&s.object))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Makes the API server (on the loopback of `server_ns`) reachable at the
+/// same address on the loopback of `client_ns`: the test's stand-in for a
+/// control plane the nodes reach over the network (the test server only
+/// listens on 127.0.0.1). Stops when dropped.
+pub struct Forwarder {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Forwarder {
+    pub fn start(server_ns: &NetNs, client_ns: &NetNs, port: u16) -> anyhow::Result<Self> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = client_ns.run(|| std::net::TcpListener::bind(("127.0.0.1", port)))?;
+        listener.set_nonblocking(true)?;
+        let server_path = server_ns.path();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            // Sockets keep the namespace they were made in: connect from a
+            // thread inside the server's namespace.
+            let file = std::fs::File::open(&server_path).expect("server namespace");
+            nix::sched::setns(
+                std::os::fd::AsFd::as_fd(&file),
+                nix::sched::CloneFlags::CLONE_NEWNET,
+            )
+            .expect("setns");
+            while !flag.load(Ordering::Relaxed) {
+                let Ok((inbound, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                let Ok(outbound) = TcpStream::connect(("127.0.0.1", port)) else {
+                    continue;
+                };
+                let _ = inbound.set_nonblocking(false);
+                for (mut from, mut to) in [
+                    (inbound.try_clone(), outbound.try_clone()),
+                    (outbound.try_clone(), inbound.try_clone()),
+                ]
+                .into_iter()
+                .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
+                {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+            }
+        });
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

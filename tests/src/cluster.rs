@@ -21,9 +21,10 @@
 use std::{net::Ipv4Addr, path::PathBuf};
 
 use crate::{
+    apiserver::{Forwarder, TestApiServer},
     netns::NetNs,
     servers::BackendServers,
-    topology::{Agent, ScratchDir},
+    topology::{Agent, ScratchDir, Source},
 };
 
 pub const NODE_IPS: [Ipv4Addr; 2] = [Ipv4Addr::new(198, 18, 0, 2), Ipv4Addr::new(198, 18, 0, 3)];
@@ -46,6 +47,9 @@ pub struct Cluster {
     pub clients: [NetNs; 2],
     pub manifests: ScratchDir,
     pub agents: Vec<Agent>,
+    /// API mode: one API server (on the LAN namespace's loopback) and its
+    /// forwarders into each node.
+    pub api: Option<(TestApiServer, Vec<Forwarder>)>,
     _servers: Vec<BackendServers>,
 }
 
@@ -53,6 +57,44 @@ impl Cluster {
     /// Builds the network, starts a server in each pod (HTTP 8080, UDP 5353,
     /// named `pod-a` / `pod-b`), writes `manifest` and starts both agents.
     pub fn new(prefix: &str, manifest: &str) -> anyhow::Result<Self> {
+        let mut cluster = Self::network(prefix)?;
+        cluster.manifests.write("cluster.yaml", manifest)?;
+        for i in 0..2 {
+            let agent = cluster.start_agent(i, Source::Manifests(&cluster.manifests.0))?;
+            cluster.agents.push(agent);
+        }
+        Ok(cluster)
+    }
+
+    /// The same network with both agents watching one API server.
+    pub fn with_api_server(prefix: &str) -> anyhow::Result<Self> {
+        let mut cluster = Self::network(prefix)?;
+        let api = TestApiServer::start(&cluster.lan, prefix)?;
+        let forwarders = cluster
+            .nodes
+            .iter()
+            .map(|node| Forwarder::start(&cluster.lan, node, api.port))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let kubeconfig = api.kubeconfig.clone();
+        cluster.api = Some((api, forwarders));
+        for i in 0..2 {
+            let agent = cluster.start_agent(i, Source::Kubeconfig(&kubeconfig))?;
+            cluster.agents.push(agent);
+        }
+        Ok(cluster)
+    }
+
+    /// Applies a manifest through the API server (API mode).
+    pub fn apply(&self, yaml: &str) -> anyhow::Result<()> {
+        let (api, _) = self
+            .api
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("not in API mode"))?;
+        let yaml = yaml.to_owned();
+        api.with_client(&self.lan, |c| crate::apiserver::apply(c, yaml))
+    }
+
+    fn network(prefix: &str) -> anyhow::Result<Self> {
         assert!(prefix.len() <= 6, "prefix too long for interface names");
         let ns = |name: &str| NetNs::new(&format!("{prefix}-{name}"));
         let lan = ns("lan")?;
@@ -124,8 +166,7 @@ impl Cluster {
             BackendServers::start(&pods[1], "pod-b", 8080, 5353)?,
         ];
         let manifests = ScratchDir::new(&format!("lb-{prefix}-manifests"))?;
-        manifests.write("cluster.yaml", manifest)?;
-        let mut cluster = Self {
+        Ok(Self {
             prefix: prefix.to_owned(),
             lan,
             nodes,
@@ -134,16 +175,12 @@ impl Cluster {
             clients,
             manifests,
             agents: Vec::new(),
+            api: None,
             _servers: servers,
-        };
-        for i in 0..2 {
-            let agent = cluster.start_agent(i)?;
-            cluster.agents.push(agent);
-        }
-        Ok(cluster)
+        })
     }
 
-    fn start_agent(&self, i: usize) -> anyhow::Result<Agent> {
+    fn start_agent(&self, i: usize, source: Source<'_>) -> anyhow::Result<Agent> {
         let pin_dir = PathBuf::from(format!(
             "/sys/fs/bpf/lb-test-{}-{}-{}",
             self.prefix,
@@ -156,9 +193,9 @@ impl Cluster {
             NODE_NAMES[i],
             std::process::id()
         ));
-        Agent::start(
+        Agent::start_with(
             &self.nodes[i],
-            &self.manifests.0,
+            source,
             &format!("{}-*", self.prefix),
             &pin_dir,
             &log,
@@ -208,7 +245,8 @@ fn add_pod(
 impl Drop for Cluster {
     fn drop(&mut self) {
         // Agents first (they detach from the nodes' interfaces), then the
-        // namespaces go with their fields.
+        // API server, then the namespaces go with their fields.
         self.agents.clear();
+        self.api = None;
     }
 }

@@ -478,3 +478,40 @@ fn should_serve_health_check_node_port_for_etp_local_load_balancers() {
             && health_check(&cluster, node_port(0, 32000)).is_some_and(|(c, _)| c == 503)
     }));
 }
+
+#[test]
+fn api_nodeport_and_etp_changes_reach_both_nodes() {
+    require_root();
+    let mut cluster = Cluster::with_api_server("npa").unwrap();
+    cluster.apply(&web("NodePort", "", "", &[0, 1])).unwrap();
+    cluster
+        .wait_for_maps("the node ports", |m| m.contains("30080/TCP count=2"))
+        .unwrap();
+    for node in [0usize, 1] {
+        let answers = requests(&cluster, 0, node_port(node, 30080), 30);
+        for pod in ["pod-a", "pod-b"] {
+            assert!(
+                answers.iter().any(|(b, _)| b == pod),
+                "{pod} via node {node}"
+            );
+        }
+    }
+    // externalTrafficPolicy flips to Local through the API: each node keeps
+    // to its own pod and the client's address.
+    cluster
+        .apply(&web(
+            "NodePort",
+            "externalTrafficPolicy: Local",
+            "",
+            &[0, 1],
+        ))
+        .unwrap();
+    cluster
+        .wait_for_maps("ETP Local", |m| m.contains("externalTrafficPolicy=Local"))
+        .unwrap();
+    for (node, pod) in [(0, "pod-a"), (1, "pod-b")] {
+        for (backend, seen) in requests(&cluster, 0, node_port(node, 30080), 10) {
+            assert_eq!((backend.as_str(), seen), (pod, CLIENT_IPS[0]));
+        }
+    }
+}

@@ -13,10 +13,10 @@ use futures::{StreamExt as _, TryStreamExt as _};
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kube::{
     api::{DeleteParams, Patch, PatchParams},
-    Api, Client,
+    Api,
 };
 use lb_tests::{
-    apiserver::TestApiServer,
+    apiserver::{apply, TestApiServer},
     netns::NetNs,
     require_root,
     servers::http_get,
@@ -49,28 +49,6 @@ fn start(prefix: &str, backends: usize) -> Cluster {
         api,
         topology,
     }
-}
-
-/// Server-side applies every object of a manifest.
-async fn apply(client: Client, yaml: String) -> anyhow::Result<()> {
-    let (objects, errors) = lb_agent::manifest::parse_typed(&yaml, None)?;
-    anyhow::ensure!(errors.is_empty(), "{errors:?}");
-    let params = PatchParams::apply("lb-tests").force();
-    for s in objects.services {
-        let ns = s.object.metadata.namespace.clone().unwrap_or_default();
-        let name = s.object.metadata.name.clone().unwrap_or_default();
-        Api::<Service>::namespaced(client.clone(), &ns)
-            .patch(&name, &params, &Patch::Apply(&s.object))
-            .await?;
-    }
-    for s in objects.slices {
-        let ns = s.object.metadata.namespace.clone().unwrap_or_default();
-        let name = s.object.metadata.name.clone().unwrap_or_default();
-        Api::<EndpointSlice>::namespaced(client.clone(), &ns)
-            .patch(&name, &params, &Patch::Apply(&s.object))
-            .await?;
-    }
-    Ok(())
 }
 
 impl Cluster {
