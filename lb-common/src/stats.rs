@@ -45,9 +45,12 @@ pub enum Stat {
     DropRedirect = 17,
     /// New flow from outside `loadBalancerSourceRanges`: dropped.
     DropSourceRange = 18,
+    /// A SNAT port held by a finished flow (expired, or closed when a new
+    /// SYN needs it) was taken back.
+    CtReclaimed = 19,
 }
 
-pub const STAT_COUNT: u32 = 19;
+pub const STAT_COUNT: u32 = 20;
 
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "pass_not_service",
@@ -69,4 +72,5 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "drop_snat_exhausted",
     "drop_redirect",
     "drop_source_range",
+    "ct_reclaimed",
 ];

@@ -210,13 +210,16 @@ const SNAT_STRIDE: u32 = 7919;
 
 /// Records a new flow SNATed to the node: the source port is claimed with
 /// the reply tuple itself (`BPF_NOEXIST`), so two flows never share one,
-/// even when CPUs race. Starts at a port derived from the flow hash.
+/// even when CPUs race. Starts at a port derived from the flow hash. A port
+/// whose flow is over may be taken back (`reclaim`), as netfilter's NAT
+/// reuses tuples in CLOSE/TIME_WAIT for a new SYN.
 #[inline(always)]
 pub fn create_snat(
     pkt: &Packet,
     forward: &mut CtValue,
     config: &NodeConfig,
     hash: u32,
+    now: u64,
 ) -> Result<(), Stat> {
     if config.snat_addr_be == 0 || config.snat_port_last < config.snat_port_first {
         return Err(Stat::DropSnatExhausted);
@@ -225,6 +228,7 @@ pub fn create_snat(
     let span = u32::from(config.snat_port_last) - first + 1;
     forward.src_addr_be = config.snat_addr_be;
     forward.flags |= CT_SNAT;
+    let forward_key = pkt.ct_key(CT_DIR_FORWARD);
     let mut i = 0;
     while i < SNAT_TRIES {
         let port = first + hash.wrapping_add(i.wrapping_mul(SNAT_STRIDE)) % span;
@@ -232,10 +236,40 @@ pub fn create_snat(
         match create(pkt, forward, BPF_NOEXIST as u64) {
             Ok(()) => return Ok(()),
             Err(CreateError::Full) => return Err(Stat::DropCtFull),
-            Err(CreateError::Taken) => i += 1,
+            Err(CreateError::Taken) => {}
         }
+        if reclaim(&forward_key.peer_key(forward), pkt, now) {
+            match create(pkt, forward, BPF_NOEXIST as u64) {
+                Ok(()) => return Ok(()),
+                Err(CreateError::Full) => return Err(Stat::DropCtFull),
+                Err(CreateError::Taken) => {} // another CPU took it first
+            }
+        }
+        i += 1;
     }
     Err(Stat::DropSnatExhausted)
+}
+
+/// Frees a SNAT reply tuple held by a flow that is over: both entries
+/// expired, or a TCP connection closed (RST or FINs both ways) when a new
+/// SYN wants the port. The delete decides races: one CPU removes the entry,
+/// and only then may claim the tuple with `BPF_NOEXIST`.
+#[inline(always)]
+fn reclaim(reply_key: &CtKey, pkt: &Packet, now: u64) -> bool {
+    let Some(old) = get(reply_key) else {
+        return false;
+    };
+    let peer = peer_of(reply_key, &old);
+    let expired = old.is_expired(now) && peer.is_none_or(|(_, p)| p.is_expired(now));
+    let closed = pkt.is_tcp_syn() && is_closing(old.flags);
+    if !(expired || closed) || CONNTRACK.remove(reply_key).is_err() {
+        return false;
+    }
+    if let Some((peer_key, _)) = peer {
+        let _ = CONNTRACK.remove(&peer_key);
+    }
+    count(Stat::CtReclaimed);
+    true
 }
 
 /// Whether the service flow behind a reply entry is still open: its forward

@@ -582,3 +582,41 @@ fn load_balancer_source_ranges_admit_only_their_clients() {
     );
     assert_eq!(node.external(&syn.build()).verdict, TCX_NEXT);
 }
+
+#[test]
+fn a_snat_port_of_a_finished_flow_is_taken_back() {
+    use lb_common::ct::CT_RST;
+    let mut node = Node::new("reclaim", &manifest("", &[(REMOTE_BACKEND, "node-b")]));
+    let first = first_snat_port(client(40000), node_port(30080), 6);
+    let held = |flags| {
+        (
+            CtKey::new(
+                u32::from(REMOTE_BACKEND).to_be(),
+                8080u16.to_be(),
+                u32::from(NODE_IP).to_be(),
+                first.to_be(),
+                6,
+                CT_DIR_REPLY,
+            ),
+            CtValue {
+                flags,
+                expires_ns: u64::MAX,
+                ..CtValue::default()
+            },
+        )
+    };
+    // A connection reset on that port: a new SYN takes the port back.
+    let (key, value) = held(CT_SNAT | CT_RST);
+    node.h.set_conntrack(&key, Some(value));
+    let syn = Packet::tcp(client(40000), node_port(30080), TCP_SYN);
+    let out = node.external(&syn.build());
+    let remote = SocketAddrV4::new(REMOTE_BACKEND, 8080);
+    assert_frame(
+        &out.frame,
+        &hop(syn.clone().from(node_port(first)).to(remote)).build(),
+        "the reclaimed port",
+    );
+    assert_eq!(node.h.counter(Stat::CtReclaimed), 1);
+    let entry = node.forward_entry(client(40000), node_port(30080));
+    assert_eq!(u16::from_be(entry.src_port_be), first);
+}
