@@ -90,8 +90,9 @@ struct RunArgs {
     /// to. Default: the first address of the first external interface.
     #[arg(long)]
     snat_address: Option<std::net::Ipv4Addr>,
-    /// Source ports for SNAT; must lie outside net.ipv4.ip_local_port_range.
-    #[arg(long, default_value = "61000-65535", value_parser = lb_agent::node::parse_port_range)]
+    /// Source ports for SNAT; must lie outside net.ipv4.ip_local_port_range
+    /// (the default sits below it and below the usual node-port range).
+    #[arg(long, default_value = "1024-29999", value_parser = lb_agent::node::parse_port_range)]
     snat_port_range: std::ops::RangeInclusive<u16>,
     /// Serve /healthz and /readyz here (200 after the first full sync).
     #[arg(long)]

@@ -67,11 +67,11 @@ impl NodeSettings {
     }
 }
 
-/// `61000-65535`.
+/// `1024-29999`.
 pub fn parse_port_range(text: &str) -> Result<RangeInclusive<u16>, String> {
     let (first, last) = text
         .split_once('-')
-        .ok_or_else(|| format!("{text:?}: expected FIRST-LAST, e.g. 61000-65535"))?;
+        .ok_or_else(|| format!("{text:?}: expected FIRST-LAST, e.g. 1024-29999"))?;
     let port = |p: &str| {
         p.trim()
             .parse::<u16>()

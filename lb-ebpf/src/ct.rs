@@ -203,22 +203,23 @@ pub fn create(pkt: &Packet, forward: &CtValue, reply_flags: u64) -> Result<(), C
     Ok(())
 }
 
-/// SNAT ports tried per new flow before giving up (counted).
+/// SNAT ports tried per pass.
 const SNAT_TRIES: u32 = 8;
 /// Odd, so successive tries visit different ports of any range.
 const SNAT_STRIDE: u32 = 7919;
 
 /// Records a new flow SNATed to the node: the source port is claimed with
 /// the reply tuple itself (`BPF_NOEXIST`), so two flows never share one,
-/// even when CPUs race. Starts at a port derived from the flow hash. A port
-/// whose flow is over may be taken back (`reclaim`), as netfilter's NAT
-/// reuses tuples in CLOSE/TIME_WAIT for a new SYN.
+/// even when CPUs race. The first pass takes only free ports, from a random
+/// start: a port that just closed is not reused at once, since the backend
+/// may still hold that tuple in TIME_WAIT. Only when none is free does a
+/// second pass take back ports whose flows are over (`reclaim`), as
+/// netfilter's NAT reuses tuples in CLOSE/TIME_WAIT for a new SYN.
 #[inline(always)]
 pub fn create_snat(
     pkt: &Packet,
     forward: &mut CtValue,
     config: &NodeConfig,
-    hash: u32,
     now: u64,
 ) -> Result<(), Stat> {
     if config.snat_addr_be == 0 || config.snat_port_last < config.snat_port_first {
@@ -229,20 +230,18 @@ pub fn create_snat(
     forward.src_addr_be = config.snat_addr_be;
     forward.flags |= CT_SNAT;
     let forward_key = pkt.ct_key(CT_DIR_FORWARD);
+    // SAFETY: a helper without arguments.
+    let start = unsafe { aya_ebpf::helpers::bpf_get_prandom_u32() };
     let mut i = 0;
-    while i < SNAT_TRIES {
-        let port = first + hash.wrapping_add(i.wrapping_mul(SNAT_STRIDE)) % span;
+    while i < 2 * SNAT_TRIES {
+        let port = first + start.wrapping_add(i.wrapping_mul(SNAT_STRIDE)) % span;
         forward.src_port_be = (port as u16).to_be();
-        match create(pkt, forward, BPF_NOEXIST as u64) {
-            Ok(()) => return Ok(()),
-            Err(CreateError::Full) => return Err(Stat::DropCtFull),
-            Err(CreateError::Taken) => {}
-        }
-        if reclaim(&forward_key.peer_key(forward), pkt, now) {
+        let free = i < SNAT_TRIES || reclaim(&forward_key.peer_key(forward), pkt, now);
+        if free {
             match create(pkt, forward, BPF_NOEXIST as u64) {
                 Ok(()) => return Ok(()),
                 Err(CreateError::Full) => return Err(Stat::DropCtFull),
-                Err(CreateError::Taken) => {} // another CPU took it first
+                Err(CreateError::Taken) => {} // held, or another CPU took it first
             }
         }
         i += 1;

@@ -180,7 +180,7 @@ fn ingress<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
         let Some(config) = maps::CONFIG.get(0) else {
             return Outcome::drop(Stat::DropSnatExhausted);
         };
-        if let Err(stat) = ct::create_snat(&pkt, &mut entry, config, hash, now) {
+        if let Err(stat) = ct::create_snat(&pkt, &mut entry, config, now) {
             return Outcome::drop(stat);
         }
         count(Stat::SnatNew);

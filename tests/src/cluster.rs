@@ -57,18 +57,24 @@ impl Cluster {
     /// Builds the network, starts a server in each pod (HTTP 8080, UDP 5353,
     /// named `pod-a` / `pod-b`), writes `manifest` and starts both agents.
     pub fn new(prefix: &str, manifest: &str) -> anyhow::Result<Self> {
-        let mut cluster = Self::network(prefix)?;
-        cluster.manifests.write("cluster.yaml", manifest)?;
-        for i in 0..2 {
-            let agent = cluster.start_agent(i, Source::Manifests(&cluster.manifests.0))?;
-            cluster.agents.push(agent);
-        }
+        let mut cluster = Self::without_agents(prefix)?;
+        cluster.start_agents(manifest, &[])?;
         Ok(cluster)
+    }
+
+    /// Writes `manifest` and starts both agents (with `extra` flags).
+    pub fn start_agents(&mut self, manifest: &str, extra: &[&str]) -> anyhow::Result<()> {
+        self.manifests.write("cluster.yaml", manifest)?;
+        for i in 0..2 {
+            let agent = self.start_agent(i, Source::Manifests(&self.manifests.0), extra)?;
+            self.agents.push(agent);
+        }
+        Ok(())
     }
 
     /// The same network with both agents watching one API server.
     pub fn with_api_server(prefix: &str) -> anyhow::Result<Self> {
-        let mut cluster = Self::network(prefix)?;
+        let mut cluster = Self::without_agents(prefix)?;
         let api = TestApiServer::start(&cluster.lan, prefix)?;
         let forwarders = cluster
             .nodes
@@ -78,7 +84,7 @@ impl Cluster {
         let kubeconfig = api.kubeconfig.clone();
         cluster.api = Some((api, forwarders));
         for i in 0..2 {
-            let agent = cluster.start_agent(i, Source::Kubeconfig(&kubeconfig))?;
+            let agent = cluster.start_agent(i, Source::Kubeconfig(&kubeconfig), &[])?;
             cluster.agents.push(agent);
         }
         Ok(cluster)
@@ -94,7 +100,8 @@ impl Cluster {
         api.with_client(&self.lan, |c| crate::apiserver::apply(c, yaml))
     }
 
-    fn network(prefix: &str) -> anyhow::Result<Self> {
+    /// The network, the pods and their servers; no agent yet.
+    pub fn without_agents(prefix: &str) -> anyhow::Result<Self> {
         assert!(prefix.len() <= 6, "prefix too long for interface names");
         let ns = |name: &str| NetNs::new(&format!("{prefix}-{name}"));
         let lan = ns("lan")?;
@@ -180,7 +187,7 @@ impl Cluster {
         })
     }
 
-    fn start_agent(&self, i: usize, source: Source<'_>) -> anyhow::Result<Agent> {
+    fn start_agent(&self, i: usize, source: Source<'_>, extra: &[&str]) -> anyhow::Result<Agent> {
         let pin_dir = PathBuf::from(format!(
             "/sys/fs/bpf/lb-test-{}-{}-{}",
             self.prefix,
@@ -199,7 +206,7 @@ impl Cluster {
             &format!("{}-*", self.prefix),
             &pin_dir,
             &log,
-            &["--node-name", NODE_NAMES[i]],
+            &[&["--node-name", NODE_NAMES[i]], extra].concat(),
         )
     }
 

@@ -33,7 +33,7 @@ const POD_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 10, 5);
 const LOCAL_BACKEND: Ipv4Addr = Ipv4Addr::new(198, 18, 10, 2);
 const REMOTE_BACKEND: Ipv4Addr = Ipv4Addr::new(198, 18, 11, 2);
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
-const SNAT_PORTS: (u16, u16) = (61000, 65535);
+const SNAT_PORTS: (u16, u16) = (1024, 29999);
 
 /// Service `web`: NodePort (TCP 80 → 8080 at 30080, UDP 53 → 5353 at
 /// 30053) with the given endpoints as (address, node).
@@ -167,10 +167,46 @@ fn port_for_slot(dst: SocketAddrV4, proto: u8, slot: u16, choices: u16) -> u16 {
         .expect("a port for every slot")
 }
 
-/// The first SNAT port tried for a flow.
-fn first_snat_port(src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> u16 {
-    let span = u32::from(SNAT_PORTS.1 - SNAT_PORTS.0) + 1;
-    SNAT_PORTS.0 + (hash_of(src, dst, proto) % span) as u16
+/// The SNAT port a flow got, checked to lie in the configured range.
+fn snat_port_of(node: &Node, client: SocketAddrV4, frontend: SocketAddrV4) -> u16 {
+    let entry = node.forward_entry(client, frontend);
+    assert_ne!(entry.flags & CT_SNAT, 0, "SNATed");
+    assert_eq!(entry.src_addr_be, u32::from(NODE_IP).to_be());
+    let port = u16::from_be(entry.src_port_be);
+    assert!(
+        (SNAT_PORTS.0..=SNAT_PORTS.1).contains(&port),
+        "{port} outside {SNAT_PORTS:?}"
+    );
+    port
+}
+
+/// Rewrites the node config to SNAT into `first..=last` only.
+fn snat_ports(node: &mut Node, first: u16, last: u16) {
+    node.h.set_node_config(NodeConfig {
+        snat_addr_be: u32::from(NODE_IP).to_be(),
+        snat_port_first: first,
+        snat_port_last: last,
+    });
+}
+
+/// A conntrack reply entry holding SNAT port `port` towards the remote backend.
+fn hold_port(node: &mut Node, port: u16, flags: u8) {
+    let key = CtKey::new(
+        u32::from(REMOTE_BACKEND).to_be(),
+        8080u16.to_be(),
+        u32::from(NODE_IP).to_be(),
+        port.to_be(),
+        6,
+        CT_DIR_REPLY,
+    );
+    node.h.set_conntrack(
+        &key,
+        Some(CtValue {
+            flags,
+            expires_ns: u64::MAX,
+            ..CtValue::default()
+        }),
+    );
 }
 
 fn assert_frame(actual: &[u8], expected: &[u8], what: &str) {
@@ -200,14 +236,7 @@ fn nodeport_to_a_remote_backend_is_snated_both_ways_with_exact_bytes() {
     let out = node.external(&syn.build());
     assert_eq!(out.verdict, TC_ACT_REDIRECT, "routed by the datapath");
 
-    let entry = node.forward_entry(client(cport), node_port(30080));
-    assert_ne!(entry.flags & CT_SNAT, 0);
-    let snat_port = u16::from_be(entry.src_port_be);
-    assert_eq!(
-        snat_port,
-        first_snat_port(client(cport), node_port(30080), 6),
-        "the first candidate port was free"
-    );
+    let snat_port = snat_port_of(&node, client(cport), node_port(30080));
     let remote = SocketAddrV4::new(REMOTE_BACKEND, 8080);
     let at_backend = hop(syn.clone().from(node_port(snat_port)).to(remote));
     assert_frame(
@@ -250,7 +279,7 @@ fn udp_nodeport_to_a_remote_backend_is_snated_with_checksums() {
     let query = Packet::udp(client(cport), node_port(30053), b"query, odd length");
     let out = node.external(&query.build());
     assert_eq!(out.verdict, TC_ACT_REDIRECT);
-    let snat_port = first_snat_port(client(cport), node_port(30053), 17);
+    let snat_port = snat_port_of(&node, client(cport), node_port(30053));
     let remote = SocketAddrV4::new(REMOTE_BACKEND, 5353);
     let at_backend = hop(query.clone().from(node_port(snat_port)).to(remote));
     assert_frame(&out.frame, &at_backend.build(), "UDP query");
@@ -377,43 +406,20 @@ fn itp_local_drops_cluster_ip_traffic_without_a_local_endpoint() {
 fn a_snat_port_in_use_is_skipped_and_exhaustion_is_counted() {
     let mut node = Node::new("ports", &manifest("", &[(REMOTE_BACKEND, "node-b")]));
     let remote = SocketAddrV4::new(REMOTE_BACKEND, 8080);
-    // Another flow holds the first port this one would take.
-    let first = first_snat_port(client(40000), node_port(30080), 6);
-    let taken = CtKey::new(
-        u32::from(REMOTE_BACKEND).to_be(),
-        8080u16.to_be(),
-        u32::from(NODE_IP).to_be(),
-        first.to_be(),
-        6,
-        CT_DIR_REPLY,
-    );
-    node.h.set_conntrack(
-        &taken,
-        Some(CtValue {
-            flags: CT_SNAT,
-            expires_ns: u64::MAX,
-            ..CtValue::default()
-        }),
-    );
+    // Two ports, one held by a live flow: every new flow gets the other.
+    snat_ports(&mut node, 20000, 20001);
+    hold_port(&mut node, 20000, CT_SNAT);
     let syn = Packet::tcp(client(40000), node_port(30080), TCP_SYN);
     let out = node.external(&syn.build());
     assert_eq!(out.verdict, TC_ACT_REDIRECT);
-    let span = u32::from(SNAT_PORTS.1 - SNAT_PORTS.0) + 1;
-    let second = SNAT_PORTS.0
-        + (hash_of(client(40000), node_port(30080), 6).wrapping_add(7919) % span) as u16;
     assert_frame(
         &out.frame,
-        &hop(syn.clone().from(node_port(second)).to(remote)).build(),
-        "the next candidate port",
+        &hop(syn.clone().from(node_port(20001)).to(remote)).build(),
+        "the free port",
     );
 
-    // One port, taken: the new flow is dropped and counted, never sent
-    // with a colliding tuple.
-    node.h.set_node_config(NodeConfig {
-        snat_addr_be: u32::from(NODE_IP).to_be(),
-        snat_port_first: first,
-        snat_port_last: first,
-    });
+    // Both held: the next new flow is dropped and counted, never sent with
+    // a colliding tuple.
     let syn = Packet::tcp(client(40001), node_port(30080), TCP_SYN);
     assert_eq!(node.external(&syn.build()).verdict, TC_ACT_SHOT);
     assert_eq!(node.h.counter(Stat::DropSnatExhausted), 1);
@@ -584,39 +590,27 @@ fn load_balancer_source_ranges_admit_only_their_clients() {
 }
 
 #[test]
-fn a_snat_port_of_a_finished_flow_is_taken_back() {
+fn a_snat_port_of_a_finished_flow_is_taken_back_when_none_is_free() {
     use lb_common::ct::CT_RST;
     let mut node = Node::new("reclaim", &manifest("", &[(REMOTE_BACKEND, "node-b")]));
-    let first = first_snat_port(client(40000), node_port(30080), 6);
-    let held = |flags| {
-        (
-            CtKey::new(
-                u32::from(REMOTE_BACKEND).to_be(),
-                8080u16.to_be(),
-                u32::from(NODE_IP).to_be(),
-                first.to_be(),
-                6,
-                CT_DIR_REPLY,
-            ),
-            CtValue {
-                flags,
-                expires_ns: u64::MAX,
-                ..CtValue::default()
-            },
-        )
-    };
-    // A connection reset on that port: a new SYN takes the port back.
-    let (key, value) = held(CT_SNAT | CT_RST);
-    node.h.set_conntrack(&key, Some(value));
+    // The only port belongs to a connection that was reset: a new SYN
+    // takes it back, as no port is free.
+    snat_ports(&mut node, 20000, 20000);
+    hold_port(&mut node, 20000, CT_SNAT | CT_RST);
     let syn = Packet::tcp(client(40000), node_port(30080), TCP_SYN);
     let out = node.external(&syn.build());
     let remote = SocketAddrV4::new(REMOTE_BACKEND, 8080);
     assert_frame(
         &out.frame,
-        &hop(syn.clone().from(node_port(first)).to(remote)).build(),
+        &hop(syn.clone().from(node_port(20000)).to(remote)).build(),
         "the reclaimed port",
     );
     assert_eq!(node.h.counter(Stat::CtReclaimed), 1);
-    let entry = node.forward_entry(client(40000), node_port(30080));
-    assert_eq!(u16::from_be(entry.src_port_be), first);
+
+    // A live flow's port is never taken back.
+    snat_ports(&mut node, 20001, 20001);
+    hold_port(&mut node, 20001, CT_SNAT);
+    let syn = Packet::tcp(client(40001), node_port(30080), TCP_SYN);
+    assert_eq!(node.external(&syn.build()).verdict, TC_ACT_SHOT);
+    assert_eq!(node.h.counter(Stat::CtReclaimed), 1);
 }

@@ -10,11 +10,8 @@ use std::{
 };
 
 use futures::{StreamExt as _, TryStreamExt as _};
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use kube::{
-    api::{DeleteParams, Patch, PatchParams},
-    Api,
-};
+use k8s_openapi::api::core::v1::Service;
+use kube::{api::DeleteParams, Api};
 use lb_tests::{
     apiserver::{apply, TestApiServer},
     netns::NetNs,

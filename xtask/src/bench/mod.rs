@@ -4,6 +4,7 @@
 //! bench/results/bench.md and bench/results/connections.svg.
 
 mod load;
+mod nodeport;
 mod peers;
 mod report;
 
@@ -133,11 +134,22 @@ pub fn run(agent_bin: &Path, config: &BenchConfig) -> anyhow::Result<()> {
             results.push((scale, mode, sample));
         }
     }
+    // NodePort to the other node's pod at the smallest and largest scale.
+    let mut node_ports = Vec::new();
+    let mut np_scales = vec![
+        config.scales[0],
+        *config.scales.last().context("no scales")?,
+    ];
+    np_scales.dedup();
+    for scale in np_scales {
+        node_ports.push((scale, nodeport::measure(scale, config)?));
+    }
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/results");
     std::fs::create_dir_all(&out)?;
     let text = report::markdown(
         config,
         &results,
+        &node_ports,
         &map_writes,
         &per_packet,
         started.elapsed(),

@@ -156,6 +156,7 @@ fn find(results: &[(usize, Mode, Sample)], scale: usize, mode: Mode) -> &Sample 
 pub fn markdown(
     config: &BenchConfig,
     results: &[(usize, Mode, Sample)],
+    node_ports: &[(usize, Vec<(Mode, Sample)>)],
     map_writes: &[(usize, MapWriteTimes)],
     per_packet: &[(&'static str, Vec<f64>)],
     took: Duration,
@@ -231,6 +232,48 @@ pub fn markdown(
             .collect();
         let _ = writeln!(r, "| {scale} | {} |", row.join(" | "));
     }
+    let _ = writeln!(
+        r,
+        "\n## NodePort: external client → node-a → pod on node-b\n"
+    );
+    let _ = writeln!(r, "Two nodes on one kernel (`lb_tests::cluster`): the client on the LAN opens short connections to node-a's \
+        node port; the only endpoint runs on node-b, so every connection is DNATed and SNATed at node-a (lb: in the uplink's tc \
+        ingress; iptables/nftables: kube-proxy's NodePort rules with masquerade). `direct` connects to the pod through node-b \
+        (one hop fewer, no NAT). N NodePort services × 10 endpoints, the target last.\n");
+    let _ = writeln!(r, "| services | direct | iptables | nftables | lb | lb / direct | lb / iptables | lb / nftables | p50 / p99 ms: direct, iptables, nftables, lb |");
+    let _ = writeln!(r, "|---|---|---|---|---|---|---|---|---|");
+    for (scale, modes) in node_ports {
+        let get = |m: Mode| &modes.iter().find(|(x, _)| *x == m).expect("mode").1;
+        let med = |m| stats(&get(m).conns_per_s);
+        let (d, i, n, l) = (
+            med(Mode::Direct),
+            med(Mode::Iptables),
+            med(Mode::Nftables),
+            med(Mode::Lb),
+        );
+        let latency: Vec<String> = Mode::ALL
+            .iter()
+            .map(|m| {
+                format!(
+                    "{:.3} / {:.3}",
+                    stats(&get(*m).p50_ms).0,
+                    stats(&get(*m).p99_ms).0
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            r,
+            "| {scale} | {} | {} | {} | {} | {:.3} | {:.3} | {:.3} | {} |",
+            cell(d, 0),
+            cell(i, 0),
+            cell(n, 0),
+            cell(l, 0),
+            l.0 / d.0,
+            l.0 / i.0,
+            l.0 / n.0,
+            latency.join(", ")
+        );
+    }
     let _ = writeln!(r, "\n## Time to program N services (s)\n");
     let _ = writeln!(r, "| services | iptables-restore | nft -f | lb agent: start → programmed | lb: parse + compute | lb: map writes |\n|---|---|---|---|---|---|");
     for (scale, (compute, writes)) in map_writes {
@@ -268,7 +311,11 @@ pub fn markdown(
             cell(stats(&s.cpu_s), 2)
         );
     }
-    let errors: u64 = results.iter().map(|(_, _, s)| s.errors).sum();
+    let errors: u64 = results.iter().map(|(_, _, s)| s.errors).sum::<u64>()
+        + node_ports
+            .iter()
+            .flat_map(|(_, m)| m.iter().map(|(_, s)| s.errors))
+            .sum::<u64>();
     let _ = writeln!(
         r,
         "\nFailed requests during the connection runs, all modes: {errors}."
