@@ -137,6 +137,11 @@ struct RunArgs {
     /// Conntrack: how long a TCP connection lingers after RST or FINs both ways.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     conntrack_tcp_timeout_closing: Duration,
+    /// Conntrack: how long a closed SNATed TCP flow keeps its SNAT port (at
+    /// least the backends' TIME_WAIT, 60 s on Linux, or a new flow may land
+    /// on a tuple the backend still holds and stall on a SYN retransmit).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    conntrack_tcp_timeout_snat_closing: Duration,
     /// Conntrack: idle timeout of a UDP flow.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     conntrack_udp_timeout: Duration,
@@ -241,6 +246,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     tcp_established_ns: nanos(args.conntrack_tcp_timeout_established),
                     tcp_closing_ns: nanos(args.conntrack_tcp_timeout_closing),
                     udp_ns: nanos(args.conntrack_udp_timeout),
+                    tcp_snat_closing_ns: nanos(args.conntrack_tcp_timeout_snat_closing),
                 },
                 conntrack_gc_interval: args.conntrack_gc_interval,
                 health_timeout: args.health_timeout,

@@ -48,9 +48,13 @@ pub struct CtTimeouts {
     /// TCP before the backend answered (SYN sent, or a mid-stream pickup).
     pub tcp_opening_ns: u64,
     pub tcp_established_ns: u64,
-    /// TCP after an RST or FINs from both sides.
+    /// TCP after an RST or FINs both ways.
     pub tcp_closing_ns: u64,
     pub udp_ns: u64,
+    /// A SNATed TCP flow after an RST or FINs both ways: its SNAT port is
+    /// held as long as the backend may keep the tuple in TIME_WAIT (60 s
+    /// on Linux), so a new flow never lands on a tuple the backend refuses.
+    pub tcp_snat_closing_ns: u64,
 }
 
 impl CtTimeouts {
@@ -59,6 +63,7 @@ impl CtTimeouts {
         tcp_established_ns: 6 * 3600 * SEC,
         tcp_closing_ns: 10 * SEC,
         udp_ns: 60 * SEC,
+        tcp_snat_closing_ns: 60 * SEC,
     };
 
     /// The lifetime of a flow in state `flags`.
@@ -66,6 +71,8 @@ impl CtTimeouts {
     pub const fn for_state(&self, proto: u8, flags: u8) -> u64 {
         if proto != crate::IPPROTO_TCP {
             self.udp_ns
+        } else if is_closing(flags) && flags & CT_SNAT != 0 {
+            self.tcp_snat_closing_ns
         } else if is_closing(flags) {
             self.tcp_closing_ns
         } else if flags & CT_SEEN_REPLY == 0 {
@@ -179,6 +186,6 @@ impl CtValue {
 const _: () = assert!(core::mem::size_of::<CtKey>() == 16 && core::mem::align_of::<CtKey>() == 4);
 const _: () =
     assert!(core::mem::size_of::<CtValue>() == 40 && core::mem::align_of::<CtValue>() == 8);
-const _: () = assert!(core::mem::size_of::<CtTimeouts>() == 32);
+const _: () = assert!(core::mem::size_of::<CtTimeouts>() == 40);
 
 user_pod!(CtKey, CtValue, CtTimeouts);

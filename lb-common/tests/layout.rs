@@ -106,6 +106,15 @@ fn conntrack_state_picks_the_timeout() {
         t.tcp_closing_ns
     );
     assert_eq!(t.for_state(6, CT_RST), t.tcp_closing_ns);
+    assert_eq!(
+        t.for_state(6, CT_RST | CT_SNAT),
+        t.tcp_snat_closing_ns,
+        "a SNAT port outlives the backend's TIME_WAIT"
+    );
+    assert_eq!(
+        t.for_state(6, CT_SEEN_REPLY | CT_SNAT),
+        t.tcp_established_ns
+    );
     assert_eq!(t.for_state(17, 0), t.udp_ns);
     assert_eq!(t.for_state(17, CT_SEEN_REPLY), t.udp_ns);
     let v = CtValue {

@@ -203,18 +203,14 @@ pub fn create(pkt: &Packet, forward: &CtValue, reply_flags: u64) -> Result<(), C
     Ok(())
 }
 
-/// SNAT ports tried per pass.
-const SNAT_TRIES: u32 = 8;
-/// Odd, so successive tries visit different ports of any range.
-const SNAT_STRIDE: u32 = 7919;
+/// SNAT ports tried per new flow.
+const SNAT_TRIES: u32 = 16;
 
 /// Records a new flow SNATed to the node: the source port is claimed with
 /// the reply tuple itself (`BPF_NOEXIST`), so two flows never share one,
-/// even when CPUs race. The first pass takes only free ports, from a random
-/// start: a port that just closed is not reused at once, since the backend
-/// may still hold that tuple in TIME_WAIT. Only when none is free does a
-/// second pass take back ports whose flows are over (`reclaim`), as
-/// netfilter's NAT reuses tuples in CLOSE/TIME_WAIT for a new SYN.
+/// even when CPUs race. Ports are tried at random; in the second half of
+/// the tries, a port of an expired flow the GC has not removed yet
+/// is taken back (`reclaim`).
 #[inline(always)]
 pub fn create_snat(
     pkt: &Packet,
@@ -230,18 +226,25 @@ pub fn create_snat(
     forward.src_addr_be = config.snat_addr_be;
     forward.flags |= CT_SNAT;
     let forward_key = pkt.ct_key(CT_DIR_FORWARD);
-    // SAFETY: a helper without arguments.
-    let start = unsafe { aya_ebpf::helpers::bpf_get_prandom_u32() };
     let mut i = 0;
-    while i < 2 * SNAT_TRIES {
-        let port = first + start.wrapping_add(i.wrapping_mul(SNAT_STRIDE)) % span;
+    while i < SNAT_TRIES {
+        // An independent random port each try: probes in a fixed stride
+        // would follow the runs earlier flows already filled.
+        // SAFETY: a helper without arguments.
+        let port = first + unsafe { aya_ebpf::helpers::bpf_get_prandom_u32() } % span;
         forward.src_port_be = (port as u16).to_be();
-        let free = i < SNAT_TRIES || reclaim(&forward_key.peer_key(forward), pkt, now);
-        if free {
+        // Held by a live flow, or another CPU took it first: the next one.
+        // After half the tries, a port of an expired flow is taken back.
+        match create(pkt, forward, BPF_NOEXIST as u64) {
+            Ok(()) => return Ok(()),
+            Err(CreateError::Full) => return Err(Stat::DropCtFull),
+            Err(CreateError::Taken) => {}
+        }
+        if i >= SNAT_TRIES / 2 && reclaim(&forward_key.peer_key(forward), now) {
             match create(pkt, forward, BPF_NOEXIST as u64) {
                 Ok(()) => return Ok(()),
                 Err(CreateError::Full) => return Err(Stat::DropCtFull),
-                Err(CreateError::Taken) => {} // held, or another CPU took it first
+                Err(CreateError::Taken) => {}
             }
         }
         i += 1;
@@ -249,19 +252,19 @@ pub fn create_snat(
     Err(Stat::DropSnatExhausted)
 }
 
-/// Frees a SNAT reply tuple held by a flow that is over: both entries
-/// expired, or a TCP connection closed (RST or FINs both ways) when a new
-/// SYN wants the port. The delete decides races: one CPU removes the entry,
-/// and only then may claim the tuple with `BPF_NOEXIST`.
+/// Frees a SNAT reply tuple held by a flow whose entries have both expired
+/// but that the agent's GC has not removed yet. (A closed TCP flow keeps its
+/// port for `tcp_snat_closing_ns`, the backend's TIME_WAIT.) The delete
+/// decides races: one CPU removes the entry, and only then may claim the
+/// tuple with `BPF_NOEXIST`.
 #[inline(always)]
-fn reclaim(reply_key: &CtKey, pkt: &Packet, now: u64) -> bool {
+fn reclaim(reply_key: &CtKey, now: u64) -> bool {
     let Some(old) = get(reply_key) else {
         return false;
     };
     let peer = peer_of(reply_key, &old);
     let expired = old.is_expired(now) && peer.is_none_or(|(_, p)| p.is_expired(now));
-    let closed = pkt.is_tcp_syn() && is_closing(old.flags);
-    if !(expired || closed) || CONNTRACK.remove(reply_key).is_err() {
+    if !expired || CONNTRACK.remove(reply_key).is_err() {
         return false;
     }
     if let Some((peer_key, _)) = peer {

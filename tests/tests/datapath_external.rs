@@ -189,8 +189,9 @@ fn snat_ports(node: &mut Node, first: u16, last: u16) {
     });
 }
 
-/// A conntrack reply entry holding SNAT port `port` towards the remote backend.
-fn hold_port(node: &mut Node, port: u16, flags: u8) {
+/// A conntrack reply entry holding SNAT port `port` towards the remote
+/// backend, expiring at `expires_ns`.
+fn hold_port(node: &mut Node, port: u16, flags: u8, expires_ns: u64) {
     let key = CtKey::new(
         u32::from(REMOTE_BACKEND).to_be(),
         8080u16.to_be(),
@@ -203,7 +204,7 @@ fn hold_port(node: &mut Node, port: u16, flags: u8) {
         &key,
         Some(CtValue {
             flags,
-            expires_ns: u64::MAX,
+            expires_ns,
             ..CtValue::default()
         }),
     );
@@ -408,7 +409,7 @@ fn a_snat_port_in_use_is_skipped_and_exhaustion_is_counted() {
     let remote = SocketAddrV4::new(REMOTE_BACKEND, 8080);
     // Two ports, one held by a live flow: every new flow gets the other.
     snat_ports(&mut node, 20000, 20001);
-    hold_port(&mut node, 20000, CT_SNAT);
+    hold_port(&mut node, 20000, CT_SNAT, u64::MAX);
     let syn = Packet::tcp(client(40000), node_port(30080), TCP_SYN);
     let out = node.external(&syn.build());
     assert_eq!(out.verdict, TC_ACT_REDIRECT);
@@ -590,14 +591,21 @@ fn load_balancer_source_ranges_admit_only_their_clients() {
 }
 
 #[test]
-fn a_snat_port_of_a_finished_flow_is_taken_back_when_none_is_free() {
+fn an_expired_flows_snat_port_is_taken_back_but_a_closed_one_waits() {
     use lb_common::ct::CT_RST;
     let mut node = Node::new("reclaim", &manifest("", &[(REMOTE_BACKEND, "node-b")]));
-    // The only port belongs to a connection that was reset: a new SYN
-    // takes it back, as no port is free.
     snat_ports(&mut node, 20000, 20000);
-    hold_port(&mut node, 20000, CT_SNAT | CT_RST);
+    // The only port belongs to a connection that was reset: the backend may
+    // still hold the tuple in TIME_WAIT, so the port is not taken back.
+    hold_port(&mut node, 20000, CT_SNAT | CT_RST, u64::MAX);
     let syn = Packet::tcp(client(40000), node_port(30080), TCP_SYN);
+    assert_eq!(node.external(&syn.build()).verdict, TC_ACT_SHOT);
+    assert_eq!(node.h.counter(Stat::CtReclaimed), 0);
+    assert_eq!(node.h.counter(Stat::DropSnatExhausted), 1);
+
+    // Its flow expired (the GC has not run yet): the port is taken back.
+    hold_port(&mut node, 20000, CT_SNAT | CT_RST, 1);
+    let syn = Packet::tcp(client(40001), node_port(30080), TCP_SYN);
     let out = node.external(&syn.build());
     let remote = SocketAddrV4::new(REMOTE_BACKEND, 8080);
     assert_frame(
@@ -605,12 +613,5 @@ fn a_snat_port_of_a_finished_flow_is_taken_back_when_none_is_free() {
         &hop(syn.clone().from(node_port(20000)).to(remote)).build(),
         "the reclaimed port",
     );
-    assert_eq!(node.h.counter(Stat::CtReclaimed), 1);
-
-    // A live flow's port is never taken back.
-    snat_ports(&mut node, 20001, 20001);
-    hold_port(&mut node, 20001, CT_SNAT);
-    let syn = Packet::tcp(client(40001), node_port(30080), TCP_SYN);
-    assert_eq!(node.external(&syn.build()).verdict, TC_ACT_SHOT);
     assert_eq!(node.h.counter(Stat::CtReclaimed), 1);
 }
