@@ -257,3 +257,49 @@ impl Drop for Cluster {
         self.api = None;
     }
 }
+
+/// Service `shop/web` of type `type_` (TCP 80 → 8080 at node port 30080,
+/// UDP 53 → 5353 at 30053; the node ports where the type has them), with
+/// `spec` lines added to its spec, an optional `status` block, and its
+/// slice's endpoints as (address, node name).
+pub fn web_service(
+    type_: &str,
+    cluster_ip: Ipv4Addr,
+    spec: &str,
+    status: &str,
+    endpoints: &[(Ipv4Addr, &str)],
+) -> String {
+    let mut list: String = endpoints
+        .iter()
+        .map(|(addr, node)| format!("\n- {{addresses: [\"{addr}\"], nodeName: {node}}}"))
+        .collect();
+    if list.is_empty() {
+        list = " []".into();
+    }
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: shop}}
+spec:
+  type: {type_}
+  clusterIP: {cluster_ip}
+  {spec}
+  ports:
+  - {{name: http, port: 80, targetPort: 8080, nodePort: 30080, protocol: TCP}}
+  - {{name: dns, port: 53, targetPort: 5353, nodePort: 30053, protocol: UDP}}
+{status}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: shop
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv4
+ports:
+- {{name: http, port: 8080, protocol: TCP}}
+- {{name: dns, port: 5353, protocol: UDP}}
+endpoints:{list}
+"#
+    )
+}

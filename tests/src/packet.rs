@@ -222,3 +222,15 @@ pub fn hex(frame: &[u8]) -> String {
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+/// Asserts a frame the datapath produced equals `expected`, byte for byte
+/// (shown in hex when not), and that its checksums are valid.
+pub fn assert_frame(actual: &[u8], expected: &[u8], what: &str) {
+    assert!(
+        actual == expected,
+        "{what}: frame differs\nexpected:\n{}\nactual:\n{}",
+        hex(expected),
+        hex(actual)
+    );
+    verify_checksums(actual).unwrap_or_else(|e| panic!("{what}: {e}"));
+}

@@ -13,7 +13,7 @@ use lb_common::{
 };
 use lb_tests::{
     datapath::Harness,
-    packet::{hex, verify_checksums, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    packet::{assert_frame, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     require_root,
     topology::web_manifest,
 };
@@ -78,16 +78,6 @@ fn close_with_fins(h: &Harness, from: SocketAddrV4, backend: SocketAddrV4) {
     h.run_egress(&at_backend.reply(TCP_SYN | TCP_ACK).build());
     h.run(&Packet::tcp(from, vip(80), TCP_ACK | TCP_FIN).build());
     h.run_egress(&at_backend.reply(TCP_ACK | TCP_FIN).build());
-}
-
-fn assert_frame(actual: &[u8], expected: &[u8], what: &str) {
-    assert!(
-        actual == expected,
-        "{what}: frame differs\nexpected:\n{}\nactual:\n{}",
-        hex(expected),
-        hex(actual)
-    );
-    verify_checksums(actual).unwrap_or_else(|e| panic!("{what}: {e}"));
 }
 
 #[test]

@@ -19,7 +19,7 @@ use lb_common::{
 use lb_tests::{
     datapath::{Harness, RunResult},
     netns::NetNs,
-    packet::{hex, verify_checksums, Packet, TCP_ACK, TCP_SYN},
+    packet::{assert_frame, Packet, TCP_ACK, TCP_SYN},
     require_root,
 };
 
@@ -38,40 +38,7 @@ const SNAT_PORTS: (u16, u16) = (1024, 29999);
 /// Service `web`: NodePort (TCP 80 → 8080 at 30080, UDP 53 → 5353 at
 /// 30053) with the given endpoints as (address, node).
 fn manifest(policies: &str, endpoints: &[(Ipv4Addr, &str)]) -> String {
-    let mut list = String::new();
-    for (addr, node) in endpoints {
-        list.push_str(&format!(
-            "\n- {{addresses: [\"{addr}\"], nodeName: {node}}}"
-        ));
-    }
-    if list.is_empty() {
-        list = " []".into();
-    }
-    format!(
-        r#"apiVersion: v1
-kind: Service
-metadata: {{name: web, namespace: shop}}
-spec:
-  type: NodePort
-  clusterIP: {CLUSTER_IP}
-  {policies}
-  ports:
-  - {{name: http, port: 80, targetPort: 8080, nodePort: 30080, protocol: TCP}}
-  - {{name: dns, port: 53, targetPort: 5353, nodePort: 30053, protocol: UDP}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: web-1
-  namespace: shop
-  labels: {{kubernetes.io/service-name: web}}
-addressType: IPv4
-ports:
-- {{name: http, port: 8080, protocol: TCP}}
-- {{name: dns, port: 5353, protocol: UDP}}
-endpoints:{list}
-"#
-    )
+    lb_tests::cluster::web_service("NodePort", CLUSTER_IP, policies, "", endpoints)
 }
 
 /// The node's namespace (routes for the redirect) and a datapath
@@ -208,16 +175,6 @@ fn hold_port(node: &mut Node, port: u16, flags: u8, expires_ns: u64) {
             ..CtValue::default()
         }),
     );
-}
-
-fn assert_frame(actual: &[u8], expected: &[u8], what: &str) {
-    assert!(
-        actual == expected,
-        "{what}: frame differs\nexpected:\n{}\nactual:\n{}",
-        hex(expected),
-        hex(actual)
-    );
-    verify_checksums(actual).unwrap_or_else(|e| panic!("{what}: {e}"));
 }
 
 /// Forwarded by the datapath itself: one hop, as the kernel would count it.

@@ -6,7 +6,7 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use lb_tests::{
-    cluster::{Cluster, CLIENT_IPS, NODE_IPS, POD_IPS},
+    cluster::{web_service, Cluster, CLIENT_IPS, NODE_IPS, NODE_NAMES, POD_IPS},
     require_root,
     servers::{http_get, udp_query},
 };
@@ -19,43 +19,9 @@ const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 2, 1);
 /// 30053 where the type has them) and its slice: `pod-a` on node-a and
 /// `pod-b` on node-b, or the pods listed in `pods` (indexes).
 fn web(type_: &str, spec: &str, status: &str, pods: &[usize]) -> String {
-    let nodes = ["node-a", "node-b"];
-    let mut endpoints = String::new();
-    for i in pods {
-        endpoints.push_str(&format!(
-            "\n- {{addresses: [\"{}\"], nodeName: {}}}",
-            POD_IPS[*i], nodes[*i]
-        ));
-    }
-    if endpoints.is_empty() {
-        endpoints = " []".into();
-    }
-    format!(
-        r#"apiVersion: v1
-kind: Service
-metadata: {{name: web, namespace: shop}}
-spec:
-  type: {type_}
-  clusterIP: {CLUSTER_IP}
-  {spec}
-  ports:
-  - {{name: http, port: 80, targetPort: 8080, nodePort: 30080, protocol: TCP}}
-  - {{name: dns, port: 53, targetPort: 5353, nodePort: 30053, protocol: UDP}}
-{status}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: web-1
-  namespace: shop
-  labels: {{kubernetes.io/service-name: web}}
-addressType: IPv4
-ports:
-- {{name: http, port: 8080, protocol: TCP}}
-- {{name: dns, port: 5353, protocol: UDP}}
-endpoints:{endpoints}
-"#
-    )
+    let endpoints: Vec<(Ipv4Addr, &str)> =
+        pods.iter().map(|i| (POD_IPS[*i], NODE_NAMES[*i])).collect();
+    web_service(type_, CLUSTER_IP, spec, status, &endpoints)
 }
 
 /// `backend NAME client IP:PORT` → (NAME, IP).

@@ -119,18 +119,9 @@ pub fn run(agent_bin: &Path, config: &BenchConfig) -> anyhow::Result<()> {
     for &scale in &config.scales {
         let services = services(scale);
         map_writes.push((scale, report::map_write_times(&services, config.runs)?));
-        for mode in Mode::ALL {
-            let mut sample = Sample::default();
-            for run in 0..config.runs {
-                eprintln!(
-                    "[bench] {scale} services, {}, run {}/{}",
-                    mode.name(),
-                    run + 1,
-                    config.runs
-                );
-                one_run(mode, &services, config, &mut sample)
-                    .with_context(|| format!("{} at {scale} services", mode.name()))?;
-            }
+        for (mode, sample) in every_mode(&format!("{scale} services"), config, |mode, sample| {
+            one_run(mode, &services, config, sample)
+        })? {
             results.push((scale, mode, sample));
         }
     }
@@ -240,6 +231,29 @@ fn one_run(
         }
     }
     Ok(())
+}
+
+/// Every mode, `config.runs` times each, through `run_once`.
+pub fn every_mode(
+    what: &str,
+    config: &BenchConfig,
+    mut run_once: impl FnMut(Mode, &mut Sample) -> anyhow::Result<()>,
+) -> anyhow::Result<Vec<(Mode, Sample)>> {
+    let mut out = Vec::new();
+    for mode in Mode::ALL {
+        let mut sample = Sample::default();
+        for run in 0..config.runs {
+            eprintln!(
+                "[bench] {what}, {}, run {}/{}",
+                mode.name(),
+                run + 1,
+                config.runs
+            );
+            run_once(mode, &mut sample).with_context(|| format!("{} at {what}", mode.name()))?;
+        }
+        out.push((mode, sample));
+    }
+    Ok(out)
 }
 
 /// Runs a rules loader in the node namespace, feeding it `file`.

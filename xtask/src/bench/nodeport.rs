@@ -37,22 +37,11 @@ fn node_port(i: usize) -> u16 {
 /// Runs every mode `config.runs` times at `scale` services.
 pub fn measure(scale: usize, config: &BenchConfig) -> anyhow::Result<Vec<(Mode, Sample)>> {
     let services = services(scale);
-    let mut out = Vec::new();
-    for mode in Mode::ALL {
-        let mut sample = Sample::default();
-        for run in 0..config.runs {
-            eprintln!(
-                "[bench] NodePort, {scale} services, {}, run {}/{}",
-                mode.name(),
-                run + 1,
-                config.runs
-            );
-            one_run(mode, &services, config, &mut sample)
-                .with_context(|| format!("NodePort {} at {scale} services", mode.name()))?;
-        }
-        out.push((mode, sample));
-    }
-    Ok(out)
+    super::every_mode(
+        &format!("NodePort, {scale} services"),
+        config,
+        |mode, sample| one_run(mode, &services, config, sample),
+    )
 }
 
 fn one_run(

@@ -145,6 +145,20 @@ fn cell(f: Figure, digits: usize) -> String {
     format!("{:.d$} [{:.d$}–{:.d$}]", f.0, f.1, f.2, d = digits)
 }
 
+/// Connections/s of direct, iptables, nftables and lb, then lb's ratios to each.
+fn conns_cells(d: Figure, i: Figure, n: Figure, l: Figure) -> String {
+    format!(
+        "{} | {} | {} | {} | {:.3} | {:.3} | {:.3}",
+        cell(d, 0),
+        cell(i, 0),
+        cell(n, 0),
+        cell(l, 0),
+        l.0 / d.0,
+        l.0 / i.0,
+        l.0 / n.0
+    )
+}
+
 fn find(results: &[(usize, Mode, Sample)], scale: usize, mode: Mode) -> &Sample {
     &results
         .iter()
@@ -189,17 +203,7 @@ pub fn markdown(
             med(Mode::Nftables),
             med(Mode::Lb),
         );
-        let _ = writeln!(
-            r,
-            "| {scale} | {} | {} | {} | {} | {:.3} | {:.3} | {:.3} |",
-            cell(d, 0),
-            cell(i, 0),
-            cell(n, 0),
-            cell(l, 0),
-            l.0 / d.0,
-            l.0 / i.0,
-            l.0 / n.0
-        );
+        let _ = writeln!(r, "| {scale} | {} |", conns_cells(d, i, n, l));
     }
     let _ = writeln!(r, "\n## Connection latency (ms, p50 / p99)\n");
     let _ = writeln!(
@@ -263,14 +267,8 @@ pub fn markdown(
             .collect();
         let _ = writeln!(
             r,
-            "| {scale} | {} | {} | {} | {} | {:.3} | {:.3} | {:.3} | {} |",
-            cell(d, 0),
-            cell(i, 0),
-            cell(n, 0),
-            cell(l, 0),
-            l.0 / d.0,
-            l.0 / i.0,
-            l.0 / n.0,
+            "| {scale} | {} | {} |",
+            conns_cells(d, i, n, l),
             latency.join(", ")
         );
     }
