@@ -12,9 +12,14 @@ use lb_common::{
         CT_FIN_REPLY, CT_REFRESH_NS, CT_RST, CT_SEEN_REPLY, CT_SNAT,
     },
     stats::Stat,
+    svc::SvcKey,
 };
 
-use crate::{maps::CONNTRACK, parse::Packet, stats::count};
+use crate::{
+    maps::{CONNTRACK, SERVICES},
+    parse::Packet,
+    stats::count,
+};
 
 /// Per-state timeouts; the agent overrides them at load time.
 #[unsafe(no_mangle)]
@@ -233,6 +238,12 @@ pub fn create_snat(
         // SAFETY: a helper without arguments.
         let port = first + unsafe { aya_ebpf::helpers::bpf_get_prandom_u32() } % span;
         forward.src_port_be = (port as u16).to_be();
+        // Not a node port on the SNAT address: its packets are a frontend's.
+        let frontend = SvcKey::new(forward.src_addr_be, forward.src_port_be, pkt.proto, 0);
+        if SERVICES.get_ptr(&frontend).is_some() {
+            i += 1;
+            continue;
+        }
         // Held by a live flow, or another CPU took it first: the next one.
         // After half the tries, a port of an expired flow is taken back.
         match create(pkt, forward, BPF_NOEXIST as u64) {

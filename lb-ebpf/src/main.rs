@@ -96,11 +96,15 @@ fn ingress<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
         Parsed::NotForUs => return Outcome::next(Stat::PassNotService),
         Parsed::Malformed => return Outcome::next(Stat::PassMalformed),
     };
+    // On an uplink, the answer of a SNATed flow comes first: its port may
+    // also be a node port (a node-port range overlapping the SNAT range).
+    if EXTERNAL {
+        if let Some(outcome) = reverse_snat(ctx, &pkt) {
+            return outcome;
+        }
+    }
     let frontend = SvcKey::new(pkt.daddr_be, pkt.dport_be, pkt.proto, 0);
     let Some(svc) = maps::SERVICES.get_ptr(&frontend) else {
-        if EXTERNAL {
-            return reverse_snat(ctx, &pkt);
-        }
         return Outcome::next(Stat::PassNotService);
     };
     // SAFETY: copied at once; the agent may rewrite slot 0 at any time.
@@ -201,27 +205,23 @@ fn source_allowed(pkt: &Packet, rev_nat_id: u16) -> bool {
 }
 
 /// At an uplink: the answer of a SNATed flow (backend → node:snat_port)
-/// goes back to the client from the frontend. Anything else passes.
+/// goes back to the client from the frontend; `None` for anything else.
 #[inline(always)]
-fn reverse_snat(ctx: &TcContext, pkt: &Packet) -> Outcome {
-    let Some(config) = maps::CONFIG.get(0) else {
-        return Outcome::next(Stat::PassNotService);
-    };
+fn reverse_snat(ctx: &TcContext, pkt: &Packet) -> Option<Outcome> {
+    let config = maps::CONFIG.get(0)?;
     if !config.is_snat_target(pkt.daddr_be, pkt.dport_be) {
-        return Outcome::next(Stat::PassNotService);
+        return None;
     }
     let reply_key = pkt.ct_key(CT_DIR_REPLY);
-    let Some((entry, now)) = ct::lookup_flow(&reply_key) else {
-        return Outcome::next(Stat::PassNotService);
-    };
+    let (entry, now) = ct::lookup_flow(&reply_key)?;
     if entry.flags & CT_SNAT == 0 {
-        return Outcome::next(Stat::PassNotService);
+        return None;
     }
     if pkt.is_fragment {
-        return Outcome::drop(Stat::DropFragment);
+        return Some(Outcome::drop(Stat::DropFragment));
     }
     ct::update(&reply_key, &entry, pkt, now);
-    send(ctx, pkt, &entry, Stat::RevSnat)
+    Some(send(ctx, pkt, &entry, Stat::RevSnat))
 }
 
 /// A backend's reply matches a reply-direction entry and leaves with the

@@ -1,12 +1,16 @@
 //! Sending a SNATed packet on without the node's input path: its source
 //! (forward: the node itself; reply: a frontend on the node) would be a
 //! martian there. It is routed here instead, as the kernel would forward
-//! it: TTL decremented, next hop from the FIB, neighbour resolved by
-//! `bpf_redirect_neigh`. The FIB lookup finds the output device.
+//! it: TTL decremented, next hop and neighbour from the FIB. A known
+//! neighbour gets the MACs written here and a plain `bpf_redirect`; an
+//! unresolved one is left to `bpf_redirect_neigh` with the next hop.
 
 use aya_ebpf::{
-    bindings::{bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH},
-    helpers::generated::{bpf_fib_lookup, bpf_redirect_neigh},
+    bindings::{
+        bpf_fib_lookup as FibParams, bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+    },
+    helpers::generated::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
 
@@ -49,15 +53,39 @@ pub fn forward(ctx: &TcContext, pkt: &Packet, saddr_be: u32, daddr_be: u32) -> R
             ctx.skb.skb.cast(),
             &mut fib,
             core::mem::size_of::<FibParams>() as i32,
-            BPF_FIB_LOOKUP_SKIP_NEIGH,
+            0,
         )
     };
-    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
-        return Err(());
-    }
-    // No next hop given: the helper routes the packet on that device itself
-    // (gateway or on-link) and resolves the neighbour, queueing if needed.
-    // SAFETY: a null parameter block with length 0 is the documented form.
-    let action = unsafe { bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0) };
+    // SAFETY (both arms): plain helpers on values owned here.
+    let action = match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            let macs: [u8; 12] = {
+                let mut m = [0u8; 12];
+                m[..6].copy_from_slice(&fib.dmac);
+                m[6..].copy_from_slice(&fib.smac);
+                m
+            };
+            ctx.store(0, &macs, 0).map_err(|_| ())?;
+            unsafe { bpf_redirect(fib.ifindex, 0) }
+        }
+        BPF_FIB_LKUP_RET_NO_NEIGH => {
+            // The lookup left the next hop (gateway or destination) in ipv4_dst.
+            let mut neigh = bpf_redir_neigh {
+                nh_family: u32::from(AF_INET),
+                __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 {
+                    ipv4_nh: unsafe { fib.__bindgen_anon_4.ipv4_dst },
+                },
+            };
+            unsafe {
+                bpf_redirect_neigh(
+                    fib.ifindex,
+                    &mut neigh,
+                    core::mem::size_of::<bpf_redir_neigh>() as i32,
+                    0,
+                )
+            }
+        }
+        _ => return Err(()),
+    };
     Ok(action as i32)
 }

@@ -59,8 +59,24 @@ impl Node {
         .unwrap();
         ns.ip(&["addr", "add", "198.18.0.2/24", "dev", "eth0"])
             .unwrap();
+        ns.ip(&["link", "set", "eth0", "address", &mac_text(NODE_A_MAC)])
+            .unwrap();
         ns.ip(&["link", "set", "eth0", "up"]).unwrap();
         ns.ip(&["link", "set", "lan0", "up"]).unwrap();
+        // node-b's neighbour entry is known (MACs written by the program);
+        // the client's is not (left to bpf_redirect_neigh).
+        ns.ip(&[
+            "neigh",
+            "add",
+            "198.18.0.3",
+            "lladdr",
+            &mac_text(NODE_B_MAC),
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ])
+        .unwrap();
         ns.ip(&["route", "add", "198.18.11.0/24", "via", "198.18.0.3"])
             .unwrap();
         ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
@@ -183,6 +199,23 @@ fn hop(mut packet: Packet) -> Packet {
     packet
 }
 
+const NODE_A_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xa];
+const NODE_B_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xb];
+
+fn mac_text(mac: [u8; 6]) -> String {
+    mac.map(|b| format!("{b:02x}")).join(":")
+}
+
+/// Forwarded to node-b, whose neighbour entry is known: one hop, and the
+/// Ethernet header from node-a's uplink to node-b.
+fn to_node_b(packet: Packet) -> Packet {
+    Packet {
+        src_mac: NODE_A_MAC,
+        dst_mac: NODE_B_MAC,
+        ..hop(packet)
+    }
+}
+
 const BOTH: [(Ipv4Addr, &str); 2] = [(LOCAL_BACKEND, "node-a"), (REMOTE_BACKEND, "node-b")];
 
 #[test]
@@ -196,7 +229,7 @@ fn nodeport_to_a_remote_backend_is_snated_both_ways_with_exact_bytes() {
 
     let snat_port = snat_port_of(&node, client(cport), node_port(30080));
     let remote = SocketAddrV4::new(REMOTE_BACKEND, 8080);
-    let at_backend = hop(syn.clone().from(node_port(snat_port)).to(remote));
+    let at_backend = to_node_b(syn.clone().from(node_port(snat_port)).to(remote));
     assert_frame(
         &out.frame,
         &at_backend.build(),
@@ -216,7 +249,7 @@ fn nodeport_to_a_remote_backend_is_snated_both_ways_with_exact_bytes() {
     let out = node.external(&ack.build());
     assert_frame(
         &out.frame,
-        &hop(ack.clone().from(node_port(snat_port)).to(remote)).build(),
+        &to_node_b(ack.clone().from(node_port(snat_port)).to(remote)).build(),
         "ACK",
     );
     assert_eq!(
@@ -239,7 +272,7 @@ fn udp_nodeport_to_a_remote_backend_is_snated_with_checksums() {
     assert_eq!(out.verdict, TC_ACT_REDIRECT);
     let snat_port = snat_port_of(&node, client(cport), node_port(30053));
     let remote = SocketAddrV4::new(REMOTE_BACKEND, 5353);
-    let at_backend = hop(query.clone().from(node_port(snat_port)).to(remote));
+    let at_backend = to_node_b(query.clone().from(node_port(snat_port)).to(remote));
     assert_frame(&out.frame, &at_backend.build(), "UDP query");
 
     let answer = Packet {
@@ -372,7 +405,7 @@ fn a_snat_port_in_use_is_skipped_and_exhaustion_is_counted() {
     assert_eq!(out.verdict, TC_ACT_REDIRECT);
     assert_frame(
         &out.frame,
-        &hop(syn.clone().from(node_port(20001)).to(remote)).build(),
+        &to_node_b(syn.clone().from(node_port(20001)).to(remote)).build(),
         "the free port",
     );
 
@@ -387,6 +420,31 @@ fn a_snat_port_in_use_is_skipped_and_exhaustion_is_counted() {
     let syn = Packet::tcp(client(40002), node_port(30080), TCP_SYN);
     assert_eq!(node.external(&syn.build()).verdict, TC_ACT_SHOT);
     assert_eq!(node.h.counter(Stat::DropSnatExhausted), 2);
+}
+
+#[test]
+fn a_node_port_inside_the_snat_range_is_never_a_snat_port() {
+    let mut node = Node::new("overlap", &manifest("", &[(REMOTE_BACKEND, "node-b")]));
+    // The range holds the Service's own node port and one other port.
+    snat_ports(&mut node, 30080, 30081);
+    for cport in 40000..40008 {
+        let syn = Packet::tcp(client(cport), node_port(30080), TCP_SYN);
+        node.external(&syn.build());
+    }
+    // Only 30081 was free: the first flow got it, the others found no port.
+    assert_eq!(node.h.counter(Stat::SnatNew), 1);
+    let entry = node.forward_entry(client(40000), node_port(30080));
+    assert_eq!(u16::from_be(entry.src_port_be), 30081);
+    assert_eq!(node.h.counter(Stat::DropSnatExhausted), 7);
+    // The answer on 30081 reaches its client.
+    let answer = Packet::tcp(
+        SocketAddrV4::new(REMOTE_BACKEND, 8080),
+        node_port(30081),
+        TCP_SYN | TCP_ACK,
+    );
+    let out = node.external(&answer.build());
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    assert_eq!(node.h.counter(Stat::RevSnat), 1);
 }
 
 #[test]
@@ -567,7 +625,7 @@ fn an_expired_flows_snat_port_is_taken_back_but_a_closed_one_waits() {
     let remote = SocketAddrV4::new(REMOTE_BACKEND, 8080);
     assert_frame(
         &out.frame,
-        &hop(syn.clone().from(node_port(20000)).to(remote)).build(),
+        &to_node_b(syn.clone().from(node_port(20000)).to(remote)).build(),
         "the reclaimed port",
     );
     assert_eq!(node.h.counter(Stat::CtReclaimed), 1);

@@ -179,6 +179,20 @@ fn should_be_able_to_change_the_type_from_clusterip_to_nodeport() {
         .unwrap();
     assert_eq!(requests(&cluster, 0, node_port(0, 30080), 3).len(), 3);
 
+    // The node port moves: the old one stops, the new one serves.
+    cluster
+        .set_manifest(
+            &web("NodePort", "", "", &[0, 1]).replace("nodePort: 30080", "nodePort: 30081"),
+        )
+        .unwrap();
+    cluster
+        .wait_for_maps("the new node port", |m| {
+            m.contains("30081/TCP count=2") && !m.contains("30080/TCP")
+        })
+        .unwrap();
+    assert_eq!(requests(&cluster, 0, node_port(1, 30081), 3).len(), 3);
+    assert!(unreachable(&cluster, 0, node_port(1, 30080)));
+
     // And back (upstream: "should be able to change the type from NodePort to ClusterIP").
     cluster
         .set_manifest(&web("ClusterIP", "", "", &[0, 1]))

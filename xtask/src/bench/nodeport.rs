@@ -82,7 +82,9 @@ fn one_run(
             via_node_a
         }
         Mode::Lb => {
-            cluster.start_agents(&manifest(services), &[])?;
+            // SNAT ports below the bench's node ports (20000-29999), as an
+            // operator widening the node-port range would set them.
+            cluster.start_agents(&manifest(services), &["--snat-port-range", "1024-19999"])?;
             // Each node serves the port on its own address.
             let needle = format!(":{target_port}/TCP count=1");
             cluster.wait_for_maps("the bench node ports", |m| m.contains(&needle))?;
