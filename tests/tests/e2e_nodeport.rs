@@ -495,3 +495,4 @@ fn api_nodeport_and_etp_changes_reach_both_nodes() {
         }
     }
 }
+
