@@ -102,6 +102,15 @@ struct RunArgs {
     /// default route(s).
     #[arg(long, value_delimiter = ',', required = true)]
     interfaces: Vec<String>,
+    /// Connect-time load balancing (cgroup sock_addr programs) for the
+    /// processes under --cgroup-path: pods and node processes reach services
+    /// without per-packet NAT, node processes at all.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    socket_lb: bool,
+    /// The cgroup v2 whose processes get socket LB. Default: the cgroup2
+    /// root (found in /proc/mounts), i.e. every process on the node.
+    #[arg(long)]
+    cgroup_path: Option<PathBuf>,
     /// bpffs directory for the pinned maps.
     #[arg(long, default_value = DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
@@ -219,7 +228,18 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     .map(|h| h.trim().to_owned())
                     .map_err(|e| anyhow::anyhow!("reading the host name ({e}): set --node-name"))?,
             };
+            let socket_lb = if args.socket_lb {
+                Some(match args.cgroup_path {
+                    Some(path) => path,
+                    None => lb_agent::datapath::cgroup::cgroup2_mount().map_err(|e| {
+                        anyhow::anyhow!("--socket-lb: finding the cgroup2 root: {e}")
+                    })?,
+                })
+            } else {
+                None
+            };
             let config = RunConfig {
+                socket_lb,
                 source,
                 external_interfaces: args.external_interfaces,
                 node: lb_agent::node::NodeSettings {

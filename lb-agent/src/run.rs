@@ -43,6 +43,8 @@ pub enum SourceConfig {
 
 pub struct RunConfig {
     pub source: SourceConfig,
+    /// Socket LB at this cgroup (`None`: off).
+    pub socket_lb: Option<PathBuf>,
     pub interfaces: Vec<String>,
     /// Interfaces facing outside the cluster (a subset or more of `interfaces`).
     pub external_interfaces: Vec<String>,
@@ -247,6 +249,18 @@ impl Agent {
         // Attach first (empty maps pass everything), then program: once the
         // maps show a service, every matching interface already serves it.
         self.sync_interfaces().await?;
+        if let Some(cgroup) = self.config.socket_lb.clone() {
+            let links = self.config.pin_dir.join("links");
+            let attacher = &self.attacher;
+            crate::datapath::cgroup::attach_socket_lb(
+                &mut self.ebpf,
+                &cgroup,
+                &links,
+                |hook| attacher.pin_name("cgroup", hook),
+            )
+            .context("attaching socket LB")?;
+            info!(cgroup = %cgroup.display(), "socket LB attached (connect4, sendmsg4, recvmsg4, getpeername4)");
+        }
         let _dir_watch = match &self.config.source {
             SourceConfig::Manifests(dir) => {
                 match watch::watch_dir(dir, self.changed_paths.clone(), self.trigger.clone()) {

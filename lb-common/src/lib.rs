@@ -16,6 +16,7 @@ pub mod config;
 pub mod ct;
 pub mod hash;
 pub mod revnat;
+pub mod sock;
 pub mod source_range;
 pub mod stats;
 pub mod svc;

@@ -48,9 +48,15 @@ pub enum Stat {
     /// A SNAT port held by a finished flow (expired, or closed when a new
     /// SYN needs it) was taken back.
     CtReclaimed = 19,
+    /// A socket's connect or send to a frontend pointed at a backend (socket LB).
+    SockTranslated = 20,
+    /// A socket's connect or send to a frontend without endpoints: refused.
+    SockRefused = 21,
+    /// A socket's peer or sender address shown as the frontend again.
+    SockRevNat = 22,
 }
 
-pub const STAT_COUNT: u32 = 20;
+pub const STAT_COUNT: u32 = 23;
 
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "pass_not_service",
@@ -73,4 +79,7 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "drop_redirect",
     "drop_source_range",
     "ct_reclaimed",
+    "sock_translated",
+    "sock_refused",
+    "sock_rev_nat",
 ];

@@ -15,6 +15,7 @@ mod nat;
 mod parse;
 mod redirect;
 mod reject;
+mod sock;
 mod stats;
 
 use aya_ebpf::{

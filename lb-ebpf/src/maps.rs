@@ -12,6 +12,7 @@ use lb_common::{
     config::NodeConfig,
     ct::{CtKey, CtValue},
     revnat::RevNat,
+    sock::{SockRevNatKey, SockRevNatValue},
     source_range::SourceRangeKey,
     stats::STAT_COUNT,
     svc::{SvcKey, SvcValue},
@@ -56,3 +57,8 @@ pub static AFFINITY_MATCH: HashMap<AffinityMatchKey, u8, 262_144, { BPF_F_NO_PRE
 #[btf_map(name = "lb_src_range_v3")]
 pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8, 16_384, { BPF_F_NO_PREALLOC as usize }> =
     LpmTrie::new();
+
+/// Socket LB: per socket and backend, the frontend it was connected or sent
+/// to (for getpeername and recvmsg). An LRU: entries of closed sockets age out.
+#[btf_map(name = "lb_sock_rnat_v3")]
+pub static SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue, 262_144> = LruHashMap::new();

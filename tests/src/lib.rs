@@ -3,6 +3,7 @@
 //! `cargo xtask demo`.
 
 pub mod apiserver;
+pub mod cgroup;
 pub mod cluster;
 pub mod datapath;
 pub mod netns;

@@ -495,4 +495,3 @@ fn api_nodeport_and_etp_changes_reach_both_nodes() {
         }
     }
 }
-

@@ -267,7 +267,7 @@ impl Attacher {
     }
 
     /// `IFNAME-HOOK-RUN`; bpffs refuses '.' in names (VLAN interfaces have one).
-    fn pin_name(&self, name: &str, hook: &str) -> String {
+    pub fn pin_name(&self, name: &str, hook: &str) -> String {
         format!("{}-{hook}-{}", name.replace('.', "_"), self.run_id)
     }
 
@@ -312,9 +312,17 @@ pub fn release_pin(path: &std::path::Path) -> bool {
 
 /// Pins `link` as `dir/file`.
 fn pin(link: SchedClassifierLink, dir: &std::path::Path, file: &str) -> Result<PathBuf, String> {
+    pin_fd_link(
+        FdLink::try_from(link).map_err(|e| e.to_string())?,
+        dir,
+        file,
+    )
+}
+
+/// Pins a bpf_link as `dir/file`: it stays attached while the pin exists.
+pub fn pin_fd_link(link: FdLink, dir: &std::path::Path, file: &str) -> Result<PathBuf, String> {
     let path = dir.join(file);
     std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-    let link = FdLink::try_from(link).map_err(|e| e.to_string())?;
     // Dropping the PinnedLink keeps the pin, and with it the link.
     link.pin(&path).map_err(|e| e.to_string())?;
     Ok(path)

@@ -16,6 +16,7 @@ use lb_common::{
     config::{NodeConfig, CONFIG_MAP},
     ct::{CtTimeouts, CT_MAP},
     revnat::REVNAT_MAP,
+    sock::SOCK_REVNAT_MAP,
     source_range::SOURCE_RANGE_MAP,
     stats::STATS_MAP,
     svc::SVC_MAP,
@@ -25,11 +26,12 @@ use lb_common::{
 use super::{
     conntrack::Conntrack,
     maps::{Capacity, KernelMaps},
-    EBPF_OBJECT, EGRESS_PROGRAM, INGRESS_EXTERNAL_PROGRAM, INGRESS_PROGRAM,
+    EBPF_OBJECT, EGRESS_PROGRAM, INGRESS_EXTERNAL_PROGRAM, INGRESS_PROGRAM, SOCK_PROGRAMS,
 };
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
-pub const ALL_MAPS: [&str; 9] = [
+pub const ALL_MAPS: [&str; 10] = [
+    SOCK_REVNAT_MAP,
     SOURCE_RANGE_MAP,
     SVC_MAP,
     BACKEND_MAP,
@@ -125,6 +127,13 @@ pub fn load(
     let mut ebpf = loader.load(EBPF_OBJECT)?;
     for name in [INGRESS_PROGRAM, INGRESS_EXTERNAL_PROGRAM, EGRESS_PROGRAM] {
         program(&mut ebpf, name)?.load()?;
+    }
+    for (name, _) in SOCK_PROGRAMS {
+        let sock: &mut aya::programs::CgroupSockAddr = ebpf
+            .program_mut(name)
+            .ok_or_else(|| LoadError::Map("-", format!("program {name} missing from the object")))?
+            .try_into()?;
+        sock.load()?;
     }
     if pin_dir.is_some() {
         warn_on_resized_pins(&ebpf, sizes);

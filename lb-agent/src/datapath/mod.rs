@@ -2,6 +2,7 @@
 //! pinning, typed map access, and attaching to interfaces.
 
 pub mod attach;
+pub mod cgroup;
 pub mod conntrack;
 pub mod fake;
 pub mod loader;
@@ -15,3 +16,11 @@ pub const EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR
 pub const INGRESS_PROGRAM: &str = "lb_ingress";
 pub const INGRESS_EXTERNAL_PROGRAM: &str = "lb_ingress_external";
 pub const EGRESS_PROGRAM: &str = "lb_egress";
+
+/// The cgroup sock_addr programs of socket LB, by attach point.
+pub const SOCK_PROGRAMS: [(&str, &str); 4] = [
+    ("lb_connect4", "connect4"),
+    ("lb_sendmsg4", "sendmsg4"),
+    ("lb_recvmsg4", "recvmsg4"),
+    ("lb_getpeername4", "getpeername4"),
+];

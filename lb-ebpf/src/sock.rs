@@ -1,0 +1,143 @@
+//! Connect-time load balancing: cgroup sock_addr programs for sockets of
+//! the processes under `--cgroup-path` (pods, node processes). A connect
+//! (TCP, connected UDP) or send (unconnected UDP) to a frontend is pointed
+//! at a backend once, in the syscall; the packets then carry the backend's
+//! address and the tc programs leave them alone. `getpeername` and
+//! `recvmsg` show the frontend again. Frontends whose choice needs the
+//! client's address (session affinity, source ranges) are left to tc.
+
+use aya_ebpf::{
+    helpers::generated::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+    EbpfContext as _,
+};
+use lb_common::{
+    hash::select_slot,
+    sock::{SockRevNatKey, SockRevNatValue},
+    stats::Stat,
+    svc::{SvcKey, SVC_FLAG_AFFINITY, SVC_FLAG_INTERNAL_LOCAL, SVC_FLAG_SOURCE_RANGES},
+    IPPROTO_TCP, IPPROTO_UDP,
+};
+
+use crate::{maps, stats::count};
+
+/// Verdicts of a sock_addr program.
+const ALLOW: i32 = 1;
+const REFUSE: i32 = 0;
+const ECONNREFUSED: i32 = 111;
+
+#[cgroup_sock_addr(connect4)]
+pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
+    translate(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn lb_sendmsg4(ctx: SockAddrContext) -> i32 {
+    translate(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn lb_recvmsg4(ctx: SockAddrContext) -> i32 {
+    show_frontend(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
+    show_frontend(&ctx);
+    ALLOW
+}
+
+#[inline(always)]
+fn translate(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: the context is valid for the program run; fields read once.
+    let (proto, addr_be, port_be) = unsafe {
+        let proto = match (*sa).protocol {
+            p if p == u32::from(IPPROTO_TCP) => IPPROTO_TCP,
+            p if p == u32::from(IPPROTO_UDP) => IPPROTO_UDP,
+            _ => return ALLOW,
+        };
+        (proto, (*sa).user_ip4, (*sa).user_port as u16)
+    };
+    let Some(svc) = maps::SERVICES.get_ptr(&SvcKey::new(addr_be, port_be, proto, 0)) else {
+        return ALLOW;
+    };
+    // SAFETY: copied at once; the agent may rewrite slot 0 at any time.
+    let svc = unsafe { *svc };
+    if svc.flags & (SVC_FLAG_AFFINITY | SVC_FLAG_SOURCE_RANGES) != 0 {
+        return ALLOW; // needs the client address: the tc path decides
+    }
+    if svc.count == 0 {
+        count(Stat::SockRefused);
+        // SAFETY: a plain helper; the syscall fails with this error.
+        unsafe { bpf_set_retval(-ECONNREFUSED) };
+        return REFUSE;
+    }
+    let choices = if svc.flags & SVC_FLAG_INTERNAL_LOCAL != 0 {
+        svc.local_count
+    } else {
+        svc.count
+    };
+    if choices == 0 {
+        return ALLOW; // no local endpoint: the tc path drops, as kube-proxy
+    }
+    // No source port exists yet to hash: a random slot.
+    // SAFETY: a helper without arguments.
+    let slot = select_slot(unsafe { bpf_get_prandom_u32() }, choices);
+    let Some(slot_value) = maps::SERVICES.get_ptr(&SvcKey::new(addr_be, port_be, proto, slot))
+    else {
+        return ALLOW;
+    };
+    let backend_id = unsafe { (*slot_value).backend_id };
+    let Some(backend) = maps::BACKENDS.get_ptr(&backend_id) else {
+        return ALLOW;
+    };
+    let backend = unsafe { *backend };
+    let key = SockRevNatKey {
+        // SAFETY: the context pointer is valid; the helper only reads it.
+        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        backend_addr_be: backend.addr_be,
+        backend_port_be: backend.port_be,
+        _pad: 0,
+    };
+    let value = SockRevNatValue {
+        frontend_addr_be: addr_be,
+        frontend_port_be: port_be,
+        rev_nat_id: svc.rev_nat_id,
+    };
+    if maps::SOCK_REVNAT.insert(&key, &value, 0).is_err() {
+        return ALLOW; // untranslated, the tc path still serves it
+    }
+    // SAFETY: user_ip4 and user_port are writable in these hooks.
+    unsafe {
+        (*sa).user_ip4 = backend.addr_be;
+        (*sa).user_port = u32::from(backend.port_be);
+    }
+    count(Stat::SockTranslated);
+    ALLOW
+}
+
+/// The backend a socket talks to appears as the frontend it asked for.
+#[inline(always)]
+fn show_frontend(ctx: &SockAddrContext) {
+    let sa = ctx.sock_addr;
+    let key = SockRevNatKey {
+        // SAFETY: as in `translate`.
+        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        backend_addr_be: unsafe { (*sa).user_ip4 },
+        backend_port_be: unsafe { (*sa).user_port } as u16,
+        _pad: 0,
+    };
+    let Some(frontend) = maps::SOCK_REVNAT.get_ptr(&key) else {
+        return;
+    };
+    // SAFETY: copied at once (LRU elements may be recycled).
+    let frontend = unsafe { *frontend };
+    unsafe {
+        (*sa).user_ip4 = frontend.frontend_addr_be;
+        (*sa).user_port = u32::from(frontend.frontend_port_be);
+    }
+    count(Stat::SockRevNat);
+}

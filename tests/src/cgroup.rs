@@ -1,0 +1,57 @@
+//! A cgroup v2 of a test's own, under the cgroup2 mount (never the root:
+//! tests must not attach to the machine's root cgroup), and client
+//! processes started inside it. Removed on drop.
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{bail, Context as _};
+
+use crate::netns::NetNs;
+
+pub struct TestCgroup {
+    pub path: PathBuf,
+}
+
+impl TestCgroup {
+    pub fn new(name: &str) -> anyhow::Result<Self> {
+        let root = lb_agent::datapath::cgroup::cgroup2_mount()?;
+        let path = root.join(format!("lb-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir(&path);
+        std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self { path })
+    }
+
+    /// Runs `python3 -c CODE` inside `ns` as a process of this cgroup;
+    /// returns its stdout (fails with its stderr).
+    pub fn python(&self, ns: &NetNs, code: &str) -> anyhow::Result<String> {
+        // The shell joins the cgroup, then becomes the client in the namespace.
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(r#"echo $$ > "$1/cgroup.procs" && exec nsenter --net="$2" python3 -c "$3""#)
+            .arg("sh")
+            .arg(&self.path)
+            .arg(ns.path())
+            .arg(code)
+            .output()
+            .context("starting the client")?;
+        if !out.status.success() {
+            bail!(
+                "client failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        // Its processes have exited; the kernel may need a moment to free it.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.path).is_ok() || !self.path.exists() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}

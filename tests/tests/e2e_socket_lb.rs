@@ -1,0 +1,179 @@
+//! Socket LB end to end: client processes placed in a test cgroup (never
+//! the machine's root cgroup) in a pod or the node's namespace; the agent's
+//! cgroup programs attached to that cgroup only. Real TCP and UDP.
+
+use std::{net::Ipv4Addr, path::PathBuf};
+
+use lb_common::stats::Stat;
+use lb_tests::{
+    cgroup::TestCgroup,
+    require_root,
+    servers::BackendServers,
+    topology::{backend_ip, web_manifest, Agent, ScratchDir, Topology, VIP},
+};
+
+struct Setup {
+    agent: Agent,
+    _manifests: ScratchDir,
+    _servers: Vec<BackendServers>,
+    topology: Topology,
+    /// Dropped last: its programs are detached with the agent.
+    cgroup: TestCgroup,
+}
+
+/// `n` backends serving, the agent with socket LB at a test cgroup.
+fn setup(prefix: &str, n: usize, ready: &[usize], socket_lb: bool) -> Setup {
+    require_root();
+    let cgroup = TestCgroup::new(prefix).expect("cgroup");
+    let topology = Topology::new(prefix, n).expect("topology");
+    let servers = topology.serve_backends("be").expect("servers");
+    let manifests = ScratchDir::new(&format!("{prefix}-manifests")).expect("scratch dir");
+    let backends: Vec<(Ipv4Addr, bool)> = ready.iter().map(|i| (backend_ip(*i), true)).collect();
+    manifests
+        .write("web.yaml", &web_manifest(&backends))
+        .expect("manifest");
+    let cgroup_path = cgroup.path.to_string_lossy().into_owned();
+    let flag = format!("--socket-lb={socket_lb}");
+    let mut agent = Agent::start(
+        &topology.node,
+        &manifests.0,
+        &topology.interface_pattern(),
+        &PathBuf::from(format!("/sys/fs/bpf/{prefix}-test")),
+        &manifests.0.join("agent.log"),
+        &[&flag, "--cgroup-path", &cgroup_path],
+    )
+    .expect("agent");
+    let expect = format!("{VIP}:80/TCP count={}", ready.len());
+    agent
+        .wait_for_maps("the service", |m| m.contains(&expect))
+        .expect("programmed");
+    Setup {
+        agent,
+        _manifests: manifests,
+        _servers: servers,
+        topology,
+        cgroup,
+    }
+}
+
+impl Setup {
+    fn counter(&self, stat: Stat) -> u64 {
+        lb_agent::inspect::counters(&self.agent.pin_dir)
+            .unwrap()
+            .into_iter()
+            .find(|(name, _)| *name == lb_common::stats::STAT_NAMES[stat as usize])
+            .unwrap()
+            .1
+    }
+}
+
+/// A TCP client: connects to VIP:80, prints `getpeername()` and the
+/// server's answer to an HTTP GET.
+const TCP_CLIENT: &str = r#"
+import socket
+s = socket.create_connection(("198.19.0.10", 80), timeout=3)
+peer = s.getpeername()
+s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+data = b""
+while True:
+    chunk = s.recv(4096)
+    if not chunk:
+        break
+    data += chunk
+print("%s:%d|%s" % (peer[0], peer[1], data.split(b"\r\n\r\n", 1)[1].decode().strip()))
+"#;
+
+#[test]
+fn socket_lb_translates_connect_and_getpeername_shows_the_vip() {
+    let s = setup("lbsk1", 2, &[0, 1], true);
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..12 {
+        let out = s.cgroup.python(&s.topology.client, TCP_CLIENT).unwrap();
+        let (peer, answer) = out.split_once('|').unwrap();
+        assert_eq!(peer, format!("{VIP}:80"), "getpeername shows the VIP");
+        assert!(answer.starts_with("backend be"), "{answer}");
+        seen.insert(answer.split_whitespace().nth(1).unwrap().to_owned());
+    }
+    assert_eq!(seen.len(), 2, "both backends: {seen:?}");
+    assert_eq!(s.counter(Stat::SockTranslated), 12);
+    assert_eq!(
+        s.counter(Stat::DnatNew),
+        0,
+        "translated once, at the socket: the tc path saw no VIP"
+    );
+}
+
+#[test]
+fn socket_lb_unconnected_udp_answers_come_from_the_vip() {
+    let s = setup("lbsk2", 2, &[0, 1], true);
+    let code = r#"
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(3)
+for i in range(6):
+    s.sendto(b"q", ("198.19.0.10", 53))
+    data, sender = s.recvfrom(2048)
+    print("%s:%d %s" % (sender[0], sender[1], data.decode()))
+"#;
+    let out = s.cgroup.python(&s.topology.client, code).unwrap();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 6);
+    for line in lines {
+        assert!(line.starts_with(&format!("{VIP}:53 be")), "{line}");
+    }
+    assert_eq!(s.counter(Stat::DnatNew), 0);
+    assert!(s.counter(Stat::SockRevNat) >= 6);
+}
+
+#[test]
+fn socket_lb_refuses_a_service_without_endpoints_at_once() {
+    let s = setup("lbsk3", 1, &[], true);
+    let code = r#"
+import socket, time
+t = time.time()
+try:
+    socket.create_connection(("198.19.0.10", 80), timeout=3)
+    print("connected")
+except ConnectionRefusedError:
+    print("refused %.3f" % (time.time() - t))
+"#;
+    let out = s.cgroup.python(&s.topology.client, code).unwrap();
+    let seconds: f64 = out
+        .strip_prefix("refused ")
+        .unwrap_or_else(|| panic!("{out}"))
+        .parse()
+        .unwrap();
+    assert!(seconds < 1.0, "at once, not after a timeout: {seconds}");
+    assert_eq!(s.counter(Stat::SockRefused), 1);
+}
+
+#[test]
+fn socket_lb_hairpin_a_pod_reaching_its_own_service_lands_on_itself() {
+    let s = setup("lbsk4", 1, &[0], true);
+    let out = s
+        .cgroup
+        .python(&s.topology.backends[0], TCP_CLIENT)
+        .unwrap();
+    let (peer, answer) = out.split_once('|').unwrap();
+    assert_eq!(peer, format!("{VIP}:80"));
+    assert!(answer.starts_with("backend be0"), "{answer}");
+}
+
+#[test]
+fn socket_lb_serves_node_processes() {
+    let s = setup("lbsk5", 1, &[0], true);
+    // The node's own namespace: no tc hook sees this connection's packets.
+    let out = s.cgroup.python(&s.topology.node, TCP_CLIENT).unwrap();
+    let (peer, answer) = out.split_once('|').unwrap();
+    assert_eq!(peer, format!("{VIP}:80"));
+    assert!(answer.starts_with("backend be0"), "{answer}");
+}
+
+#[test]
+fn socket_lb_off_leaves_the_tc_path_serving() {
+    let s = setup("lbsk6", 1, &[0], false);
+    let out = s.cgroup.python(&s.topology.client, TCP_CLIENT).unwrap();
+    assert!(out.starts_with(&format!("{VIP}:80|backend be0")), "{out}");
+    assert_eq!(s.counter(Stat::SockTranslated), 0);
+    assert_eq!(s.counter(Stat::DnatNew), 1, "translated per packet at tc");
+}
