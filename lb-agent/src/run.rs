@@ -252,12 +252,9 @@ impl Agent {
         if let Some(cgroup) = self.config.socket_lb.clone() {
             let links = self.config.pin_dir.join("links");
             let attacher = &self.attacher;
-            crate::datapath::cgroup::attach_socket_lb(
-                &mut self.ebpf,
-                &cgroup,
-                &links,
-                |hook| attacher.pin_name("cgroup", hook),
-            )
+            crate::datapath::cgroup::attach_socket_lb(&mut self.ebpf, &cgroup, &links, |hook| {
+                attacher.pin_name("cgroup", hook)
+            })
             .context("attaching socket LB")?;
             info!(cgroup = %cgroup.display(), "socket LB attached (connect4, sendmsg4, recvmsg4, getpeername4)");
         }

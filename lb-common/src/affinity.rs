@@ -18,10 +18,16 @@ pub const DEFAULT_MAX_AFFINITY_ENTRIES: u32 = 65_536;
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AffinityKey {
-    pub client_addr_be: u32,
+    /// The client: its IPv4 address (`AFFINITY_CLIENT_ADDR`), or for socket
+    /// LB, which runs before the socket has an address, its network
+    /// namespace (`AFFINITY_CLIENT_NETNS`: the netns cookie, folded).
+    pub client: u32,
     pub rev_nat_id: u16,
-    pub _pad: u16,
+    pub client_kind: u16,
 }
+
+pub const AFFINITY_CLIENT_ADDR: u16 = 0;
+pub const AFFINITY_CLIENT_NETNS: u16 = 1;
 
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
@@ -46,12 +52,23 @@ pub const AFFINITY_BACKEND_REMOTE: u8 = 0;
 pub const AFFINITY_BACKEND_LOCAL: u8 = 1;
 
 impl AffinityKey {
+    /// A client known by its address (the tc path).
     #[inline(always)]
     pub const fn new(client_addr_be: u32, rev_nat_id: u16) -> Self {
         Self {
-            client_addr_be,
+            client: client_addr_be,
             rev_nat_id,
-            _pad: 0,
+            client_kind: AFFINITY_CLIENT_ADDR,
+        }
+    }
+
+    /// A client known by its network namespace (socket LB).
+    #[inline(always)]
+    pub const fn for_netns(netns_cookie: u64, rev_nat_id: u16) -> Self {
+        Self {
+            client: (netns_cookie ^ (netns_cookie >> 32)) as u32,
+            rev_nat_id,
+            client_kind: AFFINITY_CLIENT_NETNS,
         }
     }
 }

@@ -15,14 +15,13 @@ const NS_PER_S: u64 = 1_000_000_000;
 /// The client's remembered backend and whether it runs on another node.
 #[inline(always)]
 pub fn remembered(
-    client_be: u32,
+    key: &AffinityKey,
     svc: &SvcValue,
     local_only: bool,
     now: u64,
 ) -> Option<(u32, bool)> {
-    let key = AffinityKey::new(client_be, svc.rev_nat_id);
     // SAFETY: copied at once (the LRU may recycle the element).
-    let last = unsafe { *AFFINITY.get_ptr(&key)? };
+    let last = unsafe { *AFFINITY.get_ptr(key)? };
     if now.saturating_sub(last.last_used_ns) > u64::from(svc.affinity_timeout_s) * NS_PER_S {
         return None;
     }
@@ -38,11 +37,11 @@ pub fn remembered(
 
 /// Records the client's new connection (its timeout starts again).
 #[inline(always)]
-pub fn remember(client_be: u32, rev_nat_id: u16, backend_id: u32, now: u64) {
+pub fn remember(key: &AffinityKey, backend_id: u32, now: u64) {
     let value = AffinityValue {
         backend_id,
         _pad: 0,
         last_used_ns: now,
     };
-    let _ = AFFINITY.insert(&AffinityKey::new(client_be, rev_nat_id), &value, 0);
+    let _ = AFFINITY.insert(key, &value, 0);
 }

@@ -25,6 +25,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
+    affinity::AffinityKey,
     ct::{CtValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_SNAT},
     hash::{flow_hash, select_slot},
     source_range::{SourceRangeKey, SOURCE_RANGE_ID_BITS},
@@ -154,8 +155,9 @@ fn ingress<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
         pkt.proto,
     );
     let affinity = svc.flags & SVC_FLAG_AFFINITY != 0;
+    let affinity_key = AffinityKey::new(pkt.saddr_be, svc.rev_nat_id);
     let remembered = if affinity {
-        affinity::remembered(pkt.saddr_be, &svc, local_only, now)
+        affinity::remembered(&affinity_key, &svc, local_only, now)
     } else {
         None
     };
@@ -177,7 +179,7 @@ fn ingress<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
     };
     let backend = unsafe { *backend };
     if affinity {
-        affinity::remember(pkt.saddr_be, svc.rev_nat_id, backend_id, now);
+        affinity::remember(&affinity_key, backend_id, now);
     }
     let mut entry = ct::new_forward(&pkt, &backend, backend_id, svc.rev_nat_id, now);
     if external && remote {

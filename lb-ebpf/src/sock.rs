@@ -3,16 +3,20 @@
 //! (TCP, connected UDP) or send (unconnected UDP) to a frontend is pointed
 //! at a backend once, in the syscall; the packets then carry the backend's
 //! address and the tc programs leave them alone. `getpeername` and
-//! `recvmsg` show the frontend again. Frontends whose choice needs the
-//! client's address (session affinity, source ranges) are left to tc.
+//! `recvmsg` show the frontend again. Session affinity knows the client by
+//! its network namespace; frontends with source ranges, which need the
+//! client's address, are left to tc.
 
 use aya_ebpf::{
-    helpers::generated::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
+    helpers::generated::{
+        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval,
+    },
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
     EbpfContext as _,
 };
 use lb_common::{
+    affinity::AffinityKey,
     hash::select_slot,
     sock::{SockRevNatKey, SockRevNatValue},
     stats::Stat,
@@ -20,7 +24,7 @@ use lb_common::{
     IPPROTO_TCP, IPPROTO_UDP,
 };
 
-use crate::{maps, stats::count};
+use crate::{affinity, maps, stats::count};
 
 /// Verdicts of a sock_addr program.
 const ALLOW: i32 = 1;
@@ -66,7 +70,7 @@ fn translate(ctx: &SockAddrContext) -> i32 {
     };
     // SAFETY: copied at once; the agent may rewrite slot 0 at any time.
     let svc = unsafe { *svc };
-    if svc.flags & (SVC_FLAG_AFFINITY | SVC_FLAG_SOURCE_RANGES) != 0 {
+    if svc.flags & SVC_FLAG_SOURCE_RANGES != 0 {
         return ALLOW; // needs the client address: the tc path decides
     }
     if svc.count == 0 {
@@ -83,17 +87,38 @@ fn translate(ctx: &SockAddrContext) -> i32 {
     if choices == 0 {
         return ALLOW; // no local endpoint: the tc path drops, as kube-proxy
     }
-    // No source port exists yet to hash: a random slot.
-    // SAFETY: a helper without arguments.
-    let slot = select_slot(unsafe { bpf_get_prandom_u32() }, choices);
-    let Some(slot_value) = maps::SERVICES.get_ptr(&SvcKey::new(addr_be, port_be, proto, slot))
-    else {
-        return ALLOW;
+    // Affinity knows the client by its network namespace: the socket has
+    // no address yet.
+    let affinity = svc.flags & SVC_FLAG_AFFINITY != 0;
+    // SAFETY: the context pointer is valid; the helper only reads it.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let affinity_key = AffinityKey::for_netns(netns, svc.rev_nat_id);
+    let now = crate::ct::now();
+    let remembered = if affinity {
+        affinity::remembered(&affinity_key, &svc, choices != svc.count, now)
+    } else {
+        None
     };
-    let backend_id = unsafe { (*slot_value).backend_id };
+    let backend_id = match remembered {
+        Some((id, _)) => id,
+        None => {
+            // No source port exists yet to hash: a random slot.
+            // SAFETY: a helper without arguments.
+            let slot = select_slot(unsafe { bpf_get_prandom_u32() }, choices);
+            let Some(slot_value) =
+                maps::SERVICES.get_ptr(&SvcKey::new(addr_be, port_be, proto, slot))
+            else {
+                return ALLOW;
+            };
+            unsafe { (*slot_value).backend_id }
+        }
+    };
     let Some(backend) = maps::BACKENDS.get_ptr(&backend_id) else {
         return ALLOW;
     };
+    if affinity {
+        affinity::remember(&affinity_key, backend_id, now);
+    }
     let backend = unsafe { *backend };
     let key = SockRevNatKey {
         // SAFETY: the context pointer is valid; the helper only reads it.

@@ -23,6 +23,17 @@ struct Setup {
 
 /// `n` backends serving, the agent with socket LB at a test cgroup.
 fn setup(prefix: &str, n: usize, ready: &[usize], socket_lb: bool) -> Setup {
+    setup_with(prefix, n, ready, socket_lb, |m| m)
+}
+
+/// `setup`, with the manifest passed through `edit` first.
+fn setup_with(
+    prefix: &str,
+    n: usize,
+    ready: &[usize],
+    socket_lb: bool,
+    edit: impl Fn(String) -> String,
+) -> Setup {
     require_root();
     let cgroup = TestCgroup::new(prefix).expect("cgroup");
     let topology = Topology::new(prefix, n).expect("topology");
@@ -30,7 +41,7 @@ fn setup(prefix: &str, n: usize, ready: &[usize], socket_lb: bool) -> Setup {
     let manifests = ScratchDir::new(&format!("{prefix}-manifests")).expect("scratch dir");
     let backends: Vec<(Ipv4Addr, bool)> = ready.iter().map(|i| (backend_ip(*i), true)).collect();
     manifests
-        .write("web.yaml", &web_manifest(&backends))
+        .write("web.yaml", &edit(web_manifest(&backends)))
         .expect("manifest");
     let cgroup_path = cgroup.path.to_string_lossy().into_owned();
     let flag = format!("--socket-lb={socket_lb}");
@@ -176,4 +187,24 @@ fn socket_lb_off_leaves_the_tc_path_serving() {
     assert!(out.starts_with(&format!("{VIP}:80|backend be0")), "{out}");
     assert_eq!(s.counter(Stat::SockTranslated), 0);
     assert_eq!(s.counter(Stat::DnatNew), 1, "translated per packet at tc");
+}
+
+#[test]
+fn socket_lb_keeps_client_ip_affinity_per_network_namespace() {
+    let s = setup_with("lbsk7", 3, &[0, 1, 2], true, |m| {
+        m.replacen(
+            "  clusterIP:",
+            "  sessionAffinity: ClientIP\n  clusterIP:",
+            1,
+        )
+    });
+    let answers: Vec<String> = (0..8)
+        .map(|_| s.cgroup.python(&s.topology.client, TCP_CLIENT).unwrap())
+        .collect();
+    let backend = |a: &String| a.split_whitespace().nth(1).unwrap().to_owned();
+    assert!(
+        answers.iter().all(|a| backend(a) == backend(&answers[0])),
+        "one backend for the pod: {answers:?}"
+    );
+    assert_eq!(s.counter(Stat::SockTranslated), 8);
 }
