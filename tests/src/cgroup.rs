@@ -44,6 +44,40 @@ impl TestCgroup {
     }
 }
 
+/// This process's membership of a test cgroup; it returns to its previous
+/// cgroup on drop.
+pub struct Membership {
+    previous: PathBuf,
+}
+
+impl TestCgroup {
+    /// Moves this whole process (every thread) into the cgroup.
+    pub fn join_self(&self) -> anyhow::Result<Membership> {
+        let own = std::fs::read_to_string("/proc/self/cgroup")?;
+        let relative = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .context("no cgroup v2 membership in /proc/self/cgroup")?;
+        let root = lb_agent::datapath::cgroup::cgroup2_mount()?;
+        let previous = root.join(relative.trim_start_matches('/'));
+        std::fs::write(
+            self.path.join("cgroup.procs"),
+            std::process::id().to_string(),
+        )
+        .with_context(|| format!("joining {}", self.path.display()))?;
+        Ok(Membership { previous })
+    }
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        let _ = std::fs::write(
+            self.previous.join("cgroup.procs"),
+            std::process::id().to_string(),
+        );
+    }
+}
+
 impl Drop for TestCgroup {
     fn drop(&mut self) {
         // Its processes have exited; the kernel may need a moment to free it.

@@ -51,9 +51,12 @@ pub enum Mode {
     Iptables,
     Nftables,
     Lb,
+    /// lb with socket LB: the client's connections translated at connect.
+    LbSocket,
 }
 
 impl Mode {
+    /// lb (tc path) and what users would otherwise run.
     pub const ALL: [Mode; 4] = [Mode::Direct, Mode::Iptables, Mode::Nftables, Mode::Lb];
     pub fn name(self) -> &'static str {
         match self {
@@ -61,6 +64,7 @@ impl Mode {
             Mode::Iptables => "iptables",
             Mode::Nftables => "nftables",
             Mode::Lb => "lb",
+            Mode::LbSocket => "lb socket LB",
         }
     }
 }
@@ -119,9 +123,13 @@ pub fn run(agent_bin: &Path, config: &BenchConfig) -> anyhow::Result<()> {
     for &scale in &config.scales {
         let services = services(scale);
         map_writes.push((scale, report::map_write_times(&services, config.runs)?));
-        for (mode, sample) in every_mode(&format!("{scale} services"), config, |mode, sample| {
-            one_run(mode, &services, config, sample)
-        })? {
+        let modes = [Mode::ALL.as_slice(), &[Mode::LbSocket]].concat();
+        for (mode, sample) in every_mode(
+            &format!("{scale} services"),
+            &modes,
+            config,
+            |mode, sample| one_run(mode, &services, config, sample),
+        )? {
             results.push((scale, mode, sample));
         }
     }
@@ -164,6 +172,13 @@ fn one_run(
     topology.client.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
     let _servers = topology.serve_backends("pod-")?;
     let scratch = ScratchDir::new("lbb-bench")?;
+    // Socket LB: the bench's own process (its load threads) joins a cgroup
+    // of its own for the run; the agent attaches there, never at the root.
+    let cgroup = match mode {
+        Mode::LbSocket => Some(lb_tests::cgroup::TestCgroup::new("bench")?),
+        _ => None,
+    };
+    let _member = cgroup.as_ref().map(|c| c.join_self()).transpose()?;
     let target = services.last().context("no services")?;
     let vip = SocketAddrV4::new(target.vip, target.port);
     let mut agent = None;
@@ -184,15 +199,24 @@ fn one_run(
             restore(&topology.node.name, &["nft", "-f"], &rules)?;
             vec![vip]
         }
-        Mode::Lb => {
+        Mode::Lb | Mode::LbSocket => {
             scratch.write("services.yaml", &peers::manifest(services))?;
+            let socket_lb = match (&cgroup, mode) {
+                (Some(cgroup), Mode::LbSocket) => vec![
+                    "--socket-lb=true".to_owned(),
+                    "--cgroup-path".to_owned(),
+                    cgroup.path.to_string_lossy().into_owned(),
+                ],
+                _ => Vec::new(),
+            };
+            let socket_lb: Vec<&str> = socket_lb.iter().map(String::as_str).collect();
             let mut a = Agent::start(
                 &topology.node,
                 &scratch.0,
                 &topology.interface_pattern(),
                 Path::new(PIN_DIR),
                 &scratch.0.join("agent.log"),
-                &[],
+                &socket_lb,
             )?;
             let needle = format!("{vip}/TCP count={ENDPOINTS}");
             a.wait_for_maps("the bench services", |m| m.contains(&needle))?;
@@ -221,6 +245,22 @@ fn one_run(
         config.bulk_bytes,
     )?);
 
+    if mode == Mode::LbSocket {
+        // Measured what it claims: connections translated at the socket,
+        // none by the tc path.
+        let counters = lb_agent::inspect::counters(Path::new(PIN_DIR))?;
+        let get = |stat: lb_common::stats::Stat| {
+            counters
+                .iter()
+                .find(|(n, _)| *n == lb_common::stats::STAT_NAMES[stat as usize])
+                .map_or(0, |(_, v)| *v)
+        };
+        anyhow::ensure!(
+            get(lb_common::stats::Stat::SockTranslated) > 0
+                && get(lb_common::stats::Stat::DnatNew) == 0,
+            "socket LB did not carry the connections"
+        );
+    }
     if let Some(agent) = agent.as_mut() {
         let (rss, cpu) = process_usage(agent.pid().context("agent pid")?)?;
         sample.rss_mib.push(rss);
@@ -236,11 +276,12 @@ fn one_run(
 /// Every mode, `config.runs` times each, through `run_once`.
 pub fn every_mode(
     what: &str,
+    modes: &[Mode],
     config: &BenchConfig,
     mut run_once: impl FnMut(Mode, &mut Sample) -> anyhow::Result<()>,
 ) -> anyhow::Result<Vec<(Mode, Sample)>> {
     let mut out = Vec::new();
-    for mode in Mode::ALL {
+    for &mode in modes {
         let mut sample = Sample::default();
         for run in 0..config.runs {
             eprintln!(

@@ -39,6 +39,7 @@ pub fn measure(scale: usize, config: &BenchConfig) -> anyhow::Result<Vec<(Mode, 
     let services = services(scale);
     super::every_mode(
         &format!("NodePort, {scale} services"),
+        &Mode::ALL,
         config,
         |mode, sample| one_run(mode, &services, config, sample),
     )
@@ -81,7 +82,7 @@ fn one_run(
             restore(&cluster.nodes[0].name, &["nft", "-f"], &rules)?;
             via_node_a
         }
-        Mode::Lb => {
+        Mode::Lb | Mode::LbSocket => {
             // SNAT ports below the bench's node ports (20000-29999), as an
             // operator widening the node-port range would set them.
             cluster.start_agents(&manifest(services), &["--snat-port-range", "1024-19999"])?;

@@ -205,6 +205,41 @@ pub fn markdown(
         );
         let _ = writeln!(r, "| {scale} | {} |", conns_cells(d, i, n, l));
     }
+    let _ = writeln!(
+        r,
+        "\n## Pods → VIP with socket LB (translated once, at connect)\n"
+    );
+    let _ = writeln!(r, "The same client and services; the load generator's process joins a cgroup of its own where lb's \
+        cgroup programs are attached (`--socket-lb=true --cgroup-path`), so its connections go straight to a backend \
+        with no per-packet NAT.\n");
+    let _ = writeln!(r, "| services | direct | lb (tc) | lb socket LB | socket LB / direct | socket LB / tc | p50 / p99 ms | one long connection Gbit/s (× direct) |");
+    let _ = writeln!(r, "|---|---|---|---|---|---|---|---|");
+    for &scale in &config.scales {
+        let (d, t, k) = (
+            find(results, scale, Mode::Direct),
+            find(results, scale, Mode::Lb),
+            find(results, scale, Mode::LbSocket),
+        );
+        let (dc, tc, kc) = (
+            stats(&d.conns_per_s),
+            stats(&t.conns_per_s),
+            stats(&k.conns_per_s),
+        );
+        let (dg, kg) = (stats(&d.gbit_s), stats(&k.gbit_s));
+        let _ = writeln!(
+            r,
+            "| {scale} | {} | {} | {} | {:.3} | {:.3} | {:.3} / {:.3} | {} ({:.3}) |",
+            cell(dc, 0),
+            cell(tc, 0),
+            cell(kc, 0),
+            kc.0 / dc.0,
+            kc.0 / tc.0,
+            stats(&k.p50_ms).0,
+            stats(&k.p99_ms).0,
+            cell(kg, 2),
+            kg.0 / dg.0
+        );
+    }
     let _ = writeln!(r, "\n## Connection latency (ms, p50 / p99)\n");
     let _ = writeln!(
         r,
