@@ -209,7 +209,7 @@ pub fn create(pkt: &Packet, forward: &CtValue, reply_flags: u64) -> Result<(), C
 }
 
 /// SNAT ports tried per new flow.
-const SNAT_TRIES: u32 = 16;
+const SNAT_TRIES: u32 = 32;
 
 /// Records a new flow SNATed to the node: the source port is claimed with
 /// the reply tuple itself (`BPF_NOEXIST`), so two flows never share one,

@@ -16,9 +16,11 @@ use lb_tests::{
 use super::{load, restore, BenchConfig, Mode, Sample, Service};
 
 const PREFIX: &str = "lbn";
-/// Node ports of the bench services: 20000 + i (a cluster would raise
-/// `--service-node-port-range` for this many).
-const FIRST_NODE_PORT: u16 = 20000;
+/// Node ports come from the default range, 30000-32767: the last
+/// `NODE_PORT_SERVICES` services are NodePort (30000 + j), the others
+/// ClusterIP, as a large cluster's would be.
+const FIRST_NODE_PORT: u16 = 30000;
+const NODE_PORT_SERVICES: usize = 2000;
 
 /// N NodePort services; the last one's only endpoint is pod-b (on node-b),
 /// the others have 10 endpoints nothing answers on.
@@ -30,8 +32,10 @@ fn services(n: usize) -> Vec<Service> {
     services
 }
 
-fn node_port(i: usize) -> u16 {
-    FIRST_NODE_PORT + i as u16
+/// Service `i`'s node port among `n`, if it is a NodePort service.
+fn node_port(i: usize, n: usize) -> Option<u16> {
+    let first = n.saturating_sub(NODE_PORT_SERVICES);
+    (i >= first).then(|| FIRST_NODE_PORT + (i - first) as u16)
 }
 
 /// Runs every mode `config.runs` times at `scale` services.
@@ -55,7 +59,8 @@ fn one_run(
     let client = &cluster.clients[0];
     client.sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
     client.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
-    let target_port = node_port(services.len() - 1);
+    let n = services.len();
+    let target_port = node_port(n - 1, n).context("the target is a NodePort service")?;
     let via_node_a = SocketAddrV4::new(NODE_IPS[0], target_port);
     let scratch = lb_tests::topology::ScratchDir::new("lbn-bench")?;
     let target = match mode {
@@ -83,9 +88,7 @@ fn one_run(
             via_node_a
         }
         Mode::Lb | Mode::LbSocket => {
-            // SNAT ports below the bench's node ports (20000-29999), as an
-            // operator widening the node-port range would set them.
-            cluster.start_agents(&manifest(services), &["--snat-port-range", "1024-19999"])?;
+            cluster.start_agents(&manifest(services), &[])?;
             // Each node serves the port on its own address.
             let needle = format!(":{target_port}/TCP count=1");
             cluster.wait_for_maps("the bench node ports", |m| m.contains(&needle))?;
@@ -112,10 +115,10 @@ fn one_run(
 fn iptables_rules(services: &[Service]) -> String {
     let mut r = super::peers::iptables_rules(services);
     r.truncate(r.len() - "COMMIT\n".len());
-    let chains: Vec<String> = services
-        .iter()
-        .enumerate()
-        .map(|(i, _)| format!(":KUBE-EXT-{i:06} - [0:0]"))
+    let n = services.len();
+    let chains: Vec<String> = (0..n)
+        .filter(|i| node_port(*i, n).is_some())
+        .map(|i| format!(":KUBE-EXT-{i:06} - [0:0]"))
         .collect();
     let _ = writeln!(
         r,
@@ -128,11 +131,11 @@ fn iptables_rules(services: &[Service]) -> String {
     r.push_str("-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000\n");
     r.push_str("-A KUBE-POSTROUTING -j MASQUERADE --random-fully\n");
     r.push_str("-A KUBE-SERVICES -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n");
-    for i in 0..services.len() {
+    let n = services.len();
+    for (i, port) in (0..n).filter_map(|i| Some((i, node_port(i, n)?))) {
         let _ = writeln!(
             r,
-            "-A KUBE-NODEPORTS -p tcp -m tcp --dport {} -j KUBE-EXT-{i:06}",
-            node_port(i)
+            "-A KUBE-NODEPORTS -p tcp -m tcp --dport {port} -j KUBE-EXT-{i:06}"
         );
         let _ = writeln!(r, "-A KUBE-EXT-{i:06} -j KUBE-MARK-MASQ");
         let _ = writeln!(r, "-A KUBE-EXT-{i:06} -j KUBE-SVC-{i:06}");
@@ -147,8 +150,9 @@ fn iptables_rules(services: &[Service]) -> String {
 fn nftables_rules(services: &[Service]) -> String {
     let mut map =
         String::from("  map service-nodeports {\n    type inet_proto . inet_service : verdict\n    elements = {\n");
-    for i in 0..services.len() {
-        let _ = writeln!(map, "      tcp . {} : goto external-{i:06},", node_port(i));
+    let n = services.len();
+    for (i, port) in (0..n).filter_map(|i| Some((i, node_port(i, n)?))) {
+        let _ = writeln!(map, "      tcp . {port} : goto external-{i:06},");
     }
     map.push_str("    }\n  }\n  chain services {\n");
     // kube-proxy checks node ports in the same `services` chain, after the
@@ -163,7 +167,7 @@ fn nftables_rules(services: &[Service]) -> String {
     r.truncate(r.rfind('}').expect("table end"));
     r.push_str("  chain mark-for-masquerade {\n    meta mark set meta mark or 0x4000\n  }\n");
     r.push_str("  chain masquerading {\n    type nat hook postrouting priority srcnat; policy accept;\n    meta mark and 0x4000 == 0 return\n    meta mark set meta mark xor 0x4000\n    masquerade fully-random\n  }\n");
-    for i in 0..services.len() {
+    for i in (0..n).filter(|i| node_port(*i, n).is_some()) {
         let _ = writeln!(
             r,
             "  chain external-{i:06} {{\n    jump mark-for-masquerade\n    goto service-{i:06}\n  }}"
@@ -173,19 +177,23 @@ fn nftables_rules(services: &[Service]) -> String {
     r
 }
 
-/// The same services for lb: NodePort, the target's endpoint on node-b.
+/// The same services for lb, the target's endpoint on node-b.
 fn manifest(services: &[Service]) -> String {
     let mut r = String::new();
+    let n = services.len();
     for (i, svc) in services.iter().enumerate() {
+        let (type_, node_port) = match node_port(i, n) {
+            Some(port) => ("NodePort", format!(", nodePort: {port}")),
+            None => ("ClusterIP", String::new()),
+        };
         let _ = write!(
             r,
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: svc{i}, namespace: bench}}\nspec:\n  type: NodePort\n  clusterIP: {}\n  \
-             ports: [{{name: http, port: {}, targetPort: http, nodePort: {}}}]\n---\n\
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: svc{i}, namespace: bench}}\nspec:\n  type: {type_}\n  clusterIP: {}\n  \
+             ports: [{{name: http, port: {}, targetPort: http{node_port}}}]\n---\n\
              apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: svc{i}-1\n  namespace: bench\n  labels: {{kubernetes.io/service-name: svc{i}}}\n\
              addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n",
             svc.vip,
             svc.port,
-            node_port(i)
         );
         for (ip, _) in &svc.endpoints {
             let node = if *ip == POD_IPS[1] {

@@ -278,8 +278,8 @@ pub fn markdown(
     let _ = writeln!(r, "Two nodes on one kernel (`lb_tests::cluster`): the client on the LAN opens short connections to node-a's \
         node port; the only endpoint runs on node-b, so every connection is DNATed and SNATed at node-a (lb: in the uplink's tc \
         ingress; iptables/nftables: kube-proxy's NodePort rules with masquerade). `direct` connects to the pod through node-b \
-        (one hop fewer, no NAT). N NodePort services × 10 endpoints on node ports 20000 + i, the target last; lb SNATs \
-        from ports 1024-19999.\n");
+        (one hop fewer, no NAT). N services × 10 endpoints, the last 2 000 (or all) NodePort in the default range \
+        30000-32767, the target last; lb SNATs from its default ports 1024-29999.\n");
     let _ = writeln!(r, "| services | direct | iptables | nftables | lb | lb / direct | lb / iptables | lb / nftables | p50 / p99 ms: direct, iptables, nftables, lb |");
     let _ = writeln!(r, "|---|---|---|---|---|---|---|---|---|");
     for (scale, modes) in node_ports {
