@@ -208,3 +208,65 @@ fn socket_lb_keeps_client_ip_affinity_per_network_namespace() {
     );
     assert_eq!(s.counter(Stat::SockTranslated), 8);
 }
+
+#[test]
+fn socket_lb_survives_a_killed_agent_and_the_next_one_adopts_it() {
+    let mut s = setup("lbsk8", 2, &[0, 1], true);
+    s.agent.kill().unwrap();
+    // No agent: the pinned cgroup links keep translating.
+    let out = s.cgroup.python(&s.topology.client, TCP_CLIENT).unwrap();
+    assert!(out.starts_with(&format!("{VIP}:80|backend be")), "{out}");
+
+    // The next agent attaches its own links, then releases the old ones.
+    let pin_dir = s.agent.pin_dir.clone();
+    let old_pins: Vec<String> = std::fs::read_dir(pin_dir.join("links"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("cgroup-"))
+        .collect();
+    assert_eq!(old_pins.len(), 4, "the killed agent's links stay pinned");
+    s.agent.cleanup_pins = false;
+    let cgroup_path = s.cgroup.path.to_string_lossy().into_owned();
+    s.agent = Agent::start(
+        &s.topology.node,
+        &s._manifests.0,
+        &s.topology.interface_pattern(),
+        &pin_dir,
+        &s._manifests.0.join("agent2.log"),
+        &["--socket-lb=true", "--cgroup-path", &cgroup_path],
+    )
+    .unwrap();
+    let cgroup_pins = || -> Vec<String> {
+        std::fs::read_dir(pin_dir.join("links"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with("cgroup-"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    // Four hooks, all of the new run: the old links are released.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while {
+        let pins = cgroup_pins();
+        pins.len() != 4 || pins.iter().any(|p| old_pins.contains(p))
+    } {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "old links not released: {:?}\n{}",
+            cgroup_pins(),
+            s.agent.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let before = s.counter(Stat::SockTranslated);
+    let out = s.cgroup.python(&s.topology.client, TCP_CLIENT).unwrap();
+    assert!(out.starts_with(&format!("{VIP}:80|backend be")), "{out}");
+    assert_eq!(
+        s.counter(Stat::SockTranslated),
+        before + 1,
+        "translated once: one set of programs attached"
+    );
+}
