@@ -32,7 +32,7 @@ use lb_common::{
     stats::Stat,
     svc::{
         SvcKey, SVC_FLAGS_EXTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_EXTERNAL_LOCAL,
-        SVC_FLAG_INTERNAL_LOCAL, SVC_FLAG_SOURCE_RANGES,
+        SVC_FLAG_INTERNAL_LOCAL, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
     },
 };
 
@@ -98,19 +98,20 @@ fn ingress<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
         Parsed::NotForUs => return Outcome::next(Stat::PassNotService),
         Parsed::Malformed => return Outcome::next(Stat::PassMalformed),
     };
-    // On an uplink, the answer of a SNATed flow comes first: its port may
-    // also be a node port (a node-port range overlapping the SNAT range).
-    if EXTERNAL {
+    let frontend = SvcKey::new(pkt.daddr_be, pkt.dport_be, pkt.proto, 0);
+    // SAFETY: copied at once; the agent may rewrite slot 0 at any time.
+    let svc = maps::SERVICES.get_ptr(&frontend).map(|s| unsafe { *s });
+    // On an uplink, the answer of a SNATed flow goes to the node address:
+    // not a frontend, or a node port in a range overlapping the SNAT range
+    // (the answer wins). Cluster and LB IPs skip the check.
+    if EXTERNAL && svc.is_none_or(|s| s.flags & SVC_FLAG_NODE_PORT != 0) {
         if let Some(outcome) = reverse_snat(ctx, &pkt) {
             return outcome;
         }
     }
-    let frontend = SvcKey::new(pkt.daddr_be, pkt.dport_be, pkt.proto, 0);
-    let Some(svc) = maps::SERVICES.get_ptr(&frontend) else {
+    let Some(svc) = svc else {
         return Outcome::next(Stat::PassNotService);
     };
-    // SAFETY: copied at once; the agent may rewrite slot 0 at any time.
-    let svc = unsafe { *svc };
     if pkt.is_fragment {
         // Later fragments carry no ports and never get here; the first one
         // would be NATed alone. Without reassembly, drop it and count.

@@ -89,16 +89,19 @@ fn translate(ctx: &SockAddrContext) -> i32 {
     }
     // Affinity knows the client by its network namespace: the socket has
     // no address yet.
-    let affinity = svc.flags & SVC_FLAG_AFFINITY != 0;
-    // SAFETY: the context pointer is valid; the helper only reads it.
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let affinity_key = AffinityKey::for_netns(netns, svc.rev_nat_id);
-    let now = crate::ct::now();
-    let remembered = if affinity {
-        affinity::remembered(&affinity_key, &svc, choices != svc.count, now)
+    // Only then: the clock and the cookie are not needed otherwise.
+    let affinity = if svc.flags & SVC_FLAG_AFFINITY != 0 {
+        // SAFETY: the context pointer is valid; the helper only reads it.
+        let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+        Some((
+            AffinityKey::for_netns(netns, svc.rev_nat_id),
+            crate::ct::now(),
+        ))
     } else {
         None
     };
+    let remembered =
+        affinity.and_then(|(key, now)| affinity::remembered(&key, &svc, choices != svc.count, now));
     let backend_id = match remembered {
         Some((id, _)) => id,
         None => {
@@ -116,8 +119,8 @@ fn translate(ctx: &SockAddrContext) -> i32 {
     let Some(backend) = maps::BACKENDS.get_ptr(&backend_id) else {
         return ALLOW;
     };
-    if affinity {
-        affinity::remember(&affinity_key, backend_id, now);
+    if let Some((key, now)) = affinity {
+        affinity::remember(&key, backend_id, now);
     }
     let backend = unsafe { *backend };
     let key = SockRevNatKey {
