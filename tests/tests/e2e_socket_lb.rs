@@ -139,22 +139,18 @@ for i in range(6):
 #[test]
 fn socket_lb_refuses_a_service_without_endpoints_at_once() {
     let s = setup("lbsk3", 1, &[], true);
+    // Refused by the program, not a timeout: a connect that waited would
+    // raise socket.timeout instead.
     let code = r#"
-import socket, time
-t = time.time()
+import socket
 try:
     socket.create_connection(("198.19.0.10", 80), timeout=3)
     print("connected")
 except ConnectionRefusedError:
-    print("refused %.3f" % (time.time() - t))
+    print("refused")
 "#;
     let out = s.cgroup.python(&s.topology.client, code).unwrap();
-    let seconds: f64 = out
-        .strip_prefix("refused ")
-        .unwrap_or_else(|| panic!("{out}"))
-        .parse()
-        .unwrap();
-    assert!(seconds < 1.0, "at once, not after a timeout: {seconds}");
+    assert_eq!(out, "refused");
     assert_eq!(s.counter(Stat::SockRefused), 1);
 }
 
