@@ -45,10 +45,10 @@ pub enum Op {
         id: u16,
         owner: ServiceName,
     },
-    /// Slot 0: publishes `head.count` slots.
+    /// Slot 0 (`backend_id` 0): publishes `head.count` slots.
     PutCount {
         frontend: L4Addr,
-        head: Head,
+        head: SvcValue,
     },
     /// Slot 0 is the frontend itself.
     DeleteSlot {
@@ -134,40 +134,6 @@ impl fmt::Display for Op {
     }
 }
 
-/// Slot 0 of a frontend: what a packet reads before it picks a slot.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Head {
-    pub count: u16,
-    /// Slots 1..=local_count hold this node's backends.
-    pub local_count: u16,
-    pub rev_nat_id: u16,
-    pub flags: u16,
-    pub affinity_timeout_s: u32,
-}
-
-impl Head {
-    fn of(value: &SvcValue) -> Self {
-        Self {
-            count: value.count,
-            local_count: value.local_count,
-            rev_nat_id: value.rev_nat_id,
-            flags: value.flags,
-            affinity_timeout_s: value.affinity_timeout_s,
-        }
-    }
-
-    fn value(&self) -> SvcValue {
-        SvcValue {
-            backend_id: 0,
-            count: self.count,
-            rev_nat_id: self.rev_nat_id,
-            local_count: self.local_count,
-            flags: self.flags,
-            affinity_timeout_s: self.affinity_timeout_s,
-        }
-    }
-}
-
 /// The writes for one frontend, in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FrontendPlan {
@@ -211,7 +177,7 @@ struct Written {
     /// The reverse-NAT entry holds this frontend and `service`.
     revnat_written: bool,
     /// Slot 0, if it exists.
-    head: Option<Head>,
+    head: Option<SvcValue>,
     /// Slots 1.. → backend id.
     slots: Slots,
     /// Affinity match entries: backend id → runs on this node.
@@ -334,7 +300,7 @@ impl<M: LbMaps> Reconciler<M> {
         for ((frontend, slot), value) in &snapshot.slots {
             let w = written.entry(*frontend).or_default();
             if *slot == 0 {
-                w.head = Some(Head::of(value));
+                w.head = Some(*value);
                 w.rev_nat_id = Some(value.rev_nat_id);
             } else {
                 w.slots.insert(*slot, value.backend_id);
@@ -557,7 +523,8 @@ impl<M: LbMaps> Reconciler<M> {
                 }
             };
             let empty = Written::default();
-            let head = Head {
+            let head = SvcValue {
+                backend_id: 0,
                 count: ids.len() as u16,
                 local_count: spec.local_count as u16,
                 rev_nat_id,
@@ -825,7 +792,7 @@ impl<M: LbMaps> Reconciler<M> {
                 w.revnat_written = true;
             }
             Op::PutCount { frontend, head } => {
-                self.maps.put_slot(*frontend, 0, head.value())?;
+                self.maps.put_slot(*frontend, 0, *head)?;
                 self.entry(*frontend).head = Some(*head);
             }
             Op::DeleteSlot { frontend, slot } => {
@@ -932,7 +899,7 @@ impl<M: LbMaps> Reconciler<M> {
 fn plan_frontend(
     frontend: L4Addr,
     current: &Written,
-    target: Head,
+    target: SvcValue,
     owner: &ServiceName,
     ids: &[u32],
     source_ranges: &[Ipv4Net],
@@ -962,7 +929,7 @@ fn plan_frontend(
     let mut published = current.head;
     if let Some(head) = current.head {
         if target.count < head.count || target.local_count < head.local_count {
-            let interim = Head {
+            let interim = SvcValue {
                 count: target.count.min(head.count),
                 local_count: target.local_count.min(head.local_count),
                 ..target
