@@ -53,8 +53,8 @@ pub fn services(snapshot: &Snapshot) -> String {
             .collect();
         let ranges: Vec<String> = snapshot
             .source_ranges
-            .iter()
-            .filter(|(id, _)| *id == value.rev_nat_id)
+            .range((value.rev_nat_id, ipnet::Ipv4Net::default())..)
+            .take_while(|(id, _)| *id == value.rev_nat_id)
             .map(|(_, range)| range.to_string())
             .collect();
         if value.flags & SVC_FLAG_SOURCE_RANGES != 0 {

@@ -166,10 +166,7 @@ fn one_run(
     sample: &mut Sample,
 ) -> anyhow::Result<()> {
     let topology = Topology::new(PREFIX, ENDPOINTS)?;
-    topology
-        .client
-        .sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
-    topology.client.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+    tune_client(&topology.client)?;
     let _servers = topology.serve_backends("pod-")?;
     let scratch = ScratchDir::new("lbb-bench")?;
     // Socket LB: the bench's own process (its load threads) joins a cgroup
@@ -271,6 +268,13 @@ fn one_run(
         }
     }
     Ok(())
+}
+
+/// A load client opening thousands of short connections: a wide port range
+/// and TIME_WAIT reuse, so it never waits for a free local port.
+pub fn tune_client(client: &lb_tests::netns::NetNs) -> anyhow::Result<()> {
+    client.sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
+    client.sysctl("net.ipv4.tcp_tw_reuse", "1")
 }
 
 /// Every mode, `config.runs` times each, through `run_once`.

@@ -57,8 +57,7 @@ fn one_run(
 ) -> anyhow::Result<()> {
     let mut cluster = Cluster::without_agents(PREFIX)?;
     let client = &cluster.clients[0];
-    client.sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
-    client.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+    super::tune_client(client)?;
     let n = services.len();
     let target_port = node_port(n - 1, n).context("the target is a NodePort service")?;
     let via_node_a = SocketAddrV4::new(NODE_IPS[0], target_port);
