@@ -143,8 +143,9 @@ pub struct FrontendPlan {
     pub rev_nat_id: u16,
     pub is_new: bool,
     pub ops: Vec<Op>,
-    /// UDP backends this frontend stops using (their flows get flushed).
-    pub udp_removed: Vec<u32>,
+    /// UDP backends this frontend stops using (their flows get flushed,
+    /// their connected sockets reset): id and address.
+    pub udp_removed: Vec<(u32, L4Addr)>,
 }
 
 /// Everything one pass writes: new backends, then each frontend's writes.
@@ -159,6 +160,14 @@ pub struct Plan {
     pub kept: usize,
     /// Frontends left out: no id was free for them (the map is full).
     pub skipped: Vec<(ServiceName, L4Addr, MapWriteError)>,
+}
+
+/// A backend a UDP frontend stopped using.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct LeftBackend {
+    pub frontend: L4Addr,
+    pub backend_id: u32,
+    pub backend: L4Addr,
 }
 
 /// A backend in the map and how many slots refer to it.
@@ -261,9 +270,10 @@ pub struct Report {
     pub unchanged: usize,
     pub kept: usize,
     pub errors: Vec<ApplyError>,
-    /// (UDP frontend, backend id) pairs the frontend no longer uses: their
-    /// conntrack flows are to be flushed so clients move to a live backend.
-    pub udp_backends_removed: Vec<(L4Addr, u32)>,
+    /// Backends UDP frontends no longer use: their conntrack flows are to be
+    /// flushed and their connected sockets reset, so clients move to a live
+    /// backend.
+    pub udp_backends_removed: Vec<LeftBackend>,
 }
 
 pub struct Reconciler<M> {
@@ -501,7 +511,7 @@ impl<M: LbMaps> Reconciler<M> {
                 rev_nat_id: w.rev_nat_id.unwrap_or(0),
                 is_new: false,
                 ops,
-                udp_removed: udp_ids(*frontend, w.slots.ids()),
+                udp_removed: self.udp_backends(*frontend, w.slots.ids()),
             });
         }
 
@@ -550,7 +560,7 @@ impl<M: LbMaps> Reconciler<M> {
                 rev_nat_id,
                 is_new: current.is_none(),
                 ops,
-                udp_removed: udp_ids(
+                udp_removed: self.udp_backends(
                     *frontend,
                     old.unwrap_or_default()
                         .into_iter()
@@ -586,6 +596,17 @@ impl<M: LbMaps> Reconciler<M> {
 
     /// Backend ids (new ones planned as `PutBackend`) and the reverse-NAT id
     /// for one frontend, allocated on the plan's copies of the allocators.
+    /// The ids and addresses of a UDP frontend's backends among `ids`.
+    fn udp_backends(&self, frontend: L4Addr, ids: impl Iterator<Item = u32>) -> Vec<(u32, L4Addr)> {
+        if frontend.proto != Proto::Udp {
+            return Vec::new();
+        }
+        ids.collect::<BTreeSet<_>>()
+            .into_iter()
+            .filter_map(|id| Some((id, self.backend_entries.get(&id)?.addr)))
+            .collect()
+    }
+
     fn plan_ids(
         &self,
         spec: &crate::model::FrontendSpec,
@@ -719,7 +740,15 @@ impl<M: LbMaps> Reconciler<M> {
                     }
                     report
                         .udp_backends_removed
-                        .extend(fp.udp_removed.iter().map(|id| (fp.frontend, *id)));
+                        .extend(
+                            fp.udp_removed
+                                .iter()
+                                .map(|&(backend_id, backend)| LeftBackend {
+                                    frontend: fp.frontend,
+                                    backend_id,
+                                    backend,
+                                }),
+                        );
                 }
                 Err((op, error)) => {
                     needed.extend(fp.ops.iter().filter_map(|op| match op {
@@ -1008,11 +1037,4 @@ fn plan_frontend(
             .map(|slot| Op::DeleteSlot { frontend, slot }),
     );
     ops
-}
-
-fn udp_ids(frontend: L4Addr, ids: impl Iterator<Item = u32>) -> Vec<u32> {
-    if frontend.proto != Proto::Udp {
-        return Vec::new();
-    }
-    ids.collect::<BTreeSet<_>>().into_iter().collect()
 }

@@ -20,6 +20,7 @@ use crate::{
         loader,
         loader::MapSizes,
         maps::KernelMaps,
+        udp_reset::UdpResetter,
     },
     desired::{DesiredState, Limits, NodeContext},
     error::InputError,
@@ -123,6 +124,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let maps = loader::kernel_maps(&mut ebpf, config.sizes)?;
     let conntrack = loader::conntrack(&mut ebpf, config.sizes)?;
     let config_map = loader::ConfigMap::take(&mut ebpf)?;
+    let udp_resetter = loader::udp_resetter(&mut ebpf)?;
     let reconciler =
         Reconciler::restore(maps, config.sizes.backends).context("reading the pinned maps")?;
     info!(pin_dir = %pin_dir.display(), node = %config.node.name, "datapath loaded");
@@ -138,6 +140,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         attacher,
         reconciler,
         conntrack,
+        udp_resetter,
         source,
         trigger,
         service_health: ServiceHealthServers::new(health.clone()),
@@ -211,6 +214,7 @@ struct Agent {
     attacher: Attacher,
     reconciler: Reconciler<KernelMaps>,
     conntrack: Conntrack,
+    udp_resetter: UdpResetter,
     source: Source,
     /// Nudged by watch events (API) or file events (manifests).
     trigger: Arc<Notify>,
@@ -459,13 +463,28 @@ impl Agent {
             error!("datapath update failed (will retry): {e}");
         }
         if !report.udp_backends_removed.is_empty() {
-            let removed = report.udp_backends_removed.iter().copied().collect();
+            let removed = report
+                .udp_backends_removed
+                .iter()
+                .map(|left| (left.frontend, left.backend_id))
+                .collect();
             match self.conntrack.flush_udp(&removed) {
                 Ok(sweep) => info!(
                     flows = sweep.flows_removed,
                     "flushed UDP conntrack of backends that left their service"
                 ),
                 Err(e) => error!("flushing UDP conntrack: {e}"),
+            }
+            // Socket LB translated connected UDP sockets once, at connect:
+            // no flow to flush, the sockets themselves are reset.
+            match self.udp_resetter.reset(&report.udp_backends_removed) {
+                Ok(resets) if resets.candidates > 0 => info!(
+                    sockets = resets.sockets_reset,
+                    namespaces = resets.namespaces,
+                    "reset connected UDP sockets of backends that left their service"
+                ),
+                Ok(_) => {}
+                Err(e) => error!("resetting connected UDP sockets: {e}"),
             }
         }
     }

@@ -2,7 +2,10 @@
 //! tests must not attach to the machine's root cgroup), and client
 //! processes started inside it. Removed on drop.
 
-use std::{path::PathBuf, process::Command};
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+};
 
 use anyhow::{bail, Context as _};
 
@@ -24,14 +27,8 @@ impl TestCgroup {
     /// Runs `python3 -c CODE` inside `ns` as a process of this cgroup;
     /// returns its stdout (fails with its stderr).
     pub fn python(&self, ns: &NetNs, code: &str) -> anyhow::Result<String> {
-        // The shell joins the cgroup, then becomes the client in the namespace.
-        let out = Command::new("sh")
-            .arg("-c")
-            .arg(r#"echo $$ > "$1/cgroup.procs" && exec nsenter --net="$2" python3 -c "$3""#)
-            .arg("sh")
-            .arg(&self.path)
-            .arg(ns.path())
-            .arg(code)
+        let out = self
+            .python_command(ns, code)
             .output()
             .context("starting the client")?;
         if !out.status.success() {
@@ -41,6 +38,29 @@ impl TestCgroup {
             );
         }
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// Starts `python3 -c CODE` inside `ns` as a process of this cgroup,
+    /// with its stdin and stdout piped, for a conversation.
+    pub fn spawn_python(&self, ns: &NetNs, code: &str) -> anyhow::Result<Child> {
+        self.python_command(ns, code)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting the client")
+    }
+
+    fn python_command(&self, ns: &NetNs, code: &str) -> Command {
+        // The shell joins the cgroup, then becomes the client in the namespace.
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(r#"echo $$ > "$1/cgroup.procs" && exec nsenter --net="$2" python3 -c "$3""#)
+            .arg("sh")
+            .arg(&self.path)
+            .arg(ns.path())
+            .arg(code);
+        command
     }
 }
 

@@ -266,3 +266,88 @@ fn socket_lb_survives_a_killed_agent_and_the_next_one_adopts_it() {
         "translated once: one set of programs attached"
     );
 }
+
+/// A UDP client that keeps one connected socket, as DNS clients do: each
+/// stdin line is one question; on an error it reports it and reconnects.
+const CONNECTED_UDP_CLIENT: &str = r#"
+import errno, socket, sys
+def connect():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(0.3)
+    s.connect(("198.19.0.10", 53))
+    return s
+s = connect()
+for _ in sys.stdin:
+    try:
+        s.send(b"who")
+        print("answer " + s.recv(2048).decode().split()[0], flush=True)
+    except socket.timeout:
+        print("timeout", flush=True)
+    except OSError as e:
+        print("reset " + errno.errorcode.get(e.errno, str(e.errno)), flush=True)
+        s.close()
+        s = connect()
+"#;
+
+/// Mirrors the upstream e2e "[sig-network] Conntrack should be able to
+/// preserve UDP traffic when server pod cycles for a ClusterIP service",
+/// with the socket translated at connect: no conntrack flow exists to
+/// flush, so the socket itself is reset and the client reconnects.
+#[test]
+fn socket_lb_connected_udp_socket_moves_off_a_removed_backend() {
+    use std::io::{BufRead as _, BufReader, Write as _};
+
+    let mut s = setup("lbsk9", 2, &[0, 1], true);
+    let mut client = s
+        .cgroup
+        .spawn_python(&s.topology.client, CONNECTED_UDP_CLIENT)
+        .unwrap();
+    let mut stdin = client.stdin.take().unwrap();
+    let mut stdout = BufReader::new(client.stdout.take().unwrap());
+    let mut ask = || -> String {
+        writeln!(stdin, "q").unwrap();
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        line.trim().to_owned()
+    };
+    let first = ask();
+    assert!(first.starts_with("answer be"), "{first}");
+    assert_eq!(ask(), first, "one socket, one backend");
+    let index: usize = first.trim_start_matches("answer be").parse().unwrap();
+    let other = 1 - index;
+
+    s._manifests
+        .write("web.yaml", &web_manifest(&[(backend_ip(other), true)]))
+        .unwrap();
+    s.agent
+        .wait_for_maps("one UDP backend", |m| {
+            m.contains(&format!("{VIP}:53/UDP count=1"))
+        })
+        .unwrap();
+    // The removed pod still runs and would answer: only a reset socket moves.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let mut answers = Vec::new();
+    while std::time::Instant::now() < deadline {
+        answers.push(ask());
+        if answers.last().unwrap() == &format!("answer be{other}") {
+            break;
+        }
+    }
+    assert_eq!(
+        answers.last().map(String::as_str),
+        Some(format!("answer be{other}").as_str()),
+        "the socket still talks to the removed backend: {answers:?}\n{}",
+        s.agent.log_text()
+    );
+    // Reset by the agent: the next send finds the socket disconnected
+    // (EDESTADDRREQ), or a waiting receive gets the abort (ECONNABORTED).
+    assert!(
+        answers
+            .iter()
+            .any(|a| a == "reset ECONNABORTED" || a == "reset EDESTADDRREQ"),
+        "{answers:?}"
+    );
+    assert_eq!(s.counter(Stat::DnatNew), 0, "the tc path saw no VIP");
+    drop(stdin); // the client ends at EOF
+    let _ = client.wait();
+}

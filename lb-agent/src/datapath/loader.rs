@@ -26,6 +26,7 @@ use lb_common::{
 use super::{
     conntrack::Conntrack,
     maps::{Capacity, KernelMaps},
+    udp_reset::UdpResetter,
     EBPF_OBJECT, EGRESS_PROGRAM, INGRESS_EXTERNAL_PROGRAM, INGRESS_PROGRAM, SOCK_PROGRAMS,
 };
 
@@ -230,6 +231,15 @@ pub fn conntrack(ebpf: &mut Ebpf, sizes: MapSizes) -> Result<Conntrack, LoadErro
         .take_map(CT_MAP)
         .ok_or_else(|| LoadError::Map(CT_MAP, "missing from the object".into()))?;
     Conntrack::new(map, sizes.conntrack).map_err(|e| LoadError::Map(CT_MAP, e.to_string()))
+}
+
+/// Takes the socket LB reverse map out of a loaded datapath, for resetting
+/// connected UDP sockets whose backend left.
+pub fn udp_resetter(ebpf: &mut Ebpf) -> Result<UdpResetter, LoadError> {
+    let map = ebpf
+        .take_map(SOCK_REVNAT_MAP)
+        .ok_or_else(|| LoadError::Map(SOCK_REVNAT_MAP, "missing from the object".into()))?;
+    UdpResetter::new(map).map_err(|e| LoadError::Map(SOCK_REVNAT_MAP, e.to_string()))
 }
 
 /// The node settings map (SNAT address and ports), for the agent to keep current.

@@ -7,6 +7,7 @@ pub mod conntrack;
 pub mod fake;
 pub mod loader;
 pub mod maps;
+pub mod udp_reset;
 
 /// The `lb-ebpf` object built by build.rs.
 pub const EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));

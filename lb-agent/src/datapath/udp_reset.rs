@@ -1,0 +1,379 @@
+//! Socket LB, connected UDP: a socket connected through a frontend is bound
+//! to one backend for its life (the translation happened in `connect`), so
+//! when that backend leaves the service the socket would keep talking to
+//! it. Such sockets are reset — the application sees `ECONNABORTED` and, as
+//! DNS clients do, opens a new socket that lands on a live backend.
+//!
+//! How: the socket LB reverse map names, per socket cookie, the backend and
+//! frontend. Sockets of backends that left are looked up with sock_diag in
+//! every network namespace of the node (found through /proc) and destroyed
+//! with `SOCK_DESTROY` (CONFIG_INET_DIAG_DESTROY, in every distribution
+//! kernel; the agent needs CAP_SYS_ADMIN for setns and CAP_NET_ADMIN).
+//! The in-kernel alternative, `bpf_sock_destroy` from a socket iterator
+//! (kernel ≥ 6.5), needs kfunc relocation that the loader does not have.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs::File,
+    net::{IpAddr, SocketAddrV4},
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
+};
+
+use aya::maps::{HashMap, Map, MapData, MapError};
+use lb_common::sock::{SockRevNatKey, SockRevNatValue};
+use netlink_packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NetlinkSerializable, NLM_F_ACK, NLM_F_DUMP,
+    NLM_F_REQUEST,
+};
+use netlink_packet_sock_diag::{
+    constants::{AF_INET, IPPROTO_UDP},
+    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
+    SockDiagDestroy, SockDiagMessage,
+};
+use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr};
+
+use crate::{
+    model::{L4Addr, Proto},
+    reconcile::LeftBackend,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum UdpResetError {
+    #[error("reading the socket LB reverse map: {0}")]
+    Map(#[from] MapError),
+    #[error("listing network namespaces in /proc: {0}")]
+    Namespaces(std::io::Error),
+    #[error("entering the network namespace of {0}: {1}")]
+    Enter(String, std::io::Error),
+    #[error("sock_diag in the network namespace of {0}: {1}")]
+    SockDiag(String, std::io::Error),
+    #[error("the namespace walk stopped unexpectedly")]
+    Aborted,
+}
+
+/// What one pass did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Resets {
+    /// Sockets the reverse map ties to a backend that left.
+    pub candidates: usize,
+    pub namespaces: usize,
+    pub sockets_reset: usize,
+}
+
+/// The sockets to reset: socket cookie → the backend it is connected to.
+/// The reverse map does not record the protocol; a TCP socket that matches
+/// is never found among the UDP sockets and is left alone.
+pub fn plan_resets(
+    entries: impl IntoIterator<Item = (SockRevNatKey, SockRevNatValue)>,
+    left: &[LeftBackend],
+) -> BTreeMap<u64, SocketAddrV4> {
+    let left: BTreeSet<(SocketAddrV4, SocketAddrV4)> = left
+        .iter()
+        .filter(|l| l.frontend.proto == Proto::Udp)
+        .map(|l| (socket_addr(l.frontend), socket_addr(l.backend)))
+        .collect();
+    entries
+        .into_iter()
+        .filter_map(|(key, value)| {
+            let backend = SocketAddrV4::new(
+                u32::from_be(key.backend_addr_be).into(),
+                u16::from_be(key.backend_port_be),
+            );
+            let frontend = SocketAddrV4::new(
+                u32::from_be(value.frontend_addr_be).into(),
+                u16::from_be(value.frontend_port_be),
+            );
+            left.contains(&(frontend, backend))
+                .then_some((key.cookie, backend))
+        })
+        .collect()
+}
+
+fn socket_addr(a: L4Addr) -> SocketAddrV4 {
+    SocketAddrV4::new(a.addr, a.port)
+}
+
+/// The pinned socket LB reverse map.
+pub struct UdpResetter {
+    map: HashMap<MapData, SockRevNatKey, SockRevNatValue>,
+}
+
+impl UdpResetter {
+    pub fn new(map: Map) -> Result<Self, MapError> {
+        Ok(Self {
+            map: HashMap::try_from(map)?,
+        })
+    }
+
+    /// Resets the connected UDP sockets of `left` backends, in every
+    /// network namespace, and forgets their reverse entries.
+    pub fn reset(&mut self, left: &[LeftBackend]) -> Result<Resets, UdpResetError> {
+        if left.is_empty() {
+            return Ok(Resets::default());
+        }
+        let entries: Vec<_> = self.map.iter().collect::<Result<_, _>>()?;
+        let wanted = plan_resets(entries, left);
+        let mut resets = Resets {
+            candidates: wanted.len(),
+            ..Resets::default()
+        };
+        if wanted.is_empty() {
+            return Ok(resets);
+        }
+        let namespaces = network_namespaces().map_err(UdpResetError::Namespaces)?;
+        resets.namespaces = namespaces.len();
+        let destroyed = std::thread::scope(|scope| {
+            // setns changes the calling thread only: a thread of its own,
+            // which ends with the pass.
+            scope
+                .spawn(|| reset_in_namespaces(&namespaces, &wanted))
+                .join()
+                .unwrap_or(Err(UdpResetError::Aborted))
+        })?;
+        resets.sockets_reset = destroyed.len();
+        for (cookie, backend) in destroyed {
+            let key = SockRevNatKey {
+                cookie,
+                backend_addr_be: u32::from(*backend.ip()).to_be(),
+                backend_port_be: backend.port().to_be(),
+                _pad: 0,
+            };
+            match self.map.remove(&key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(resets)
+    }
+}
+
+/// One open `ns/net` file per distinct network namespace of the node's
+/// processes, with the process it was found through.
+fn network_namespaces() -> std::io::Result<Vec<(String, File)>> {
+    let mut seen = BTreeSet::new();
+    let mut namespaces = Vec::new();
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        // Processes come and go: one that exited is simply skipped.
+        let Ok(file) = File::open(entry.path().join("ns/net")) else {
+            continue;
+        };
+        let Ok(meta) = file.metadata() else { continue };
+        if seen.insert((meta.dev(), meta.ino())) {
+            namespaces.push((format!("pid {name}"), file));
+        }
+    }
+    Ok(namespaces)
+}
+
+/// Runs on a thread of its own: enters each namespace in turn.
+fn reset_in_namespaces(
+    namespaces: &[(String, File)],
+    wanted: &BTreeMap<u64, SocketAddrV4>,
+) -> Result<Vec<(u64, SocketAddrV4)>, UdpResetError> {
+    let mut destroyed = Vec::new();
+    for (owner, file) in namespaces {
+        // SAFETY: setns on a valid namespace fd; only this thread moves.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            let error = std::io::Error::last_os_error();
+            if error.raw_os_error() == Some(libc::EINVAL) {
+                continue; // not a network namespace any more (process gone)
+            }
+            return Err(UdpResetError::Enter(owner.clone(), error));
+        }
+        let found = destroy_here(wanted).map_err(|e| UdpResetError::SockDiag(owner.clone(), e))?;
+        destroyed.extend(found);
+    }
+    Ok(destroyed)
+}
+
+/// Destroys the wanted sockets of the current network namespace: connected
+/// UDP sockets whose cookie and peer match.
+fn destroy_here(wanted: &BTreeMap<u64, SocketAddrV4>) -> std::io::Result<Vec<(u64, SocketAddrV4)>> {
+    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    let request = SockDiagMessage::InetRequest(InetRequest {
+        family: AF_INET,
+        protocol: IPPROTO_UDP,
+        extensions: ExtensionFlags::empty(),
+        states: StateFlags::all(),
+        socket_id: SocketId::new_v4(),
+    });
+    send(&socket, NLM_F_REQUEST | NLM_F_DUMP, request)?;
+    let mut matches = Vec::new();
+    receive(&socket, |message| {
+        if let NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) = message {
+            let id = &response.header.socket_id;
+            let cookie = cookie_of(id);
+            let peer = match id.destination_address {
+                IpAddr::V4(addr) => SocketAddrV4::new(addr, id.destination_port),
+                IpAddr::V6(_) => return,
+            };
+            if wanted.get(&cookie) == Some(&peer) {
+                matches.push((cookie, peer, id.clone()));
+            }
+        }
+    })?;
+    let mut destroyed = Vec::new();
+    for (cookie, peer, socket_id) in matches {
+        let request = SockDiagDestroy::new(SockDiagMessage::InetRequest(InetRequest {
+            family: AF_INET,
+            protocol: IPPROTO_UDP,
+            extensions: ExtensionFlags::empty(),
+            states: StateFlags::all(),
+            socket_id,
+        }));
+        send(&socket, NLM_F_REQUEST | NLM_F_ACK, request)?;
+        let mut outcome = Ok(());
+        receive(&socket, |message| {
+            if let NetlinkPayload::Error(e) = message {
+                if e.code.is_some() {
+                    outcome = Err(e.to_io());
+                }
+            }
+        })?;
+        match outcome {
+            Ok(()) => destroyed.push((cookie, peer)),
+            // Closed since the dump.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(destroyed)
+}
+
+/// The kernel reports the 64-bit cookie as two native-endian u32 halves,
+/// low half first.
+fn cookie_of(id: &SocketId) -> u64 {
+    let half = |i: usize| {
+        u64::from(u32::from_ne_bytes(
+            id.cookie[i..i + 4].try_into().unwrap_or([0; 4]),
+        ))
+    };
+    half(0) | (half(4) << 32)
+}
+
+fn send<T: NetlinkSerializable>(socket: &Socket, flags: u16, payload: T) -> std::io::Result<()> {
+    let mut header = NetlinkHeader::default();
+    header.flags = flags;
+    let mut message = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(payload));
+    message.finalize();
+    let mut buf = vec![0; message.buffer_len()];
+    message.serialize(&mut buf);
+    socket.send(&buf, 0)?;
+    Ok(())
+}
+
+/// Reads replies until the dump ends or the request is answered (an ACK or
+/// an error), handing each message to `each`.
+fn receive(
+    socket: &Socket,
+    mut each: impl FnMut(NetlinkPayload<SockDiagMessage>),
+) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let size = socket.recv(&mut &mut buf[..], 0)?;
+        let mut offset = 0;
+        while offset < size {
+            let message = NetlinkMessage::<SockDiagMessage>::deserialize(&buf[offset..size])
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+            let length = message.header.length as usize;
+            let last = matches!(
+                message.payload,
+                NetlinkPayload::Done(_) | NetlinkPayload::Error(_)
+            );
+            each(message.payload);
+            if last {
+                return Ok(());
+            }
+            if length == 0 {
+                break;
+            }
+            offset += length;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn udp(addr: [u8; 4], port: u16) -> L4Addr {
+        L4Addr {
+            addr: addr.into(),
+            port,
+            proto: Proto::Udp,
+        }
+    }
+
+    fn entry(
+        cookie: u64,
+        backend: ([u8; 4], u16),
+        frontend: ([u8; 4], u16),
+    ) -> (SockRevNatKey, SockRevNatValue) {
+        (
+            SockRevNatKey {
+                cookie,
+                backend_addr_be: u32::from_be_bytes(backend.0).to_be(),
+                backend_port_be: backend.1.to_be(),
+                _pad: 0,
+            },
+            SockRevNatValue {
+                frontend_addr_be: u32::from_be_bytes(frontend.0).to_be(),
+                frontend_port_be: frontend.1.to_be(),
+                rev_nat_id: 1,
+            },
+        )
+    }
+
+    #[test]
+    fn only_sockets_of_the_left_backend_through_that_frontend_are_reset() {
+        let vip = ([198, 19, 0, 10], 53);
+        let other_vip = ([198, 19, 0, 11], 53);
+        let gone = ([198, 18, 1, 1], 5353);
+        let stays = ([198, 18, 1, 2], 5353);
+        let left = [LeftBackend {
+            frontend: udp(vip.0, vip.1),
+            backend_id: 7,
+            backend: udp(gone.0, gone.1),
+        }];
+        let entries = [
+            entry(1, gone, vip),
+            entry(2, stays, vip),
+            entry(3, gone, other_vip), // the backend still serves this one
+            entry(4, gone, vip),
+        ];
+        let planned = plan_resets(entries, &left);
+        let gone_addr = SocketAddrV4::new(gone.0.into(), gone.1);
+        assert_eq!(planned, BTreeMap::from([(1, gone_addr), (4, gone_addr)]));
+    }
+
+    #[test]
+    fn tcp_frontends_reset_nothing() {
+        let left = [LeftBackend {
+            frontend: L4Addr {
+                proto: Proto::Tcp,
+                ..udp([198, 19, 0, 10], 53)
+            },
+            backend_id: 7,
+            backend: udp([198, 18, 1, 1], 53),
+        }];
+        let entries = [entry(1, ([198, 18, 1, 1], 53), ([198, 19, 0, 10], 53))];
+        assert!(plan_resets(entries, &left).is_empty());
+    }
+
+    #[test]
+    fn the_cookie_is_read_low_half_first() {
+        let mut id = SocketId::new_v4();
+        let cookie: u64 = 0x1122_3344_5566_7788;
+        id.cookie[..4].copy_from_slice(&(cookie as u32).to_ne_bytes());
+        id.cookie[4..].copy_from_slice(&((cookie >> 32) as u32).to_ne_bytes());
+        assert_eq!(cookie_of(&id), cookie);
+    }
+}
