@@ -2,13 +2,16 @@
 //! the machine's root cgroup) in a pod or the node's namespace; the agent's
 //! cgroup programs attached to that cgroup only. Real TCP and UDP.
 
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+};
 
 use lb_common::stats::Stat;
 use lb_tests::{
     cgroup::TestCgroup,
     require_root,
-    servers::BackendServers,
+    servers::{BackendServers, EchoConnection},
     topology::{backend_ip, web_manifest, Agent, ScratchDir, Topology, VIP},
 };
 
@@ -68,6 +71,53 @@ fn setup_with(
 }
 
 impl Setup {
+    /// The pinned cgroup links.
+    fn cgroup_pins(&self) -> Vec<String> {
+        std::fs::read_dir(self.agent.pin_dir.join("links"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with("cgroup-"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Starts the next agent on the pins of the current one, which must
+    /// have been killed (pins left behind). With socket LB, waits until its
+    /// four links are attached and the old run's released.
+    fn start_next_agent(&mut self, socket_lb: bool) {
+        let old_pins = self.cgroup_pins();
+        self.agent.cleanup_pins = false;
+        let cgroup_path = self.cgroup.path.to_string_lossy().into_owned();
+        let flag = format!("--socket-lb={socket_lb}");
+        self.agent = Agent::start(
+            &self.topology.node,
+            &self._manifests.0,
+            &self.topology.interface_pattern(),
+            &self.agent.pin_dir,
+            &self._manifests.0.join("agent-next.log"),
+            &[&flag, "--cgroup-path", &cgroup_path],
+        )
+        .unwrap();
+        if !socket_lb {
+            return;
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while {
+            let pins = self.cgroup_pins();
+            pins.len() != 4 || pins.iter().any(|p| old_pins.contains(p))
+        } {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "socket LB links not replaced: {:?}\n{}",
+                self.cgroup_pins(),
+                self.agent.log_text()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     fn counter(&self, stat: Stat) -> u64 {
         lb_agent::inspect::counters(&self.agent.pin_dir)
             .unwrap()
@@ -214,49 +264,13 @@ fn socket_lb_survives_a_killed_agent_and_the_next_one_adopts_it() {
     assert!(out.starts_with(&format!("{VIP}:80|backend be")), "{out}");
 
     // The next agent attaches its own links, then releases the old ones.
-    let pin_dir = s.agent.pin_dir.clone();
-    let old_pins: Vec<String> = std::fs::read_dir(pin_dir.join("links"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("cgroup-"))
-        .collect();
-    assert_eq!(old_pins.len(), 4, "the killed agent's links stay pinned");
-    s.agent.cleanup_pins = false;
-    let cgroup_path = s.cgroup.path.to_string_lossy().into_owned();
-    s.agent = Agent::start(
-        &s.topology.node,
-        &s._manifests.0,
-        &s.topology.interface_pattern(),
-        &pin_dir,
-        &s._manifests.0.join("agent2.log"),
-        &["--socket-lb=true", "--cgroup-path", &cgroup_path],
-    )
-    .unwrap();
-    let cgroup_pins = || -> Vec<String> {
-        std::fs::read_dir(pin_dir.join("links"))
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| n.starts_with("cgroup-"))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
+    assert_eq!(
+        s.cgroup_pins().len(),
+        4,
+        "the killed agent's links stay pinned"
+    );
     // Four hooks, all of the new run: the old links are released.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while {
-        let pins = cgroup_pins();
-        pins.len() != 4 || pins.iter().any(|p| old_pins.contains(p))
-    } {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "old links not released: {:?}\n{}",
-            cgroup_pins(),
-            s.agent.log_text()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    s.start_next_agent(true);
     let before = s.counter(Stat::SockTranslated);
     let out = s.cgroup.python(&s.topology.client, TCP_CLIENT).unwrap();
     assert!(out.starts_with(&format!("{VIP}:80|backend be")), "{out}");
@@ -350,4 +364,41 @@ fn socket_lb_connected_udp_socket_moves_off_a_removed_backend() {
     assert_eq!(s.counter(Stat::DnatNew), 0, "the tc path saw no VIP");
     drop(stdin); // the client ends at EOF
     let _ = client.wait();
+}
+
+/// Turning socket LB on does not move connections the tc path carries:
+/// they were connected before the cgroup programs existed and keep their
+/// conntrack entries; new connections are translated at the socket.
+#[test]
+fn socket_lb_turned_on_leaves_existing_connections_on_the_tc_path() {
+    let mut s = setup("lbsk10", 2, &[0, 1], false);
+    let mut conn = s
+        .topology
+        .client
+        .run(|| EchoConnection::open(SocketAddrV4::new(VIP, 80)))
+        .expect("connect");
+    let backend = conn.ask().unwrap();
+    assert_eq!(s.counter(Stat::DnatNew), 1, "translated at tc");
+    s.agent.kill().unwrap(); // pins stay: the next agent adopts them
+    s.start_next_agent(true);
+
+    for _ in 0..3 {
+        assert_eq!(
+            conn.ask().unwrap(),
+            backend,
+            "the old connection keeps its backend"
+        );
+    }
+    let out = s.cgroup.python(&s.topology.client, TCP_CLIENT).unwrap();
+    assert!(out.starts_with(&format!("{VIP}:80|backend be")), "{out}");
+    assert_eq!(
+        s.counter(Stat::SockTranslated),
+        1,
+        "the new one at the socket"
+    );
+    assert_eq!(s.counter(Stat::DnatNew), 1, "no new flow at tc");
+    assert!(
+        s.counter(Stat::DnatCtHit) > 0,
+        "the old one through tc conntrack"
+    );
 }
