@@ -14,6 +14,7 @@ pub mod ids;
 pub mod inspect;
 pub mod k8s;
 pub mod manifest;
+pub mod metrics;
 pub mod model;
 pub mod node;
 pub mod objects;

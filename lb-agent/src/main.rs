@@ -97,6 +97,10 @@ struct RunArgs {
     /// Serve /healthz and /readyz here (200 after the first full sync).
     #[arg(long)]
     health_addr: Option<std::net::SocketAddr>,
+    /// Serve Prometheus metrics (/metrics) here; empty: off. kube-proxy's
+    /// flag and default.
+    #[arg(long, default_value = "127.0.0.1:10249", value_parser = parse_bind_address)]
+    metrics_bind_address: BindAddress,
     /// Interfaces to attach to: names or globs, comma separated (e.g.
     /// `veth*,eth0`); `@uplink` stands for the interface(s) of the IPv4
     /// default route(s).
@@ -249,6 +253,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     snat_ports: args.snat_port_range,
                 },
                 health_addr: args.health_addr,
+                metrics_addr: args.metrics_bind_address.0,
                 interfaces: args.interfaces,
                 pin_dir: args.pin_dir,
                 sizes: MapSizes {
@@ -333,4 +338,17 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// An address to serve on, or none (the empty string).
+#[derive(Clone, Copy, Debug)]
+struct BindAddress(Option<std::net::SocketAddr>);
+
+fn parse_bind_address(text: &str) -> Result<BindAddress, String> {
+    if text.is_empty() {
+        return Ok(BindAddress(None));
+    }
+    text.parse().map(|a| BindAddress(Some(a))).map_err(|_| {
+        format!("{text:?} is not ADDRESS:PORT (e.g. 127.0.0.1:10249), nor empty (off)")
+    })
 }

@@ -77,6 +77,28 @@ pub enum FrontendKind {
 }
 
 impl FrontendKind {
+    pub const ALL: [FrontendKind; 4] = [
+        FrontendKind::ClusterIp,
+        FrontendKind::NodePort,
+        FrontendKind::LoadBalancer,
+        FrontendKind::ExternalIp,
+    ];
+
+    /// As Kubernetes names it (`ClusterIP`, …; `externalIP` for `spec.externalIPs`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            FrontendKind::ClusterIp => "ClusterIP",
+            FrontendKind::NodePort => "NodePort",
+            FrontendKind::LoadBalancer => "LoadBalancer",
+            FrontendKind::ExternalIp => "externalIP",
+        }
+    }
+
+    /// The kind a service map entry's flags name.
+    pub fn of_flags(flags: u16) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| flags & k.flag() != 0)
+    }
+
     /// Reached from outside the cluster: `externalTrafficPolicy` applies.
     pub const fn is_external(self) -> bool {
         !matches!(self, FrontendKind::ClusterIp)
@@ -105,12 +127,7 @@ impl FrontendKind {
 
 impl fmt::Display for FrontendKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            FrontendKind::ClusterIp => "ClusterIP",
-            FrontendKind::NodePort => "NodePort",
-            FrontendKind::LoadBalancer => "LoadBalancer",
-            FrontendKind::ExternalIp => "externalIP",
-        })
+        f.write_str(self.name())
     }
 }
 

@@ -25,7 +25,7 @@ use crate::{
     datapath::maps::{LbMaps, MapWriteError},
     desired::{Changes, Desired},
     ids::IdAllocator,
-    model::{L4Addr, Proto, ServiceName},
+    model::{FrontendKind, L4Addr, Proto, ServiceName},
 };
 
 /// One map write.
@@ -168,6 +168,19 @@ pub struct LeftBackend {
     pub frontend: L4Addr,
     pub backend_id: u32,
     pub backend: L4Addr,
+}
+
+/// Entries in the maps the reconciler writes, and what they serve.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapFill {
+    /// Services owning at least one frontend.
+    pub services: usize,
+    pub frontends: BTreeMap<FrontendKind, usize>,
+    pub service_entries: usize,
+    pub backends: usize,
+    pub revnat: usize,
+    pub affinity_matches: usize,
+    pub source_ranges: usize,
 }
 
 /// A backend in the map and how many slots refer to it.
@@ -427,6 +440,34 @@ impl<M: LbMaps> Reconciler<M> {
     /// True while writes of the last pass are still to be retried.
     pub fn needs_retry(&self) -> bool {
         self.pending
+    }
+
+    /// How many entries this agent's maps hold, as far as it wrote or read
+    /// them, and what they serve.
+    pub fn fill(&self) -> MapFill {
+        let services: BTreeSet<&ServiceName> = self
+            .written
+            .values()
+            .filter_map(|w| w.service.as_ref())
+            .collect();
+        let mut fill = MapFill {
+            services: services.len(),
+            backends: self.backend_entries.len(),
+            revnat: self.orphan_revnat.len(),
+            affinity_matches: self.orphan_affinity.len(),
+            source_ranges: self.orphan_ranges.len(),
+            ..MapFill::default()
+        };
+        for w in self.written.values() {
+            fill.service_entries += usize::from(w.head.is_some()) + w.slots.numbers().count();
+            if let Some(kind) = w.head.and_then(|h| FrontendKind::of_flags(h.flags)) {
+                *fill.frontends.entry(kind).or_default() += 1;
+            }
+            fill.revnat += usize::from(w.rev_nat_id.is_some());
+            fill.affinity_matches += w.affinity.len();
+            fill.source_ranges += w.source_ranges.len();
+        }
+        fill
     }
 
     /// The writes that bring the maps to `desired` (pure: nothing is written,

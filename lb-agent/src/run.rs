@@ -27,6 +27,7 @@ use crate::{
     health::{self, Health},
     k8s::ApiSource,
     manifest::ManifestDir,
+    metrics::{ErrorKind, FlowRemoval, Metrics},
     node::NodeSettings,
     reconcile::Reconciler,
     service_health::ServiceHealthServers,
@@ -56,6 +57,8 @@ pub struct RunConfig {
     pub keep_datapath: bool,
     pub poll_interval: Duration,
     pub health_addr: Option<SocketAddr>,
+    /// Serve Prometheus metrics here (`None`: off).
+    pub metrics_addr: Option<SocketAddr>,
     pub timeouts: lb_common::ct::CtTimeouts,
     pub conntrack_gc_interval: Duration,
     /// `/healthz` fails while a seen change waits longer than this.
@@ -125,6 +128,18 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let conntrack = loader::conntrack(&mut ebpf, config.sizes)?;
     let config_map = loader::ConfigMap::take(&mut ebpf)?;
     let udp_resetter = loader::udp_resetter(&mut ebpf)?;
+    let stats = loader::open_pinned(&pin_dir, lb_common::stats::STATS_MAP).and_then(|map| {
+        aya::maps::PerCpuArray::try_from(map)
+            .map_err(|e| loader::LoadError::Map(lb_common::stats::STATS_MAP, e.to_string()))
+    })?;
+    let metrics = Metrics::new(Some(stats));
+    if let Some(addr) = config.metrics_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("--metrics-bind-address {addr}"))?;
+        tokio::spawn(crate::metrics::serve(listener, metrics.clone()));
+        info!(%addr, "serving /metrics");
+    }
     let reconciler =
         Reconciler::restore(maps, config.sizes.backends).context("reading the pinned maps")?;
     info!(pin_dir = %pin_dir.display(), node = %config.node.name, "datapath loaded");
@@ -141,6 +156,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         reconciler,
         conntrack,
         udp_resetter,
+        metrics,
+        change_seen: None,
         source,
         trigger,
         service_health: ServiceHealthServers::new(health.clone()),
@@ -215,6 +232,9 @@ struct Agent {
     reconciler: Reconciler<KernelMaps>,
     conntrack: Conntrack,
     udp_resetter: UdpResetter,
+    metrics: Metrics,
+    /// When the oldest change not yet written was seen.
+    change_seen: Option<std::time::Instant>,
     source: Source,
     /// Nudged by watch events (API) or file events (manifests).
     trigger: Arc<Notify>,
@@ -310,11 +330,13 @@ impl Agent {
             // the interface reverse-NATs its replies.
             if interfaces_due {
                 if let Err(e) = self.sync_interfaces().await {
+                    self.metrics.error(ErrorKind::Interfaces);
                     error!("listing interfaces: {e:#}");
                 }
             }
             if source_due {
                 if let Err(e) = self.sync_source() {
+                    self.metrics.error(ErrorKind::Source);
                     error!("reading {}: {e:#}", self.source_name());
                 }
             } else if retry_due && self.reconciler.needs_retry() {
@@ -338,6 +360,7 @@ impl Agent {
                 _ = sigint.recv() => { info!("SIGINT"); return Ok(()); }
                 _ = self.trigger.notified() => {
                     self.health.change_seen();
+                    self.change_seen.get_or_insert_with(std::time::Instant::now);
                     source_due = true;
                 }
                 _ = links.notified() => interfaces_due = true,
@@ -395,14 +418,9 @@ impl Agent {
         }
         let changes = self.state.update(&self.store, &dirty);
         self.report_input_errors();
-        let report = if self.synced {
-            self.reconciler
-                .apply_changes(self.state.desired(), &changes)
-        } else {
-            self.reconciler.apply(self.state.desired())
-        };
+        let first = !self.synced;
         self.synced = true;
-        self.after_apply(report);
+        self.program((!first).then_some(&changes));
         // Bursts (a relist, thousands of single events) leave freed heap
         // behind: hand it back once enough Services were recomputed.
         self.recomputed_since_trim += dirty.len();
@@ -424,12 +442,30 @@ impl Agent {
         for problem in current.difference(&self.reported) {
             warn!("invalid input, skipped: {problem}");
         }
+        self.metrics.invalid_services(current.len());
         self.reported = current;
     }
 
     /// Retries everything after a failed pass.
     fn retry(&mut self) {
-        let report = self.reconciler.apply(self.state.desired());
+        self.program(None);
+    }
+
+    /// Writes the desired state into the maps: what `changes` touched, or
+    /// everything.
+    fn program(&mut self, changes: Option<&crate::desired::Changes>) {
+        let started = std::time::Instant::now();
+        let report = match changes {
+            Some(changes) => self.reconciler.apply_changes(self.state.desired(), changes),
+            None => self.reconciler.apply(self.state.desired()),
+        };
+        self.metrics.sync_done(started.elapsed().as_secs_f64());
+        if report.errors.is_empty() {
+            self.metrics
+                .programmed(self.change_seen.take().map(|seen| seen.elapsed()));
+        } else {
+            self.metrics.error(ErrorKind::DatapathWrite);
+        }
         self.after_apply(report);
     }
 
@@ -443,6 +479,7 @@ impl Agent {
             return;
         }
         for e in self.service_health.sync(&wanted.0, &wanted.1) {
+            self.metrics.error(ErrorKind::HealthCheckServer);
             error!("{e}");
         }
         self.served_checks = Some(wanted);
@@ -450,6 +487,7 @@ impl Agent {
 
     fn after_apply(&mut self, report: crate::reconcile::Report) {
         self.sync_health_checks();
+        self.report_programmed();
         info!(
             frontends = self.state.desired().frontends.len(),
             added = report.added,
@@ -469,31 +507,94 @@ impl Agent {
                 .map(|left| (left.frontend, left.backend_id))
                 .collect();
             match self.conntrack.flush_udp(&removed) {
-                Ok(sweep) => info!(
-                    flows = sweep.flows_removed,
-                    "flushed UDP conntrack of backends that left their service"
-                ),
-                Err(e) => error!("flushing UDP conntrack: {e}"),
+                Ok(sweep) => {
+                    self.metrics
+                        .flows_removed(FlowRemoval::BackendLeft, sweep.flows_removed);
+                    info!(
+                        flows = sweep.flows_removed,
+                        "flushed UDP conntrack of backends that left their service"
+                    )
+                }
+                Err(e) => {
+                    self.metrics.error(ErrorKind::ConntrackFlush);
+                    error!("flushing UDP conntrack: {e}")
+                }
             }
             // Socket LB translated connected UDP sockets once, at connect:
             // no flow to flush, the sockets themselves are reset.
             match self.udp_resetter.reset(&report.udp_backends_removed) {
-                Ok(resets) if resets.candidates > 0 => info!(
-                    sockets = resets.sockets_reset,
-                    namespaces = resets.namespaces,
-                    "reset connected UDP sockets of backends that left their service"
-                ),
+                Ok(resets) if resets.candidates > 0 => {
+                    self.metrics.udp_sockets_reset(resets.sockets_reset);
+                    info!(
+                        sockets = resets.sockets_reset,
+                        namespaces = resets.namespaces,
+                        "reset connected UDP sockets of backends that left their service"
+                    )
+                }
                 Ok(_) => {}
-                Err(e) => error!("resetting connected UDP sockets: {e}"),
+                Err(e) => {
+                    self.metrics.error(ErrorKind::UdpSocketReset);
+                    error!("resetting connected UDP sockets: {e}")
+                }
             }
+        }
+    }
+
+    /// Services, frontends and backends in the maps, and how full they are.
+    fn report_programmed(&self) {
+        let fill = self.reconciler.fill();
+        self.metrics
+            .programmed_state(fill.services, &fill.frontends, fill.backends);
+        let sizes = self.config.sizes;
+        for (map, entries, capacity) in [
+            (
+                lb_common::svc::SVC_MAP,
+                fill.service_entries,
+                sizes.service_slots,
+            ),
+            (
+                lb_common::backend::BACKEND_MAP,
+                fill.backends,
+                sizes.backends,
+            ),
+            (
+                lb_common::revnat::REVNAT_MAP,
+                fill.revnat,
+                sizes.capacity().revnat,
+            ),
+            (
+                lb_common::affinity::AFFINITY_MATCH_MAP,
+                fill.affinity_matches,
+                lb_common::affinity::MAX_AFFINITY_MATCH_ENTRIES,
+            ),
+            (
+                lb_common::source_range::SOURCE_RANGE_MAP,
+                fill.source_ranges,
+                sizes.source_ranges,
+            ),
+        ] {
+            self.metrics.map_fill(map, entries as u64, capacity);
         }
     }
 
     /// Frees flows whose both directions have expired, and reports the fill.
     fn collect_conntrack(&mut self) {
         let capacity = self.conntrack.capacity;
+        match crate::datapath::fill::datapath_tables(&self.config.pin_dir) {
+            Ok(tables) => {
+                for (map, entries, capacity) in tables {
+                    self.metrics.map_fill(map, entries, capacity);
+                }
+            }
+            Err(e) => warn!("counting the datapath's tables: {e}"),
+        }
         match self.conntrack.gc(monotonic_ns()) {
             Ok(sweep) => {
+                self.metrics.conntrack_entries(sweep.entries);
+                self.metrics
+                    .map_fill(lb_common::ct::CT_MAP, sweep.entries as u64, capacity);
+                self.metrics
+                    .flows_removed(FlowRemoval::Expired, sweep.flows_removed);
                 let fill = sweep.entries as f64 / f64::from(capacity.max(1));
                 let entries = sweep.entries;
                 if fill >= 0.9 {
@@ -509,7 +610,10 @@ impl Agent {
                     );
                 }
             }
-            Err(e) => error!("conntrack gc: {e}"),
+            Err(e) => {
+                self.metrics.error(ErrorKind::ConntrackGc);
+                error!("conntrack gc: {e}")
+            }
         }
     }
 
@@ -553,7 +657,10 @@ impl Agent {
                     }
                     self.node_config = Some(config);
                 }
-                Err(e) => error!("writing the node config: {e}"),
+                Err(e) => {
+                    self.metrics.error(ErrorKind::NodeConfig);
+                    error!("writing the node config: {e}")
+                }
             }
         }
         if context != *self.state.node() {
@@ -561,10 +668,7 @@ impl Agent {
             if let Some(changes) = self.state.set_node(context, &self.store) {
                 if self.synced {
                     self.report_input_errors();
-                    let report = self
-                        .reconciler
-                        .apply_changes(self.state.desired(), &changes);
-                    self.after_apply(report);
+                    self.program(Some(&changes));
                 }
             }
         }

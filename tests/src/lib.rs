@@ -6,6 +6,7 @@ pub mod apiserver;
 pub mod cgroup;
 pub mod cluster;
 pub mod datapath;
+pub mod metrics;
 pub mod netns;
 pub mod packet;
 pub mod process;

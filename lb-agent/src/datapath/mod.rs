@@ -5,6 +5,7 @@ pub mod attach;
 pub mod cgroup;
 pub mod conntrack;
 pub mod fake;
+pub mod fill;
 pub mod loader;
 pub mod maps;
 pub mod udp_reset;

@@ -1,0 +1,39 @@
+//! How full the maps the datapath itself writes are: the session affinity
+//! table and the socket LB reverse map (conntrack is counted by its GC).
+//! Counting walks the keys, so it runs with the GC pass, not per scrape.
+
+use std::path::Path;
+
+use aya::{
+    maps::{HashMap, MapData},
+    Pod,
+};
+use lb_common::{
+    affinity::{AffinityKey, AffinityValue, AFFINITY_MAP},
+    sock::{SockRevNatKey, SockRevNatValue, SOCK_REVNAT_MAP},
+};
+
+use super::loader::LoadError;
+
+/// (map name, entries, capacity) of each LRU table the datapath writes.
+pub fn datapath_tables(pin_dir: &Path) -> Result<Vec<(&'static str, u64, u32)>, LoadError> {
+    Ok(vec![
+        count::<AffinityKey, AffinityValue>(pin_dir, AFFINITY_MAP)?,
+        count::<SockRevNatKey, SockRevNatValue>(pin_dir, SOCK_REVNAT_MAP)?,
+    ])
+}
+
+fn count<K: Pod, V: Pod>(
+    pin_dir: &Path,
+    name: &'static str,
+) -> Result<(&'static str, u64, u32), LoadError> {
+    let error = |e: aya::maps::MapError| LoadError::Map(name, e.to_string());
+    let data = MapData::from_pin(pin_dir.join(name)).map_err(error)?;
+    let capacity = data.info().map_err(error)?.max_entries();
+    let map = aya::maps::Map::from_map_data(data).map_err(error)?;
+    let map: HashMap<MapData, K, V> = HashMap::try_from(map).map_err(error)?;
+    // Entries may come and go during the walk: a key that vanished
+    // between steps is skipped, not an error.
+    let entries = map.keys().filter(Result::is_ok).count() as u64;
+    Ok((name, entries, capacity))
+}

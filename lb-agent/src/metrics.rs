@@ -1,0 +1,383 @@
+//! Prometheus metrics at `--metrics-bind-address` (kube-proxy's flag and
+//! default, 127.0.0.1:10249), in the Prometheus text format, with
+//! kube-proxy's names where the meaning is the same (`kubeproxy_` → `lb_`).
+//!
+//! The agent loop sets the values as it works; the datapath's per-reason
+//! counters are read from the per-CPU map at each scrape. Fill of the maps
+//! the datapath writes (conntrack, affinity, the socket reverse map) is
+//! counted by the conntrack GC pass, so a scrape never walks a large map.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    sync::{atomic::AtomicU64, Arc, Mutex},
+};
+
+use axum::{extract::State, http::header, response::IntoResponse, routing::get, Router};
+use aya::maps::{MapData, PerCpuArray};
+use lb_common::stats::{STAT_COUNT, STAT_NAMES};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::Gauge,
+        histogram::{exponential_buckets, Histogram},
+        MetricType,
+    },
+    registry::Registry,
+};
+
+use crate::model::FrontendKind;
+
+type Label = [(&'static str, &'static str); 1];
+
+/// What went wrong, for `lb_errors_total{kind}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Reading the manifests or the API server.
+    Source,
+    /// A map write failed (retried).
+    DatapathWrite,
+    ConntrackGc,
+    ConntrackFlush,
+    UdpSocketReset,
+    Interfaces,
+    NodeConfig,
+    HealthCheckServer,
+}
+
+impl ErrorKind {
+    const ALL: [ErrorKind; 8] = [
+        Self::Source,
+        Self::DatapathWrite,
+        Self::ConntrackGc,
+        Self::ConntrackFlush,
+        Self::UdpSocketReset,
+        Self::Interfaces,
+        Self::NodeConfig,
+        Self::HealthCheckServer,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Source => "source",
+            Self::DatapathWrite => "datapath_write",
+            Self::ConntrackGc => "conntrack_gc",
+            Self::ConntrackFlush => "conntrack_flush",
+            Self::UdpSocketReset => "udp_socket_reset",
+            Self::Interfaces => "interfaces",
+            Self::NodeConfig => "node_config",
+            Self::HealthCheckServer => "health_check_server",
+        }
+    }
+}
+
+/// Why conntrack flows were removed by the agent.
+#[derive(Clone, Copy, Debug)]
+pub enum FlowRemoval {
+    /// Both directions idle past their timeout (the GC).
+    Expired,
+    /// A UDP backend left its service (the flush).
+    BackendLeft,
+}
+
+impl FlowRemoval {
+    fn label(self) -> &'static str {
+        match self {
+            FlowRemoval::Expired => "expired",
+            FlowRemoval::BackendLeft => "backend_left",
+        }
+    }
+}
+
+/// The agent's metrics; clones share the values.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    sync_duration: Histogram,
+    programming_latency: Histogram,
+    last_sync: Gauge<f64, AtomicU64>,
+    services: Gauge,
+    frontends: Family<Label, Gauge>,
+    endpoints: Gauge,
+    invalid_services: Gauge,
+    errors: Family<Label, Counter>,
+    map_entries: Family<Label, Gauge>,
+    map_capacity: Family<Label, Gauge>,
+    map_fill: Family<Label, Gauge<f64, AtomicU64>>,
+    conntrack_entries: Gauge,
+    flows_removed: Family<Label, Counter>,
+    udp_sockets_reset: Counter,
+}
+
+impl Metrics {
+    /// `stats`: the datapath's per-CPU counters (`None`: not exported).
+    pub fn new(stats: Option<PerCpuArray<MapData, u64>>) -> Self {
+        let mut registry = Registry::default();
+        // 1 ms .. ≈ 65 s, as kube-proxy's sync histogram spans.
+        let sync_duration = Histogram::new(exponential_buckets(0.001, 2.0, 17));
+        let programming_latency = Histogram::new(exponential_buckets(0.001, 2.0, 17));
+        let metrics = Self {
+            registry: Arc::new(Registry::default()),
+            sync_duration,
+            programming_latency,
+            last_sync: Gauge::default(),
+            services: Gauge::default(),
+            frontends: Family::default(),
+            endpoints: Gauge::default(),
+            invalid_services: Gauge::default(),
+            errors: Family::default(),
+            map_entries: Family::default(),
+            map_capacity: Family::default(),
+            map_fill: Family::default(),
+            conntrack_entries: Gauge::default(),
+            flows_removed: Family::default(),
+            udp_sockets_reset: Counter::default(),
+        };
+        let m = &metrics;
+        registry.register(
+            "lb_sync_proxy_rules_duration_seconds",
+            "Time of one pass writing desired state into the BPF maps",
+            m.sync_duration.clone(),
+        );
+        registry.register(
+            "lb_network_programming_duration_seconds",
+            "From a change seen at the source (watch event, file event) to the datapath written",
+            m.programming_latency.clone(),
+        );
+        registry.register(
+            "lb_sync_proxy_rules_last_timestamp_seconds",
+            "Unix time of the last pass that wrote everything",
+            m.last_sync.clone(),
+        );
+        registry.register(
+            "lb_services",
+            "Services with at least one frontend programmed",
+            m.services.clone(),
+        );
+        registry.register(
+            "lb_frontends",
+            "Frontends programmed, by type",
+            m.frontends.clone(),
+        );
+        registry.register(
+            "lb_endpoints",
+            "Backends (address, port, protocol) programmed",
+            m.endpoints.clone(),
+        );
+        registry.register(
+            "lb_invalid_services",
+            "Services whose input is invalid (kept in their last good state or skipped)",
+            m.invalid_services.clone(),
+        );
+        registry.register("lb_errors", "Errors, by kind", m.errors.clone());
+        registry.register(
+            "lb_map_entries",
+            "Entries in each BPF map (maps the datapath writes: as of the last conntrack GC pass)",
+            m.map_entries.clone(),
+        );
+        registry.register(
+            "lb_map_capacity",
+            "max_entries of each BPF map",
+            m.map_capacity.clone(),
+        );
+        registry.register(
+            "lb_map_fill_ratio",
+            "lb_map_entries / lb_map_capacity",
+            m.map_fill.clone(),
+        );
+        registry.register(
+            "lb_conntrack_entries",
+            "Conntrack entries (two per flow), as of the last GC pass",
+            m.conntrack_entries.clone(),
+        );
+        registry.register(
+            "lb_conntrack_flows_removed",
+            "Conntrack flows removed by the agent, by reason",
+            m.flows_removed.clone(),
+        );
+        registry.register(
+            "lb_udp_sockets_reset",
+            "Connected UDP sockets reset because their backend left (socket LB)",
+            m.udp_sockets_reset.clone(),
+        );
+        // Every series exists from the start, at 0: a rate over a series
+        // that appears with its first error would miss that error.
+        for kind in ErrorKind::ALL {
+            let _ = m.errors.get_or_create(&[("kind", kind.label())]);
+        }
+        for why in [FlowRemoval::Expired, FlowRemoval::BackendLeft] {
+            let _ = m.flows_removed.get_or_create(&[("reason", why.label())]);
+        }
+        if let Some(stats) = stats {
+            registry.register_collector(Box::new(DatapathCounters(Mutex::new(stats))));
+        }
+        Self {
+            registry: Arc::new(registry),
+            ..metrics
+        }
+    }
+
+    pub fn sync_done(&self, seconds: f64) {
+        self.sync_duration.observe(seconds);
+    }
+
+    /// Everything seen so far is written; `waited` since the oldest change.
+    pub fn programmed(&self, waited: Option<std::time::Duration>) {
+        if let Some(waited) = waited {
+            self.programming_latency.observe(waited.as_secs_f64());
+        }
+        let now = jiff::Timestamp::now().as_duration().as_secs_f64();
+        self.last_sync.set(now);
+    }
+
+    /// The programmed state: Services, frontends by type, backends.
+    pub fn programmed_state(
+        &self,
+        services: usize,
+        frontends: &BTreeMap<FrontendKind, usize>,
+        endpoints: usize,
+    ) {
+        self.services.set(services as i64);
+        for kind in FrontendKind::ALL {
+            let count = frontends.get(&kind).copied().unwrap_or(0);
+            self.frontends
+                .get_or_create(&[("type", kind.name())])
+                .set(count as i64);
+        }
+        self.endpoints.set(endpoints as i64);
+    }
+
+    pub fn invalid_services(&self, count: usize) {
+        self.invalid_services.set(count as i64);
+    }
+
+    pub fn error(&self, kind: ErrorKind) {
+        self.errors.get_or_create(&[("kind", kind.label())]).inc();
+    }
+
+    pub fn map_fill(&self, map: &'static str, entries: u64, capacity: u32) {
+        let label = [("map", map)];
+        self.map_entries.get_or_create(&label).set(entries as i64);
+        self.map_capacity
+            .get_or_create(&label)
+            .set(i64::from(capacity));
+        self.map_fill
+            .get_or_create(&label)
+            .set(entries as f64 / f64::from(capacity.max(1)));
+    }
+
+    pub fn conntrack_entries(&self, entries: usize) {
+        self.conntrack_entries.set(entries as i64);
+    }
+
+    pub fn flows_removed(&self, why: FlowRemoval, flows: usize) {
+        self.flows_removed
+            .get_or_create(&[("reason", why.label())])
+            .inc_by(flows as u64);
+    }
+
+    pub fn udp_sockets_reset(&self, sockets: usize) {
+        self.udp_sockets_reset.inc_by(sockets as u64);
+    }
+
+    /// The exposition text.
+    pub fn encode(&self) -> Result<String, fmt::Error> {
+        let mut text = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut text, &self.registry)?;
+        Ok(text)
+    }
+}
+
+/// The datapath's per-reason counters, summed over CPUs at each scrape:
+/// `lb_datapath_events_total{event}`.
+struct DatapathCounters(Mutex<PerCpuArray<MapData, u64>>);
+
+impl fmt::Debug for DatapathCounters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DatapathCounters")
+    }
+}
+
+impl Collector for DatapathCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let values: Vec<(&'static str, u64)> = {
+            let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            (0..STAT_COUNT)
+                .filter_map(|i| Some((STAT_NAMES[i as usize], map.get(&i, 0).ok()?.iter().sum())))
+                .collect()
+        };
+        let mut family = encoder.encode_descriptor(
+            "lb_datapath_events",
+            "Datapath events by kind (translations, conntrack, drops), summed over CPUs",
+            None,
+            MetricType::Counter,
+        )?;
+        for (event, value) in values {
+            let label = [("event", event)];
+            ConstCounter::new(value).encode(family.encode_family(&label)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Serves `/metrics` until the process ends.
+pub async fn serve(listener: tokio::net::TcpListener, metrics: Metrics) {
+    let app = Router::new()
+        .route("/metrics", get(scrape))
+        .with_state(metrics);
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!("metrics server: {e}");
+    }
+}
+
+async fn scrape(State(metrics): State<Metrics>) -> impl IntoResponse {
+    match metrics.encode() {
+        Ok(text) => (
+            axum::http::StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            text,
+        ),
+        Err(_) => (
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            "encoding the metrics failed\n".to_owned(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_appear_under_kube_proxy_style_names() {
+        let m = Metrics::new(None);
+        m.sync_done(0.003);
+        m.error(ErrorKind::DatapathWrite);
+        m.map_fill("lb_svc_v3", 25, 100);
+        m.programmed_state(1, &BTreeMap::from([(FrontendKind::NodePort, 2)]), 3);
+        let text = m.encode().unwrap();
+        for line in [
+            "# TYPE lb_sync_proxy_rules_duration_seconds histogram",
+            "lb_sync_proxy_rules_duration_seconds_count 1",
+            "lb_sync_proxy_rules_duration_seconds_bucket{le=\"0.004\"} 1",
+            "lb_errors_total{kind=\"datapath_write\"} 1",
+            "lb_errors_total{kind=\"conntrack_gc\"} 0",
+            "lb_map_fill_ratio{map=\"lb_svc_v3\"} 0.25",
+            "lb_frontends{type=\"NodePort\"} 2",
+            "lb_frontends{type=\"ClusterIP\"} 0",
+            "lb_endpoints 3",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from:\n{text}"
+            );
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! Operability end to end: the agent's Prometheus metrics scraped and
+//! parsed, their values checked against the programmed state, traffic and
+//! changes.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    metrics::{scrape, Scrape},
+    require_root,
+    servers::http_get,
+    topology::{backend_ip, web_manifest, Agent, ScratchDir, Topology, VIP},
+};
+
+const METRICS: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10249);
+
+#[test]
+fn metrics_follow_programmed_state_traffic_and_changes() {
+    require_root();
+    let topology = Topology::new("lbm1", 2).expect("topology");
+    let _servers = topology.serve_backends("be").expect("servers");
+    let manifests = ScratchDir::new("lbm1-manifests").expect("scratch dir");
+    let both = [(backend_ip(0), true), (backend_ip(1), true)];
+    manifests.write("web.yaml", &web_manifest(&both)).unwrap();
+    // The default address (kube-proxy's), in the node's namespace.
+    let mut agent = Agent::start(
+        &topology.node,
+        &manifests.0,
+        &topology.interface_pattern(),
+        &PathBuf::from("/sys/fs/bpf/lbm1-test"),
+        &manifests.0.join("agent.log"),
+        &["--conntrack-gc-interval", "1s"],
+    )
+    .expect("agent");
+    agent
+        .wait_for_maps("the service", |m| {
+            m.contains(&format!("{VIP}:80/TCP count=2"))
+        })
+        .unwrap();
+    let node = &topology.node;
+    let first = scrape(node, METRICS).unwrap();
+
+    for (name, kind) in [
+        ("lb_sync_proxy_rules_duration_seconds", "histogram"),
+        ("lb_network_programming_duration_seconds", "histogram"),
+        ("lb_sync_proxy_rules_last_timestamp_seconds", "gauge"),
+        ("lb_services", "gauge"),
+        ("lb_frontends", "gauge"),
+        ("lb_endpoints", "gauge"),
+        ("lb_map_entries", "gauge"),
+        ("lb_map_capacity", "gauge"),
+        ("lb_map_fill_ratio", "gauge"),
+        ("lb_conntrack_entries", "gauge"),
+        ("lb_datapath_events_total", "counter"),
+        ("lb_errors_total", "counter"),
+        ("lb_conntrack_flows_removed_total", "counter"),
+        ("lb_udp_sockets_reset_total", "counter"),
+    ] {
+        assert_eq!(
+            first.types.get(name).map(String::as_str),
+            Some(kind),
+            "type of {name}: {:?}",
+            first.types
+        );
+    }
+    // One Service, two ClusterIP frontends (TCP 80, UDP 53), two pods ×
+    // two ports; slot 0 and two slots per frontend.
+    assert_eq!(first.get("lb_services"), 1.0);
+    assert_eq!(first.get(r#"lb_frontends{type="ClusterIP"}"#), 2.0);
+    assert_eq!(first.get(r#"lb_frontends{type="NodePort"}"#), 0.0);
+    assert_eq!(first.get("lb_endpoints"), 4.0);
+    assert_eq!(first.get(r#"lb_map_entries{map="lb_svc_v3"}"#), 6.0);
+    assert_eq!(first.get(r#"lb_map_entries{map="lb_backend_v3"}"#), 4.0);
+    assert_eq!(
+        first.get(r#"lb_map_fill_ratio{map="lb_svc_v3"}"#),
+        6.0 / first.get(r#"lb_map_capacity{map="lb_svc_v3"}"#)
+    );
+    assert_eq!(
+        first.get(r#"lb_datapath_events_total{event="dnat_new"}"#),
+        0.0
+    );
+    assert!(first.get("lb_sync_proxy_rules_last_timestamp_seconds") > 1.7e9);
+    let syncs = first.get("lb_sync_proxy_rules_duration_seconds_count");
+    assert!(syncs >= 1.0);
+    // Every error kind is listed, at 0 here.
+    let errors: Vec<(&String, &f64)> = first
+        .samples
+        .iter()
+        .filter(|(k, _)| k.starts_with("lb_errors_total{"))
+        .collect();
+    assert!(errors.len() >= 8, "{errors:?}");
+    assert!(errors.iter().all(|(_, v)| **v == 0.0), "{errors:?}");
+
+    // Traffic moves the datapath counters.
+    for _ in 0..3 {
+        let body = topology
+            .client
+            .run(|| http_get(SocketAddrV4::new(VIP, 80)))
+            .unwrap();
+        assert!(body.starts_with("backend be"), "{body}");
+    }
+    let after_traffic = scrape(node, METRICS).unwrap();
+    assert_eq!(
+        after_traffic.get(r#"lb_datapath_events_total{event="dnat_new"}"#),
+        3.0
+    );
+    // The GC pass counts the conntrack table: 3 flows, two entries each,
+    // closing but not yet expired.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let counted = loop {
+        let s = scrape(node, METRICS).unwrap();
+        if s.get("lb_conntrack_entries") == 6.0 || Instant::now() > deadline {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(counted.get("lb_conntrack_entries"), 6.0);
+    assert_eq!(counted.get(r#"lb_map_entries{map="lb_ct_v3"}"#), 6.0);
+
+    // A change: one pod leaves. The state gauges follow; one more sync and
+    // one more programming-latency observation.
+    manifests
+        .write("web.yaml", &web_manifest(&both[..1]))
+        .unwrap();
+    agent
+        .wait_for_maps("one backend", |m| {
+            m.contains(&format!("{VIP}:80/TCP count=1"))
+        })
+        .unwrap();
+    let changed: Scrape = scrape(node, METRICS).unwrap();
+    assert_eq!(changed.get("lb_endpoints"), 2.0);
+    assert_eq!(changed.get(r#"lb_map_entries{map="lb_svc_v3"}"#), 4.0);
+    assert!(changed.get("lb_sync_proxy_rules_duration_seconds_count") > syncs);
+    assert!(
+        changed.get("lb_network_programming_duration_seconds_count")
+            > first.get("lb_network_programming_duration_seconds_count")
+    );
+}
+
+#[test]
+fn metrics_bind_address_empty_turns_metrics_off_and_a_bad_one_is_refused() {
+    require_root();
+    let topology = Topology::new("lbm2", 1).expect("topology");
+    let manifests = ScratchDir::new("lbm2-manifests").expect("scratch dir");
+    manifests
+        .write("web.yaml", &web_manifest(&[(backend_ip(0), true)]))
+        .unwrap();
+    let mut agent = Agent::start(
+        &topology.node,
+        &manifests.0,
+        &topology.interface_pattern(),
+        &PathBuf::from("/sys/fs/bpf/lbm2-test"),
+        &manifests.0.join("agent.log"),
+        &["--metrics-bind-address", ""],
+    )
+    .expect("agent");
+    agent
+        .wait_for_maps("the service", |m| {
+            m.contains(&format!("{VIP}:80/TCP count=1"))
+        })
+        .unwrap();
+    let refused = scrape(&topology.node, METRICS).unwrap_err();
+    assert!(
+        refused
+            .chain()
+            .any(|e| e.downcast_ref::<std::io::Error>().map(|e| e.kind())
+                == Some(std::io::ErrorKind::ConnectionRefused)),
+        "{refused:#}"
+    );
+    drop(agent);
+
+    let out = std::process::Command::new(lb_tests::topology::agent_binary())
+        .args(["run", "--manifests"])
+        .arg(&manifests.0)
+        .args(["--interfaces", "lo", "--metrics-bind-address", "localhost"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--metrics-bind-address") && stderr.contains("is not ADDRESS:PORT"),
+        "{stderr}"
+    );
+}
