@@ -1,6 +1,14 @@
-//! `lb-agent inspect`: services, conntrack and counters, read from the pinned maps.
+//! `lb-agent inspect services|backends|conntrack|stats`: what the pinned
+//! maps hold, as a table or `--json`, with each frontend's owning Service
+//! and type. A live walk of the maps: one taken mid-update can miss entries
+//! written during it.
 
-use std::{fmt::Write as _, net::Ipv4Addr, path::Path};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+    net::Ipv4Addr,
+    path::Path,
+};
 
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use lb_common::{
@@ -8,30 +16,51 @@ use lb_common::{
     backend::BACKEND_MAP,
     ct::{is_closing, CtKey, CtValue, CT_DIR_FORWARD, CT_MAP, CT_SEEN_REPLY, CT_SNAT},
     revnat::REVNAT_MAP,
+    source_range::SOURCE_RANGE_MAP,
     stats::{STATS_MAP, STAT_COUNT, STAT_NAMES},
-    svc::SVC_MAP,
+    svc::{SvcValue, SVC_MAP},
 };
+use serde::Serialize;
 
 use crate::{
     datapath::{
         conntrack::{flow_is_expired, monotonic_ns},
         loader::{open_pinned, MapSizes},
-        maps::{KernelMaps, LbMaps},
+        maps::{KernelMaps, LbMaps, Snapshot},
     },
     dump,
-    model::Proto,
+    model::{FrontendKind, L4Addr, Proto},
 };
 
-pub fn services(pin_dir: &Path) -> anyhow::Result<String> {
+/// Which entries to show.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    /// `namespace/name` of the owning Service.
+    pub service: Option<String>,
+    /// A backend address.
+    pub backend: Option<Ipv4Addr>,
+}
+
+/// The service maps, read once.
+pub fn snapshot(pin_dir: &Path) -> anyhow::Result<Snapshot> {
     let maps = KernelMaps::new(
         open_pinned(pin_dir, SVC_MAP)?,
         open_pinned(pin_dir, BACKEND_MAP)?,
         open_pinned(pin_dir, REVNAT_MAP)?,
         open_pinned(pin_dir, AFFINITY_MATCH_MAP)?,
-        open_pinned(pin_dir, lb_common::source_range::SOURCE_RANGE_MAP)?,
+        open_pinned(pin_dir, SOURCE_RANGE_MAP)?,
         MapSizes::default().capacity(),
     )?;
-    let text = dump::services(&maps.snapshot()?);
+    Ok(maps.snapshot()?)
+}
+
+/// The services table (`dump`'s format, shared with `check` and the golden tests).
+pub fn services(pin_dir: &Path) -> anyhow::Result<String> {
+    services_text(&snapshot(pin_dir)?, &Filter::default())
+}
+
+pub fn services_text(snapshot: &Snapshot, filter: &Filter) -> anyhow::Result<String> {
+    let text = dump::services(&filtered(snapshot, filter));
     Ok(if text.is_empty() {
         "(no services)\n".into()
     } else {
@@ -39,8 +68,219 @@ pub fn services(pin_dir: &Path) -> anyhow::Result<String> {
     })
 }
 
-/// Forward conntrack entries: one line per tracked flow.
-pub fn conntrack(pin_dir: &Path) -> anyhow::Result<String> {
+/// One frontend as `inspect services --json` shows it.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct FrontendInfo {
+    pub frontend: String,
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub protocol: String,
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    /// `namespace/name`, as stored with the frontend's reverse-NAT entry.
+    pub service: Option<String>,
+    pub rev_nat_id: u16,
+    /// This node's backends are the first `local_backends` slots.
+    pub local_backends: u16,
+    pub external_traffic_policy_local: bool,
+    pub internal_traffic_policy_local: bool,
+    /// ClientIP affinity timeout (None: no affinity).
+    pub affinity_timeout_s: Option<u32>,
+    pub source_ranges: Vec<String>,
+    pub backends: Vec<SlotInfo>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct SlotInfo {
+    pub slot: u16,
+    pub backend_id: u32,
+    pub address: Option<Ipv4Addr>,
+    pub port: Option<u16>,
+    pub local: bool,
+}
+
+pub fn frontends(snapshot: &Snapshot, filter: &Filter) -> Vec<FrontendInfo> {
+    let snapshot = filtered(snapshot, filter);
+    heads(&snapshot)
+        .map(|(frontend, head)| frontend_info(&snapshot, frontend, head))
+        .collect()
+}
+
+fn heads(snapshot: &Snapshot) -> impl Iterator<Item = (L4Addr, &SvcValue)> {
+    snapshot
+        .slots
+        .iter()
+        .filter(|((_, slot), _)| *slot == 0)
+        .map(|((frontend, _), head)| (*frontend, head))
+}
+
+fn frontend_info(snapshot: &Snapshot, frontend: L4Addr, head: &SvcValue) -> FrontendInfo {
+    use lb_common::svc::*;
+    let owner = owner(snapshot, frontend, head.rev_nat_id);
+    let backends = (1..=head.count)
+        .filter_map(|slot| {
+            let value = snapshot.slots.get(&(frontend, slot))?;
+            let backend = snapshot.backends.get(&value.backend_id);
+            Some(SlotInfo {
+                slot,
+                backend_id: value.backend_id,
+                address: backend.map(|b| b.addr),
+                port: backend.map(|b| b.port),
+                local: slot <= head.local_count,
+            })
+        })
+        .collect();
+    FrontendInfo {
+        frontend: frontend.to_string(),
+        address: frontend.addr,
+        port: frontend.port,
+        protocol: frontend.proto.to_string(),
+        kind: FrontendKind::of_flags(head.flags).map(|k| k.name().to_owned()),
+        service: owner,
+        rev_nat_id: head.rev_nat_id,
+        local_backends: head.local_count,
+        external_traffic_policy_local: head.flags & SVC_FLAG_EXTERNAL_LOCAL != 0,
+        internal_traffic_policy_local: head.flags & SVC_FLAG_INTERNAL_LOCAL != 0,
+        affinity_timeout_s: (head.flags & SVC_FLAG_AFFINITY != 0)
+            .then_some(head.affinity_timeout_s),
+        source_ranges: snapshot
+            .source_ranges
+            .iter()
+            .filter(|(id, _)| *id == head.rev_nat_id)
+            .map(|(_, range)| range.to_string())
+            .collect(),
+        backends,
+    }
+}
+
+/// The Service a frontend's reverse-NAT entry names, if it matches.
+fn owner(snapshot: &Snapshot, frontend: L4Addr, rev_nat_id: u16) -> Option<String> {
+    snapshot
+        .revnat
+        .get(&rev_nat_id)
+        .filter(|r| r.frontend == frontend)
+        .and_then(|r| r.owner.as_ref())
+        .map(ToString::to_string)
+}
+
+/// Only the frontends of the filter's Service, or those using its backend.
+fn filtered(snapshot: &Snapshot, filter: &Filter) -> Snapshot {
+    if filter.service.is_none() && filter.backend.is_none() {
+        return snapshot.clone();
+    }
+    let keep: BTreeSet<L4Addr> = heads(snapshot)
+        .filter(|(frontend, head)| {
+            let service_ok = filter.service.as_ref().is_none_or(|wanted| {
+                owner(snapshot, *frontend, head.rev_nat_id).as_ref() == Some(wanted)
+            });
+            let backend_ok = filter.backend.is_none_or(|wanted| {
+                (1..=head.count).any(|slot| {
+                    snapshot
+                        .slots
+                        .get(&(*frontend, slot))
+                        .and_then(|v| snapshot.backends.get(&v.backend_id))
+                        .is_some_and(|b| b.addr == wanted)
+                })
+            });
+            service_ok && backend_ok
+        })
+        .map(|(frontend, _)| frontend)
+        .collect();
+    let mut out = snapshot.clone();
+    out.slots.retain(|(frontend, _), _| keep.contains(frontend));
+    out
+}
+
+/// One backend as `inspect backends` shows it.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct BackendInfo {
+    pub backend_id: u32,
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub protocol: String,
+    /// The frontends with a slot on it.
+    pub frontends: Vec<String>,
+    pub services: Vec<String>,
+}
+
+pub fn backends(snapshot: &Snapshot, filter: &Filter) -> Vec<BackendInfo> {
+    let mut users: BTreeMap<u32, (BTreeSet<String>, BTreeSet<String>)> = BTreeMap::new();
+    for info in frontends(snapshot, &Filter::default()) {
+        for slot in &info.backends {
+            let entry = users.entry(slot.backend_id).or_default();
+            entry.0.insert(info.frontend.clone());
+            entry.1.extend(info.service.clone());
+        }
+    }
+    snapshot
+        .backends
+        .iter()
+        .filter(|(_, b)| filter.backend.is_none_or(|wanted| b.addr == wanted))
+        .map(|(id, b)| {
+            let (frontends, services) = users.remove(id).unwrap_or_default();
+            BackendInfo {
+                backend_id: *id,
+                address: b.addr,
+                port: b.port,
+                protocol: b.proto.to_string(),
+                frontends: frontends.into_iter().collect(),
+                services: services.into_iter().collect(),
+            }
+        })
+        .filter(|b| {
+            filter
+                .service
+                .as_ref()
+                .is_none_or(|wanted| b.services.contains(wanted))
+        })
+        .collect()
+}
+
+pub fn backends_text(backends: &[BackendInfo]) -> String {
+    let mut out = format!(
+        "{:>6} {:<26} {:<30} FRONTENDS\n",
+        "ID", "BACKEND", "SERVICES"
+    );
+    for b in backends {
+        let _ = writeln!(
+            out,
+            "{:>6} {:<26} {:<30} {}",
+            b.backend_id,
+            format!("{}:{}/{}", b.address, b.port, b.protocol),
+            if b.services.is_empty() {
+                "-".to_owned()
+            } else {
+                b.services.join(",")
+            },
+            b.frontends.join(" ")
+        );
+    }
+    let _ = writeln!(out, "({} backends)", backends.len());
+    out
+}
+
+/// One tracked flow (its forward entry) as `inspect conntrack` shows it.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct FlowInfo {
+    pub protocol: String,
+    pub client: String,
+    pub frontend: String,
+    pub backend: String,
+    /// The node address and port the flow was SNATed to, if it was.
+    pub snat: Option<String>,
+    pub service: Option<String>,
+    pub age_s: f64,
+    pub expires_in_s: f64,
+    /// opening, live, closing or expired.
+    pub state: &'static str,
+}
+
+/// Forward conntrack entries: one per tracked flow.
+pub fn flows(
+    pin_dir: &Path,
+    snapshot: &Snapshot,
+    filter: &Filter,
+) -> anyhow::Result<Vec<FlowInfo>> {
     let map: HashMap<MapData, CtKey, CtValue> = open_pinned(pin_dir, CT_MAP)?.try_into()?;
     let now = monotonic_ns();
     let mut rows = Vec::new();
@@ -49,8 +289,22 @@ pub fn conntrack(pin_dir: &Path) -> anyhow::Result<String> {
         if key.dir != CT_DIR_FORWARD {
             continue;
         }
-        let proto =
-            Proto::from_number(key.proto).map_or_else(|| key.proto.to_string(), |p| p.to_string());
+        let backend_addr = Ipv4Addr::from(u32::from_be(value.dst_addr_be));
+        if filter.backend.is_some_and(|wanted| wanted != backend_addr) {
+            continue;
+        }
+        let service = snapshot
+            .revnat
+            .get(&value.rev_nat_id)
+            .and_then(|r| r.owner.as_ref())
+            .map(ToString::to_string);
+        if filter
+            .service
+            .as_ref()
+            .is_some_and(|wanted| service.as_ref() != Some(wanted))
+        {
+            continue;
+        }
         let peer = map.get(&key.peer_key(&value), 0).ok();
         let state = if flow_is_expired(&value, peer.as_ref(), now) {
             "expired"
@@ -62,33 +316,57 @@ pub fn conntrack(pin_dir: &Path) -> anyhow::Result<String> {
             "live"
         };
         let expires = peer.map_or(value.expires_ns, |p| p.expires_ns.max(value.expires_ns));
-        let snat = if value.flags & CT_SNAT != 0 {
-            endpoint(value.src_addr_be, value.src_port_be)
-        } else {
-            "-".into()
-        };
-        rows.push(format!(
-            "{proto:<4} {:<22} {:<22} {:<22} {:>8.1} {:>8.1} {state:<8} {snat}",
-            endpoint(key.saddr_be, key.sport_be),
-            endpoint(key.daddr_be, key.dport_be),
-            endpoint(value.dst_addr_be, value.dst_port_be),
-            now.saturating_sub(value.created_ns) as f64 / 1e9,
-            expires.saturating_sub(now) as f64 / 1e9,
-        ));
+        rows.push(FlowInfo {
+            protocol: Proto::from_number(key.proto)
+                .map_or_else(|| key.proto.to_string(), |p| p.to_string()),
+            client: endpoint(key.saddr_be, key.sport_be),
+            frontend: endpoint(key.daddr_be, key.dport_be),
+            backend: endpoint(value.dst_addr_be, value.dst_port_be),
+            snat: (value.flags & CT_SNAT != 0)
+                .then(|| endpoint(value.src_addr_be, value.src_port_be)),
+            service,
+            age_s: now.saturating_sub(value.created_ns) as f64 / 1e9,
+            expires_in_s: expires.saturating_sub(now) as f64 / 1e9,
+            state,
+        });
     }
-    rows.sort();
-    let mut out = format!(
-        "{:<4} {:<22} {:<22} {:<22} {:>8} {:>8} {:<8} SNAT\n",
-        "PROT", "CLIENT", "FRONTEND", "BACKEND", "AGE(s)", "TTL(s)", "STATE"
-    );
-    for row in &rows {
-        let _ = writeln!(out, "{row}");
-    }
-    let _ = writeln!(out, "({} flows)", rows.len());
-    Ok(out)
+    rows.sort_by(|a, b| {
+        (&a.protocol, &a.client, &a.frontend).cmp(&(&b.protocol, &b.client, &b.frontend))
+    });
+    Ok(rows)
 }
 
-/// Per-reason packet counters, summed over CPUs.
+pub fn flows_text(flows: &[FlowInfo]) -> String {
+    let mut out = format!(
+        "{:<4} {:<22} {:<22} {:<22} {:>8} {:>8} {:<8} {:<22} SERVICE\n",
+        "PROT", "CLIENT", "FRONTEND", "BACKEND", "AGE(s)", "TTL(s)", "STATE", "SNAT"
+    );
+    for f in flows {
+        let _ = writeln!(
+            out,
+            "{:<4} {:<22} {:<22} {:<22} {:>8.1} {:>8.1} {:<8} {:<22} {}",
+            f.protocol,
+            f.client,
+            f.frontend,
+            f.backend,
+            f.age_s,
+            f.expires_in_s,
+            f.state,
+            f.snat.as_deref().unwrap_or("-"),
+            f.service.as_deref().unwrap_or("-"),
+        );
+    }
+    let _ = writeln!(out, "({} flows)", flows.len());
+    out
+}
+
+/// Forward conntrack entries as a table.
+pub fn conntrack(pin_dir: &Path) -> anyhow::Result<String> {
+    let snapshot = snapshot(pin_dir)?;
+    Ok(flows_text(&flows(pin_dir, &snapshot, &Filter::default())?))
+}
+
+/// Per-reason packet counters, summed over CPUs, as a table.
 pub fn stats(pin_dir: &Path) -> anyhow::Result<String> {
     let mut out = String::new();
     for (name, value) in counters(pin_dir)? {

@@ -20,20 +20,38 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Subcommand, Clone, Copy, PartialEq, Eq)]
+enum InspectWhat {
+    /// Frontends with their Service, type, policies and backend slots.
+    Services,
+    /// Backends with the frontends and Services using them.
+    Backends,
+    /// Tracked flows: client, frontend, backend, SNAT, state.
+    Conntrack,
+    /// Per-reason datapath counters, summed over CPUs.
+    Stats,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Load the datapath, attach it, and program it from manifests or the API server until SIGINT/SIGTERM.
     Run(Box<RunArgs>),
-    /// Print services, conntrack and counters from the pinned maps.
+    /// Print what the pinned maps hold: services (default), backends,
+    /// conntrack or stats.
     Inspect {
-        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        #[command(subcommand)]
+        what: Option<InspectWhat>,
+        #[arg(long, global = true, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
-        /// Also print the conntrack table.
-        #[arg(long)]
-        conntrack: bool,
-        /// Also print the per-reason packet counters.
-        #[arg(long)]
-        stats: bool,
+        /// JSON instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
+        /// Only this Service's frontends, backends or flows (NAMESPACE/NAME).
+        #[arg(long, global = true)]
+        service: Option<String>,
+        /// Only frontends, backends or flows with this backend address.
+        #[arg(long, global = true)]
+        backend: Option<std::net::Ipv4Addr>,
     },
     /// Validate manifests and print the maps they would produce (no kernel
     /// access). Exits non-zero whenever `run` with the same limits would not
@@ -282,17 +300,22 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 .block_on(run::run(config))
         }
         Command::Inspect {
+            what,
             pin_dir,
-            conntrack,
-            stats,
+            json,
+            service,
+            backend,
         } => {
-            print!("{}", inspect::services(&pin_dir)?);
-            if conntrack {
-                print!("\n{}", inspect::conntrack(&pin_dir)?);
-            }
-            if stats {
-                print!("\n{}", inspect::stats(&pin_dir)?);
-            }
+            let filter = inspect::Filter { service, backend };
+            print!(
+                "{}",
+                inspect_text(
+                    what.unwrap_or(InspectWhat::Services),
+                    &pin_dir,
+                    json,
+                    &filter
+                )?
+            );
             Ok(())
         }
         Command::Check {
@@ -351,4 +374,54 @@ fn parse_bind_address(text: &str) -> Result<BindAddress, String> {
     text.parse().map(|a| BindAddress(Some(a))).map_err(|_| {
         format!("{text:?} is not ADDRESS:PORT (e.g. 127.0.0.1:10249), nor empty (off)")
     })
+}
+
+fn inspect_text(
+    what: InspectWhat,
+    pin_dir: &std::path::Path,
+    json: bool,
+    filter: &inspect::Filter,
+) -> anyhow::Result<String> {
+    let to_json = |value: serde_json::Value| -> anyhow::Result<String> {
+        Ok(serde_json::to_string_pretty(&value)? + "\n")
+    };
+    match what {
+        InspectWhat::Stats => {
+            let counters = inspect::counters(pin_dir)?;
+            if json {
+                to_json(serde_json::Value::Object(
+                    counters
+                        .into_iter()
+                        .map(|(name, value)| (name.to_owned(), value.into()))
+                        .collect(),
+                ))
+            } else {
+                inspect::stats(pin_dir)
+            }
+        }
+        InspectWhat::Services => {
+            let snapshot = inspect::snapshot(pin_dir)?;
+            if json {
+                to_json(serde_json::to_value(inspect::frontends(&snapshot, filter))?)
+            } else {
+                inspect::services_text(&snapshot, filter)
+            }
+        }
+        InspectWhat::Backends => {
+            let backends = inspect::backends(&inspect::snapshot(pin_dir)?, filter);
+            if json {
+                to_json(serde_json::to_value(backends)?)
+            } else {
+                Ok(inspect::backends_text(&backends))
+            }
+        }
+        InspectWhat::Conntrack => {
+            let flows = inspect::flows(pin_dir, &inspect::snapshot(pin_dir)?, filter)?;
+            if json {
+                to_json(serde_json::to_value(flows)?)
+            } else {
+                Ok(inspect::flows_text(&flows))
+            }
+        }
+    }
 }

@@ -109,7 +109,7 @@ pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
         Ok(_) => anyhow::bail!("expected the connection to be refused"),
     }
 
-    step("conntrack (lb-agent inspect --conntrack), first rows");
+    step("conntrack (lb-agent inspect conntrack), first rows");
     let pin_dir = Path::new(PIN_DIR);
     let table = lb_agent::inspect::conntrack(pin_dir)?;
     let rows: Vec<&str> = table.lines().collect();
@@ -119,7 +119,7 @@ pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
     if rows.len() > 7 {
         println!("  ...\n  {}", rows[rows.len() - 1]);
     }
-    step("per-reason packet counters (lb-agent inspect --stats)");
+    step("per-reason packet counters (lb-agent inspect stats)");
     for line in lb_agent::inspect::stats(pin_dir)?.lines() {
         println!("  {line}");
     }

@@ -1,6 +1,6 @@
 //! Operability end to end: the agent's Prometheus metrics scraped and
-//! parsed, their values checked against the programmed state, traffic and
-//! changes.
+//! parsed, and `inspect --json` read back, each checked against the
+//! programmed state, traffic and changes.
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
@@ -184,4 +184,133 @@ fn metrics_bind_address_empty_turns_metrics_off_and_a_bad_one_is_refused() {
         stderr.contains("--metrics-bind-address") && stderr.contains("is not ADDRESS:PORT"),
         "{stderr}"
     );
+}
+
+/// `lb-agent inspect … --json` with the given arguments, parsed.
+fn inspect_json(pin_dir: &std::path::Path, args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new(lb_tests::topology::agent_binary())
+        .arg("inspect")
+        .args(args)
+        .args(["--json", "--pin-dir"])
+        .arg(pin_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "inspect {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn inspect_json_matches_the_programmed_state_and_filters() {
+    require_root();
+    let topology = Topology::new("lbm3", 3).expect("topology");
+    let _servers = topology.serve_backends("be").expect("servers");
+    let manifests = ScratchDir::new("lbm3-manifests").expect("scratch dir");
+    let two = [(backend_ip(0), true), (backend_ip(1), true)];
+    manifests.write("web.yaml", &web_manifest(&two)).unwrap();
+    // A second Service on the third pod.
+    manifests
+        .write(
+            "db.yaml",
+            &web_manifest(&[(backend_ip(2), true)])
+                .replace("name: web", "name: db")
+                .replace("web-1", "db-1")
+                .replace("service-name: web", "service-name: db")
+                .replace(&VIP.to_string(), "198.19.0.11"),
+        )
+        .unwrap();
+    let mut agent = Agent::start(
+        &topology.node,
+        &manifests.0,
+        &topology.interface_pattern(),
+        &PathBuf::from("/sys/fs/bpf/lbm3-test"),
+        &manifests.0.join("agent.log"),
+        &[],
+    )
+    .expect("agent");
+    agent
+        .wait_for_maps("both services", |m| {
+            m.contains(&format!("{VIP}:80/TCP count=2")) && m.contains("198.19.0.11:80/TCP count=1")
+        })
+        .unwrap();
+    let pins = agent.pin_dir.clone();
+
+    let services = inspect_json(&pins, &["services"]);
+    let services = services.as_array().unwrap();
+    assert_eq!(services.len(), 4, "{services:#?}");
+    let web_tcp = services
+        .iter()
+        .find(|f| f["frontend"] == format!("{VIP}:80/TCP"))
+        .unwrap();
+    assert_eq!(web_tcp["service"], "demo/web");
+    assert_eq!(web_tcp["type"], "ClusterIP");
+    assert_eq!(web_tcp["protocol"], "TCP");
+    let mut addresses: Vec<String> = web_tcp["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| format!("{}:{}", b["address"].as_str().unwrap(), b["port"]))
+        .collect();
+    addresses.sort();
+    assert_eq!(
+        addresses,
+        vec![
+            format!("{}:8080", backend_ip(0)),
+            format!("{}:8080", backend_ip(1))
+        ]
+    );
+
+    // Filters: by Service, by backend address.
+    let db = inspect_json(&pins, &["services", "--service", "demo/db"]);
+    let db: Vec<&str> = db
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["frontend"].as_str().unwrap())
+        .collect();
+    assert_eq!(db, vec!["198.19.0.11:53/UDP", "198.19.0.11:80/TCP"]);
+    let on_pod1 = inspect_json(&pins, &["services", "--backend", &backend_ip(1).to_string()]);
+    assert!(on_pod1
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|f| f["service"] == "demo/web"));
+    assert_eq!(on_pod1.as_array().unwrap().len(), 2);
+
+    let backends = inspect_json(&pins, &["backends", "--service", "demo/web"]);
+    let backends = backends.as_array().unwrap();
+    assert_eq!(backends.len(), 4, "2 pods × TCP and UDP: {backends:#?}");
+    assert!(backends.iter().all(|b| b["services"] == serde_json::json!(["demo/web"])));
+
+    for _ in 0..2 {
+        topology
+            .client
+            .run(|| http_get(SocketAddrV4::new(VIP, 80)))
+            .unwrap();
+    }
+    let flows = inspect_json(&pins, &["conntrack", "--service", "demo/web"]);
+    let flows = flows.as_array().unwrap();
+    assert_eq!(flows.len(), 2, "{flows:#?}");
+    for flow in flows {
+        assert!(flow["client"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{}:", lb_tests::topology::CLIENT_IP)));
+        assert_eq!(flow["frontend"], format!("{VIP}:80"));
+        let backend = flow["backend"].as_str().unwrap();
+        assert!(
+            backend == format!("{}:8080", backend_ip(0)) || backend == format!("{}:8080", backend_ip(1)),
+            "{backend}"
+        );
+        assert_eq!(flow["snat"], serde_json::Value::Null);
+    }
+    assert!(inspect_json(&pins, &["conntrack", "--service", "demo/db"])
+        .as_array()
+        .unwrap()
+        .is_empty());
+    let stats = inspect_json(&pins, &["stats"]);
+    assert_eq!(stats["dnat_new"], 2);
 }
