@@ -9,6 +9,7 @@ pub mod desired;
 
 pub mod dump;
 pub mod error;
+pub mod explain;
 pub mod health;
 pub mod ids;
 pub mod inspect;

@@ -4,7 +4,7 @@ use clap::{Parser, Subcommand};
 use lb_agent::{
     datapath::loader::{MapSizes, DEFAULT_PIN_DIR},
     desired::{self, Limits},
-    dump, inspect, manifest,
+    dump, explain, inspect, manifest,
     reconcile::Reconciler,
     run::{self, RunConfig, SourceConfig},
 };
@@ -52,6 +52,25 @@ enum Command {
         /// Only frontends, backends or flows with this backend address.
         #[arg(long, global = true)]
         backend: Option<std::net::Ipv4Addr>,
+    },
+    /// How a Service name or address is served: the DNS answer, the
+    /// frontend and its backends, the backend the datapath picks for
+    /// --client (the real program on a synthetic packet, no state written),
+    /// and the live flows.
+    Explain {
+        /// NAME.NAMESPACE[.svc[.cluster.local]][:PORT], VIP[:PORT] or NODEIP:NODEPORT.
+        target: String,
+        /// The client (IP or IP:PORT; port 40000 by default) to show the pick for.
+        #[arg(long)]
+        client: Option<String>,
+        /// The Services and EndpointSlices (for headless and ExternalName
+        /// names, endpoint conditions and nodes).
+        #[arg(long)]
+        manifests: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
     },
     /// Validate manifests and print the maps they would produce (no kernel
     /// access). Exits non-zero whenever `run` with the same limits would not
@@ -316,6 +335,39 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     &filter
                 )?
             );
+            Ok(())
+        }
+        Command::Explain {
+            target,
+            client,
+            manifests,
+            json,
+            pin_dir,
+        } => {
+            let target: explain::Target = target.parse()?;
+            let client = client.as_deref().map(explain::parse_client).transpose()?;
+            let objects = match manifests {
+                Some(dir) => {
+                    let mut dir = manifest::ManifestDir::new(&dir);
+                    if let Some(changes) = dir.poll()? {
+                        for e in &changes.errors {
+                            eprintln!("warning: {e}");
+                        }
+                    }
+                    Some(dir.objects())
+                }
+                None => None,
+            };
+            let sources = explain::Sources {
+                pin_dir: &pin_dir,
+                objects: objects.as_ref(),
+            };
+            let explanation = explain::explain(&target, client, &sources)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&explanation)?);
+            } else {
+                print!("{}", explain::text(&explanation));
+            }
             Ok(())
         }
         Command::Check {

@@ -41,6 +41,8 @@ pub struct ServiceSpecView {
     pub affinity_timeout_s: Option<i32>,
     pub load_balancer_source_ranges: Vec<String>,
     pub health_check_node_port: Option<i32>,
+    /// `spec.externalName` (type ExternalName: a DNS alias, no datapath).
+    pub external_name: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -180,6 +182,7 @@ impl From<&Service> for ServiceView {
                     })
                     .collect(),
                 external_ips: spec.external_ips.clone().unwrap_or_default(),
+                external_name: spec.external_name.clone(),
                 load_balancer_ingress: s
                     .status
                     .as_ref()

@@ -272,7 +272,10 @@ fn inspect_json_matches_the_programmed_state_and_filters() {
         .map(|f| f["frontend"].as_str().unwrap())
         .collect();
     assert_eq!(db, vec!["198.19.0.11:53/UDP", "198.19.0.11:80/TCP"]);
-    let on_pod1 = inspect_json(&pins, &["services", "--backend", &backend_ip(1).to_string()]);
+    let on_pod1 = inspect_json(
+        &pins,
+        &["services", "--backend", &backend_ip(1).to_string()],
+    );
     assert!(on_pod1
         .as_array()
         .unwrap()
@@ -283,7 +286,9 @@ fn inspect_json_matches_the_programmed_state_and_filters() {
     let backends = inspect_json(&pins, &["backends", "--service", "demo/web"]);
     let backends = backends.as_array().unwrap();
     assert_eq!(backends.len(), 4, "2 pods × TCP and UDP: {backends:#?}");
-    assert!(backends.iter().all(|b| b["services"] == serde_json::json!(["demo/web"])));
+    assert!(backends
+        .iter()
+        .all(|b| b["services"] == serde_json::json!(["demo/web"])));
 
     for _ in 0..2 {
         topology
@@ -302,7 +307,8 @@ fn inspect_json_matches_the_programmed_state_and_filters() {
         assert_eq!(flow["frontend"], format!("{VIP}:80"));
         let backend = flow["backend"].as_str().unwrap();
         assert!(
-            backend == format!("{}:8080", backend_ip(0)) || backend == format!("{}:8080", backend_ip(1)),
+            backend == format!("{}:8080", backend_ip(0))
+                || backend == format!("{}:8080", backend_ip(1)),
             "{backend}"
         );
         assert_eq!(flow["snat"], serde_json::Value::Null);
@@ -313,4 +319,182 @@ fn inspect_json_matches_the_programmed_state_and_filters() {
         .is_empty());
     let stats = inspect_json(&pins, &["stats"]);
     assert_eq!(stats["dnat_new"], 2);
+}
+
+/// `lb-agent explain … --json` with the given arguments, parsed.
+fn explain_json(pin_dir: &std::path::Path, args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new(lb_tests::topology::agent_binary())
+        .arg("explain")
+        .args(args)
+        .args(["--json", "--pin-dir"])
+        .arg(pin_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "explain {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A TCP connection to VIP:80 from `CLIENT_IP:port`; the backend's name.
+fn http_from_port(port: u16) -> String {
+    use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
+    use std::io::{Read as _, Write as _};
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::empty(),
+        None,
+    )
+    .unwrap();
+    let at = |a: SocketAddrV4| SockaddrIn::from(a);
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &at(SocketAddrV4::new(lb_tests::topology::CLIENT_IP, port)),
+    )
+    .unwrap();
+    connect(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &at(SocketAddrV4::new(VIP, 80)),
+    )
+    .unwrap();
+    let mut stream = std::net::TcpStream::from(fd);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    write!(stream, "GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+    body.split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[test]
+fn explain_picks_the_backend_a_real_connection_gets_and_resolves_like_cluster_dns() {
+    require_root();
+    let topology = Topology::new("lbm4", 3).expect("topology");
+    let _servers = topology.serve_backends("be").expect("servers");
+    let manifests = ScratchDir::new("lbm4-manifests").expect("scratch dir");
+    let three: Vec<(Ipv4Addr, bool)> = (0..3).map(|i| (backend_ip(i), true)).collect();
+    manifests.write("web.yaml", &web_manifest(&three)).unwrap();
+    manifests
+        .write(
+            "dns.yaml",
+            r#"apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: demo}
+spec:
+  clusterIP: None
+  ports: [{name: pg, port: 5432}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: db-1
+  namespace: demo
+  labels: {kubernetes.io/service-name: db}
+addressType: IPv4
+ports: [{name: pg, port: 5432, protocol: TCP}]
+endpoints:
+- addresses: ["198.18.2.7"]
+  conditions: {ready: true}
+  nodeName: node-a
+- addresses: ["198.18.2.8"]
+  conditions: {ready: false}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: mail, namespace: demo}
+spec:
+  type: ExternalName
+  externalName: mail.example.org
+"#,
+        )
+        .unwrap();
+    let mut agent = Agent::start(
+        &topology.node,
+        &manifests.0,
+        &topology.interface_pattern(),
+        &PathBuf::from("/sys/fs/bpf/lbm4-test"),
+        &manifests.0.join("agent.log"),
+        &[],
+    )
+    .expect("agent");
+    agent
+        .wait_for_maps("the service", |m| {
+            m.contains(&format!("{VIP}:80/TCP count=3"))
+        })
+        .unwrap();
+    let pins = agent.pin_dir.clone();
+    let dir = manifests.0.to_string_lossy().into_owned();
+
+    // The name resolves to the VIP; the pick for each client port is the
+    // backend a real connection from that port then gets.
+    let mut seen = std::collections::BTreeSet::new();
+    for port in 41000..41008 {
+        let client = format!("{}:{port}", lb_tests::topology::CLIENT_IP);
+        let e = explain_json(
+            &pins,
+            &[
+                "web.demo.svc.cluster.local:http",
+                "--client",
+                &client,
+                "--manifests",
+                &dir,
+            ],
+        );
+        assert_eq!(e["dns"]["record"], "A");
+        assert_eq!(e["dns"]["answers"], serde_json::json!([VIP.to_string()]));
+        let frontends = e["frontends"].as_array().unwrap();
+        assert_eq!(frontends.len(), 1, "the http port only: {frontends:#?}");
+        let f = &frontends[0];
+        assert_eq!(f["frontend"], format!("{VIP}:80/TCP"));
+        assert_eq!(f["service"], "demo/web");
+        assert_eq!(f["endpoints"].as_array().unwrap().len(), 3);
+        assert_eq!(f["pick"]["verdict"], "pass");
+        assert_eq!(f["pick"]["events"], serde_json::json!(["dnat_new"]));
+        let picked = f["pick"]["backend"].as_str().unwrap().to_owned();
+        let got = topology.client.run(|| http_from_port(port));
+        let index: usize = got.trim_start_matches("be").parse().unwrap();
+        assert_eq!(
+            picked,
+            format!("{}:8080", backend_ip(index)),
+            "client port {port}: explain said {picked}, the connection got {got}"
+        );
+        seen.insert(picked);
+    }
+    assert!(seen.len() > 1, "the picks spread over backends: {seen:?}");
+    // Explain wrote nothing: the live flows are the 8 real connections.
+    let e = explain_json(&pins, &[&format!("{VIP}:80")]);
+    assert_eq!(e["conntrack"].as_array().unwrap().len(), 8);
+    assert_eq!(e["dns"], serde_json::Value::Null);
+
+    // Headless: the ready pods' addresses; ExternalName: the alias.
+    let db = explain_json(&pins, &["db.demo", "--manifests", &dir]);
+    assert_eq!(db["dns"]["answers"], serde_json::json!(["198.18.2.7"]));
+    assert!(db["frontends"].as_array().unwrap().is_empty());
+    let mail = explain_json(&pins, &["mail.demo", "--manifests", &dir]);
+    assert_eq!(mail["dns"]["record"], "CNAME");
+    assert_eq!(
+        mail["dns"]["answers"],
+        serde_json::json!(["mail.example.org"])
+    );
+
+    // Unknown names are errors that say why.
+    let out = std::process::Command::new(lb_tests::topology::agent_binary())
+        .args(["explain", "db.demo", "--pin-dir"])
+        .arg(&pins)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("demo/db: no such Service in the maps") && stderr.contains("--manifests"),
+        "{stderr}"
+    );
 }

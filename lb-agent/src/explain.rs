@@ -1,0 +1,577 @@
+//! `lb-agent explain NAME.NAMESPACE[.svc[.cluster.local]][:PORT] | IP[:PORT]`:
+//! the whole chain for one service in one answer — the name as cluster DNS
+//! resolves it, the frontend(s) in the maps with their Service, type and
+//! policies, the backends (with conditions and nodes when the objects are
+//! at hand), the backend the datapath picks for a client (the real program
+//! run on a synthetic packet, see `datapath::probe`), and the live
+//! conntrack entries of the Service.
+
+use std::{
+    fmt::Write as _,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+    str::FromStr,
+};
+
+use serde::Serialize;
+
+use crate::{
+    datapath::probe::Probe,
+    inspect::{self, FlowInfo, FrontendInfo},
+    model::{FrontendKind, L4Addr, Proto},
+    objects::Objects,
+};
+
+const CLUSTER_DOMAIN: &str = "svc.cluster.local";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExplainError {
+    #[error(
+        "{0:?}: expected NAME.NAMESPACE[.svc[.cluster.local]][:PORT], VIP[:PORT] or NODEIP:NODEPORT"
+    )]
+    Target(String),
+    #[error("--client {0:?}: expected IP or IP:PORT")]
+    Client(String),
+    #[error("{0}: no such Service in the maps{1}")]
+    UnknownService(String, &'static str),
+    #[error("{0}: no frontend in the maps")]
+    UnknownFrontend(String),
+    #[error("port {port:?}: Service {service} has no such port (has {have})")]
+    UnknownPort {
+        service: String,
+        port: String,
+        have: String,
+    },
+}
+
+/// What was asked about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// A Service by DNS name; the port by number or name.
+    Name {
+        name: String,
+        namespace: String,
+        port: Option<String>,
+    },
+    Address {
+        addr: Ipv4Addr,
+        port: Option<u16>,
+    },
+}
+
+impl FromStr for Target {
+    type Err = ExplainError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = || ExplainError::Target(text.to_owned());
+        let (host, port) = match text.rsplit_once(':') {
+            Some((host, port)) if !port.is_empty() => (host, Some(port)),
+            Some(_) => return Err(bad()),
+            None => (text, None),
+        };
+        if let Ok(addr) = host.parse::<Ipv4Addr>() {
+            let port = port
+                .map(|p| p.parse::<u16>().map_err(|_| bad()))
+                .transpose()?;
+            return Ok(Target::Address { addr, port });
+        }
+        let short = host
+            .trim_end_matches('.')
+            .strip_suffix(&format!(".{CLUSTER_DOMAIN}"))
+            .or_else(|| host.strip_suffix(".svc"))
+            .unwrap_or(host);
+        let (name, namespace) = short.split_once('.').ok_or_else(bad)?;
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        };
+        if !label_ok(name) || !label_ok(namespace) {
+            return Err(bad());
+        }
+        Ok(Target::Name {
+            name: name.to_owned(),
+            namespace: namespace.to_owned(),
+            port: port.map(str::to_owned),
+        })
+    }
+}
+
+/// A client address, with a port (default 40000).
+pub fn parse_client(text: &str) -> Result<SocketAddrV4, ExplainError> {
+    let bad = || ExplainError::Client(text.to_owned());
+    match text.parse::<SocketAddrV4>() {
+        Ok(a) => Ok(a),
+        Err(_) => text
+            .parse::<Ipv4Addr>()
+            .map(|ip| SocketAddrV4::new(ip, 40000))
+            .map_err(|_| bad()),
+    }
+}
+
+/// The answer, as `--json` prints it.
+#[derive(Debug, Serialize)]
+pub struct Explanation {
+    pub query: String,
+    /// How cluster DNS answers the name (absent for an address query).
+    pub dns: Option<DnsAnswer>,
+    pub frontends: Vec<FrontendExplained>,
+    /// Live flows of the Service (all its frontends).
+    pub conntrack: Vec<FlowInfo>,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct DnsAnswer {
+    pub name: String,
+    /// `A` (cluster IP, or pod IPs for a headless Service) or `CNAME`.
+    pub record: &'static str,
+    pub answers: Vec<String>,
+    /// Why lb is not in the path, when it is not.
+    pub note: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FrontendExplained {
+    #[serde(flatten)]
+    pub frontend: FrontendInfo,
+    /// The endpoints behind it as the EndpointSlices list them (with the
+    /// objects only).
+    pub endpoints: Vec<EndpointInfo>,
+    /// What the datapath does with the client's next packet.
+    pub pick: Option<Pick>,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct EndpointInfo {
+    pub address: String,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    pub node: Option<String>,
+    /// In the frontend's slots (used by the datapath).
+    pub in_datapath: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Pick {
+    pub client: String,
+    /// The ingress program run: pod-facing interfaces or uplinks.
+    pub program: &'static str,
+    pub verdict: String,
+    pub events: Vec<&'static str>,
+    /// The destination the packet leaves with (a backend when translated).
+    pub backend: Option<String>,
+    /// The source it leaves with, when SNATed.
+    pub snat: Option<String>,
+}
+
+/// Where explain looks.
+pub struct Sources<'a> {
+    pub pin_dir: &'a Path,
+    /// Services and EndpointSlices (headless, ExternalName, conditions).
+    pub objects: Option<&'a Objects>,
+}
+
+pub fn explain(
+    target: &Target,
+    client: Option<SocketAddrV4>,
+    sources: &Sources<'_>,
+) -> anyhow::Result<Explanation> {
+    let snapshot = inspect::snapshot(sources.pin_dir)?;
+    let all = inspect::frontends(&snapshot, &inspect::Filter::default());
+    let (query, dns, selected, service) = match target {
+        Target::Name {
+            name,
+            namespace,
+            port,
+        } => {
+            let service = format!("{namespace}/{name}");
+            let fqdn = format!("{name}.{namespace}.{CLUSTER_DOMAIN}");
+            if let Some(answer) = dns_without_datapath(sources.objects, namespace, name, &fqdn) {
+                return Ok(Explanation {
+                    query: fqdn,
+                    dns: Some(answer),
+                    frontends: Vec::new(),
+                    conntrack: Vec::new(),
+                });
+            }
+            let cluster_ips: Vec<&FrontendInfo> = all
+                .iter()
+                .filter(|f| {
+                    f.service.as_deref() == Some(service.as_str())
+                        && f.kind.as_deref() == Some(FrontendKind::ClusterIp.name())
+                })
+                .collect();
+            if cluster_ips.is_empty() {
+                let hint = if sources.objects.is_some() {
+                    ""
+                } else {
+                    " (headless and ExternalName Services are not in the datapath: pass --manifests to resolve them)"
+                };
+                return Err(ExplainError::UnknownService(service, hint).into());
+            }
+            let wanted_port = match port {
+                None => None,
+                Some(p) => Some(port_number(p, &service, &cluster_ips, sources.objects)?),
+            };
+            let mut addresses: Vec<String> =
+                cluster_ips.iter().map(|f| f.address.to_string()).collect();
+            addresses.dedup();
+            let selected: Vec<FrontendInfo> = cluster_ips
+                .into_iter()
+                .filter(|f| wanted_port.is_none_or(|p| f.port == p))
+                .cloned()
+                .collect();
+            let dns = DnsAnswer {
+                name: fqdn.clone(),
+                record: "A",
+                answers: addresses,
+                note: None,
+            };
+            let query = match port {
+                Some(p) => format!("{fqdn}:{p}"),
+                None => fqdn,
+            };
+            (query, Some(dns), selected, Some(service))
+        }
+        Target::Address { addr, port } => {
+            let selected: Vec<FrontendInfo> = all
+                .iter()
+                .filter(|f| f.address == *addr && port.is_none_or(|p| f.port == p))
+                .cloned()
+                .collect();
+            let query = match port {
+                Some(p) => format!("{addr}:{p}"),
+                None => addr.to_string(),
+            };
+            if selected.is_empty() {
+                return Err(ExplainError::UnknownFrontend(query).into());
+            }
+            let service = selected.iter().find_map(|f| f.service.clone());
+            (query, None, selected, service)
+        }
+    };
+
+    let mut probe = match client {
+        Some(_) => Some(Probe::load(sources.pin_dir)?),
+        None => None,
+    };
+    let mut frontends = Vec::new();
+    for frontend in selected {
+        let pick = match (client, probe.as_mut()) {
+            (Some(client), Some(probe)) => Some(pick(probe, client, &frontend)?),
+            _ => None,
+        };
+        let endpoints = sources
+            .objects
+            .map(|o| endpoints(o, &frontend))
+            .unwrap_or_default();
+        frontends.push(FrontendExplained {
+            frontend,
+            endpoints,
+            pick,
+        });
+    }
+    let conntrack = inspect::flows(
+        sources.pin_dir,
+        &snapshot,
+        &inspect::Filter {
+            service,
+            backend: None,
+        },
+    )?;
+    Ok(Explanation {
+        query,
+        dns,
+        frontends,
+        conntrack,
+    })
+}
+
+/// Headless and ExternalName Services: DNS answers without a cluster IP, so
+/// lb is not in the path.
+fn dns_without_datapath(
+    objects: Option<&Objects>,
+    namespace: &str,
+    name: &str,
+    fqdn: &str,
+) -> Option<DnsAnswer> {
+    let objects = objects?;
+    let service = objects
+        .services
+        .iter()
+        .map(|s| &s.object)
+        .find(|s| &*s.namespace == namespace && &*s.name == name)?;
+    let spec = service.spec.as_ref()?;
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return Some(DnsAnswer {
+            name: fqdn.to_owned(),
+            record: "CNAME",
+            answers: spec.external_name.iter().cloned().collect(),
+            note: Some("ExternalName: a DNS alias; no frontend, nothing to load-balance".into()),
+        });
+    }
+    if spec.cluster_ip.as_deref() != Some("None") {
+        return None;
+    }
+    let mut answers: Vec<String> = objects
+        .slices
+        .iter()
+        .map(|s| &s.object)
+        .filter(|s| &*s.namespace == namespace && s.service_name.as_deref() == Some(name))
+        .flat_map(|s| &s.endpoints)
+        .filter(|e| e.ready != Some(false))
+        .filter_map(|e| e.address.as_ref().map(ToString::to_string))
+        .collect();
+    answers.sort();
+    answers.dedup();
+    Some(DnsAnswer {
+        name: fqdn.to_owned(),
+        record: "A",
+        answers,
+        note: Some("headless: DNS answers with the ready pods' addresses; clients connect to them directly, lb is not in the path".into()),
+    })
+}
+
+/// A port by number, or by name through the Service object.
+fn port_number(
+    port: &str,
+    service: &str,
+    frontends: &[&FrontendInfo],
+    objects: Option<&Objects>,
+) -> Result<u16, ExplainError> {
+    if let Ok(number) = port.parse::<u16>() {
+        if frontends.iter().any(|f| f.port == number) {
+            return Ok(number);
+        }
+    } else if let Some(objects) = objects {
+        let by_name = objects
+            .services
+            .iter()
+            .map(|s| &s.object)
+            .filter(|s| format!("{}/{}", s.namespace, s.name) == service)
+            .filter_map(|s| s.spec.as_ref())
+            .flat_map(|spec| &spec.ports)
+            .find(|p| p.name.as_deref() == Some(port))
+            .and_then(|p| u16::try_from(p.port).ok());
+        if let Some(number) = by_name {
+            return Ok(number);
+        }
+    }
+    let mut have: Vec<String> = frontends.iter().map(|f| f.port.to_string()).collect();
+    have.dedup();
+    Err(ExplainError::UnknownPort {
+        service: service.to_owned(),
+        port: port.to_owned(),
+        have: have.join(", "),
+    })
+}
+
+fn pick(probe: &mut Probe, client: SocketAddrV4, frontend: &FrontendInfo) -> anyhow::Result<Pick> {
+    let proto = if frontend.protocol == Proto::Udp.to_string() {
+        Proto::Udp
+    } else {
+        Proto::Tcp
+    };
+    let l4 = L4Addr {
+        addr: frontend.address,
+        port: frontend.port,
+        proto,
+    };
+    // Cluster IPs are reached from pods; the other kinds from outside.
+    let external = frontend.kind.as_deref() != Some(FrontendKind::ClusterIp.name());
+    let outcome = probe.first_packet(client, l4, frontend.rev_nat_id, external)?;
+    let translated = outcome.destination != SocketAddrV4::new(frontend.address, frontend.port);
+    Ok(Pick {
+        client: client.to_string(),
+        program: if external {
+            crate::datapath::INGRESS_EXTERNAL_PROGRAM
+        } else {
+            crate::datapath::INGRESS_PROGRAM
+        },
+        verdict: outcome.verdict,
+        events: outcome.events,
+        backend: translated.then(|| outcome.destination.to_string()),
+        snat: (outcome.source != client).then(|| outcome.source.to_string()),
+    })
+}
+
+/// The frontend's Service's endpoints for the frontend's protocol, with
+/// their conditions, and whether the datapath uses each.
+fn endpoints(objects: &Objects, frontend: &FrontendInfo) -> Vec<EndpointInfo> {
+    let Some((namespace, name)) = frontend.service.as_deref().and_then(|s| s.split_once('/'))
+    else {
+        return Vec::new();
+    };
+    let used: Vec<Ipv4Addr> = frontend.backends.iter().filter_map(|b| b.address).collect();
+    let mut out: Vec<EndpointInfo> = objects
+        .slices
+        .iter()
+        .map(|s| &s.object)
+        .filter(|s| &*s.namespace == namespace && s.service_name.as_deref() == Some(name))
+        .flat_map(|s| &s.endpoints)
+        .filter_map(|e| {
+            let address = e.address.as_ref()?.to_string();
+            let in_datapath = address.parse::<Ipv4Addr>().is_ok_and(|a| used.contains(&a));
+            Some(EndpointInfo {
+                address,
+                ready: e.ready != Some(false),
+                serving: e.serving.unwrap_or(e.ready != Some(false)),
+                terminating: e.terminating == Some(true),
+                node: e.node_name.as_deref().map(str::to_owned),
+                in_datapath,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.address.cmp(&b.address));
+    out.dedup();
+    out
+}
+
+/// The explanation as text.
+pub fn text(e: &Explanation) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "{}", e.query);
+    if let Some(dns) = &e.dns {
+        let _ = writeln!(
+            out,
+            "  DNS      {} {} {}",
+            dns.name,
+            dns.record,
+            dns.answers.join(", ")
+        );
+        if let Some(note) = &dns.note {
+            let _ = writeln!(out, "           ({note})");
+        }
+    }
+    for f in &e.frontends {
+        let fr = &f.frontend;
+        let mut policies = Vec::new();
+        if fr.external_traffic_policy_local {
+            policies.push("externalTrafficPolicy=Local".to_owned());
+        }
+        if fr.internal_traffic_policy_local {
+            policies.push("internalTrafficPolicy=Local".to_owned());
+        }
+        if let Some(t) = fr.affinity_timeout_s {
+            policies.push(format!("affinity=ClientIP/{t}s"));
+        }
+        if !fr.source_ranges.is_empty() {
+            policies.push(format!("sourceRanges={}", fr.source_ranges.join(",")));
+        }
+        let _ = writeln!(
+            out,
+            "  frontend {} {} service={} revnat={} {}",
+            fr.frontend,
+            fr.kind.as_deref().unwrap_or("?"),
+            fr.service.as_deref().unwrap_or("?"),
+            fr.rev_nat_id,
+            policies.join(" ")
+        );
+        if fr.backends.is_empty() {
+            let _ = writeln!(out, "    no backends: new connections are refused");
+        }
+        for b in &fr.backends {
+            let _ = writeln!(
+                out,
+                "    slot {:<3} {}:{}{}",
+                b.slot,
+                b.address.map_or("?".into(), |a| a.to_string()),
+                b.port.map_or("?".into(), |p| p.to_string()),
+                if b.local { " (this node)" } else { "" }
+            );
+        }
+        for ep in &f.endpoints {
+            let _ = writeln!(
+                out,
+                "    endpoint {} ready={} serving={} terminating={} node={}{}",
+                ep.address,
+                ep.ready,
+                ep.serving,
+                ep.terminating,
+                ep.node.as_deref().unwrap_or("-"),
+                if ep.in_datapath { "" } else { " (not used)" }
+            );
+        }
+        if let Some(p) = &f.pick {
+            let _ = writeln!(
+                out,
+                "    client {} → {} ({}; {} via {}){}",
+                p.client,
+                p.backend.as_deref().unwrap_or("not translated"),
+                p.verdict,
+                p.events.join(","),
+                p.program,
+                p.snat
+                    .as_ref()
+                    .map(|s| format!(", SNAT to {s}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    if !e.frontends.is_empty() || !e.conntrack.is_empty() {
+        let _ = write!(
+            out,
+            "  conntrack\n{}",
+            indent(&inspect::flows_text(&e.conntrack))
+        );
+    }
+    out
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("    {l}\n")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_parse_as_cluster_dns_names_or_addresses() {
+        let name = |n: &str, ns: &str, p: Option<&str>| Target::Name {
+            name: n.into(),
+            namespace: ns.into(),
+            port: p.map(Into::into),
+        };
+        assert_eq!(
+            "web.shop".parse::<Target>().unwrap(),
+            name("web", "shop", None)
+        );
+        assert_eq!(
+            "web.shop.svc.cluster.local:80".parse::<Target>().unwrap(),
+            name("web", "shop", Some("80"))
+        );
+        assert_eq!(
+            "web.shop.svc:http".parse::<Target>().unwrap(),
+            name("web", "shop", Some("http"))
+        );
+        assert_eq!(
+            "198.19.0.10:80".parse::<Target>().unwrap(),
+            Target::Address {
+                addr: [198, 19, 0, 10].into(),
+                port: Some(80)
+            }
+        );
+        for bad in [
+            "web",
+            "198.19.0.10:http",
+            "Web.shop",
+            "web.shop:",
+            "a.b.c.d.e",
+        ] {
+            let e = bad.parse::<Target>().unwrap_err().to_string();
+            assert!(e.contains("expected NAME.NAMESPACE"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn client_port_defaults() {
+        assert_eq!(
+            parse_client("198.18.0.2").unwrap(),
+            SocketAddrV4::new([198, 18, 0, 2].into(), 40000)
+        );
+        assert!(parse_client("nope").is_err());
+    }
+}
