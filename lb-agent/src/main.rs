@@ -16,8 +16,17 @@ use lb_common::{
 #[derive(Parser)]
 #[command(version)]
 struct Cli {
+    /// Log lines as text, or as one JSON object per line.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Clone, Copy, PartialEq, Eq)]
@@ -138,6 +147,10 @@ struct RunArgs {
     /// flag and default.
     #[arg(long, default_value = "127.0.0.1:10249", value_parser = parse_bind_address)]
     metrics_bind_address: BindAddress,
+    /// Datapath debug events (each new flow and its backend, each drop)
+    /// into the log, target `datapath`. Off: pruned from the loaded program.
+    #[arg(long)]
+    datapath_log: bool,
     /// Interfaces to attach to: names or globs, comma separated (e.g.
     /// `veth*,eth0`); `@uplink` stands for the interface(s) of the IPv4
     /// default route(s).
@@ -209,14 +222,20 @@ struct RunArgs {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
+    let cli = Cli::parse();
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    match real_main(Cli::parse()) {
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        // One JSON object per line, span fields included (log collectors).
+        LogFormat::Json => builder.json().with_current_span(true).init(),
+    }
+    match real_main(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -291,6 +310,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 },
                 health_addr: args.health_addr,
                 metrics_addr: args.metrics_bind_address.0,
+                datapath_log: args.datapath_log,
                 interfaces: args.interfaces,
                 pin_dir: args.pin_dir,
                 sizes: MapSizes {

@@ -59,6 +59,8 @@ pub struct RunConfig {
     pub health_addr: Option<SocketAddr>,
     /// Serve Prometheus metrics here (`None`: off).
     pub metrics_addr: Option<SocketAddr>,
+    /// Datapath debug events (aya-log) into the agent's log.
+    pub datapath_log: bool,
     pub timeouts: lb_common::ct::CtTimeouts,
     pub conntrack_gc_interval: Duration,
     /// `/healthz` fails while a seen change waits longer than this.
@@ -122,8 +124,17 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     }
 
     let pin_dir = config.pin_dir.clone();
-    let mut ebpf = loader::load(Some(&pin_dir), config.sizes, &config.timeouts)
-        .context("loading the datapath")?;
+    let mut ebpf = loader::load_with_log(
+        Some(&pin_dir),
+        config.sizes,
+        &config.timeouts,
+        config.datapath_log,
+    )
+    .context("loading the datapath")?;
+    if config.datapath_log {
+        loader::forward_debug_events(&mut ebpf).context("--datapath-log")?;
+        info!("datapath debug events on (target `datapath`)");
+    }
     let maps = loader::kernel_maps(&mut ebpf, config.sizes)?;
     let conntrack = loader::conntrack(&mut ebpf, config.sizes)?;
     let config_map = loader::ConfigMap::take(&mut ebpf)?;
@@ -454,12 +465,30 @@ impl Agent {
     /// Writes the desired state into the maps: what `changes` touched, or
     /// everything.
     fn program(&mut self, changes: Option<&crate::desired::Changes>) {
+        // Every log line of the pass carries the span and, once known, its counts.
+        let span = tracing::info_span!(
+            "reconcile",
+            scope = if changes.is_some() { "changes" } else { "all" },
+            services = changes.map_or(0, |c| c.services.len()),
+            added = tracing::field::Empty,
+            updated = tracing::field::Empty,
+            removed = tracing::field::Empty,
+            errors = tracing::field::Empty,
+            seconds = tracing::field::Empty,
+        );
+        let _entered = span.enter();
         let started = std::time::Instant::now();
         let report = match changes {
             Some(changes) => self.reconciler.apply_changes(self.state.desired(), changes),
             None => self.reconciler.apply(self.state.desired()),
         };
-        self.metrics.sync_done(started.elapsed().as_secs_f64());
+        let seconds = started.elapsed().as_secs_f64();
+        self.metrics.sync_done(seconds);
+        span.record("added", report.added)
+            .record("updated", report.updated)
+            .record("removed", report.removed)
+            .record("errors", report.errors.len())
+            .record("seconds", seconds);
         if report.errors.is_empty() {
             self.metrics
                 .programmed(self.change_seen.take().map(|seen| seen.elapsed()));

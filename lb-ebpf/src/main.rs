@@ -24,6 +24,7 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
+use aya_log_ebpf::debug;
 use lb_common::{
     affinity::AffinityKey,
     ct::{CtValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_SNAT},
@@ -71,7 +72,17 @@ impl Outcome {
 pub fn lb_ingress(ctx: TcContext) -> i32 {
     let outcome = ingress::<false>(&ctx);
     count(outcome.stat);
+    log_drop(&ctx, &outcome);
     outcome.action
+}
+
+/// A debug event for a dropped packet, with the counter it moved (the
+/// index in `lb-agent inspect stats` order).
+#[inline(always)]
+fn log_drop(ctx: &TcContext, outcome: &Outcome) {
+    if outcome.action == TC_ACT_SHOT as i32 {
+        debug!(ctx, "dropped: counter {}", outcome.stat as u32);
+    }
 }
 
 /// Ingress on the node's uplinks (`--external-interfaces`): traffic from
@@ -81,6 +92,7 @@ pub fn lb_ingress(ctx: TcContext) -> i32 {
 pub fn lb_ingress_external(ctx: TcContext) -> i32 {
     let outcome = ingress::<true>(&ctx);
     count(outcome.stat);
+    log_drop(&ctx, &outcome);
     outcome.action
 }
 
@@ -195,6 +207,20 @@ fn ingress<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
     } else if ct::create(&pkt, &entry, 0).is_err() {
         return Outcome::drop(Stat::DropCtFull);
     }
+    // Debug events: compiled in, pruned by the verifier unless the agent
+    // loads the program with --datapath-log (AYA_LOG_LEVEL is read-only).
+    debug!(
+        ctx,
+        "new flow proto {} {:i}:{} -> {:i}:{} -> backend {:i}:{} (snat: {})",
+        pkt.proto,
+        u32::from_be(pkt.saddr_be),
+        u16::from_be(pkt.sport_be),
+        u32::from_be(pkt.daddr_be),
+        u16::from_be(pkt.dport_be),
+        u32::from_be(entry.dst_addr_be),
+        u16::from_be(entry.dst_port_be),
+        u8::from(entry.flags & CT_SNAT != 0)
+    );
     send(ctx, &pkt, &entry, Stat::DnatNew)
 }
 

@@ -795,3 +795,29 @@ fn big_tcp_length_zero_on_a_small_packet_is_malformed() {
     assert_eq!((out.verdict, &out.frame), (TCX_NEXT, &frame));
     assert_eq!(h.counter(Stat::PassMalformed), 1);
 }
+
+/// Debug events cost nothing when off: the log level is a read-only 0 the
+/// verifier sees, so the logging code is pruned from the loaded program.
+#[test]
+fn debug_events_off_are_pruned_from_the_loaded_program() {
+    require_root();
+    let sizes = lb_agent::datapath::loader::MapSizes::default();
+    let translated = |debug_events: bool| -> u32 {
+        let mut ebpf = lb_agent::datapath::loader::load_with_log(
+            None,
+            sizes,
+            &CtTimeouts::DEFAULT,
+            debug_events,
+        )
+        .unwrap();
+        let program =
+            lb_agent::datapath::loader::program(&mut ebpf, lb_agent::datapath::INGRESS_PROGRAM)
+                .unwrap();
+        program.info().unwrap().size_translated().unwrap()
+    };
+    let (off, on) = (translated(false), translated(true));
+    assert!(
+        off < on,
+        "with debug events off the program is {off} bytes, on {on}: nothing pruned"
+    );
+}

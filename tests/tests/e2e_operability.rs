@@ -498,3 +498,72 @@ spec:
         "{stderr}"
     );
 }
+
+/// `--log-format json` writes one JSON object per line, each reconcile pass
+/// in a span with its counts; `--datapath-log` adds the datapath's own
+/// events (aya-log): each new flow with its client, frontend and backend.
+#[test]
+fn json_logs_carry_reconcile_spans_and_datapath_events() {
+    require_root();
+    let topology = Topology::new("lbm5", 1).expect("topology");
+    let _servers = topology.serve_backends("be").expect("servers");
+    let manifests = ScratchDir::new("lbm5-manifests").expect("scratch dir");
+    manifests
+        .write("web.yaml", &web_manifest(&[(backend_ip(0), true)]))
+        .unwrap();
+    let mut agent = Agent::start(
+        &topology.node,
+        &manifests.0,
+        &topology.interface_pattern(),
+        &PathBuf::from("/sys/fs/bpf/lbm5-test"),
+        &manifests.0.join("agent.log"),
+        &["--log-format", "json", "--datapath-log"],
+    )
+    .expect("agent");
+    agent
+        .wait_for_maps("the service", |m| {
+            m.contains(&format!("{VIP}:80/TCP count=1"))
+        })
+        .unwrap();
+    let body = topology
+        .client
+        .run(|| http_get(SocketAddrV4::new(VIP, 80)))
+        .unwrap();
+    assert!(body.starts_with("backend be0"), "{body}");
+
+    let wanted_flow = format!("{}:", lb_tests::topology::CLIENT_IP);
+    let wanted_backend = format!("backend {}:8080", backend_ip(0));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let lines: Vec<serde_json::Value> = loop {
+        let lines: Vec<serde_json::Value> = agent
+            .log_text()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+            .collect();
+        let seen = lines.iter().any(|l| l["target"] == "datapath");
+        if seen || Instant::now() > deadline {
+            break lines;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let applied = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "applied")
+        .expect("an applied line");
+    assert_eq!(applied["span"]["name"], "reconcile");
+    assert_eq!(applied["span"]["scope"], "all");
+    assert_eq!(applied["span"]["added"], 2, "{applied}");
+    assert_eq!(applied["span"]["errors"], 0, "{applied}");
+    let event = lines
+        .iter()
+        .find(|l| l["target"] == "datapath")
+        .expect("a datapath event");
+    let message = event["fields"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("new flow proto 6 ")
+            && message.contains(&wanted_flow)
+            && message.contains(&format!("-> {VIP}:80 -> "))
+            && message.contains(&wanted_backend),
+        "{message}"
+    );
+}

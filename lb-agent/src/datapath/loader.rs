@@ -109,8 +109,26 @@ pub fn load(
     sizes: MapSizes,
     timeouts: &CtTimeouts,
 ) -> Result<Ebpf, LoadError> {
+    load_with_log(pin_dir, sizes, timeouts, false)
+}
+
+/// `load`, with the datapath's debug events on or off. Off, the level is a
+/// read-only 0 the verifier sees, so the logging branches are pruned from
+/// the loaded program: no cost per packet.
+pub fn load_with_log(
+    pin_dir: Option<&Path>,
+    sizes: MapSizes,
+    timeouts: &CtTimeouts,
+    debug_events: bool,
+) -> Result<Ebpf, LoadError> {
+    let log_level: u8 = if debug_events {
+        aya_log::Level::Debug as u8
+    } else {
+        0
+    };
     let mut loader = EbpfLoader::new();
     loader
+        .override_global(aya_log::LEVEL, &log_level, true)
         .map_max_entries(SVC_MAP, sizes.service_slots)
         .map_max_entries(BACKEND_MAP, sizes.backends)
         .map_max_entries(CT_MAP, sizes.conntrack)
@@ -303,4 +321,38 @@ fn ensure_bpffs_dir(dir: &Path) -> Result<(), LoadError> {
         ));
     }
     Ok(())
+}
+
+/// Forwards the datapath's debug events (aya-log records) into the agent's
+/// log, target `datapath`, until the process ends.
+pub fn forward_debug_events(ebpf: &mut Ebpf) -> Result<(), LoadError> {
+    let logger = aya_log::EbpfLogger::init_with_logger(ebpf, ToTracing)
+        .map_err(|e| LoadError::Map("AYA_LOGS", e.to_string()))?;
+    let mut ready = tokio::io::unix::AsyncFd::with_interest(logger, tokio::io::Interest::READABLE)
+        .map_err(|e| LoadError::Map("AYA_LOGS", e.to_string()))?;
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = ready.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+    Ok(())
+}
+
+/// aya-log hands records to a `log::Log`; the agent logs with tracing.
+struct ToTracing;
+
+impl log::Log for ToTracing {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        tracing::info!(target: "datapath", "{}", record.args());
+    }
+
+    fn flush(&self) {}
 }

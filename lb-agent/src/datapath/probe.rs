@@ -82,7 +82,8 @@ impl Probe {
         loader
             .map_max_entries(CT_MAP, 64)
             .map_max_entries(AFFINITY_MAP, 64)
-            .override_global("CT_TIMEOUTS", &CtTimeouts::DEFAULT, true);
+            .override_global("CT_TIMEOUTS", &CtTimeouts::DEFAULT, true)
+            .override_global(aya_log::LEVEL, &0u8, true);
         for name in SHARED {
             loader.map_pin_path(name, Cow::Owned(pin_dir.join(name)));
         }
