@@ -328,8 +328,12 @@ fn ensure_bpffs_dir(dir: &Path) -> Result<(), LoadError> {
 pub fn forward_debug_events(ebpf: &mut Ebpf) -> Result<(), LoadError> {
     let logger = aya_log::EbpfLogger::init_with_logger(ebpf, ToTracing)
         .map_err(|e| LoadError::Map("AYA_LOGS", e.to_string()))?;
-    let mut ready = tokio::io::unix::AsyncFd::with_interest(logger, tokio::io::Interest::READABLE)
-        .map_err(|e| LoadError::Map("AYA_LOGS", e.to_string()))?;
+    // SAFETY: the logger owns its ring buffer's fd for as long as it lives,
+    // and the AsyncFd owns the logger.
+    let mut ready = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| LoadError::Map("AYA_LOGS", e.to_string()))?;
     tokio::spawn(async move {
         loop {
             let Ok(mut guard) = ready.readable_mut().await else {
