@@ -511,14 +511,28 @@ pub fn text(e: &Explanation) -> String {
         }
     }
     if !e.frontends.is_empty() || !e.conntrack.is_empty() {
+        // The newest few; `--json` and `inspect conntrack` have them all.
+        let mut newest = e.conntrack.clone();
+        newest.sort_by(|a, b| a.age_s.total_cmp(&b.age_s));
+        newest.truncate(SHOWN_FLOWS);
         let _ = write!(
             out,
             "  conntrack\n{}",
-            indent(&inspect::flows_text(&e.conntrack))
+            indent(&inspect::flows_text(&newest))
         );
+        if e.conntrack.len() > SHOWN_FLOWS {
+            let _ = writeln!(
+                out,
+                "    (the {SHOWN_FLOWS} newest of {} flows: `inspect conntrack --service NS/NAME` lists all)",
+                e.conntrack.len()
+            );
+        }
     }
     out
 }
+
+/// Flows shown in the text form.
+const SHOWN_FLOWS: usize = 8;
 
 fn indent(text: &str) -> String {
     text.lines().map(|l| format!("    {l}\n")).collect()

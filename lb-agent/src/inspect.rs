@@ -275,6 +275,13 @@ pub struct FlowInfo {
     pub state: &'static str,
 }
 
+impl FlowInfo {
+    /// Rows in a stable order: protocol, client, frontend.
+    fn sort_key(&self) -> (&str, &str, &str) {
+        (&self.protocol, &self.client, &self.frontend)
+    }
+}
+
 /// Forward conntrack entries: one per tracked flow.
 pub fn flows(
     pin_dir: &Path,
@@ -330,18 +337,18 @@ pub fn flows(
             state,
         });
     }
-    rows.sort_by(|a, b| {
-        (&a.protocol, &a.client, &a.frontend).cmp(&(&b.protocol, &b.client, &b.frontend))
-    });
+    rows.sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
     Ok(rows)
 }
 
 pub fn flows_text(flows: &[FlowInfo]) -> String {
+    let mut flows: Vec<&FlowInfo> = flows.iter().collect();
+    flows.sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
     let mut out = format!(
         "{:<4} {:<22} {:<22} {:<22} {:>8} {:>8} {:<8} {:<22} SERVICE\n",
         "PROT", "CLIENT", "FRONTEND", "BACKEND", "AGE(s)", "TTL(s)", "STATE", "SNAT"
     );
-    for f in flows {
+    for f in &flows {
         let _ = writeln!(
             out,
             "{:<4} {:<22} {:<22} {:<22} {:>8.1} {:>8.1} {:<8} {:<22} {}",

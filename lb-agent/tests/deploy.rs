@@ -123,5 +123,9 @@ fn example_manifests_are_valid_input() {
         Default::default(),
     );
     assert!(errors.is_empty(), "{errors:?}");
-    assert_eq!(desired.frontends.len(), 3);
+    assert_eq!(
+        desired.frontends.len(),
+        5,
+        "web ×2, starting, kube-dns ×2 (headless: none)"
+    );
 }

@@ -8,8 +8,10 @@ use std::{
 use anyhow::Context as _;
 use lb_tests::{
     servers::{http_get, udp_query, EchoConnection},
-    topology::{Agent, ScratchDir, Topology, VIP},
+    topology::{backend_ip, Agent, ScratchDir, Topology, VIP},
 };
+
+use crate::cluster_dns::{exec_in, records, DnsServer, PodResolvConf};
 
 /// The example manifest the demo programs (also used by build-and-load).
 pub const MANIFEST: &str = include_str!("../../deploy/examples/demo.yaml");
@@ -20,9 +22,10 @@ fn step(text: &str) {
 }
 
 pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
-    step("topology: client pod 198.18.1.2 → node (lb-agent) → backend pods 198.18.{10,11,12}.2");
-    let topology = Topology::new("lbd", 3)?;
+    step("topology: client pod 198.18.1.2 → node (lb-agent) → backend pods 198.18.{10,11,12}.2, DNS pods 198.18.{13,14}.2");
+    let mut topology = Topology::new("lbd", 3)?;
     let servers = topology.serve_backends("pod-")?;
+    let dns_pods = [topology.add_backend()?, topology.add_backend()?];
     let scratch = ScratchDir::new("lb-demo")?;
     scratch.write("demo.yaml", MANIFEST)?;
     // SAFETY: single-threaded here; read by topology::agent_binary.
@@ -42,6 +45,8 @@ pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
 
     step(&format!("services (lb-agent inspect --pin-dir {PIN_DIR})"));
     print!("{}", lb_agent::inspect::services(Path::new(PIN_DIR))?);
+
+    let _dns = cluster_dns(&topology, &dns_pods, &scratch)?;
 
     step(&format!(
         "HTTP: 9 new connections to http://{VIP}:80 from the client pod"
@@ -124,6 +129,26 @@ pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
         println!("  {line}");
     }
 
+    step("lb-agent explain web.demo:80 --client 198.18.1.2:41000 --manifests DIR: the whole chain");
+    let explained = std::process::Command::new(agent_bin)
+        .args([
+            "explain",
+            "web.demo:80",
+            "--client",
+            "198.18.1.2:41000",
+            "--pin-dir",
+            PIN_DIR,
+        ])
+        .arg("--manifests")
+        .arg(&scratch.0)
+        .output()?;
+    anyhow::ensure!(
+        explained.status.success(),
+        "explain failed: {}",
+        String::from_utf8_lossy(&explained.stderr)
+    );
+    print!("{}", String::from_utf8_lossy(&explained.stdout));
+
     step("cleanup: SIGTERM to the agent (detach, unpin), delete namespaces");
     let status = agent.stop()?;
     println!("  lb-agent exited: {status}");
@@ -132,4 +157,116 @@ pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
     drop(topology);
     println!("\ndemo done");
     Ok(())
+}
+
+const DNS_VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 53);
+
+/// Cluster DNS in two pods behind the kube-dns ClusterIP; the client pod
+/// resolves names through it (glibc, its resolv.conf as the kubelet writes
+/// it) and connects by name. Returns what must live until the end.
+fn cluster_dns(
+    topology: &Topology,
+    pods: &[usize],
+    scratch: &ScratchDir,
+) -> anyhow::Result<(Vec<DnsServer>, PodResolvConf)> {
+    step("cluster DNS: dnsmasq in pods lbd-be3, lbd-be4 behind kube-dns 198.19.0.53 (UDP and TCP 53), records generated from the manifests");
+    let (objects, _) = lb_agent::manifest::parse_str(MANIFEST, None)?;
+    let config = scratch.0.join("dns-records.conf");
+    std::fs::write(&config, records(&objects))?;
+    let servers = pods
+        .iter()
+        .map(|i| {
+            DnsServer::start(
+                &topology.backends[*i],
+                backend_ip(*i),
+                &config,
+                &scratch.0.join(format!("dnsmasq-{i}.log")),
+            )
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let resolv = PodResolvConf::write(&topology.client, DNS_VIP, "demo")?;
+    let client = &topology.client;
+    println!("  client resolv.conf: nameserver {DNS_VIP}, search demo.svc.cluster.local svc.cluster.local cluster.local, ndots:5");
+    let udp = exec_in(client, &[], &["getent", "hosts", "web"])?;
+    println!("  getent hosts web (UDP):            {udp}");
+    let tcp = exec_in(
+        client,
+        &[("RES_OPTIONS", "use-vc")],
+        &["getent", "hosts", "web"],
+    )?;
+    println!("  getent hosts web (TCP, use-vc):    {tcp}");
+    for answer in [&udp, &tcp] {
+        anyhow::ensure!(
+            answer.starts_with(&VIP.to_string()),
+            "web resolved to {answer}, not {VIP}"
+        );
+    }
+    let srv = exec_in(
+        client,
+        &[],
+        &[
+            "dig",
+            "+short",
+            "SRV",
+            "_http._tcp.web.demo.svc.cluster.local",
+        ],
+    )?;
+    println!("  SRV _http._tcp.web.demo:           {srv}");
+    anyhow::ensure!(
+        srv.ends_with("80 web.demo.svc.cluster.local."),
+        "SRV answer: {srv}"
+    );
+    let headless = exec_in(client, &[], &["getent", "ahostsv4", "web-pods"])?;
+    let pod_ips: std::collections::BTreeSet<&str> = headless
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    println!(
+        "  getent ahostsv4 web-pods (headless): {}",
+        pod_ips.iter().copied().collect::<Vec<_>>().join(", ")
+    );
+    anyhow::ensure!(pod_ips.len() == 3, "headless answer: {headless}");
+    for i in 1..=3 {
+        let body = exec_in(
+            client,
+            &[],
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "3",
+                "http://web.demo.svc.cluster.local/",
+            ],
+        )?;
+        println!("  curl http://web.demo.svc.cluster.local/ #{i}: {body}");
+        anyhow::ensure!(body.starts_with("backend pod-"), "by name: {body}");
+    }
+    // The queries went through lb: its conntrack holds them.
+    let snapshot = lb_agent::inspect::snapshot(Path::new(PIN_DIR))?;
+    let flows = lb_agent::inspect::flows(
+        Path::new(PIN_DIR),
+        &snapshot,
+        &lb_agent::inspect::Filter {
+            service: Some("kube-system/kube-dns".into()),
+            backend: None,
+        },
+    )?;
+    let by_proto = |p: &str| flows.iter().filter(|f| f.protocol == p).count();
+    println!(
+        "  lb conntrack for kube-system/kube-dns: {} UDP and {} TCP flows, to {}",
+        by_proto("UDP"),
+        by_proto("TCP"),
+        flows
+            .iter()
+            .map(|f| f.backend.as_str())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    anyhow::ensure!(
+        by_proto("UDP") > 0 && by_proto("TCP") > 0,
+        "DNS did not pass through lb"
+    );
+    Ok((servers, resolv))
 }

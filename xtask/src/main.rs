@@ -2,6 +2,7 @@
 //! loading on this host.
 
 mod bench;
+mod cluster_dns;
 mod demo;
 mod k8s_latency;
 
@@ -244,6 +245,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "lb-common",
                 "--package",
                 "lb-agent",
+                "--package",
+                "xtask",
                 "--",
             ];
             unprivileged.extend(&filter);
