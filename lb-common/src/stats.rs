@@ -54,9 +54,12 @@ pub enum Stat {
     SockRefused = 21,
     /// A socket's peer or sender address shown as the frontend again.
     SockRevNat = 22,
+    /// An ICMP error about a translated flow, translated for its receiver
+    /// (quoted packet, checksums, outer addresses).
+    IcmpTranslated = 23,
 }
 
-pub const STAT_COUNT: u32 = 23;
+pub const STAT_COUNT: u32 = 24;
 
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "pass_not_service",
@@ -82,4 +85,5 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "sock_translated",
     "sock_refused",
     "sock_rev_nat",
+    "icmp_translated",
 ];

@@ -10,6 +10,7 @@
 mod affinity;
 mod csum;
 mod ct;
+mod icmp;
 mod maps;
 mod nat;
 mod parse;
@@ -107,6 +108,7 @@ pub fn lb_egress(ctx: TcContext) -> i32 {
 fn ingress<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
     let pkt = match parse::parse(ctx) {
         Parsed::Packet(pkt) => pkt,
+        Parsed::IcmpError(err) => return icmp_error_ingress::<EXTERNAL>(ctx, &err),
         Parsed::NotForUs => return Outcome::next(Stat::PassNotService),
         Parsed::Malformed => return Outcome::next(Stat::PassMalformed),
     };
@@ -224,6 +226,82 @@ fn ingress<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
     send(ctx, &pkt, &entry, Stat::DnatNew)
 }
 
+/// Ingress: an error about a packet that left a frontend towards the client
+/// (a reply), raised on the client's side and sent to the frontend: the
+/// quoted packet reversed is the flow's forward tuple. At an uplink, also an
+/// error about a SNATed packet, raised on the backend's side and sent to the
+/// SNAT address: the quoted packet reversed is the reply tuple.
+#[inline(always)]
+fn icmp_error_ingress<const EXTERNAL: bool>(ctx: &TcContext, err: &icmp::IcmpError) -> Outcome {
+    let quoted_reversed = |dir| {
+        lb_common::ct::CtKey::new(
+            err.inner_daddr_be,
+            err.inner_dport_be,
+            err.inner_saddr_be,
+            err.inner_sport_be,
+            err.inner_proto,
+            dir,
+        )
+    };
+    if let Some((entry, _)) = ct::lookup_flow(&quoted_reversed(CT_DIR_FORWARD)) {
+        if icmp::translate(ctx, err, &entry).is_err() {
+            return Outcome::drop(Stat::DropRewrite);
+        }
+        if entry.flags & CT_SNAT == 0 {
+            return Outcome::next(Stat::IcmpTranslated);
+        }
+        // From the SNAT address now: routed by the program, as SNATed packets.
+        return match redirect::forward(
+            ctx,
+            lb_common::IPPROTO_ICMP,
+            entry.src_addr_be,
+            entry.dst_addr_be,
+        ) {
+            Ok(action) => Outcome {
+                action,
+                stat: Stat::IcmpTranslated,
+            },
+            Err(()) => Outcome::drop(Stat::DropRedirect),
+        };
+    }
+    if EXTERNAL {
+        if let Some((entry, _)) = ct::lookup_flow(&quoted_reversed(CT_DIR_REPLY)) {
+            if entry.flags & CT_SNAT != 0 {
+                if icmp::translate(ctx, err, &entry).is_err() {
+                    return Outcome::drop(Stat::DropRewrite);
+                }
+                return Outcome::next(Stat::IcmpTranslated);
+            }
+        }
+    }
+    Outcome::next(Stat::PassNotService)
+}
+
+/// Egress: an error about a packet a client sent through a frontend (now
+/// addressed to the backend), raised on the backend's side or by this node
+/// while forwarding it: the quoted packet reversed is the reply tuple.
+#[inline(always)]
+fn icmp_error_egress(ctx: &TcContext, err: &icmp::IcmpError) -> Outcome {
+    let reply_key = lb_common::ct::CtKey::new(
+        err.inner_daddr_be,
+        err.inner_dport_be,
+        err.inner_saddr_be,
+        err.inner_sport_be,
+        err.inner_proto,
+        CT_DIR_REPLY,
+    );
+    match ct::lookup_flow(&reply_key) {
+        // SNATed flows are answered at the uplink's ingress, never here.
+        Some((entry, _)) if entry.flags & CT_SNAT == 0 => {
+            if icmp::translate(ctx, err, &entry).is_err() {
+                return Outcome::drop(Stat::DropRewrite);
+            }
+            Outcome::next(Stat::IcmpTranslated)
+        }
+        _ => Outcome::next(Stat::PassNotReply),
+    }
+}
+
 /// `loadBalancerSourceRanges`: the client is in one of the frontend's prefixes.
 #[inline(always)]
 fn source_allowed(pkt: &Packet, rev_nat_id: u16) -> bool {
@@ -259,6 +337,7 @@ fn reverse_snat(ctx: &TcContext, pkt: &Packet) -> Option<Outcome> {
 fn egress(ctx: &TcContext) -> Outcome {
     let pkt = match parse::parse(ctx) {
         Parsed::Packet(pkt) => pkt,
+        Parsed::IcmpError(err) => return icmp_error_egress(ctx, &err),
         Parsed::NotForUs => return Outcome::next(Stat::PassNotReply),
         Parsed::Malformed => return Outcome::next(Stat::PassMalformed),
     };
@@ -295,7 +374,7 @@ fn send(ctx: &TcContext, pkt: &Packet, to: &CtValue, stat: Stat) -> Outcome {
     if to.flags & CT_SNAT == 0 {
         return Outcome::next(stat);
     }
-    match redirect::forward(ctx, pkt, to.src_addr_be, to.dst_addr_be) {
+    match redirect::forward(ctx, pkt.proto, to.src_addr_be, to.dst_addr_be) {
         Ok(action) => Outcome { action, stat },
         Err(()) => Outcome::drop(Stat::DropRedirect),
     }

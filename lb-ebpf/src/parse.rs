@@ -3,7 +3,9 @@
 //! already); nothing is read past the IPv4 total length.
 
 use aya_ebpf::programs::TcContext;
-use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
+
+pub use crate::icmp::IcmpError;
 
 pub const ETH_HLEN: u32 = 14;
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
@@ -50,6 +52,8 @@ pub struct Packet {
 
 pub enum Parsed {
     Packet(Packet),
+    /// An ICMP error quoting a TCP or UDP packet (see `icmp`).
+    IcmpError(IcmpError),
     /// Not IPv4 TCP/UDP, or a non-first fragment: not ours to touch.
     NotForUs,
     /// Headers truncated or inconsistent: never rewritten.
@@ -151,10 +155,16 @@ fn try_parse(ctx: &TcContext) -> Result<Parsed, ()> {
     {
         return Err(());
     }
+    let frag = u16::from_be(ip.frag_off_be);
+    if ip.proto == IPPROTO_ICMP {
+        if frag & (IP_OFFSET_MASK | IP_MF) != 0 {
+            return Ok(Parsed::NotForUs);
+        }
+        return parse_icmp_error(ctx, &ip, ihl_len, tot_len);
+    }
     if ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP {
         return Ok(Parsed::NotForUs);
     }
-    let frag = u16::from_be(ip.frag_off_be);
     if frag & IP_OFFSET_MASK != 0 {
         return Ok(Parsed::NotForUs);
     }
@@ -199,5 +209,72 @@ fn try_parse(ctx: &TcContext) -> Result<Parsed, ()> {
         is_fragment,
         ihl_len,
         l4_off,
+    }))
+}
+
+/// ICMP types that quote the packet they are about.
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETER_PROB: u8 = 12;
+
+/// An ICMP error quoting the first bytes of a TCP or UDP packet (the
+/// quoted IPv4 header and at least its ports); anything else is not ours.
+#[inline(always)]
+fn parse_icmp_error(
+    ctx: &TcContext,
+    ip: &Ipv4Fixed,
+    ihl_len: u32,
+    tot_len: u32,
+) -> Result<Parsed, ()> {
+    let icmp_off = ETH_HLEN + ihl_len;
+    let end = ETH_HLEN + tot_len;
+    if icmp_off + 8 + 20 + 8 > end {
+        return Ok(Parsed::NotForUs); // too short to quote a transport header
+    }
+    ensure_linear(ctx, icmp_off + 8 + 20)?;
+    let [icmp_type, _code]: [u8; 2] = read(ctx, icmp_off)?;
+    if icmp_type != ICMP_DEST_UNREACH
+        && icmp_type != ICMP_TIME_EXCEEDED
+        && icmp_type != ICMP_PARAMETER_PROB
+    {
+        return Ok(Parsed::NotForUs);
+    }
+    let inner_ip_off = icmp_off + 8;
+    let inner: Ipv4Fixed = read(ctx, inner_ip_off)?;
+    let inner_ihl = ((inner.version_ihl & 0x0f) as u32) * 4;
+    if inner.version_ihl >> 4 != 4 || inner_ihl < 20 || inner_ihl > 60 {
+        return Ok(Parsed::NotForUs);
+    }
+    if (inner.proto != IPPROTO_TCP && inner.proto != IPPROTO_UDP)
+        || u16::from_be(inner.frag_off_be) & IP_OFFSET_MASK != 0
+    {
+        return Ok(Parsed::NotForUs);
+    }
+    let inner_l4_off = inner_ip_off + inner_ihl;
+    if inner_l4_off + 8 > end {
+        return Ok(Parsed::NotForUs);
+    }
+    ensure_linear(ctx, inner_l4_off + 8)?;
+    let [inner_sport_be, inner_dport_be]: [u16; 2] = read(ctx, inner_l4_off)?;
+    // The quoted transport checksum, when the quote reaches it (a router
+    // may quote only 8 bytes: a TCP checksum is then not there).
+    let csum_off = inner_l4_off + crate::icmp::l4_csum_at(inner.proto);
+    let inner_l4_csum_off = if csum_off + 2 <= end && ensure_linear(ctx, csum_off + 2).is_ok() {
+        Some(csum_off)
+    } else {
+        None
+    };
+    Ok(Parsed::IcmpError(IcmpError {
+        outer_saddr_be: ip.saddr_be,
+        outer_daddr_be: ip.daddr_be,
+        icmp_off,
+        inner_ip_off,
+        inner_l4_off,
+        inner_saddr_be: inner.saddr_be,
+        inner_daddr_be: inner.daddr_be,
+        inner_sport_be,
+        inner_dport_be,
+        inner_proto: inner.proto,
+        inner_l4_csum_off,
     }))
 }

@@ -14,7 +14,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 
-use crate::parse::{Packet, ETH_HLEN, IP_CSUM_OFF};
+use crate::parse::{ETH_HLEN, IP_CSUM_OFF};
 
 const AF_INET: u8 = 2;
 const IP_TTL_OFF: usize = ETH_HLEN as usize + 8;
@@ -22,14 +22,14 @@ const IP_TTL_OFF: usize = ETH_HLEN as usize + 8;
 /// Routes the (already translated) packet towards `daddr_be`; the verdict
 /// is `TC_ACT_REDIRECT` on success.
 #[inline(always)]
-pub fn forward(ctx: &TcContext, pkt: &Packet, saddr_be: u32, daddr_be: u32) -> Result<i32, ()> {
+pub fn forward(ctx: &TcContext, proto: u8, saddr_be: u32, daddr_be: u32) -> Result<i32, ()> {
     // TTL and protocol share a 16-bit word of the header checksum.
     let ttl: u8 = ctx.load(IP_TTL_OFF).map_err(|_| ())?;
     if ttl <= 1 {
         return Err(());
     }
-    let old = u16::from_be_bytes([ttl, pkt.proto]);
-    let new = u16::from_be_bytes([ttl - 1, pkt.proto]);
+    let old = u16::from_be_bytes([ttl, proto]);
+    let new = u16::from_be_bytes([ttl - 1, proto]);
     ctx.l3_csum_replace(
         IP_CSUM_OFF as usize,
         u64::from(old.to_be()),
@@ -42,7 +42,7 @@ pub fn forward(ctx: &TcContext, pkt: &Packet, saddr_be: u32, daddr_be: u32) -> R
     // SAFETY: a plain-data struct; zero is a valid value for every field.
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
     fib.family = AF_INET;
-    fib.l4_protocol = pkt.proto;
+    fib.l4_protocol = proto;
     // The device the packet arrived on: the lookup runs as forwarding from it.
     fib.ifindex = unsafe { (*ctx.skb.skb).ifindex };
     fib.__bindgen_anon_3.ipv4_src = saddr_be;

@@ -152,6 +152,44 @@ impl Packet {
     }
 }
 
+/// An ICMP error frame from `from` to `to` quoting `quoted` (its IPv4
+/// header and the first `quote` bytes after it; `None`: all of it), with
+/// `rest` in bytes 4..8 of the ICMP header (the next-hop MTU of
+/// "fragmentation needed"). Checksums computed from scratch.
+pub fn icmp_error(
+    from: Ipv4Addr,
+    to: Ipv4Addr,
+    icmp_type: u8,
+    code: u8,
+    rest: u32,
+    quoted: &Packet,
+    quote: Option<usize>,
+) -> Vec<u8> {
+    let inner = quoted.build();
+    let inner_ip = &inner[14..];
+    let ihl = usize::from(inner_ip[0] & 0x0f) * 4;
+    let quoted_len = quote.map_or(inner_ip.len(), |n| (ihl + n).min(inner_ip.len()));
+    let mut icmp = vec![icmp_type, code, 0, 0];
+    icmp.extend_from_slice(&rest.to_be_bytes());
+    icmp.extend_from_slice(&inner_ip[..quoted_len]);
+    let csum = checksum(&icmp, 0);
+    icmp[2..4].copy_from_slice(&csum.to_be_bytes());
+    let mut f = Vec::with_capacity(34 + icmp.len());
+    f.extend_from_slice(&CLIENT_MAC);
+    f.extend_from_slice(&NODE_MAC);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let mut ip = vec![0x45, 0xc0];
+    ip.extend_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
+    ip.extend_from_slice(&[0x43, 0x21, 0, 0, 64, 1, 0, 0]);
+    ip.extend_from_slice(&from.octets());
+    ip.extend_from_slice(&to.octets());
+    let csum = checksum(&ip, 0);
+    ip[10..12].copy_from_slice(&csum.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&icmp);
+    f
+}
+
 fn sum16(data: &[u8], mut sum: u32) -> u32 {
     for chunk in data.chunks(2) {
         let word = if chunk.len() == 2 {

@@ -1,0 +1,160 @@
+//! ICMP errors about translated flows (fragmentation needed, port or host
+//! unreachable, time exceeded, parameter problem). An error quotes the
+//! packet that caused it as that packet was on the wire where it failed:
+//! after our translation. The endpoint it is sent to knows the flow by the
+//! other side of the translation, so the quoted tuple, its checksums and the
+//! outer addresses are translated back, or the endpoint drops the error (and
+//! path-MTU discovery through a service breaks).
+//!
+//! The rule, for every direction: the quoted packet P, reversed, is a tuple
+//! the conntrack entry E translated to (E.src → E.dst). The receiver knows P
+//! as that translation reversed: the quote becomes (E.dst → E.src), the
+//! error goes to E.dst, and an error raised by P's destination itself comes
+//! from E.src.
+
+use aya_ebpf::programs::TcContext;
+use lb_common::{ct::CtValue, IPPROTO_TCP, IPPROTO_UDP};
+
+use crate::parse::{IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF};
+
+/// An ICMP error quoting a TCP or UDP packet, with the offsets to rewrite.
+pub struct IcmpError {
+    pub outer_saddr_be: u32,
+    pub outer_daddr_be: u32,
+    /// The ICMP header (its checksum at +2).
+    pub icmp_off: u32,
+    /// The quoted IPv4 header and its transport header.
+    pub inner_ip_off: u32,
+    pub inner_l4_off: u32,
+    pub inner_saddr_be: u32,
+    pub inner_daddr_be: u32,
+    pub inner_sport_be: u16,
+    pub inner_dport_be: u16,
+    pub inner_proto: u8,
+    /// The quoted transport checksum, when the quote reaches it.
+    pub inner_l4_csum_off: Option<u32>,
+}
+
+/// Rewrites the error for its receiver as `entry` translates the flow.
+#[inline(always)]
+pub fn translate(ctx: &TcContext, err: &IcmpError, entry: &CtValue) -> Result<(), ()> {
+    let new_src = entry.dst_addr_be;
+    let new_sport = entry.dst_port_be;
+    let new_dst = entry.src_addr_be;
+    let new_dport = entry.src_port_be;
+
+    // Quoted IPv4 header checksum.
+    let ip_csum_off = err.inner_ip_off + 10;
+    let old_ip_csum: u16 = ctx.load(ip_csum_off as usize).map_err(|_| ())?;
+    let mut ip_sum = Sum::start(old_ip_csum);
+    ip_sum.replace32(err.inner_saddr_be, new_src);
+    ip_sum.replace32(err.inner_daddr_be, new_dst);
+    let new_ip_csum = ip_sum.finish();
+
+    // Quoted transport checksum (pseudo-header addresses and ports), if
+    // quoted; a UDP checksum of 0 means none and stays 0.
+    let l4_csum = match err.inner_l4_csum_off {
+        Some(off) => {
+            let old: u16 = ctx.load(off as usize).map_err(|_| ())?;
+            if err.inner_proto == IPPROTO_UDP && old == 0 {
+                None
+            } else {
+                let mut sum = Sum::start(old);
+                sum.replace32(err.inner_saddr_be, new_src);
+                sum.replace32(err.inner_daddr_be, new_dst);
+                sum.replace16(err.inner_sport_be, new_sport);
+                sum.replace16(err.inner_dport_be, new_dport);
+                let mut new = sum.finish();
+                if err.inner_proto == IPPROTO_UDP && new == 0 {
+                    new = 0xffff;
+                }
+                Some((off, old, new))
+            }
+        }
+        None => None,
+    };
+
+    // The ICMP checksum covers every quoted byte that changed.
+    let icmp_csum_off = err.icmp_off + 2;
+    let old_icmp_csum: u16 = ctx.load(icmp_csum_off as usize).map_err(|_| ())?;
+    let mut icmp_sum = Sum::start(old_icmp_csum);
+    icmp_sum.replace32(err.inner_saddr_be, new_src);
+    icmp_sum.replace32(err.inner_daddr_be, new_dst);
+    icmp_sum.replace16(old_ip_csum, new_ip_csum);
+    icmp_sum.replace16(err.inner_sport_be, new_sport);
+    icmp_sum.replace16(err.inner_dport_be, new_dport);
+    if let Some((_, old, new)) = l4_csum {
+        icmp_sum.replace16(old, new);
+    }
+    let new_icmp_csum = icmp_sum.finish();
+
+    let store32 = |off: u32, v: u32| ctx.store(off as usize, &v, 0).map_err(|_| ());
+    let store16 = |off: u32, v: u16| ctx.store(off as usize, &v, 0).map_err(|_| ());
+    store32(err.inner_ip_off + 12, new_src)?;
+    store32(err.inner_ip_off + 16, new_dst)?;
+    store16(ip_csum_off, new_ip_csum)?;
+    store16(err.inner_l4_off, new_sport)?;
+    store16(err.inner_l4_off + 2, new_dport)?;
+    if let Some((off, _, new)) = l4_csum {
+        store16(off, new)?;
+    }
+    store16(icmp_csum_off, new_icmp_csum)?;
+
+    // The outer header: to E.dst; from E.src when P's destination raised it.
+    let outer_src = if err.outer_saddr_be == err.inner_daddr_be {
+        new_dst
+    } else {
+        err.outer_saddr_be
+    };
+    for (off, old, new) in [
+        (IP_DADDR_OFF, err.outer_daddr_be, new_src),
+        (IP_SADDR_OFF, err.outer_saddr_be, outer_src),
+    ] {
+        if old != new {
+            ctx.l3_csum_replace(IP_CSUM_OFF as usize, old as u64, new as u64, 4)
+                .map_err(|_| ())?;
+            store32(off, new)?;
+        }
+    }
+    Ok(())
+}
+
+/// Where the quoted transport header's checksum sits.
+#[inline(always)]
+pub const fn l4_csum_at(proto: u8) -> u32 {
+    if proto == IPPROTO_TCP {
+        16
+    } else {
+        6
+    }
+}
+
+/// An incremental one's-complement update (RFC 1624: HC' = ~(~HC + ~m + m')),
+/// on 16-bit words in memory order, as the packet holds them.
+struct Sum(u32);
+
+impl Sum {
+    #[inline(always)]
+    fn start(csum: u16) -> Self {
+        Self(u32::from(!csum))
+    }
+
+    #[inline(always)]
+    fn replace16(&mut self, old: u16, new: u16) {
+        self.0 += u32::from(!old) + u32::from(new);
+    }
+
+    #[inline(always)]
+    fn replace32(&mut self, old: u32, new: u32) {
+        self.replace16(old as u16, new as u16);
+        self.replace16((old >> 16) as u16, (new >> 16) as u16);
+    }
+
+    #[inline(always)]
+    fn finish(self) -> u16 {
+        let mut s = self.0;
+        s = (s & 0xffff) + (s >> 16);
+        s = (s & 0xffff) + (s >> 16);
+        !(s as u16)
+    }
+}
