@@ -57,9 +57,12 @@ pub enum Stat {
     /// An ICMP error about a translated flow, translated for its receiver
     /// (quoted packet, checksums, outer addresses).
     IcmpTranslated = 23,
+    /// A routed (SNATed) packet too big for the way out, DF set: answered
+    /// with ICMP fragmentation needed.
+    IcmpFragNeeded = 24,
 }
 
-pub const STAT_COUNT: u32 = 24;
+pub const STAT_COUNT: u32 = 25;
 
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "pass_not_service",
@@ -86,4 +89,5 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "sock_refused",
     "sock_rev_nat",
     "icmp_translated",
+    "icmp_frag_needed",
 ];

@@ -77,6 +77,23 @@ pub fn lb_ingress(ctx: TcContext) -> i32 {
     outcome.action
 }
 
+/// A debug event for a new flow. Compiled in, pruned by the verifier unless
+/// the agent loads the program with --datapath-log (AYA_LOG_LEVEL is
+/// read-only).
+#[inline(always)]
+fn log_new_flow(ctx: &TcContext, pkt: &Packet, entry: &CtValue) {
+    debug!(
+        ctx,
+        "new flow {:i}:{} -> {:i}:{} -> backend {:i}:{}",
+        u32::from_be(pkt.saddr_be),
+        u16::from_be(pkt.sport_be),
+        u32::from_be(pkt.daddr_be),
+        u16::from_be(pkt.dport_be),
+        u32::from_be(entry.dst_addr_be),
+        u16::from_be(entry.dst_port_be)
+    );
+}
+
 /// A debug event for a dropped packet, with the counter it moved (the
 /// index in `lb-agent inspect stats` order).
 #[inline(always)]
@@ -209,20 +226,7 @@ fn ingress<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
     } else if ct::create(&pkt, &entry, 0).is_err() {
         return Outcome::drop(Stat::DropCtFull);
     }
-    // Debug events: compiled in, pruned by the verifier unless the agent
-    // loads the program with --datapath-log (AYA_LOG_LEVEL is read-only).
-    debug!(
-        ctx,
-        "new flow proto {} {:i}:{} -> {:i}:{} -> backend {:i}:{} (snat: {})",
-        pkt.proto,
-        u32::from_be(pkt.saddr_be),
-        u16::from_be(pkt.sport_be),
-        u32::from_be(pkt.daddr_be),
-        u16::from_be(pkt.dport_be),
-        u32::from_be(entry.dst_addr_be),
-        u16::from_be(entry.dst_port_be),
-        u8::from(entry.flags & CT_SNAT != 0)
-    );
+    log_new_flow(ctx, &pkt, &entry);
     send(ctx, &pkt, &entry, Stat::DnatNew)
 }
 
@@ -250,13 +254,17 @@ fn icmp_error_ingress<const EXTERNAL: bool>(ctx: &TcContext, err: &icmp::IcmpErr
         if entry.flags & CT_SNAT == 0 {
             return Outcome::next(Stat::IcmpTranslated);
         }
-        // From the SNAT address now: routed by the program, as SNATed packets.
-        return match redirect::forward(
+        // To the backend now, perhaps from the SNAT address: routed by the
+        // program, as SNATed packets are.
+        let routed = redirect::lookup(
             ctx,
             lb_common::IPPROTO_ICMP,
             entry.src_addr_be,
             entry.dst_addr_be,
-        ) {
+            0,
+        )
+        .and_then(|route| redirect::send(ctx, lb_common::IPPROTO_ICMP, &route));
+        return match routed {
             Ok(action) => Outcome {
                 action,
                 stat: Stat::IcmpTranslated,
@@ -368,13 +376,30 @@ fn egress(ctx: &TcContext) -> Outcome {
 /// any other goes on through the stack.
 #[inline(always)]
 fn send(ctx: &TcContext, pkt: &Packet, to: &CtValue, stat: Stat) -> Outcome {
+    if to.flags & CT_SNAT == 0 {
+        if nat::translate(ctx, pkt, to).is_err() {
+            return Outcome::drop(Stat::DropRewrite);
+        }
+        return Outcome::next(stat);
+    }
+    // The route first: a packet too big for the way out is answered in the
+    // sender's terms, before translation (as forwarding would, with DF).
+    let tot_len = if pkt.is_gso { 0 } else { pkt.tot_len };
+    let route = match redirect::lookup(ctx, pkt.proto, to.src_addr_be, to.dst_addr_be, tot_len) {
+        Ok(route) => route,
+        Err(()) => return Outcome::drop(Stat::DropRedirect),
+    };
+    if route.way == redirect::Way::TooBig {
+        return if pkt.dont_fragment {
+            reject::frag_needed(ctx, pkt, route.mtu)
+        } else {
+            Outcome::drop(Stat::DropRedirect) // fragmenting is not done here
+        };
+    }
     if nat::translate(ctx, pkt, to).is_err() {
         return Outcome::drop(Stat::DropRewrite);
     }
-    if to.flags & CT_SNAT == 0 {
-        return Outcome::next(stat);
-    }
-    match redirect::forward(ctx, pkt.proto, to.src_addr_be, to.dst_addr_be) {
+    match redirect::send(ctx, pkt.proto, &route) {
         Ok(action) => Outcome { action, stat },
         Err(()) => Outcome::drop(Stat::DropRedirect),
     }

@@ -66,3 +66,8 @@ pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8, 16_384, { BPF_F_NO_PREALLO
 /// to (for getpeername and recvmsg). An LRU: entries of closed sockets age out.
 #[btf_map(name = "lb_sock_rnat_v3")]
 pub static SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue, 262_144> = LruHashMap::new();
+
+/// Per-CPU scratch for `bpf_fib_lookup`'s parameters (64 bytes), kept off
+/// the 512-byte stack. Not pinned: each loaded program has its own.
+#[btf_map(name = "lb_fib_scratch")]
+pub static FIB_SCRATCH: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup, 1> = PerCpuArray::new();

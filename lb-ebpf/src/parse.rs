@@ -13,6 +13,7 @@ pub const IP_CSUM_OFF: u32 = ETH_HLEN + 10;
 pub const IP_SADDR_OFF: u32 = ETH_HLEN + 12;
 pub const IP_DADDR_OFF: u32 = ETH_HLEN + 16;
 const IP_MF: u16 = 0x2000;
+const IP_DF: u16 = 0x4000;
 const IP_OFFSET_MASK: u16 = 0x1fff;
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
@@ -48,6 +49,12 @@ pub struct Packet {
     /// IPv4 header length in bytes (20 without options).
     pub ihl_len: u32,
     pub l4_off: u32,
+    /// IPv4 total length (of one segment's worth for a GSO packet).
+    pub tot_len: u16,
+    /// DF set: a router must not fragment it.
+    pub dont_fragment: bool,
+    /// A GSO/GRO packet: several segments, each checked on its own.
+    pub is_gso: bool,
 }
 
 pub enum Parsed {
@@ -209,6 +216,10 @@ fn try_parse(ctx: &TcContext) -> Result<Parsed, ()> {
         is_fragment,
         ihl_len,
         l4_off,
+        tot_len: tot_len as u16,
+        dont_fragment: frag & IP_DF != 0,
+        // SAFETY: the context's skb is valid for the program run.
+        is_gso: unsafe { (*ctx.skb.skb).gso_segs } > 1,
     }))
 }
 

@@ -3,12 +3,15 @@
 //! martian there. It is routed here instead, as the kernel would forward
 //! it: TTL decremented, next hop and neighbour from the FIB. A known
 //! neighbour gets the MACs written here and a plain `bpf_redirect`; an
-//! unresolved one is left to `bpf_redirect_neigh` with the next hop.
+//! unresolved one is left to `bpf_redirect_neigh` with the next hop. The
+//! route is looked up before the packet is translated: one too big for
+//! the way out is answered with "fragmentation needed" in the sender's
+//! terms (`reject::frag_needed`), as the kernel's forwarding would.
 
 use aya_ebpf::{
     bindings::{
         bpf_fib_lookup as FibParams, bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1,
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
     },
     helpers::generated::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
@@ -19,10 +22,95 @@ use crate::parse::{ETH_HLEN, IP_CSUM_OFF};
 const AF_INET: u8 = 2;
 const IP_TTL_OFF: usize = ETH_HLEN as usize + 8;
 
-/// Routes the (already translated) packet towards `daddr_be`; the verdict
-/// is `TC_ACT_REDIRECT` on success.
+/// Where forwarding sends a packet from `saddr_be` to `daddr_be`. A plain
+/// struct, every field always set: the verifier rejects reads of enum
+/// payload registers that one arm leaves unset.
+pub struct Route {
+    pub way: Way,
+    pub ifindex: u32,
+    /// `Way::Neigh`: the next hop (gateway or destination).
+    pub next_hop_be: u32,
+    /// `Way::TooBig`: the MTU of the way out.
+    pub mtu: u16,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Way {
+    /// The neighbour is known (its MAC and ours are already written:
+    /// translation leaves the Ethernet header alone).
+    Mac,
+    /// The next hop's neighbour entry is still to be resolved.
+    Neigh,
+    /// Too big for the way out (the route's or the device's MTU).
+    TooBig,
+}
+
+/// The next hop of the packet as the kernel would forward it from the
+/// device it arrived on, its size checked against the way out. `tot_len`
+/// is the packet's IPv4 total length; 0 for a GSO packet, whose segments
+/// the kernel checks against the device's MTU.
 #[inline(always)]
-pub fn forward(ctx: &TcContext, proto: u8, saddr_be: u32, daddr_be: u32) -> Result<i32, ()> {
+pub fn lookup(
+    ctx: &TcContext,
+    proto: u8,
+    saddr_be: u32,
+    daddr_be: u32,
+    tot_len: u16,
+) -> Result<Route, ()> {
+    // The parameters live in a per-CPU scratch map, not on the stack: the
+    // verifier caps a program's stack at 512 bytes.
+    let fib = crate::maps::FIB_SCRATCH.get_ptr_mut(0).ok_or(())?;
+    // SAFETY: the map value is this CPU's, valid for the program run; the
+    // helper reads and writes it within its size. Zero is a valid value for
+    // every field.
+    let (rc, fib) = unsafe {
+        core::ptr::write_bytes(fib, 0, 1);
+        (*fib).family = AF_INET;
+        (*fib).l4_protocol = proto;
+        (*fib).__bindgen_anon_1.tot_len = tot_len;
+        // The device the packet arrived on: the lookup runs as forwarding from it.
+        (*fib).ifindex = (*ctx.skb.skb).ifindex;
+        (*fib).__bindgen_anon_3.ipv4_src = saddr_be;
+        (*fib).__bindgen_anon_4.ipv4_dst = daddr_be;
+        let rc = bpf_fib_lookup(
+            ctx.skb.skb.cast(),
+            fib,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        );
+        (rc, &*fib)
+    };
+    let mut route = Route {
+        way: Way::Mac,
+        ifindex: fib.ifindex,
+        next_hop_be: 0,
+        mtu: 0,
+    };
+    match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            let mut macs = [0u8; 12];
+            macs[..6].copy_from_slice(&fib.dmac);
+            macs[6..].copy_from_slice(&fib.smac);
+            ctx.store(0, &macs, 0).map_err(|_| ())?;
+        }
+        BPF_FIB_LKUP_RET_NO_NEIGH => {
+            route.way = Way::Neigh;
+            // The lookup left the next hop in ipv4_dst.
+            route.next_hop_be = unsafe { fib.__bindgen_anon_4.ipv4_dst };
+        }
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => {
+            route.way = Way::TooBig;
+            route.mtu = unsafe { fib.__bindgen_anon_1.mtu_result };
+        }
+        _ => return Err(()),
+    }
+    Ok(route)
+}
+
+/// Sends the (translated) packet along `route`, TTL decremented; the
+/// verdict is `TC_ACT_REDIRECT`.
+#[inline(always)]
+pub fn send(ctx: &TcContext, proto: u8, route: &Route) -> Result<i32, ()> {
     // TTL and protocol share a 16-bit word of the header checksum.
     let ttl: u8 = ctx.load(IP_TTL_OFF).map_err(|_| ())?;
     if ttl <= 1 {
@@ -38,54 +126,26 @@ pub fn forward(ctx: &TcContext, proto: u8, saddr_be: u32, daddr_be: u32) -> Resu
     )
     .map_err(|_| ())?;
     ctx.store(IP_TTL_OFF, &(ttl - 1), 0).map_err(|_| ())?;
-
-    // SAFETY: a plain-data struct; zero is a valid value for every field.
-    let mut fib: FibParams = unsafe { core::mem::zeroed() };
-    fib.family = AF_INET;
-    fib.l4_protocol = proto;
-    // The device the packet arrived on: the lookup runs as forwarding from it.
-    fib.ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    fib.__bindgen_anon_3.ipv4_src = saddr_be;
-    fib.__bindgen_anon_4.ipv4_dst = daddr_be;
-    // SAFETY: the helper reads and writes `fib` only, within its size.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.skb.skb.cast(),
-            &mut fib,
-            core::mem::size_of::<FibParams>() as i32,
-            0,
-        )
-    };
     // SAFETY (both arms): plain helpers on values owned here.
-    let action = match rc as u32 {
-        BPF_FIB_LKUP_RET_SUCCESS => {
-            let macs: [u8; 12] = {
-                let mut m = [0u8; 12];
-                m[..6].copy_from_slice(&fib.dmac);
-                m[6..].copy_from_slice(&fib.smac);
-                m
-            };
-            ctx.store(0, &macs, 0).map_err(|_| ())?;
-            unsafe { bpf_redirect(fib.ifindex, 0) }
-        }
-        BPF_FIB_LKUP_RET_NO_NEIGH => {
-            // The lookup left the next hop (gateway or destination) in ipv4_dst.
+    let action = match route.way {
+        Way::Mac => unsafe { bpf_redirect(route.ifindex, 0) },
+        Way::Neigh => {
             let mut neigh = bpf_redir_neigh {
                 nh_family: u32::from(AF_INET),
                 __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 {
-                    ipv4_nh: unsafe { fib.__bindgen_anon_4.ipv4_dst },
+                    ipv4_nh: route.next_hop_be,
                 },
             };
             unsafe {
                 bpf_redirect_neigh(
-                    fib.ifindex,
+                    route.ifindex,
                     &mut neigh,
                     core::mem::size_of::<bpf_redir_neigh>() as i32,
                     0,
                 )
             }
         }
-        _ => return Err(()),
+        Way::TooBig => return Err(()),
     };
     Ok(action as i32)
 }

@@ -1,8 +1,9 @@
 //! A new flow to a frontend with no backends is answered, like kube-proxy's
 //! REJECT rule, with ICMP port unreachable from the VIP: TCP clients get
 //! ECONNREFUSED at once, connected UDP sockets get ECONNREFUSED on their next
-//! call. The packet is rebuilt in place and sent back out the interface it
-//! came in on.
+//! call. A routed packet too big for the way out is answered with
+//! "fragmentation needed". The packet is rebuilt in place and sent back out
+//! the interface it came in on.
 //!
 //! Only packets without IP options are answered (fixed 28-byte quote);
 //! others are dropped and counted (`drop_reject`).
@@ -21,26 +22,51 @@ use crate::{
 
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
 /// Original IP header (no options) plus the first 8 bytes of its payload.
 const QUOTE_LEN: u32 = 28;
 const REPLY_IP_LEN: u32 = 20 + 8 + QUOTE_LEN;
 
 #[inline(always)]
 pub fn port_unreachable(ctx: &TcContext, pkt: &Packet) -> Outcome {
-    match build(ctx, pkt) {
-        Ok(()) => {
+    answer(ctx, pkt, ICMP_PORT_UNREACH, 0, Stat::RejectNoBackend)
+}
+
+/// A routed (SNATed) packet too big for the way out, DF set: answered with
+/// "fragmentation needed" and the next hop's MTU, from the address it was
+/// sent to, so the sender's path-MTU discovery works through the node.
+#[inline(always)]
+pub fn frag_needed(ctx: &TcContext, pkt: &Packet, mtu: u16) -> Outcome {
+    answer(ctx, pkt, ICMP_FRAG_NEEDED, mtu, Stat::IcmpFragNeeded)
+}
+
+/// Turns the packet into an ICMP destination-unreachable error (`code`,
+/// `mtu` for "fragmentation needed") and sends it back out.
+#[inline(always)]
+fn answer(ctx: &TcContext, pkt: &Packet, code: u8, mtu: u16, stat: Stat) -> Outcome {
+    match build(ctx, pkt, code, mtu) {
+        0 => {
             let ifindex = unsafe { (*ctx.skb.skb).ifindex };
             Outcome {
                 action: unsafe { bpf_redirect(ifindex, 0) } as i32,
-                stat: Stat::RejectNoBackend,
+                stat,
             }
         }
-        Err(()) => Outcome::drop(Stat::DropReject),
+        _ => Outcome::drop(Stat::DropReject),
+    }
+}
+
+/// 0 when the packet was rebuilt.
+#[inline(always)]
+fn build(ctx: &TcContext, pkt: &Packet, code: u8, mtu: u16) -> i32 {
+    match rebuild(ctx, pkt, code, mtu) {
+        Ok(()) => 0,
+        Err(()) => -1,
     }
 }
 
 #[inline(always)]
-fn build(ctx: &TcContext, pkt: &Packet) -> Result<(), ()> {
+fn rebuild(ctx: &TcContext, pkt: &Packet, code: u8, mtu: u16) -> Result<(), ()> {
     if pkt.ihl_len != 20 {
         return Err(());
     }
@@ -66,7 +92,8 @@ fn build(ctx: &TcContext, pkt: &Packet) -> Result<(), ()> {
     let ip_csum = csum::fold(csum::partial(ip.as_words(), 20, 0));
     ip.0[10..12].copy_from_slice(&ip_csum.to_ne_bytes());
 
-    let mut icmp = Aligned([ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0, 0, 0, 0, 0, 0]);
+    let [mtu_hi, mtu_lo] = mtu.to_be_bytes();
+    let mut icmp = Aligned([ICMP_DEST_UNREACH, code, 0, 0, 0, 0, mtu_hi, mtu_lo]);
     let sum = csum::partial(icmp.as_words(), 8, 0);
     let icmp_csum = csum::fold(csum::partial(quote.as_mut_ptr(), QUOTE_LEN, sum));
     icmp.0[2..4].copy_from_slice(&icmp_csum.to_ne_bytes());

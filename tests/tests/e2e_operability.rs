@@ -560,7 +560,7 @@ fn json_logs_carry_reconcile_spans_and_datapath_events() {
         .expect("a datapath event");
     let message = event["fields"]["message"].as_str().unwrap();
     assert!(
-        message.starts_with("new flow proto 6 ")
+        message.starts_with("new flow ")
             && message.contains(&wanted_flow)
             && message.contains(&format!("-> {VIP}:80 -> "))
             && message.contains(&wanted_backend),
