@@ -371,6 +371,24 @@ fn egress(ctx: &TcContext) -> Outcome {
     send(ctx, &pkt, &entry, Stat::RevNat)
 }
 
+/// The IPv4 length of each segment of a GSO packet: its segment size plus
+/// the headers, which every segment repeats (0, leaving the check to the
+/// device's MTU, when unknown).
+#[inline(always)]
+fn gso_segment_len(ctx: &TcContext, pkt: &Packet) -> u16 {
+    // SAFETY: the context's skb is valid for the program run.
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    let l4_header = if pkt.proto == lb_common::IPPROTO_TCP {
+        match ctx.load::<u8>(pkt.l4_off as usize + 12) {
+            Ok(doff) => u32::from(doff >> 4) * 4,
+            Err(_) => return 0,
+        }
+    } else {
+        8
+    };
+    (gso_size + pkt.ihl_len + l4_header).min(0xffff) as u16
+}
+
 /// Rewrites the packet to its flow's tuple. A SNATed flow's packet is then
 /// routed here (the node's input path would take its source for a martian);
 /// any other goes on through the stack.
@@ -384,7 +402,11 @@ fn send(ctx: &TcContext, pkt: &Packet, to: &CtValue, stat: Stat) -> Outcome {
     }
     // The route first: a packet too big for the way out is answered in the
     // sender's terms, before translation (as forwarding would, with DF).
-    let tot_len = if pkt.is_gso { 0 } else { pkt.tot_len };
+    let tot_len = if pkt.is_gso {
+        gso_segment_len(ctx, pkt)
+    } else {
+        pkt.tot_len
+    };
     let route = match redirect::lookup(ctx, pkt.proto, to.src_addr_be, to.dst_addr_be, tot_len) {
         Ok(route) => route,
         Err(()) => return Outcome::drop(Stat::DropRedirect),

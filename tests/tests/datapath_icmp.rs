@@ -56,7 +56,10 @@ fn tcp_flow(h: &Harness, from: SocketAddrV4) -> (Packet, SocketAddrV4) {
     let backend = backend_of(from, 80, 6, 8080);
     let at_backend = syn.clone().to(backend);
     h.run_egress(&at_backend.reply(TCP_SYN | TCP_ACK).build());
-    (Packet::tcp(from, SocketAddrV4::new(VIP, 80), TCP_ACK).with_payload(&[7; 1400]), backend)
+    (
+        Packet::tcp(from, SocketAddrV4::new(VIP, 80), TCP_ACK).with_payload(&[7; 1400]),
+        backend,
+    )
 }
 
 #[test]
@@ -66,11 +69,31 @@ fn frag_needed_on_the_backend_path_reaches_the_client_about_the_vip() {
     let (segment, backend) = tcp_flow(&h, client(41000));
     // A 1440-byte segment to the backend was too big for a router's link.
     let at_backend = segment.clone().to(backend);
-    let error = icmp_error(ROUTER, CLIENT, DEST_UNREACH, FRAG_NEEDED, 1280, &at_backend, Some(128));
+    let error = icmp_error(
+        ROUTER,
+        CLIENT,
+        DEST_UNREACH,
+        FRAG_NEEDED,
+        1280,
+        &at_backend,
+        Some(128),
+    );
     let out = h.run_egress(&error);
     assert_eq!(out.verdict, TCX_NEXT);
-    let expected = icmp_error(ROUTER, CLIENT, DEST_UNREACH, FRAG_NEEDED, 1280, &segment, Some(128));
-    assert_frame(&out.frame, &expected, "frag needed, quoted segment client → VIP");
+    let expected = icmp_error(
+        ROUTER,
+        CLIENT,
+        DEST_UNREACH,
+        FRAG_NEEDED,
+        1280,
+        &segment,
+        Some(128),
+    );
+    assert_frame(
+        &out.frame,
+        &expected,
+        "frag needed, quoted segment client → VIP",
+    );
     assert_eq!(h.counter(Stat::IcmpTranslated), 1);
 }
 
@@ -83,10 +106,22 @@ fn port_unreachable_from_the_backend_itself_comes_from_the_vip() {
     let backend = backend_of(client(41001), 53, 17, 5353);
     let at_backend = query.clone().to(backend);
     // The backend has no socket on the port: it answers with the error.
-    let error = icmp_error(*backend.ip(), CLIENT, DEST_UNREACH, PORT_UNREACH, 0, &at_backend, None);
+    let error = icmp_error(
+        *backend.ip(),
+        CLIENT,
+        DEST_UNREACH,
+        PORT_UNREACH,
+        0,
+        &at_backend,
+        None,
+    );
     let out = h.run_egress(&error);
     let expected = icmp_error(VIP, CLIENT, DEST_UNREACH, PORT_UNREACH, 0, &query, None);
-    assert_frame(&out.frame, &expected, "port unreachable from the VIP about client → VIP");
+    assert_frame(
+        &out.frame,
+        &expected,
+        "port unreachable from the VIP about client → VIP",
+    );
 }
 
 #[test]
@@ -110,13 +145,33 @@ fn an_error_from_the_client_side_about_a_reply_reaches_the_backend() {
     // The backend's reply, as the client saw it (from the VIP), was too big
     // for a link on the client's side.
     let reply_seen = segment.reply(TCP_ACK).with_payload(&[9; 1400]);
-    let error = icmp_error(ROUTER, VIP, DEST_UNREACH, FRAG_NEEDED, 1280, &reply_seen, Some(64));
+    let error = icmp_error(
+        ROUTER,
+        VIP,
+        DEST_UNREACH,
+        FRAG_NEEDED,
+        1280,
+        &reply_seen,
+        Some(64),
+    );
     let out = h.run(&error);
     assert_eq!(out.verdict, TCX_NEXT);
     // The backend knows its reply as backend → client.
     let reply_sent = reply_seen.clone().from(backend);
-    let expected = icmp_error(ROUTER, *backend.ip(), DEST_UNREACH, FRAG_NEEDED, 1280, &reply_sent, Some(64));
-    assert_frame(&out.frame, &expected, "frag needed to the backend about backend → client");
+    let expected = icmp_error(
+        ROUTER,
+        *backend.ip(),
+        DEST_UNREACH,
+        FRAG_NEEDED,
+        1280,
+        &reply_sent,
+        Some(64),
+    );
+    assert_frame(
+        &out.frame,
+        &expected,
+        "frag needed to the backend about backend → client",
+    );
     assert_eq!(h.counter(Stat::IcmpTranslated), 1);
 }
 
@@ -127,7 +182,15 @@ fn errors_about_untracked_packets_pass_untouched() {
     let other = Packet::tcp(client(41004), SocketAddrV4::new(BACKENDS[0], 8080), TCP_SYN);
     let error = icmp_error(ROUTER, CLIENT, DEST_UNREACH, PORT_UNREACH, 0, &other, None);
     assert_eq!(h.run_egress(&error).frame, error);
-    let to_vip = icmp_error(ROUTER, VIP, DEST_UNREACH, PORT_UNREACH, 0, &other.reply(0), None);
+    let to_vip = icmp_error(
+        ROUTER,
+        VIP,
+        DEST_UNREACH,
+        PORT_UNREACH,
+        0,
+        &other.reply(0),
+        None,
+    );
     assert_eq!(h.run(&to_vip).frame, to_vip);
     assert_eq!(h.counter(Stat::IcmpTranslated), 0);
 }

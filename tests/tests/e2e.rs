@@ -929,9 +929,14 @@ fn pmtu_discovery_through_a_cluster_ip_completes_a_1mb_transfer() {
     let backends = [backend_ip(0)];
     let mut s = setup("lbt20", 1, &web_manifest(&ready(&backends)));
     s.agent
-        .wait_for_maps("the service", |m| m.contains(&format!("{VIP}:80/TCP count=1")))
+        .wait_for_maps("the service", |m| {
+            m.contains(&format!("{VIP}:80/TCP count=1"))
+        })
         .unwrap();
-    s.topology.node.ip(&["link", "set", "lbt20-b0", "mtu", "1280"]).unwrap();
+    s.topology
+        .node
+        .ip(&["link", "set", "lbt20-b0", "mtu", "1280"])
+        .unwrap();
     let bytes = 1 << 20;
     let received = s
         .topology
@@ -948,10 +953,19 @@ fn pmtu_discovery_through_a_cluster_ip_completes_a_1mb_transfer() {
     assert!(translated >= 1, "no ICMP error was translated");
     // The client learned the path MTU for the VIP.
     let route = std::process::Command::new("ip")
-        .args(["-n", &s.topology.client.name, "route", "get", &VIP.to_string()])
+        .args([
+            "-n",
+            &s.topology.client.name,
+            "route",
+            "get",
+            &VIP.to_string(),
+        ])
         .output()
         .unwrap();
     let route = String::from_utf8_lossy(&route.stdout);
-    assert!(route.contains("mtu 1280"), "client's route to the VIP: {route}");
+    assert!(
+        route.contains("mtu 1280"),
+        "client's route to the VIP: {route}"
+    );
     s.agent.stop().unwrap();
 }

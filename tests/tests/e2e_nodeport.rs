@@ -495,3 +495,95 @@ fn api_nodeport_and_etp_changes_reach_both_nodes() {
         }
     }
 }
+
+/// Sends 1 MB from client 0 through `addr` to a backend's sink, every read
+/// and write bounded: a black-holed path fails instead of hanging.
+fn transfer_1mb(cluster: &Cluster, addr: SocketAddrV4) -> std::io::Result<String> {
+    use std::io::{Read as _, Write as _};
+    cluster.clients[0].run(|| {
+        let mut stream =
+            std::net::TcpStream::connect_timeout(&addr.into(), std::time::Duration::from_secs(3))?;
+        stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+        stream.set_write_timeout(Some(std::time::Duration::from_secs(10)))?;
+        stream.write_all(b"SINK\n")?;
+        stream.write_all(&vec![0x5a; 1 << 20])?;
+        stream.shutdown(std::net::Shutdown::Write)?;
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply)?;
+        Ok(reply.trim().to_owned())
+    })
+}
+
+fn counter(cluster: &Cluster, node: usize, name: &str) -> u64 {
+    lb_agent::inspect::counters(&cluster.agents[node].pin_dir)
+        .unwrap()
+        .into_iter()
+        .find(|(n, _)| *n == name)
+        .unwrap()
+        .1
+}
+
+/// Path-MTU discovery through a node port whose only endpoint is on the
+/// other node, so the flow is DNATed, SNATed and routed by node-a's
+/// program. node-a's route to node-b's pods allows 1280 bytes (a locked
+/// route MTU, which forwarding honours, as the kernel's does): the program
+/// finds the packet too big for the way out and answers "fragmentation
+/// needed" itself, in the client's terms (from the node port).
+#[test]
+fn pmtu_discovery_through_a_nodeport_when_the_routed_way_out_is_narrower() {
+    require_root();
+    let mut cluster = Cluster::new("np10", &web("NodePort", "", "", &[1])).unwrap();
+    cluster
+        .wait_for_maps("the node port", |m| m.contains("30080/TCP count=1"))
+        .unwrap();
+    cluster.nodes[0]
+        .ip(&[
+            "route",
+            "replace",
+            "198.18.11.0/24",
+            "via",
+            "198.18.0.3",
+            "mtu",
+            "lock",
+            "1280",
+        ])
+        .unwrap();
+    let received = transfer_1mb(&cluster, node_port(0, 30080))
+        .expect("the 1 MB transfer through the node port completes");
+    assert_eq!(received, (1 << 20).to_string());
+    assert!(counter(&cluster, 0, "icmp_frag_needed") >= 1);
+    let route = std::process::Command::new("ip")
+        .args([
+            "-n",
+            &cluster.clients[0].name,
+            "route",
+            "get",
+            &NODE_IPS[0].to_string(),
+        ])
+        .output()
+        .unwrap();
+    let route = String::from_utf8_lossy(&route.stdout);
+    assert!(
+        route.contains("mtu 1280"),
+        "client's route to node-a: {route}"
+    );
+}
+
+/// The same, with the narrow link behind node-b (its pod's): node-b raises
+/// "fragmentation needed" to node-a's SNAT address, quoting the SNATed
+/// packet; node-a's uplink translates it back to the client's terms.
+#[test]
+fn pmtu_discovery_through_a_nodeport_when_the_pod_link_on_the_other_node_is_narrower() {
+    require_root();
+    let mut cluster = Cluster::new("np11", &web("NodePort", "", "", &[1])).unwrap();
+    cluster
+        .wait_for_maps("the node port", |m| m.contains("30080/TCP count=1"))
+        .unwrap();
+    cluster.nodes[1]
+        .ip(&["link", "set", "np11-p1", "mtu", "1280"])
+        .unwrap();
+    let received = transfer_1mb(&cluster, node_port(0, 30080))
+        .expect("the 1 MB transfer through the node port completes");
+    assert_eq!(received, (1 << 20).to_string());
+    assert!(counter(&cluster, 0, "icmp_translated") >= 1);
+}
