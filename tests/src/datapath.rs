@@ -122,24 +122,30 @@ impl Harness {
     }
 
     pub fn run_program(&self, name: &str, frame: &[u8]) -> (RunResult, std::time::Duration) {
+        self.try_run_program(name, frame)
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {name} on {frame:02x?}: {e}"))
+    }
+
+    pub fn try_run_program(
+        &self,
+        name: &str,
+        frame: &[u8],
+    ) -> Result<(RunResult, std::time::Duration), aya::programs::ProgramError> {
         let mut out = vec![0u8; frame.len() + 256];
         let opts = TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut out),
             ..TestRunOptions::default()
         };
-        let result = self
-            .program(name)
-            .test_run(opts)
-            .expect("BPF_PROG_TEST_RUN");
+        let result = self.program(name).test_run(opts)?;
         out.truncate(result.data_size_out as usize);
-        (
+        Ok((
             RunResult {
                 verdict: result.return_value,
                 frame: out,
             },
             result.duration,
-        )
+        ))
     }
 
     pub fn counter(&self, stat: Stat) -> u64 {

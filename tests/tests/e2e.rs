@@ -969,3 +969,69 @@ fn pmtu_discovery_through_a_cluster_ip_completes_a_1mb_transfer() {
     );
     s.agent.stop().unwrap();
 }
+
+/// A Service whose endpoint is the node itself — a hostNetwork pod, such as
+/// the API server behind `default/kubernetes` on a control-plane node. The
+/// flow is DNATed to a local address; the local server's answers leave
+/// through the pod-facing interface, whose egress program reverse-NATs
+/// them (TCP and UDP, from the client pod and from another pod).
+#[test]
+fn a_host_network_endpoint_on_this_node_serves_pods_through_the_vip() {
+    let api_vip = Ipv4Addr::new(198, 19, 0, 1);
+    let node_address = Ipv4Addr::new(198, 18, 1, 1); // the node, on the client's link
+    let manifest = format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: kubernetes, namespace: default}}
+spec:
+  clusterIP: {api_vip}
+  ports:
+  - {{name: https, port: 443, targetPort: 6443, protocol: TCP}}
+  - {{name: dns, port: 53, targetPort: 6053, protocol: UDP}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: kubernetes
+  namespace: default
+  labels: {{kubernetes.io/service-name: kubernetes}}
+addressType: IPv4
+ports:
+- {{name: https, port: 6443, protocol: TCP}}
+- {{name: dns, port: 6053, protocol: UDP}}
+endpoints:
+- addresses: ["{node_address}"]
+  conditions: {{ready: true}}
+"#
+    );
+    let mut s = setup("lbt21", 1, &manifest);
+    let _on_node = BackendServers::start(&s.topology.node, "node", 6443, 6053).unwrap();
+    s.agent
+        .wait_for_maps("the service", |m| {
+            m.contains(&format!("{api_vip}:443/TCP count=1"))
+        })
+        .unwrap();
+    let https = SocketAddrV4::new(api_vip, 443);
+    let body = s.topology.client.run(|| http_get(https)).unwrap();
+    assert!(
+        body.starts_with(&format!("backend node client {CLIENT_IP}:")),
+        "{body}"
+    );
+    let body = s.topology.backends[0].run(|| http_get(https)).unwrap();
+    assert!(
+        body.starts_with(&format!("backend node client {}:", backend_ip(0))),
+        "{body}"
+    );
+    let (answer, from) = s
+        .topology
+        .client
+        .run(|| udp_query(SocketAddrV4::new(api_vip, 53)))
+        .unwrap();
+    assert!(answer.starts_with("node client"), "{answer}");
+    assert_eq!(
+        from,
+        SocketAddr::from((api_vip, 53)),
+        "the answer comes from the VIP"
+    );
+    s.agent.stop().unwrap();
+}
