@@ -355,6 +355,8 @@ impl Agent {
             }
             if self.synced && !self.reconciler.needs_retry() {
                 self.health.synced();
+                // A change that needed no write is in the maps already.
+                self.change_seen = None;
             }
             if !released_links && self.synced {
                 // This run's links are attached and its maps programmed:

@@ -191,3 +191,18 @@ pub fn sink_transfer(addr: SocketAddrV4, bytes: u64) -> std::io::Result<Duration
     }
     Ok(started.elapsed())
 }
+
+/// Sends `bytes` to a backend's sink through `addr`, every read and write
+/// bounded by 10 s: a black-holed path fails instead of hanging. Returns
+/// the sink's count of bytes received.
+pub fn bounded_sink_transfer(addr: SocketAddrV4, bytes: usize) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&addr.into(), IO_TIMEOUT)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(b"SINK\n")?;
+    stream.write_all(&vec![0x5a; bytes])?;
+    stream.shutdown(std::net::Shutdown::Write)?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    Ok(reply.trim().to_owned())
+}

@@ -902,21 +902,6 @@ fn uplink_token_attaches_to_the_default_route_interface_and_follows_it() {
     assert_eq!(wait("lbt15-c"), 2, "{}", agent.log_text());
 }
 
-/// Sends `bytes` through `addr` to a backend's sink, with every read and
-/// write bounded: a black-holed path fails instead of hanging.
-fn bounded_sink_transfer(addr: SocketAddrV4, bytes: usize) -> std::io::Result<String> {
-    use std::io::{Read as _, Write as _};
-    let mut stream = std::net::TcpStream::connect_timeout(&addr.into(), IO_TIMEOUT)?;
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
-    stream.set_write_timeout(Some(std::time::Duration::from_secs(10)))?;
-    stream.write_all(b"SINK\n")?;
-    stream.write_all(&vec![0x5a; bytes])?;
-    stream.shutdown(std::net::Shutdown::Write)?;
-    let mut reply = String::new();
-    stream.read_to_string(&mut reply)?;
-    Ok(reply.trim().to_owned())
-}
-
 /// Path-MTU discovery through a ClusterIP: the backend's link is narrower
 /// (1280) than the client's and the backend's own (1500), so the node
 /// answers full-size segments with "fragmentation needed" quoting the
@@ -941,7 +926,7 @@ fn pmtu_discovery_through_a_cluster_ip_completes_a_1mb_transfer() {
     let received = s
         .topology
         .client
-        .run(|| bounded_sink_transfer(SocketAddrV4::new(VIP, 80), bytes))
+        .run(|| lb_tests::servers::bounded_sink_transfer(SocketAddrV4::new(VIP, 80), bytes))
         .expect("the 1 MB transfer through the VIP completes");
     assert_eq!(received, bytes.to_string());
     let translated = lb_agent::inspect::counters(&s.agent.pin_dir)

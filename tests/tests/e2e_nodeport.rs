@@ -496,22 +496,9 @@ fn api_nodeport_and_etp_changes_reach_both_nodes() {
     }
 }
 
-/// Sends 1 MB from client 0 through `addr` to a backend's sink, every read
-/// and write bounded: a black-holed path fails instead of hanging.
+/// 1 MB from client 0 through `addr` to a backend's sink, bounded.
 fn transfer_1mb(cluster: &Cluster, addr: SocketAddrV4) -> std::io::Result<String> {
-    use std::io::{Read as _, Write as _};
-    cluster.clients[0].run(|| {
-        let mut stream =
-            std::net::TcpStream::connect_timeout(&addr.into(), std::time::Duration::from_secs(3))?;
-        stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
-        stream.set_write_timeout(Some(std::time::Duration::from_secs(10)))?;
-        stream.write_all(b"SINK\n")?;
-        stream.write_all(&vec![0x5a; 1 << 20])?;
-        stream.shutdown(std::net::Shutdown::Write)?;
-        let mut reply = String::new();
-        stream.read_to_string(&mut reply)?;
-        Ok(reply.trim().to_owned())
-    })
+    cluster.clients[0].run(|| lb_tests::servers::bounded_sink_transfer(addr, 1 << 20))
 }
 
 fn counter(cluster: &Cluster, node: usize, name: &str) -> u64 {

@@ -17,30 +17,73 @@ use lb_tests::{
 
 const METRICS: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10249);
 
-#[test]
-fn metrics_follow_programmed_state_traffic_and_changes() {
+/// `pods` backend pods serving, manifest files written, the agent started
+/// with `flags`; removed on drop.
+struct Setup {
+    agent: Agent,
+    manifests: ScratchDir,
+    _servers: Vec<lb_tests::servers::BackendServers>,
+    topology: Topology,
+}
+
+fn setup(prefix: &str, pods: usize, files: &[(&str, &str)], flags: &[&str]) -> Setup {
     require_root();
-    let topology = Topology::new("lbm1", 2).expect("topology");
-    let _servers = topology.serve_backends("be").expect("servers");
-    let manifests = ScratchDir::new("lbm1-manifests").expect("scratch dir");
-    let both = [(backend_ip(0), true), (backend_ip(1), true)];
-    manifests.write("web.yaml", &web_manifest(&both)).unwrap();
-    // The default address (kube-proxy's), in the node's namespace.
-    let mut agent = Agent::start(
+    let topology = Topology::new(prefix, pods).expect("topology");
+    let servers = topology.serve_backends("be").expect("servers");
+    let manifests = ScratchDir::new(&format!("{prefix}-manifests")).expect("scratch dir");
+    for (name, text) in files {
+        manifests.write(name, text).unwrap();
+    }
+    let agent = Agent::start(
         &topology.node,
         &manifests.0,
         &topology.interface_pattern(),
-        &PathBuf::from("/sys/fs/bpf/lbm1-test"),
+        &PathBuf::from(format!("/sys/fs/bpf/{prefix}-test")),
         &manifests.0.join("agent.log"),
-        &["--conntrack-gc-interval", "1s"],
+        flags,
     )
     .expect("agent");
-    agent
+    Setup {
+        agent,
+        manifests,
+        _servers: servers,
+        topology,
+    }
+}
+
+/// `lb-agent COMMAND ARGS --json` on the agent's pins, parsed.
+fn agent_json(pin_dir: &std::path::Path, command: &str, args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new(lb_tests::topology::agent_binary())
+        .arg(command)
+        .args(args)
+        .args(["--json", "--pin-dir"])
+        .arg(pin_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{command} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn metrics_follow_programmed_state_traffic_and_changes() {
+    let both = [(backend_ip(0), true), (backend_ip(1), true)];
+    // The default address (kube-proxy's), in the node's namespace.
+    let mut s = setup(
+        "lbm1",
+        2,
+        &[("web.yaml", &web_manifest(&both))],
+        &["--conntrack-gc-interval", "1s"],
+    );
+    s.agent
         .wait_for_maps("the service", |m| {
             m.contains(&format!("{VIP}:80/TCP count=2"))
         })
         .unwrap();
-    let node = &topology.node;
+    let node = &s.topology.node;
     let first = scrape(node, METRICS).unwrap();
 
     for (name, kind) in [
@@ -96,7 +139,8 @@ fn metrics_follow_programmed_state_traffic_and_changes() {
 
     // Traffic moves the datapath counters.
     for _ in 0..3 {
-        let body = topology
+        let body = s
+            .topology
             .client
             .run(|| http_get(SocketAddrV4::new(VIP, 80)))
             .unwrap();
@@ -122,10 +166,10 @@ fn metrics_follow_programmed_state_traffic_and_changes() {
 
     // A change: one pod leaves. The state gauges follow; one more sync and
     // one more programming-latency observation.
-    manifests
+    s.manifests
         .write("web.yaml", &web_manifest(&both[..1]))
         .unwrap();
-    agent
+    s.agent
         .wait_for_maps("one backend", |m| {
             m.contains(&format!("{VIP}:80/TCP count=1"))
         })
@@ -142,27 +186,18 @@ fn metrics_follow_programmed_state_traffic_and_changes() {
 
 #[test]
 fn metrics_bind_address_empty_turns_metrics_off_and_a_bad_one_is_refused() {
-    require_root();
-    let topology = Topology::new("lbm2", 1).expect("topology");
-    let manifests = ScratchDir::new("lbm2-manifests").expect("scratch dir");
-    manifests
-        .write("web.yaml", &web_manifest(&[(backend_ip(0), true)]))
-        .unwrap();
-    let mut agent = Agent::start(
-        &topology.node,
-        &manifests.0,
-        &topology.interface_pattern(),
-        &PathBuf::from("/sys/fs/bpf/lbm2-test"),
-        &manifests.0.join("agent.log"),
+    let mut s = setup(
+        "lbm2",
+        1,
+        &[("web.yaml", &web_manifest(&[(backend_ip(0), true)]))],
         &["--metrics-bind-address", ""],
-    )
-    .expect("agent");
-    agent
+    );
+    s.agent
         .wait_for_maps("the service", |m| {
             m.contains(&format!("{VIP}:80/TCP count=1"))
         })
         .unwrap();
-    let refused = scrape(&topology.node, METRICS).unwrap_err();
+    let refused = scrape(&s.topology.node, METRICS).unwrap_err();
     assert!(
         refused
             .chain()
@@ -170,11 +205,11 @@ fn metrics_bind_address_empty_turns_metrics_off_and_a_bad_one_is_refused() {
                 == Some(std::io::ErrorKind::ConnectionRefused)),
         "{refused:#}"
     );
-    drop(agent);
+    drop(s.agent);
 
     let out = std::process::Command::new(lb_tests::topology::agent_binary())
         .args(["run", "--manifests"])
-        .arg(&manifests.0)
+        .arg(&s.manifests.0)
         .args(["--interfaces", "lo", "--metrics-bind-address", "localhost"])
         .output()
         .unwrap();
@@ -186,59 +221,29 @@ fn metrics_bind_address_empty_turns_metrics_off_and_a_bad_one_is_refused() {
     );
 }
 
-/// `lb-agent inspect … --json` with the given arguments, parsed.
-fn inspect_json(pin_dir: &std::path::Path, args: &[&str]) -> serde_json::Value {
-    let out = std::process::Command::new(lb_tests::topology::agent_binary())
-        .arg("inspect")
-        .args(args)
-        .args(["--json", "--pin-dir"])
-        .arg(pin_dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "inspect {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 #[test]
 fn inspect_json_matches_the_programmed_state_and_filters() {
-    require_root();
-    let topology = Topology::new("lbm3", 3).expect("topology");
-    let _servers = topology.serve_backends("be").expect("servers");
-    let manifests = ScratchDir::new("lbm3-manifests").expect("scratch dir");
     let two = [(backend_ip(0), true), (backend_ip(1), true)];
-    manifests.write("web.yaml", &web_manifest(&two)).unwrap();
     // A second Service on the third pod.
-    manifests
-        .write(
-            "db.yaml",
-            &web_manifest(&[(backend_ip(2), true)])
-                .replace("name: web", "name: db")
-                .replace("web-1", "db-1")
-                .replace("service-name: web", "service-name: db")
-                .replace(&VIP.to_string(), "198.19.0.11"),
-        )
-        .unwrap();
-    let mut agent = Agent::start(
-        &topology.node,
-        &manifests.0,
-        &topology.interface_pattern(),
-        &PathBuf::from("/sys/fs/bpf/lbm3-test"),
-        &manifests.0.join("agent.log"),
+    let db = web_manifest(&[(backend_ip(2), true)])
+        .replace("name: web", "name: db")
+        .replace("web-1", "db-1")
+        .replace("service-name: web", "service-name: db")
+        .replace(&VIP.to_string(), "198.19.0.11");
+    let mut s = setup(
+        "lbm3",
+        3,
+        &[("web.yaml", &web_manifest(&two)), ("db.yaml", &db)],
         &[],
-    )
-    .expect("agent");
-    agent
+    );
+    s.agent
         .wait_for_maps("both services", |m| {
             m.contains(&format!("{VIP}:80/TCP count=2")) && m.contains("198.19.0.11:80/TCP count=1")
         })
         .unwrap();
-    let pins = agent.pin_dir.clone();
+    let pins = s.agent.pin_dir.clone();
 
-    let services = inspect_json(&pins, &["services"]);
+    let services = agent_json(&pins, "inspect", &["services"]);
     let services = services.as_array().unwrap();
     assert_eq!(services.len(), 4, "{services:#?}");
     let web_tcp = services
@@ -264,7 +269,7 @@ fn inspect_json_matches_the_programmed_state_and_filters() {
     );
 
     // Filters: by Service, by backend address.
-    let db = inspect_json(&pins, &["services", "--service", "demo/db"]);
+    let db = agent_json(&pins, "inspect", &["services", "--service", "demo/db"]);
     let db: Vec<&str> = db
         .as_array()
         .unwrap()
@@ -272,8 +277,9 @@ fn inspect_json_matches_the_programmed_state_and_filters() {
         .map(|f| f["frontend"].as_str().unwrap())
         .collect();
     assert_eq!(db, vec!["198.19.0.11:53/UDP", "198.19.0.11:80/TCP"]);
-    let on_pod1 = inspect_json(
+    let on_pod1 = agent_json(
         &pins,
+        "inspect",
         &["services", "--backend", &backend_ip(1).to_string()],
     );
     assert!(on_pod1
@@ -283,7 +289,7 @@ fn inspect_json_matches_the_programmed_state_and_filters() {
         .all(|f| f["service"] == "demo/web"));
     assert_eq!(on_pod1.as_array().unwrap().len(), 2);
 
-    let backends = inspect_json(&pins, &["backends", "--service", "demo/web"]);
+    let backends = agent_json(&pins, "inspect", &["backends", "--service", "demo/web"]);
     let backends = backends.as_array().unwrap();
     assert_eq!(backends.len(), 4, "2 pods × TCP and UDP: {backends:#?}");
     assert!(backends
@@ -291,12 +297,12 @@ fn inspect_json_matches_the_programmed_state_and_filters() {
         .all(|b| b["services"] == serde_json::json!(["demo/web"])));
 
     for _ in 0..2 {
-        topology
+        s.topology
             .client
             .run(|| http_get(SocketAddrV4::new(VIP, 80)))
             .unwrap();
     }
-    let flows = inspect_json(&pins, &["conntrack", "--service", "demo/web"]);
+    let flows = agent_json(&pins, "inspect", &["conntrack", "--service", "demo/web"]);
     let flows = flows.as_array().unwrap();
     assert_eq!(flows.len(), 2, "{flows:#?}");
     for flow in flows {
@@ -313,29 +319,14 @@ fn inspect_json_matches_the_programmed_state_and_filters() {
         );
         assert_eq!(flow["snat"], serde_json::Value::Null);
     }
-    assert!(inspect_json(&pins, &["conntrack", "--service", "demo/db"])
-        .as_array()
-        .unwrap()
-        .is_empty());
-    let stats = inspect_json(&pins, &["stats"]);
-    assert_eq!(stats["dnat_new"], 2);
-}
-
-/// `lb-agent explain … --json` with the given arguments, parsed.
-fn explain_json(pin_dir: &std::path::Path, args: &[&str]) -> serde_json::Value {
-    let out = std::process::Command::new(lb_tests::topology::agent_binary())
-        .arg("explain")
-        .args(args)
-        .args(["--json", "--pin-dir"])
-        .arg(pin_dir)
-        .output()
-        .unwrap();
     assert!(
-        out.status.success(),
-        "explain {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
+        agent_json(&pins, "inspect", &["conntrack", "--service", "demo/db"])
+            .as_array()
+            .unwrap()
+            .is_empty()
     );
-    serde_json::from_slice(&out.stdout).unwrap()
+    let stats = agent_json(&pins, "inspect", &["stats"]);
+    assert_eq!(stats["dnat_new"], 2);
 }
 
 /// A TCP connection to VIP:80 from `CLIENT_IP:port`; the backend's name.
@@ -376,16 +367,8 @@ fn http_from_port(port: u16) -> String {
 
 #[test]
 fn explain_picks_the_backend_a_real_connection_gets_and_resolves_like_cluster_dns() {
-    require_root();
-    let topology = Topology::new("lbm4", 3).expect("topology");
-    let _servers = topology.serve_backends("be").expect("servers");
-    let manifests = ScratchDir::new("lbm4-manifests").expect("scratch dir");
     let three: Vec<(Ipv4Addr, bool)> = (0..3).map(|i| (backend_ip(i), true)).collect();
-    manifests.write("web.yaml", &web_manifest(&three)).unwrap();
-    manifests
-        .write(
-            "dns.yaml",
-            r#"apiVersion: v1
+    let dns = r#"apiVersion: v1
 kind: Service
 metadata: {name: db, namespace: demo}
 spec:
@@ -413,33 +396,29 @@ metadata: {name: mail, namespace: demo}
 spec:
   type: ExternalName
   externalName: mail.example.org
-"#,
-        )
-        .unwrap();
-    let mut agent = Agent::start(
-        &topology.node,
-        &manifests.0,
-        &topology.interface_pattern(),
-        &PathBuf::from("/sys/fs/bpf/lbm4-test"),
-        &manifests.0.join("agent.log"),
+"#;
+    let mut s = setup(
+        "lbm4",
+        3,
+        &[("web.yaml", &web_manifest(&three)), ("dns.yaml", dns)],
         &[],
-    )
-    .expect("agent");
-    agent
+    );
+    s.agent
         .wait_for_maps("the service", |m| {
             m.contains(&format!("{VIP}:80/TCP count=3"))
         })
         .unwrap();
-    let pins = agent.pin_dir.clone();
-    let dir = manifests.0.to_string_lossy().into_owned();
+    let pins = s.agent.pin_dir.clone();
+    let dir = s.manifests.0.to_string_lossy().into_owned();
 
     // The name resolves to the VIP; the pick for each client port is the
     // backend a real connection from that port then gets.
     let mut seen = std::collections::BTreeSet::new();
     for port in 41000..41008 {
         let client = format!("{}:{port}", lb_tests::topology::CLIENT_IP);
-        let e = explain_json(
+        let e = agent_json(
             &pins,
+            "explain",
             &[
                 "web.demo.svc.cluster.local:http",
                 "--client",
@@ -459,7 +438,7 @@ spec:
         assert_eq!(f["pick"]["verdict"], "pass");
         assert_eq!(f["pick"]["events"], serde_json::json!(["dnat_new"]));
         let picked = f["pick"]["backend"].as_str().unwrap().to_owned();
-        let got = topology.client.run(|| http_from_port(port));
+        let got = s.topology.client.run(|| http_from_port(port));
         let index: usize = got.trim_start_matches("be").parse().unwrap();
         assert_eq!(
             picked,
@@ -470,15 +449,15 @@ spec:
     }
     assert!(seen.len() > 1, "the picks spread over backends: {seen:?}");
     // Explain wrote nothing: the live flows are the 8 real connections.
-    let e = explain_json(&pins, &[&format!("{VIP}:80")]);
+    let e = agent_json(&pins, "explain", &[&format!("{VIP}:80")]);
     assert_eq!(e["conntrack"].as_array().unwrap().len(), 8);
     assert_eq!(e["dns"], serde_json::Value::Null);
 
     // Headless: the ready pods' addresses; ExternalName: the alias.
-    let db = explain_json(&pins, &["db.demo", "--manifests", &dir]);
+    let db = agent_json(&pins, "explain", &["db.demo", "--manifests", &dir]);
     assert_eq!(db["dns"]["answers"], serde_json::json!(["198.18.2.7"]));
     assert!(db["frontends"].as_array().unwrap().is_empty());
-    let mail = explain_json(&pins, &["mail.demo", "--manifests", &dir]);
+    let mail = agent_json(&pins, "explain", &["mail.demo", "--manifests", &dir]);
     assert_eq!(mail["dns"]["record"], "CNAME");
     assert_eq!(
         mail["dns"]["answers"],
@@ -504,28 +483,19 @@ spec:
 /// events (aya-log): each new flow with its client, frontend and backend.
 #[test]
 fn json_logs_carry_reconcile_spans_and_datapath_events() {
-    require_root();
-    let topology = Topology::new("lbm5", 1).expect("topology");
-    let _servers = topology.serve_backends("be").expect("servers");
-    let manifests = ScratchDir::new("lbm5-manifests").expect("scratch dir");
-    manifests
-        .write("web.yaml", &web_manifest(&[(backend_ip(0), true)]))
-        .unwrap();
-    let mut agent = Agent::start(
-        &topology.node,
-        &manifests.0,
-        &topology.interface_pattern(),
-        &PathBuf::from("/sys/fs/bpf/lbm5-test"),
-        &manifests.0.join("agent.log"),
+    let mut s = setup(
+        "lbm5",
+        1,
+        &[("web.yaml", &web_manifest(&[(backend_ip(0), true)]))],
         &["--log-format", "json", "--datapath-log"],
-    )
-    .expect("agent");
-    agent
+    );
+    s.agent
         .wait_for_maps("the service", |m| {
             m.contains(&format!("{VIP}:80/TCP count=1"))
         })
         .unwrap();
-    let body = topology
+    let body = s
+        .topology
         .client
         .run(|| http_get(SocketAddrV4::new(VIP, 80)))
         .unwrap();
@@ -535,7 +505,8 @@ fn json_logs_carry_reconcile_spans_and_datapath_events() {
     let wanted_backend = format!("backend {}:8080", backend_ip(0));
     let deadline = Instant::now() + Duration::from_secs(5);
     let lines: Vec<serde_json::Value> = loop {
-        let lines: Vec<serde_json::Value> = agent
+        let lines: Vec<serde_json::Value> = s
+            .agent
             .log_text()
             .lines()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
