@@ -1020,3 +1020,33 @@ endpoints:
     );
     s.agent.stop().unwrap();
 }
+
+/// Whoever can open a pin can rewrite the datapath: the pin directory and
+/// its links directory are 0700, every pin 0600 (root only; the bpffs
+/// root itself is world-writable with the sticky bit).
+#[test]
+fn pins_and_their_directories_are_root_only() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let backends = [backend_ip(0)];
+    let mut s = setup("lbt22", 1, &web_manifest(&ready(&backends)));
+    s.agent
+        .wait_for_maps("the service", |m| {
+            m.contains(&format!("{VIP}:80/TCP count=1"))
+        })
+        .unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let pins = s.agent.pin_dir.clone();
+    assert_eq!(mode(&pins), 0o700, "{}", pins.display());
+    assert_eq!(mode(&pins.join("links")), 0o700);
+    let mut files = 0;
+    for dir in [pins.clone(), pins.join("links")] {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            if entry.file_type().unwrap().is_file() {
+                files += 1;
+                assert_eq!(mode(&entry.path()), 0o600, "{}", entry.path().display());
+            }
+        }
+    }
+    assert!(files >= 10, "maps and links pinned: {files}");
+    s.agent.stop().unwrap();
+}

@@ -7,6 +7,7 @@
 //!   frontend, backend or client uses) leaves every program unmodified;
 //! - a well-formed packet the programs do rewrite leaves with valid
 //!   IPv4 and transport (or ICMP) checksums.
+//!
 //! Deterministic (a fixed seed): a failure reproduces.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -96,7 +97,7 @@ fn transport(rng: &mut Rng, strangers_only: bool) -> Packet {
 /// A well-formed frame: transport, an ICMP error quoting one, or another protocol.
 fn frame(rng: &mut Rng, strangers_only: bool) -> Vec<u8> {
     match rng.below(5) {
-        0 | 1 | 2 => transport(rng, strangers_only).build(),
+        0..=2 => transport(rng, strangers_only).build(),
         3 => {
             let quoted = transport(rng, strangers_only);
             let quote = rng.pick(&[None, Some(0), Some(4), Some(8), Some(20), Some(64)]);

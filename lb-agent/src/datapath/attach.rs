@@ -323,8 +323,10 @@ fn pin(link: SchedClassifierLink, dir: &std::path::Path, file: &str) -> Result<P
 pub fn pin_fd_link(link: FdLink, dir: &std::path::Path, file: &str) -> Result<PathBuf, String> {
     let path = dir.join(file);
     std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    super::loader::restrict(dir, super::loader::PIN_DIR_MODE)?;
     // Dropping the PinnedLink keeps the pin, and with it the link.
     link.pin(&path).map_err(|e| e.to_string())?;
+    super::loader::restrict(&path, super::loader::PIN_MODE)?;
     Ok(path)
 }
 

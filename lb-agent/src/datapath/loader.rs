@@ -144,6 +144,12 @@ pub fn load_with_log(
         }
     }
     let mut ebpf = loader.load(EBPF_OBJECT)?;
+    if let Some(dir) = pin_dir {
+        // Whoever can open a pin can rewrite the datapath: root only.
+        for name in ALL_MAPS {
+            restrict(&dir.join(name), PIN_MODE).map_err(|e| LoadError::PinDir(dir.into(), e))?;
+        }
+    }
     for name in [INGRESS_PROGRAM, INGRESS_EXTERNAL_PROGRAM, EGRESS_PROGRAM] {
         program(&mut ebpf, name)?.load()?;
     }
@@ -306,9 +312,22 @@ pub fn unpin_all(pin_dir: &Path) {
     let _ = std::fs::remove_dir(pin_dir);
 }
 
+/// Pins and their directories are the datapath's control surface: only
+/// their owner (root) may open them.
+pub const PIN_MODE: u32 = 0o600;
+pub const PIN_DIR_MODE: u32 = 0o700;
+
+/// Sets `path`'s permission bits.
+pub fn restrict(path: &Path, mode: u32) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| format!("chmod {mode:o} {}: {e}", path.display()))
+}
+
 fn ensure_bpffs_dir(dir: &Path) -> Result<(), LoadError> {
     let err = |m: String| LoadError::PinDir(dir.to_path_buf(), m);
     std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+    restrict(dir, PIN_DIR_MODE).map_err(err)?;
     let c_path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
         .map_err(|e| err(e.to_string()))?;
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
