@@ -538,3 +538,64 @@ fn json_logs_carry_reconcile_spans_and_datapath_events() {
         "{message}"
     );
 }
+
+/// A full conntrack table under load: new flows are dropped and counted,
+/// established ones keep working, the fill shows in the metrics and the
+/// agent's warning names the flag to raise.
+#[test]
+fn a_full_conntrack_table_drops_only_new_flows_and_says_which_flag_to_raise() {
+    use lb_tests::servers::EchoConnection;
+    let mut s = setup(
+        "lbm6",
+        2,
+        &[(
+            "web.yaml",
+            &web_manifest(&[(backend_ip(0), true), (backend_ip(1), true)]),
+        )],
+        // Room for 4 flows (two entries each).
+        &["--max-conntrack", "8", "--conntrack-gc-interval", "1s"],
+    );
+    s.agent
+        .wait_for_maps("the service", |m| {
+            m.contains(&format!("{VIP}:80/TCP count=2"))
+        })
+        .unwrap();
+    let vip = SocketAddrV4::new(VIP, 80);
+    let mut open: Vec<EchoConnection> = (0..4)
+        .map(|_| s.topology.client.run(|| EchoConnection::open(vip)).unwrap())
+        .collect();
+    let fifth = s.topology.client.run(|| EchoConnection::open(vip));
+    assert!(
+        fifth.is_err(),
+        "a fifth flow found room in a table for four"
+    );
+    for conn in &mut open {
+        assert!(
+            conn.ask().unwrap().starts_with("be"),
+            "an established flow stopped"
+        );
+    }
+    let counters = lb_agent::inspect::counters(&s.agent.pin_dir).unwrap();
+    let drops = counters
+        .iter()
+        .find(|(n, _)| *n == "drop_ct_full")
+        .unwrap()
+        .1;
+    assert!(drops >= 1, "{counters:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let full = loop {
+        let m = scrape(&s.topology.node, METRICS).unwrap();
+        if m.get(r#"lb_map_fill_ratio{map="lb_ct_v3"}"#) >= 1.0 || Instant::now() > deadline {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(full.get(r#"lb_map_fill_ratio{map="lb_ct_v3"}"#), 1.0);
+    assert!(full.get(r#"lb_datapath_events_total{event="drop_ct_full"}"#) >= 1.0);
+    let log = s.agent.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("conntrack table 100% full") && l.contains("--max-conntrack")),
+        "{log}"
+    );
+}
