@@ -5,6 +5,7 @@ mod bench;
 mod cluster_dns;
 mod demo;
 mod k8s_latency;
+mod soak;
 
 use std::{
     path::{Path, PathBuf},
@@ -57,6 +58,9 @@ enum Task {
         #[arg(long, value_delimiter = ',', default_values_t = [1usize, 10_000])]
         scales: Vec<usize>,
     },
+    /// Restarts under load: SIGKILL ×5 and SIGTERM with --keep-datapath
+    /// while TCP and UDP flow through a VIP (writes bench/results/soak.md).
+    Soak,
     /// Unprivileged tests, then (as root) datapath and end-to-end tests.
     Test {
         /// Only run tests whose name contains this.
@@ -71,7 +75,7 @@ fn main() {
     }
 }
 
-fn workspace_root() -> PathBuf {
+pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("workspace root")
@@ -230,6 +234,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 bulk_bytes: 256 << 20,
             };
             bench::run(&agent, &config)?;
+        }
+        Task::Soak => {
+            require_root("soak")?;
+            let agent = build_agent(false)?;
+            soak::run(&agent)?;
         }
         Task::K8sLatency { changes, scales } => {
             require_root("k8s-latency")?;
