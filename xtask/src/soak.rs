@@ -1,11 +1,13 @@
-//! `cargo xtask soak`: restarts under load. Long-lived TCP connections, a
-//! steady stream of new TCP connections and UDP request/response run
-//! through a VIP while the agent is killed with SIGKILL and restarted
-//! five times, then stopped with SIGTERM (`--keep-datapath`) and started
-//! again. Every failure is counted; the figures go to
-//! bench/results/soak.md. Not a test: a repeatable measurement.
+//! `cargo xtask soak`: restarts and churn under load. Long-lived TCP
+//! connections, a steady stream of new TCP connections and UDP
+//! request/response run through a VIP while the agent is killed with
+//! SIGKILL and restarted five times, then stopped with SIGTERM
+//! (`--keep-datapath`) and started again; then while endpoints change
+//! 1 000 times a second for 60 s. Every failure is counted; the figures go
+//! to bench/results/soak.md. Not a test: a repeatable measurement.
 
 use std::{
+    collections::BTreeMap,
     fmt::Write as _,
     net::{Ipv4Addr, SocketAddrV4, UdpSocket},
     path::Path,
@@ -25,6 +27,98 @@ const PIN_DIR: &str = "/sys/fs/bpf/lb-soak";
 const KILLS: usize = 5;
 const LONG_LIVED: usize = 4;
 
+const CHURN_RATE: f64 = 1000.0;
+const CHURN_TIME: Duration = Duration::from_secs(60);
+
+/// `web` with pods 0-2 ready and pod 3 ready or not.
+fn web(pod3_ready: bool) -> String {
+    let mut pods: Vec<(Ipv4Addr, bool)> = (0..3).map(|i| (backend_ip(i), true)).collect();
+    pods.push((backend_ip(3), pod3_ready));
+    web_manifest(&pods)
+}
+
+/// Another Service with 50 endpoints (no pods behind them: nothing sends
+/// to it); change `n` flips the readiness of endpoint `n % 50`.
+fn churn_manifest(n: u64) -> String {
+    let endpoints: String = (0..50u64)
+        .map(|i| {
+            let ready = !(n > 0 && i == n % 50 && (n / 50).is_multiple_of(2));
+            format!(
+                "- addresses: [\"198.18.50.{}\"]\n  conditions: {{ready: {ready}}}\n",
+                i + 1
+            )
+        })
+        .collect();
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: churn, namespace: demo}}
+spec:
+  clusterIP: 198.19.0.20
+  ports: [{{name: http, port: 80, targetPort: 8080, protocol: TCP}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: churn-1
+  namespace: demo
+  labels: {{kubernetes.io/service-name: churn}}
+addressType: IPv4
+ports: [{{name: http, port: 8080, protocol: TCP}}]
+endpoints:
+{endpoints}"#
+    )
+}
+
+/// What the maps serve — each frontend's backend addresses — and how many
+/// backend entries they hold (ids and slot order may differ after a churn).
+fn programmed() -> anyhow::Result<(BTreeMap<String, Vec<String>>, usize)> {
+    let snapshot = lb_agent::inspect::snapshot(Path::new(PIN_DIR))?;
+    let frontends = lb_agent::inspect::frontends(&snapshot, &Default::default())
+        .into_iter()
+        .map(|f| {
+            let mut backends: Vec<String> = f
+                .backends
+                .iter()
+                .map(|b| format!("{:?}:{:?}", b.address, b.port))
+                .collect();
+            backends.sort();
+            (f.frontend, backends)
+        })
+        .collect();
+    Ok((frontends, snapshot.backends.len()))
+}
+
+/// The counts at one moment.
+#[derive(Clone, Copy, Default)]
+struct Snapshot {
+    new_ok: u64,
+    new_failed: u64,
+    long_asks: u64,
+    long_failed: u64,
+    udp_answered: u64,
+    udp_retried: u64,
+    udp_lost: u64,
+}
+
+type Pick = fn(&Snapshot) -> u64;
+
+impl Snapshot {
+    const ROWS: [(&'static str, Pick); 7] = [
+        ("new TCP connections answered", |s| s.new_ok),
+        ("new TCP connections failed", |s| s.new_failed),
+        ("questions on long-lived connections", |s| s.long_asks),
+        ("long-lived connections broken (reset or timed out)", |s| {
+            s.long_failed
+        }),
+        ("UDP requests answered", |s| s.udp_answered),
+        ("UDP retries (the client's own)", |s| s.udp_retried),
+        ("UDP requests lost beyond the client's retries", |s| {
+            s.udp_lost
+        }),
+    ];
+}
+
 #[derive(Default)]
 struct Counts {
     new_ok: AtomicU64,
@@ -36,14 +130,29 @@ struct Counts {
     udp_lost: AtomicU64,
 }
 
+impl Counts {
+    fn snapshot(&self) -> Snapshot {
+        let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Snapshot {
+            new_ok: c(&self.new_ok),
+            new_failed: c(&self.new_failed),
+            long_asks: c(&self.long_asks),
+            long_failed: c(&self.long_failed),
+            udp_answered: c(&self.udp_answered),
+            udp_retried: c(&self.udp_retried),
+            udp_lost: c(&self.udp_lost),
+        }
+    }
+}
+
 pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
     // SAFETY: single-threaded here; read by topology::agent_binary.
     unsafe { std::env::set_var("LB_AGENT_BIN", agent_bin) };
-    let topology = Topology::new("lbsoak", 3)?;
+    let topology = Topology::new("lbsoak", 4)?;
     let _servers = topology.serve_backends("pod-")?;
     let scratch = ScratchDir::new("lb-soak")?;
-    let ready: Vec<(Ipv4Addr, bool)> = (0..3).map(|i| (backend_ip(i), true)).collect();
-    scratch.write("web.yaml", &web_manifest(&ready))?;
+    scratch.write("web.yaml", &web(true))?;
+    scratch.write("churn.yaml", &churn_manifest(0))?;
     let start = |log: &str| {
         Agent::start(
             &topology.node,
@@ -55,8 +164,8 @@ pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
         )
     };
     let mut agent = start("agent-0.log")?;
-    agent.wait_for_maps("the service", |m| {
-        m.contains(&format!("{VIP}:80/TCP count=3"))
+    agent.wait_for_maps("the services", |m| {
+        m.contains(&format!("{VIP}:80/TCP count=4")) && m.contains("198.19.0.20:80/TCP")
     })?;
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -157,6 +266,51 @@ pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_secs(1));
     }
     std::thread::sleep(Duration::from_secs(1));
+    let after_restarts = counts.snapshot();
+
+    // Churn: endpoint changes at CHURN_RATE a second through the manifest
+    // directory, while the load above keeps running against `web`, whose
+    // three stable endpoints stay (its fourth flips ready / not ready).
+    let maps_before = programmed()?;
+    let pid = agent.pid().ok_or_else(|| anyhow::anyhow!("agent pid"))?;
+    let (rss_before, cpu_before) = crate::bench::process_usage(pid)?;
+    let churn_started = Instant::now();
+    let mut changes = 0u64;
+    let mut peak_rss = rss_before;
+    while churn_started.elapsed() < CHURN_TIME {
+        let due = churn_started + Duration::from_secs_f64(changes as f64 / CHURN_RATE);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        if changes.is_multiple_of(2) {
+            scratch.write("web.yaml", &web(changes.is_multiple_of(4)))?;
+        } else {
+            scratch.write("churn.yaml", &churn_manifest(changes))?;
+        }
+        changes += 1;
+        if changes.is_multiple_of(1000) {
+            peak_rss = peak_rss.max(crate::bench::process_usage(pid)?.0);
+        }
+    }
+    let churn_took = churn_started.elapsed();
+    let (_, cpu_after) = crate::bench::process_usage(pid)?;
+    // Back to the starting content; then the maps must be what they were.
+    scratch.write("web.yaml", &web(true))?;
+    scratch.write("churn.yaml", &churn_manifest(0))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while programmed()? != maps_before {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the maps did not return to their state before the churn"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let (rss_after, _) = crate::bench::process_usage(pid)?;
+    let after_churn = counts.snapshot();
+    // The agent hands freed heap back on its next rescan (every 30 s).
+    std::thread::sleep(Duration::from_secs(33));
+    let (rss_settled, _) = crate::bench::process_usage(pid)?;
     stop.store(true, Ordering::Relaxed);
     for handle in load {
         let _ = handle.join();
@@ -164,33 +318,39 @@ pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
     agent.cleanup_pins = true;
     drop(agent);
 
-    let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    let mut report = String::from("# Restarts under load (`cargo xtask soak`)\n\n");
+    let mut report = String::from("# Restarts and churn under load (`cargo xtask soak`)\n\n");
     let _ = writeln!(
         report,
-        "Through {VIP} (3 backends) from a client pod: {LONG_LIVED} long-lived TCP connections asking every 20 ms, \
-         new TCP connections back to back, UDP request/response (3 tries of 200 ms, as a resolver). \
-         Meanwhile the agent was killed with SIGKILL and restarted {KILLS} times, then stopped with SIGTERM \
-         (`--keep-datapath`) and started again, with 0.5 s without any agent each time.\n"
+        "Through {VIP} (3 stable backends) from a client pod: {LONG_LIVED} long-lived TCP connections \
+         asking every 20 ms, new TCP connections back to back, UDP request/response (3 tries of \
+         200 ms, as a resolver).\n\n\
+         1. Restarts: the agent killed with SIGKILL and restarted {KILLS} times, then stopped with \
+         SIGTERM (`--keep-datapath`) and started again, with 0.5 s without any agent each time.\n\
+         2. Churn: {changes} endpoint changes in {:.1} s ({:.0}/s) through the manifest directory \
+         (atomic rewrites): `web`'s fourth endpoint flipping ready / not ready, and one of the 50 \
+         endpoints of another Service per write; the load keeps running.\n",
+        churn_took.as_secs_f64(),
+        changes as f64 / churn_took.as_secs_f64()
     );
-    let _ = writeln!(report, "| what | count |\n|---|---|");
-    for (what, n) in [
-        ("new TCP connections answered", c(&counts.new_ok)),
-        ("new TCP connections failed", c(&counts.new_failed)),
-        ("questions on long-lived connections", c(&counts.long_asks)),
-        (
-            "long-lived connections broken (reset or timed out)",
-            c(&counts.long_failed),
-        ),
-        ("UDP requests answered", c(&counts.udp_answered)),
-        ("UDP retries (the client's own)", c(&counts.udp_retried)),
-        (
-            "UDP requests lost beyond the client's retries",
-            c(&counts.udp_lost),
-        ),
-    ] {
-        let _ = writeln!(report, "| {what} | {n} |");
+    let _ = writeln!(report, "| what | restarts | churn |\n|---|---|---|");
+    for (what, pick) in Snapshot::ROWS {
+        let _ = writeln!(
+            report,
+            "| {what} | {} | {} |",
+            pick(&after_restarts),
+            pick(&after_churn) - pick(&after_restarts)
+        );
     }
+    let _ = writeln!(
+        report,
+        "\nAgent during the churn: {:.0} % of one CPU ({:.2} s CPU in {:.1} s); RSS {rss_before:.1} MiB \
+         before, {peak_rss:.1} MiB at most during, {rss_after:.1} MiB 2 s after, {rss_settled:.1} MiB 35 s after. Back on the starting \
+         manifests after the churn, the maps serve what they served before it, with as many backend \
+         entries.",
+        (cpu_after - cpu_before) / churn_took.as_secs_f64() * 100.0,
+        cpu_after - cpu_before,
+        churn_took.as_secs_f64()
+    );
     let _ = writeln!(
         report,
         "\n| restart | agent start → previous run's links released |\n|---|---|"
