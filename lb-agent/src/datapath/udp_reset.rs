@@ -49,6 +49,11 @@ pub enum UdpResetError {
     SockDiag(String, std::io::Error),
     #[error("the namespace walk stopped unexpectedly")]
     Aborted,
+    #[error(
+        "{0} connected UDP socket(s) to reset, but /proc shows no network namespace other than the \
+         agent's own (run the agent in the host's PID namespace: hostPID: true)"
+    )]
+    NoPodNamespaces(usize),
 }
 
 /// What one pass did.
@@ -122,6 +127,10 @@ impl UdpResetter {
         }
         let namespaces = network_namespaces().map_err(UdpResetError::Namespaces)?;
         resets.namespaces = namespaces.len();
+        if namespaces.len() <= 1 {
+            // Only the agent's own: the pods' processes are not visible.
+            return Err(UdpResetError::NoPodNamespaces(resets.candidates));
+        }
         let destroyed = std::thread::scope(|scope| {
             // setns changes the calling thread only: a thread of its own,
             // which ends with the pass.
