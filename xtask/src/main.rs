@@ -238,6 +238,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Task::Soak => {
             require_root("soak")?;
             let agent = build_agent(false)?;
+            build_apiserver()?;
             soak::run(&agent)?;
         }
         Task::K8sLatency { changes, scales } => {

@@ -18,9 +18,16 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures::{StreamExt as _, TryStreamExt as _};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::{
+    api::{Patch, PatchParams},
+    Api,
+};
 use lb_tests::{
+    apiserver::{apply, TestApiServer},
     servers::{http_get, EchoConnection},
-    topology::{backend_ip, web_manifest, Agent, ScratchDir, Topology, VIP},
+    topology::{backend_ip, web_manifest, Agent, ScratchDir, Source, Topology, VIP},
 };
 
 const PIN_DIR: &str = "/sys/fs/bpf/lb-soak";
@@ -311,6 +318,87 @@ pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
     // The agent hands freed heap back on its next rescan (every 30 s).
     std::thread::sleep(Duration::from_secs(33));
     let (rss_settled, _) = crate::bench::process_usage(pid)?;
+
+    // The same churn through the API server: an agent watching it takes
+    // over the pins, then EndpointSlices are patched (32 in flight) for
+    // CHURN_TIME, as fast as the test API server takes them.
+    let api = TestApiServer::start(&topology.node, "lbsoak")?;
+    api.with_client(&topology.node, |client| async move {
+        apply(client.clone(), web(true)).await?;
+        apply(client, churn_manifest(0)).await
+    })?;
+    agent.kill()?;
+    agent.cleanup_pins = false;
+    agent = Agent::start_with(
+        &topology.node,
+        Source::Kubeconfig(&api.kubeconfig),
+        &topology.interface_pattern(),
+        Path::new(PIN_DIR),
+        &scratch.0.join("agent-api.log"),
+        &["--keep-datapath"],
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !agent
+        .log_text()
+        .contains("released links pinned by a previous run")
+        || programmed()? != maps_before
+    {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the API-mode agent never took over:\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let after_manifest_churn = counts.snapshot();
+    let api_pid = agent.pid().ok_or_else(|| anyhow::anyhow!("agent pid"))?;
+    let (api_rss_before, api_cpu_before) = crate::bench::process_usage(api_pid)?;
+    let slice_of = |yaml: String| -> anyhow::Result<EndpointSlice> {
+        let (objects, _) = lb_agent::manifest::parse_typed(&yaml, None)?;
+        Ok(objects.slices[0].object.clone())
+    };
+    let web_slices = [slice_of(web(true))?, slice_of(web(false))?];
+    let churn_slices = (0..100u64)
+        .map(|n| slice_of(churn_manifest(n)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (api_changes, api_took) = api.with_client(&topology.node, move |client| async move {
+        let params = PatchParams::apply("lb-soak").force();
+        let slices = Api::<EndpointSlice>::namespaced(client, "demo");
+        let started = Instant::now();
+        let done = futures::stream::iter(0u64..)
+            .take_while(|_| futures::future::ready(started.elapsed() < CHURN_TIME))
+            .map(|i| {
+                let (slices, params) = (&slices, &params);
+                let slice = if i.is_multiple_of(2) {
+                    &web_slices[(i / 2 % 2) as usize]
+                } else {
+                    &churn_slices[(i % 100) as usize]
+                };
+                async move {
+                    let name = slice.metadata.name.clone().unwrap_or_default();
+                    slices.patch(&name, params, &Patch::Apply(slice)).await
+                }
+            })
+            .buffer_unordered(32)
+            .try_fold(0u64, |n, _| futures::future::ready(Ok(n + 1)))
+            .await?;
+        Ok((done, started.elapsed()))
+    })?;
+    let (api_rss_peak, api_cpu_after) = crate::bench::process_usage(api_pid)?;
+    api.with_client(&topology.node, |client| async move {
+        apply(client.clone(), web(true)).await?;
+        apply(client, churn_manifest(0)).await
+    })?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while programmed()? != maps_before {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the maps did not return to their state before the API churn"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let after_api_churn = counts.snapshot();
     stop.store(true, Ordering::Relaxed);
     for handle in load {
         let _ = handle.join();
@@ -332,13 +420,26 @@ pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
         churn_took.as_secs_f64(),
         changes as f64 / churn_took.as_secs_f64()
     );
-    let _ = writeln!(report, "| what | restarts | churn |\n|---|---|---|");
+    let _ = writeln!(
+        report,
+        "3. The same churn through the API server (k8s.io/apiserver with etcd, `cargo xtask soak` \
+         starts it): an agent watching it took over the pins, then EndpointSlices were patched, 32 \
+         in flight, as fast as the test API server took them: {api_changes} changes in {:.1} s \
+         ({:.0}/s).\n",
+        api_took.as_secs_f64(),
+        api_changes as f64 / api_took.as_secs_f64()
+    );
+    let _ = writeln!(
+        report,
+        "| what | restarts | churn (manifests) | churn (API server) |\n|---|---|---|---|"
+    );
     for (what, pick) in Snapshot::ROWS {
         let _ = writeln!(
             report,
-            "| {what} | {} | {} |",
+            "| {what} | {} | {} | {} |",
             pick(&after_restarts),
-            pick(&after_churn) - pick(&after_restarts)
+            pick(&after_churn) - pick(&after_restarts),
+            pick(&after_api_churn) - pick(&after_manifest_churn)
         );
     }
     let _ = writeln!(
@@ -350,6 +451,13 @@ pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
         (cpu_after - cpu_before) / churn_took.as_secs_f64() * 100.0,
         cpu_after - cpu_before,
         churn_took.as_secs_f64()
+    );
+    let _ = writeln!(
+        report,
+        "\nAgent during the API churn: {:.0} % of one CPU; RSS {api_rss_before:.1} MiB before, \
+         {api_rss_peak:.1} MiB at its end. Back on the starting objects, the maps serve what they \
+         served before.",
+        (api_cpu_after - api_cpu_before) / api_took.as_secs_f64() * 100.0
     );
     let _ = writeln!(
         report,
