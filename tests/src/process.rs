@@ -1,7 +1,8 @@
-//! Ending the processes a test or the demo started, by PID, bounded in time.
+//! Running the commands a test needs, and ending the processes a test or
+//! the demo started, by PID, bounded in time.
 
 use std::{
-    process::{Child, ExitStatus},
+    process::{Child, Command, ExitStatus},
     time::{Duration, Instant},
 };
 
@@ -24,4 +25,18 @@ pub fn terminate(child: &mut Child, grace: Duration) -> std::io::Result<Option<E
     let _ = child.kill();
     let _ = child.wait();
     Ok(None)
+}
+
+/// Runs `command` to completion; its stdout. Panics with its stderr when it
+/// fails (a test's setup or check went wrong).
+pub fn stdout_of(command: &mut Command) -> String {
+    let out = command
+        .output()
+        .unwrap_or_else(|e| panic!("running {command:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{command:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -453,17 +453,11 @@ fn manifest_edits_apply_without_waiting_for_the_poll() {
 
 /// Runs a command inside the namespace, returning its stdout.
 fn in_ns(ns: &lb_tests::netns::NetNs, args: &[&str]) -> String {
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", &ns.name])
-        .args(args)
-        .output()
-        .expect("run");
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    lb_tests::process::stdout_of(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &ns.name])
+            .args(args),
+    )
 }
 
 #[test]

@@ -53,19 +53,14 @@ fn setup(prefix: &str, pods: usize, files: &[(&str, &str)], flags: &[&str]) -> S
 
 /// `lb-agent COMMAND ARGS --json` on the agent's pins, parsed.
 fn agent_json(pin_dir: &std::path::Path, command: &str, args: &[&str]) -> serde_json::Value {
-    let out = std::process::Command::new(lb_tests::topology::agent_binary())
-        .arg(command)
-        .args(args)
-        .args(["--json", "--pin-dir"])
-        .arg(pin_dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{command} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = lb_tests::process::stdout_of(
+        std::process::Command::new(lb_tests::topology::agent_binary())
+            .arg(command)
+            .args(args)
+            .args(["--json", "--pin-dir"])
+            .arg(pin_dir),
     );
-    serde_json::from_slice(&out.stdout).unwrap()
+    serde_json::from_str(&out).unwrap()
 }
 
 #[test]
