@@ -136,7 +136,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         info!("datapath debug events on (target `datapath`)");
     }
     let maps = loader::kernel_maps(&mut ebpf, config.sizes)?;
-    let conntrack = loader::conntrack(&mut ebpf, config.sizes)?;
+    let mut conntrack = loader::conntrack(&mut ebpf, config.sizes)?;
+    let capacities =
+        crate::datapath::fill::capacities(&pin_dir).context("reading the pinned maps' sizes")?;
+    // The table as pinned, which may predate the flag.
+    conntrack.capacity = capacities
+        .get(lb_common::ct::CT_MAP)
+        .copied()
+        .unwrap_or(conntrack.capacity);
     let config_map = loader::ConfigMap::take(&mut ebpf)?;
     let udp_resetter = loader::udp_resetter(&mut ebpf)?;
     let stats = loader::open_pinned(&pin_dir, lb_common::stats::STATS_MAP).and_then(|map| {
@@ -166,6 +173,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         attacher,
         reconciler,
         conntrack,
+        capacities,
         udp_resetter,
         metrics,
         change_seen: None,
@@ -242,6 +250,8 @@ struct Agent {
     attacher: Attacher,
     reconciler: Reconciler<KernelMaps>,
     conntrack: Conntrack,
+    /// `max_entries` of each pinned map.
+    capacities: std::collections::BTreeMap<&'static str, u32>,
     udp_resetter: UdpResetter,
     metrics: Metrics,
     /// When the oldest change not yet written was seen.
@@ -576,36 +586,26 @@ impl Agent {
         let fill = self.reconciler.fill();
         self.metrics
             .programmed_state(fill.services, &fill.frontends, fill.backends);
-        let sizes = self.config.sizes;
-        for (map, entries, capacity) in [
-            (
-                lb_common::svc::SVC_MAP,
-                fill.service_entries,
-                sizes.service_slots,
-            ),
-            (
-                lb_common::backend::BACKEND_MAP,
-                fill.backends,
-                sizes.backends,
-            ),
-            (
-                lb_common::revnat::REVNAT_MAP,
-                fill.revnat,
-                sizes.capacity().revnat,
-            ),
+        for (map, entries) in [
+            (lb_common::svc::SVC_MAP, fill.service_entries),
+            (lb_common::backend::BACKEND_MAP, fill.backends),
+            (lb_common::revnat::REVNAT_MAP, fill.revnat),
             (
                 lb_common::affinity::AFFINITY_MATCH_MAP,
                 fill.affinity_matches,
-                lb_common::affinity::MAX_AFFINITY_MATCH_ENTRIES,
             ),
             (
                 lb_common::source_range::SOURCE_RANGE_MAP,
                 fill.source_ranges,
-                sizes.source_ranges,
             ),
         ] {
-            self.metrics.map_fill(map, entries as u64, capacity);
+            self.report_fill(map, entries as u64);
         }
+    }
+
+    fn report_fill(&self, map: &'static str, entries: u64) {
+        let capacity = self.capacities.get(map).copied().unwrap_or(0);
+        self.metrics.map_fill(map, entries, capacity);
     }
 
     /// Frees flows whose both directions have expired, and reports the fill.
@@ -613,8 +613,8 @@ impl Agent {
         let capacity = self.conntrack.capacity;
         match crate::datapath::fill::datapath_tables(&self.config.pin_dir) {
             Ok(tables) => {
-                for (map, entries, capacity) in tables {
-                    self.metrics.map_fill(map, entries, capacity);
+                for (map, entries) in tables {
+                    self.report_fill(map, entries);
                 }
             }
             Err(e) => warn!("counting the datapath's tables: {e}"),
@@ -622,8 +622,7 @@ impl Agent {
         match self.conntrack.gc(monotonic_ns()) {
             Ok(sweep) => {
                 self.metrics.conntrack_entries(sweep.entries);
-                self.metrics
-                    .map_fill(lb_common::ct::CT_MAP, sweep.entries as u64, capacity);
+                self.report_fill(lb_common::ct::CT_MAP, sweep.entries as u64);
                 self.metrics
                     .flows_removed(FlowRemoval::Expired, sweep.flows_removed);
                 let fill = sweep.entries as f64 / f64::from(capacity.max(1));

@@ -14,8 +14,6 @@ use crate::user_pod;
 pub const AFFINITY_MAP: &str = "lb_affinity_v3";
 pub const AFFINITY_MATCH_MAP: &str = "lb_aff_match_v3";
 pub const DEFAULT_MAX_AFFINITY_ENTRIES: u32 = 65_536;
-/// Size of the match table: one entry per backend of an affinity frontend.
-pub const MAX_AFFINITY_MATCH_ENTRIES: u32 = 262_144;
 
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]

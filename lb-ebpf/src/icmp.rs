@@ -13,7 +13,10 @@
 //! from E.src.
 
 use aya_ebpf::programs::TcContext;
-use lb_common::{ct::CtValue, IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{
+    ct::{CtKey, CtValue},
+    IPPROTO_TCP, IPPROTO_UDP,
+};
 
 use crate::parse::{IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF};
 
@@ -33,6 +36,22 @@ pub struct IcmpError {
     pub inner_proto: u8,
     /// The quoted transport checksum, when the quote reaches it.
     pub inner_l4_csum_off: Option<u32>,
+}
+
+impl IcmpError {
+    /// The conntrack key of the quoted packet reversed, in direction `dir`:
+    /// the tuple an entry translated, if the flow is ours.
+    #[inline(always)]
+    pub fn quoted_reversed(&self, dir: u8) -> CtKey {
+        CtKey::new(
+            self.inner_daddr_be,
+            self.inner_dport_be,
+            self.inner_saddr_be,
+            self.inner_sport_be,
+            self.inner_proto,
+            dir,
+        )
+    }
 }
 
 /// Rewrites the error for its receiver as `entry` translates the flow.

@@ -237,17 +237,7 @@ fn ingress<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
 /// SNAT address: the quoted packet reversed is the reply tuple.
 #[inline(always)]
 fn icmp_error_ingress<const EXTERNAL: bool>(ctx: &TcContext, err: &icmp::IcmpError) -> Outcome {
-    let quoted_reversed = |dir| {
-        lb_common::ct::CtKey::new(
-            err.inner_daddr_be,
-            err.inner_dport_be,
-            err.inner_saddr_be,
-            err.inner_sport_be,
-            err.inner_proto,
-            dir,
-        )
-    };
-    if let Some((entry, _)) = ct::lookup_flow(&quoted_reversed(CT_DIR_FORWARD)) {
+    if let Some((entry, _)) = ct::lookup_flow(&err.quoted_reversed(CT_DIR_FORWARD)) {
         if icmp::translate(ctx, err, &entry).is_err() {
             return Outcome::drop(Stat::DropRewrite);
         }
@@ -273,7 +263,7 @@ fn icmp_error_ingress<const EXTERNAL: bool>(ctx: &TcContext, err: &icmp::IcmpErr
         };
     }
     if EXTERNAL {
-        if let Some((entry, _)) = ct::lookup_flow(&quoted_reversed(CT_DIR_REPLY)) {
+        if let Some((entry, _)) = ct::lookup_flow(&err.quoted_reversed(CT_DIR_REPLY)) {
             if entry.flags & CT_SNAT != 0 {
                 if icmp::translate(ctx, err, &entry).is_err() {
                     return Outcome::drop(Stat::DropRewrite);
@@ -290,15 +280,7 @@ fn icmp_error_ingress<const EXTERNAL: bool>(ctx: &TcContext, err: &icmp::IcmpErr
 /// while forwarding it: the quoted packet reversed is the reply tuple.
 #[inline(always)]
 fn icmp_error_egress(ctx: &TcContext, err: &icmp::IcmpError) -> Outcome {
-    let reply_key = lb_common::ct::CtKey::new(
-        err.inner_daddr_be,
-        err.inner_dport_be,
-        err.inner_saddr_be,
-        err.inner_sport_be,
-        err.inner_proto,
-        CT_DIR_REPLY,
-    );
-    match ct::lookup_flow(&reply_key) {
+    match ct::lookup_flow(&err.quoted_reversed(CT_DIR_REPLY)) {
         // SNATed flows are answered at the uplink's ingress, never here.
         Some((entry, _)) if entry.flags & CT_SNAT == 0 => {
             if icmp::translate(ctx, err, &entry).is_err() {
@@ -371,13 +353,17 @@ fn egress(ctx: &TcContext) -> Outcome {
     send(ctx, &pkt, &entry, Stat::RevNat)
 }
 
-/// The IPv4 length of each segment of a GSO packet: its segment size plus
-/// the headers, which every segment repeats (0, leaving the check to the
-/// device's MTU, when unknown).
+/// The IPv4 length the way out must carry: the packet's, or for a GSO
+/// packet each segment's — its segment size plus the headers every segment
+/// repeats (0, leaving the check to the device's MTU, when unknown). Read
+/// here, on the routed path only, not for every packet.
 #[inline(always)]
-fn gso_segment_len(ctx: &TcContext, pkt: &Packet) -> u16 {
+fn routed_len(ctx: &TcContext, pkt: &Packet) -> u16 {
     // SAFETY: the context's skb is valid for the program run.
-    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    let (gso_segs, gso_size) = unsafe { ((*ctx.skb.skb).gso_segs, (*ctx.skb.skb).gso_size) };
+    if gso_segs <= 1 {
+        return pkt.tot_len;
+    }
     let l4_header = if pkt.proto == lb_common::IPPROTO_TCP {
         match ctx.load::<u8>(pkt.l4_off as usize + 12) {
             Ok(doff) => u32::from(doff >> 4) * 4,
@@ -402,11 +388,7 @@ fn send(ctx: &TcContext, pkt: &Packet, to: &CtValue, stat: Stat) -> Outcome {
     }
     // The route first: a packet too big for the way out is answered in the
     // sender's terms, before translation (as forwarding would, with DF).
-    let tot_len = if pkt.is_gso {
-        gso_segment_len(ctx, pkt)
-    } else {
-        pkt.tot_len
-    };
+    let tot_len = routed_len(ctx, pkt);
     let route = match redirect::lookup(ctx, pkt.proto, to.src_addr_be, to.dst_addr_be, tot_len) {
         Ok(route) => route,
         Err(()) => return Outcome::drop(Stat::DropRedirect),

@@ -50,12 +50,8 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, 65_536> = LruHashMap
 
 /// The current backends of each affinity frontend, and where they run.
 #[btf_map(name = "lb_aff_match_v3")]
-pub static AFFINITY_MATCH: HashMap<
-    AffinityMatchKey,
-    u8,
-    { lb_common::affinity::MAX_AFFINITY_MATCH_ENTRIES as usize },
-    { BPF_F_NO_PREALLOC as usize },
-> = HashMap::new();
+pub static AFFINITY_MATCH: HashMap<AffinityMatchKey, u8, 262_144, { BPF_F_NO_PREALLOC as usize }> =
+    HashMap::new();
 
 /// `loadBalancerSourceRanges` per frontend (see `lb_common::source_range`).
 #[btf_map(name = "lb_src_range_v3")]

@@ -49,12 +49,10 @@ pub struct Packet {
     /// IPv4 header length in bytes (20 without options).
     pub ihl_len: u32,
     pub l4_off: u32,
-    /// IPv4 total length (of one segment's worth for a GSO packet).
+    /// IPv4 total length (a GSO packet's is its segments' together).
     pub tot_len: u16,
     /// DF set: a router must not fragment it.
     pub dont_fragment: bool,
-    /// A GSO/GRO packet: several segments, each checked on its own.
-    pub is_gso: bool,
 }
 
 pub enum Parsed {
@@ -218,8 +216,6 @@ fn try_parse(ctx: &TcContext) -> Result<Parsed, ()> {
         l4_off,
         tot_len: tot_len as u16,
         dont_fragment: frag & IP_DF != 0,
-        // SAFETY: the context's skb is valid for the program run.
-        is_gso: unsafe { (*ctx.skb.skb).gso_segs } > 1,
     }))
 }
 

@@ -46,9 +46,9 @@ pub enum Way {
 }
 
 /// The next hop of the packet as the kernel would forward it from the
-/// device it arrived on, its size checked against the way out. `tot_len`
-/// is the packet's IPv4 total length; 0 for a GSO packet, whose segments
-/// the kernel checks against the device's MTU.
+/// device it arrived on, its size checked against the way out: `tot_len`
+/// (an IPv4 length) against the route's MTU, or with 0 the whole skb (GSO
+/// segments each) against the device's.
 #[inline(always)]
 pub fn lookup(
     ctx: &TcContext,

@@ -45,28 +45,19 @@ pub fn frag_needed(ctx: &TcContext, pkt: &Packet, mtu: u16) -> Outcome {
 #[inline(always)]
 fn answer(ctx: &TcContext, pkt: &Packet, code: u8, mtu: u16, stat: Stat) -> Outcome {
     match build(ctx, pkt, code, mtu) {
-        0 => {
+        Ok(()) => {
             let ifindex = unsafe { (*ctx.skb.skb).ifindex };
             Outcome {
                 action: unsafe { bpf_redirect(ifindex, 0) } as i32,
                 stat,
             }
         }
-        _ => Outcome::drop(Stat::DropReject),
-    }
-}
-
-/// 0 when the packet was rebuilt.
-#[inline(always)]
-fn build(ctx: &TcContext, pkt: &Packet, code: u8, mtu: u16) -> i32 {
-    match rebuild(ctx, pkt, code, mtu) {
-        Ok(()) => 0,
-        Err(()) => -1,
+        Err(()) => Outcome::drop(Stat::DropReject),
     }
 }
 
 #[inline(always)]
-fn rebuild(ctx: &TcContext, pkt: &Packet, code: u8, mtu: u16) -> Result<(), ()> {
+fn build(ctx: &TcContext, pkt: &Packet, code: u8, mtu: u16) -> Result<(), ()> {
     if pkt.ihl_len != 20 {
         return Err(());
     }

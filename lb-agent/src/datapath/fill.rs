@@ -1,8 +1,10 @@
-//! How full the maps the datapath itself writes are: the session affinity
-//! table and the socket LB reverse map (conntrack is counted by its GC).
-//! Counting walks the keys, so it runs with the GC pass, not per scrape.
+//! How big the pinned maps really are (a pinned map keeps the size it was
+//! created with, whatever the flags say now), and how full the maps the
+//! datapath itself writes are: the session affinity table and the socket
+//! LB reverse map (conntrack is counted by its GC). Counting walks the
+//! keys, so it runs with the GC pass, not per scrape.
 
-use std::path::Path;
+use std::{collections::BTreeMap, path::Path};
 
 use aya::{
     maps::{HashMap, MapData},
@@ -15,8 +17,20 @@ use lb_common::{
 
 use super::loader::LoadError;
 
-/// (map name, entries, capacity) of each LRU table the datapath writes.
-pub fn datapath_tables(pin_dir: &Path) -> Result<Vec<(&'static str, u64, u32)>, LoadError> {
+/// `max_entries` of every pinned map, by name.
+pub fn capacities(pin_dir: &Path) -> Result<BTreeMap<&'static str, u32>, LoadError> {
+    super::loader::ALL_MAPS
+        .into_iter()
+        .map(|name| {
+            let error = |e: aya::maps::MapError| LoadError::Map(name, e.to_string());
+            let data = MapData::from_pin(pin_dir.join(name)).map_err(error)?;
+            Ok((name, data.info().map_err(error)?.max_entries()))
+        })
+        .collect()
+}
+
+/// (map name, entries) of each LRU table the datapath writes.
+pub fn datapath_tables(pin_dir: &Path) -> Result<Vec<(&'static str, u64)>, LoadError> {
     Ok(vec![
         count::<AffinityKey, AffinityValue>(pin_dir, AFFINITY_MAP)?,
         count::<SockRevNatKey, SockRevNatValue>(pin_dir, SOCK_REVNAT_MAP)?,
@@ -26,14 +40,13 @@ pub fn datapath_tables(pin_dir: &Path) -> Result<Vec<(&'static str, u64, u32)>, 
 fn count<K: Pod, V: Pod>(
     pin_dir: &Path,
     name: &'static str,
-) -> Result<(&'static str, u64, u32), LoadError> {
+) -> Result<(&'static str, u64), LoadError> {
     let error = |e: aya::maps::MapError| LoadError::Map(name, e.to_string());
     let data = MapData::from_pin(pin_dir.join(name)).map_err(error)?;
-    let capacity = data.info().map_err(error)?.max_entries();
     let map = aya::maps::Map::from_map_data(data).map_err(error)?;
     let map: HashMap<MapData, K, V> = HashMap::try_from(map).map_err(error)?;
     // Entries may come and go during the walk: a key that vanished
     // between steps is skipped, not an error.
     let entries = map.keys().filter(Result::is_ok).count() as u64;
-    Ok((name, entries, capacity))
+    Ok((name, entries))
 }
