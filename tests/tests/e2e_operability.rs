@@ -443,9 +443,21 @@ spec:
         seen.insert(picked);
     }
     assert!(seen.len() > 1, "the picks spread over backends: {seen:?}");
-    // Explain wrote nothing: the live flows are the 8 real connections.
-    let e = agent_json(&pins, "explain", &[&format!("{VIP}:80")]);
-    assert_eq!(e["conntrack"].as_array().unwrap().len(), 8);
+    // Explain writes nothing: a pick for a port no connection used leaves
+    // the live flows at the 8 real connections.
+    let unused = format!("{}:42999", lb_tests::topology::CLIENT_IP);
+    let e = agent_json(
+        &pins,
+        "explain",
+        &[&format!("{VIP}:80"), "--client", &unused],
+    );
+    assert_eq!(
+        e["frontends"][0]["pick"]["events"],
+        serde_json::json!(["dnat_new"])
+    );
+    let flows = e["conntrack"].as_array().unwrap();
+    assert_eq!(flows.len(), 8, "{flows:#?}");
+    assert!(flows.iter().all(|f| f["client"] != unused.as_str()));
     assert_eq!(e["dns"], serde_json::Value::Null);
 
     // Headless: the ready pods' addresses; ExternalName: the alias.
