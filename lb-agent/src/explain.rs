@@ -18,8 +18,8 @@ use serde::Serialize;
 use crate::{
     datapath::probe::Probe,
     inspect::{self, FlowInfo, FrontendInfo},
-    model::{FrontendKind, L4Addr, Proto},
-    objects::Objects,
+    model::{FrontendKind, L4Addr, Proto, ServiceName},
+    store::ObjectStore,
 };
 
 const CLUSTER_DOMAIN: &str = "svc.cluster.local";
@@ -169,8 +169,9 @@ pub struct Pick {
 /// Where explain looks.
 pub struct Sources<'a> {
     pub pin_dir: &'a Path,
-    /// Services and EndpointSlices (headless, ExternalName, conditions).
-    pub objects: Option<&'a Objects>,
+    /// Services and EndpointSlices (headless, ExternalName, conditions),
+    /// grouped by Service as the agent groups them.
+    pub objects: Option<&'a ObjectStore>,
 }
 
 pub fn explain(
@@ -186,9 +187,13 @@ pub fn explain(
             namespace,
             port,
         } => {
-            let service = format!("{namespace}/{name}");
+            let service_name = ServiceName {
+                namespace: namespace.as_str().into(),
+                name: name.as_str().into(),
+            };
+            let service = service_name.to_string();
             let fqdn = format!("{name}.{namespace}.{CLUSTER_DOMAIN}");
-            if let Some(answer) = dns_without_datapath(sources.objects, namespace, name, &fqdn) {
+            if let Some(answer) = dns_without_datapath(sources.objects, &service_name, &fqdn) {
                 return Ok(Explanation {
                     query: fqdn,
                     dns: Some(answer),
@@ -213,7 +218,12 @@ pub fn explain(
             }
             let wanted_port = match port {
                 None => None,
-                Some(p) => Some(port_number(p, &service, &cluster_ips, sources.objects)?),
+                Some(p) => Some(port_number(
+                    p,
+                    &service_name,
+                    &cluster_ips,
+                    sources.objects,
+                )?),
             };
             let mut addresses: Vec<String> =
                 cluster_ips.iter().map(|f| f.address.to_string()).collect();
@@ -292,18 +302,12 @@ pub fn explain(
 /// Headless and ExternalName Services: DNS answers without a cluster IP, so
 /// lb is not in the path.
 fn dns_without_datapath(
-    objects: Option<&Objects>,
-    namespace: &str,
-    name: &str,
+    store: Option<&ObjectStore>,
+    service: &ServiceName,
     fqdn: &str,
 ) -> Option<DnsAnswer> {
-    let objects = objects?;
-    let service = objects
-        .services
-        .iter()
-        .map(|s| &s.object)
-        .find(|s| &*s.namespace == namespace && &*s.name == name)?;
-    let spec = service.spec.as_ref()?;
+    let input = store?.input(service);
+    let spec = input.definitions.first()?.object.spec.as_ref()?;
     if spec.type_.as_deref() == Some("ExternalName") {
         return Some(DnsAnswer {
             name: fqdn.to_owned(),
@@ -315,12 +319,10 @@ fn dns_without_datapath(
     if spec.cluster_ip.as_deref() != Some("None") {
         return None;
     }
-    let mut answers: Vec<String> = objects
+    let mut answers: Vec<String> = input
         .slices
         .iter()
-        .map(|s| &s.object)
-        .filter(|s| &*s.namespace == namespace && s.service_name.as_deref() == Some(name))
-        .flat_map(|s| &s.endpoints)
+        .flat_map(|s| &s.object.endpoints)
         .filter(|e| e.ready != Some(false))
         .filter_map(|e| e.address.as_ref().map(ToString::to_string))
         .collect();
@@ -337,23 +339,21 @@ fn dns_without_datapath(
 /// A port by number, or by name through the Service object.
 fn port_number(
     port: &str,
-    service: &str,
+    service: &ServiceName,
     frontends: &[&FrontendInfo],
-    objects: Option<&Objects>,
+    store: Option<&ObjectStore>,
 ) -> Result<u16, ExplainError> {
     if let Ok(number) = port.parse::<u16>() {
         if frontends.iter().any(|f| f.port == number) {
             return Ok(number);
         }
-    } else if let Some(objects) = objects {
-        let by_name = objects
-            .services
-            .iter()
-            .map(|s| &s.object)
-            .filter(|s| format!("{}/{}", s.namespace, s.name) == service)
-            .filter_map(|s| s.spec.as_ref())
-            .flat_map(|spec| &spec.ports)
-            .find(|p| p.name.as_deref() == Some(port))
+    } else if let Some(store) = store {
+        let by_name = store
+            .input(service)
+            .definitions
+            .first()
+            .and_then(|d| d.object.spec.as_ref())
+            .and_then(|spec| spec.ports.iter().find(|p| p.name.as_deref() == Some(port)))
             .and_then(|p| u16::try_from(p.port).ok());
         if let Some(number) = by_name {
             return Ok(number);
@@ -362,7 +362,7 @@ fn port_number(
     let mut have: Vec<String> = frontends.iter().map(|f| f.port.to_string()).collect();
     have.dedup();
     Err(ExplainError::UnknownPort {
-        service: service.to_owned(),
+        service: service.to_string(),
         port: port.to_owned(),
         have: have.join(", "),
     })
@@ -397,20 +397,23 @@ fn pick(probe: &mut Probe, client: SocketAddrV4, frontend: &FrontendInfo) -> any
     })
 }
 
-/// The frontend's Service's endpoints for the frontend's protocol, with
-/// their conditions, and whether the datapath uses each.
-fn endpoints(objects: &Objects, frontend: &FrontendInfo) -> Vec<EndpointInfo> {
+/// The endpoint addresses the frontend's Service lists, with their
+/// conditions, and whether the frontend's slots use each.
+fn endpoints(store: &ObjectStore, frontend: &FrontendInfo) -> Vec<EndpointInfo> {
     let Some((namespace, name)) = frontend.service.as_deref().and_then(|s| s.split_once('/'))
     else {
         return Vec::new();
     };
+    let service = ServiceName {
+        namespace: namespace.into(),
+        name: name.into(),
+    };
     let used: Vec<Ipv4Addr> = frontend.backends.iter().filter_map(|b| b.address).collect();
-    let mut out: Vec<EndpointInfo> = objects
+    let mut out: Vec<EndpointInfo> = store
+        .input(&service)
         .slices
         .iter()
-        .map(|s| &s.object)
-        .filter(|s| &*s.namespace == namespace && s.service_name.as_deref() == Some(name))
-        .flat_map(|s| &s.endpoints)
+        .flat_map(|s| &s.object.endpoints)
         .filter_map(|e| {
             let address = e.address.as_ref()?.to_string();
             let in_datapath = address.parse::<Ipv4Addr>().is_ok_and(|a| used.contains(&a));

@@ -374,7 +374,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                             eprintln!("warning: {e}");
                         }
                     }
-                    Some(dir.objects())
+                    Some(lb_agent::store::ObjectStore::from_objects(&dir.objects()))
                 }
                 None => None,
             };

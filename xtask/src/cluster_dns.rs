@@ -17,15 +17,16 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
-use lb_agent::objects::Objects;
+use lb_agent::{model::ServiceName, objects::Objects, store::ObjectStore};
 use lb_tests::netns::NetNs;
 
 const ZONE: &str = "svc.cluster.local";
 
 /// dnsmasq configuration lines holding the records of `objects`.
 pub fn records(objects: &Objects) -> String {
+    let store = ObjectStore::from_objects(objects);
     let mut out = String::from("local=/cluster.local/\n");
-    for service in objects.services.iter().map(|s| &s.object) {
+    for service in store.services().map(|s| &s.object) {
         let Some(spec) = &service.spec else { continue };
         let name = format!("{}.{}.{ZONE}", service.name, service.namespace);
         if spec.type_.as_deref() == Some("ExternalName") {
@@ -35,15 +36,15 @@ pub fn records(objects: &Objects) -> String {
             continue;
         }
         let headless = spec.cluster_ip.as_deref() == Some("None");
-        let ready: BTreeSet<Ipv4Addr> = objects
+        let service_name = ServiceName {
+            namespace: service.namespace.clone(),
+            name: service.name.clone(),
+        };
+        let ready: BTreeSet<Ipv4Addr> = store
+            .input(&service_name)
             .slices
             .iter()
-            .map(|s| &s.object)
-            .filter(|s| {
-                s.namespace == service.namespace
-                    && s.service_name.as_deref() == Some(&*service.name)
-            })
-            .flat_map(|s| &s.endpoints)
+            .flat_map(|s| &s.object.endpoints)
             .filter(|e| e.ready != Some(false))
             .filter_map(|e| e.address.as_ref()?.to_string().parse().ok())
             .collect();
