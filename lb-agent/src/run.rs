@@ -68,6 +68,9 @@ pub struct RunConfig {
 }
 
 const RETRY_INTERVAL: Duration = Duration::from_secs(2);
+/// How often, at most, the programmed-state metrics are recounted: counting
+/// walks every frontend, which a stream of single changes must not pay each.
+const FILL_INTERVAL: Duration = Duration::from_secs(1);
 /// With file and link events, a full rescan only backs them up.
 const RESCAN_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -177,6 +180,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         udp_resetter,
         metrics,
         change_seen: None,
+        fill_due: true,
         source,
         trigger,
         service_health: ServiceHealthServers::new(health.clone()),
@@ -256,6 +260,8 @@ struct Agent {
     metrics: Metrics,
     /// When the oldest change not yet written was seen.
     change_seen: Option<std::time::Instant>,
+    /// The maps changed since the programmed-state metrics were counted.
+    fill_due: bool,
     source: Source,
     /// Nudged by watch events (API) or file events (manifests).
     trigger: Arc<Notify>,
@@ -340,7 +346,8 @@ impl Agent {
         let mut retry = tokio::time::interval(RETRY_INTERVAL);
         let mut gc = tokio::time::interval(self.config.conntrack_gc_interval);
         gc.reset(); // not at start: nothing has expired yet
-        for timer in [&mut rescan, &mut retry, &mut gc] {
+        let mut fill = tokio::time::interval(FILL_INTERVAL);
+        for timer in [&mut rescan, &mut retry, &mut gc, &mut fill] {
             timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         }
         let mut released_links = false;
@@ -396,6 +403,10 @@ impl Agent {
                 }
                 _ = retry.tick(), if self.reconciler.needs_retry() => retry_due = true,
                 _ = gc.tick() => self.collect_conntrack(),
+                _ = fill.tick(), if self.fill_due => {
+                    self.fill_due = false;
+                    self.report_programmed();
+                }
             }
         }
     }
@@ -528,7 +539,7 @@ impl Agent {
 
     fn after_apply(&mut self, report: crate::reconcile::Report) {
         self.sync_health_checks();
-        self.report_programmed();
+        self.fill_due = true;
         info!(
             frontends = self.state.desired().frontends.len(),
             added = report.added,

@@ -51,6 +51,18 @@ fn setup(prefix: &str, pods: usize, files: &[(&str, &str)], flags: &[&str]) -> S
     }
 }
 
+/// Scrapes until `done` holds (for up to 10 s); the last scrape.
+fn scrape_until(ns: &lb_tests::netns::NetNs, done: impl Fn(&Scrape) -> bool) -> Scrape {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let scrape = scrape(ns, METRICS).unwrap();
+        if done(&scrape) || Instant::now() > deadline {
+            return scrape;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// `lb-agent COMMAND ARGS --json` on the agent's pins, parsed.
 fn agent_json(pin_dir: &std::path::Path, command: &str, args: &[&str]) -> serde_json::Value {
     let out = lb_tests::process::stdout_of(
@@ -79,7 +91,8 @@ fn metrics_follow_programmed_state_traffic_and_changes() {
         })
         .unwrap();
     let node = &s.topology.node;
-    let first = scrape(node, METRICS).unwrap();
+    // The programmed-state gauges are recounted at most once a second.
+    let first = scrape_until(node, |m| m.samples.get("lb_endpoints") == Some(&4.0));
 
     for (name, kind) in [
         ("lb_sync_proxy_rules_duration_seconds", "histogram"),
@@ -148,14 +161,9 @@ fn metrics_follow_programmed_state_traffic_and_changes() {
     );
     // The GC pass counts the conntrack table: 3 flows, two entries each,
     // closing but not yet expired.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let counted = loop {
-        let s = scrape(node, METRICS).unwrap();
-        if s.get("lb_conntrack_entries") == 6.0 || Instant::now() > deadline {
-            break s;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let counted = scrape_until(node, |m| {
+        m.samples.get("lb_conntrack_entries") == Some(&6.0)
+    });
     assert_eq!(counted.get("lb_conntrack_entries"), 6.0);
     assert_eq!(counted.get(r#"lb_map_entries{map="lb_ct_v3"}"#), 6.0);
 
@@ -169,7 +177,7 @@ fn metrics_follow_programmed_state_traffic_and_changes() {
             m.contains(&format!("{VIP}:80/TCP count=1"))
         })
         .unwrap();
-    let changed: Scrape = scrape(node, METRICS).unwrap();
+    let changed: Scrape = scrape_until(node, |m| m.samples.get("lb_endpoints") == Some(&2.0));
     assert_eq!(changed.get("lb_endpoints"), 2.0);
     assert_eq!(changed.get(r#"lb_map_entries{map="lb_svc_v3"}"#), 4.0);
     assert!(changed.get("lb_sync_proxy_rules_duration_seconds_count") > syncs);
@@ -589,14 +597,9 @@ fn a_full_conntrack_table_drops_only_new_flows_and_says_which_flag_to_raise() {
         .unwrap()
         .1;
     assert!(drops >= 1, "{counters:?}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let full = loop {
-        let m = scrape(&s.topology.node, METRICS).unwrap();
-        if m.get(r#"lb_map_fill_ratio{map="lb_ct_v3"}"#) >= 1.0 || Instant::now() > deadline {
-            break m;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let full = scrape_until(&s.topology.node, |m| {
+        m.samples.get(r#"lb_map_fill_ratio{map="lb_ct_v3"}"#) >= Some(&1.0)
+    });
     assert_eq!(full.get(r#"lb_map_fill_ratio{map="lb_ct_v3"}"#), 1.0);
     assert!(full.get(r#"lb_datapath_events_total{event="drop_ct_full"}"#) >= 1.0);
     let log = s.agent.log_text();
