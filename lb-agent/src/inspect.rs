@@ -384,6 +384,13 @@ pub fn stats(pin_dir: &Path) -> anyhow::Result<String> {
 
 pub fn counters(pin_dir: &Path) -> anyhow::Result<Vec<(&'static str, u64)>> {
     let map: PerCpuArray<MapData, u64> = open_pinned(pin_dir, STATS_MAP)?.try_into()?;
+    Ok(sum_counters(&map)?)
+}
+
+/// Each datapath counter, summed over CPUs, by name.
+pub fn sum_counters(
+    map: &PerCpuArray<MapData, u64>,
+) -> Result<Vec<(&'static str, u64)>, aya::maps::MapError> {
     (0..STAT_COUNT)
         .map(|i| Ok((STAT_NAMES[i as usize], map.get(&i, 0)?.iter().sum())))
         .collect()

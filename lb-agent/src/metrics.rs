@@ -15,7 +15,6 @@ use std::{
 
 use axum::{extract::State, http::header, response::IntoResponse, routing::get, Router};
 use aya::maps::{MapData, PerCpuArray};
-use lb_common::stats::{STAT_COUNT, STAT_NAMES};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric as _},
@@ -303,11 +302,10 @@ impl fmt::Debug for DatapathCounters {
 
 impl Collector for DatapathCounters {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
-        let values: Vec<(&'static str, u64)> = {
+        let values = {
             let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-            (0..STAT_COUNT)
-                .filter_map(|i| Some((STAT_NAMES[i as usize], map.get(&i, 0).ok()?.iter().sum())))
-                .collect()
+            // An unreadable map shows no events rather than failing the scrape.
+            crate::inspect::sum_counters(&map).unwrap_or_default()
         };
         let mut family = encoder.encode_descriptor(
             "lb_datapath_events",
