@@ -296,7 +296,7 @@ pub fn flows(
         if key.dir != CT_DIR_FORWARD {
             continue;
         }
-        let backend_addr = Ipv4Addr::from(u32::from_be(value.dst_addr_be));
+        let backend_addr = Ipv4Addr::from(value.dst_addr);
         if filter.backend.is_some_and(|wanted| wanted != backend_addr) {
             continue;
         }
@@ -326,11 +326,10 @@ pub fn flows(
         rows.push(FlowInfo {
             protocol: Proto::from_number(key.proto)
                 .map_or_else(|| key.proto.to_string(), |p| p.to_string()),
-            client: endpoint(key.saddr_be, key.sport_be),
-            frontend: endpoint(key.daddr_be, key.dport_be),
-            backend: endpoint(value.dst_addr_be, value.dst_port_be),
-            snat: (value.flags & CT_SNAT != 0)
-                .then(|| endpoint(value.src_addr_be, value.src_port_be)),
+            client: endpoint(key.saddr, key.sport),
+            frontend: endpoint(key.daddr, key.dport),
+            backend: endpoint(value.dst_addr, value.dst_port),
+            snat: (value.flags & CT_SNAT != 0).then(|| endpoint(value.src_addr, value.src_port)),
             service,
             age_s: now.saturating_sub(value.created_ns) as f64 / 1e9,
             expires_in_s: expires.saturating_sub(now) as f64 / 1e9,
@@ -396,10 +395,6 @@ pub fn sum_counters(
         .collect()
 }
 
-fn endpoint(addr_be: u32, port_be: u16) -> String {
-    format!(
-        "{}:{}",
-        Ipv4Addr::from(u32::from_be(addr_be)),
-        u16::from_be(port_be)
-    )
+fn endpoint(addr: [u8; 4], port: u16) -> String {
+    format!("{}:{port}", Ipv4Addr::from(addr))
 }

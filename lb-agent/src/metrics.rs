@@ -358,7 +358,7 @@ mod tests {
         let m = Metrics::new(None);
         m.sync_done(0.003);
         m.error(ErrorKind::DatapathWrite);
-        m.map_fill("lb_svc_v3", 25, 100);
+        m.map_fill("lb_svc_v4", 25, 100);
         m.programmed_state(1, &BTreeMap::from([(FrontendKind::NodePort, 2)]), 3);
         let text = m.encode().unwrap();
         for line in [
@@ -367,7 +367,7 @@ mod tests {
             "lb_sync_proxy_rules_duration_seconds_bucket{le=\"0.004\"} 1",
             "lb_errors_total{kind=\"datapath_write\"} 1",
             "lb_errors_total{kind=\"conntrack_gc\"} 0",
-            "lb_map_fill_ratio{map=\"lb_svc_v3\"} 0.25",
+            "lb_map_fill_ratio{map=\"lb_svc_v4\"} 0.25",
             "lb_frontends{type=\"NodePort\"} 2",
             "lb_frontends{type=\"ClusterIP\"} 0",
             "lb_endpoints 3",

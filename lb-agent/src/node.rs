@@ -59,7 +59,7 @@ impl NodeSettings {
             nodeport_addresses,
         };
         let config = NodeConfig {
-            snat_addr_be: snat.map_or(0, |a| u32::from(a).to_be()),
+            snat_addr: snat.map_or([0; 4], |a| a.octets()),
             snat_port_first: *self.snat_ports.start(),
             snat_port_last: *self.snat_ports.end(),
         };
@@ -160,10 +160,7 @@ mod tests {
     fn node_ports_default_to_the_external_interfaces_addresses() {
         let (context, config) = settings(&[]).resolve(&ADDRESSES, &[2]);
         assert_eq!(context.nodeport_addresses, [Ipv4Addr::new(198, 18, 0, 2)]);
-        assert_eq!(
-            config.snat_addr_be,
-            u32::from(Ipv4Addr::new(198, 18, 0, 2)).to_be()
-        );
+        assert_eq!(config.snat_addr, [198, 18, 0, 2]);
         assert_eq!(
             (config.snat_port_first, config.snat_port_last),
             (61000, 65535)
@@ -187,7 +184,7 @@ mod tests {
     fn without_an_external_address_nothing_is_snated() {
         let (context, config) = settings(&[]).resolve(&ADDRESSES, &[]);
         assert!(context.nodeport_addresses.is_empty());
-        assert_eq!(config.snat_addr_be, 0);
+        assert_eq!(config.snat_addr, [0; 4]);
     }
 
     #[test]

@@ -690,8 +690,8 @@ impl Agent {
         if self.node_config != Some(config) {
             match self.config_map.set(&config) {
                 Ok(()) => {
-                    let snat = std::net::Ipv4Addr::from(u32::from_be(config.snat_addr_be));
-                    if config.snat_addr_be == 0 {
+                    let snat = std::net::Ipv4Addr::from(config.snat_addr);
+                    if snat.is_unspecified() {
                         warn!("no SNAT address (no address on an external interface): external flows to other nodes' backends are dropped");
                     } else {
                         info!(%snat, ports = ?(config.snat_port_first..=config.snat_port_last), "SNAT for external flows to other nodes");

@@ -1,27 +1,27 @@
 //! Session affinity (`sessionAffinity: ClientIP`).
 //!
-//! - `lb_affinity_v3` (LRU): client address + frontend (rev-NAT id) → the
+//! - `lb_affinity_v4` (LRU): client address + frontend (rev-NAT id) → the
 //!   backend its last new connection went to, and when. Written by the
 //!   datapath; an LRU, because it is a cache: losing an entry only loses
 //!   the stickiness of an idle client.
-//! - `lb_aff_match_v3`: (backend id, frontend) pairs the agent keeps for
+//! - `lb_aff_match_v4`: (backend id, frontend) pairs the agent keeps for
 //!   every current backend of an affinity frontend. A remembered backend is
 //!   used only while its pair exists, so a client never follows affinity to
 //!   a backend that left the Service.
 
-use crate::user_pod;
+use crate::{user_pod, Ipv4};
 
-pub const AFFINITY_MAP: &str = "lb_affinity_v3";
-pub const AFFINITY_MATCH_MAP: &str = "lb_aff_match_v3";
+pub const AFFINITY_MAP: &str = "lb_affinity_v4";
+pub const AFFINITY_MATCH_MAP: &str = "lb_aff_match_v4";
 pub const DEFAULT_MAX_AFFINITY_ENTRIES: u32 = 65_536;
 
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AffinityKey {
     /// The client: its IPv4 address (`AFFINITY_CLIENT_ADDR`), or for socket
     /// LB, which runs before the socket has an address, its network
     /// namespace (`AFFINITY_CLIENT_NETNS`: the netns cookie, folded).
-    pub client: u32,
+    pub client: Ipv4,
     pub rev_nat_id: u16,
     pub client_kind: u16,
 }
@@ -54,9 +54,9 @@ pub const AFFINITY_BACKEND_LOCAL: u8 = 1;
 impl AffinityKey {
     /// A client known by its address (the tc path).
     #[inline(always)]
-    pub const fn new(client_addr_be: u32, rev_nat_id: u16) -> Self {
+    pub const fn new(client_addr: Ipv4, rev_nat_id: u16) -> Self {
         Self {
-            client: client_addr_be,
+            client: client_addr,
             rev_nat_id,
             client_kind: AFFINITY_CLIENT_ADDR,
         }
@@ -66,7 +66,7 @@ impl AffinityKey {
     #[inline(always)]
     pub const fn for_netns(netns_cookie: u64, rev_nat_id: u16) -> Self {
         Self {
-            client: (netns_cookie ^ (netns_cookie >> 32)) as u32,
+            client: ((netns_cookie ^ (netns_cookie >> 32)) as u32).to_ne_bytes(),
             rev_nat_id,
             client_kind: AFFINITY_CLIENT_NETNS,
         }

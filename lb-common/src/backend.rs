@@ -1,15 +1,16 @@
 //! Backends map: backend id → pod address and target port.
 
-use crate::user_pod;
+use crate::{user_pod, Ipv4};
 
-pub const BACKEND_MAP: &str = "lb_backend_v3";
+pub const BACKEND_MAP: &str = "lb_backend_v4";
 pub const DEFAULT_MAX_BACKENDS: u32 = 262_144;
 
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Backend {
-    pub addr_be: u32,
-    pub port_be: u16,
+    pub addr: Ipv4,
+    /// Host order.
+    pub port: u16,
     pub proto: u8,
     pub flags: u8,
 }

@@ -2,16 +2,16 @@
 //! the agent rewrites when the node's addresses change (a load-time global
 //! could not change without reloading the programs).
 
-use crate::user_pod;
+use crate::{user_pod, Ipv4};
 
-pub const CONFIG_MAP: &str = "lb_config_v3";
+pub const CONFIG_MAP: &str = "lb_config_v4";
 
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeConfig {
     /// The node address external flows to other nodes' backends are SNATed
-    /// to; 0 = none (such flows are dropped, counted as `drop_snat_exhausted`).
-    pub snat_addr_be: u32,
+    /// to; 0.0.0.0 = none (such flows are dropped, counted as `drop_snat_exhausted`).
+    pub snat_addr: Ipv4,
     /// SNAT source ports, host order, inclusive. Outside the node's
     /// `ip_local_port_range`, so they never collide with its own sockets.
     pub snat_port_first: u16,
@@ -19,12 +19,12 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
-    /// Whether a packet to `addr_be:port_be` may be the reply of a SNATed flow.
+    /// Whether a packet to `addr:port` may be the reply of a SNATed flow.
     #[inline(always)]
-    pub fn is_snat_target(&self, addr_be: u32, port_be: u16) -> bool {
-        let port = u16::from_be(port_be);
-        self.snat_addr_be != 0
-            && addr_be == self.snat_addr_be
+    pub fn is_snat_target(&self, addr: Ipv4, port: u16) -> bool {
+        let snat = crate::wire(self.snat_addr);
+        snat != 0
+            && crate::wire(addr) == snat
             && port >= self.snat_port_first
             && port <= self.snat_port_last
     }

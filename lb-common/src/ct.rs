@@ -1,5 +1,6 @@
 //! Connection tracking: a hash map (no LRU: nothing is evicted behind the
-//! agent's back) keyed by the 5-tuple as seen on the wire.
+//! agent's back) keyed by the 5-tuple (addresses in wire order, ports in
+//! host order: see the crate's layout rules).
 //!
 //! A flow has two entries, written and retired together. Each value holds
 //! the tuple its packets leave with:
@@ -13,9 +14,9 @@
 //! by packets in its direction. A flow is alive while either entry is
 //! unexpired; the agent's GC removes both entries once both have expired.
 
-use crate::user_pod;
+use crate::{user_pod, Ipv4};
 
-pub const CT_MAP: &str = "lb_ct_v3";
+pub const CT_MAP: &str = "lb_ct_v4";
 pub const DEFAULT_MAX_CT_ENTRIES: u32 = 262_144;
 
 pub const CT_DIR_FORWARD: u8 = 0;
@@ -89,13 +90,13 @@ pub const fn is_closing(flags: u8) -> bool {
     flags & CT_RST != 0 || flags & (CT_FIN_FORWARD | CT_FIN_REPLY) == CT_FIN_FORWARD | CT_FIN_REPLY
 }
 
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CtKey {
-    pub saddr_be: u32,
-    pub daddr_be: u32,
-    pub sport_be: u16,
-    pub dport_be: u16,
+    pub saddr: Ipv4,
+    pub daddr: Ipv4,
+    pub sport: u16,
+    pub dport: u16,
     pub proto: u8,
     pub dir: u8,
     pub _pad: [u8; 2],
@@ -106,12 +107,12 @@ pub struct CtKey {
 pub struct CtValue {
     /// The packet's source after translation. Forward: the client, or the
     /// node's SNAT address. Reply: the frontend.
-    pub src_addr_be: u32,
+    pub src_addr: Ipv4,
     /// The packet's destination after translation. Forward: the backend.
     /// Reply: the client.
-    pub dst_addr_be: u32,
-    pub src_port_be: u16,
-    pub dst_port_be: u16,
+    pub dst_addr: Ipv4,
+    pub src_port: u16,
+    pub dst_port: u16,
     pub rev_nat_id: u16,
     /// `CT_SEEN_REPLY | CT_FIN_* | CT_RST | CT_SNAT`.
     pub flags: u8,
@@ -125,19 +126,12 @@ pub struct CtValue {
 
 impl CtKey {
     #[inline(always)]
-    pub const fn new(
-        saddr_be: u32,
-        sport_be: u16,
-        daddr_be: u32,
-        dport_be: u16,
-        proto: u8,
-        dir: u8,
-    ) -> Self {
+    pub const fn new(saddr: Ipv4, sport: u16, daddr: Ipv4, dport: u16, proto: u8, dir: u8) -> Self {
         Self {
-            saddr_be,
-            daddr_be,
-            sport_be,
-            dport_be,
+            saddr,
+            daddr,
+            sport,
+            dport,
             proto,
             dir,
             _pad: [0; 2],
@@ -150,10 +144,10 @@ impl CtKey {
     #[inline(always)]
     pub const fn peer_key(&self, value: &CtValue) -> CtKey {
         CtKey::new(
-            value.dst_addr_be,
-            value.dst_port_be,
-            value.src_addr_be,
-            value.src_port_be,
+            value.dst_addr,
+            value.dst_port,
+            value.src_addr,
+            value.src_port,
             self.proto,
             if self.dir == CT_DIR_FORWARD {
                 CT_DIR_REPLY
@@ -168,10 +162,10 @@ impl CtKey {
     #[inline(always)]
     pub const fn peer_value(&self, value: &CtValue) -> CtValue {
         CtValue {
-            src_addr_be: self.daddr_be,
-            src_port_be: self.dport_be,
-            dst_addr_be: self.saddr_be,
-            dst_port_be: self.sport_be,
+            src_addr: self.daddr,
+            src_port: self.dport,
+            dst_addr: self.saddr,
+            dst_port: self.sport,
             ..*value
         }
     }

@@ -1,13 +1,15 @@
 //! Map ABI shared by the eBPF programs (`lb-ebpf`) and the agent (`lb-agent`).
 //!
 //! Every key and value is `#[repr(C)]`, made of fixed-width integers only, with
-//! explicit padding, and asserted for size and alignment. Addresses and ports
-//! are stored exactly as they appear on the wire (network byte order, `_be`
-//! suffix); the kernel never byte-swaps on the fast path, the agent converts at
-//! one boundary (`lb_agent::datapath::maps`).
+//! explicit padding, and asserted for size and alignment. The maps carry BTF,
+//! and their fields are laid out to read well in `bpftool map dump`:
+//! addresses are their four bytes in wire order (`[198,19,0,10]`, no byte
+//! swap anywhere), ports and ids are host-order integers (`80`); the
+//! datapath swaps a port's bytes where it meets the packet (one instruction).
 //!
-//! Layout version: map names carry `_v3`. A layout change bumps the version so
-//! a new agent never reads an old pinned map with the wrong shape.
+//! Layout version: map names carry `_v4`. A layout change bumps the version so
+//! a new agent never reads an old pinned map with the wrong shape; the agent
+//! migrates the one before it (`lb_agent::datapath::migrate`).
 #![no_std]
 
 pub mod affinity;
@@ -22,7 +24,22 @@ pub mod stats;
 pub mod svc;
 
 /// Version of the map layout; part of every map name.
-pub const MAP_LAYOUT_VERSION: u32 = 3;
+pub const MAP_LAYOUT_VERSION: u32 = 4;
+
+/// An IPv4 address as its four bytes in wire order.
+pub type Ipv4 = [u8; 4];
+
+/// The address of a packet header field read as a native `u32` (wire order).
+#[inline(always)]
+pub const fn ipv4(wire: u32) -> Ipv4 {
+    wire.to_ne_bytes()
+}
+
+/// The address as the packet header holds it, read as a native `u32`.
+#[inline(always)]
+pub const fn wire(addr: Ipv4) -> u32 {
+    u32::from_ne_bytes(addr)
+}
 
 /// IANA protocol numbers, as in the IPv4 header.
 pub const IPPROTO_TCP: u8 = 6;

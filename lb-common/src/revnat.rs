@@ -8,18 +8,19 @@
 //! keep a broken Service's frontends (last good state) instead of deleting
 //! them as unknown.
 
-use crate::user_pod;
+use crate::{user_pod, Ipv4};
 
-pub const REVNAT_MAP: &str = "lb_revnat_v3";
+pub const REVNAT_MAP: &str = "lb_revnat_v4";
 
 /// `namespace/name` fits: both are DNS labels of at most 63 bytes.
 pub const OWNER_LEN: usize = 128;
 
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct RevNat {
-    pub addr_be: u32,
-    pub port_be: u16,
+    pub addr: Ipv4,
+    /// Host order.
+    pub port: u16,
     pub proto: u8,
     pub _pad: u8,
     /// The owning Service as `namespace/name`, NUL-padded.
@@ -29,8 +30,8 @@ pub struct RevNat {
 impl Default for RevNat {
     fn default() -> Self {
         Self {
-            addr_be: 0,
-            port_be: 0,
+            addr: [0; 4],
+            port: 0,
             proto: 0,
             _pad: 0,
             owner: [0; OWNER_LEN],

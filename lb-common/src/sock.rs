@@ -4,9 +4,9 @@
 //! `getpeername` and `recvmsg`. The reverse map remembers, per socket and
 //! backend, the frontend it stood for.
 
-use crate::user_pod;
+use crate::{user_pod, Ipv4};
 
-pub const SOCK_REVNAT_MAP: &str = "lb_sock_rnat_v3";
+pub const SOCK_REVNAT_MAP: &str = "lb_sock_rnat_v4";
 pub const DEFAULT_MAX_SOCK_REVNAT: u32 = 262_144;
 
 #[repr(C)]
@@ -14,16 +14,18 @@ pub const DEFAULT_MAX_SOCK_REVNAT: u32 = 262_144;
 pub struct SockRevNatKey {
     /// `bpf_get_socket_cookie`: the socket, for as long as it lives.
     pub cookie: u64,
-    pub backend_addr_be: u32,
-    pub backend_port_be: u16,
+    pub backend_addr: Ipv4,
+    /// Host order.
+    pub backend_port: u16,
     pub _pad: u16,
 }
 
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct SockRevNatValue {
-    pub frontend_addr_be: u32,
-    pub frontend_port_be: u16,
+    pub frontend_addr: Ipv4,
+    /// Host order.
+    pub frontend_port: u16,
     pub rev_nat_id: u16,
 }
 

@@ -2,19 +2,19 @@
 //! A new flow to a frontend flagged `SVC_FLAG_SOURCE_RANGES` is dropped
 //! unless its source falls in one of the frontend's prefixes.
 
-use crate::user_pod;
+use crate::{user_pod, Ipv4};
 
-pub const SOURCE_RANGE_MAP: &str = "lb_src_range_v3";
+pub const SOURCE_RANGE_MAP: &str = "lb_src_range_v4";
 pub const DEFAULT_MAX_SOURCE_RANGES: u32 = 16_384;
 
 /// The key's data, compared most significant byte first: the frontend's
 /// rev-NAT id (big-endian, always matched whole), then the client address.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SourceRangeKey {
     pub rev_nat_id_be: u16,
     pub _pad: u16,
-    pub addr_be: u32,
+    pub addr: Ipv4,
 }
 
 /// Bits of the key before the address: rev-NAT id and padding.
@@ -22,11 +22,11 @@ pub const SOURCE_RANGE_ID_BITS: u32 = 32;
 
 impl SourceRangeKey {
     #[inline(always)]
-    pub const fn new(rev_nat_id: u16, addr_be: u32) -> Self {
+    pub const fn new(rev_nat_id: u16, addr: Ipv4) -> Self {
         Self {
             rev_nat_id_be: rev_nat_id.to_be(),
             _pad: 0,
-            addr_be,
+            addr,
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Per-reason packet counters: a per-CPU array indexed by `Stat`.
 
-pub const STATS_MAP: &str = "lb_stats_v3";
+pub const STATS_MAP: &str = "lb_stats_v4";
 
 /// Every decision and drop the datapath makes has its own counter.
 #[repr(u32)]

@@ -5,18 +5,19 @@
 //! agent writes slots before slot 0 when growing and slot 0 first when
 //! shrinking, so a packet never selects a slot that is not written yet.
 
-use crate::user_pod;
+use crate::{user_pod, Ipv4};
 
-pub const SVC_MAP: &str = "lb_svc_v3";
+pub const SVC_MAP: &str = "lb_svc_v4";
 pub const DEFAULT_MAX_SVC_ENTRIES: u32 = 262_144;
 /// Most backends one frontend may have (slots are `u16`, slot 0 is the frontend).
 pub const MAX_BACKENDS_PER_SVC: u32 = 65_534;
 
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SvcKey {
-    pub addr_be: u32,
-    pub port_be: u16,
+    pub addr: Ipv4,
+    /// Host order.
+    pub port: u16,
     /// 0 = the frontend itself; 1..=count = backend slots.
     pub slot: u16,
     pub proto: u8,
@@ -61,10 +62,10 @@ pub const SVC_FLAGS_EXTERNAL: u16 =
     SVC_FLAG_NODE_PORT | SVC_FLAG_LOAD_BALANCER | SVC_FLAG_EXTERNAL_IP;
 
 impl SvcKey {
-    pub const fn new(addr_be: u32, port_be: u16, proto: u8, slot: u16) -> Self {
+    pub const fn new(addr: Ipv4, port: u16, proto: u8, slot: u16) -> Self {
         Self {
-            addr_be,
-            port_be,
+            addr,
+            port,
             slot,
             proto,
             _pad: [0; 3],

@@ -9,8 +9,8 @@ use lb_common::{backend::Backend, ct::*, hash::*, revnat::RevNat, svc::*};
 fn field_offsets_match_the_documented_layout() {
     assert_eq!(
         (
-            offset_of!(SvcKey, addr_be),
-            offset_of!(SvcKey, port_be),
+            offset_of!(SvcKey, addr),
+            offset_of!(SvcKey, port),
             offset_of!(SvcKey, slot),
             offset_of!(SvcKey, proto)
         ),
@@ -29,26 +29,26 @@ fn field_offsets_match_the_documented_layout() {
     );
     assert_eq!(
         (
-            offset_of!(Backend, addr_be),
-            offset_of!(Backend, port_be),
+            offset_of!(Backend, addr),
+            offset_of!(Backend, port),
             offset_of!(Backend, proto)
         ),
         (0, 4, 6)
     );
     assert_eq!(
         (
-            offset_of!(RevNat, addr_be),
-            offset_of!(RevNat, port_be),
+            offset_of!(RevNat, addr),
+            offset_of!(RevNat, port),
             offset_of!(RevNat, proto)
         ),
         (0, 4, 6)
     );
     assert_eq!(
         (
-            offset_of!(CtKey, saddr_be),
-            offset_of!(CtKey, daddr_be),
-            offset_of!(CtKey, sport_be),
-            offset_of!(CtKey, dport_be),
+            offset_of!(CtKey, saddr),
+            offset_of!(CtKey, daddr),
+            offset_of!(CtKey, sport),
+            offset_of!(CtKey, dport),
             offset_of!(CtKey, proto),
             offset_of!(CtKey, dir)
         ),
@@ -56,10 +56,10 @@ fn field_offsets_match_the_documented_layout() {
     );
     assert_eq!(
         (
-            offset_of!(CtValue, src_addr_be),
-            offset_of!(CtValue, dst_addr_be),
-            offset_of!(CtValue, src_port_be),
-            offset_of!(CtValue, dst_port_be),
+            offset_of!(CtValue, src_addr),
+            offset_of!(CtValue, dst_addr),
+            offset_of!(CtValue, src_port),
+            offset_of!(CtValue, dst_port),
             offset_of!(CtValue, rev_nat_id),
             offset_of!(CtValue, flags),
             offset_of!(CtValue, backend_id),
@@ -126,14 +126,14 @@ fn conntrack_state_picks_the_timeout() {
 
 #[test]
 fn each_conntrack_entry_rebuilds_its_peer() {
-    let (client, vip, backend) = (0x0201_12c6u32, 0x0a00_13c6u32, 0x020a_12c6u32);
-    let (cport, vport, bport) = (0x3930u16, 0x5000u16, 0x901fu16);
+    let (client, vip, backend) = ([198, 18, 1, 2], [198, 19, 0, 10], [198, 18, 10, 2]);
+    let (cport, vport, bport) = (12345u16, 80u16, 8080u16);
     let forward_key = CtKey::new(client, cport, vip, vport, 6, CT_DIR_FORWARD);
     let forward = CtValue {
-        src_addr_be: client,
-        src_port_be: cport,
-        dst_addr_be: backend,
-        dst_port_be: bport,
+        src_addr: client,
+        src_port: cport,
+        dst_addr: backend,
+        dst_port: bport,
         rev_nat_id: 7,
         backend_id: 9,
         flags: CT_SEEN_REPLY,
@@ -149,10 +149,10 @@ fn each_conntrack_entry_rebuilds_its_peer() {
     let reply = forward_key.peer_value(&forward);
     assert_eq!(
         (
-            reply.src_addr_be,
-            reply.src_port_be,
-            reply.dst_addr_be,
-            reply.dst_port_be
+            reply.src_addr,
+            reply.src_port,
+            reply.dst_addr,
+            reply.dst_port
         ),
         (vip, vport, client, cport)
     );
@@ -171,15 +171,19 @@ fn each_conntrack_entry_rebuilds_its_peer() {
 
 #[test]
 fn a_snat_flow_pairs_the_translated_tuples() {
-    let (client, vip, backend, node) =
-        (0x0201_12c6u32, 0x0a00_13c6u32, 0x020a_12c6u32, 0x0200_12c6);
-    let (cport, vport, bport, sport) = (0x3930u16, 0x5000u16, 0x901fu16, 0x4ef0u16);
+    let (client, vip, backend, node) = (
+        [198, 18, 1, 2],
+        [198, 19, 0, 10],
+        [198, 18, 10, 2],
+        [198, 18, 0, 2],
+    );
+    let (cport, vport, bport, sport) = (12345u16, 80u16, 8080u16, 61518u16);
     let forward_key = CtKey::new(client, cport, vip, vport, 17, CT_DIR_FORWARD);
     let forward = CtValue {
-        src_addr_be: node,
-        src_port_be: sport,
-        dst_addr_be: backend,
-        dst_port_be: bport,
+        src_addr: node,
+        src_port: sport,
+        dst_addr: backend,
+        dst_port: bport,
         flags: CT_SNAT,
         ..CtValue::default()
     };
@@ -192,10 +196,10 @@ fn a_snat_flow_pairs_the_translated_tuples() {
     let reply = forward_key.peer_value(&forward);
     assert_eq!(
         (
-            reply.src_addr_be,
-            reply.src_port_be,
-            reply.dst_addr_be,
-            reply.dst_port_be
+            reply.src_addr,
+            reply.src_port,
+            reply.dst_addr,
+            reply.dst_port
         ),
         (vip, vport, client, cport),
         "the answer leaves from the frontend to the client"
@@ -207,15 +211,15 @@ fn a_snat_flow_pairs_the_translated_tuples() {
 #[test]
 fn snat_replies_are_recognised_by_address_and_port_range() {
     let config = lb_common::config::NodeConfig {
-        snat_addr_be: 0x0200_12c6,
+        snat_addr: [198, 18, 0, 2],
         snat_port_first: 61000,
         snat_port_last: 65000,
     };
-    assert!(config.is_snat_target(0x0200_12c6, 61000u16.to_be()));
-    assert!(config.is_snat_target(0x0200_12c6, 65000u16.to_be()));
-    assert!(!config.is_snat_target(0x0200_12c6, 60999u16.to_be()));
-    assert!(!config.is_snat_target(0x0300_12c6, 62000u16.to_be()));
-    assert!(!lb_common::config::NodeConfig::default().is_snat_target(0, 0));
+    assert!(config.is_snat_target([198, 18, 0, 2], 61000));
+    assert!(config.is_snat_target([198, 18, 0, 2], 65000));
+    assert!(!config.is_snat_target([198, 18, 0, 2], 60999));
+    assert!(!config.is_snat_target([198, 18, 0, 3], 62000));
+    assert!(!lb_common::config::NodeConfig::default().is_snat_target([0; 4], 0));
 }
 
 #[test]

@@ -11,6 +11,7 @@ use lb_common::{
         is_closing, CtKey, CtTimeouts, CtValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FIN_FORWARD,
         CT_FIN_REPLY, CT_REFRESH_NS, CT_RST, CT_SEEN_REPLY, CT_SNAT,
     },
+    ipv4,
     stats::Stat,
     svc::SvcKey,
 };
@@ -163,10 +164,10 @@ pub fn new_forward(
 ) -> CtValue {
     let flags = flags_of(pkt, CT_DIR_FORWARD);
     CtValue {
-        src_addr_be: pkt.saddr_be,
-        dst_addr_be: backend.addr_be,
-        src_port_be: pkt.sport_be,
-        dst_port_be: backend.port_be,
+        src_addr: ipv4(pkt.saddr_be),
+        dst_addr: backend.addr,
+        src_port: u16::from_be(pkt.sport_be),
+        dst_port: backend.port,
         rev_nat_id,
         flags,
         _pad: 0,
@@ -223,12 +224,12 @@ pub fn create_snat(
     config: &NodeConfig,
     now: u64,
 ) -> Result<(), Stat> {
-    if config.snat_addr_be == 0 || config.snat_port_last < config.snat_port_first {
+    if lb_common::wire(config.snat_addr) == 0 || config.snat_port_last < config.snat_port_first {
         return Err(Stat::DropSnatExhausted);
     }
     let first = u32::from(config.snat_port_first);
     let span = u32::from(config.snat_port_last) - first + 1;
-    forward.src_addr_be = config.snat_addr_be;
+    forward.src_addr = config.snat_addr;
     forward.flags |= CT_SNAT;
     let forward_key = pkt.ct_key(CT_DIR_FORWARD);
     let mut i = 0;
@@ -237,9 +238,9 @@ pub fn create_snat(
         // would follow the runs earlier flows already filled.
         // SAFETY: a helper without arguments.
         let port = first + unsafe { aya_ebpf::helpers::bpf_get_prandom_u32() } % span;
-        forward.src_port_be = (port as u16).to_be();
+        forward.src_port = port as u16;
         // Not a node port on the SNAT address: its packets are a frontend's.
-        let frontend = SvcKey::new(forward.src_addr_be, forward.src_port_be, pkt.proto, 0);
+        let frontend = SvcKey::new(forward.src_addr, forward.src_port, pkt.proto, 0);
         if SERVICES.get_ptr(&frontend).is_some() {
             i += 1;
             continue;
@@ -293,8 +294,8 @@ pub fn forward_is_open(reply_key: &CtKey, reply: &CtValue, pkt: &Packet) -> bool
     match get(&reply_key.peer_key(reply)) {
         Some(fwd) => {
             !is_closing(fwd.flags)
-                && fwd.dst_addr_be == pkt.saddr_be
-                && fwd.dst_port_be == pkt.sport_be
+                && lb_common::wire(fwd.dst_addr) == pkt.saddr_be
+                && fwd.dst_port.to_be() == pkt.sport_be
         }
         None => false,
     }
@@ -306,16 +307,27 @@ pub fn forget(key: &CtKey) {
 }
 
 impl Packet {
-    /// The conntrack key of this packet's tuple, as seen on the wire.
+    /// The conntrack key of this packet's tuple.
     #[inline(always)]
     pub fn ct_key(&self, dir: u8) -> CtKey {
         CtKey::new(
-            self.saddr_be,
-            self.sport_be,
-            self.daddr_be,
-            self.dport_be,
+            ipv4(self.saddr_be),
+            u16::from_be(self.sport_be),
+            ipv4(self.daddr_be),
+            u16::from_be(self.dport_be),
             self.proto,
             dir,
+        )
+    }
+
+    /// The key of the frontend (slot 0) or a slot this packet is addressed to.
+    #[inline(always)]
+    pub fn svc_key(&self, slot: u16) -> SvcKey {
+        SvcKey::new(
+            ipv4(self.daddr_be),
+            u16::from_be(self.dport_be),
+            self.proto,
+            slot,
         )
     }
 }

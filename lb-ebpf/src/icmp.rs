@@ -44,10 +44,10 @@ impl IcmpError {
     #[inline(always)]
     pub fn quoted_reversed(&self, dir: u8) -> CtKey {
         CtKey::new(
-            self.inner_daddr_be,
-            self.inner_dport_be,
-            self.inner_saddr_be,
-            self.inner_sport_be,
+            lb_common::ipv4(self.inner_daddr_be),
+            u16::from_be(self.inner_dport_be),
+            lb_common::ipv4(self.inner_saddr_be),
+            u16::from_be(self.inner_sport_be),
             self.inner_proto,
             dir,
         )
@@ -57,10 +57,11 @@ impl IcmpError {
 /// Rewrites the error for its receiver as `entry` translates the flow.
 #[inline(always)]
 pub fn translate(ctx: &TcContext, err: &IcmpError, entry: &CtValue) -> Result<(), ()> {
-    let new_src = entry.dst_addr_be;
-    let new_sport = entry.dst_port_be;
-    let new_dst = entry.src_addr_be;
-    let new_dport = entry.src_port_be;
+    // In wire order, as the packet holds them.
+    let new_src = lb_common::wire(entry.dst_addr);
+    let new_sport = entry.dst_port.to_be();
+    let new_dst = lb_common::wire(entry.src_addr);
+    let new_dport = entry.src_port.to_be();
 
     // Quoted IPv4 header checksum.
     let ip_csum_off = err.inner_ip_off + 10;

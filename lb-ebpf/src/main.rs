@@ -33,8 +33,8 @@ use lb_common::{
     source_range::{SourceRangeKey, SOURCE_RANGE_ID_BITS},
     stats::Stat,
     svc::{
-        SvcKey, SVC_FLAGS_EXTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_EXTERNAL_LOCAL,
-        SVC_FLAG_INTERNAL_LOCAL, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
+        SVC_FLAGS_EXTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_EXTERNAL_LOCAL, SVC_FLAG_INTERNAL_LOCAL,
+        SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
     },
 };
 
@@ -89,8 +89,8 @@ fn log_new_flow(ctx: &TcContext, pkt: &Packet, entry: &CtValue) {
         u16::from_be(pkt.sport_be),
         u32::from_be(pkt.daddr_be),
         u16::from_be(pkt.dport_be),
-        u32::from_be(entry.dst_addr_be),
-        u16::from_be(entry.dst_port_be)
+        u32::from_be_bytes(entry.dst_addr),
+        entry.dst_port
     );
 }
 
@@ -129,7 +129,7 @@ fn ingress<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
         Parsed::NotForUs => return Outcome::next(Stat::PassNotService),
         Parsed::Malformed => return Outcome::next(Stat::PassMalformed),
     };
-    let frontend = SvcKey::new(pkt.daddr_be, pkt.dport_be, pkt.proto, 0);
+    let frontend = pkt.svc_key(0);
     // SAFETY: copied at once; the agent may rewrite slot 0 at any time.
     let svc = maps::SERVICES.get_ptr(&frontend).map(|s| unsafe { *s });
     // On an uplink, the answer of a SNATed flow goes to the node address:
@@ -187,7 +187,7 @@ fn ingress<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
         pkt.proto,
     );
     let affinity = svc.flags & SVC_FLAG_AFFINITY != 0;
-    let affinity_key = AffinityKey::new(pkt.saddr_be, svc.rev_nat_id);
+    let affinity_key = AffinityKey::new(lb_common::ipv4(pkt.saddr_be), svc.rev_nat_id);
     let remembered = if affinity {
         affinity::remembered(&affinity_key, &svc, local_only, now)
     } else {
@@ -199,7 +199,7 @@ fn ingress<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
             // A slot by flow hash, so a lost conntrack entry still maps a
             // flow to the same backend while the backend set is unchanged.
             let slot = select_slot(hash, choices);
-            let slot_key = SvcKey::new(pkt.daddr_be, pkt.dport_be, pkt.proto, slot);
+            let slot_key = pkt.svc_key(slot);
             let Some(slot_value) = maps::SERVICES.get_ptr(&slot_key) else {
                 return Outcome::drop(Stat::DropBackendMissing);
             };
@@ -249,8 +249,8 @@ fn icmp_error_ingress<const EXTERNAL: bool>(ctx: &TcContext, err: &icmp::IcmpErr
         let routed = redirect::lookup(
             ctx,
             lb_common::IPPROTO_ICMP,
-            entry.src_addr_be,
-            entry.dst_addr_be,
+            lb_common::wire(entry.src_addr),
+            lb_common::wire(entry.dst_addr),
             0,
         )
         .and_then(|route| redirect::send(ctx, lb_common::IPPROTO_ICMP, &route));
@@ -297,7 +297,7 @@ fn icmp_error_egress(ctx: &TcContext, err: &icmp::IcmpError) -> Outcome {
 fn source_allowed(pkt: &Packet, rev_nat_id: u16) -> bool {
     let key = Key::new(
         SOURCE_RANGE_ID_BITS + 32,
-        SourceRangeKey::new(rev_nat_id, pkt.saddr_be),
+        SourceRangeKey::new(rev_nat_id, lb_common::ipv4(pkt.saddr_be)),
     );
     maps::SOURCE_RANGES.get(&key).is_some()
 }
@@ -307,7 +307,7 @@ fn source_allowed(pkt: &Packet, rev_nat_id: u16) -> bool {
 #[inline(always)]
 fn reverse_snat(ctx: &TcContext, pkt: &Packet) -> Option<Outcome> {
     let config = maps::CONFIG.get(0)?;
-    if !config.is_snat_target(pkt.daddr_be, pkt.dport_be) {
+    if !config.is_snat_target(lb_common::ipv4(pkt.daddr_be), u16::from_be(pkt.dport_be)) {
         return None;
     }
     let reply_key = pkt.ct_key(CT_DIR_REPLY);
@@ -389,7 +389,8 @@ fn send(ctx: &TcContext, pkt: &Packet, to: &CtValue, stat: Stat) -> Outcome {
     // The route first: a packet too big for the way out is answered in the
     // sender's terms, before translation (as forwarding would, with DF).
     let tot_len = routed_len(ctx, pkt);
-    let route = match redirect::lookup(ctx, pkt.proto, to.src_addr_be, to.dst_addr_be, tot_len) {
+    let (src, dst) = (lb_common::wire(to.src_addr), lb_common::wire(to.dst_addr));
+    let route = match redirect::lookup(ctx, pkt.proto, src, dst, tot_len) {
         Ok(route) => route,
         Err(()) => return Outcome::drop(Stat::DropRedirect),
     };

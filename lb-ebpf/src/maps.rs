@@ -18,49 +18,49 @@ use lb_common::{
     svc::{SvcKey, SvcValue},
 };
 
-#[btf_map(name = "lb_svc_v3")]
+#[btf_map(name = "lb_svc_v4")]
 pub static SERVICES: HashMap<SvcKey, SvcValue, 262_144> = HashMap::new();
 
-#[btf_map(name = "lb_backend_v3")]
+#[btf_map(name = "lb_backend_v4")]
 pub static BACKENDS: HashMap<u32, Backend, 262_144> = HashMap::new();
 
 /// Written by the agent for operators and inspect; the datapath never reads it
 /// (conntrack carries the reply address).
-#[btf_map(name = "lb_revnat_v3")]
+#[btf_map(name = "lb_revnat_v4")]
 pub static REVNAT: HashMap<u16, RevNat, 65_536, { BPF_F_NO_PREALLOC as usize }> = HashMap::new();
 
 /// A plain hash, not an LRU: a live flow is never evicted to make room
 /// (a full table drops new flows, counted); the agent's GC frees expired
 /// flows. Not preallocated, so an element deleted during a program run is
 /// not recycled under it.
-#[btf_map(name = "lb_ct_v3")]
+#[btf_map(name = "lb_ct_v4")]
 pub static CONNTRACK: HashMap<CtKey, CtValue, 262_144, { BPF_F_NO_PREALLOC as usize }> =
     HashMap::new();
 
-#[btf_map(name = "lb_stats_v3")]
+#[btf_map(name = "lb_stats_v4")]
 pub static STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::new();
 
 /// One entry: the node's SNAT address and port range (see `NodeConfig`).
-#[btf_map(name = "lb_config_v3")]
+#[btf_map(name = "lb_config_v4")]
 pub static CONFIG: Array<NodeConfig, 1> = Array::new();
 
 /// Session affinity: client + frontend → last backend (see `lb_common::affinity`).
-#[btf_map(name = "lb_affinity_v3")]
+#[btf_map(name = "lb_affinity_v4")]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, 65_536> = LruHashMap::new();
 
 /// The current backends of each affinity frontend, and where they run.
-#[btf_map(name = "lb_aff_match_v3")]
+#[btf_map(name = "lb_aff_match_v4")]
 pub static AFFINITY_MATCH: HashMap<AffinityMatchKey, u8, 262_144, { BPF_F_NO_PREALLOC as usize }> =
     HashMap::new();
 
 /// `loadBalancerSourceRanges` per frontend (see `lb_common::source_range`).
-#[btf_map(name = "lb_src_range_v3")]
+#[btf_map(name = "lb_src_range_v4")]
 pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8, 16_384, { BPF_F_NO_PREALLOC as usize }> =
     LpmTrie::new();
 
 /// Socket LB: per socket and backend, the frontend it was connected or sent
 /// to (for getpeername and recvmsg). An LRU: entries of closed sockets age out.
-#[btf_map(name = "lb_sock_rnat_v3")]
+#[btf_map(name = "lb_sock_rnat_v4")]
 pub static SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue, 262_144> = LruHashMap::new();
 
 /// Per-CPU scratch for `bpf_fib_lookup`'s parameters (64 bytes), kept off

@@ -8,7 +8,7 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use lb_common::{ct::CtValue, IPPROTO_UDP};
+use lb_common::{ct::CtValue, wire, IPPROTO_UDP};
 
 use crate::parse::{Packet, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF};
 
@@ -17,28 +17,31 @@ use crate::parse::{Packet, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF};
 /// VIP), or both (SNAT flows). Unchanged halves are not touched.
 #[inline(always)]
 pub fn translate(ctx: &TcContext, pkt: &Packet, to: &CtValue) -> Result<(), ()> {
-    if to.dst_addr_be != pkt.daddr_be || to.dst_port_be != pkt.dport_be {
+    // In wire order, as the packet holds them.
+    let (dst_addr, dst_port) = (wire(to.dst_addr), to.dst_port.to_be());
+    let (src_addr, src_port) = (wire(to.src_addr), to.src_port.to_be());
+    if dst_addr != pkt.daddr_be || dst_port != pkt.dport_be {
         rewrite(
             ctx,
             pkt,
             IP_DADDR_OFF,
             pkt.daddr_be,
-            to.dst_addr_be,
+            dst_addr,
             pkt.l4_off + 2,
             pkt.dport_be,
-            to.dst_port_be,
+            dst_port,
         )?;
     }
-    if to.src_addr_be != pkt.saddr_be || to.src_port_be != pkt.sport_be {
+    if src_addr != pkt.saddr_be || src_port != pkt.sport_be {
         rewrite(
             ctx,
             pkt,
             IP_SADDR_OFF,
             pkt.saddr_be,
-            to.src_addr_be,
+            src_addr,
             pkt.l4_off,
             pkt.sport_be,
-            to.src_port_be,
+            src_port,
         )?;
     }
     Ok(())

@@ -18,10 +18,11 @@ use aya_ebpf::{
 use lb_common::{
     affinity::AffinityKey,
     hash::select_slot,
+    ipv4,
     sock::{SockRevNatKey, SockRevNatValue},
     stats::Stat,
     svc::{SvcKey, SVC_FLAG_AFFINITY, SVC_FLAG_INTERNAL_LOCAL, SVC_FLAG_SOURCE_RANGES},
-    IPPROTO_TCP, IPPROTO_UDP,
+    wire, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::{affinity, maps, stats::count};
@@ -65,7 +66,8 @@ fn translate(ctx: &SockAddrContext) -> i32 {
         };
         (proto, (*sa).user_ip4, (*sa).user_port as u16)
     };
-    let Some(svc) = maps::SERVICES.get_ptr(&SvcKey::new(addr_be, port_be, proto, 0)) else {
+    let (addr, port) = (ipv4(addr_be), u16::from_be(port_be));
+    let Some(svc) = maps::SERVICES.get_ptr(&SvcKey::new(addr, port, proto, 0)) else {
         return ALLOW;
     };
     // SAFETY: copied at once; the agent may rewrite slot 0 at any time.
@@ -108,8 +110,7 @@ fn translate(ctx: &SockAddrContext) -> i32 {
             // No source port exists yet to hash: a random slot.
             // SAFETY: a helper without arguments.
             let slot = select_slot(unsafe { bpf_get_prandom_u32() }, choices);
-            let Some(slot_value) =
-                maps::SERVICES.get_ptr(&SvcKey::new(addr_be, port_be, proto, slot))
+            let Some(slot_value) = maps::SERVICES.get_ptr(&SvcKey::new(addr, port, proto, slot))
             else {
                 return ALLOW;
             };
@@ -126,13 +127,13 @@ fn translate(ctx: &SockAddrContext) -> i32 {
     let key = SockRevNatKey {
         // SAFETY: the context pointer is valid; the helper only reads it.
         cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
-        backend_addr_be: backend.addr_be,
-        backend_port_be: backend.port_be,
+        backend_addr: backend.addr,
+        backend_port: backend.port,
         _pad: 0,
     };
     let value = SockRevNatValue {
-        frontend_addr_be: addr_be,
-        frontend_port_be: port_be,
+        frontend_addr: addr,
+        frontend_port: port,
         rev_nat_id: svc.rev_nat_id,
     };
     if maps::SOCK_REVNAT.insert(&key, &value, 0).is_err() {
@@ -140,8 +141,8 @@ fn translate(ctx: &SockAddrContext) -> i32 {
     }
     // SAFETY: user_ip4 and user_port are writable in these hooks.
     unsafe {
-        (*sa).user_ip4 = backend.addr_be;
-        (*sa).user_port = u32::from(backend.port_be);
+        (*sa).user_ip4 = wire(backend.addr);
+        (*sa).user_port = u32::from(backend.port.to_be());
     }
     count(Stat::SockTranslated);
     ALLOW
@@ -154,8 +155,8 @@ fn show_frontend(ctx: &SockAddrContext) {
     let key = SockRevNatKey {
         // SAFETY: as in `translate`.
         cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
-        backend_addr_be: unsafe { (*sa).user_ip4 },
-        backend_port_be: unsafe { (*sa).user_port } as u16,
+        backend_addr: ipv4(unsafe { (*sa).user_ip4 }),
+        backend_port: u16::from_be(unsafe { (*sa).user_port } as u16),
         _pad: 0,
     };
     let Some(frontend) = maps::SOCK_REVNAT.get_ptr(&key) else {
@@ -164,8 +165,8 @@ fn show_frontend(ctx: &SockAddrContext) {
     // SAFETY: copied at once (LRU elements may be recycled).
     let frontend = unsafe { *frontend };
     unsafe {
-        (*sa).user_ip4 = frontend.frontend_addr_be;
-        (*sa).user_port = u32::from(frontend.frontend_port_be);
+        (*sa).user_ip4 = wire(frontend.frontend_addr);
+        (*sa).user_port = u32::from(frontend.frontend_port.to_be());
     }
     count(Stat::SockRevNat);
 }

@@ -130,19 +130,16 @@ fn reply_from_backend_is_reverse_nated_to_the_vip() {
         .find(|(k, _)| k.dir == CT_DIR_REPLY)
         .expect("reply entry")
         .1;
-    assert_eq!(u32::from_be(forward.dst_addr_be), u32::from(backend));
-    assert_eq!(u16::from_be(forward.dst_port_be), 8080);
+    assert_eq!(forward.dst_addr, backend.octets());
+    assert_eq!(forward.dst_port, 8080);
     assert_eq!(
-        (
-            u32::from_be(forward.src_addr_be),
-            u16::from_be(forward.src_port_be)
-        ),
-        (u32::from(CLIENT), 41234),
+        (Ipv4Addr::from(forward.src_addr), forward.src_port),
+        (CLIENT, 41234),
         "not SNATed"
     );
-    assert_eq!(u32::from_be(reply.src_addr_be), u32::from(VIP));
-    assert_eq!(u16::from_be(reply.src_port_be), 80);
-    assert_eq!(u32::from_be(reply.dst_addr_be), u32::from(CLIENT));
+    assert_eq!(reply.src_addr, VIP.octets());
+    assert_eq!(reply.src_port, 80);
+    assert_eq!(reply.dst_addr, CLIENT.octets());
 }
 
 #[test]
@@ -456,11 +453,11 @@ fn flow_entries(h: &Harness, from: SocketAddrV4) -> ((CtKey, CtValue), (CtKey, C
     let ct = h.conntrack();
     let forward = *ct
         .iter()
-        .find(|(k, _)| k.dir == CT_DIR_FORWARD && u16::from_be(k.sport_be) == from.port())
+        .find(|(k, _)| k.dir == CT_DIR_FORWARD && k.sport == from.port())
         .expect("forward entry");
     let reply = *ct
         .iter()
-        .find(|(k, _)| k.dir == CT_DIR_REPLY && u16::from_be(k.dport_be) == from.port())
+        .find(|(k, _)| k.dir == CT_DIR_REPLY && k.dport == from.port())
         .expect("reply entry");
     (forward, reply)
 }
@@ -674,18 +671,18 @@ fn lost_reply_entry_is_rebuilt_from_the_forward_entry() {
     assert_eq!(rk2, rk);
     assert_eq!(
         (
-            rv2.src_addr_be,
-            rv2.src_port_be,
-            rv2.dst_addr_be,
+            rv2.src_addr,
+            rv2.src_port,
+            rv2.dst_addr,
             rv2.backend_id,
             rv2.rev_nat_id,
             rv2.flags,
             rv2.created_ns
         ),
         (
-            rv.src_addr_be,
-            rv.src_port_be,
-            rv.dst_addr_be,
+            rv.src_addr,
+            rv.src_port,
+            rv.dst_addr,
             rv.backend_id,
             rv.rev_nat_id,
             rv.flags,
@@ -770,9 +767,9 @@ fn agent_gc_frees_expired_flows_and_keeps_live_ones() {
         .keys()
         .map(|k| {
             if k.dir == CT_DIR_FORWARD {
-                u16::from_be(k.sport_be)
+                k.sport
             } else {
-                u16::from_be(k.dport_be)
+                k.dport
             }
         })
         .collect();

@@ -86,7 +86,7 @@ impl Node {
             nodeport_addresses: vec![NODE_IP],
         };
         h.set_node_config(NodeConfig {
-            snat_addr_be: u32::from(NODE_IP).to_be(),
+            snat_addr: NODE_IP.octets(),
             snat_port_first: SNAT_PORTS.0,
             snat_port_last: SNAT_PORTS.1,
         });
@@ -108,10 +108,10 @@ impl Node {
 
     fn forward_entry(&self, client: SocketAddrV4, frontend: SocketAddrV4) -> CtValue {
         let key = CtKey::new(
-            u32::from(*client.ip()).to_be(),
-            client.port().to_be(),
-            u32::from(*frontend.ip()).to_be(),
-            frontend.port().to_be(),
+            client.ip().octets(),
+            client.port(),
+            frontend.ip().octets(),
+            frontend.port(),
             6,
             CT_DIR_FORWARD,
         );
@@ -154,8 +154,8 @@ fn port_for_slot(dst: SocketAddrV4, proto: u8, slot: u16, choices: u16) -> u16 {
 fn snat_port_of(node: &Node, client: SocketAddrV4, frontend: SocketAddrV4) -> u16 {
     let entry = node.forward_entry(client, frontend);
     assert_ne!(entry.flags & CT_SNAT, 0, "SNATed");
-    assert_eq!(entry.src_addr_be, u32::from(NODE_IP).to_be());
-    let port = u16::from_be(entry.src_port_be);
+    assert_eq!(entry.src_addr, NODE_IP.octets());
+    let port = entry.src_port;
     assert!(
         (SNAT_PORTS.0..=SNAT_PORTS.1).contains(&port),
         "{port} outside {SNAT_PORTS:?}"
@@ -166,7 +166,7 @@ fn snat_port_of(node: &Node, client: SocketAddrV4, frontend: SocketAddrV4) -> u1
 /// Rewrites the node config to SNAT into `first..=last` only.
 fn snat_ports(node: &mut Node, first: u16, last: u16) {
     node.h.set_node_config(NodeConfig {
-        snat_addr_be: u32::from(NODE_IP).to_be(),
+        snat_addr: NODE_IP.octets(),
         snat_port_first: first,
         snat_port_last: last,
     });
@@ -176,10 +176,10 @@ fn snat_ports(node: &mut Node, first: u16, last: u16) {
 /// backend, expiring at `expires_ns`.
 fn hold_port(node: &mut Node, port: u16, flags: u8, expires_ns: u64) {
     let key = CtKey::new(
-        u32::from(REMOTE_BACKEND).to_be(),
-        8080u16.to_be(),
-        u32::from(NODE_IP).to_be(),
-        port.to_be(),
+        REMOTE_BACKEND.octets(),
+        8080,
+        NODE_IP.octets(),
+        port,
         6,
         CT_DIR_REPLY,
     );
@@ -434,7 +434,7 @@ fn a_node_port_inside_the_snat_range_is_never_a_snat_port() {
     // Only 30081 was free: the first flow got it, the others found no port.
     assert_eq!(node.h.counter(Stat::SnatNew), 1);
     let entry = node.forward_entry(client(40000), node_port(30080));
-    assert_eq!(u16::from_be(entry.src_port_be), 30081);
+    assert_eq!(entry.src_port, 30081);
     assert_eq!(node.h.counter(Stat::DropSnatExhausted), 7);
     // The answer on 30081 reaches its client.
     let answer = Packet::tcp(
@@ -490,7 +490,7 @@ fn client_ip_affinity_returns_to_the_backend_while_it_is_current() {
     node.internal(&Packet::tcp(other, vip, TCP_SYN).build());
 
     // The timeout passed since the client's last connection: hashing again.
-    let key = AffinityKey::new(u32::from(POD_IP).to_be(), {
+    let key = AffinityKey::new(POD_IP.octets(), {
         let flows = node.h.conntrack();
         flows
             .iter()

@@ -123,11 +123,11 @@ fn metrics_follow_programmed_state_traffic_and_changes() {
     assert_eq!(first.get(r#"lb_frontends{type="ClusterIP"}"#), 2.0);
     assert_eq!(first.get(r#"lb_frontends{type="NodePort"}"#), 0.0);
     assert_eq!(first.get("lb_endpoints"), 4.0);
-    assert_eq!(first.get(r#"lb_map_entries{map="lb_svc_v3"}"#), 6.0);
-    assert_eq!(first.get(r#"lb_map_entries{map="lb_backend_v3"}"#), 4.0);
+    assert_eq!(first.get(r#"lb_map_entries{map="lb_svc_v4"}"#), 6.0);
+    assert_eq!(first.get(r#"lb_map_entries{map="lb_backend_v4"}"#), 4.0);
     assert_eq!(
-        first.get(r#"lb_map_fill_ratio{map="lb_svc_v3"}"#),
-        6.0 / first.get(r#"lb_map_capacity{map="lb_svc_v3"}"#)
+        first.get(r#"lb_map_fill_ratio{map="lb_svc_v4"}"#),
+        6.0 / first.get(r#"lb_map_capacity{map="lb_svc_v4"}"#)
     );
     assert_eq!(
         first.get(r#"lb_datapath_events_total{event="dnat_new"}"#),
@@ -165,7 +165,7 @@ fn metrics_follow_programmed_state_traffic_and_changes() {
         m.samples.get("lb_conntrack_entries") == Some(&6.0)
     });
     assert_eq!(counted.get("lb_conntrack_entries"), 6.0);
-    assert_eq!(counted.get(r#"lb_map_entries{map="lb_ct_v3"}"#), 6.0);
+    assert_eq!(counted.get(r#"lb_map_entries{map="lb_ct_v4"}"#), 6.0);
 
     // A change: one pod leaves. The state gauges follow; one more sync and
     // one more programming-latency observation.
@@ -179,7 +179,7 @@ fn metrics_follow_programmed_state_traffic_and_changes() {
         .unwrap();
     let changed: Scrape = scrape_until(node, |m| m.samples.get("lb_endpoints") == Some(&2.0));
     assert_eq!(changed.get("lb_endpoints"), 2.0);
-    assert_eq!(changed.get(r#"lb_map_entries{map="lb_svc_v3"}"#), 4.0);
+    assert_eq!(changed.get(r#"lb_map_entries{map="lb_svc_v4"}"#), 4.0);
     assert!(changed.get("lb_sync_proxy_rules_duration_seconds_count") > syncs);
     assert!(
         changed.get("lb_network_programming_duration_seconds_count")
@@ -598,9 +598,9 @@ fn a_full_conntrack_table_drops_only_new_flows_and_says_which_flag_to_raise() {
         .1;
     assert!(drops >= 1, "{counters:?}");
     let full = scrape_until(&s.topology.node, |m| {
-        m.samples.get(r#"lb_map_fill_ratio{map="lb_ct_v3"}"#) >= Some(&1.0)
+        m.samples.get(r#"lb_map_fill_ratio{map="lb_ct_v4"}"#) >= Some(&1.0)
     });
-    assert_eq!(full.get(r#"lb_map_fill_ratio{map="lb_ct_v3"}"#), 1.0);
+    assert_eq!(full.get(r#"lb_map_fill_ratio{map="lb_ct_v4"}"#), 1.0);
     assert!(full.get(r#"lb_datapath_events_total{event="drop_ct_full"}"#) >= 1.0);
     let log = s.agent.log_text();
     assert!(

@@ -41,8 +41,8 @@ impl FlowRef {
     /// The service frontend the flow was addressed to.
     pub fn frontend(&self) -> Option<L4Addr> {
         Some(L4Addr {
-            addr: u32::from_be(self.forward.daddr_be).into(),
-            port: u16::from_be(self.forward.dport_be),
+            addr: self.forward.daddr.into(),
+            port: self.forward.dport,
             proto: Proto::from_number(self.forward.proto)?,
         })
     }
@@ -175,20 +175,14 @@ mod tests {
         backend_id: u32,
         expires: (u64, u64),
     ) -> [(CtKey, CtValue); 2] {
-        let (client, vip, backend) = (0x0201_12c6u32, 0x0a00_13c6u32, 0x020a_12c6u32 + backend_id);
-        let fkey = CtKey::new(
-            client,
-            cport.to_be(),
-            vip,
-            vport.to_be(),
-            proto,
-            CT_DIR_FORWARD,
-        );
+        let (client, vip) = ([198, 18, 1, 2], [198, 19, 0, 10]);
+        let backend = [198, 18, 10, 2 + backend_id as u8];
+        let fkey = CtKey::new(client, cport, vip, vport, proto, CT_DIR_FORWARD);
         let fval = CtValue {
-            src_addr_be: client,
-            src_port_be: cport.to_be(),
-            dst_addr_be: backend,
-            dst_port_be: 8080u16.to_be(),
+            src_addr: client,
+            src_port: cport,
+            dst_addr: backend,
+            dst_port: 8080,
             backend_id,
             created_ns: 1,
             expires_ns: expires.0,
@@ -214,15 +208,9 @@ mod tests {
         orphan[1].0.dir = CT_DIR_REPLY; // keep the shape; drop the reply entry below
         entries.insert(orphan[0].0, orphan[0].1); // forward only, expired: free
         let planned = plan_gc(&entries, now);
-        let ports: Vec<u16> = planned
-            .iter()
-            .map(|f| u16::from_be(f.forward.sport_be))
-            .collect();
+        let ports: Vec<u16> = planned.iter().map(|f| f.forward.sport).collect();
         assert_eq!(ports, vec![1000, 1004]);
-        let both = planned
-            .iter()
-            .find(|f| u16::from_be(f.forward.sport_be) == 1000)
-            .unwrap();
+        let both = planned.iter().find(|f| f.forward.sport == 1000).unwrap();
         assert_eq!(both.reply.dir, CT_DIR_REPLY);
         assert!(
             entries.contains_key(&both.reply),
@@ -246,7 +234,7 @@ mod tests {
         let planned = plan_flush(&entries, &removed);
         assert_eq!(planned.len(), 1, "{planned:?}");
         let flow = planned.first().unwrap();
-        assert_eq!(u16::from_be(flow.forward.sport_be), 2000);
+        assert_eq!(flow.forward.sport, 2000);
         assert!(entries.contains_key(&flow.forward) && entries.contains_key(&flow.reply));
     }
 }

@@ -1,6 +1,7 @@
 //! Typed access to the service maps behind one trait, with the kernel
 //! implementation here and an in-memory one in `fake`. This is the only place
-//! that converts between host order (`model`) and wire order (`lb_common`).
+//! that converts between the agent's types (`model`) and the map layout
+//! (`lb_common`).
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
@@ -23,7 +24,7 @@ use crate::model::{L4Addr, Proto, ServiceName};
 fn range_key(rev_nat_id: u16, range: Ipv4Net) -> Key<SourceRangeKey> {
     Key::new(
         SOURCE_RANGE_ID_BITS + u32::from(range.prefix_len()),
-        SourceRangeKey::new(rev_nat_id, u32::from(range.network()).to_be()),
+        SourceRangeKey::new(rev_nat_id, range.network().octets()),
     )
 }
 
@@ -98,46 +99,46 @@ pub trait LbMaps {
     fn snapshot(&self) -> Result<Snapshot, MapWriteError>;
 }
 
-// --- wire-order conversions -------------------------------------------------
+// --- layout conversions -----------------------------------------------------
 
 pub fn svc_key(frontend: L4Addr, slot: u16) -> SvcKey {
     SvcKey::new(
-        u32::from(frontend.addr).to_be(),
-        frontend.port.to_be(),
+        frontend.addr.octets(),
+        frontend.port,
         frontend.proto.number(),
         slot,
     )
 }
 
-fn l4(addr_be: u32, port_be: u16, proto: u8) -> Option<L4Addr> {
+fn l4(addr: [u8; 4], port: u16, proto: u8) -> Option<L4Addr> {
     Some(L4Addr {
-        addr: Ipv4Addr::from(u32::from_be(addr_be)),
-        port: u16::from_be(port_be),
+        addr: Ipv4Addr::from(addr),
+        port,
         proto: Proto::from_number(proto)?,
     })
 }
 
 pub fn frontend_of(key: &SvcKey) -> Option<(L4Addr, u16)> {
-    Some((l4(key.addr_be, key.port_be, key.proto)?, key.slot))
+    Some((l4(key.addr, key.port, key.proto)?, key.slot))
 }
 
 pub fn backend_value(backend: L4Addr) -> Backend {
     Backend {
-        addr_be: u32::from(backend.addr).to_be(),
-        port_be: backend.port.to_be(),
+        addr: backend.addr.octets(),
+        port: backend.port,
         proto: backend.proto.number(),
         flags: 0,
     }
 }
 
 pub fn backend_of(value: &Backend) -> Option<L4Addr> {
-    l4(value.addr_be, value.port_be, value.proto)
+    l4(value.addr, value.port, value.proto)
 }
 
 pub fn revnat_value(frontend: L4Addr, owner: &ServiceName) -> RevNat {
     let mut value = RevNat {
-        addr_be: u32::from(frontend.addr).to_be(),
-        port_be: frontend.port.to_be(),
+        addr: frontend.addr.octets(),
+        port: frontend.port,
         proto: frontend.proto.number(),
         ..RevNat::default()
     };
@@ -163,7 +164,7 @@ pub fn revnat_of(value: &RevNat) -> Option<RevNatEntry> {
             name: name.into(),
         });
     Some(RevNatEntry {
-        frontend: l4(value.addr_be, value.port_be, value.proto)?,
+        frontend: l4(value.addr, value.port, value.proto)?,
         owner,
     })
 }
@@ -392,7 +393,7 @@ impl LbMaps for KernelMaps {
             let key = key.map_err(read(self.range_limit))?;
             let data = key.data();
             let bits = key.prefix_len().saturating_sub(SOURCE_RANGE_ID_BITS);
-            let addr = std::net::Ipv4Addr::from(u32::from_be(data.addr_be));
+            let addr = std::net::Ipv4Addr::from(data.addr);
             if let Ok(range) = Ipv4Net::new(addr, bits as u8) {
                 snapshot
                     .source_ranges

@@ -164,15 +164,14 @@ impl Probe {
         frontend: L4Addr,
         rev_nat_id: u16,
     ) -> Result<(), ProbeError> {
-        let forward = CtKey {
-            saddr_be: u32::from(*client.ip()).to_be(),
-            daddr_be: u32::from(frontend.addr).to_be(),
-            sport_be: client.port().to_be(),
-            dport_be: frontend.port.to_be(),
-            proto: frontend.proto.number(),
-            dir: CT_DIR_FORWARD,
-            _pad: [0; 2],
-        };
+        let forward = CtKey::new(
+            client.ip().octets(),
+            client.port(),
+            frontend.addr.octets(),
+            frontend.port,
+            frontend.proto.number(),
+            CT_DIR_FORWARD,
+        );
         let live_ct: HashMap<MapData, CtKey, CtValue> = pinned(&self.pin_dir, CT_MAP)?;
         let flow = live_ct.get(&forward, 0).ok().map(|value| {
             let peer_key = forward.peer_key(&value);
@@ -195,7 +194,7 @@ impl Probe {
             }
         }
 
-        let key = AffinityKey::new(u32::from(*client.ip()).to_be(), rev_nat_id);
+        let key = AffinityKey::new(client.ip().octets(), rev_nat_id);
         let live: HashMap<MapData, AffinityKey, AffinityValue> =
             pinned(&self.pin_dir, AFFINITY_MAP)?;
         let remembered = live.get(&key, 0).ok();

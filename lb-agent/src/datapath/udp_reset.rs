@@ -80,14 +80,8 @@ pub fn plan_resets(
     entries
         .into_iter()
         .filter_map(|(key, value)| {
-            let backend = SocketAddrV4::new(
-                u32::from_be(key.backend_addr_be).into(),
-                u16::from_be(key.backend_port_be),
-            );
-            let frontend = SocketAddrV4::new(
-                u32::from_be(value.frontend_addr_be).into(),
-                u16::from_be(value.frontend_port_be),
-            );
+            let backend = SocketAddrV4::new(key.backend_addr.into(), key.backend_port);
+            let frontend = SocketAddrV4::new(value.frontend_addr.into(), value.frontend_port);
             left.contains(&(frontend, backend))
                 .then_some((key.cookie, backend))
         })
@@ -143,8 +137,8 @@ impl UdpResetter {
         for (cookie, backend) in destroyed {
             let key = SockRevNatKey {
                 cookie,
-                backend_addr_be: u32::from(*backend.ip()).to_be(),
-                backend_port_be: backend.port().to_be(),
+                backend_addr: backend.ip().octets(),
+                backend_port: backend.port(),
                 _pad: 0,
             };
             match self.map.remove(&key) {
@@ -329,13 +323,13 @@ mod tests {
         (
             SockRevNatKey {
                 cookie,
-                backend_addr_be: u32::from_be_bytes(backend.0).to_be(),
-                backend_port_be: backend.1.to_be(),
+                backend_addr: backend.0,
+                backend_port: backend.1,
                 _pad: 0,
             },
             SockRevNatValue {
-                frontend_addr_be: u32::from_be_bytes(frontend.0).to_be(),
-                frontend_port_be: frontend.1.to_be(),
+                frontend_addr: frontend.0,
+                frontend_port: frontend.1,
                 rev_nat_id: 1,
             },
         )
