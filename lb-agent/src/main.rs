@@ -174,7 +174,7 @@ struct RunArgs {
     /// Size of the backends map.
     #[arg(long, default_value_t = DEFAULT_MAX_BACKENDS)]
     max_backends: u32,
-    /// Size of the conntrack LRU (two entries per flow).
+    /// Size of the conntrack table (two entries per flow; a full table drops new flows, counted).
     #[arg(long, default_value_t = DEFAULT_MAX_CT_ENTRIES)]
     max_conntrack: u32,
     /// Size of the session affinity table (clients × affinity frontends;

@@ -134,6 +134,20 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         config.datapath_log,
     )
     .context("loading the datapath")?;
+    let migration = crate::datapath::migrate::Migration::pending(&pin_dir);
+    if let Some(migration) = &migration {
+        let copied = migration
+            .adopt()
+            .context("migrating the pinned datapath from map layout v3")?;
+        info!(
+            service_entries = copied.service_entries,
+            flows = copied.flows,
+            affinity = copied.affinity,
+            sockets = copied.sockets,
+            skipped = copied.skipped,
+            "adopting a datapath of map layout v3: copied into v4; the old maps go once this run is attached and programmed"
+        );
+    }
     if config.datapath_log {
         loader::forward_debug_events(&mut ebpf).context("--datapath-log")?;
         info!("datapath debug events on (target `datapath`)");
@@ -177,6 +191,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         reconciler,
         conntrack,
         capacities,
+        migration,
         udp_resetter,
         metrics,
         change_seen: None,
@@ -256,6 +271,9 @@ struct Agent {
     conntrack: Conntrack,
     /// `max_entries` of each pinned map.
     capacities: std::collections::BTreeMap<&'static str, u32>,
+    /// A map layout v3 datapath being taken over (until this run is attached
+    /// and programmed).
+    migration: Option<crate::datapath::migrate::Migration>,
     udp_resetter: UdpResetter,
     metrics: Metrics,
     /// When the oldest change not yet written was seen.
@@ -379,7 +397,7 @@ impl Agent {
                 // This run's links are attached and its maps programmed:
                 // drop the links a previous run left pinned.
                 released_links = true;
-                let released = self.attacher.release_previous();
+                let released = self.release_previous_run();
                 if !released.is_empty() {
                     info!(links = ?released, "released links pinned by a previous run");
                 }
@@ -409,6 +427,30 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// Drops the links a previous run left pinned; after an upgrade, also
+    /// finishes the migration around it.
+    fn release_previous_run(&mut self) -> Vec<String> {
+        let attacher = &self.attacher;
+        let Some(migration) = self.migration.take() else {
+            return attacher.release_previous();
+        };
+        let (released, result) = migration.finish(|| attacher.release_previous());
+        match result {
+            Ok(copied) => info!(
+                flows = copied.flows,
+                affinity = copied.affinity,
+                sockets = copied.sockets,
+                skipped = copied.skipped,
+                "map layout v3 retired: flows its programs created meanwhile copied, its pins removed"
+            ),
+            Err(e) => {
+                self.metrics.error(ErrorKind::DatapathWrite);
+                error!("finishing the migration from map layout v3: {e}");
+            }
+        }
+        released
     }
 
     fn source_name(&self) -> String {

@@ -130,6 +130,27 @@ pub fn http_get(addr: SocketAddrV4) -> std::io::Result<String> {
     Ok(body.trim().to_owned())
 }
 
+/// `http_get` from a fixed source address and port.
+pub fn http_get_from(from: SocketAddrV4, addr: SocketAddrV4) -> std::io::Result<String> {
+    use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
+    use std::os::fd::AsRawFd as _;
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::empty(),
+        None,
+    )?;
+    bind(fd.as_raw_fd(), &SockaddrIn::from(from))?;
+    connect(fd.as_raw_fd(), &SockaddrIn::from(addr))?;
+    let mut stream = TcpStream::from(fd);
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    write!(stream, "GET / HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+    Ok(body.trim().to_owned())
+}
+
 /// One datagram from a new socket; returns the answer and who sent it.
 pub fn udp_query(addr: SocketAddrV4) -> std::io::Result<(String, SocketAddr)> {
     let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;

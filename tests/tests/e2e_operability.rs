@@ -11,7 +11,7 @@ use std::{
 use lb_tests::{
     metrics::{scrape, Scrape},
     require_root,
-    servers::http_get,
+    servers::{http_get, http_get_from},
     topology::{backend_ip, web_manifest, Agent, ScratchDir, Topology, VIP},
 };
 
@@ -334,34 +334,11 @@ fn inspect_json_matches_the_programmed_state_and_filters() {
 
 /// A TCP connection to VIP:80 from `CLIENT_IP:port`; the backend's name.
 fn http_from_port(port: u16) -> String {
-    use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
-    use std::io::{Read as _, Write as _};
-    let fd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::empty(),
-        None,
+    let body = http_get_from(
+        SocketAddrV4::new(lb_tests::topology::CLIENT_IP, port),
+        SocketAddrV4::new(VIP, 80),
     )
-    .unwrap();
-    let at = |a: SocketAddrV4| SockaddrIn::from(a);
-    bind(
-        std::os::fd::AsRawFd::as_raw_fd(&fd),
-        &at(SocketAddrV4::new(lb_tests::topology::CLIENT_IP, port)),
-    )
-    .unwrap();
-    connect(
-        std::os::fd::AsRawFd::as_raw_fd(&fd),
-        &at(SocketAddrV4::new(VIP, 80)),
-    )
-    .unwrap();
-    let mut stream = std::net::TcpStream::from(fd);
-    stream
-        .set_read_timeout(Some(Duration::from_secs(3)))
-        .unwrap();
-    write!(stream, "GET / HTTP/1.0\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+    .expect("HTTP from a fixed port");
     body.split_whitespace()
         .nth(1)
         .unwrap_or_default()

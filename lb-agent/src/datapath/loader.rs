@@ -204,9 +204,10 @@ pub fn program<'a>(
 
 /// A pinned map of another layout version would be silently ignored (its
 /// name differs) while its old program keeps running: refuse instead, with
-/// the way out.
+/// the way out. The previous version is migrated (`migrate`).
 fn refuse_other_layouts(dir: &Path) -> Result<(), LoadError> {
     let ours = format!("_v{MAP_LAYOUT_VERSION}");
+    let migrated = format!("_v{}", super::migrate::PREVIOUS_LAYOUT);
     let mut found = std::collections::BTreeSet::new();
     let mut names = Vec::new();
     for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
@@ -214,7 +215,7 @@ fn refuse_other_layouts(dir: &Path) -> Result<(), LoadError> {
         let Some((_, version)) = name.strip_prefix("lb_").and_then(|n| n.rsplit_once("_v")) else {
             continue;
         };
-        if !name.ends_with(&ours) && version.parse::<u32>().is_ok() {
+        if !name.ends_with(&ours) && !name.ends_with(&migrated) && version.parse::<u32>().is_ok() {
             found.insert(version.to_owned());
             names.push(name);
         }

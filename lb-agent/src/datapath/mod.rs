@@ -8,6 +8,7 @@ pub mod fake;
 pub mod fill;
 pub mod loader;
 pub mod maps;
+pub mod migrate;
 pub mod probe;
 pub mod udp_reset;
 

@@ -1,0 +1,323 @@
+//! Upgrading the agent across a map layout change. The previous layout's
+//! maps (v3) are written here byte for byte as a v3 agent pinned them (with
+//! bpftool, as an operator could); the agent must adopt them: a flow only
+//! the old conntrack table knew keeps its backend, and the old pins go.
+//! A layout it cannot migrate is refused before anything is attached.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    netns::NetNs,
+    require_root,
+    servers::{http_get, http_get_from, BackendServers},
+    topology::{backend_ip, web_manifest, Agent, ScratchDir, Topology, CLIENT_IP, VIP},
+};
+
+/// A pin directory removed whole on drop (declared before the agent, so it
+/// goes after it), whatever a failed test left in it.
+struct PinDir(PathBuf);
+
+impl PinDir {
+    fn new(name: &str) -> Self {
+        let dir = PathBuf::from(format!("/sys/fs/bpf/{name}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("pin dir");
+        Self(dir)
+    }
+
+    /// Pins a new map, as `bpftool map create` does.
+    fn create(&self, name: &str, kind: &str, key: usize, value: usize, entries: u32, flags: u32) {
+        bpftool(&[
+            "map",
+            "create",
+            &self.0.join(name).display().to_string(),
+            "type",
+            kind,
+            "key",
+            &key.to_string(),
+            "value",
+            &value.to_string(),
+            "entries",
+            &entries.to_string(),
+            "name",
+            name,
+            "flags",
+            &flags.to_string(),
+        ]);
+    }
+
+    fn update(&self, name: &str, key: &[u8], value: &[u8]) {
+        let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>();
+        let mut args = vec!["map".to_owned(), "update".into(), "pinned".into()];
+        args.push(self.0.join(name).display().to_string());
+        args.extend(["key".into(), "hex".into()]);
+        args.extend(hex(key));
+        args.extend(["value".into(), "hex".into()]);
+        args.extend(hex(value));
+        bpftool(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+
+    fn pins_ending(&self, suffix: &str) -> Vec<String> {
+        std::fs::read_dir(&self.0)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(suffix))
+            .collect()
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn bpftool(args: &[&str]) {
+    lb_tests::process::stdout_of(Command::new("bpftool").args(args));
+}
+
+/// The byte image of v3 entries: addresses and ports in network order,
+/// every other integer native.
+#[derive(Default)]
+struct Bytes(Vec<u8>);
+
+impl Bytes {
+    fn addr(mut self, ip: Ipv4Addr) -> Self {
+        self.0.extend(ip.octets());
+        self
+    }
+    fn port(mut self, port: u16) -> Self {
+        self.0.extend(port.to_be_bytes());
+        self
+    }
+    fn u8(mut self, v: u8) -> Self {
+        self.0.push(v);
+        self
+    }
+    fn u16(mut self, v: u16) -> Self {
+        self.0.extend(v.to_ne_bytes());
+        self
+    }
+    fn u32(mut self, v: u32) -> Self {
+        self.0.extend(v.to_ne_bytes());
+        self
+    }
+    fn u64(mut self, v: u64) -> Self {
+        self.0.extend(v.to_ne_bytes());
+        self
+    }
+    fn zeros(mut self, n: usize) -> Self {
+        self.0.extend(std::iter::repeat_n(0, n));
+        self
+    }
+}
+
+/// A v3 datapath as a v3 agent left it: `VIP:80/TCP` → `backend`:8080
+/// (backend id 1, rev-NAT id 1), one established flow from
+/// `CLIENT_IP:client_port` to it, and the counters map.
+fn pin_v3_datapath(pins: &PinDir, backend: Ipv4Addr, client_port: u16) {
+    const NO_PREALLOC: u32 = 1;
+    pins.create("lb_svc_v3", "hash", 12, 16, 1024, 0);
+    pins.create("lb_backend_v3", "hash", 4, 8, 1024, 0);
+    pins.create("lb_revnat_v3", "hash", 2, 136, 1024, NO_PREALLOC);
+    pins.create("lb_ct_v3", "hash", 16, 40, 1024, NO_PREALLOC);
+    pins.create("lb_stats_v3", "percpu_array", 4, 8, 25, 0);
+
+    let frontend = |slot: u16| {
+        Bytes::default()
+            .addr(VIP)
+            .port(80)
+            .u16(slot)
+            .u8(6)
+            .zeros(3)
+            .0
+    };
+    // Slot 0: count 1, rev-NAT id 1, flags SVC_FLAG_CLUSTER_IP.
+    let slot0 = Bytes::default().u32(0).u16(1).u16(1).u16(0).u16(1).u32(0).0;
+    pins.update("lb_svc_v3", &frontend(0), &slot0);
+    pins.update(
+        "lb_svc_v3",
+        &frontend(1),
+        &Bytes::default().u32(1).zeros(12).0,
+    );
+    let backend_value = Bytes::default().addr(backend).port(8080).u8(6).u8(0).0;
+    pins.update("lb_backend_v3", &Bytes::default().u32(1).0, &backend_value);
+    let mut owner = b"demo/web".to_vec();
+    owner.resize(128, 0);
+    let revnat = Bytes::default().addr(VIP).port(80).u8(6).u8(0).0;
+    pins.update(
+        "lb_revnat_v3",
+        &Bytes::default().u16(1).0,
+        &[revnat, owner].concat(),
+    );
+
+    let ct_key = |saddr, sport, daddr, dport, dir| {
+        Bytes::default()
+            .addr(saddr)
+            .addr(daddr)
+            .port(sport)
+            .port(dport)
+            .u8(6)
+            .u8(dir)
+            .zeros(2)
+            .0
+    };
+    let now = lb_agent::datapath::conntrack::monotonic_ns();
+    let ct_value = |src, sport, dst, dport| {
+        Bytes::default()
+            .addr(src)
+            .addr(dst)
+            .port(sport)
+            .port(dport)
+            .u16(1) // rev-NAT id
+            .u8(1) // CT_SEEN_REPLY: established
+            .u8(0)
+            .u32(1) // backend id
+            .u32(0)
+            .u64(now)
+            .u64(now + 3600 * 1_000_000_000)
+            .0
+    };
+    pins.update(
+        "lb_ct_v3",
+        &ct_key(CLIENT_IP, client_port, VIP, 80, 0),
+        &ct_value(CLIENT_IP, client_port, backend, 8080),
+    );
+    pins.update(
+        "lb_ct_v3",
+        &ct_key(backend, 8080, CLIENT_IP, client_port, 1),
+        &ct_value(VIP, 80, CLIENT_IP, client_port),
+    );
+}
+
+/// Polls `done` every 50 ms for up to `within`; whether it came true.
+fn wait_until(within: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while !done() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
+}
+
+fn backend_name(body: &str) -> String {
+    body.split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[test]
+fn upgrade_from_map_layout_v3_keeps_a_flow_only_the_old_table_knew() {
+    require_root();
+    const CLIENT_PORT: u16 = 40_000;
+    let topology = Topology::new("lbup", 3).expect("topology");
+    let _servers: Vec<BackendServers> = topology.serve_backends("be").expect("servers");
+    let manifests = ScratchDir::new("lbup-manifests").expect("scratch dir");
+    // The Service now has backends 0 and 1; the old datapath's flow went to 2.
+    manifests
+        .write(
+            "web.yaml",
+            &web_manifest(&[(backend_ip(0), true), (backend_ip(1), true)]),
+        )
+        .unwrap();
+    let pins = PinDir::new("lbup-test");
+    pin_v3_datapath(&pins, backend_ip(2), CLIENT_PORT);
+
+    let mut agent = Agent::start(
+        &topology.node,
+        &manifests.0,
+        &topology.interface_pattern(),
+        &pins.0,
+        &manifests.0.join("agent.log"),
+        &[],
+    )
+    .expect("agent");
+    agent
+        .wait_for_maps("the Service's current backends", |m| {
+            m.contains(&format!("{VIP}:80/TCP count=2"))
+        })
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(15), || pins
+            .pins_ending("_v3")
+            .is_empty()),
+        "the v3 pins stay: {:?}\n{}",
+        pins.pins_ending("_v3"),
+        agent.log_text()
+    );
+
+    // The old flow's next connection (a SYN on its established tuple)
+    // still reaches its backend, and the answers come back from the VIP.
+    let body = topology
+        .client
+        .run(|| {
+            http_get_from(
+                SocketAddrV4::new(CLIENT_IP, CLIENT_PORT),
+                SocketAddrV4::new(VIP, 80),
+            )
+        })
+        .expect("the migrated flow");
+    assert_eq!(backend_name(&body), "be2", "{body}");
+    // New flows go to the Service's current backends.
+    for _ in 0..6 {
+        let body = topology
+            .client
+            .run(|| http_get(SocketAddrV4::new(VIP, 80)))
+            .expect("a new flow");
+        assert!(
+            ["be0", "be1"].contains(&backend_name(&body).as_str()),
+            "{body}"
+        );
+    }
+}
+
+#[test]
+fn a_map_layout_it_cannot_migrate_is_refused_before_anything_is_attached() {
+    require_root();
+    let node = NetNs::new("lbup2-node").expect("netns");
+    let manifests = ScratchDir::new("lbup2-manifests").expect("scratch dir");
+    manifests.write("web.yaml", &web_manifest(&[])).unwrap();
+    let pins = PinDir::new("lbup2-test");
+    pins.create("lb_svc_v2", "hash", 12, 16, 16, 0);
+
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", node.path().display()))
+        .arg(lb_tests::topology::agent_binary())
+        .args(["run", "--manifests"])
+        .arg(&manifests.0)
+        .args([
+            "--interfaces",
+            "lo",
+            "--metrics-bind-address",
+            "",
+            "--pin-dir",
+        ])
+        .arg(&pins.0)
+        .output()
+        .expect("lb-agent");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    // The message names what it found and the command that recovers.
+    for needle in ["lb_svc_v2", &format!("rm -r {}", pins.0.display())] {
+        assert!(stderr.contains(needle), "no {needle:?} in: {stderr}");
+    }
+    assert_eq!(
+        pins.pins_ending("_v2"),
+        ["lb_svc_v2"],
+        "the old pin is kept"
+    );
+    assert!(
+        pins.pins_ending("_v4").is_empty() && !Path::new(&pins.0.join("links")).exists(),
+        "nothing created or attached"
+    );
+}
