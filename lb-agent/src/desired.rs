@@ -32,9 +32,22 @@ use crate::{
     },
 };
 
+/// Limits on what one Service may ask for, and how backends are chosen.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
     pub max_backends_per_service: usize,
+    pub lb_algorithm: LbAlgorithm,
+}
+
+/// How a new flow's backend is chosen (`--lb-algorithm`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LbAlgorithm {
+    /// A slot by flow hash modulo the backend count.
+    #[default]
+    Random,
+    /// The frontend's Maglev table; its size fixed, or (`None`) chosen per
+    /// frontend from its backend count (`maglev::auto_size`).
+    Maglev { table_size: Option<u32> },
 }
 
 impl Limits {
@@ -49,7 +62,15 @@ impl Limits {
         }
         Ok(Self {
             max_backends_per_service,
+            lb_algorithm: LbAlgorithm::Random,
         })
+    }
+
+    pub fn with_lb_algorithm(self, lb_algorithm: LbAlgorithm) -> Self {
+        Self {
+            lb_algorithm,
+            ..self
+        }
     }
 }
 
@@ -543,6 +564,25 @@ fn service_frontends(
             ));
             continue;
         }
+        let maglev_table_size = match limits.lb_algorithm {
+            LbAlgorithm::Maglev { table_size } if !backends.is_empty() => {
+                let size = table_size.unwrap_or_else(|| crate::maglev::auto_size(backends.len()));
+                if size as usize <= backends.len() {
+                    errors.push(ctx.error(
+                        InputErrorKind::OverLimit,
+                        "spec.ports",
+                        &format!(
+                            "port {:?} has {} endpoints, as many as --maglev-table-size {size} has entries",
+                            port.name,
+                            backends.len()
+                        ),
+                    ));
+                    continue;
+                }
+                size
+            }
+            _ => 0,
+        };
         let (backends, nodes, local_count) = local_first(backends, nodes, node.name.as_deref());
         let addresses = vips
             .iter()
@@ -573,6 +613,7 @@ fn service_frontends(
                     (Some(ranges), FrontendKind::LoadBalancer) => ranges.clone(),
                     _ => Vec::new(),
                 },
+                maglev_table_size,
             };
             frontends.push((frontend, spec));
         }

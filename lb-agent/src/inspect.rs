@@ -49,6 +49,7 @@ pub fn snapshot(pin_dir: &Path) -> anyhow::Result<Snapshot> {
         open_pinned(pin_dir, REVNAT_MAP)?,
         open_pinned(pin_dir, AFFINITY_MATCH_MAP)?,
         open_pinned(pin_dir, SOURCE_RANGE_MAP)?,
+        open_pinned(pin_dir, lb_common::maglev::MAGLEV_MAP)?,
         MapSizes::default().capacity(),
     )?;
     Ok(maps.snapshot()?)

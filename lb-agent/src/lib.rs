@@ -14,6 +14,7 @@ pub mod health;
 pub mod ids;
 pub mod inspect;
 pub mod k8s;
+pub mod maglev;
 pub mod manifest;
 pub mod metrics;
 pub mod model;

@@ -87,8 +87,8 @@ enum Command {
     Check {
         #[arg(long)]
         manifests: PathBuf,
-        #[arg(long, default_value_t = 4096)]
-        max_backends_per_service: usize,
+        #[command(flatten)]
+        limits: LimitArgs,
         /// As `run --max-service-slots`.
         #[arg(long, default_value_t = DEFAULT_MAX_SVC_ENTRIES)]
         max_service_slots: u32,
@@ -102,6 +102,46 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         node_address: Vec<std::net::Ipv4Addr>,
     },
+}
+
+/// What one Service may ask for, and how backends are picked (the same for
+/// `run` and `check`).
+#[derive(clap::Args)]
+struct LimitArgs {
+    /// Most endpoints one service port may have.
+    #[arg(long, default_value_t = 4096)]
+    max_backends_per_service: usize,
+    /// How a new flow's backend is picked: `random` (by flow hash among the
+    /// frontend's backends), or `maglev` (Maglev consistent hashing: every
+    /// node picks the same backend for a flow, and removing one of N
+    /// backends moves about 1/N of the flows that lost their conntrack
+    /// entry). Flows limited to local backends (traffic policy `Local`)
+    /// and socket LB pick at random either way.
+    #[arg(long, value_enum, default_value_t = LbAlgorithmArg::Random)]
+    lb_algorithm: LbAlgorithmArg,
+    /// Maglev table size M per frontend: `auto` (the smallest offered prime
+    /// ≥ 100 × the frontend's backends) or one of 251, 509, 1021, 2039,
+    /// 4093, 8191, 16381, 32749, 65521, 131071.
+    #[arg(long, default_value = "auto")]
+    maglev_table_size: String,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LbAlgorithmArg {
+    Random,
+    Maglev,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> anyhow::Result<Limits> {
+        let limits = Limits::new(self.max_backends_per_service).map_err(anyhow::Error::msg)?;
+        let table_size =
+            lb_agent::maglev::parse_size(&self.maglev_table_size).map_err(anyhow::Error::msg)?;
+        Ok(limits.with_lb_algorithm(match self.lb_algorithm {
+            LbAlgorithmArg::Random => desired::LbAlgorithm::Random,
+            LbAlgorithmArg::Maglev => desired::LbAlgorithm::Maglev { table_size },
+        }))
+    }
 }
 
 #[derive(clap::Args)]
@@ -185,9 +225,12 @@ struct RunArgs {
     /// load balancer IPs).
     #[arg(long, default_value_t = lb_common::source_range::DEFAULT_MAX_SOURCE_RANGES)]
     max_source_ranges: u32,
-    /// Most endpoints one service port may have.
-    #[arg(long, default_value_t = 4096)]
-    max_backends_per_service: usize,
+    #[command(flatten)]
+    limits: LimitArgs,
+    /// Size of the Maglev tables' map, in chunks of 256 entries (1 KiB);
+    /// a table of M entries takes ⌈M/256⌉, two while it is replaced.
+    #[arg(long, default_value_t = lb_common::maglev::DEFAULT_MAX_MAGLEV_CHUNKS)]
+    max_maglev_chunks: u32,
     /// On exit, leave the program attached and the maps pinned.
     #[arg(long)]
     keep_datapath: bool,
@@ -273,7 +316,7 @@ fn nanos(d: Duration) -> u64 {
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => {
-            let limits = Limits::new(args.max_backends_per_service).map_err(anyhow::Error::msg)?;
+            let limits = args.limits.limits()?;
             let source = match args.manifests {
                 Some(dir) => SourceConfig::Manifests(dir),
                 None => SourceConfig::Api {
@@ -319,6 +362,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     conntrack: args.max_conntrack,
                     affinity: args.max_affinity,
                     source_ranges: args.max_source_ranges,
+                    maglev_chunks: args.max_maglev_chunks,
                 },
                 limits,
                 keep_datapath: args.keep_datapath,
@@ -392,13 +436,13 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Check {
             manifests,
-            max_backends_per_service,
+            limits,
             max_service_slots,
             max_backends,
             node_name,
             node_address,
         } => {
-            let limits = Limits::new(max_backends_per_service).map_err(anyhow::Error::msg)?;
+            let limits = limits.limits()?;
             let mut dir = manifest::ManifestDir::new(&manifests);
             let mut errors = dir.poll()?.unwrap_or_default().errors;
             let objects = dir.objects();

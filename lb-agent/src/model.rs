@@ -153,11 +153,20 @@ pub struct FrontendSpec {
     /// `loadBalancerSourceRanges` (load balancer IPs only; with
     /// `SVC_FLAG_SOURCE_RANGES` set, an empty list admits nobody).
     pub source_ranges: Vec<ipnet::Ipv4Net>,
+    /// The size of the frontend's Maglev table (`--lb-algorithm maglev`);
+    /// 0: slots are picked by flow hash modulo their count.
+    pub maglev_table_size: u32,
 }
 
 impl FrontendSpec {
-    /// Slot 0's flags: the kind and the policies.
+    /// Slot 0's flags: the kind and the policies (the current Maglev
+    /// table's bit is the reconciler's).
     pub fn flags(&self) -> u16 {
-        self.kind.flag() | self.policy_flags
+        let maglev = if self.maglev_table_size > 0 {
+            lb_common::svc::SVC_FLAG_MAGLEV
+        } else {
+            0
+        };
+        self.kind.flag() | self.policy_flags | maglev
     }
 }

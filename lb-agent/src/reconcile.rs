@@ -10,16 +10,22 @@
 //! backends → slots 1..N → reverse NAT → slot 0 (count) last; when the count
 //! shrinks (judged against the count slot 0 really holds), slot 0 first,
 //! then the tail slots are deleted. Removed frontends lose slot 0 first.
+//! A Maglev frontend's new table is written into its other table before
+//! slot 0 switches to it; the old one is deleted after.
 //! Backends no slot refers to are deleted last. When one write of a frontend
 //! fails, its later writes are skipped (they depend on the earlier ones).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
+    sync::Arc,
 };
 
 use ipnet::Ipv4Net;
-use lb_common::svc::{SvcValue, SVC_FLAG_AFFINITY};
+use lb_common::{
+    maglev::MAGLEV_REMOTE,
+    svc::{SvcValue, SVC_FLAG_AFFINITY, SVC_FLAG_MAGLEV, SVC_FLAG_MAGLEV_TABLE_1},
+};
 
 use crate::{
     datapath::maps::{LbMaps, MapWriteError},
@@ -86,6 +92,20 @@ pub enum Op {
         rev_nat_id: u16,
         backend_id: u32,
     },
+    /// Fills Maglev table `table` (0 or 1) of the frontend.
+    PutMaglev {
+        frontend: L4Addr,
+        rev_nat_id: u16,
+        table: u16,
+        entries: Arc<[u32]>,
+    },
+    /// `frontend` is `None` for a table no frontend owns.
+    DeleteMaglev {
+        frontend: Option<L4Addr>,
+        rev_nat_id: u16,
+        table: u16,
+        chunks: u32,
+    },
 }
 
 impl fmt::Display for Op {
@@ -130,6 +150,19 @@ impl fmt::Display for Op {
             Op::DeleteSourceRange {
                 rev_nat_id, range, ..
             } => write!(f, "del source range {rev_nat_id}/{range}"),
+            Op::PutMaglev {
+                rev_nat_id,
+                table,
+                entries,
+                ..
+            } => write!(
+                f,
+                "put maglev {rev_nat_id}/{table} entries={}",
+                entries.len()
+            ),
+            Op::DeleteMaglev {
+                rev_nat_id, table, ..
+            } => write!(f, "del maglev {rev_nat_id}/{table}"),
         }
     }
 }
@@ -181,6 +214,7 @@ pub struct MapFill {
     pub revnat: usize,
     pub affinity_matches: usize,
     pub source_ranges: usize,
+    pub maglev_chunks: usize,
 }
 
 /// A backend in the map and how many slots refer to it.
@@ -206,6 +240,9 @@ struct Written {
     affinity: BTreeMap<u32, bool>,
     /// Source-range entries.
     source_ranges: BTreeSet<Ipv4Net>,
+    /// What Maglev tables 0 and 1 hold (a table read back at restore is
+    /// padded to whole chunks).
+    maglev: [Option<Arc<[u32]>>; 2],
 }
 
 /// A write that failed, and what it was for.
@@ -305,6 +342,9 @@ pub struct Reconciler<M> {
     orphan_affinity: BTreeSet<(u16, u32)>,
     /// Source-range entries present in the map that no frontend owns.
     orphan_ranges: BTreeSet<(u16, Ipv4Net)>,
+    /// Maglev tables present in the map that no frontend owns, and their
+    /// chunks.
+    orphan_maglev: BTreeMap<(u16, u16), u32>,
     /// The ids no slot refers to (by the entries' reference counts):
     /// pruning costs what changed, not every backend.
     unreferenced: BTreeSet<u32>,
@@ -368,6 +408,20 @@ impl<M: LbMaps> Reconciler<M> {
                 }
             }
         }
+        let mut orphan_maglev = BTreeMap::new();
+        for ((rev_nat_id, table), entries) in &snapshot.maglev {
+            match by_rev_nat.get(rev_nat_id).and_then(|f| written.get_mut(f)) {
+                Some(w) if *table < 2 => {
+                    w.maglev[usize::from(*table)] = Some(entries.as_slice().into());
+                }
+                _ => {
+                    orphan_maglev.insert(
+                        (*rev_nat_id, *table),
+                        crate::datapath::maps::maglev_chunks(entries.len()),
+                    );
+                }
+            }
+        }
         let mut backends = BTreeMap::new();
         for (id, addr) in &snapshot.backends {
             backends.entry(*addr).or_insert(*id);
@@ -403,7 +457,17 @@ impl<M: LbMaps> Reconciler<M> {
                 )
             })
             .collect();
-        for id in written.values().flat_map(|w| w.slots.ids()) {
+        // Slots and Maglev tables refer to backends: a backend is pruned
+        // only when neither does.
+        let table_ids = written
+            .values()
+            .flat_map(|w| w.maglev.iter().flatten())
+            .flat_map(|t| maglev_backend_ids(t));
+        for id in written
+            .values()
+            .flat_map(|w| w.slots.ids())
+            .chain(table_ids)
+        {
             if let Some(entry) = backend_entries.get_mut(&id) {
                 entry.refs += 1;
             }
@@ -425,6 +489,7 @@ impl<M: LbMaps> Reconciler<M> {
             orphan_revnat,
             orphan_affinity,
             orphan_ranges,
+            orphan_maglev,
             pending: false,
         })
     }
@@ -456,6 +521,7 @@ impl<M: LbMaps> Reconciler<M> {
             revnat: self.orphan_revnat.len(),
             affinity_matches: self.orphan_affinity.len(),
             source_ranges: self.orphan_ranges.len(),
+            maglev_chunks: self.orphan_maglev.values().map(|c| *c as usize).sum(),
             ..MapFill::default()
         };
         for w in self.written.values() {
@@ -466,6 +532,12 @@ impl<M: LbMaps> Reconciler<M> {
             fill.revnat += usize::from(w.rev_nat_id.is_some());
             fill.affinity_matches += w.affinity.len();
             fill.source_ranges += w.source_ranges.len();
+            fill.maglev_chunks += w
+                .maglev
+                .iter()
+                .flatten()
+                .map(|t| crate::datapath::maps::maglev_chunks(t.len()) as usize)
+                .sum::<usize>();
         }
         fill
     }
@@ -543,6 +615,7 @@ impl<M: LbMaps> Reconciler<M> {
                 rev_nat_id: w.rev_nat_id.unwrap_or(0),
                 range: *range,
             }));
+            ops.extend(delete_maglev_tables(*frontend, w, [0, 1]));
             if let Some(id) = w.rev_nat_id {
                 ops.push(Op::DeleteRevNat { id });
             }
@@ -581,7 +654,9 @@ impl<M: LbMaps> Reconciler<M> {
                 rev_nat_id,
                 flags: spec.flags(),
                 affinity_timeout_s: spec.affinity_timeout_s.unwrap_or(0),
+                maglev_table_size: spec.maglev_table_size,
             };
+            let maglev = (spec.maglev_table_size > 0).then(|| maglev_entries(spec, &ids));
             let ops = plan_frontend(
                 *frontend,
                 current.unwrap_or(&empty),
@@ -589,6 +664,7 @@ impl<M: LbMaps> Reconciler<M> {
                 &spec.service,
                 &ids,
                 &spec.source_ranges,
+                maglev,
             );
             if ops.is_empty() {
                 plan.unchanged += 1;
@@ -625,6 +701,16 @@ impl<M: LbMaps> Reconciler<M> {
                             range: *range,
                         }
                     }))
+                    .chain(
+                        self.orphan_maglev
+                            .iter()
+                            .map(|((rev_nat_id, table), chunks)| Op::DeleteMaglev {
+                                frontend: None,
+                                rev_nat_id: *rev_nat_id,
+                                table: *table,
+                                chunks: *chunks,
+                            }),
+                    )
                     .chain(
                         self.orphan_revnat
                             .iter()
@@ -927,6 +1013,40 @@ impl<M: LbMaps> Reconciler<M> {
                     }
                 }
             }
+            Op::PutMaglev {
+                frontend,
+                rev_nat_id,
+                table,
+                entries,
+            } => {
+                self.maps.put_maglev_table(*rev_nat_id, *table, entries)?;
+                let old =
+                    self.entry(*frontend).maglev[usize::from(*table)].replace(entries.clone());
+                maglev_backend_ids(entries).for_each(|id| self.add_ref(id));
+                old.iter()
+                    .flat_map(|t| maglev_backend_ids(t))
+                    .for_each(|id| self.drop_ref(id));
+            }
+            Op::DeleteMaglev {
+                frontend,
+                rev_nat_id,
+                table,
+                chunks,
+            } => {
+                self.maps
+                    .delete_maglev_table(*rev_nat_id, *table, *chunks)?;
+                match frontend.and_then(|f| self.written.get_mut(&f)) {
+                    Some(w) => {
+                        let old = w.maglev[usize::from(*table)].take();
+                        old.iter()
+                            .flat_map(|t| maglev_backend_ids(t))
+                            .for_each(|id| self.drop_ref(id));
+                    }
+                    None => {
+                        self.orphan_maglev.remove(&(*rev_nat_id, *table));
+                    }
+                }
+            }
             Op::DeleteBackend { id } => {
                 self.maps.delete_backend(*id)?;
                 self.unreferenced.remove(id);
@@ -962,19 +1082,95 @@ impl<M: LbMaps> Reconciler<M> {
     }
 }
 
+/// The Maglev table of a frontend: each entry's backend id, flagged
+/// `MAGLEV_REMOTE` when the backend runs on another node.
+fn maglev_entries(spec: &crate::model::FrontendSpec, ids: &[u32]) -> Arc<[u32]> {
+    crate::maglev::populate(&spec.backends, spec.maglev_table_size)
+        .into_iter()
+        .map(|i| {
+            let i = i as usize;
+            ids[i]
+                | if i >= spec.local_count {
+                    MAGLEV_REMOTE
+                } else {
+                    0
+                }
+        })
+        .collect()
+}
+
+/// The distinct backend ids a Maglev table leads to.
+fn maglev_backend_ids(table: &[u32]) -> impl Iterator<Item = u32> {
+    table
+        .iter()
+        .map(|e| e & !MAGLEV_REMOTE)
+        .filter(|id| *id != 0)
+        .collect::<BTreeSet<u32>>()
+        .into_iter()
+}
+
+/// Which Maglev table a head names.
+fn maglev_table(head: &SvcValue) -> u16 {
+    u16::from(head.flags & SVC_FLAG_MAGLEV_TABLE_1 != 0)
+}
+
+/// Deletes those of `tables` the frontend has.
+fn delete_maglev_tables(
+    frontend: L4Addr,
+    current: &Written,
+    tables: impl IntoIterator<Item = u16>,
+) -> Vec<Op> {
+    tables
+        .into_iter()
+        .filter_map(|table| {
+            let entries = current.maglev[usize::from(table)].as_ref()?;
+            Some(Op::DeleteMaglev {
+                frontend: Some(frontend),
+                rev_nat_id: current.rev_nat_id?,
+                table,
+                chunks: crate::datapath::maps::maglev_chunks(entries.len()),
+            })
+        })
+        .collect()
+}
+
 /// The ordered writes that turn `current` into `ids` behind `frontend`.
 /// A count (or local count) that shrinks is published first, at the
 /// smaller of old and new, so no packet picks a slot while it is rewritten
-/// for another role; the final head goes last, after its slots.
+/// for another role; the final head goes last, after its slots. A changed
+/// Maglev table is written into the table the head does not name, the
+/// head then switches to it, and the old table goes.
+#[allow(clippy::too_many_arguments)]
 fn plan_frontend(
     frontend: L4Addr,
     current: &Written,
-    target: SvcValue,
+    mut target: SvcValue,
     owner: &ServiceName,
     ids: &[u32],
     source_ranges: &[Ipv4Net],
+    maglev: Option<Arc<[u32]>>,
 ) -> Vec<Op> {
     let mut ops = Vec::new();
+    let holds = |table: u16, entries: &[u32]| {
+        current.maglev[usize::from(table)]
+            .as_ref()
+            .is_some_and(|held| held.len() >= entries.len() && held[..entries.len()] == *entries)
+    };
+    let live_table = current
+        .head
+        .filter(|h| h.flags & SVC_FLAG_MAGLEV != 0)
+        .map(|h| maglev_table(&h));
+    let maglev_write = maglev.map(|entries| {
+        let table = match live_table {
+            Some(t) if holds(t, &entries) => t,
+            Some(t) => 1 - t,
+            None => 0,
+        };
+        if table == 1 {
+            target.flags |= SVC_FLAG_MAGLEV_TABLE_1;
+        }
+        (table, entries)
+    });
     // Affinity may lead only to current backends: a leaving backend's match
     // goes first, an arriving one's after its slot.
     let affinity: BTreeMap<u32, bool> = if target.flags & SVC_FLAG_AFFINITY != 0 {
@@ -999,10 +1195,11 @@ fn plan_frontend(
     let mut published = current.head;
     if let Some(head) = current.head {
         if target.count < head.count || target.local_count < head.local_count {
+            // Otherwise as published: its Maglev table stays until the end.
             let interim = SvcValue {
                 count: target.count.min(head.count),
                 local_count: target.local_count.min(head.local_count),
-                ..target
+                ..head
             };
             ops.push(Op::PutCount {
                 frontend,
@@ -1054,12 +1251,31 @@ fn plan_frontend(
                 range: *range,
             }),
     );
+    let kept_table = match &maglev_write {
+        Some((table, entries)) => {
+            if !holds(*table, entries) {
+                ops.push(Op::PutMaglev {
+                    frontend,
+                    rev_nat_id: target.rev_nat_id,
+                    table: *table,
+                    entries: entries.clone(),
+                });
+            }
+            Some(*table)
+        }
+        None => None,
+    };
     if published != Some(target) {
         ops.push(Op::PutCount {
             frontend,
             head: target,
         });
     }
+    ops.extend(delete_maglev_tables(
+        frontend,
+        current,
+        [0, 1].into_iter().filter(|t| Some(*t) != kept_table),
+    ));
     ops.extend(
         current
             .source_ranges

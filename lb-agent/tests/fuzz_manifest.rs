@@ -145,6 +145,7 @@ fn check_text(text: &str) -> Result<(), TestCaseError> {
         &objects,
         Limits {
             max_backends_per_service: 8,
+            lb_algorithm: lb_agent::desired::LbAlgorithm::Random,
         },
         NodeContext {
             name: Some("node-1".into()),

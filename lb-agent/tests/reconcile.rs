@@ -13,6 +13,7 @@ use lb_agent::{
 
 const LIMITS: Limits = Limits {
     max_backends_per_service: 16,
+    lb_algorithm: lb_agent::desired::LbAlgorithm::Random,
 };
 
 fn service(name: &str, vip: &str, backends: &[&str]) -> String {
@@ -32,10 +33,19 @@ fn service(name: &str, vip: &str, backends: &[&str]) -> String {
     )
 }
 
+const MAGLEV: Limits = Limits {
+    lb_algorithm: lb_agent::desired::LbAlgorithm::Maglev { table_size: None },
+    ..LIMITS
+};
+
 fn desired_of(yaml: &str) -> Desired {
+    desired_with(yaml, LIMITS)
+}
+
+fn desired_with(yaml: &str, limits: Limits) -> Desired {
     let (objects, errors) = manifest::parse_str(yaml, None).unwrap();
     assert!(errors.is_empty(), "{errors:?}");
-    desired::compute(&objects, LIMITS, Default::default()).0
+    desired::compute(&objects, limits, Default::default()).0
 }
 
 fn reconciler() -> Reconciler<FakeMaps> {
@@ -308,6 +318,16 @@ fn endpoint_node_names_are_kept() {
 /// slots or backends are not written, and the retry converges.
 #[test]
 fn a_failed_write_at_any_point_keeps_the_order_and_the_retry_converges() {
+    failed_writes_converge(LIMITS);
+}
+
+#[test]
+fn a_failed_write_at_any_point_keeps_a_maglev_table_whole_and_the_retry_converges() {
+    failed_writes_converge(MAGLEV);
+}
+
+fn failed_writes_converge(limits: Limits) {
+    let desired_of = |yaml: &str| desired_with(yaml, limits);
     let sets: [&[&str]; 4] = [
         &["198.18.0.1", "198.18.0.2"],
         &["198.18.0.1", "198.18.0.2", "198.18.0.3", "198.18.0.4"],
@@ -316,7 +336,7 @@ fn a_failed_write_at_any_point_keeps_the_order_and_the_retry_converges() {
     ];
     for from in sets {
         for to in sets {
-            for k in 0..12 {
+            for k in 0..16 {
                 let mut r = reconciler();
                 r.apply(&desired_of(&service("a", "198.19.0.1", from)));
                 let target = desired_of(&service("a", "198.19.0.1", to));
@@ -675,4 +695,121 @@ fn affinity_matches_follow_the_current_backends() {
     take_log(&mut restarted);
     let report = restarted.apply(&desired_on_node_a(&placed_service(true, &two)));
     assert_eq!(take_log(&mut restarted), Vec::<String>::new(), "{report:?}");
+}
+
+#[test]
+fn a_maglev_table_is_written_before_the_head_names_it_and_replaced_whole() {
+    let mut r = reconciler();
+    let two = desired_with(
+        &service("a", "198.19.0.1", &["198.18.0.1", "198.18.0.2"]),
+        MAGLEV,
+    );
+    r.apply(&two);
+    assert_eq!(
+        take_log(&mut r),
+        [
+            "put backend 1 198.18.0.1:8080/TCP",
+            "put backend 2 198.18.0.2:8080/TCP",
+            "put slot 198.19.0.1:80/TCP#1 backend=1",
+            "put slot 198.19.0.1:80/TCP#2 backend=2",
+            "put revnat 1 198.19.0.1:80/TCP",
+            "put maglev 1/0 entries=251",
+            "put slot 198.19.0.1:80/TCP#0 count=2 local=0 flags=0x101",
+        ]
+    );
+    // Each entry names one of the two backends; neither runs on this node.
+    let table = &r.maps().state.maglev[&(1, 0)];
+    let remote = lb_common::maglev::MAGLEV_REMOTE;
+    let shares = [1u32, 2].map(|id| table[..251].iter().filter(|e| **e == id | remote).count());
+    assert_eq!(shares.iter().sum::<usize>(), 251);
+    assert!(shares.iter().all(|n| (125..=126).contains(n)), "{shares:?}");
+
+    let three = desired_with(
+        &service(
+            "a",
+            "198.19.0.1",
+            &["198.18.0.1", "198.18.0.2", "198.18.0.3"],
+        ),
+        MAGLEV,
+    );
+    r.apply(&three);
+    assert_eq!(
+        take_log(&mut r),
+        [
+            "put backend 3 198.18.0.3:8080/TCP",
+            "put slot 198.19.0.1:80/TCP#3 backend=3",
+            "put maglev 1/1 entries=509",
+            "put slot 198.19.0.1:80/TCP#0 count=3 local=0 flags=0x301",
+            "del maglev 1/0",
+        ],
+        "the other table, then the switch, then the old table"
+    );
+    assert_eq!(r.maps().violations, Vec::<String>::new());
+    assert_eq!(r.apply(&three).unchanged, 1);
+
+    // A restarted agent reads the table back and rewrites nothing.
+    let maps = std::mem::replace(r.maps_mut(), FakeMaps::new(1024, 1024));
+    let mut restarted = Reconciler::restore(maps, 1024).unwrap();
+    assert_eq!(restarted.apply(&three).unchanged, 1);
+    assert!(take_log(&mut restarted).is_empty());
+
+    // Back to random: the head stops naming a table, then it goes.
+    restarted.apply(&desired_of(&service(
+        "a",
+        "198.19.0.1",
+        &["198.18.0.1", "198.18.0.2", "198.18.0.3"],
+    )));
+    assert_eq!(
+        take_log(&mut restarted),
+        [
+            "put slot 198.19.0.1:80/TCP#0 count=3 local=0 flags=0x1",
+            "del maglev 1/1",
+        ]
+    );
+    assert!(restarted.maps().state.maglev.is_empty());
+}
+
+#[test]
+fn a_removed_maglev_frontend_loses_its_head_first_then_its_table() {
+    let mut r = reconciler();
+    r.apply(&desired_with(
+        &service("a", "198.19.0.1", &["198.18.0.1"]),
+        MAGLEV,
+    ));
+    take_log(&mut r);
+    r.apply(&desired_with("", MAGLEV));
+    assert_eq!(
+        take_log(&mut r),
+        [
+            "del slot 198.19.0.1:80/TCP#0",
+            "del slot 198.19.0.1:80/TCP#1",
+            "del maglev 1/0",
+            "del revnat 1",
+            "del backend 1",
+        ]
+    );
+    assert_eq!(r.maps().violations, Vec::<String>::new());
+}
+
+#[test]
+fn a_fixed_maglev_table_smaller_than_the_backends_is_refused_for_that_service() {
+    let limits = Limits {
+        lb_algorithm: lb_agent::desired::LbAlgorithm::Maglev {
+            table_size: Some(251),
+        },
+        max_backends_per_service: 300,
+    };
+    let backends: Vec<String> = (0..251)
+        .map(|i| format!("198.18.{}.{}", i / 200, 1 + i % 200))
+        .collect();
+    let refs: Vec<&str> = backends.iter().map(String::as_str).collect();
+    let (objects, _) = manifest::parse_str(&service("big", "198.19.0.1", &refs), None).unwrap();
+    let (desired, errors) = desired::compute(&objects, limits, Default::default());
+    assert!(desired.frontends.is_empty());
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    let message = errors[0].to_string();
+    assert!(
+        message.contains("t/big") && message.contains("--maglev-table-size 251"),
+        "{message}"
+    );
 }

@@ -40,6 +40,9 @@ pub struct SvcValue {
     pub flags: u16,
     /// Slot 0: session affinity timeout (seconds) when `SVC_FLAG_AFFINITY`.
     pub affinity_timeout_s: u32,
+    /// Slot 0 with `SVC_FLAG_MAGLEV`: the size M (a prime) of the frontend's
+    /// Maglev lookup table in `lb_maglev_v4`.
+    pub maglev_table_size: u32,
 }
 
 /// `SvcValue::flags`: the frontend's kind (one of these four)…
@@ -56,6 +59,13 @@ pub const SVC_FLAG_INTERNAL_LOCAL: u16 = 1 << 5;
 pub const SVC_FLAG_AFFINITY: u16 = 1 << 6;
 /// `loadBalancerSourceRanges` apply (checked in the source-range map).
 pub const SVC_FLAG_SOURCE_RANGES: u16 = 1 << 7;
+/// New flows pick their backend in the frontend's Maglev table
+/// (`--lb-algorithm maglev`), except those limited to local backends.
+pub const SVC_FLAG_MAGLEV: u16 = 1 << 8;
+/// Which of the frontend's two Maglev tables is current: set, table 1.
+/// The agent fills the other one, then flips this bit with the rest of
+/// slot 0, so no packet sees a half-written table.
+pub const SVC_FLAG_MAGLEV_TABLE_1: u16 = 1 << 9;
 
 /// Kinds reached from outside the cluster (subject to `externalTrafficPolicy`).
 pub const SVC_FLAGS_EXTERNAL: u16 =
@@ -75,6 +85,6 @@ impl SvcKey {
 
 const _: () = assert!(core::mem::size_of::<SvcKey>() == 12 && core::mem::align_of::<SvcKey>() == 4);
 const _: () =
-    assert!(core::mem::size_of::<SvcValue>() == 16 && core::mem::align_of::<SvcValue>() == 4);
+    assert!(core::mem::size_of::<SvcValue>() == 20 && core::mem::align_of::<SvcValue>() == 4);
 
 user_pod!(SvcKey, SvcValue);

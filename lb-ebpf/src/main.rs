@@ -11,6 +11,7 @@ mod affinity;
 mod csum;
 mod ct;
 mod icmp;
+mod maglev;
 mod maps;
 mod nat;
 mod parse;
@@ -34,7 +35,7 @@ use lb_common::{
     stats::Stat,
     svc::{
         SVC_FLAGS_EXTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_EXTERNAL_LOCAL, SVC_FLAG_INTERNAL_LOCAL,
-        SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
+        SVC_FLAG_MAGLEV, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
     },
 };
 
@@ -195,6 +196,12 @@ fn ingress<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
     };
     let (backend_id, remote) = match remembered {
         Some(choice) => choice,
+        None if svc.flags & SVC_FLAG_MAGLEV != 0 && !local_only => {
+            let Some(choice) = maglev::pick(&svc, hash) else {
+                return Outcome::drop(Stat::DropBackendMissing);
+            };
+            choice
+        }
         None => {
             // A slot by flow hash, so a lost conntrack entry still maps a
             // flow to the same backend while the backend set is unchanged.

@@ -11,6 +11,7 @@ use lb_common::{
     backend::Backend,
     config::NodeConfig,
     ct::{CtKey, CtValue},
+    maglev::{MaglevChunk, MaglevKey},
     revnat::RevNat,
     sock::{SockRevNatKey, SockRevNatValue},
     source_range::SourceRangeKey,
@@ -62,6 +63,11 @@ pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8, 16_384, { BPF_F_NO_PREALLO
 /// to (for getpeername and recvmsg). An LRU: entries of closed sockets age out.
 #[btf_map(name = "lb_sock_rnat_v4")]
 pub static SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue, 262_144> = LruHashMap::new();
+
+/// Maglev lookup tables, in 1 KiB chunks (see `lb_common::maglev`).
+#[btf_map(name = "lb_maglev_v4")]
+pub static MAGLEV: HashMap<MaglevKey, MaglevChunk, 65_536, { BPF_F_NO_PREALLOC as usize }> =
+    HashMap::new();
 
 /// Per-CPU scratch for `bpf_fib_lookup`'s parameters (64 bytes), kept off
 /// the 512-byte stack. Not pinned: each loaded program has its own.

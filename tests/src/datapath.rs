@@ -68,6 +68,7 @@ impl Harness {
             &objects,
             Limits {
                 max_backends_per_service: 64,
+                lb_algorithm: lb_agent::desired::LbAlgorithm::Random,
             },
             self.node.clone(),
         );

@@ -3,7 +3,7 @@
 
 use super::maps::{LbMaps, MapWriteError, RevNatEntry, Snapshot};
 use crate::model::{L4Addr, ServiceName};
-use lb_common::svc::SvcValue;
+use lb_common::svc::{SvcValue, SVC_FLAG_MAGLEV, SVC_FLAG_MAGLEV_TABLE_1};
 
 #[derive(Debug)]
 pub struct FakeMaps {
@@ -38,11 +38,31 @@ impl FakeMaps {
     }
 
     /// Checks what a packet may see after each write: every frontend with
-    /// a slot 0 has slots 1..=count, each naming an existing backend.
+    /// a slot 0 has slots 1..=count, each naming an existing backend, and
+    /// its current Maglev table, if it has one, is whole and names existing
+    /// backends.
     fn check(&mut self, after: &str) {
         for ((frontend, slot), value) in &self.state.slots {
             if *slot != 0 {
                 continue;
+            }
+            if value.flags & SVC_FLAG_MAGLEV != 0 {
+                let table = u16::from(value.flags & SVC_FLAG_MAGLEV_TABLE_1 != 0);
+                let entries = self.state.maglev.get(&(value.rev_nat_id, table));
+                let whole = entries.is_some_and(|e| {
+                    e.len() >= value.maglev_table_size as usize
+                        && e[..value.maglev_table_size as usize].iter().all(|id| {
+                            self.state
+                                .backends
+                                .contains_key(&(id & !lb_common::maglev::MAGLEV_REMOTE))
+                        })
+                });
+                if !whole {
+                    self.violations.push(format!(
+                        "after `{after}`: {frontend} publishes Maglev table {table} of {} entries, missing or dangling",
+                        value.maglev_table_size
+                    ));
+                }
             }
             if value.local_count > value.count {
                 self.violations.push(format!(
@@ -217,6 +237,39 @@ impl LbMaps for FakeMaps {
     ) -> Result<(), MapWriteError> {
         self.record(format!("del source range {rev_nat_id}/{range}"))?;
         self.state.source_ranges.remove(&(rev_nat_id, range));
+        Ok(())
+    }
+
+    fn put_maglev_table(
+        &mut self,
+        rev_nat_id: u16,
+        table: u16,
+        entries: &[u32],
+    ) -> Result<(), MapWriteError> {
+        self.record(format!(
+            "put maglev {rev_nat_id}/{table} entries={}",
+            entries.len()
+        ))?;
+        let mut padded = entries.to_vec();
+        padded.resize(
+            super::maps::maglev_chunks(entries.len()) as usize
+                * lb_common::maglev::MAGLEV_CHUNK as usize,
+            0,
+        );
+        self.state.maglev.insert((rev_nat_id, table), padded);
+        self.check(&format!("put maglev {rev_nat_id}/{table}"));
+        Ok(())
+    }
+
+    fn delete_maglev_table(
+        &mut self,
+        rev_nat_id: u16,
+        table: u16,
+        _chunks: u32,
+    ) -> Result<(), MapWriteError> {
+        self.record(format!("del maglev {rev_nat_id}/{table}"))?;
+        self.state.maglev.remove(&(rev_nat_id, table));
+        self.check(&format!("del maglev {rev_nat_id}/{table}"));
         Ok(())
     }
 

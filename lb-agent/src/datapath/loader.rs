@@ -15,6 +15,7 @@ use lb_common::{
     backend::BACKEND_MAP,
     config::{NodeConfig, CONFIG_MAP},
     ct::{CtTimeouts, CT_MAP},
+    maglev::MAGLEV_MAP,
     revnat::REVNAT_MAP,
     sock::SOCK_REVNAT_MAP,
     source_range::SOURCE_RANGE_MAP,
@@ -31,7 +32,8 @@ use super::{
 };
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
-pub const ALL_MAPS: [&str; 10] = [
+pub const ALL_MAPS: [&str; 11] = [
+    MAGLEV_MAP,
     SOCK_REVNAT_MAP,
     SOURCE_RANGE_MAP,
     SVC_MAP,
@@ -76,6 +78,8 @@ pub struct MapSizes {
     pub affinity: u32,
     /// `loadBalancerSourceRanges` prefixes over all load balancer IPs.
     pub source_ranges: u32,
+    /// Maglev table chunks (256 entries, 1 KiB each) over all frontends.
+    pub maglev_chunks: u32,
 }
 
 impl MapSizes {
@@ -85,6 +89,7 @@ impl MapSizes {
             backends: self.backends,
             revnat: u16::MAX as u32 + 1,
             source_ranges: self.source_ranges,
+            maglev_chunks: self.maglev_chunks,
         }
     }
 }
@@ -97,6 +102,7 @@ impl Default for MapSizes {
             conntrack: lb_common::ct::DEFAULT_MAX_CT_ENTRIES,
             affinity: lb_common::affinity::DEFAULT_MAX_AFFINITY_ENTRIES,
             source_ranges: lb_common::source_range::DEFAULT_MAX_SOURCE_RANGES,
+            maglev_chunks: lb_common::maglev::DEFAULT_MAX_MAGLEV_CHUNKS,
         }
     }
 }
@@ -135,6 +141,7 @@ pub fn load_with_log(
         .map_max_entries(AFFINITY_MAP, sizes.affinity)
         .map_max_entries(AFFINITY_MATCH_MAP, sizes.service_slots)
         .map_max_entries(SOURCE_RANGE_MAP, sizes.source_ranges)
+        .map_max_entries(MAGLEV_MAP, sizes.maglev_chunks)
         .override_global("CT_TIMEOUTS", timeouts, true);
     if let Some(dir) = pin_dir {
         ensure_bpffs_dir(dir)?;
@@ -175,6 +182,7 @@ fn warn_on_resized_pins(ebpf: &Ebpf, sizes: MapSizes) {
         (CT_MAP, "--max-conntrack", sizes.conntrack),
         (AFFINITY_MAP, "--max-affinity", sizes.affinity),
         (SOURCE_RANGE_MAP, "--max-source-ranges", sizes.source_ranges),
+        (MAGLEV_MAP, "--max-maglev-chunks", sizes.maglev_chunks),
     ] {
         let data = match ebpf.map(name) {
             Some(Map::HashMap(data) | Map::LruHashMap(data)) => data,
@@ -245,6 +253,7 @@ pub fn kernel_maps(ebpf: &mut Ebpf, sizes: MapSizes) -> Result<KernelMaps, LoadE
         revnat,
         affinity_match,
         source_ranges,
+        take(MAGLEV_MAP)?,
         sizes.capacity(),
     )
     .map_err(|e| LoadError::Map(SVC_MAP, e.to_string()))

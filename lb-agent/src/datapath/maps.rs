@@ -13,6 +13,7 @@ use ipnet::Ipv4Net;
 use lb_common::{
     affinity::{AffinityMatchKey, AFFINITY_BACKEND_LOCAL, AFFINITY_BACKEND_REMOTE},
     backend::{Backend, BACKEND_MAP},
+    maglev::{MaglevChunk, MaglevKey, MAGLEV_CHUNK, MAGLEV_MAP},
     revnat::{RevNat, OWNER_LEN, REVNAT_MAP},
     source_range::{SourceRangeKey, SOURCE_RANGE_ID_BITS, SOURCE_RANGE_MAP},
     svc::{SvcKey, SvcValue, SVC_MAP},
@@ -62,6 +63,9 @@ pub struct Snapshot {
     pub affinity_match: BTreeMap<(u16, u32), bool>,
     /// (rev-NAT id, client prefix) pairs of `loadBalancerSourceRanges`.
     pub source_ranges: std::collections::BTreeSet<(u16, Ipv4Net)>,
+    /// (rev-NAT id, table) → the Maglev table's entries, its chunks in
+    /// order (a missing chunk reads as zeros).
+    pub maglev: BTreeMap<(u16, u16), Vec<u32>>,
 }
 
 /// Writes the agent performs, one entry at a time, in the order it chooses.
@@ -96,7 +100,27 @@ pub trait LbMaps {
     fn put_source_range(&mut self, rev_nat_id: u16, range: Ipv4Net) -> Result<(), MapWriteError>;
     fn delete_source_range(&mut self, rev_nat_id: u16, range: Ipv4Net)
         -> Result<(), MapWriteError>;
+    /// Writes Maglev table `table` (0 or 1) of a frontend whole, chunk by
+    /// chunk (the last one padded with zeros).
+    fn put_maglev_table(
+        &mut self,
+        rev_nat_id: u16,
+        table: u16,
+        entries: &[u32],
+    ) -> Result<(), MapWriteError>;
+    /// Deletes a Maglev table's first `chunks` chunks.
+    fn delete_maglev_table(
+        &mut self,
+        rev_nat_id: u16,
+        table: u16,
+        chunks: u32,
+    ) -> Result<(), MapWriteError>;
     fn snapshot(&self) -> Result<Snapshot, MapWriteError>;
+}
+
+/// Chunks a Maglev table of `entries` entries takes.
+pub fn maglev_chunks(entries: usize) -> u32 {
+    entries.div_ceil(MAGLEV_CHUNK as usize) as u32
 }
 
 // --- layout conversions -----------------------------------------------------
@@ -178,6 +202,8 @@ pub struct KernelMaps {
     revnat: HashMap<MapData, u16, RevNat>,
     affinity_match: HashMap<MapData, AffinityMatchKey, u8>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
+    maglev: HashMap<MapData, MaglevKey, MaglevChunk>,
+    maglev_limit: Limit,
     svc_limit: Limit,
     range_limit: Limit,
     backend_limit: Limit,
@@ -199,6 +225,7 @@ pub struct Capacity {
     pub services: u32,
     pub backends: u32,
     pub revnat: u32,
+    pub maglev_chunks: u32,
 }
 
 impl KernelMaps {
@@ -208,6 +235,7 @@ impl KernelMaps {
         revnat: Map,
         affinity_match: Map,
         source_ranges: Map,
+        maglev: Map,
         capacity: Capacity,
     ) -> Result<Self, MapError> {
         Ok(Self {
@@ -216,6 +244,12 @@ impl KernelMaps {
             revnat: HashMap::try_from(revnat)?,
             affinity_match: HashMap::try_from(affinity_match)?,
             source_ranges: LpmTrie::try_from(source_ranges)?,
+            maglev: HashMap::try_from(maglev)?,
+            maglev_limit: Limit {
+                map: MAGLEV_MAP,
+                capacity: capacity.maglev_chunks,
+                flag: "--max-maglev-chunks",
+            },
             range_limit: Limit {
                 map: SOURCE_RANGE_MAP,
                 capacity: capacity.source_ranges,
@@ -368,9 +402,57 @@ impl LbMaps for KernelMaps {
             .map_err(|e| limit.error("delete", e))
     }
 
+    fn put_maglev_table(
+        &mut self,
+        rev_nat_id: u16,
+        table: u16,
+        entries: &[u32],
+    ) -> Result<(), MapWriteError> {
+        let limit = self.maglev_limit;
+        for (chunk, part) in entries.chunks(MAGLEV_CHUNK as usize).enumerate() {
+            let mut value = MaglevChunk {
+                entries: [0; MAGLEV_CHUNK as usize],
+            };
+            value.entries[..part.len()].copy_from_slice(part);
+            self.maglev
+                .insert(MaglevKey::new(rev_nat_id, table, chunk as u32), value, 0)
+                .map_err(|e| limit.error("insert", e))?;
+        }
+        Ok(())
+    }
+
+    fn delete_maglev_table(
+        &mut self,
+        rev_nat_id: u16,
+        table: u16,
+        chunks: u32,
+    ) -> Result<(), MapWriteError> {
+        let limit = self.maglev_limit;
+        for chunk in 0..chunks {
+            ignore_missing(
+                self.maglev
+                    .remove(&MaglevKey::new(rev_nat_id, table, chunk)),
+            )
+            .map_err(|e| limit.error("delete", e))?;
+        }
+        Ok(())
+    }
+
     fn snapshot(&self) -> Result<Snapshot, MapWriteError> {
         let read = |limit: Limit| move |e: MapError| limit.error("read", e);
         let mut snapshot = Snapshot::default();
+        for entry in self.maglev.iter() {
+            let (key, value) = entry.map_err(read(self.maglev_limit))?;
+            let table = snapshot
+                .maglev
+                .entry((key.rev_nat_id, key.table))
+                .or_default();
+            let at = key.chunk as usize * MAGLEV_CHUNK as usize;
+            if table.len() < at + MAGLEV_CHUNK as usize {
+                table.resize(at + MAGLEV_CHUNK as usize, 0);
+            }
+            table[at..at + MAGLEV_CHUNK as usize].copy_from_slice(&value.entries);
+        }
         for entry in self.svc.iter() {
             let (key, value) = entry.map_err(read(self.svc_limit))?;
             if let Some(at) = frontend_of(&key) {

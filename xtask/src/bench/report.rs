@@ -128,6 +128,7 @@ pub fn map_write_times(services: &[Service], runs: usize) -> anyhow::Result<MapW
             &objects,
             Limits {
                 max_backends_per_service: 64,
+                lb_algorithm: lb_agent::desired::LbAlgorithm::Random,
             },
             Default::default(),
         );
