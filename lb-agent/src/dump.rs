@@ -3,9 +3,13 @@
 
 use std::fmt::Write as _;
 
-use lb_common::svc::{
-    SvcValue, SVC_FLAG_AFFINITY, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_EXTERNAL_LOCAL,
-    SVC_FLAG_INTERNAL_LOCAL, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
+use lb_common::{
+    maglev::MAGLEV_REMOTE,
+    svc::{
+        SvcValue, SVC_FLAG_AFFINITY, SVC_FLAG_EXTERNAL_IP, SVC_FLAG_EXTERNAL_LOCAL,
+        SVC_FLAG_INTERNAL_LOCAL, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_MAGLEV, SVC_FLAG_MAGLEV_TABLE_1,
+        SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
+    },
 };
 
 use crate::datapath::maps::Snapshot;
@@ -60,6 +64,9 @@ pub fn services(snapshot: &Snapshot) -> String {
         if value.flags & SVC_FLAG_SOURCE_RANGES != 0 {
             let _ = writeln!(out, "  clients admitted from: [{}]", ranges.join(", "));
         }
+        if value.flags & SVC_FLAG_MAGLEV != 0 {
+            let _ = writeln!(out, "  {}", maglev_line(snapshot, value));
+        }
         if !matches.is_empty() {
             let _ = writeln!(
                 out,
@@ -69,6 +76,28 @@ pub fn services(snapshot: &Snapshot) -> String {
         }
     }
     out
+}
+
+/// The current Maglev table: which one, its size, each backend's share.
+fn maglev_line(snapshot: &Snapshot, value: &SvcValue) -> String {
+    let table = u16::from(value.flags & SVC_FLAG_MAGLEV_TABLE_1 != 0);
+    let size = value.maglev_table_size as usize;
+    let Some(entries) = snapshot
+        .maglev
+        .get(&(value.rev_nat_id, table))
+        .filter(|e| e.len() >= size)
+    else {
+        return format!("maglev table {table}: MISSING ({size} entries)");
+    };
+    let mut shares = std::collections::BTreeMap::<u32, usize>::new();
+    for entry in &entries[..size] {
+        *shares.entry(entry & !MAGLEV_REMOTE).or_default() += 1;
+    }
+    let shares: Vec<String> = shares.iter().map(|(id, n)| format!("{id}×{n}")).collect();
+    format!(
+        "maglev table {table}: {size} entries, backends {}",
+        shares.join(" ")
+    )
 }
 
 fn kind(flags: u16) -> &'static str {

@@ -651,6 +651,7 @@ impl Agent {
                 lb_common::source_range::SOURCE_RANGE_MAP,
                 fill.source_ranges,
             ),
+            (lb_common::maglev::MAGLEV_MAP, fill.maglev_chunks),
         ] {
             self.report_fill(map, entries as u64);
         }

@@ -13,7 +13,7 @@ use lb_agent::{
         maps::KernelMaps,
         EGRESS_PROGRAM, INGRESS_EXTERNAL_PROGRAM, INGRESS_PROGRAM,
     },
-    desired::{self, Limits, NodeContext},
+    desired::{self, LbAlgorithm, Limits, NodeContext},
     manifest,
     reconcile::{Reconciler, Report},
 };
@@ -28,6 +28,8 @@ pub struct Harness {
     pub reconciler: Reconciler<KernelMaps>,
     /// The node the manifests are computed for (node ports, local endpoints).
     pub node: NodeContext,
+    /// `--lb-algorithm` for the manifests applied.
+    pub lb_algorithm: LbAlgorithm,
 }
 
 /// Result of one program run.
@@ -49,6 +51,7 @@ impl Harness {
             conntrack: entries,
             affinity: 1024,
             source_ranges: 1024,
+            maglev_chunks: 1024,
         };
         let mut ebpf = loader::load(None, sizes, &CtTimeouts::DEFAULT).expect("load datapath");
         let maps = loader::kernel_maps(&mut ebpf, sizes).expect("service maps");
@@ -57,6 +60,7 @@ impl Harness {
             ebpf,
             reconciler,
             node: NodeContext::default(),
+            lb_algorithm: LbAlgorithm::Random,
         }
     }
 
@@ -68,7 +72,7 @@ impl Harness {
             &objects,
             Limits {
                 max_backends_per_service: 64,
-                lb_algorithm: lb_agent::desired::LbAlgorithm::Random,
+                lb_algorithm: self.lb_algorithm,
             },
             self.node.clone(),
         );

@@ -29,8 +29,9 @@ use super::{INGRESS_EXTERNAL_PROGRAM, INGRESS_PROGRAM};
 use crate::model::{L4Addr, Proto};
 
 /// The maps the probe reads live (all written by the agent only).
-const SHARED: [&str; 6] = [
+const SHARED: [&str; 7] = [
     SVC_MAP,
+    lb_common::maglev::MAGLEV_MAP,
     BACKEND_MAP,
     REVNAT_MAP,
     CONFIG_MAP,
