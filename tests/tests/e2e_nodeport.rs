@@ -8,7 +8,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use lb_tests::{
     cluster::{web_service, Cluster, CLIENT_IPS, NODE_IPS, NODE_NAMES, POD_IPS},
     require_root,
-    servers::{http_get, udp_query},
+    servers::{http_get, http_get_from, udp_query},
 };
 
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
@@ -243,6 +243,59 @@ fn should_be_able_to_create_loadbalancer_service_without_nodeport_and_change_it(
             SocketAddrV4::new(EXTERNAL_IP, 80)
         )),
         "the external IP was removed"
+    );
+}
+
+/// Maglev's promise across nodes: whichever node a flow's packets reach
+/// (an ECMP router may move it), they pick the same backend. The clients'
+/// route to the load balancer IP moves from node-a to node-b between two
+/// rounds of the same flows. (With `random`, the nodes' local-first slot
+/// orders make them disagree on every flow here: verified.)
+#[test]
+fn maglev_nodes_agree_on_the_backend_of_each_flow_to_a_load_balancer_ip() {
+    require_root();
+    let status = format!("status: {{loadBalancer: {{ingress: [{{ip: {LB_IP}}}]}}}}");
+    let mut cluster = Cluster::without_agents("np10").unwrap();
+    cluster
+        .start_agents(
+            &web("LoadBalancer", "", &status, &[0, 1]),
+            &["--lb-algorithm", "maglev"],
+        )
+        .unwrap();
+    cluster
+        .wait_for_maps("the load balancer IP and its Maglev table", |m| {
+            m.contains(&format!("{LB_IP}:80/TCP count=2")) && m.contains("maglev table")
+        })
+        .unwrap();
+    let round = |cluster: &Cluster| -> Vec<String> {
+        cluster.clients[0].run(|| {
+            (0..24)
+                .map(|i| {
+                    let from = SocketAddrV4::new(CLIENT_IPS[0], 33_000 + i);
+                    let body = http_get_from(from, SocketAddrV4::new(LB_IP, 80))
+                        .unwrap_or_else(|e| panic!("flow from {from}: {e}"));
+                    parse_answer(&body).0
+                })
+                .collect()
+        })
+    };
+    let via_a = round(&cluster);
+    for pod in ["pod-a", "pod-b"] {
+        assert!(via_a.iter().any(|b| b == pod), "{pod}: {via_a:?}");
+    }
+    cluster.clients[0]
+        .ip(&[
+            "route",
+            "replace",
+            "198.19.0.0/16",
+            "via",
+            &NODE_IPS[1].to_string(),
+        ])
+        .unwrap();
+    let via_b = round(&cluster);
+    assert_eq!(
+        via_a, via_b,
+        "each flow's backend, via node-a and via node-b"
     );
 }
 
