@@ -108,10 +108,10 @@ impl Migration {
     pub fn adopt(&self) -> Result<Copied, MigrateError> {
         let mut copied = Copied::default();
         if self.v4_services_empty()? {
-            copied.service_entries += self.copy::<v3::SvcKey, SvcValue, SvcKey, SvcValue>(
+            copied.service_entries += self.copy::<v3::SvcKey, v3::SvcValue, SvcKey, SvcValue>(
                 SERVICE_STATE[0],
                 0,
-                |k, v| (k.into(), v),
+                |k, v| (k.into(), v.into()),
                 &mut copied.skipped,
             )?;
             copied.service_entries += self.copy::<u32, v3::Backend, u32, Backend>(
@@ -330,6 +330,17 @@ pub mod v3 {
 
     #[repr(C)]
     #[derive(Copy, Clone, Debug, Default)]
+    pub struct SvcValue {
+        pub backend_id: u32,
+        pub count: u16,
+        pub rev_nat_id: u16,
+        pub local_count: u16,
+        pub flags: u16,
+        pub affinity_timeout_s: u32,
+    }
+
+    #[repr(C)]
+    #[derive(Copy, Clone, Debug, Default)]
     pub struct Backend {
         pub addr_be: u32,
         pub port_be: u16,
@@ -411,6 +422,7 @@ pub mod v3 {
     const _: () = {
         use core::mem::size_of;
         assert!(size_of::<SvcKey>() == 12 && size_of::<Backend>() == 8);
+        assert!(size_of::<SvcValue>() == 16);
         assert!(size_of::<RevNat>() == 136 && size_of::<CtKey>() == 16);
         assert!(size_of::<CtValue>() == 40 && size_of::<AffinityKey>() == 8);
         assert!(size_of::<SourceRangeKey>() == 8 && size_of::<SockRevNatKey>() == 16);
@@ -419,6 +431,7 @@ pub mod v3 {
 
     // SAFETY: repr(C), integer fields only, no implicit padding (asserted).
     unsafe impl aya::Pod for SvcKey {}
+    unsafe impl aya::Pod for SvcValue {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for RevNat {}
     unsafe impl aya::Pod for CtKey {}
@@ -437,6 +450,20 @@ fn addr(be: u32) -> [u8; 4] {
 impl From<v3::SvcKey> for SvcKey {
     fn from(k: v3::SvcKey) -> Self {
         SvcKey::new(addr(k.addr_be), u16::from_be(k.port_be), k.proto, k.slot)
+    }
+}
+
+impl From<v3::SvcValue> for SvcValue {
+    fn from(v: v3::SvcValue) -> Self {
+        SvcValue {
+            backend_id: v.backend_id,
+            count: v.count,
+            rev_nat_id: v.rev_nat_id,
+            local_count: v.local_count,
+            flags: v.flags,
+            affinity_timeout_s: v.affinity_timeout_s,
+            maglev_table_size: 0, // v3 had no Maglev
+        }
     }
 }
 

@@ -39,12 +39,18 @@ pub fn per_packet_costs(runs: usize) -> anyhow::Result<Vec<(&'static str, Vec<f6
     const PER_PACKET_RUNS: u16 = 20_000;
     // Room for every flow the batches create (two entries each): a full
     // table would time the drop path instead.
-    let mut h = Harness::with_conntrack(2 * (runs as u32 + 1) * u32::from(PER_PACKET_RUNS) + 64);
-    h.apply_yaml(&web_manifest(
+    let table_size = 2 * (runs as u32 + 1) * u32::from(PER_PACKET_RUNS) + 64;
+    let manifest = web_manifest(
         &(0..10)
             .map(|i| (Ipv4Addr::new(198, 18, 10 + i, 2), true))
             .collect::<Vec<_>>(),
-    ));
+    );
+    let mut h = Harness::with_conntrack(table_size);
+    h.apply_yaml(&manifest);
+    // The same Service with `--lb-algorithm maglev`.
+    let mut maglev = Harness::with_conntrack(table_size);
+    maglev.lb_algorithm = lb_agent::desired::LbAlgorithm::Maglev { table_size: None };
+    maglev.apply_yaml(&manifest);
     let vip = SocketAddrV4::new(VIP, 80);
     let established = SocketAddrV4::new(CLIENT_IP, 40000);
     h.run(&Packet::tcp(established, vip, TCP_SYN).build());
@@ -53,6 +59,7 @@ pub fn per_packet_costs(runs: usize) -> anyhow::Result<Vec<(&'static str, Vec<f6
         v[v.len() / 2]
     };
     let mut new_flow = Vec::new();
+    let mut new_flow_maglev = Vec::new();
     let mut ct_hit = Vec::new();
     let mut not_service = Vec::new();
     let mut floor = Vec::new();
@@ -77,6 +84,11 @@ pub fn per_packet_costs(runs: usize) -> anyhow::Result<Vec<(&'static str, Vec<f6
                 .map(|f| h.run_timed(f).1.as_nanos() as f64)
                 .collect(),
         ));
+        new_flow_maglev.push(median(
+            syns.iter()
+                .map(|f| maglev.run_timed(f).1.as_nanos() as f64)
+                .collect(),
+        ));
         ct_hit.push(median(
             (0..PER_PACKET_RUNS)
                 .map(|_| h.run_timed(&ack).1.as_nanos() as f64)
@@ -97,6 +109,10 @@ pub fn per_packet_costs(runs: usize) -> anyhow::Result<Vec<(&'static str, Vec<f6
         (
             "first packet of a flow (service lookup, backend pick, 2 conntrack inserts, DNAT)",
             new_flow,
+        ),
+        (
+            "first packet, `--lb-algorithm maglev` (a table lookup instead of the slot's)",
+            new_flow_maglev,
         ),
         ("conntrack hit (established flow, DNAT)", ct_hit),
         ("not a service (service lookup, pass)", not_service),
