@@ -69,7 +69,7 @@ fn daemonset_is_unprivileged_with_the_needed_capabilities_and_probes() {
     let caps = security.capabilities.as_ref().unwrap();
     assert_eq!(
         caps.add.as_deref().unwrap(),
-        ["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"]
+        ["BPF", "NET_ADMIN", "PERFMON"]
     );
     assert_eq!(caps.drop.as_deref().unwrap(), ["ALL"]);
     for (probe, path) in [

@@ -164,6 +164,50 @@ impl Agent {
         log: &Path,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
+        Self::spawn(node, &[], source, interfaces, pin_dir, log, extra)
+    }
+
+    /// `start` with no capabilities but `capabilities` (names as in a
+    /// Pod's `securityContext`, e.g. `NET_ADMIN`): root whose bounding set
+    /// holds only those, as in a container that drops ALL and adds them.
+    pub fn start_with_capabilities(
+        node: &NetNs,
+        manifests: &Path,
+        interfaces: &str,
+        pin_dir: &Path,
+        log: &Path,
+        capabilities: &[String],
+    ) -> anyhow::Result<Self> {
+        let set: String = capabilities
+            .iter()
+            .map(|c| format!(",+{}", c.to_lowercase()))
+            .collect();
+        let setpriv = [
+            "setpriv".to_owned(),
+            format!("--bounding-set=-all{set}"),
+            "--inh-caps=-all".to_owned(),
+            "--".to_owned(),
+        ];
+        Self::spawn(
+            node,
+            &setpriv,
+            Source::Manifests(manifests),
+            interfaces,
+            pin_dir,
+            log,
+            &[],
+        )
+    }
+
+    fn spawn(
+        node: &NetNs,
+        wrapper: &[String],
+        source: Source<'_>,
+        interfaces: &str,
+        pin_dir: &Path,
+        log: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let (flag, path) = match source {
             Source::Manifests(dir) => ("--manifests", dir),
             Source::Kubeconfig(file) => ("--kubeconfig", file),
@@ -173,6 +217,7 @@ impl Agent {
         // nsenter, not `ip netns exec`: the latter remounts /sys and hides the host bpffs.
         let child = Command::new("nsenter")
             .arg(format!("--net={}", node.path().display()))
+            .args(wrapper)
             .arg(agent_binary())
             .args(["run", flag])
             .arg(path)
@@ -243,6 +288,22 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Waits up to `within` for the agent to exit on its own; its status.
+    pub fn wait_exit(&mut self, within: Duration) -> anyhow::Result<Option<ExitStatus>> {
+        let Some(child) = self.child.as_mut() else {
+            bail!("agent already stopped")
+        };
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                return Ok(Some(status));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(None)
     }
 
     /// SIGKILL (a crash, an OOM kill): no cleanup runs.

@@ -1,0 +1,80 @@
+//! Least privilege: the capabilities `deploy/daemonset.yaml` grants are
+//! enough to serve, and each one is needed. The agent runs as root whose
+//! bounding set holds exactly those capabilities (as in a container that
+//! drops ALL and adds them), in a node namespace with a real client and pod.
+
+use std::{net::SocketAddrV4, path::PathBuf, time::Duration};
+
+use k8s_openapi::api::apps::v1::DaemonSet;
+use lb_tests::{
+    require_root,
+    servers::http_get,
+    topology::{backend_ip, web_manifest, Agent, ScratchDir, Topology, VIP},
+};
+
+/// `capabilities.add` of the DaemonSet's container.
+fn daemonset_capabilities() -> Vec<String> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/daemonset.yaml");
+    let text = std::fs::read_to_string(path).expect("deploy/daemonset.yaml");
+    let ds: DaemonSet = serde_yaml::from_str(&text).expect("a DaemonSet");
+    let container = ds.spec.unwrap().template.spec.unwrap().containers.remove(0);
+    let security = container.security_context.expect("securityContext");
+    assert_ne!(security.privileged, Some(true));
+    let capabilities = security.capabilities.expect("capabilities");
+    assert_eq!(capabilities.drop.as_deref(), Some(&["ALL".to_owned()][..]));
+    capabilities.add.expect("capabilities.add")
+}
+
+#[test]
+fn the_daemonsets_capabilities_are_enough_and_each_is_needed() {
+    require_root();
+    let granted = daemonset_capabilities();
+    let topology = Topology::new("lbcap", 1).expect("topology");
+    let _servers = topology.serve_backends("be").expect("servers");
+    let manifests = ScratchDir::new("lbcap-manifests").expect("scratch dir");
+    manifests
+        .write("web.yaml", &web_manifest(&[(backend_ip(0), true)]))
+        .unwrap();
+    let pin_dir = PathBuf::from("/sys/fs/bpf/lbcap-test");
+    let start = |capabilities: &[String], log: &str| {
+        Agent::start_with_capabilities(
+            &topology.node,
+            &manifests.0,
+            &topology.interface_pattern(),
+            &pin_dir,
+            &manifests.0.join(log),
+            capabilities,
+        )
+        .expect("agent")
+    };
+
+    // Without one of them, the agent cannot load or attach: it exits.
+    for (i, missing) in granted.iter().enumerate() {
+        let fewer: Vec<String> = granted
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, c)| c.clone())
+            .collect();
+        let mut agent = start(&fewer, &format!("without-{missing}.log"));
+        let status = agent.wait_exit(Duration::from_secs(15)).unwrap();
+        assert!(
+            status.is_some_and(|s| !s.success()),
+            "without {missing} the agent still runs ({status:?}): the DaemonSet need not grant it\n{}",
+            agent.log_text()
+        );
+    }
+
+    // With all of them, it serves.
+    let mut agent = start(&granted, "agent.log");
+    agent
+        .wait_for_maps("the Service", |m| {
+            m.contains(&format!("{VIP}:80/TCP count=1"))
+        })
+        .unwrap();
+    let body = topology
+        .client
+        .run(|| http_get(SocketAddrV4::new(VIP, 80)))
+        .unwrap_or_else(|e| panic!("HTTP through the VIP: {e}\n{}", agent.log_text()));
+    assert!(body.starts_with("backend be0 "), "{body}");
+}
