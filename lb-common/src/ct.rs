@@ -119,8 +119,10 @@ pub struct CtValue {
     pub _pad: u8,
     pub backend_id: u32,
     pub _pad2: u32,
+    /// When the flow was created (CLOCK_MONOTONIC, precise): also its
+    /// identity, the same in both entries.
     pub created_ns: u64,
-    /// Monotonic (`bpf_ktime_get_ns`) time after which this entry is idle.
+    /// CLOCK_MONOTONIC_COARSE (`bpf_ktime_get_coarse_ns`) time after which this entry is idle.
     pub expires_ns: u64,
 }
 

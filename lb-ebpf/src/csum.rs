@@ -1,4 +1,5 @@
-//! Full checksums over small stack buffers (for headers we build ourselves).
+//! Checksums: full ones over small stack buffers (for headers we build
+//! ourselves), and incremental updates of the packet's own.
 
 use aya_ebpf::helpers::bpf_csum_diff;
 
@@ -14,4 +15,34 @@ pub fn fold(mut sum: u32) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     !(sum as u16)
+}
+
+/// An incremental one's-complement update (RFC 1624: HC' = ~(~HC + ~m + m')),
+/// on 16-bit words in memory order, as the packet holds them.
+pub struct Sum(u32);
+
+impl Sum {
+    #[inline(always)]
+    pub fn start(csum: u16) -> Self {
+        Self(u32::from(!csum))
+    }
+
+    #[inline(always)]
+    pub fn replace16(&mut self, old: u16, new: u16) {
+        self.0 += u32::from(!old) + u32::from(new);
+    }
+
+    #[inline(always)]
+    pub fn replace32(&mut self, old: u32, new: u32) {
+        self.replace16(old as u16, new as u16);
+        self.replace16((old >> 16) as u16, (new >> 16) as u16);
+    }
+
+    #[inline(always)]
+    pub fn finish(self) -> u16 {
+        let mut s = self.0;
+        s = (s & 0xffff) + (s >> 16);
+        s = (s & 0xffff) + (s >> 16);
+        !(s as u16)
+    }
 }

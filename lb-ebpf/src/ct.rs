@@ -49,9 +49,20 @@ fn peer_of(key: &CtKey, value: &CtValue) -> Option<(CtKey, CtValue)> {
         .map(|p| (peer_key, p))
 }
 
-/// Monotonic time, the clock of `CtValue::expires_ns`.
+/// The clock of `CtValue::expires_ns`: CLOCK_MONOTONIC_COARSE. A tick's
+/// resolution (1–10 ms) is plenty for timeouts of seconds, and it costs a
+/// fraction of the precise clock (about 35 ns less a packet, measured).
 #[inline(always)]
 pub fn now() -> u64 {
+    // SAFETY: a helper without arguments.
+    unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns() }
+}
+
+/// A new flow's identity (`created_ns`, shared by its two entries): the
+/// precise clock, so two flows on one tuple differ even within a tick of
+/// the coarse one (a port reused right after an RST). Read once per flow.
+#[inline(always)]
+fn creation_stamp() -> u64 {
     // SAFETY: a helper without arguments.
     unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() }
 }
@@ -173,7 +184,7 @@ pub fn new_forward(
         _pad: 0,
         backend_id,
         _pad2: 0,
-        created_ns: now,
+        created_ns: creation_stamp(),
         expires_ns: now + timeouts().for_state(pkt.proto, flags),
     }
 }

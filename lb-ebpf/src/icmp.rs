@@ -18,7 +18,10 @@ use lb_common::{
     IPPROTO_TCP, IPPROTO_UDP,
 };
 
-use crate::parse::{IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF};
+use crate::{
+    csum::Sum,
+    parse::{IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF},
+};
 
 /// An ICMP error quoting a TCP or UDP packet, with the offsets to rewrite.
 pub struct IcmpError {
@@ -146,35 +149,5 @@ pub const fn l4_csum_at(proto: u8) -> u32 {
         16
     } else {
         6
-    }
-}
-
-/// An incremental one's-complement update (RFC 1624: HC' = ~(~HC + ~m + m')),
-/// on 16-bit words in memory order, as the packet holds them.
-struct Sum(u32);
-
-impl Sum {
-    #[inline(always)]
-    fn start(csum: u16) -> Self {
-        Self(u32::from(!csum))
-    }
-
-    #[inline(always)]
-    fn replace16(&mut self, old: u16, new: u16) {
-        self.0 += u32::from(!old) + u32::from(new);
-    }
-
-    #[inline(always)]
-    fn replace32(&mut self, old: u32, new: u32) {
-        self.replace16(old as u16, new as u16);
-        self.replace16((old >> 16) as u16, (new >> 16) as u16);
-    }
-
-    #[inline(always)]
-    fn finish(self) -> u16 {
-        let mut s = self.0;
-        s = (s & 0xffff) + (s >> 16);
-        s = (s & 0xffff) + (s >> 16);
-        !(s as u16)
     }
 }

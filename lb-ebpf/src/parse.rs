@@ -117,7 +117,7 @@ fn at<T>(ctx: &TcContext, off: u32) -> Result<*const T, ()> {
 }
 
 #[inline(always)]
-fn read<T: Copy>(ctx: &TcContext, off: u32) -> Result<T, ()> {
+pub fn read<T: Copy>(ctx: &TcContext, off: u32) -> Result<T, ()> {
     // SAFETY: `at` checked the bounds; packet data has no alignment guarantee.
     Ok(unsafe { core::ptr::read_unaligned(at::<T>(ctx, off)?) })
 }
