@@ -8,7 +8,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use lb_tests::{
     cluster::{web_service, Cluster, CLIENT_IPS, NODE_IPS, NODE_NAMES, POD_IPS},
     require_root,
-    servers::{http_get, http_get_from, udp_query},
+    servers::{http_get, http_get_from, udp_query, BackendServers},
 };
 
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
@@ -297,6 +297,47 @@ fn maglev_nodes_agree_on_the_backend_of_each_flow_to_a_load_balancer_ip() {
         via_a, via_b,
         "each flow's backend, via node-a and via node-b"
     );
+}
+
+/// A hostNetwork endpoint (a backend at a node's own address, as the
+/// `kubernetes` Service on a control-plane node) behind a node port.
+/// Through node-a, its own node: the DNATed flow is delivered locally and
+/// the answer leaves by the uplink, whose egress program reverse-NATs it.
+/// Through node-b: SNATed to node-b and routed to node-a.
+#[test]
+fn should_reach_a_host_network_endpoint_through_a_node_port() {
+    require_root();
+    let mut cluster = Cluster::without_agents("np11").unwrap();
+    let _host = BackendServers::start(&cluster.nodes[0], "host-a", 8080, 5353).unwrap();
+    let endpoints = [(NODE_IPS[0], NODE_NAMES[0])];
+    cluster
+        .start_agents(
+            &web_service("NodePort", CLUSTER_IP, "", "", &endpoints),
+            &[],
+        )
+        .unwrap();
+    cluster
+        .wait_for_maps("the node port", |m| m.contains("30080/TCP count=1"))
+        .unwrap();
+    for node in [0, 1] {
+        let answers = requests(&cluster, 0, node_port(node, 30080), 3);
+        assert!(
+            answers.iter().all(|(b, _)| b == "host-a"),
+            "via node {node}: {answers:?}"
+        );
+        let (answer, from) = cluster.clients[0]
+            .run(|| udp_query(node_port(node, 30053)))
+            .unwrap_or_else(|e| panic!("UDP via node {node}: {e}"));
+        assert!(answer.starts_with("host-a "), "{answer}");
+        assert_eq!(
+            from,
+            node_port(node, 30053).into(),
+            "answered from the node port"
+        );
+    }
+    // The local case is the one a missing egress hook on the uplink would break.
+    let (_, seen) = requests(&cluster, 0, node_port(0, 30080), 1)[0].clone();
+    assert_eq!(seen, CLIENT_IPS[0], "node-a delivers locally, without SNAT");
 }
 
 #[test]
