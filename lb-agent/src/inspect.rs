@@ -332,7 +332,6 @@ pub fn flows(
             backend: endpoint(value.dst_addr, value.dst_port),
             snat: (value.flags & CT_SNAT != 0).then(|| endpoint(value.src_addr, value.src_port)),
             service,
-            // Created on the precise clock; `now` is the coarse one (≤ a tick behind).
             age_s: now.saturating_sub(value.created_ns) as f64 / 1e9,
             expires_in_s: expires.saturating_sub(now) as f64 / 1e9,
             state,

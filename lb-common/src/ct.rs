@@ -118,9 +118,10 @@ pub struct CtValue {
     pub flags: u8,
     pub _pad: u8,
     pub backend_id: u32,
-    pub _pad2: u32,
-    /// When the flow was created (CLOCK_MONOTONIC, precise): also its
-    /// identity, the same in both entries.
+    /// The flow's identity (random), the same in both entries: a peer key
+    /// that another flow holds now is told apart by it.
+    pub flow_id: u32,
+    /// When the flow was created (CLOCK_MONOTONIC_COARSE).
     pub created_ns: u64,
     /// CLOCK_MONOTONIC_COARSE (`bpf_ktime_get_coarse_ns`) time after which this entry is idle.
     pub expires_ns: u64,
@@ -176,6 +177,12 @@ impl CtKey {
 impl CtValue {
     pub const fn is_expired(&self, now_ns: u64) -> bool {
         now_ns >= self.expires_ns
+    }
+
+    /// Both entries belong to one flow.
+    #[inline(always)]
+    pub const fn same_flow(&self, other: &CtValue) -> bool {
+        self.flow_id == other.flow_id
     }
 }
 

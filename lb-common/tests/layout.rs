@@ -63,10 +63,11 @@ fn field_offsets_match_the_documented_layout() {
             offset_of!(CtValue, rev_nat_id),
             offset_of!(CtValue, flags),
             offset_of!(CtValue, backend_id),
+            offset_of!(CtValue, flow_id),
             offset_of!(CtValue, created_ns),
             offset_of!(CtValue, expires_ns)
         ),
-        (0, 4, 8, 10, 12, 14, 16, 24, 32)
+        (0, 4, 8, 10, 12, 14, 16, 20, 24, 32)
     );
 }
 

@@ -3,7 +3,7 @@
 //! backend leaves a service. Both remove a flow's two entries together.
 //!
 //! Deletion order per flow: the reply entry, then the forward entry, each
-//! only if it is still the entry that was judged (same `created_ns`). A
+//! only if it is still the entry that was judged (same `flow_id`). A
 //! packet that recreates the flow in between gets a fresh forward entry
 //! that is not touched, or — in the worst case — loses its forward entry
 //! and is recreated by its next packet on the same (hash-picked) backend.
@@ -15,12 +15,12 @@ use lb_common::ct::{CtKey, CtValue, CT_DIR_FORWARD};
 
 use crate::model::{L4Addr, Proto};
 
-/// One flow's two keys and the `created_ns` that identifies it.
+/// One flow's two keys and the `flow_id` that identifies it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct FlowRef {
     pub forward: CtKey,
     pub reply: CtKey,
-    pub created_ns: u64,
+    pub flow_id: u32,
 }
 
 impl FlowRef {
@@ -34,7 +34,7 @@ impl FlowRef {
         Self {
             forward,
             reply,
-            created_ns: value.created_ns,
+            flow_id: value.flow_id,
         }
     }
 
@@ -50,11 +50,11 @@ impl FlowRef {
 
 /// A flow is over when the entry is expired and its peer is too (or gone).
 /// `peer` is whatever the peer key holds: an entry of a newer flow (another
-/// `created_ns`) does not count.
+/// `flow_id`) does not count.
 pub fn flow_is_expired(value: &CtValue, peer: Option<&CtValue>, now_ns: u64) -> bool {
     value.is_expired(now_ns)
         && peer
-            .filter(|p| p.created_ns == value.created_ns)
+            .filter(|p| p.same_flow(value))
             .is_none_or(|p| p.is_expired(now_ns))
 }
 
@@ -131,7 +131,7 @@ impl Conntrack {
             let mut removed_any = false;
             for key in [flow.reply, flow.forward] {
                 match self.map.get(&key, 0) {
-                    Ok(v) if v.created_ns == flow.created_ns => match self.map.remove(&key) {
+                    Ok(v) if v.flow_id == flow.flow_id => match self.map.remove(&key) {
                         Ok(()) => removed_any = true,
                         Err(MapError::KeyNotFound) => {}
                         Err(MapError::SyscallError(e))
@@ -184,6 +184,7 @@ mod tests {
             dst_addr: backend,
             dst_port: 8080,
             backend_id,
+            flow_id: 1,
             created_ns: 1,
             expires_ns: expires.0,
             ..CtValue::default()

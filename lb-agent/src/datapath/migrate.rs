@@ -516,7 +516,9 @@ impl From<v3::CtValue> for CtValue {
             flags: v.flags,
             _pad: 0,
             backend_id: v.backend_id,
-            _pad2: 0,
+            // v3 told a flow's entries apart by `created_ns` (the same in
+            // both): the id derives from it.
+            flow_id: (v.created_ns ^ (v.created_ns >> 32)) as u32,
             created_ns: v.created_ns,
             expires_ns: v.expires_ns,
         }
@@ -608,9 +610,11 @@ mod tests {
                 value.flags,
                 value.backend_id,
                 value.created_ns,
-                value.expires_ns
+                value.expires_ns,
+                value.flow_id
             ),
-            (7, 1, 9, 5, 50)
+            (7, 1, 9, 5, 50, 5),
+            "the flow id derives from v3's shared created_ns"
         );
         // The pair still rebuilds itself in v4 terms.
         assert_eq!(
