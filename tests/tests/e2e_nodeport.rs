@@ -340,6 +340,48 @@ fn should_reach_a_host_network_endpoint_through_a_node_port() {
     assert_eq!(seen, CLIENT_IPS[0], "node-a delivers locally, without SNAT");
 }
 
+/// An ICMP error the client raises about a reply of an external, SNATed
+/// flow — port unreachable, its socket is gone — reaches the backend in
+/// the backend's terms: node-a's uplink finds the flow from the quoted
+/// reply, rewrites the outer and the quoted headers to the SNATed tuple and
+/// routes the error to the pod on node-b, whose connected socket then
+/// reports ECONNREFUSED (it would time out if the error were lost).
+#[test]
+fn an_icmp_error_from_the_client_reaches_a_snated_backend() {
+    require_root();
+    // The UDP port's target is 5354, where this test's own socket answers.
+    let yaml = web("NodePort", "", "", &[1])
+        .replace("targetPort: 5353", "targetPort: 5354")
+        .replace("port: 5353, protocol: UDP", "port: 5354, protocol: UDP");
+    let mut cluster = Cluster::new("np12", &yaml).unwrap();
+    cluster
+        .wait_for_maps("the UDP node port", |m| m.contains("30053/UDP count=1"))
+        .unwrap();
+    let timeout = Some(std::time::Duration::from_secs(3));
+    let backend = cluster.pods[1]
+        .run(|| std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 5354)))
+        .unwrap();
+    backend.set_read_timeout(timeout).unwrap();
+    let client = cluster.clients[0]
+        .run(|| std::net::UdpSocket::bind((CLIENT_IPS[0], 0)))
+        .unwrap();
+    client.send_to(b"question", node_port(0, 30053)).unwrap();
+    let mut buf = [0u8; 64];
+    let (_, peer) = backend.recv_from(&mut buf).expect("the question");
+    assert_eq!(
+        peer.ip(),
+        std::net::IpAddr::V4(NODE_IPS[0]),
+        "SNATed to node-a"
+    );
+    backend.connect(peer).unwrap();
+    drop(client); // the client gives up: its kernel answers port unreachable
+    backend.send(b"late answer").unwrap();
+    let err = backend
+        .recv(&mut buf)
+        .expect_err("the client's port unreachable, translated");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+}
+
 #[test]
 fn should_respect_internal_traffic_policy_local_pod_to_pod() {
     require_root();
