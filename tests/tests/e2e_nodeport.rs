@@ -255,7 +255,7 @@ fn should_be_able_to_create_loadbalancer_service_without_nodeport_and_change_it(
 fn maglev_nodes_agree_on_the_backend_of_each_flow_to_a_load_balancer_ip() {
     require_root();
     let status = format!("status: {{loadBalancer: {{ingress: [{{ip: {LB_IP}}}]}}}}");
-    let mut cluster = Cluster::without_agents("np10").unwrap();
+    let mut cluster = Cluster::without_agents("np13").unwrap();
     cluster
         .start_agents(
             &web("LoadBalancer", "", &status, &[0, 1]),
@@ -307,7 +307,7 @@ fn maglev_nodes_agree_on_the_backend_of_each_flow_to_a_load_balancer_ip() {
 #[test]
 fn should_reach_a_host_network_endpoint_through_a_node_port() {
     require_root();
-    let mut cluster = Cluster::without_agents("np11").unwrap();
+    let mut cluster = Cluster::without_agents("np14").unwrap();
     let _host = BackendServers::start(&cluster.nodes[0], "host-a", 8080, 5353).unwrap();
     let endpoints = [(NODE_IPS[0], NODE_NAMES[0])];
     cluster
