@@ -692,6 +692,61 @@ fn pmtu_discovery_through_a_nodeport_when_the_routed_way_out_is_narrower() {
     );
 }
 
+/// The documented limit of the SNAT path: a datagram too big for the way
+/// out *without* DF is not fragmented by the program (kernel forwarding
+/// would): it is dropped and counted, and smaller ones still pass.
+#[test]
+fn a_too_big_datagram_without_df_through_a_snated_node_port_is_dropped_and_counted() {
+    require_root();
+    let mut cluster = Cluster::new("np15", &web("NodePort", "", "", &[1])).unwrap();
+    cluster
+        .wait_for_maps("the node port", |m| m.contains("30053/UDP count=1"))
+        .unwrap();
+    cluster.nodes[0]
+        .ip(&[
+            "route",
+            "replace",
+            "198.18.11.0/24",
+            "via",
+            "198.18.0.3",
+            "mtu",
+            "lock",
+            "1280",
+        ])
+        .unwrap();
+    let client = cluster.clients[0]
+        .run(|| std::net::UdpSocket::bind((CLIENT_IPS[0], 0)))
+        .unwrap();
+    client
+        .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .unwrap();
+    // DF off: the client's kernel sends it whole (its link takes 1500).
+    let dont: libc::c_int = libc::IP_PMTUDISC_DONT;
+    // SAFETY: a valid socket and an int option of the right size.
+    let set = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&client),
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            (&dont as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(set, 0, "IP_MTU_DISCOVER");
+    let mut buf = [0u8; 2048];
+    let mut ask = |size: usize| -> std::io::Result<usize> {
+        client.send_to(&vec![b'x'; size], node_port(0, 30053))?;
+        client.recv(&mut buf)
+    };
+    let before = counter(&cluster, 0, "drop_redirect");
+    assert!(ask(1000).is_ok(), "a datagram that fits is answered");
+    assert!(
+        ask(1400).is_err(),
+        "1 428 bytes on a 1 280 way out, no DF: no answer"
+    );
+    assert_eq!(counter(&cluster, 0, "drop_redirect"), before + 1);
+}
+
 /// The same, with the narrow link behind node-b (its pod's): node-b raises
 /// "fragmentation needed" to node-a's SNAT address, quoting the SNATed
 /// packet; node-a's uplink translates it back to the client's terms.
