@@ -20,3 +20,15 @@ pub fn require_root() {
         "privileged tests need root: run `cargo xtask test` as root"
     );
 }
+
+/// Polls `done` every 20 ms for up to `within`; whether it came true.
+pub fn wait_until(within: std::time::Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    while !done() {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    true
+}

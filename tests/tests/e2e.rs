@@ -13,6 +13,7 @@ use lb_tests::{
     require_root,
     servers::{http_get, udp_query, BackendServers, EchoConnection, IO_TIMEOUT},
     topology::{backend_ip, web_manifest, Agent, ScratchDir, Topology, CLIENT_IP, VIP},
+    wait_until,
 };
 
 const PORTS: (u16, u16) = (8080, 5353);
@@ -81,18 +82,6 @@ impl Setup {
         )
         .unwrap();
     }
-}
-
-/// Polls `done` every 20 ms for up to `within`; whether it came true.
-fn wait_until(within: std::time::Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = std::time::Instant::now() + within;
-    while !done() {
-        if std::time::Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    true
 }
 
 /// `backends` without backend number `index`.

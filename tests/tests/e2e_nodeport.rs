@@ -9,6 +9,7 @@ use lb_tests::{
     cluster::{web_service, Cluster, CLIENT_IPS, NODE_IPS, NODE_NAMES, POD_IPS},
     require_root,
     servers::{http_get, http_get_from, udp_query, BackendServers},
+    wait_until,
 };
 
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
@@ -58,17 +59,6 @@ fn node_port(node: usize, port: u16) -> SocketAddrV4 {
 /// The connection attempt fails (refused, or dropped until the timeout).
 fn unreachable(cluster: &Cluster, c: usize, addr: SocketAddrV4) -> bool {
     cluster.clients[c].run(|| http_get(addr).is_err())
-}
-
-fn wait_until(within: std::time::Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = std::time::Instant::now() + within;
-    while !done() {
-        if std::time::Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    true
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
     process::Command,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use lb_tests::{
@@ -16,6 +16,7 @@ use lb_tests::{
     require_root,
     servers::{http_get, http_get_from, BackendServers},
     topology::{backend_ip, web_manifest, Agent, ScratchDir, Topology, CLIENT_IP, VIP},
+    wait_until,
 };
 
 /// A pin directory removed whole on drop (declared before the agent, so it
@@ -195,18 +196,6 @@ fn pin_v3_datapath(pins: &PinDir, backend: Ipv4Addr, client_port: u16) {
         &ct_key(backend, 8080, CLIENT_IP, client_port, 1),
         &ct_value(VIP, 80, CLIENT_IP, client_port),
     );
-}
-
-/// Polls `done` every 50 ms for up to `within`; whether it came true.
-fn wait_until(within: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    while !done() {
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    true
 }
 
 fn backend_name(body: &str) -> String {
