@@ -245,6 +245,26 @@ struct Written {
     maglev: [Option<Arc<[u32]>>; 2],
 }
 
+impl Written {
+    /// The published Maglev table, when it is the one `head` over `ids`
+    /// would get: the table is a function of the backends (their ids in
+    /// slot order), the local count and the size, so an unchanged frontend
+    /// is not filled again on every pass.
+    fn live_maglev_table(&self, ids: &[u32], head: &SvcValue) -> Option<Arc<[u32]>> {
+        let live = self.head.filter(|h| {
+            h.flags & SVC_FLAG_MAGLEV != 0
+                && h.maglev_table_size == head.maglev_table_size
+                && h.local_count == head.local_count
+                && h.count == head.count
+        })?;
+        if !self.slots.ids().eq(ids.iter().copied()) {
+            return None;
+        }
+        let table = self.maglev[usize::from(maglev_table(&live))].as_ref()?;
+        table.get(..head.maglev_table_size as usize).map(Arc::from)
+    }
+}
+
 /// A write that failed, and what it was for.
 #[derive(Clone, Debug)]
 pub struct ApplyError {
@@ -656,7 +676,11 @@ impl<M: LbMaps> Reconciler<M> {
                 affinity_timeout_s: spec.affinity_timeout_s.unwrap_or(0),
                 maglev_table_size: spec.maglev_table_size,
             };
-            let maglev = (spec.maglev_table_size > 0).then(|| maglev_entries(spec, &ids));
+            let maglev = (spec.maglev_table_size > 0).then(|| {
+                current
+                    .and_then(|w| w.live_maglev_table(&ids, &head))
+                    .unwrap_or_else(|| maglev_entries(spec, &ids))
+            });
             let ops = plan_frontend(
                 *frontend,
                 current.unwrap_or(&empty),
