@@ -140,11 +140,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             .adopt()
             .context("migrating the pinned datapath from map layout v3")?;
         info!(
-            service_entries = copied.service_entries,
-            flows = copied.flows,
-            affinity = copied.affinity,
-            sockets = copied.sockets,
-            skipped = copied.skipped,
+            ?copied,
             "adopting a datapath of map layout v3: copied into v4; the old maps go once this run is attached and programmed"
         );
     }
@@ -439,10 +435,7 @@ impl Agent {
         let (released, result) = migration.finish(|| attacher.release_previous());
         match result {
             Ok(copied) => info!(
-                flows = copied.flows,
-                affinity = copied.affinity,
-                sockets = copied.sockets,
-                skipped = copied.skipped,
+                ?copied,
                 "map layout v3 retired: flows its programs created meanwhile copied, its pins removed"
             ),
             Err(e) => {

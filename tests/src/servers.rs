@@ -121,7 +121,11 @@ fn serve_tcp(stream: TcpStream, peer: SocketAddr, name: &str) {
 
 /// One HTTP/1.0 GET on a new connection; returns the body.
 pub fn http_get(addr: SocketAddrV4) -> std::io::Result<String> {
-    let mut stream = TcpStream::connect_timeout(&addr.into(), IO_TIMEOUT)?;
+    get_over(TcpStream::connect_timeout(&addr.into(), IO_TIMEOUT)?, addr)
+}
+
+/// The GET on a connected stream to `addr`; the body.
+fn get_over(mut stream: TcpStream, addr: SocketAddrV4) -> std::io::Result<String> {
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     write!(stream, "GET / HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
     let mut response = String::new();
@@ -142,13 +146,7 @@ pub fn http_get_from(from: SocketAddrV4, addr: SocketAddrV4) -> std::io::Result<
     )?;
     bind(fd.as_raw_fd(), &SockaddrIn::from(from))?;
     connect(fd.as_raw_fd(), &SockaddrIn::from(addr))?;
-    let mut stream = TcpStream::from(fd);
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    write!(stream, "GET / HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
-    Ok(body.trim().to_owned())
+    get_over(TcpStream::from(fd), addr)
 }
 
 /// One datagram from a new socket; returns the answer and who sent it.

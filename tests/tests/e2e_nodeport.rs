@@ -636,6 +636,23 @@ fn counter(cluster: &Cluster, node: usize, name: &str) -> u64 {
         .1
 }
 
+/// node-a's route to node-b's pods allows 1280 bytes: a locked route MTU,
+/// which forwarding honours (as the kernel's does).
+fn narrow_the_way_to_node_b(cluster: &Cluster) {
+    cluster.nodes[0]
+        .ip(&[
+            "route",
+            "replace",
+            "198.18.11.0/24",
+            "via",
+            "198.18.0.3",
+            "mtu",
+            "lock",
+            "1280",
+        ])
+        .unwrap();
+}
+
 /// Path-MTU discovery through a node port whose only endpoint is on the
 /// other node, so the flow is DNATed, SNATed and routed by node-a's
 /// program. node-a's route to node-b's pods allows 1280 bytes (a locked
@@ -649,18 +666,7 @@ fn pmtu_discovery_through_a_nodeport_when_the_routed_way_out_is_narrower() {
     cluster
         .wait_for_maps("the node port", |m| m.contains("30080/TCP count=1"))
         .unwrap();
-    cluster.nodes[0]
-        .ip(&[
-            "route",
-            "replace",
-            "198.18.11.0/24",
-            "via",
-            "198.18.0.3",
-            "mtu",
-            "lock",
-            "1280",
-        ])
-        .unwrap();
+    narrow_the_way_to_node_b(&cluster);
     let received = transfer_1mb(&cluster, node_port(0, 30080))
         .expect("the 1 MB transfer through the node port completes");
     assert_eq!(received, (1 << 20).to_string());
@@ -692,18 +698,7 @@ fn a_too_big_datagram_without_df_through_a_snated_node_port_is_dropped_and_count
     cluster
         .wait_for_maps("the node port", |m| m.contains("30053/UDP count=1"))
         .unwrap();
-    cluster.nodes[0]
-        .ip(&[
-            "route",
-            "replace",
-            "198.18.11.0/24",
-            "via",
-            "198.18.0.3",
-            "mtu",
-            "lock",
-            "1280",
-        ])
-        .unwrap();
+    narrow_the_way_to_node_b(&cluster);
     let client = cluster.clients[0]
         .run(|| std::net::UdpSocket::bind((CLIENT_IPS[0], 0)))
         .unwrap();
