@@ -80,7 +80,7 @@ fn moved(before: &[Ipv4Addr], after: &[Ipv4Addr], gone: Ipv4Addr) -> (usize, usi
 }
 
 #[test]
-fn maglev_moves_only_the_flows_of_the_removed_backend() {
+fn maglev_moves_the_removed_backends_flows_and_few_others() {
     let all = backends(10);
     let gone = all[3].0;
     let rest: Vec<_> = all.iter().copied().filter(|(ip, _)| *ip != gone).collect();
