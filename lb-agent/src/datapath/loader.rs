@@ -314,6 +314,8 @@ pub fn unpin_all(pin_dir: &Path) {
     for name in ALL_MAPS {
         let _ = std::fs::remove_file(pin_dir.join(name));
     }
+    // A migration not finished yet leaves the previous layout's pins.
+    let _ = super::migrate::unpin_previous(pin_dir);
     let links = pin_dir.join("links");
     for link in std::fs::read_dir(&links).into_iter().flatten().flatten() {
         super::attach::release_pin(&link.path());

@@ -148,21 +148,9 @@ impl Migration {
         let released = release();
         let result = before
             .and_then(|()| self.copy_flows(&mut copied))
-            .and_then(|()| self.unpin())
+            .and_then(|()| unpin_previous(&self.pin_dir))
             .map(|()| copied);
         (released, result)
-    }
-
-    fn unpin(&self) -> Result<(), MigrateError> {
-        for name in all_v3_names() {
-            let path = self.pin_dir.join(name);
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => return Err(MigrateError::Unpin { path, source }),
-            }
-        }
-        Ok(())
     }
 
     fn copy_flows(&self, copied: &mut Copied) -> Result<(), MigrateError> {
@@ -276,6 +264,20 @@ fn taken_or_full(e: &MapError) -> bool {
         e.io_error.raw_os_error(),
         Some(libc::EEXIST | libc::E2BIG | libc::ENOMEM)
     )
+}
+
+/// Removes the previous layout's pins from `pin_dir` (after a migration,
+/// or when the agent unpins everything on exit before finishing one).
+pub fn unpin_previous(pin_dir: &Path) -> Result<(), MigrateError> {
+    for name in all_v3_names() {
+        let path = pin_dir.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(MigrateError::Unpin { path, source }),
+        }
+    }
+    Ok(())
 }
 
 fn all_v3_names() -> impl Iterator<Item = &'static str> {
