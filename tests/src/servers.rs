@@ -138,10 +138,13 @@ fn get_over(mut stream: TcpStream, addr: SocketAddrV4) -> std::io::Result<String
 pub fn http_get_from(from: SocketAddrV4, addr: SocketAddrV4) -> std::io::Result<String> {
     use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
     use std::os::fd::AsRawFd as _;
+    // Close-on-exec, as std's sockets are: a process another test thread
+    // spawns meanwhile would otherwise hold the socket open after it is
+    // dropped, with its port bound and its FIN never sent.
     let fd = socket(
         AddressFamily::Inet,
         SockType::Stream,
-        SockFlag::empty(),
+        SockFlag::SOCK_CLOEXEC,
         None,
     )?;
     bind(fd.as_raw_fd(), &SockaddrIn::from(from))?;

@@ -347,7 +347,7 @@ fn an_icmp_error_from_the_client_reaches_a_snated_backend() {
     cluster
         .wait_for_maps("the UDP node port", |m| m.contains("30053/UDP count=1"))
         .unwrap();
-    let timeout = Some(std::time::Duration::from_secs(3));
+    let timeout = Some(std::time::Duration::from_secs(2));
     let backend = cluster.pods[1]
         .run(|| std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 5354)))
         .unwrap();
@@ -365,11 +365,22 @@ fn an_icmp_error_from_the_client_reaches_a_snated_backend() {
     );
     backend.connect(peer).unwrap();
     drop(client); // the client gives up: its kernel answers port unreachable
-    backend.send(b"late answer").unwrap();
-    let err = backend
-        .recv(&mut buf)
-        .expect_err("the client's port unreachable, translated");
-    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    // A process another test thread forks at this moment holds a copy of
+    // the client's socket until it execs: an answer in that window still
+    // finds the socket. So the answer is repeated (a few times, well within
+    // the kernel's ICMP rate limit); a lost translation loses every error.
+    let mut errors = Vec::new();
+    for _ in 0..3 {
+        backend.send(b"late answer").unwrap();
+        let err = backend
+            .recv(&mut buf)
+            .expect_err("only the client could answer, and its socket is gone");
+        if err.kind() == std::io::ErrorKind::ConnectionRefused {
+            return;
+        }
+        errors.push(err.kind());
+    }
+    panic!("no port unreachable reached the backend: {errors:?}");
 }
 
 #[test]
