@@ -364,7 +364,8 @@ fn an_icmp_error_from_the_client_reaches_a_snated_backend() {
         "SNATed to node-a"
     );
     backend.connect(peer).unwrap();
-    drop(client); // the client gives up: its kernel answers port unreachable
+    // The client gives up: its kernel answers port unreachable.
+    drop(client);
     // A process another test thread forks at this moment holds a copy of
     // the client's socket until it execs: an answer in that window still
     // finds the socket. So the answer is repeated (a few times, well within
