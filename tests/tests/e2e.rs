@@ -885,6 +885,78 @@ fn uplink_token_attaches_to_the_default_route_interface_and_follows_it() {
     assert_eq!(wait("lbt15-c"), 2, "{}", agent.log_text());
 }
 
+/// The TCX programs on a node interface, in run order, ingress then
+/// egress; names as the kernel keeps them (cut to 15 bytes).
+fn tcx_programs(node: &lb_tests::netns::NetNs, dev: &str) -> [Vec<String>; 2] {
+    use aya::programs::{tc::SchedClassifier, TcAttachType};
+    node.run(|| {
+        [TcAttachType::Ingress, TcAttachType::Egress].map(|hook| {
+            let (_, programs) = SchedClassifier::query_tcx(dev, hook).unwrap();
+            programs
+                .iter()
+                .map(|p| p.name_as_str().unwrap_or_default().to_owned())
+                .collect()
+        })
+    })
+}
+
+/// An attached interface that becomes the default route's (an external
+/// interface by `@uplink`) changes role: its ingress program is replaced by
+/// the external one, one program per hook afterwards, and a connection
+/// through the VIP made before the change goes on (conntrack is kept; the
+/// new programs are attached before the old ones come off).
+#[test]
+fn an_interface_that_becomes_the_uplink_switches_to_the_external_program() {
+    let backends = [backend_ip(0)];
+    let mut s = setup("lbt23", 1, &web_manifest(&ready(&backends)));
+    s.agent
+        .wait_for_maps("the service", |m| {
+            m.contains(&format!("{VIP}:80/TCP count=1"))
+        })
+        .unwrap();
+    let node = &s.topology.node;
+    let programs = |ingress: &str| [vec![ingress.to_owned()], vec!["lb_egress".to_owned()]];
+    assert_eq!(tcx_programs(node, "lbt23-c"), programs("lb_ingress"));
+    let mut long_lived = s
+        .topology
+        .client
+        .run(|| EchoConnection::open(SocketAddrV4::new(VIP, 80)))
+        .unwrap();
+    let before = long_lived.ask().unwrap();
+    node.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        &CLIENT_IP.to_string(),
+        "dev",
+        "lbt23-c",
+    ])
+    .unwrap();
+    // The old programs come off after the new ones are on.
+    let switched = wait_until(std::time::Duration::from_secs(10), || {
+        tcx_programs(node, "lbt23-c") == programs("lb_ingress_exte")
+    });
+    assert!(
+        switched,
+        "{:?}\n{}",
+        tcx_programs(node, "lbt23-c"),
+        s.agent.log_text()
+    );
+    assert_eq!(
+        long_lived.ask().unwrap(),
+        before,
+        "the same connection, the same backend"
+    );
+    let answer = s
+        .topology
+        .client
+        .run(|| http_get(SocketAddrV4::new(VIP, 80)))
+        .unwrap();
+    assert_eq!(backend_of(&answer), before);
+    s.agent.stop().unwrap();
+}
+
 /// Path-MTU discovery through a ClusterIP: the backend's link is narrower
 /// (1280) than the client's and the backend's own (1500), so the node
 /// answers full-size segments with "fragmentation needed" quoting the

@@ -66,6 +66,42 @@ pub struct Changes {
 enum Held {
     Pinned(PathBuf),
     Owned(#[allow(dead_code)] SchedClassifierLink), // held: dropping it detaches
+    /// Between the old link's release and the new one's hold.
+    Detached,
+}
+
+/// Which program on which hook.
+#[derive(Clone, Copy)]
+struct Hook {
+    program: &'static str,
+    hook: TcAttachType,
+    name: &'static str,
+}
+
+impl Hook {
+    const EGRESS: Self = Self {
+        program: EGRESS_PROGRAM,
+        hook: TcAttachType::Egress,
+        name: "egress",
+    };
+
+    fn ingress(external: bool) -> Self {
+        Self {
+            program: if external {
+                INGRESS_EXTERNAL_PROGRAM
+            } else {
+                INGRESS_PROGRAM
+            },
+            hook: TcAttachType::Ingress,
+            name: "ingress",
+        }
+    }
+}
+
+/// A link just attached, not yet pinned or held.
+struct Fresh {
+    link: SchedClassifierLink,
+    hook: Hook,
 }
 
 impl Held {
@@ -81,7 +117,15 @@ struct Attached {
     ifindex: u32,
     /// Attached with the external ingress program.
     external: bool,
-    links: Vec<Held>,
+    ingress: Held,
+    egress: Held,
+}
+
+impl Attached {
+    fn detach(self) {
+        self.ingress.detach();
+        self.egress.detach();
+    }
 }
 
 /// The `--interfaces` token for the default route's interface(s).
@@ -173,102 +217,114 @@ impl Attacher {
     }
 
     /// Attaches both programs to new matching interfaces, forgets vanished
-    /// ones, and re-attaches an interface whose role (external or not) changed.
+    /// ones, and swaps the ingress program of an interface whose role
+    /// (external or not) changed.
     pub fn sync(&mut self, ebpf: &mut Ebpf) -> std::io::Result<Changes> {
         let current = interfaces()?;
         let mut changes = Changes::default();
-        let stale: Vec<String> = self
+        let vanished: Vec<String> = self
             .attached
             .iter()
-            .filter(|(name, a)| {
-                !current.iter().any(|(n, i)| {
-                    n == *name && *i == a.ifindex && self.is_external(n, *i) == a.external
-                })
-            })
+            .filter(|(name, a)| !current.iter().any(|(n, i)| n == *name && *i == a.ifindex))
             .map(|(name, _)| name.clone())
             .collect();
-        for name in stale {
+        for name in vanished {
             // The kernel released the links with the interface; drop the pins.
             if let Some(gone) = self.attached.remove(&name) {
-                gone.links.into_iter().for_each(Held::detach);
+                gone.detach();
             }
             changes.gone.push(name);
         }
         for (name, ifindex) in current {
-            if self.attached.contains_key(&name) || !self.matches(&name, ifindex) {
+            let external = self.is_external(&name, ifindex);
+            if self
+                .attached
+                .get(&name)
+                .is_some_and(|a| a.external == external)
+            {
                 continue;
             }
-            let external = self.is_external(&name, ifindex);
-            match self.attach_both(ebpf, &name, external) {
-                Ok(links) => {
-                    self.attached.insert(
-                        name.clone(),
-                        Attached {
-                            ifindex,
-                            external,
-                            links,
-                        },
-                    );
-                    changes.attached.push(name);
+            if !self.matches(&name, ifindex) {
+                if let Some(previous) = self.attached.remove(&name) {
+                    previous.detach();
+                    changes.gone.push(name);
                 }
+                continue;
+            }
+            let result = match self.attached.get_mut(&name) {
+                Some(attached) => Self::swap_ingress(
+                    ebpf,
+                    self.link_dir.as_deref(),
+                    &self.run_id,
+                    &name,
+                    attached,
+                    external,
+                ),
+                None => self.attach_new(ebpf, &name, ifindex, external),
+            };
+            match result {
+                Ok(()) => changes.attached.push(name),
+                // Tried again on the next pass.
                 Err(e) => changes.errors.push(format!("attaching to {name}: {e}")),
             }
         }
         Ok(changes)
     }
 
-    fn attach_both(
-        &self,
+    /// Both programs on a new interface: both links or neither (a link
+    /// dropped unpinned detaches).
+    fn attach_new(
+        &mut self,
         ebpf: &mut Ebpf,
         name: &str,
+        ifindex: u32,
         external: bool,
-    ) -> Result<Vec<Held>, String> {
-        let ingress = if external {
-            INGRESS_EXTERNAL_PROGRAM
-        } else {
-            INGRESS_PROGRAM
-        };
-        let hooks = [
-            (ingress, TcAttachType::Ingress, "ingress"),
-            (EGRESS_PROGRAM, TcAttachType::Egress, "egress"),
-        ];
-        let mut links = Vec::new();
-        for (program, hook, hook_name) in hooks {
-            let mut attach_now = || {
-                loader::program(ebpf, program)
-                    .map_err(|e| e.to_string())
-                    .and_then(|p| attach(p, name, hook).map_err(|e| e.to_string()))
-                    .map_err(|e| format!("{hook_name}: {e}"))
-            };
-            let held = match (attach_now(), &self.link_dir) {
-                (Err(e), _) => Err(e),
-                (Ok(link), None) => Ok(Held::Owned(link)),
-                (Ok(link), Some(dir)) => match pin(link, dir, &self.pin_name(name, hook_name)) {
-                    Ok(path) => Ok(Held::Pinned(path)),
-                    Err(e) => {
-                        tracing::warn!(
-                            interface = name,
-                            "cannot pin the {hook_name} link ({e}): it detaches when the agent exits"
-                        );
-                        // The failed conversion released the link: attach again, unpinned.
-                        attach_now().map(Held::Owned)
-                    }
-                },
-            };
-            match held {
-                Ok(held) => links.push(held),
-                Err(e) => {
-                    links.into_iter().for_each(Held::detach);
-                    return Err(e);
-                }
+    ) -> Result<(), String> {
+        let ingress = attach_fresh(ebpf, name, Hook::ingress(external))?;
+        let egress = attach_fresh(ebpf, name, Hook::EGRESS)?;
+        let dir = self.link_dir.as_deref();
+        let ingress = hold(ebpf, dir, &self.run_id, name, ingress)?;
+        let egress = match hold(ebpf, dir, &self.run_id, name, egress) {
+            Ok(egress) => egress,
+            Err(e) => {
+                ingress.detach();
+                return Err(e);
             }
-        }
-        Ok(links)
+        };
+        self.attached.insert(
+            name.to_owned(),
+            Attached {
+                ifindex,
+                external,
+                ingress,
+                egress,
+            },
+        );
+        Ok(())
     }
 
-    /// `IFNAME-HOOK-RUN`; bpffs refuses '.' in names (VLAN interfaces have one).
+    /// The other ingress program goes on before the old one comes off: for
+    /// a moment both see each packet (each passes what the other
+    /// translated), never neither. The egress program stays.
+    fn swap_ingress(
+        ebpf: &mut Ebpf,
+        link_dir: Option<&std::path::Path>,
+        run_id: &str,
+        name: &str,
+        attached: &mut Attached,
+        external: bool,
+    ) -> Result<(), String> {
+        let fresh = attach_fresh(ebpf, name, Hook::ingress(external))?;
+        // The new link takes the old one's pin name.
+        std::mem::replace(&mut attached.ingress, Held::Detached).detach();
+        attached.ingress = hold(ebpf, link_dir, run_id, name, fresh)?;
+        attached.external = external;
+        Ok(())
+    }
+
+    /// This run's pin name for a link of `name` (an interface, or `cgroup`).
     pub fn pin_name(&self, name: &str, hook: &str) -> String {
-        format!("{}-{hook}-{}", name.replace('.', "_"), self.run_id)
+        pin_name(name, hook, &self.run_id)
     }
 
     /// Releases links pinned by earlier runs (after this run attached its
@@ -295,7 +351,7 @@ impl Attacher {
     /// Detaches everything this run attached.
     pub fn detach_all(&mut self) {
         for (_, a) in std::mem::take(&mut self.attached) {
-            a.links.into_iter().for_each(Held::detach);
+            a.detach();
         }
     }
 }
@@ -328,6 +384,43 @@ pub fn pin_fd_link(link: FdLink, dir: &std::path::Path, file: &str) -> Result<Pa
     link.pin(&path).map_err(|e| e.to_string())?;
     super::loader::restrict(&path, super::loader::PIN_MODE)?;
     Ok(path)
+}
+
+fn attach_fresh(ebpf: &mut Ebpf, name: &str, hook: Hook) -> Result<Fresh, String> {
+    let program = loader::program(ebpf, hook.program).map_err(|e| format!("{}: {e}", hook.name))?;
+    let link = attach(program, name, hook.hook).map_err(|e| format!("{}: {e}", hook.name))?;
+    Ok(Fresh { link, hook })
+}
+
+/// Pins a fresh link as `IFNAME-HOOK-RUN` (it then outlives the agent), or
+/// holds it in memory where it cannot be pinned.
+fn hold(
+    ebpf: &mut Ebpf,
+    link_dir: Option<&std::path::Path>,
+    run_id: &str,
+    name: &str,
+    fresh: Fresh,
+) -> Result<Held, String> {
+    let Some(dir) = link_dir else {
+        return Ok(Held::Owned(fresh.link));
+    };
+    match pin(fresh.link, dir, &pin_name(name, fresh.hook.name, run_id)) {
+        Ok(path) => Ok(Held::Pinned(path)),
+        Err(e) => {
+            tracing::warn!(
+                interface = name,
+                "cannot pin the {} link ({e}): it detaches when the agent exits",
+                fresh.hook.name
+            );
+            // The failed conversion released the link: attach again, unpinned.
+            Ok(Held::Owned(attach_fresh(ebpf, name, fresh.hook)?.link))
+        }
+    }
+}
+
+/// `IFNAME-HOOK-RUN`; bpffs refuses '.' in names (VLAN interfaces have one).
+fn pin_name(name: &str, hook: &str, run_id: &str) -> String {
+    format!("{}-{hook}-{run_id}", name.replace('.', "_"))
 }
 
 fn attach(
