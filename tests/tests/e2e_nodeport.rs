@@ -384,6 +384,46 @@ fn an_icmp_error_from_the_client_reaches_a_snated_backend() {
     panic!("no port unreachable reached the backend: {errors:?}");
 }
 
+/// Node ports are served on the external interface's addresses as they
+/// are now: an address added to node-a's uplink serves the node port (a
+/// real connection), and once removed its frontend leaves the maps; the
+/// agent follows the kernel's address (and route) events, no restart.
+#[test]
+fn node_ports_follow_the_addresses_of_the_external_interface() {
+    require_root();
+    let mut cluster = Cluster::new("np16", &web("NodePort", "", "", &[0, 1])).unwrap();
+    let added = Ipv4Addr::new(198, 18, 0, 12);
+    let frontend = format!("{added}:30080/TCP");
+    cluster.agents[0]
+        .wait_for_maps("the node port", |m| m.contains("30080/TCP count=2"))
+        .unwrap();
+    assert!(
+        !lb_agent::inspect::services(&cluster.agents[0].pin_dir)
+            .unwrap()
+            .contains(&frontend),
+        "not a node address yet"
+    );
+    let address = format!("{added}/24");
+    cluster.nodes[0]
+        .ip(&["addr", "add", &address, "dev", "eth0"])
+        .unwrap();
+    cluster.agents[0]
+        .wait_for_maps("the node port on the added address", |m| {
+            m.contains(&format!("{frontend} count=2"))
+        })
+        .unwrap();
+    let answers = requests(&cluster, 0, SocketAddrV4::new(added, 30080), 4);
+    assert_eq!(answers.len(), 4);
+    cluster.nodes[0]
+        .ip(&["addr", "del", &address, "dev", "eth0"])
+        .unwrap();
+    cluster.agents[0]
+        .wait_for_maps("the node port off the removed address", |m| {
+            !m.contains(&frontend) && m.contains(&format!("{}:30080/TCP", NODE_IPS[0]))
+        })
+        .unwrap();
+}
+
 #[test]
 fn should_respect_internal_traffic_policy_local_pod_to_pod() {
     require_root();
