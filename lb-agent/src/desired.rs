@@ -583,7 +583,7 @@ fn service_frontends(
             }
             _ => 0,
         };
-        let (backends, nodes, local_count) = local_first(backends, nodes, node.name.as_deref());
+        let (backends, local_count) = local_first(backends, nodes, node.name.as_deref());
         let addresses = vips
             .iter()
             .map(|vip| (FrontendKind::ClusterIp, *vip, port.port))
@@ -606,7 +606,6 @@ fn service_frontends(
                 kind,
                 backends: backends.clone(),
                 local_count,
-                nodes: nodes.clone(),
                 policy_flags: policy.flags(kind),
                 affinity_timeout_s: policy.affinity_timeout_s,
                 source_ranges: match (&policy.source_ranges, kind) {
@@ -774,15 +773,15 @@ fn local_first(
     backends: Vec<L4Addr>,
     nodes: Vec<Option<Arc<str>>>,
     this_node: Option<&str>,
-) -> (Vec<L4Addr>, Vec<Option<Arc<str>>>, usize) {
+) -> (Vec<L4Addr>, usize) {
     let is_local = |n: &Option<Arc<str>>| this_node.is_some() && n.as_deref() == this_node;
     let (local, remote): (Vec<_>, Vec<_>) = backends
         .into_iter()
         .zip(nodes)
         .partition(|(_, n)| is_local(n));
     let local_count = local.len();
-    let (backends, nodes) = local.into_iter().chain(remote).unzip();
-    (backends, nodes, local_count)
+    let backends = local.into_iter().chain(remote).map(|(b, _)| b).collect();
+    (backends, local_count)
 }
 
 /// IPv4 cluster IPs from `clusterIPs` (or `clusterIP`); empty when headless.

@@ -143,9 +143,6 @@ pub struct FrontendSpec {
     pub backends: Vec<L4Addr>,
     /// `backends[..local_count]` run on this node.
     pub local_count: usize,
-    /// The node each backend runs on (same index as `backends`), where the
-    /// EndpointSlice says.
-    pub nodes: Vec<Option<std::sync::Arc<str>>>,
     /// `SVC_FLAG_*` policies besides the kind (traffic policies, affinity).
     pub policy_flags: u16,
     /// `sessionAffinity: ClientIP` timeout in seconds.

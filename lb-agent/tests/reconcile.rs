@@ -299,18 +299,26 @@ fn frontends_follow_every_ipv4_cluster_ip() {
     assert_eq!(vips, [Ipv4Addr::new(198, 19, 0, 1)]);
 }
 
+/// An endpoint's `nodeName` decides whether it is local: this node's
+/// backends come first and are counted, each part sorted.
 #[test]
-fn endpoint_node_names_are_kept() {
-    let yaml = service("a", "198.19.0.1", &["198.18.0.1"]).replace(
-        "- addresses: [198.18.0.1]",
-        "- addresses: [198.18.0.1]\n  nodeName: node-7",
-    );
-    let desired = desired_of(&yaml);
+fn endpoints_on_this_node_come_first() {
+    let desired = desired_on_node_a(&placed_service(
+        false,
+        &[
+            ("198.18.0.1", "node-b"),
+            ("198.18.0.2", "node-a"),
+            ("198.18.0.3", "node-b"),
+            ("198.18.0.4", "node-a"),
+        ],
+    ));
     let spec = desired.frontends.values().next().unwrap();
+    let order: Vec<String> = spec.backends.iter().map(|b| b.addr.to_string()).collect();
     assert_eq!(
-        spec.nodes.iter().map(|n| n.as_deref()).collect::<Vec<_>>(),
-        [Some("node-7")]
+        order,
+        ["198.18.0.2", "198.18.0.4", "198.18.0.1", "198.18.0.3"]
     );
+    assert_eq!(spec.local_count, 2);
 }
 
 /// Every transition between these backend sets, with the write number `k`
