@@ -30,6 +30,17 @@ fn setup(prefix: &str, n: usize, manifest: &str) -> Setup {
     setup_with(prefix, n, manifest, &[])
 }
 
+/// One backend behind the VIP, programmed.
+fn serving_one_backend(prefix: &str) -> Setup {
+    let mut s = setup(prefix, 1, &web_manifest(&ready(&[backend_ip(0)])));
+    s.agent
+        .wait_for_maps("the service", |m| {
+            m.contains(&format!("{VIP}:80/TCP count=1"))
+        })
+        .unwrap();
+    s
+}
+
 fn setup_with(prefix: &str, n: usize, manifest: &str, agent_args: &[&str]) -> Setup {
     require_root();
     let topology = Topology::new(prefix, n).expect("topology");
@@ -883,6 +894,7 @@ fn uplink_token_attaches_to_the_default_route_interface_and_follows_it() {
     ])
     .unwrap();
     assert_eq!(wait("lbt15-c"), 2, "{}", agent.log_text());
+    assert_eq!(attached("lbt15up"), 2, "the old uplink stays attached");
 }
 
 /// The TCX programs on a node interface, in run order, ingress then
@@ -907,13 +919,7 @@ fn tcx_programs(node: &lb_tests::netns::NetNs, dev: &str) -> [Vec<String>; 2] {
 /// new programs are attached before the old ones come off).
 #[test]
 fn an_interface_that_becomes_the_uplink_switches_to_the_external_program() {
-    let backends = [backend_ip(0)];
-    let mut s = setup("lbt23", 1, &web_manifest(&ready(&backends)));
-    s.agent
-        .wait_for_maps("the service", |m| {
-            m.contains(&format!("{VIP}:80/TCP count=1"))
-        })
-        .unwrap();
+    let mut s = serving_one_backend("lbt23");
     let node = &s.topology.node;
     let programs = |ingress: &str| [vec![ingress.to_owned()], vec!["lb_egress".to_owned()]];
     assert_eq!(tcx_programs(node, "lbt23-c"), programs("lb_ingress"));
@@ -966,13 +972,7 @@ fn an_interface_that_becomes_the_uplink_switches_to_the_external_program() {
 /// client's kernel would find no socket for it and the transfer would stall.
 #[test]
 fn pmtu_discovery_through_a_cluster_ip_completes_a_1mb_transfer() {
-    let backends = [backend_ip(0)];
-    let mut s = setup("lbt20", 1, &web_manifest(&ready(&backends)));
-    s.agent
-        .wait_for_maps("the service", |m| {
-            m.contains(&format!("{VIP}:80/TCP count=1"))
-        })
-        .unwrap();
+    let mut s = serving_one_backend("lbt20");
     s.topology
         .node
         .ip(&["link", "set", "lbt20-b0", "mtu", "1280"])
@@ -1082,13 +1082,7 @@ endpoints:
 #[test]
 fn pins_and_their_directories_are_root_only() {
     use std::os::unix::fs::PermissionsExt as _;
-    let backends = [backend_ip(0)];
-    let mut s = setup("lbt22", 1, &web_manifest(&ready(&backends)));
-    s.agent
-        .wait_for_maps("the service", |m| {
-            m.contains(&format!("{VIP}:80/TCP count=1"))
-        })
-        .unwrap();
+    let mut s = serving_one_backend("lbt22");
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     let pins = s.agent.pin_dir.clone();
     assert_eq!(mode(&pins), 0o700, "{}", pins.display());

@@ -245,10 +245,8 @@ impl Attacher {
                 continue;
             }
             if !self.matches(&name, ifindex) {
-                if let Some(previous) = self.attached.remove(&name) {
-                    previous.detach();
-                    changes.gone.push(name);
-                }
+                // One attached stays so until it disappears (the default
+                // route moving away leaves its flows served), as it is.
                 continue;
             }
             let result = match self.attached.get_mut(&name) {
