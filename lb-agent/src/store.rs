@@ -101,7 +101,7 @@ impl ObjectStore {
     /// Adds or replaces (same source file) a Service definition.
     pub fn upsert_service(&mut self, service: Sourced<ServiceView>) -> ServiceName {
         let name = service_name(&service.object);
-        let definitions = self.services.entry(name.clone()).or_default();
+        let definitions = self.services.entry(name.clone()).or_insert_with(one_slot);
         match definitions.iter_mut().find(|d| d.file == service.file) {
             Some(existing) => *existing = service,
             None => definitions.push(service),
@@ -129,7 +129,10 @@ impl ObjectStore {
                 name: label.clone(),
             };
             self.slice_owner.insert(slice_key(&slice), name.clone());
-            self.slices.entry(name.clone()).or_default().push(slice);
+            self.slices
+                .entry(name.clone())
+                .or_insert_with(one_slot)
+                .push(slice);
             dirty.push(name);
         }
         dirty
@@ -158,7 +161,7 @@ impl ObjectStore {
             let name = service_name(&service.object);
             self.services
                 .entry(name.clone())
-                .or_default()
+                .or_insert_with(one_slot)
                 .push(service.clone());
             dirty.insert(name);
         }
@@ -216,4 +219,11 @@ impl ObjectStore {
         }
         dirty
     }
+}
+
+/// Room for one: nearly every name has one Service and one slice, and a
+/// first push would reserve four (at 10 000 Services, 11 MB of Service
+/// views never used).
+fn one_slot<T>() -> Vec<T> {
+    Vec::with_capacity(1)
 }
