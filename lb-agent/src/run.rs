@@ -127,6 +127,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     }
 
     let pin_dir = config.pin_dir.clone();
+    let mut unpin_on_failure = UnpinOnFailure::new(&pin_dir);
     let mut ebpf = loader::load_with_log(
         Some(&pin_dir),
         config.sizes,
@@ -208,9 +209,43 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         recomputed_since_trim: 0,
         reported: BTreeSet::new(),
     };
+    // From here, shutdown decides what stays pinned.
+    unpin_on_failure.disarm();
     let result = agent.serve().await;
     agent.shutdown();
     result
+}
+
+/// A start that fails before serving (a program the kernel refuses, a
+/// metrics port in use) removes the pins it created, where it found none:
+/// the node is left as it was. Pins it found (a running datapath, a
+/// previous layout) are never touched.
+struct UnpinOnFailure<'a> {
+    pin_dir: &'a std::path::Path,
+    armed: bool,
+}
+
+impl<'a> UnpinOnFailure<'a> {
+    fn new(pin_dir: &'a std::path::Path) -> Self {
+        let found_pins = std::fs::read_dir(pin_dir).is_ok_and(|mut d| d.next().is_some());
+        Self {
+            pin_dir,
+            armed: !found_pins,
+        }
+    }
+
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for UnpinOnFailure<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            loader::unpin_all(self.pin_dir);
+            warn!(pin_dir = %self.pin_dir.display(), "start failed: the pins it created are removed");
+        }
+    }
 }
 
 /// A literal interface name must exist, and the patterns together must match

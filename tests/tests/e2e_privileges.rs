@@ -63,6 +63,12 @@ fn the_daemonsets_capabilities_are_enough_and_each_is_needed() {
             "without {missing} the agent still runs ({status:?}): the DaemonSet need not grant it\n{}",
             agent.log_text()
         );
+        // It found no pins, so it leaves none (not even maps pinned before
+        // the kernel refused a program).
+        let left: Vec<_> = std::fs::read_dir(&pin_dir)
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "without {missing}, left pinned: {left:?}");
     }
 
     // With all of them, it serves.
