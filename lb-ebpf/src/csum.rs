@@ -40,9 +40,6 @@ impl Sum {
 
     #[inline(always)]
     pub fn finish(self) -> u16 {
-        let mut s = self.0;
-        s = (s & 0xffff) + (s >> 16);
-        s = (s & 0xffff) + (s >> 16);
-        !(s as u16)
+        fold(self.0)
     }
 }
