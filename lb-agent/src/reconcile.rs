@@ -261,7 +261,13 @@ impl Written {
             return None;
         }
         let table = self.maglev[usize::from(maglev_table(&live))].as_ref()?;
-        table.get(..head.maglev_table_size as usize).map(Arc::from)
+        let size = head.maglev_table_size as usize;
+        // A table read back at restore is whole chunks, longer than its size.
+        match table.len() {
+            len if len == size => Some(Arc::clone(table)),
+            len if len > size => Some(Arc::from(&table[..size])),
+            _ => None,
+        }
     }
 }
 
