@@ -66,7 +66,8 @@ pub struct Changes {
 enum Held {
     Pinned(PathBuf),
     Owned(#[allow(dead_code)] SchedClassifierLink), // held: dropping it detaches
-    /// Between the old link's release and the new one's hold.
+    /// Between the old link's release and the new one's hold (and after a
+    /// hold that failed).
     Detached,
 }
 
@@ -138,11 +139,43 @@ pub struct Attacher {
     external_patterns: Vec<String>,
     /// Ifindexes of the default route(s), for the `@uplink` token.
     uplinks: Vec<u32>,
-    /// Where links are pinned (`None`: held in memory only, for tests).
-    link_dir: Option<PathBuf>,
+    pins: LinkPins,
+    attached: BTreeMap<String, Attached>,
+}
+
+/// Where and under which names this run pins its links.
+struct LinkPins {
+    /// `None`: links are held in memory only (tests).
+    dir: Option<PathBuf>,
     /// Suffix of this run's pins, so a previous run's pins can be told apart.
     run_id: String,
-    attached: BTreeMap<String, Attached>,
+}
+
+impl LinkPins {
+    /// `IFNAME-HOOK-RUN`; bpffs refuses '.' in names (VLAN interfaces have one).
+    fn name(&self, name: &str, hook: &str) -> String {
+        format!("{}-{hook}-{}", name.replace('.', "_"), self.run_id)
+    }
+
+    /// Pins a fresh link (it then outlives the agent), or holds it in
+    /// memory where it cannot be pinned.
+    fn hold(&self, ebpf: &mut Ebpf, name: &str, fresh: Fresh) -> Result<Held, String> {
+        let Some(dir) = &self.dir else {
+            return Ok(Held::Owned(fresh.link));
+        };
+        match pin(fresh.link, dir, &self.name(name, fresh.hook.name)) {
+            Ok(path) => Ok(Held::Pinned(path)),
+            Err(e) => {
+                tracing::warn!(
+                    interface = name,
+                    "cannot pin the {} link ({e}): it detaches when the agent exits",
+                    fresh.hook.name
+                );
+                // The failed conversion released the link: attach again, unpinned.
+                Ok(Held::Owned(attach_fresh(ebpf, name, fresh.hook)?.link))
+            }
+        }
+    }
 }
 
 impl Attacher {
@@ -155,8 +188,10 @@ impl Attacher {
             patterns,
             external_patterns,
             uplinks: Vec::new(),
-            link_dir,
-            run_id: format!("{}", crate::datapath::conntrack::monotonic_ns()),
+            pins: LinkPins {
+                dir: link_dir,
+                run_id: format!("{}", crate::datapath::conntrack::monotonic_ns()),
+            },
             attached: BTreeMap::new(),
         }
     }
@@ -245,19 +280,12 @@ impl Attacher {
                 continue;
             }
             if !self.matches(&name, ifindex) {
-                // One attached stays so until it disappears (the default
-                // route moving away leaves its flows served), as it is.
+                // An attached interface that no longer matches (the default
+                // route moved away) keeps its programs until it disappears.
                 continue;
             }
             let result = match self.attached.get_mut(&name) {
-                Some(attached) => Self::swap_ingress(
-                    ebpf,
-                    self.link_dir.as_deref(),
-                    &self.run_id,
-                    &name,
-                    attached,
-                    external,
-                ),
+                Some(attached) => swap_ingress(ebpf, &self.pins, &name, attached, external),
                 None => self.attach_new(ebpf, &name, ifindex, external),
             };
             match result {
@@ -280,9 +308,8 @@ impl Attacher {
     ) -> Result<(), String> {
         let ingress = attach_fresh(ebpf, name, Hook::ingress(external))?;
         let egress = attach_fresh(ebpf, name, Hook::EGRESS)?;
-        let dir = self.link_dir.as_deref();
-        let ingress = hold(ebpf, dir, &self.run_id, name, ingress)?;
-        let egress = match hold(ebpf, dir, &self.run_id, name, egress) {
+        let ingress = self.pins.hold(ebpf, name, ingress)?;
+        let egress = match self.pins.hold(ebpf, name, egress) {
             Ok(egress) => egress,
             Err(e) => {
                 ingress.detach();
@@ -301,37 +328,18 @@ impl Attacher {
         Ok(())
     }
 
-    /// The other ingress program goes on before the old one comes off: for
-    /// a moment both see each packet (each passes what the other
-    /// translated), never neither. The egress program stays.
-    fn swap_ingress(
-        ebpf: &mut Ebpf,
-        link_dir: Option<&std::path::Path>,
-        run_id: &str,
-        name: &str,
-        attached: &mut Attached,
-        external: bool,
-    ) -> Result<(), String> {
-        let fresh = attach_fresh(ebpf, name, Hook::ingress(external))?;
-        // The new link takes the old one's pin name.
-        std::mem::replace(&mut attached.ingress, Held::Detached).detach();
-        attached.ingress = hold(ebpf, link_dir, run_id, name, fresh)?;
-        attached.external = external;
-        Ok(())
-    }
-
     /// This run's pin name for a link of `name` (an interface, or `cgroup`).
     pub fn pin_name(&self, name: &str, hook: &str) -> String {
-        pin_name(name, hook, &self.run_id)
+        self.pins.name(name, hook)
     }
 
     /// Releases links pinned by earlier runs (after this run attached its
     /// own, so there is no gap). Returns the pins released.
     pub fn release_previous(&self) -> Vec<String> {
-        let Some(dir) = &self.link_dir else {
+        let Some(dir) = &self.pins.dir else {
             return Vec::new();
         };
-        let suffix = format!("-{}", self.run_id);
+        let suffix = format!("-{}", self.pins.run_id);
         let mut released = Vec::new();
         for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -390,35 +398,24 @@ fn attach_fresh(ebpf: &mut Ebpf, name: &str, hook: Hook) -> Result<Fresh, String
     Ok(Fresh { link, hook })
 }
 
-/// Pins a fresh link as `IFNAME-HOOK-RUN` (it then outlives the agent), or
-/// holds it in memory where it cannot be pinned.
-fn hold(
+/// The other ingress program goes on before the old one comes off: for a
+/// moment both see each packet (each passes what the other translated),
+/// never neither. The egress program stays. If the new link cannot be held,
+/// the interface is left without ingress and its old role: the next pass
+/// swaps again.
+fn swap_ingress(
     ebpf: &mut Ebpf,
-    link_dir: Option<&std::path::Path>,
-    run_id: &str,
+    pins: &LinkPins,
     name: &str,
-    fresh: Fresh,
-) -> Result<Held, String> {
-    let Some(dir) = link_dir else {
-        return Ok(Held::Owned(fresh.link));
-    };
-    match pin(fresh.link, dir, &pin_name(name, fresh.hook.name, run_id)) {
-        Ok(path) => Ok(Held::Pinned(path)),
-        Err(e) => {
-            tracing::warn!(
-                interface = name,
-                "cannot pin the {} link ({e}): it detaches when the agent exits",
-                fresh.hook.name
-            );
-            // The failed conversion released the link: attach again, unpinned.
-            Ok(Held::Owned(attach_fresh(ebpf, name, fresh.hook)?.link))
-        }
-    }
-}
-
-/// `IFNAME-HOOK-RUN`; bpffs refuses '.' in names (VLAN interfaces have one).
-fn pin_name(name: &str, hook: &str, run_id: &str) -> String {
-    format!("{}-{hook}-{run_id}", name.replace('.', "_"))
+    attached: &mut Attached,
+    external: bool,
+) -> Result<(), String> {
+    let fresh = attach_fresh(ebpf, name, Hook::ingress(external))?;
+    // The new link takes the old one's pin name.
+    std::mem::replace(&mut attached.ingress, Held::Detached).detach();
+    attached.ingress = pins.hold(ebpf, name, fresh)?;
+    attached.external = external;
+    Ok(())
 }
 
 fn attach(
