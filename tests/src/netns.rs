@@ -49,6 +49,15 @@ impl NetNs {
         sh(&full)
     }
 
+    /// `ip route get DST` in the namespace: the route, with any learned MTU.
+    pub fn route_get(&self, dst: std::net::Ipv4Addr) -> String {
+        let out = Command::new("ip")
+            .args(["-n", &self.name, "route", "get", &dst.to_string()])
+            .output()
+            .expect("ip route get");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
         sh(&[
             "ip",

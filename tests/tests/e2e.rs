@@ -992,17 +992,7 @@ fn pmtu_discovery_through_a_cluster_ip_completes_a_1mb_transfer() {
         .1;
     assert!(translated >= 1, "no ICMP error was translated");
     // The client learned the path MTU for the VIP.
-    let route = std::process::Command::new("ip")
-        .args([
-            "-n",
-            &s.topology.client.name,
-            "route",
-            "get",
-            &VIP.to_string(),
-        ])
-        .output()
-        .unwrap();
-    let route = String::from_utf8_lossy(&route.stdout);
+    let route = s.topology.client.route_get(VIP);
     assert!(
         route.contains("mtu 1280"),
         "client's route to the VIP: {route}"

@@ -723,17 +723,7 @@ fn pmtu_discovery_through_a_nodeport_when_the_routed_way_out_is_narrower() {
         .expect("the 1 MB transfer through the node port completes");
     assert_eq!(received, (1 << 20).to_string());
     assert!(counter(&cluster, 0, "icmp_frag_needed") >= 1);
-    let route = std::process::Command::new("ip")
-        .args([
-            "-n",
-            &cluster.clients[0].name,
-            "route",
-            "get",
-            &NODE_IPS[0].to_string(),
-        ])
-        .output()
-        .unwrap();
-    let route = String::from_utf8_lossy(&route.stdout);
+    let route = cluster.clients[0].route_get(NODE_IPS[0]);
     assert!(
         route.contains("mtu 1280"),
         "client's route to node-a: {route}"
