@@ -1,28 +1,28 @@
 //! lb-agent: programs the eBPF service load balancer from Kubernetes objects.
 //!
-//! manifests (`manifest`) → desired frontends (`desired`) → ordered map writes
-//! (`reconcile`) → the kernel (`datapath`). `dump` renders the maps for
-//! operators and golden tests.
+//! The path of a Service, one folder a stage:
+//!
+//! - `source`: Services and EndpointSlices, from manifest files or the API
+//!   server, kept per Service;
+//! - `desired`: those objects (and this node's addresses) → the frontends
+//!   to serve, each with its backends; bad input is an `InputError` naming
+//!   the object and field;
+//! - `reconcile`: desired frontends → an ordered plan of map writes,
+//!   applied so that no packet sees a half-written Service;
+//! - `datapath`: the kernel — the embedded eBPF object, pinned maps,
+//!   attachment to interfaces and cgroups, conntrack upkeep, migration of
+//!   older map layouts;
+//! - `serve`: `lb-agent run`, the loop that ties the stages together, and
+//!   what it serves (health, metrics, `healthCheckNodePort`s);
+//! - `cli`: the read-only operator commands (`inspect`, `explain`).
+//!
+//! `model` holds the types every stage shares (frontends, addresses,
+//! input errors, Maglev tables).
 
+pub mod cli;
 pub mod datapath;
 pub mod desired;
-
-pub mod dump;
-pub mod error;
-pub mod explain;
-pub mod health;
-pub mod ids;
-pub mod inspect;
-pub mod k8s;
-pub mod maglev;
-pub mod manifest;
-pub mod metrics;
 pub mod model;
-pub mod node;
-pub mod objects;
 pub mod reconcile;
-pub mod run;
-pub mod service_health;
-pub mod store;
-pub mod view;
-pub mod watch;
+pub mod serve;
+pub mod source;

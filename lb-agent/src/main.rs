@@ -2,11 +2,14 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::{Parser, Subcommand};
 use lb_agent::{
+    cli::dump,
+    cli::explain,
+    cli::inspect,
     datapath::loader::{MapSizes, DEFAULT_PIN_DIR},
     desired::{self, Limits},
-    dump, explain, inspect, manifest,
     reconcile::Reconciler,
-    run::{self, RunConfig, SourceConfig},
+    serve::{self, RunConfig, SourceConfig},
+    source::manifest,
 };
 use lb_common::{
     backend::DEFAULT_MAX_BACKENDS, ct::DEFAULT_MAX_CT_ENTRIES, svc::DEFAULT_MAX_SVC_ENTRIES,
@@ -135,8 +138,8 @@ enum LbAlgorithmArg {
 impl LimitArgs {
     fn limits(&self) -> anyhow::Result<Limits> {
         let limits = Limits::new(self.max_backends_per_service).map_err(anyhow::Error::msg)?;
-        let table_size =
-            lb_agent::maglev::parse_size(&self.maglev_table_size).map_err(anyhow::Error::msg)?;
+        let table_size = lb_agent::model::maglev::parse_size(&self.maglev_table_size)
+            .map_err(anyhow::Error::msg)?;
         Ok(limits.with_lb_algorithm(match self.lb_algorithm {
             LbAlgorithmArg::Random => desired::LbAlgorithm::Random,
             LbAlgorithmArg::Maglev => desired::LbAlgorithm::Maglev { table_size },
@@ -178,7 +181,7 @@ struct RunArgs {
     snat_address: Option<std::net::Ipv4Addr>,
     /// Source ports for SNAT; must lie outside net.ipv4.ip_local_port_range
     /// (the default sits below it and below the usual node-port range).
-    #[arg(long, default_value = "1024-29999", value_parser = lb_agent::node::parse_port_range)]
+    #[arg(long, default_value = "1024-29999", value_parser = lb_agent::serve::node::parse_port_range)]
     snat_port_range: std::ops::RangeInclusive<u16>,
     /// Serve /healthz and /readyz here (200 after the first full sync).
     #[arg(long)]
@@ -324,7 +327,8 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     api_server: args.api_server.filter(|s| !s.is_empty()),
                 },
             };
-            lb_agent::node::check_snat_ports(&args.snat_port_range).map_err(anyhow::Error::msg)?;
+            lb_agent::serve::node::check_snat_ports(&args.snat_port_range)
+                .map_err(anyhow::Error::msg)?;
             let node_name = match args.node_name.filter(|n| !n.is_empty()) {
                 Some(name) => name,
                 None => std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -345,7 +349,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 socket_lb,
                 source,
                 external_interfaces: args.external_interfaces,
-                node: lb_agent::node::NodeSettings {
+                node: lb_agent::serve::node::NodeSettings {
                     name: node_name.into(),
                     nodeport_cidrs: args.nodeport_addresses,
                     snat_address: args.snat_address,
@@ -380,7 +384,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
-                .block_on(run::run(config))
+                .block_on(serve::run(config))
         }
         Command::Inspect {
             what,
@@ -418,7 +422,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                             eprintln!("warning: {e}");
                         }
                     }
-                    Some(lb_agent::store::ObjectStore::from_objects(&dir.objects()))
+                    Some(lb_agent::source::store::ObjectStore::from_objects(
+                        &dir.objects(),
+                    ))
                 }
                 None => None,
             };
@@ -453,7 +459,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             let (desired, more) = desired::compute(&objects, limits, node);
             errors.extend(more);
             let mut reconciler = Reconciler::restore(
-                lb_agent::datapath::fake::FakeMaps::new(
+                lb_agent::datapath::offline::fake::FakeMaps::new(
                     max_service_slots as usize,
                     max_backends as usize,
                 ),

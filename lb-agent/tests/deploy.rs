@@ -113,7 +113,7 @@ fn example_manifests_are_valid_input() {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/demo.yaml"),
     )
     .unwrap();
-    let (objects, errors) = lb_agent::manifest::parse_str(&text, None).unwrap();
+    let (objects, errors) = lb_agent::source::manifest::parse_str(&text, None).unwrap();
     assert!(errors.is_empty(), "{errors:?}");
     let (desired, errors) = lb_agent::desired::compute(
         &objects,

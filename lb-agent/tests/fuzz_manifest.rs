@@ -5,11 +5,11 @@
 //! and says what is wrong); and what is written to the maps is consistent.
 
 use lb_agent::{
-    datapath::fake::FakeMaps,
+    datapath::offline::fake::FakeMaps,
     desired::{self, Limits, NodeContext},
-    error::InputErrorKind,
-    manifest,
+    model::error::InputErrorKind,
     reconcile::Reconciler,
+    source::manifest,
 };
 use proptest::prelude::*;
 

@@ -4,10 +4,11 @@
 use std::{fs, path::Path};
 
 use lb_agent::{
-    datapath::fake::FakeMaps,
+    cli::dump,
+    datapath::offline::fake::FakeMaps,
     desired::{self, Limits},
-    dump, manifest,
     reconcile::Reconciler,
+    source::manifest,
 };
 
 fn run_case(dir: &Path) -> (String, String) {

@@ -6,12 +6,12 @@
 use std::path::PathBuf;
 
 use lb_agent::{
-    datapath::fake::FakeMaps,
+    datapath::offline::fake::FakeMaps,
     desired::{self, DesiredState, Limits},
-    manifest,
-    objects::Objects,
     reconcile::Reconciler,
-    store::ObjectStore,
+    source::manifest,
+    source::objects::Objects,
+    source::store::ObjectStore,
 };
 
 const LIMITS: Limits = Limits {

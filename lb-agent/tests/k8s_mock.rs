@@ -7,7 +7,7 @@ use std::{sync::Arc, time::Duration};
 
 use http::{Request, Response, StatusCode};
 use kube::{client::Body, Client};
-use lb_agent::k8s::ApiSource;
+use lb_agent::source::k8s::ApiSource;
 use serde_json::json;
 use tokio::sync::Notify;
 
@@ -86,7 +86,7 @@ async fn survives_errors_malformed_objects_and_dropped_streams() {
     let client = Client::new(mock, "default");
     let trigger = Arc::new(Notify::new());
     let mut source = ApiSource::start(client, trigger.clone());
-    let mut store = lb_agent::store::ObjectStore::default();
+    let mut store = lb_agent::source::store::ObjectStore::default();
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut was_ready_before_good_list = false;

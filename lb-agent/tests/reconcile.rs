@@ -4,11 +4,11 @@
 use std::{fs, net::Ipv4Addr};
 
 use lb_agent::{
-    datapath::{fake::FakeMaps, maps::MapWriteError},
+    datapath::{maps::MapWriteError, offline::fake::FakeMaps},
     desired::{self, Desired, Limits},
-    error::InputErrorKind,
-    manifest::{self, ManifestDir},
+    model::error::InputErrorKind,
     reconcile::Reconciler,
+    source::manifest::{self, ManifestDir},
 };
 
 const LIMITS: Limits = Limits {
@@ -571,7 +571,7 @@ fn a_change_rereads_only_the_files_a_watch_named() {
         .poll_paths(&[a.clone()].into())
         .unwrap()
         .expect("a changed");
-    let names = |o: &lb_agent::objects::Objects| -> Vec<String> {
+    let names = |o: &lb_agent::source::objects::Objects| -> Vec<String> {
         o.services
             .iter()
             .map(|s| s.object.name.to_string())

@@ -273,7 +273,7 @@ pub async fn apply(client: Client, yaml: String) -> anyhow::Result<()> {
         api::{Patch, PatchParams},
         Api,
     };
-    let (objects, errors) = lb_agent::manifest::parse_typed(&yaml, None)?;
+    let (objects, errors) = lb_agent::source::manifest::parse_typed(&yaml, None)?;
     anyhow::ensure!(errors.is_empty(), "{errors:?}");
     let params = PatchParams::apply("lb-tests").force();
     for s in objects.services {

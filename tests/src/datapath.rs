@@ -14,8 +14,8 @@ use lb_agent::{
         EGRESS_PROGRAM, INGRESS_EXTERNAL_PROGRAM, INGRESS_PROGRAM,
     },
     desired::{self, LbAlgorithm, Limits, NodeContext},
-    manifest,
     reconcile::{Reconciler, Report},
+    source::manifest,
 };
 use lb_common::{
     config::{NodeConfig, CONFIG_MAP},

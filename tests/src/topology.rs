@@ -270,7 +270,7 @@ impl Agent {
                     );
                 }
             }
-            if let Ok(text) = lb_agent::inspect::services(&self.pin_dir) {
+            if let Ok(text) = lb_agent::cli::inspect::services(&self.pin_dir) {
                 if ready(&text) {
                     return Ok(text);
                 }

@@ -156,7 +156,7 @@ fn tcp_and_udp_clients_reach_every_backend_through_the_vip() {
     let all: BTreeSet<String> = ["be0", "be1", "be2"].map(String::from).into();
     assert_eq!(tcp_seen, all, "every backend answers TCP");
     assert_eq!(udp_seen, all, "every backend answers UDP");
-    let counters = lb_agent::inspect::counters(&s.agent.pin_dir).unwrap();
+    let counters = lb_agent::cli::inspect::counters(&s.agent.pin_dir).unwrap();
     let get = |name: &str| counters.iter().find(|(n, _)| *n == name).unwrap().1;
     // Every TCP connection is a new flow (a reused port reopens its tuple);
     // a UDP socket that reuses a port within the UDP timeout is a conntrack
@@ -984,7 +984,7 @@ fn pmtu_discovery_through_a_cluster_ip_completes_a_1mb_transfer() {
         .run(|| lb_tests::servers::bounded_sink_transfer(SocketAddrV4::new(VIP, 80), bytes))
         .expect("the 1 MB transfer through the VIP completes");
     assert_eq!(received, bytes.to_string());
-    let translated = lb_agent::inspect::counters(&s.agent.pin_dir)
+    let translated = lb_agent::cli::inspect::counters(&s.agent.pin_dir)
         .unwrap()
         .into_iter()
         .find(|(n, _)| *n == "icmp_translated")

@@ -398,7 +398,7 @@ fn node_ports_follow_the_addresses_of_the_external_interface() {
         .wait_for_maps("the node port", |m| m.contains("30080/TCP count=2"))
         .unwrap();
     assert!(
-        !lb_agent::inspect::services(&cluster.agents[0].pin_dir)
+        !lb_agent::cli::inspect::services(&cluster.agents[0].pin_dir)
             .unwrap()
             .contains(&frontend),
         "not a node address yet"
@@ -680,7 +680,7 @@ fn transfer_1mb(cluster: &Cluster, addr: SocketAddrV4) -> std::io::Result<String
 }
 
 fn counter(cluster: &Cluster, node: usize, name: &str) -> u64 {
-    lb_agent::inspect::counters(&cluster.agents[node].pin_dir)
+    lb_agent::cli::inspect::counters(&cluster.agents[node].pin_dir)
         .unwrap()
         .into_iter()
         .find(|(n, _)| *n == name)

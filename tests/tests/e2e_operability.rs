@@ -567,7 +567,7 @@ fn a_full_conntrack_table_drops_only_new_flows_and_says_which_flag_to_raise() {
             "an established flow stopped"
         );
     }
-    let counters = lb_agent::inspect::counters(&s.agent.pin_dir).unwrap();
+    let counters = lb_agent::cli::inspect::counters(&s.agent.pin_dir).unwrap();
     let drops = counters
         .iter()
         .find(|(n, _)| *n == "drop_ct_full")

@@ -119,7 +119,7 @@ impl Setup {
     }
 
     fn counter(&self, stat: Stat) -> u64 {
-        lb_agent::inspect::counters(&self.agent.pin_dir)
+        lb_agent::cli::inspect::counters(&self.agent.pin_dir)
             .unwrap()
             .into_iter()
             .find(|(name, _)| *name == lb_common::stats::STAT_NAMES[stat as usize])

@@ -240,7 +240,7 @@ fn a_burst_of_1000_services_is_programmed() {
     // during inserts may miss entries. Now that all are programmed, a fresh
     // read must be complete and consistent.
     drop(maps);
-    let maps = lb_agent::inspect::services(&c.agent.pin_dir).unwrap();
+    let maps = lb_agent::cli::inspect::services(&c.agent.pin_dir).unwrap();
     assert_eq!(
         maps.lines().filter(|l| l.contains(" count=1 ")).count(),
         2000

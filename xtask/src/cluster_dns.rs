@@ -17,7 +17,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
-use lb_agent::{model::ServiceName, objects::Objects, store::ObjectStore};
+use lb_agent::{model::ServiceName, source::objects::Objects, source::store::ObjectStore};
 use lb_tests::netns::NetNs;
 
 const ZONE: &str = "svc.cluster.local";
@@ -184,7 +184,8 @@ mod tests {
 
     #[test]
     fn records_follow_the_kubernetes_dns_spec() {
-        let (objects, errors) = lb_agent::manifest::parse_str(crate::demo::MANIFEST, None).unwrap();
+        let (objects, errors) =
+            lb_agent::source::manifest::parse_str(crate::demo::MANIFEST, None).unwrap();
         assert!(errors.is_empty());
         let text = records(&objects);
         for line in [

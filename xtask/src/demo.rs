@@ -44,7 +44,7 @@ pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
     println!("lb-agent running in namespace lbd-node, attached to lbd-*, maps pinned in {PIN_DIR}");
 
     step(&format!("services (lb-agent inspect --pin-dir {PIN_DIR})"));
-    print!("{}", lb_agent::inspect::services(Path::new(PIN_DIR))?);
+    print!("{}", lb_agent::cli::inspect::services(Path::new(PIN_DIR))?);
 
     let _dns = cluster_dns(&topology, &dns_pods, &scratch)?;
 
@@ -116,7 +116,7 @@ pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
 
     step("conntrack (lb-agent inspect conntrack), first rows");
     let pin_dir = Path::new(PIN_DIR);
-    let table = lb_agent::inspect::conntrack(pin_dir)?;
+    let table = lb_agent::cli::inspect::conntrack(pin_dir)?;
     let rows: Vec<&str> = table.lines().collect();
     for line in rows.iter().take(7) {
         println!("  {line}");
@@ -125,7 +125,7 @@ pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
         println!("  ...\n  {}", rows[rows.len() - 1]);
     }
     step("per-reason packet counters (lb-agent inspect stats)");
-    for line in lb_agent::inspect::stats(pin_dir)?.lines() {
+    for line in lb_agent::cli::inspect::stats(pin_dir)?.lines() {
         println!("  {line}");
     }
 
@@ -170,7 +170,7 @@ fn cluster_dns(
     scratch: &ScratchDir,
 ) -> anyhow::Result<(Vec<DnsServer>, PodResolvConf)> {
     step("cluster DNS: dnsmasq in pods lbd-be3, lbd-be4 behind kube-dns 198.19.0.53 (UDP and TCP 53), records generated from the manifests");
-    let (objects, _) = lb_agent::manifest::parse_str(MANIFEST, None)?;
+    let (objects, _) = lb_agent::source::manifest::parse_str(MANIFEST, None)?;
     let config = scratch.0.join("dns-records.conf");
     std::fs::write(&config, records(&objects))?;
     let servers = pods
@@ -242,11 +242,11 @@ fn cluster_dns(
         anyhow::ensure!(body.starts_with("backend pod-"), "by name: {body}");
     }
     // The queries went through lb: its conntrack holds them.
-    let snapshot = lb_agent::inspect::snapshot(Path::new(PIN_DIR))?;
-    let flows = lb_agent::inspect::flows(
+    let snapshot = lb_agent::cli::inspect::snapshot(Path::new(PIN_DIR))?;
+    let flows = lb_agent::cli::inspect::flows(
         Path::new(PIN_DIR),
         &snapshot,
-        &lb_agent::inspect::Filter {
+        &lb_agent::cli::inspect::Filter {
             service: Some("kube-system/kube-dns".into()),
             backend: None,
         },

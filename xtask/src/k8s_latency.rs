@@ -137,7 +137,7 @@ fn web(n: usize) -> String {
 
 async fn apply(client: Client, yaml: String) -> anyhow::Result<()> {
     let (objects, errors) =
-        lb_agent::manifest::parse_typed(&yaml, None).map_err(|e| anyhow::anyhow!("{e}"))?;
+        lb_agent::source::manifest::parse_typed(&yaml, None).map_err(|e| anyhow::anyhow!("{e}"))?;
     anyhow::ensure!(errors.is_empty(), "{errors:?}");
     let params = PatchParams::apply("lb-latency").force();
     for s in objects.services {
@@ -267,7 +267,7 @@ fn api_mode(n: usize, changes: usize) -> anyhow::Result<Row> {
     let slices: Vec<EndpointSlice> = [1, 2]
         .iter()
         .map(|k| {
-            lb_agent::manifest::parse_typed(&web(*k), None)
+            lb_agent::source::manifest::parse_typed(&web(*k), None)
                 .map(|(o, _)| o.slices[0].object.clone())
                 .map_err(|e| anyhow::anyhow!("{e}"))
         })

@@ -80,8 +80,8 @@ endpoints:
 /// What the maps serve — each frontend's backend addresses — and how many
 /// backend entries they hold (ids and slot order may differ after a churn).
 fn programmed() -> anyhow::Result<(BTreeMap<String, Vec<String>>, usize)> {
-    let snapshot = lb_agent::inspect::snapshot(Path::new(PIN_DIR))?;
-    let frontends = lb_agent::inspect::frontends(&snapshot, &Default::default())
+    let snapshot = lb_agent::cli::inspect::snapshot(Path::new(PIN_DIR))?;
+    let frontends = lb_agent::cli::inspect::frontends(&snapshot, &Default::default())
         .into_iter()
         .map(|f| {
             let mut backends: Vec<String> = f
@@ -354,7 +354,7 @@ pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
     let api_pid = agent.pid().ok_or_else(|| anyhow::anyhow!("agent pid"))?;
     let (api_rss_before, api_cpu_before) = crate::bench::process_usage(api_pid)?;
     let slice_of = |yaml: String| -> anyhow::Result<EndpointSlice> {
-        let (objects, _) = lb_agent::manifest::parse_typed(&yaml, None)?;
+        let (objects, _) = lb_agent::source::manifest::parse_typed(&yaml, None)?;
         Ok(objects.slices[0].object.clone())
     };
     let web_slices = [slice_of(web(true))?, slice_of(web(false))?];

@@ -4,12 +4,12 @@
 pub mod attach;
 pub mod cgroup;
 pub mod conntrack;
-pub mod fake;
+pub mod counters;
 pub mod fill;
 pub mod loader;
 pub mod maps;
 pub mod migrate;
-pub mod probe;
+pub mod offline;
 pub mod udp_reset;
 
 /// The `lb-ebpf` object built by build.rs.

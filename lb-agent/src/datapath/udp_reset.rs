@@ -32,10 +32,15 @@ use netlink_packet_sock_diag::{
 };
 use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr};
 
-use crate::{
-    model::{L4Addr, Proto},
-    reconcile::LeftBackend,
-};
+use crate::model::{L4Addr, Proto};
+
+/// A backend a UDP frontend stopped using: its flows are reset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct LeftBackend {
+    pub frontend: L4Addr,
+    pub backend_id: u32,
+    pub backend: L4Addr,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum UdpResetError {

@@ -245,7 +245,7 @@ fn one_run(
     if mode == Mode::LbSocket {
         // Measured what it claims: connections translated at the socket,
         // none by the tc path.
-        let counters = lb_agent::inspect::counters(Path::new(PIN_DIR))?;
+        let counters = lb_agent::cli::inspect::counters(Path::new(PIN_DIR))?;
         let get = |stat: lb_common::stats::Stat| {
             counters
                 .iter()

@@ -10,8 +10,8 @@ use std::{
 use lb_agent::{
     datapath::loader::{self, MapSizes},
     desired::{self, Limits},
-    manifest,
     reconcile::Reconciler,
+    source::manifest,
 };
 use lb_tests::{
     datapath::Harness,

@@ -1,7 +1,7 @@
 //! In-memory `LbMaps` with capacities and a log of every write, so the
 //! control plane (including write order and full maps) tests without root.
 
-use super::maps::{LbMaps, MapWriteError, RevNatEntry, Snapshot};
+use crate::datapath::maps::{LbMaps, MapWriteError, RevNatEntry, Snapshot};
 use crate::model::{L4Addr, ServiceName};
 use lb_common::svc::{SvcValue, SVC_FLAG_MAGLEV, SVC_FLAG_MAGLEV_TABLE_1};
 
@@ -252,7 +252,7 @@ impl LbMaps for FakeMaps {
         ))?;
         let mut padded = entries.to_vec();
         padded.resize(
-            super::maps::maglev_chunks(entries.len()) as usize
+            crate::datapath::maps::maglev_chunks(entries.len()) as usize
                 * lb_common::maglev::MAGLEV_CHUNK as usize,
             0,
         );

@@ -3,6 +3,11 @@
 //! server — until SIGINT/SIGTERM. Both sources feed the same path:
 //! objects → `desired::compute` → `Reconciler::apply`.
 
+pub mod health;
+pub mod metrics;
+pub mod node;
+pub mod service_health;
+
 use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{bail, Context as _};
@@ -23,16 +28,16 @@ use crate::{
         udp_reset::UdpResetter,
     },
     desired::{DesiredState, Limits, NodeContext},
-    error::InputError,
-    health::{self, Health},
-    k8s::ApiSource,
-    manifest::ManifestDir,
-    metrics::{ErrorKind, FlowRemoval, Metrics},
-    node::NodeSettings,
+    model::error::InputError,
     reconcile::Reconciler,
-    service_health::ServiceHealthServers,
-    store::ObjectStore,
-    watch,
+    serve::health::Health,
+    serve::metrics::{ErrorKind, FlowRemoval, Metrics},
+    serve::node::NodeSettings,
+    serve::service_health::ServiceHealthServers,
+    source::k8s::ApiSource,
+    source::manifest::ManifestDir,
+    source::store::ObjectStore,
+    source::watch,
 };
 
 pub enum SourceConfig {
@@ -92,7 +97,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             kubeconfig,
             api_server,
         } => {
-            let client = crate::k8s::client(kubeconfig.as_deref(), api_server.as_deref())
+            let client = crate::source::k8s::client(kubeconfig.as_deref(), api_server.as_deref())
                 .await
                 .context("connecting to the API server")?;
             Source::Api(ApiSource::start(client, trigger.clone()))
@@ -160,16 +165,13 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         .unwrap_or(conntrack.capacity);
     let config_map = loader::ConfigMap::take(&mut ebpf)?;
     let udp_resetter = loader::udp_resetter(&mut ebpf)?;
-    let stats = loader::open_pinned(&pin_dir, lb_common::stats::STATS_MAP).and_then(|map| {
-        aya::maps::PerCpuArray::try_from(map)
-            .map_err(|e| loader::LoadError::Map(lb_common::stats::STATS_MAP, e.to_string()))
-    })?;
+    let stats = crate::datapath::counters::open(&pin_dir)?;
     let metrics = Metrics::new(Some(stats));
     if let Some(addr) = config.metrics_addr {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("--metrics-bind-address {addr}"))?;
-        tokio::spawn(crate::metrics::serve(listener, metrics.clone()));
+        tokio::spawn(crate::serve::metrics::serve(listener, metrics.clone()));
         info!(%addr, "serving /metrics");
     }
     let reconciler =
@@ -740,7 +742,7 @@ impl Agent {
         for name in &changes.attached {
             info!(interface = %name, "attached tc ingress and egress");
         }
-        match crate::node::interface_addresses().await {
+        match crate::serve::node::interface_addresses().await {
             Ok(addresses) => self.sync_node(&addresses),
             Err(e) => warn!("reading the node's addresses: {e}"),
         }
@@ -755,7 +757,7 @@ impl Agent {
 
     /// Follows the node's addresses: the node-port frontends and the SNAT
     /// address move with them.
-    fn sync_node(&mut self, addresses: &[crate::node::InterfaceAddress]) {
+    fn sync_node(&mut self, addresses: &[crate::serve::node::InterfaceAddress]) {
         let external = self.attacher.external_ifindexes();
         let (context, config) = self.config.node.resolve(addresses, &external);
         if self.node_config != Some(config) {

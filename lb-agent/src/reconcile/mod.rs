@@ -15,6 +15,8 @@
 //! Backends no slot refers to are deleted last. When one write of a frontend
 //! fails, its later writes are skipped (they depend on the earlier ones).
 
+pub mod ids;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
@@ -28,10 +30,13 @@ use lb_common::{
 };
 
 use crate::{
-    datapath::maps::{LbMaps, MapWriteError},
+    datapath::{
+        maps::{LbMaps, MapWriteError},
+        udp_reset::LeftBackend,
+    },
     desired::{Changes, Desired},
-    ids::IdAllocator,
     model::{FrontendKind, L4Addr, Proto, ServiceName},
+    reconcile::ids::IdAllocator,
 };
 
 /// One map write.
@@ -193,14 +198,6 @@ pub struct Plan {
     pub kept: usize,
     /// Frontends left out: no id was free for them (the map is full).
     pub skipped: Vec<(ServiceName, L4Addr, MapWriteError)>,
-}
-
-/// A backend a UDP frontend stopped using.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct LeftBackend {
-    pub frontend: L4Addr,
-    pub backend_id: u32,
-    pub backend: L4Addr,
 }
 
 /// Entries in the maps the reconciler writes, and what they serve.
@@ -1115,7 +1112,7 @@ impl<M: LbMaps> Reconciler<M> {
 /// The Maglev table of a frontend: each entry's backend id, flagged
 /// `MAGLEV_REMOTE` when the backend runs on another node.
 fn maglev_entries(spec: &crate::model::FrontendSpec, ids: &[u32]) -> Arc<[u32]> {
-    crate::maglev::populate(&spec.backends, spec.maglev_table_size)
+    crate::model::maglev::populate(&spec.backends, spec.maglev_table_size)
         .into_iter()
         .map(|i| {
             let i = i as usize;

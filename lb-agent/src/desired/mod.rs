@@ -22,11 +22,11 @@ use std::{
 };
 
 use crate::{
-    error::{InputError, InputErrorKind},
+    model::error::{InputError, InputErrorKind},
     model::{FrontendKind, FrontendSpec, L4Addr, Proto, ServiceName},
-    objects::{Objects, Sourced},
-    store::{ObjectStore, ServiceInput},
-    view::{
+    source::objects::{Objects, Sourced},
+    source::store::{ObjectStore, ServiceInput},
+    source::view::{
         EndpointAddress, ProtocolText, ServiceSpecView, ServiceView, SliceView,
         SERVICE_PROXY_NAME_LABEL,
     },
@@ -566,7 +566,8 @@ fn service_frontends(
         }
         let maglev_table_size = match limits.lb_algorithm {
             LbAlgorithm::Maglev { table_size } if !backends.is_empty() => {
-                let size = table_size.unwrap_or_else(|| crate::maglev::auto_size(backends.len()));
+                let size =
+                    table_size.unwrap_or_else(|| crate::model::maglev::auto_size(backends.len()));
                 if size as usize <= backends.len() {
                     errors.push(ctx.error(
                         InputErrorKind::OverLimit,

@@ -16,10 +16,10 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    datapath::probe::Probe,
-    inspect::{self, FlowInfo, FrontendInfo},
+    cli::inspect::{self, FlowInfo, FrontendInfo},
+    datapath::offline::probe::Probe,
     model::{FrontendKind, L4Addr, Proto, ServiceName},
-    store::ObjectStore,
+    source::store::ObjectStore,
 };
 
 const CLUSTER_DOMAIN: &str = "svc.cluster.local";

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use crate::{
     model::ServiceName,
-    view::{ServiceView, SliceView},
+    source::view::{ServiceView, SliceView},
 };
 
 /// An object and where it was read from.

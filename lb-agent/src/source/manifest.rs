@@ -17,10 +17,10 @@ use serde::Deserialize as _;
 use serde_yaml::Value;
 
 use crate::{
-    error::{InputError, InputErrorKind},
+    model::error::{InputError, InputErrorKind},
     model::ServiceName,
-    objects::{Objects, Sourced},
-    view::{ServiceView, SliceView, SERVICE_NAME_LABEL},
+    source::objects::{Objects, Sourced},
+    source::view::{ServiceView, SliceView, SERVICE_NAME_LABEL},
 };
 
 /// The objects as parsed, full k8s-openapi types.

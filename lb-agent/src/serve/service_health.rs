@@ -19,7 +19,7 @@ use axum::{
 };
 use serde_json::json;
 
-use crate::{desired::HealthCheck, health::Health, model::ServiceName};
+use crate::{desired::HealthCheck, model::ServiceName, serve::health::Health};
 
 type Checks = Arc<RwLock<BTreeMap<u16, (ServiceName, usize)>>>;
 

@@ -10,25 +10,25 @@ use std::{
     path::Path,
 };
 
-use aya::maps::{HashMap, MapData, PerCpuArray};
+use aya::maps::{HashMap, MapData};
 use lb_common::{
     affinity::AFFINITY_MATCH_MAP,
     backend::BACKEND_MAP,
     ct::{is_closing, CtKey, CtValue, CT_DIR_FORWARD, CT_MAP, CT_SEEN_REPLY, CT_SNAT},
     revnat::REVNAT_MAP,
     source_range::SOURCE_RANGE_MAP,
-    stats::{STATS_MAP, STAT_COUNT, STAT_NAMES},
     svc::{SvcValue, SVC_MAP},
 };
 use serde::Serialize;
 
 use crate::{
+    cli::dump,
     datapath::{
         conntrack::{flow_is_expired, monotonic_ns},
+        counters as datapath_counters,
         loader::{open_pinned, MapSizes},
         maps::{KernelMaps, LbMaps, Snapshot},
     },
-    dump,
     model::{FrontendKind, L4Addr, Proto},
 };
 
@@ -383,17 +383,7 @@ pub fn stats(pin_dir: &Path) -> anyhow::Result<String> {
 }
 
 pub fn counters(pin_dir: &Path) -> anyhow::Result<Vec<(&'static str, u64)>> {
-    let map: PerCpuArray<MapData, u64> = open_pinned(pin_dir, STATS_MAP)?.try_into()?;
-    Ok(sum_counters(&map)?)
-}
-
-/// Each datapath counter, summed over CPUs, by name.
-pub fn sum_counters(
-    map: &PerCpuArray<MapData, u64>,
-) -> Result<Vec<(&'static str, u64)>, aya::maps::MapError> {
-    (0..STAT_COUNT)
-        .map(|i| Ok((STAT_NAMES[i as usize], map.get(&i, 0)?.iter().sum())))
-        .collect()
+    Ok(datapath_counters::sum(&datapath_counters::open(pin_dir)?)?)
 }
 
 fn endpoint(addr: [u8; 4], port: u16) -> String {

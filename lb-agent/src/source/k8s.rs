@@ -20,9 +20,9 @@ use tracing::{debug, warn};
 
 use crate::{
     model::ServiceName,
-    objects::Sourced,
-    store::ObjectStore,
-    view::{ServiceView, SliceView},
+    source::objects::Sourced,
+    source::store::ObjectStore,
+    source::view::{ServiceView, SliceView},
 };
 
 /// kube-proxy's selector: skip other proxies' services and headless services.

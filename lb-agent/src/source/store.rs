@@ -12,8 +12,8 @@ use std::{
 
 use crate::{
     model::ServiceName,
-    objects::{Objects, Sourced},
-    view::{ServiceView, SliceView},
+    source::objects::{Objects, Sourced},
+    source::view::{ServiceView, SliceView},
 };
 
 /// An object's identity: where it came from, its namespace and name.

@@ -25,7 +25,7 @@ use lb_common::{
     svc::SVC_MAP,
 };
 
-use super::{INGRESS_EXTERNAL_PROGRAM, INGRESS_PROGRAM};
+use crate::datapath::{INGRESS_EXTERNAL_PROGRAM, INGRESS_PROGRAM};
 use crate::model::{L4Addr, Proto};
 
 /// The maps the probe reads live (all written by the agent only).
@@ -89,7 +89,7 @@ impl Probe {
             loader.map_pin_path(name, Cow::Owned(pin_dir.join(name)));
         }
         let mut ebpf = loader
-            .load(super::EBPF_OBJECT)
+            .load(crate::datapath::EBPF_OBJECT)
             .map_err(|e| ProbeError::Load(e.to_string()))?;
         for name in [INGRESS_PROGRAM, INGRESS_EXTERNAL_PROGRAM] {
             let program: &mut SchedClassifier = ebpf
@@ -230,7 +230,7 @@ impl Probe {
 }
 
 fn pinned<T: TryFrom<aya::maps::Map>>(pin_dir: &Path, name: &'static str) -> Result<T, ProbeError> {
-    let map = super::loader::open_pinned(pin_dir, name)
+    let map = crate::datapath::loader::open_pinned(pin_dir, name)
         .map_err(|e| ProbeError::Map(name, e.to_string()))?;
     T::try_from(map).map_err(|_| ProbeError::Map(name, "unexpected map type".into()))
 }

@@ -1,6 +1,9 @@
 //! The agent's view of what to program: frontends (VIP, port, protocol) and
 //! the backends behind each, independent of where they came from.
 
+pub mod error;
+pub mod maglev;
+
 use std::{fmt, net::Ipv4Addr};
 
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP};

@@ -14,7 +14,6 @@ use std::{
 };
 
 use axum::{extract::State, http::header, response::IntoResponse, routing::get, Router};
-use aya::maps::{MapData, PerCpuArray};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric as _},
@@ -28,7 +27,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::model::FrontendKind;
+use crate::{
+    datapath::counters::{self, CounterMap},
+    model::FrontendKind,
+};
 
 type Label = [(&'static str, &'static str); 1];
 
@@ -113,7 +115,7 @@ pub struct Metrics {
 
 impl Metrics {
     /// `stats`: the datapath's per-CPU counters (`None`: not exported).
-    pub fn new(stats: Option<PerCpuArray<MapData, u64>>) -> Self {
+    pub fn new(stats: Option<CounterMap>) -> Self {
         let mut registry = Registry::default();
         // 1 ms .. ≈ 65 s, as kube-proxy's sync histogram spans.
         let sync_duration = Histogram::new(exponential_buckets(0.001, 2.0, 17));
@@ -292,7 +294,7 @@ impl Metrics {
 
 /// The datapath's per-reason counters, summed over CPUs at each scrape:
 /// `lb_datapath_events_total{event}`.
-struct DatapathCounters(Mutex<PerCpuArray<MapData, u64>>);
+struct DatapathCounters(Mutex<CounterMap>);
 
 impl fmt::Debug for DatapathCounters {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -305,7 +307,7 @@ impl Collector for DatapathCounters {
         let values = {
             let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
             // An unreadable map shows no events rather than failing the scrape.
-            crate::inspect::sum_counters(&map).unwrap_or_default()
+            counters::sum(&map).unwrap_or_default()
         };
         let mut family = encoder.encode_descriptor(
             "lb_datapath_events",

@@ -1,0 +1,12 @@
+//! Where the agent's input comes from and how it is kept: Kubernetes
+//! objects read from manifest files (`manifest`, re-read on `watch` events)
+//! or watched at the API server (`k8s`), slimmed to the fields the datapath
+//! depends on (`view`), grouped per Service (`store`) and handed to a pass as
+//! `objects`.
+
+pub mod k8s;
+pub mod manifest;
+pub mod objects;
+pub mod store;
+pub mod view;
+pub mod watch;
