@@ -45,8 +45,8 @@ pub enum Stat {
     DropRedirect = 17,
     /// New flow from outside `loadBalancerSourceRanges`: dropped.
     DropSourceRange = 18,
-    /// A SNAT port held by a finished flow (expired, or closed when a new
-    /// SYN needs it) was taken back.
+    /// A SNAT port held by a flow whose entries had both expired (the
+    /// agent's GC had not removed them yet) was taken back.
     CtReclaimed = 19,
     /// A socket's connect or send to a frontend pointed at a backend (socket LB).
     SockTranslated = 20,

@@ -85,9 +85,7 @@ pub fn run(agent_bin: &Path, changes: usize, scales: &[usize]) -> anyhow::Result
         text,
         "\nTargets: p99 < 10 ms at 10 000 services; RSS < 64 MiB in API mode at 10 000."
     );
-    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/results");
-    std::fs::create_dir_all(&out)?;
-    std::fs::write(out.join("k8s-latency.md"), &text).context("writing the report")?;
+    crate::results::publish("k8s-latency.md", &text)?;
     println!("{text}");
     Ok(())
 }

@@ -5,6 +5,7 @@ mod bench;
 mod cluster_dns;
 mod demo;
 mod k8s_latency;
+mod results;
 mod soak;
 
 use std::{
@@ -61,6 +62,8 @@ enum Task {
     /// Restarts under load: SIGKILL ×5 and SIGTERM with --keep-datapath
     /// while TCP and UDP flow through a VIP (writes bench/results/soak.md).
     Soak,
+    /// Rewrite docs/performance.md's figures from bench/results/.
+    Docs,
     /// Unprivileged tests, then (as root) datapath and end-to-end tests.
     Test {
         /// Only run tests whose name contains this.
@@ -247,6 +250,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             build_apiserver()?;
             k8s_latency::run(&agent, changes, &scales)?;
         }
+        Task::Docs => results::refresh_docs()?,
         Task::Test { filter } => {
             let filter: Vec<&str> = filter.as_deref().into_iter().collect();
             let mut unprivileged = vec![

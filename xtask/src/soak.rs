@@ -467,8 +467,7 @@ pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
         let _ = writeln!(report, "| {how} | {:.2} s |", took.as_secs_f64());
     }
     print!("{report}");
-    let out = crate::workspace_root().join("bench/results/soak.md");
-    std::fs::write(&out, &report)?;
+    let out = crate::results::publish("soak.md", &report)?;
     println!("\nwritten to {}", out.display());
     Ok(())
 }

@@ -221,9 +221,9 @@ impl ObjectStore {
     }
 }
 
-/// Room for one: nearly every name has one Service and one slice, and a
-/// first push would reserve four (at 10 000 Services, 11 MB of Service
-/// views never used).
+/// Room for one: nearly every name has one Service and one slice, and
+/// `Vec`'s growth from empty reserves four (unused room that adds up to
+/// megabytes at 10 000 Services).
 fn one_slot<T>() -> Vec<T> {
     Vec::with_capacity(1)
 }

@@ -153,8 +153,8 @@ pub fn run(agent_bin: &Path, config: &BenchConfig) -> anyhow::Result<()> {
         &per_packet,
         started.elapsed(),
     );
-    std::fs::write(out.join("bench.md"), &text)?;
     std::fs::write(out.join("connections.svg"), report::svg(config, &results))?;
+    crate::results::publish("bench.md", &text)?;
     println!("{text}");
     Ok(())
 }
