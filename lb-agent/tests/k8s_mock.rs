@@ -9,7 +9,7 @@ use http::{Request, Response, StatusCode};
 use kube::{client::Body, Client};
 use lb_agent::source::k8s::ApiSource;
 use serde_json::json;
-use tokio::sync::Notify;
+use tokio::sync::{oneshot, Notify};
 
 type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
@@ -35,8 +35,16 @@ fn event(kind: &str, object: serde_json::Value) -> String {
     format!("{}\n", json!({"type": kind, "object": object}))
 }
 
+/// Held by the server before it answers the first good list of Services:
+/// it says `reached`, then waits for `go`.
+struct Gate {
+    reached: oneshot::Sender<()>,
+    go: oneshot::Receiver<()>,
+}
+
 /// Scripted API server: what each request gets, in order of arrival per resource.
-async fn serve(mut handle: Handle, log: Arc<std::sync::Mutex<Vec<String>>>) {
+async fn serve(mut handle: Handle, log: Arc<std::sync::Mutex<Vec<String>>>, gate: Gate) {
+    let mut gate = Some(gate);
     let mut service_requests = 0;
     let mut parked = Vec::new(); // watches left open
     while let Some((request, send)) = handle.next_request().await {
@@ -61,7 +69,19 @@ async fn serve(mut handle: Handle, log: Arc<std::sync::Mutex<Vec<String>>>) {
                 StatusCode::INTERNAL_SERVER_ERROR,
                 json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "etcd unavailable", "code": 500}).to_string(),
             )),
-            (_, false) => send.send_response(respond(StatusCode::OK, list("ServiceList", "10", vec![service("a", "10", 80)]))),
+            (_, false) => {
+                let answer = respond(StatusCode::OK, list("ServiceList", "10", vec![service("a", "10", 80)]));
+                match gate.take() {
+                    Some(gate) => {
+                        tokio::spawn(async move {
+                            let _ = gate.reached.send(());
+                            let _ = gate.go.await;
+                            send.send_response(answer);
+                        });
+                    }
+                    None => send.send_response(answer),
+                }
+            }
             // First watch: a malformed object, then a good change, then the stream drops.
             (3, true) => {
                 let bad = json!({"apiVersion": "v1", "kind": "Service",
@@ -82,25 +102,36 @@ async fn serve(mut handle: Handle, log: Arc<std::sync::Mutex<Vec<String>>>) {
 async fn survives_errors_malformed_objects_and_dropped_streams() {
     let (mock, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let requests = Arc::new(std::sync::Mutex::new(Vec::new()));
-    tokio::spawn(serve(handle, requests.clone()));
+    let (reached_tx, reached) = oneshot::channel();
+    let (go, go_rx) = oneshot::channel();
+    let gate = Gate {
+        reached: reached_tx,
+        go: go_rx,
+    };
+    tokio::spawn(serve(handle, requests.clone(), gate));
     let client = Client::new(mock, "default");
     let trigger = Arc::new(Notify::new());
     let mut source = ApiSource::start(client, trigger.clone());
     let mut store = lb_agent::source::store::ObjectStore::default();
 
+    // Everything before the first good list of Services — the failed list,
+    // the slices' list — has been answered; the source must not be ready.
+    tokio::time::timeout(Duration::from_secs(30), reached)
+        .await
+        .expect("the list is retried after the 500")
+        .unwrap();
+    source.drain(&mut store);
+    assert!(
+        !source.is_ready(),
+        "ready before a complete list of Services"
+    );
+    go.send(()).unwrap();
+
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let mut was_ready_before_good_list = false;
     loop {
         let _ = tokio::time::timeout(Duration::from_millis(200), trigger.notified()).await;
         let uris = requests.lock().unwrap().clone();
-        let good_lists = uris
-            .iter()
-            .filter(|u| u.contains("/services") && !u.contains("watch=true"))
-            .count();
         source.drain(&mut store);
-        if source.is_ready() && good_lists < 2 {
-            was_ready_before_good_list = true;
-        }
         let mut names: Vec<(String, i32)> = store
             .services()
             .map(|s| {
@@ -119,7 +150,6 @@ async fn survives_errors_malformed_objects_and_dropped_streams() {
             "did not converge; requests: {uris:#?}; services: {names:?}"
         );
     }
-    assert!(!was_ready_before_good_list, "ready before a complete list");
     assert!(source.is_ready());
     let uris = requests.lock().unwrap().clone();
     let service_watches = uris

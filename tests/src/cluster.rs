@@ -219,7 +219,7 @@ impl Cluster {
     pub fn wait_for_maps(
         &mut self,
         what: &str,
-        ready: impl Fn(&str) -> bool,
+        ready: impl Fn(&crate::maps::Maps) -> bool,
     ) -> anyhow::Result<()> {
         for agent in &mut self.agents {
             agent.wait_for_maps(what, &ready)?;

@@ -6,6 +6,7 @@ pub mod apiserver;
 pub mod cgroup;
 pub mod cluster;
 pub mod datapath;
+pub mod maps;
 pub mod metrics;
 pub mod netns;
 pub mod packet;
@@ -20,6 +21,10 @@ pub fn require_root() {
         "privileged tests need root: run `cargo xtask test` as root"
     );
 }
+
+/// How long a test waits for something the agent does in reaction to an
+/// event (a flush, a reset): generous, since a wait ends when it happens.
+pub const EVENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// Polls `done` every 20 ms for up to `within`; whether it came true.
 pub fn wait_until(within: std::time::Duration, mut done: impl FnMut() -> bool) -> bool {

@@ -16,7 +16,7 @@ use std::{
 
 use anyhow::{bail, Context as _};
 
-use crate::{netns::NetNs, servers::BackendServers};
+use crate::{maps::Maps, netns::NetNs, servers::BackendServers};
 
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
 pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
@@ -254,12 +254,29 @@ impl Agent {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Waits until `inspect` output satisfies `ready`; returns that output.
+    /// The events of an agent started with `--log-format json`, in order,
+    /// each with `message` and its fields at the top.
+    pub fn log_events(&self) -> Vec<serde_json::Value> {
+        self.log_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .map(|e| e["fields"].clone())
+            .collect()
+    }
+
+    /// The first event whose message is `message`, if logged yet.
+    pub fn log_event(&self, message: &str) -> Option<serde_json::Value> {
+        self.log_events()
+            .into_iter()
+            .find(|e| e["message"] == message)
+    }
+
+    /// Waits until the programmed maps satisfy `ready`; returns them.
     pub fn wait_for_maps(
         &mut self,
         what: &str,
-        ready: impl Fn(&str) -> bool,
-    ) -> anyhow::Result<String> {
+        ready: impl Fn(&Maps) -> bool,
+    ) -> anyhow::Result<Maps> {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Some(child) = self.child.as_mut() {
@@ -270,13 +287,14 @@ impl Agent {
                     );
                 }
             }
-            if let Ok(text) = lb_agent::cli::inspect::services(&self.pin_dir) {
-                if ready(&text) {
-                    return Ok(text);
+            if let Ok(maps) = Maps::read(&self.pin_dir) {
+                if ready(&maps) {
+                    return Ok(maps);
                 }
                 if Instant::now() > deadline {
                     bail!(
-                        "timed out waiting for {what}; maps:\n{text}\nagent log:\n{}",
+                        "timed out waiting for {what}; maps:\n{}\nagent log:\n{}",
+                        maps.text,
                         self.log_text()
                     );
                 }

@@ -35,7 +35,7 @@ fn serving_one_backend(prefix: &str) -> Setup {
     let mut s = setup(prefix, 1, &web_manifest(&ready(&[backend_ip(0)])));
     s.agent
         .wait_for_maps("the service", |m| {
-            m.contains(&format!("{VIP}:80/TCP count=1"))
+            m.count(&format!("{VIP}:80/TCP")) == Some(1)
         })
         .unwrap();
     s
@@ -67,20 +67,27 @@ fn setup_with(prefix: &str, n: usize, manifest: &str, agent_args: &[&str]) -> Se
 }
 
 impl Setup {
-    /// Rewrites the manifest to serve exactly `backends`; waits until the
-    /// maps show `expect`.
-    fn set_backends(&mut self, backends: &[Ipv4Addr], expect: &str) {
+    /// Rewrites the manifest to serve exactly `backends`; waits until
+    /// `frontend` (`ADDR:PORT/PROTO`) has exactly those.
+    fn set_backends(&mut self, backends: &[Ipv4Addr], frontend: &str) {
         self.manifests
             .write("web.yaml", &web_manifest(&ready(backends)))
             .unwrap();
+        let want: BTreeSet<Ipv4Addr> = backends.iter().copied().collect();
         self.agent
-            .wait_for_maps(expect, |m| m.contains(expect))
+            .wait_for_maps(frontend, |m| {
+                m.backends(frontend).into_iter().collect::<BTreeSet<_>>() == want
+            })
             .unwrap();
     }
 
     /// Starts the next agent on the same pins (the previous one has exited
     /// or been killed, leaving them), logging to `log_name`.
     fn restart_agent(&mut self, log_name: &str) {
+        self.restart_agent_with(log_name, &[]);
+    }
+
+    fn restart_agent_with(&mut self, log_name: &str, args: &[&str]) {
         self.agent.cleanup_pins = false;
         let pin_dir = self.agent.pin_dir.clone();
         self.agent = Agent::start(
@@ -89,7 +96,7 @@ impl Setup {
             &self.topology.interface_pattern(),
             &pin_dir,
             &self.manifests.0.join(log_name),
-            &[],
+            args,
         )
         .unwrap();
     }
@@ -121,7 +128,7 @@ fn tcp_and_udp_clients_reach_every_backend_through_the_vip() {
     let mut s = setup("lbt1", 3, &web_manifest(&ready(&backends)));
     s.agent
         .wait_for_maps("3 TCP backends", |m| {
-            m.contains(&format!("{VIP}:80/TCP count=3"))
+            m.count(&format!("{VIP}:80/TCP")) == Some(3)
         })
         .unwrap();
 
@@ -182,7 +189,7 @@ fn removing_a_backend_moves_new_connections_but_keeps_established_ones() {
     let mut s = setup("lbt2", 3, &web_manifest(&ready(&backends)));
     s.agent
         .wait_for_maps("3 backends", |m| {
-            m.contains(&format!("{VIP}:80/TCP count=3"))
+            m.count(&format!("{VIP}:80/TCP")) == Some(3)
         })
         .unwrap();
 
@@ -194,10 +201,7 @@ fn removing_a_backend_moves_new_connections_but_keeps_established_ones() {
     let kept = established.ask().expect("echo");
     let kept_index: usize = kept.trim_start_matches("be").parse().unwrap();
 
-    s.set_backends(
-        &all_but(&backends, kept_index),
-        &format!("{VIP}:80/TCP count=2"),
-    );
+    s.set_backends(&all_but(&backends, kept_index), &format!("{VIP}:80/TCP"));
 
     let seen: BTreeSet<String> = s.topology.client.run(|| {
         (0..40)
@@ -229,7 +233,7 @@ fn service_without_ready_endpoints_refuses_connections_at_once() {
     let mut s = setup("lbt3", 1, &web_manifest(&not_ready));
     s.agent
         .wait_for_maps("service with no backends", |m| {
-            m.contains(&format!("{VIP}:80/TCP count=0"))
+            m.count(&format!("{VIP}:80/TCP")) == Some(0)
         })
         .unwrap();
 
@@ -254,7 +258,7 @@ fn service_without_ready_endpoints_refuses_connections_at_once() {
         .unwrap();
     s.agent
         .wait_for_maps("one ready backend", |m| {
-            m.contains(&format!("{VIP}:80/TCP count=1"))
+            m.count(&format!("{VIP}:80/TCP")) == Some(1)
         })
         .unwrap();
     let body = s
@@ -270,7 +274,7 @@ fn interfaces_that_appear_later_are_attached() {
     let mut s = setup("lbt4", 1, &web_manifest(&ready(&[backend_ip(0)])));
     s.agent
         .wait_for_maps("1 backend", |m| {
-            m.contains(&format!("{VIP}:80/TCP count=1"))
+            m.count(&format!("{VIP}:80/TCP")) == Some(1)
         })
         .unwrap();
     // A new pod (and its veth on the node) after the agent started.
@@ -281,7 +285,7 @@ fn interfaces_that_appear_later_are_attached() {
         .unwrap();
     s.agent
         .wait_for_maps("the new backend", |m| {
-            m.contains(&backend_ip(i).to_string())
+            m.backends(&format!("{VIP}:80/TCP")) == [backend_ip(i)]
         })
         .unwrap();
     // Replies from the new pod are reverse-NATed only if its interface got the program.
@@ -299,7 +303,7 @@ fn sigterm_detaches_and_unpins() {
     let mut s = setup("lbt5", 1, &web_manifest(&ready(&[backend_ip(0)])));
     s.agent
         .wait_for_maps("1 backend", |m| {
-            m.contains(&format!("{VIP}:80/TCP count=1"))
+            m.count(&format!("{VIP}:80/TCP")) == Some(1)
         })
         .unwrap();
     s.topology
@@ -355,7 +359,7 @@ fn keep_datapath_survives_an_agent_restart() {
     );
     s.agent
         .wait_for_maps("2 backends", |m| {
-            m.contains(&format!("{VIP}:80/TCP count=2"))
+            m.count(&format!("{VIP}:80/TCP")) == Some(2)
         })
         .unwrap();
     let mut conn = s
@@ -384,22 +388,23 @@ fn keep_datapath_survives_an_agent_restart() {
 
     // A new agent adopts the pinned maps without rewriting them, replaces the
     // pinned links with its own, and the connection survives it all.
-    s.restart_agent("agent2.log");
+    s.restart_agent_with("agent2.log", &["--log-format", "json"]);
     s.agent
         .wait_for_maps("2 backends", |m| {
-            m.contains(&format!("{VIP}:80/TCP count=2"))
+            m.count(&format!("{VIP}:80/TCP")) == Some(2)
         })
         .unwrap();
-    wait_until(IO_TIMEOUT, || s.agent.log_text().contains("released links"));
+    let released = "released links pinned by a previous run";
+    wait_until(IO_TIMEOUT, || s.agent.log_event(released).is_some());
     let log = s.agent.log_text();
-    assert!(
-        log.contains("added=0") && log.contains("unchanged=2"),
+    let first = s.agent.log_event("applied").expect("an applied pass");
+    let counts = ["added", "updated", "removed", "unchanged"].map(|k| first[k].as_u64());
+    assert_eq!(
+        counts,
+        [Some(0), Some(0), Some(0), Some(2)],
         "restart must adopt, not rewrite:\n{log}"
     );
-    assert!(
-        log.contains("released links pinned by a previous run"),
-        "{log}"
-    );
+    assert!(s.agent.log_event(released).is_some(), "{log}");
     assert_eq!(
         conn.ask().expect("established flow across the restart"),
         backend
@@ -435,7 +440,7 @@ fn manifest_edits_apply_without_waiting_for_the_poll() {
     );
     s.agent
         .wait_for_maps("1 backend", |m| {
-            m.contains(&format!("{VIP}:80/TCP count=1"))
+            m.count(&format!("{VIP}:80/TCP")) == Some(1)
         })
         .unwrap();
     s.manifests
@@ -446,7 +451,7 @@ fn manifest_edits_apply_without_waiting_for_the_poll() {
         .unwrap();
     s.agent
         .wait_for_maps("2 backends after the edit", |m| {
-            m.contains(&format!("{VIP}:80/TCP count=2"))
+            m.count(&format!("{VIP}:80/TCP")) == Some(2)
         })
         .unwrap();
 }
@@ -465,7 +470,7 @@ fn a_legacy_tc_filter_after_lb_still_sees_every_packet() {
     let mut s = setup("lbt9", 1, &web_manifest(&ready(&[backend_ip(0)])));
     s.agent
         .wait_for_maps("1 backend", |m| {
-            m.contains(&format!("{VIP}:80/TCP count=1"))
+            m.count(&format!("{VIP}:80/TCP")) == Some(1)
         })
         .unwrap();
     let direct = SocketAddrV4::new(backend_ip(0), PORTS.1);
@@ -554,7 +559,7 @@ fn service_connections_survive_a_forward_chain_that_drops_invalid_conntrack() {
     let mut agent = s.agent;
     agent
         .wait_for_maps("2 backends", |m| {
-            m.contains(&format!("{VIP}:80/TCP count=2"))
+            m.count(&format!("{VIP}:80/TCP")) == Some(2)
         })
         .unwrap();
     s.topology.client.run(|| {
@@ -585,7 +590,7 @@ fn udp_client_moves_off_a_backend_that_left_the_service() {
     let mut s = setup("lbt11", 2, &web_manifest(&ready(&backends)));
     s.agent
         .wait_for_maps("2 UDP backends", |m| {
-            m.contains(&format!("{VIP}:53/UDP count=2"))
+            m.count(&format!("{VIP}:53/UDP")) == Some(2)
         })
         .unwrap();
     let socket = s.topology.client.run(|| {
@@ -609,9 +614,9 @@ fn udp_client_moves_off_a_backend_that_left_the_service() {
         "one flow, one backend"
     );
     let index: usize = first.trim_start_matches("be").parse().unwrap();
-    s.set_backends(&all_but(&backends, index), &format!("{VIP}:53/UDP count=1"));
+    s.set_backends(&all_but(&backends, index), &format!("{VIP}:53/UDP"));
     // The removed pod still runs and would answer: only a flushed flow moves.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let deadline = std::time::Instant::now() + lb_tests::EVENT_TIMEOUT;
     let mut last = None;
     while std::time::Instant::now() < deadline {
         last = ask(&socket);
@@ -642,7 +647,7 @@ fn a_killed_agent_leaves_the_datapath_serving_and_the_next_one_adopts_it() {
     let mut s = setup("lbt12", 2, &web_manifest(&ready(&backends)));
     s.agent
         .wait_for_maps("2 backends", |m| {
-            m.contains(&format!("{VIP}:80/TCP count=2"))
+            m.count(&format!("{VIP}:80/TCP")) == Some(2)
         })
         .unwrap();
     let mut conn = s
@@ -680,7 +685,7 @@ fn a_killed_agent_leaves_the_datapath_serving_and_the_next_one_adopts_it() {
     s.restart_agent("agent2.log");
     s.agent
         .wait_for_maps("2 backends", |m| {
-            m.contains(&format!("{VIP}:80/TCP count=2"))
+            m.count(&format!("{VIP}:80/TCP")) == Some(2)
         })
         .unwrap();
     wait_until(IO_TIMEOUT, || {
@@ -708,7 +713,7 @@ fn a_service_broken_while_the_agent_was_down_keeps_serving_after_the_restart() {
     let mut s = setup("lbt13", 2, &web_manifest(&ready(&backends)));
     s.agent
         .wait_for_maps("2 backends", |m| {
-            m.contains(&format!("{VIP}:80/TCP count=2"))
+            m.count(&format!("{VIP}:80/TCP")) == Some(2)
         })
         .unwrap();
     s.agent.kill().unwrap();
@@ -725,10 +730,11 @@ fn a_service_broken_while_the_agent_was_down_keeps_serving_after_the_restart() {
     let maps = s
         .agent
         .wait_for_maps("the kept service", |m| {
-            m.contains(&format!("{VIP}:80/TCP count=2"))
+            m.count(&format!("{VIP}:80/TCP")) == Some(2)
         })
         .unwrap();
-    assert!(maps.contains("service=demo/web"), "{maps}");
+    let kept = maps.frontend(&format!("{VIP}:80/TCP")).unwrap();
+    assert_eq!(kept.service.as_deref(), Some("demo/web"), "{}", maps.text);
     let seen: BTreeSet<String> = s.topology.client.run(|| {
         (0..20)
             .map(|_| backend_of(&http_get(SocketAddrV4::new(VIP, 80)).expect("still served")))
@@ -779,7 +785,7 @@ fn healthz_fails_while_a_change_cannot_reach_the_datapath() {
     );
     s.agent
         .wait_for_maps("1 backend", |m| {
-            m.contains(&format!("{VIP}:80/TCP count=1"))
+            m.count(&format!("{VIP}:80/TCP")) == Some(1)
         })
         .unwrap();
     let node = &s.topology.node;
@@ -857,7 +863,9 @@ fn uplink_token_attaches_to_the_default_route_interface_and_follows_it() {
     let pin_dir = PathBuf::from("/sys/fs/bpf/lbt15-test");
     let mut agent = Agent::start(node, &manifests.0, "@uplink", &pin_dir, &log, &[]).unwrap();
     agent
-        .wait_for_maps("the service", |m| m.contains("count=1"))
+        .wait_for_maps("the service", |m| {
+            m.count(&format!("{VIP}:80/TCP")) == Some(1)
+        })
         .unwrap();
     let attached = |dev: &str| -> usize {
         std::fs::read_dir(pin_dir.join("links"))
@@ -1038,7 +1046,7 @@ endpoints:
     let _on_node = BackendServers::start(&s.topology.node, "node", 6443, 6053).unwrap();
     s.agent
         .wait_for_maps("the service", |m| {
-            m.contains(&format!("{api_vip}:443/TCP count=1"))
+            m.count(&format!("{api_vip}:443/TCP")) == Some(1)
         })
         .unwrap();
     let https = SocketAddrV4::new(api_vip, 443);

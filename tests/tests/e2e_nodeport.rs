@@ -67,7 +67,7 @@ fn should_be_able_to_create_a_functioning_nodeport_service() {
     let mut cluster = Cluster::new("np1", &web("NodePort", "", "", &[0, 1])).unwrap();
     cluster
         .wait_for_maps("the node ports", |m| {
-            m.contains("30080/TCP count=2") && m.contains("30053/UDP count=2")
+            m.port_count("30080/TCP") == Some(2) && m.port_count("30053/UDP") == Some(2)
         })
         .unwrap();
     for node in [0usize, 1] {
@@ -118,7 +118,7 @@ fn should_preserve_source_ip_for_etp_local() {
     .unwrap();
     cluster
         .wait_for_maps("the node ports", |m| {
-            m.contains("30080/TCP count=2 local=1")
+            m.port_local("30080/TCP") == Some((2, 1))
         })
         .unwrap();
     for (node, pod) in [(0, "pod-a"), (1, "pod-b")] {
@@ -141,7 +141,7 @@ fn should_preserve_source_ip_for_etp_local() {
         .set_manifest(&web("NodePort", "externalTrafficPolicy: Local", "", &[0]))
         .unwrap();
     cluster
-        .wait_for_maps("one endpoint", |m| m.contains("30080/TCP count=1"))
+        .wait_for_maps("one endpoint", |m| m.port_count("30080/TCP") == Some(1))
         .unwrap();
     assert!(unreachable(&cluster, 1, node_port(1, 30080)));
     for (backend, _) in requests(&cluster, 1, node_port(0, 30080), 5) {
@@ -154,7 +154,7 @@ fn should_be_able_to_change_the_type_from_clusterip_to_nodeport() {
     require_root();
     let mut cluster = Cluster::new("np3", &web("ClusterIP", "", "", &[0, 1])).unwrap();
     cluster
-        .wait_for_maps("the cluster IP", |m| m.contains(":80/TCP count=2"))
+        .wait_for_maps("the cluster IP", |m| m.port_count("80/TCP") == Some(2))
         .unwrap();
     assert!(
         unreachable(&cluster, 0, node_port(0, 30080)),
@@ -165,7 +165,7 @@ fn should_be_able_to_change_the_type_from_clusterip_to_nodeport() {
         .set_manifest(&web("NodePort", "", "", &[0, 1]))
         .unwrap();
     cluster
-        .wait_for_maps("the node port", |m| m.contains("30080/TCP count=2"))
+        .wait_for_maps("the node port", |m| m.port_count("30080/TCP") == Some(2))
         .unwrap();
     assert_eq!(requests(&cluster, 0, node_port(0, 30080), 3).len(), 3);
 
@@ -177,7 +177,7 @@ fn should_be_able_to_change_the_type_from_clusterip_to_nodeport() {
         .unwrap();
     cluster
         .wait_for_maps("the new node port", |m| {
-            m.contains("30081/TCP count=2") && !m.contains("30080/TCP")
+            m.port_count("30081/TCP") == Some(2) && m.on_port("30080/TCP").next().is_none()
         })
         .unwrap();
     assert_eq!(requests(&cluster, 0, node_port(1, 30081), 3).len(), 3);
@@ -188,7 +188,12 @@ fn should_be_able_to_change_the_type_from_clusterip_to_nodeport() {
         .set_manifest(&web("ClusterIP", "", "", &[0, 1]))
         .unwrap();
     cluster
-        .wait_for_maps("no node port", |m| !m.contains("30080"))
+        .wait_for_maps("no node port", |m| {
+            m.on_port("30080/TCP")
+                .chain(m.on_port("30053/UDP"))
+                .next()
+                .is_none()
+        })
         .unwrap();
     assert!(unreachable(&cluster, 0, node_port(0, 30080)));
 }
@@ -202,8 +207,8 @@ fn should_be_able_to_create_loadbalancer_service_without_nodeport_and_change_it(
     let mut cluster = Cluster::new("np4", &yaml).unwrap();
     cluster
         .wait_for_maps("the load balancer IP", |m| {
-            m.contains(&format!("{LB_IP}:80/TCP count=2"))
-                && m.contains(&format!("{EXTERNAL_IP}:80/TCP count=2"))
+            m.count(&format!("{LB_IP}:80/TCP")) == Some(2)
+                && m.count(&format!("{EXTERNAL_IP}:80/TCP")) == Some(2)
         })
         .unwrap();
     // The clients route 198.19.0.0/16 to node-a, as a load balancer would.
@@ -223,7 +228,7 @@ fn should_be_able_to_create_loadbalancer_service_without_nodeport_and_change_it(
         .set_manifest(&web("LoadBalancer", "", &status, &[0, 1]))
         .unwrap();
     cluster
-        .wait_for_maps("the node port", |m| m.contains("30080/TCP count=2"))
+        .wait_for_maps("the node port", |m| m.port_count("30080/TCP") == Some(2))
         .unwrap();
     assert_eq!(requests(&cluster, 0, node_port(1, 30080), 3).len(), 3);
     assert!(
@@ -254,7 +259,11 @@ fn maglev_nodes_agree_on_the_backend_of_each_flow_to_a_load_balancer_ip() {
         .unwrap();
     cluster
         .wait_for_maps("the load balancer IP and its Maglev table", |m| {
-            m.contains(&format!("{LB_IP}:80/TCP count=2")) && m.contains("maglev table")
+            m.count(&format!("{LB_IP}:80/TCP")) == Some(2)
+                && m.frontend(&format!("{LB_IP}:80/TCP"))
+                    .unwrap()
+                    .maglev_table_size
+                    .is_some()
         })
         .unwrap();
     let round = |cluster: &Cluster| -> Vec<String> {
@@ -307,7 +316,7 @@ fn should_reach_a_host_network_endpoint_through_a_node_port() {
         )
         .unwrap();
     cluster
-        .wait_for_maps("the node port", |m| m.contains("30080/TCP count=1"))
+        .wait_for_maps("the node port", |m| m.port_count("30080/TCP") == Some(1))
         .unwrap();
     for node in [0, 1] {
         let answers = requests(&cluster, 0, node_port(node, 30080), 3);
@@ -345,7 +354,9 @@ fn an_icmp_error_from_the_client_reaches_a_snated_backend() {
         .replace("port: 5353, protocol: UDP", "port: 5354, protocol: UDP");
     let mut cluster = Cluster::new("np12", &yaml).unwrap();
     cluster
-        .wait_for_maps("the UDP node port", |m| m.contains("30053/UDP count=1"))
+        .wait_for_maps("the UDP node port", |m| {
+            m.port_count("30053/UDP") == Some(1)
+        })
         .unwrap();
     let timeout = Some(std::time::Duration::from_secs(2));
     let backend = cluster.pods[1]
@@ -395,7 +406,7 @@ fn node_ports_follow_the_addresses_of_the_external_interface() {
     let added = Ipv4Addr::new(198, 18, 0, 12);
     let frontend = format!("{added}:30080/TCP");
     cluster.agents[0]
-        .wait_for_maps("the node port", |m| m.contains("30080/TCP count=2"))
+        .wait_for_maps("the node port", |m| m.port_count("30080/TCP") == Some(2))
         .unwrap();
     assert!(
         !lb_agent::cli::inspect::services(&cluster.agents[0].pin_dir)
@@ -409,7 +420,7 @@ fn node_ports_follow_the_addresses_of_the_external_interface() {
         .unwrap();
     cluster.agents[0]
         .wait_for_maps("the node port on the added address", |m| {
-            m.contains(&format!("{frontend} count=2"))
+            m.count(&frontend) == Some(2)
         })
         .unwrap();
     let answers = requests(&cluster, 0, SocketAddrV4::new(added, 30080), 4);
@@ -419,7 +430,8 @@ fn node_ports_follow_the_addresses_of_the_external_interface() {
         .unwrap();
     cluster.agents[0]
         .wait_for_maps("the node port off the removed address", |m| {
-            !m.contains(&frontend) && m.contains(&format!("{}:30080/TCP", NODE_IPS[0]))
+            m.frontend(&frontend).is_none()
+                && m.frontend(&format!("{}:30080/TCP", NODE_IPS[0])).is_some()
         })
         .unwrap();
 }
@@ -433,7 +445,7 @@ fn should_respect_internal_traffic_policy_local_pod_to_pod() {
     )
     .unwrap();
     cluster
-        .wait_for_maps("the cluster IP", |m| m.contains(":80/TCP count=2 local=1"))
+        .wait_for_maps("the cluster IP", |m| m.port_local("80/TCP") == Some((2, 1)))
         .unwrap();
     let vip = SocketAddrV4::new(CLUSTER_IP, 80);
     for (i, pod) in [(0, "pod-a"), (1, "pod-b")] {
@@ -449,7 +461,7 @@ fn should_respect_internal_traffic_policy_local_pod_to_pod() {
         .set_manifest(&web("ClusterIP", "internalTrafficPolicy: Local", "", &[1]))
         .unwrap();
     cluster
-        .wait_for_maps("one endpoint", |m| m.contains(":80/TCP count=1"))
+        .wait_for_maps("one endpoint", |m| m.port_count("80/TCP") == Some(1))
         .unwrap();
     assert!(cluster.client_pods[0].run(|| http_get(vip).is_err()));
     assert!(cluster.client_pods[1].run(|| http_get(vip).is_ok()));
@@ -476,7 +488,8 @@ spec:
     let mut cluster = Cluster::new("np6", &yaml).unwrap();
     cluster
         .wait_for_maps("the first service", |m| {
-            m.contains("30080/TCP count=2 local=1 revnat") && m.contains("service=shop/web")
+            m.port_local("30080/TCP") == Some((2, 1))
+                && m.port_all("30080/TCP", |f| f.service.as_deref() == Some("shop/web"))
         })
         .unwrap();
     let answers = requests(&cluster, 0, node_port(0, 30080), 10);
@@ -508,7 +521,9 @@ fn should_be_able_to_switch_session_affinity_for_nodeport_service() {
     )
     .unwrap();
     cluster
-        .wait_for_maps("affinity", |m| m.contains("affinity=ClientIP/10800s"))
+        .wait_for_maps("affinity", |m| {
+            m.port_all("30080/TCP", |f| f.affinity_timeout_s == Some(10800))
+        })
         .unwrap();
     let answers = requests(&cluster, 0, node_port(0, 30080), 20);
     assert!(
@@ -520,7 +535,8 @@ fn should_be_able_to_switch_session_affinity_for_nodeport_service() {
         .unwrap();
     cluster
         .wait_for_maps("no affinity", |m| {
-            m.contains("30080/TCP count=2") && !m.contains("affinity")
+            m.port_count("30080/TCP") == Some(2)
+                && m.frontends.iter().all(|f| f.affinity_timeout_s.is_none())
         })
         .unwrap();
     let answers = requests(&cluster, 0, node_port(0, 30080), 30);
@@ -534,7 +550,9 @@ fn should_be_able_to_switch_session_affinity_for_nodeport_service() {
         .set_manifest(&web("NodePort", "sessionAffinity: ClientIP", "", &[0, 1]))
         .unwrap();
     cluster
-        .wait_for_maps("affinity again", |m| m.contains("affinity=ClientIP"))
+        .wait_for_maps("affinity again", |m| {
+            m.port_all("30080/TCP", |f| f.affinity_timeout_s.is_some())
+        })
         .unwrap();
     let answers = requests(&cluster, 1, node_port(0, 30080), 20);
     assert!(
@@ -551,7 +569,8 @@ fn should_only_allow_access_from_service_loadbalancer_source_ranges() {
     let mut cluster = Cluster::new("np8", &web("LoadBalancer", &ranges, &status, &[0, 1])).unwrap();
     cluster
         .wait_for_maps("the ranges", |m| {
-            m.contains("clients admitted from: [198.18.0.100/32]")
+            m.frontend(&format!("{LB_IP}:80/TCP"))
+                .is_some_and(|f| f.source_ranges == ["198.18.0.100/32"])
         })
         .unwrap();
     let lb = SocketAddrV4::new(LB_IP, 80);
@@ -566,7 +585,10 @@ fn should_only_allow_access_from_service_loadbalancer_source_ranges() {
         .set_manifest(&web("LoadBalancer", &both, &status, &[0, 1]))
         .unwrap();
     cluster
-        .wait_for_maps("both ranges", |m| m.contains("198.18.0.100/31"))
+        .wait_for_maps("both ranges", |m| {
+            m.frontend(&format!("{LB_IP}:80/TCP"))
+                .is_some_and(|f| f.source_ranges.contains(&"198.18.0.100/31".to_string()))
+        })
         .unwrap();
     assert_eq!(requests(&cluster, 1, lb, 5).len(), 5);
 }
@@ -606,7 +628,7 @@ fn should_serve_health_check_node_port_for_etp_local_load_balancers() {
     let spec = "externalTrafficPolicy: Local\n  healthCheckNodePort: 32000";
     let mut cluster = Cluster::new("np9", &web("LoadBalancer", spec, &status, &[0])).unwrap();
     cluster
-        .wait_for_maps("the service", |m| m.contains("30080/TCP count=1"))
+        .wait_for_maps("the service", |m| m.port_count("30080/TCP") == Some(1))
         .unwrap();
     let check = |node| {
         let addr = node_port(node, 32000);
@@ -643,7 +665,7 @@ fn api_nodeport_and_etp_changes_reach_both_nodes() {
     let mut cluster = Cluster::with_api_server("npa").unwrap();
     cluster.apply(&web("NodePort", "", "", &[0, 1])).unwrap();
     cluster
-        .wait_for_maps("the node ports", |m| m.contains("30080/TCP count=2"))
+        .wait_for_maps("the node ports", |m| m.port_count("30080/TCP") == Some(2))
         .unwrap();
     for node in [0usize, 1] {
         let answers = requests(&cluster, 0, node_port(node, 30080), 30);
@@ -665,7 +687,9 @@ fn api_nodeport_and_etp_changes_reach_both_nodes() {
         ))
         .unwrap();
     cluster
-        .wait_for_maps("ETP Local", |m| m.contains("externalTrafficPolicy=Local"))
+        .wait_for_maps("ETP Local", |m| {
+            m.port_all("30080/TCP", |f| f.external_traffic_policy_local)
+        })
         .unwrap();
     for (node, pod) in [(0, "pod-a"), (1, "pod-b")] {
         for (backend, seen) in requests(&cluster, 0, node_port(node, 30080), 10) {
@@ -716,7 +740,7 @@ fn pmtu_discovery_through_a_nodeport_when_the_routed_way_out_is_narrower() {
     require_root();
     let mut cluster = Cluster::new("np10", &web("NodePort", "", "", &[1])).unwrap();
     cluster
-        .wait_for_maps("the node port", |m| m.contains("30080/TCP count=1"))
+        .wait_for_maps("the node port", |m| m.port_count("30080/TCP") == Some(1))
         .unwrap();
     narrow_the_way_to_node_b(&cluster);
     let received = transfer_1mb(&cluster, node_port(0, 30080))
@@ -738,7 +762,7 @@ fn a_too_big_datagram_without_df_through_a_snated_node_port_is_dropped_and_count
     require_root();
     let mut cluster = Cluster::new("np15", &web("NodePort", "", "", &[1])).unwrap();
     cluster
-        .wait_for_maps("the node port", |m| m.contains("30053/UDP count=1"))
+        .wait_for_maps("the node port", |m| m.port_count("30053/UDP") == Some(1))
         .unwrap();
     narrow_the_way_to_node_b(&cluster);
     let client = cluster.clients[0]
@@ -782,7 +806,7 @@ fn pmtu_discovery_through_a_nodeport_when_the_pod_link_on_the_other_node_is_narr
     require_root();
     let mut cluster = Cluster::new("np11", &web("NodePort", "", "", &[1])).unwrap();
     cluster
-        .wait_for_maps("the node port", |m| m.contains("30080/TCP count=1"))
+        .wait_for_maps("the node port", |m| m.port_count("30080/TCP") == Some(1))
         .unwrap();
     cluster.nodes[1]
         .ip(&["link", "set", "np11-p1", "mtu", "1280"])

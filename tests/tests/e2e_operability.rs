@@ -87,7 +87,7 @@ fn metrics_follow_programmed_state_traffic_and_changes() {
     );
     s.agent
         .wait_for_maps("the service", |m| {
-            m.contains(&format!("{VIP}:80/TCP count=2"))
+            m.count(&format!("{VIP}:80/TCP")) == Some(2)
         })
         .unwrap();
     let node = &s.topology.node;
@@ -174,7 +174,7 @@ fn metrics_follow_programmed_state_traffic_and_changes() {
         .unwrap();
     s.agent
         .wait_for_maps("one backend", |m| {
-            m.contains(&format!("{VIP}:80/TCP count=1"))
+            m.count(&format!("{VIP}:80/TCP")) == Some(1)
         })
         .unwrap();
     let changed: Scrape = scrape_until(node, |m| m.samples.get("lb_endpoints") == Some(&2.0));
@@ -197,7 +197,7 @@ fn metrics_bind_address_empty_turns_metrics_off_and_a_bad_one_is_refused() {
     );
     s.agent
         .wait_for_maps("the service", |m| {
-            m.contains(&format!("{VIP}:80/TCP count=1"))
+            m.count(&format!("{VIP}:80/TCP")) == Some(1)
         })
         .unwrap();
     let refused = scrape(&s.topology.node, METRICS).unwrap_err();
@@ -241,7 +241,7 @@ fn inspect_json_matches_the_programmed_state_and_filters() {
     );
     s.agent
         .wait_for_maps("both services", |m| {
-            m.contains(&format!("{VIP}:80/TCP count=2")) && m.contains("198.19.0.11:80/TCP count=1")
+            m.count(&format!("{VIP}:80/TCP")) == Some(2) && m.count("198.19.0.11:80/TCP") == Some(1)
         })
         .unwrap();
     let pins = s.agent.pin_dir.clone();
@@ -385,7 +385,7 @@ spec:
     );
     s.agent
         .wait_for_maps("the service", |m| {
-            m.contains(&format!("{VIP}:80/TCP count=3"))
+            m.count(&format!("{VIP}:80/TCP")) == Some(3)
         })
         .unwrap();
     let pins = s.agent.pin_dir.clone();
@@ -483,7 +483,7 @@ fn json_logs_carry_reconcile_spans_and_datapath_events() {
     );
     s.agent
         .wait_for_maps("the service", |m| {
-            m.contains(&format!("{VIP}:80/TCP count=1"))
+            m.count(&format!("{VIP}:80/TCP")) == Some(1)
         })
         .unwrap();
     let body = s
@@ -549,7 +549,7 @@ fn a_full_conntrack_table_drops_only_new_flows_and_says_which_flag_to_raise() {
     );
     s.agent
         .wait_for_maps("the service", |m| {
-            m.contains(&format!("{VIP}:80/TCP count=2"))
+            m.count(&format!("{VIP}:80/TCP")) == Some(2)
         })
         .unwrap();
     let vip = SocketAddrV4::new(VIP, 80);

@@ -75,7 +75,7 @@ fn the_daemonsets_capabilities_are_enough_and_each_is_needed() {
     let mut agent = start(&granted, "agent.log");
     agent
         .wait_for_maps("the Service", |m| {
-            m.contains(&format!("{VIP}:80/TCP count=1"))
+            m.count(&format!("{VIP}:80/TCP")) == Some(1)
         })
         .unwrap();
     let body = topology

@@ -3,6 +3,7 @@
 //! cgroup programs attached to that cgroup only. Real TCP and UDP.
 
 use std::{
+    collections::BTreeSet,
     net::{Ipv4Addr, SocketAddrV4},
     path::PathBuf,
 };
@@ -12,7 +13,7 @@ use lb_tests::{
     cgroup::TestCgroup,
     require_root,
     servers::{BackendServers, EchoConnection},
-    topology::{backend_ip, web_manifest, Agent, ScratchDir, Topology, VIP},
+    topology::{backend_ip, web_manifest, Agent, ScratchDir, Topology, CLIENT_IP, VIP},
 };
 
 struct Setup {
@@ -57,9 +58,10 @@ fn setup_with(
         &[&flag, "--cgroup-path", &cgroup_path],
     )
     .expect("agent");
-    let expect = format!("{VIP}:80/TCP count={}", ready.len());
     agent
-        .wait_for_maps("the service", |m| m.contains(&expect))
+        .wait_for_maps("the service", |m| {
+            m.count(&format!("{VIP}:80/TCP")) == Some(ready.len())
+        })
         .expect("programmed");
     Setup {
         agent,
@@ -178,10 +180,23 @@ for i in range(6):
 "#;
     let out = s.cgroup.python(&s.topology.client, code).unwrap();
     let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines.len(), 6);
+    assert_eq!(lines.len(), 6, "{out}");
+    let vip = format!("{VIP}:53");
+    let mut client_ports = BTreeSet::new();
     for line in lines {
-        assert!(line.starts_with(&format!("{VIP}:53 be")), "{line}");
+        // "SENDER NAME client CLIENT": recvfrom's sender, then the answer.
+        let words: Vec<&str> = line.split(' ').collect();
+        let [sender, name, "client", client] = words[..] else {
+            panic!("unexpected answer: {line}");
+        };
+        assert_eq!(sender, vip, "recvfrom shows the VIP: {line}");
+        assert!(["be0", "be1"].contains(&name), "a backend answered: {line}");
+        let client: SocketAddrV4 = client.parse().unwrap();
+        assert_eq!(*client.ip(), CLIENT_IP, "no SNAT: {line}");
+        client_ports.insert(client.port());
     }
+    assert_eq!(client_ports.len(), 1, "one socket: {out}");
+    assert_eq!(s.counter(Stat::SockTranslated), 6, "each sendto translated");
     assert_eq!(s.counter(Stat::DnatNew), 0);
     assert!(s.counter(Stat::SockRevNat) >= 6);
 }
@@ -335,11 +350,11 @@ fn socket_lb_connected_udp_socket_moves_off_a_removed_backend() {
         .unwrap();
     s.agent
         .wait_for_maps("one UDP backend", |m| {
-            m.contains(&format!("{VIP}:53/UDP count=1"))
+            m.count(&format!("{VIP}:53/UDP")) == Some(1)
         })
         .unwrap();
     // The removed pod still runs and would answer: only a reset socket moves.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let deadline = std::time::Instant::now() + lb_tests::EVENT_TIMEOUT;
     let mut answers = Vec::new();
     while std::time::Instant::now() < deadline {
         answers.push(ask());

@@ -98,10 +98,14 @@ fn api_objects_are_programmed_updated_and_deleted() {
     let maps = c
         .agent
         .wait_for_maps("3 backends from the API", |m| {
-            m.contains(&format!("{VIP}:80/TCP count=3"))
+            m.count(&format!("{VIP}:80/TCP")) == Some(3)
         })
         .unwrap();
-    assert!(!maps.contains("198.19.0.99"), "{maps}");
+    assert!(
+        !maps.has_address("198.19.0.99".parse().unwrap()),
+        "{}",
+        maps.text
+    );
     assert!(
         healthz(&c.topology.node).contains("200"),
         "healthy after the first sync"
@@ -116,13 +120,13 @@ fn api_objects_are_programmed_updated_and_deleted() {
     c.apply(&web_manifest(&ready(1)));
     c.agent
         .wait_for_maps("scaled down to 1", |m| {
-            m.contains(&format!("{VIP}:80/TCP count=1"))
+            m.count(&format!("{VIP}:80/TCP")) == Some(1)
         })
         .unwrap();
     c.apply(&web_manifest(&ready(2)));
     c.agent
         .wait_for_maps("scaled up to 2", |m| {
-            m.contains(&format!("{VIP}:80/TCP count=2"))
+            m.count(&format!("{VIP}:80/TCP")) == Some(2)
         })
         .unwrap();
 
@@ -131,10 +135,15 @@ fn api_objects_are_programmed_updated_and_deleted() {
     let maps = c
         .agent
         .wait_for_maps("port 80 → 8081", |m| {
-            m.contains(&format!("{VIP}:8081/TCP count=2")) && !m.contains(&format!("{VIP}:80/TCP"))
+            m.count(&format!("{VIP}:8081/TCP")) == Some(2)
+                && m.frontend(&format!("{VIP}:80/TCP")).is_none()
         })
         .unwrap();
-    assert!(maps.contains(&format!("{VIP}:53/UDP")), "{maps}");
+    assert!(
+        maps.frontend(&format!("{VIP}:53/UDP")).is_some(),
+        "{}",
+        maps.text
+    );
     c.topology
         .client
         .run(|| http_get(SocketAddrV4::new(VIP, 8081)))
@@ -142,7 +151,7 @@ fn api_objects_are_programmed_updated_and_deleted() {
 
     c.delete_service("web");
     c.agent
-        .wait_for_maps("service deleted", |m| !m.contains(&VIP.to_string()))
+        .wait_for_maps("service deleted", |m| !m.has_address(VIP))
         .unwrap();
 }
 
@@ -153,7 +162,7 @@ fn apiserver_restart_and_compaction_force_a_relist() {
     c.apply(&web_manifest(&ready(2)));
     c.agent
         .wait_for_maps("2 backends", |m| {
-            m.contains(&format!("{VIP}:80/TCP count=2"))
+            m.count(&format!("{VIP}:80/TCP")) == Some(2)
         })
         .unwrap();
 
@@ -187,12 +196,14 @@ fn apiserver_restart_and_compaction_force_a_relist() {
     let maps = c
         .agent
         .wait_for_maps("state after relist", |m| {
-            m.contains(&format!("{VIP}:80/TCP count=1")) && m.contains("198.19.0.20:80/TCP count=1")
+            m.count(&format!("{VIP}:80/TCP")) == Some(1) && m.count("198.19.0.20:80/TCP") == Some(1)
         })
         .unwrap();
-    assert!(
-        maps.contains("198.18.10.2") && !maps.contains("198.18.11.2"),
-        "{maps}"
+    assert_eq!(
+        maps.backends(&format!("{VIP}:80/TCP")),
+        ["198.18.10.2".parse::<std::net::Ipv4Addr>().unwrap()],
+        "{}",
+        maps.text
     );
     let log = c.agent.log_text();
     assert!(
@@ -229,7 +240,7 @@ fn a_burst_of_1000_services_is_programmed() {
     let maps = c
         .agent
         .wait_for_maps("2000 frontends", |m| {
-            m.lines().filter(|l| l.contains(" count=1 ")).count() == 2000
+            m.frontends.iter().filter(|f| f.backends.len() == 1).count() == 2000
         })
         .unwrap();
     eprintln!(
@@ -240,11 +251,17 @@ fn a_burst_of_1000_services_is_programmed() {
     // during inserts may miss entries. Now that all are programmed, a fresh
     // read must be complete and consistent.
     drop(maps);
-    let maps = lb_agent::cli::inspect::services(&c.agent.pin_dir).unwrap();
-    assert_eq!(
-        maps.lines().filter(|l| l.contains(" count=1 ")).count(),
-        2000
-    );
-    let missing: Vec<&str> = maps.lines().filter(|l| l.contains("MISSING")).collect();
-    assert!(missing.is_empty(), "{missing:?}");
+    let maps = lb_tests::maps::Maps::read(&c.agent.pin_dir).unwrap();
+    assert_eq!(maps.frontends.len(), 2000, "{}", maps.text);
+    for f in &maps.frontends {
+        // Each slot names a backend the backends map holds, and the frontend
+        // its own Service.
+        assert_eq!(f.backends.len(), 1, "{}: {:?}", f.frontend, f.backends);
+        assert!(
+            f.backends[0].address.is_some(),
+            "{}: backend missing",
+            f.frontend
+        );
+        assert!(f.service.is_some(), "{}: reverse NAT missing", f.frontend);
+    }
 }

@@ -39,7 +39,7 @@ pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
         &[],
     )?;
     agent.wait_for_maps("the demo services", |m| {
-        m.contains(&format!("{VIP}:80/TCP count=3"))
+        m.count(&format!("{VIP}:80/TCP")) == Some(3)
     })?;
     println!("lb-agent running in namespace lbd-node, attached to lbd-*, maps pinned in {PIN_DIR}");
 
@@ -84,7 +84,7 @@ pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
     );
     scratch.write("demo.yaml", &without_pod1)?;
     agent.wait_for_maps("two backends", |m| {
-        m.contains(&format!("{VIP}:80/TCP count=2"))
+        m.count(&format!("{VIP}:80/TCP")) == Some(2)
     })?;
     topology.client.run(|| -> anyhow::Result<()> {
         for i in 1..=6 {

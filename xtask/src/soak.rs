@@ -172,7 +172,7 @@ pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
     };
     let mut agent = start("agent-0.log")?;
     agent.wait_for_maps("the services", |m| {
-        m.contains(&format!("{VIP}:80/TCP count=4")) && m.contains("198.19.0.20:80/TCP")
+        m.count(&format!("{VIP}:80/TCP")) == Some(4) && m.frontend("198.19.0.20:80/TCP").is_some()
     })?;
 
     let stop = Arc::new(AtomicBool::new(false));

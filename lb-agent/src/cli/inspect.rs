@@ -88,6 +88,8 @@ pub struct FrontendInfo {
     /// ClientIP affinity timeout (None: no affinity).
     pub affinity_timeout_s: Option<u32>,
     pub source_ranges: Vec<String>,
+    /// The size of its Maglev table (None: `--lb-algorithm random`).
+    pub maglev_table_size: Option<u32>,
     pub backends: Vec<SlotInfo>,
 }
 
@@ -150,6 +152,7 @@ fn frontend_info(snapshot: &Snapshot, frontend: L4Addr, head: &SvcValue) -> Fron
             .filter(|(id, _)| *id == head.rev_nat_id)
             .map(|(_, range)| range.to_string())
             .collect(),
+        maglev_table_size: (head.flags & SVC_FLAG_MAGLEV != 0).then_some(head.maglev_table_size),
         backends,
     }
 }

@@ -215,8 +215,10 @@ fn one_run(
                 &scratch.0.join("agent.log"),
                 &socket_lb,
             )?;
-            let needle = format!("{vip}/TCP count={ENDPOINTS}");
-            a.wait_for_maps("the bench services", |m| m.contains(&needle))?;
+            let target = format!("{vip}/TCP");
+            a.wait_for_maps("the bench services", |m| {
+                m.count(&target) == Some(ENDPOINTS)
+            })?;
             agent = Some(a);
             vec![vip]
         }

@@ -89,8 +89,8 @@ fn one_run(
         Mode::Lb | Mode::LbSocket => {
             cluster.start_agents(&manifest(services), &[])?;
             // Each node serves the port on its own address.
-            let needle = format!(":{target_port}/TCP count=1");
-            cluster.wait_for_maps("the bench node ports", |m| m.contains(&needle))?;
+            let port = format!("{target_port}/TCP");
+            cluster.wait_for_maps("the bench node ports", |m| m.port_count(&port) == Some(1))?;
             via_node_a
         }
     };
