@@ -50,61 +50,70 @@ enum Command {
     Run(Box<RunArgs>),
     /// Print what the pinned maps hold: services (default), backends,
     /// conntrack or stats.
-    Inspect {
-        #[command(subcommand)]
-        what: Option<InspectWhat>,
-        #[arg(long, global = true, default_value = DEFAULT_PIN_DIR)]
-        pin_dir: PathBuf,
-        /// JSON instead of a table.
-        #[arg(long, global = true)]
-        json: bool,
-        /// Only this Service's frontends, backends or flows (NAMESPACE/NAME).
-        #[arg(long, global = true)]
-        service: Option<String>,
-        /// Only frontends, backends or flows with this backend address.
-        #[arg(long, global = true)]
-        backend: Option<std::net::Ipv4Addr>,
-    },
+    Inspect(InspectArgs),
     /// How a Service name or address is served: the DNS answer, the
     /// frontend and its backends, the backend the datapath picks for
     /// --client (the real program on a synthetic packet, no state written),
     /// and the live flows.
-    Explain {
-        /// NAME.NAMESPACE[.svc[.cluster.local]][:PORT], VIP[:PORT] or NODEIP:NODEPORT.
-        target: String,
-        /// The client (IP or IP:PORT; port 40000 by default) to show the pick for.
-        #[arg(long)]
-        client: Option<String>,
-        /// The Services and EndpointSlices (for headless and ExternalName
-        /// names, endpoint conditions and nodes).
-        #[arg(long)]
-        manifests: Option<PathBuf>,
-        #[arg(long)]
-        json: bool,
-        #[arg(long, default_value = DEFAULT_PIN_DIR)]
-        pin_dir: PathBuf,
-    },
+    Explain(ExplainArgs),
     /// Validate manifests and print the maps they would produce (no kernel
     /// access). Exits non-zero whenever `run` with the same limits would not
     /// program everything.
-    Check {
-        #[arg(long)]
-        manifests: PathBuf,
-        #[command(flatten)]
-        limits: LimitArgs,
-        /// As `run --max-service-slots`.
-        #[arg(long, default_value_t = DEFAULT_MAX_SVC_ENTRIES)]
-        max_service_slots: u32,
-        /// As `run --max-backends`.
-        #[arg(long, default_value_t = DEFAULT_MAX_BACKENDS)]
-        max_backends: u32,
-        /// The node to check for (node-local policies).
-        #[arg(long)]
-        node_name: Option<String>,
-        /// Node addresses to show node ports on.
-        #[arg(long, value_delimiter = ',')]
-        node_address: Vec<std::net::Ipv4Addr>,
-    },
+    Check(CheckArgs),
+}
+
+#[derive(clap::Args)]
+struct InspectArgs {
+    #[command(subcommand)]
+    what: Option<InspectWhat>,
+    #[arg(long, global = true, default_value = DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    /// JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Only this Service's frontends, backends or flows (NAMESPACE/NAME).
+    #[arg(long, global = true)]
+    service: Option<String>,
+    /// Only frontends, backends or flows with this backend address.
+    #[arg(long, global = true)]
+    backend: Option<std::net::Ipv4Addr>,
+}
+
+#[derive(clap::Args)]
+struct ExplainArgs {
+    /// NAME.NAMESPACE[.svc[.cluster.local]][:PORT], VIP[:PORT] or NODEIP:NODEPORT.
+    target: String,
+    /// The client (IP or IP:PORT; port 40000 by default) to show the pick for.
+    #[arg(long)]
+    client: Option<String>,
+    /// The Services and EndpointSlices (for headless and ExternalName
+    /// names, endpoint conditions and nodes).
+    #[arg(long)]
+    manifests: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct CheckArgs {
+    #[arg(long)]
+    manifests: PathBuf,
+    #[command(flatten)]
+    limits: LimitArgs,
+    /// As `run --max-service-slots`.
+    #[arg(long, default_value_t = DEFAULT_MAX_SVC_ENTRIES)]
+    max_service_slots: u32,
+    /// As `run --max-backends`.
+    #[arg(long, default_value_t = DEFAULT_MAX_BACKENDS)]
+    max_backends: u32,
+    /// The node to check for (node-local policies).
+    #[arg(long)]
+    node_name: Option<String>,
+    /// Node addresses to show node ports on.
+    #[arg(long, value_delimiter = ',')]
+    node_address: Vec<std::net::Ipv4Addr>,
 }
 
 /// What one Service may ask for, and how backends are picked (the same for
@@ -319,169 +328,191 @@ fn nanos(d: Duration) -> u64 {
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => {
-            let limits = args.limits.limits()?;
-            let source = match args.manifests {
-                Some(dir) => SourceConfig::Manifests(dir),
-                None => SourceConfig::Api {
-                    kubeconfig: args.kubeconfig,
-                    api_server: args.api_server.filter(|s| !s.is_empty()),
-                },
-            };
-            lb_agent::serve::node::check_snat_ports(&args.snat_port_range)
-                .map_err(anyhow::Error::msg)?;
-            let node_name = match args.node_name.filter(|n| !n.is_empty()) {
-                Some(name) => name,
-                None => std::fs::read_to_string("/proc/sys/kernel/hostname")
-                    .map(|h| h.trim().to_owned())
-                    .map_err(|e| anyhow::anyhow!("reading the host name ({e}): set --node-name"))?,
-            };
-            let socket_lb = if args.socket_lb {
-                Some(match args.cgroup_path {
-                    Some(path) => path,
-                    None => lb_agent::datapath::cgroup::cgroup2_mount().map_err(|e| {
-                        anyhow::anyhow!("--socket-lb: finding the cgroup2 root: {e}")
-                    })?,
-                })
-            } else {
-                None
-            };
-            let config = RunConfig {
-                socket_lb,
-                source,
-                external_interfaces: args.external_interfaces,
-                node: lb_agent::serve::node::NodeSettings {
-                    name: node_name.into(),
-                    nodeport_cidrs: args.nodeport_addresses,
-                    snat_address: args.snat_address,
-                    snat_ports: args.snat_port_range,
-                },
-                health_addr: args.health_addr,
-                metrics_addr: args.metrics_bind_address.0,
-                datapath_log: args.datapath_log,
-                interfaces: args.interfaces,
-                pin_dir: args.pin_dir,
-                sizes: MapSizes {
-                    service_slots: args.max_service_slots,
-                    backends: args.max_backends,
-                    conntrack: args.max_conntrack,
-                    affinity: args.max_affinity,
-                    source_ranges: args.max_source_ranges,
-                    maglev_chunks: args.max_maglev_chunks,
-                },
-                limits,
-                keep_datapath: args.keep_datapath,
-                poll_interval: Duration::from_millis(args.poll_interval_ms),
-                timeouts: lb_common::ct::CtTimeouts {
-                    tcp_opening_ns: nanos(args.conntrack_tcp_timeout_opening),
-                    tcp_established_ns: nanos(args.conntrack_tcp_timeout_established),
-                    tcp_closing_ns: nanos(args.conntrack_tcp_timeout_closing),
-                    udp_ns: nanos(args.conntrack_udp_timeout),
-                    tcp_snat_closing_ns: nanos(args.conntrack_tcp_timeout_snat_closing),
-                },
-                conntrack_gc_interval: args.conntrack_gc_interval,
-                health_timeout: args.health_timeout,
-            };
+            let config = args.config()?;
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
                 .block_on(serve::run(config))
         }
-        Command::Inspect {
+        Command::Inspect(args) => args.run(),
+        Command::Explain(args) => args.run(),
+        Command::Check(args) => args.run(),
+    }
+}
+
+impl RunArgs {
+    /// What `run` is asked to do, checked.
+    fn config(self) -> anyhow::Result<RunConfig> {
+        let limits = self.limits.limits()?;
+        let source = match self.manifests {
+            Some(dir) => SourceConfig::Manifests(dir),
+            None => SourceConfig::Api {
+                kubeconfig: self.kubeconfig,
+                api_server: self.api_server.filter(|s| !s.is_empty()),
+            },
+        };
+        lb_agent::serve::node::check_snat_ports(&self.snat_port_range)
+            .map_err(anyhow::Error::msg)?;
+        let node_name = match self.node_name.filter(|n| !n.is_empty()) {
+            Some(name) => name,
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .map_err(|e| anyhow::anyhow!("reading the host name ({e}): set --node-name"))?,
+        };
+        let socket_lb = if self.socket_lb {
+            Some(match self.cgroup_path {
+                Some(path) => path,
+                None => lb_agent::datapath::cgroup::cgroup2_mount()
+                    .map_err(|e| anyhow::anyhow!("--socket-lb: finding the cgroup2 root: {e}"))?,
+            })
+        } else {
+            None
+        };
+        Ok(RunConfig {
+            socket_lb,
+            source,
+            external_interfaces: self.external_interfaces,
+            node: lb_agent::serve::node::NodeSettings {
+                name: node_name.into(),
+                nodeport_cidrs: self.nodeport_addresses,
+                snat_address: self.snat_address,
+                snat_ports: self.snat_port_range,
+            },
+            health_addr: self.health_addr,
+            metrics_addr: self.metrics_bind_address.0,
+            datapath_log: self.datapath_log,
+            interfaces: self.interfaces,
+            pin_dir: self.pin_dir,
+            sizes: MapSizes {
+                service_slots: self.max_service_slots,
+                backends: self.max_backends,
+                conntrack: self.max_conntrack,
+                affinity: self.max_affinity,
+                source_ranges: self.max_source_ranges,
+                maglev_chunks: self.max_maglev_chunks,
+            },
+            limits,
+            keep_datapath: self.keep_datapath,
+            poll_interval: Duration::from_millis(self.poll_interval_ms),
+            timeouts: lb_common::ct::CtTimeouts {
+                tcp_opening_ns: nanos(self.conntrack_tcp_timeout_opening),
+                tcp_established_ns: nanos(self.conntrack_tcp_timeout_established),
+                tcp_closing_ns: nanos(self.conntrack_tcp_timeout_closing),
+                udp_ns: nanos(self.conntrack_udp_timeout),
+                tcp_snat_closing_ns: nanos(self.conntrack_tcp_timeout_snat_closing),
+            },
+            conntrack_gc_interval: self.conntrack_gc_interval,
+            health_timeout: self.health_timeout,
+        })
+    }
+}
+
+impl InspectArgs {
+    fn run(self) -> anyhow::Result<()> {
+        let InspectArgs {
             what,
             pin_dir,
             json,
             service,
             backend,
-        } => {
-            let filter = inspect::Filter { service, backend };
-            print!(
-                "{}",
-                inspect_text(
-                    what.unwrap_or(InspectWhat::Services),
-                    &pin_dir,
-                    json,
-                    &filter
-                )?
-            );
-            Ok(())
-        }
-        Command::Explain {
+        } = self;
+        let filter = inspect::Filter { service, backend };
+        print!(
+            "{}",
+            inspect_text(
+                what.unwrap_or(InspectWhat::Services),
+                &pin_dir,
+                json,
+                &filter
+            )?
+        );
+        Ok(())
+    }
+}
+
+impl ExplainArgs {
+    fn run(self) -> anyhow::Result<()> {
+        let ExplainArgs {
             target,
             client,
             manifests,
             json,
             pin_dir,
-        } => {
-            let target: explain::Target = target.parse()?;
-            let client = client.as_deref().map(explain::parse_client).transpose()?;
-            let objects = match manifests {
-                Some(dir) => {
-                    let mut dir = manifest::ManifestDir::new(&dir);
-                    if let Some(changes) = dir.poll()? {
-                        for e in &changes.errors {
-                            eprintln!("warning: {e}");
-                        }
+        } = self;
+        let target: explain::Target = target.parse()?;
+        let client = client.as_deref().map(explain::parse_client).transpose()?;
+        let objects = match manifests {
+            Some(dir) => {
+                let mut dir = manifest::ManifestDir::new(&dir);
+                if let Some(changes) = dir.poll()? {
+                    for e in &changes.errors {
+                        eprintln!("warning: {e}");
                     }
-                    Some(lb_agent::source::store::ObjectStore::from_objects(
-                        &dir.objects(),
-                    ))
                 }
-                None => None,
-            };
-            let sources = explain::Sources {
-                pin_dir: &pin_dir,
-                objects: objects.as_ref(),
-            };
-            let explanation = explain::explain(&target, client, &sources)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&explanation)?);
-            } else {
-                print!("{}", explain::text(&explanation));
+                Some(lb_agent::source::store::ObjectStore::from_objects(
+                    &dir.objects(),
+                ))
             }
-            Ok(())
+            None => None,
+        };
+        let sources = explain::Sources {
+            pin_dir: &pin_dir,
+            objects: objects.as_ref(),
+        };
+        let explanation = explain::explain(&target, client, &sources)?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&explanation)?);
+        } else {
+            print!("{}", explain::text(&explanation));
         }
-        Command::Check {
+        Ok(())
+    }
+}
+
+impl CheckArgs {
+    /// The same path as `run`, into in-memory maps of the given sizes.
+    fn run(self) -> anyhow::Result<()> {
+        let CheckArgs {
             manifests,
             limits,
             max_service_slots,
             max_backends,
             node_name,
             node_address,
-        } => {
-            let limits = limits.limits()?;
-            let mut dir = manifest::ManifestDir::new(&manifests);
-            let mut errors = dir.poll()?.unwrap_or_default().errors;
-            let objects = dir.objects();
-            let node = desired::NodeContext {
-                name: node_name.map(Into::into),
-                nodeport_addresses: node_address,
-            };
-            let (desired, more) = desired::compute(&objects, limits, node);
-            errors.extend(more);
-            let mut reconciler = Reconciler::restore(
-                lb_agent::datapath::offline::fake::FakeMaps::new(
-                    max_service_slots as usize,
-                    max_backends as usize,
-                ),
-                max_backends,
-            )?;
-            let report = reconciler.apply(&desired);
-            print!("{}", dump::services(&reconciler.maps().state));
-            for e in &errors {
-                eprintln!("invalid: {e}");
-            }
-            for e in &report.errors {
-                eprintln!("not programmed: {e}");
-            }
-            anyhow::ensure!(
-                errors.is_empty() && report.errors.is_empty(),
-                "{} input problem(s) and {} map problem(s) in {}: `run` would not program everything",
-                errors.len(),
-                report.errors.len(),
-                manifests.display()
-            );
-            Ok(())
+        } = self;
+        let limits = limits.limits()?;
+        let mut dir = manifest::ManifestDir::new(&manifests);
+        let mut errors = dir.poll()?.unwrap_or_default().errors;
+        let objects = dir.objects();
+        let node = desired::NodeContext {
+            name: node_name.map(Into::into),
+            nodeport_addresses: node_address,
+        };
+        let (desired, more) = desired::compute(&objects, limits, node);
+        errors.extend(more);
+        let mut reconciler = Reconciler::restore(
+            lb_agent::datapath::offline::fake::FakeMaps::new(
+                max_service_slots as usize,
+                max_backends as usize,
+            ),
+            max_backends,
+        )?;
+        let report = reconciler.apply(&desired);
+        print!("{}", dump::services(&reconciler.maps().state));
+        for e in &errors {
+            eprintln!("invalid: {e}");
         }
+        for e in &report.errors {
+            eprintln!("not programmed: {e}");
+        }
+        anyhow::ensure!(
+            errors.is_empty() && report.errors.is_empty(),
+            "{} input problem(s) and {} map problem(s) in {}: `run` would not program everything",
+            errors.len(),
+            report.errors.len(),
+            manifests.display()
+        );
+        Ok(())
     }
 }
 

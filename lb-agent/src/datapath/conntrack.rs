@@ -133,9 +133,7 @@ impl Conntrack {
                 match self.map.get(&key, 0) {
                     Ok(v) if v.flow_id == flow.flow_id => match self.map.remove(&key) {
                         Ok(()) => removed_any = true,
-                        Err(MapError::KeyNotFound) => {}
-                        Err(MapError::SyscallError(e))
-                            if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                        Err(e) if super::is_missing(&e) => {}
                         Err(e) => return Err(e),
                     },
                     _ => {} // gone, or already a new flow on this tuple

@@ -5,9 +5,12 @@
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
-use aya::maps::{
-    lpm_trie::{Key, LpmTrie},
-    HashMap, Map, MapData, MapError,
+use aya::{
+    maps::{
+        lpm_trie::{Key, LpmTrie},
+        HashMap, Map, MapData, MapError,
+    },
+    Pod,
 };
 use ipnet::Ipv4Net;
 use lb_common::{
@@ -300,8 +303,7 @@ impl Limit {
 /// Deleting an entry that is already gone is success: writes are idempotent.
 fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
     match result {
-        Err(MapError::KeyNotFound) => Ok(()),
-        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(e) if super::is_missing(&e) => Ok(()),
         other => other,
     }
 }
@@ -441,8 +443,7 @@ impl LbMaps for KernelMaps {
     fn snapshot(&self) -> Result<Snapshot, MapWriteError> {
         let read = |limit: Limit| move |e: MapError| limit.error("read", e);
         let mut snapshot = Snapshot::default();
-        for entry in self.maglev.iter() {
-            let (key, value) = entry.map_err(read(self.maglev_limit))?;
+        walk(&self.maglev, self.maglev_limit, |key, value| {
             let table = snapshot
                 .maglev
                 .entry((key.rev_nat_id, key.table))
@@ -452,25 +453,22 @@ impl LbMaps for KernelMaps {
                 table.resize(at + MAGLEV_CHUNK as usize, 0);
             }
             table[at..at + MAGLEV_CHUNK as usize].copy_from_slice(&value.entries);
-        }
-        for entry in self.svc.iter() {
-            let (key, value) = entry.map_err(read(self.svc_limit))?;
+        })?;
+        walk(&self.svc, self.svc_limit, |key, value| {
             if let Some(at) = frontend_of(&key) {
                 snapshot.slots.insert(at, value);
             }
-        }
-        for entry in self.backends.iter() {
-            let (id, value) = entry.map_err(read(self.backend_limit))?;
+        })?;
+        walk(&self.backends, self.backend_limit, |id, value| {
             if let Some(backend) = backend_of(&value) {
                 snapshot.backends.insert(id, backend);
             }
-        }
-        for entry in self.revnat.iter() {
-            let (id, value) = entry.map_err(read(self.revnat_limit))?;
+        })?;
+        walk(&self.revnat, self.revnat_limit, |id, value| {
             if let Some(entry) = revnat_of(&value) {
                 snapshot.revnat.insert(id, entry);
             }
-        }
+        })?;
         for key in self.source_ranges.keys() {
             let key = key.map_err(read(self.range_limit))?;
             let data = key.data();
@@ -482,13 +480,25 @@ impl LbMaps for KernelMaps {
                     .insert((u16::from_be(data.rev_nat_id_be), range));
             }
         }
-        for entry in self.affinity_match.iter() {
-            let (key, value) = entry.map_err(read(self.svc_limit))?;
+        walk(&self.affinity_match, self.svc_limit, |key, value| {
             snapshot.affinity_match.insert(
                 (key.rev_nat_id, key.backend_id),
                 value == AFFINITY_BACKEND_LOCAL,
             );
-        }
+        })?;
         Ok(snapshot)
     }
+}
+
+/// Calls `each` with every entry of `map`; a failed read names the map.
+fn walk<K: Pod, V: Pod>(
+    map: &HashMap<MapData, K, V>,
+    limit: Limit,
+    mut each: impl FnMut(K, V),
+) -> Result<(), MapWriteError> {
+    for entry in map.iter() {
+        let (key, value) = entry.map_err(|e| limit.error("read", e))?;
+        each(key, value);
+    }
+    Ok(())
 }

@@ -308,7 +308,7 @@ fn read_hash<K: Pod, V: Pod>(map: Map, name: &'static str) -> Result<Vec<(K, V)>
     for entry in entries {
         match entry {
             Ok(kv) => out.push(kv),
-            Err(MapError::KeyNotFound) => {}
+            Err(e) if super::is_missing(&e) => {}
             Err(e) => return Err(read(e)),
         }
     }

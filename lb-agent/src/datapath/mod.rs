@@ -12,6 +12,17 @@ pub mod migrate;
 pub mod offline;
 pub mod udp_reset;
 
+/// Whether a map error says the key is not there: `KeyNotFound` from a
+/// lookup or an iteration, ENOENT from a delete's syscall. For a delete, and
+/// for an entry a program removed mid-walk, that is the wanted outcome.
+pub fn is_missing(e: &aya::maps::MapError) -> bool {
+    match e {
+        aya::maps::MapError::KeyNotFound => true,
+        aya::maps::MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
 /// The `lb-ebpf` object built by build.rs.
 pub const EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 

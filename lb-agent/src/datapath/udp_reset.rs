@@ -147,10 +147,8 @@ impl UdpResetter {
                 _pad: 0,
             };
             match self.map.remove(&key) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(MapError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
-                Err(e) => return Err(e.into()),
+                Err(e) if !super::is_missing(&e) => return Err(e.into()),
+                _ => {}
             }
         }
         Ok(resets)
