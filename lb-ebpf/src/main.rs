@@ -34,8 +34,8 @@ use lb_common::{
     source_range::{SourceRangeKey, SOURCE_RANGE_ID_BITS},
     stats::Stat,
     svc::{
-        SVC_FLAGS_EXTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_EXTERNAL_LOCAL, SVC_FLAG_INTERNAL_LOCAL,
-        SVC_FLAG_MAGLEV, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
+        SvcValue, SVC_FLAGS_EXTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_EXTERNAL_LOCAL,
+        SVC_FLAG_INTERNAL_LOCAL, SVC_FLAG_MAGLEV, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
     },
 };
 
@@ -155,15 +155,26 @@ fn ingress<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
         ct::update(&forward_key, &entry, &pkt, now);
         return send(ctx, &pkt, &entry, Stat::DnatCtHit);
     }
+    let now = found.map_or_else(ct::now, |(_, now)| now);
+    new_flow::<EXTERNAL>(ctx, &pkt, &svc, now)
+}
 
-    // New flow. Traffic from outside to an external frontend follows
-    // externalTrafficPolicy; everything else to a cluster IP follows
-    // internalTrafficPolicy. Local slots come first (1..=local_count).
-    if svc.flags & SVC_FLAG_SOURCE_RANGES != 0 && !source_allowed(&pkt, svc.rev_nat_id) {
+/// A new flow to frontend `svc`: admitted, a backend picked, tracked,
+/// translated. Traffic from outside to an external frontend follows
+/// externalTrafficPolicy; everything else to a cluster IP follows
+/// internalTrafficPolicy. Local slots come first (1..=local_count).
+#[inline(always)]
+fn new_flow<const EXTERNAL: bool>(
+    ctx: &TcContext,
+    pkt: &Packet,
+    svc: &SvcValue,
+    now: u64,
+) -> Outcome {
+    if svc.flags & SVC_FLAG_SOURCE_RANGES != 0 && !source_allowed(pkt, svc.rev_nat_id) {
         return Outcome::drop(Stat::DropSourceRange);
     }
     if svc.count == 0 {
-        return reject::port_unreachable(ctx, &pkt);
+        return reject::port_unreachable(ctx, pkt);
     }
     let external = EXTERNAL && svc.flags & SVC_FLAGS_EXTERNAL != 0;
     let local_only = if external {
@@ -179,7 +190,6 @@ fn ingress<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
     if choices == 0 {
         return Outcome::drop(Stat::DropNoLocalBackend);
     }
-    let now = found.map_or_else(ct::now, |(_, now)| now);
     let hash = flow_hash(
         pkt.saddr_be,
         pkt.daddr_be,
@@ -190,28 +200,14 @@ fn ingress<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
     let affinity = svc.flags & SVC_FLAG_AFFINITY != 0;
     let affinity_key = AffinityKey::new(lb_common::ipv4(pkt.saddr_be), svc.rev_nat_id);
     let remembered = if affinity {
-        affinity::remembered(&affinity_key, &svc, local_only, now)
+        affinity::remembered(&affinity_key, svc, local_only, now)
     } else {
         None
     };
-    let (backend_id, remote) = match remembered {
-        Some(choice) => choice,
-        None if svc.flags & SVC_FLAG_MAGLEV != 0 && !local_only => {
-            let Some(choice) = maglev::pick(&svc, hash) else {
-                return Outcome::drop(Stat::DropBackendMissing);
-            };
-            choice
-        }
-        None => {
-            // A slot by flow hash, so a lost conntrack entry still maps a
-            // flow to the same backend while the backend set is unchanged.
-            let slot = select_slot(hash, choices);
-            let slot_key = pkt.svc_key(slot);
-            let Some(slot_value) = maps::SERVICES.get_ptr(&slot_key) else {
-                return Outcome::drop(Stat::DropBackendMissing);
-            };
-            (unsafe { (*slot_value).backend_id }, slot > svc.local_count)
-        }
+    let Some((backend_id, remote)) =
+        remembered.or_else(|| pick(pkt, svc, hash, choices, local_only))
+    else {
+        return Outcome::drop(Stat::DropBackendMissing);
     };
     let Some(backend) = maps::BACKENDS.get_ptr(&backend_id) else {
         return Outcome::drop(Stat::DropBackendMissing);
@@ -220,21 +216,60 @@ fn ingress<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
     if affinity {
         affinity::remember(&affinity_key, backend_id, now);
     }
-    let mut entry = ct::new_forward(&pkt, &backend, backend_id, svc.rev_nat_id, now);
+    let mut entry = ct::new_forward(pkt, &backend, backend_id, svc.rev_nat_id, now);
     if external && remote {
         // To another node: SNAT to this node so the answer comes back here.
         let Some(config) = maps::CONFIG.get(0) else {
             return Outcome::drop(Stat::DropSnatExhausted);
         };
-        if let Err(stat) = ct::create_snat(&pkt, &mut entry, config, now) {
+        if let Err(stat) = ct::create_snat(pkt, &mut entry, config, now) {
             return Outcome::drop(stat);
         }
         count(Stat::SnatNew);
-    } else if ct::create(&pkt, &entry, 0).is_err() {
+    } else if ct::create(pkt, &entry, 0).is_err() {
         return Outcome::drop(Stat::DropCtFull);
     }
-    log_new_flow(ctx, &pkt, &entry);
-    send(ctx, &pkt, &entry, Stat::DnatNew)
+    log_new_flow(ctx, pkt, &entry);
+    send(ctx, pkt, &entry, Stat::DnatNew)
+}
+
+/// A backend for a new flow with no remembered one: by the frontend's
+/// Maglev table, or a slot by flow hash among the first `choices` (so a
+/// lost conntrack entry still maps a flow to the same backend while the
+/// backend set is unchanged). The id, and whether it runs on another node.
+#[inline(always)]
+fn pick(
+    pkt: &Packet,
+    svc: &SvcValue,
+    hash: u32,
+    choices: u16,
+    local_only: bool,
+) -> Option<(u32, bool)> {
+    if svc.flags & SVC_FLAG_MAGLEV != 0 && !local_only {
+        return maglev::pick(svc, hash);
+    }
+    let slot = select_slot(hash, choices);
+    let slot_value = maps::SERVICES.get_ptr(&pkt.svc_key(slot))?;
+    // SAFETY: a map value pointer, read at once.
+    Some((unsafe { (*slot_value).backend_id }, slot > svc.local_count))
+}
+
+/// The error rewritten in the terms of the flow it quotes (`entry`); it
+/// goes on where it was headed.
+#[inline(always)]
+fn translated(ctx: &TcContext, err: &icmp::IcmpError, entry: &CtValue) -> Outcome {
+    if icmp::translate(ctx, err, entry).is_err() {
+        return Outcome::drop(Stat::DropRewrite);
+    }
+    Outcome::next(Stat::IcmpTranslated)
+}
+
+/// The flow an error quotes: the quoted packet reversed is its `dir`
+/// tuple, and it is SNATed or not as `snat` says.
+#[inline(always)]
+fn quoted_flow(err: &icmp::IcmpError, dir: u8, snat: bool) -> Option<CtValue> {
+    let (entry, _) = ct::lookup_flow(&err.quoted_reversed(dir))?;
+    ((entry.flags & CT_SNAT != 0) == snat).then_some(entry)
 }
 
 /// Ingress: an error about a packet that left a frontend towards the client
@@ -245,11 +280,11 @@ fn ingress<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
 #[inline(always)]
 fn icmp_error_ingress<const EXTERNAL: bool>(ctx: &TcContext, err: &icmp::IcmpError) -> Outcome {
     if let Some((entry, _)) = ct::lookup_flow(&err.quoted_reversed(CT_DIR_FORWARD)) {
+        if entry.flags & CT_SNAT == 0 {
+            return translated(ctx, err, &entry);
+        }
         if icmp::translate(ctx, err, &entry).is_err() {
             return Outcome::drop(Stat::DropRewrite);
-        }
-        if entry.flags & CT_SNAT == 0 {
-            return Outcome::next(Stat::IcmpTranslated);
         }
         // To the backend now, perhaps from the SNAT address: routed by the
         // program, as SNATed packets are.
@@ -270,13 +305,8 @@ fn icmp_error_ingress<const EXTERNAL: bool>(ctx: &TcContext, err: &icmp::IcmpErr
         };
     }
     if EXTERNAL {
-        if let Some((entry, _)) = ct::lookup_flow(&err.quoted_reversed(CT_DIR_REPLY)) {
-            if entry.flags & CT_SNAT != 0 {
-                if icmp::translate(ctx, err, &entry).is_err() {
-                    return Outcome::drop(Stat::DropRewrite);
-                }
-                return Outcome::next(Stat::IcmpTranslated);
-            }
+        if let Some(entry) = quoted_flow(err, CT_DIR_REPLY, true) {
+            return translated(ctx, err, &entry);
         }
     }
     Outcome::next(Stat::PassNotService)
@@ -287,15 +317,10 @@ fn icmp_error_ingress<const EXTERNAL: bool>(ctx: &TcContext, err: &icmp::IcmpErr
 /// while forwarding it: the quoted packet reversed is the reply tuple.
 #[inline(always)]
 fn icmp_error_egress(ctx: &TcContext, err: &icmp::IcmpError) -> Outcome {
-    match ct::lookup_flow(&err.quoted_reversed(CT_DIR_REPLY)) {
-        // SNATed flows are answered at the uplink's ingress, never here.
-        Some((entry, _)) if entry.flags & CT_SNAT == 0 => {
-            if icmp::translate(ctx, err, &entry).is_err() {
-                return Outcome::drop(Stat::DropRewrite);
-            }
-            Outcome::next(Stat::IcmpTranslated)
-        }
-        _ => Outcome::next(Stat::PassNotReply),
+    // SNATed flows are answered at the uplink's ingress, never here.
+    match quoted_flow(err, CT_DIR_REPLY, false) {
+        Some(entry) => translated(ctx, err, &entry),
+        None => Outcome::next(Stat::PassNotReply),
     }
 }
 
