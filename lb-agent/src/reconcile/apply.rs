@@ -1,0 +1,315 @@
+//! The other half: a plan's `Op`s performed in order, each recorded as
+//! it succeeds; a frontend's later writes are skipped after a failure.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use lb_common::svc::SvcValue;
+
+use super::{maglev_backend_ids, ApplyError, BackendEntry, Op, Plan, Reconciler, Report, Written};
+use crate::{
+    datapath::{
+        maps::{LbMaps, MapWriteError},
+        udp_reset::LeftBackend,
+    },
+    desired::{Changes, Desired},
+    model::L4Addr,
+};
+
+impl<M: LbMaps> Reconciler<M> {
+    /// Brings every frontend to `desired`.
+    pub fn apply(&mut self, desired: &Desired) -> Report {
+        let plan = self.plan(desired);
+        self.run(plan)
+    }
+
+    /// Brings the frontends `changes` can affect to `desired`: the work is
+    /// proportional to the change. After a failed pass, everything is
+    /// checked again (`apply`).
+    pub fn apply_changes(&mut self, desired: &Desired, changes: &Changes) -> Report {
+        if self.pending || changes.all {
+            return self.apply(desired);
+        }
+        let plan = self.plan_scope(desired, Some(&self.scope(changes)));
+        self.run(plan)
+    }
+
+    pub(super) fn run(&mut self, plan: Plan) -> Report {
+        let mut report = Report::default();
+        let mut needed = BTreeSet::new();
+        for (service, frontend, e) in &plan.skipped {
+            report.errors.push(ApplyError {
+                target: format!("Service {service} frontend {frontend}"),
+                op: None,
+                error: e.clone(),
+            });
+        }
+        report.unchanged = plan.unchanged;
+        report.kept = plan.kept;
+        // A failed backend write is reported by the frontends that need it.
+        let mut failed_backends = BTreeMap::new();
+        for op in &plan.backends {
+            if let (Err(e), Op::PutBackend { id, .. }) = (self.execute(op), op) {
+                failed_backends.insert(*id, (op.to_string(), e));
+            }
+        }
+        for fp in &plan.frontends {
+            let what = match &fp.service {
+                Some(s) => format!("Service {s} frontend {}", fp.frontend),
+                None => format!("removing frontend {}", fp.frontend),
+            };
+            let failed_backend = fp.ops.iter().find_map(|op| match op {
+                Op::PutSlot { backend_id, .. } => failed_backends.get(backend_id),
+                _ => None,
+            });
+            if let Some((op, e)) = failed_backend {
+                needed.extend(fp.ops.iter().filter_map(|op| match op {
+                    Op::PutSlot { backend_id, .. } => Some(*backend_id),
+                    _ => None,
+                }));
+                report.errors.push(ApplyError {
+                    target: what,
+                    op: Some(op.clone()),
+                    error: e.clone(),
+                });
+                continue;
+            }
+            if fp.is_new {
+                self.rev_nat_ids.take(u32::from(fp.rev_nat_id));
+                self.written.insert(
+                    fp.frontend,
+                    Written {
+                        rev_nat_id: Some(fp.rev_nat_id),
+                        ..Written::default()
+                    },
+                );
+            }
+            match fp
+                .ops
+                .iter()
+                .try_for_each(|op| self.execute(op).map_err(|e| (op.to_string(), e)))
+            {
+                Ok(()) => {
+                    match (&fp.service, fp.is_new) {
+                        (None, _) => {
+                            self.written.remove(&fp.frontend);
+                            report.removed += 1;
+                        }
+                        (Some(_), true) => report.added += 1,
+                        (Some(_), false) => report.updated += 1,
+                    }
+                    report
+                        .udp_backends_removed
+                        .extend(
+                            fp.udp_removed
+                                .iter()
+                                .map(|&(backend_id, backend)| LeftBackend {
+                                    frontend: fp.frontend,
+                                    backend_id,
+                                    backend,
+                                }),
+                        );
+                }
+                Err((op, error)) => {
+                    needed.extend(fp.ops.iter().filter_map(|op| match op {
+                        Op::PutSlot { backend_id, .. } => Some(*backend_id),
+                        _ => None,
+                    }));
+                    report.errors.push(ApplyError {
+                        target: what,
+                        op: Some(op),
+                        error,
+                    })
+                }
+            }
+        }
+        for op in plan.orphans.iter().chain(&self.plan_prune(&needed)) {
+            if let Err(error) = self.execute(op) {
+                report.errors.push(ApplyError {
+                    target: "cleanup".into(),
+                    op: Some(op.to_string()),
+                    error,
+                });
+            }
+        }
+        self.pending = !report.errors.is_empty();
+        report
+    }
+
+    /// Performs one write and records its effect.
+    pub(super) fn execute(&mut self, op: &Op) -> Result<(), MapWriteError> {
+        match op {
+            Op::PutBackend { id, backend } => {
+                self.maps.put_backend(*id, *backend)?;
+                self.backend_ids.take(*id);
+                let entry = self.backend_entries.entry(*id).or_insert(BackendEntry {
+                    addr: *backend,
+                    refs: 0,
+                });
+                entry.addr = *backend;
+                if entry.refs == 0 {
+                    self.unreferenced.insert(*id);
+                }
+                self.backends.insert(*backend, *id);
+            }
+            Op::PutSlot {
+                frontend,
+                slot,
+                backend_id,
+            } => {
+                let value = SvcValue {
+                    backend_id: *backend_id,
+                    ..SvcValue::default()
+                };
+                self.maps.put_slot(*frontend, *slot, value)?;
+                let old = self.entry(*frontend).slots.insert(*slot, *backend_id);
+                if old != Some(*backend_id) {
+                    self.add_ref(*backend_id);
+                    if let Some(old) = old {
+                        self.drop_ref(old);
+                    }
+                }
+            }
+            Op::PutRevNat {
+                frontend,
+                id,
+                owner,
+            } => {
+                self.maps.put_revnat(*id, *frontend, owner)?;
+                let w = self.entry(*frontend);
+                w.service = Some(owner.clone());
+                w.revnat_written = true;
+            }
+            Op::PutCount { frontend, head } => {
+                self.maps.put_slot(*frontend, 0, *head)?;
+                self.entry(*frontend).head = Some(*head);
+            }
+            Op::DeleteSlot { frontend, slot } => {
+                self.maps.delete_slot(*frontend, *slot)?;
+                let w = self.entry(*frontend);
+                if *slot == 0 {
+                    w.head = None;
+                } else if let Some(old) = w.slots.remove(*slot) {
+                    self.drop_ref(old);
+                }
+            }
+            Op::DeleteRevNat { id } => {
+                self.maps.delete_revnat(*id)?;
+                self.orphan_revnat.remove(id);
+                self.rev_nat_ids.release(u32::from(*id));
+            }
+            Op::PutAffinityMatch {
+                frontend,
+                rev_nat_id,
+                backend_id,
+                local,
+            } => {
+                self.maps
+                    .put_affinity_match(*rev_nat_id, *backend_id, *local)?;
+                self.entry(*frontend).affinity.insert(*backend_id, *local);
+            }
+            Op::DeleteAffinityMatch {
+                frontend,
+                rev_nat_id,
+                backend_id,
+            } => {
+                self.maps.delete_affinity_match(*rev_nat_id, *backend_id)?;
+                match frontend.and_then(|f| self.written.get_mut(&f)) {
+                    Some(w) => {
+                        w.affinity.remove(backend_id);
+                    }
+                    None => {
+                        self.orphan_affinity.remove(&(*rev_nat_id, *backend_id));
+                    }
+                }
+            }
+            Op::PutSourceRange {
+                frontend,
+                rev_nat_id,
+                range,
+            } => {
+                self.maps.put_source_range(*rev_nat_id, *range)?;
+                self.entry(*frontend).source_ranges.insert(*range);
+            }
+            Op::DeleteSourceRange {
+                frontend,
+                rev_nat_id,
+                range,
+            } => {
+                self.maps.delete_source_range(*rev_nat_id, *range)?;
+                match frontend.and_then(|f| self.written.get_mut(&f)) {
+                    Some(w) => {
+                        w.source_ranges.remove(range);
+                    }
+                    None => {
+                        self.orphan_ranges.remove(&(*rev_nat_id, *range));
+                    }
+                }
+            }
+            Op::PutMaglev {
+                frontend,
+                rev_nat_id,
+                table,
+                entries,
+            } => {
+                self.maps.put_maglev_table(*rev_nat_id, *table, entries)?;
+                let old =
+                    self.entry(*frontend).maglev[usize::from(*table)].replace(entries.clone());
+                maglev_backend_ids(entries).for_each(|id| self.add_ref(id));
+                old.iter()
+                    .flat_map(|t| maglev_backend_ids(t))
+                    .for_each(|id| self.drop_ref(id));
+            }
+            Op::DeleteMaglev {
+                frontend,
+                rev_nat_id,
+                table,
+                chunks,
+            } => {
+                self.maps
+                    .delete_maglev_table(*rev_nat_id, *table, *chunks)?;
+                match frontend.and_then(|f| self.written.get_mut(&f)) {
+                    Some(w) => {
+                        let old = w.maglev[usize::from(*table)].take();
+                        old.iter()
+                            .flat_map(|t| maglev_backend_ids(t))
+                            .for_each(|id| self.drop_ref(id));
+                    }
+                    None => {
+                        self.orphan_maglev.remove(&(*rev_nat_id, *table));
+                    }
+                }
+            }
+            Op::DeleteBackend { id } => {
+                self.maps.delete_backend(*id)?;
+                self.unreferenced.remove(id);
+                if let Some(entry) = self.backend_entries.remove(id) {
+                    if self.backends.get(&entry.addr) == Some(id) {
+                        self.backends.remove(&entry.addr);
+                    }
+                }
+                self.backend_ids.release(*id);
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn add_ref(&mut self, id: u32) {
+        if let Some(entry) = self.backend_entries.get_mut(&id) {
+            entry.refs += 1;
+            self.unreferenced.remove(&id);
+        }
+    }
+
+    pub(super) fn drop_ref(&mut self, id: u32) {
+        if let Some(entry) = self.backend_entries.get_mut(&id) {
+            entry.refs = entry.refs.saturating_sub(1);
+            if entry.refs == 0 {
+                self.unreferenced.insert(id);
+            }
+        }
+    }
+
+    pub(super) fn entry(&mut self, frontend: L4Addr) -> &mut Written {
+        self.written.entry(frontend).or_default()
+    }
+}
