@@ -14,7 +14,7 @@ use super::{
 use crate::{
     datapath::maps::{LbMaps, MapWriteError},
     desired::{Changes, Desired},
-    model::{L4Addr, Proto, ServiceName},
+    model::{FrontendSpec, L4Addr, Proto, ServiceName},
     reconcile::ids::IdAllocator,
 };
 
@@ -208,6 +208,13 @@ pub(super) fn plan_frontend(
     ops
 }
 
+/// A plan's own copies of the id allocators, and the backends it adds.
+struct Allocation {
+    backend_ids: IdAllocator,
+    rev_nat_ids: IdAllocator,
+    new_backends: BTreeMap<L4Addr, u32>,
+}
+
 impl<M: LbMaps> Reconciler<M> {
     /// The writes that bring the maps to `desired` (pure: nothing is written,
     /// ids are allocated on copies).
@@ -237,16 +244,16 @@ impl<M: LbMaps> Reconciler<M> {
     /// Like `plan`, limited to the frontends in `scope` (all with `None`).
     pub(super) fn plan_scope(&self, desired: &Desired, scope: Option<&BTreeSet<L4Addr>>) -> Plan {
         let mut plan = Plan::default();
-        let mut backend_ids = self.backend_ids.clone();
-        let mut rev_nat_ids = self.rev_nat_ids.clone();
-        let mut new_backends: BTreeMap<L4Addr, u32> = BTreeMap::new();
+        let mut ids = Allocation {
+            backend_ids: self.backend_ids.clone(),
+            rev_nat_ids: self.rev_nat_ids.clone(),
+            new_backends: BTreeMap::new(),
+        };
         let written: Box<dyn Iterator<Item = (&L4Addr, &Written)>> = match scope {
             None => Box::new(self.written.iter()),
             Some(scope) => Box::new(scope.iter().filter_map(|f| self.written.get_key_value(f))),
         };
-        let wanted: Box<
-            dyn Iterator<Item = (&L4Addr, &std::sync::Arc<crate::model::FrontendSpec>)>,
-        > = match scope {
+        let wanted: Box<dyn Iterator<Item = (&L4Addr, &Arc<FrontendSpec>)>> = match scope {
             None => Box::new(desired.frontends.iter()),
             Some(scope) => Box::new(
                 scope
@@ -264,136 +271,142 @@ impl<M: LbMaps> Reconciler<M> {
                 plan.kept += 1;
                 continue;
             }
-            let mut ops = vec![Op::DeleteSlot {
-                frontend: *frontend,
-                slot: 0,
-            }];
-            ops.extend(w.slots.numbers().map(|slot| Op::DeleteSlot {
-                frontend: *frontend,
-                slot,
-            }));
-            ops.extend(w.affinity.keys().map(|backend_id| Op::DeleteAffinityMatch {
-                frontend: Some(*frontend),
-                rev_nat_id: w.rev_nat_id.unwrap_or(0),
-                backend_id: *backend_id,
-            }));
-            ops.extend(w.source_ranges.iter().map(|range| Op::DeleteSourceRange {
-                frontend: Some(*frontend),
-                rev_nat_id: w.rev_nat_id.unwrap_or(0),
-                range: *range,
-            }));
-            ops.extend(delete_maglev_tables(*frontend, w, [0, 1]));
-            if let Some(id) = w.rev_nat_id {
-                ops.push(Op::DeleteRevNat { id });
-            }
-            plan.frontends.push(FrontendPlan {
-                frontend: *frontend,
-                service: None,
-                rev_nat_id: w.rev_nat_id.unwrap_or(0),
-                is_new: false,
-                ops,
-                udp_removed: self.udp_backends(*frontend, w.slots.ids()),
-            });
+            plan.frontends.push(self.plan_removal(*frontend, w));
         }
-
         for (frontend, spec) in wanted {
-            let current = self.written.get(frontend);
-            let ids = self.plan_ids(
-                spec,
-                current,
-                &mut backend_ids,
-                &mut rev_nat_ids,
-                &mut new_backends,
-                &mut plan.backends,
-            );
-            let (ids, rev_nat_id) = match ids {
-                Ok(ids) => ids,
-                Err(e) => {
-                    plan.skipped.push((spec.service.clone(), *frontend, e));
-                    continue;
-                }
-            };
-            let empty = Written::default();
-            let head = SvcValue {
-                backend_id: 0,
-                count: ids.len() as u16,
-                local_count: spec.local_count as u16,
-                rev_nat_id,
-                flags: spec.flags(),
-                affinity_timeout_s: spec.affinity_timeout_s.unwrap_or(0),
-                maglev_table_size: spec.maglev_table_size,
-            };
-            let maglev = (spec.maglev_table_size > 0).then(|| {
-                current
-                    .and_then(|w| w.live_maglev_table(&ids, &head))
-                    .unwrap_or_else(|| maglev_entries(spec, &ids))
-            });
-            let ops = plan_frontend(
-                *frontend,
-                current.unwrap_or(&empty),
-                head,
-                &spec.service,
-                &ids,
-                &spec.source_ranges,
-                maglev,
-            );
-            if ops.is_empty() {
-                plan.unchanged += 1;
-                continue;
+            match self.plan_wanted(*frontend, spec, &mut ids, &mut plan.backends) {
+                Ok(Some(frontend_plan)) => plan.frontends.push(frontend_plan),
+                Ok(None) => plan.unchanged += 1,
+                Err(e) => plan.skipped.push((spec.service.clone(), *frontend, e)),
             }
-            let old = current.map(|w| w.slots.ids().collect::<BTreeSet<_>>());
-            plan.frontends.push(FrontendPlan {
-                frontend: *frontend,
-                service: Some(spec.service.clone()),
-                rev_nat_id,
-                is_new: current.is_none(),
-                ops,
-                udp_removed: self.udp_backends(
-                    *frontend,
-                    old.unwrap_or_default()
-                        .into_iter()
-                        .filter(|id| !ids.contains(id)),
-                ),
-            });
         }
         if scope.is_none() {
-            plan.orphans =
-                self.orphan_affinity
-                    .iter()
-                    .map(|(rev_nat_id, backend_id)| Op::DeleteAffinityMatch {
-                        frontend: None,
-                        rev_nat_id: *rev_nat_id,
-                        backend_id: *backend_id,
-                    })
-                    .chain(self.orphan_ranges.iter().map(|(rev_nat_id, range)| {
-                        Op::DeleteSourceRange {
-                            frontend: None,
-                            rev_nat_id: *rev_nat_id,
-                            range: *range,
-                        }
-                    }))
-                    .chain(
-                        self.orphan_maglev
-                            .iter()
-                            .map(|((rev_nat_id, table), chunks)| Op::DeleteMaglev {
-                                frontend: None,
-                                rev_nat_id: *rev_nat_id,
-                                table: *table,
-                                chunks: *chunks,
-                            }),
-                    )
-                    .chain(
-                        self.orphan_revnat
-                            .iter()
-                            .map(|id| Op::DeleteRevNat { id: *id }),
-                    )
-                    .collect();
+            plan.orphans = self.plan_orphans();
         }
         plan
     }
 
-    /// Backend ids (new ones planned as `PutBackend`) and the reverse-NAT id
-    /// for one frontend, allocated on the plan's copies of the allocators.
+    /// A frontend no longer wanted: slot 0 first, then everything it owns.
+    fn plan_removal(&self, frontend: L4Addr, w: &Written) -> FrontendPlan {
+        let rev_nat_id = w.rev_nat_id.unwrap_or(0);
+        let mut ops = vec![Op::DeleteSlot { frontend, slot: 0 }];
+        ops.extend(
+            w.slots
+                .numbers()
+                .map(|slot| Op::DeleteSlot { frontend, slot }),
+        );
+        ops.extend(w.affinity.keys().map(|backend_id| Op::DeleteAffinityMatch {
+            frontend: Some(frontend),
+            rev_nat_id,
+            backend_id: *backend_id,
+        }));
+        ops.extend(w.source_ranges.iter().map(|range| Op::DeleteSourceRange {
+            frontend: Some(frontend),
+            rev_nat_id,
+            range: *range,
+        }));
+        ops.extend(delete_maglev_tables(frontend, w, [0, 1]));
+        if let Some(id) = w.rev_nat_id {
+            ops.push(Op::DeleteRevNat { id });
+        }
+        FrontendPlan {
+            frontend,
+            service: None,
+            rev_nat_id,
+            is_new: false,
+            ops,
+            udp_removed: self.udp_backends(frontend, w.slots.ids()),
+        }
+    }
+
+    /// A wanted frontend: its writes (`None` when the maps hold it already),
+    /// with new backends planned into `puts`.
+    fn plan_wanted(
+        &self,
+        frontend: L4Addr,
+        spec: &FrontendSpec,
+        ids: &mut Allocation,
+        puts: &mut Vec<Op>,
+    ) -> Result<Option<FrontendPlan>, MapWriteError> {
+        let current = self.written.get(&frontend);
+        let (backend_ids, rev_nat_id) = self.plan_ids(spec, current, ids, puts)?;
+        let empty = Written::default();
+        let head = SvcValue {
+            backend_id: 0,
+            count: backend_ids.len() as u16,
+            local_count: spec.local_count as u16,
+            rev_nat_id,
+            flags: spec.flags(),
+            affinity_timeout_s: spec.affinity_timeout_s.unwrap_or(0),
+            maglev_table_size: spec.maglev_table_size,
+        };
+        let maglev = (spec.maglev_table_size > 0).then(|| {
+            current
+                .and_then(|w| w.live_maglev_table(&backend_ids, &head))
+                .unwrap_or_else(|| maglev_entries(spec, &backend_ids))
+        });
+        let ops = plan_frontend(
+            frontend,
+            current.unwrap_or(&empty),
+            head,
+            &spec.service,
+            &backend_ids,
+            &spec.source_ranges,
+            maglev,
+        );
+        if ops.is_empty() {
+            return Ok(None);
+        }
+        let old = current.map(|w| w.slots.ids().collect::<BTreeSet<_>>());
+        Ok(Some(FrontendPlan {
+            frontend,
+            service: Some(spec.service.clone()),
+            rev_nat_id,
+            is_new: current.is_none(),
+            ops,
+            udp_removed: self.udp_backends(
+                frontend,
+                old.unwrap_or_default()
+                    .into_iter()
+                    .filter(|id| !backend_ids.contains(id)),
+            ),
+        }))
+    }
+
+    /// Entries in the maps that no frontend owns (found at restore).
+    fn plan_orphans(&self) -> Vec<Op> {
+        let affinity =
+            self.orphan_affinity
+                .iter()
+                .map(|(rev_nat_id, backend_id)| Op::DeleteAffinityMatch {
+                    frontend: None,
+                    rev_nat_id: *rev_nat_id,
+                    backend_id: *backend_id,
+                });
+        let ranges = self
+            .orphan_ranges
+            .iter()
+            .map(|(rev_nat_id, range)| Op::DeleteSourceRange {
+                frontend: None,
+                rev_nat_id: *rev_nat_id,
+                range: *range,
+            });
+        let maglev = self
+            .orphan_maglev
+            .iter()
+            .map(|((rev_nat_id, table), chunks)| Op::DeleteMaglev {
+                frontend: None,
+                rev_nat_id: *rev_nat_id,
+                table: *table,
+                chunks: *chunks,
+            });
+        let revnat = self
+            .orphan_revnat
+            .iter()
+            .map(|id| Op::DeleteRevNat { id: *id });
+        affinity.chain(ranges).chain(maglev).chain(revnat).collect()
+    }
+
     /// The ids and addresses of a UDP frontend's backends among `ids`.
     pub(super) fn udp_backends(
         &self,
@@ -409,27 +422,31 @@ impl<M: LbMaps> Reconciler<M> {
             .collect()
     }
 
-    pub(super) fn plan_ids(
+    /// Backend ids (new ones planned as `PutBackend`) and the reverse-NAT id
+    /// for one frontend, allocated on the plan's copies of the allocators.
+    fn plan_ids(
         &self,
-        spec: &crate::model::FrontendSpec,
+        spec: &FrontendSpec,
         current: Option<&Written>,
-        backend_ids: &mut IdAllocator,
-        rev_nat_ids: &mut IdAllocator,
-        new_backends: &mut BTreeMap<L4Addr, u32>,
+        alloc: &mut Allocation,
         puts: &mut Vec<Op>,
     ) -> Result<(Vec<u32>, u16), MapWriteError> {
         let mut ids = Vec::with_capacity(spec.backends.len());
         for backend in &spec.backends {
-            if let Some(id) = self.backends.get(backend).or(new_backends.get(backend)) {
+            if let Some(id) = self
+                .backends
+                .get(backend)
+                .or(alloc.new_backends.get(backend))
+            {
                 ids.push(*id);
                 continue;
             }
-            let id = backend_ids.allocate().ok_or(MapWriteError::Full {
+            let id = alloc.backend_ids.allocate().ok_or(MapWriteError::Full {
                 map: lb_common::backend::BACKEND_MAP,
                 capacity: self.max_backends,
                 flag: "--max-backends",
             })?;
-            new_backends.insert(*backend, id);
+            alloc.new_backends.insert(*backend, id);
             puts.push(Op::PutBackend {
                 id,
                 backend: *backend,
@@ -438,14 +455,17 @@ impl<M: LbMaps> Reconciler<M> {
         }
         let rev_nat_id = match current.and_then(|w| w.rev_nat_id) {
             Some(id) => id,
-            None => rev_nat_ids
-                .allocate()
-                .map(|id| id as u16)
-                .ok_or(MapWriteError::Full {
-                    map: lb_common::revnat::REVNAT_MAP,
-                    capacity: MAX_REV_NAT_ID,
-                    flag: "(65535 frontends at most)",
-                })?,
+            None => {
+                alloc
+                    .rev_nat_ids
+                    .allocate()
+                    .map(|id| id as u16)
+                    .ok_or(MapWriteError::Full {
+                        map: lb_common::revnat::REVNAT_MAP,
+                        capacity: MAX_REV_NAT_ID,
+                        flag: "(65535 frontends at most)",
+                    })?
+            }
         };
         Ok((ids, rev_nat_id))
     }
