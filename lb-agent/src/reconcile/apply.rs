@@ -135,11 +135,17 @@ impl<M: LbMaps> Reconciler<M> {
         report
     }
 
-    /// Performs one write and records its effect.
+    /// Performs one write and, once it succeeded, records it.
     pub(super) fn execute(&mut self, op: &Op) -> Result<(), MapWriteError> {
+        write(&mut self.maps, op)?;
+        self.record(op);
+        Ok(())
+    }
+
+    /// What a successful write changed in what the reconciler knows.
+    fn record(&mut self, op: &Op) {
         match op {
             Op::PutBackend { id, backend } => {
-                self.maps.put_backend(*id, *backend)?;
                 self.backend_ids.take(*id);
                 let entry = self.backend_entries.entry(*id).or_insert(BackendEntry {
                     addr: *backend,
@@ -156,11 +162,6 @@ impl<M: LbMaps> Reconciler<M> {
                 slot,
                 backend_id,
             } => {
-                let value = SvcValue {
-                    backend_id: *backend_id,
-                    ..SvcValue::default()
-                };
-                self.maps.put_slot(*frontend, *slot, value)?;
                 let old = self.entry(*frontend).slots.insert(*slot, *backend_id);
                 if old != Some(*backend_id) {
                     self.add_ref(*backend_id);
@@ -170,21 +171,14 @@ impl<M: LbMaps> Reconciler<M> {
                 }
             }
             Op::PutRevNat {
-                frontend,
-                id,
-                owner,
+                frontend, owner, ..
             } => {
-                self.maps.put_revnat(*id, *frontend, owner)?;
                 let w = self.entry(*frontend);
                 w.service = Some(owner.clone());
                 w.revnat_written = true;
             }
-            Op::PutCount { frontend, head } => {
-                self.maps.put_slot(*frontend, 0, *head)?;
-                self.entry(*frontend).head = Some(*head);
-            }
+            Op::PutCount { frontend, head } => self.entry(*frontend).head = Some(*head),
             Op::DeleteSlot { frontend, slot } => {
-                self.maps.delete_slot(*frontend, *slot)?;
                 let w = self.entry(*frontend);
                 if *slot == 0 {
                     w.head = None;
@@ -193,65 +187,52 @@ impl<M: LbMaps> Reconciler<M> {
                 }
             }
             Op::DeleteRevNat { id } => {
-                self.maps.delete_revnat(*id)?;
                 self.orphan_revnat.remove(id);
                 self.rev_nat_ids.release(u32::from(*id));
             }
             Op::PutAffinityMatch {
                 frontend,
-                rev_nat_id,
                 backend_id,
                 local,
+                ..
             } => {
-                self.maps
-                    .put_affinity_match(*rev_nat_id, *backend_id, *local)?;
                 self.entry(*frontend).affinity.insert(*backend_id, *local);
             }
             Op::DeleteAffinityMatch {
                 frontend,
                 rev_nat_id,
                 backend_id,
-            } => {
-                self.maps.delete_affinity_match(*rev_nat_id, *backend_id)?;
-                match frontend.and_then(|f| self.written.get_mut(&f)) {
-                    Some(w) => {
-                        w.affinity.remove(backend_id);
-                    }
-                    None => {
-                        self.orphan_affinity.remove(&(*rev_nat_id, *backend_id));
-                    }
+            } => match frontend.and_then(|f| self.written.get_mut(&f)) {
+                Some(w) => {
+                    w.affinity.remove(backend_id);
                 }
-            }
+                None => {
+                    self.orphan_affinity.remove(&(*rev_nat_id, *backend_id));
+                }
+            },
             Op::PutSourceRange {
-                frontend,
-                rev_nat_id,
-                range,
+                frontend, range, ..
             } => {
-                self.maps.put_source_range(*rev_nat_id, *range)?;
                 self.entry(*frontend).source_ranges.insert(*range);
             }
             Op::DeleteSourceRange {
                 frontend,
                 rev_nat_id,
                 range,
-            } => {
-                self.maps.delete_source_range(*rev_nat_id, *range)?;
-                match frontend.and_then(|f| self.written.get_mut(&f)) {
-                    Some(w) => {
-                        w.source_ranges.remove(range);
-                    }
-                    None => {
-                        self.orphan_ranges.remove(&(*rev_nat_id, *range));
-                    }
+            } => match frontend.and_then(|f| self.written.get_mut(&f)) {
+                Some(w) => {
+                    w.source_ranges.remove(range);
                 }
-            }
+                None => {
+                    self.orphan_ranges.remove(&(*rev_nat_id, *range));
+                }
+            },
             Op::PutMaglev {
                 frontend,
-                rev_nat_id,
                 table,
                 entries,
+                ..
             } => {
-                self.maps.put_maglev_table(*rev_nat_id, *table, entries)?;
                 let old =
                     self.entry(*frontend).maglev[usize::from(*table)].replace(entries.clone());
                 maglev_backend_ids(entries).for_each(|id| self.add_ref(id));
@@ -263,24 +244,19 @@ impl<M: LbMaps> Reconciler<M> {
                 frontend,
                 rev_nat_id,
                 table,
-                chunks,
-            } => {
-                self.maps
-                    .delete_maglev_table(*rev_nat_id, *table, *chunks)?;
-                match frontend.and_then(|f| self.written.get_mut(&f)) {
-                    Some(w) => {
-                        let old = w.maglev[usize::from(*table)].take();
-                        old.iter()
-                            .flat_map(|t| maglev_backend_ids(t))
-                            .for_each(|id| self.drop_ref(id));
-                    }
-                    None => {
-                        self.orphan_maglev.remove(&(*rev_nat_id, *table));
-                    }
+                ..
+            } => match frontend.and_then(|f| self.written.get_mut(&f)) {
+                Some(w) => {
+                    let old = w.maglev[usize::from(*table)].take();
+                    old.iter()
+                        .flat_map(|t| maglev_backend_ids(t))
+                        .for_each(|id| self.drop_ref(id));
                 }
-            }
+                None => {
+                    self.orphan_maglev.remove(&(*rev_nat_id, *table));
+                }
+            },
             Op::DeleteBackend { id } => {
-                self.maps.delete_backend(*id)?;
                 self.unreferenced.remove(id);
                 if let Some(entry) = self.backend_entries.remove(id) {
                     if self.backends.get(&entry.addr) == Some(id) {
@@ -290,7 +266,6 @@ impl<M: LbMaps> Reconciler<M> {
                 self.backend_ids.release(*id);
             }
         }
-        Ok(())
     }
 
     pub(super) fn add_ref(&mut self, id: u32) {
@@ -311,5 +286,61 @@ impl<M: LbMaps> Reconciler<M> {
 
     pub(super) fn entry(&mut self, frontend: L4Addr) -> &mut Written {
         self.written.entry(frontend).or_default()
+    }
+}
+
+/// The map write of one op.
+fn write<M: LbMaps>(maps: &mut M, op: &Op) -> Result<(), MapWriteError> {
+    match op {
+        Op::PutBackend { id, backend } => maps.put_backend(*id, *backend),
+        Op::PutSlot {
+            frontend,
+            slot,
+            backend_id,
+        } => {
+            let value = SvcValue {
+                backend_id: *backend_id,
+                ..SvcValue::default()
+            };
+            maps.put_slot(*frontend, *slot, value)
+        }
+        Op::PutRevNat {
+            frontend,
+            id,
+            owner,
+        } => maps.put_revnat(*id, *frontend, owner),
+        Op::PutCount { frontend, head } => maps.put_slot(*frontend, 0, *head),
+        Op::DeleteSlot { frontend, slot } => maps.delete_slot(*frontend, *slot),
+        Op::DeleteRevNat { id } => maps.delete_revnat(*id),
+        Op::PutAffinityMatch {
+            rev_nat_id,
+            backend_id,
+            local,
+            ..
+        } => maps.put_affinity_match(*rev_nat_id, *backend_id, *local),
+        Op::DeleteAffinityMatch {
+            rev_nat_id,
+            backend_id,
+            ..
+        } => maps.delete_affinity_match(*rev_nat_id, *backend_id),
+        Op::PutSourceRange {
+            rev_nat_id, range, ..
+        } => maps.put_source_range(*rev_nat_id, *range),
+        Op::DeleteSourceRange {
+            rev_nat_id, range, ..
+        } => maps.delete_source_range(*rev_nat_id, *range),
+        Op::PutMaglev {
+            rev_nat_id,
+            table,
+            entries,
+            ..
+        } => maps.put_maglev_table(*rev_nat_id, *table, entries),
+        Op::DeleteMaglev {
+            rev_nat_id,
+            table,
+            chunks,
+            ..
+        } => maps.delete_maglev_table(*rev_nat_id, *table, *chunks),
+        Op::DeleteBackend { id } => maps.delete_backend(*id),
     }
 }
