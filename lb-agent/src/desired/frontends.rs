@@ -1,0 +1,574 @@
+//! One Service and its EndpointSlices → its frontends, each with its
+//! backends (or the errors that stop it): ports, policies, addresses,
+//! endpoints, limits.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+    sync::Arc,
+};
+
+use super::{LbAlgorithm, Limits, NodeContext};
+use crate::{
+    model::error::{InputError, InputErrorKind},
+    model::{FrontendKind, FrontendSpec, L4Addr, Proto, ServiceName},
+    source::objects::Sourced,
+    source::view::{
+        EndpointAddress, ProtocolText, ServiceSpecView, ServiceView, SliceView,
+        SERVICE_PROXY_NAME_LABEL,
+    },
+};
+
+/// Where an error is: the file and the object, for every error about it.
+pub(super) struct ErrCtx {
+    pub(super) file: Option<PathBuf>,
+    pub(super) object: String,
+}
+
+impl ErrCtx {
+    pub(super) fn error(&self, kind: InputErrorKind, field: &str, message: &str) -> InputError {
+        InputError {
+            kind,
+            file: self.file.clone(),
+            object: self.object.clone(),
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+pub(super) fn service_frontends(
+    service: &Sourced<ServiceView>,
+    name: &ServiceName,
+    slices: &[&Sourced<SliceView>],
+    limits: Limits,
+    node: &NodeContext,
+) -> (Vec<(L4Addr, FrontendSpec)>, Vec<InputError>) {
+    let ctx = ErrCtx {
+        file: service.file.clone(),
+        object: format!("Service {name}"),
+    };
+    if service.object.other_proxy {
+        tracing::debug!(service = %name, "skipped: {SERVICE_PROXY_NAME_LABEL} is set");
+        return (Vec::new(), Vec::new());
+    }
+    let Some(spec) = &service.object.spec else {
+        return (
+            Vec::new(),
+            vec![ctx.error(InputErrorKind::InvalidField, "spec", "missing")],
+        );
+    };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return (Vec::new(), Vec::new());
+    }
+    let vips = match cluster_ips(spec, &ctx) {
+        Ok(vips) => vips,
+        Err(errors) => return (Vec::new(), errors),
+    };
+    if vips.is_empty() {
+        return (Vec::new(), Vec::new()); // headless, or IPv6-only
+    }
+
+    let mut errors = Vec::new();
+    let policy = match Policy::of(spec, &ctx) {
+        Ok(policy) => policy,
+        Err(e) => return (Vec::new(), vec![e]),
+    };
+    if let Some(Err(m)) = spec.health_check_node_port.map(valid_port) {
+        return (
+            Vec::new(),
+            vec![ctx.error(InputErrorKind::InvalidField, "spec.healthCheckNodePort", &m)],
+        );
+    }
+    let external = match external_addresses(spec, &ctx) {
+        Ok(external) => external,
+        Err(e) => return (Vec::new(), vec![e]),
+    };
+    let ports = service_ports(spec, name, &ctx, &mut errors);
+    let mut frontends = Vec::new();
+    for port in ports {
+        let (backends, nodes) = port_backends(slices, &port.name, port.proto, &mut errors);
+        let maglev_table_size = match port_table_size(&port, backends.len(), limits, &ctx) {
+            Ok(size) => size,
+            Err(e) => {
+                errors.push(e);
+                continue;
+            }
+        };
+        let (backends, local_count) = local_first(backends, nodes, node.name.as_deref());
+        let addresses = frontend_addresses(&vips, &port, node, &external);
+        for (kind, addr, frontend_port) in addresses {
+            let frontend = L4Addr {
+                addr,
+                port: frontend_port,
+                proto: port.proto,
+            };
+            let spec = FrontendSpec {
+                service: name.clone(),
+                port_name: port.name.clone(),
+                kind,
+                backends: backends.clone(),
+                local_count,
+                policy_flags: policy.flags(kind),
+                affinity_timeout_s: policy.affinity_timeout_s,
+                source_ranges: match (&policy.source_ranges, kind) {
+                    (Some(ranges), FrontendKind::LoadBalancer) => ranges.clone(),
+                    _ => Vec::new(),
+                },
+                maglev_table_size,
+            };
+            frontends.push((frontend, spec));
+        }
+    }
+    (frontends, errors)
+}
+
+/// The Service's usable ports; each unusable one is an error in `errors`.
+fn service_ports(
+    spec: &ServiceSpecView,
+    name: &ServiceName,
+    ctx: &ErrCtx,
+    errors: &mut Vec<InputError>,
+) -> Vec<ServicePort> {
+    let has_node_ports = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
+    let mut ports: Vec<ServicePort> = Vec::new();
+    for (i, port) in spec.ports.iter().enumerate() {
+        let field = |f: &str| format!("spec.ports[{i}].{f}");
+        let proto = match parse_proto(port.protocol.as_ref().map(ProtocolText::as_str)) {
+            Ok(Some(p)) => p,
+            Ok(None) => {
+                tracing::warn!(service = %name, port = i, "SCTP is not supported; port skipped");
+                continue;
+            }
+            Err(m) => {
+                errors.push(ctx.error(InputErrorKind::InvalidField, &field("protocol"), &m));
+                continue;
+            }
+        };
+        let node_port = match port.node_port.filter(|_| has_node_ports).map(valid_port) {
+            Some(Ok(p)) => Some(p),
+            Some(Err(m)) => {
+                errors.push(ctx.error(InputErrorKind::InvalidField, &field("nodePort"), &m));
+                continue;
+            }
+            None => None, // allocateLoadBalancerNodePorts: false, or not a NodePort type
+        };
+        match valid_port(port.port) {
+            Ok(p) => {
+                if let Some(j) = ports.iter().position(|q| q.port == p && q.proto == proto) {
+                    errors.push(ctx.error(
+                        InputErrorKind::Conflict,
+                        &field("port"),
+                        &format!("{p}/{proto} is also spec.ports[{j}]"),
+                    ));
+                    continue;
+                }
+                ports.push(ServicePort {
+                    name: port.name.clone().unwrap_or_default(),
+                    port: p,
+                    proto,
+                    node_port,
+                })
+            }
+            Err(m) => errors.push(ctx.error(InputErrorKind::InvalidField, &field("port"), &m)),
+        }
+    }
+    ports
+}
+
+/// Whether a port's `endpoints` fit the limits, and its Maglev table size
+/// (0: `--lb-algorithm random`, or no endpoints).
+fn port_table_size(
+    port: &ServicePort,
+    endpoints: usize,
+    limits: Limits,
+    ctx: &ErrCtx,
+) -> Result<u32, InputError> {
+    if endpoints > limits.max_backends_per_service {
+        return Err(ctx.error(
+            InputErrorKind::OverLimit,
+            "spec.ports",
+            &format!(
+                "port {:?} has {} endpoints, more than --max-backends-per-service {}",
+                port.name, endpoints, limits.max_backends_per_service
+            ),
+        ));
+    }
+    Ok(match limits.lb_algorithm {
+        LbAlgorithm::Maglev { table_size } if endpoints > 0 => {
+            let size = table_size.unwrap_or_else(|| crate::model::maglev::auto_size(endpoints));
+            if size as usize <= endpoints {
+                return Err(ctx.error(
+                    InputErrorKind::OverLimit,
+                    "spec.ports",
+                    &format!(
+                        "port {:?} has {} endpoints, as many as --maglev-table-size {size} has entries",
+                        port.name,
+                        endpoints
+                    ),
+                ));
+            }
+            size
+        }
+        _ => 0,
+    })
+}
+
+/// Where a port is served: each cluster IP, its node port on each node
+/// address, and each external address.
+fn frontend_addresses<'a>(
+    vips: &'a [Ipv4Addr],
+    port: &'a ServicePort,
+    node: &'a NodeContext,
+    external: &'a [(FrontendKind, Ipv4Addr)],
+) -> impl Iterator<Item = (FrontendKind, Ipv4Addr, u16)> + 'a {
+    vips.iter()
+        .map(|vip| (FrontendKind::ClusterIp, *vip, port.port))
+        .chain(
+            port.node_port
+                .into_iter()
+                .flat_map(|np| node.nodeport_addresses.iter().map(move |a| (*a, np)))
+                .map(|(a, np)| (FrontendKind::NodePort, a, np)),
+        )
+        .chain(external.iter().map(|(kind, a)| (*kind, *a, port.port)))
+}
+
+/// One usable port of a Service.
+struct ServicePort {
+    name: String,
+    port: u16,
+    proto: Proto,
+    node_port: Option<u16>,
+}
+
+/// A Service's traffic policies and affinity.
+struct Policy {
+    external_local: bool,
+    internal_local: bool,
+    affinity_timeout_s: Option<u32>,
+    /// `loadBalancerSourceRanges`, when set (IPv4 prefixes only).
+    source_ranges: Option<Vec<ipnet::Ipv4Net>>,
+}
+
+/// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 h).
+const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+/// The API's upper bound for it (1 day).
+const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
+
+impl Policy {
+    fn of(spec: &ServiceSpecView, ctx: &ErrCtx) -> Result<Self, InputError> {
+        let local = |field: &str, value: &Option<String>| match value.as_deref() {
+            None | Some("Cluster") => Ok(false),
+            Some("Local") => Ok(true),
+            Some(other) => Err(ctx.error(
+                InputErrorKind::InvalidField,
+                field,
+                &format!("unknown policy {other:?} (expected Cluster or Local)"),
+            )),
+        };
+        let affinity_timeout_s = match spec.session_affinity.as_deref() {
+            None | Some("None") => None,
+            Some("ClientIP") => match spec.affinity_timeout_s {
+                None => Some(DEFAULT_AFFINITY_TIMEOUT_S),
+                Some(t) => match u32::try_from(t) {
+                    Ok(t) if (1..=MAX_AFFINITY_TIMEOUT_S).contains(&t) => Some(t),
+                    _ => {
+                        return Err(ctx.error(
+                            InputErrorKind::InvalidField,
+                            "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                            &format!("{t} is out of range 1-{MAX_AFFINITY_TIMEOUT_S}"),
+                        ))
+                    }
+                },
+            },
+            Some(other) => {
+                return Err(ctx.error(
+                    InputErrorKind::InvalidField,
+                    "spec.sessionAffinity",
+                    &format!("unknown affinity {other:?} (expected None or ClientIP)"),
+                ))
+            }
+        };
+        let mut source_ranges = None;
+        for (i, text) in spec.load_balancer_source_ranges.iter().enumerate() {
+            let ranges = source_ranges.get_or_insert_with(Vec::new);
+            match text.trim().parse::<ipnet::IpNet>() {
+                Ok(ipnet::IpNet::V4(net)) => ranges.push(net.trunc()),
+                Ok(ipnet::IpNet::V6(_)) => {} // IPv4 only
+                Err(_) => {
+                    return Err(ctx.error(
+                        InputErrorKind::InvalidField,
+                        &format!("spec.loadBalancerSourceRanges[{i}]"),
+                        &format!("{text:?} is not a CIDR"),
+                    ))
+                }
+            }
+        }
+        Ok(Self {
+            source_ranges,
+            external_local: local("spec.externalTrafficPolicy", &spec.external_traffic_policy)?,
+            internal_local: local("spec.internalTrafficPolicy", &spec.internal_traffic_policy)?,
+            affinity_timeout_s,
+        })
+    }
+
+    /// The policy flags of a frontend of `kind`: externalTrafficPolicy
+    /// governs the external kinds, internalTrafficPolicy the cluster IPs.
+    fn flags(&self, kind: FrontendKind) -> u16 {
+        use lb_common::svc::{SVC_FLAG_AFFINITY, SVC_FLAG_EXTERNAL_LOCAL, SVC_FLAG_INTERNAL_LOCAL};
+        let mut flags = 0;
+        if kind.is_external() && self.external_local {
+            flags |= SVC_FLAG_EXTERNAL_LOCAL;
+        }
+        if !kind.is_external() && self.internal_local {
+            flags |= SVC_FLAG_INTERNAL_LOCAL;
+        }
+        if self.affinity_timeout_s.is_some() {
+            flags |= SVC_FLAG_AFFINITY;
+        }
+        if kind == FrontendKind::LoadBalancer && self.source_ranges.is_some() {
+            flags |= lb_common::svc::SVC_FLAG_SOURCE_RANGES;
+        }
+        flags
+    }
+}
+
+/// `spec.externalIPs` and, for type LoadBalancer, the load balancer's
+/// ingress IPs (not those with `ipMode: Proxy`: the load balancer proxies
+/// those itself and sends to the node ports).
+fn external_addresses(
+    spec: &ServiceSpecView,
+    ctx: &ErrCtx,
+) -> Result<Vec<(FrontendKind, Ipv4Addr)>, InputError> {
+    let mut found = Vec::new();
+    let mut add = |kind, field: String, text: &str| match text.parse::<IpAddr>() {
+        Ok(IpAddr::V4(v4)) if usable(v4) => {
+            if !found.contains(&(kind, v4)) {
+                found.push((kind, v4));
+            }
+            Ok(())
+        }
+        Ok(IpAddr::V6(_)) => Ok(()), // IPv4 only
+        _ => Err(ctx.error(
+            InputErrorKind::InvalidField,
+            &field,
+            &format!("{text:?} is not a usable IPv4 address"),
+        )),
+    };
+    for (i, ip) in spec.external_ips.iter().enumerate() {
+        add(
+            FrontendKind::ExternalIp,
+            format!("spec.externalIPs[{i}]"),
+            ip,
+        )?;
+    }
+    if spec.type_.as_deref() == Some("LoadBalancer") {
+        for (i, (ip, mode)) in spec.load_balancer_ingress.iter().enumerate() {
+            if let (Some(ip), false) = (ip, mode.as_deref() == Some("Proxy")) {
+                add(
+                    FrontendKind::LoadBalancer,
+                    format!("status.loadBalancer.ingress[{i}].ip"),
+                    ip,
+                )?;
+            }
+        }
+    }
+    Ok(found)
+}
+
+fn usable(ip: Ipv4Addr) -> bool {
+    !ip.is_unspecified() && !ip.is_broadcast() && !ip.is_multicast()
+}
+
+/// Reorders a port's backends so this node's come first (each part stays
+/// sorted); returns them with their count.
+fn local_first(
+    backends: Vec<L4Addr>,
+    nodes: Vec<Option<Arc<str>>>,
+    this_node: Option<&str>,
+) -> (Vec<L4Addr>, usize) {
+    let is_local = |n: &Option<Arc<str>>| this_node.is_some() && n.as_deref() == this_node;
+    let (local, remote): (Vec<_>, Vec<_>) = backends
+        .into_iter()
+        .zip(nodes)
+        .partition(|(_, n)| is_local(n));
+    let local_count = local.len();
+    let backends = local.into_iter().chain(remote).map(|(b, _)| b).collect();
+    (backends, local_count)
+}
+
+/// IPv4 cluster IPs from `clusterIPs` (or `clusterIP`); empty when headless.
+fn cluster_ips(spec: &ServiceSpecView, ctx: &ErrCtx) -> Result<Vec<Ipv4Addr>, Vec<InputError>> {
+    let (field, ips): (&str, Vec<String>) = match (&spec.cluster_ips, &spec.cluster_ip) {
+        (Some(ips), _) if !ips.is_empty() => ("spec.clusterIPs", ips.clone()),
+        (_, Some(ip)) => ("spec.clusterIP", vec![ip.clone()]),
+        _ => {
+            return Err(vec![ctx.error(
+                InputErrorKind::InvalidField,
+                "spec.clusterIP",
+                "missing (the agent does not allocate cluster IPs)",
+            )])
+        }
+    };
+    if ips.iter().any(|ip| ip == "None") {
+        return Ok(Vec::new());
+    }
+    let mut vips = Vec::new();
+    for (i, ip) in ips.iter().enumerate() {
+        let field = if field == "spec.clusterIPs" {
+            format!("{field}[{i}]")
+        } else {
+            field.into()
+        };
+        match ip.parse::<IpAddr>() {
+            Ok(IpAddr::V4(v4)) if v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast() => {
+                return Err(vec![ctx.error(
+                    InputErrorKind::InvalidField,
+                    &field,
+                    &format!("{ip} is not a usable service address"),
+                )]);
+            }
+            Ok(IpAddr::V4(v4)) => vips.push(v4),
+            Ok(IpAddr::V6(_)) => {
+                tracing::debug!(object = %ctx.object, %ip, "IPv6 cluster IP skipped (IPv4 only)")
+            }
+            Err(_) => {
+                return Err(vec![ctx.error(
+                    InputErrorKind::InvalidField,
+                    &field,
+                    &format!("{ip:?} is not an IP address"),
+                )])
+            }
+        }
+    }
+    Ok(vips)
+}
+
+fn parse_proto(protocol: Option<&str>) -> Result<Option<Proto>, String> {
+    match protocol.unwrap_or("TCP") {
+        "TCP" => Ok(Some(Proto::Tcp)),
+        "UDP" => Ok(Some(Proto::Udp)),
+        "SCTP" => Ok(None),
+        other => Err(format!(
+            "unknown protocol {other:?} (expected TCP, UDP or SCTP)"
+        )),
+    }
+}
+
+pub(super) fn valid_port(port: i32) -> Result<u16, String> {
+    u16::try_from(port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{port} is out of range 1-65535"))
+}
+
+/// A port's backends (sorted) and the nodes they run on.
+type PortBackends = (Vec<L4Addr>, Vec<Option<Arc<str>>>);
+
+/// The backends for one service port, merged over every slice. Problems go
+/// to `errors`: a bad endpoint or an unusable slice port is skipped
+/// (`Skipped`); a bad target port of this service port holds the service
+/// back (`InvalidField`).
+fn port_backends(
+    slices: &[&Sourced<SliceView>],
+    port_name: &str,
+    proto: Proto,
+    errors: &mut Vec<InputError>,
+) -> PortBackends {
+    let mut ready = BTreeSet::new();
+    let mut terminating = BTreeSet::new();
+    let mut nodes = BTreeMap::new();
+    for slice in slices {
+        let object = &slice.object;
+        let ctx = ErrCtx {
+            file: slice.file.clone(),
+            object: format!("EndpointSlice {}/{}", object.namespace, object.name),
+        };
+        if object.address_type != "IPv4" {
+            tracing::debug!(slice = %ctx.object, address_type = %object.address_type, "slice skipped (IPv4 only)");
+            continue;
+        }
+        let mut target = None;
+        for (i, port) in object.ports.iter().enumerate() {
+            let slice_proto = match parse_proto(port.protocol.as_ref().map(ProtocolText::as_str)) {
+                Ok(p) => p,
+                Err(m) => {
+                    errors.push(ctx.error(
+                        InputErrorKind::Skipped,
+                        &format!("ports[{i}].protocol"),
+                        &format!("{m}; port skipped"),
+                    ));
+                    continue;
+                }
+            };
+            if port.name.as_deref().unwrap_or_default() != port_name || slice_proto != Some(proto) {
+                continue;
+            }
+            match port.port.map(valid_port) {
+                Some(Ok(p)) => target = Some(p),
+                Some(Err(m)) => errors.push(ctx.error(
+                    InputErrorKind::InvalidField,
+                    &format!("ports[{i}].port"),
+                    &m,
+                )),
+                None => errors.push(ctx.error(
+                    InputErrorKind::InvalidField,
+                    &format!("ports[{i}].port"),
+                    "missing",
+                )),
+            }
+        }
+        let Some(target) = target else { continue };
+        for (i, endpoint) in object.endpoints.iter().enumerate() {
+            let Some(address) = &endpoint.address else {
+                errors.push(ctx.error(
+                    InputErrorKind::Skipped,
+                    &format!("endpoints[{i}].addresses"),
+                    "empty; endpoint skipped",
+                ));
+                continue;
+            };
+            let addr = match address {
+                EndpointAddress::V4(a)
+                    if !a.is_unspecified() && !a.is_broadcast() && !a.is_multicast() =>
+                {
+                    *a
+                }
+                _ => {
+                    errors.push(ctx.error(
+                        InputErrorKind::Skipped,
+                        &format!("endpoints[{i}].addresses[0]"),
+                        &format!(
+                            "{:?} is not a usable IPv4 address; endpoint skipped",
+                            address.to_string()
+                        ),
+                    ));
+                    continue;
+                }
+            };
+            // Unset conditions mean ready/serving (API semantics); terminating defaults to false.
+            let is_ready = endpoint.ready.unwrap_or(true);
+            let is_serving = endpoint.serving.unwrap_or(is_ready);
+            let is_terminating = endpoint.terminating.unwrap_or(false);
+            let backend = L4Addr {
+                addr,
+                port: target,
+                proto,
+            };
+            if let Some(node) = &endpoint.node_name {
+                nodes.insert(backend, node.clone());
+            }
+            if is_ready {
+                ready.insert(backend);
+            } else if is_serving && is_terminating {
+                terminating.insert(backend);
+            }
+        }
+    }
+    let backends: Vec<L4Addr> = if ready.is_empty() { terminating } else { ready }
+        .into_iter()
+        .collect();
+    let nodes = backends.iter().map(|b| nodes.remove(b)).collect();
+    (backends, nodes)
+}
