@@ -5,7 +5,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use lb_common::svc::SvcValue;
 
-use super::{maglev_backend_ids, ApplyError, BackendEntry, Op, Plan, Reconciler, Report, Written};
+use super::{
+    maglev_backend_ids, ApplyError, BackendEntry, FrontendPlan, Op, Plan, Reconciler, Report,
+    Written,
+};
 use crate::{
     datapath::{
         maps::{LbMaps, MapWriteError},
@@ -53,47 +56,10 @@ impl<M: LbMaps> Reconciler<M> {
             }
         }
         for fp in &plan.frontends {
-            let what = match &fp.service {
-                Some(s) => format!("Service {s} frontend {}", fp.frontend),
-                None => format!("removing frontend {}", fp.frontend),
-            };
-            let failed_backend = fp.ops.iter().find_map(|op| match op {
-                Op::PutSlot { backend_id, .. } => failed_backends.get(backend_id),
-                _ => None,
-            });
-            if let Some((op, e)) = failed_backend {
-                needed.extend(fp.ops.iter().filter_map(|op| match op {
-                    Op::PutSlot { backend_id, .. } => Some(*backend_id),
-                    _ => None,
-                }));
-                report.errors.push(ApplyError {
-                    target: what,
-                    op: Some(op.clone()),
-                    error: e.clone(),
-                });
-                continue;
-            }
-            if fp.is_new {
-                self.rev_nat_ids.take(u32::from(fp.rev_nat_id));
-                self.written.insert(
-                    fp.frontend,
-                    Written {
-                        rev_nat_id: Some(fp.rev_nat_id),
-                        ..Written::default()
-                    },
-                );
-            }
-            match fp
-                .ops
-                .iter()
-                .try_for_each(|op| self.execute(op).map_err(|e| (op.to_string(), e)))
-            {
+            match self.run_frontend(fp, &failed_backends) {
                 Ok(()) => {
                     match (&fp.service, fp.is_new) {
-                        (None, _) => {
-                            self.written.remove(&fp.frontend);
-                            report.removed += 1;
-                        }
+                        (None, _) => report.removed += 1,
                         (Some(_), true) => report.added += 1,
                         (Some(_), false) => report.updated += 1,
                     }
@@ -109,16 +75,10 @@ impl<M: LbMaps> Reconciler<M> {
                                 }),
                         );
                 }
-                Err((op, error)) => {
-                    needed.extend(fp.ops.iter().filter_map(|op| match op {
-                        Op::PutSlot { backend_id, .. } => Some(*backend_id),
-                        _ => None,
-                    }));
-                    report.errors.push(ApplyError {
-                        target: what,
-                        op: Some(op),
-                        error,
-                    })
+                Err(error) => {
+                    // Its backends stay for the retry.
+                    needed.extend(fp.slot_backends());
+                    report.errors.push(error);
                 }
             }
         }
@@ -133,6 +93,49 @@ impl<M: LbMaps> Reconciler<M> {
         }
         self.pending = !report.errors.is_empty();
         report
+    }
+
+    /// One frontend's writes, in order, stopping at the first that fails
+    /// (or before any, when a backend it needs could not be written).
+    fn run_frontend(
+        &mut self,
+        fp: &FrontendPlan,
+        failed_backends: &BTreeMap<u32, (String, MapWriteError)>,
+    ) -> Result<(), ApplyError> {
+        let target = match &fp.service {
+            Some(s) => format!("Service {s} frontend {}", fp.frontend),
+            None => format!("removing frontend {}", fp.frontend),
+        };
+        if let Some((op, e)) = fp.slot_backends().find_map(|id| failed_backends.get(&id)) {
+            return Err(ApplyError {
+                target,
+                op: Some(op.clone()),
+                error: e.clone(),
+            });
+        }
+        if fp.is_new {
+            self.rev_nat_ids.take(u32::from(fp.rev_nat_id));
+            self.written.insert(
+                fp.frontend,
+                Written {
+                    rev_nat_id: Some(fp.rev_nat_id),
+                    ..Written::default()
+                },
+            );
+        }
+        for op in &fp.ops {
+            if let Err(error) = self.execute(op) {
+                return Err(ApplyError {
+                    target,
+                    op: Some(op.to_string()),
+                    error,
+                });
+            }
+        }
+        if fp.service.is_none() {
+            self.written.remove(&fp.frontend);
+        }
+        Ok(())
     }
 
     /// Performs one write and, once it succeeded, records it.

@@ -208,6 +208,16 @@ pub(super) fn plan_frontend(
     ops
 }
 
+impl FrontendPlan {
+    /// The backends its slot writes name.
+    pub(super) fn slot_backends(&self) -> impl Iterator<Item = u32> + '_ {
+        self.ops.iter().filter_map(|op| match op {
+            Op::PutSlot { backend_id, .. } => Some(*backend_id),
+            _ => None,
+        })
+    }
+}
+
 /// A plan's own copies of the id allocators, and the backends it adds.
 struct Allocation {
     backend_ids: IdAllocator,
