@@ -62,6 +62,8 @@ pub(super) fn plan_frontend(
     source_ranges: &[Ipv4Net],
     maglev: Option<Arc<[u32]>>,
 ) -> Vec<Op> {
+    // One sequence on purpose: the order of these writes is what keeps a
+    // packet from seeing a half-written frontend (see the module's doc).
     let mut ops = Vec::new();
     let holds = |table: u16, entries: &[u32]| {
         current.maglev[usize::from(table)]
