@@ -73,7 +73,7 @@ fn daemonset_is_unprivileged_with_the_needed_capabilities_and_probes() {
     );
     assert_eq!(caps.drop.as_deref().unwrap(), ["ALL"]);
     for (probe, path) in [
-        (&container.liveness_probe, "/healthz"),
+        (&container.liveness_probe, "/livez"),
         (&container.readiness_probe, "/readyz"),
     ] {
         let get = probe.as_ref().unwrap().http_get.as_ref().unwrap();

@@ -769,7 +769,7 @@ fn health_get(node: &lb_tests::netns::NetNs, path: &str) -> (u16, String) {
 }
 
 #[test]
-fn healthz_fails_while_a_change_cannot_reach_the_datapath() {
+fn healthz_fails_while_a_change_cannot_reach_the_datapath_and_livez_stays_ok() {
     let mut s = setup_with(
         "lbt14",
         2,
@@ -825,6 +825,11 @@ fn healthz_fails_while_a_change_cannot_reach_the_datapath() {
         health_get(node, "/readyz").0,
         200,
         "still ready: it did sync"
+    );
+    assert_eq!(
+        health_get(node, "/livez").0,
+        200,
+        "alive: a restart would not make the change fit"
     );
     // The datapath kept serving its last good state meanwhile.
     s.topology

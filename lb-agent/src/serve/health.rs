@@ -1,4 +1,5 @@
-//! `/healthz` and `/readyz` with kube-proxy's meaning, served by axum.
+//! `/healthz`, `/readyz` and `/livez` with kube-proxy's meaning, served by
+//! axum.
 //!
 //! - `/readyz`: 200 once the datapath was programmed from a complete view
 //!   of the source, 503 before.
@@ -6,6 +7,12 @@
 //!   source has waited longer than the timeout for a successful map update
 //!   (kube-proxy: a queued change older than its health timeout). The body
 //!   is JSON: `lastUpdated`, `currentTime`, and `pendingSince` if any.
+//!   For load balancers and operators: a node whose datapath lags.
+//! - `/livez`: 200 whenever the agent answers (KEP-3836's split). For the
+//!   liveness probe: a map that is full or a change that does not fit makes
+//!   `/healthz` fail on every node at once, and restarting the agent would
+//!   not fix it — a liveness probe on `/healthz` would crash-loop every
+//!   agent. A wedged agent does not answer at all, and fails this too.
 
 use std::{
     sync::{Arc, Mutex},
@@ -82,6 +89,7 @@ pub fn router(health: Arc<Health>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/livez", get(livez))
         .with_state(health)
 }
 
@@ -91,6 +99,10 @@ async fn healthz(State(health): State<Arc<Health>>) -> impl IntoResponse {
 
 async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
     respond(health.is_ready(), &health)
+}
+
+async fn livez(State(health): State<Arc<Health>>) -> impl IntoResponse {
+    respond(true, &health)
 }
 
 fn respond(ok: bool, health: &Health) -> impl IntoResponse {
