@@ -377,6 +377,23 @@ fn external_addresses(
     Ok(found)
 }
 
+/// Why a proxy must not send traffic to endpoint `a`, if it must not: the
+/// addresses the API server's validation refuses for endpoints (a manifest
+/// directory has no API server to refuse them).
+fn endpoint_refusal(a: Ipv4Addr) -> Option<&'static str> {
+    if !usable(a) {
+        Some("is not a usable IPv4 address")
+    } else if a.is_loopback() {
+        Some("is a loopback address (it would reach the node itself)")
+    } else if a.is_link_local() {
+        // 169.254.169.254 behind a node port would hand outsiders the
+        // cloud metadata service, with the node's identity.
+        Some("is link-local (169.254.0.0/16: a node's own services, such as cloud metadata)")
+    } else {
+        None
+    }
+}
+
 fn usable(ip: Ipv4Addr) -> bool {
     !ip.is_unspecified() && !ip.is_broadcast() && !ip.is_multicast()
 }
@@ -529,19 +546,20 @@ fn port_backends(
                 ));
                 continue;
             };
-            let addr = match address {
-                EndpointAddress::V4(a)
-                    if !a.is_unspecified() && !a.is_broadcast() && !a.is_multicast() =>
-                {
-                    *a
-                }
-                _ => {
+            let refusal = match address {
+                EndpointAddress::V4(a) => endpoint_refusal(*a),
+                _ => Some("is not a usable IPv4 address"),
+            };
+            let addr = match (address, refusal) {
+                (EndpointAddress::V4(a), None) => *a,
+                (_, why) => {
                     errors.push(ctx.error(
                         InputErrorKind::Skipped,
                         &format!("endpoints[{i}].addresses[0]"),
                         &format!(
-                            "{:?} is not a usable IPv4 address; endpoint skipped",
-                            address.to_string()
+                            "{:?} {}; endpoint skipped",
+                            address.to_string(),
+                            why.unwrap_or_default()
                         ),
                     ));
                     continue;
