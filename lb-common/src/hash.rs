@@ -28,6 +28,15 @@ pub const fn flow_hash(
     fmix32(h ^ proto as u32)
 }
 
+/// The slot hash of a socket (socket LB, where no source port exists yet
+/// at connect or sendto): one socket keeps one backend — an unconnected
+/// UDP socket's every `sendto` (QUIC, DTLS) — and sockets spread over the
+/// backends (Fibonacci hashing: cookies are a counter).
+#[inline(always)]
+pub const fn socket_hash(cookie: u64) -> u32 {
+    (cookie.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as u32
+}
+
 /// Slot (1..=count) for a flow; `count` must be non-zero.
 #[inline(always)]
 pub const fn select_slot(hash: u32, count: u16) -> u16 {

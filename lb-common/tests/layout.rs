@@ -93,6 +93,22 @@ fn flow_hash_is_stable_and_spreads() {
 }
 
 #[test]
+fn socket_hash_is_per_socket_and_spreads_consecutive_cookies() {
+    assert_eq!(socket_hash(4242), socket_hash(4242));
+    for count in [2u16, 3, 10] {
+        let mut counts = vec![0u32; usize::from(count)];
+        for cookie in 1000..4000u64 {
+            counts[usize::from(select_slot(socket_hash(cookie), count)) - 1] += 1;
+        }
+        let even = 3000 / u32::from(count);
+        assert!(
+            counts.iter().all(|c| c.abs_diff(even) < even / 5),
+            "uneven spread over {count}: {counts:?}"
+        );
+    }
+}
+
+#[test]
 fn conntrack_state_picks_the_timeout() {
     let t = CtTimeouts::DEFAULT;
     assert_eq!(t.for_state(6, 0), t.tcp_opening_ns, "SYN sent, no answer");

@@ -8,16 +8,14 @@
 //! client's address, are left to tc.
 
 use aya_ebpf::{
-    helpers::generated::{
-        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval,
-    },
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
     EbpfContext as _,
 };
 use lb_common::{
     affinity::AffinityKey,
-    hash::select_slot,
+    hash::{select_slot, socket_hash},
     ipv4,
     sock::{SockRevNatKey, SockRevNatValue},
     stats::Stat,
@@ -104,12 +102,13 @@ fn translate(ctx: &SockAddrContext) -> i32 {
     };
     let remembered =
         affinity.and_then(|(key, now)| affinity::remembered(&key, &svc, choices != svc.count, now));
+    // SAFETY: the context pointer is valid; the helper only reads it.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let backend_id = match remembered {
         Some((id, _)) => id,
         None => {
-            // No source port exists yet to hash: a random slot.
-            // SAFETY: a helper without arguments.
-            let slot = select_slot(unsafe { bpf_get_prandom_u32() }, choices);
+            // No source port exists yet to hash: the socket is the flow.
+            let slot = select_slot(socket_hash(cookie), choices);
             let Some(slot_value) = maps::SERVICES.get_ptr(&SvcKey::new(addr, port, proto, slot))
             else {
                 return ALLOW;
@@ -125,8 +124,7 @@ fn translate(ctx: &SockAddrContext) -> i32 {
     }
     let backend = unsafe { *backend };
     let key = SockRevNatKey {
-        // SAFETY: the context pointer is valid; the helper only reads it.
-        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        cookie,
         backend_addr: backend.addr,
         backend_port: backend.port,
         _pad: 0,
