@@ -60,7 +60,8 @@ impl Maps {
 
     /// Whether there are frontends on `PORT/PROTO` and each satisfies `pred`.
     pub fn port_all(&self, port_proto: &str, pred: impl Fn(&FrontendInfo) -> bool) -> bool {
-        self.shared(port_proto, |f| pred(f)) == Some(true)
+        let mut frontends = self.on_port(port_proto).peekable();
+        frontends.peek().is_some() && frontends.all(pred)
     }
 
     /// Whether any frontend is at `addr` (any port).

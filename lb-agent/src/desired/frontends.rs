@@ -550,21 +550,19 @@ fn port_backends(
                 EndpointAddress::V4(a) => endpoint_refusal(*a),
                 _ => Some("is not a usable IPv4 address"),
             };
-            let addr = match (address, refusal) {
-                (EndpointAddress::V4(a), None) => *a,
-                (_, why) => {
-                    errors.push(ctx.error(
-                        InputErrorKind::Skipped,
-                        &format!("endpoints[{i}].addresses[0]"),
-                        &format!(
-                            "{:?} {}; endpoint skipped",
-                            address.to_string(),
-                            why.unwrap_or_default()
-                        ),
-                    ));
-                    continue;
-                }
+            let (EndpointAddress::V4(addr), None) = (address, refusal) else {
+                errors.push(ctx.error(
+                    InputErrorKind::Skipped,
+                    &format!("endpoints[{i}].addresses[0]"),
+                    &format!(
+                        "{:?} {}; endpoint skipped",
+                        address.to_string(),
+                        refusal.unwrap_or_default()
+                    ),
+                ));
+                continue;
             };
+            let addr = *addr;
             // Unset conditions mean ready/serving (API semantics); terminating defaults to false.
             let is_ready = endpoint.ready.unwrap_or(true);
             let is_serving = endpoint.serving.unwrap_or(is_ready);

@@ -79,9 +79,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let attacher = attacher(&config).await?;
     let health = Health::new(config.health_timeout);
     if let Some(addr) = config.health_addr {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("--health-addr {addr}"))?;
+        let listener = bind(addr, "--health-addr").await?;
         tokio::spawn(health::serve(listener, health.clone()));
         info!(%addr, "serving /healthz and /readyz");
     }
@@ -91,9 +89,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let (datapath, counters) = load_datapath(&config, attacher)?;
     let metrics = Metrics::new(Some(counters));
     if let Some(addr) = config.metrics_addr {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("--metrics-bind-address {addr}"))?;
+        let listener = bind(addr, "--metrics-bind-address").await?;
         tokio::spawn(metrics::serve(listener, metrics.clone()));
         info!(%addr, "serving /metrics");
     }
@@ -134,6 +130,13 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let result = agent.serve().await;
     agent.shutdown();
     result
+}
+
+/// A listener on `addr`; a failure names the flag that set it.
+async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("{flag} {addr}"))
 }
 
 async fn open_source(config: &SourceConfig, trigger: &Arc<Notify>) -> anyhow::Result<Source> {
