@@ -226,9 +226,16 @@ struct RunArgs {
     /// Size of the backends map.
     #[arg(long, default_value_t = DEFAULT_MAX_BACKENDS)]
     max_backends: u32,
-    /// Size of the conntrack table (two entries per flow; a full table drops new flows, counted).
+    /// Size of the table of assured flows (two entries per flow; nothing is
+    /// evicted from it: while it is full, flows that become assured stay in
+    /// the table of new flows, counted).
     #[arg(long, default_value_t = DEFAULT_MAX_CT_ENTRIES)]
     max_conntrack: u32,
+    /// Size of the table of flows not yet assured (two entries per flow;
+    /// the least recently used gives way, so a flood of handshakes that
+    /// never complete cannot keep new flows out).
+    #[arg(long, default_value_t = lb_common::ct::DEFAULT_MAX_CT_NEW_ENTRIES)]
+    max_conntrack_new: u32,
     /// Size of the session affinity table (clients × affinity frontends;
     /// the least recently used entry gives way).
     #[arg(long, default_value_t = lb_common::affinity::DEFAULT_MAX_AFFINITY_ENTRIES)]
@@ -387,6 +394,7 @@ impl RunArgs {
                 service_slots: self.max_service_slots,
                 backends: self.max_backends,
                 conntrack: self.max_conntrack,
+                conntrack_new: self.max_conntrack_new,
                 affinity: self.max_affinity,
                 source_ranges: self.max_source_ranges,
                 maglev_chunks: self.max_maglev_chunks,

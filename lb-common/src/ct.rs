@@ -1,6 +1,19 @@
-//! Connection tracking: a hash map (no LRU: nothing is evicted behind the
-//! agent's back) keyed by the 5-tuple (addresses in wire order, ports in
-//! host order: see the crate's layout rules).
+//! Connection tracking: two tables keyed by the 5-tuple (addresses in wire
+//! order, ports in host order: see the crate's layout rules).
+//!
+//! - `lb_ct_v4`, assured flows: a plain hash, nothing evicted behind the
+//!   agent's back (its GC frees expired flows; a full table keeps a flow in
+//!   the other one).
+//! - `lb_ct_new_v4`, flows not yet assured: an LRU, so a flood of flows that
+//!   never complete (spoofed SYNs, a pod spraying UDP) evicts its own kind
+//!   and never stops new flows from being admitted.
+//!
+//! Assured is netfilter's sense: TCP once the backend has sent something
+//! other than its SYN-ACK or an RST (so the handshake completed on its side:
+//! a spoofed client cannot make that happen), UDP once answered and still
+//! in use 2 s after it began (so answered one-shot queries, DNS above all,
+//! stay cheap). A flow is created in the new table and moves to the assured
+//! one, both entries, at the packet that assures it.
 //!
 //! A flow has two entries, written and retired together. Each value holds
 //! the tuple its packets leave with:
@@ -16,8 +29,15 @@
 
 use crate::{user_pod, Ipv4};
 
+/// Assured flows.
 pub const CT_MAP: &str = "lb_ct_v4";
 pub const DEFAULT_MAX_CT_ENTRIES: u32 = 262_144;
+/// Flows not yet assured (an LRU).
+pub const CT_NEW_MAP: &str = "lb_ct_new_v4";
+pub const DEFAULT_MAX_CT_NEW_ENTRIES: u32 = 65_536;
+
+/// A UDP flow answered and still in use this long after it began is assured.
+pub const CT_UDP_ASSURE_NS: u64 = 2 * SEC;
 
 pub const CT_DIR_FORWARD: u8 = 0;
 pub const CT_DIR_REPLY: u8 = 1;
@@ -34,6 +54,8 @@ pub const CT_RST: u8 = 1 << 3;
 /// The flow is source-NATed to the node (external traffic to a backend on
 /// another node): both directions are translated at ingress and redirected.
 pub const CT_SNAT: u8 = 1 << 4;
+/// The flow is assured: its entries are in the assured table (`CT_MAP`).
+pub const CT_ASSURED: u8 = 1 << 5;
 
 /// An entry's expiry is pushed forward at most this often (one map write a
 /// second per direction, not one per packet).
@@ -46,7 +68,9 @@ const SEC: u64 = 1_000_000_000;
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct CtTimeouts {
-    /// TCP before the backend answered (SYN sent, or a mid-stream pickup).
+    /// TCP not yet assured (SYN sent, answered but not confirmed, or a
+    /// mid-stream pickup): netfilter's SYN_RECV lifetime, not 6 h, so a
+    /// spoofed handshake costs a minute at most.
     pub tcp_opening_ns: u64,
     pub tcp_established_ns: u64,
     /// TCP after an RST or FINs both ways.
@@ -76,7 +100,7 @@ impl CtTimeouts {
             self.tcp_snat_closing_ns
         } else if is_closing(flags) {
             self.tcp_closing_ns
-        } else if flags & CT_SEEN_REPLY == 0 {
+        } else if flags & CT_ASSURED == 0 {
             self.tcp_opening_ns
         } else {
             self.tcp_established_ns
@@ -114,7 +138,7 @@ pub struct CtValue {
     pub src_port: u16,
     pub dst_port: u16,
     pub rev_nat_id: u16,
-    /// `CT_SEEN_REPLY | CT_FIN_* | CT_RST | CT_SNAT`.
+    /// `CT_SEEN_REPLY | CT_FIN_* | CT_RST | CT_SNAT | CT_ASSURED`.
     pub flags: u8,
     pub _pad: u8,
     pub backend_id: u32,
@@ -177,6 +201,22 @@ impl CtKey {
 impl CtValue {
     pub const fn is_expired(&self, now_ns: u64) -> bool {
         now_ns >= self.expires_ns
+    }
+
+    /// The packet that brings `flags` (the flow's state with the packet's
+    /// added) in direction `dir` at `now_ns` assures the flow: for TCP a
+    /// backend's packet after its SYN-ACK that is no SYN and no RST; for
+    /// UDP any packet once answered and 2 s old.
+    #[inline(always)]
+    pub const fn assures(&self, proto: u8, dir: u8, flags: u8, syn: bool, now_ns: u64) -> bool {
+        if self.flags & CT_ASSURED != 0 || flags & CT_SEEN_REPLY == 0 || is_closing(flags) {
+            return false;
+        }
+        if proto == crate::IPPROTO_TCP {
+            dir == CT_DIR_REPLY && self.flags & CT_SEEN_REPLY != 0 && !syn
+        } else {
+            now_ns >= self.created_ns.saturating_add(CT_UDP_ASSURE_NS)
+        }
     }
 
     /// Both entries belong to one flow.

@@ -22,7 +22,8 @@ pub enum Stat {
     PassMalformed = 6,
     /// IPv4 fragment addressed to a frontend: dropped (no fragment tracking).
     DropFragment = 7,
-    /// Conntrack table full: the new flow is dropped, existing flows are unaffected.
+    /// The new flow could not be recorded (out of memory for the table of
+    /// new flows, which evicts rather than fills): dropped.
     DropCtFull = 8,
     /// A packet rewrite helper failed: dropped.
     DropRewrite = 9,
@@ -60,9 +61,14 @@ pub enum Stat {
     /// A routed (SNATed) packet too big for the way out, DF set: answered
     /// with ICMP fragmentation needed.
     IcmpFragNeeded = 24,
+    /// A flow became assured: its entries moved to the assured table.
+    CtAssured = 25,
+    /// A flow became assured but the assured table was full: it stays in
+    /// the table of new flows, translated as before but evictable.
+    CtAssuredFull = 26,
 }
 
-pub const STAT_COUNT: u32 = 25;
+pub const STAT_COUNT: u32 = 27;
 
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "pass_not_service",
@@ -90,4 +96,6 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "sock_rev_nat",
     "icmp_translated",
     "icmp_frag_needed",
+    "ct_assured",
+    "ct_assured_full",
 ];

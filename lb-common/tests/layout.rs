@@ -112,14 +112,20 @@ fn socket_hash_is_per_socket_and_spreads_consecutive_cookies() {
 fn conntrack_state_picks_the_timeout() {
     let t = CtTimeouts::DEFAULT;
     assert_eq!(t.for_state(6, 0), t.tcp_opening_ns, "SYN sent, no answer");
-    assert_eq!(t.for_state(6, CT_SEEN_REPLY), t.tcp_established_ns);
     assert_eq!(
-        t.for_state(6, CT_SEEN_REPLY | CT_FIN_FORWARD),
+        t.for_state(6, CT_SEEN_REPLY),
+        t.tcp_opening_ns,
+        "answered, not yet assured: a spoofed handshake stays cheap"
+    );
+    let open = CT_SEEN_REPLY | CT_ASSURED;
+    assert_eq!(t.for_state(6, open), t.tcp_established_ns);
+    assert_eq!(
+        t.for_state(6, open | CT_FIN_FORWARD),
         t.tcp_established_ns,
         "half-closed stays open"
     );
     assert_eq!(
-        t.for_state(6, CT_SEEN_REPLY | CT_FIN_FORWARD | CT_FIN_REPLY),
+        t.for_state(6, open | CT_FIN_FORWARD | CT_FIN_REPLY),
         t.tcp_closing_ns
     );
     assert_eq!(t.for_state(6, CT_RST), t.tcp_closing_ns);
@@ -128,10 +134,7 @@ fn conntrack_state_picks_the_timeout() {
         t.tcp_snat_closing_ns,
         "a SNAT port outlives the backend's TIME_WAIT"
     );
-    assert_eq!(
-        t.for_state(6, CT_SEEN_REPLY | CT_SNAT),
-        t.tcp_established_ns
-    );
+    assert_eq!(t.for_state(6, open | CT_SNAT), t.tcp_established_ns);
     assert_eq!(t.for_state(17, 0), t.udp_ns);
     assert_eq!(t.for_state(17, CT_SEEN_REPLY), t.udp_ns);
     let v = CtValue {
@@ -256,4 +259,47 @@ fn every_map_name_carries_the_layout_version() {
             "{name}: BPF object names are at most 15 bytes"
         );
     }
+}
+
+#[test]
+fn a_flow_is_assured_by_the_backend_after_the_handshake_or_by_two_seconds_of_udp() {
+    const SEC: u64 = 1_000_000_000;
+    let entry = |flags| CtValue {
+        flags,
+        created_ns: 10 * SEC,
+        ..CtValue::default()
+    };
+    let (tcp, udp) = (6, 17);
+    let now = 11 * SEC;
+    let seen = CT_SEEN_REPLY;
+    // TCP: the SYN-ACK (the first answer) does not; a client's ACK does not.
+    assert!(!entry(0).assures(tcp, CT_DIR_REPLY, seen, true, now));
+    assert!(!entry(seen).assures(tcp, CT_DIR_FORWARD, seen, false, now));
+    assert!(
+        !entry(seen).assures(tcp, CT_DIR_REPLY, seen, true, now),
+        "SYN-ACK again"
+    );
+    assert!(
+        !entry(seen).assures(tcp, CT_DIR_REPLY, seen | CT_RST, false, now),
+        "RST"
+    );
+    assert!(
+        entry(seen).assures(tcp, CT_DIR_REPLY, seen, false, now),
+        "the backend's ACK"
+    );
+    assert!(!entry(seen | CT_ASSURED).assures(tcp, CT_DIR_REPLY, seen | CT_ASSURED, false, now));
+    // UDP: answered and 2 s old, in either direction.
+    assert!(
+        !entry(0).assures(udp, CT_DIR_FORWARD, 0, false, 20 * SEC),
+        "never answered"
+    );
+    assert!(
+        !entry(seen).assures(udp, CT_DIR_FORWARD, seen, false, now),
+        "1 s old"
+    );
+    assert!(entry(seen).assures(udp, CT_DIR_FORWARD, seen, false, 12 * SEC));
+    assert!(
+        entry(0).assures(udp, CT_DIR_REPLY, seen, false, 12 * SEC),
+        "a late first answer"
+    );
 }

@@ -1,15 +1,19 @@
-//! Connection tracking: one lifecycle for both entries of a flow.
+//! Connection tracking: one lifecycle for both entries of a flow, in two
+//! tables (see `lb_common::ct`): a flow begins in `CT_NEW` and moves to
+//! `CONNTRACK` when assured. Lookups try the assured table first: the bulk
+//! of packets belong to assured flows and pay one lookup.
 //!
 //! Values are copied out right after each lookup and written back whole:
-//! an entry can be deleted (agent GC, UDP flush) between two helper calls.
+//! an entry can be deleted (agent GC, UDP flush, LRU eviction) between two
+//! helper calls.
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use lb_common::{
     backend::Backend,
     config::NodeConfig,
     ct::{
-        is_closing, CtKey, CtTimeouts, CtValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FIN_FORWARD,
-        CT_FIN_REPLY, CT_REFRESH_NS, CT_RST, CT_SEEN_REPLY, CT_SNAT,
+        is_closing, CtKey, CtTimeouts, CtValue, CT_ASSURED, CT_DIR_FORWARD, CT_DIR_REPLY,
+        CT_FIN_FORWARD, CT_FIN_REPLY, CT_REFRESH_NS, CT_RST, CT_SEEN_REPLY, CT_SNAT,
     },
     ipv4,
     stats::Stat,
@@ -17,7 +21,7 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{CONNTRACK, SERVICES},
+    maps::{CONNTRACK, CT_NEW, SERVICES},
     parse::Packet,
     stats::count,
 };
@@ -33,10 +37,66 @@ fn timeouts() -> CtTimeouts {
     unsafe { core::ptr::read_volatile(&CT_TIMEOUTS) }
 }
 
+/// `reclaim` in one table (`CONNTRACK` or `CT_NEW`): whether the flow
+/// holding `reply_key` was expired and is now removed.
+macro_rules! reclaim_in {
+    ($table:ident, $reply_key:expr, $now:expr) => {{
+        // SAFETY: the pointer is valid for this program run; copied at once.
+        match $table.get_ptr($reply_key).map(|v| unsafe { *v }) {
+            Some(old) if old.is_expired($now) => {
+                let peer_key = $reply_key.peer_key(&old);
+                // SAFETY: as above.
+                let peer = $table
+                    .get_ptr(&peer_key)
+                    .map(|p| unsafe { *p })
+                    .filter(|p| p.same_flow(&old));
+                if peer.is_none_or(|p| p.is_expired($now)) && $table.remove($reply_key).is_ok() {
+                    if peer.is_some() {
+                        let _ = $table.remove(&peer_key);
+                    }
+                    true
+                } else {
+                    false
+                }
+            }
+            _ => false,
+        }
+    }};
+}
+
+/// The entry for `key`, from whichever table holds it; `CT_ASSURED` says
+/// which (an entry an older program wrote may lack the flag: the table
+/// decides).
 #[inline(always)]
 fn get(key: &CtKey) -> Option<CtValue> {
-    // SAFETY: the pointer is valid for this program run (RCU); copied at once.
-    CONNTRACK.get_ptr(key).map(|v| unsafe { *v })
+    if let Some(v) = CONNTRACK.get_ptr(key) {
+        // SAFETY: the pointer is valid for this program run (RCU); copied at once.
+        let mut value = unsafe { *v };
+        value.flags |= CT_ASSURED;
+        return Some(value);
+    }
+    // SAFETY: as above.
+    CT_NEW.get_ptr(key).map(|v| unsafe { *v })
+}
+
+/// Writes an entry into the table its state belongs to.
+#[inline(always)]
+fn put(key: &CtKey, value: &CtValue, flags: u64) -> Result<(), i32> {
+    if value.flags & CT_ASSURED != 0 {
+        CONNTRACK.insert(key, value, flags)
+    } else {
+        CT_NEW.insert(key, value, flags)
+    }
+}
+
+/// Removes an entry from the table its state says it is in.
+#[inline(always)]
+fn remove(key: &CtKey, value: &CtValue) -> Result<(), i32> {
+    if value.flags & CT_ASSURED != 0 {
+        CONNTRACK.remove(key)
+    } else {
+        CT_NEW.remove(key)
+    }
 }
 
 /// The other entry of `value`'s flow, if it exists. Both entries of a flow
@@ -105,54 +165,104 @@ pub fn is_reopened(value: &CtValue, pkt: &Packet) -> bool {
     pkt.is_tcp_syn() && is_closing(value.flags)
 }
 
-/// Records the packet on its flow: a state change (answer, FIN, RST) is
-/// written to both entries with the new state's timeout; otherwise this
-/// entry's expiry moves forward at most once per `CT_REFRESH_NS`, and then
-/// the other entry is checked and rebuilt if it went missing.
+/// Records the packet on its flow: a state change (answer, FIN, RST,
+/// assured) is written to both entries with the new state's timeout;
+/// otherwise this entry's expiry moves forward at most once per
+/// `CT_REFRESH_NS`, and then the other entry is checked and rebuilt if it
+/// went missing.
 #[inline(always)]
 pub fn update(key: &CtKey, value: &CtValue, pkt: &Packet, now: u64) {
-    let flags = value.flags | flags_of(pkt, key.dir);
-    let timeout = timeouts().for_state(key.proto, flags);
-    let expires_ns = now + timeout;
-    let changed = flags != value.flags;
-    if !changed && value.expires_ns + CT_REFRESH_NS > expires_ns {
+    let mut flags = value.flags | flags_of(pkt, key.dir);
+    if value.assures(key.proto, key.dir, flags, pkt.carries_syn(), now) {
+        flags |= CT_ASSURED;
+    }
+    if flags == value.flags
+        && value.expires_ns + CT_REFRESH_NS > now + timeouts().for_state(key.proto, flags)
+    {
         return;
     }
+    let peer_key = key.peer_key(value);
+    let peer = get(&peer_key).filter(|p| p.same_flow(value));
+    if peer.is_some_and(|p| p.flags & CT_ASSURED != 0) {
+        // Another CPU assured the flow between our lookups: follow it.
+        flags |= CT_ASSURED;
+    }
+    let expires_ns = now + timeouts().for_state(key.proto, flags);
     let updated = CtValue {
         flags,
         expires_ns,
         ..*value
     };
-    // Written whole (BPF_ANY): also restores an entry removed meanwhile.
-    let _ = CONNTRACK.insert(key, &updated, 0);
-    match peer_of(key, &updated) {
-        Some((peer_key, peer)) if changed => {
-            let peer = CtValue {
-                flags,
-                expires_ns: if peer.expires_ns > expires_ns && !is_closing(flags) {
-                    peer.expires_ns
-                } else {
-                    expires_ns
-                },
-                ..peer
-            };
-            let _ = CONNTRACK.insert(&peer_key, &peer, 0);
+    let Some(peer) = peer else {
+        // Only into a free slot: a newer flow's entry there stays.
+        let rebuilt = key.peer_value(&updated);
+        if flags & CT_ASSURED != value.flags & CT_ASSURED {
+            return promote(key, &updated, &peer_key, &rebuilt, false);
         }
-        Some(_) => {}
-        None => {
-            // Only into a free slot: a newer flow's entry there stays.
-            if CONNTRACK
-                .insert(
-                    &key.peer_key(&updated),
-                    &key.peer_value(&updated),
-                    BPF_NOEXIST as u64,
-                )
-                .is_ok()
-            {
-                count(Stat::CtRecreated);
-            }
+        // Written whole (BPF_ANY): also restores an entry removed meanwhile.
+        let _ = put(key, &updated, 0);
+        if put(&peer_key, &rebuilt, BPF_NOEXIST as u64).is_ok() {
+            count(Stat::CtRecreated);
         }
+        return;
+    };
+    let peer_was_assured = peer.flags & CT_ASSURED != 0;
+    let changed = flags != value.flags;
+    // The peer keeps a later expiry of its own unless the flow is over.
+    let peer = CtValue {
+        flags,
+        expires_ns: if peer.expires_ns > expires_ns && !is_closing(flags) {
+            peer.expires_ns
+        } else {
+            expires_ns
+        },
+        ..peer
+    };
+    if flags & CT_ASSURED != value.flags & CT_ASSURED {
+        promote(key, &updated, &peer_key, &peer, peer_was_assured);
+        return;
     }
+    let _ = put(key, &updated, 0);
+    if changed {
+        let _ = put(&peer_key, &peer, 0);
+    }
+}
+
+/// Moves a flow that just became assured into the assured table: the other
+/// entry first, then this one (so either direction finds the flow there
+/// from the first write on), then both out of the table of new flows. If
+/// the assured table is full the flow stays where it was, unchanged but
+/// for this packet's state: still translated, only evictable.
+#[inline(always)]
+fn promote(
+    key: &CtKey,
+    updated: &CtValue,
+    peer_key: &CtKey,
+    peer: &CtValue,
+    peer_was_assured: bool,
+) {
+    if CONNTRACK.insert(peer_key, peer, 0).is_err() {
+        return stay_new(key, updated);
+    }
+    if CONNTRACK.insert(key, updated, 0).is_err() {
+        if !peer_was_assured {
+            let _ = CONNTRACK.remove(peer_key);
+        }
+        return stay_new(key, updated);
+    }
+    let _ = CT_NEW.remove(peer_key);
+    let _ = CT_NEW.remove(key);
+    count(Stat::CtAssured);
+}
+
+#[inline(always)]
+fn stay_new(key: &CtKey, updated: &CtValue) {
+    let unassured = CtValue {
+        flags: updated.flags & !CT_ASSURED,
+        ..*updated
+    };
+    let _ = CT_NEW.insert(key, &unassured, 0);
+    count(Stat::CtAssuredFull);
 }
 
 /// The forward entry of a new flow to `backend` (not SNATed: the source stays).
@@ -185,7 +295,8 @@ pub fn new_forward(
 }
 
 pub enum CreateError {
-    /// The table is full.
+    /// The table could not take the entry (out of memory: the table of new
+    /// flows evicts rather than fills).
     Full,
     /// The reply tuple is another flow's (only with `BPF_NOEXIST`).
     Taken,
@@ -193,36 +304,60 @@ pub enum CreateError {
 
 const EEXIST: i32 = 17;
 
-/// Records a new flow: the reply entry first, so the backend's first answer
-/// always finds it, then the forward entry. If the forward entry cannot be
-/// written (table full), the reply entry is removed again: no half flows.
-/// `reply_flags` `BPF_NOEXIST` claims the reply tuple only if it is free.
+/// Records a new flow, in the table of new flows: the reply entry first, so
+/// the backend's first answer always finds it, then the forward entry. If
+/// the forward entry cannot be written, the reply entry is removed again:
+/// no half flows. `reply_flags` `BPF_NOEXIST` claims the reply tuple only
+/// if it is free in both tables (checked after the write, so a flow being
+/// assured meanwhile — written there before it leaves here — is seen).
 #[inline(always)]
 pub fn create(pkt: &Packet, forward: &CtValue, reply_flags: u64) -> Result<(), CreateError> {
     let forward_key = pkt.ct_key(CT_DIR_FORWARD);
     let reply_key = forward_key.peer_key(forward);
-    if let Err(e) = CONNTRACK.insert(&reply_key, &forward_key.peer_value(forward), reply_flags) {
+    if let Err(e) = CT_NEW.insert(&reply_key, &forward_key.peer_value(forward), reply_flags) {
         return Err(if e == -EEXIST {
             CreateError::Taken
         } else {
             CreateError::Full
         });
     }
-    if CONNTRACK.insert(&forward_key, forward, 0).is_err() {
-        let _ = CONNTRACK.remove(&reply_key);
+    if reply_flags == BPF_NOEXIST as u64 && CONNTRACK.get_ptr(&reply_key).is_some() {
+        let _ = CT_NEW.remove(&reply_key);
+        return Err(CreateError::Taken);
+    }
+    if CT_NEW.insert(&forward_key, forward, 0).is_err() {
+        let _ = CT_NEW.remove(&reply_key);
         return Err(CreateError::Full);
     }
     Ok(())
 }
 
-/// SNAT ports tried per new flow.
-const SNAT_TRIES: u32 = 32;
+/// Retires a flow whose tuple a new connection reuses (`is_reopened`), so
+/// the new flow's entries are not shadowed by the old ones in the assured
+/// table. A SNATed flow's reply entry stays: it holds its SNAT port for the
+/// backend's TIME_WAIT.
+#[inline(always)]
+pub fn retire(forward_key: &CtKey, entry: &CtValue) {
+    let _ = remove(forward_key, entry);
+    if entry.flags & CT_SNAT == 0 {
+        if let Some((reply_key, reply)) = peer_of(forward_key, entry) {
+            let _ = remove(&reply_key, &reply);
+        }
+    }
+}
+
+/// SNAT ports tried per new flow: first only free ones, then also ones an
+/// expired flow holds. (Two loops, not one with a condition: the verifier
+/// walks each try's paths once per try, and a reclaim in every try of one
+/// loop doubles its work for the whole program.)
+const SNAT_TRIES_FREE: u32 = 24;
+const SNAT_TRIES_RECLAIM: u32 = 8;
 
 /// Records a new flow SNATed to the node: the source port is claimed with
 /// the reply tuple itself (`BPF_NOEXIST`), so two flows never share one,
-/// even when CPUs race. Ports are tried at random; in the second half of
-/// the tries, a port of an expired flow the GC has not removed yet
-/// is taken back (`reclaim`).
+/// even when CPUs race. Ports are tried at random; in the last tries, a
+/// port of an expired flow the GC has not removed yet is taken back
+/// (`reclaim`).
 #[inline(always)]
 pub fn create_snat(
     pkt: &Packet,
@@ -237,28 +372,20 @@ pub fn create_snat(
     let span = u32::from(config.snat_port_last) - first + 1;
     forward.src_addr = config.snat_addr;
     forward.flags |= CT_SNAT;
+    let mut i = 0;
+    while i < SNAT_TRIES_FREE {
+        if let Some(done) = try_snat_port(pkt, forward, first, span) {
+            return done;
+        }
+        i += 1;
+    }
     let forward_key = pkt.ct_key(CT_DIR_FORWARD);
     let mut i = 0;
-    while i < SNAT_TRIES {
-        // An independent random port each try: probes in a fixed stride
-        // would follow the runs earlier flows already filled.
-        // SAFETY: a helper without arguments.
-        let port = first + unsafe { aya_ebpf::helpers::bpf_get_prandom_u32() } % span;
-        forward.src_port = port as u16;
-        // Not a node port on the SNAT address: its packets are a frontend's.
-        let frontend = SvcKey::new(forward.src_addr, forward.src_port, pkt.proto, 0);
-        if SERVICES.get_ptr(&frontend).is_some() {
-            i += 1;
-            continue;
+    while i < SNAT_TRIES_RECLAIM {
+        if let Some(done) = try_snat_port(pkt, forward, first, span) {
+            return done;
         }
-        // Held by a live flow, or another CPU took it first: the next one.
-        // After half the tries, a port of an expired flow is taken back.
-        match create(pkt, forward, BPF_NOEXIST as u64) {
-            Ok(()) => return Ok(()),
-            Err(CreateError::Full) => return Err(Stat::DropCtFull),
-            Err(CreateError::Taken) => {}
-        }
-        if i >= SNAT_TRIES / 2 && reclaim(&forward_key.peer_key(forward), now) {
+        if reclaim(&forward_key.peer_key(forward), now) {
             match create(pkt, forward, BPF_NOEXIST as u64) {
                 Ok(()) => return Ok(()),
                 Err(CreateError::Full) => return Err(Stat::DropCtFull),
@@ -270,26 +397,46 @@ pub fn create_snat(
     Err(Stat::DropSnatExhausted)
 }
 
+/// One random port in `first..first + span`: `None` if it is taken (held by
+/// a flow, another CPU claimed it first, or a node port on the SNAT address,
+/// whose packets are a frontend's), else the outcome.
+#[inline(always)]
+fn try_snat_port(
+    pkt: &Packet,
+    forward: &mut CtValue,
+    first: u32,
+    span: u32,
+) -> Option<Result<(), Stat>> {
+    // An independent random port each try: probes in a fixed stride
+    // would follow the runs earlier flows already filled.
+    // SAFETY: a helper without arguments.
+    let port = first + unsafe { aya_ebpf::helpers::bpf_get_prandom_u32() } % span;
+    forward.src_port = port as u16;
+    let frontend = SvcKey::new(forward.src_addr, forward.src_port, pkt.proto, 0);
+    if SERVICES.get_ptr(&frontend).is_some() {
+        return None;
+    }
+    match create(pkt, forward, BPF_NOEXIST as u64) {
+        Ok(()) => Some(Ok(())),
+        Err(CreateError::Full) => Some(Err(Stat::DropCtFull)),
+        Err(CreateError::Taken) => None,
+    }
+}
+
 /// Frees a SNAT reply tuple held by a flow whose entries have both expired
 /// but that the agent's GC has not removed yet. (A closed TCP flow keeps its
 /// port for `tcp_snat_closing_ns`, the backend's TIME_WAIT.) The delete
 /// decides races: one CPU removes the entry, and only then may claim the
-/// tuple with `BPF_NOEXIST`.
+/// tuple with `BPF_NOEXIST`. Each table on its own: a flow's entries are
+/// in one table (a move writes both into the other before it removes
+/// them), and the verifier's work for a try stays small.
 #[inline(always)]
 fn reclaim(reply_key: &CtKey, now: u64) -> bool {
-    let Some(old) = get(reply_key) else {
-        return false;
-    };
-    let peer = peer_of(reply_key, &old);
-    let expired = old.is_expired(now) && peer.is_none_or(|(_, p)| p.is_expired(now));
-    if !expired || CONNTRACK.remove(reply_key).is_err() {
-        return false;
+    let reclaimed = reclaim_in!(CONNTRACK, reply_key, now) || reclaim_in!(CT_NEW, reply_key, now);
+    if reclaimed {
+        count(Stat::CtReclaimed);
     }
-    if let Some((peer_key, _)) = peer {
-        let _ = CONNTRACK.remove(&peer_key);
-    }
-    count(Stat::CtReclaimed);
-    true
+    reclaimed
 }
 
 /// Whether the service flow behind a reply entry is still open: its forward
@@ -307,9 +454,11 @@ pub fn forward_is_open(reply_key: &CtKey, reply: &CtValue, pkt: &Packet) -> bool
     }
 }
 
+/// Removes the entry at `key`, whichever table holds it.
 #[inline(always)]
 pub fn forget(key: &CtKey) {
     let _ = CONNTRACK.remove(key);
+    let _ = CT_NEW.remove(key);
 }
 
 impl Packet {

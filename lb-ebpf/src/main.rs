@@ -151,11 +151,17 @@ fn ingress<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
     }
     let forward_key = pkt.ct_key(CT_DIR_FORWARD);
     let found = ct::lookup_flow(&forward_key);
-    if let Some((entry, now)) = found.filter(|(e, _)| !ct::is_reopened(e, &pkt)) {
-        ct::update(&forward_key, &entry, &pkt, now);
-        return send(ctx, &pkt, &entry, Stat::DnatCtHit);
-    }
-    let now = found.map_or_else(ct::now, |(_, now)| now);
+    let now = match found {
+        Some((entry, now)) if !ct::is_reopened(&entry, &pkt) => {
+            ct::update(&forward_key, &entry, &pkt, now);
+            return send(ctx, &pkt, &entry, Stat::DnatCtHit);
+        }
+        Some((entry, now)) => {
+            ct::retire(&forward_key, &entry);
+            now
+        }
+        None => ct::now(),
+    };
     new_flow::<EXTERNAL>(ctx, &pkt, &svc, now)
 }
 

@@ -30,13 +30,19 @@ pub static BACKENDS: HashMap<u32, Backend, 262_144> = HashMap::new();
 #[btf_map(name = "lb_revnat_v4")]
 pub static REVNAT: HashMap<u16, RevNat, 65_536, { BPF_F_NO_PREALLOC as usize }> = HashMap::new();
 
-/// A plain hash, not an LRU: a live flow is never evicted to make room
-/// (a full table drops new flows, counted); the agent's GC frees expired
-/// flows. Not preallocated, so an element deleted during a program run is
-/// not recycled under it.
+/// Assured flows. A plain hash, not an LRU: an assured flow is never
+/// evicted to make room (a full table leaves new flows in `CT_NEW`,
+/// counted); the agent's GC frees expired flows. Not preallocated, so an
+/// element deleted during a program run is not recycled under it.
 #[btf_map(name = "lb_ct_v4")]
 pub static CONNTRACK: HashMap<CtKey, CtValue, 262_144, { BPF_F_NO_PREALLOC as usize }> =
     HashMap::new();
+
+/// Flows not yet assured. An LRU: a flood of flows that never complete
+/// evicts its own kind, and a new flow is always admitted. (LRU maps are
+/// preallocated: values are copied out right after each lookup.)
+#[btf_map(name = "lb_ct_new_v4")]
+pub static CT_NEW: LruHashMap<CtKey, CtValue, 65_536> = LruHashMap::new();
 
 #[btf_map(name = "lb_stats_v4")]
 pub static STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::new();

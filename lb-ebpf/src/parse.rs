@@ -81,6 +81,12 @@ impl Packet {
         self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
     }
 
+    /// Any SYN (a request, or an acceptance and its retransmits).
+    #[inline(always)]
+    pub fn carries_syn(&self) -> bool {
+        self.tcp_flags & TCP_SYN != 0
+    }
+
     /// A connection's acceptance (SYN with ACK).
     #[inline(always)]
     pub fn is_tcp_syn_ack(&self) -> bool {

@@ -19,7 +19,7 @@ use lb_agent::{
 };
 use lb_common::{
     config::{NodeConfig, CONFIG_MAP},
-    ct::{CtKey, CtTimeouts, CtValue, CT_MAP},
+    ct::{CtKey, CtTimeouts, CtValue, CT_ASSURED, CT_MAP, CT_NEW_MAP},
     stats::{Stat, STATS_MAP},
 };
 
@@ -43,12 +43,19 @@ impl Harness {
         Self::with_conntrack(4096)
     }
 
-    /// A datapath whose conntrack table holds `entries` (two per flow).
+    /// A datapath whose assured conntrack table holds `entries` (two per flow).
     pub fn with_conntrack(entries: u32) -> Self {
+        Self::with_conntrack_tables(entries, 4096)
+    }
+
+    /// A datapath with `assured` entries for assured flows and `new` for
+    /// flows not yet assured (two per flow).
+    pub fn with_conntrack_tables(assured: u32, new: u32) -> Self {
         let sizes = MapSizes {
             service_slots: 4096,
             backends: 1024,
-            conntrack: entries,
+            conntrack: assured,
+            conntrack_new: new,
             affinity: 1024,
             source_ranges: 1024,
             maglev_chunks: 1024,
@@ -166,30 +173,56 @@ impl Harness {
             .sum()
     }
 
-    fn ct_map(&mut self) -> HashMap<&mut MapData, CtKey, CtValue> {
+    fn ct_table(&mut self, name: &'static str) -> HashMap<&mut MapData, CtKey, CtValue> {
         self.ebpf
-            .map_mut(CT_MAP)
+            .map_mut(name)
             .expect("ct map")
             .try_into()
             .expect("hash")
     }
 
-    pub fn conntrack(&self) -> Vec<(CtKey, CtValue)> {
+    /// The entries of one conntrack table: `CT_MAP` (assured) or `CT_NEW_MAP`.
+    pub fn conntrack_table(&self, name: &'static str) -> Vec<(CtKey, CtValue)> {
         let map: HashMap<&MapData, CtKey, CtValue> = self
             .ebpf
-            .map(CT_MAP)
+            .map(name)
             .expect("ct map")
             .try_into()
             .expect("hash");
         map.iter().map(|e| e.expect("read ct")).collect()
     }
 
-    /// Rewrites one conntrack entry (to age it, or to lose it: `None`).
+    /// Both conntrack tables as the datapath reads them: an assured entry
+    /// (flagged `CT_ASSURED`) wins a key both hold.
+    pub fn conntrack(&self) -> Vec<(CtKey, CtValue)> {
+        let mut entries: std::collections::BTreeMap<CtKey, CtValue> =
+            self.conntrack_table(CT_NEW_MAP).into_iter().collect();
+        for (key, mut value) in self.conntrack_table(CT_MAP) {
+            value.flags |= CT_ASSURED;
+            entries.insert(key, value);
+        }
+        entries.into_iter().collect()
+    }
+
+    /// Rewrites one conntrack entry, in the table its `CT_ASSURED` flag
+    /// names (to age it), or removes it from both (to lose it: `None`).
     pub fn set_conntrack(&mut self, key: &CtKey, value: Option<CtValue>) {
-        let mut map = self.ct_map();
         match value {
-            Some(v) => map.insert(key, v, 0).expect("write ct"),
-            None => map.remove(key).expect("delete ct"),
+            Some(v) => {
+                let table = if v.flags & CT_ASSURED != 0 {
+                    CT_MAP
+                } else {
+                    CT_NEW_MAP
+                };
+                self.ct_table(table).insert(key, v, 0).expect("write ct")
+            }
+            None => {
+                let removed = [CT_MAP, CT_NEW_MAP]
+                    .into_iter()
+                    .filter(|table| self.ct_table(table).remove(key).is_ok())
+                    .count();
+                assert!(removed > 0, "no conntrack entry {key:?} to delete");
+            }
         }
     }
 
@@ -207,8 +240,9 @@ impl Harness {
 
     /// The agent's conntrack upkeep on this datapath's table.
     pub fn agent_conntrack(&mut self) -> Conntrack {
-        let map = self.ebpf.take_map(CT_MAP).expect("ct map");
-        Conntrack::new(map, 0).expect("ct table")
+        let assured = self.ebpf.take_map(CT_MAP).expect("ct map");
+        let new = self.ebpf.take_map(CT_NEW_MAP).expect("ct map");
+        Conntrack::new(assured, new, 0).expect("ct tables")
     }
 }
 

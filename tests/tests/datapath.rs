@@ -5,8 +5,8 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use lb_common::{
     ct::{
-        CtKey, CtTimeouts, CtValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FIN_FORWARD, CT_FIN_REPLY,
-        CT_RST, CT_SEEN_REPLY,
+        CtKey, CtTimeouts, CtValue, CT_ASSURED, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FIN_FORWARD,
+        CT_FIN_REPLY, CT_MAP, CT_NEW_MAP, CT_RST, CT_SEEN_REPLY,
     },
     hash::{flow_hash, select_slot},
     stats::Stat,
@@ -477,44 +477,152 @@ fn now_ns() -> u64 {
     lb_agent::datapath::conntrack::monotonic_ns()
 }
 
+/// Which table holds `key`'s entry: "assured", "new", or "none".
+fn table_of(h: &Harness, key: &CtKey) -> &'static str {
+    let holds = |name| h.conntrack_table(name).iter().any(|(k, _)| k == key);
+    match (holds(CT_MAP), holds(CT_NEW_MAP)) {
+        (true, false) => "assured",
+        (false, true) => "new",
+        (false, false) => "none",
+        (true, true) => "both",
+    }
+}
+
+/// A client's whole handshake through the VIP, then the backend's first
+/// data: the flow is assured. Returns the backend.
+fn assured_flow(h: &Harness, from: SocketAddrV4) -> SocketAddrV4 {
+    let (backend, at_backend) = establish(h, from);
+    h.run(&Packet::tcp(from, vip(80), TCP_ACK).build());
+    h.run_egress(&at_backend.reply(TCP_ACK).with_payload(b"hello").build());
+    backend
+}
+
 #[test]
-fn unanswered_syn_gets_the_short_opening_timeout_and_an_answer_the_long_one() {
+fn a_flow_stays_unassured_until_the_backend_confirms_the_handshake() {
     require_root();
     let mut h = Harness::new();
     h.apply_yaml(&manifest(&BACKENDS));
     let from = client(44000);
     let backend = SocketAddrV4::new(expected_backend(&BACKENDS, from, vip(80), 6), 8080);
-    h.run(&Packet::tcp(from, vip(80), TCP_SYN).build());
     let t = CtTimeouts::DEFAULT;
-    let ((_, fwd), (_, rep)) = flow_entries(&h, from);
-    assert_eq!(
-        fwd.expires_ns - fwd.created_ns,
-        t.tcp_opening_ns,
-        "SYN sent"
-    );
-    assert_eq!(rep.expires_ns - rep.created_ns, t.tcp_opening_ns);
-    assert!(fwd.same_flow(&rep) && fwd.created_ns == rep.created_ns);
-    assert_eq!(fwd.flags, 0);
+    let at_backend = Packet::tcp(from, backend, TCP_SYN);
+    let syn = Packet::tcp(from, vip(80), TCP_SYN);
+    let syn_ack = at_backend.reply(TCP_SYN | TCP_ACK);
+    let steps = [
+        ("SYN", syn.build(), true, 0),
+        ("SYN-ACK", syn_ack.build(), false, CT_SEEN_REPLY),
+        // A spoofed client can send this ACK blind: it assures nothing.
+        (
+            "client ACK",
+            Packet::tcp(from, vip(80), TCP_ACK).build(),
+            true,
+            CT_SEEN_REPLY,
+        ),
+        // The SYN-ACK again (a retransmit): still nothing.
+        ("SYN-ACK again", syn_ack.build(), false, CT_SEEN_REPLY),
+    ];
+    for (what, frame, ingress, flags) in steps {
+        let out = if ingress {
+            h.run(&frame)
+        } else {
+            h.run_egress(&frame)
+        };
+        assert_eq!(out.verdict, TCX_NEXT, "{what}: translated and passed on");
+        let ((fk, fwd), (rk, rep)) = flow_entries(&h, from);
+        assert_eq!((fwd.flags, rep.flags), (flags, flags), "after the {what}");
+        assert_eq!(
+            (table_of(&h, &fk), table_of(&h, &rk)),
+            ("new", "new"),
+            "after the {what}"
+        );
+        assert!(
+            fwd.expires_ns <= now_ns() + t.tcp_opening_ns
+                && rep.expires_ns <= now_ns() + t.tcp_opening_ns,
+            "after the {what}: the opening timeout, not the established one"
+        );
+        assert!(fwd.same_flow(&rep) && fwd.created_ns == rep.created_ns);
+    }
+    assert_eq!(h.counter(Stat::CtAssured), 0);
 
+    // The backend's first data: it accepted the handshake's last ACK.
     let before = now_ns();
-    h.run_egress(
-        &Packet::tcp(from, backend, TCP_SYN)
-            .reply(TCP_SYN | TCP_ACK)
-            .build(),
+    h.run_egress(&at_backend.reply(TCP_ACK).with_payload(b"220 ready").build());
+    let ((fk, fwd), (rk, rep)) = flow_entries(&h, from);
+    assert_eq!(
+        (table_of(&h, &fk), table_of(&h, &rk)),
+        ("assured", "assured"),
+        "both entries moved"
     );
-    let ((_, fwd), (_, rep)) = flow_entries(&h, from);
     assert_eq!(
         (fwd.flags, rep.flags),
-        (CT_SEEN_REPLY, CT_SEEN_REPLY),
-        "both directions learn the answer"
+        (CT_SEEN_REPLY | CT_ASSURED, CT_SEEN_REPLY | CT_ASSURED)
     );
     for (what, e) in [("forward", fwd), ("reply", rep)] {
         assert!(
             e.expires_ns >= before + t.tcp_established_ns
                 && e.expires_ns <= now_ns() + t.tcp_established_ns,
-            "{what}: established timeout from the answer on"
+            "{what}: established timeout once assured"
         );
     }
+    assert_eq!(h.counter(Stat::CtAssured), 1);
+    assert!(
+        h.conntrack_table(CT_NEW_MAP).is_empty(),
+        "nothing left behind"
+    );
+    // Both directions keep translating from the assured table.
+    let ack = Packet::tcp(from, vip(80), TCP_ACK);
+    assert_frame(
+        &h.run(&ack.build()).frame,
+        &ack.clone().to(backend).build(),
+        "request",
+    );
+    let reply = at_backend.reply(TCP_ACK);
+    assert_frame(
+        &h.run_egress(&reply.build()).frame,
+        &reply.clone().from(vip(80)).build(),
+        "reply",
+    );
+}
+
+#[test]
+fn an_answered_udp_flow_is_assured_once_still_in_use_two_seconds_on() {
+    require_root();
+    let mut h = Harness::new();
+    h.apply_yaml(&manifest(&BACKENDS));
+    let from = client(45000);
+    let query = Packet::udp(from, vip(53), b"query");
+    h.run(&query.build());
+    let ((fk, fwd), (rk, _)) = flow_entries(&h, from);
+    let backend = SocketAddrV4::new(Ipv4Addr::from(fwd.dst_addr), fwd.dst_port);
+    let answer = Packet::udp(from, backend, b"query")
+        .reply(0)
+        .with_payload(b"answer");
+    h.run_egress(&answer.build());
+    // Answered, but a one-shot query and its answer stay cheap (DNS).
+    h.run(&query.build());
+    assert_eq!((table_of(&h, &fk), table_of(&h, &rk)), ("new", "new"));
+    assert_eq!(flow_entries(&h, from).0 .1.flags, CT_SEEN_REPLY);
+    // Age the flow by 3 s: the next datagram assures it.
+    for (key, value) in [flow_entries(&h, from).0, flow_entries(&h, from).1] {
+        let created_ns = value.created_ns - 3_000_000_000;
+        h.set_conntrack(
+            &key,
+            Some(CtValue {
+                created_ns,
+                ..value
+            }),
+        );
+    }
+    assert_frame(
+        &h.run(&query.build()).frame,
+        &query.clone().to(backend).build(),
+        "query",
+    );
+    assert_eq!(
+        (table_of(&h, &fk), table_of(&h, &rk)),
+        ("assured", "assured")
+    );
+    assert_eq!(h.counter(Stat::CtAssured), 1);
 }
 
 #[test]
@@ -716,34 +824,100 @@ fn lost_reply_entry_is_rebuilt_from_the_forward_entry() {
 }
 
 #[test]
-fn full_conntrack_drops_new_flows_and_keeps_existing_ones() {
+fn a_syn_flood_evicts_only_unassured_flows_and_new_flows_keep_coming_in() {
     require_root();
-    let mut h = Harness::with_conntrack(4); // two flows
+    // Room for 8 assured and 32 new flows; the flood is 30 times that.
+    let mut h = Harness::with_conntrack_tables(16, 64);
     h.apply_yaml(&manifest(&BACKENDS));
-    let flows = [client(44500), client(44501)];
-    for from in flows {
-        h.run(&Packet::tcp(from, vip(80), TCP_SYN).build());
-    }
-    let third = Packet::tcp(client(44502), vip(80), TCP_SYN);
-    let out = h.run(&third.build());
-    assert_eq!(out.verdict, TC_ACT_SHOT, "no state, no NAT");
-    assert_eq!(h.counter(Stat::DropCtFull), 1);
-    assert_eq!(h.conntrack().len(), 4, "no half flow left behind");
-    for from in flows {
-        let backend = SocketAddrV4::new(expected_backend(&BACKENDS, from, vip(80), 6), 8080);
-        let ack = Packet::tcp(from, vip(80), TCP_ACK);
-        assert_frame(
-            &h.run(&ack.build()).frame,
-            &ack.clone().to(backend).build(),
-            "existing flow",
+    let established = client(44500);
+    let backend = assured_flow(&h, established);
+    // Spoofed SYNs from 1 000 sources, each answered by its backend's
+    // SYN-ACK (which goes nowhere: nobody completes the handshake).
+    for i in 0..1000u16 {
+        let spoofed = SocketAddrV4::new(
+            Ipv4Addr::new(198, 18, 200 + (i / 250) as u8, (i % 250) as u8 + 1),
+            1024 + i,
         );
-        let reply = Packet::tcp(from, backend, TCP_ACK).reply(TCP_ACK);
-        assert_frame(
-            &h.run_egress(&reply.build()).frame,
-            &reply.clone().from(vip(80)).build(),
-            "existing flow's reply",
+        h.run(&Packet::tcp(spoofed, vip(80), TCP_SYN).build());
+        let to = SocketAddrV4::new(expected_backend(&BACKENDS, spoofed, vip(80), 6), 8080);
+        h.run_egress(
+            &Packet::tcp(spoofed, to, TCP_SYN)
+                .reply(TCP_SYN | TCP_ACK)
+                .build(),
         );
     }
+    assert_eq!(h.counter(Stat::DropCtFull), 0, "no new flow was refused");
+    assert!(h.conntrack_table(CT_NEW_MAP).len() <= 64);
+    assert_eq!(
+        h.conntrack_table(CT_MAP).len(),
+        2,
+        "only the assured flow there"
+    );
+
+    // The assured flow was not evicted: both ways translated, no new flow.
+    let dnat_before = h.counter(Stat::DnatNew);
+    let ack = Packet::tcp(established, vip(80), TCP_ACK);
+    assert_frame(
+        &h.run(&ack.build()).frame,
+        &ack.clone().to(backend).build(),
+        "established flow",
+    );
+    let reply = Packet::tcp(established, backend, TCP_ACK).reply(TCP_ACK);
+    assert_frame(
+        &h.run_egress(&reply.build()).frame,
+        &reply.clone().from(vip(80)).build(),
+        "its reply",
+    );
+    assert_eq!(h.counter(Stat::DnatNew), dnat_before);
+
+    // A legitimate client right after the flood: admitted and assured.
+    let newcomer = client(44501);
+    let backend = assured_flow(&h, newcomer);
+    let ((fk, _), (rk, _)) = flow_entries(&h, newcomer);
+    assert_eq!(
+        (table_of(&h, &fk), table_of(&h, &rk)),
+        ("assured", "assured")
+    );
+    let ack = Packet::tcp(newcomer, vip(80), TCP_ACK);
+    assert_frame(
+        &h.run(&ack.build()).frame,
+        &ack.clone().to(backend).build(),
+        "newcomer",
+    );
+}
+
+#[test]
+fn a_full_assured_table_leaves_new_flows_working_and_evictable() {
+    require_root();
+    let mut h = Harness::with_conntrack_tables(4, 64); // two assured flows
+    h.apply_yaml(&manifest(&BACKENDS));
+    for port in [44600, 44601] {
+        assured_flow(&h, client(port));
+    }
+    let third = client(44602);
+    let backend = assured_flow(&h, third);
+    assert!(h.counter(Stat::CtAssuredFull) >= 1);
+    assert_eq!(h.counter(Stat::CtAssured), 2);
+    let ((fk, fwd), (rk, rep)) = flow_entries(&h, third);
+    assert_eq!(
+        (table_of(&h, &fk), table_of(&h, &rk)),
+        ("new", "new"),
+        "no half flow in the full table"
+    );
+    assert_eq!((fwd.flags, rep.flags), (CT_SEEN_REPLY, CT_SEEN_REPLY));
+    let ack = Packet::tcp(third, vip(80), TCP_ACK);
+    assert_frame(
+        &h.run(&ack.build()).frame,
+        &ack.clone().to(backend).build(),
+        "request",
+    );
+    let reply = Packet::tcp(third, backend, TCP_ACK).reply(TCP_ACK);
+    assert_frame(
+        &h.run_egress(&reply.build()).frame,
+        &reply.clone().from(vip(80)).build(),
+        "reply",
+    );
+    assert_eq!(h.counter(Stat::DropCtFull), 0);
 }
 
 #[test]
@@ -763,7 +937,7 @@ fn agent_gc_frees_expired_flows_and_keeps_live_ones() {
     h.expire_at(&(fk, fv), past);
     let mut ct = h.agent_conntrack();
     let sweep = ct.gc(now_ns()).expect("gc");
-    assert_eq!((sweep.entries, sweep.flows_removed), (6, 1));
+    assert_eq!((sweep.assured, sweep.new, sweep.flows_removed), (0, 6, 1));
     let ports: std::collections::BTreeSet<u16> = ct
         .entries()
         .unwrap()
@@ -820,4 +994,28 @@ fn debug_events_off_are_pruned_from_the_loaded_program() {
         off < on,
         "with debug events off the program is {off} bytes, on {on}: nothing pruned"
     );
+}
+
+/// The verifier walks every path of a program and gives up at 1 000 000
+/// instructions; a program near that fails to load after the next feature
+/// (and takes seconds to load now). Each stays under half of it.
+#[test]
+fn every_program_verifies_well_inside_the_kernels_limit() {
+    require_root();
+    let sizes = lb_agent::datapath::loader::MapSizes::default();
+    let mut ebpf = lb_agent::datapath::loader::load(None, sizes, &CtTimeouts::DEFAULT).unwrap();
+    for name in [
+        lb_agent::datapath::INGRESS_PROGRAM,
+        lb_agent::datapath::INGRESS_EXTERNAL_PROGRAM,
+        lb_agent::datapath::EGRESS_PROGRAM,
+    ] {
+        let program = lb_agent::datapath::loader::program(&mut ebpf, name).unwrap();
+        let verified = program.info().unwrap().verified_instruction_count();
+        let verified = verified.expect("the kernel reports verified instructions");
+        eprintln!("{name}: {verified} instructions verified");
+        assert!(
+            verified < 500_000,
+            "{name}: {verified} instructions verified"
+        );
+    }
 }

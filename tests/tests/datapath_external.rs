@@ -12,7 +12,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use lb_common::{
     config::NodeConfig,
-    ct::{CtKey, CtValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_SNAT},
+    ct::{CtKey, CtValue, CT_ASSURED, CT_DIR_FORWARD, CT_DIR_REPLY, CT_SNAT},
     hash::{flow_hash, select_slot},
     stats::Stat,
 };
@@ -397,9 +397,10 @@ fn itp_local_drops_cluster_ip_traffic_without_a_local_endpoint() {
 fn a_snat_port_in_use_is_skipped_and_exhaustion_is_counted() {
     let mut node = Node::new("ports", &manifest("", &[(REMOTE_BACKEND, "node-b")]));
     let remote = SocketAddrV4::new(REMOTE_BACKEND, 8080);
-    // Two ports, one held by a live flow: every new flow gets the other.
+    // Two ports, one held by a live assured flow: every new flow (recorded
+    // in the other table) gets the other.
     snat_ports(&mut node, 20000, 20001);
-    hold_port(&mut node, 20000, CT_SNAT, u64::MAX);
+    hold_port(&mut node, 20000, CT_SNAT | CT_ASSURED, u64::MAX);
     let syn = Packet::tcp(client(40000), node_port(30080), TCP_SYN);
     let out = node.external(&syn.build());
     assert_eq!(out.verdict, TC_ACT_REDIRECT);
@@ -409,8 +410,8 @@ fn a_snat_port_in_use_is_skipped_and_exhaustion_is_counted() {
         "the free port",
     );
 
-    // Both held: the next new flow is dropped and counted, never sent with
-    // a colliding tuple.
+    // Both held (one by that new flow, not yet assured): the next new flow
+    // is dropped and counted, never sent with a colliding tuple.
     let syn = Packet::tcp(client(40001), node_port(30080), TCP_SYN);
     assert_eq!(node.external(&syn.build()).verdict, TC_ACT_SHOT);
     assert_eq!(node.h.counter(Stat::DropSnatExhausted), 1);
@@ -612,14 +613,14 @@ fn an_expired_flows_snat_port_is_taken_back_but_a_closed_one_waits() {
     snat_ports(&mut node, 20000, 20000);
     // The only port belongs to a connection that was reset: the backend may
     // still hold the tuple in TIME_WAIT, so the port is not taken back.
-    hold_port(&mut node, 20000, CT_SNAT | CT_RST, u64::MAX);
+    hold_port(&mut node, 20000, CT_SNAT | CT_RST | CT_ASSURED, u64::MAX);
     let syn = Packet::tcp(client(40000), node_port(30080), TCP_SYN);
     assert_eq!(node.external(&syn.build()).verdict, TC_ACT_SHOT);
     assert_eq!(node.h.counter(Stat::CtReclaimed), 0);
     assert_eq!(node.h.counter(Stat::DropSnatExhausted), 1);
 
     // Its flow expired (the GC has not run yet): the port is taken back.
-    hold_port(&mut node, 20000, CT_SNAT | CT_RST, 1);
+    hold_port(&mut node, 20000, CT_SNAT | CT_RST | CT_ASSURED, 1);
     let syn = Packet::tcp(client(40001), node_port(30080), TCP_SYN);
     let out = node.external(&syn.build());
     let remote = SocketAddrV4::new(REMOTE_BACKEND, 8080);
@@ -629,4 +630,28 @@ fn an_expired_flows_snat_port_is_taken_back_but_a_closed_one_waits() {
         "the reclaimed port",
     );
     assert_eq!(node.h.counter(Stat::CtReclaimed), 1);
+
+    // Taken back from either table: the flow just made is not yet assured;
+    // expired, its port goes to the next one too.
+    let holder = node.h.conntrack();
+    let (reply_key, _) = holder
+        .iter()
+        .find(|(k, _)| k.dir == CT_DIR_REPLY && k.dport == 20000)
+        .expect("the new flow holds the port");
+    assert_eq!(
+        node.h
+            .conntrack_table(lb_common::ct::CT_NEW_MAP)
+            .iter()
+            .filter(|(k, _)| k == reply_key)
+            .count(),
+        1
+    );
+    hold_port(&mut node, 20000, CT_SNAT, 1);
+    let syn = Packet::tcp(client(40002), node_port(30080), TCP_SYN);
+    assert_frame(
+        &node.external(&syn.build()).frame,
+        &to_node_b(syn.clone().from(node_port(20000)).to(remote)).build(),
+        "the port reclaimed from the table of new flows",
+    );
+    assert_eq!(node.h.counter(Stat::CtReclaimed), 2);
 }

@@ -531,11 +531,12 @@ fn json_logs_carry_reconcile_spans_and_datapath_events() {
     );
 }
 
-/// A full conntrack table under load: new flows are dropped and counted,
-/// established ones keep working, the fill shows in the metrics and the
-/// agent's warning names the flag to raise.
+/// A full assured table under load: flows that become assured meanwhile
+/// stay in the table of new flows and keep working, counted; established
+/// ones keep working; the fill shows in the metrics and the agent's
+/// warning names the flag to raise.
 #[test]
-fn a_full_conntrack_table_drops_only_new_flows_and_says_which_flag_to_raise() {
+fn a_full_assured_conntrack_table_keeps_new_flows_working_and_says_which_flag_to_raise() {
     use lb_tests::servers::EchoConnection;
     let mut s = setup(
         "lbm6",
@@ -544,8 +545,15 @@ fn a_full_conntrack_table_drops_only_new_flows_and_says_which_flag_to_raise() {
             "web.yaml",
             &web_manifest(&[(backend_ip(0), true), (backend_ip(1), true)]),
         )],
-        // Room for 4 flows (two entries each).
-        &["--max-conntrack", "8", "--conntrack-gc-interval", "1s"],
+        // Room for 4 assured flows (two entries each).
+        &[
+            "--max-conntrack",
+            "8",
+            "--conntrack-gc-interval",
+            "1s",
+            "--log-format",
+            "json",
+        ],
     );
     s.agent
         .wait_for_maps("the service", |m| {
@@ -553,36 +561,112 @@ fn a_full_conntrack_table_drops_only_new_flows_and_says_which_flag_to_raise() {
         })
         .unwrap();
     let vip = SocketAddrV4::new(VIP, 80);
+    let ask = |conn: &mut EchoConnection| conn.ask().map(|name| name.starts_with("be"));
     let mut open: Vec<EchoConnection> = (0..4)
         .map(|_| s.topology.client.run(|| EchoConnection::open(vip)).unwrap())
         .collect();
-    let fifth = s.topology.client.run(|| EchoConnection::open(vip));
-    assert!(
-        fifth.is_err(),
-        "a fifth flow found room in a table for four"
-    );
     for conn in &mut open {
-        assert!(
-            conn.ask().unwrap().starts_with("be"),
-            "an established flow stopped"
-        );
+        assert!(ask(conn).unwrap(), "a first answer (it assures the flow)");
+    }
+    let mut fifth = s.topology.client.run(|| EchoConnection::open(vip)).unwrap();
+    assert!(
+        ask(&mut fifth).unwrap(),
+        "a fifth flow, past the assured table's room"
+    );
+    assert!(ask(&mut fifth).unwrap());
+    for conn in &mut open {
+        assert!(ask(conn).unwrap(), "an established flow stopped");
     }
     let counters = lb_agent::cli::inspect::counters(&s.agent.pin_dir).unwrap();
-    let drops = counters
-        .iter()
-        .find(|(n, _)| *n == "drop_ct_full")
-        .unwrap()
-        .1;
-    assert!(drops >= 1, "{counters:?}");
+    let count = |name: &str| counters.iter().find(|(n, _)| *n == name).unwrap().1;
+    assert!(count("ct_assured_full") >= 1, "{counters:?}");
+    assert_eq!(count("drop_ct_full"), 0, "{counters:?}");
     let full = scrape_until(&s.topology.node, |m| {
         m.samples.get(r#"lb_map_fill_ratio{map="lb_ct_v4"}"#) >= Some(&1.0)
     });
     assert_eq!(full.get(r#"lb_map_fill_ratio{map="lb_ct_v4"}"#), 1.0);
-    assert!(full.get(r#"lb_datapath_events_total{event="drop_ct_full"}"#) >= 1.0);
-    let log = s.agent.log_text();
+    assert!(full.get(r#"lb_datapath_events_total{event="ct_assured_full"}"#) >= 1.0);
+    let warning = s.agent.log_events().into_iter().find(|e| {
+        e["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("assured conntrack table"))
+    });
+    let warning = warning.expect("the fill warning");
+    let message = warning["message"].as_str().unwrap();
     assert!(
-        log.lines()
-            .any(|l| l.contains("conntrack table 100% full") && l.contains("--max-conntrack")),
-        "{log}"
+        message.contains("100% full") && message.contains("--max-conntrack"),
+        "{message}"
+    );
+    assert_eq!(warning["capacity"], 8);
+}
+
+/// A spoofed SYN flood at a VIP, 20 times the size of the table of new
+/// flows, from sources that never complete a handshake: an established
+/// connection keeps working, and new TCP connections and UDP queries (the
+/// shape of DNS) through the VIP keep being admitted while it lasts.
+#[test]
+fn a_spoofed_syn_flood_keeps_neither_new_connections_nor_dns_out() {
+    use lb_tests::{
+        flood::Flood,
+        servers::{udp_query, EchoConnection},
+    };
+    let mut s = setup(
+        "lbm9",
+        2,
+        &[(
+            "web.yaml",
+            &web_manifest(&[(backend_ip(0), true), (backend_ip(1), true)]),
+        )],
+        &["--max-conntrack", "1024", "--max-conntrack-new", "4096"],
+    );
+    s.agent
+        .wait_for_maps("the service", |m| {
+            m.count(&format!("{VIP}:80/TCP")) == Some(2)
+                && m.count(&format!("{VIP}:53/UDP")) == Some(2)
+        })
+        .unwrap();
+    let (vip, dns) = (SocketAddrV4::new(VIP, 80), SocketAddrV4::new(VIP, 53));
+    let mut established = s.topology.client.run(|| EchoConnection::open(vip)).unwrap();
+    assert!(established.ask().unwrap().starts_with("be"));
+
+    // Sources on the client's LAN that do not exist: the backends' SYN-ACKs
+    // go unanswered, as a spoofed flood's do.
+    let flood = Flood::syn(&s.topology.client, vip, Ipv4Addr::new(198, 18, 1, 100), 150);
+    let table = 4096 / 2;
+    assert!(
+        lb_tests::wait_until(Duration::from_secs(30), || flood.sent() >= 2 * table),
+        "the flood runs"
+    );
+    let mut failures = Vec::new();
+    for i in 0..20 {
+        let tcp = s
+            .topology
+            .client
+            .run(|| EchoConnection::open(vip).and_then(|mut c| c.ask()));
+        let udp = s.topology.client.run(|| udp_query(dns));
+        for (what, result) in [("TCP", tcp.map(|_| ())), ("UDP", udp.map(|_| ()))] {
+            if let Err(e) = result {
+                failures.push(format!("{what} #{i}: {e}"));
+            }
+        }
+    }
+    while flood.sent() < 20 * table {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let sent = flood.stop().expect("the flood's sender");
+    assert!(
+        failures.is_empty(),
+        "during a flood of {sent} SYNs: {failures:?}"
+    );
+    assert!(
+        established.ask().unwrap().starts_with("be"),
+        "the established connection"
+    );
+    let counters = lb_agent::cli::inspect::counters(&s.agent.pin_dir).unwrap();
+    let count = |name: &str| counters.iter().find(|(n, _)| *n == name).unwrap().1;
+    assert_eq!(count("drop_ct_full"), 0, "{counters:?}");
+    assert!(
+        count("dnat_new") >= 20 * table,
+        "the flood went through the datapath: {counters:?}"
     );
 }

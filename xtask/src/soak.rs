@@ -3,7 +3,8 @@
 //! request/response run through a VIP while the agent is killed with
 //! SIGKILL and restarted five times, then stopped with SIGTERM
 //! (`--keep-datapath`) and started again; then while endpoints change
-//! 1 000 times a second for 60 s. Every failure is counted; the figures go
+//! 1 000 times a second for 60 s; then under a spoofed SYN flood. Every
+//! failure is counted; the figures go
 //! to bench/results/soak.md. Not a test: a repeatable measurement.
 
 use std::{
@@ -34,6 +35,7 @@ const PIN_DIR: &str = "/sys/fs/bpf/lb-soak";
 const KILLS: usize = 5;
 const LONG_LIVED: usize = 4;
 
+const FLOOD_TIME: Duration = Duration::from_secs(20);
 const CHURN_RATE: f64 = 1000.0;
 const CHURN_TIME: Duration = Duration::from_secs(60);
 
@@ -399,6 +401,27 @@ pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
     }
     std::thread::sleep(Duration::from_secs(2));
     let after_api_churn = counts.snapshot();
+
+    // A spoofed SYN flood at the VIP, from 150 addresses on the client's
+    // LAN that do not exist (the backends' SYN-ACKs go unanswered), as
+    // fast as one sender thread goes, while the load keeps running; the
+    // agent has its default conntrack sizes.
+    let flood = lb_tests::flood::Flood::syn(
+        &topology.client,
+        vip(80),
+        Ipv4Addr::new(198, 18, 1, 100),
+        150,
+    );
+    let flood_started = Instant::now();
+    std::thread::sleep(FLOOD_TIME);
+    let flood_sent = flood.stop()?;
+    let flood_took = flood_started.elapsed();
+    std::thread::sleep(Duration::from_secs(1));
+    let after_flood = counts.snapshot();
+    let flood_drops = lb_agent::cli::inspect::counters(Path::new(PIN_DIR))?
+        .into_iter()
+        .find(|(name, _)| *name == "drop_ct_full")
+        .map_or(0, |(_, n)| n);
     stop.store(true, Ordering::Relaxed);
     for handle in load {
         let _ = handle.join();
@@ -431,15 +454,27 @@ pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
     );
     let _ = writeln!(
         report,
-        "| what | restarts | churn (manifests) | churn (API server) |\n|---|---|---|---|"
+        "4. SYN flood: {flood_sent} spoofed SYNs in {:.1} s ({:.0} a second, one sender thread) at \
+         {VIP}:80 from 150 addresses on the client's LAN that do not exist, so no handshake \
+         completes; the agent has its default conntrack sizes ({} assured, {} new entries). New \
+         flows refused for want of conntrack room meanwhile (`drop_ct_full`): {flood_drops}.\n",
+        flood_took.as_secs_f64(),
+        flood_sent as f64 / flood_took.as_secs_f64(),
+        lb_common::ct::DEFAULT_MAX_CT_ENTRIES,
+        lb_common::ct::DEFAULT_MAX_CT_NEW_ENTRIES,
+    );
+    let _ = writeln!(
+        report,
+        "| what | restarts | churn (manifests) | churn (API server) | SYN flood |\n|---|---|---|---|---|"
     );
     for (what, pick) in Snapshot::ROWS {
         let _ = writeln!(
             report,
-            "| {what} | {} | {} | {} |",
+            "| {what} | {} | {} | {} | {} |",
             pick(&after_restarts),
             pick(&after_churn) - pick(&after_restarts),
-            pick(&after_api_churn) - pick(&after_manifest_churn)
+            pick(&after_api_churn) - pick(&after_manifest_churn),
+            pick(&after_flood) - pick(&after_api_churn)
         );
     }
     let _ = writeln!(

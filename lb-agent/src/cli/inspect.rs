@@ -10,11 +10,10 @@ use std::{
     path::Path,
 };
 
-use aya::maps::{HashMap, MapData};
 use lb_common::{
     affinity::AFFINITY_MATCH_MAP,
     backend::BACKEND_MAP,
-    ct::{is_closing, CtKey, CtValue, CT_DIR_FORWARD, CT_MAP, CT_SEEN_REPLY, CT_SNAT},
+    ct::{is_closing, CT_ASSURED, CT_DIR_FORWARD, CT_MAP, CT_NEW_MAP, CT_SEEN_REPLY, CT_SNAT},
     revnat::REVNAT_MAP,
     source_range::SOURCE_RANGE_MAP,
     svc::{SvcValue, SVC_MAP},
@@ -24,7 +23,7 @@ use serde::Serialize;
 use crate::{
     cli::dump,
     datapath::{
-        conntrack::{flow_is_expired, monotonic_ns},
+        conntrack::{flow_is_expired, monotonic_ns, Conntrack},
         counters as datapath_counters,
         loader::{open_pinned, MapSizes},
         maps::{KernelMaps, LbMaps, Snapshot},
@@ -275,7 +274,8 @@ pub struct FlowInfo {
     pub service: Option<String>,
     pub age_s: f64,
     pub expires_in_s: f64,
-    /// opening, live, closing or expired.
+    /// opening (no answer yet), answered (not yet assured), assured,
+    /// closing or expired.
     pub state: &'static str,
 }
 
@@ -292,11 +292,15 @@ pub fn flows(
     snapshot: &Snapshot,
     filter: &Filter,
 ) -> anyhow::Result<Vec<FlowInfo>> {
-    let map: HashMap<MapData, CtKey, CtValue> = open_pinned(pin_dir, CT_MAP)?.try_into()?;
+    let tables = Conntrack::new(
+        open_pinned(pin_dir, CT_MAP)?,
+        open_pinned(pin_dir, CT_NEW_MAP)?,
+        0,
+    )?;
+    let entries = tables.entries()?;
     let now = monotonic_ns();
     let mut rows = Vec::new();
-    for entry in map.iter() {
-        let (key, value) = entry?;
+    for (&key, &value) in &entries {
         if key.dir != CT_DIR_FORWARD {
             continue;
         }
@@ -316,15 +320,17 @@ pub fn flows(
         {
             continue;
         }
-        let peer = map.get(&key.peer_key(&value), 0).ok();
+        let peer = entries.get(&key.peer_key(&value)).copied();
         let state = if flow_is_expired(&value, peer.as_ref(), now) {
             "expired"
         } else if is_closing(value.flags) {
             "closing"
         } else if value.flags & CT_SEEN_REPLY == 0 {
             "opening"
+        } else if value.flags & CT_ASSURED == 0 {
+            "answered"
         } else {
-            "live"
+            "assured"
         };
         let expires = peer.map_or(value.expires_ns, |p| p.expires_ns.max(value.expires_ns));
         rows.push(FlowInfo {

@@ -1,6 +1,8 @@
 //! Conntrack upkeep from userspace: the GC that frees expired flows (the
-//! table is not an LRU, so nothing else does), and the UDP flush when a
-//! backend leaves a service. Both remove a flow's two entries together.
+//! assured table is not an LRU, so nothing else does; the table of new
+//! flows is, but a quiet node would keep its dead flows), and the UDP flush
+//! when a backend leaves a service. Both remove a flow's two entries
+//! together, from whichever table holds each.
 //!
 //! Deletion order per flow: the reply entry, then the forward entry, each
 //! only if it is still the entry that was judged (same `flow_id`). A
@@ -11,7 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use aya::maps::{HashMap, Map, MapData, MapError};
-use lb_common::ct::{CtKey, CtValue, CT_DIR_FORWARD};
+use lb_common::ct::{CtKey, CtValue, CT_ASSURED, CT_DIR_FORWARD};
 
 use crate::model::{L4Addr, Proto};
 
@@ -85,34 +87,87 @@ pub fn plan_flush(
 
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Sweep {
-    /// Entries in the table before the sweep (two per flow).
-    pub entries: usize,
+    /// Entries in the assured table before the sweep (two per flow).
+    pub assured: usize,
+    /// Entries in the table of new flows before the sweep.
+    pub new: usize,
     pub flows_removed: usize,
 }
 
-/// The pinned conntrack table.
+/// The pinned conntrack tables: assured flows, and flows not yet assured.
 pub struct Conntrack {
-    map: HashMap<MapData, CtKey, CtValue>,
+    assured: HashMap<MapData, CtKey, CtValue>,
+    new: HashMap<MapData, CtKey, CtValue>,
+    /// The assured table's size (the one that can fill).
     pub capacity: u32,
 }
 
+/// Both tables read as the datapath sees them: an assured entry shadows a
+/// new one on the same key (left by a CPU that updated a flow another was
+/// assuring), and carries `CT_ASSURED` whoever wrote it.
+struct Snapshot {
+    entries: BTreeMap<CtKey, CtValue>,
+    assured: usize,
+    new: usize,
+    shadowed: Vec<CtKey>,
+}
+
 impl Conntrack {
-    pub fn new(map: Map, capacity: u32) -> Result<Self, MapError> {
+    pub fn new(assured: Map, new: Map, capacity: u32) -> Result<Self, MapError> {
         Ok(Self {
-            map: HashMap::try_from(map)?,
+            assured: HashMap::try_from(assured)?,
+            new: HashMap::try_from(new)?,
             capacity,
         })
     }
 
-    pub fn entries(&self) -> Result<BTreeMap<CtKey, CtValue>, MapError> {
-        self.map.iter().collect()
+    /// The entry at `key` as the datapath would find it: the assured table
+    /// first.
+    pub fn get(&self, key: &CtKey) -> Option<CtValue> {
+        match self.assured.get(key, 0) {
+            Ok(mut value) => {
+                value.flags |= CT_ASSURED;
+                Some(value)
+            }
+            Err(_) => self.new.get(key, 0).ok(),
+        }
     }
 
-    /// Frees flows whose entries have both expired.
+    /// Every entry of both tables (an assured one wins a shared key).
+    pub fn entries(&self) -> Result<BTreeMap<CtKey, CtValue>, MapError> {
+        Ok(self.snapshot()?.entries)
+    }
+
+    fn snapshot(&self) -> Result<Snapshot, MapError> {
+        let mut entries: BTreeMap<CtKey, CtValue> = self.new.iter().collect::<Result<_, _>>()?;
+        let new = entries.len();
+        let mut assured = 0;
+        let mut shadowed = Vec::new();
+        for item in self.assured.iter() {
+            let (key, mut value) = item?;
+            value.flags |= CT_ASSURED;
+            if entries.insert(key, value).is_some() {
+                shadowed.push(key);
+            }
+            assured += 1;
+        }
+        Ok(Snapshot {
+            entries,
+            assured,
+            new,
+            shadowed,
+        })
+    }
+
+    /// Frees flows whose entries have both expired, and new-table entries
+    /// an assured one shadows.
     pub fn gc(&mut self, now_ns: u64) -> Result<Sweep, MapError> {
-        let entries = self.entries()?;
-        let flows = plan_gc(&entries, now_ns);
-        self.remove(entries.len(), &flows)
+        let snapshot = self.snapshot()?;
+        for key in &snapshot.shadowed {
+            ignore_missing(self.new.remove(key))?;
+        }
+        let flows = plan_gc(&snapshot.entries, now_ns);
+        self.remove(&snapshot, &flows)
     }
 
     /// Removes the UDP flows of backends that left their frontend.
@@ -120,31 +175,45 @@ impl Conntrack {
         if removed.is_empty() {
             return Ok(Sweep::default());
         }
-        let entries = self.entries()?;
-        let flows = plan_flush(&entries, removed);
-        self.remove(entries.len(), &flows)
+        let snapshot = self.snapshot()?;
+        let flows = plan_flush(&snapshot.entries, removed);
+        self.remove(&snapshot, &flows)
     }
 
-    fn remove(&mut self, entries: usize, flows: &BTreeSet<FlowRef>) -> Result<Sweep, MapError> {
+    fn remove(
+        &mut self,
+        snapshot: &Snapshot,
+        flows: &BTreeSet<FlowRef>,
+    ) -> Result<Sweep, MapError> {
         let mut flows_removed = 0;
         for flow in flows {
             let mut removed_any = false;
             for key in [flow.reply, flow.forward] {
-                match self.map.get(&key, 0) {
-                    Ok(v) if v.flow_id == flow.flow_id => match self.map.remove(&key) {
-                        Ok(()) => removed_any = true,
-                        Err(e) if super::is_missing(&e) => {}
-                        Err(e) => return Err(e),
-                    },
-                    _ => {} // gone, or already a new flow on this tuple
+                for table in [&mut self.assured, &mut self.new] {
+                    match table.get(&key, 0) {
+                        Ok(v) if v.flow_id == flow.flow_id => {
+                            removed_any |= ignore_missing(table.remove(&key))?;
+                        }
+                        _ => {} // gone, or already a new flow on this tuple
+                    }
                 }
             }
             flows_removed += usize::from(removed_any);
         }
         Ok(Sweep {
-            entries,
+            assured: snapshot.assured,
+            new: snapshot.new,
             flows_removed,
         })
+    }
+}
+
+/// Whether a removal removed something; an entry gone meanwhile is not an error.
+fn ignore_missing(result: Result<(), MapError>) -> Result<bool, MapError> {
+    match result {
+        Ok(()) => Ok(true),
+        Err(e) if super::is_missing(&e) => Ok(false),
+        Err(e) => Err(e),
     }
 }
 

@@ -14,12 +14,12 @@ use lb_common::{
     affinity::{AFFINITY_MAP, AFFINITY_MATCH_MAP},
     backend::BACKEND_MAP,
     config::{NodeConfig, CONFIG_MAP},
-    ct::{CtTimeouts, CT_MAP},
+    ct::{CtTimeouts, CT_MAP, CT_NEW_MAP},
     maglev::MAGLEV_MAP,
     revnat::REVNAT_MAP,
     sock::SOCK_REVNAT_MAP,
     source_range::SOURCE_RANGE_MAP,
-    stats::STATS_MAP,
+    stats::{STATS_MAP, STAT_COUNT},
     svc::SVC_MAP,
     MAP_LAYOUT_VERSION,
 };
@@ -32,7 +32,7 @@ use super::{
 };
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
-pub const ALL_MAPS: [&str; 11] = [
+pub const ALL_MAPS: [&str; 12] = [
     MAGLEV_MAP,
     SOCK_REVNAT_MAP,
     SOURCE_RANGE_MAP,
@@ -40,6 +40,7 @@ pub const ALL_MAPS: [&str; 11] = [
     BACKEND_MAP,
     REVNAT_MAP,
     CT_MAP,
+    CT_NEW_MAP,
     STATS_MAP,
     CONFIG_MAP,
     AFFINITY_MAP,
@@ -73,7 +74,10 @@ pub enum LoadError {
 pub struct MapSizes {
     pub service_slots: u32,
     pub backends: u32,
+    /// Assured flows' table (two entries a flow).
     pub conntrack: u32,
+    /// The table of flows not yet assured (an LRU; two entries a flow).
+    pub conntrack_new: u32,
     /// Session affinity entries (clients × affinity frontends).
     pub affinity: u32,
     /// `loadBalancerSourceRanges` prefixes over all load balancer IPs.
@@ -100,6 +104,7 @@ impl Default for MapSizes {
             service_slots: lb_common::svc::DEFAULT_MAX_SVC_ENTRIES,
             backends: lb_common::backend::DEFAULT_MAX_BACKENDS,
             conntrack: lb_common::ct::DEFAULT_MAX_CT_ENTRIES,
+            conntrack_new: lb_common::ct::DEFAULT_MAX_CT_NEW_ENTRIES,
             affinity: lb_common::affinity::DEFAULT_MAX_AFFINITY_ENTRIES,
             source_ranges: lb_common::source_range::DEFAULT_MAX_SOURCE_RANGES,
             maglev_chunks: lb_common::maglev::DEFAULT_MAX_MAGLEV_CHUNKS,
@@ -138,6 +143,7 @@ pub fn load_with_log(
         .map_max_entries(SVC_MAP, sizes.service_slots)
         .map_max_entries(BACKEND_MAP, sizes.backends)
         .map_max_entries(CT_MAP, sizes.conntrack)
+        .map_max_entries(CT_NEW_MAP, sizes.conntrack_new)
         .map_max_entries(AFFINITY_MAP, sizes.affinity)
         .map_max_entries(AFFINITY_MATCH_MAP, sizes.service_slots)
         .map_max_entries(SOURCE_RANGE_MAP, sizes.source_ranges)
@@ -146,6 +152,7 @@ pub fn load_with_log(
     if let Some(dir) = pin_dir {
         ensure_bpffs_dir(dir)?;
         refuse_other_layouts(dir)?;
+        replace_short_stats(dir)?;
         for name in ALL_MAPS {
             loader.map_pin_path(name, Cow::Owned(dir.join(name)));
         }
@@ -180,6 +187,7 @@ fn warn_on_resized_pins(ebpf: &Ebpf, sizes: MapSizes) {
         (SVC_MAP, "--max-service-slots", sizes.service_slots),
         (BACKEND_MAP, "--max-backends", sizes.backends),
         (CT_MAP, "--max-conntrack", sizes.conntrack),
+        (CT_NEW_MAP, "--max-conntrack-new", sizes.conntrack_new),
         (AFFINITY_MAP, "--max-affinity", sizes.affinity),
         (SOURCE_RANGE_MAP, "--max-source-ranges", sizes.source_ranges),
         (MAGLEV_MAP, "--max-maglev-chunks", sizes.maglev_chunks),
@@ -208,6 +216,28 @@ pub fn program<'a>(
         .program_mut(name)
         .ok_or_else(|| LoadError::Map("-", format!("program {name} missing from the object")))?;
     Ok(program.try_into()?)
+}
+
+/// Counters added since the pinned counter map was made would not fit in
+/// it: it is replaced (counters start again from zero; a running old
+/// program keeps its own). Reused as is otherwise.
+fn replace_short_stats(dir: &Path) -> Result<(), LoadError> {
+    let path = dir.join(STATS_MAP);
+    let Ok(data) = MapData::from_pin(&path) else {
+        return Ok(()); // not pinned yet
+    };
+    let entries = data
+        .info()
+        .map_err(|e| LoadError::Map(STATS_MAP, e.to_string()))?
+        .max_entries();
+    if entries < STAT_COUNT {
+        tracing::info!(
+            "pinned counter map has {entries} counters, this datapath {STAT_COUNT}: replacing it (counters restart)"
+        );
+        std::fs::remove_file(&path)
+            .map_err(|e| LoadError::Map(STATS_MAP, format!("{}: {e}", path.display())))?;
+    }
+    Ok(())
 }
 
 /// A pinned map of another layout version would be silently ignored (its
@@ -259,12 +289,14 @@ pub fn kernel_maps(ebpf: &mut Ebpf, sizes: MapSizes) -> Result<KernelMaps, LoadE
     .map_err(|e| LoadError::Map(SVC_MAP, e.to_string()))
 }
 
-/// Takes the conntrack table out of a loaded datapath for the GC.
+/// Takes the conntrack tables out of a loaded datapath for the GC.
 pub fn conntrack(ebpf: &mut Ebpf, sizes: MapSizes) -> Result<Conntrack, LoadError> {
-    let map = ebpf
-        .take_map(CT_MAP)
-        .ok_or_else(|| LoadError::Map(CT_MAP, "missing from the object".into()))?;
-    Conntrack::new(map, sizes.conntrack).map_err(|e| LoadError::Map(CT_MAP, e.to_string()))
+    let mut take = |name: &'static str| {
+        ebpf.take_map(name)
+            .ok_or_else(|| LoadError::Map(name, "missing from the object".into()))
+    };
+    let (assured, new) = (take(CT_MAP)?, take(CT_NEW_MAP)?);
+    Conntrack::new(assured, new, sizes.conntrack).map_err(|e| LoadError::Map(CT_MAP, e.to_string()))
 }
 
 /// Takes the socket LB reverse map out of a loaded datapath, for resetting

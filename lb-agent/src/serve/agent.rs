@@ -531,20 +531,26 @@ impl Agent {
         }
         match self.datapath.conntrack.gc(monotonic_ns()) {
             Ok(sweep) => {
-                self.status.metrics.conntrack_entries(sweep.entries);
-                self.report_fill(lb_common::ct::CT_MAP, sweep.entries as u64);
+                self.status
+                    .metrics
+                    .conntrack_entries(sweep.assured + sweep.new);
+                self.report_fill(lb_common::ct::CT_MAP, sweep.assured as u64);
+                self.report_fill(lb_common::ct::CT_NEW_MAP, sweep.new as u64);
                 self.status
                     .metrics
                     .flows_removed(FlowRemoval::Expired, sweep.flows_removed);
-                let fill = sweep.entries as f64 / f64::from(capacity.max(1));
-                let entries = sweep.entries;
+                let fill = sweep.assured as f64 / f64::from(capacity.max(1));
+                let entries = sweep.assured;
                 if fill >= 0.9 {
+                    // The table of new flows is an LRU and always admits;
+                    // only assured flows can run out of room.
                     warn!(entries, capacity, freed_flows = sweep.flows_removed,
-                        "conntrack table {:.0}% full: new flows are dropped when it is full (raise --max-conntrack)",
+                        "assured conntrack table {:.0}% full: flows that become assured stay evictable while it is full (raise --max-conntrack)",
                         fill * 100.0);
                 } else if sweep.flows_removed > 0 {
                     info!(
                         entries,
+                        new_entries = sweep.new,
                         capacity,
                         freed_flows = sweep.flows_removed,
                         "conntrack gc"

@@ -18,14 +18,14 @@ use lb_common::{
     affinity::{AffinityKey, AffinityValue, AFFINITY_MAP, AFFINITY_MATCH_MAP},
     backend::BACKEND_MAP,
     config::CONFIG_MAP,
-    ct::{CtKey, CtTimeouts, CtValue, CT_DIR_FORWARD, CT_MAP},
+    ct::{CtKey, CtTimeouts, CtValue, CT_ASSURED, CT_DIR_FORWARD, CT_MAP, CT_NEW_MAP},
     revnat::REVNAT_MAP,
     source_range::SOURCE_RANGE_MAP,
     stats::{STATS_MAP, STAT_COUNT, STAT_NAMES},
     svc::SVC_MAP,
 };
 
-use crate::datapath::{INGRESS_EXTERNAL_PROGRAM, INGRESS_PROGRAM};
+use crate::datapath::{conntrack::Conntrack, INGRESS_EXTERNAL_PROGRAM, INGRESS_PROGRAM};
 use crate::model::{L4Addr, Proto};
 
 /// The maps the probe reads live (all written by the agent only).
@@ -82,6 +82,7 @@ impl Probe {
         // Small private tables: one flow, one client.
         loader
             .map_max_entries(CT_MAP, 64)
+            .map_max_entries(CT_NEW_MAP, 64)
             .map_max_entries(AFFINITY_MAP, 64)
             .override_global("CT_TIMEOUTS", &CtTimeouts::DEFAULT, true)
             .override_global(aya_log::LEVEL, &0u8, true);
@@ -173,25 +174,36 @@ impl Probe {
             frontend.proto.number(),
             CT_DIR_FORWARD,
         );
-        let live_ct: HashMap<MapData, CtKey, CtValue> = pinned(&self.pin_dir, CT_MAP)?;
-        let flow = live_ct.get(&forward, 0).ok().map(|value| {
+        let open = |name| crate::datapath::loader::open_pinned(&self.pin_dir, name);
+        let live = open(CT_MAP)
+            .and_then(|assured| Ok((assured, open(CT_NEW_MAP)?)))
+            .map_err(|e| ProbeError::Map(CT_MAP, e.to_string()))
+            .and_then(|(assured, new)| {
+                Conntrack::new(assured, new, 0).map_err(|e| ProbeError::Map(CT_MAP, e.to_string()))
+            })?;
+        let flow = live.get(&forward).map(|value| {
             let peer_key = forward.peer_key(&value);
-            (value, live_ct.get(&peer_key, 0).ok().map(|p| (peer_key, p)))
+            [
+                Some((forward, value)),
+                live.get(&peer_key).map(|p| (peer_key, p)),
+            ]
         });
-        let mut ct: HashMap<&mut MapData, CtKey, CtValue> = self
-            .ebpf
-            .map_mut(CT_MAP)
-            .and_then(|m| m.try_into().ok())
-            .ok_or(ProbeError::Map(CT_MAP, "missing".into()))?;
-        let keys: Vec<CtKey> = ct.keys().filter_map(Result::ok).collect();
-        for key in keys {
-            let _ = ct.remove(&key);
-        }
-        if let Some((value, peer)) = flow {
-            let write = |e: aya::maps::MapError| ProbeError::Map(CT_MAP, e.to_string());
-            ct.insert(forward, value, 0).map_err(write)?;
-            if let Some((key, value)) = peer {
-                ct.insert(key, value, 0).map_err(write)?;
+        for name in [CT_MAP, CT_NEW_MAP] {
+            let mut ct: HashMap<&mut MapData, CtKey, CtValue> = self
+                .ebpf
+                .map_mut(name)
+                .and_then(|m| m.try_into().ok())
+                .ok_or(ProbeError::Map(name, "missing".into()))?;
+            let keys: Vec<CtKey> = ct.keys().filter_map(Result::ok).collect();
+            for key in keys {
+                let _ = ct.remove(&key);
+            }
+            // Each entry into the table it came from.
+            for (key, value) in flow.iter().flatten().flatten() {
+                if (value.flags & CT_ASSURED != 0) == (name == CT_MAP) {
+                    ct.insert(key, value, 0)
+                        .map_err(|e| ProbeError::Map(name, e.to_string()))?;
+                }
             }
         }
 
