@@ -59,8 +59,9 @@ enum Task {
         #[arg(long, value_delimiter = ',', default_values_t = [1usize, 10_000])]
         scales: Vec<usize>,
     },
-    /// Restarts under load: SIGKILL ×5 and SIGTERM with --keep-datapath
-    /// while TCP and UDP flow through a VIP (writes bench/results/soak.md).
+    /// Restarts, churn and a spoofed SYN flood under load: SIGKILL ×5 and
+    /// SIGTERM with --keep-datapath while TCP and UDP flow through a VIP
+    /// (writes bench/results/soak.md).
     Soak,
     /// Rewrite docs/performance.md's figures from bench/results/.
     Docs,
