@@ -182,34 +182,35 @@ pub fn update(key: &CtKey, value: &CtValue, pkt: &Packet, now: u64) {
         return;
     }
     let peer_key = key.peer_key(value);
-    let peer = get(&peer_key).filter(|p| p.same_flow(value));
-    if peer.is_some_and(|p| p.flags & CT_ASSURED != 0) {
-        // Another CPU assured the flow between our lookups: follow it.
-        flags |= CT_ASSURED;
-    }
+    let Some(peer) = get(&peer_key).filter(|p| p.same_flow(value)) else {
+        // Assured only with both entries at hand: the peer key may hold
+        // another flow's entry now, which a move would overwrite.
+        if value.flags & CT_ASSURED == 0 {
+            flags &= !CT_ASSURED;
+        }
+        let updated = CtValue {
+            flags,
+            expires_ns: now + timeouts().for_state(key.proto, flags),
+            ..*value
+        };
+        // Written whole (BPF_ANY): also restores an entry removed meanwhile.
+        let _ = put(key, &updated, 0);
+        // Only into a free slot: a newer flow's entry there stays.
+        if put(&peer_key, &key.peer_value(&updated), BPF_NOEXIST as u64).is_ok() {
+            count(Stat::CtRecreated);
+        }
+        return;
+    };
+    // Another CPU assured the flow between our lookups: follow it.
+    flags |= peer.flags & CT_ASSURED;
     let expires_ns = now + timeouts().for_state(key.proto, flags);
     let updated = CtValue {
         flags,
         expires_ns,
         ..*value
     };
-    let Some(peer) = peer else {
-        // Only into a free slot: a newer flow's entry there stays.
-        let rebuilt = key.peer_value(&updated);
-        if flags & CT_ASSURED != value.flags & CT_ASSURED {
-            return promote(key, &updated, &peer_key, &rebuilt, false);
-        }
-        // Written whole (BPF_ANY): also restores an entry removed meanwhile.
-        let _ = put(key, &updated, 0);
-        if put(&peer_key, &rebuilt, BPF_NOEXIST as u64).is_ok() {
-            count(Stat::CtRecreated);
-        }
-        return;
-    };
-    let peer_was_assured = peer.flags & CT_ASSURED != 0;
-    let changed = flags != value.flags;
     // The peer keeps a later expiry of its own unless the flow is over.
-    let peer = CtValue {
+    let peer_updated = CtValue {
         flags,
         expires_ns: if peer.expires_ns > expires_ns && !is_closing(flags) {
             peer.expires_ns
@@ -219,20 +220,25 @@ pub fn update(key: &CtKey, value: &CtValue, pkt: &Packet, now: u64) {
         ..peer
     };
     if flags & CT_ASSURED != value.flags & CT_ASSURED {
-        promote(key, &updated, &peer_key, &peer, peer_was_assured);
-        return;
+        return promote(
+            key,
+            &updated,
+            &peer_key,
+            &peer_updated,
+            peer.flags & CT_ASSURED != 0,
+        );
     }
     let _ = put(key, &updated, 0);
-    if changed {
-        let _ = put(&peer_key, &peer, 0);
+    if flags != value.flags {
+        let _ = put(&peer_key, &peer_updated, 0);
     }
 }
 
 /// Moves a flow that just became assured into the assured table: the other
 /// entry first, then this one (so either direction finds the flow there
 /// from the first write on), then both out of the table of new flows. If
-/// the assured table is full the flow stays where it was, unchanged but
-/// for this packet's state: still translated, only evictable.
+/// the assured table is full the flow stays where it is, with this packet's
+/// state (counted), and its next packet tries again.
 #[inline(always)]
 fn promote(
     key: &CtKey,
@@ -242,13 +248,13 @@ fn promote(
     peer_was_assured: bool,
 ) {
     if CONNTRACK.insert(peer_key, peer, 0).is_err() {
-        return stay_new(key, updated);
+        return stay_new(key, updated, peer_key, peer);
     }
     if CONNTRACK.insert(key, updated, 0).is_err() {
         if !peer_was_assured {
             let _ = CONNTRACK.remove(peer_key);
         }
-        return stay_new(key, updated);
+        return stay_new(key, updated, peer_key, peer);
     }
     let _ = CT_NEW.remove(peer_key);
     let _ = CT_NEW.remove(key);
@@ -256,12 +262,14 @@ fn promote(
 }
 
 #[inline(always)]
-fn stay_new(key: &CtKey, updated: &CtValue) {
-    let unassured = CtValue {
-        flags: updated.flags & !CT_ASSURED,
-        ..*updated
-    };
-    let _ = CT_NEW.insert(key, &unassured, 0);
+fn stay_new(key: &CtKey, updated: &CtValue, peer_key: &CtKey, peer: &CtValue) {
+    for (key, value) in [(key, updated), (peer_key, peer)] {
+        let unassured = CtValue {
+            flags: value.flags & !CT_ASSURED,
+            ..*value
+        };
+        let _ = CT_NEW.insert(key, &unassured, 0);
+    }
     count(Stat::CtAssuredFull);
 }
 

@@ -8,7 +8,7 @@ use aya::{
 };
 use lb_agent::{
     datapath::{
-        conntrack::Conntrack,
+        conntrack::{Conntrack, Snapshot},
         loader::{self, MapSizes},
         maps::KernelMaps,
         EGRESS_PROGRAM, INGRESS_EXTERNAL_PROGRAM, INGRESS_PROGRAM,
@@ -195,13 +195,16 @@ impl Harness {
     /// Both conntrack tables as the datapath reads them: an assured entry
     /// (flagged `CT_ASSURED`) wins a key both hold.
     pub fn conntrack(&self) -> Vec<(CtKey, CtValue)> {
-        let mut entries: std::collections::BTreeMap<CtKey, CtValue> =
-            self.conntrack_table(CT_NEW_MAP).into_iter().collect();
-        for (key, mut value) in self.conntrack_table(CT_MAP) {
-            value.flags |= CT_ASSURED;
-            entries.insert(key, value);
-        }
-        entries.into_iter().collect()
+        let table = |name| -> HashMap<&MapData, CtKey, CtValue> {
+            self.ebpf
+                .map(name)
+                .expect("ct map")
+                .try_into()
+                .expect("hash")
+        };
+        let (new, assured) = (table(CT_NEW_MAP), table(CT_MAP));
+        let snapshot = Snapshot::of(Box::new(new.iter()), Box::new(assured.iter()));
+        snapshot.expect("read ct").entries.into_iter().collect()
     }
 
     /// Rewrites one conntrack entry, in the table its `CT_ASSURED` flag
@@ -242,7 +245,7 @@ impl Harness {
     pub fn agent_conntrack(&mut self) -> Conntrack {
         let assured = self.ebpf.take_map(CT_MAP).expect("ct map");
         let new = self.ebpf.take_map(CT_NEW_MAP).expect("ct map");
-        Conntrack::new(assured, new, 0).expect("ct tables")
+        Conntrack::new(assured, new).expect("ct tables")
     }
 }
 

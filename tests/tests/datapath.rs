@@ -847,6 +847,11 @@ fn a_syn_flood_evicts_only_unassured_flows_and_new_flows_keep_coming_in() {
         );
     }
     assert_eq!(h.counter(Stat::DropCtFull), 0, "no new flow was refused");
+    assert_eq!(
+        h.counter(Stat::DnatNew),
+        1001,
+        "each spoofed SYN admitted as a new flow, 15 times the table's room"
+    );
     assert!(h.conntrack_table(CT_NEW_MAP).len() <= 64);
     assert_eq!(
         h.conntrack_table(CT_MAP).len(),

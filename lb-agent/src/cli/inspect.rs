@@ -13,7 +13,7 @@ use std::{
 use lb_common::{
     affinity::AFFINITY_MATCH_MAP,
     backend::BACKEND_MAP,
-    ct::{is_closing, CT_ASSURED, CT_DIR_FORWARD, CT_MAP, CT_NEW_MAP, CT_SEEN_REPLY, CT_SNAT},
+    ct::{is_closing, CT_ASSURED, CT_DIR_FORWARD, CT_SEEN_REPLY, CT_SNAT},
     revnat::REVNAT_MAP,
     source_range::SOURCE_RANGE_MAP,
     svc::{SvcValue, SVC_MAP},
@@ -23,9 +23,9 @@ use serde::Serialize;
 use crate::{
     cli::dump,
     datapath::{
-        conntrack::{flow_is_expired, monotonic_ns, Conntrack},
+        conntrack::{flow_is_expired, monotonic_ns},
         counters as datapath_counters,
-        loader::{open_pinned, MapSizes},
+        loader::{open_conntrack, open_pinned, MapSizes},
         maps::{KernelMaps, LbMaps, Snapshot},
     },
     model::{FrontendKind, L4Addr, Proto},
@@ -292,12 +292,7 @@ pub fn flows(
     snapshot: &Snapshot,
     filter: &Filter,
 ) -> anyhow::Result<Vec<FlowInfo>> {
-    let tables = Conntrack::new(
-        open_pinned(pin_dir, CT_MAP)?,
-        open_pinned(pin_dir, CT_NEW_MAP)?,
-        0,
-    )?;
-    let entries = tables.entries()?;
+    let entries = open_conntrack(pin_dir)?.entries()?;
     let now = monotonic_ns();
     let mut rows = Vec::new();
     for (&key, &value) in &entries {

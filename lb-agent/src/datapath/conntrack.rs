@@ -98,22 +98,54 @@ pub struct Sweep {
 pub struct Conntrack {
     assured: HashMap<MapData, CtKey, CtValue>,
     new: HashMap<MapData, CtKey, CtValue>,
-    /// The assured table's size (the one that can fill).
+    /// The assured table's size as created (the table that can fill; a
+    /// pinned one keeps its size whatever the flags say now).
     pub capacity: u32,
 }
 
 /// Both tables read as the datapath sees them: an assured entry shadows a
 /// new one on the same key (left by a CPU that updated a flow another was
 /// assuring), and carries `CT_ASSURED` whoever wrote it.
-struct Snapshot {
-    entries: BTreeMap<CtKey, CtValue>,
-    assured: usize,
-    new: usize,
-    shadowed: Vec<CtKey>,
+pub struct Snapshot {
+    pub entries: BTreeMap<CtKey, CtValue>,
+    /// Entries in each table.
+    pub assured: usize,
+    pub new: usize,
+    /// Keys of new-table entries an assured entry shadows.
+    pub shadowed: Vec<CtKey>,
+}
+
+type Entries<'a> = Box<dyn Iterator<Item = Result<(CtKey, CtValue), MapError>> + 'a>;
+
+impl Snapshot {
+    /// The entries of the table of new flows and of the assured table.
+    pub fn of(new: Entries<'_>, assured: Entries<'_>) -> Result<Self, MapError> {
+        let mut entries: BTreeMap<CtKey, CtValue> = new.collect::<Result<_, _>>()?;
+        let new = entries.len();
+        let (mut count, mut shadowed) = (0, Vec::new());
+        for item in assured {
+            let (key, mut value) = item?;
+            value.flags |= CT_ASSURED;
+            if entries.insert(key, value).is_some() {
+                shadowed.push(key);
+            }
+            count += 1;
+        }
+        Ok(Self {
+            entries,
+            assured: count,
+            new,
+            shadowed,
+        })
+    }
 }
 
 impl Conntrack {
-    pub fn new(assured: Map, new: Map, capacity: u32) -> Result<Self, MapError> {
+    pub fn new(assured: Map, new: Map) -> Result<Self, MapError> {
+        let capacity = match &assured {
+            Map::HashMap(data) => data.info()?.max_entries(),
+            _ => 0, // refused just below
+        };
         Ok(Self {
             assured: HashMap::try_from(assured)?,
             new: HashMap::try_from(new)?,
@@ -139,24 +171,7 @@ impl Conntrack {
     }
 
     fn snapshot(&self) -> Result<Snapshot, MapError> {
-        let mut entries: BTreeMap<CtKey, CtValue> = self.new.iter().collect::<Result<_, _>>()?;
-        let new = entries.len();
-        let mut assured = 0;
-        let mut shadowed = Vec::new();
-        for item in self.assured.iter() {
-            let (key, mut value) = item?;
-            value.flags |= CT_ASSURED;
-            if entries.insert(key, value).is_some() {
-                shadowed.push(key);
-            }
-            assured += 1;
-        }
-        Ok(Snapshot {
-            entries,
-            assured,
-            new,
-            shadowed,
-        })
+        Snapshot::of(Box::new(self.new.iter()), Box::new(self.assured.iter()))
     }
 
     /// Frees flows whose entries have both expired, and new-table entries
@@ -164,7 +179,7 @@ impl Conntrack {
     pub fn gc(&mut self, now_ns: u64) -> Result<Sweep, MapError> {
         let snapshot = self.snapshot()?;
         for key in &snapshot.shadowed {
-            ignore_missing(self.new.remove(key))?;
+            super::removed(self.new.remove(key))?;
         }
         let flows = plan_gc(&snapshot.entries, now_ns);
         self.remove(&snapshot, &flows)
@@ -192,7 +207,7 @@ impl Conntrack {
                 for table in [&mut self.assured, &mut self.new] {
                     match table.get(&key, 0) {
                         Ok(v) if v.flow_id == flow.flow_id => {
-                            removed_any |= ignore_missing(table.remove(&key))?;
+                            removed_any |= super::removed(table.remove(&key))?;
                         }
                         _ => {} // gone, or already a new flow on this tuple
                     }
@@ -205,15 +220,6 @@ impl Conntrack {
             new: snapshot.new,
             flows_removed,
         })
-    }
-}
-
-/// Whether a removal removed something; an entry gone meanwhile is not an error.
-fn ignore_missing(result: Result<(), MapError>) -> Result<bool, MapError> {
-    match result {
-        Ok(()) => Ok(true),
-        Err(e) if super::is_missing(&e) => Ok(false),
-        Err(e) => Err(e),
     }
 }
 

@@ -290,13 +290,22 @@ pub fn kernel_maps(ebpf: &mut Ebpf, sizes: MapSizes) -> Result<KernelMaps, LoadE
 }
 
 /// Takes the conntrack tables out of a loaded datapath for the GC.
-pub fn conntrack(ebpf: &mut Ebpf, sizes: MapSizes) -> Result<Conntrack, LoadError> {
+pub fn conntrack(ebpf: &mut Ebpf) -> Result<Conntrack, LoadError> {
     let mut take = |name: &'static str| {
         ebpf.take_map(name)
             .ok_or_else(|| LoadError::Map(name, "missing from the object".into()))
     };
     let (assured, new) = (take(CT_MAP)?, take(CT_NEW_MAP)?);
-    Conntrack::new(assured, new, sizes.conntrack).map_err(|e| LoadError::Map(CT_MAP, e.to_string()))
+    Conntrack::new(assured, new).map_err(|e| LoadError::Map(CT_MAP, e.to_string()))
+}
+
+/// Opens the pinned conntrack tables (for `inspect` and `explain`).
+pub fn open_conntrack(pin_dir: &Path) -> Result<Conntrack, LoadError> {
+    let (assured, new) = (
+        open_pinned(pin_dir, CT_MAP)?,
+        open_pinned(pin_dir, CT_NEW_MAP)?,
+    );
+    Conntrack::new(assured, new).map_err(|e| LoadError::Map(CT_MAP, e.to_string()))
 }
 
 /// Takes the socket LB reverse map out of a loaded datapath, for resetting

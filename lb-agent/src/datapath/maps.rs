@@ -302,10 +302,7 @@ impl Limit {
 
 /// Deleting an entry that is already gone is success: writes are idempotent.
 fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
-    match result {
-        Err(e) if super::is_missing(&e) => Ok(()),
-        other => other,
-    }
+    super::removed(result).map(|_| ())
 }
 
 impl LbMaps for KernelMaps {

@@ -23,6 +23,16 @@ pub fn is_missing(e: &aya::maps::MapError) -> bool {
     }
 }
 
+/// A delete's outcome: whether it removed an entry. One already gone is
+/// success (another writer, or a program, removed it first).
+pub fn removed(result: Result<(), aya::maps::MapError>) -> Result<bool, aya::maps::MapError> {
+    match result {
+        Ok(()) => Ok(true),
+        Err(e) if is_missing(&e) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// The `lb-ebpf` object built by build.rs.
 pub const EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 

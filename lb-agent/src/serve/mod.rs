@@ -213,14 +213,9 @@ fn load_datapath(
         info!("datapath debug events on (target `datapath`)");
     }
     let maps = loader::kernel_maps(&mut ebpf, config.sizes)?;
-    let mut conntrack = loader::conntrack(&mut ebpf, config.sizes)?;
+    let conntrack = loader::conntrack(&mut ebpf)?;
     let capacities =
         crate::datapath::fill::capacities(pin_dir).context("reading the pinned maps' sizes")?;
-    // The table as pinned, which may predate the flag.
-    conntrack.capacity = capacities
-        .get(lb_common::ct::CT_MAP)
-        .copied()
-        .unwrap_or(conntrack.capacity);
     let config_map = loader::ConfigMap::take(&mut ebpf)?;
     let udp_resetter = loader::udp_resetter(&mut ebpf)?;
     let counters = crate::datapath::counters::open(pin_dir)?;

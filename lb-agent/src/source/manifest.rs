@@ -20,7 +20,7 @@ use crate::{
     model::error::{InputError, InputErrorKind},
     model::ServiceName,
     source::objects::{Objects, Sourced},
-    source::view::{ServiceView, SliceView, SERVICE_NAME_LABEL},
+    source::view::SERVICE_NAME_LABEL,
 };
 
 /// The objects as parsed, full k8s-openapi types.
@@ -35,22 +35,8 @@ pub struct Typed {
 impl From<&Typed> for Objects {
     fn from(typed: &Typed) -> Self {
         Objects {
-            services: typed
-                .services
-                .iter()
-                .map(|s| Sourced {
-                    file: s.file.clone(),
-                    object: ServiceView::from(&s.object),
-                })
-                .collect(),
-            slices: typed
-                .slices
-                .iter()
-                .map(|s| Sourced {
-                    file: s.file.clone(),
-                    object: SliceView::from(&s.object),
-                })
-                .collect(),
+            services: typed.services.iter().map(Sourced::view).collect(),
+            slices: typed.slices.iter().map(Sourced::view).collect(),
             unparsed: typed.unparsed.clone(),
         }
     }

@@ -16,6 +16,16 @@ pub struct Sourced<T> {
     pub object: T,
 }
 
+impl<T> Sourced<T> {
+    /// The object's view (see `view`), from the same file.
+    pub fn view<'a, V: From<&'a T>>(&'a self) -> Sourced<V> {
+        Sourced {
+            file: self.file.clone(),
+            object: V::from(&self.object),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Objects {
     pub services: Vec<Sourced<ServiceView>>,

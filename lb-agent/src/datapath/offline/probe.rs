@@ -25,7 +25,7 @@ use lb_common::{
     svc::SVC_MAP,
 };
 
-use crate::datapath::{conntrack::Conntrack, INGRESS_EXTERNAL_PROGRAM, INGRESS_PROGRAM};
+use crate::datapath::{INGRESS_EXTERNAL_PROGRAM, INGRESS_PROGRAM};
 use crate::model::{L4Addr, Proto};
 
 /// The maps the probe reads live (all written by the agent only).
@@ -174,20 +174,14 @@ impl Probe {
             frontend.proto.number(),
             CT_DIR_FORWARD,
         );
-        let open = |name| crate::datapath::loader::open_pinned(&self.pin_dir, name);
-        let live = open(CT_MAP)
-            .and_then(|assured| Ok((assured, open(CT_NEW_MAP)?)))
-            .map_err(|e| ProbeError::Map(CT_MAP, e.to_string()))
-            .and_then(|(assured, new)| {
-                Conntrack::new(assured, new, 0).map_err(|e| ProbeError::Map(CT_MAP, e.to_string()))
-            })?;
-        let flow = live.get(&forward).map(|value| {
+        let live = crate::datapath::loader::open_conntrack(&self.pin_dir)
+            .map_err(|e| ProbeError::Map(CT_MAP, e.to_string()))?;
+        let mut flow = Vec::new();
+        if let Some(value) = live.get(&forward) {
             let peer_key = forward.peer_key(&value);
-            [
-                Some((forward, value)),
-                live.get(&peer_key).map(|p| (peer_key, p)),
-            ]
-        });
+            flow.push((forward, value));
+            flow.extend(live.get(&peer_key).map(|peer| (peer_key, peer)));
+        }
         for name in [CT_MAP, CT_NEW_MAP] {
             let mut ct: HashMap<&mut MapData, CtKey, CtValue> = self
                 .ebpf
@@ -199,7 +193,7 @@ impl Probe {
                 let _ = ct.remove(&key);
             }
             // Each entry into the table it came from.
-            for (key, value) in flow.iter().flatten().flatten() {
+            for (key, value) in &flow {
                 if (value.flags & CT_ASSURED != 0) == (name == CT_MAP) {
                     ct.insert(key, value, 0)
                         .map_err(|e| ProbeError::Map(name, e.to_string()))?;
