@@ -103,6 +103,9 @@ fn programmed() -> anyhow::Result<(BTreeMap<String, Vec<String>>, usize)> {
 struct Snapshot {
     new_ok: u64,
     new_failed: u64,
+    new_timed_out: u64,
+    new_refused: u64,
+    new_reset: u64,
     long_asks: u64,
     long_failed: u64,
     udp_answered: u64,
@@ -113,9 +116,14 @@ struct Snapshot {
 type Pick = fn(&Snapshot) -> u64;
 
 impl Snapshot {
-    const ROWS: [(&'static str, Pick); 7] = [
+    const ROWS: [(&'static str, Pick); 10] = [
         ("new TCP connections answered", |s| s.new_ok),
         ("new TCP connections failed", |s| s.new_failed),
+        ("… of them timed out (connect or answer)", |s| {
+            s.new_timed_out
+        }),
+        ("… refused (ECONNREFUSED)", |s| s.new_refused),
+        ("… reset (ECONNRESET, EPIPE)", |s| s.new_reset),
         ("questions on long-lived connections", |s| s.long_asks),
         ("long-lived connections broken (reset or timed out)", |s| {
             s.long_failed
@@ -132,6 +140,9 @@ impl Snapshot {
 struct Counts {
     new_ok: AtomicU64,
     new_failed: AtomicU64,
+    new_timed_out: AtomicU64,
+    new_refused: AtomicU64,
+    new_reset: AtomicU64,
     long_asks: AtomicU64,
     long_failed: AtomicU64,
     udp_answered: AtomicU64,
@@ -145,6 +156,9 @@ impl Counts {
         Snapshot {
             new_ok: c(&self.new_ok),
             new_failed: c(&self.new_failed),
+            new_timed_out: c(&self.new_timed_out),
+            new_refused: c(&self.new_refused),
+            new_reset: c(&self.new_reset),
             long_asks: c(&self.long_asks),
             long_failed: c(&self.long_failed),
             udp_answered: c(&self.udp_answered),
@@ -204,11 +218,25 @@ pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
         let (stop, counts) = (stop.clone(), counts.clone());
         load.push(topology.client.spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                match http_get(vip(80)) {
-                    Ok(body) if body.starts_with("backend ") => &counts.new_ok,
-                    _ => &counts.new_failed,
+                let result = http_get(vip(80));
+                if result
+                    .as_ref()
+                    .is_ok_and(|body| body.starts_with("backend "))
+                {
+                    counts.new_ok.fetch_add(1, Ordering::Relaxed);
+                    continue;
                 }
-                .fetch_add(1, Ordering::Relaxed);
+                counts.new_failed.fetch_add(1, Ordering::Relaxed);
+                use std::io::ErrorKind::*;
+                let kind = match result.as_ref().map_err(std::io::Error::kind) {
+                    Err(TimedOut | WouldBlock) => Some(&counts.new_timed_out),
+                    Err(ConnectionRefused) => Some(&counts.new_refused),
+                    Err(ConnectionReset | BrokenPipe) => Some(&counts.new_reset),
+                    _ => None, // another error, or a wrong answer
+                };
+                if let Some(kind) = kind {
+                    kind.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }));
     }
