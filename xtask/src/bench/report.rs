@@ -8,7 +8,10 @@ use std::{
 };
 
 use lb_agent::{
-    datapath::loader::{self, MapSizes},
+    datapath::{
+        loader::{self, MapSizes},
+        EGRESS_PROGRAM,
+    },
     desired::{self, Limits},
     reconcile::Reconciler,
     source::manifest,
@@ -45,15 +48,39 @@ pub fn per_packet_costs(runs: usize) -> anyhow::Result<Vec<(&'static str, Vec<f6
             .map(|i| (Ipv4Addr::new(198, 18, 10 + i, 2), true))
             .collect::<Vec<_>>(),
     );
-    let mut h = Harness::with_conntrack(table_size);
+    let mut h = Harness::with_conntrack_tables(table_size, table_size);
     h.apply_yaml(&manifest);
     // The same Service with `--lb-algorithm maglev`.
-    let mut maglev = Harness::with_conntrack(table_size);
+    let mut maglev = Harness::with_conntrack_tables(table_size, table_size);
     maglev.lb_algorithm = lb_agent::desired::LbAlgorithm::Maglev { table_size: None };
     maglev.apply_yaml(&manifest);
     let vip = SocketAddrV4::new(VIP, 80);
+    // An established flow (assured: in the table lookups try first), and
+    // one that has sent only its SYN (not yet assured: found second).
     let established = SocketAddrV4::new(CLIENT_IP, 40000);
     h.run(&Packet::tcp(established, vip, TCP_SYN).build());
+    let (_, forward) = h
+        .conntrack()
+        .into_iter()
+        .find(|(k, _)| k.sport == established.port() && k.dir == lb_common::ct::CT_DIR_FORWARD)
+        .ok_or_else(|| anyhow::anyhow!("no flow for the established client"))?;
+    let backend = SocketAddrV4::new(forward.dst_addr.into(), forward.dst_port);
+    let at_backend = Packet::tcp(established, backend, TCP_SYN);
+    h.run_egress(&at_backend.reply(TCP_SYN | TCP_ACK).build());
+    h.run(&Packet::tcp(established, vip, TCP_ACK).build());
+    h.run_egress(&at_backend.reply(TCP_ACK).with_payload(b"ok").build());
+    let opening = SocketAddrV4::new(CLIENT_IP, 40001);
+    h.run(&Packet::tcp(opening, vip, TCP_SYN).build());
+    let in_table = |name, port| {
+        h.conntrack_table(name)
+            .iter()
+            .any(|(k, _)| k.dir == lb_common::ct::CT_DIR_FORWARD && k.sport == port)
+    };
+    anyhow::ensure!(
+        in_table(lb_common::ct::CT_MAP, established.port())
+            && in_table(lb_common::ct::CT_NEW_MAP, opening.port()),
+        "each timed flow is in the table its row names"
+    );
     let median = |mut v: Vec<f64>| {
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
         v[v.len() / 2]
@@ -61,12 +88,15 @@ pub fn per_packet_costs(runs: usize) -> anyhow::Result<Vec<(&'static str, Vec<f6
     let mut new_flow = Vec::new();
     let mut new_flow_maglev = Vec::new();
     let mut ct_hit = Vec::new();
+    let mut ct_hit_new = Vec::new();
     let mut not_service = Vec::new();
+    let mut not_reply = Vec::new();
     let mut floor = Vec::new();
     let mut arp = vec![0xffu8; 6];
     arp.extend_from_slice(&[0x02, 0, 0, 0, 0, 1, 0x08, 0x06]);
     arp.extend_from_slice(&[0u8; 46]);
     let ack = Packet::tcp(established, vip, TCP_ACK).build();
+    let opening_ack = Packet::tcp(opening, vip, TCP_ACK).build();
     let other = Packet::tcp(
         established,
         SocketAddrV4::new(Ipv4Addr::new(198, 18, 99, 1), 80),
@@ -94,9 +124,19 @@ pub fn per_packet_costs(runs: usize) -> anyhow::Result<Vec<(&'static str, Vec<f6
                 .map(|_| h.run_timed(&ack).1.as_nanos() as f64)
                 .collect(),
         ));
+        ct_hit_new.push(median(
+            (0..PER_PACKET_RUNS)
+                .map(|_| h.run_timed(&opening_ack).1.as_nanos() as f64)
+                .collect(),
+        ));
         not_service.push(median(
             (0..PER_PACKET_RUNS)
                 .map(|_| h.run_timed(&other).1.as_nanos() as f64)
+                .collect(),
+        ));
+        not_reply.push(median(
+            (0..PER_PACKET_RUNS)
+                .map(|_| h.run_program(EGRESS_PROGRAM, &other).1.as_nanos() as f64)
                 .collect(),
         ));
         floor.push(median(
@@ -114,8 +154,16 @@ pub fn per_packet_costs(runs: usize) -> anyhow::Result<Vec<(&'static str, Vec<f6
             "first packet, `--lb-algorithm maglev` (a table lookup instead of the slot's)",
             new_flow_maglev,
         ),
-        ("conntrack hit (established flow, DNAT)", ct_hit),
+        ("conntrack hit (established flow, assured, DNAT)", ct_hit),
+        (
+            "conntrack hit, flow not yet assured (the assured table missed first)",
+            ct_hit_new,
+        ),
         ("not a service (service lookup, pass)", not_service),
+        (
+            "egress, not a reply (both conntrack tables missed, pass)",
+            not_reply,
+        ),
         ("ARP frame (one load, pass): the measurement's floor", floor),
     ])
 }
