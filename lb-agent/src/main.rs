@@ -121,8 +121,18 @@ struct CheckArgs {
 #[derive(clap::Args)]
 struct LimitArgs {
     /// Most endpoints one service port may have.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = Limits::DEFAULT.max_backends_per_service)]
     max_backends_per_service: usize,
+    /// Most frontends one Service may have (ports × cluster IPs, node
+    /// addresses for node ports, external and LB IPs); each takes one of
+    /// the node's 65 535 reverse-NAT ids. A Service past it is an input
+    /// error and keeps its last good state.
+    #[arg(long, default_value_t = Limits::DEFAULT.max_frontends_per_service)]
+    max_frontends_per_service: usize,
+    /// Most service-map slots one Service may use (one per frontend, plus
+    /// one per backend of each), so it cannot fill `--max-service-slots`.
+    #[arg(long, default_value_t = Limits::DEFAULT.max_slots_per_service)]
+    max_slots_per_service: usize,
     /// How a new flow's backend is picked: `random` (by flow hash among the
     /// frontend's backends), or `maglev` (Maglev consistent hashing: every
     /// node picks the same backend for a flow, and removing one of N
@@ -146,7 +156,12 @@ enum LbAlgorithmArg {
 
 impl LimitArgs {
     fn limits(&self) -> anyhow::Result<Limits> {
-        let limits = Limits::new(self.max_backends_per_service).map_err(anyhow::Error::msg)?;
+        let limits = Limits::new(
+            self.max_backends_per_service,
+            self.max_frontends_per_service,
+            self.max_slots_per_service,
+        )
+        .map_err(anyhow::Error::msg)?;
         let table_size = lb_agent::model::maglev::parse_size(&self.maglev_table_size)
             .map_err(anyhow::Error::msg)?;
         Ok(limits.with_lb_algorithm(match self.lb_algorithm {
@@ -270,6 +285,16 @@ struct RunArgs {
     /// Conntrack: idle timeout of a UDP flow.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     conntrack_udp_timeout: Duration,
+    /// ICMP errors the datapath sends (port unreachable for a Service
+    /// without endpoints, fragmentation needed), per second and per CPU
+    /// (the kernel's `icmp_msgs_per_sec` for its own); past it, the packet
+    /// is dropped unanswered (`drop_icmp_rate_limited`). 0: no limit.
+    #[arg(long, default_value_t = lb_common::icmp::IcmpLimit::DEFAULT.per_sec)]
+    icmp_errors_per_second: u32,
+    /// How many ICMP errors a CPU may send at once after a quiet spell (the
+    /// kernel's `icmp_msgs_burst`).
+    #[arg(long, default_value_t = lb_common::icmp::IcmpLimit::DEFAULT.burst)]
+    icmp_errors_burst: u32,
     /// `/healthz` fails while a change seen at the source has waited longer
     /// than this for its map update (kube-proxy's health timeout).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
@@ -360,6 +385,11 @@ impl RunArgs {
         };
         lb_agent::serve::node::check_snat_ports(&self.snat_port_range)
             .map_err(anyhow::Error::msg)?;
+        anyhow::ensure!(
+            self.icmp_errors_per_second == 0 || self.icmp_errors_burst > 0,
+            "--icmp-errors-burst 0: must be at least 1 (with --icmp-errors-per-second {} no error could be sent; 0 per second turns the limit off)",
+            self.icmp_errors_per_second
+        );
         let node_name = match self.node_name.filter(|n| !n.is_empty()) {
             Some(name) => name,
             None => std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -402,12 +432,18 @@ impl RunArgs {
             limits,
             keep_datapath: self.keep_datapath,
             poll_interval: Duration::from_millis(self.poll_interval_ms),
-            timeouts: lb_common::ct::CtTimeouts {
-                tcp_opening_ns: nanos(self.conntrack_tcp_timeout_opening),
-                tcp_established_ns: nanos(self.conntrack_tcp_timeout_established),
-                tcp_closing_ns: nanos(self.conntrack_tcp_timeout_closing),
-                udp_ns: nanos(self.conntrack_udp_timeout),
-                tcp_snat_closing_ns: nanos(self.conntrack_tcp_timeout_snat_closing),
+            globals: lb_agent::datapath::loader::Globals {
+                timeouts: lb_common::ct::CtTimeouts {
+                    tcp_opening_ns: nanos(self.conntrack_tcp_timeout_opening),
+                    tcp_established_ns: nanos(self.conntrack_tcp_timeout_established),
+                    tcp_closing_ns: nanos(self.conntrack_tcp_timeout_closing),
+                    udp_ns: nanos(self.conntrack_udp_timeout),
+                    tcp_snat_closing_ns: nanos(self.conntrack_tcp_timeout_snat_closing),
+                },
+                icmp_limit: lb_common::icmp::IcmpLimit {
+                    per_sec: self.icmp_errors_per_second,
+                    burst: self.icmp_errors_burst,
+                },
             },
             conntrack_gc_interval: self.conntrack_gc_interval,
             health_timeout: self.health_timeout,
@@ -499,7 +535,7 @@ impl CheckArgs {
         let (desired, more) = desired::compute(&objects, limits, node);
         errors.extend(more);
         let mut reconciler = Reconciler::restore(
-            lb_agent::datapath::offline::fake::FakeMaps::new(
+            lb_agent::datapath::offline::fake::FakeMaps::without_order_checks(
                 max_service_slots as usize,
                 max_backends as usize,
             ),

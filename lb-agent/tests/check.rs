@@ -87,3 +87,78 @@ fn limits_past_the_slot_field_are_refused() {
         "{stderr}"
     );
 }
+
+/// A Service of one port on its cluster IP and `external_ips` external IPs.
+fn huge(external_ips: usize) -> String {
+    let ips: Vec<String> = (0..external_ips)
+        .map(|i| format!("198.19.{}.{}", 40 + i / 256, i % 256))
+        .collect();
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: huge, namespace: shop}}\nspec:\n  clusterIP: 198.19.1.1\n  externalIPs: [{}]\n  ports: [{{port: 80, targetPort: 8080}}]\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: huge-1\n  namespace: shop\n  labels: {{kubernetes.io/service-name: huge}}\n\
+         addressType: IPv4\nports: [{{port: 8080}}]\nendpoints:\n- addresses: [198.18.0.9]\n",
+        ips.join(", ")
+    )
+}
+
+#[test]
+fn a_service_with_50_000_frontends_is_refused_by_its_budget_and_the_rest_programs() {
+    let with_huge = || {
+        let dir = manifests("huge", &web(&["198.18.0.1"]));
+        std::fs::write(dir.join("huge.yaml"), huge(50_000)).unwrap();
+        dir
+    };
+    let (ok, stdout, stderr) = check(&with_huge(), &[]);
+    assert!(!ok);
+    assert!(
+        stderr.contains(
+            "Service shop/huge: spec.ports: 50001 frontends (ports × cluster, node-port, external and load-balancer addresses), more than --max-frontends-per-service 1024"
+        ),
+        "{stderr}"
+    );
+    assert!(stdout.contains("198.19.0.10:80/TCP count=1"), "{stdout}");
+    assert!(!stdout.contains("198.19.1.1:80/TCP"), "{stdout}");
+
+    // With the budget raised, it fits the node's reverse-NAT ids.
+    let (ok, stdout, stderr) = check(&with_huge(), &["--max-frontends-per-service", "65535"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("198.19.235.79:80/TCP count=1"), "{stdout}");
+    assert_eq!(
+        stdout.lines().filter(|l| l.contains(" count=")).count(),
+        50_002,
+        "every frontend of both Services"
+    );
+}
+
+#[test]
+fn a_service_past_its_slot_budget_is_refused() {
+    let dir = manifests("slots", &web(&["198.18.0.1", "198.18.0.2", "198.18.0.3"]));
+    let (ok, stdout, stderr) = check(&dir, &["--max-slots-per-service", "3"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("Service shop/web: spec.ports: 4 service-map slots (each frontend's, and one per backend of each), more than --max-slots-per-service 3"),
+        "{stderr}"
+    );
+    assert!(stdout.is_empty(), "{stdout}");
+}
+
+#[test]
+fn budgets_past_the_map_fields_are_refused() {
+    for (flag, value, message) in [
+        (
+            "--max-frontends-per-service",
+            "65536",
+            "must be 1-65535 (reverse-NAT ids are 16-bit)",
+        ),
+        ("--max-frontends-per-service", "0", "must be 1-65535"),
+        ("--max-slots-per-service", "1", "must be at least 2"),
+    ] {
+        let dir = manifests(&format!("budget{value}"), &web(&["198.18.0.1"]));
+        let (ok, _, stderr) = check(&dir, &[flag, value]);
+        assert!(!ok);
+        assert!(
+            stderr.contains(&format!("{flag} {value}: {message}")),
+            "{stderr}"
+        );
+    }
+}

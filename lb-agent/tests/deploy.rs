@@ -120,6 +120,7 @@ fn example_manifests_are_valid_input() {
         lb_agent::desired::Limits {
             max_backends_per_service: 16,
             lb_algorithm: lb_agent::desired::LbAlgorithm::Random,
+            ..lb_agent::desired::Limits::DEFAULT
         },
         Default::default(),
     );

@@ -146,6 +146,7 @@ fn check_text(text: &str) -> Result<(), TestCaseError> {
         Limits {
             max_backends_per_service: 8,
             lb_algorithm: lb_agent::desired::LbAlgorithm::Random,
+            ..Limits::DEFAULT
         },
         NodeContext {
             name: Some("node-1".into()),

@@ -20,6 +20,7 @@ fn run_case(dir: &Path) -> (String, String) {
         Limits {
             max_backends_per_service: 4,
             lb_algorithm: lb_agent::desired::LbAlgorithm::Random,
+            ..Limits::DEFAULT
         },
         // The node the cases are computed for: endpoints on node-a are local.
         desired::NodeContext {

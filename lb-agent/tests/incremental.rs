@@ -17,6 +17,7 @@ use lb_agent::{
 const LIMITS: Limits = Limits {
     max_backends_per_service: 3,
     lb_algorithm: lb_agent::desired::LbAlgorithm::Random,
+    ..Limits::DEFAULT
 };
 
 /// A small deterministic generator (xorshift64*).

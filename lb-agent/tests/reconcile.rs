@@ -14,6 +14,7 @@ use lb_agent::{
 const LIMITS: Limits = Limits {
     max_backends_per_service: 16,
     lb_algorithm: lb_agent::desired::LbAlgorithm::Random,
+    ..Limits::DEFAULT
 };
 
 fn service(name: &str, vip: &str, backends: &[&str]) -> String {
@@ -806,6 +807,7 @@ fn a_fixed_maglev_table_smaller_than_the_backends_is_refused_for_that_service() 
             table_size: Some(251),
         },
         max_backends_per_service: 300,
+        ..Limits::DEFAULT
     };
     let backends: Vec<String> = (0..251)
         .map(|i| format!("198.18.{}.{}", i / 200, 1 + i % 200))
@@ -820,4 +822,36 @@ fn a_fixed_maglev_table_smaller_than_the_backends_is_refused_for_that_service() 
         message.contains("t/big") && message.contains("--maglev-table-size 251"),
         "{message}"
     );
+}
+
+#[test]
+fn a_service_grown_past_its_frontend_budget_keeps_its_last_good_state() {
+    let limits = Limits {
+        max_frontends_per_service: 2,
+        ..LIMITS
+    };
+    let two = service("a", "198.19.0.1", &["198.18.0.1"])
+        .replace("  ports:", "  externalIPs: [198.19.0.2]\n  ports:");
+    let three = two.replace("[198.19.0.2]", "[198.19.0.2, 198.19.0.3]");
+    let other = service("b", "198.19.0.9", &["198.18.0.9"]);
+    let mut r = reconciler();
+    assert!(r
+        .apply(&desired_with(&format!("{two}{other}"), limits))
+        .errors
+        .is_empty());
+    let before = r.maps().state.clone();
+
+    let (objects, _) = manifest::parse_str(&format!("{three}{other}"), None).unwrap();
+    let (desired, errors) = desired::compute(&objects, limits, Default::default());
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].kind, InputErrorKind::OverLimit);
+    assert_eq!(
+        errors[0].to_string(),
+        "Service t/a: spec.ports: 3 frontends (ports × cluster, node-port, external and load-balancer addresses), more than --max-frontends-per-service 2"
+    );
+    let report = r.apply(&desired);
+    assert!(report.errors.is_empty(), "nothing to retry");
+    assert!(!r.needs_retry());
+    assert_eq!((report.kept, report.removed), (2, 0), "both frontends kept");
+    assert_eq!(r.maps().state, before);
 }

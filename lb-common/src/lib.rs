@@ -17,6 +17,7 @@ pub mod backend;
 pub mod config;
 pub mod ct;
 pub mod hash;
+pub mod icmp;
 pub mod maglev;
 pub mod revnat;
 pub mod sock;

@@ -66,9 +66,13 @@ pub enum Stat {
     /// A flow became assured but the assured table was full: it stays in
     /// the table of new flows, translated as before but evictable.
     CtAssuredFull = 26,
+    /// A new flow that would be answered with an ICMP error (no endpoints,
+    /// fragmentation needed) past this CPU's ICMP rate limit: dropped
+    /// unanswered.
+    DropIcmpRateLimited = 27,
 }
 
-pub const STAT_COUNT: u32 = 27;
+pub const STAT_COUNT: u32 = 28;
 
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "pass_not_service",
@@ -98,4 +102,5 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "icmp_frag_needed",
     "ct_assured",
     "ct_assured_full",
+    "drop_icmp_rate_limited",
 ];

@@ -11,6 +11,7 @@ use lb_common::{
     backend::Backend,
     config::NodeConfig,
     ct::{CtKey, CtValue},
+    icmp::IcmpBucket,
     maglev::{MaglevChunk, MaglevKey},
     revnat::RevNat,
     sock::{SockRevNatKey, SockRevNatValue},
@@ -79,3 +80,9 @@ pub static MAGLEV: HashMap<MaglevKey, MaglevChunk, 65_536, { BPF_F_NO_PREALLOC a
 /// the 512-byte stack. Not pinned: each loaded program has its own.
 #[btf_map(name = "lb_fib_scratch")]
 pub static FIB_SCRATCH: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup, 1> = PerCpuArray::new();
+
+/// Per-CPU token bucket for the ICMP errors the datapath sends (see
+/// `lb_common::icmp`). Not pinned: a restarted agent's programs start with
+/// a full burst.
+#[btf_map(name = "lb_icmp_bucket")]
+pub static ICMP_BUCKET: PerCpuArray<IcmpBucket, 1> = PerCpuArray::new();

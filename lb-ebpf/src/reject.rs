@@ -6,19 +6,26 @@
 //! the interface it came in on.
 //!
 //! Only packets without IP options are answered (fixed 28-byte quote);
-//! others are dropped and counted (`drop_reject`).
+//! others are dropped and counted (`drop_reject`). Answers are
+//! rate-limited per CPU (`lb_common::icmp`); a packet past the limit is
+//! dropped unanswered (`drop_icmp_rate_limited`).
 
 use aya_ebpf::{
     helpers::{bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
 };
-use lb_common::{stats::Stat, IPPROTO_ICMP};
+use lb_common::{icmp::IcmpLimit, stats::Stat, IPPROTO_ICMP};
 
 use crate::{
     csum,
+    maps::ICMP_BUCKET,
     parse::{Packet, ETH_HLEN},
     Outcome,
 };
+
+/// Set by the agent at load time (`--icmp-errors-per-second`, `--icmp-errors-burst`).
+#[unsafe(no_mangle)]
+static ICMP_LIMIT: IcmpLimit = IcmpLimit::DEFAULT;
 
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
@@ -44,6 +51,9 @@ pub fn frag_needed(ctx: &TcContext, pkt: &Packet, mtu: u16) -> Outcome {
 /// `mtu` for "fragmentation needed") and sends it back out.
 #[inline(always)]
 fn answer(ctx: &TcContext, pkt: &Packet, code: u8, mtu: u16, stat: Stat) -> Outcome {
+    if !allowed() {
+        return Outcome::drop(Stat::DropIcmpRateLimited);
+    }
     match build(ctx, pkt, code, mtu) {
         Ok(()) => {
             let ifindex = unsafe { (*ctx.skb.skb).ifindex };
@@ -54,6 +64,21 @@ fn answer(ctx: &TcContext, pkt: &Packet, code: u8, mtu: u16, stat: Stat) -> Outc
         }
         Err(()) => Outcome::drop(Stat::DropReject),
     }
+}
+
+/// Whether this CPU's bucket has a token for one more answer (taken).
+#[inline(always)]
+fn allowed() -> bool {
+    // SAFETY: a read-only global; volatile so the agent's value is used,
+    // not the compile-time default.
+    let limit = unsafe { core::ptr::read_volatile(&ICMP_LIMIT) };
+    let Some(bucket) = ICMP_BUCKET.get_ptr_mut(0) else {
+        return false;
+    };
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+    // SAFETY: this CPU's entry, valid for the program run; a program runs
+    // on one CPU without preemption by another run of the same CPU's entry.
+    unsafe { (*bucket).take(now, &limit) }
 }
 
 #[inline(always)]

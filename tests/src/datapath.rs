@@ -19,7 +19,7 @@ use lb_agent::{
 };
 use lb_common::{
     config::{NodeConfig, CONFIG_MAP},
-    ct::{CtKey, CtTimeouts, CtValue, CT_ASSURED, CT_MAP, CT_NEW_MAP},
+    ct::{CtKey, CtValue, CT_ASSURED, CT_MAP, CT_NEW_MAP},
     stats::{Stat, STATS_MAP},
 };
 
@@ -51,6 +51,19 @@ impl Harness {
     /// A datapath with `assured` entries for assured flows and `new` for
     /// flows not yet assured (two per flow).
     pub fn with_conntrack_tables(assured: u32, new: u32) -> Self {
+        Self::load(assured, new, &loader::Globals::DEFAULT)
+    }
+
+    /// A datapath that rate-limits the ICMP errors it sends to `limit`.
+    pub fn with_icmp_limit(limit: lb_common::icmp::IcmpLimit) -> Self {
+        let globals = loader::Globals {
+            icmp_limit: limit,
+            ..loader::Globals::DEFAULT
+        };
+        Self::load(4096, 4096, &globals)
+    }
+
+    fn load(assured: u32, new: u32, globals: &loader::Globals) -> Self {
         let sizes = MapSizes {
             service_slots: 4096,
             backends: 1024,
@@ -60,7 +73,7 @@ impl Harness {
             source_ranges: 1024,
             maglev_chunks: 1024,
         };
-        let mut ebpf = loader::load(None, sizes, &CtTimeouts::DEFAULT).expect("load datapath");
+        let mut ebpf = loader::load(None, sizes, globals).expect("load datapath");
         let maps = loader::kernel_maps(&mut ebpf, sizes).expect("service maps");
         let reconciler = Reconciler::restore(maps, sizes.backends).expect("restore");
         Self {
@@ -80,6 +93,7 @@ impl Harness {
             Limits {
                 max_backends_per_service: 64,
                 lb_algorithm: self.lb_algorithm,
+                ..Limits::DEFAULT
             },
             self.node.clone(),
         );

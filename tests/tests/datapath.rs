@@ -399,6 +399,60 @@ fn service_without_backends_answers_icmp_port_unreachable() {
     );
 }
 
+/// A spoofed flood at a frontend without endpoints must not be reflected
+/// at line rate: past the bucket (here 3 at once, 1 a second), a packet is
+/// dropped unanswered and counted; flows to endpoints are not limited.
+#[test]
+fn icmp_errors_past_the_rate_limit_are_dropped_unanswered() {
+    require_root();
+    // One CPU's bucket: the runs must not move between CPUs.
+    let mut one_cpu = nix::sched::CpuSet::new();
+    one_cpu.set(0).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one_cpu).unwrap();
+    let mut h = Harness::with_icmp_limit(lb_common::icmp::IcmpLimit {
+        per_sec: 1,
+        burst: 3,
+    });
+    h.apply_yaml(&manifest(&[]));
+    let verdicts: Vec<u32> = (0..20)
+        .map(|i| {
+            let query = if i % 2 == 0 {
+                Packet::udp(client(41000 + i), vip(53), b"q")
+            } else {
+                Packet::tcp(client(41000 + i), vip(80), TCP_SYN)
+            };
+            h.run(&query.build()).verdict
+        })
+        .collect();
+    let answered = verdicts.iter().filter(|v| **v == TC_ACT_REDIRECT).count() as u64;
+    // 3 at once, and one more only if a second passed during the 20 runs.
+    assert!((3..=4).contains(&answered), "{verdicts:?}");
+    assert!(
+        verdicts[..3].iter().all(|v| *v == TC_ACT_REDIRECT),
+        "the burst first: {verdicts:?}"
+    );
+    assert!(
+        verdicts
+            .iter()
+            .all(|v| *v == TC_ACT_REDIRECT || *v == TC_ACT_SHOT),
+        "{verdicts:?}"
+    );
+    assert_eq!(h.counter(Stat::RejectNoBackend), answered);
+    assert_eq!(h.counter(Stat::DropIcmpRateLimited), 20 - answered);
+    assert!(h.conntrack().is_empty(), "no state for any of them");
+
+    // With endpoints, the same traffic is translated, however empty the bucket.
+    h.apply_yaml(&manifest(&BACKENDS));
+    let syn = Packet::tcp(client(41100), vip(80), TCP_SYN);
+    let out = h.run(&syn.build());
+    let backend = expected_backend(&BACKENDS, client(41100), vip(80), 6);
+    assert_frame(
+        &out.frame,
+        &syn.clone().to(SocketAddrV4::new(backend, 8080)).build(),
+        "translated",
+    );
+}
+
 #[test]
 fn syn_reusing_a_closed_flows_tuple_picks_a_current_backend() {
     require_root();
@@ -985,7 +1039,7 @@ fn debug_events_off_are_pruned_from_the_loaded_program() {
         let mut ebpf = lb_agent::datapath::loader::load_with_log(
             None,
             sizes,
-            &CtTimeouts::DEFAULT,
+            &lb_agent::datapath::loader::Globals::DEFAULT,
             debug_events,
         )
         .unwrap();
@@ -1008,7 +1062,12 @@ fn debug_events_off_are_pruned_from_the_loaded_program() {
 fn every_program_verifies_well_inside_the_kernels_limit() {
     require_root();
     let sizes = lb_agent::datapath::loader::MapSizes::default();
-    let mut ebpf = lb_agent::datapath::loader::load(None, sizes, &CtTimeouts::DEFAULT).unwrap();
+    let mut ebpf = lb_agent::datapath::loader::load(
+        None,
+        sizes,
+        &lb_agent::datapath::loader::Globals::DEFAULT,
+    )
+    .unwrap();
     for name in [
         lb_agent::datapath::INGRESS_PROGRAM,
         lb_agent::datapath::INGRESS_EXTERNAL_PROGRAM,

@@ -844,6 +844,152 @@ fn healthz_fails_while_a_change_cannot_reach_the_datapath_and_livez_stays_ok() {
     assert_eq!(status, 200, "healthy again once the change is in: {body}");
 }
 
+/// A Service of `external_ips` external IPs from 198.19.40.0 up, one port,
+/// one endpoint.
+fn huge_manifest(external_ips: usize) -> String {
+    let ips: Vec<String> = (0..external_ips)
+        .map(|i| format!("\"198.19.{}.{}\"", 40 + i / 256, i % 256))
+        .collect();
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: huge, namespace: default}}\nspec:\n  clusterIP: 198.19.1.1\n  \
+         externalIPs: [{}]\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: huge-1\n  namespace: default\n  \
+         labels: {{kubernetes.io/service-name: huge}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\n\
+         endpoints:\n- addresses: [\"{}\"]\n",
+        ips.join(", "),
+        backend_ip(0)
+    )
+}
+
+/// One Service with 50 001 frontends (more than half the node's 16-bit
+/// reverse-NAT ids): past `--max-frontends-per-service`, it is refused as
+/// that Service's input error — the others keep being served and updated,
+/// and the node stays healthy (nothing waits for a retry). Within the
+/// budget, it is programmed.
+#[test]
+fn a_service_past_its_frontend_budget_is_refused_and_the_node_stays_healthy() {
+    let mut s = setup_with(
+        "lbt16",
+        2,
+        &web_manifest(&ready(&[backend_ip(0)])),
+        &["--health-timeout", "1s", "--health-addr", "127.0.0.1:10256"],
+    );
+    s.agent
+        .wait_for_maps("the service", |m| {
+            m.count(&format!("{VIP}:80/TCP")) == Some(1)
+        })
+        .unwrap();
+    s.manifests
+        .write("huge.yaml", &huge_manifest(50_000))
+        .unwrap();
+    let node = &s.topology.node;
+    let metrics = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10249);
+    let invalid = || {
+        lb_tests::metrics::scrape(node, metrics)
+            .map(|m| m.get("lb_invalid_services"))
+            .unwrap_or(-1.0)
+    };
+    assert!(
+        wait_until(std::time::Duration::from_secs(30), || invalid() == 1.0),
+        "the Service is reported invalid"
+    );
+    // A later change to another Service still goes through.
+    s.manifests
+        .write(
+            "web.yaml",
+            &web_manifest(&ready(&[backend_ip(0), backend_ip(1)])),
+        )
+        .unwrap();
+    let maps = s
+        .agent
+        .wait_for_maps("web's second backend", |m| {
+            m.count(&format!("{VIP}:80/TCP")) == Some(2)
+        })
+        .unwrap();
+    assert!(
+        !maps.has_address(Ipv4Addr::new(198, 19, 1, 1))
+            && !maps.has_address(Ipv4Addr::new(198, 19, 40, 0)),
+        "nothing of the refused Service is programmed"
+    );
+    std::thread::sleep(std::time::Duration::from_secs(2)); // past --health-timeout
+    let (status, body) = health_get(node, "/healthz");
+    assert_eq!(status, 200, "an input error leaves nothing pending: {body}");
+    s.topology
+        .client
+        .run(|| http_get(SocketAddrV4::new(VIP, 80)))
+        .expect("the other Service is served");
+
+    // Within the budget, the same Service is programmed.
+    s.manifests.write("huge.yaml", &huge_manifest(3)).unwrap();
+    s.agent
+        .wait_for_maps("the Service within its budget", |m| {
+            m.count("198.19.1.1:80/TCP") == Some(1) && m.count("198.19.40.2:80/TCP") == Some(1)
+        })
+        .unwrap();
+    assert!(wait_until(std::time::Duration::from_secs(10), || invalid() == 0.0));
+    s.topology
+        .client
+        .run(|| http_get(SocketAddrV4::new(Ipv4Addr::new(198, 19, 40, 2), 80)))
+        .expect("served at an external IP");
+}
+
+/// `--icmp-errors-per-second 1 --icmp-errors-burst 3`: of 12 UDP queries
+/// sent at once to a Service without endpoints, 3 are refused (ICMP port
+/// unreachable), the others go unanswered; a second later, one more token.
+#[test]
+fn icmp_errors_for_a_service_without_endpoints_are_rate_limited() {
+    let mut s = setup_with(
+        "lbt17",
+        0,
+        &web_manifest(&[]),
+        &["--icmp-errors-per-second", "1", "--icmp-errors-burst", "3"],
+    );
+    s.agent
+        .wait_for_maps("the service without endpoints", |m| {
+            m.count(&format!("{VIP}:53/UDP")) == Some(0)
+        })
+        .unwrap();
+    // Each query from its own connected socket: a refusal shows as
+    // ECONNREFUSED on that socket.
+    let refused = |queries: usize| -> usize {
+        s.topology.client.run(|| {
+            // Sent from one CPU: one bucket.
+            let mut one_cpu = nix::sched::CpuSet::new();
+            one_cpu.set(0).unwrap();
+            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one_cpu).unwrap();
+            let sockets: Vec<UdpSocket> = (0..queries)
+                .map(|_| {
+                    let udp = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+                    udp.connect((VIP, 53)).unwrap();
+                    udp
+                })
+                .collect();
+            for udp in &sockets {
+                udp.send(b"anyone?").unwrap();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            sockets
+                .iter()
+                .filter(|udp| {
+                    udp.set_nonblocking(true).unwrap();
+                    match udp.recv(&mut [0u8; 64]) {
+                        Err(e) if e.kind() == ErrorKind::ConnectionRefused => true,
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => false,
+                        other => panic!("no backend, yet {other:?}"),
+                    }
+                })
+                .count()
+        })
+    };
+    assert_eq!(refused(12), 3, "the burst");
+    let counters = lb_agent::cli::inspect::counters(&s.agent.pin_dir).unwrap();
+    let count = |name: &str| counters.iter().find(|(n, _)| *n == name).unwrap().1;
+    assert_eq!(count("reject_no_backend"), 3, "{counters:?}");
+    assert_eq!(count("drop_icmp_rate_limited"), 9, "{counters:?}");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert_eq!(refused(5), 1, "one token a second");
+}
+
 #[test]
 fn uplink_token_attaches_to_the_default_route_interface_and_follows_it() {
     require_root();

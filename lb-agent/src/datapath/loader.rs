@@ -15,6 +15,7 @@ use lb_common::{
     backend::BACKEND_MAP,
     config::{NodeConfig, CONFIG_MAP},
     ct::{CtTimeouts, CT_MAP, CT_NEW_MAP},
+    icmp::IcmpLimit,
     maglev::MAGLEV_MAP,
     revnat::REVNAT_MAP,
     sock::SOCK_REVNAT_MAP,
@@ -112,15 +113,26 @@ impl Default for MapSizes {
     }
 }
 
+/// What the programs read as load-time globals (read-only: changing one
+/// takes a reload, which each agent start does).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Globals {
+    pub timeouts: CtTimeouts,
+    pub icmp_limit: IcmpLimit,
+}
+
+impl Globals {
+    pub const DEFAULT: Self = Self {
+        timeouts: CtTimeouts::DEFAULT,
+        icmp_limit: IcmpLimit::DEFAULT,
+    };
+}
+
 /// Loads the datapath. With `pin_dir`, maps already pinned there are reused
 /// (a restarted agent keeps its services and connections); missing ones are
 /// created and pinned. Without it, maps are private (tests).
-pub fn load(
-    pin_dir: Option<&Path>,
-    sizes: MapSizes,
-    timeouts: &CtTimeouts,
-) -> Result<Ebpf, LoadError> {
-    load_with_log(pin_dir, sizes, timeouts, false)
+pub fn load(pin_dir: Option<&Path>, sizes: MapSizes, globals: &Globals) -> Result<Ebpf, LoadError> {
+    load_with_log(pin_dir, sizes, globals, false)
 }
 
 /// `load`, with the datapath's debug events on or off. Off, the level is a
@@ -129,7 +141,7 @@ pub fn load(
 pub fn load_with_log(
     pin_dir: Option<&Path>,
     sizes: MapSizes,
-    timeouts: &CtTimeouts,
+    globals: &Globals,
     debug_events: bool,
 ) -> Result<Ebpf, LoadError> {
     let log_level: u8 = if debug_events {
@@ -148,7 +160,8 @@ pub fn load_with_log(
         .map_max_entries(AFFINITY_MATCH_MAP, sizes.service_slots)
         .map_max_entries(SOURCE_RANGE_MAP, sizes.source_ranges)
         .map_max_entries(MAGLEV_MAP, sizes.maglev_chunks)
-        .override_global("CT_TIMEOUTS", timeouts, true);
+        .override_global("CT_TIMEOUTS", &globals.timeouts, true)
+        .override_global("ICMP_LIMIT", &globals.icmp_limit, true);
     if let Some(dir) = pin_dir {
         ensure_bpffs_dir(dir)?;
         refuse_other_layouts(dir)?;

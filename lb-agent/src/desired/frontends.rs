@@ -86,16 +86,27 @@ pub(super) fn service_frontends(
         Err(e) => return (Vec::new(), vec![e]),
     };
     let ports = service_ports(spec, name, &ctx, &mut errors);
-    let mut frontends = Vec::new();
+    let mut served = Vec::with_capacity(ports.len());
     for port in ports {
         let (backends, nodes) = port_backends(slices, &port.name, port.proto, &mut errors);
-        let maglev_table_size = match port_table_size(&port, backends.len(), limits, &ctx) {
-            Ok(size) => size,
-            Err(e) => {
-                errors.push(e);
-                continue;
-            }
-        };
+        match port_table_size(&port, backends.len(), limits, &ctx) {
+            Ok(size) => served.push((port, backends, nodes, size)),
+            Err(e) => errors.push(e),
+        }
+    }
+    let frontend_counts = served
+        .iter()
+        .map(|(port, backends, ..)| {
+            let n = frontend_addresses(&vips, port, node, &external).count();
+            (n, n * (1 + backends.len()))
+        })
+        .fold((0, 0), |(f, s), (n, slots)| (f + n, s + slots));
+    if let Err(e) = within_budget(frontend_counts, limits, &ctx) {
+        errors.push(e);
+        return (Vec::new(), errors);
+    }
+    let mut frontends = Vec::new();
+    for (port, backends, nodes, maglev_table_size) in served {
         let (backends, local_count) = local_first(backends, nodes, node.name.as_deref());
         let addresses = frontend_addresses(&vips, &port, node, &external);
         for (kind, addr, frontend_port) in addresses {
@@ -213,6 +224,29 @@ fn port_table_size(
         }
         _ => 0,
     })
+}
+
+/// Whether a Service's `(frontends, slots)` fit its budget: past it, the
+/// Service would take the node-wide ids and slots other Services need.
+fn within_budget(
+    (frontends, slots): (usize, usize),
+    limits: Limits,
+    ctx: &ErrCtx,
+) -> Result<(), InputError> {
+    let over = |message: String| ctx.error(InputErrorKind::OverLimit, "spec.ports", &message);
+    if frontends > limits.max_frontends_per_service {
+        return Err(over(format!(
+            "{frontends} frontends (ports × cluster, node-port, external and load-balancer addresses), more than --max-frontends-per-service {}",
+            limits.max_frontends_per_service
+        )));
+    }
+    if slots > limits.max_slots_per_service {
+        return Err(over(format!(
+            "{slots} service-map slots (each frontend's, and one per backend of each), more than --max-slots-per-service {}",
+            limits.max_slots_per_service
+        )));
+    }
+    Ok(())
 }
 
 /// Where a port is served: each cluster IP, its node port on each node
@@ -341,10 +375,13 @@ fn external_addresses(
     spec: &ServiceSpecView,
     ctx: &ErrCtx,
 ) -> Result<Vec<(FrontendKind, Ipv4Addr)>, InputError> {
+    // In order, once each (a set beside the list: a Service may list
+    // tens of thousands).
     let mut found = Vec::new();
-    let mut add = |kind, field: String, text: &str| match text.parse::<IpAddr>() {
+    let mut seen = BTreeSet::new();
+    let mut add = |kind, field: &dyn Fn() -> String, text: &str| match text.parse::<IpAddr>() {
         Ok(IpAddr::V4(v4)) if usable(v4) => {
-            if !found.contains(&(kind, v4)) {
+            if seen.insert((kind, v4)) {
                 found.push((kind, v4));
             }
             Ok(())
@@ -352,14 +389,14 @@ fn external_addresses(
         Ok(IpAddr::V6(_)) => Ok(()), // IPv4 only
         _ => Err(ctx.error(
             InputErrorKind::InvalidField,
-            &field,
+            &field(),
             &format!("{text:?} is not a usable IPv4 address"),
         )),
     };
     for (i, ip) in spec.external_ips.iter().enumerate() {
         add(
             FrontendKind::ExternalIp,
-            format!("spec.externalIPs[{i}]"),
+            &|| format!("spec.externalIPs[{i}]"),
             ip,
         )?;
     }
@@ -368,7 +405,7 @@ fn external_addresses(
             if let (Some(ip), false) = (ip, mode.as_deref() == Some("Proxy")) {
                 add(
                     FrontendKind::LoadBalancer,
-                    format!("status.loadBalancer.ingress[{i}].ip"),
+                    &|| format!("status.loadBalancer.ingress[{i}].ip"),
                     ip,
                 )?;
             }

@@ -33,9 +33,18 @@ use crate::{
 };
 
 /// Limits on what one Service may ask for, and how backends are chosen.
+/// The budgets keep one Service from taking the node-wide tables (16-bit
+/// reverse-NAT ids, the service map) that every other Service needs.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
     pub max_backends_per_service: usize,
+    /// Frontends one Service may have: ports × (cluster IPs, node
+    /// addresses for node ports, external and LB IPs). Each takes a
+    /// reverse-NAT id, of which the node has 65 535.
+    pub max_frontends_per_service: usize,
+    /// Service-map slots one Service may use: each frontend takes one,
+    /// plus one per backend.
+    pub max_slots_per_service: usize,
     pub lb_algorithm: LbAlgorithm,
 }
 
@@ -51,17 +60,44 @@ pub enum LbAlgorithm {
 }
 
 impl Limits {
+    /// The flags' defaults: 64 Services at the frontend budget use the
+    /// reverse-NAT ids up; 2 at the slot budget fill a default service map.
+    pub const DEFAULT: Limits = Limits {
+        max_backends_per_service: 4096,
+        max_frontends_per_service: 1024,
+        max_slots_per_service: 131_072,
+        lb_algorithm: LbAlgorithm::Random,
+    };
+
     /// Validated against the map fields: a frontend's slots are numbered
-    /// with 16 bits and slot 0 is the frontend, so more would wrap.
-    pub fn new(max_backends_per_service: usize) -> Result<Self, String> {
+    /// with 16 bits and slot 0 is the frontend, so more would wrap; a
+    /// frontend takes one of 65 535 reverse-NAT ids.
+    pub fn new(
+        max_backends_per_service: usize,
+        max_frontends_per_service: usize,
+        max_slots_per_service: usize,
+    ) -> Result<Self, String> {
         let most = lb_common::svc::MAX_BACKENDS_PER_SVC as usize;
         if max_backends_per_service == 0 || max_backends_per_service > most {
             return Err(format!(
                 "--max-backends-per-service {max_backends_per_service}: must be 1-{most} (slot numbers are 16-bit)"
             ));
         }
+        let ids = usize::from(u16::MAX);
+        if max_frontends_per_service == 0 || max_frontends_per_service > ids {
+            return Err(format!(
+                "--max-frontends-per-service {max_frontends_per_service}: must be 1-{ids} (reverse-NAT ids are 16-bit)"
+            ));
+        }
+        if max_slots_per_service < 2 {
+            return Err(format!(
+                "--max-slots-per-service {max_slots_per_service}: must be at least 2 (a frontend and one backend)"
+            ));
+        }
         Ok(Self {
             max_backends_per_service,
+            max_frontends_per_service,
+            max_slots_per_service,
             lb_algorithm: LbAlgorithm::Random,
         })
     }

@@ -18,7 +18,8 @@ pub enum InputErrorKind {
     InvalidField,
     /// Two objects or ports claim the same thing.
     Conflict,
-    /// More endpoints than `--max-backends-per-service`.
+    /// Past a per-Service budget (`--max-backends-per-service`,
+    /// `--max-frontends-per-service`, `--max-slots-per-service`).
     OverLimit,
     /// One endpoint or slice port was skipped; the rest of the Service applies.
     Skipped,

@@ -55,7 +55,8 @@ pub struct RunConfig {
     pub metrics_addr: Option<SocketAddr>,
     /// Datapath debug events (aya-log) into the agent's log.
     pub datapath_log: bool,
-    pub timeouts: lb_common::ct::CtTimeouts,
+    /// Conntrack timeouts and the ICMP rate limit, set at load.
+    pub globals: crate::datapath::loader::Globals,
     pub conntrack_gc_interval: Duration,
     /// `/healthz` fails while a seen change waits longer than this.
     pub health_timeout: Duration,
@@ -194,7 +195,7 @@ fn load_datapath(
     let mut ebpf = loader::load_with_log(
         Some(pin_dir),
         config.sizes,
-        &config.timeouts,
+        &config.globals,
         config.datapath_log,
     )
     .context("loading the datapath")?;

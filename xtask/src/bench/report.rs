@@ -183,7 +183,7 @@ pub fn map_write_times(services: &[Service], runs: usize) -> anyhow::Result<MapW
     };
     let (mut compute, mut writes) = (Vec::new(), Vec::new());
     for _ in 0..runs {
-        let mut ebpf = loader::load(None, sizes, &lb_common::ct::CtTimeouts::DEFAULT)?;
+        let mut ebpf = loader::load(None, sizes, &loader::Globals::DEFAULT)?;
         let mut reconciler =
             Reconciler::restore(loader::kernel_maps(&mut ebpf, sizes)?, sizes.backends)?;
         let started = Instant::now();
@@ -193,6 +193,7 @@ pub fn map_write_times(services: &[Service], runs: usize) -> anyhow::Result<MapW
             Limits {
                 max_backends_per_service: 64,
                 lb_algorithm: lb_agent::desired::LbAlgorithm::Random,
+                ..Limits::DEFAULT
             },
             Default::default(),
         );
