@@ -394,12 +394,14 @@ fn egress(ctx: &TcContext) -> Outcome {
 /// The IPv4 length the way out must carry: the packet's, or for a GSO
 /// packet each segment's — its segment size plus the headers every segment
 /// repeats (0, leaving the check to the device's MTU, when unknown). Read
-/// here, on the routed path only, not for every packet.
+/// here, on the routed path only, not for every packet. A GSO packet is
+/// known by its segment size: virtio-net and xen-netfront hand over
+/// super-packets with `gso_segs` still 0 (the stack counts them later).
 #[inline(always)]
 fn routed_len(ctx: &TcContext, pkt: &Packet) -> u16 {
     // SAFETY: the context's skb is valid for the program run.
-    let (gso_segs, gso_size) = unsafe { ((*ctx.skb.skb).gso_segs, (*ctx.skb.skb).gso_size) };
-    if gso_segs <= 1 {
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    if gso_size == 0 {
         return pkt.tot_len;
     }
     let l4_header = if pkt.proto == lb_common::IPPROTO_TCP {
@@ -410,7 +412,13 @@ fn routed_len(ctx: &TcContext, pkt: &Packet) -> u16 {
     } else {
         8
     };
-    (gso_size + pkt.ihl_len + l4_header).min(0xffff) as u16
+    let segment = (gso_size + pkt.ihl_len + l4_header).min(0xffff) as u16;
+    // A packet no longer than one segment is sent as it is.
+    if pkt.tot_len != 0 && pkt.tot_len < segment {
+        pkt.tot_len
+    } else {
+        segment
+    }
 }
 
 /// Rewrites the packet to its flow's tuple. A SNATed flow's packet is then

@@ -263,6 +263,50 @@ fn nodeport_to_a_remote_backend_is_snated_both_ways_with_exact_bytes() {
     );
 }
 
+/// A TCP super-packet to a node port whose backend is on another node:
+/// the MTU check must judge each segment, as the device will send them,
+/// also when the driver left the segment count 0 (virtio-net, xen).
+#[test]
+fn a_gso_super_packet_is_checked_per_segment_on_the_snat_path() {
+    let node = Node::new("gso", &manifest("", &BOTH));
+    // Client ports whose flows go to the remote backend (slot 2 of 2).
+    let mut ports =
+        (40000..41000).filter(|p| select_slot(hash_of(client(*p), node_port(30080), 6), 2) == 2);
+    let payload = vec![0x61u8; 2 * 1400];
+    let mut frame = || {
+        let port = ports.next().expect("a port for the remote slot");
+        Packet::tcp(client(port), node_port(30080), TCP_ACK)
+            .with_payload(&payload)
+            .build()
+    };
+    let too_big = |out: &RunResult| {
+        out.verdict == TC_ACT_REDIRECT && out.frame[23] == 1 && out.frame[34..36] == [3, 4]
+    };
+    let routed = |out: &RunResult| {
+        out.verdict == TC_ACT_REDIRECT
+            && out.frame[..6] == NODE_B_MAC
+            && out.frame[30..34] == REMOTE_BACKEND.octets()
+    };
+    // Without GSO, 2 840 bytes with DF do not fit the uplink's 1 500.
+    let out = node.external(&frame());
+    assert!(too_big(&out), "{:02x?}", &out.frame[..40]);
+
+    // As two 1 400-byte segments (1 440 bytes each), with the count as
+    // the driver leaves it (0) or as the stack fills it in (2): routed.
+    for count in [0, 2] {
+        let frame = frame();
+        let out = node.ns.run(|| node.h.run_external_gso(&frame, 1400, count));
+        assert!(routed(&out), "gso_segs {count}: {:02x?}", &out.frame[..40]);
+    }
+    assert_eq!(node.h.counter(Stat::IcmpFragNeeded), 1);
+
+    // Segments that do not fit (1 510 bytes) are still answered as too big.
+    let frame = frame();
+    let out = node.ns.run(|| node.h.run_external_gso(&frame, 1470, 0));
+    assert!(too_big(&out), "{:02x?}", &out.frame[..40]);
+    assert_eq!(node.h.counter(Stat::IcmpFragNeeded), 2);
+}
+
 #[test]
 fn udp_nodeport_to_a_remote_backend_is_snated_with_checksums() {
     let node = Node::new("udp", &manifest("", &BOTH));
