@@ -453,6 +453,64 @@ fn icmp_errors_past_the_rate_limit_are_dropped_unanswered() {
     );
 }
 
+/// A backend pod that dies without a FIN or RST reaching the client leaves
+/// its flow's entries established: the flow's other packets keep their
+/// backend, but a new SYN on the tuple picks a current one, instead of
+/// being sent (with its retransmits keeping the entries alive) to the
+/// address of a pod that is gone.
+#[test]
+fn a_syn_on_an_established_flow_whose_backend_left_picks_a_current_backend() {
+    require_root();
+    let mut h = Harness::new();
+    h.apply_yaml(&manifest(&BACKENDS));
+    let chosen = BACKENDS[2];
+    let port = port_for(chosen, &BACKENDS, vip(80), 6);
+    let (backend, at_backend) = establish(&h, client(port));
+    assert_eq!(*backend.ip(), chosen);
+    h.run(&Packet::tcp(client(port), vip(80), TCP_ACK).build());
+    h.run_egress(&at_backend.reply(TCP_ACK).with_payload(b"ok").build());
+    let remaining = [BACKENDS[0], BACKENDS[1]];
+    h.apply_yaml(&manifest(&remaining));
+
+    // The established flow's packets still go where they went.
+    let ack = Packet::tcp(client(port), vip(80), TCP_ACK);
+    assert_frame(
+        &h.run(&ack.build()).frame,
+        &ack.clone().to(backend).build(),
+        "an established flow keeps its backend",
+    );
+    // A SYN on the tuple is a new connection: a current backend.
+    let syn = Packet::tcp(client(port), vip(80), TCP_SYN);
+    let expected = expected_backend(&remaining, client(port), vip(80), 6);
+    assert_frame(
+        &h.run(&syn.build()).frame,
+        &syn.clone().to(SocketAddrV4::new(expected, 8080)).build(),
+        "the SYN after the backend left",
+    );
+    assert_eq!(h.counter(Stat::DnatNew), 2, "a new flow");
+    let reply = syn
+        .clone()
+        .to(SocketAddrV4::new(expected, 8080))
+        .reply(TCP_SYN | TCP_ACK);
+    assert_frame(
+        &h.run_egress(&reply.build()).frame,
+        &reply.clone().from(vip(80)).build(),
+        "its answer is reverse-NATed from the VIP",
+    );
+
+    // While its backend is still there, a SYN on an established tuple
+    // keeps it (a retransmitted SYN of a slow handshake, say).
+    let port = port_for(BACKENDS[0], &remaining, vip(80), 6);
+    h.run(&Packet::tcp(client(port), vip(80), TCP_SYN).build());
+    let syn = Packet::tcp(client(port), vip(80), TCP_SYN);
+    assert_frame(
+        &h.run(&syn.build()).frame,
+        &syn.clone().to(SocketAddrV4::new(BACKENDS[0], 8080)).build(),
+        "a retransmitted SYN",
+    );
+    assert_eq!(h.counter(Stat::DnatNew), 3);
+}
+
 #[test]
 fn syn_reusing_a_closed_flows_tuple_picks_a_current_backend() {
     require_root();
