@@ -935,7 +935,7 @@ fn a_service_past_its_frontend_budget_is_refused_and_the_node_stays_healthy() {
 
 /// `--icmp-errors-per-second 1 --icmp-errors-burst 3`: of 12 UDP queries
 /// sent at once to a Service without endpoints, 3 are refused (ICMP port
-/// unreachable), the others go unanswered; a second later, one more token.
+/// unreachable), the others go unanswered; about a second later, one more.
 #[test]
 fn icmp_errors_for_a_service_without_endpoints_are_rate_limited() {
     let mut s = setup_with(
@@ -986,8 +986,11 @@ fn icmp_errors_for_a_service_without_endpoints_are_rate_limited() {
     let count = |name: &str| counters.iter().find(|(n, _)| *n == name).unwrap().1;
     assert_eq!(count("reject_no_backend"), 3, "{counters:?}");
     assert_eq!(count("drop_icmp_rate_limited"), 9, "{counters:?}");
-    std::thread::sleep(std::time::Duration::from_millis(1100));
-    assert_eq!(refused(5), 1, "one token a second");
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    // ≈ 1.3 s since the bucket was filled: one token (two only if the
+    // machine stalled this test for most of a second).
+    let later = refused(5);
+    assert!((1..=2).contains(&later), "one token a second, got {later}");
 }
 
 #[test]

@@ -14,7 +14,7 @@ use std::{
 use lb_tests::{
     netns::NetNs,
     require_root,
-    servers::{http_get, http_get_from, BackendServers},
+    servers::{http_get_from, BackendServers},
     topology::{backend_ip, web_manifest, Agent, ScratchDir, Topology, CLIENT_IP, VIP},
     wait_until,
 };
@@ -205,22 +205,44 @@ fn backend_name(body: &str) -> String {
         .to_owned()
 }
 
+/// The backend a new flow gets (slot order is the sorted backends).
+fn fresh_pick(backends: &[Ipv4Addr], src: SocketAddrV4, dst: SocketAddrV4) -> Ipv4Addr {
+    use lb_common::hash::{flow_hash, select_slot};
+    let hash = flow_hash(
+        u32::from(*src.ip()).to_be(),
+        u32::from(*dst.ip()).to_be(),
+        src.port().to_be(),
+        dst.port().to_be(),
+        6,
+    );
+    let mut sorted = backends.to_vec();
+    sorted.sort();
+    sorted[usize::from(select_slot(hash, sorted.len() as u16)) - 1]
+}
+
 #[test]
 fn upgrade_from_map_layout_v3_keeps_a_flow_only_the_old_table_knew() {
     require_root();
-    const CLIENT_PORT: u16 = 40_000;
+    let current = [backend_ip(0), backend_ip(1), backend_ip(2)];
+    // A client port a fresh pick would send elsewhere than backend 2: only
+    // the migrated entry takes it there.
+    let client_port = (40_000..41_000)
+        .find(|p| {
+            fresh_pick(
+                &current,
+                SocketAddrV4::new(CLIENT_IP, *p),
+                SocketAddrV4::new(VIP, 80),
+            ) != backend_ip(2)
+        })
+        .expect("a port");
     let topology = Topology::new("lbup", 3).expect("topology");
     let _servers: Vec<BackendServers> = topology.serve_backends("be").expect("servers");
     let manifests = ScratchDir::new("lbup-manifests").expect("scratch dir");
-    // The Service now has backends 0 and 1; the old datapath's flow went to 2.
-    manifests
-        .write(
-            "web.yaml",
-            &web_manifest(&[(backend_ip(0), true), (backend_ip(1), true)]),
-        )
-        .unwrap();
+    // The Service has backends 0, 1 and 2; the old datapath's flow went to 2.
+    let ready: Vec<(Ipv4Addr, bool)> = current.iter().map(|b| (*b, true)).collect();
+    manifests.write("web.yaml", &web_manifest(&ready)).unwrap();
     let pins = PinDir::new("lbup-test");
-    pin_v3_datapath(&pins, backend_ip(2), CLIENT_PORT);
+    pin_v3_datapath(&pins, backend_ip(2), client_port);
 
     let mut agent = Agent::start(
         &topology.node,
@@ -233,7 +255,7 @@ fn upgrade_from_map_layout_v3_keeps_a_flow_only_the_old_table_knew() {
     .expect("agent");
     agent
         .wait_for_maps("the Service's current backends", |m| {
-            m.count(&format!("{VIP}:80/TCP")) == Some(2)
+            m.count(&format!("{VIP}:80/TCP")) == Some(3)
         })
         .unwrap();
     assert!(
@@ -245,29 +267,37 @@ fn upgrade_from_map_layout_v3_keeps_a_flow_only_the_old_table_knew() {
         agent.log_text()
     );
 
-    // The old flow's next connection (a SYN on its established tuple)
-    // still reaches its backend, and the answers come back from the VIP.
+    // The old flow's next connection (a SYN on its established tuple, its
+    // backend still there) reaches that backend, not a fresh pick, and the
+    // answers come back from the VIP.
     let body = topology
         .client
         .run(|| {
             http_get_from(
-                SocketAddrV4::new(CLIENT_IP, CLIENT_PORT),
+                SocketAddrV4::new(CLIENT_IP, client_port),
                 SocketAddrV4::new(VIP, 80),
             )
         })
         .expect("the migrated flow");
     assert_eq!(backend_name(&body), "be2", "{body}");
-    // New flows go to the Service's current backends.
-    for _ in 0..6 {
-        let body = topology
-            .client
-            .run(|| http_get(SocketAddrV4::new(VIP, 80)))
-            .expect("a new flow");
-        assert!(
-            ["be0", "be1"].contains(&backend_name(&body).as_str()),
-            "{body}"
-        );
-    }
+    // Once that connection has closed, the tuple's next connection is a
+    // new flow: the fresh pick.
+    let body = topology
+        .client
+        .run(|| {
+            http_get_from(
+                SocketAddrV4::new(CLIENT_IP, client_port),
+                SocketAddrV4::new(VIP, 80),
+            )
+        })
+        .expect("a new flow on the tuple");
+    let fresh = fresh_pick(
+        &current,
+        SocketAddrV4::new(CLIENT_IP, client_port),
+        SocketAddrV4::new(VIP, 80),
+    );
+    let index = current.iter().position(|b| *b == fresh).unwrap();
+    assert_eq!(backend_name(&body), format!("be{index}"), "{body}");
 }
 
 #[test]
