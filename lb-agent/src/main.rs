@@ -385,11 +385,9 @@ impl RunArgs {
         };
         lb_agent::serve::node::check_snat_ports(&self.snat_port_range)
             .map_err(anyhow::Error::msg)?;
-        anyhow::ensure!(
-            self.icmp_errors_per_second == 0 || self.icmp_errors_burst > 0,
-            "--icmp-errors-burst 0: must be at least 1 (with --icmp-errors-per-second {} no error could be sent; 0 per second turns the limit off)",
-            self.icmp_errors_per_second
-        );
+        let icmp_limit =
+            lb_common::icmp::IcmpLimit::new(self.icmp_errors_per_second, self.icmp_errors_burst)
+                .map_err(anyhow::Error::msg)?;
         let node_name = match self.node_name.filter(|n| !n.is_empty()) {
             Some(name) => name,
             None => std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -440,10 +438,7 @@ impl RunArgs {
                     udp_ns: nanos(self.conntrack_udp_timeout),
                     tcp_snat_closing_ns: nanos(self.conntrack_tcp_timeout_snat_closing),
                 },
-                icmp_limit: lb_common::icmp::IcmpLimit {
-                    per_sec: self.icmp_errors_per_second,
-                    burst: self.icmp_errors_burst,
-                },
+                icmp_limit,
             },
             conntrack_gc_interval: self.conntrack_gc_interval,
             health_timeout: self.health_timeout,

@@ -20,6 +20,15 @@ impl IcmpLimit {
         per_sec: 1000,
         burst: 50,
     };
+
+    /// Checked: a limit with no burst could never send an error (0 per
+    /// second, no limit, is the way to turn it off).
+    pub fn new(per_sec: u32, burst: u32) -> Result<Self, &'static str> {
+        if per_sec != 0 && burst == 0 {
+            return Err("--icmp-errors-burst 0: must be at least 1 while --icmp-errors-per-second is not 0 (no error could be sent; 0 per second turns the limit off)");
+        }
+        Ok(Self { per_sec, burst })
+    }
 }
 
 /// One CPU's bucket (a per-CPU array of one entry; starts empty, is
@@ -129,6 +138,21 @@ mod tests {
         assert!(!b.take(t + NS_PER_SEC - 1, &limit));
         assert!(b.take(t + NS_PER_SEC, &limit));
         assert!(!b.take(t + NS_PER_SEC, &limit));
+    }
+
+    #[test]
+    fn a_limit_without_a_burst_is_refused() {
+        assert!(IcmpLimit::new(1000, 0)
+            .unwrap_err()
+            .starts_with("--icmp-errors-burst 0: must be at least 1"));
+        assert_eq!(
+            IcmpLimit::new(0, 0),
+            Ok(IcmpLimit {
+                per_sec: 0,
+                burst: 0
+            })
+        );
+        assert_eq!(IcmpLimit::new(1000, 50), Ok(IcmpLimit::DEFAULT));
     }
 
     #[test]

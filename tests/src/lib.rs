@@ -23,6 +23,14 @@ pub fn require_root() {
     );
 }
 
+/// Keeps the calling thread on CPU 0: what per-CPU state sees (a token
+/// bucket, say) must not move between CPUs mid-test.
+pub fn pin_to_cpu0() {
+    let mut one_cpu = nix::sched::CpuSet::new();
+    one_cpu.set(0).expect("CPU 0");
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one_cpu).expect("affinity");
+}
+
 /// How long a test waits for something the agent does in reaction to an
 /// event (a flush, a reset): generous, since a wait ends when it happens.
 pub const EVENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);

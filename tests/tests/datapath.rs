@@ -405,10 +405,7 @@ fn service_without_backends_answers_icmp_port_unreachable() {
 #[test]
 fn icmp_errors_past_the_rate_limit_are_dropped_unanswered() {
     require_root();
-    // One CPU's bucket: the runs must not move between CPUs.
-    let mut one_cpu = nix::sched::CpuSet::new();
-    one_cpu.set(0).unwrap();
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one_cpu).unwrap();
+    lb_tests::pin_to_cpu0(); // one CPU's bucket
     let mut h = Harness::with_icmp_limit(lb_common::icmp::IcmpLimit {
         per_sec: 1,
         burst: 3,

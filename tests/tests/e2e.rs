@@ -953,10 +953,7 @@ fn icmp_errors_for_a_service_without_endpoints_are_rate_limited() {
     // ECONNREFUSED on that socket.
     let refused = |queries: usize| -> usize {
         s.topology.client.run(|| {
-            // Sent from one CPU: one bucket.
-            let mut one_cpu = nix::sched::CpuSet::new();
-            one_cpu.set(0).unwrap();
-            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one_cpu).unwrap();
+            lb_tests::pin_to_cpu0(); // sent from one CPU: one bucket
             let sockets: Vec<UdpSocket> = (0..queries)
                 .map(|_| {
                     let udp = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();

@@ -226,14 +226,10 @@ fn upgrade_from_map_layout_v3_keeps_a_flow_only_the_old_table_knew() {
     let current = [backend_ip(0), backend_ip(1), backend_ip(2)];
     // A client port a fresh pick would send elsewhere than backend 2: only
     // the migrated entry takes it there.
+    let vip = SocketAddrV4::new(VIP, 80);
+    let from = |port| SocketAddrV4::new(CLIENT_IP, port);
     let client_port = (40_000..41_000)
-        .find(|p| {
-            fresh_pick(
-                &current,
-                SocketAddrV4::new(CLIENT_IP, *p),
-                SocketAddrV4::new(VIP, 80),
-            ) != backend_ip(2)
-        })
+        .find(|p| fresh_pick(&current, from(*p), vip) != backend_ip(2))
         .expect("a port");
     let topology = Topology::new("lbup", 3).expect("topology");
     let _servers: Vec<BackendServers> = topology.serve_backends("be").expect("servers");
@@ -270,32 +266,17 @@ fn upgrade_from_map_layout_v3_keeps_a_flow_only_the_old_table_knew() {
     // The old flow's next connection (a SYN on its established tuple, its
     // backend still there) reaches that backend, not a fresh pick, and the
     // answers come back from the VIP.
-    let body = topology
-        .client
-        .run(|| {
-            http_get_from(
-                SocketAddrV4::new(CLIENT_IP, client_port),
-                SocketAddrV4::new(VIP, 80),
-            )
-        })
-        .expect("the migrated flow");
+    let connect = || {
+        topology
+            .client
+            .run(|| http_get_from(from(client_port), vip))
+    };
+    let body = connect().expect("the migrated flow");
     assert_eq!(backend_name(&body), "be2", "{body}");
     // Once that connection has closed, the tuple's next connection is a
     // new flow: the fresh pick.
-    let body = topology
-        .client
-        .run(|| {
-            http_get_from(
-                SocketAddrV4::new(CLIENT_IP, client_port),
-                SocketAddrV4::new(VIP, 80),
-            )
-        })
-        .expect("a new flow on the tuple");
-    let fresh = fresh_pick(
-        &current,
-        SocketAddrV4::new(CLIENT_IP, client_port),
-        SocketAddrV4::new(VIP, 80),
-    );
+    let body = connect().expect("a new flow on the tuple");
+    let fresh = fresh_pick(&current, from(client_port), vip);
     let index = current.iter().position(|b| *b == fresh).unwrap();
     assert_eq!(backend_name(&body), format!("be{index}"), "{body}");
 }

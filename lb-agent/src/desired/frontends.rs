@@ -379,7 +379,7 @@ fn external_addresses(
     // tens of thousands).
     let mut found = Vec::new();
     let mut seen = BTreeSet::new();
-    let mut add = |kind, field: &dyn Fn() -> String, text: &str| match text.parse::<IpAddr>() {
+    let mut add = |kind, field: String, text: &str| match text.parse::<IpAddr>() {
         Ok(IpAddr::V4(v4)) if usable(v4) => {
             if seen.insert((kind, v4)) {
                 found.push((kind, v4));
@@ -389,14 +389,14 @@ fn external_addresses(
         Ok(IpAddr::V6(_)) => Ok(()), // IPv4 only
         _ => Err(ctx.error(
             InputErrorKind::InvalidField,
-            &field(),
+            &field,
             &format!("{text:?} is not a usable IPv4 address"),
         )),
     };
     for (i, ip) in spec.external_ips.iter().enumerate() {
         add(
             FrontendKind::ExternalIp,
-            &|| format!("spec.externalIPs[{i}]"),
+            format!("spec.externalIPs[{i}]"),
             ip,
         )?;
     }
@@ -405,7 +405,7 @@ fn external_addresses(
             if let (Some(ip), false) = (ip, mode.as_deref() == Some("Proxy")) {
                 add(
                     FrontendKind::LoadBalancer,
-                    &|| format!("status.loadBalancer.ingress[{i}].ip"),
+                    format!("status.loadBalancer.ingress[{i}].ip"),
                     ip,
                 )?;
             }

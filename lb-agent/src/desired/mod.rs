@@ -98,7 +98,7 @@ impl Limits {
             max_backends_per_service,
             max_frontends_per_service,
             max_slots_per_service,
-            lb_algorithm: LbAlgorithm::Random,
+            ..Self::DEFAULT
         })
     }
 
