@@ -285,37 +285,37 @@ fn quoted_flow(err: &icmp::IcmpError, dir: u8, snat: bool) -> Option<CtValue> {
 /// SNAT address: the quoted packet reversed is the reply tuple.
 #[inline(always)]
 fn icmp_error_ingress<const EXTERNAL: bool>(ctx: &TcContext, err: &icmp::IcmpError) -> Outcome {
-    if let Some((entry, _)) = ct::lookup_flow(&err.quoted_reversed(CT_DIR_FORWARD)) {
-        if entry.flags & CT_SNAT == 0 {
-            return translated(ctx, err, &entry);
-        }
-        if icmp::translate(ctx, err, &entry).is_err() {
-            return Outcome::drop(Stat::DropRewrite);
-        }
-        // To the backend now, perhaps from the SNAT address: routed by the
-        // program, as SNATed packets are.
-        let routed = redirect::lookup(
-            ctx,
-            lb_common::IPPROTO_ICMP,
-            lb_common::wire(entry.src_addr),
-            lb_common::wire(entry.dst_addr),
-            0,
-        )
-        .and_then(|route| redirect::send(ctx, lb_common::IPPROTO_ICMP, &route));
-        return match routed {
-            Ok(action) => Outcome {
-                action,
-                stat: Stat::IcmpTranslated,
-            },
-            Err(()) => Outcome::drop(Stat::DropRedirect),
-        };
+    let entry = match ct::lookup_flow(&err.quoted_reversed(CT_DIR_FORWARD)) {
+        Some((entry, _)) if entry.flags & CT_SNAT == 0 => return translated(ctx, err, &entry),
+        Some((entry, _)) => entry,
+        None if EXTERNAL => match quoted_flow(err, CT_DIR_REPLY, true) {
+            Some(entry) => entry,
+            None => return Outcome::next(Stat::PassNotService),
+        },
+        None => return Outcome::next(Stat::PassNotService),
+    };
+    if icmp::translate(ctx, err, &entry).is_err() {
+        return Outcome::drop(Stat::DropRewrite);
     }
-    if EXTERNAL {
-        if let Some(entry) = quoted_flow(err, CT_DIR_REPLY, true) {
-            return translated(ctx, err, &entry);
-        }
+    // An error about a SNATed flow is routed by the program, as the flow's
+    // packets are: towards the backend it may come from the SNAT address,
+    // towards the client from the frontend (when the backend raised it) —
+    // both the node's own, martians to its input path.
+    let routed = redirect::lookup(
+        ctx,
+        lb_common::IPPROTO_ICMP,
+        lb_common::wire(entry.src_addr),
+        lb_common::wire(entry.dst_addr),
+        0,
+    )
+    .and_then(|route| redirect::send(ctx, lb_common::IPPROTO_ICMP, &route));
+    match routed {
+        Ok(action) => Outcome {
+            action,
+            stat: Stat::IcmpTranslated,
+        },
+        Err(()) => Outcome::drop(Stat::DropRedirect),
     }
-    Outcome::next(Stat::PassNotService)
 }
 
 /// Egress: an error about a packet a client sent through a frontend (now

@@ -19,7 +19,7 @@ use lb_common::{
 use lb_tests::{
     datapath::{Harness, RunResult},
     netns::NetNs,
-    packet::{assert_frame, Packet, TCP_ACK, TCP_SYN},
+    packet::{assert_frame, checksum, icmp_error, Packet, TCP_ACK, TCP_SYN},
     require_root,
 };
 
@@ -330,6 +330,39 @@ fn udp_nodeport_to_a_remote_backend_is_snated_with_checksums() {
         &hop(answer.clone().from(node_port(30053)).to(client(cport))).build(),
         "UDP answer",
     );
+}
+
+/// The other node's pod has no socket on the port and answers the SNATed
+/// query with port unreachable, from its own address to node-a's SNAT
+/// port. Translated, the error comes from the node port — node-a's own
+/// address — so the stack would drop it as a martian: the program routes it
+/// to the client, as it does the flow's answers.
+#[test]
+fn port_unreachable_from_a_remote_backend_is_routed_to_the_client_of_a_node_port() {
+    let node = Node::new("unreach", &manifest("", &BOTH));
+    let cport = port_for_slot(node_port(30053), 17, 2, 2);
+    let query = Packet::udp(client(cport), node_port(30053), b"query");
+    node.external(&query.build());
+    let snat_port = snat_port_of(&node, client(cport), node_port(30053));
+    let at_backend = query
+        .clone()
+        .from(node_port(snat_port))
+        .to(SocketAddrV4::new(REMOTE_BACKEND, 5353));
+    let error = icmp_error(REMOTE_BACKEND, NODE_IP, 3, 3, 0, &at_backend, None);
+    let out = node.external(&error);
+    assert_eq!(out.verdict, TC_ACT_REDIRECT, "routed by the datapath");
+    let mut expected = icmp_error(NODE_IP, CLIENT_IP, 3, 3, 0, &query, None);
+    // One hop: TTL 64 → 63, the header checksum anew.
+    expected[22] -= 1;
+    expected[24..26].fill(0);
+    let ip_csum = checksum(&expected[14..34], 0);
+    expected[24..26].copy_from_slice(&ip_csum.to_be_bytes());
+    assert_frame(
+        &out.frame,
+        &expected,
+        "port unreachable from the node port about client → node port",
+    );
+    assert_eq!(node.h.counter(Stat::IcmpTranslated), 1);
 }
 
 #[test]

@@ -395,6 +395,45 @@ fn an_icmp_error_from_the_client_reaches_a_snated_backend() {
     panic!("no port unreachable reached the backend: {errors:?}");
 }
 
+/// The reverse: the backend on node-b has no socket on the target port and
+/// answers the SNATed datagram with port unreachable, to node-a's SNAT
+/// address. node-a's uplink translates it to come from the node port (its
+/// own address, a martian to its input path) and routes it to the client,
+/// whose connected socket reports ECONNREFUSED — as it would talking to the
+/// pod directly — instead of waiting out its timeout.
+#[test]
+fn a_port_unreachable_from_a_remote_backend_reaches_the_client_of_a_node_port() {
+    require_root();
+    // Nothing listens on UDP 5354 in pod-b.
+    let yaml = web("NodePort", "", "", &[1])
+        .replace("targetPort: 5353", "targetPort: 5354")
+        .replace("port: 5353, protocol: UDP", "port: 5354, protocol: UDP");
+    let mut cluster = Cluster::new("np13", &yaml).unwrap();
+    cluster
+        .wait_for_maps("the UDP node port", |m| {
+            m.port_count("30053/UDP") == Some(1)
+        })
+        .unwrap();
+    let client = cluster.clients[0]
+        .run(|| std::net::UdpSocket::bind((CLIENT_IPS[0], 0)))
+        .unwrap();
+    client
+        .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .unwrap();
+    client.connect(node_port(0, 30053)).unwrap();
+    let mut buf = [0u8; 64];
+    client.send(b"question").unwrap();
+    let err = client
+        .recv(&mut buf)
+        .expect_err("nothing answers on the pod's port");
+    assert_eq!(
+        err.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "the pod's port unreachable reached the client"
+    );
+    assert!(counter(&cluster, 0, "icmp_translated") >= 1);
+}
+
 /// Node ports are served on the external interface's addresses as they
 /// are now: an address added to node-a's uplink serves the node port (a
 /// real connection), and once removed its frontend leaves the maps; the
