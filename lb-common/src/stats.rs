@@ -70,9 +70,12 @@ pub enum Stat {
     /// fragmentation needed) past this CPU's ICMP rate limit: dropped
     /// unanswered.
     DropIcmpRateLimited = 27,
+    /// Another CPU created the same new flow first (two sends on one socket
+    /// at once): its entries were adopted, the packet follows them.
+    CtCreateRaced = 28,
 }
 
-pub const STAT_COUNT: u32 = 28;
+pub const STAT_COUNT: u32 = 29;
 
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "pass_not_service",
@@ -103,4 +106,5 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "ct_assured",
     "ct_assured_full",
     "drop_icmp_rate_limited",
+    "ct_create_raced",
 ];

@@ -3,9 +3,10 @@
 //! `CONNTRACK` when assured. Lookups try the assured table first: the bulk
 //! of packets belong to assured flows and pay one lookup.
 //!
-//! Values are copied out right after each lookup and written back whole:
-//! an entry can be deleted (agent GC, UDP flush, LRU eviction) between two
-//! helper calls.
+//! Values are copied out right after each lookup: an entry can be deleted
+//! (agent GC, UDP flush, LRU eviction) between two helper calls. A state
+//! change is written into the entry in place (another CPU's FIN or RST
+//! stays); an entry gone meanwhile is written back whole.
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use lb_common::{
@@ -118,22 +119,27 @@ pub fn now() -> u64 {
     unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns() }
 }
 
-/// The entry for `key` and the time it was judged at, if its flow is alive:
-/// this entry is unexpired, or the other direction is (a one-way stream
-/// keeps its idle return path). The clock is read only on a hit: most
-/// packets at egress are not replies of a tracked flow.
+/// The entry for `key`, the time it was judged at, and whether its flow is
+/// alive: this entry is unexpired, or the other direction is (a one-way
+/// stream keeps its idle return path). The clock is read only on a hit:
+/// most packets at egress are not replies of a tracked flow.
 #[inline(always)]
-pub fn lookup_flow(key: &CtKey) -> Option<(CtValue, u64)> {
+pub fn lookup(key: &CtKey) -> Option<(CtValue, u64, bool)> {
     let value = get(key)?;
     let now = now();
     if !value.is_expired(now) {
-        return Some((value, now));
+        return Some((value, now, true));
     }
-    let (_, peer) = peer_of(key, &value)?;
-    if peer.is_expired(now) {
-        None
-    } else {
-        Some((value, now))
+    let alive = peer_of(key, &value).is_some_and(|(_, peer)| !peer.is_expired(now));
+    Some((value, now, alive))
+}
+
+/// The entry for `key` and the time it was judged at, if its flow is alive.
+#[inline(always)]
+pub fn lookup_flow(key: &CtKey) -> Option<(CtValue, u64)> {
+    match lookup(key) {
+        Some((value, now, true)) => Some((value, now)),
+        _ => None,
     }
 }
 
@@ -248,10 +254,43 @@ pub fn update(key: &CtKey, value: &CtValue, pkt: &Packet, now: u64) {
             peer.flags & CT_ASSURED != 0,
         );
     }
-    let _ = put(key, &updated, 0);
-    if flags != value.flags {
-        let _ = put(&peer_key, &peer_updated, 0);
+    if !set_state(key, key.proto, flags, expires_ns, now) {
+        let _ = put(key, &updated, 0);
     }
+    if flags != value.flags {
+        let _ = set_state(&peer_key, key.proto, flags, peer_updated.expires_ns, now);
+    }
+}
+
+/// Writes a flow's new state into the entry in place, not the whole value
+/// copied at lookup: another CPU's FIN or RST written since stays (flags
+/// are added), and then the expiry is the state's it ends with. Whether the
+/// entry was there to write. A BPF function of its own (as `backend_left`):
+/// inlined at both writes it added 6 k to each program's verifier walk.
+#[inline(never)]
+fn set_state(key: &CtKey, proto: u8, flags: u8, expires_ns: u64, now: u64) -> bool {
+    let entry = if flags & CT_ASSURED != 0 {
+        CONNTRACK.get_ptr_mut(key)
+    } else {
+        CT_NEW.get_ptr_mut(key)
+    };
+    let Some(entry) = entry else {
+        return false;
+    };
+    // SAFETY: the pointer is valid for this program run (RCU; a deleted
+    // element of the non-preallocated assured table is not reused under
+    // it). Not atomic (Rust's BPF target has no fetch-or): the window left
+    // is this byte's load and store, no longer the whole program run.
+    unsafe {
+        let merged = (*entry).flags | flags;
+        (*entry).flags = merged;
+        (*entry).expires_ns = if merged == flags {
+            expires_ns
+        } else {
+            now + timeouts().for_state(proto, merged)
+        };
+    }
+    true
 }
 
 /// Moves a flow that just became assured into the assured table: the other
@@ -322,6 +361,14 @@ pub fn new_forward(
     }
 }
 
+/// How a new flow's entries were written.
+pub enum Created {
+    /// This packet's.
+    New,
+    /// The forward entry was there already (`adopt` settles it).
+    Raced,
+}
+
 pub enum CreateError {
     /// The table could not take the entry (out of memory: the table of new
     /// flows evicts rather than fills).
@@ -338,8 +385,10 @@ const EEXIST: i32 = 17;
 /// no half flows. `reply_flags` `BPF_NOEXIST` claims the reply tuple only
 /// if it is free in both tables (checked after the write, so a flow being
 /// assured meanwhile — written there before it leaves here — is seen).
+/// The forward entry is claimed too (`BPF_NOEXIST`): `Created::Raced` when
+/// it was there already, this packet's reply entry still written.
 #[inline(always)]
-pub fn create(pkt: &Packet, forward: &CtValue, reply_flags: u64) -> Result<(), CreateError> {
+pub fn create(pkt: &Packet, forward: &CtValue, reply_flags: u64) -> Result<Created, CreateError> {
     let forward_key = pkt.ct_key(CT_DIR_FORWARD);
     let reply_key = forward_key.peer_key(forward);
     if let Err(e) = CT_NEW.insert(&reply_key, &forward_key.peer_value(forward), reply_flags) {
@@ -353,11 +402,40 @@ pub fn create(pkt: &Packet, forward: &CtValue, reply_flags: u64) -> Result<(), C
         let _ = CT_NEW.remove(&reply_key);
         return Err(CreateError::Taken);
     }
-    if CT_NEW.insert(&forward_key, forward, 0).is_err() {
-        let _ = CT_NEW.remove(&reply_key);
-        return Err(CreateError::Full);
+    match CT_NEW.insert(&forward_key, forward, BPF_NOEXIST as u64) {
+        Ok(()) => Ok(Created::New),
+        Err(e) if e == -EEXIST => Ok(Created::Raced),
+        Err(_) => {
+            let _ = CT_NEW.remove(&reply_key);
+            Err(CreateError::Full)
+        }
     }
-    Ok(())
+}
+
+/// The forward entry was there already: another CPU created the flow
+/// between this packet's lookup and its write (two sends on one socket at
+/// once, as glibc's parallel A and AAAA queries). Its flow wins and
+/// `forward` becomes it; this packet's reply entry goes, or, on the
+/// winner's reply tuple (same backend, not SNATed), is written back as the
+/// winner's. An entry found expired (a flow over, not yet collected) is
+/// replaced instead. Settled once, after the SNAT port tries: inside each
+/// try it doubled the verifier's walk of the external program.
+#[inline(always)]
+pub fn adopt(pkt: &Packet, forward: &mut CtValue) {
+    let forward_key = pkt.ct_key(CT_DIR_FORWARD);
+    let Some(winner) = get(&forward_key).filter(|w| !w.is_expired(forward.created_ns)) else {
+        let _ = CT_NEW.insert(&forward_key, forward, 0);
+        return;
+    };
+    let reply_key = forward_key.peer_key(forward);
+    let winner_reply = forward_key.peer_key(&winner);
+    if winner_reply != reply_key {
+        let _ = CT_NEW.remove(&reply_key);
+    } else if winner.flags & CT_ASSURED == 0 {
+        let _ = CT_NEW.insert(&winner_reply, &forward_key.peer_value(&winner), 0);
+    }
+    *forward = winner;
+    count(Stat::CtCreateRaced);
 }
 
 /// Retires a flow whose tuple a new connection reuses (`is_reopened`), so
@@ -392,7 +470,7 @@ pub fn create_snat(
     forward: &mut CtValue,
     config: &NodeConfig,
     now: u64,
-) -> Result<(), Stat> {
+) -> Result<Created, Stat> {
     if lb_common::wire(config.snat_addr) == 0 || config.snat_port_last < config.snat_port_first {
         return Err(Stat::DropSnatExhausted);
     }
@@ -415,7 +493,7 @@ pub fn create_snat(
         }
         if reclaim(&forward_key.peer_key(forward), now) {
             match create(pkt, forward, BPF_NOEXIST as u64) {
-                Ok(()) => return Ok(()),
+                Ok(created) => return Ok(created),
                 Err(CreateError::Full) => return Err(Stat::DropCtFull),
                 Err(CreateError::Taken) => {}
             }
@@ -434,7 +512,7 @@ fn try_snat_port(
     forward: &mut CtValue,
     first: u32,
     span: u32,
-) -> Option<Result<(), Stat>> {
+) -> Option<Result<Created, Stat>> {
     // An independent random port each try: probes in a fixed stride
     // would follow the runs earlier flows already filled.
     // SAFETY: a helper without arguments.
@@ -445,7 +523,7 @@ fn try_snat_port(
         return None;
     }
     match create(pkt, forward, BPF_NOEXIST as u64) {
-        Ok(()) => Some(Ok(())),
+        Ok(created) => Some(Ok(created)),
         Err(CreateError::Full) => Some(Err(Stat::DropCtFull)),
         Err(CreateError::Taken) => None,
     }

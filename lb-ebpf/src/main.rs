@@ -150,13 +150,14 @@ fn ingress<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
         return Outcome::drop(Stat::DropFragment);
     }
     let forward_key = pkt.ct_key(CT_DIR_FORWARD);
-    let found = ct::lookup_flow(&forward_key);
-    let now = match found {
-        Some((entry, now)) if !ct::is_reopened(&entry, &pkt) => {
+    let now = match ct::lookup(&forward_key) {
+        Some((entry, now, true)) if !ct::is_reopened(&entry, &pkt) => {
             ct::update(&forward_key, &entry, &pkt, now);
             return send(ctx, &pkt, &entry, Stat::DnatCtHit);
         }
-        Some((entry, now)) => {
+        // Over (timed out both ways, or reopened by a SYN) though not yet
+        // collected: retired, so its entries shadow neither of the new flow's.
+        Some((entry, now, _)) => {
             ct::retire(&forward_key, &entry);
             now
         }
@@ -223,17 +224,20 @@ fn new_flow<const EXTERNAL: bool>(
         affinity::remember(&affinity_key, backend_id, now);
     }
     let mut entry = ct::new_forward(pkt, &backend, backend_id, svc.rev_nat_id, now);
-    if external && remote {
+    let created = if external && remote {
         // To another node: SNAT to this node so the answer comes back here.
         let Some(config) = maps::CONFIG.get(0) else {
             return Outcome::drop(Stat::DropSnatExhausted);
         };
-        if let Err(stat) = ct::create_snat(pkt, &mut entry, config, now) {
-            return Outcome::drop(stat);
-        }
-        count(Stat::SnatNew);
-    } else if ct::create(pkt, &entry, 0).is_err() {
-        return Outcome::drop(Stat::DropCtFull);
+        ct::create_snat(pkt, &mut entry, config, now)
+    } else {
+        ct::create(pkt, &entry, 0).map_err(|_| Stat::DropCtFull)
+    };
+    match created {
+        Ok(ct::Created::New) if entry.flags & CT_SNAT != 0 => count(Stat::SnatNew),
+        Ok(ct::Created::New) => {}
+        Ok(ct::Created::Raced) => ct::adopt(pkt, &mut entry),
+        Err(stat) => return Outcome::drop(stat),
     }
     log_new_flow(ctx, pkt, &entry);
     send(ctx, pkt, &entry, Stat::DnatNew)

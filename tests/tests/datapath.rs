@@ -769,6 +769,120 @@ fn syn_whose_flow_timed_out_unanswered_is_a_new_flow() {
     );
 }
 
+/// An assured flow both of whose entries timed out is over, though the
+/// agent's GC (every 30 s) has not removed it yet: a new datagram on its
+/// tuple starts a new flow whose answer is reverse-NATed, and the old
+/// entries do not shadow the new ones meanwhile.
+#[test]
+fn a_datagram_on_the_tuple_of_an_expired_assured_flow_is_a_new_flow_both_ways() {
+    require_root();
+    let mut h = Harness::new();
+    h.apply_yaml(&manifest(&BACKENDS));
+    let from = client(45100);
+    let query = Packet::udp(from, vip(53), b"query");
+    h.run(&query.build());
+    let ((fk, fwd), (rk, rep)) = flow_entries(&h, from);
+    let backend = SocketAddrV4::new(Ipv4Addr::from(fwd.dst_addr), fwd.dst_port);
+    let answer = query.clone().to(backend).reply(0).with_payload(b"answer");
+    h.run_egress(&answer.build());
+    // Assured, then idle past its timeout in both directions.
+    let past = now_ns() - 1;
+    for (key, value) in [(fk, fwd), (rk, rep)] {
+        let flags = value.flags | CT_SEEN_REPLY | CT_ASSURED;
+        h.set_conntrack(&key, None);
+        h.set_conntrack(
+            &key,
+            Some(CtValue {
+                flags,
+                expires_ns: past,
+                ..value
+            }),
+        );
+    }
+    assert_eq!(
+        (table_of(&h, &fk), table_of(&h, &rk)),
+        ("assured", "assured")
+    );
+
+    assert_frame(
+        &h.run(&query.build()).frame,
+        &query.clone().to(backend).build(),
+        "the new query",
+    );
+    assert_frame(
+        &h.run_egress(&answer.build()).frame,
+        &answer.clone().from(vip(53)).build(),
+        "its answer, from the VIP",
+    );
+    assert_eq!(
+        (h.counter(Stat::DnatNew), h.counter(Stat::DnatCtHit)),
+        (2, 0)
+    );
+    // The next query is a hit on the new flow, not a third new one.
+    h.run(&query.build());
+    assert_eq!(
+        (h.counter(Stat::DnatNew), h.counter(Stat::DnatCtHit)),
+        (2, 1)
+    );
+    let ((_, fwd), (_, rep)) = flow_entries(&h, from);
+    assert!(fwd.same_flow(&rep) && !fwd.is_expired(now_ns()));
+}
+
+/// Two sends on one socket from two CPUs at once (glibc's parallel A and
+/// AAAA queries) make one flow: the CPU that writes the forward entry
+/// second adopts the first one's, so both entries carry one identity and
+/// both packets leave alike. Some rounds must race for the test to count.
+#[test]
+fn a_flow_created_on_two_cpus_at_once_is_one_flow() {
+    require_root();
+    const ROUNDS: u16 = 2000;
+    let mut h = Harness::with_conntrack_tables(4096, 4 * u32::from(ROUNDS));
+    h.apply_yaml(&manifest(&BACKENDS));
+    let query = |round: u32| Packet::udp(client(20000 + round as u16), vip(53), b"query");
+    let sent = [(); 2].map(|_| std::sync::Mutex::new(vec![Vec::new(); ROUNDS.into()]));
+    lb_tests::on_two_cpus(ROUNDS.into(), |round, cpu| {
+        let out = h.run(&query(round).build());
+        sent[cpu].lock().unwrap()[round as usize] = out.frame;
+    });
+    let [on_0, on_1] = sent.map(|s| s.into_inner().unwrap());
+    let ct = h.conntrack();
+    let entry = |dir, port| {
+        let of_port = |k: &CtKey| {
+            if dir == CT_DIR_FORWARD {
+                k.sport
+            } else {
+                k.dport
+            }
+        };
+        ct.iter()
+            .find(|(k, _)| k.dir == dir && of_port(k) == port)
+            .map(|(_, v)| *v)
+            .expect("both entries")
+    };
+    for round in 0..u32::from(ROUNDS) {
+        let port = 20000 + round as u16;
+        let (forward, reply) = (entry(CT_DIR_FORWARD, port), entry(CT_DIR_REPLY, port));
+        assert!(
+            forward.same_flow(&reply),
+            "round {round}: the forward entry is flow {:#x}, the reply entry {:#x}",
+            forward.flow_id,
+            reply.flow_id
+        );
+        let backend = SocketAddrV4::new(Ipv4Addr::from(forward.dst_addr), forward.dst_port);
+        let expected = query(round).to(backend).build();
+        assert_frame(&on_0[round as usize], &expected, "the query sent on CPU 0");
+        assert_frame(&on_1[round as usize], &expected, "the query sent on CPU 1");
+    }
+    let raced = h.counter(Stat::CtCreateRaced);
+    eprintln!("{raced} of {ROUNDS} rounds raced to create their flow");
+    assert!(raced > 0, "no round raced: nothing was tested");
+    assert_eq!(
+        h.conntrack().len(),
+        2 * usize::from(ROUNDS),
+        "two entries per flow"
+    );
+}
+
 #[test]
 fn an_idle_direction_lives_while_the_other_is_active() {
     require_root();

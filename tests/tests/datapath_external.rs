@@ -365,6 +365,66 @@ fn port_unreachable_from_a_remote_backend_is_routed_to_the_client_of_a_node_port
     assert_eq!(node.h.counter(Stat::IcmpTranslated), 1);
 }
 
+/// Two sends on one socket from two CPUs at once, through a node port to
+/// another node's backend: each CPU picks a SNAT port, and the one that
+/// writes the forward entry second adopts the other's and drops its own
+/// reply entry. Both packets leave from one port; no orphan entry holds a
+/// second port. Some rounds must race for the test to count.
+#[test]
+fn a_snated_flow_created_on_two_cpus_at_once_holds_one_port() {
+    const ROUNDS: u16 = 1000;
+    let node = Node::new("race", &manifest("", &[(REMOTE_BACKEND, "node-b")]));
+    let query = |round: u32| Packet::udp(client(20000 + round as u16), node_port(30053), b"query");
+    let sent = [(); 2].map(|_| std::sync::Mutex::new(vec![Vec::new(); ROUNDS.into()]));
+    node.ns.run(|| {
+        lb_tests::on_two_cpus(ROUNDS.into(), |round, cpu| {
+            let out = node.h.run_external(&query(round).build());
+            sent[cpu].lock().unwrap()[round as usize] = out.frame;
+        })
+    });
+    let [on_0, on_1] = sent.map(|s| s.into_inner().unwrap());
+    let ct = node.h.conntrack();
+    let replies: Vec<_> = ct.iter().filter(|(k, _)| k.dir == CT_DIR_REPLY).collect();
+    for round in 0..u32::from(ROUNDS) {
+        let from = client(20000 + round as u16);
+        let (_, forward) = ct
+            .iter()
+            .find(|(k, _)| k.dir == CT_DIR_FORWARD && k.sport == from.port())
+            .expect("the forward entry");
+        let held: Vec<_> = replies
+            .iter()
+            .filter(|(_, v)| v.dst_port == from.port())
+            .collect();
+        assert_eq!(
+            held.len(),
+            1,
+            "round {round}: SNAT ports held for one flow: {:?}",
+            held.iter().map(|(k, _)| k.dport).collect::<Vec<_>>()
+        );
+        let (reply_key, reply) = held[0];
+        assert!(reply_key.dport == forward.src_port && forward.same_flow(reply));
+        let at_backend = to_node_b(
+            query(round)
+                .from(node_port(forward.src_port))
+                .to(SocketAddrV4::new(REMOTE_BACKEND, 5353)),
+        )
+        .build();
+        assert_frame(
+            &on_0[round as usize],
+            &at_backend,
+            "the query sent on CPU 0",
+        );
+        assert_frame(
+            &on_1[round as usize],
+            &at_backend,
+            "the query sent on CPU 1",
+        );
+    }
+    let raced = node.h.counter(Stat::CtCreateRaced);
+    eprintln!("{raced} of {ROUNDS} rounds raced to create their flow");
+    assert!(raced > 0, "no round raced: nothing was tested");
+}
+
 #[test]
 fn nodeport_to_a_local_backend_keeps_the_client_address() {
     let node = Node::new("local", &manifest("", &BOTH));
