@@ -70,8 +70,8 @@ fn growing_writes_backends_then_slots_then_revnat_then_count() {
         [
             "put backend 1 198.18.0.1:8080/TCP",
             "put backend 2 198.18.0.2:8080/TCP",
-            "put slot 198.19.0.1:80/TCP#1 backend=1",
-            "put slot 198.19.0.1:80/TCP#2 backend=2",
+            "put slot 198.19.0.1:80/TCP#1 backend=1 remote",
+            "put slot 198.19.0.1:80/TCP#2 backend=2 remote",
             "put revnat 1 198.19.0.1:80/TCP",
             "put slot 198.19.0.1:80/TCP#0 count=2 local=0 flags=0x1",
         ]
@@ -85,7 +85,7 @@ fn growing_writes_backends_then_slots_then_revnat_then_count() {
         take_log(&mut r),
         [
             "put backend 3 198.18.0.3:8080/TCP",
-            "put slot 198.19.0.1:80/TCP#3 backend=3",
+            "put slot 198.19.0.1:80/TCP#3 backend=3 remote",
             "put slot 198.19.0.1:80/TCP#0 count=3 local=0 flags=0x1"
         ]
     );
@@ -105,7 +105,7 @@ fn shrinking_writes_count_first_then_deletes_tail_then_backends() {
         take_log(&mut r),
         [
             "put slot 198.19.0.1:80/TCP#0 count=1 local=0 flags=0x1",
-            "put slot 198.19.0.1:80/TCP#1 backend=2",
+            "put slot 198.19.0.1:80/TCP#1 backend=2 remote",
             "del slot 198.19.0.1:80/TCP#2",
             "del slot 198.19.0.1:80/TCP#3",
             "del backend 1",
@@ -417,7 +417,7 @@ fn retry_after_a_failed_slot_write_publishes_the_count_last() {
         [
             "put backend 3 198.18.0.3:8080/TCP",
             "put backend 4 198.18.0.4:8080/TCP",
-            "put slot 198.19.0.1:80/TCP#3 backend=3",
+            "put slot 198.19.0.1:80/TCP#3 backend=3 remote",
         ],
         "stopped at the failed slot, count not published"
     );
@@ -426,7 +426,7 @@ fn retry_after_a_failed_slot_write_publishes_the_count_last() {
     assert_eq!(
         take_log(&mut r),
         [
-            "put slot 198.19.0.1:80/TCP#4 backend=4",
+            "put slot 198.19.0.1:80/TCP#4 backend=4 remote",
             "put slot 198.19.0.1:80/TCP#0 count=4 local=0 flags=0x1",
         ],
         "the retry writes only what is missing, count last"
@@ -668,6 +668,38 @@ fn a_shrinking_local_count_is_published_before_its_slots_change_role() {
     assert!(r.maps().violations.is_empty(), "{:?}", r.maps().violations);
 }
 
+/// A backend arriving on this node takes a slot that held a remote one
+/// while slot 0 still publishes the smaller local count: the slot says
+/// where its backend runs, so no packet meanwhile judges the new local
+/// backend remote (and SNATs an external flow to a local pod), nor a
+/// remote one local.
+#[test]
+fn a_growing_local_count_never_shows_a_backend_on_the_wrong_node() {
+    let mut r = reconciler();
+    let before = [
+        ("198.18.0.1", "node-a"),
+        ("198.18.0.2", "node-b"),
+        ("198.18.0.3", "node-b"),
+    ];
+    r.apply(&desired_on_node_a(&placed_service(false, &before)));
+    let placement = &mut r.maps_mut().placement;
+    for (addr, node) in before.iter().chain([&("198.18.0.4", "node-a")]) {
+        placement.insert(addr.parse().unwrap(), *node == "node-a");
+    }
+    take_log(&mut r);
+    let after = [before[0], ("198.18.0.4", "node-a"), before[1], before[2]];
+    r.apply(&desired_on_node_a(&placed_service(false, &after)));
+    assert!(r.maps().violations.is_empty(), "{:?}", r.maps().violations);
+    let log = take_log(&mut r);
+    let slot_2 = "put slot 198.19.0.1:80/TCP#2 backend=4 local";
+    let head = "put slot 198.19.0.1:80/TCP#0 count=4 local=2 flags=0x1";
+    let at = |line: &str| log.iter().position(|l| l == line);
+    assert!(
+        at(slot_2).is_some() && at(slot_2) < at(head),
+        "the new local backend's slot, then the count: {log:?}"
+    );
+}
+
 #[test]
 fn affinity_matches_follow_the_current_backends() {
     let mut r = reconciler();
@@ -719,8 +751,8 @@ fn a_maglev_table_is_written_before_the_head_names_it_and_replaced_whole() {
         [
             "put backend 1 198.18.0.1:8080/TCP",
             "put backend 2 198.18.0.2:8080/TCP",
-            "put slot 198.19.0.1:80/TCP#1 backend=1",
-            "put slot 198.19.0.1:80/TCP#2 backend=2",
+            "put slot 198.19.0.1:80/TCP#1 backend=1 remote",
+            "put slot 198.19.0.1:80/TCP#2 backend=2 remote",
             "put revnat 1 198.19.0.1:80/TCP",
             "put maglev 1/0 entries=251",
             "put slot 198.19.0.1:80/TCP#0 count=2 local=0 flags=0x101",
@@ -746,7 +778,7 @@ fn a_maglev_table_is_written_before_the_head_names_it_and_replaced_whole() {
         take_log(&mut r),
         [
             "put backend 3 198.18.0.3:8080/TCP",
-            "put slot 198.19.0.1:80/TCP#3 backend=3",
+            "put slot 198.19.0.1:80/TCP#3 backend=3 remote",
             "put maglev 1/1 entries=509",
             "put slot 198.19.0.1:80/TCP#0 count=3 local=0 flags=0x301",
             "del maglev 1/0",

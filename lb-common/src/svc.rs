@@ -36,7 +36,7 @@ pub struct SvcValue {
     /// Slot 0: slots 1..=local_count hold the backends on this node (the
     /// node-local traffic policies pick among these).
     pub local_count: u16,
-    /// Slot 0: `SVC_FLAG_*`.
+    /// Slot 0: `SVC_FLAG_*`. Slots 1..=count: `SLOT_FLAG_*`.
     pub flags: u16,
     /// Slot 0: session affinity timeout (seconds) when `SVC_FLAG_AFFINITY`.
     pub affinity_timeout_s: u32,
@@ -67,6 +67,26 @@ pub const SVC_FLAG_MAGLEV: u16 = 1 << 8;
 /// slot 0, so no packet sees a half-written table.
 pub const SVC_FLAG_MAGLEV_TABLE_1: u16 = 1 << 9;
 
+/// A slot's `flags`: where its backend runs. A packet judges the slot by
+/// what it holds, not by its place: while the local count grows, slot
+/// `local_count + 1` holds a local backend before slot 0 says so, and an
+/// external flow SNATed to a local pod would break for its lifetime. A slot
+/// with neither flag (written by an agent before them) is judged by place.
+pub const SLOT_FLAG_LOCAL: u16 = 1 << 0;
+pub const SLOT_FLAG_REMOTE: u16 = 1 << 1;
+
+/// A slot's role as logged and shown: `local`, `remote`, or `unplaced`
+/// (neither flag: judged by its place).
+pub const fn slot_role(flags: u16) -> &'static str {
+    if flags & SLOT_FLAG_REMOTE != 0 {
+        "remote"
+    } else if flags & SLOT_FLAG_LOCAL != 0 {
+        "local"
+    } else {
+        "unplaced"
+    }
+}
+
 /// Kinds reached from outside the cluster (subject to `externalTrafficPolicy`).
 pub const SVC_FLAGS_EXTERNAL: u16 =
     SVC_FLAG_NODE_PORT | SVC_FLAG_LOAD_BALANCER | SVC_FLAG_EXTERNAL_IP;
@@ -83,8 +103,45 @@ impl SvcKey {
     }
 }
 
+impl SvcValue {
+    /// Slot `slot`'s value: whether its backend runs on another node, given
+    /// the frontend's published `local_count`.
+    #[inline(always)]
+    pub const fn slot_is_remote(&self, slot: u16, local_count: u16) -> bool {
+        if self.flags & SLOT_FLAG_REMOTE != 0 {
+            true
+        } else if self.flags & SLOT_FLAG_LOCAL != 0 {
+            false
+        } else {
+            slot > local_count
+        }
+    }
+}
+
 const _: () = assert!(core::mem::size_of::<SvcKey>() == 12 && core::mem::align_of::<SvcKey>() == 4);
 const _: () =
     assert!(core::mem::size_of::<SvcValue>() == 20 && core::mem::align_of::<SvcValue>() == 4);
 
 user_pod!(SvcKey, SvcValue);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slot_is_judged_by_its_role_and_without_one_by_its_place() {
+        let slot = |flags| SvcValue {
+            flags,
+            ..SvcValue::default()
+        };
+        // Slot 2 of a frontend publishing one local slot.
+        assert!(!slot(SLOT_FLAG_LOCAL).slot_is_remote(2, 1));
+        assert!(slot(SLOT_FLAG_REMOTE).slot_is_remote(1, 1));
+        assert!(slot(0).slot_is_remote(2, 1));
+        assert!(!slot(0).slot_is_remote(1, 1));
+        assert_eq!(
+            [0, SLOT_FLAG_LOCAL, SLOT_FLAG_REMOTE].map(slot_role),
+            ["unplaced", "local", "remote"]
+        );
+    }
+}

@@ -259,9 +259,12 @@ fn pick(
         return maglev::pick(svc, hash);
     }
     let slot = select_slot(hash, choices);
-    let slot_value = maps::SERVICES.get_ptr(&pkt.svc_key(slot))?;
-    // SAFETY: a map value pointer, read at once.
-    Some((unsafe { (*slot_value).backend_id }, slot > svc.local_count))
+    // SAFETY: a map value pointer, copied at once.
+    let value = unsafe { *maps::SERVICES.get_ptr(&pkt.svc_key(slot))? };
+    Some((
+        value.backend_id,
+        value.slot_is_remote(slot, svc.local_count),
+    ))
 }
 
 /// The error rewritten in the terms of the flow it quotes (`entry`); it

@@ -10,11 +10,16 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
+use lb_agent::{
+    datapath::maps::LbMaps,
+    model::{L4Addr, Proto},
+};
 use lb_common::{
     config::NodeConfig,
     ct::{CtKey, CtValue, CT_ASSURED, CT_DIR_FORWARD, CT_DIR_REPLY, CT_SNAT},
     hash::{flow_hash, select_slot},
     stats::Stat,
+    svc::SvcValue,
 };
 use lb_tests::{
     datapath::{Harness, RunResult},
@@ -445,6 +450,67 @@ fn nodeport_to_a_local_backend_keeps_the_client_address() {
         &answer.clone().from(node_port(30080)).build(),
         "answer from the node port",
     );
+}
+
+/// While this node's local count grows, a slot holds its new local
+/// backend before slot 0 counts it (the agent writes slots first; here
+/// slot 0 is set back to count no local slot). The packet judges the
+/// backend by the slot's own role: an external flow to it keeps its client
+/// address rather than being SNATed to a local pod. A slot without a role
+/// (written by an agent before roles) is still judged by its place.
+#[test]
+fn a_local_backend_above_the_published_local_count_is_not_snated() {
+    let mut node = Node::new("grow", &manifest("", &BOTH));
+    let frontend = L4Addr {
+        addr: NODE_IP,
+        port: 30080,
+        proto: Proto::Tcp,
+    };
+    let maps = node.h.reconciler.maps_mut();
+    let head = maps.snapshot().unwrap().slots[&(frontend, 0)];
+    assert_eq!((head.count, head.local_count), (2, 1));
+    maps.put_slot(
+        frontend,
+        0,
+        SvcValue {
+            local_count: 0,
+            ..head
+        },
+    )
+    .unwrap();
+    let cport = port_for_slot(node_port(30080), 6, 1, 2);
+    let syn = Packet::tcp(client(cport), node_port(30080), TCP_SYN);
+    let out = node.external(&syn.build());
+    assert_eq!(out.verdict, TCX_NEXT, "through the node's stack to the pod");
+    let local = SocketAddrV4::new(LOCAL_BACKEND, 8080);
+    assert_frame(&out.frame, &syn.clone().to(local).build(), "DNAT only");
+    assert_eq!(node.h.counter(Stat::SnatNew), 0);
+
+    // Slots without a role, slot 0 whole again: judged by place.
+    let maps = node.h.reconciler.maps_mut();
+    let slots = maps.snapshot().unwrap().slots;
+    for slot in [0, 1, 2] {
+        let value = slots[&(frontend, slot)];
+        let value = match slot {
+            0 => head,
+            _ => SvcValue { flags: 0, ..value },
+        };
+        maps.put_slot(frontend, slot, value).unwrap();
+    }
+    let other_port = |slot| {
+        (41000..42000)
+            .find(|p| select_slot(hash_of(client(*p), node_port(30080), 6), 2) == slot)
+            .unwrap()
+    };
+    let syn = Packet::tcp(client(other_port(1)), node_port(30080), TCP_SYN);
+    assert_frame(
+        &node.external(&syn.build()).frame,
+        &syn.clone().to(local).build(),
+        "slot 1, within the local count: DNAT only",
+    );
+    let syn = Packet::tcp(client(other_port(2)), node_port(30080), TCP_SYN);
+    assert_eq!(node.external(&syn.build()).verdict, TC_ACT_REDIRECT);
+    assert_eq!(node.h.counter(Stat::SnatNew), 1, "slot 2, past it: SNATed");
 }
 
 #[test]

@@ -128,7 +128,7 @@ fn frontend_info(snapshot: &Snapshot, frontend: L4Addr, head: &SvcValue) -> Fron
                 backend_id: value.backend_id,
                 address: backend.map(|b| b.addr),
                 port: backend.map(|b| b.port),
-                local: slot <= head.local_count,
+                local: !value.slot_is_remote(slot, head.local_count),
             })
         })
         .collect();

@@ -164,8 +164,12 @@ impl<M: LbMaps> Reconciler<M> {
                 frontend,
                 slot,
                 backend_id,
+                flags,
             } => {
-                let old = self.entry(*frontend).slots.insert(*slot, *backend_id);
+                let old = self
+                    .entry(*frontend)
+                    .slots
+                    .insert(*slot, *backend_id, *flags);
                 if old != Some(*backend_id) {
                     self.add_ref(*backend_id);
                     if let Some(old) = old {
@@ -300,9 +304,11 @@ fn write<M: LbMaps>(maps: &mut M, op: &Op) -> Result<(), MapWriteError> {
             frontend,
             slot,
             backend_id,
+            flags,
         } => {
             let value = SvcValue {
                 backend_id: *backend_id,
+                flags: *flags,
                 ..SvcValue::default()
             };
             maps.put_slot(*frontend, *slot, value)

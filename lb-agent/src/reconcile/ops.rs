@@ -3,7 +3,7 @@
 use std::{fmt, sync::Arc};
 
 use ipnet::Ipv4Net;
-use lb_common::svc::SvcValue;
+use lb_common::svc::{slot_role, SvcValue};
 
 use crate::model::{L4Addr, ServiceName};
 
@@ -14,10 +14,12 @@ pub enum Op {
         id: u32,
         backend: L4Addr,
     },
+    /// `flags`: the backend's role, `SLOT_FLAG_LOCAL` or `SLOT_FLAG_REMOTE`.
     PutSlot {
         frontend: L4Addr,
         slot: u16,
         backend_id: u32,
+        flags: u16,
     },
     PutRevNat {
         frontend: L4Addr,
@@ -89,7 +91,12 @@ impl fmt::Display for Op {
                 frontend,
                 slot,
                 backend_id,
-            } => write!(f, "put slot {frontend}#{slot} backend={backend_id}"),
+                flags,
+            } => write!(
+                f,
+                "put slot {frontend}#{slot} backend={backend_id} {}",
+                slot_role(*flags)
+            ),
             Op::PutRevNat {
                 frontend,
                 id,

@@ -6,7 +6,10 @@ use std::{
 };
 
 use ipnet::Ipv4Net;
-use lb_common::svc::{SvcValue, SVC_FLAG_AFFINITY, SVC_FLAG_MAGLEV, SVC_FLAG_MAGLEV_TABLE_1};
+use lb_common::svc::{
+    SvcValue, SLOT_FLAG_LOCAL, SLOT_FLAG_REMOTE, SVC_FLAG_AFFINITY, SVC_FLAG_MAGLEV,
+    SVC_FLAG_MAGLEV_TABLE_1,
+};
 
 use super::{
     delete_maglev_tables, maglev_entries, maglev_table, Op, Reconciler, Written, MAX_REV_NAT_ID,
@@ -124,11 +127,17 @@ pub(super) fn plan_frontend(
     }
     for (i, id) in ids.iter().enumerate() {
         let slot = i as u16 + 1;
-        if current.slots.get(slot) != Some(*id) {
+        let flags = if slot <= target.local_count {
+            SLOT_FLAG_LOCAL
+        } else {
+            SLOT_FLAG_REMOTE
+        };
+        if current.slots.get(slot) != Some((*id, flags)) {
             ops.push(Op::PutSlot {
                 frontend,
                 slot,
                 backend_id: *id,
+                flags,
             });
         }
     }

@@ -69,7 +69,7 @@ fn frontends_of(snapshot: &Snapshot) -> (BTreeMap<L4Addr, Written>, BTreeSet<u16
             w.head = Some(*value);
             w.rev_nat_id = Some(value.rev_nat_id);
         } else {
-            w.slots.insert(*slot, value.backend_id);
+            w.slots.insert(*slot, value.backend_id, value.flags);
         }
     }
     let mut orphan_revnat = BTreeSet::new();

@@ -29,7 +29,7 @@ pub(super) struct Written {
     pub(super) revnat_written: bool,
     /// Slot 0, if it exists.
     pub(super) head: Option<SvcValue>,
-    /// Slots 1.. → backend id.
+    /// Slots 1.. → backend id and role.
     pub(super) slots: Slots,
     /// Affinity match entries: backend id → runs on this node.
     pub(super) affinity: BTreeMap<u32, bool>,
@@ -66,35 +66,36 @@ impl Written {
     }
 }
 
-/// Slots 1.. → backend id, as a dense vector (slot `n` at index `n - 1`,
-/// 0 where a slot is not written: backend ids start at 1). Slots are dense
-/// in practice, and a vector is a fifth of an ordered map's size.
+/// Slots 1.. → (backend id, `SLOT_FLAG_*`), as a dense vector (slot `n`
+/// at index `n - 1`, id 0 where a slot is not written: backend ids start at
+/// 1). Slots are dense in practice, and a vector is a fifth of an ordered
+/// map's size.
 #[derive(Clone, Debug, Default)]
-pub(super) struct Slots(pub(super) Vec<u32>);
+pub(super) struct Slots(Vec<(u32, u16)>);
 
 impl Slots {
-    pub(super) fn get(&self, slot: u16) -> Option<u32> {
+    pub(super) fn get(&self, slot: u16) -> Option<(u32, u16)> {
         self.0
             .get(usize::from(slot).checked_sub(1)?)
             .copied()
-            .filter(|id| *id != 0)
+            .filter(|(id, _)| *id != 0)
     }
 
     /// Writes `slot`; returns the id it held.
-    pub(super) fn insert(&mut self, slot: u16, id: u32) -> Option<u32> {
+    pub(super) fn insert(&mut self, slot: u16, id: u32, flags: u16) -> Option<u32> {
         let index = usize::from(slot) - 1;
         if self.0.len() <= index {
-            self.0.resize(index + 1, 0);
+            self.0.resize(index + 1, (0, 0));
         }
-        let old = std::mem::replace(&mut self.0[index], id);
+        let (old, _) = std::mem::replace(&mut self.0[index], (id, flags));
         (old != 0).then_some(old)
     }
 
     /// Clears `slot`; returns the id it held.
     pub(super) fn remove(&mut self, slot: u16) -> Option<u32> {
         let index = usize::from(slot).checked_sub(1)?;
-        let old = std::mem::replace(self.0.get_mut(index)?, 0);
-        while self.0.last() == Some(&0) {
+        let (old, _) = std::mem::take(self.0.get_mut(index)?);
+        while self.0.last().is_some_and(|(id, _)| *id == 0) {
             self.0.pop();
         }
         (old != 0).then_some(old)
@@ -105,12 +106,12 @@ impl Slots {
         self.0
             .iter()
             .enumerate()
-            .filter(|(_, id)| **id != 0)
+            .filter(|(_, (id, _))| *id != 0)
             .map(|(i, _)| i as u16 + 1)
     }
 
     /// The backend ids the written slots hold.
     pub(super) fn ids(&self) -> impl Iterator<Item = u32> + '_ {
-        self.0.iter().copied().filter(|id| *id != 0)
+        self.0.iter().map(|(id, _)| *id).filter(|id| *id != 0)
     }
 }

@@ -1,6 +1,8 @@
 //! In-memory `LbMaps` with capacities and a log of every write, so the
 //! control plane (including write order and full maps) tests without root.
 
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
 use crate::datapath::maps::{LbMaps, MapWriteError, RevNatEntry, Snapshot};
 use crate::model::{L4Addr, ServiceName};
 use lb_common::svc::{SvcValue, SVC_FLAG_MAGLEV, SVC_FLAG_MAGLEV_TABLE_1};
@@ -19,8 +21,14 @@ pub struct FakeMaps {
     pub fail_attempt: Option<usize>,
     attempts: usize,
     /// States a packet could have seen that break the write-order promise:
-    /// a published count whose slots or backends are not all written.
+    /// a published count whose slots or backends are not all written, or a
+    /// published slot judged on the wrong node (see `placement`).
     pub violations: Vec<String>,
+    /// Where backends run (address → on this node), when a test says so. A
+    /// published slot a packet judges otherwise (`SvcValue::slot_is_remote`)
+    /// is a violation: an external flow would be SNATed to a local pod, or
+    /// sent to another node's pod without SNAT.
+    pub placement: BTreeMap<Ipv4Addr, bool>,
     /// Whether each write is followed by that check (a walk of every
     /// frontend: quadratic over a large apply, so `check` goes without).
     order_checks: bool,
@@ -37,6 +45,7 @@ impl FakeMaps {
             fail_attempt: None,
             attempts: 0,
             violations: Vec::new(),
+            placement: BTreeMap::new(),
             order_checks: true,
         }
     }
@@ -87,15 +96,22 @@ impl FakeMaps {
                 ));
             }
             for s in 1..=value.count {
-                let ok = self
-                    .state
-                    .slots
-                    .get(&(*frontend, s))
-                    .is_some_and(|v| self.state.backends.contains_key(&v.backend_id));
-                if !ok {
+                let slot = self.state.slots.get(&(*frontend, s));
+                let backend = slot.and_then(|v| self.state.backends.get(&v.backend_id));
+                let (Some(slot), Some(backend)) = (slot, backend) else {
                     self.violations.push(format!(
                         "after `{after}`: {frontend} publishes {} slots but slot {s} is missing or dangling",
                         value.count
+                    ));
+                    continue;
+                };
+                let remote = slot.slot_is_remote(s, value.local_count);
+                let local = self.placement.get(&backend.addr);
+                if local.is_some_and(|local| *local == remote) {
+                    self.violations.push(format!(
+                        "after `{after}`: {frontend} slot {s} holds {backend}, judged {} (local count {})",
+                        if remote { "remote" } else { "local" },
+                        value.local_count
                     ));
                 }
             }
@@ -172,8 +188,9 @@ impl LbMaps for FakeMaps {
             ))?;
         } else {
             self.record(format!(
-                "put slot {frontend}#{slot} backend={}",
-                value.backend_id
+                "put slot {frontend}#{slot} backend={} {}",
+                value.backend_id,
+                lb_common::svc::slot_role(value.flags)
             ))?;
         }
         self.state.slots.insert((frontend, slot), value);
