@@ -8,7 +8,7 @@
 //! change is written into the entry in place (another CPU's FIN or RST
 //! stays); an entry gone meanwhile is written back whole.
 
-use aya_ebpf::bindings::BPF_NOEXIST;
+use aya_ebpf::{bindings::BPF_NOEXIST, programs::TcContext, EbpfContext};
 use lb_common::{
     backend::Backend,
     config::NodeConfig,
@@ -22,6 +22,7 @@ use lb_common::{
 };
 
 use crate::{
+    host_socket,
     maps::{BACKENDS, CONNTRACK, CT_NEW, SERVICES},
     parse::Packet,
     stats::count,
@@ -466,6 +467,7 @@ const SNAT_TRIES_RECLAIM: u32 = 8;
 /// (`reclaim`).
 #[inline(always)]
 pub fn create_snat(
+    ctx: &TcContext,
     pkt: &Packet,
     forward: &mut CtValue,
     config: &NodeConfig,
@@ -480,7 +482,7 @@ pub fn create_snat(
     forward.flags |= CT_SNAT;
     let mut i = 0;
     while i < SNAT_TRIES_FREE {
-        if let Some(done) = try_snat_port(pkt, forward, first, span) {
+        if let Some(done) = try_snat_port(ctx, pkt, forward, first, span) {
             return done;
         }
         i += 1;
@@ -488,7 +490,7 @@ pub fn create_snat(
     let forward_key = pkt.ct_key(CT_DIR_FORWARD);
     let mut i = 0;
     while i < SNAT_TRIES_RECLAIM {
-        if let Some(done) = try_snat_port(pkt, forward, first, span) {
+        if let Some(done) = try_snat_port(ctx, pkt, forward, first, span) {
             return done;
         }
         if reclaim(&forward_key.peer_key(forward), now) {
@@ -504,10 +506,12 @@ pub fn create_snat(
 }
 
 /// One random port in `first..first + span`: `None` if it is taken (held by
-/// a flow, another CPU claimed it first, or a node port on the SNAT address,
-/// whose packets are a frontend's), else the outcome.
+/// a flow, another CPU claimed it first, a node port on the SNAT address,
+/// whose packets are a frontend's, or a port a node socket would take the
+/// flow's answers on), else the outcome.
 #[inline(always)]
 fn try_snat_port(
+    ctx: &TcContext,
     pkt: &Packet,
     forward: &mut CtValue,
     first: u32,
@@ -518,8 +522,15 @@ fn try_snat_port(
     // SAFETY: a helper without arguments.
     let port = first + unsafe { aya_ebpf::helpers::bpf_get_prandom_u32() } % span;
     forward.src_port = port as u16;
+    let ports = u32::from(forward.dst_port) << 16 | port;
+    let (backend, node) = (
+        u32::from_ne_bytes(forward.dst_addr),
+        u32::from_ne_bytes(forward.src_addr),
+    );
     let frontend = SvcKey::new(forward.src_addr, forward.src_port, pkt.proto, 0);
-    if SERVICES.get_ptr(&frontend).is_some() {
+    if SERVICES.get_ptr(&frontend).is_some()
+        || host_socket::receives(ctx.as_ptr(), pkt.proto, backend, node, ports)
+    {
         return None;
     }
     match create(pkt, forward, BPF_NOEXIST as u64) {

@@ -10,6 +10,7 @@
 mod affinity;
 mod csum;
 mod ct;
+mod host_socket;
 mod icmp;
 mod maglev;
 mod maps;
@@ -229,7 +230,7 @@ fn new_flow<const EXTERNAL: bool>(
         let Some(config) = maps::CONFIG.get(0) else {
             return Outcome::drop(Stat::DropSnatExhausted);
         };
-        ct::create_snat(pkt, &mut entry, config, now)
+        ct::create_snat(ctx, pkt, &mut entry, config, now)
     } else {
         ct::create(pkt, &entry, 0).map_err(|_| Stat::DropCtFull)
     };

@@ -651,6 +651,49 @@ fn a_node_port_inside_the_snat_range_is_never_a_snat_port() {
     assert_eq!(node.h.counter(Stat::RevSnat), 1);
 }
 
+/// Ports node processes listen on sit inside the SNAT range (the kubelet's
+/// 10250, the API server's 6443, node exporter's 9100): a port on which a
+/// node socket would take the flow's answers is never a SNAT port, TCP or
+/// UDP, and is used again once the socket is gone.
+#[test]
+fn a_port_a_node_socket_is_bound_to_is_never_a_snat_port() {
+    let mut node = Node::new("sockets", &manifest("", &[(REMOTE_BACKEND, "node-b")]));
+    snat_ports(&mut node, 10250, 10251);
+    let bound = (NODE_IP, 10250);
+    let (kubelet, udp) = node.ns.run(|| {
+        (
+            std::net::TcpListener::bind(bound).unwrap(),
+            std::net::UdpSocket::bind(bound).unwrap(),
+        )
+    });
+    for (proto, frontend) in [(6, node_port(30080)), (17, node_port(30053))] {
+        let packet = |cport| match proto {
+            6 => Packet::tcp(client(cport), frontend, TCP_SYN),
+            _ => Packet::udp(client(cport), frontend, b"query"),
+        };
+        let exhausted = node.h.counter(Stat::DropSnatExhausted);
+        for cport in 40000..40004 {
+            node.external(&packet(cport).build());
+        }
+        // Only 10251 was free of sockets: the first flow got it, the
+        // others (to the same backend port) found no port.
+        assert_eq!(
+            snat_port_of(&node, client(40000), frontend),
+            10251,
+            "protocol {proto}"
+        );
+        assert_eq!(
+            node.h.counter(Stat::DropSnatExhausted) - exhausted,
+            3,
+            "protocol {proto}"
+        );
+    }
+    drop((kubelet, udp));
+    let syn = Packet::tcp(client(40010), node_port(30080), TCP_SYN);
+    assert_eq!(node.external(&syn.build()).verdict, TC_ACT_REDIRECT);
+    assert_eq!(snat_port_of(&node, client(40010), node_port(30080)), 10250);
+}
+
 #[test]
 fn untracked_packets_to_the_snat_ports_pass_untouched() {
     let node = Node::new("untracked", &manifest("", &BOTH));
