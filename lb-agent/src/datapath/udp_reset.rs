@@ -59,6 +59,60 @@ pub enum UdpResetError {
          agent's own (run the agent in the host's PID namespace: hostPID: true)"
     )]
     NoPodNamespaces(usize),
+    #[error("{failed} of {namespaces} network namespaces not searched (first: {first}); {reset} socket(s) reset elsewhere; retried")]
+    SomeNamespaces {
+        failed: usize,
+        namespaces: usize,
+        first: Box<UdpResetError>,
+        reset: usize,
+    },
+    #[error("gave up after {0} passes that each left a network namespace unsearched")]
+    GaveUp(u32),
+}
+
+/// Passes a reset gets before its backends are given up on: a namespace
+/// that keeps failing (a process in it stuck, permissions) must not keep
+/// the agent retrying forever.
+pub const MAX_RESET_PASSES: u32 = 5;
+
+/// The backends whose sockets are still to be reset, and how many passes
+/// they have had. A pass that searched every namespace ends them (a socket
+/// it did not find is gone); one that missed a namespace keeps them for the
+/// next, up to `MAX_RESET_PASSES`.
+#[derive(Debug, Default)]
+pub struct Pending {
+    left: BTreeSet<LeftBackend>,
+    passes: u32,
+}
+
+impl Pending {
+    /// Adds backends that left; returns all to reset now.
+    pub fn add(&mut self, left: &[LeftBackend]) -> Vec<LeftBackend> {
+        if !left.is_empty() {
+            // New work starts the count again: these backends had no pass.
+            self.passes = 0;
+        }
+        self.left.extend(left.iter().copied());
+        self.left.iter().copied().collect()
+    }
+
+    /// Records a pass: `Err(GaveUp)` when the last allowed pass missed a
+    /// namespace (the backends are dropped).
+    pub fn after_pass(&mut self, searched_everywhere: bool) -> Result<(), UdpResetError> {
+        self.passes += 1;
+        if searched_everywhere {
+            *self = Self::default();
+        } else if self.passes >= MAX_RESET_PASSES {
+            let passes = self.passes;
+            *self = Self::default();
+            return Err(UdpResetError::GaveUp(passes));
+        }
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.left.is_empty()
+    }
 }
 
 /// What one pass did.
@@ -97,24 +151,42 @@ fn socket_addr(a: L4Addr) -> SocketAddrV4 {
     SocketAddrV4::new(a.addr, a.port)
 }
 
-/// The pinned socket LB reverse map.
+/// The pinned socket LB reverse map, and the resets still to do.
 pub struct UdpResetter {
     map: HashMap<MapData, SockRevNatKey, SockRevNatValue>,
+    pending: Pending,
 }
 
 impl UdpResetter {
     pub fn new(map: Map) -> Result<Self, MapError> {
         Ok(Self {
             map: HashMap::try_from(map)?,
+            pending: Pending::default(),
         })
     }
 
-    /// Resets the connected UDP sockets of `left` backends, in every
-    /// network namespace, and forgets their reverse entries.
+    /// Whether an earlier pass missed a namespace and is to be retried
+    /// (`reset(&[])`).
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Resets the connected UDP sockets of `left` backends, and of those an
+    /// earlier pass did not finish, in every network namespace, and forgets
+    /// their reverse entries. A namespace that fails is passed over and the
+    /// pass retried later.
     pub fn reset(&mut self, left: &[LeftBackend]) -> Result<Resets, UdpResetError> {
+        let left = self.pending.add(left);
         if left.is_empty() {
             return Ok(Resets::default());
         }
+        let pass = self.pass(&left);
+        let searched_everywhere = !matches!(pass, Err(UdpResetError::SomeNamespaces { .. }));
+        self.pending.after_pass(searched_everywhere)?;
+        pass
+    }
+
+    fn pass(&mut self, left: &[LeftBackend]) -> Result<Resets, UdpResetError> {
         let entries: Vec<_> = self.map.iter().collect::<Result<_, _>>()?;
         let wanted = plan_resets(entries, left);
         let mut resets = Resets {
@@ -130,13 +202,17 @@ impl UdpResetter {
             // Only the agent's own: the pods' processes are not visible.
             return Err(UdpResetError::NoPodNamespaces(resets.candidates));
         }
-        let destroyed = std::thread::scope(|scope| {
+        let (destroyed, mut failures) = std::thread::scope(|scope| {
             // setns changes the calling thread only: a thread of its own,
             // which ends with the pass.
             scope
-                .spawn(|| reset_in_namespaces(&namespaces, &wanted))
+                .spawn(|| {
+                    in_each_namespace(&namespaces, |owner, file| {
+                        reset_in_namespace(owner, file, &wanted)
+                    })
+                })
                 .join()
-                .unwrap_or(Err(UdpResetError::Aborted))
+                .map_err(|_| UdpResetError::Aborted)
         })?;
         resets.sockets_reset = destroyed.len();
         for (cookie, backend) in destroyed {
@@ -151,7 +227,15 @@ impl UdpResetter {
                 _ => {}
             }
         }
-        Ok(resets)
+        if failures.is_empty() {
+            return Ok(resets);
+        }
+        Err(UdpResetError::SomeNamespaces {
+            failed: failures.len(),
+            namespaces: resets.namespaces,
+            first: Box::new(failures.swap_remove(0)),
+            reset: resets.sockets_reset,
+        })
     }
 }
 
@@ -177,25 +261,39 @@ fn network_namespaces() -> std::io::Result<Vec<(String, File)>> {
     Ok(namespaces)
 }
 
-/// Runs on a thread of its own: enters each namespace in turn.
-fn reset_in_namespaces(
+/// `step` in each namespace in turn, past the ones that fail: what the
+/// others found, and the failures.
+fn in_each_namespace<T>(
     namespaces: &[(String, File)],
+    mut step: impl FnMut(&str, &File) -> Result<Vec<T>, UdpResetError>,
+) -> (Vec<T>, Vec<UdpResetError>) {
+    let mut found = Vec::new();
+    let mut failures = Vec::new();
+    for (owner, file) in namespaces {
+        match step(owner, file) {
+            Ok(here) => found.extend(here),
+            Err(e) => failures.push(e),
+        }
+    }
+    (found, failures)
+}
+
+/// Enters the namespace (this thread only) and destroys the wanted sockets
+/// there.
+fn reset_in_namespace(
+    owner: &str,
+    file: &File,
     wanted: &BTreeMap<u64, SocketAddrV4>,
 ) -> Result<Vec<(u64, SocketAddrV4)>, UdpResetError> {
-    let mut destroyed = Vec::new();
-    for (owner, file) in namespaces {
-        // SAFETY: setns on a valid namespace fd; only this thread moves.
-        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            let error = std::io::Error::last_os_error();
-            if error.raw_os_error() == Some(libc::EINVAL) {
-                continue; // not a network namespace any more (process gone)
-            }
-            return Err(UdpResetError::Enter(owner.clone(), error));
+    // SAFETY: setns on a valid namespace fd; only this thread moves.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        let error = std::io::Error::last_os_error();
+        if error.raw_os_error() == Some(libc::EINVAL) {
+            return Ok(Vec::new()); // not a network namespace any more (process gone)
         }
-        let found = destroy_here(wanted).map_err(|e| UdpResetError::SockDiag(owner.clone(), e))?;
-        destroyed.extend(found);
+        return Err(UdpResetError::Enter(owner.to_string(), error));
     }
-    Ok(destroyed)
+    destroy_here(wanted).map_err(|e| UdpResetError::SockDiag(owner.to_string(), e))
 }
 
 /// Destroys the wanted sockets of the current network namespace: connected
@@ -372,6 +470,58 @@ mod tests {
         }];
         let entries = [entry(1, ([198, 18, 1, 1], 53), ([198, 19, 0, 10], 53))];
         assert!(plan_resets(entries, &left).is_empty());
+    }
+
+    #[test]
+    fn a_namespace_that_fails_is_passed_over_and_the_rest_searched() {
+        let namespaces: Vec<(String, File)> = (1..=3)
+            .map(|pid| {
+                (
+                    format!("pid {pid}"),
+                    File::open("/proc/self/ns/net").unwrap(),
+                )
+            })
+            .collect();
+        let (found, failures) = in_each_namespace(&namespaces, |owner, _| match owner {
+            "pid 2" => Err(UdpResetError::Enter(
+                owner.to_string(),
+                std::io::Error::from_raw_os_error(libc::EPERM),
+            )),
+            _ => Ok(vec![owner.to_string()]),
+        });
+        assert_eq!(found, ["pid 1", "pid 3"]);
+        assert_eq!(failures.len(), 1);
+        assert!(
+            matches!(&failures[0], UdpResetError::Enter(owner, _) if owner == "pid 2"),
+            "{failures:?}"
+        );
+    }
+
+    #[test]
+    fn a_pass_that_missed_a_namespace_is_retried_then_given_up() {
+        let backend = |id| LeftBackend {
+            frontend: udp([198, 19, 0, 10], 53),
+            backend_id: id,
+            backend: udp([198, 18, 1, id as u8], 53),
+        };
+        let mut pending = Pending::default();
+        assert_eq!(pending.add(&[backend(1)]), [backend(1)]);
+        pending.after_pass(false).unwrap();
+        // The retry carries the first backend with a new one.
+        assert_eq!(pending.add(&[backend(2)]), [backend(1), backend(2)]);
+        pending.after_pass(true).unwrap();
+        assert!(pending.is_empty(), "a full pass ends the work");
+
+        pending.add(&[backend(3)]);
+        for _ in 1..MAX_RESET_PASSES {
+            pending.after_pass(false).unwrap();
+            assert_eq!(pending.add(&[]), [backend(3)]);
+        }
+        assert!(matches!(
+            pending.after_pass(false),
+            Err(UdpResetError::GaveUp(MAX_RESET_PASSES))
+        ));
+        assert!(pending.is_empty());
     }
 
     #[test]

@@ -26,7 +26,7 @@ use crate::{
         loader,
         maps::KernelMaps,
         migrate::Migration,
-        udp_reset::UdpResetter,
+        udp_reset::{UdpResetError, UdpResetter},
     },
     desired::{DesiredState, HealthCheck},
     model::{error::InputError, ServiceName},
@@ -177,7 +177,8 @@ impl Agent {
                 _ = self.inputs.trigger.notified() => Wake::SourceChanged,
                 _ = links.notified() => Wake::Links,
                 _ = rescan.tick() => Wake::Rescan,
-                _ = retry.tick(), if self.datapath.reconciler.needs_retry() => Wake::Retry,
+                _ = retry.tick(), if self.datapath.reconciler.needs_retry()
+                    || self.datapath.udp_resetter.has_pending() => Wake::Retry,
                 _ = gc.tick() => Wake::ConntrackGc,
                 _ = fill.tick(), if self.status.fill_due => Wake::Fill,
             };
@@ -229,6 +230,9 @@ impl Agent {
             }
         } else if wake == Wake::Retry && self.datapath.reconciler.needs_retry() {
             self.retry();
+        }
+        if wake == Wake::Retry && self.datapath.udp_resetter.has_pending() {
+            self.reset_udp_sockets(&[]);
         }
         if self.status.synced && !self.datapath.reconciler.needs_retry() {
             self.status.health.synced();
@@ -465,26 +469,30 @@ impl Agent {
                     error!("flushing UDP conntrack: {e}")
                 }
             }
-            // Socket LB translated connected UDP sockets once, at connect:
-            // no flow to flush, the sockets themselves are reset.
-            match self
-                .datapath
-                .udp_resetter
-                .reset(&report.udp_backends_removed)
-            {
-                Ok(resets) if resets.candidates > 0 => {
-                    self.status.metrics.udp_sockets_reset(resets.sockets_reset);
-                    info!(
-                        sockets = resets.sockets_reset,
-                        namespaces = resets.namespaces,
-                        "reset connected UDP sockets of backends that left their service"
-                    )
+            self.reset_udp_sockets(&report.udp_backends_removed);
+        }
+    }
+
+    /// Socket LB translated connected UDP sockets once, at connect: no flow
+    /// to flush, the sockets themselves are reset (with those of an earlier
+    /// pass that missed a namespace).
+    fn reset_udp_sockets(&mut self, left: &[crate::datapath::udp_reset::LeftBackend]) {
+        match self.datapath.udp_resetter.reset(left) {
+            Ok(resets) if resets.candidates > 0 => {
+                self.status.metrics.udp_sockets_reset(resets.sockets_reset);
+                info!(
+                    sockets = resets.sockets_reset,
+                    namespaces = resets.namespaces,
+                    "reset connected UDP sockets of backends that left their service"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => {
+                if let UdpResetError::SomeNamespaces { reset, .. } = &e {
+                    self.status.metrics.udp_sockets_reset(*reset);
                 }
-                Ok(_) => {}
-                Err(e) => {
-                    self.status.metrics.error(ErrorKind::UdpSocketReset);
-                    error!("resetting connected UDP sockets: {e}")
-                }
+                self.status.metrics.error(ErrorKind::UdpSocketReset);
+                error!("resetting connected UDP sockets: {e}")
             }
         }
     }
