@@ -11,6 +11,9 @@ use std::{
     time::Duration,
 };
 
+use aya::maps::{HashMap, Map, MapData};
+use lb_agent::datapath::migrate::Migration;
+use lb_common::ct::{CtKey, CtValue, CT_MAP, CT_RST, CT_SEEN_REPLY};
 use lb_tests::{
     netns::NetNs,
     require_root,
@@ -159,6 +162,24 @@ fn pin_v3_datapath(pins: &PinDir, backend: Ipv4Addr, client_port: u16) {
         &[revnat, owner].concat(),
     );
 
+    let now = lb_agent::datapath::conntrack::monotonic_ns();
+    for (key, value) in v3_flow(backend, client_port, CT_SEEN_REPLY, now, now + HOUR_NS) {
+        pins.update("lb_ct_v3", &key, &value);
+    }
+}
+
+const HOUR_NS: u64 = 3600 * 1_000_000_000;
+
+/// The v3 entries (key, value) of the flow `CLIENT_IP:client_port` →
+/// `VIP:80` at `backend:8080`, with these flags, creation time (v3's flow
+/// identity, the same in both) and expiry.
+fn v3_flow(
+    backend: Ipv4Addr,
+    client_port: u16,
+    flags: u8,
+    created_ns: u64,
+    expires_ns: u64,
+) -> [(Vec<u8>, Vec<u8>); 2] {
     let ct_key = |saddr, sport, daddr, dport, dir| {
         Bytes::default()
             .addr(saddr)
@@ -170,7 +191,6 @@ fn pin_v3_datapath(pins: &PinDir, backend: Ipv4Addr, client_port: u16) {
             .zeros(2)
             .0
     };
-    let now = lb_agent::datapath::conntrack::monotonic_ns();
     let ct_value = |src, sport, dst, dport| {
         Bytes::default()
             .addr(src)
@@ -178,24 +198,24 @@ fn pin_v3_datapath(pins: &PinDir, backend: Ipv4Addr, client_port: u16) {
             .port(sport)
             .port(dport)
             .u16(1) // rev-NAT id
-            .u8(1) // CT_SEEN_REPLY: established
+            .u8(flags)
             .u8(0)
             .u32(1) // backend id
             .u32(0)
-            .u64(now)
-            .u64(now + 3600 * 1_000_000_000)
+            .u64(created_ns)
+            .u64(expires_ns)
             .0
     };
-    pins.update(
-        "lb_ct_v3",
-        &ct_key(CLIENT_IP, client_port, VIP, 80, 0),
-        &ct_value(CLIENT_IP, client_port, backend, 8080),
-    );
-    pins.update(
-        "lb_ct_v3",
-        &ct_key(backend, 8080, CLIENT_IP, client_port, 1),
-        &ct_value(VIP, 80, CLIENT_IP, client_port),
-    );
+    [
+        (
+            ct_key(CLIENT_IP, client_port, VIP, 80, 0),
+            ct_value(CLIENT_IP, client_port, backend, 8080),
+        ),
+        (
+            ct_key(backend, 8080, CLIENT_IP, client_port, 1),
+            ct_value(VIP, 80, CLIENT_IP, client_port),
+        ),
+    ]
 }
 
 fn backend_name(body: &str) -> String {
@@ -279,6 +299,59 @@ fn upgrade_from_map_layout_v3_keeps_a_flow_only_the_old_table_knew() {
     let fresh = fresh_pick(&current, from(client_port), vip);
     let index = current.iter().position(|b| *b == fresh).unwrap();
     assert_eq!(backend_name(&body), format!("be{index}"), "{body}");
+}
+
+/// Between the agent's two migration stages the old programs still run
+/// first and go on updating the v3 entries of flows the first stage
+/// copied. The second brings those copies up to date: a flow the client
+/// reset meanwhile is closing in the new table too, with its short expiry,
+/// not established for another hour.
+#[test]
+fn a_flow_the_old_programs_close_during_the_handover_is_closed_after_it() {
+    require_root();
+    let pins = PinDir::new("lbup-refresh");
+    pin_v3_datapath(&pins, backend_ip(2), 40_100);
+    let _datapath = lb_agent::datapath::loader::load(
+        Some(&pins.0),
+        lb_agent::datapath::loader::MapSizes::default(),
+        &lb_agent::datapath::loader::Globals::DEFAULT,
+    )
+    .expect("the v4 datapath, pinned beside the v3 one");
+    let migration = Migration::pending(&pins.0).expect("v3 pins");
+    let adopted = migration.adopt().expect("stage 1");
+    assert_eq!(adopted.flows, 2);
+
+    // The old program sees the client's RST on the flow.
+    let now = lb_agent::datapath::conntrack::monotonic_ns();
+    let closing = now + 10 * 1_000_000_000;
+    let created = read_v4_flow(&pins)[0].1.created_ns;
+    for (key, value) in v3_flow(
+        backend_ip(2),
+        40_100,
+        CT_SEEN_REPLY | CT_RST,
+        created,
+        closing,
+    ) {
+        pins.update("lb_ct_v3", &key, &value);
+    }
+    let ((), finished) = migration.finish(|| ());
+    let finished = finished.expect("stage 2");
+    assert_eq!((finished.flows, finished.flows_refreshed), (0, 2));
+    for (key, value) in read_v4_flow(&pins) {
+        assert_eq!(value.flags, CT_SEEN_REPLY | CT_RST, "{key:?}");
+        assert_eq!(value.expires_ns, closing, "{key:?}");
+    }
+    assert!(pins.pins_ending("_v3").is_empty(), "the v3 pins go");
+}
+
+/// The flow's two entries in the new conntrack table.
+fn read_v4_flow(pins: &PinDir) -> Vec<(CtKey, CtValue)> {
+    let data = MapData::from_pin(pins.0.join(CT_MAP)).expect("v4 conntrack pin");
+    let map: HashMap<MapData, CtKey, CtValue> =
+        HashMap::try_from(Map::HashMap(data)).expect("a hash map");
+    let entries: Vec<(CtKey, CtValue)> = map.iter().map(|e| e.expect("entry")).collect();
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    entries
 }
 
 #[test]

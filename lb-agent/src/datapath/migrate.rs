@@ -10,11 +10,14 @@
 //!    and the flows, affinity and socket entries. The reconciler then
 //!    adopts the service state as after any restart, ids included.
 //! 2. `finish`, when this run is attached and programmed: the flows the old
-//!    programs created meanwhile (they run first on each hook until then),
-//!    once before and once after the old links are released, then the old
-//!    pins are removed. Counters (`lb_stats`) start again from zero.
+//!    programs created or updated meanwhile (they run first on each hook
+//!    until then), once before and once after the old links are released,
+//!    then the old pins are removed. Counters (`lb_stats`) start again
+//!    from zero.
 //!
-//! Flows are copied only into free keys: an entry this run wrote is newer.
+//! Flows go into free keys; a key holding the same flow takes the v3
+//! entry's state (`copy_conntrack`); another flow there is this run's and
+//! newer. Affinity and socket entries only into free keys.
 
 use std::path::{Path, PathBuf};
 
@@ -54,6 +57,8 @@ const NOT_COPIED: [&str; 2] = ["lb_stats_v3", "lb_config_v3"];
 
 /// `BPF_NOEXIST`: write only into a free key.
 const NOEXIST: u64 = 1;
+/// `BPF_EXIST`: write only over an entry.
+const EXIST: u64 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
@@ -82,6 +87,9 @@ pub enum MigrateError {
 pub struct Copied {
     pub service_entries: usize,
     pub flows: usize,
+    /// Flows copied before whose v3 entries the old programs updated since:
+    /// their state brought up to date.
+    pub flows_refreshed: usize,
     pub affinity: usize,
     pub sockets: usize,
     pub skipped: usize,
@@ -154,12 +162,7 @@ impl Migration {
     }
 
     fn copy_flows(&self, copied: &mut Copied) -> Result<(), MigrateError> {
-        copied.flows += self.copy::<v3::CtKey, v3::CtValue, CtKey, CtValue>(
-            FLOW_STATE[0],
-            NOEXIST,
-            |k, v| (k.into(), v.into()),
-            &mut copied.skipped,
-        )?;
+        self.copy_conntrack(copied)?;
         copied.affinity += self
             .copy::<v3::AffinityKey, AffinityValue, AffinityKey, AffinityValue>(
                 FLOW_STATE[1],
@@ -174,6 +177,44 @@ impl Migration {
                 |k, v| (k.into(), v.into()),
                 &mut copied.skipped,
             )?;
+        Ok(())
+    }
+
+    /// The conntrack entries. A free key gets the v3 entry. A key holding
+    /// the same flow — copied by an earlier stage, while the old programs
+    /// went on updating the v3 entry (a refresh, a FIN, an RST) — takes the
+    /// v3 state: its flags added, the later expiry. A key holding another
+    /// flow (this run's) keeps it. (The read and the write are two calls:
+    /// a datapath update between them can be lost, a refresh at most.)
+    fn copy_conntrack(&self, copied: &mut Copied) -> Result<(), MigrateError> {
+        let (from, to) = FLOW_STATE[0];
+        if !self.pin_dir.join(from).exists() {
+            return Ok(());
+        }
+        let entries = read_hash::<v3::CtKey, v3::CtValue>(self.open_map(from)?, from)?;
+        let mut target = open_hash::<CtKey, CtValue>(self.open_map(to)?, to)?;
+        for (key, value) in entries {
+            let (key, value): (CtKey, CtValue) = (key.into(), value.into());
+            let (write, flags, count) = match target.get(&key, 0) {
+                Ok(held) if !held.same_flow(&value) => {
+                    copied.skipped += 1;
+                    continue;
+                }
+                Ok(held) => match merge_flow_state(held, value) {
+                    merged if merged == held => continue,
+                    // Only where the entry still is: one the GC removed
+                    // meanwhile stays removed.
+                    merged => (merged, EXIST, &mut copied.flows_refreshed),
+                },
+                Err(e) if super::is_missing(&e) => (value, NOEXIST, &mut copied.flows),
+                Err(source) => return Err(MigrateError::Read { map: to, source }),
+            };
+            match target.insert(key, write, flags) {
+                Ok(()) => *count += 1,
+                Err(e) if taken_or_full(&e) || super::is_missing(&e) => copied.skipped += 1,
+                Err(source) => return Err(MigrateError::Write { map: to, source }),
+            }
+        }
         Ok(())
     }
 
@@ -264,6 +305,24 @@ fn taken_or_full(e: &MapError) -> bool {
         e.io_error.raw_os_error(),
         Some(libc::EEXIST | libc::E2BIG | libc::ENOMEM)
     )
+}
+
+/// A flow's entry as copied before (`held`) brought up to the v3 entry's
+/// state (`current`): flags only add (an answer, a FIN, an RST, assured);
+/// a state the v3 entry reached brings its expiry (a closed flow's is
+/// short), otherwise the later expiry holds.
+fn merge_flow_state(held: CtValue, current: CtValue) -> CtValue {
+    let flags = held.flags | current.flags;
+    let expires_ns = if flags != held.flags {
+        current.expires_ns
+    } else {
+        held.expires_ns.max(current.expires_ns)
+    };
+    CtValue {
+        flags,
+        expires_ns,
+        ..held
+    }
 }
 
 /// Removes the previous layout's pins from `pin_dir` (after a migration,
@@ -566,6 +625,8 @@ impl From<v3::SockRevNatValue> for SockRevNatValue {
 
 #[cfg(test)]
 mod tests {
+    use lb_common::ct::{CT_RST, CT_SEEN_REPLY};
+
     use super::*;
 
     /// 198.19.0.10 and port 80 as a v3 map held them (network order, read
@@ -623,6 +684,35 @@ mod tests {
             key.peer_key(&value),
             CtKey::new([198, 18, 10, 2], 8080, [198, 18, 1, 2], 40000, 6, 1)
         );
+    }
+
+    #[test]
+    fn a_flow_copied_before_takes_the_state_its_v3_entry_reached_since() {
+        let held = CtValue {
+            flags: CT_SEEN_REPLY,
+            flow_id: 7,
+            expires_ns: 6_000,
+            ..CtValue::default()
+        };
+        // Refreshed by the old program: the later expiry, flags as they were.
+        let refreshed = CtValue {
+            expires_ns: 9_000,
+            ..held
+        };
+        assert_eq!(merge_flow_state(held, refreshed), refreshed);
+        // Closed meanwhile: its flags and its (shorter) closing expiry.
+        let closed = CtValue {
+            flags: CT_SEEN_REPLY | CT_RST,
+            expires_ns: 100,
+            ..held
+        };
+        assert_eq!(merge_flow_state(held, closed), closed);
+        // Nothing new (this run refreshed it itself): unchanged.
+        let stale = CtValue {
+            expires_ns: 10,
+            ..held
+        };
+        assert_eq!(merge_flow_state(held, stale), held);
     }
 
     #[test]
