@@ -11,9 +11,7 @@ use aya_ebpf::{
     cty::c_void,
     helpers::generated::{bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp},
 };
-
-const TCP: u8 = 6;
-const UDP: u8 = 17;
+use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
 
 /// Whether a TCP (listening, established, time-wait or request) or UDP
 /// socket in the packet's network namespace would receive `proto` from
@@ -40,8 +38,8 @@ pub fn receives(ctx: *mut c_void, proto: u8, saddr: u32, daddr: u32, ports: u32)
     // for the call; a socket found is released before returning.
     unsafe {
         let sk = match proto {
-            TCP => bpf_skc_lookup_tcp(ctx, &mut tuple, size, netns, 0),
-            UDP => bpf_sk_lookup_udp(ctx, &mut tuple, size, netns, 0),
+            IPPROTO_TCP => bpf_skc_lookup_tcp(ctx, &mut tuple, size, netns, 0),
+            IPPROTO_UDP => bpf_sk_lookup_udp(ctx, &mut tuple, size, netns, 0),
             _ => return false,
         };
         if sk.is_null() {

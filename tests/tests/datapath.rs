@@ -571,6 +571,18 @@ fn flow_entries(h: &Harness, from: SocketAddrV4) -> ((CtKey, CtValue), (CtKey, C
     (forward, reply)
 }
 
+/// A UDP query from `from` to the VIP's port 53 and its backend's answer,
+/// both run: the query, the answer as the backend sent it, and the backend.
+fn answered_query(h: &Harness, from: SocketAddrV4) -> (Packet, Packet, SocketAddrV4) {
+    let query = Packet::udp(from, vip(53), b"query");
+    h.run(&query.build());
+    let ((_, forward), _) = flow_entries(h, from);
+    let backend = SocketAddrV4::new(Ipv4Addr::from(forward.dst_addr), forward.dst_port);
+    let answer = query.clone().to(backend).reply(0).with_payload(b"answer");
+    h.run_egress(&answer.build());
+    (query, answer, backend)
+}
+
 /// A handshake through the VIP from `from`: the SYN (ingress) and the
 /// backend's SYN-ACK (egress). Returns the backend and the packet as it
 /// reaches the backend (whose `reply` is the backend's side).
@@ -699,14 +711,8 @@ fn an_answered_udp_flow_is_assured_once_still_in_use_two_seconds_on() {
     let mut h = Harness::new();
     h.apply_yaml(&manifest(&BACKENDS));
     let from = client(45000);
-    let query = Packet::udp(from, vip(53), b"query");
-    h.run(&query.build());
-    let ((fk, fwd), (rk, _)) = flow_entries(&h, from);
-    let backend = SocketAddrV4::new(Ipv4Addr::from(fwd.dst_addr), fwd.dst_port);
-    let answer = Packet::udp(from, backend, b"query")
-        .reply(0)
-        .with_payload(b"answer");
-    h.run_egress(&answer.build());
+    let (query, _, backend) = answered_query(&h, from);
+    let ((fk, _), (rk, _)) = flow_entries(&h, from);
     // Answered, but a one-shot query and its answer stay cheap (DNS).
     h.run(&query.build());
     assert_eq!((table_of(&h, &fk), table_of(&h, &rk)), ("new", "new"));
@@ -779,12 +785,8 @@ fn a_datagram_on_the_tuple_of_an_expired_assured_flow_is_a_new_flow_both_ways() 
     let mut h = Harness::new();
     h.apply_yaml(&manifest(&BACKENDS));
     let from = client(45100);
-    let query = Packet::udp(from, vip(53), b"query");
-    h.run(&query.build());
+    let (query, answer, backend) = answered_query(&h, from);
     let ((fk, fwd), (rk, rep)) = flow_entries(&h, from);
-    let backend = SocketAddrV4::new(Ipv4Addr::from(fwd.dst_addr), fwd.dst_port);
-    let answer = query.clone().to(backend).reply(0).with_payload(b"answer");
-    h.run_egress(&answer.build());
     // Assured, then idle past its timeout in both directions.
     let past = now_ns() - 1;
     for (key, value) in [(fk, fwd), (rk, rep)] {

@@ -148,11 +148,33 @@ fn hash_of(src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> u32 {
     )
 }
 
+/// Client ports whose new flows to `dst` take slot `slot` of `choices`.
+fn ports_for_slot(
+    dst: SocketAddrV4,
+    proto: u8,
+    slot: u16,
+    choices: u16,
+) -> impl Iterator<Item = u16> {
+    (40000..42000).filter(move |p| select_slot(hash_of(client(*p), dst, proto), choices) == slot)
+}
+
 /// A client port whose new flow to `dst` takes slot `slot` of `choices`.
 fn port_for_slot(dst: SocketAddrV4, proto: u8, slot: u16, choices: u16) -> u16 {
-    (40000..41000)
-        .find(|p| select_slot(hash_of(client(*p), dst, proto), choices) == slot)
+    ports_for_slot(dst, proto, slot, choices)
+        .next()
         .expect("a port for every slot")
+}
+
+/// A SYN from client port `cport` to node port 30080 goes through the
+/// node's stack to the local backend, DNAT only (client address kept).
+fn syn_reaches_the_local_backend_unsnated(node: &Node, cport: u16) -> Packet {
+    let syn = Packet::tcp(client(cport), node_port(30080), TCP_SYN);
+    let out = node.external(&syn.build());
+    assert_eq!(out.verdict, TCX_NEXT, "through the node's stack to the pod");
+    let local = SocketAddrV4::new(LOCAL_BACKEND, 8080);
+    assert_frame(&out.frame, &syn.clone().to(local).build(), "DNAT only");
+    assert_eq!(node.h.counter(Stat::SnatNew), 0);
+    syn
 }
 
 /// The SNAT port a flow got, checked to lie in the configured range.
@@ -433,13 +455,9 @@ fn a_snated_flow_created_on_two_cpus_at_once_holds_one_port() {
 #[test]
 fn nodeport_to_a_local_backend_keeps_the_client_address() {
     let node = Node::new("local", &manifest("", &BOTH));
-    let cport = port_for_slot(node_port(30080), 6, 1, 2);
-    let syn = Packet::tcp(client(cport), node_port(30080), TCP_SYN);
-    let out = node.external(&syn.build());
-    assert_eq!(out.verdict, TCX_NEXT, "through the node's stack to the pod");
+    let syn =
+        syn_reaches_the_local_backend_unsnated(&node, port_for_slot(node_port(30080), 6, 1, 2));
     let local = SocketAddrV4::new(LOCAL_BACKEND, 8080);
-    assert_frame(&out.frame, &syn.clone().to(local).build(), "DNAT only");
-    assert_eq!(node.h.counter(Stat::SnatNew), 0);
 
     // The pod's answer is reverse-NATed on its way out of the uplink.
     let answer = syn.clone().to(local).reply(TCP_SYN | TCP_ACK);
@@ -478,13 +496,7 @@ fn a_local_backend_above_the_published_local_count_is_not_snated() {
         },
     )
     .unwrap();
-    let cport = port_for_slot(node_port(30080), 6, 1, 2);
-    let syn = Packet::tcp(client(cport), node_port(30080), TCP_SYN);
-    let out = node.external(&syn.build());
-    assert_eq!(out.verdict, TCX_NEXT, "through the node's stack to the pod");
-    let local = SocketAddrV4::new(LOCAL_BACKEND, 8080);
-    assert_frame(&out.frame, &syn.clone().to(local).build(), "DNAT only");
-    assert_eq!(node.h.counter(Stat::SnatNew), 0);
+    syn_reaches_the_local_backend_unsnated(&node, port_for_slot(node_port(30080), 6, 1, 2));
 
     // Slots without a role, slot 0 whole again: judged by place.
     let maps = node.h.reconciler.maps_mut();
@@ -497,18 +509,14 @@ fn a_local_backend_above_the_published_local_count_is_not_snated() {
         };
         maps.put_slot(frontend, slot, value).unwrap();
     }
-    let other_port = |slot| {
-        (41000..42000)
-            .find(|p| select_slot(hash_of(client(*p), node_port(30080), 6), 2) == slot)
-            .unwrap()
-    };
-    let syn = Packet::tcp(client(other_port(1)), node_port(30080), TCP_SYN);
-    assert_frame(
-        &node.external(&syn.build()).frame,
-        &syn.clone().to(local).build(),
-        "slot 1, within the local count: DNAT only",
+    // Slot 1, within the local count: DNAT only (a port not used above).
+    let slot_1 = ports_for_slot(node_port(30080), 6, 1, 2).nth(1).unwrap();
+    syn_reaches_the_local_backend_unsnated(&node, slot_1);
+    let syn = Packet::tcp(
+        client(port_for_slot(node_port(30080), 6, 2, 2)),
+        node_port(30080),
+        TCP_SYN,
     );
-    let syn = Packet::tcp(client(other_port(2)), node_port(30080), TCP_SYN);
     assert_eq!(node.external(&syn.build()).verdict, TC_ACT_REDIRECT);
     assert_eq!(node.h.counter(Stat::SnatNew), 1, "slot 2, past it: SNATed");
 }
