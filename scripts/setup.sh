@@ -8,7 +8,7 @@ set -euo pipefail
 BPF_LINKER_VERSION=0.13.0
 TOOLCHAIN=deb-1.96
 PACKAGES=(llvm-22-dev clang-22 lld-22 libpolly-22-dev bpftool libbpf-dev iproute2 util-linux iputils-ping
-          dnsmasq-base bind9-dnsutils curl
+          dnsmasq-base bind9-dnsutils curl ethtool
           iptables nftables
           rustc-web cargo-web libstd-rust-web-dev-bpf rust-web-src)
 

@@ -6,7 +6,22 @@
 //! the interface it came in on.
 //!
 //! Only packets without IP options are answered (fixed 28-byte quote);
-//! others are dropped and counted (`drop_reject`). Answers are
+//! others are dropped and counted (`drop_reject`).
+//!
+//! The answer is built in the packet's own skb, so it keeps the packet's
+//! checksum state. A packet whose transport checksum is still owed
+//! (CHECKSUM_PARTIAL: sent by a local socket over a veth, merged by GRO,
+//! received from virtio) has it computed at transmit — by the NIC, or by
+//! the kernel when the device does not checksum (`ethtool -K … tx off`) —
+//! from the transport header to the end, written at the TCP or UDP
+//! checksum's place: inside the quote (TCP) or over the MTU (UDP) of the
+//! answer. A tc program can neither see nor reset that state, so the
+//! answer is laid out to make the owed computation a no-op: two bytes of
+//! link-layer padding after the IP datagram hold the complement of the
+//! word at that place, so the sum computed there is that very word. A
+//! receiver over a veth, which trusts a CHECKSUM_PARTIAL packet, reads the
+//! same bytes. An owed SCTP checksum (CRC32c) cannot be neutralised so:
+//! such a packet is dropped unanswered. Answers are
 //! rate-limited per CPU (`lb_common::icmp`); a packet past the limit is
 //! dropped unanswered (`drop_icmp_rate_limited`).
 
@@ -14,7 +29,7 @@ use aya_ebpf::{
     helpers::{bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
 };
-use lb_common::{icmp::IcmpLimit, stats::Stat, IPPROTO_ICMP};
+use lb_common::{icmp::IcmpLimit, stats::Stat, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::{
     csum,
@@ -33,6 +48,12 @@ const ICMP_FRAG_NEEDED: u8 = 4;
 /// Original IP header (no options) plus the first 8 bytes of its payload.
 const QUOTE_LEN: u32 = 28;
 const REPLY_IP_LEN: u32 = 20 + 8 + QUOTE_LEN;
+/// The Ethernet and IPv4 headers of the packet and of its answer.
+const HEADERS_LEN: u32 = ETH_HLEN + 20;
+/// Where an owed TCP checksum lands in the answer: the quoted IP header's
+/// TTL and protocol (quote bytes 8–9); an owed UDP one: the MTU field.
+const OWED_TCP_AT: u32 = HEADERS_LEN + 16;
+const OWED_UDP_AT: u32 = HEADERS_LEN + 6;
 
 #[inline(always)]
 pub fn port_unreachable(ctx: &TcContext, pkt: &Packet) -> Outcome {
@@ -88,7 +109,9 @@ fn build(ctx: &TcContext, pkt: &Packet, code: u8, mtu: u16) -> Result<(), ()> {
     }
     let macs: [u8; 12] = ctx.load(0).map_err(|_| ())?;
     let mut quote: [u32; 7] = ctx.load(ETH_HLEN as usize).map_err(|_| ())?;
-    if unsafe { bpf_skb_change_tail(ctx.skb.skb, ETH_HLEN + REPLY_IP_LEN, 0) } != 0 {
+    let owed = owed_checksum(ctx, pkt.proto)?;
+    let frame_len = ETH_HLEN + REPLY_IP_LEN + if owed.is_some() { 2 } else { 0 };
+    if change_tail(ctx, frame_len) != 0 {
         return Err(());
     }
 
@@ -119,7 +142,50 @@ fn build(ctx: &TcContext, pkt: &Packet, code: u8, mtu: u16) -> Result<(), ()> {
     ctx.store((ETH_HLEN + 20) as usize, &icmp.0, 0)
         .map_err(|_| ())?;
     ctx.store((ETH_HLEN + 28) as usize, &quote, 0)
+        .map_err(|_| ())?;
+
+    // The owed checksum then computes to the word already in its place.
+    let Some(at) = owed else {
+        return Ok(());
+    };
+    let [ttl, proto, ..] = quote[2].to_ne_bytes();
+    let word = if at == OWED_TCP_AT {
+        [ttl, proto]
+    } else {
+        [mtu_hi, mtu_lo]
+    };
+    let padding = !u16::from_ne_bytes(word);
+    ctx.store((ETH_HLEN + REPLY_IP_LEN) as usize, &padding, 0)
         .map_err(|_| ())
+}
+
+/// Where the packet's owed transport checksum will be written, if one is
+/// owed. `bpf_skb_change_tail` refuses to cut an owed checksum's field
+/// (the kernel's `__bpf_skb_min_len`), so: a trim to the headers that
+/// succeeds means none is owed; otherwise the field ends exactly where a
+/// trim to it succeeds and one byte shorter is refused. The packet is left
+/// trimmed (its bytes were read before). An owed checksum anywhere but at
+/// the TCP or UDP checksum of the transport header is an error.
+#[inline(always)]
+fn owed_checksum(ctx: &TcContext, proto: u8) -> Result<Option<u32>, ()> {
+    if change_tail(ctx, HEADERS_LEN) == 0 {
+        return Ok(None);
+    }
+    let at = match proto {
+        IPPROTO_TCP => OWED_TCP_AT,
+        IPPROTO_UDP => OWED_UDP_AT,
+        _ => return Err(()),
+    };
+    if change_tail(ctx, at + 2) == 0 && change_tail(ctx, at + 1) != 0 {
+        Ok(Some(at))
+    } else {
+        Err(())
+    }
+}
+
+#[inline(always)]
+fn change_tail(ctx: &TcContext, len: u32) -> i64 {
+    unsafe { bpf_skb_change_tail(ctx.skb.skb, len, 0) }
 }
 
 /// A byte buffer `bpf_csum_diff` can read as 32-bit words.

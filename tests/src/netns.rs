@@ -70,6 +70,15 @@ impl NetNs {
         ])
     }
 
+    /// `ethtool -K DEV tx off` in the namespace: the device computes no
+    /// checksums, so the kernel computes the ones still owed at transmit
+    /// (`skb_checksum_help`), as for a VM NIC without checksum offload.
+    pub fn tx_checksum_off(&self, dev: &str) -> anyhow::Result<()> {
+        sh(&[
+            "ip", "netns", "exec", &self.name, "ethtool", "-K", dev, "tx", "off",
+        ])
+    }
+
     /// Runs `f` on a thread inside the namespace. Sockets created there stay
     /// in the namespace and may be returned and used from any thread.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {

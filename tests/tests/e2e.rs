@@ -227,17 +227,10 @@ fn removing_a_backend_moves_new_connections_but_keeps_established_ones() {
     }
 }
 
-#[test]
-fn service_without_ready_endpoints_refuses_connections_at_once() {
-    let not_ready = vec![(backend_ip(0), false)];
-    let mut s = setup("lbt3", 1, &web_manifest(&not_ready));
-    s.agent
-        .wait_for_maps("service with no backends", |m| {
-            m.count(&format!("{VIP}:80/TCP")) == Some(0)
-        })
-        .unwrap();
-
-    s.topology.client.run(|| {
+/// A TCP connection and a connected UDP socket to the VIP are refused by
+/// an ICMP port unreachable, not left to time out.
+fn refused_at_once(client: &lb_tests::netns::NetNs) {
+    client.run(|| {
         let started = std::time::Instant::now();
         let err = std::net::TcpStream::connect_timeout(&SocketAddr::from((VIP, 80)), IO_TIMEOUT)
             .expect_err("no backend");
@@ -251,6 +244,19 @@ fn service_without_ready_endpoints_refuses_connections_at_once() {
         let err = udp.recv(&mut [0u8; 64]).expect_err("no backend");
         assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "UDP: {err}");
     });
+}
+
+#[test]
+fn service_without_ready_endpoints_refuses_connections_at_once() {
+    let not_ready = vec![(backend_ip(0), false)];
+    let mut s = setup("lbt3", 1, &web_manifest(&not_ready));
+    s.agent
+        .wait_for_maps("service with no backends", |m| {
+            m.count(&format!("{VIP}:80/TCP")) == Some(0)
+        })
+        .unwrap();
+
+    refused_at_once(&s.topology.client);
 
     // Once an endpoint becomes ready, the same service serves.
     s.manifests
@@ -267,6 +273,25 @@ fn service_without_ready_endpoints_refuses_connections_at_once() {
         .run(|| http_get(SocketAddrV4::new(VIP, 80)))
         .expect("served after becoming ready");
     assert_eq!(backend_of(&body), "be0");
+}
+
+/// The same over a node link that computes no checksums (`tx off`, as on
+/// a VM NIC without offload). The client's SYN and datagram arrive with
+/// their transport checksum still owed (CHECKSUM_PARTIAL, from its socket
+/// over the veth); the answers are built in those packets, so the kernel
+/// computes the owed checksum as they leave, over the answer: unless the
+/// answer neutralises it, it lands on the quoted header's TTL and protocol,
+/// the client drops the error as corrupt and the connection times out.
+#[test]
+fn service_without_endpoints_refuses_at_once_over_a_link_without_checksum_offload() {
+    let mut s = setup("lbt24", 1, &web_manifest(&[(backend_ip(0), false)]));
+    s.topology.node.tx_checksum_off("lbt24-c").unwrap();
+    s.agent
+        .wait_for_maps("service with no backends", |m| {
+            m.count(&format!("{VIP}:80/TCP")) == Some(0)
+        })
+        .unwrap();
+    refused_at_once(&s.topology.client);
 }
 
 #[test]

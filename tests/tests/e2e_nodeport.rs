@@ -751,6 +751,39 @@ fn counter(cluster: &Cluster, node: usize, name: &str) -> u64 {
         .1
 }
 
+/// Sets an `IPPROTO_IP` socket option of type int.
+fn set_ip_option(socket: &std::net::UdpSocket, option: libc::c_int, value: libc::c_int) {
+    // SAFETY: a valid socket and an int option of the right size.
+    let set = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(socket),
+            libc::IPPROTO_IP,
+            option,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(set, 0, "setsockopt {option}");
+}
+
+/// The path MTU a connected socket knows (`IP_MTU`).
+fn path_mtu(socket: &std::net::UdpSocket) -> libc::c_int {
+    let mut mtu: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: a valid socket, an int buffer and its length.
+    let got = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(socket),
+            libc::IPPROTO_IP,
+            libc::IP_MTU,
+            (&mut mtu as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(got, 0, "getsockopt IP_MTU");
+    mtu
+}
+
 /// node-a's route to node-b's pods allows 1280 bytes: a locked route MTU,
 /// which forwarding honours (as the kernel's does).
 fn narrow_the_way_to_node_b(cluster: &Cluster) {
@@ -793,6 +826,49 @@ fn pmtu_discovery_through_a_nodeport_when_the_routed_way_out_is_narrower() {
     );
 }
 
+/// The same on an uplink that computes no checksums (`tx off` on node-a's
+/// eth0, as on a VM NIC without offload): the clients' packets arrive with
+/// their transport checksum still owed, so it is computed as node-a sends —
+/// over the SNATed packets to node-b, and over the "fragmentation needed"
+/// built in a too-big packet, where it would land on the quoted header
+/// (TCP) or the MTU field (UDP) unless the answer neutralises it. TCP: the
+/// transfer completes; UDP with DF: the client's socket learns 1280.
+#[test]
+fn pmtu_discovery_through_a_nodeport_over_an_uplink_without_checksum_offload() {
+    require_root();
+    let mut cluster = Cluster::new("np17", &web("NodePort", "", "", &[1])).unwrap();
+    cluster
+        .wait_for_maps("the node ports", |m| {
+            m.port_count("30080/TCP") == Some(1) && m.port_count("30053/UDP") == Some(1)
+        })
+        .unwrap();
+    narrow_the_way_to_node_b(&cluster);
+    cluster.nodes[0].tx_checksum_off("eth0").unwrap();
+    let received = transfer_1mb(&cluster, node_port(0, 30080))
+        .expect("the 1 MB transfer through the node port completes");
+    assert_eq!(received, (1 << 20).to_string());
+
+    let client = cluster.clients[1]
+        .run(|| std::net::UdpSocket::bind((CLIENT_IPS[1], 0)))
+        .unwrap();
+    client
+        .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .unwrap();
+    set_ip_option(&client, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_DO);
+    client.connect(node_port(0, 30053)).unwrap();
+    client.send(b"small").unwrap();
+    assert!(
+        client.recv(&mut [0u8; 64]).is_ok(),
+        "a datagram that fits is answered"
+    );
+    client.send(&[b'x'; 1400]).unwrap();
+    let err = client
+        .recv(&mut [0u8; 64])
+        .expect_err("too big for the way out");
+    assert_eq!(err.raw_os_error(), Some(libc::EMSGSIZE), "{err}");
+    assert_eq!(path_mtu(&client), 1280);
+}
+
 /// The documented limit of the SNAT path: a datagram too big for the way
 /// out *without* DF is not fragmented by the program (kernel forwarding
 /// would): it is dropped and counted, and smaller ones still pass.
@@ -811,18 +887,7 @@ fn a_too_big_datagram_without_df_through_a_snated_node_port_is_dropped_and_count
         .set_read_timeout(Some(std::time::Duration::from_secs(2)))
         .unwrap();
     // DF off: the client's kernel sends it whole (its link takes 1500).
-    let dont: libc::c_int = libc::IP_PMTUDISC_DONT;
-    // SAFETY: a valid socket and an int option of the right size.
-    let set = unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&client),
-            libc::IPPROTO_IP,
-            libc::IP_MTU_DISCOVER,
-            (&dont as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(set, 0, "IP_MTU_DISCOVER");
+    set_ip_option(&client, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_DONT);
     let mut buf = [0u8; 2048];
     let mut ask = |size: usize| -> std::io::Result<usize> {
         client.send_to(&vec![b'x'; size], node_port(0, 30053))?;
