@@ -178,19 +178,41 @@ pub fn load_with_log(
         }
     }
     for name in [INGRESS_PROGRAM, INGRESS_EXTERNAL_PROGRAM, EGRESS_PROGRAM] {
-        program(&mut ebpf, name)?.load()?;
+        let tc = program(&mut ebpf, name)?;
+        retry_interrupted(|| tc.load())?;
     }
     for (name, _) in SOCK_PROGRAMS {
         let sock: &mut aya::programs::CgroupSockAddr = ebpf
             .program_mut(name)
             .ok_or_else(|| LoadError::Map("-", format!("program {name} missing from the object")))?
             .try_into()?;
-        sock.load()?;
+        retry_interrupted(|| sock.load())?;
     }
     if pin_dir.is_some() {
         warn_on_resized_pins(&ebpf, sizes);
     }
     Ok(ebpf)
+}
+
+/// The verifier gives up with EAGAIN when a signal is pending on the
+/// loading thread (any handled signal: a child's exit, a SIGTERM being
+/// delivered); the load itself was fine. libbpf retries five times, and so
+/// do we — aya does not.
+fn retry_interrupted(
+    mut load: impl FnMut() -> Result<(), aya::programs::ProgramError>,
+) -> Result<(), aya::programs::ProgramError> {
+    const ATTEMPTS: usize = 5;
+    let mut attempt = 1;
+    loop {
+        match load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < ATTEMPTS =>
+            {
+                attempt += 1;
+            }
+            done => return done,
+        }
+    }
 }
 
 /// Pinned maps are reused as they are: a size flag that changed since they
