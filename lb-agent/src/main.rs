@@ -265,6 +265,12 @@ struct RunArgs {
     /// a table of M entries takes ⌈M/256⌉, two while it is replaced.
     #[arg(long, default_value_t = lb_common::maglev::DEFAULT_MAX_MAGLEV_CHUNKS)]
     max_maglev_chunks: u32,
+    /// Size of the socket LB reverse table (one entry per open socket and
+    /// backend it was pointed at; never evicted: an entry leaves with its
+    /// socket, and while the table is full new sockets are left to the tc
+    /// path, counted as `sock_untranslated`).
+    #[arg(long, default_value_t = lb_common::sock::DEFAULT_MAX_SOCK_REVNAT)]
+    max_socket_entries: u32,
     /// On exit, leave the program attached and the maps pinned.
     #[arg(long)]
     keep_datapath: bool,
@@ -426,6 +432,7 @@ impl RunArgs {
                 affinity: self.max_affinity,
                 source_ranges: self.max_source_ranges,
                 maglev_chunks: self.max_maglev_chunks,
+                socket_entries: self.max_socket_entries,
             },
             limits,
             keep_datapath: self.keep_datapath,

@@ -73,9 +73,13 @@ pub enum Stat {
     /// Another CPU created the same new flow first (two sends on one socket
     /// at once): its entries were adopted, the packet follows them.
     CtCreateRaced = 28,
+    /// A socket's connect or send to a frontend left to the tc path: its
+    /// reverse entry could not be made (the map full, or the socket holds
+    /// another backend in that slot).
+    SockUntranslated = 29,
 }
 
-pub const STAT_COUNT: u32 = 29;
+pub const STAT_COUNT: u32 = 30;
 
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "pass_not_service",
@@ -107,4 +111,5 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "ct_assured_full",
     "drop_icmp_rate_limited",
     "ct_create_raced",
+    "sock_untranslated",
 ];

@@ -66,10 +66,11 @@ pub static AFFINITY_MATCH: HashMap<AffinityMatchKey, u8, 262_144, { BPF_F_NO_PRE
 pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8, 16_384, { BPF_F_NO_PREALLOC as usize }> =
     LpmTrie::new();
 
-/// Socket LB: per socket and backend, the frontend it was connected or sent
-/// to (for getpeername and recvmsg). An LRU: entries of closed sockets age out.
-#[btf_map(name = "lb_sock_rnat_v4")]
-pub static SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue, 262_144> = LruHashMap::new();
+/// Socket LB: per socket and backend slot, the backend and the frontend it
+/// stood for (for getpeername and recvmsg). Not an LRU: an entry leaves
+/// with its socket (`sock_release`), never for another's.
+#[btf_map(name = "lb_sock_rev_v4")]
+pub static SOCK_REVNAT: HashMap<SockRevNatKey, SockRevNatValue, 262_144> = HashMap::new();
 
 /// Maglev lookup tables, in 1 KiB chunks (see `lb_common::maglev`).
 #[btf_map(name = "lb_maglev_v4")]

@@ -1,5 +1,5 @@
-//! Connect-time load balancing: cgroup sock_addr programs for sockets of
-//! the processes under `--cgroup-path` (pods, node processes). A connect
+//! Connect-time load balancing: cgroup programs for sockets of the
+//! processes under `--cgroup-path` (pods, node processes). A connect
 //! (TCP, connected UDP) or send (unconnected UDP) to a frontend is pointed
 //! at a backend once, in the syscall; the packets then carry the backend's
 //! address and the tc programs leave them alone. `getpeername` and
@@ -8,16 +8,17 @@
 //! client's address, are left to tc.
 
 use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
-    macros::cgroup_sock_addr,
-    programs::SockAddrContext,
+    macros::{cgroup_sock, cgroup_sock_addr},
+    programs::{SockAddrContext, SockContext},
     EbpfContext as _,
 };
 use lb_common::{
     affinity::AffinityKey,
     hash::{select_slot, socket_hash},
     ipv4,
-    sock::{SockRevNatKey, SockRevNatValue},
+    sock::{SockRevNatKey, SockRevNatValue, SOCK_SLOTS},
     stats::Stat,
     svc::{SvcKey, SVC_FLAG_AFFINITY, SVC_FLAG_INTERNAL_LOCAL, SVC_FLAG_SOURCE_RANGES},
     wire, IPPROTO_TCP, IPPROTO_UDP,
@@ -32,12 +33,44 @@ const ECONNREFUSED: i32 = 111;
 
 #[cgroup_sock_addr(connect4)]
 pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
-    translate(&ctx)
+    translate(&ctx, Send::Connect)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn lb_sendmsg4(ctx: SockAddrContext) -> i32 {
-    translate(&ctx)
+    translate(&ctx, Send::Datagram)
+}
+
+/// A closing socket takes its reverse entries with it.
+#[cgroup_sock(sock_release)]
+pub fn lb_sock_release(ctx: SockContext) -> i32 {
+    // SAFETY: the context is valid for the program run.
+    let proto = unsafe { (*ctx.sock).protocol };
+    if proto != u32::from(IPPROTO_TCP) && proto != u32::from(IPPROTO_UDP) {
+        return ALLOW;
+    }
+    // SAFETY: a plain helper on the context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    for slot in 0..SOCK_SLOTS {
+        let key = SockRevNatKey {
+            cookie,
+            slot,
+            _pad: 0,
+        };
+        // Most sockets never held one: a miss is the common case.
+        let _ = maps::SOCK_REVNAT.remove(&key);
+    }
+    ALLOW
+}
+
+/// How the socket reaches the frontend.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Send {
+    /// `connect`: the socket's one peer from now on; an older entry in the
+    /// slot belongs to a peer it no longer has.
+    Connect,
+    /// `sendto` on an unconnected socket: one of possibly several peers.
+    Datagram,
 }
 
 #[cgroup_sock_addr(recvmsg4)]
@@ -53,7 +86,7 @@ pub fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
 }
 
 #[inline(always)]
-fn translate(ctx: &SockAddrContext) -> i32 {
+fn translate(ctx: &SockAddrContext, send: Send) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: the context is valid for the program run; fields read once.
     let (proto, addr_be, port_be) = unsafe {
@@ -123,19 +156,21 @@ fn translate(ctx: &SockAddrContext) -> i32 {
         affinity::remember(&key, backend_id, now);
     }
     let backend = unsafe { *backend };
-    let key = SockRevNatKey {
-        cookie,
+    let value = SockRevNatValue {
         backend_addr: backend.addr,
         backend_port: backend.port,
+        frontend_port: port,
+        frontend_addr: addr,
+        rev_nat_id: svc.rev_nat_id,
         _pad: 0,
     };
-    let value = SockRevNatValue {
-        frontend_addr: addr,
-        frontend_port: port,
-        rev_nat_id: svc.rev_nat_id,
-    };
-    if maps::SOCK_REVNAT.insert(&key, &value, 0).is_err() {
-        return ALLOW; // untranslated, the tc path still serves it
+    if !remember_frontend(
+        &SockRevNatKey::new(cookie, backend.addr, backend.port),
+        &value,
+        send,
+    ) {
+        count(Stat::SockUntranslated);
+        return ALLOW; // untranslated: the tc path serves it
     }
     // SAFETY: user_ip4 and user_port are writable in these hooks.
     unsafe {
@@ -146,22 +181,54 @@ fn translate(ctx: &SockAddrContext) -> i32 {
     ALLOW
 }
 
+/// Writes the socket's entry for a backend; false when it cannot have one.
+/// A datagram socket's slot held by another backend stays with it (both
+/// peers are live), and the map's NOEXIST insert decides between two
+/// threads sending at once.
+#[inline(always)]
+fn remember_frontend(key: &SockRevNatKey, value: &SockRevNatValue, send: Send) -> bool {
+    if send == Send::Connect {
+        return maps::SOCK_REVNAT
+            .insert(key, value, u64::from(BPF_ANY))
+            .is_ok();
+    }
+    if maps::SOCK_REVNAT
+        .insert(key, value, u64::from(BPF_NOEXIST))
+        .is_ok()
+    {
+        return true;
+    }
+    match maps::SOCK_REVNAT.get_ptr(key) {
+        // SAFETY: read once; the socket's own entry.
+        Some(held) if unsafe { (*held).is_backend(value.backend_addr, value.backend_port) } => {
+            // The same backend through another frontend (or again): the
+            // latest frontend is the one the socket sends to.
+            maps::SOCK_REVNAT
+                .insert(key, value, u64::from(BPF_ANY))
+                .is_ok()
+        }
+        _ => false,
+    }
+}
+
 /// The backend a socket talks to appears as the frontend it asked for.
 #[inline(always)]
 fn show_frontend(ctx: &SockAddrContext) {
     let sa = ctx.sock_addr;
-    let key = SockRevNatKey {
-        // SAFETY: as in `translate`.
-        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
-        backend_addr: ipv4(unsafe { (*sa).user_ip4 }),
-        backend_port: u16::from_be(unsafe { (*sa).user_port } as u16),
-        _pad: 0,
-    };
+    // SAFETY: as in `translate`.
+    let (backend_addr, backend_port) =
+        unsafe { (ipv4((*sa).user_ip4), u16::from_be((*sa).user_port as u16)) };
+    // SAFETY: as in `translate`.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = SockRevNatKey::new(cookie, backend_addr, backend_port);
     let Some(frontend) = maps::SOCK_REVNAT.get_ptr(&key) else {
         return;
     };
-    // SAFETY: copied at once (LRU elements may be recycled).
+    // SAFETY: copied at once (the release hook may delete it meanwhile).
     let frontend = unsafe { *frontend };
+    if !frontend.is_backend(backend_addr, backend_port) {
+        return; // another backend's entry in this slot
+    }
     unsafe {
         (*sa).user_ip4 = wire(frontend.frontend_addr);
         (*sa).user_port = u32::from(frontend.frontend_port.to_be());

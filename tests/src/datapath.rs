@@ -72,6 +72,7 @@ impl Harness {
             affinity: 1024,
             source_ranges: 1024,
             maglev_chunks: 1024,
+            socket_entries: 1024,
         };
         let mut ebpf = loader::load(None, sizes, globals).expect("load datapath");
         let maps = loader::kernel_maps(&mut ebpf, sizes).expect("service maps");

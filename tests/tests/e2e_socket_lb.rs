@@ -14,7 +14,11 @@ use lb_tests::{
     require_root,
     servers::{BackendServers, EchoConnection},
     topology::{backend_ip, web_manifest, Agent, ScratchDir, Topology, CLIENT_IP, VIP},
+    wait_until,
 };
+
+/// The hooks socket LB attaches: four sock_addr ones and sock_release.
+const SOCKET_LB_LINKS: usize = lb_agent::datapath::SOCK_PROGRAMS.len() + 1;
 
 struct Setup {
     agent: Agent,
@@ -27,16 +31,18 @@ struct Setup {
 
 /// `n` backends serving, the agent with socket LB at a test cgroup.
 fn setup(prefix: &str, n: usize, ready: &[usize], socket_lb: bool) -> Setup {
-    setup_with(prefix, n, ready, socket_lb, |m| m)
+    setup_with(prefix, n, ready, socket_lb, |m| m, &[])
 }
 
-/// `setup`, with the manifest passed through `edit` first.
+/// `setup`, with the manifest passed through `edit` first and `args` for
+/// the agent.
 fn setup_with(
     prefix: &str,
     n: usize,
     ready: &[usize],
     socket_lb: bool,
     edit: impl Fn(String) -> String,
+    args: &[&str],
 ) -> Setup {
     require_root();
     let cgroup = TestCgroup::new(prefix).expect("cgroup");
@@ -49,13 +55,15 @@ fn setup_with(
         .expect("manifest");
     let cgroup_path = cgroup.path.to_string_lossy().into_owned();
     let flag = format!("--socket-lb={socket_lb}");
+    let mut agent_args = vec![flag.as_str(), "--cgroup-path", &cgroup_path];
+    agent_args.extend_from_slice(args);
     let mut agent = Agent::start(
         &topology.node,
         &manifests.0,
         &topology.interface_pattern(),
         &PathBuf::from(format!("/sys/fs/bpf/{prefix}-test")),
         &manifests.0.join("agent.log"),
-        &[&flag, "--cgroup-path", &cgroup_path],
+        &agent_args,
     )
     .expect("agent");
     agent
@@ -87,7 +95,7 @@ impl Setup {
 
     /// Starts the next agent on the pins of the current one, which must
     /// have been killed (pins left behind). With socket LB, waits until its
-    /// four links are attached and the old run's released.
+    /// links are attached and the old run's released.
     fn start_next_agent(&mut self, socket_lb: bool) {
         let old_pins = self.cgroup_pins();
         self.agent.cleanup_pins = false;
@@ -108,7 +116,7 @@ impl Setup {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while {
             let pins = self.cgroup_pins();
-            pins.len() != 4 || pins.iter().any(|p| old_pins.contains(p))
+            pins.len() != SOCKET_LB_LINKS || pins.iter().any(|p| old_pins.contains(p))
         } {
             assert!(
                 std::time::Instant::now() < deadline,
@@ -118,6 +126,16 @@ impl Setup {
             );
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
+    }
+
+    /// Entries in the socket LB reverse table.
+    fn socket_entries(&self) -> u64 {
+        lb_agent::datapath::fill::datapath_tables(&self.agent.pin_dir)
+            .unwrap()
+            .into_iter()
+            .find(|(name, _)| *name == lb_common::sock::SOCK_REVNAT_MAP)
+            .unwrap()
+            .1
     }
 
     fn counter(&self, stat: Stat) -> u64 {
@@ -159,6 +177,11 @@ fn socket_lb_translates_connect_and_getpeername_shows_the_vip() {
     }
     assert_eq!(seen.len(), 2, "both backends: {seen:?}");
     assert_eq!(s.counter(Stat::SockTranslated), 12);
+    assert_eq!(
+        s.socket_entries(),
+        0,
+        "each closed socket took its reverse entry along"
+    );
     assert_eq!(
         s.counter(Stat::DnatNew),
         0,
@@ -261,13 +284,20 @@ fn socket_lb_off_leaves_the_tc_path_serving() {
 
 #[test]
 fn socket_lb_keeps_client_ip_affinity_per_network_namespace() {
-    let s = setup_with("lbsk7", 3, &[0, 1, 2], true, |m| {
-        m.replacen(
-            "  clusterIP:",
-            "  sessionAffinity: ClientIP\n  clusterIP:",
-            1,
-        )
-    });
+    let s = setup_with(
+        "lbsk7",
+        3,
+        &[0, 1, 2],
+        true,
+        |m| {
+            m.replacen(
+                "  clusterIP:",
+                "  sessionAffinity: ClientIP\n  clusterIP:",
+                1,
+            )
+        },
+        &[],
+    );
     let answers: Vec<String> = (0..8)
         .map(|_| s.cgroup.python(&s.topology.client, TCP_CLIENT).unwrap())
         .collect();
@@ -290,10 +320,10 @@ fn socket_lb_survives_a_killed_agent_and_the_next_one_adopts_it() {
     // The next agent attaches its own links, then releases the old ones.
     assert_eq!(
         s.cgroup_pins().len(),
-        4,
+        SOCKET_LB_LINKS,
         "the killed agent's links stay pinned"
     );
-    // Four hooks, all of the new run: the old links are released.
+    // Every hook, all of the new run: the old links are released.
     s.start_next_agent(true);
     let before = s.counter(Stat::SockTranslated);
     let out = s.cgroup.python(&s.topology.client, TCP_CLIENT).unwrap();
@@ -425,4 +455,165 @@ fn socket_lb_turned_on_leaves_existing_connections_on_the_tc_path() {
         s.counter(Stat::DnatCtHit) > 0,
         "the old one through tc conntrack"
     );
+}
+
+/// A connected UDP client kept open: each stdin line sends one question
+/// and prints the sender `recvfrom` reports.
+const ASKING_UDP_CLIENT: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(3)
+s.connect(("198.19.0.10", 53))
+for _ in sys.stdin:
+    s.send(b"who")
+    data, sender = s.recvfrom(2048)
+    print("%s:%d" % sender, flush=True)
+"#;
+
+/// A pod that opens `HOARD` connected UDP sockets and keeps them:
+/// it prints how many answers came from the VIP, waits for a line, closes
+/// them all, and asks once more on a new socket.
+const SOCKET_HOARDER: &str = r#"
+import resource, socket, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (8192, 8192))
+def ask():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(3)
+    s.connect(("198.19.0.10", 53))
+    s.send(b"who")
+    _, sender = s.recvfrom(2048)
+    return s, sender == ("198.19.0.10", 53)
+held = [ask() for _ in range(HOARD)]
+print("from the vip %d of %d" % (sum(v for _, v in held), len(held)), flush=True)
+sys.stdin.readline()
+for s, _ in held:
+    s.close()
+s, from_vip = ask()
+print("after close from the vip %s" % from_vip, flush=True)
+"#;
+
+/// Socket LB's reverse entries are the sockets' own: a pod holding more
+/// sockets than the table has room for neither evicts a node process's
+/// entry (its DNS answers keep coming from the VIP) nor loses service (its
+/// extra sockets go the tc way); once it closes them, they are gone.
+#[test]
+fn socket_lb_one_pods_sockets_cannot_evict_anothers_reverse_entries() {
+    use std::io::{BufRead as _, BufReader, Write as _};
+
+    // Room for a thousand; a hoard half as big again.
+    const TABLE: u64 = 1024;
+    const HOARD: u64 = 1536;
+    let table = TABLE.to_string();
+    let s = setup_with(
+        "lbsk11",
+        1,
+        &[0],
+        true,
+        |m| m,
+        &["--max-socket-entries", &table],
+    );
+    let mut node_client = s
+        .cgroup
+        .spawn_python(&s.topology.node, ASKING_UDP_CLIENT)
+        .unwrap();
+    let mut node_stdin = node_client.stdin.take().unwrap();
+    let mut node_stdout = BufReader::new(node_client.stdout.take().unwrap());
+    let mut node_asks = || -> String {
+        writeln!(node_stdin, "q").unwrap();
+        let mut line = String::new();
+        node_stdout.read_line(&mut line).unwrap();
+        line.trim().to_owned()
+    };
+    let vip = format!("{VIP}:53");
+    assert_eq!(node_asks(), vip);
+    assert_eq!(s.socket_entries(), 1);
+
+    let mut hoarder = s
+        .cgroup
+        .spawn_python(
+            &s.topology.client,
+            &SOCKET_HOARDER.replace("HOARD", &HOARD.to_string()),
+        )
+        .unwrap();
+    let mut hoarder_stdin = hoarder.stdin.take().unwrap();
+    let mut hoarder_stdout = BufReader::new(hoarder.stdout.take().unwrap());
+    let mut line = String::new();
+    hoarder_stdout.read_line(&mut line).unwrap();
+    assert_eq!(
+        line.trim(),
+        format!("from the vip {HOARD} of {HOARD}"),
+        "the pod is served"
+    );
+    assert_eq!(s.socket_entries(), TABLE, "the table is full");
+    let untranslated = s.counter(Stat::SockUntranslated);
+    assert_eq!(
+        untranslated,
+        HOARD - (TABLE - 1),
+        "the sockets past the table's room went the tc way"
+    );
+    assert_eq!(s.counter(Stat::DnatNew), untranslated);
+
+    assert_eq!(
+        node_asks(),
+        vip,
+        "the node process's entry outlived the pod's hoard"
+    );
+
+    writeln!(hoarder_stdin).unwrap();
+    line.clear();
+    hoarder_stdout.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "after close from the vip True");
+    let _ = hoarder.wait();
+    assert_eq!(
+        s.counter(Stat::SockUntranslated),
+        untranslated,
+        "the new socket found room: the closed ones' entries had gone"
+    );
+    assert_eq!(s.socket_entries(), 1, "only the node process's");
+    drop(node_stdin);
+    let _ = node_client.wait();
+}
+
+/// Turned off, socket LB leaves no reverse entries behind: no hook reads
+/// them and none deletes them when their sockets close. A socket connected
+/// while it was on keeps its backend.
+#[test]
+fn socket_lb_turned_off_forgets_the_reverse_entries() {
+    use std::io::{BufRead as _, BufReader, Write as _};
+
+    let mut s = setup("lbsk12", 1, &[0], true);
+    let mut client = s
+        .cgroup
+        .spawn_python(&s.topology.client, ASKING_UDP_CLIENT)
+        .unwrap();
+    let mut stdin = client.stdin.take().unwrap();
+    let mut stdout = BufReader::new(client.stdout.take().unwrap());
+    let mut ask = || -> String {
+        writeln!(stdin, "q").unwrap();
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        line.trim().to_owned()
+    };
+    assert_eq!(ask(), format!("{VIP}:53"));
+    assert_eq!(s.socket_entries(), 1);
+
+    s.agent.kill().unwrap();
+    s.start_next_agent(false);
+    assert!(
+        wait_until(lb_tests::EVENT_TIMEOUT, || s.socket_entries() == 0),
+        "{} reverse entries left\n{}",
+        s.socket_entries(),
+        s.agent.log_text()
+    );
+    assert!(
+        s.cgroup_pins().is_empty(),
+        "the socket LB links are released"
+    );
+    assert_eq!(
+        ask(),
+        format!("{}:5353", backend_ip(0)),
+        "the socket keeps its backend, shown as it is"
+    );
+    drop(stdin);
+    let _ = client.wait();
 }

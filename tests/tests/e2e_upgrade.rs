@@ -394,3 +394,28 @@ fn a_map_layout_it_cannot_migrate_is_refused_before_anything_is_attached() {
         "nothing created or attached"
     );
 }
+
+/// The socket LB reverse map of map layout v4 before its entries were
+/// slotted (an LRU, `lb_sock_rnat_v4`) goes at load: nothing reads it, and
+/// nothing would delete its entries.
+#[test]
+fn the_unslotted_socket_lb_map_is_removed_at_load() {
+    require_root();
+    let pins = PinDir::new("lbup-unslotted");
+    pins.create(
+        lb_common::sock::SOCK_REVNAT_LRU_MAP,
+        "lru_hash",
+        16,
+        8,
+        64,
+        0,
+    );
+    let _datapath = lb_agent::datapath::loader::load(
+        Some(&pins.0),
+        lb_agent::datapath::loader::MapSizes::default(),
+        &lb_agent::datapath::loader::Globals::DEFAULT,
+    )
+    .expect("the datapath");
+    assert!(!pins.0.join(lb_common::sock::SOCK_REVNAT_LRU_MAP).exists());
+    assert!(pins.0.join(lb_common::sock::SOCK_REVNAT_MAP).exists());
+}

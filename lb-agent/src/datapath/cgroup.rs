@@ -1,4 +1,4 @@
-//! Socket LB: the cgroup sock_addr programs attached at `--cgroup-path`
+//! Socket LB: the cgroup programs attached at `--cgroup-path`
 //! (the cgroup v2 root by default, so every process on the node, pods
 //! included). Links are pinned like the tc ones (`links/cgroup-HOOK-RUN`):
 //! a crashed agent leaves them working, the next run releases them once its
@@ -7,11 +7,11 @@
 use std::path::{Path, PathBuf};
 
 use aya::{
-    programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr},
+    programs::{links::FdLink, CgroupAttachMode, CgroupSock, CgroupSockAddr},
     Ebpf,
 };
 
-use super::{attach, SOCK_PROGRAMS};
+use super::{attach, SOCK_PROGRAMS, SOCK_RELEASE_PROGRAM};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
@@ -47,28 +47,45 @@ pub fn attach_socket_lb(
 ) -> Result<Vec<PathBuf>, CgroupError> {
     let dir = std::fs::File::open(cgroup).map_err(|e| CgroupError::Open(cgroup.into(), e))?;
     let mut pins = Vec::new();
-    for (name, hook) in SOCK_PROGRAMS {
-        let attach_error = |error: String| CgroupError::Attach {
-            program: name,
-            error,
-        };
-        let program: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or_else(|| attach_error("missing from the object".into()))?
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| attach_error(e.to_string()))?;
+    let mut pin = |(program, hook): (&'static str, &str), link: Result<FdLink, String>| {
+        let attach_error = |error| CgroupError::Attach { program, error };
+        let link = link.map_err(attach_error)?;
+        pins.push(attach::pin_fd_link(link, link_dir, &pin_name(hook)).map_err(attach_error)?);
+        Ok::<_, CgroupError>(())
+    };
+    // The release hook first: no socket gets an entry it would not delete.
+    let (name, _) = SOCK_RELEASE_PROGRAM;
+    let link = program_mut::<CgroupSock>(ebpf, name).and_then(|program| {
         // A bpf_link on a cgroup always runs beside other programs there;
         // the kernel wants no attach flags with it.
         let id = program
             .attach(&dir, CgroupAttachMode::Single)
-            .map_err(|e| attach_error(with_sources(&e)))?;
-        let link = program
-            .take_link(id)
-            .map_err(|e| attach_error(e.to_string()))?;
-        let link = FdLink::try_from(link).map_err(|e| attach_error(e.to_string()))?;
-        pins.push(attach::pin_fd_link(link, link_dir, &pin_name(hook)).map_err(attach_error)?);
+            .map_err(|e| with_sources(&e))?;
+        let link = program.take_link(id).map_err(|e| e.to_string())?;
+        FdLink::try_from(link).map_err(|e| e.to_string())
+    });
+    pin(SOCK_RELEASE_PROGRAM, link)?;
+    for (name, hook) in SOCK_PROGRAMS {
+        let link = program_mut::<CgroupSockAddr>(ebpf, name).and_then(|program| {
+            let id = program
+                .attach(&dir, CgroupAttachMode::Single)
+                .map_err(|e| with_sources(&e))?;
+            let link = program.take_link(id).map_err(|e| e.to_string())?;
+            FdLink::try_from(link).map_err(|e| e.to_string())
+        });
+        pin((name, hook), link)?;
     }
     Ok(pins)
+}
+
+fn program_mut<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut P, String>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| "missing from the object".to_owned())?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())
 }
 
 /// An error and its causes ("`bpf_link_create` failed: Invalid argument").

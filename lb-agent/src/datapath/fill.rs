@@ -29,7 +29,7 @@ pub fn capacities(pin_dir: &Path) -> Result<BTreeMap<&'static str, u32>, LoadErr
         .collect()
 }
 
-/// (map name, entries) of each LRU table the datapath writes.
+/// (map name, entries) of each table the datapath itself writes.
 pub fn datapath_tables(pin_dir: &Path) -> Result<Vec<(&'static str, u64)>, LoadError> {
     Ok(vec![
         count::<AffinityKey, AffinityValue>(pin_dir, AFFINITY_MAP)?,

@@ -18,7 +18,7 @@ use lb_common::{
     icmp::IcmpLimit,
     maglev::MAGLEV_MAP,
     revnat::REVNAT_MAP,
-    sock::SOCK_REVNAT_MAP,
+    sock::{SOCK_REVNAT_LRU_MAP, SOCK_REVNAT_MAP},
     source_range::SOURCE_RANGE_MAP,
     stats::{STATS_MAP, STAT_COUNT},
     svc::SVC_MAP,
@@ -30,6 +30,7 @@ use super::{
     maps::{Capacity, KernelMaps},
     udp_reset::UdpResetter,
     EBPF_OBJECT, EGRESS_PROGRAM, INGRESS_EXTERNAL_PROGRAM, INGRESS_PROGRAM, SOCK_PROGRAMS,
+    SOCK_RELEASE_PROGRAM,
 };
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
@@ -85,6 +86,9 @@ pub struct MapSizes {
     pub source_ranges: u32,
     /// Maglev table chunks (256 entries, 1 KiB each) over all frontends.
     pub maglev_chunks: u32,
+    /// Socket LB reverse entries (one per open socket and backend it was
+    /// pointed at).
+    pub socket_entries: u32,
 }
 
 impl MapSizes {
@@ -109,6 +113,7 @@ impl Default for MapSizes {
             affinity: lb_common::affinity::DEFAULT_MAX_AFFINITY_ENTRIES,
             source_ranges: lb_common::source_range::DEFAULT_MAX_SOURCE_RANGES,
             maglev_chunks: lb_common::maglev::DEFAULT_MAX_MAGLEV_CHUNKS,
+            socket_entries: lb_common::sock::DEFAULT_MAX_SOCK_REVNAT,
         }
     }
 }
@@ -160,12 +165,14 @@ pub fn load_with_log(
         .map_max_entries(AFFINITY_MATCH_MAP, sizes.service_slots)
         .map_max_entries(SOURCE_RANGE_MAP, sizes.source_ranges)
         .map_max_entries(MAGLEV_MAP, sizes.maglev_chunks)
+        .map_max_entries(SOCK_REVNAT_MAP, sizes.socket_entries)
         .override_global("CT_TIMEOUTS", &globals.timeouts, true)
         .override_global("ICMP_LIMIT", &globals.icmp_limit, true);
     if let Some(dir) = pin_dir {
         ensure_bpffs_dir(dir)?;
         refuse_other_layouts(dir)?;
         replace_short_stats(dir)?;
+        remove_unslotted_socket_entries(dir)?;
         for name in ALL_MAPS {
             loader.map_pin_path(name, Cow::Owned(dir.join(name)));
         }
@@ -188,6 +195,16 @@ pub fn load_with_log(
             .try_into()?;
         retry_interrupted(|| sock.load())?;
     }
+    let release: &mut aya::programs::CgroupSock = ebpf
+        .program_mut(SOCK_RELEASE_PROGRAM.0)
+        .ok_or_else(|| {
+            LoadError::Map(
+                "-",
+                format!("program {} missing from the object", SOCK_RELEASE_PROGRAM.0),
+            )
+        })?
+        .try_into()?;
+    retry_interrupted(|| release.load())?;
     if pin_dir.is_some() {
         warn_on_resized_pins(&ebpf, sizes);
     }
@@ -226,6 +243,11 @@ fn warn_on_resized_pins(ebpf: &Ebpf, sizes: MapSizes) {
         (AFFINITY_MAP, "--max-affinity", sizes.affinity),
         (SOURCE_RANGE_MAP, "--max-source-ranges", sizes.source_ranges),
         (MAGLEV_MAP, "--max-maglev-chunks", sizes.maglev_chunks),
+        (
+            SOCK_REVNAT_MAP,
+            "--max-socket-entries",
+            sizes.socket_entries,
+        ),
     ] {
         let data = match ebpf.map(name) {
             Some(Map::HashMap(data) | Map::LruHashMap(data)) => data,
@@ -273,6 +295,28 @@ fn replace_short_stats(dir: &Path) -> Result<(), LoadError> {
             .map_err(|e| LoadError::Map(STATS_MAP, format!("{}: {e}", path.display())))?;
     }
     Ok(())
+}
+
+/// The socket LB reverse map was an LRU keyed by backend before its
+/// entries were slotted (see `lb_common::sock`): its pin goes. Sockets it
+/// translated keep their backend; `getpeername` and `recvmsg` show the
+/// backend's address for the rest of their life.
+fn remove_unslotted_socket_entries(dir: &Path) -> Result<(), LoadError> {
+    let path = dir.join(SOCK_REVNAT_LRU_MAP);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {
+            tracing::info!(
+                "removed {}: socket LB reverse entries are slotted now",
+                path.display()
+            );
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(LoadError::Map(
+            SOCK_REVNAT_LRU_MAP,
+            format!("{}: {e}", path.display()),
+        )),
+    }
 }
 
 /// A pinned map of another layout version would be silently ignored (its

@@ -174,7 +174,7 @@ impl Migration {
             .copy::<v3::SockRevNatKey, v3::SockRevNatValue, SockRevNatKey, SockRevNatValue>(
                 FLOW_STATE[2],
                 NOEXIST,
-                |k, v| (k.into(), v.into()),
+                socket_entry,
                 &mut copied.skipped,
             )?;
         Ok(())
@@ -602,25 +602,20 @@ impl From<v3::SourceRangeKey> for SourceRangeKey {
     }
 }
 
-impl From<v3::SockRevNatKey> for SockRevNatKey {
-    fn from(k: v3::SockRevNatKey) -> Self {
-        SockRevNatKey {
-            cookie: k.cookie,
-            backend_addr: addr(k.backend_addr_be),
-            backend_port: u16::from_be(k.backend_port_be),
-            _pad: 0,
-        }
-    }
-}
-
-impl From<v3::SockRevNatValue> for SockRevNatValue {
-    fn from(v: v3::SockRevNatValue) -> Self {
+/// A v3 socket entry, keyed by backend, as the slotted v4 one.
+fn socket_entry(k: v3::SockRevNatKey, v: v3::SockRevNatValue) -> (SockRevNatKey, SockRevNatValue) {
+    let (backend_addr, backend_port) = (addr(k.backend_addr_be), u16::from_be(k.backend_port_be));
+    (
+        SockRevNatKey::new(k.cookie, backend_addr, backend_port),
         SockRevNatValue {
-            frontend_addr: addr(v.frontend_addr_be),
+            backend_addr,
+            backend_port,
             frontend_port: u16::from_be(v.frontend_port_be),
+            frontend_addr: addr(v.frontend_addr_be),
             rev_nat_id: v.rev_nat_id,
-        }
-    }
+            _pad: 0,
+        },
+    )
 }
 
 #[cfg(test)]
@@ -744,15 +739,30 @@ mod tests {
             addr_be: u32::from_ne_bytes([198, 18, 0, 0]),
         });
         assert_eq!(range, SourceRangeKey::new(5, [198, 18, 0, 0]));
-        let sock = SockRevNatKey::from(v3::SockRevNatKey {
-            cookie: 42,
-            backend_addr_be: VIP_BE,
-            backend_port_be: HTTP_BE,
-            _pad: 0,
-        });
+        let (key, value) = socket_entry(
+            v3::SockRevNatKey {
+                cookie: 42,
+                backend_addr_be: u32::from_ne_bytes([198, 18, 1, 2]),
+                backend_port_be: 8080u16.to_be(),
+                _pad: 0,
+            },
+            v3::SockRevNatValue {
+                frontend_addr_be: VIP_BE,
+                frontend_port_be: HTTP_BE,
+                rev_nat_id: 7,
+            },
+        );
+        assert_eq!(key, SockRevNatKey::new(42, [198, 18, 1, 2], 8080));
         assert_eq!(
-            (sock.cookie, sock.backend_addr, sock.backend_port),
-            (42, [198, 19, 0, 10], 80)
+            value,
+            SockRevNatValue {
+                backend_addr: [198, 18, 1, 2],
+                backend_port: 8080,
+                frontend_port: 80,
+                frontend_addr: [198, 19, 0, 10],
+                rev_nat_id: 7,
+                _pad: 0,
+            }
         );
     }
 }

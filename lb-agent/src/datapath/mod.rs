@@ -42,6 +42,10 @@ pub const INGRESS_PROGRAM: &str = "lb_ingress";
 pub const INGRESS_EXTERNAL_PROGRAM: &str = "lb_ingress_external";
 pub const EGRESS_PROGRAM: &str = "lb_egress";
 
+/// The cgroup sock program of socket LB that deletes a closing socket's
+/// reverse entries, and its attach point.
+pub const SOCK_RELEASE_PROGRAM: (&str, &str) = ("lb_sock_release", "sock_release");
+
 /// The cgroup sock_addr programs of socket LB, by attach point.
 pub const SOCK_PROGRAMS: [(&str, &str); 4] = [
     ("lb_connect4", "connect4"),

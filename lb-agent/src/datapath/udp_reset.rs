@@ -139,7 +139,7 @@ pub fn plan_resets(
     entries
         .into_iter()
         .filter_map(|(key, value)| {
-            let backend = SocketAddrV4::new(key.backend_addr.into(), key.backend_port);
+            let backend = SocketAddrV4::new(value.backend_addr.into(), value.backend_port);
             let frontend = SocketAddrV4::new(value.frontend_addr.into(), value.frontend_port);
             left.contains(&(frontend, backend))
                 .then_some((key.cookie, backend))
@@ -163,6 +163,20 @@ impl UdpResetter {
             map: HashMap::try_from(map)?,
             pending: Pending::default(),
         })
+    }
+
+    /// Removes every reverse entry (socket LB turned off); returns how many.
+    pub fn forget_sockets(&mut self) -> Result<usize, MapError> {
+        let keys: Vec<_> = self.map.keys().collect::<Result<_, _>>()?;
+        let mut removed = 0;
+        for key in keys {
+            match self.map.remove(&key) {
+                Ok(()) => removed += 1,
+                Err(e) if super::is_missing(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(removed)
     }
 
     /// Whether an earlier pass missed a namespace and is to be retried
@@ -216,12 +230,7 @@ impl UdpResetter {
         })?;
         resets.sockets_reset = destroyed.len();
         for (cookie, backend) in destroyed {
-            let key = SockRevNatKey {
-                cookie,
-                backend_addr: backend.ip().octets(),
-                backend_port: backend.port(),
-                _pad: 0,
-            };
+            let key = SockRevNatKey::new(cookie, backend.ip().octets(), backend.port());
             match self.map.remove(&key) {
                 Err(e) if !super::is_missing(&e) => return Err(e.into()),
                 _ => {}
@@ -422,16 +431,14 @@ mod tests {
         frontend: ([u8; 4], u16),
     ) -> (SockRevNatKey, SockRevNatValue) {
         (
-            SockRevNatKey {
-                cookie,
+            SockRevNatKey::new(cookie, backend.0, backend.1),
+            SockRevNatValue {
                 backend_addr: backend.0,
                 backend_port: backend.1,
-                _pad: 0,
-            },
-            SockRevNatValue {
-                frontend_addr: frontend.0,
                 frontend_port: frontend.1,
+                frontend_addr: frontend.0,
                 rev_nat_id: 1,
+                _pad: 0,
             },
         )
     }

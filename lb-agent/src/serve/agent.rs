@@ -254,7 +254,7 @@ impl Agent {
             |hook| attacher.pin_name("cgroup", hook),
         )
         .context("attaching socket LB")?;
-        info!(cgroup = %cgroup.display(), "socket LB attached (connect4, sendmsg4, recvmsg4, getpeername4)");
+        info!(cgroup = %cgroup.display(), "socket LB attached (connect4, sendmsg4, recvmsg4, getpeername4, sock_release)");
         Ok(())
     }
 
@@ -284,6 +284,23 @@ impl Agent {
     /// Drops the links a previous run left pinned; after an upgrade, also
     /// finishes the migration around it.
     fn release_previous_run(&mut self) -> Vec<String> {
+        let released = self.release_previous_links();
+        if self.config.socket_lb.is_none() {
+            // No hook reads the reverse entries any more, and none deletes
+            // them when their sockets close.
+            match self.datapath.udp_resetter.forget_sockets() {
+                Ok(0) => {}
+                Ok(n) => info!("socket LB is off: {n} reverse entries of earlier sockets removed"),
+                Err(e) => {
+                    self.status.metrics.error(ErrorKind::DatapathWrite);
+                    error!("removing the socket LB reverse entries: {e}");
+                }
+            }
+        }
+        released
+    }
+
+    fn release_previous_links(&mut self) -> Vec<String> {
         let attacher = &self.datapath.attacher;
         let Some(migration) = self.datapath.migration.take() else {
             return attacher.release_previous();
