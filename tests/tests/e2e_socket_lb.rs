@@ -4,6 +4,7 @@
 
 use std::{
     collections::BTreeSet,
+    io::{BufRead as _, BufReader, Write as _},
     net::{Ipv4Addr, SocketAddrV4},
     path::PathBuf,
 };
@@ -11,6 +12,7 @@ use std::{
 use lb_common::stats::Stat;
 use lb_tests::{
     cgroup::TestCgroup,
+    netns::NetNs,
     require_root,
     servers::{BackendServers, EchoConnection},
     topology::{backend_ip, web_manifest, Agent, ScratchDir, Topology, CLIENT_IP, VIP},
@@ -145,6 +147,44 @@ impl Setup {
             .find(|(name, _)| *name == lb_common::stats::STAT_NAMES[stat as usize])
             .unwrap()
             .1
+    }
+}
+
+/// A client process in the test cgroup, spoken to line by line; it ends
+/// at EOF on its stdin, when this is dropped.
+struct Conversation {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+    stdout: BufReader<std::process::ChildStdout>,
+}
+
+impl Conversation {
+    fn start(s: &Setup, ns: &NetNs, code: &str) -> Self {
+        let mut child = s.cgroup.spawn_python(ns, code).unwrap();
+        Self {
+            stdin: child.stdin.take(),
+            stdout: BufReader::new(child.stdout.take().unwrap()),
+            child,
+        }
+    }
+
+    /// Sends one line, returns the next line the client prints.
+    fn say(&mut self, line: &str) -> String {
+        writeln!(self.stdin.as_mut().unwrap(), "{line}").unwrap();
+        self.hear()
+    }
+
+    fn hear(&mut self) -> String {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        line.trim().to_owned()
+    }
+}
+
+impl Drop for Conversation {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.wait();
     }
 }
 
@@ -363,21 +403,9 @@ for _ in sys.stdin:
 /// flush, so the socket itself is reset and the client reconnects.
 #[test]
 fn socket_lb_connected_udp_socket_moves_off_a_removed_backend() {
-    use std::io::{BufRead as _, BufReader, Write as _};
-
     let mut s = setup("lbsk9", 2, &[0, 1], true);
-    let mut client = s
-        .cgroup
-        .spawn_python(&s.topology.client, CONNECTED_UDP_CLIENT)
-        .unwrap();
-    let mut stdin = client.stdin.take().unwrap();
-    let mut stdout = BufReader::new(client.stdout.take().unwrap());
-    let mut ask = || -> String {
-        writeln!(stdin, "q").unwrap();
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        line.trim().to_owned()
-    };
+    let mut client = Conversation::start(&s, &s.topology.client, CONNECTED_UDP_CLIENT);
+    let mut ask = || client.say("q");
     let first = ask();
     assert!(first.starts_with("answer be"), "{first}");
     assert_eq!(ask(), first, "one socket, one backend");
@@ -416,8 +444,6 @@ fn socket_lb_connected_udp_socket_moves_off_a_removed_backend() {
         "{answers:?}"
     );
     assert_eq!(s.counter(Stat::DnatNew), 0, "the tc path saw no VIP");
-    drop(stdin); // the client ends at EOF
-    let _ = client.wait();
 }
 
 /// Turning socket LB on does not move connections the tc path carries:
@@ -498,8 +524,6 @@ print("after close from the vip %s" % from_vip, flush=True)
 /// extra sockets go the tc way); once it closes them, they are gone.
 #[test]
 fn socket_lb_one_pods_sockets_cannot_evict_anothers_reverse_entries() {
-    use std::io::{BufRead as _, BufReader, Write as _};
-
     // Room for a thousand; a hoard half as big again.
     const TABLE: u64 = 1024;
     const HOARD: u64 = 1536;
@@ -512,35 +536,19 @@ fn socket_lb_one_pods_sockets_cannot_evict_anothers_reverse_entries() {
         |m| m,
         &["--max-socket-entries", &table],
     );
-    let mut node_client = s
-        .cgroup
-        .spawn_python(&s.topology.node, ASKING_UDP_CLIENT)
-        .unwrap();
-    let mut node_stdin = node_client.stdin.take().unwrap();
-    let mut node_stdout = BufReader::new(node_client.stdout.take().unwrap());
-    let mut node_asks = || -> String {
-        writeln!(node_stdin, "q").unwrap();
-        let mut line = String::new();
-        node_stdout.read_line(&mut line).unwrap();
-        line.trim().to_owned()
-    };
+    let mut node_client = Conversation::start(&s, &s.topology.node, ASKING_UDP_CLIENT);
+    let mut node_asks = || node_client.say("q");
     let vip = format!("{VIP}:53");
     assert_eq!(node_asks(), vip);
     assert_eq!(s.socket_entries(), 1);
 
-    let mut hoarder = s
-        .cgroup
-        .spawn_python(
-            &s.topology.client,
-            &SOCKET_HOARDER.replace("HOARD", &HOARD.to_string()),
-        )
-        .unwrap();
-    let mut hoarder_stdin = hoarder.stdin.take().unwrap();
-    let mut hoarder_stdout = BufReader::new(hoarder.stdout.take().unwrap());
-    let mut line = String::new();
-    hoarder_stdout.read_line(&mut line).unwrap();
+    let mut hoarder = Conversation::start(
+        &s,
+        &s.topology.client,
+        &SOCKET_HOARDER.replace("HOARD", &HOARD.to_string()),
+    );
     assert_eq!(
-        line.trim(),
+        hoarder.hear(),
         format!("from the vip {HOARD} of {HOARD}"),
         "the pod is served"
     );
@@ -559,19 +567,14 @@ fn socket_lb_one_pods_sockets_cannot_evict_anothers_reverse_entries() {
         "the node process's entry outlived the pod's hoard"
     );
 
-    writeln!(hoarder_stdin).unwrap();
-    line.clear();
-    hoarder_stdout.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "after close from the vip True");
-    let _ = hoarder.wait();
+    assert_eq!(hoarder.say(""), "after close from the vip True");
+    drop(hoarder); // its last socket closes with it
     assert_eq!(
         s.counter(Stat::SockUntranslated),
         untranslated,
         "the new socket found room: the closed ones' entries had gone"
     );
     assert_eq!(s.socket_entries(), 1, "only the node process's");
-    drop(node_stdin);
-    let _ = node_client.wait();
 }
 
 /// Turned off, socket LB leaves no reverse entries behind: no hook reads
@@ -579,22 +582,9 @@ fn socket_lb_one_pods_sockets_cannot_evict_anothers_reverse_entries() {
 /// while it was on keeps its backend.
 #[test]
 fn socket_lb_turned_off_forgets_the_reverse_entries() {
-    use std::io::{BufRead as _, BufReader, Write as _};
-
     let mut s = setup("lbsk12", 1, &[0], true);
-    let mut client = s
-        .cgroup
-        .spawn_python(&s.topology.client, ASKING_UDP_CLIENT)
-        .unwrap();
-    let mut stdin = client.stdin.take().unwrap();
-    let mut stdout = BufReader::new(client.stdout.take().unwrap());
-    let mut ask = || -> String {
-        writeln!(stdin, "q").unwrap();
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        line.trim().to_owned()
-    };
-    assert_eq!(ask(), format!("{VIP}:53"));
+    let mut client = Conversation::start(&s, &s.topology.client, ASKING_UDP_CLIENT);
+    assert_eq!(client.say("q"), format!("{VIP}:53"));
     assert_eq!(s.socket_entries(), 1);
 
     s.agent.kill().unwrap();
@@ -610,10 +600,8 @@ fn socket_lb_turned_off_forgets_the_reverse_entries() {
         "the socket LB links are released"
     );
     assert_eq!(
-        ask(),
+        client.say("q"),
         format!("{}:5353", backend_ip(0)),
         "the socket keeps its backend, shown as it is"
     );
-    drop(stdin);
-    let _ = client.wait();
 }
