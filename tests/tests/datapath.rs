@@ -1167,7 +1167,7 @@ fn agent_gc_frees_expired_flows_and_keeps_live_ones() {
     h.expire_at(&(fk, fv), past);
     let mut ct = h.agent_conntrack();
     let sweep = ct.gc(now_ns()).expect("gc");
-    assert_eq!((sweep.assured, sweep.new, sweep.flows_removed), (0, 6, 1));
+    assert_eq!((sweep.assured, sweep.new, sweep.flows_removed), (0, 4, 1));
     let ports: std::collections::BTreeSet<u16> = ct
         .entries()
         .unwrap()
@@ -1185,6 +1185,112 @@ fn agent_gc_frees_expired_flows_and_keeps_live_ones() {
         [half.port(), live.port()].into(),
         "both entries of the dead flow, nothing else"
     );
+}
+
+/// A flow's two entries as the datapath writes them, client port `port`
+/// of a /16 of clients, to backend id `backend`, each entry expiring at
+/// its time.
+fn synthetic_flow(
+    n: u32,
+    proto: u8,
+    backend: u32,
+    flags: u8,
+    expires: (u64, u64),
+) -> [(CtKey, CtValue); 2] {
+    let client = [198, 18, (n >> 8) as u8, n as u8];
+    let key = CtKey::new(client, 40_000, VIP.octets(), 53, proto, CT_DIR_FORWARD);
+    let forward = CtValue {
+        src_addr: client,
+        src_port: 40_000,
+        dst_addr: BACKENDS[0].octets(),
+        dst_port: 5353,
+        backend_id: backend,
+        flow_id: n + 1,
+        flags,
+        created_ns: 1,
+        expires_ns: expires.0,
+        ..CtValue::default()
+    };
+    let reply = CtValue {
+        expires_ns: expires.1,
+        ..key.peer_value(&forward)
+    };
+    [(key, forward), (key.peer_key(&forward), reply)]
+}
+
+/// The GC reads the tables a batch at a time and deletes between batches:
+/// over a table many batches long it frees exactly the flows whose both
+/// entries expired (a flow half alive stays, whole), and an expired
+/// entry of the table of new flows under an assured one goes alone.
+#[test]
+fn agent_gc_streams_a_large_table_and_frees_exactly_the_dead_flows() {
+    require_root();
+    let mut h = Harness::with_conntrack_tables(65_536, 8_192);
+    let now = now_ns();
+    let (past, later) = (now - 1, now + 3_600 * 1_000_000_000);
+    const FLOWS: u32 = 24_000; // 48 000 entries: a dozen batches
+    for n in 0..FLOWS {
+        let expires = match n % 3 {
+            0 => (past, past),  // dead
+            1 => (past, later), // answers still come: kept
+            _ => (later, later),
+        };
+        for (key, value) in synthetic_flow(n, 6, 1, CT_ASSURED | CT_SEEN_REPLY, expires) {
+            h.set_conntrack(&key, Some(value));
+        }
+    }
+    // A stale copy in the new table of a live assured flow's entry.
+    let [(shadowed, live), _] = synthetic_flow(2, 6, 1, CT_SEEN_REPLY, (past, past));
+    h.set_conntrack(&shadowed, Some(live));
+    let mut ct = h.agent_conntrack();
+    let sweep = ct.gc(now).expect("gc");
+    let kept = 2 * (FLOWS - FLOWS.div_ceil(3)) as usize;
+    assert_eq!(
+        (sweep.assured, sweep.new, sweep.flows_removed),
+        (kept, 0, FLOWS.div_ceil(3) as usize)
+    );
+    let left = ct.entries().expect("read ct");
+    assert_eq!(left.len(), kept, "the shadowed copy went too");
+    assert!(
+        left.values()
+            .all(|v| (v.flow_id - 1) % 3 != 0 && v.flags & CT_ASSURED != 0),
+        "only dead flows went"
+    );
+    assert_eq!(
+        ct.get(&shadowed).map(|v| v.flow_id),
+        Some(3),
+        "its assured entry stayed"
+    );
+}
+
+/// The UDP flush streams too: every flow of the backend that left, over
+/// many batches, and nothing of the others.
+#[test]
+fn agent_udp_flush_streams_a_large_table() {
+    require_root();
+    let mut h = Harness::with_conntrack_tables(65_536, 8_192);
+    let later = now_ns() + 3_600 * 1_000_000_000;
+    const FLOWS: u32 = 20_000;
+    for n in 0..FLOWS {
+        let backend = 1 + n % 2;
+        for (key, value) in synthetic_flow(n, 17, backend, CT_ASSURED, (later, later)) {
+            h.set_conntrack(&key, Some(value));
+        }
+    }
+    let mut ct = h.agent_conntrack();
+    let frontend = lb_agent::model::L4Addr {
+        addr: VIP,
+        port: 53,
+        proto: lb_agent::model::Proto::Udp,
+    };
+    let sweep = ct.flush_udp(&[(frontend, 2)].into()).expect("flush");
+    assert_eq!(
+        (sweep.flows_removed, sweep.assured),
+        ((FLOWS / 2) as usize, FLOWS as usize)
+    );
+    let left = ct.entries().expect("read ct");
+    assert_eq!(left.len(), FLOWS as usize);
+    assert!(left.values().all(|v| v.backend_id == 1));
 }
 
 #[test]

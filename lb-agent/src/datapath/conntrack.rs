@@ -10,7 +10,10 @@
 //! that is not touched, or — in the worst case — loses its forward entry
 //! and is recreated by its next packet on the same (hash-picked) backend.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    os::fd::{AsFd as _, OwnedFd},
+};
 
 use aya::maps::{HashMap, Map, MapData, MapError};
 use lb_common::ct::{CtKey, CtValue, CT_ASSURED, CT_DIR_FORWARD};
@@ -60,36 +63,18 @@ pub fn flow_is_expired(value: &CtValue, peer: Option<&CtValue>, now_ns: u64) -> 
             .is_none_or(|p| p.is_expired(now_ns))
 }
 
-/// Flows to free at `now_ns` (pure: the GC's decision, testable without a kernel).
-pub fn plan_gc(entries: &BTreeMap<CtKey, CtValue>, now_ns: u64) -> BTreeSet<FlowRef> {
-    entries
-        .iter()
-        .filter(|(k, v)| flow_is_expired(v, entries.get(&k.peer_key(v)), now_ns))
-        .map(|(k, v)| FlowRef::of(k, v))
-        .collect()
-}
-
-/// UDP flows to `(frontend, backend id)` pairs a service no longer uses.
-pub fn plan_flush(
-    entries: &BTreeMap<CtKey, CtValue>,
-    removed: &BTreeSet<(L4Addr, u32)>,
-) -> BTreeSet<FlowRef> {
-    entries
-        .iter()
-        .map(|(k, v)| (FlowRef::of(k, v), v.backend_id))
-        .filter(|(flow, backend_id)| {
-            flow.frontend()
-                .is_some_and(|f| f.proto == Proto::Udp && removed.contains(&(f, *backend_id)))
-        })
-        .map(|(flow, _)| flow)
-        .collect()
+/// Whether a UDP flush takes the flow of this entry: UDP, to a frontend
+/// and backend id the service no longer pairs.
+pub fn flush_wants(flow: &FlowRef, value: &CtValue, removed: &BTreeSet<(L4Addr, u32)>) -> bool {
+    flow.frontend()
+        .is_some_and(|f| f.proto == Proto::Udp && removed.contains(&(f, value.backend_id)))
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Sweep {
-    /// Entries in the assured table before the sweep (two per flow).
+    /// Entries the sweep left in the assured table (two per flow).
     pub assured: usize,
-    /// Entries in the table of new flows before the sweep.
+    /// Entries the sweep left in the table of new flows.
     pub new: usize,
     pub flows_removed: usize,
 }
@@ -98,6 +83,9 @@ pub struct Sweep {
 pub struct Conntrack {
     assured: HashMap<MapData, CtKey, CtValue>,
     new: HashMap<MapData, CtKey, CtValue>,
+    /// The same tables, for batch reads.
+    assured_fd: OwnedFd,
+    new_fd: OwnedFd,
     /// The assured table's size as created (the table that can fill; a
     /// pinned one keeps its size whatever the flags say now).
     pub capacity: u32,
@@ -146,9 +134,12 @@ impl Conntrack {
             Map::HashMap(data) => data.info()?.max_entries(),
             _ => 0, // refused just below
         };
+        let (assured_fd, new_fd) = (owned_fd(&assured)?, owned_fd(&new)?);
         Ok(Self {
             assured: HashMap::try_from(assured)?,
             new: HashMap::try_from(new)?,
+            assured_fd,
+            new_fd,
             capacity,
         })
     }
@@ -174,15 +165,25 @@ impl Conntrack {
         Snapshot::of(Box::new(self.new.iter()), Box::new(self.assured.iter()))
     }
 
-    /// Frees flows whose entries have both expired, and new-table entries
-    /// an assured one shadows.
+    /// Frees flows whose entries have both expired, and expired new-table
+    /// entries an assured one shadows. Streams both tables, a batch at a
+    /// time: memory stays a batch's whatever the table holds, and each
+    /// entry is judged against its peer as the datapath finds it then.
     pub fn gc(&mut self, now_ns: u64) -> Result<Sweep, MapError> {
-        let snapshot = self.snapshot()?;
-        for key in &snapshot.shadowed {
-            super::removed(self.new.remove(key))?;
-        }
-        let flows = plan_gc(&snapshot.entries, now_ns);
-        self.remove(&snapshot, &flows)
+        self.sweep(|conntrack, key, value, in_new| {
+            if !value.is_expired(now_ns) {
+                return Verdict::Keep;
+            }
+            if in_new && conntrack.assured.get(key, 0).is_ok() {
+                return Verdict::Shadowed;
+            }
+            let peer = conntrack.get(&key.peer_key(value));
+            if flow_is_expired(value, peer.as_ref(), now_ns) {
+                Verdict::RemoveFlow
+            } else {
+                Verdict::Keep
+            }
+        })
     }
 
     /// Removes the UDP flows of backends that left their frontend.
@@ -190,37 +191,100 @@ impl Conntrack {
         if removed.is_empty() {
             return Ok(Sweep::default());
         }
-        let snapshot = self.snapshot()?;
-        let flows = plan_flush(&snapshot.entries, removed);
-        self.remove(&snapshot, &flows)
-    }
-
-    fn remove(
-        &mut self,
-        snapshot: &Snapshot,
-        flows: &BTreeSet<FlowRef>,
-    ) -> Result<Sweep, MapError> {
-        let mut flows_removed = 0;
-        for flow in flows {
-            let mut removed_any = false;
-            for key in [flow.reply, flow.forward] {
-                for table in [&mut self.assured, &mut self.new] {
-                    match table.get(&key, 0) {
-                        Ok(v) if v.flow_id == flow.flow_id => {
-                            removed_any |= super::removed(table.remove(&key))?;
-                        }
-                        _ => {} // gone, or already a new flow on this tuple
-                    }
-                }
+        self.sweep(|_, key, value, _| {
+            if flush_wants(&FlowRef::of(key, value), value, removed) {
+                Verdict::RemoveFlow
+            } else {
+                Verdict::Keep
             }
-            flows_removed += usize::from(removed_any);
-        }
-        Ok(Sweep {
-            assured: snapshot.assured,
-            new: snapshot.new,
-            flows_removed,
         })
     }
+
+    /// Walks the assured table, then the new one, and carries out what
+    /// `judge` says of each entry (told whether it is in the new table)
+    /// after each batch. Deleting between batches is safe: the walk's
+    /// cursor is a bucket, not a key.
+    fn sweep(
+        &mut self,
+        mut judge: impl FnMut(&Self, &CtKey, &CtValue, bool) -> Verdict,
+    ) -> Result<Sweep, MapError> {
+        let mut sweep = Sweep::default();
+        let mut flows = Vec::new();
+        let mut shadowed = Vec::new();
+        for in_new in [false, true] {
+            let fd = if in_new {
+                &self.new_fd
+            } else {
+                &self.assured_fd
+            };
+            let fd = fd.try_clone().map_err(|io_error| aya::sys::SyscallError {
+                call: "dup",
+                io_error,
+            })?;
+            let mut batches = super::batch::Batches::<CtKey, CtValue>::new(fd.as_fd());
+            let kept = if in_new {
+                &mut sweep.new
+            } else {
+                &mut sweep.assured
+            };
+            while let Some((keys, values)) = batches.next_batch()? {
+                for (key, value) in keys.iter().zip(values) {
+                    match judge(self, key, value, in_new) {
+                        Verdict::Keep => *kept += 1,
+                        Verdict::Shadowed => shadowed.push(*key),
+                        Verdict::RemoveFlow => flows.push(FlowRef::of(key, value)),
+                    }
+                }
+                for key in shadowed.drain(..) {
+                    super::removed(self.new.remove(&key))?;
+                }
+                for flow in flows.drain(..) {
+                    sweep.flows_removed += usize::from(self.remove_flow(&flow)?);
+                }
+            }
+        }
+        Ok(sweep)
+    }
+
+    /// Removes a flow's entries, reply first, each from whichever table
+    /// holds it and only while it is still that flow's.
+    fn remove_flow(&mut self, flow: &FlowRef) -> Result<bool, MapError> {
+        let mut removed_any = false;
+        for key in [flow.reply, flow.forward] {
+            for table in [&mut self.assured, &mut self.new] {
+                match table.get(&key, 0) {
+                    Ok(v) if v.flow_id == flow.flow_id => {
+                        removed_any |= super::removed(table.remove(&key))?;
+                    }
+                    _ => {} // gone, or already a new flow on this tuple
+                }
+            }
+        }
+        Ok(removed_any)
+    }
+}
+
+/// What a sweep does with one entry.
+enum Verdict {
+    Keep,
+    /// An expired new-table entry under an assured one: only it goes.
+    Shadowed,
+    /// The entry's flow goes, both entries.
+    RemoveFlow,
+}
+
+fn owned_fd(map: &Map) -> Result<OwnedFd, MapError> {
+    let data = match map {
+        Map::HashMap(data) | Map::LruHashMap(data) => data,
+        _ => return Err(MapError::InvalidMapType { map_type: 0 }),
+    };
+    data.fd().as_fd().try_clone_to_owned().map_err(|io_error| {
+        aya::sys::SyscallError {
+            call: "dup",
+            io_error,
+        }
+        .into()
+    })
 }
 
 /// CLOCK_MONOTONIC_COARSE, the datapath's clock (`bpf_ktime_get_coarse_ns`).
@@ -281,7 +345,12 @@ mod tests {
         let mut orphan = flow(1004, 80, 6, 1, (now - 1, 0));
         orphan[1].0.dir = CT_DIR_REPLY; // keep the shape; drop the reply entry below
         entries.insert(orphan[0].0, orphan[0].1); // forward only, expired: free
-        let planned = plan_gc(&entries, now);
+                                                  // The sweep's judgement of each entry, against its peer's.
+        let planned: BTreeSet<FlowRef> = entries
+            .iter()
+            .filter(|(k, v)| flow_is_expired(v, entries.get(&k.peer_key(v)), now))
+            .map(|(k, v)| FlowRef::of(k, v))
+            .collect();
         let ports: Vec<u16> = planned.iter().map(|f| f.forward.sport).collect();
         assert_eq!(ports, vec![1000, 1004]);
         let both = planned.iter().find(|f| f.forward.sport == 1000).unwrap();
@@ -305,7 +374,12 @@ mod tests {
             proto: Proto::Udp,
         };
         let removed = BTreeSet::from([(frontend, 1)]);
-        let planned = plan_flush(&entries, &removed);
+        let planned: BTreeSet<FlowRef> = entries
+            .iter()
+            .map(|(k, v)| (FlowRef::of(k, v), v))
+            .filter(|(flow, v)| flush_wants(flow, v, &removed))
+            .map(|(flow, _)| flow)
+            .collect();
         assert_eq!(planned.len(), 1, "{planned:?}");
         let flow = planned.first().unwrap();
         assert_eq!(flow.forward.sport, 2000);

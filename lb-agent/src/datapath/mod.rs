@@ -2,6 +2,7 @@
 //! pinning, typed map access, and attaching to interfaces.
 
 pub mod attach;
+pub mod batch;
 pub mod cgroup;
 pub mod conntrack;
 pub mod counters;

@@ -1,0 +1,109 @@
+//! Reading a hash map many entries a syscall (`BPF_MAP_LOOKUP_BATCH`, kernel
+//! ≥ 5.6), which aya does not offer. Its cursor is a bucket index, not a
+//! key, so entries may be deleted between batches — the conntrack GC
+//! deletes as it reads — without the walk starting over, as a
+//! `get_next_key` walk does when its key is gone.
+
+use std::{
+    io,
+    os::fd::{AsRawFd as _, BorrowedFd},
+};
+
+use aya::Pod;
+
+/// Entries a batch asks for; a bucket holding more is read with a larger
+/// buffer (the kernel returns ENOSPC rather than split a bucket).
+pub const BATCH: usize = 4096;
+
+/// `union bpf_attr`'s `batch` member.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// A walk over a hash map, batch by batch.
+pub struct Batches<'fd, K, V> {
+    fd: BorrowedFd<'fd>,
+    cursor: Option<u32>,
+    done: bool,
+    keys: Vec<K>,
+    values: Vec<V>,
+}
+
+impl<'fd, K: Pod + Default, V: Pod + Default> Batches<'fd, K, V> {
+    /// `fd`: a hash map whose keys are `K` and values `V` (not per-CPU).
+    pub fn new(fd: BorrowedFd<'fd>) -> Self {
+        Self {
+            fd,
+            cursor: None,
+            done: false,
+            keys: vec![K::default(); BATCH],
+            values: vec![V::default(); BATCH],
+        }
+    }
+
+    /// The next batch of entries; `None` once the map has been walked. A
+    /// batch may be empty before the end.
+    pub fn next_batch(&mut self) -> Result<Option<(&[K], &[V])>, aya::maps::MapError> {
+        if self.done {
+            return Ok(None);
+        }
+        loop {
+            let mut out_batch: u32 = 0;
+            let mut attr = BatchAttr {
+                in_batch: self
+                    .cursor
+                    .as_ref()
+                    .map_or(0, |c| std::ptr::from_ref(c) as u64),
+                out_batch: std::ptr::from_mut(&mut out_batch) as u64,
+                keys: self.keys.as_mut_ptr() as u64,
+                values: self.values.as_mut_ptr() as u64,
+                count: self.keys.len() as u32,
+                map_fd: self.fd.as_raw_fd() as u32,
+                ..BatchAttr::default()
+            };
+            // SAFETY: the attribute points at buffers of `count` keys and
+            // values of the map's sizes (the caller's contract) and at two
+            // u32 bucket cursors, all alive for the call.
+            let ret = unsafe {
+                libc::syscall(
+                    libc::SYS_bpf,
+                    BPF_MAP_LOOKUP_BATCH,
+                    std::ptr::from_mut(&mut attr),
+                    std::mem::size_of::<BatchAttr>(),
+                )
+            };
+            let error = (ret < 0).then(io::Error::last_os_error);
+            match error.as_ref().and_then(io::Error::raw_os_error) {
+                None => self.cursor = Some(out_batch),
+                Some(libc::ENOENT) => self.done = true, // the last batch
+                Some(libc::ENOSPC) if attr.count == 0 => {
+                    // One bucket holds more than the buffer: grow it.
+                    let len = self.keys.len() * 2;
+                    self.keys.resize(len, K::default());
+                    self.values.resize(len, V::default());
+                    continue;
+                }
+                Some(_) => {
+                    return Err(aya::sys::SyscallError {
+                        call: "bpf_map_lookup_batch",
+                        io_error: error.unwrap_or_else(io::Error::last_os_error),
+                    }
+                    .into())
+                }
+            }
+            let n = attr.count as usize;
+            return Ok(Some((&self.keys[..n], &self.values[..n])));
+        }
+    }
+}
