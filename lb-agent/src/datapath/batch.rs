@@ -31,6 +31,9 @@ struct BatchAttr {
 
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 
+/// One batch: keys and values, index for index.
+pub type Batch<'a, K, V> = (&'a [K], &'a [V]);
+
 /// A walk over a hash map, batch by batch.
 pub struct Batches<'fd, K, V> {
     fd: BorrowedFd<'fd>,
@@ -54,7 +57,7 @@ impl<'fd, K: Pod + Default, V: Pod + Default> Batches<'fd, K, V> {
 
     /// The next batch of entries; `None` once the map has been walked. A
     /// batch may be empty before the end.
-    pub fn next_batch(&mut self) -> Result<Option<(&[K], &[V])>, aya::maps::MapError> {
+    pub fn next_batch(&mut self) -> Result<Option<Batch<'_, K, V>>, aya::maps::MapError> {
         if self.done {
             return Ok(None);
         }
