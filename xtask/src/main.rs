@@ -7,6 +7,7 @@ mod demo;
 mod k8s_latency;
 mod results;
 mod soak;
+mod upkeep;
 
 use std::{
     path::{Path, PathBuf},
@@ -63,6 +64,9 @@ enum Task {
     /// SIGTERM with --keep-datapath while TCP and UDP flow through a VIP
     /// (writes bench/results/soak.md).
     Soak,
+    /// The agent at a production conntrack size: GC passes over two million
+    /// entries while /healthz is asked (writes bench/results/upkeep.md).
+    Upkeep,
     /// Rewrite docs/performance.md's figures from bench/results/.
     Docs,
     /// Unprivileged tests, then (as root) datapath and end-to-end tests.
@@ -244,6 +248,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let agent = build_agent(false)?;
             build_apiserver()?;
             soak::run(&agent)?;
+        }
+        Task::Upkeep => {
+            require_root("upkeep")?;
+            let agent = build_agent(true)?;
+            upkeep::run(&agent)?;
         }
         Task::K8sLatency { changes, scales } => {
             require_root("k8s-latency")?;

@@ -246,8 +246,10 @@ impl Conntrack {
         Ok(sweep)
     }
 
-    /// Removes a flow's entries, reply first, each from whichever table
-    /// holds it and only while it is still that flow's.
+    /// Removes a flow's entries, reply first, each from the table that
+    /// holds it (the assured one first, as the datapath looks) and only
+    /// while it is still that flow's. A stale copy under an assured entry
+    /// is left to its own expiry.
     fn remove_flow(&mut self, flow: &FlowRef) -> Result<bool, MapError> {
         let mut removed_any = false;
         for key in [flow.reply, flow.forward] {
@@ -255,8 +257,9 @@ impl Conntrack {
                 match table.get(&key, 0) {
                     Ok(v) if v.flow_id == flow.flow_id => {
                         removed_any |= super::removed(table.remove(&key))?;
+                        break;
                     }
-                    _ => {} // gone, or already a new flow on this tuple
+                    _ => {} // not here, or already another flow on this tuple
                 }
             }
         }

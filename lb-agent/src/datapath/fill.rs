@@ -4,12 +4,10 @@
 //! LB reverse map (conntrack is counted by its GC). Counting walks the
 //! keys, so it runs with the GC pass, not per scrape.
 
+use std::os::fd::AsFd as _;
 use std::{collections::BTreeMap, path::Path};
 
-use aya::{
-    maps::{HashMap, MapData},
-    Pod,
-};
+use aya::{maps::MapData, Pod};
 use lb_common::{
     affinity::{AffinityKey, AffinityValue, AFFINITY_MAP},
     sock::{SockRevNatKey, SockRevNatValue, SOCK_REVNAT_MAP},
@@ -37,16 +35,17 @@ pub fn datapath_tables(pin_dir: &Path) -> Result<Vec<(&'static str, u64)>, LoadE
     ])
 }
 
-fn count<K: Pod, V: Pod>(
+fn count<K: Pod + Default, V: Pod + Default>(
     pin_dir: &Path,
     name: &'static str,
 ) -> Result<(&'static str, u64), LoadError> {
     let error = |e: aya::maps::MapError| LoadError::Map(name, e.to_string());
     let data = MapData::from_pin(pin_dir.join(name)).map_err(error)?;
-    let map = aya::maps::Map::from_map_data(data).map_err(error)?;
-    let map: HashMap<MapData, K, V> = HashMap::try_from(map).map_err(error)?;
-    // Entries may come and go during the walk: a key that vanished
-    // between steps is skipped, not an error.
-    let entries = map.keys().filter(Result::is_ok).count() as u64;
+    // A batch at a time: a few syscalls for a table of a million entries.
+    let mut batches = super::batch::Batches::<K, V>::new(data.fd().as_fd());
+    let mut entries = 0;
+    while let Some((keys, _)) = batches.next_batch().map_err(error)? {
+        entries += keys.len() as u64;
+    }
     Ok((name, entries))
 }

@@ -15,19 +15,13 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use super::{
-    metrics::{ErrorKind, FlowRemoval, Metrics},
+    metrics::{ErrorKind, Metrics},
     service_health::ServiceHealthServers,
+    upkeep::Upkeep,
     RunConfig, Source, SourceConfig, FILL_INTERVAL, RESCAN_INTERVAL, RETRY_INTERVAL,
 };
 use crate::{
-    datapath::{
-        attach::Attacher,
-        conntrack::{monotonic_ns, Conntrack},
-        loader,
-        maps::KernelMaps,
-        migrate::Migration,
-        udp_reset::{UdpResetError, UdpResetter},
-    },
+    datapath::{attach::Attacher, loader, maps::KernelMaps, migrate::Migration},
     desired::{DesiredState, HealthCheck},
     model::{error::InputError, ServiceName},
     reconcile::Reconciler,
@@ -59,13 +53,13 @@ pub(super) struct Datapath {
     pub ebpf: aya::Ebpf,
     pub attacher: Attacher,
     pub reconciler: Reconciler<KernelMaps>,
-    pub conntrack: Conntrack,
+    /// Conntrack GC, UDP flushes and socket resets, off this thread.
+    pub upkeep: Upkeep,
     /// `max_entries` of each pinned map.
     pub capacities: std::collections::BTreeMap<&'static str, u32>,
     /// A map layout v3 datapath being taken over (until this run is attached
     /// and programmed).
     pub migration: Option<Migration>,
-    pub udp_resetter: UdpResetter,
     pub config_map: loader::ConfigMap,
     /// What the config map holds (`None`: not written by this run yet).
     pub node_config: Option<lb_common::config::NodeConfig>,
@@ -108,8 +102,6 @@ enum Wake {
     Rescan,
     /// A failed pass is due for a retry.
     Retry,
-    /// Conntrack garbage collection is due.
-    ConntrackGc,
     /// The programmed-state metrics are due for a recount.
     Fill,
 }
@@ -152,10 +144,8 @@ impl Agent {
             self.config.poll_interval
         });
         let mut retry = tokio::time::interval(RETRY_INTERVAL);
-        let mut gc = tokio::time::interval(self.config.conntrack_gc_interval);
-        gc.reset(); // not at start: nothing has expired yet
         let mut fill = tokio::time::interval(FILL_INTERVAL);
-        for timer in [&mut rescan, &mut retry, &mut gc, &mut fill] {
+        for timer in [&mut rescan, &mut retry, &mut fill] {
             timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         }
         let mut released_links = false;
@@ -177,9 +167,7 @@ impl Agent {
                 _ = self.inputs.trigger.notified() => Wake::SourceChanged,
                 _ = links.notified() => Wake::Links,
                 _ = rescan.tick() => Wake::Rescan,
-                _ = retry.tick(), if self.datapath.reconciler.needs_retry()
-                    || self.datapath.udp_resetter.has_pending() => Wake::Retry,
-                _ = gc.tick() => Wake::ConntrackGc,
+                _ = retry.tick(), if self.datapath.reconciler.needs_retry() => Wake::Retry,
                 _ = fill.tick(), if self.status.fill_due => Wake::Fill,
             };
         }
@@ -200,7 +188,6 @@ impl Agent {
                     release_freed_memory(); // what the last changes left behind
                 }
             }
-            Wake::ConntrackGc => self.collect_conntrack(),
             Wake::Fill => {
                 self.status.fill_due = false;
                 self.report_programmed();
@@ -230,9 +217,6 @@ impl Agent {
             }
         } else if wake == Wake::Retry && self.datapath.reconciler.needs_retry() {
             self.retry();
-        }
-        if wake == Wake::Retry && self.datapath.udp_resetter.has_pending() {
-            self.reset_udp_sockets(&[]);
         }
         if self.status.synced && !self.datapath.reconciler.needs_retry() {
             self.status.health.synced();
@@ -286,16 +270,7 @@ impl Agent {
     fn release_previous_run(&mut self) -> Vec<String> {
         let released = self.release_previous_links();
         if self.config.socket_lb.is_none() {
-            // No hook reads the reverse entries any more, and none deletes
-            // them when their sockets close.
-            match self.datapath.udp_resetter.forget_sockets() {
-                Ok(0) => {}
-                Ok(n) => info!("socket LB is off: {n} reverse entries of earlier sockets removed"),
-                Err(e) => {
-                    self.status.metrics.error(ErrorKind::DatapathWrite);
-                    error!("removing the socket LB reverse entries: {e}");
-                }
-            }
+            self.datapath.upkeep.forget_sockets();
         }
         released
     }
@@ -466,51 +441,9 @@ impl Agent {
             error!("datapath update failed (will retry): {e}");
         }
         if !report.udp_backends_removed.is_empty() {
-            let removed = report
-                .udp_backends_removed
-                .iter()
-                .map(|left| (left.frontend, left.backend_id))
-                .collect();
-            match self.datapath.conntrack.flush_udp(&removed) {
-                Ok(sweep) => {
-                    self.status
-                        .metrics
-                        .flows_removed(FlowRemoval::BackendLeft, sweep.flows_removed);
-                    info!(
-                        flows = sweep.flows_removed,
-                        "flushed UDP conntrack of backends that left their service"
-                    )
-                }
-                Err(e) => {
-                    self.status.metrics.error(ErrorKind::ConntrackFlush);
-                    error!("flushing UDP conntrack: {e}")
-                }
-            }
-            self.reset_udp_sockets(&report.udp_backends_removed);
-        }
-    }
-
-    /// Socket LB translated connected UDP sockets once, at connect: no flow
-    /// to flush, the sockets themselves are reset (with those of an earlier
-    /// pass that missed a namespace).
-    fn reset_udp_sockets(&mut self, left: &[crate::datapath::udp_reset::LeftBackend]) {
-        match self.datapath.udp_resetter.reset(left) {
-            Ok(resets) if resets.candidates > 0 => {
-                self.status.metrics.udp_sockets_reset(resets.sockets_reset);
-                info!(
-                    sockets = resets.sockets_reset,
-                    namespaces = resets.namespaces,
-                    "reset connected UDP sockets of backends that left their service"
-                )
-            }
-            Ok(_) => {}
-            Err(e) => {
-                if let UdpResetError::SomeNamespaces { reset, .. } = &e {
-                    self.status.metrics.udp_sockets_reset(*reset);
-                }
-                self.status.metrics.error(ErrorKind::UdpSocketReset);
-                error!("resetting connected UDP sockets: {e}")
-            }
+            self.datapath
+                .upkeep
+                .backends_left(report.udp_backends_removed);
         }
     }
 
@@ -541,52 +474,6 @@ impl Agent {
     fn report_fill(&self, map: &'static str, entries: u64) {
         let capacity = self.datapath.capacities.get(map).copied().unwrap_or(0);
         self.status.metrics.map_fill(map, entries, capacity);
-    }
-
-    /// Frees flows whose both directions have expired, and reports the fill.
-    fn collect_conntrack(&mut self) {
-        let capacity = self.datapath.conntrack.capacity;
-        match crate::datapath::fill::datapath_tables(&self.config.pin_dir) {
-            Ok(tables) => {
-                for (map, entries) in tables {
-                    self.report_fill(map, entries);
-                }
-            }
-            Err(e) => warn!("counting the datapath's tables: {e}"),
-        }
-        match self.datapath.conntrack.gc(monotonic_ns()) {
-            Ok(sweep) => {
-                self.status
-                    .metrics
-                    .conntrack_entries(sweep.assured + sweep.new);
-                self.report_fill(lb_common::ct::CT_MAP, sweep.assured as u64);
-                self.report_fill(lb_common::ct::CT_NEW_MAP, sweep.new as u64);
-                self.status
-                    .metrics
-                    .flows_removed(FlowRemoval::Expired, sweep.flows_removed);
-                let fill = sweep.assured as f64 / f64::from(capacity.max(1));
-                let entries = sweep.assured;
-                if fill >= 0.9 {
-                    // The table of new flows is an LRU and always admits;
-                    // only assured flows can run out of room.
-                    warn!(entries, capacity, freed_flows = sweep.flows_removed,
-                        "assured conntrack table {:.0}% full: flows that become assured stay evictable while it is full (raise --max-conntrack)",
-                        fill * 100.0);
-                } else if sweep.flows_removed > 0 {
-                    info!(
-                        entries,
-                        new_entries = sweep.new,
-                        capacity,
-                        freed_flows = sweep.flows_removed,
-                        "conntrack gc"
-                    );
-                }
-            }
-            Err(e) => {
-                self.status.metrics.error(ErrorKind::ConntrackGc);
-                error!("conntrack gc: {e}")
-            }
-        }
     }
 
     async fn sync_interfaces(&mut self) -> anyhow::Result<()> {

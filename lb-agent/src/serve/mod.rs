@@ -8,6 +8,7 @@ pub mod health;
 pub mod metrics;
 pub mod node;
 pub mod service_health;
+mod upkeep;
 
 use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -25,6 +26,7 @@ use crate::{
         metrics::Metrics,
         node::NodeSettings,
         service_health::ServiceHealthServers,
+        upkeep::{Upkeep, UpkeepTables},
     },
     source::{k8s::ApiSource, manifest::ManifestDir, store::ObjectStore, watch},
 };
@@ -87,8 +89,28 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
 
     let pin_dir = config.pin_dir.clone();
     let mut unpin_on_failure = UnpinOnFailure::new(&pin_dir);
-    let (datapath, counters) = load_datapath(&config, attacher)?;
+    let (loaded, counters) = load_datapath(&config, attacher)?;
     let metrics = Metrics::new(Some(counters));
+    let upkeep = Upkeep::start(UpkeepTables {
+        conntrack: loaded.conntrack,
+        udp_resetter: loaded.udp_resetter,
+        metrics: metrics.clone(),
+        capacities: loaded.capacities.clone(),
+        pin_dir: pin_dir.clone(),
+        gc_interval: config.conntrack_gc_interval,
+        retry_interval: RETRY_INTERVAL,
+    })
+    .context("starting the upkeep thread")?;
+    let datapath = Datapath {
+        ebpf: loaded.ebpf,
+        attacher: loaded.attacher,
+        reconciler: loaded.reconciler,
+        upkeep,
+        capacities: loaded.capacities,
+        migration: loaded.migration,
+        config_map: loaded.config_map,
+        node_config: None,
+    };
     if let Some(addr) = config.metrics_addr {
         let listener = bind(addr, "--metrics-bind-address").await?;
         tokio::spawn(metrics::serve(listener, metrics.clone()));
@@ -185,12 +207,24 @@ async fn attacher(config: &RunConfig) -> anyhow::Result<Attacher> {
     Ok(attacher)
 }
 
+/// The loaded datapath, before its upkeep has a thread.
+struct Loaded {
+    ebpf: aya::Ebpf,
+    attacher: Attacher,
+    reconciler: Reconciler<crate::datapath::maps::KernelMaps>,
+    conntrack: crate::datapath::conntrack::Conntrack,
+    udp_resetter: crate::datapath::udp_reset::UdpResetter,
+    capacities: std::collections::BTreeMap<&'static str, u32>,
+    migration: Option<crate::datapath::migrate::Migration>,
+    config_map: loader::ConfigMap,
+}
+
 /// Loads and pins the datapath (migrating a previous layout's pins), and
 /// reads back what the pinned maps hold.
 fn load_datapath(
     config: &RunConfig,
     attacher: Attacher,
-) -> anyhow::Result<(Datapath, crate::datapath::counters::CounterMap)> {
+) -> anyhow::Result<(Loaded, crate::datapath::counters::CounterMap)> {
     let pin_dir = &config.pin_dir;
     let mut ebpf = loader::load_with_log(
         Some(pin_dir),
@@ -222,18 +256,17 @@ fn load_datapath(
     let counters = crate::datapath::counters::open(pin_dir)?;
     let reconciler =
         Reconciler::restore(maps, config.sizes.backends).context("reading the pinned maps")?;
-    let datapath = Datapath {
+    let loaded = Loaded {
         ebpf,
         attacher,
         reconciler,
         conntrack,
+        udp_resetter,
         capacities,
         migration,
-        udp_resetter,
         config_map,
-        node_config: None,
     };
-    Ok((datapath, counters))
+    Ok((loaded, counters))
 }
 
 /// A start that fails before serving (a program the kernel refuses, a
