@@ -89,7 +89,18 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
 
     let pin_dir = config.pin_dir.clone();
     let mut unpin_on_failure = UnpinOnFailure::new(&pin_dir);
-    let (loaded, counters) = load_datapath(&config, attacher)?;
+    // Off the serving thread: the watches list meanwhile, and the health
+    // server answers, while the verifier runs.
+    let (pin, sizes, globals, log) = (
+        config.pin_dir.clone(),
+        config.sizes,
+        config.globals,
+        config.datapath_log,
+    );
+    let (loaded, counters) =
+        tokio::task::spawn_blocking(move || load_datapath(&pin, sizes, &globals, log, attacher))
+            .await
+            .context("loading the datapath")??;
     let metrics = Metrics::new(Some(counters));
     let upkeep = Upkeep::start(UpkeepTables {
         conntrack: loaded.conntrack,
@@ -222,17 +233,14 @@ struct Loaded {
 /// Loads and pins the datapath (migrating a previous layout's pins), and
 /// reads back what the pinned maps hold.
 fn load_datapath(
-    config: &RunConfig,
+    pin_dir: &std::path::Path,
+    sizes: MapSizes,
+    globals: &loader::Globals,
+    datapath_log: bool,
     attacher: Attacher,
 ) -> anyhow::Result<(Loaded, crate::datapath::counters::CounterMap)> {
-    let pin_dir = &config.pin_dir;
-    let mut ebpf = loader::load_with_log(
-        Some(pin_dir),
-        config.sizes,
-        &config.globals,
-        config.datapath_log,
-    )
-    .context("loading the datapath")?;
+    let mut ebpf = loader::load_with_log(Some(pin_dir), sizes, globals, datapath_log)
+        .context("loading the datapath")?;
     let migration = crate::datapath::migrate::Migration::pending(pin_dir);
     if let Some(migration) = &migration {
         let copied = migration
@@ -243,11 +251,11 @@ fn load_datapath(
             "adopting a datapath of map layout v3: copied into v4; the old maps go once this run is attached and programmed"
         );
     }
-    if config.datapath_log {
+    if datapath_log {
         loader::forward_debug_events(&mut ebpf).context("--datapath-log")?;
         info!("datapath debug events on (target `datapath`)");
     }
-    let maps = loader::kernel_maps(&mut ebpf, config.sizes)?;
+    let maps = loader::kernel_maps(&mut ebpf, sizes)?;
     let conntrack = loader::conntrack(&mut ebpf)?;
     let capacities =
         crate::datapath::fill::capacities(pin_dir).context("reading the pinned maps' sizes")?;
@@ -255,7 +263,7 @@ fn load_datapath(
     let udp_resetter = loader::udp_resetter(&mut ebpf)?;
     let counters = crate::datapath::counters::open(pin_dir)?;
     let reconciler =
-        Reconciler::restore(maps, config.sizes.backends).context("reading the pinned maps")?;
+        Reconciler::restore(maps, sizes.backends).context("reading the pinned maps")?;
     let loaded = Loaded {
         ebpf,
         attacher,

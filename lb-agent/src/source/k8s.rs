@@ -85,17 +85,23 @@ impl ApiSource {
             Api::<Service>::all(client.clone()),
             tx.clone(),
             trigger.clone(),
-            |s| ApiChange::Service(ServiceView::from(&s)),
-            |s| ApiChange::ServiceDeleted(ServiceView::from(&s)),
-            |list| ApiChange::Services(list.iter().map(ServiceView::from).collect()),
+            Kind {
+                view: |s| ServiceView::from(s),
+                applied: ApiChange::Service,
+                deleted: ApiChange::ServiceDeleted,
+                listed: ApiChange::Services,
+            },
         );
         watch(
             Api::<EndpointSlice>::all(client),
             tx,
             trigger,
-            |s| ApiChange::Slice(SliceView::from(&s)),
-            |s| ApiChange::SliceDeleted(SliceView::from(&s)),
-            |list| ApiChange::Slices(list.iter().map(SliceView::from).collect()),
+            Kind {
+                view: |s| SliceView::from(s),
+                applied: ApiChange::Slice,
+                deleted: ApiChange::SliceDeleted,
+                listed: ApiChange::Slices,
+            },
         );
         Self {
             changes,
@@ -137,16 +143,24 @@ impl ApiSource {
     }
 }
 
+/// How one kind's objects become changes: each object is reduced to its
+/// view as it arrives, a relist's too, so no full object outlives its
+/// event.
+struct Kind<K, V> {
+    view: fn(&K) -> V,
+    applied: fn(V) -> ApiChange,
+    deleted: fn(V) -> ApiChange,
+    listed: fn(Vec<V>) -> ApiChange,
+}
+
 /// Runs one watch: applies and deletes go out one by one; a (re)list is
 /// collected and sent whole when complete, so a partial list never looks
 /// like deleted objects.
-fn watch<K>(
+fn watch<K, V>(
     api: Api<K>,
     tx: mpsc::UnboundedSender<ApiChange>,
     trigger: Arc<Notify>,
-    applied: fn(K) -> ApiChange,
-    deleted: fn(K) -> ApiChange,
-    listed: fn(Vec<K>) -> ApiChange,
+    kind: Kind<K, V>,
 ) where
     K: Resource<DynamicType = ()>
         + Clone
@@ -154,31 +168,36 @@ fn watch<K>(
         + Send
         + serde::de::DeserializeOwned
         + 'static,
+    V: Send + 'static,
 {
-    let config = watcher::Config::default().labels(PROXY_LABEL_SELECTOR);
-    let kind = K::kind(&()).into_owned();
+    // Lists from the API server's watch cache (resourceVersion 0), as
+    // client-go informers (kube-proxy's) ask: not a paginated walk of etcd.
+    let config = watcher::Config::default()
+        .labels(PROXY_LABEL_SELECTOR)
+        .any_semantic();
+    let name = K::kind(&()).into_owned();
     tokio::spawn(async move {
         let stream = watcher(api, config).default_backoff();
         let mut stream = std::pin::pin!(stream);
-        let mut listing: Vec<K> = Vec::new();
+        let mut listing: Vec<V> = Vec::new();
         while let Some(event) = stream.next().await {
             let change = match event {
-                Ok(watcher::Event::Apply(object)) => Some(applied(object)),
-                Ok(watcher::Event::Delete(object)) => Some(deleted(object)),
+                Ok(watcher::Event::Apply(object)) => Some((kind.applied)((kind.view)(&object))),
+                Ok(watcher::Event::Delete(object)) => Some((kind.deleted)((kind.view)(&object))),
                 Ok(watcher::Event::Init) => {
                     listing.clear();
                     None
                 }
                 Ok(watcher::Event::InitApply(object)) => {
-                    listing.push(object);
-                    None
+                    listing.push((kind.view)(&object));
+                    continue; // nothing to apply until the list is complete
                 }
                 Ok(watcher::Event::InitDone) => {
-                    debug!(%kind, objects = listing.len(), "list complete");
-                    Some(listed(std::mem::take(&mut listing)))
+                    debug!(kind = %name, objects = listing.len(), "list complete");
+                    Some((kind.listed)(std::mem::take(&mut listing)))
                 }
                 Err(e) => {
-                    warn!(%kind, "watch error (retrying with backoff): {e}");
+                    warn!(kind = %name, "watch error (retrying with backoff): {e}");
                     None
                 }
             };
