@@ -1293,6 +1293,49 @@ fn agent_udp_flush_streams_a_large_table() {
     assert!(left.values().all(|v| v.backend_id == 1));
 }
 
+/// A frontend's slots are written in one batch, in order: into a service
+/// map with room for eight, twelve slots write the first eight and report
+/// the ninth as "full" with the flag to raise.
+#[test]
+fn a_slot_batch_into_a_full_map_writes_in_order_and_names_the_flag() {
+    use lb_agent::datapath::{
+        loader,
+        maps::{LbMaps as _, MapWriteError},
+    };
+    require_root();
+    let sizes = loader::MapSizes {
+        service_slots: 8,
+        ..loader::MapSizes::default()
+    };
+    let mut ebpf = loader::load(None, sizes, &loader::Globals::DEFAULT).expect("load");
+    let mut maps = loader::kernel_maps(&mut ebpf, sizes).expect("maps");
+    let frontend = lb_agent::model::L4Addr {
+        addr: VIP,
+        port: 80,
+        proto: lb_agent::model::Proto::Tcp,
+    };
+    let slots: Vec<(u16, lb_common::svc::SvcValue)> = (1..=12)
+        .map(|slot| {
+            let value = lb_common::svc::SvcValue {
+                backend_id: u32::from(slot),
+                ..Default::default()
+            };
+            (slot, value)
+        })
+        .collect();
+    match maps.put_slots(frontend, &slots) {
+        Err((8, MapWriteError::Full { flag, .. })) => assert_eq!(flag, "--max-service-slots"),
+        other => panic!("expected 8 written, then full: {other:?}"),
+    }
+    let snapshot = maps.snapshot().expect("read back");
+    let written: Vec<u16> = snapshot.slots.keys().map(|(_, slot)| *slot).collect();
+    assert_eq!(
+        written,
+        (1..=8).collect::<Vec<u16>>(),
+        "the first eight, in order"
+    );
+}
+
 #[test]
 fn big_tcp_length_zero_on_a_small_packet_is_malformed() {
     require_root();

@@ -50,13 +50,28 @@ struct Row {
     cold_start: Option<(Duration, f64)>,
 }
 
-pub fn run(agent_bin: &Path, changes: usize, scales: &[usize]) -> anyhow::Result<()> {
+pub fn run(
+    agent_bin: &Path,
+    changes: usize,
+    scales: &[usize],
+    sources: &[String],
+) -> anyhow::Result<()> {
     // SAFETY: single-threaded here; read by topology::agent_binary.
     unsafe { std::env::set_var("LB_AGENT_BIN", agent_bin) };
+    for source in sources {
+        anyhow::ensure!(
+            ["api", "manifests"].contains(&source.as_str()),
+            "--sources {source}: expected api or manifests"
+        );
+    }
     let mut rows = Vec::new();
     for &n in scales {
-        rows.push(api_mode(n, changes)?);
-        rows.push(manifest_mode(n, changes)?);
+        if sources.iter().any(|s| s == "api") {
+            rows.push(api_mode(n, changes)?);
+        }
+        if sources.iter().any(|s| s == "manifests") {
+            rows.push(manifest_mode(n, changes)?);
+        }
     }
     let mut text = format!(
         "# EndpointSlice change → datapath, idle cost, memory\n\n\

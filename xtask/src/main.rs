@@ -59,6 +59,9 @@ enum Task {
         /// Service counts to measure at (each × 10 endpoints).
         #[arg(long, value_delimiter = ',', default_values_t = [1usize, 10_000])]
         scales: Vec<usize>,
+        /// Sources to measure: `api`, `manifests` or both.
+        #[arg(long, value_delimiter = ',', default_values_t = ["api".to_string(), "manifests".to_string()])]
+        sources: Vec<String>,
     },
     /// Restarts, churn and a spoofed SYN flood under load: SIGKILL ×5 and
     /// SIGTERM with --keep-datapath while TCP and UDP flow through a VIP
@@ -254,11 +257,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let agent = build_agent(true)?;
             upkeep::run(&agent)?;
         }
-        Task::K8sLatency { changes, scales } => {
+        Task::K8sLatency {
+            changes,
+            scales,
+            sources,
+        } => {
             require_root("k8s-latency")?;
             let agent = build_agent(true)?;
             build_apiserver()?;
-            k8s_latency::run(&agent, changes, &scales)?;
+            k8s_latency::run(&agent, changes, &scales, &sources)?;
         }
         Task::Docs => results::refresh_docs()?,
         Task::Test { filter } => {

@@ -1,12 +1,13 @@
-//! Reading a hash map many entries a syscall (`BPF_MAP_LOOKUP_BATCH`, kernel
-//! ≥ 5.6), which aya does not offer. Its cursor is a bucket index, not a
+//! Reading and writing a hash map many entries a syscall
+//! (`BPF_MAP_LOOKUP_BATCH`, `BPF_MAP_UPDATE_BATCH`, kernel ≥ 5.6), which aya
+//! does not offer. Its cursor is a bucket index, not a
 //! key, so entries may be deleted between batches — the conntrack GC
 //! deletes as it reads — without the walk starting over, as a
 //! `get_next_key` walk does when its key is gone.
 
 use std::{
     io,
-    os::fd::{AsRawFd as _, BorrowedFd},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
 };
 
 use aya::Pod;
@@ -30,6 +31,61 @@ struct BatchAttr {
 }
 
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// A map's own file descriptor, for batch calls beside aya's typed map.
+pub fn dup_fd(map: &aya::maps::Map) -> Result<OwnedFd, aya::maps::MapError> {
+    use aya::maps::Map;
+    let data = match map {
+        Map::HashMap(data) | Map::LruHashMap(data) => data,
+        _ => return Err(aya::maps::MapError::InvalidMapType { map_type: 0 }),
+    };
+    data.fd().as_fd().try_clone_to_owned().map_err(|io_error| {
+        aya::sys::SyscallError {
+            call: "dup",
+            io_error,
+        }
+        .into()
+    })
+}
+
+/// Writes `keys[i]` → `values[i]` in order in one syscall
+/// (`BPF_MAP_UPDATE_BATCH`; the kernel updates them one by one, as single
+/// writes would, so what a packet can see in between is the same). On
+/// failure: how many were written, and the error.
+pub fn update_batch<K: Pod, V: Pod>(
+    fd: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), (usize, io::Error)> {
+    assert_eq!(keys.len(), values.len(), "one value a key");
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: keys.len() as u32,
+        map_fd: fd.as_raw_fd() as u32,
+        ..BatchAttr::default()
+    };
+    // SAFETY: the attribute points at `count` keys and values of the map's
+    // sizes (the caller's contract), alive for the call; the kernel only
+    // reads them.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_BATCH,
+            std::ptr::from_mut(&mut attr),
+            std::mem::size_of::<BatchAttr>(),
+        )
+    };
+    if ret < 0 {
+        let error = io::Error::last_os_error();
+        return Err((attr.count as usize, error));
+    }
+    Ok(())
+}
 
 /// One batch: keys and values, index for index.
 pub type Batch<'a, K, V> = (&'a [K], &'a [V]);

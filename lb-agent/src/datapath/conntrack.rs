@@ -134,7 +134,7 @@ impl Conntrack {
             Map::HashMap(data) => data.info()?.max_entries(),
             _ => 0, // refused just below
         };
-        let (assured_fd, new_fd) = (owned_fd(&assured)?, owned_fd(&new)?);
+        let (assured_fd, new_fd) = (super::batch::dup_fd(&assured)?, super::batch::dup_fd(&new)?);
         Ok(Self {
             assured: HashMap::try_from(assured)?,
             new: HashMap::try_from(new)?,
@@ -274,20 +274,6 @@ enum Verdict {
     Shadowed,
     /// The entry's flow goes, both entries.
     RemoveFlow,
-}
-
-fn owned_fd(map: &Map) -> Result<OwnedFd, MapError> {
-    let data = match map {
-        Map::HashMap(data) | Map::LruHashMap(data) => data,
-        _ => return Err(MapError::InvalidMapType { map_type: 0 }),
-    };
-    data.fd().as_fd().try_clone_to_owned().map_err(|io_error| {
-        aya::sys::SyscallError {
-            call: "dup",
-            io_error,
-        }
-        .into()
-    })
 }
 
 /// CLOCK_MONOTONIC_COARSE, the datapath's clock (`bpf_ktime_get_coarse_ns`).

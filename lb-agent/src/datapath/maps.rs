@@ -81,6 +81,19 @@ pub trait LbMaps {
         slot: u16,
         value: SvcValue,
     ) -> Result<(), MapWriteError>;
+    /// Writes a frontend's slots in the order given (one syscall where the
+    /// kernel batches); on failure, how many were written, and the error.
+    fn put_slots(
+        &mut self,
+        frontend: L4Addr,
+        slots: &[(u16, SvcValue)],
+    ) -> Result<(), (usize, MapWriteError)> {
+        for (written, &(slot, value)) in slots.iter().enumerate() {
+            self.put_slot(frontend, slot, value)
+                .map_err(|e| (written, e))?;
+        }
+        Ok(())
+    }
     fn delete_slot(&mut self, frontend: L4Addr, slot: u16) -> Result<(), MapWriteError>;
     fn put_revnat(
         &mut self,
@@ -201,6 +214,8 @@ pub fn revnat_of(value: &RevNat) -> Option<RevNatEntry> {
 /// The service maps of a loaded (or pinned) datapath.
 pub struct KernelMaps {
     svc: HashMap<MapData, SvcKey, SvcValue>,
+    /// The service map again, for batch writes.
+    svc_fd: std::os::fd::OwnedFd,
     backends: HashMap<MapData, u32, Backend>,
     revnat: HashMap<MapData, u16, RevNat>,
     affinity_match: HashMap<MapData, AffinityMatchKey, u8>,
@@ -242,6 +257,7 @@ impl KernelMaps {
         capacity: Capacity,
     ) -> Result<Self, MapError> {
         Ok(Self {
+            svc_fd: super::batch::dup_fd(&svc)?,
             svc: HashMap::try_from(svc)?,
             backends: HashMap::try_from(backends)?,
             revnat: HashMap::try_from(revnat)?,
@@ -328,6 +344,27 @@ impl LbMaps for KernelMaps {
         self.svc
             .insert(svc_key(frontend, slot), value, 0)
             .map_err(|e| limit.error("insert", e))
+    }
+
+    fn put_slots(
+        &mut self,
+        frontend: L4Addr,
+        slots: &[(u16, SvcValue)],
+    ) -> Result<(), (usize, MapWriteError)> {
+        use std::os::fd::AsFd as _;
+        let keys: Vec<SvcKey> = slots
+            .iter()
+            .map(|&(slot, _)| svc_key(frontend, slot))
+            .collect();
+        let values: Vec<SvcValue> = slots.iter().map(|&(_, value)| value).collect();
+        let limit = self.svc_limit;
+        super::batch::update_batch(self.svc_fd.as_fd(), &keys, &values).map_err(|(written, e)| {
+            let error = aya::sys::SyscallError {
+                call: "bpf_map_update_batch",
+                io_error: e,
+            };
+            (written, limit.error("insert", error.into()))
+        })
     }
 
     fn delete_slot(&mut self, frontend: L4Addr, slot: u16) -> Result<(), MapWriteError> {

@@ -123,19 +123,69 @@ impl<M: LbMaps> Reconciler<M> {
                 },
             );
         }
-        for op in &fp.ops {
-            if let Err(error) = self.execute(op) {
+        let mut rest = &fp.ops[..];
+        while let Some(first) = rest.first() {
+            // A run of slot writes goes to the kernel together, in order.
+            let run = match first {
+                Op::PutSlot { frontend, .. } => rest
+                    .iter()
+                    .take_while(|op| matches!(op, Op::PutSlot { frontend: f, .. } if f == frontend))
+                    .count(),
+                _ => 1,
+            };
+            let (ops, tail) = rest.split_at(run);
+            let result = if run > 1 {
+                self.execute_slots(ops)
+            } else {
+                self.execute(first).map_err(|e| (first, e))
+            };
+            if let Err((op, error)) = result {
                 return Err(ApplyError {
                     target,
                     op: Some(op.to_string()),
                     error,
                 });
             }
+            rest = tail;
         }
         if fp.service.is_none() {
             self.written.remove(&fp.frontend);
         }
         Ok(())
+    }
+
+    /// Performs a run of slot writes (`PutSlot`s of one frontend, as
+    /// `run_frontend` groups them) in one batch and records those that
+    /// succeeded; on failure, the op that failed.
+    fn execute_slots<'a>(&mut self, ops: &'a [Op]) -> Result<(), (&'a Op, MapWriteError)> {
+        let mut frontend = None;
+        let mut slots = Vec::with_capacity(ops.len());
+        for op in ops {
+            if let Op::PutSlot {
+                frontend: f,
+                slot,
+                backend_id,
+                flags,
+            } = op
+            {
+                frontend.get_or_insert(*f);
+                slots.push((*slot, slot_value(*backend_id, *flags)));
+            }
+        }
+        let result = match frontend {
+            Some(frontend) if slots.len() == ops.len() => self.maps.put_slots(frontend, &slots),
+            // Not such a run: one by one.
+            _ => {
+                return ops
+                    .iter()
+                    .try_for_each(|op| self.execute(op).map_err(|e| (op, e)))
+            }
+        };
+        let written = result.as_ref().map_or_else(|(n, _)| *n, |()| ops.len());
+        for op in &ops[..written] {
+            self.record(op);
+        }
+        result.map_err(|(n, e)| (&ops[n], e))
     }
 
     /// Performs one write and, once it succeeded, records it.
@@ -297,6 +347,15 @@ impl<M: LbMaps> Reconciler<M> {
 }
 
 /// The map write of one op.
+/// A slot's value: its backend and role.
+fn slot_value(backend_id: u32, flags: u16) -> SvcValue {
+    SvcValue {
+        backend_id,
+        flags,
+        ..SvcValue::default()
+    }
+}
+
 fn write<M: LbMaps>(maps: &mut M, op: &Op) -> Result<(), MapWriteError> {
     match op {
         Op::PutBackend { id, backend } => maps.put_backend(*id, *backend),
@@ -305,14 +364,7 @@ fn write<M: LbMaps>(maps: &mut M, op: &Op) -> Result<(), MapWriteError> {
             slot,
             backend_id,
             flags,
-        } => {
-            let value = SvcValue {
-                backend_id: *backend_id,
-                flags: *flags,
-                ..SvcValue::default()
-            };
-            maps.put_slot(*frontend, *slot, value)
-        }
+        } => maps.put_slot(*frontend, *slot, slot_value(*backend_id, *flags)),
         Op::PutRevNat {
             frontend,
             id,
