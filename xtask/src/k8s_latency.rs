@@ -150,6 +150,18 @@ fn filler(i: usize) -> String {
         )
 }
 
+/// Map sizes for `n` services of two ports (a frontend each, eleven slots
+/// each) with room to spare: the defaults hold about 12 000.
+fn sized(n: usize) -> [String; 4] {
+    let slots = ((n + 1) * 2 * 12).next_power_of_two().max(262_144);
+    [
+        "--max-service-slots".into(),
+        slots.to_string(),
+        "--max-backends".into(),
+        "262144".into(),
+    ]
+}
+
 fn web(n: usize) -> String {
     web_manifest(
         &(0..n)
@@ -275,7 +287,7 @@ fn api_mode(n: usize, changes: usize) -> anyhow::Result<Row> {
         &topology.interface_pattern(),
         &pin_dir,
         &api.dir.0.join("agent.log"),
-        &[],
+        &sized(n).iter().map(String::as_str).collect::<Vec<_>>(),
     )?;
     let started = Instant::now();
     api.with_client(&topology.node, |client| async move {
@@ -353,7 +365,7 @@ fn cold_start(
         &topology.interface_pattern(),
         pin_dir,
         &api.dir.0.join("agent-cold.log"),
-        &[],
+        &sized(n).iter().map(String::as_str).collect::<Vec<_>>(),
     )?;
     let programmed = wait_programmed(pin_dir, n, started)?;
     let pid = agent.pid().context("agent pid")?;
@@ -382,7 +394,7 @@ fn manifest_mode(n: usize, changes: usize) -> anyhow::Result<Row> {
         &topology.interface_pattern(),
         &pin_dir,
         &log,
-        &[],
+        &sized(n).iter().map(String::as_str).collect::<Vec<_>>(),
     )?;
     let programmed_after = wait_programmed(&pin_dir, n, started)?;
     let web_count = WebCount::open(&pin_dir)?;
