@@ -369,13 +369,7 @@ fn cold_start(
     )?;
     let programmed = wait_programmed(pin_dir, n, started)?;
     let pid = agent.pid().context("agent pid")?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let peak_kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("VmHWM")?;
-    Ok((programmed, peak_kib / 1024.0))
+    Ok((programmed, crate::bench::status_kib(pid, "VmHWM")? / 1024.0))
 }
 
 fn manifest_mode(n: usize, changes: usize) -> anyhow::Result<Row> {

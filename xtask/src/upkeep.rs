@@ -80,11 +80,14 @@ pub fn run(agent_binary: &Path) -> anyhow::Result<()> {
     let health: SocketAddr = HEALTH.parse()?;
     let passes_done = || gc_passes(&agent.log_text()).len() >= PASSES;
     let latencies = node.run(|| ask_health(health, passes_done))?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let memory = (
+        crate::bench::status_kib(pid, "VmHWM")?,
+        crate::bench::status_kib(pid, "VmRSS")?,
+    );
     let passes = gc_passes(&agent.log_text());
     agent.stop()?;
 
-    let report = report(&latencies, &passes, &status);
+    let report = report(&latencies, &passes, memory);
     print!("{report}");
     let path = crate::results::publish("upkeep.md", &report)?;
     println!("wrote {}", path.display());
@@ -179,15 +182,8 @@ fn quantile(sorted: &[Duration], q: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * q).round() as usize]
 }
 
-fn kib(status: &str, field: &str) -> String {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .map(|v| v.trim().to_owned())
-        .unwrap_or_else(|| "?".into())
-}
-
-fn report(latencies: &[Duration], passes: &[(f64, u64, u64)], status: &str) -> String {
+/// `memory`: (peak, end) RSS in KiB.
+fn report(latencies: &[Duration], passes: &[(f64, u64, u64)], memory: (f64, f64)) -> String {
     let mut sorted = latencies.to_vec();
     sorted.sort();
     let ms = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1000.0);
@@ -221,9 +217,9 @@ fn report(latencies: &[Duration], passes: &[(f64, u64, u64)], status: &str) -> S
     }
     let _ = writeln!(
         out,
-        "\nAgent memory: peak RSS (VmHWM) {}, RSS at the end {}.",
-        kib(status, "VmHWM"),
-        kib(status, "VmRSS")
+        "\nAgent memory: peak RSS (VmHWM) {:.0} MiB, RSS at the end {:.0} MiB.",
+        memory.0 / 1024.0,
+        memory.1 / 1024.0
     );
     out
 }

@@ -72,17 +72,25 @@ pub fn update_batch<K: Pod, V: Pod>(
     // SAFETY: the attribute points at `count` keys and values of the map's
     // sizes (the caller's contract), alive for the call; the kernel only
     // reads them.
+    unsafe { bpf(BPF_MAP_UPDATE_BATCH, &mut attr) }.map_err(|e| (attr.count as usize, e))
+}
+
+/// `bpf(cmd, attr)`.
+///
+/// # Safety
+/// `attr`'s pointers must be valid for what `cmd` reads and writes.
+unsafe fn bpf(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
+    // SAFETY: the caller's contract.
     let ret = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            BPF_MAP_UPDATE_BATCH,
-            std::ptr::from_mut(&mut attr),
+            cmd,
+            std::ptr::from_mut(attr),
             std::mem::size_of::<BatchAttr>(),
         )
     };
     if ret < 0 {
-        let error = io::Error::last_os_error();
-        return Err((attr.count as usize, error));
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }
@@ -134,15 +142,7 @@ impl<'fd, K: Pod + Default, V: Pod + Default> Batches<'fd, K, V> {
             // SAFETY: the attribute points at buffers of `count` keys and
             // values of the map's sizes (the caller's contract) and at two
             // u32 bucket cursors, all alive for the call.
-            let ret = unsafe {
-                libc::syscall(
-                    libc::SYS_bpf,
-                    BPF_MAP_LOOKUP_BATCH,
-                    std::ptr::from_mut(&mut attr),
-                    std::mem::size_of::<BatchAttr>(),
-                )
-            };
-            let error = (ret < 0).then(io::Error::last_os_error);
+            let error = unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) }.err();
             match error.as_ref().and_then(io::Error::raw_os_error) {
                 None => self.cursor = Some(out_batch),
                 Some(libc::ENOENT) => self.done = true, // the last batch

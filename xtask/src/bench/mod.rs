@@ -327,13 +327,18 @@ fn restore(netns: &str, command: &[&str], file: &PathBuf) -> anyhow::Result<()> 
 }
 
 /// Resident memory (MiB) and CPU time (s, user + system) of a process.
-pub fn process_usage(pid: u32) -> anyhow::Result<(f64, f64)> {
+/// A `/proc/PID/status` figure in KiB (`VmRSS`, `VmHWM`, …).
+pub fn status_kib(pid: u32, field: &str) -> anyhow::Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss_kib: f64 = status
+    status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("VmRSS")?;
+        .with_context(|| format!("{field} of process {pid}"))
+}
+
+pub fn process_usage(pid: u32) -> anyhow::Result<(f64, f64)> {
+    let rss_kib = status_kib(pid, "VmRSS")?;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let fields: Vec<&str> = stat
         .rsplit_once(')')
