@@ -214,6 +214,11 @@ struct RunArgs {
     /// flag and default.
     #[arg(long, default_value = "127.0.0.1:10249", value_parser = parse_bind_address)]
     metrics_bind_address: BindAddress,
+    /// Exit when the health or metrics address cannot be bound (kube-proxy's
+    /// flag). Off: the failure is logged and the bind retried every 2 s, so
+    /// the agent runs beside a kube-proxy that holds the ports.
+    #[arg(long)]
+    bind_address_hard_fail: bool,
     /// Datapath debug events (each new flow and its backend, each drop)
     /// into the log, target `datapath`. Off: pruned from the loaded program.
     #[arg(long)]
@@ -421,6 +426,7 @@ impl RunArgs {
             },
             health_addr: self.health_addr,
             metrics_addr: self.metrics_bind_address.0,
+            bind_hard_fail: self.bind_address_hard_fail,
             datapath_log: self.datapath_log,
             interfaces: self.interfaces,
             pin_dir: self.pin_dir,

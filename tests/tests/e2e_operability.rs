@@ -676,3 +676,94 @@ fn a_spoofed_syn_flood_keeps_neither_new_connections_nor_dns_out() {
         "the flood went through the datapath, many times the table: {counters:?}"
     );
 }
+
+/// A migration from kube-proxy runs both side by side for a while: another
+/// process holds the health and metrics ports (kube-proxy's 10256 and
+/// 10249). The agent still programs the datapath, retries the binds, and
+/// serves both once they are free; with `--bind-address-hard-fail` a held
+/// port ends the start instead, naming the flag (kube-proxy's semantics).
+#[test]
+fn held_health_and_metrics_ports_are_retried_and_taken_once_free() {
+    require_root();
+    let topology = Topology::new("lbm7", 1).expect("topology");
+    let _servers = topology.serve_backends("be").expect("servers");
+    let manifests = ScratchDir::new("lbm7-manifests").expect("scratch dir");
+    manifests
+        .write("web.yaml", &web_manifest(&[(backend_ip(0), true)]))
+        .unwrap();
+    let health = "127.0.0.1:10256";
+    let hold = || {
+        topology.node.run(|| {
+            [health, "127.0.0.1:10249"].map(|a| std::net::TcpListener::bind(a).expect("hold"))
+        })
+    };
+    let held = hold();
+    let pin_dir = PathBuf::from("/sys/fs/bpf/lbm7-test");
+    let mut agent = Agent::start(
+        &topology.node,
+        &manifests.0,
+        &topology.interface_pattern(),
+        &pin_dir,
+        &manifests.0.join("agent.log"),
+        &["--health-addr", health],
+    )
+    .expect("agent");
+    agent
+        .wait_for_maps("the service despite the held ports", |m| {
+            m.count(&format!("{VIP}:80/TCP")) == Some(1)
+        })
+        .unwrap();
+    let body = topology
+        .client
+        .run(|| http_get(SocketAddrV4::new(VIP, 80)))
+        .unwrap();
+    assert!(body.starts_with("backend be0"), "{body}");
+
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let served = loop {
+        match scrape(&topology.node, METRICS) {
+            Ok(scrape) => break scrape,
+            Err(e) if Instant::now() > deadline => {
+                panic!("metrics never served: {e:#}\n{}", agent.log_text())
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    };
+    assert_eq!(served.get("lb_services"), 1.0);
+    let healthz = topology.node.run(|| -> std::io::Result<String> {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect(health)?;
+        write!(s, "GET /healthz HTTP/1.0\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    });
+    assert!(
+        healthz
+            .as_ref()
+            .is_ok_and(|r| r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200")),
+        "/healthz served once free: {healthz:?}"
+    );
+    drop(agent);
+
+    // Held again, with the hard-fail flag: the start ends, naming the flag.
+    let _held = hold();
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", topology.node.path().display()))
+        .arg(lb_tests::topology::agent_binary())
+        .args(["run", "--manifests"])
+        .arg(&manifests.0)
+        .args(["--interfaces", "lo", "--pin-dir"])
+        .arg(&pin_dir)
+        .args(["--health-addr", health, "--bind-address-hard-fail"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("--health-addr {health}")) && stderr.contains("in use"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&pin_dir);
+}

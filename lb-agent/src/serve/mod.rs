@@ -55,6 +55,9 @@ pub struct RunConfig {
     pub health_addr: Option<SocketAddr>,
     /// Serve Prometheus metrics here (`None`: off).
     pub metrics_addr: Option<SocketAddr>,
+    /// A health or metrics address that cannot be bound ends the start
+    /// (kube-proxy's `--bind-address-hard-fail`); otherwise it is retried.
+    pub bind_hard_fail: bool,
     /// Datapath debug events (aya-log) into the agent's log.
     pub datapath_log: bool,
     /// Conntrack timeouts and the ICMP rate limit, set at load.
@@ -65,6 +68,8 @@ pub struct RunConfig {
 }
 
 const RETRY_INTERVAL: Duration = Duration::from_secs(2);
+/// How often a health or metrics address that could not be bound is tried.
+const BIND_RETRY: Duration = Duration::from_secs(2);
 /// How often, at most, the programmed-state metrics are recounted: counting
 /// walks every frontend, which a stream of single changes must not pay each.
 const FILL_INTERVAL: Duration = Duration::from_secs(1);
@@ -82,9 +87,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let attacher = attacher(&config).await?;
     let health = Health::new(config.health_timeout);
     if let Some(addr) = config.health_addr {
-        let listener = bind(addr, "--health-addr").await?;
-        tokio::spawn(health::serve(listener, health.clone()));
-        info!(%addr, "serving /healthz and /readyz");
+        let health = health.clone();
+        serve_on(addr, "--health-addr", config.bind_hard_fail, move |l| {
+            info!(%addr, "serving /healthz and /readyz");
+            health::serve(l, health)
+        })
+        .await?;
     }
 
     let pin_dir = config.pin_dir.clone();
@@ -123,9 +131,17 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         node_config: None,
     };
     if let Some(addr) = config.metrics_addr {
-        let listener = bind(addr, "--metrics-bind-address").await?;
-        tokio::spawn(metrics::serve(listener, metrics.clone()));
-        info!(%addr, "serving /metrics");
+        let metrics = metrics.clone();
+        serve_on(
+            addr,
+            "--metrics-bind-address",
+            config.bind_hard_fail,
+            move |l| {
+                info!(%addr, "serving /metrics");
+                metrics::serve(l, metrics)
+            },
+        )
+        .await?;
     }
     info!(pin_dir = %pin_dir.display(), node = %config.node.name, "datapath loaded");
 
@@ -166,11 +182,42 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     result
 }
 
-/// A listener on `addr`; a failure names the flag that set it.
-async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("{flag} {addr}"))
+/// Serves `addr` with `serve` once it is bound. A failed bind ends the
+/// start with `hard_fail`; otherwise it is logged and retried every
+/// `BIND_RETRY` in the background, so the agent can run beside a
+/// kube-proxy that holds the port during a migration and take the port
+/// once it is free (kube-proxy's `--bind-address-hard-fail` semantics).
+async fn serve_on<F, S>(
+    addr: SocketAddr,
+    flag: &'static str,
+    hard_fail: bool,
+    serve: F,
+) -> anyhow::Result<()>
+where
+    F: FnOnce(tokio::net::TcpListener) -> S + Send + 'static,
+    S: std::future::Future<Output = ()> + Send + 'static,
+{
+    let error = match tokio::net::TcpListener::bind(addr).await {
+        Ok(listener) => {
+            tokio::spawn(serve(listener));
+            return Ok(());
+        }
+        Err(e) if hard_fail => {
+            return Err(e).with_context(|| format!("{flag} {addr} (--bind-address-hard-fail)"))
+        }
+        Err(e) => e,
+    };
+    warn!("{flag} {addr}: {error}; retrying every {BIND_RETRY:?} (is kube-proxy still running?)");
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(BIND_RETRY).await;
+            if let Ok(listener) = tokio::net::TcpListener::bind(addr).await {
+                serve(listener).await;
+                return;
+            }
+        }
+    });
+    Ok(())
 }
 
 async fn open_source(config: &SourceConfig, trigger: &Arc<Notify>) -> anyhow::Result<Source> {
