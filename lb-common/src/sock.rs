@@ -33,11 +33,18 @@ pub struct SockRevNatKey {
 }
 
 impl SockRevNatKey {
+    /// The key of a socket's entry for a backend.
     #[inline(always)]
     pub const fn new(cookie: u64, backend_addr: Ipv4, backend_port: u16) -> Self {
+        Self::of_slot(cookie, sock_slot(backend_addr, backend_port))
+    }
+
+    /// The key of a socket's `slot` (the release hook clears them all).
+    #[inline(always)]
+    pub const fn of_slot(cookie: u64, slot: u32) -> Self {
         Self {
             cookie,
-            slot: sock_slot(backend_addr, backend_port),
+            slot,
             _pad: 0,
         }
     }

@@ -52,13 +52,8 @@ pub fn lb_sock_release(ctx: SockContext) -> i32 {
     // SAFETY: a plain helper on the context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     for slot in 0..SOCK_SLOTS {
-        let key = SockRevNatKey {
-            cookie,
-            slot,
-            _pad: 0,
-        };
         // Most sockets never held one: a miss is the common case.
-        let _ = maps::SOCK_REVNAT.remove(&key);
+        let _ = maps::SOCK_REVNAT.remove(&SockRevNatKey::of_slot(cookie, slot));
     }
     ALLOW
 }

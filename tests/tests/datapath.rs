@@ -1187,9 +1187,9 @@ fn agent_gc_frees_expired_flows_and_keeps_live_ones() {
     );
 }
 
-/// A flow's two entries as the datapath writes them, client port `port`
-/// of a /16 of clients, to backend id `backend`, each entry expiring at
-/// its time.
+/// Flow `n`'s two entries as the datapath writes them: from client
+/// 198.18.(n / 256).(n % 256) to the VIP, port 53, on backend id
+/// `backend`, each entry expiring at its time of `expires`.
 fn synthetic_flow(
     n: u32,
     proto: u8,

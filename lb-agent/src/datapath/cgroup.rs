@@ -13,6 +13,21 @@ use aya::{
 
 use super::{attach, SOCK_PROGRAMS, SOCK_RELEASE_PROGRAM};
 
+/// Attaches a cgroup program to `$dir` and takes its bpf_link as an
+/// `FdLink` (the same three calls for each cgroup program type, each
+/// with link types of its own). A bpf_link on a cgroup always runs beside
+/// other programs there; the kernel wants no attach flags with it.
+macro_rules! link {
+    ($program:expr, $dir:expr) => {{
+        let program = $program;
+        program
+            .attach($dir, CgroupAttachMode::Single)
+            .map_err(|e| with_sources(&e))
+            .and_then(|id| program.take_link(id).map_err(|e| e.to_string()))
+            .and_then(|link| FdLink::try_from(link).map_err(|e| e.to_string()))
+    }};
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
     #[error("--cgroup-path {0}: {1}")]
@@ -54,38 +69,20 @@ pub fn attach_socket_lb(
         Ok::<_, CgroupError>(())
     };
     // The release hook first: no socket gets an entry it would not delete.
-    let (name, _) = SOCK_RELEASE_PROGRAM;
-    let link = program_mut::<CgroupSock>(ebpf, name).and_then(|program| {
-        // A bpf_link on a cgroup always runs beside other programs there;
-        // the kernel wants no attach flags with it.
-        let id = program
-            .attach(&dir, CgroupAttachMode::Single)
-            .map_err(|e| with_sources(&e))?;
-        let link = program.take_link(id).map_err(|e| e.to_string())?;
-        FdLink::try_from(link).map_err(|e| e.to_string())
-    });
-    pin(SOCK_RELEASE_PROGRAM, link)?;
+    let release = program::<CgroupSock>(ebpf, SOCK_RELEASE_PROGRAM.0);
+    pin(SOCK_RELEASE_PROGRAM, release.and_then(|p| link!(p, &dir)))?;
     for (name, hook) in SOCK_PROGRAMS {
-        let link = program_mut::<CgroupSockAddr>(ebpf, name).and_then(|program| {
-            let id = program
-                .attach(&dir, CgroupAttachMode::Single)
-                .map_err(|e| with_sources(&e))?;
-            let link = program.take_link(id).map_err(|e| e.to_string())?;
-            FdLink::try_from(link).map_err(|e| e.to_string())
-        });
-        pin((name, hook), link)?;
+        let sock_addr = program::<CgroupSockAddr>(ebpf, name);
+        pin((name, hook), sock_addr.and_then(|p| link!(p, &dir)))?;
     }
     Ok(pins)
 }
 
-fn program_mut<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut P, String>
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut P, String>
 where
     &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
-    ebpf.program_mut(name)
-        .ok_or_else(|| "missing from the object".to_owned())?
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| e.to_string())
+    super::loader::program_as(ebpf, name).map_err(|e| e.to_string())
 }
 
 /// An error and its causes ("`bpf_link_create` failed: Invalid argument").

@@ -334,7 +334,8 @@ mod tests {
         let mut orphan = flow(1004, 80, 6, 1, (now - 1, 0));
         orphan[1].0.dir = CT_DIR_REPLY; // keep the shape; drop the reply entry below
         entries.insert(orphan[0].0, orphan[0].1); // forward only, expired: free
-                                                  // The sweep's judgement of each entry, against its peer's.
+
+        // The sweep's judgement of each entry, against its peer's.
         let planned: BTreeSet<FlowRef> = entries
             .iter()
             .filter(|(k, v)| flow_is_expired(v, entries.get(&k.peer_key(v)), now))

@@ -4,8 +4,7 @@
 //! LB reverse map (conntrack is counted by its GC). Counting walks the
 //! keys, so it runs with the GC pass, not per scrape.
 
-use std::os::fd::AsFd as _;
-use std::{collections::BTreeMap, path::Path};
+use std::{collections::BTreeMap, os::fd::AsFd as _, path::Path};
 
 use aya::{maps::MapData, Pod};
 use lb_common::{

@@ -189,21 +189,10 @@ pub fn load_with_log(
         retry_interrupted(|| tc.load())?;
     }
     for (name, _) in SOCK_PROGRAMS {
-        let sock: &mut aya::programs::CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or_else(|| LoadError::Map("-", format!("program {name} missing from the object")))?
-            .try_into()?;
+        let sock = program_as::<aya::programs::CgroupSockAddr>(&mut ebpf, name)?;
         retry_interrupted(|| sock.load())?;
     }
-    let release: &mut aya::programs::CgroupSock = ebpf
-        .program_mut(SOCK_RELEASE_PROGRAM.0)
-        .ok_or_else(|| {
-            LoadError::Map(
-                "-",
-                format!("program {} missing from the object", SOCK_RELEASE_PROGRAM.0),
-            )
-        })?
-        .try_into()?;
+    let release = program_as::<aya::programs::CgroupSock>(&mut ebpf, SOCK_RELEASE_PROGRAM.0)?;
     retry_interrupted(|| release.load())?;
     if pin_dir.is_some() {
         warn_on_resized_pins(&ebpf, sizes);
@@ -269,6 +258,14 @@ pub fn program<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
 ) -> Result<&'a mut SchedClassifier, LoadError> {
+    program_as(ebpf, name)
+}
+
+/// A program of the object as its type `P`.
+pub fn program_as<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut P, LoadError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
     let program = ebpf
         .program_mut(name)
         .ok_or_else(|| LoadError::Map("-", format!("program {name} missing from the object")))?;

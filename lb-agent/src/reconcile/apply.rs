@@ -126,18 +126,12 @@ impl<M: LbMaps> Reconciler<M> {
         let mut rest = &fp.ops[..];
         while let Some(first) = rest.first() {
             // A run of slot writes goes to the kernel together, in order.
-            let run = match first {
-                Op::PutSlot { frontend, .. } => rest
-                    .iter()
-                    .take_while(|op| matches!(op, Op::PutSlot { frontend: f, .. } if f == frontend))
-                    .count(),
-                _ => 1,
-            };
-            let (ops, tail) = rest.split_at(run);
-            let result = if run > 1 {
-                self.execute_slots(ops)
-            } else {
-                self.execute(first).map_err(|e| (first, e))
+            let slots = slot_run(rest);
+            let (done, result) = match (first, slots.len()) {
+                (Op::PutSlot { frontend, .. }, run) if run > 1 => {
+                    (run, self.execute_slots(*frontend, &slots, &rest[..run]))
+                }
+                _ => (1, self.execute(first).map_err(|e| (first, e))),
             };
             if let Err((op, error)) = result {
                 return Err(ApplyError {
@@ -146,7 +140,7 @@ impl<M: LbMaps> Reconciler<M> {
                     error,
                 });
             }
-            rest = tail;
+            rest = &rest[done..];
         }
         if fp.service.is_none() {
             self.written.remove(&fp.frontend);
@@ -154,33 +148,16 @@ impl<M: LbMaps> Reconciler<M> {
         Ok(())
     }
 
-    /// Performs a run of slot writes (`PutSlot`s of one frontend, as
-    /// `run_frontend` groups them) in one batch and records those that
-    /// succeeded; on failure, the op that failed.
-    fn execute_slots<'a>(&mut self, ops: &'a [Op]) -> Result<(), (&'a Op, MapWriteError)> {
-        let mut frontend = None;
-        let mut slots = Vec::with_capacity(ops.len());
-        for op in ops {
-            if let Op::PutSlot {
-                frontend: f,
-                slot,
-                backend_id,
-                flags,
-            } = op
-            {
-                frontend.get_or_insert(*f);
-                slots.push((*slot, slot_value(*backend_id, *flags)));
-            }
-        }
-        let result = match frontend {
-            Some(frontend) if slots.len() == ops.len() => self.maps.put_slots(frontend, &slots),
-            // Not such a run: one by one.
-            _ => {
-                return ops
-                    .iter()
-                    .try_for_each(|op| self.execute(op).map_err(|e| (op, e)))
-            }
-        };
+    /// Writes `slots` of `frontend` in one batch — `ops` are their
+    /// `PutSlot`s, index for index — and records those that succeeded; on
+    /// failure, the op that failed.
+    fn execute_slots<'a>(
+        &mut self,
+        frontend: L4Addr,
+        slots: &[(u16, SvcValue)],
+        ops: &'a [Op],
+    ) -> Result<(), (&'a Op, MapWriteError)> {
+        let result = self.maps.put_slots(frontend, slots);
         let written = result.as_ref().map_or_else(|(n, _)| *n, |()| ops.len());
         for op in &ops[..written] {
             self.record(op);
@@ -346,7 +323,26 @@ impl<M: LbMaps> Reconciler<M> {
     }
 }
 
-/// The map write of one op.
+/// The leading run of `ops` that write slots of one frontend, as the
+/// values to write.
+fn slot_run(ops: &[Op]) -> Vec<(u16, SvcValue)> {
+    let first = match ops.first() {
+        Some(Op::PutSlot { frontend, .. }) => *frontend,
+        _ => return Vec::new(),
+    };
+    ops.iter()
+        .map_while(|op| match op {
+            Op::PutSlot {
+                frontend,
+                slot,
+                backend_id,
+                flags,
+            } if *frontend == first => Some((*slot, slot_value(*backend_id, *flags))),
+            _ => None,
+        })
+        .collect()
+}
+
 /// A slot's value: its backend and role.
 fn slot_value(backend_id: u32, flags: u16) -> SvcValue {
     SvcValue {
@@ -356,6 +352,7 @@ fn slot_value(backend_id: u32, flags: u16) -> SvcValue {
     }
 }
 
+/// The map write of one op.
 fn write<M: LbMaps>(maps: &mut M, op: &Op) -> Result<(), MapWriteError> {
     match op {
         Op::PutBackend { id, backend } => maps.put_backend(*id, *backend),

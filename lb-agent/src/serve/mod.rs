@@ -99,37 +99,18 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let mut unpin_on_failure = UnpinOnFailure::new(&pin_dir);
     // Off the serving thread: the watches list meanwhile, and the health
     // server answers, while the verifier runs.
-    let (pin, sizes, globals, log) = (
+    let (pin, sizes, globals, log, gc) = (
         config.pin_dir.clone(),
         config.sizes,
         config.globals,
         config.datapath_log,
+        config.conntrack_gc_interval,
     );
-    let (loaded, counters) =
-        tokio::task::spawn_blocking(move || load_datapath(&pin, sizes, &globals, log, attacher))
-            .await
-            .context("loading the datapath")??;
-    let metrics = Metrics::new(Some(counters));
-    let upkeep = Upkeep::start(UpkeepTables {
-        conntrack: loaded.conntrack,
-        udp_resetter: loaded.udp_resetter,
-        metrics: metrics.clone(),
-        capacities: loaded.capacities.clone(),
-        pin_dir: pin_dir.clone(),
-        gc_interval: config.conntrack_gc_interval,
-        retry_interval: RETRY_INTERVAL,
+    let (datapath, metrics) = tokio::task::spawn_blocking(move || {
+        load_datapath(&pin, sizes, &globals, log, gc, attacher)
     })
-    .context("starting the upkeep thread")?;
-    let datapath = Datapath {
-        ebpf: loaded.ebpf,
-        attacher: loaded.attacher,
-        reconciler: loaded.reconciler,
-        upkeep,
-        capacities: loaded.capacities,
-        migration: loaded.migration,
-        config_map: loaded.config_map,
-        node_config: None,
-    };
+    .await
+    .context("loading the datapath")??;
     if let Some(addr) = config.metrics_addr {
         let metrics = metrics.clone();
         serve_on(
@@ -265,27 +246,17 @@ async fn attacher(config: &RunConfig) -> anyhow::Result<Attacher> {
     Ok(attacher)
 }
 
-/// The loaded datapath, before its upkeep has a thread.
-struct Loaded {
-    ebpf: aya::Ebpf,
-    attacher: Attacher,
-    reconciler: Reconciler<crate::datapath::maps::KernelMaps>,
-    conntrack: crate::datapath::conntrack::Conntrack,
-    udp_resetter: crate::datapath::udp_reset::UdpResetter,
-    capacities: std::collections::BTreeMap<&'static str, u32>,
-    migration: Option<crate::datapath::migrate::Migration>,
-    config_map: loader::ConfigMap,
-}
-
-/// Loads and pins the datapath (migrating a previous layout's pins), and
-/// reads back what the pinned maps hold.
+/// Loads and pins the datapath (migrating a previous layout's pins), reads
+/// back what the pinned maps hold, and starts its upkeep thread; the
+/// metrics read the datapath's counters.
 fn load_datapath(
     pin_dir: &std::path::Path,
     sizes: MapSizes,
     globals: &loader::Globals,
     datapath_log: bool,
+    gc_interval: Duration,
     attacher: Attacher,
-) -> anyhow::Result<(Loaded, crate::datapath::counters::CounterMap)> {
+) -> anyhow::Result<(Datapath, Metrics)> {
     let mut ebpf = loader::load_with_log(Some(pin_dir), sizes, globals, datapath_log)
         .context("loading the datapath")?;
     let migration = crate::datapath::migrate::Migration::pending(pin_dir);
@@ -311,17 +282,28 @@ fn load_datapath(
     let counters = crate::datapath::counters::open(pin_dir)?;
     let reconciler =
         Reconciler::restore(maps, sizes.backends).context("reading the pinned maps")?;
-    let loaded = Loaded {
+    let metrics = Metrics::new(Some(counters));
+    let upkeep = Upkeep::start(UpkeepTables {
+        conntrack,
+        udp_resetter,
+        metrics: metrics.clone(),
+        capacities: capacities.clone(),
+        pin_dir: pin_dir.to_owned(),
+        gc_interval,
+        retry_interval: RETRY_INTERVAL,
+    })
+    .context("starting the upkeep thread")?;
+    let datapath = Datapath {
         ebpf,
         attacher,
         reconciler,
-        conntrack,
-        udp_resetter,
+        upkeep,
         capacities,
         migration,
         config_map,
+        node_config: None,
     };
-    Ok((loaded, counters))
+    Ok((datapath, metrics))
 }
 
 /// A start that fails before serving (a program the kernel refuses, a
