@@ -181,9 +181,15 @@ struct RunArgs {
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
     /// The API server's real address (`https://HOST:PORT`), overriding the
-    /// kubeconfig's or in-cluster one. A host-network agent must not reach
-    /// the API server through the `kubernetes` ClusterIP it serves itself.
-    #[arg(long, env = "LB_API_SERVER", conflicts_with = "manifests")]
+    /// kubeconfig's or in-cluster one (kube-proxy's `--master`). A
+    /// host-network agent must not reach the API server through the
+    /// `kubernetes` ClusterIP it serves itself. Set but empty is an error.
+    #[arg(
+        long,
+        visible_alias = "master",
+        env = "LB_API_SERVER",
+        conflicts_with = "manifests"
+    )]
     api_server: Option<String>,
     /// This node's name: endpoints whose `nodeName` matches are local (the
     /// node-local traffic policies). Default: the host name, as kube-proxy.
@@ -207,9 +213,15 @@ struct RunArgs {
     /// (the default sits below it and below the usual node-port range).
     #[arg(long, default_value = "1024-29999", value_parser = lb_agent::serve::node::parse_port_range)]
     snat_port_range: std::ops::RangeInclusive<u16>,
-    /// Serve /healthz and /readyz here (200 after the first full sync).
-    #[arg(long)]
-    health_addr: Option<std::net::SocketAddr>,
+    /// Serve /healthz, /readyz and /livez here (kube-proxy's flag; cloud
+    /// load balancers check /healthz on it); empty: off.
+    #[arg(long, visible_alias = "health-addr", default_value = "", value_parser = parse_bind_address)]
+    healthz_bind_address: BindAddress,
+    /// Serve the same endpoints here too, for the kubelet's probes: a port
+    /// kube-proxy never holds, so the probes reach this agent while both run
+    /// during a migration (kube-proxy has 10256, and no /readyz); empty: off.
+    #[arg(long, default_value = "", value_parser = parse_bind_address)]
+    probe_bind_address: BindAddress,
     /// Serve Prometheus metrics (/metrics) here; empty: off. kube-proxy's
     /// flag and default.
     #[arg(long, default_value = "127.0.0.1:10249", value_parser = parse_bind_address)]
@@ -391,7 +403,17 @@ impl RunArgs {
             Some(dir) => SourceConfig::Manifests(dir),
             None => SourceConfig::Api {
                 kubeconfig: self.kubeconfig,
-                api_server: self.api_server.filter(|s| !s.is_empty()),
+                api_server: match self.api_server {
+                    // An empty value is a forgotten setting (the DaemonSet's
+                    // placeholder): falling back to the in-cluster address
+                    // would lean on the ClusterIP the agent itself serves.
+                    Some(url) if url.trim().is_empty() => anyhow::bail!(
+                        "--api-server (--master, env LB_API_SERVER) is set but empty: \
+                         set it to the API server's real address (https://HOST:PORT, \
+                         as in the nodes' kubeconfig), or unset it to use the kubeconfig's"
+                    ),
+                    url => url,
+                },
             },
         };
         lb_agent::serve::node::check_snat_ports(&self.snat_port_range)
@@ -424,7 +446,8 @@ impl RunArgs {
                 snat_address: self.snat_address,
                 snat_ports: self.snat_port_range,
             },
-            health_addr: self.health_addr,
+            health_addr: self.healthz_bind_address.0,
+            probe_addr: self.probe_bind_address.0,
             metrics_addr: self.metrics_bind_address.0,
             bind_hard_fail: self.bind_address_hard_fail,
             datapath_log: self.datapath_log,
@@ -628,5 +651,38 @@ fn inspect_text(
                 Ok(inspect::flows_text(&flows))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_config(args: &[&str]) -> anyhow::Result<RunConfig> {
+        let cli = Cli::try_parse_from(
+            ["lb-agent", "run", "--interfaces=lo", "--node-name=n1"]
+                .iter()
+                .chain(args),
+        )?;
+        match cli.command {
+            Command::Run(args) => args.config(),
+            _ => unreachable!("parsed as run"),
+        }
+    }
+
+    #[test]
+    fn an_empty_api_server_is_an_error_naming_the_setting() {
+        let e = run_config(&["--api-server="]).err().expect("an error");
+        let text = format!("{e:#}");
+        assert!(text.contains("LB_API_SERVER") && text.contains("empty"), "{text}");
+    }
+
+    #[test]
+    fn master_is_kube_proxys_name_for_the_api_server() {
+        let config = run_config(&["--master=https://198.18.0.1:6443"]).unwrap();
+        let SourceConfig::Api { api_server, .. } = config.source else {
+            panic!("the API source")
+        };
+        assert_eq!(api_server.as_deref(), Some("https://198.18.0.1:6443"));
     }
 }

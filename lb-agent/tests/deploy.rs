@@ -72,7 +72,20 @@ fn daemonset_is_unprivileged_with_the_needed_capabilities_and_probes() {
         ["BPF", "NET_ADMIN", "PERFMON"]
     );
     assert_eq!(caps.drop.as_deref().unwrap(), ["ALL"]);
+    // The probes use the probe port, which kube-proxy never holds: beside
+    // kube-proxy (a migration) 10256 answers kube-proxy's /healthz, and it
+    // has no /readyz.
+    let args = container.args.as_ref().unwrap();
+    assert!(args.iter().any(|a| a == "--healthz-bind-address=0.0.0.0:10256"));
+    let probe_port = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--probe-bind-address=127.0.0.1:"))
+        .expect("a probe port on the loopback")
+        .parse::<i32>()
+        .unwrap();
+    assert!(![10249, 10256].contains(&probe_port), "{probe_port} is kube-proxy's");
     for (probe, path) in [
+        (&container.startup_probe, "/livez"),
         (&container.liveness_probe, "/livez"),
         (&container.readiness_probe, "/readyz"),
     ] {
@@ -80,11 +93,10 @@ fn daemonset_is_unprivileged_with_the_needed_capabilities_and_probes() {
         assert_eq!(get.path.as_deref(), Some(path));
         assert_eq!(
             get.port,
-            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(10256)
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(probe_port)
         );
+        assert_eq!(get.host.as_deref(), Some("127.0.0.1"));
     }
-    let args = container.args.as_ref().unwrap();
-    assert!(args.iter().any(|a| a == "--health-addr=0.0.0.0:10256"));
     // No interface name that a node may lack: the uplink by route, the rest by glob.
     let interfaces = args
         .iter()

@@ -679,9 +679,11 @@ fn a_spoofed_syn_flood_keeps_neither_new_connections_nor_dns_out() {
 
 /// A migration from kube-proxy runs both side by side for a while: another
 /// process holds the health and metrics ports (kube-proxy's 10256 and
-/// 10249). The agent still programs the datapath, retries the binds, and
-/// serves both once they are free; with `--bind-address-hard-fail` a held
-/// port ends the start instead, naming the flag (kube-proxy's semantics).
+/// 10249). The agent still programs the datapath, answers the kubelet's
+/// probes on the probe port meanwhile (the DaemonSet's), retries the binds,
+/// and serves both once they are free; with `--bind-address-hard-fail` a
+/// held port ends the start instead, naming the flag (kube-proxy's
+/// semantics).
 #[test]
 fn held_health_and_metrics_ports_are_retried_and_taken_once_free() {
     require_root();
@@ -691,7 +693,7 @@ fn held_health_and_metrics_ports_are_retried_and_taken_once_free() {
     manifests
         .write("web.yaml", &web_manifest(&[(backend_ip(0), true)]))
         .unwrap();
-    let health = "127.0.0.1:10256";
+    let (health, probe) = ("127.0.0.1:10256", "127.0.0.1:10266");
     let hold = || {
         topology.node.run(|| {
             [health, "127.0.0.1:10249"].map(|a| std::net::TcpListener::bind(a).expect("hold"))
@@ -705,7 +707,7 @@ fn held_health_and_metrics_ports_are_retried_and_taken_once_free() {
         &topology.interface_pattern(),
         &pin_dir,
         &manifests.0.join("agent.log"),
-        &["--health-addr", health],
+        &["--healthz-bind-address", health, "--probe-bind-address", probe],
     )
     .expect("agent");
     agent
@@ -713,6 +715,10 @@ fn held_health_and_metrics_ports_are_retried_and_taken_once_free() {
             m.count(&format!("{VIP}:80/TCP")) == Some(1)
         })
         .unwrap();
+    // The kubelet's probes reach this agent, not the port's holder.
+    let ready = wait_for_status(&topology.node, probe, "/readyz", 200);
+    assert_eq!(ready, Ok(()), "/readyz on the probe port\n{}", agent.log_text());
+    assert_eq!(get_status(&topology.node, probe, "/livez").ok(), Some(200));
     let body = topology
         .client
         .run(|| http_get(SocketAddrV4::new(VIP, 80)))
@@ -731,19 +737,10 @@ fn held_health_and_metrics_ports_are_retried_and_taken_once_free() {
         }
     };
     assert_eq!(served.get("lb_services"), 1.0);
-    let healthz = topology.node.run(|| -> std::io::Result<String> {
-        use std::io::{Read as _, Write as _};
-        let mut s = std::net::TcpStream::connect(health)?;
-        write!(s, "GET /healthz HTTP/1.0\r\n\r\n")?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        Ok(out)
-    });
-    assert!(
-        healthz
-            .as_ref()
-            .is_ok_and(|r| r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200")),
-        "/healthz served once free: {healthz:?}"
+    assert_eq!(
+        wait_for_status(&topology.node, health, "/healthz", 200),
+        Ok(()),
+        "/healthz served once free"
     );
     drop(agent);
 
@@ -756,14 +753,48 @@ fn held_health_and_metrics_ports_are_retried_and_taken_once_free() {
         .arg(&manifests.0)
         .args(["--interfaces", "lo", "--pin-dir"])
         .arg(&pin_dir)
-        .args(["--health-addr", health, "--bind-address-hard-fail"])
+        .args(["--healthz-bind-address", health, "--bind-address-hard-fail"])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(
-        stderr.contains(&format!("--health-addr {health}")) && stderr.contains("in use"),
+        stderr.contains(&format!("--healthz-bind-address {health}")) && stderr.contains("in use"),
         "{stderr}"
     );
     let _ = std::fs::remove_dir_all(&pin_dir);
+}
+
+/// The status code of `GET path` at `addr` in `ns`.
+fn get_status(ns: &lb_tests::netns::NetNs, addr: &str, path: &str) -> std::io::Result<u16> {
+    ns.run(|| {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect(addr)?;
+        write!(s, "GET {path} HTTP/1.0\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        out.split(' ')
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {out:?}")))
+    })
+}
+
+/// Waits until `GET path` at `addr` in `ns` answers `want`; the last
+/// answer or error otherwise.
+fn wait_for_status(
+    ns: &lb_tests::netns::NetNs,
+    addr: &str,
+    path: &str,
+    want: u16,
+) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = get_status(ns, addr, path).map_err(|e| e.to_string());
+        match got {
+            Ok(code) if code == want => return Ok(()),
+            _ if Instant::now() > deadline => return Err(format!("{path}: {got:?}")),
+            _ => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
 }

@@ -52,7 +52,10 @@ pub struct RunConfig {
     pub limits: Limits,
     pub keep_datapath: bool,
     pub poll_interval: Duration,
+    /// Serve /healthz, /readyz and /livez here (`None`: off).
     pub health_addr: Option<SocketAddr>,
+    /// The same, for the kubelet's probes, on a port kube-proxy never holds.
+    pub probe_addr: Option<SocketAddr>,
     /// Serve Prometheus metrics here (`None`: off).
     pub metrics_addr: Option<SocketAddr>,
     /// A health or metrics address that cannot be bound ends the start
@@ -86,10 +89,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let source = open_source(&config.source, &trigger).await?;
     let attacher = attacher(&config).await?;
     let health = Health::new(config.health_timeout);
-    if let Some(addr) = config.health_addr {
+    for (addr, flag) in [
+        (config.health_addr, "--healthz-bind-address"),
+        (config.probe_addr, "--probe-bind-address"),
+    ] {
+        let Some(addr) = addr else { continue };
         let health = health.clone();
-        serve_on(addr, "--health-addr", config.bind_hard_fail, move |l| {
-            info!(%addr, "serving /healthz and /readyz");
+        serve_on(addr, flag, config.bind_hard_fail, move |l| {
+            info!(%addr, "serving /healthz, /readyz and /livez");
             health::serve(l, health)
         })
         .await?;
