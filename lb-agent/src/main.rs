@@ -674,7 +674,10 @@ mod tests {
     fn an_empty_api_server_is_an_error_naming_the_setting() {
         let e = run_config(&["--api-server="]).err().expect("an error");
         let text = format!("{e:#}");
-        assert!(text.contains("LB_API_SERVER") && text.contains("empty"), "{text}");
+        assert!(
+            text.contains("LB_API_SERVER") && text.contains("empty"),
+            "{text}"
+        );
     }
 
     #[test]

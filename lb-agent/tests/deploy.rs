@@ -76,14 +76,19 @@ fn daemonset_is_unprivileged_with_the_needed_capabilities_and_probes() {
     // kube-proxy (a migration) 10256 answers kube-proxy's /healthz, and it
     // has no /readyz.
     let args = container.args.as_ref().unwrap();
-    assert!(args.iter().any(|a| a == "--healthz-bind-address=0.0.0.0:10256"));
+    assert!(args
+        .iter()
+        .any(|a| a == "--healthz-bind-address=0.0.0.0:10256"));
     let probe_port = args
         .iter()
         .find_map(|a| a.strip_prefix("--probe-bind-address=127.0.0.1:"))
         .expect("a probe port on the loopback")
         .parse::<i32>()
         .unwrap();
-    assert!(![10249, 10256].contains(&probe_port), "{probe_port} is kube-proxy's");
+    assert!(
+        ![10249, 10256].contains(&probe_port),
+        "{probe_port} is kube-proxy's"
+    );
     for (probe, path) in [
         (&container.startup_probe, "/livez"),
         (&container.liveness_probe, "/livez"),

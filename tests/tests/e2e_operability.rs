@@ -707,7 +707,12 @@ fn held_health_and_metrics_ports_are_retried_and_taken_once_free() {
         &topology.interface_pattern(),
         &pin_dir,
         &manifests.0.join("agent.log"),
-        &["--healthz-bind-address", health, "--probe-bind-address", probe],
+        &[
+            "--healthz-bind-address",
+            health,
+            "--probe-bind-address",
+            probe,
+        ],
     )
     .expect("agent");
     agent
@@ -717,7 +722,12 @@ fn held_health_and_metrics_ports_are_retried_and_taken_once_free() {
         .unwrap();
     // The kubelet's probes reach this agent, not the port's holder.
     let ready = wait_for_status(&topology.node, probe, "/readyz", 200);
-    assert_eq!(ready, Ok(()), "/readyz on the probe port\n{}", agent.log_text());
+    assert_eq!(
+        ready,
+        Ok(()),
+        "/readyz on the probe port\n{}",
+        agent.log_text()
+    );
     assert_eq!(get_status(&topology.node, probe, "/livez").ok(), Some(200));
     let body = topology
         .client
