@@ -60,6 +60,18 @@ enum Command {
     /// access). Exits non-zero whenever `run` with the same limits would not
     /// program everything.
     Check(CheckArgs),
+    /// Take the datapath out (kube-proxy's `--cleanup`): release every link
+    /// pinned under --pin-dir (detaching its program) and remove every map
+    /// pin and the directory. Run it after the agent has stopped. Exits
+    /// non-zero if anything could not be removed, or if the directory holds
+    /// entries lb did not make (those are left alone).
+    Cleanup(CleanupArgs),
+}
+
+#[derive(clap::Args)]
+struct CleanupArgs {
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -392,6 +404,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(args) => args.run(),
         Command::Explain(args) => args.run(),
         Command::Check(args) => args.run(),
+        Command::Cleanup(args) => args.run(),
     }
 }
 
@@ -587,6 +600,35 @@ impl CheckArgs {
             report.errors.len(),
             manifests.display()
         );
+        Ok(())
+    }
+}
+
+impl CleanupArgs {
+    fn run(self) -> anyhow::Result<()> {
+        let removed = lb_agent::datapath::cleanup::remove_datapath(&self.pin_dir);
+        for link in &removed.links {
+            println!("detached: {link}");
+        }
+        for map in &removed.maps {
+            println!("removed map: {map}");
+        }
+        for path in &removed.foreign {
+            eprintln!("left alone (not made by lb): {}", path.display());
+        }
+        for e in &removed.errors {
+            eprintln!("could not remove: {e}");
+        }
+        anyhow::ensure!(
+            removed.is_complete(),
+            "{}: {} entries lb did not make and {} errors; the directory is kept",
+            self.pin_dir.display(),
+            removed.foreign.len(),
+            removed.errors.len()
+        );
+        if removed.links.is_empty() && removed.maps.is_empty() {
+            println!("{}: nothing to clean up", self.pin_dir.display());
+        }
         Ok(())
     }
 }

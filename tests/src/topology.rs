@@ -352,7 +352,7 @@ impl Drop for Agent {
         if !self.cleanup_pins {
             return;
         }
-        lb_agent::datapath::loader::unpin_all(&self.pin_dir);
+        lb_agent::datapath::cleanup::remove_datapath(&self.pin_dir);
     }
 }
 

@@ -605,3 +605,130 @@ fn socket_lb_turned_off_forgets_the_reverse_entries() {
         "the socket keeps its backend, shown as it is"
     );
 }
+
+/// The programs attached to a cgroup, by name (bpftool's view, as an
+/// operator would check).
+fn cgroup_programs(cgroup: &std::path::Path) -> Vec<String> {
+    let out = lb_tests::process::stdout_of(
+        std::process::Command::new("bpftool")
+            .args(["cgroup", "show"])
+            .arg(cgroup)
+            .arg("--json"),
+    );
+    let programs: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap_or_default();
+    programs
+        .iter()
+        .map(|p| p["name"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// The TCX programs on every interface of `ns`.
+fn tc_programs(ns: &NetNs) -> Vec<(String, String)> {
+    use aya::programs::{tc::SchedClassifier, TcAttachType};
+    ns.run(|| {
+        let mut found = Vec::new();
+        for (dev, _) in lb_agent::datapath::attach::interfaces().unwrap() {
+            for hook in [TcAttachType::Ingress, TcAttachType::Egress] {
+                let Ok((_, programs)) = SchedClassifier::query_tcx(&dev, hook) else {
+                    continue;
+                };
+                for p in programs {
+                    found.push((dev.clone(), p.name_as_str().unwrap_or_default().to_owned()));
+                }
+            }
+        }
+        found
+    })
+}
+
+/// `lb-agent cleanup` (kube-proxy's `--cleanup`) takes out a datapath a
+/// stopped agent kept (`--keep-datapath`): every tc and cgroup program
+/// detached, every pin and the directory removed, and a second run finds
+/// nothing. An entry lb did not make is left alone, named, and the run
+/// exits non-zero.
+#[test]
+fn cleanup_detaches_every_program_and_removes_every_pin() {
+    let mut s = setup_with("lbsk13", 1, &[0], true, |m| m, &["--keep-datapath"]);
+    s.agent.stop().unwrap();
+    s.agent.cleanup_pins = false;
+    let pin_dir = s.agent.pin_dir.clone();
+    let tc_before = tc_programs(&s.topology.node);
+    assert!(
+        tc_before.len() >= 4 && tc_before.iter().all(|(_, p)| p.starts_with("lb_")),
+        "the kept datapath: {tc_before:?}"
+    );
+    assert_eq!(cgroup_programs(&s.cgroup.path).len(), SOCKET_LB_LINKS);
+    let body = s
+        .topology
+        .client
+        .run(|| lb_tests::servers::http_get(SocketAddrV4::new(VIP, 80)))
+        .unwrap();
+    assert!(body.starts_with("backend be0"), "still served: {body}");
+
+    // Someone else's pin in the directory.
+    let foreign = pin_dir.join("not-lbs");
+    lb_tests::process::stdout_of(std::process::Command::new("bpftool").args([
+        "map",
+        "create",
+        &foreign.to_string_lossy(),
+        "type",
+        "array",
+        "key",
+        "4",
+        "value",
+        "4",
+        "entries",
+        "1",
+        "name",
+        "not_lbs",
+    ]));
+    let cleanup = || {
+        std::process::Command::new(lb_tests::topology::agent_binary())
+            .arg("cleanup")
+            .arg("--pin-dir")
+            .arg(&pin_dir)
+            .output()
+            .unwrap()
+    };
+    let out = cleanup();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(!out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "left alone (not made by lb): {}",
+            foreign.display()
+        )),
+        "{stderr}"
+    );
+    assert!(foreign.exists(), "left alone");
+    let detached = stdout
+        .lines()
+        .filter(|l| l.starts_with("detached: "))
+        .count();
+    assert_eq!(detached, tc_before.len() + SOCKET_LB_LINKS, "{stdout}");
+    assert_eq!(tc_programs(&s.topology.node), [], "no tc program left");
+    assert_eq!(cgroup_programs(&s.cgroup.path), Vec::<String>::new());
+    let maps = stdout
+        .lines()
+        .filter(|l| l.starts_with("removed map: "))
+        .count();
+    assert_eq!(maps, lb_agent::datapath::loader::ALL_MAPS.len(), "{stdout}");
+    assert_eq!(
+        std::fs::read_dir(&pin_dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect::<Vec<_>>(),
+        [foreign.clone()],
+        "only the foreign pin is left"
+    );
+
+    std::fs::remove_file(&foreign).unwrap();
+    let out = cleanup();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("nothing to clean up"), "{stdout}");
+    assert!(!pin_dir.exists(), "the directory is removed");
+}

@@ -60,7 +60,7 @@ pub enum LoadError {
     Program(#[from] aya::programs::ProgramError),
     #[error(
         "pin directory {dir} holds maps of map layout v{found} ({names}); this agent uses v{MAP_LAYOUT_VERSION}. \
-         Stop the old agent, then remove them (rm -r {dir}) and start again: \
+         Stop the old agent, then remove them (`lb-agent cleanup --pin-dir {dir}`, or rm -r {dir}) and start again: \
          established connections through the old datapath are reset"
     )]
     OtherLayout {
@@ -423,22 +423,6 @@ pub fn open_pinned(pin_dir: &Path, name: &'static str) -> Result<Map, LoadError>
         )
     })?;
     Map::from_map_data(data).map_err(|e| LoadError::Map(name, e.to_string()))
-}
-
-/// Removes the pinned maps and any pinned links (a clean shutdown leaves
-/// nothing behind; a removed link pin detaches its program).
-pub fn unpin_all(pin_dir: &Path) {
-    for name in ALL_MAPS {
-        let _ = std::fs::remove_file(pin_dir.join(name));
-    }
-    // A migration not finished yet leaves the previous layout's pins.
-    let _ = super::migrate::unpin_previous(pin_dir);
-    let links = pin_dir.join("links");
-    for link in std::fs::read_dir(&links).into_iter().flatten().flatten() {
-        super::attach::release_pin(&link.path());
-    }
-    let _ = std::fs::remove_dir(links);
-    let _ = std::fs::remove_dir(pin_dir);
 }
 
 /// Pins and their directories are the datapath's control surface: only

@@ -104,7 +104,7 @@ pub struct Migration {
 impl Migration {
     /// The v3 datapath in `pin_dir`, if its pins are there.
     pub fn pending(pin_dir: &Path) -> Option<Self> {
-        all_v3_names()
+        previous_names()
             .any(|name| pin_dir.join(name).exists())
             .then(|| Self {
                 pin_dir: pin_dir.to_owned(),
@@ -328,7 +328,7 @@ fn merge_flow_state(held: CtValue, current: CtValue) -> CtValue {
 /// Removes the previous layout's pins from `pin_dir` (after a migration,
 /// or when the agent unpins everything on exit before finishing one).
 pub fn unpin_previous(pin_dir: &Path) -> Result<(), MigrateError> {
-    for name in all_v3_names() {
+    for name in previous_names() {
         let path = pin_dir.join(name);
         match std::fs::remove_file(&path) {
             Ok(()) => {}
@@ -339,7 +339,8 @@ pub fn unpin_previous(pin_dir: &Path) -> Result<(), MigrateError> {
     Ok(())
 }
 
-fn all_v3_names() -> impl Iterator<Item = &'static str> {
+/// The previous layout's (v3) map names.
+pub(crate) fn previous_names() -> impl Iterator<Item = &'static str> {
     SERVICE_STATE
         .iter()
         .chain(&FLOW_STATE)

@@ -4,6 +4,7 @@
 pub mod attach;
 pub mod batch;
 pub mod cgroup;
+pub mod cleanup;
 pub mod conntrack;
 pub mod counters;
 pub mod fill;

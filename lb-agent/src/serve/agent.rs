@@ -21,7 +21,7 @@ use super::{
     RunConfig, Source, SourceConfig, FILL_INTERVAL, RESCAN_INTERVAL, RETRY_INTERVAL,
 };
 use crate::{
-    datapath::{attach::Attacher, loader, maps::KernelMaps, migrate::Migration},
+    datapath::{attach::Attacher, cleanup, loader, maps::KernelMaps, migrate::Migration},
     desired::{DesiredState, HealthCheck},
     model::{error::InputError, ServiceName},
     reconcile::Reconciler,
@@ -229,7 +229,7 @@ impl Agent {
         let Some(cgroup) = self.config.socket_lb.clone() else {
             return Ok(());
         };
-        let links = self.config.pin_dir.join("links");
+        let links = self.config.pin_dir.join(cleanup::LINK_DIR);
         let attacher = &self.datapath.attacher;
         crate::datapath::cgroup::attach_socket_lb(
             &mut self.datapath.ebpf,
@@ -546,8 +546,16 @@ impl Agent {
                 .map(str::to_owned)
                 .collect();
             self.datapath.attacher.detach_all();
-            loader::unpin_all(pin_dir);
+            let removed = cleanup::remove_datapath(pin_dir);
             info!(?interfaces, "exiting; datapath detached and unpinned");
+            warn_incomplete(&removed);
         }
+    }
+}
+
+/// A cleanup that left something is worth a line: what, and why.
+pub(super) fn warn_incomplete(removed: &cleanup::Removed) {
+    if !removed.is_complete() {
+        warn!(foreign = ?removed.foreign, errors = ?removed.errors, "pin directory not removed");
     }
 }

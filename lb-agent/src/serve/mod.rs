@@ -234,7 +234,7 @@ async fn attacher(config: &RunConfig) -> anyhow::Result<Attacher> {
     let mut attacher = Attacher::new(
         config.interfaces.clone(),
         config.external_interfaces.clone(),
-        Some(config.pin_dir.join("links")),
+        Some(config.pin_dir.join(crate::datapath::cleanup::LINK_DIR)),
     );
     if attacher.wants_uplinks() {
         attacher.set_uplinks(
@@ -339,8 +339,9 @@ impl<'a> UnpinOnFailure<'a> {
 impl Drop for UnpinOnFailure<'_> {
     fn drop(&mut self) {
         if self.armed {
-            loader::unpin_all(self.pin_dir);
+            let removed = crate::datapath::cleanup::remove_datapath(self.pin_dir);
             warn!(pin_dir = %self.pin_dir.display(), "start failed: the pins it created are removed");
+            agent::warn_incomplete(&removed);
         }
     }
 }
