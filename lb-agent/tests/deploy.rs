@@ -9,21 +9,21 @@ use k8s_openapi::api::{
     rbac::v1::{ClusterRole, ClusterRoleBinding},
 };
 use serde::Deserialize as _;
-use serde_yaml::Value;
+use yaml_serde::Value;
 
 fn documents(file: &str) -> Vec<Value> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../deploy")
         .join(file);
     let text = fs::read_to_string(&path).unwrap();
-    serde_yaml::Deserializer::from_str(&text)
+    yaml_serde::Deserializer::from_str(&text)
         .map(|d| Value::deserialize(d).unwrap())
         .filter(|v| !v.is_null())
         .collect()
 }
 
 fn typed<T: serde::de::DeserializeOwned>(v: &Value) -> T {
-    serde_yaml::from_value(v.clone()).unwrap_or_else(|e| panic!("{e}: {v:?}"))
+    yaml_serde::from_value(v.clone()).unwrap_or_else(|e| panic!("{e}: {v:?}"))
 }
 
 #[test]

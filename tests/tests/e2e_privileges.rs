@@ -16,7 +16,7 @@ use lb_tests::{
 fn daemonset_capabilities() -> Vec<String> {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/daemonset.yaml");
     let text = std::fs::read_to_string(path).expect("deploy/daemonset.yaml");
-    let ds: DaemonSet = serde_yaml::from_str(&text).expect("a DaemonSet");
+    let ds: DaemonSet = yaml_serde::from_str(&text).expect("a DaemonSet");
     let container = ds.spec.unwrap().template.spec.unwrap().containers.remove(0);
     let security = container.security_context.expect("securityContext");
     assert_ne!(security.privileged, Some(true));

@@ -721,7 +721,7 @@ fn cleanup_detaches_every_program_and_removes_every_pin() {
             .unwrap()
             .map(|e| e.unwrap().path())
             .collect::<Vec<_>>(),
-        [foreign.clone()],
+        std::slice::from_ref(&foreign),
         "only the foreign pin is left"
     );
 

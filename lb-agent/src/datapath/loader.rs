@@ -52,6 +52,8 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
+    #[error("this agent was built with AYA_BUILD_SKIP=1: it embeds no datapath to load")]
+    NotEmbedded,
     #[error("pin directory {0}: {1}")]
     PinDir(PathBuf, String),
     #[error("loading the eBPF object: {0}")]
@@ -176,6 +178,9 @@ pub fn load_with_log(
         for name in ALL_MAPS {
             loader.map_pin_path(name, Cow::Owned(dir.join(name)));
         }
+    }
+    if EBPF_OBJECT.is_empty() {
+        return Err(LoadError::NotEmbedded);
     }
     let mut ebpf = loader.load(EBPF_OBJECT)?;
     if let Some(dir) = pin_dir {

@@ -14,7 +14,7 @@ use std::{
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde::Deserialize as _;
-use serde_yaml::Value;
+use yaml_serde::Value;
 
 use crate::{
     model::error::{InputError, InputErrorKind},
@@ -60,7 +60,7 @@ pub fn parse_typed(
 ) -> Result<(Typed, Vec<InputError>), InputError> {
     let mut objects = Typed::default();
     let mut errors = Vec::new();
-    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    for (index, document) in yaml_serde::Deserializer::from_str(text).enumerate() {
         let value = Value::deserialize(document).map_err(|e| InputError {
             kind: InputErrorKind::InvalidYaml,
             file: file.map(Path::to_path_buf),

@@ -89,6 +89,10 @@ impl Probe {
         for name in SHARED {
             loader.map_pin_path(name, Cow::Owned(pin_dir.join(name)));
         }
+        if crate::datapath::EBPF_OBJECT.is_empty() {
+            let not_embedded = crate::datapath::loader::LoadError::NotEmbedded;
+            return Err(ProbeError::Load(not_embedded.to_string()));
+        }
         let mut ebpf = loader
             .load(crate::datapath::EBPF_OBJECT)
             .map_err(|e| ProbeError::Load(e.to_string()))?;
