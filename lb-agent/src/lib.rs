@@ -17,12 +17,14 @@
 //! - `cli`: the read-only operator commands (`inspect`, `explain`).
 //!
 //! `model` holds the types every stage shares (frontends, addresses,
-//! input errors, Maglev tables).
+//! input errors, Maglev tables); `netlink`, a request and its replies over
+//! a netlink socket.
 
 pub mod cli;
 pub mod datapath;
 pub mod desired;
 pub mod model;
+pub mod netlink;
 pub mod reconcile;
 pub mod serve;
 pub mod source;

@@ -109,6 +109,7 @@ fn metrics_follow_programmed_state_traffic_and_changes() {
         ("lb_errors_total", "counter"),
         ("lb_conntrack_flows_removed_total", "counter"),
         ("lb_udp_sockets_reset_total", "counter"),
+        ("lb_kube_proxy_rules", "gauge"),
     ] {
         assert_eq!(
             first.types.get(name).map(String::as_str),
@@ -116,6 +117,15 @@ fn metrics_follow_programmed_state_traffic_and_changes() {
             "type of {name}: {:?}",
             first.types
         );
+    }
+    // No kube-proxy on this node: none of its rules (checked once at start).
+    let found = scrape_until(node, |m| {
+        m.samples
+            .contains_key(r#"lb_kube_proxy_rules{mode="iptables"}"#)
+    });
+    for mode in ["iptables", "nftables", "ipvs"] {
+        let series = format!(r#"lb_kube_proxy_rules{{mode="{mode}"}}"#);
+        assert_eq!(found.get(&series), 0.0, "{series}");
     }
     // One Service, two ClusterIP frontends (TCP 80, UDP 53), two pods ×
     // two ports; slot 0 and two slots per frontend.
@@ -700,6 +710,22 @@ fn held_health_and_metrics_ports_are_retried_and_taken_once_free() {
         })
     };
     let held = hold();
+    // kube-proxy's rules as its modes leave them (iptables-nft chains, the
+    // nftables table, the IPVS device), and a kubelet chain that is not
+    // kube-proxy's. The namespace goes with the test, and they with it.
+    let node_ns = format!("--net={}", topology.node.path().display());
+    for command in [
+        "iptables -t nat -N KUBE-SERVICES",
+        "iptables -t nat -N KUBE-SVC-ERIFXISQEP7F7OF4",
+        "iptables -t filter -N KUBE-FIREWALL",
+        "nft add table ip kube-proxy",
+        // kube-proxy makes a dummy device; this kernel has no dummy module.
+        "ip link add kube-ipvs0 type veth peer name kube-ipvs0-p",
+    ] {
+        let mut args = vec!["nsenter", &node_ns];
+        args.extend(command.split(' '));
+        lb_tests::netns::sh(&args).unwrap();
+    }
     let pin_dir = PathBuf::from("/sys/fs/bpf/lbm7-test");
     let mut agent = Agent::start(
         &topology.node,
@@ -747,6 +773,10 @@ fn held_health_and_metrics_ports_are_retried_and_taken_once_free() {
         }
     };
     assert_eq!(served.get("lb_services"), 1.0);
+    for (mode, found) in [("iptables", 2.0), ("nftables", 1.0), ("ipvs", 1.0)] {
+        let series = format!(r#"lb_kube_proxy_rules{{mode="{mode}"}}"#);
+        assert_eq!(served.get(&series), found, "{series}");
+    }
     assert_eq!(
         wait_for_status(&topology.node, health, "/healthz", 200),
         Ok(()),

@@ -21,18 +21,16 @@ use std::{
 
 use aya::maps::{HashMap, Map, MapData, MapError};
 use lb_common::sock::{SockRevNatKey, SockRevNatValue};
-use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NetlinkSerializable, NLM_F_ACK, NLM_F_DUMP,
-    NLM_F_REQUEST,
-};
+use netlink_packet_core::{NetlinkPayload, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST};
 use netlink_packet_sock_diag::{
     constants::{AF_INET, IPPROTO_UDP},
     inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
     SockDiagDestroy, SockDiagMessage,
 };
-use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr};
+use netlink_sys::protocols::NETLINK_SOCK_DIAG;
 
 use crate::model::{L4Addr, Proto};
+use crate::netlink::{self, receive, send};
 
 /// A backend a UDP frontend stopped using: its flows are reset.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -308,9 +306,7 @@ fn reset_in_namespace(
 /// Destroys the wanted sockets of the current network namespace: connected
 /// UDP sockets whose cookie and peer match.
 fn destroy_here(wanted: &BTreeMap<u64, SocketAddrV4>) -> std::io::Result<Vec<(u64, SocketAddrV4)>> {
-    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
-    socket.bind_auto()?;
-    socket.connect(&SocketAddr::new(0, 0))?;
+    let socket = netlink::connect(NETLINK_SOCK_DIAG)?;
     let request = SockDiagMessage::InetRequest(InetRequest {
         family: AF_INET,
         protocol: IPPROTO_UDP,
@@ -344,7 +340,7 @@ fn destroy_here(wanted: &BTreeMap<u64, SocketAddrV4>) -> std::io::Result<Vec<(u6
         }));
         send(&socket, NLM_F_REQUEST | NLM_F_ACK, request)?;
         let mut outcome = Ok(());
-        receive(&socket, |message| {
+        receive(&socket, |message: NetlinkPayload<SockDiagMessage>| {
             if let NetlinkPayload::Error(e) = message {
                 if e.code.is_some() {
                     outcome = Err(e.to_io());
@@ -370,47 +366,6 @@ fn cookie_of(id: &SocketId) -> u64 {
         ))
     };
     half(0) | (half(4) << 32)
-}
-
-fn send<T: NetlinkSerializable>(socket: &Socket, flags: u16, payload: T) -> std::io::Result<()> {
-    let mut header = NetlinkHeader::default();
-    header.flags = flags;
-    let mut message = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(payload));
-    message.finalize();
-    let mut buf = vec![0; message.buffer_len()];
-    message.serialize(&mut buf);
-    socket.send(&buf, 0)?;
-    Ok(())
-}
-
-/// Reads replies until the dump ends or the request is answered (an ACK or
-/// an error), handing each message to `each`.
-fn receive(
-    socket: &Socket,
-    mut each: impl FnMut(NetlinkPayload<SockDiagMessage>),
-) -> std::io::Result<()> {
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let size = socket.recv(&mut &mut buf[..], 0)?;
-        let mut offset = 0;
-        while offset < size {
-            let message = NetlinkMessage::<SockDiagMessage>::deserialize(&buf[offset..size])
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
-            let length = message.header.length as usize;
-            let last = matches!(
-                message.payload,
-                NetlinkPayload::Done(_) | NetlinkPayload::Error(_)
-            );
-            each(message.payload);
-            if last {
-                return Ok(());
-            }
-            if length == 0 {
-                break;
-            }
-            offset += length;
-        }
-    }
 }
 
 #[cfg(test)]

@@ -111,6 +111,7 @@ pub struct Metrics {
     conntrack_entries: Gauge,
     flows_removed: Family<Label, Counter>,
     udp_sockets_reset: Counter,
+    kube_proxy_rules: Family<Label, Gauge>,
 }
 
 impl Metrics {
@@ -136,6 +137,7 @@ impl Metrics {
             conntrack_entries: Gauge::default(),
             flows_removed: Family::default(),
             udp_sockets_reset: Counter::default(),
+            kube_proxy_rules: Family::default(),
         };
         let m = &metrics;
         registry.register(
@@ -203,6 +205,12 @@ impl Metrics {
             "lb_udp_sockets_reset",
             "Connected UDP sockets reset because their backend left (socket LB)",
             m.udp_sockets_reset.clone(),
+        );
+        registry.register(
+            "lb_kube_proxy_rules",
+            "kube-proxy's state found on the node, by mode: iptables chains, nftables tables, \
+             the IPVS device (expected while kube-proxy runs; leftovers once it is gone)",
+            m.kube_proxy_rules.clone(),
         );
         // Every series exists from the start, at 0: a rate over a series
         // that appears with its first error would miss that error.
@@ -282,6 +290,18 @@ impl Metrics {
 
     pub fn udp_sockets_reset(&self, sockets: usize) {
         self.udp_sockets_reset.inc_by(sockets as u64);
+    }
+
+    pub fn kube_proxy_rules(&self, found: &super::kube_proxy::Found) {
+        for (mode, count) in [
+            ("iptables", found.iptables_chains.len()),
+            ("nftables", found.nftables_tables.len()),
+            ("ipvs", usize::from(found.ipvs_device)),
+        ] {
+            self.kube_proxy_rules
+                .get_or_create(&[("mode", mode)])
+                .set(count as i64);
+        }
     }
 
     /// The exposition text.

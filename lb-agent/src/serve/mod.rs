@@ -5,6 +5,7 @@
 
 mod agent;
 pub mod health;
+pub mod kube_proxy;
 pub mod metrics;
 pub mod node;
 pub mod service_health;
@@ -14,7 +15,7 @@ use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, sync::Arc, time
 
 use anyhow::{bail, Context as _};
 use tokio::sync::Notify;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     datapath::{attach, attach::Attacher, loader, loader::MapSizes},
@@ -76,6 +77,8 @@ const BIND_RETRY: Duration = Duration::from_secs(2);
 /// How often, at most, the programmed-state metrics are recounted: counting
 /// walks every frontend, which a stream of single changes must not pay each.
 const FILL_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the node is searched for kube-proxy's rules.
+const KUBE_PROXY_CHECK: Duration = Duration::from_secs(30);
 /// With file and link events, a full rescan only backs them up.
 const RESCAN_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -132,6 +135,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         .await?;
     }
     info!(pin_dir = %pin_dir.display(), node = %config.node.name, "datapath loaded");
+    tokio::spawn(watch_kube_proxy(metrics.clone()));
 
     let node_context = NodeContext {
         name: Some(config.node.name.clone()),
@@ -206,6 +210,39 @@ where
         }
     });
     Ok(())
+}
+
+/// Looks for kube-proxy's rules now and every `KUBE_PROXY_CHECK`; says so
+/// when what it finds changes.
+async fn watch_kube_proxy(metrics: Metrics) {
+    let mut last: Option<kube_proxy::Found> = None;
+    loop {
+        match tokio::task::spawn_blocking(kube_proxy::find).await {
+            Ok(Ok(found)) => {
+                metrics.kube_proxy_rules(&found);
+                if last.as_ref() != Some(&found) {
+                    if found.is_empty() {
+                        if last.is_some() {
+                            info!("kube-proxy's rules are gone from this node");
+                        }
+                    } else {
+                        warn!(
+                            iptables = ?found.iptables_chains.iter().take(3).collect::<Vec<_>>(),
+                            nftables = ?found.nftables_tables,
+                            "kube-proxy's rules are on this node ({}): expected while kube-proxy runs; \
+                             once it is removed, run `kube-proxy --cleanup` here, or they go on \
+                             matching node processes' traffic to Services",
+                            found.summary()
+                        );
+                    }
+                    last = Some(found);
+                }
+            }
+            Ok(Err(e)) => debug!("looking for kube-proxy's rules: {e}"),
+            Err(e) => debug!("looking for kube-proxy's rules: {e}"),
+        }
+        tokio::time::sleep(KUBE_PROXY_CHECK).await;
+    }
 }
 
 async fn open_source(config: &SourceConfig, trigger: &Arc<Notify>) -> anyhow::Result<Source> {
