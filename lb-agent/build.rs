@@ -10,6 +10,7 @@ use anyhow::{anyhow, Context as _};
 use aya_build::{Package, Toolchain};
 
 fn main() -> anyhow::Result<()> {
+    revision();
     println!("cargo:rerun-if-env-changed=LB_EBPF_TOOLCHAIN");
     println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
     if std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true")) {
@@ -41,4 +42,32 @@ fn main() -> anyhow::Result<()> {
         ..Default::default()
     };
     aya_build::build_ebpf([package], Toolchain::Custom(&toolchain))
+}
+
+/// `LB_REVISION` for `--version` and `lb_build_info`: the commit, `-dirty`
+/// with uncommitted changes; `LB_REVISION` from the environment wins (an
+/// image built from a tarball).
+fn revision() {
+    println!("cargo:rerun-if-env-changed=LB_REVISION");
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    let revision = std::env::var("LB_REVISION")
+        .ok()
+        .or_else(|| git(&["describe", "--always", "--dirty", "--abbrev=12"]))
+        .unwrap_or_else(|| "unknown".into());
+    if let Some(dir) = git(&["rev-parse", "--git-dir"]) {
+        // A new commit or checkout moves HEAD or the branch it names.
+        println!("cargo:rerun-if-changed={dir}/HEAD");
+        println!("cargo:rerun-if-changed={dir}/index");
+        if let Some(head) = git(&["symbolic-ref", "-q", "HEAD"]) {
+            println!("cargo:rerun-if-changed={dir}/{head}");
+        }
+    }
+    println!("cargo:rustc-env=LB_REVISION={revision}");
 }

@@ -20,6 +20,10 @@
 //! input errors, Maglev tables); `netlink`, a request and its replies over
 //! a netlink socket.
 
+/// The source revision the agent was built from (`git describe`; `unknown`
+/// outside a git checkout).
+pub const REVISION: &str = env!("LB_REVISION");
+
 pub mod cli;
 pub mod datapath;
 pub mod desired;

@@ -15,9 +15,12 @@ use lb_common::{
     backend::DEFAULT_MAX_BACKENDS, ct::DEFAULT_MAX_CT_ENTRIES, svc::DEFAULT_MAX_SVC_ENTRIES,
 };
 
+/// `0.1.0 (REVISION)`: the commit the binary was built from.
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("LB_REVISION"), ")");
+
 /// eBPF Kubernetes service load balancer (kube-proxy replacement).
 #[derive(Parser)]
-#[command(version)]
+#[command(version = VERSION)]
 struct Cli {
     /// Log lines as text, or as one JSON object per line.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]

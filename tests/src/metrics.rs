@@ -70,3 +70,15 @@ pub fn scrape(ns: &NetNs, addr: SocketAddrV4) -> anyhow::Result<Scrape> {
     }
     Scrape::parse(body)
 }
+
+/// Scrapes until `done` holds (for up to 10 s); the last scrape.
+pub fn scrape_until(ns: &NetNs, addr: SocketAddrV4, done: impl Fn(&Scrape) -> bool) -> Scrape {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let scrape = scrape(ns, addr).unwrap();
+        if done(&scrape) || std::time::Instant::now() > deadline {
+            return scrape;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

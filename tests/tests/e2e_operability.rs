@@ -9,7 +9,7 @@ use std::{
 };
 
 use lb_tests::{
-    metrics::{scrape, Scrape},
+    metrics::{scrape, scrape_until, Scrape},
     require_root,
     servers::{http_get, http_get_from},
     topology::{backend_ip, web_manifest, Agent, ScratchDir, Topology, VIP},
@@ -51,18 +51,6 @@ fn setup(prefix: &str, pods: usize, files: &[(&str, &str)], flags: &[&str]) -> S
     }
 }
 
-/// Scrapes until `done` holds (for up to 10 s); the last scrape.
-fn scrape_until(ns: &lb_tests::netns::NetNs, done: impl Fn(&Scrape) -> bool) -> Scrape {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let scrape = scrape(ns, METRICS).unwrap();
-        if done(&scrape) || Instant::now() > deadline {
-            return scrape;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// `lb-agent COMMAND ARGS --json` on the agent's pins, parsed.
 fn agent_json(pin_dir: &std::path::Path, command: &str, args: &[&str]) -> serde_json::Value {
     let out = lb_tests::process::stdout_of(
@@ -92,7 +80,9 @@ fn metrics_follow_programmed_state_traffic_and_changes() {
         .unwrap();
     let node = &s.topology.node;
     // The programmed-state gauges are recounted at most once a second.
-    let first = scrape_until(node, |m| m.samples.get("lb_endpoints") == Some(&4.0));
+    let first = scrape_until(node, METRICS, |m| {
+        m.samples.get("lb_endpoints") == Some(&4.0)
+    });
 
     for (name, kind) in [
         ("lb_sync_proxy_rules_duration_seconds", "histogram"),
@@ -119,7 +109,7 @@ fn metrics_follow_programmed_state_traffic_and_changes() {
         );
     }
     // No kube-proxy on this node: none of its rules (checked once at start).
-    let found = scrape_until(node, |m| {
+    let found = scrape_until(node, METRICS, |m| {
         m.samples
             .contains_key(r#"lb_kube_proxy_rules{mode="iptables"}"#)
     });
@@ -171,7 +161,7 @@ fn metrics_follow_programmed_state_traffic_and_changes() {
     );
     // The GC pass counts the conntrack table: 3 flows, two entries each,
     // closing but not yet expired.
-    let counted = scrape_until(node, |m| {
+    let counted = scrape_until(node, METRICS, |m| {
         m.samples.get("lb_conntrack_entries") == Some(&6.0)
     });
     assert_eq!(counted.get("lb_conntrack_entries"), 6.0);
@@ -187,7 +177,9 @@ fn metrics_follow_programmed_state_traffic_and_changes() {
             m.count(&format!("{VIP}:80/TCP")) == Some(1)
         })
         .unwrap();
-    let changed: Scrape = scrape_until(node, |m| m.samples.get("lb_endpoints") == Some(&2.0));
+    let changed: Scrape = scrape_until(node, METRICS, |m| {
+        m.samples.get("lb_endpoints") == Some(&2.0)
+    });
     assert_eq!(changed.get("lb_endpoints"), 2.0);
     assert_eq!(changed.get(r#"lb_map_entries{map="lb_svc_v4"}"#), 4.0);
     assert!(changed.get("lb_sync_proxy_rules_duration_seconds_count") > syncs);
@@ -591,7 +583,7 @@ fn a_full_assured_conntrack_table_keeps_new_flows_working_and_says_which_flag_to
     let count = |name: &str| counters.iter().find(|(n, _)| *n == name).unwrap().1;
     assert!(count("ct_assured_full") >= 1, "{counters:?}");
     assert_eq!(count("drop_ct_full"), 0, "{counters:?}");
-    let full = scrape_until(&s.topology.node, |m| {
+    let full = scrape_until(&s.topology.node, METRICS, |m| {
         m.samples.get(r#"lb_map_fill_ratio{map="lb_ct_v4"}"#) >= Some(&1.0)
     });
     assert_eq!(full.get(r#"lb_map_fill_ratio{map="lb_ct_v4"}"#), 1.0);

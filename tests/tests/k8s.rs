@@ -265,3 +265,77 @@ fn a_burst_of_1000_services_is_programmed() {
         assert!(f.service.is_some(), "{}: reverse NAT missing", f.frontend);
     }
 }
+
+/// The kubernetes-mixin "Proxy" dashboard, pointed at the agent (a scrape
+/// job named `kube-proxy` on its 10249), finds every series its queries
+/// read: the sync and network programming histograms under kube-proxy's
+/// names, client-go's request metrics by code and verb, the process
+/// collector's memory and CPU. Network programming counts from the
+/// EndpointSlice's trigger time, as kube-proxy does: a change stamped 3 s
+/// before it was written shows at least 3 s.
+#[test]
+fn the_kube_proxy_dashboards_series_are_served() {
+    let began = Instant::now();
+    let mut c = start("lbk4", 2);
+    c.apply(&web_manifest(&ready(1)));
+    c.agent
+        .wait_for_maps("1 backend", |m| {
+            m.count(&format!("{VIP}:80/TCP")) == Some(1)
+        })
+        .unwrap();
+    // Trigger times from before the agent started are not counted (as in
+    // kube-proxy): stamp one from after.
+    std::thread::sleep(
+        (began + std::time::Duration::from_secs(5)).saturating_duration_since(Instant::now()),
+    );
+    let stamped = std::time::SystemTime::now() - std::time::Duration::from_secs(3);
+    let trigger = k8s_openapi::jiff::Timestamp::try_from(stamped).unwrap();
+    c.apply(&web_manifest(&ready(2)).replace(
+        "  labels: {kubernetes.io/service-name: web}\n",
+        &format!(
+            "  labels: {{kubernetes.io/service-name: web}}\n  annotations: \
+             {{endpoints.kubernetes.io/last-change-trigger-time: \"{trigger}\"}}\n"
+        ),
+    ));
+    c.agent
+        .wait_for_maps("2 backends", |m| {
+            m.count(&format!("{VIP}:80/TCP")) == Some(2)
+        })
+        .unwrap();
+    let metrics = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10249);
+    let programming = "kubeproxy_network_programming_duration_seconds";
+    let scrape = lb_tests::metrics::scrape_until(&c.topology.node, metrics, |s| {
+        s.samples.get(&format!("{programming}_count")) == Some(&1.0)
+    });
+    assert_eq!(
+        scrape.get(&format!("{programming}_count")),
+        1.0,
+        "one stamped change"
+    );
+    let seconds = scrape.get(&format!("{programming}_sum"));
+    assert!(
+        (3.0..30.0).contains(&seconds),
+        "from the trigger time: {seconds}"
+    );
+    // Each series a panel's query reads (their selectors aside).
+    let has = |prefix: &str| scrape.samples.keys().any(|k| k.starts_with(prefix));
+    for series in [
+        "kubeproxy_sync_proxy_rules_duration_seconds_count",
+        "kubeproxy_sync_proxy_rules_duration_seconds_bucket{",
+        "kubeproxy_network_programming_duration_seconds_count",
+        "kubeproxy_network_programming_duration_seconds_bucket{",
+        "rest_client_requests_total{code=\"200\",",
+        "rest_client_request_duration_seconds_bucket{",
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+    ] {
+        assert!(has(series), "{series} missing");
+    }
+    assert!(
+        scrape.samples.keys().any(|k| k
+            .starts_with("rest_client_request_duration_seconds_bucket{")
+            && k.contains("verb=\"GET\"")),
+        "GET latency, the dashboard's last panel"
+    );
+    assert!(scrape.get("kubeproxy_sync_proxy_rules_duration_seconds_count") >= 2.0);
+}

@@ -71,6 +71,8 @@ pub(super) struct Status {
     pub health: Arc<Health>,
     /// When the oldest change not yet written was seen.
     pub change_seen: Option<std::time::Instant>,
+    /// Trigger times of the EndpointSlice changes not yet written.
+    pub triggers: Vec<jiff::Timestamp>,
     /// The maps changed since the programmed-state metrics were counted.
     pub fill_due: bool,
     /// The maps were programmed from a complete view of the source.
@@ -222,6 +224,8 @@ impl Agent {
             self.status.health.synced();
             // A change that needed no write is in the maps already.
             self.status.change_seen = None;
+            let triggers = std::mem::take(&mut self.status.triggers);
+            self.status.metrics.slices_programmed(&triggers);
         }
     }
 
@@ -322,6 +326,7 @@ impl Agent {
             },
             Source::Api(api) => {
                 let dirty = api.drain(&mut self.inputs.store);
+                self.status.triggers.extend(api.take_trigger_times());
                 // Never act before both lists are complete: a partial store
                 // would look like deleted services.
                 if !api.is_ready() {

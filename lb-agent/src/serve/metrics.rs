@@ -1,6 +1,10 @@
 //! Prometheus metrics at `--metrics-bind-address` (kube-proxy's flag and
-//! default, 127.0.0.1:10249), in the Prometheus text format, with
-//! kube-proxy's names where the meaning is the same (`kubeproxy_` → `lb_`).
+//! default, 127.0.0.1:10249), in the Prometheus text format: lb's own under
+//! `lb_` (kube-proxy's names where the meaning is the same), and what the
+//! dashboards built for kube-proxy read under kube-proxy's own names —
+//! `kubeproxy_sync_proxy_rules_*`, `kubeproxy_network_programming_duration_seconds`
+//! (from the EndpointSlice's trigger time, as kube-proxy measures it),
+//! client-go's `rest_client_*` and the `process_*` collector's.
 //!
 //! The agent loop sets the values as it works; the datapath's per-reason
 //! counters are read from the per-CPU map at each scrape. Fill of the maps
@@ -30,6 +34,7 @@ use prometheus_client::{
 use crate::{
     datapath::counters::{self, CounterMap},
     model::FrontendKind,
+    source::rest_client::RestClientMetrics,
 };
 
 type Label = [(&'static str, &'static str); 1];
@@ -112,11 +117,14 @@ pub struct Metrics {
     flows_removed: Family<Label, Counter>,
     udp_sockets_reset: Counter,
     kube_proxy_rules: Family<Label, Gauge>,
+    /// kube-proxy's network programming latency: from the EndpointSlice's
+    /// `endpoints.kubernetes.io/last-change-trigger-time` to written.
+    trigger_to_programmed: Histogram,
 }
 
 impl Metrics {
     /// `stats`: the datapath's per-CPU counters (`None`: not exported).
-    pub fn new(stats: Option<CounterMap>) -> Self {
+    pub fn new(stats: Option<CounterMap>, rest_client: &RestClientMetrics) -> Self {
         let mut registry = Registry::default();
         // 1 ms .. ≈ 65 s, as kube-proxy's sync histogram spans.
         let sync_duration = Histogram::new(exponential_buckets(0.001, 2.0, 17));
@@ -138,6 +146,7 @@ impl Metrics {
             flows_removed: Family::default(),
             udp_sockets_reset: Counter::default(),
             kube_proxy_rules: Family::default(),
+            trigger_to_programmed: Histogram::new(programming_buckets()),
         };
         let m = &metrics;
         registry.register(
@@ -212,6 +221,46 @@ impl Metrics {
              the IPVS device (expected while kube-proxy runs; leftovers once it is gone)",
             m.kube_proxy_rules.clone(),
         );
+        // kube-proxy's names, for the dashboards and alerts built on them.
+        registry.register(
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "As lb_sync_proxy_rules_duration_seconds",
+            m.sync_duration.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "As lb_sync_proxy_rules_last_timestamp_seconds",
+            m.last_sync.clone(),
+        );
+        registry.register(
+            "kubeproxy_network_programming_duration_seconds",
+            "From an EndpointSlice's last-change-trigger-time (the Pod or Service change behind it) \
+             to the datapath written",
+            m.trigger_to_programmed.clone(),
+        );
+        registry.register(
+            "rest_client_requests",
+            "API server requests, by status code, host and method",
+            rest_client.requests.clone(),
+        );
+        registry.register(
+            "rest_client_request_duration_seconds",
+            "API server request latency (to the response headers), by host and verb",
+            rest_client.duration.clone(),
+        );
+        let build = Family::<[(&'static str, &'static str); 2], Gauge>::default();
+        build
+            .get_or_create(&[
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("revision", crate::REVISION),
+            ])
+            .set(1);
+        registry.register(
+            "lb_build_info",
+            "The agent's version and source revision",
+            build,
+        );
+        registry.register_collector(Box::new(ProcessCollector));
         // Every series exists from the start, at 0: a rate over a series
         // that appears with its first error would miss that error.
         for kind in ErrorKind::ALL {
@@ -240,6 +289,16 @@ impl Metrics {
         }
         let now = jiff::Timestamp::now().as_duration().as_secs_f64();
         self.last_sync.set(now);
+    }
+
+    /// EndpointSlice changes with these trigger times are in the datapath.
+    pub fn slices_programmed(&self, triggers: &[jiff::Timestamp]) {
+        let now = jiff::Timestamp::now();
+        for trigger in triggers {
+            // A clock skewed between nodes can put a trigger in the future.
+            let seconds = now.duration_since(*trigger).as_secs_f64().max(0.0);
+            self.trigger_to_programmed.observe(seconds);
+        }
     }
 
     /// The programmed state: Services, frontends by type, backends.
@@ -312,6 +371,85 @@ impl Metrics {
     }
 }
 
+/// kube-proxy's network programming buckets: 0.25 s, 0.5 s, each second to
+/// a minute, then coarser to 5 minutes.
+fn programming_buckets() -> impl Iterator<Item = f64> {
+    [0.25, 0.5]
+        .into_iter()
+        .chain((1..60).map(f64::from))
+        .chain((0..12).map(|i| 60.0 + 5.0 * f64::from(i)))
+        .chain((0..7).map(|i| 120.0 + 30.0 * f64::from(i)))
+}
+
+/// The `process_*` metrics every Prometheus client library exports (the
+/// dashboards' memory and CPU panels read them), from /proc at each scrape.
+#[derive(Debug)]
+struct ProcessCollector;
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        use prometheus_client::metrics::gauge::ConstGauge;
+        // An unreadable /proc leaves the process metrics out of the scrape.
+        let Ok(me) = procfs::process::Process::myself() else {
+            return Ok(());
+        };
+        let ticks = procfs::ticks_per_second() as f64;
+        let mut gauge = |name: &str, help: &str, value: f64| -> Result<(), fmt::Error> {
+            ConstGauge::new(value).encode(encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                MetricType::Gauge,
+            )?)
+        };
+        if let Ok(stat) = me.stat() {
+            gauge(
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes",
+                (stat.rss * procfs::page_size()) as f64,
+            )?;
+            gauge(
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes",
+                stat.vsize as f64,
+            )?;
+            if let Ok(boot) = procfs::boot_time_secs() {
+                gauge(
+                    "process_start_time_seconds",
+                    "Start time of the process since the Unix epoch in seconds",
+                    boot as f64 + stat.starttime as f64 / ticks,
+                )?;
+            }
+        }
+        if let Ok(fds) = me.fd_count() {
+            gauge(
+                "process_open_fds",
+                "Number of open file descriptors",
+                fds as f64,
+            )?;
+        }
+        if let Ok(limits) = me.limits() {
+            if let procfs::process::LimitValue::Value(max) = limits.max_open_files.soft_limit {
+                gauge(
+                    "process_max_fds",
+                    "Maximum number of open file descriptors",
+                    max as f64,
+                )?;
+            }
+        }
+        if let Ok(stat) = me.stat() {
+            let seconds = (stat.utime + stat.stime) as f64 / ticks;
+            ConstCounter::new(seconds).encode(encoder.encode_descriptor(
+                "process_cpu_seconds",
+                "Total user and system CPU time spent in seconds",
+                None,
+                MetricType::Counter,
+            )?)?;
+        }
+        Ok(())
+    }
+}
+
 /// The datapath's per-reason counters, summed over CPUs at each scrape:
 /// `lb_datapath_events_total{event}`.
 struct DatapathCounters(Mutex<CounterMap>);
@@ -377,7 +515,7 @@ mod tests {
 
     #[test]
     fn values_appear_under_kube_proxy_style_names() {
-        let m = Metrics::new(None);
+        let m = Metrics::new(None, &RestClientMetrics::default());
         m.sync_done(0.003);
         m.error(ErrorKind::DatapathWrite);
         m.map_fill("lb_svc_v4", 25, 100);
@@ -393,11 +531,48 @@ mod tests {
             "lb_frontends{type=\"NodePort\"} 2",
             "lb_frontends{type=\"ClusterIP\"} 0",
             "lb_endpoints 3",
+            "kubeproxy_sync_proxy_rules_duration_seconds_count 1",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
                 "{line} missing from:\n{text}"
             );
         }
+    }
+
+    #[test]
+    fn kube_proxys_programming_latency_counts_from_the_trigger_time() {
+        let m = Metrics::new(None, &RestClientMetrics::default());
+        let now = jiff::Timestamp::now();
+        let ten_ago = now - jiff::SignedDuration::from_secs(10);
+        let future = now + jiff::SignedDuration::from_secs(5);
+        m.slices_programmed(&[ten_ago, future]);
+        let text = m.encode().unwrap();
+        let value = |series: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+                .unwrap_or_else(|| panic!("{series} missing from:\n{text}"))
+        };
+        assert_eq!(
+            value("kubeproxy_network_programming_duration_seconds_count "),
+            2.0
+        );
+        let sum = value("kubeproxy_network_programming_duration_seconds_sum ");
+        assert!((10.0..11.0).contains(&sum), "10 s and a skewed 0: {sum}");
+        assert_eq!(
+            value("kubeproxy_network_programming_duration_seconds_bucket{le=\"0.25\"} "),
+            1.0,
+            "the skewed one counts as 0"
+        );
+        assert!(text.contains("process_resident_memory_bytes "), "{text}");
+        assert!(text.contains("process_cpu_seconds_total "), "{text}");
+        assert!(
+            text.contains(&format!(
+                "lb_build_info{{version=\"{}\",revision=\"{}\"}} 1",
+                env!("CARGO_PKG_VERSION"),
+                crate::REVISION
+            )),
+            "{text}"
+        );
     }
 }

@@ -29,7 +29,10 @@ use crate::{
         service_health::ServiceHealthServers,
         upkeep::{Upkeep, UpkeepTables},
     },
-    source::{k8s::ApiSource, manifest::ManifestDir, store::ObjectStore, watch},
+    source::{
+        k8s::ApiSource, manifest::ManifestDir, rest_client::RestClientMetrics, store::ObjectStore,
+        watch,
+    },
 };
 
 pub enum SourceConfig {
@@ -89,7 +92,8 @@ enum Source {
 
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let trigger = Arc::new(Notify::new());
-    let source = open_source(&config.source, &trigger).await?;
+    let rest_client = RestClientMetrics::default();
+    let source = open_source(&config.source, &trigger, &rest_client).await?;
     let attacher = attacher(&config).await?;
     let health = Health::new(config.health_timeout);
     for (addr, flag) in [
@@ -117,7 +121,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         config.conntrack_gc_interval,
     );
     let (datapath, metrics) = tokio::task::spawn_blocking(move || {
-        load_datapath(&pin, sizes, &globals, log, gc, attacher)
+        load_datapath(&pin, sizes, &globals, log, gc, attacher, &rest_client)
     })
     .await
     .context("loading the datapath")??;
@@ -155,6 +159,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         metrics,
         health: health.clone(),
         change_seen: None,
+        triggers: Vec::new(),
         fill_due: true,
         synced: false,
         reported: BTreeSet::new(),
@@ -245,7 +250,11 @@ async fn watch_kube_proxy(metrics: Metrics) {
     }
 }
 
-async fn open_source(config: &SourceConfig, trigger: &Arc<Notify>) -> anyhow::Result<Source> {
+async fn open_source(
+    config: &SourceConfig,
+    trigger: &Arc<Notify>,
+    rest_client: &RestClientMetrics,
+) -> anyhow::Result<Source> {
     Ok(match config {
         SourceConfig::Manifests(dir) => {
             if !dir.is_dir() {
@@ -257,9 +266,13 @@ async fn open_source(config: &SourceConfig, trigger: &Arc<Notify>) -> anyhow::Re
             kubeconfig,
             api_server,
         } => {
-            let client = crate::source::k8s::client(kubeconfig.as_deref(), api_server.as_deref())
-                .await
-                .context("connecting to the API server")?;
+            let client = crate::source::k8s::client(
+                kubeconfig.as_deref(),
+                api_server.as_deref(),
+                rest_client,
+            )
+            .await
+            .context("connecting to the API server")?;
             Source::Api(ApiSource::start(client, trigger.clone()))
         }
     })
@@ -300,6 +313,7 @@ fn load_datapath(
     datapath_log: bool,
     gc_interval: Duration,
     attacher: Attacher,
+    rest_client: &RestClientMetrics,
 ) -> anyhow::Result<(Datapath, Metrics)> {
     let mut ebpf = loader::load_with_log(Some(pin_dir), sizes, globals, datapath_log)
         .context("loading the datapath")?;
@@ -326,7 +340,7 @@ fn load_datapath(
     let counters = crate::datapath::counters::open(pin_dir)?;
     let reconciler =
         Reconciler::restore(maps, sizes.backends).context("reading the pinned maps")?;
-    let metrics = Metrics::new(Some(counters));
+    let metrics = Metrics::new(Some(counters), rest_client);
     let upkeep = Upkeep::start(UpkeepTables {
         conntrack,
         udp_resetter,

@@ -21,6 +21,7 @@ use tracing::{debug, warn};
 use crate::{
     model::ServiceName,
     source::objects::Sourced,
+    source::rest_client::RestClientMetrics,
     source::store::ObjectStore,
     source::view::{ServiceView, SliceView},
 };
@@ -31,8 +32,12 @@ pub const PROXY_LABEL_SELECTOR: &str =
 
 /// A client from `--kubeconfig`, else `KUBECONFIG`/`~/.kube/config`, else the
 /// in-cluster service account; `api_server` replaces the address (the
-/// credentials stay).
-pub async fn client(kubeconfig: Option<&Path>, api_server: Option<&str>) -> anyhow::Result<Client> {
+/// credentials stay). Its requests are counted in `metrics`.
+pub async fn client(
+    kubeconfig: Option<&Path>,
+    api_server: Option<&str>,
+    metrics: &RestClientMetrics,
+) -> anyhow::Result<Client> {
     let mut config = match kubeconfig {
         Some(path) => {
             let kubeconfig = Kubeconfig::read_from(path)
@@ -48,7 +53,14 @@ pub async fn client(kubeconfig: Option<&Path>, api_server: Option<&str>) -> anyh
             .filter(|u| u.scheme().is_some() && u.host().is_some())
             .ok_or_else(|| anyhow::anyhow!("--api-server {url:?}: expected https://HOST:PORT"))?;
     }
-    Ok(Client::try_from(config)?)
+    let host = config
+        .cluster_url
+        .authority()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    Ok(kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&metrics.layer(host))
+        .build())
 }
 
 /// One change seen at the API server, already reduced to the views the
@@ -67,6 +79,10 @@ enum ApiChange {
 /// Watches of Services and EndpointSlices, delivering their changes in order.
 pub struct ApiSource {
     changes: mpsc::UnboundedReceiver<ApiChange>,
+    /// Trigger times of the slice changes drained since the last take
+    /// (only those after the agent started, as kube-proxy counts).
+    triggers: Vec<jiff::Timestamp>,
+    started: jiff::Timestamp,
     services_listed: bool,
     slices_listed: bool,
 }
@@ -105,12 +121,26 @@ impl ApiSource {
         );
         Self {
             changes,
+            triggers: Vec::new(),
+            started: jiff::Timestamp::now(),
             services_listed: false,
             slices_listed: false,
         }
     }
 
     /// True once both kinds have been listed completely (and drained).
+    fn trigger(&mut self, slice: &SliceView) {
+        if let Some(t) = slice.trigger_time.filter(|t| *t > self.started) {
+            self.triggers.push(t);
+        }
+    }
+
+    /// The trigger times of the slice changes drained since the last call;
+    /// a relist's are not counted (its changes happened while unwatched).
+    pub fn take_trigger_times(&mut self) -> Vec<jiff::Timestamp> {
+        std::mem::take(&mut self.triggers)
+    }
+
     pub fn is_ready(&self) -> bool {
         self.services_listed && self.slices_listed
     }
@@ -127,8 +157,14 @@ impl ApiSource {
                 ApiChange::ServiceDeleted(view) => {
                     dirty.insert(store.remove_service(&sourced(view)));
                 }
-                ApiChange::Slice(view) => dirty.extend(store.upsert_slice(sourced(view))),
-                ApiChange::SliceDeleted(view) => dirty.extend(store.remove_slice(&sourced(view))),
+                ApiChange::Slice(view) => {
+                    self.trigger(&view);
+                    dirty.extend(store.upsert_slice(sourced(view)));
+                }
+                ApiChange::SliceDeleted(view) => {
+                    self.trigger(&view);
+                    dirty.extend(store.remove_slice(&sourced(view)));
+                }
                 ApiChange::Services(list) => {
                     self.services_listed = true;
                     dirty.extend(store.replace_services(list.into_iter().map(sourced).collect()));

@@ -7,6 +7,9 @@ use std::sync::Arc;
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
+/// Set by the EndpointSlice controller on each slice it writes.
+const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
 /// The label joining an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Services with this label belong to another proxy.
@@ -62,6 +65,10 @@ pub struct SliceView {
     pub address_type: String,
     pub ports: Vec<SlicePortView>,
     pub endpoints: Vec<EndpointView>,
+    /// `endpoints.kubernetes.io/last-change-trigger-time`: when the Pod or
+    /// Service change behind this version happened (kube-proxy's network
+    /// programming latency starts there).
+    pub trigger_time: Option<jiff::Timestamp>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -243,6 +250,11 @@ impl From<&EndpointSlice> for SliceView {
                     node_name: e.node_name.as_deref().map(intern_node_name),
                 })
                 .collect(),
+            trigger_time: meta
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(TRIGGER_TIME_ANNOTATION))
+                .and_then(|t| t.parse().ok()),
         }
     }
 }
