@@ -163,6 +163,15 @@ struct LimitArgs {
     maglev_table_size: String,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum SocketLbArg {
+    #[value(alias = "false")]
+    Off,
+    HostNetwork,
+    #[value(alias = "true")]
+    All,
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum LbAlgorithmArg {
     Random,
@@ -256,10 +265,13 @@ struct RunArgs {
     #[arg(long, value_delimiter = ',', required = true)]
     interfaces: Vec<String>,
     /// Connect-time load balancing (cgroup sock_addr programs) for the
-    /// processes under --cgroup-path: pods and node processes reach services
-    /// without per-packet NAT, node processes at all.
-    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
-    socket_lb: bool,
+    /// processes under --cgroup-path. `host-network`: only sockets of the
+    /// agent's own network namespace — node processes and hostNetwork pods,
+    /// whose packets pass no tc ingress hook; pods with their own
+    /// namespaces keep the tc path. `all` (or `true`): pods too, translated
+    /// once at connect. `off` (or `false`).
+    #[arg(long, value_enum, default_value_t = SocketLbArg::Off)]
+    socket_lb: SocketLbArg,
     /// The cgroup v2 whose processes get socket LB. Default: the cgroup2
     /// root (found in /proc/mounts), i.e. every process on the node.
     #[arg(long)]
@@ -443,7 +455,7 @@ impl RunArgs {
                 .map(|h| h.trim().to_owned())
                 .map_err(|e| anyhow::anyhow!("reading the host name ({e}): set --node-name"))?,
         };
-        let socket_lb = if self.socket_lb {
+        let socket_lb = if self.socket_lb != SocketLbArg::Off {
             Some(match self.cgroup_path {
                 Some(path) => path,
                 None => lb_agent::datapath::cgroup::cgroup2_mount()
@@ -451,6 +463,16 @@ impl RunArgs {
             })
         } else {
             None
+        };
+        let socket_lb_netns = match self.socket_lb {
+            SocketLbArg::HostNetwork => {
+                lb_agent::datapath::cgroup::own_netns_cookie().map_err(|e| {
+                    anyhow::anyhow!(
+                        "--socket-lb=host-network: this network namespace's cookie: {e}"
+                    )
+                })?
+            }
+            SocketLbArg::Off | SocketLbArg::All => 0,
         };
         Ok(RunConfig {
             socket_lb,
@@ -491,6 +513,7 @@ impl RunArgs {
                     tcp_snat_closing_ns: nanos(self.conntrack_tcp_timeout_snat_closing),
                 },
                 icmp_limit,
+                socket_lb_netns,
             },
             conntrack_gc_interval: self.conntrack_gc_interval,
             health_timeout: self.health_timeout,

@@ -116,6 +116,30 @@ fn daemonset_is_unprivileged_with_the_needed_capabilities_and_probes() {
     for overlay in ["vxlan*", "genev*", "flannel*"] {
         assert!(interfaces.split(',').any(|p| p == overlay), "{overlay}");
     }
+    // Socket LB for host-network clients, at the host's cgroup2 root as
+    // mounted: no hostPID, no SYS_ADMIN (only the host namespace's sockets).
+    assert!(args.iter().any(|a| a == "--socket-lb=host-network"));
+    let cgroup_path = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--cgroup-path="))
+        .expect("--cgroup-path");
+    let mount = container
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == cgroup_path)
+        .expect("the cgroup path is a mount");
+    let volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .unwrap();
+    assert_eq!(
+        volume.host_path.as_ref().map(|h| h.path.as_str()),
+        Some("/sys/fs/cgroup")
+    );
+    assert_ne!(pod.host_pid, Some(true));
     let env = container.env.as_ref().unwrap();
     assert!(env.iter().any(|e| e.name == "LB_API_SERVER"));
     assert!(pod.volumes.unwrap().iter().any(|v| v

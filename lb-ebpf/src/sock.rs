@@ -5,7 +5,10 @@
 //! address and the tc programs leave them alone. `getpeername` and
 //! `recvmsg` show the frontend again. Session affinity knows the client by
 //! its network namespace; frontends with source ranges, which need the
-//! client's address, are left to tc.
+//! client's address, are left to tc. With `SOCK_LB_NETNS` set (socket LB
+//! for host-network clients), only sockets of that network namespace —
+//! the node's — are translated; pods in their own namespaces keep the tc
+//! path.
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
@@ -30,6 +33,11 @@ use crate::{affinity, maps, stats::count};
 const ALLOW: i32 = 1;
 const REFUSE: i32 = 0;
 const ECONNREFUSED: i32 = 111;
+
+/// The network namespace cookie whose sockets are translated; 0: every
+/// namespace's. The agent sets it at load.
+#[unsafe(no_mangle)]
+static SOCK_LB_NETNS: u64 = 0;
 
 #[cgroup_sock_addr(connect4)]
 pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
@@ -96,6 +104,12 @@ fn translate(ctx: &SockAddrContext, send: Send) -> i32 {
     let Some(svc) = maps::SERVICES.get_ptr(&SvcKey::new(addr, port, proto, 0)) else {
         return ALLOW;
     };
+    // SAFETY: a read-only global; volatile so the agent's value is used.
+    let only = unsafe { core::ptr::read_volatile(&SOCK_LB_NETNS) };
+    // SAFETY: the context pointer is valid; the helper only reads it.
+    if only != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != only {
+        return ALLOW; // a pod with a namespace of its own: the tc path
+    }
     // SAFETY: copied at once; the agent may rewrite slot 0 at any time.
     let svc = unsafe { *svc };
     if svc.flags & SVC_FLAG_SOURCE_RANGES != 0 {

@@ -177,6 +177,7 @@ impl Agent {
         pin_dir: &Path,
         log: &Path,
         capabilities: &[String],
+        extra: &[&str],
     ) -> anyhow::Result<Self> {
         let set: String = capabilities
             .iter()
@@ -195,7 +196,7 @@ impl Agent {
             interfaces,
             pin_dir,
             log,
-            &[],
+            extra,
         )
     }
 

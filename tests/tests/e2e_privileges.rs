@@ -1,34 +1,77 @@
 //! Least privilege: the capabilities `deploy/daemonset.yaml` grants are
 //! enough to serve, and each one is needed. The agent runs as root whose
 //! bounding set holds exactly those capabilities (as in a container that
-//! drops ALL and adds them), in a node namespace with a real client and pod.
+//! drops ALL and adds them), with the DaemonSet's own arguments, in a node
+//! namespace with a real client, pod and node process.
 
 use std::{net::SocketAddrV4, path::PathBuf, time::Duration};
 
-use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::{apps::v1::DaemonSet, core::v1::Container};
 use lb_tests::{
+    cgroup::TestCgroup,
     require_root,
     servers::http_get,
     topology::{backend_ip, web_manifest, Agent, ScratchDir, Topology, VIP},
 };
 
-/// `capabilities.add` of the DaemonSet's container.
-fn daemonset_capabilities() -> Vec<String> {
+/// The DaemonSet's container.
+fn daemonset_container() -> Container {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/daemonset.yaml");
     let text = std::fs::read_to_string(path).expect("deploy/daemonset.yaml");
     let ds: DaemonSet = yaml_serde::from_str(&text).expect("a DaemonSet");
-    let container = ds.spec.unwrap().template.spec.unwrap().containers.remove(0);
-    let security = container.security_context.expect("securityContext");
+    ds.spec.unwrap().template.spec.unwrap().containers.remove(0)
+}
+
+/// `capabilities.add` of the DaemonSet's container.
+fn daemonset_capabilities() -> Vec<String> {
+    let security = daemonset_container()
+        .security_context
+        .expect("securityContext");
     assert_ne!(security.privileged, Some(true));
     let capabilities = security.capabilities.expect("capabilities");
     assert_eq!(capabilities.drop.as_deref(), Some(&["ALL".to_owned()][..]));
     capabilities.add.expect("capabilities.add")
 }
 
+/// The DaemonSet's `run` arguments, but those that name the node's own
+/// things: the interfaces (the test's), the cgroup (a test cgroup: tests
+/// never attach to the machine's root) and the pin directory.
+fn daemonset_run_args(cgroup: &std::path::Path) -> Vec<String> {
+    let args = daemonset_container().args.expect("args");
+    assert_eq!(args[0], "run");
+    let mut kept: Vec<String> = args[1..]
+        .iter()
+        .filter(|a| !a.starts_with("--interfaces=") && !a.starts_with("--cgroup-path="))
+        .cloned()
+        .collect();
+    assert!(
+        kept.iter().any(|a| a == "--socket-lb=host-network"),
+        "the DaemonSet serves host-network clients: {kept:?}"
+    );
+    kept.push(format!("--cgroup-path={}", cgroup.display()));
+    kept
+}
+
+/// A node process (the host's network namespace, as a hostNetwork pod or
+/// the kubelet): connects to the VIP and prints the answer.
+const NODE_CLIENT: &str = r#"
+import socket
+s = socket.create_connection(("198.19.0.10", 80), timeout=3)
+s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+data = b""
+while True:
+    chunk = s.recv(4096)
+    if not chunk:
+        break
+    data += chunk
+print(data.split(b"\r\n\r\n", 1)[1].decode().strip())
+"#;
+
 #[test]
 fn the_daemonsets_capabilities_are_enough_and_each_is_needed() {
     require_root();
     let granted = daemonset_capabilities();
+    let cgroup = TestCgroup::new("lbcap").expect("cgroup");
     let topology = Topology::new("lbcap", 1).expect("topology");
     let _servers = topology.serve_backends("be").expect("servers");
     let manifests = ScratchDir::new("lbcap-manifests").expect("scratch dir");
@@ -36,6 +79,8 @@ fn the_daemonsets_capabilities_are_enough_and_each_is_needed() {
         .write("web.yaml", &web_manifest(&[(backend_ip(0), true)]))
         .unwrap();
     let pin_dir = PathBuf::from("/sys/fs/bpf/lbcap-test");
+    let args = daemonset_run_args(&cgroup.path);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let start = |capabilities: &[String], log: &str| {
         Agent::start_with_capabilities(
             &topology.node,
@@ -44,6 +89,7 @@ fn the_daemonsets_capabilities_are_enough_and_each_is_needed() {
             &pin_dir,
             &manifests.0.join(log),
             capabilities,
+            &args,
         )
         .expect("agent")
     };
@@ -83,4 +129,11 @@ fn the_daemonsets_capabilities_are_enough_and_each_is_needed() {
         .run(|| http_get(SocketAddrV4::new(VIP, 80)))
         .unwrap_or_else(|e| panic!("HTTP through the VIP: {e}\n{}", agent.log_text()));
     assert!(body.starts_with("backend be0 "), "{body}");
+    // A host-network client reaches the ClusterIP with the shipped settings
+    // (kube-proxy gone: nothing else translates for the node's processes).
+    let answer = cgroup
+        .python(&topology.node, NODE_CLIENT)
+        .unwrap_or_else(|e| panic!("a node process to the VIP: {e}\n{}", agent.log_text()));
+    assert!(answer.starts_with("backend be0 "), "{answer}");
+    drop(agent);
 }

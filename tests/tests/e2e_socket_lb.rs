@@ -33,7 +33,16 @@ struct Setup {
 
 /// `n` backends serving, the agent with socket LB at a test cgroup.
 fn setup(prefix: &str, n: usize, ready: &[usize], socket_lb: bool) -> Setup {
-    setup_with(prefix, n, ready, socket_lb, |m| m, &[])
+    setup_with(prefix, n, ready, mode(socket_lb), |m| m, &[])
+}
+
+/// `--socket-lb`'s value for on (every namespace) or off.
+fn mode(socket_lb: bool) -> &'static str {
+    if socket_lb {
+        "all"
+    } else {
+        "off"
+    }
 }
 
 /// `setup`, with the manifest passed through `edit` first and `args` for
@@ -42,7 +51,7 @@ fn setup_with(
     prefix: &str,
     n: usize,
     ready: &[usize],
-    socket_lb: bool,
+    socket_lb: &str,
     edit: impl Fn(String) -> String,
     args: &[&str],
 ) -> Setup {
@@ -313,6 +322,63 @@ fn socket_lb_serves_node_processes() {
     assert!(answer.starts_with("backend be0"), "{answer}");
 }
 
+/// Upstream "Networking Granular Checks: Services should function for
+/// node-Service: http" and "…: udp", with the DaemonSet's setting
+/// (`--socket-lb=host-network`): a node process reaches the ClusterIP over
+/// TCP and connected UDP, translated at its socket; a pod in its own
+/// namespace in the same cgroup is left to the tc path. When the node
+/// socket's UDP backend leaves, the socket is reset in the agent's own
+/// namespace (no other is searched).
+#[test]
+fn socket_lb_host_network_serves_node_service_http_and_udp_and_leaves_pods_to_tc() {
+    let mut s = setup_with("lbsk14", 2, &[0, 1], "host-network", |m| m, &[]);
+    let out = s.cgroup.python(&s.topology.node, TCP_CLIENT).unwrap();
+    let (peer, answer) = out.split_once('|').unwrap();
+    assert_eq!(peer, format!("{VIP}:80"));
+    assert!(answer.starts_with("backend be"), "{answer}");
+    assert_eq!(s.counter(Stat::SockTranslated), 1, "the node's socket");
+
+    let out = s.cgroup.python(&s.topology.client, TCP_CLIENT).unwrap();
+    assert!(out.starts_with(&format!("{VIP}:80|backend be")), "{out}");
+    assert_eq!(s.counter(Stat::SockTranslated), 1, "not the pod's");
+    assert_eq!(s.counter(Stat::DnatNew), 1, "the pod's went the tc way");
+
+    let mut client = Conversation::start(&s, &s.topology.node, CONNECTED_UDP_CLIENT);
+    let mut ask = || client.say("q");
+    let first = ask();
+    assert!(first.starts_with("answer be"), "{first}");
+    assert_eq!(s.socket_entries(), 1, "the node's UDP socket");
+    let index: usize = first.trim_start_matches("answer be").parse().unwrap();
+    let other = 1 - index;
+    s._manifests
+        .write("web.yaml", &web_manifest(&[(backend_ip(other), true)]))
+        .unwrap();
+    s.agent
+        .wait_for_maps("one UDP backend", |m| {
+            m.count(&format!("{VIP}:53/UDP")) == Some(1)
+        })
+        .unwrap();
+    let deadline = std::time::Instant::now() + lb_tests::EVENT_TIMEOUT;
+    let mut answers = Vec::new();
+    while std::time::Instant::now() < deadline {
+        answers.push(ask());
+        if answers.last().unwrap() == &format!("answer be{other}") {
+            break;
+        }
+    }
+    assert!(
+        answers
+            .iter()
+            .any(|a| a == "reset ECONNABORTED" || a == "reset EDESTADDRREQ"),
+        "the node's socket is reset: {answers:?}\n{}",
+        s.agent.log_text()
+    );
+    assert_eq!(
+        answers.last().map(String::as_str),
+        Some(format!("answer be{other}").as_str())
+    );
+}
+
 #[test]
 fn socket_lb_off_leaves_the_tc_path_serving() {
     let s = setup("lbsk6", 1, &[0], false);
@@ -328,7 +394,7 @@ fn socket_lb_keeps_client_ip_affinity_per_network_namespace() {
         "lbsk7",
         3,
         &[0, 1, 2],
-        true,
+        "all",
         |m| {
             m.replacen(
                 "  clusterIP:",
@@ -532,7 +598,7 @@ fn socket_lb_one_pods_sockets_cannot_evict_anothers_reverse_entries() {
         "lbsk11",
         1,
         &[0],
-        true,
+        "all",
         |m| m,
         &["--max-socket-entries", &table],
     );
@@ -648,7 +714,7 @@ fn tc_programs(ns: &NetNs) -> Vec<(String, String)> {
 /// exits non-zero.
 #[test]
 fn cleanup_detaches_every_program_and_removes_every_pin() {
-    let mut s = setup_with("lbsk13", 1, &[0], true, |m| m, &["--keep-datapath"]);
+    let mut s = setup_with("lbsk13", 1, &[0], "all", |m| m, &["--keep-datapath"]);
     s.agent.stop().unwrap();
     s.agent.cleanup_pins = false;
     let pin_dir = s.agent.pin_dir.clone();

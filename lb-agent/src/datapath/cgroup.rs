@@ -95,3 +95,26 @@ fn with_sources(error: &dyn std::error::Error) -> String {
     }
     text
 }
+
+/// The cookie of the caller's network namespace, as `bpf_get_netns_cookie`
+/// reports it for a socket there (SO_NETNS_COOKIE, kernel ≥ 5.14).
+pub fn own_netns_cookie() -> std::io::Result<u64> {
+    use std::os::fd::AsRawFd as _;
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a valid socket and an out-buffer of the stated length.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
+}

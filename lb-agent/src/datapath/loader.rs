@@ -126,12 +126,16 @@ impl Default for MapSizes {
 pub struct Globals {
     pub timeouts: CtTimeouts,
     pub icmp_limit: IcmpLimit,
+    /// Socket LB translates only sockets of the network namespace with this
+    /// cookie (the node's: host-network clients); 0: every namespace's.
+    pub socket_lb_netns: u64,
 }
 
 impl Globals {
     pub const DEFAULT: Self = Self {
         timeouts: CtTimeouts::DEFAULT,
         icmp_limit: IcmpLimit::DEFAULT,
+        socket_lb_netns: 0,
     };
 }
 
@@ -169,7 +173,8 @@ pub fn load_with_log(
         .map_max_entries(MAGLEV_MAP, sizes.maglev_chunks)
         .map_max_entries(SOCK_REVNAT_MAP, sizes.socket_entries)
         .override_global("CT_TIMEOUTS", &globals.timeouts, true)
-        .override_global("ICMP_LIMIT", &globals.icmp_limit, true);
+        .override_global("ICMP_LIMIT", &globals.icmp_limit, true)
+        .override_global("SOCK_LB_NETNS", &globals.socket_lb_netns, true);
     if let Some(dir) = pin_dir {
         ensure_bpffs_dir(dir)?;
         refuse_other_layouts(dir)?;
@@ -391,11 +396,15 @@ pub fn open_conntrack(pin_dir: &Path) -> Result<Conntrack, LoadError> {
 
 /// Takes the socket LB reverse map out of a loaded datapath, for resetting
 /// connected UDP sockets whose backend left.
-pub fn udp_resetter(ebpf: &mut Ebpf) -> Result<UdpResetter, LoadError> {
+/// The UDP resetter; with socket LB for host-network clients only
+/// (`globals.socket_lb_netns`), it searches the agent's own namespace.
+pub fn udp_resetter(ebpf: &mut Ebpf, globals: &Globals) -> Result<UdpResetter, LoadError> {
     let map = ebpf
         .take_map(SOCK_REVNAT_MAP)
         .ok_or_else(|| LoadError::Map(SOCK_REVNAT_MAP, "missing from the object".into()))?;
-    UdpResetter::new(map).map_err(|e| LoadError::Map(SOCK_REVNAT_MAP, e.to_string()))
+    let resetter =
+        UdpResetter::new(map).map_err(|e| LoadError::Map(SOCK_REVNAT_MAP, e.to_string()))?;
+    Ok(resetter.own_namespace_only(globals.socket_lb_netns != 0))
 }
 
 /// The node settings map (SNAT address and ports), for the agent to keep current.

@@ -11,6 +11,8 @@
 //! kernel; the agent needs CAP_SYS_ADMIN for setns and CAP_NET_ADMIN).
 //! The in-kernel alternative, `bpf_sock_destroy` from a socket iterator
 //! (kernel ≥ 6.5), needs kfunc relocation that the loader does not have.
+//! With socket LB for host-network clients only, the translated sockets are
+//! all in the agent's own namespace: only it is searched, without setns.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -153,6 +155,9 @@ fn socket_addr(a: L4Addr) -> SocketAddrV4 {
 pub struct UdpResetter {
     map: HashMap<MapData, SockRevNatKey, SockRevNatValue>,
     pending: Pending,
+    /// Socket LB translates only the agent's own namespace's sockets (the
+    /// node's): no other namespace is searched, and no setns is needed.
+    own_namespace_only: bool,
 }
 
 impl UdpResetter {
@@ -160,7 +165,15 @@ impl UdpResetter {
         Ok(Self {
             map: HashMap::try_from(map)?,
             pending: Pending::default(),
+            own_namespace_only: false,
         })
+    }
+
+    pub fn own_namespace_only(self, own_namespace_only: bool) -> Self {
+        Self {
+            own_namespace_only,
+            ..self
+        }
     }
 
     /// Removes every reverse entry (socket LB turned off); returns how many.
@@ -208,6 +221,13 @@ impl UdpResetter {
         if wanted.is_empty() {
             return Ok(resets);
         }
+        if self.own_namespace_only {
+            resets.namespaces = 1;
+            let destroyed = destroy_here(&wanted)
+                .map_err(|e| UdpResetError::SockDiag("the agent".into(), e))?;
+            resets.sockets_reset = destroyed.len();
+            return self.forget(destroyed).map(|()| resets);
+        }
         let namespaces = network_namespaces().map_err(UdpResetError::Namespaces)?;
         resets.namespaces = namespaces.len();
         if namespaces.len() <= 1 {
@@ -227,13 +247,7 @@ impl UdpResetter {
                 .map_err(|_| UdpResetError::Aborted)
         })?;
         resets.sockets_reset = destroyed.len();
-        for (cookie, backend) in destroyed {
-            let key = SockRevNatKey::new(cookie, backend.ip().octets(), backend.port());
-            match self.map.remove(&key) {
-                Err(e) if !super::is_missing(&e) => return Err(e.into()),
-                _ => {}
-            }
-        }
+        self.forget(destroyed)?;
         if failures.is_empty() {
             return Ok(resets);
         }
@@ -243,6 +257,20 @@ impl UdpResetter {
             first: Box::new(failures.swap_remove(0)),
             reset: resets.sockets_reset,
         })
+    }
+}
+
+impl UdpResetter {
+    /// Removes the reverse entries of destroyed sockets.
+    fn forget(&mut self, destroyed: Vec<(u64, SocketAddrV4)>) -> Result<(), UdpResetError> {
+        for (cookie, backend) in destroyed {
+            let key = SockRevNatKey::new(cookie, backend.ip().octets(), backend.port());
+            match self.map.remove(&key) {
+                Err(e) if !super::is_missing(&e) => return Err(e.into()),
+                _ => {}
+            }
+        }
+        Ok(())
     }
 }
 

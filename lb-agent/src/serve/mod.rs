@@ -336,7 +336,7 @@ fn load_datapath(
     let capacities =
         crate::datapath::fill::capacities(pin_dir).context("reading the pinned maps' sizes")?;
     let config_map = loader::ConfigMap::take(&mut ebpf)?;
-    let udp_resetter = loader::udp_resetter(&mut ebpf)?;
+    let udp_resetter = loader::udp_resetter(&mut ebpf, globals)?;
     let counters = crate::datapath::counters::open(pin_dir)?;
     let reconciler =
         Reconciler::restore(maps, sizes.backends).context("reading the pinned maps")?;
