@@ -27,6 +27,7 @@ pub const REVISION: &str = env!("LB_REVISION");
 pub mod cli;
 pub mod datapath;
 pub mod desired;
+pub mod duration;
 pub mod model;
 pub mod netlink;
 pub mod reconcile;

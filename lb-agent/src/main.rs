@@ -318,9 +318,32 @@ struct RunArgs {
     /// On exit, leave the program attached and the maps pinned.
     #[arg(long)]
     keep_datapath: bool,
-    /// Conntrack: idle timeout of an established TCP connection.
-    #[arg(long, default_value = "6h", value_parser = parse_duration)]
+    /// Idle timeout of an established TCP connection: lb's conntrack, and
+    /// the node's netfilter conntrack (which lb's traffic passes too), as
+    /// kube-proxy's flag and default.
+    #[arg(long, default_value = "24h0m0s", value_parser = parse_duration)]
     conntrack_tcp_timeout_established: Duration,
+    /// netfilter: the conntrack table holds this many entries per CPU
+    /// (kube-proxy's flag and default; 0: leave the size alone). Only raised.
+    #[arg(long, default_value_t = 32768)]
+    conntrack_max_per_core: u64,
+    /// netfilter: ... and at least this many.
+    #[arg(long, default_value_t = 131072)]
+    conntrack_min: u64,
+    /// netfilter: how long a TCP connection in CLOSE_WAIT is kept (0: leave).
+    #[arg(long, default_value = "1h0m0s", value_parser = parse_duration_or_zero)]
+    conntrack_tcp_timeout_close_wait: Duration,
+    /// netfilter: mark only out-of-window RST segments INVALID.
+    #[arg(long)]
+    conntrack_tcp_be_liberal: bool,
+    /// netfilter: idle timeout of an assured UDP stream (0: leave).
+    #[arg(long, default_value = "0", value_parser = parse_duration_or_zero)]
+    conntrack_udp_timeout_stream: Duration,
+    /// Where the netfilter conntrack sysctls are: the agent's own
+    /// /proc/sys/net/netfilter, or a host mount of it (a container's /proc/sys
+    /// is read-only).
+    #[arg(long, default_value = lb_agent::serve::nf_conntrack::SYSCTL_DIR)]
+    conntrack_sysctl_dir: PathBuf,
     /// Conntrack: how long a TCP connection may wait for the backend's answer.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     conntrack_tcp_timeout_opening: Duration,
@@ -381,26 +404,18 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// `90s`, `10m`, `6h`, `500ms`; a number of seconds must carry its unit.
+/// A duration in Go's syntax (`90s`, `24h0m0s`), more than zero.
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    let (number, unit) = text
-        .find(|c: char| !c.is_ascii_digit())
-        .map(|i| text.split_at(i))
-        .ok_or_else(|| format!("{text:?}: missing unit (ms, s, m or h)"))?;
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?}: expected a number followed by ms, s, m or h"))?;
-    let duration = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        _ => return Err(format!("{text:?}: unknown unit {unit:?} (ms, s, m or h)")),
-    };
-    if duration.is_zero() {
-        return Err(format!("{text:?}: must be more than zero"));
+    match lb_agent::duration::parse(text) {
+        Ok(d) if d.is_zero() => Err(format!("{text:?}: must be more than zero")),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
     }
-    Ok(duration)
+}
+
+/// A duration in Go's syntax; `0` leaves the setting as it is.
+fn parse_duration_or_zero(text: &str) -> Result<Duration, String> {
+    lb_agent::duration::parse(text).map_err(|e| e.to_string())
 }
 
 fn nanos(d: Duration) -> u64 {
@@ -517,6 +532,15 @@ impl RunArgs {
             },
             conntrack_gc_interval: self.conntrack_gc_interval,
             health_timeout: self.health_timeout,
+            nf_conntrack: lb_agent::serve::nf_conntrack::NfConntrack {
+                max_per_core: self.conntrack_max_per_core,
+                min: self.conntrack_min,
+                tcp_established: self.conntrack_tcp_timeout_established.as_secs(),
+                tcp_close_wait: self.conntrack_tcp_timeout_close_wait.as_secs(),
+                tcp_be_liberal: self.conntrack_tcp_be_liberal,
+                udp_stream: self.conntrack_udp_timeout_stream.as_secs(),
+            },
+            nf_sysctl_dir: self.conntrack_sysctl_dir,
         })
     }
 }

@@ -830,3 +830,64 @@ fn wait_for_status(
         }
     }
 }
+
+/// kube-proxy sizes the node's netfilter conntrack, and lb's traffic still
+/// passes it: the agent sets the same sysctls from kube-proxy's flags (Go
+/// durations, as kube-proxy writes them). In a node namespace the table
+/// size is the host's and read-only, so the raise asked for is refused:
+/// reported (`lb_errors_total{kind="node_sysctl"}`), and the node is
+/// served anyway.
+#[test]
+fn netfilter_conntrack_is_set_from_kube_proxys_flags_and_a_refused_write_is_reported() {
+    let sysctl = |ns: &lb_tests::netns::NetNs, name: &str| -> u64 {
+        ns.run(|| std::fs::read_to_string(format!("/proc/sys/net/netfilter/{name}")))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    // The test runs in the host's namespace.
+    let host_max: u64 = std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_max")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let wanted_min = (host_max * 2).to_string();
+    let mut s = setup(
+        "lbm10",
+        1,
+        &[("web.yaml", &web_manifest(&[(backend_ip(0), true)]))],
+        &[
+            "--conntrack-tcp-timeout-established",
+            "2h0m0s",
+            "--conntrack-tcp-timeout-close-wait",
+            "30m",
+            "--conntrack-min",
+            &wanted_min,
+        ],
+    );
+    s.agent
+        .wait_for_maps("the service", |m| {
+            m.count(&format!("{VIP}:80/TCP")) == Some(1)
+        })
+        .unwrap();
+    let node = &s.topology.node;
+    let reported = scrape_until(node, METRICS, |m| {
+        m.samples.get(r#"lb_errors_total{kind="node_sysctl"}"#) == Some(&1.0)
+    });
+    assert_eq!(
+        reported.get(r#"lb_errors_total{kind="node_sysctl"}"#),
+        1.0,
+        "the table size, read-only here\n{}",
+        s.agent.log_text()
+    );
+    assert_eq!(sysctl(node, "nf_conntrack_tcp_timeout_established"), 7200);
+    assert_eq!(sysctl(node, "nf_conntrack_tcp_timeout_close_wait"), 1800);
+    assert_eq!(sysctl(node, "nf_conntrack_max"), host_max, "unchanged");
+    let body = s
+        .topology
+        .client
+        .run(|| http_get(SocketAddrV4::new(VIP, 80)))
+        .unwrap();
+    assert!(body.starts_with("backend be0"), "{body}");
+}

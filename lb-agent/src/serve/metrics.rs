@@ -52,10 +52,12 @@ pub enum ErrorKind {
     Interfaces,
     NodeConfig,
     HealthCheckServer,
+    /// Writing a netfilter conntrack sysctl.
+    NodeSysctl,
 }
 
 impl ErrorKind {
-    const ALL: [ErrorKind; 8] = [
+    const ALL: [ErrorKind; 9] = [
         Self::Source,
         Self::DatapathWrite,
         Self::ConntrackGc,
@@ -64,6 +66,7 @@ impl ErrorKind {
         Self::Interfaces,
         Self::NodeConfig,
         Self::HealthCheckServer,
+        Self::NodeSysctl,
     ];
 
     fn label(self) -> &'static str {
@@ -76,6 +79,7 @@ impl ErrorKind {
             Self::Interfaces => "interfaces",
             Self::NodeConfig => "node_config",
             Self::HealthCheckServer => "health_check_server",
+            Self::NodeSysctl => "node_sysctl",
         }
     }
 }

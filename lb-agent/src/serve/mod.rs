@@ -7,6 +7,7 @@ mod agent;
 pub mod health;
 pub mod kube_proxy;
 pub mod metrics;
+pub mod nf_conntrack;
 pub mod node;
 pub mod service_health;
 mod upkeep;
@@ -24,7 +25,7 @@ use crate::{
     serve::{
         agent::{Agent, Datapath, Inputs, Status},
         health::Health,
-        metrics::Metrics,
+        metrics::{ErrorKind, Metrics},
         node::NodeSettings,
         service_health::ServiceHealthServers,
         upkeep::{Upkeep, UpkeepTables},
@@ -72,6 +73,9 @@ pub struct RunConfig {
     pub conntrack_gc_interval: Duration,
     /// `/healthz` fails while a seen change waits longer than this.
     pub health_timeout: Duration,
+    /// The node's netfilter conntrack, sized at start as kube-proxy does.
+    pub nf_conntrack: nf_conntrack::NfConntrack,
+    pub nf_sysctl_dir: PathBuf,
 }
 
 const RETRY_INTERVAL: Duration = Duration::from_secs(2);
@@ -140,6 +144,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     }
     info!(pin_dir = %pin_dir.display(), node = %config.node.name, "datapath loaded");
     tokio::spawn(watch_kube_proxy(metrics.clone()));
+    size_nf_conntrack(&config, &metrics);
 
     let node_context = NodeContext {
         name: Some(config.node.name.clone()),
@@ -215,6 +220,25 @@ where
         }
     });
     Ok(())
+}
+
+/// Sets the node's netfilter conntrack sysctls; a failure is reported, not
+/// fatal (the datapath does not depend on them).
+fn size_nf_conntrack(config: &RunConfig, metrics: &Metrics) {
+    let cpus = nf_conntrack::cpus();
+    let (written, errors) = config.nf_conntrack.apply(&config.nf_sysctl_dir, cpus);
+    for w in written {
+        info!(
+            sysctl = w.sysctl,
+            from = w.from,
+            to = w.to,
+            "netfilter conntrack set"
+        );
+    }
+    for e in errors {
+        metrics.error(ErrorKind::NodeSysctl);
+        warn!("netfilter conntrack not set: {e}");
+    }
 }
 
 /// Looks for kube-proxy's rules now and every `KUBE_PROXY_CHECK`; says so
