@@ -28,6 +28,7 @@ pub mod cli;
 pub mod datapath;
 pub mod desired;
 pub mod duration;
+pub mod kube_proxy_config;
 pub mod model;
 pub mod netlink;
 pub mod reconcile;

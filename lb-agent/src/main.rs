@@ -197,6 +197,12 @@ impl LimitArgs {
 
 #[derive(clap::Args)]
 struct RunArgs {
+    /// kube-proxy's configuration file (KubeProxyConfiguration,
+    /// kubeproxy.config.k8s.io/v1alpha1, e.g. kubeadm's `config.conf`): the
+    /// fields lb supports set the flags of the same meaning (flags given here
+    /// win), the others are warned about by name, unknown ones refused.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Directory of Service and EndpointSlice YAML files, re-read on change.
     /// Without it, the agent watches the API server.
     #[arg(long, conflicts_with = "kubeconfig")]
@@ -217,7 +223,7 @@ struct RunArgs {
     api_server: Option<String>,
     /// This node's name: endpoints whose `nodeName` matches are local (the
     /// node-local traffic policies). Default: the host name, as kube-proxy.
-    #[arg(long, env = "NODE_NAME")]
+    #[arg(long, visible_alias = "hostname-override", env = "NODE_NAME")]
     node_name: Option<String>,
     /// Interfaces facing outside the cluster: traffic arriving there is
     /// external (externalTrafficPolicy applies, and flows to another node's
@@ -382,7 +388,14 @@ struct RunArgs {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let (args, warnings) = match with_config_file(std::env::args_os().collect()) {
+        Ok(merged) => merged,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let cli = Cli::parse_from(args);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -395,6 +408,9 @@ fn main() -> std::process::ExitCode {
         // One JSON object per line, span fields included (log collectors).
         LogFormat::Json => builder.json().with_current_span(true).init(),
     }
+    for warning in warnings {
+        tracing::warn!("--config: {warning}");
+    }
     match real_main(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -402,6 +418,61 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// `run --config FILE`: the command line with the flags the file stands for
+/// (the command line's own win), and the file's warnings.
+fn with_config_file(
+    args: Vec<std::ffi::OsString>,
+) -> Result<(Vec<std::ffi::OsString>, Vec<String>), lb_agent::kube_proxy_config::ConfigError> {
+    let Some(run) = args.iter().position(|a| a == "run") else {
+        return Ok((args, Vec::new()));
+    };
+    let path = args[run + 1..].iter().enumerate().find_map(|(i, a)| {
+        let a = a.to_str()?;
+        if a == "--config" {
+            args.get(run + 2 + i).map(PathBuf::from)
+        } else {
+            a.strip_prefix("--config=").map(PathBuf::from)
+        }
+    });
+    let Some(path) = path else {
+        return Ok((args, Vec::new()));
+    };
+    let config = lb_agent::kube_proxy_config::read(&path)?;
+    let command = <Cli as clap::CommandFactory>::command();
+    let run_args = command
+        .find_subcommand("run")
+        .map(|c| c.get_arguments().cloned().collect::<Vec<_>>());
+    let given_after_run = &args[run + 1..];
+    let has = |name: &str| given_after_run.iter().any(|a| a == name);
+    let given = |flag: &str| {
+        // A file's kubeconfig does not apply to manifests.
+        if flag == "--kubeconfig" && has("--manifests") {
+            return true;
+        }
+        let long = flag.trim_start_matches("--");
+        let mut names = vec![long.to_owned()];
+        if let Some(arg) = run_args
+            .iter()
+            .flatten()
+            .find(|a| a.get_long() == Some(long))
+        {
+            names.extend(
+                arg.get_all_aliases()
+                    .into_iter()
+                    .flatten()
+                    .map(str::to_owned),
+            );
+        }
+        given_after_run.iter().filter_map(|a| a.to_str()).any(|a| {
+            names
+                .iter()
+                .any(|n| a == format!("--{n}") || a.starts_with(&format!("--{n}=")))
+        })
+    };
+    let merged = lb_agent::kube_proxy_config::merge(args.clone(), &config, given);
+    Ok((merged, config.warnings))
 }
 
 /// A duration in Go's syntax (`90s`, `24h0m0s`), more than zero.
@@ -760,6 +831,48 @@ mod tests {
             Command::Run(args) => args.config(),
             _ => unreachable!("parsed as run"),
         }
+    }
+
+    #[test]
+    fn a_kube_proxy_config_file_sets_flags_and_the_command_line_wins() {
+        let file = std::env::temp_dir().join(format!("lb-config-{}.yaml", std::process::id()));
+        std::fs::write(
+            &file,
+            "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n\
+             hostnameOverride: from-file\nhealthzBindAddress: 127.0.0.1:9999\n\
+             conntrack: {tcpEstablishedTimeout: 2h0m0s}\n",
+        )
+        .unwrap();
+        let args = [
+            "lb-agent",
+            "run",
+            "--interfaces=lo",
+            "--health-addr",
+            "127.0.0.1:10256",
+        ]
+        .iter()
+        .map(Into::into)
+        .chain(["--config".into(), file.clone().into_os_string()])
+        .collect();
+        let (merged, warnings) = with_config_file(args).unwrap();
+        std::fs::remove_file(&file).unwrap();
+        assert!(warnings.is_empty());
+        let cli = Cli::try_parse_from(merged).unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("run")
+        };
+        let config = run.config().unwrap();
+        assert_eq!(&*config.node.name, "from-file");
+        assert_eq!(
+            config.health_addr,
+            Some("127.0.0.1:10256".parse().unwrap()),
+            "--health-addr (an alias) wins"
+        );
+        assert_eq!(
+            config.globals.timeouts.tcp_established_ns,
+            2 * 3600 * 1_000_000_000
+        );
+        assert_eq!(config.nf_conntrack.tcp_established, 7200);
     }
 
     #[test]

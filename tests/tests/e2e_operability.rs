@@ -891,3 +891,74 @@ fn netfilter_conntrack_is_set_from_kube_proxys_flags_and_a_refused_write_is_repo
         .unwrap();
     assert!(body.starts_with("backend be0"), "{body}");
 }
+
+/// `run --config` with kube-proxy's own configuration file: the fields lb
+/// supports take effect (the metrics port, netfilter's CLOSE_WAIT timeout,
+/// the health port, given as kube-proxy writes them: an address without
+/// its port, a Go duration); a field KubeProxyConfiguration does not have
+/// stops the start, naming it.
+#[test]
+fn a_kube_proxy_configuration_file_takes_effect_and_an_unknown_field_is_refused() {
+    let scratch = ScratchDir::new("lbm11-config").unwrap();
+    let config = scratch.0.join("config.conf");
+    std::fs::write(
+        &config,
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n\
+         metricsBindAddress: 127.0.0.1:10300\nhealthzBindAddress: 127.0.0.1\n\
+         conntrack: {tcpCloseWaitTimeout: 20m0s}\niptables: {masqueradeAll: true}\nmode: nftables\n",
+    )
+    .unwrap();
+    let config_arg = config.to_string_lossy().into_owned();
+    let mut s = setup(
+        "lbm11",
+        1,
+        &[("web.yaml", &web_manifest(&[(backend_ip(0), true)]))],
+        &["--config", &config_arg],
+    );
+    s.agent
+        .wait_for_maps("the service", |m| {
+            m.count(&format!("{VIP}:80/TCP")) == Some(1)
+        })
+        .unwrap();
+    let node = &s.topology.node;
+    let metrics = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10300);
+    let served = scrape_until(node, metrics, |m| m.samples.contains_key("lb_services"));
+    assert_eq!(served.get("lb_services"), 1.0);
+    assert!(scrape(node, METRICS).is_err(), "not on the default port");
+    let close_wait = node
+        .run(|| {
+            std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_close_wait")
+        })
+        .unwrap();
+    assert_eq!(close_wait.trim(), "1200");
+    let healthz = node.run(|| std::net::TcpStream::connect("127.0.0.1:10256"));
+    assert!(
+        healthz.is_ok(),
+        "kube-proxy's default health port: {healthz:?}"
+    );
+    drop(s);
+
+    std::fs::write(
+        &config,
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nmetricBindAddress: 127.0.0.1:10300\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(lb_tests::topology::agent_binary())
+        .args([
+            "run",
+            "--interfaces",
+            "lo",
+            "--manifests",
+            "/nonexistent",
+            "--config",
+        ])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("metricBindAddress: no such field in KubeProxyConfiguration"),
+        "{stderr}"
+    );
+}
