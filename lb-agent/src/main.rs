@@ -267,7 +267,9 @@ struct RunArgs {
     datapath_log: bool,
     /// Interfaces to attach to: names or globs, comma separated (e.g.
     /// `veth*,eth0`); `@uplink` stands for the interface(s) of the IPv4
-    /// default route(s).
+    /// default route(s), `@pods` for pods' interfaces (veths whose peer is in
+    /// another network namespace, whatever the CNI names them). Devices
+    /// without an Ethernet header (IPIP, WireGuard, TUN) are never attached.
     #[arg(long, value_delimiter = ',', required = true)]
     interfaces: Vec<String>,
     /// Connect-time load balancing (cgroup sock_addr programs) for the

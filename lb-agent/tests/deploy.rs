@@ -109,11 +109,11 @@ fn daemonset_is_unprivileged_with_the_needed_capabilities_and_probes() {
         .unwrap();
     for pattern in interfaces.split(',') {
         assert!(
-            pattern == "@uplink" || pattern.ends_with('*'),
+            pattern == "@uplink" || pattern == "@pods" || pattern.ends_with('*'),
             "{pattern} must exist on every node"
         );
     }
-    for overlay in ["vxlan*", "genev*", "flannel*"] {
+    for overlay in ["@pods", "vxlan*", "genev*", "flannel*"] {
         assert!(interfaces.split(',').any(|p| p == overlay), "{overlay}");
     }
     // Socket LB for host-network clients, at the host's cgroup2 root as

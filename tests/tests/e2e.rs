@@ -1273,3 +1273,63 @@ fn pins_and_their_directories_are_root_only() {
     assert!(files >= 10, "maps and links pinned: {files}");
     s.agent.stop().unwrap();
 }
+
+/// Any CNI: `@pods` finds pods' interfaces by what they are — veths whose
+/// peer is in another network namespace — not by name (here an EKS-style
+/// `eni…` name, which no glob in a list of CNI prefixes would know), and
+/// a device without an Ethernet header (a TUN device, as IPIP's tunl0 and
+/// WireGuard's wg0 are) is left alone even when a glob matches it: the
+/// programs parse Ethernet and would misread its packets.
+#[test]
+fn pods_interfaces_are_found_whatever_the_cni_names_them_and_l3_devices_are_left_alone() {
+    require_root();
+    let topology = Topology::new("lbt25", 1).expect("topology");
+    let node = &topology.node;
+    for args in [
+        &["link", "set", "lbt25-b0", "down"][..],
+        &["link", "set", "lbt25-b0", "name", "eni3f2a9b"],
+        &["link", "set", "eni3f2a9b", "up"],
+        &["tuntap", "add", "mode", "tun", "name", "lbt25-tun"],
+        &["link", "set", "lbt25-tun", "up"],
+    ] {
+        node.ip(args).unwrap();
+    }
+    let _servers = topology.serve_backends("be").expect("servers");
+    let manifests = ScratchDir::new("lbt25-manifests").unwrap();
+    manifests
+        .write("web.yaml", &web_manifest(&[(backend_ip(0), true)]))
+        .unwrap();
+    let mut agent = Agent::start(
+        node,
+        &manifests.0,
+        "@pods,lbt25-t*",
+        &PathBuf::from("/sys/fs/bpf/lbt25-test"),
+        &manifests.0.join("agent.log"),
+        &["--external-interfaces", "lbt25-none*"],
+    )
+    .unwrap();
+    agent
+        .wait_for_maps("the service", |m| {
+            m.count(&format!("{VIP}:80/TCP")) == Some(1)
+        })
+        .unwrap();
+    let attached = [vec!["lb_ingress".to_owned()], vec!["lb_egress".to_owned()]];
+    let ready = wait_until(std::time::Duration::from_secs(10), || {
+        tcx_programs(node, "eni3f2a9b") == attached && tcx_programs(node, "lbt25-c") == attached
+    });
+    assert!(
+        ready,
+        "{:?}\n{}",
+        tcx_programs(node, "eni3f2a9b"),
+        agent.log_text()
+    );
+    assert_eq!(
+        tcx_programs(node, "lbt25-tun"),
+        [Vec::<String>::new(), Vec::new()]
+    );
+    let body = topology
+        .client
+        .run(|| http_get(SocketAddrV4::new(VIP, 80)))
+        .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_text()));
+    assert!(body.starts_with("backend be0"), "{body}");
+}

@@ -131,6 +131,9 @@ impl Attached {
 
 /// The `--interfaces` token for the default route's interface(s).
 pub const UPLINK: &str = "@uplink";
+/// The token for pods' interfaces: veth devices whose peer is in another
+/// network namespace, whatever the CNI names them.
+pub const PODS: &str = "@pods";
 
 pub struct Attacher {
     patterns: Vec<String>,
@@ -139,6 +142,10 @@ pub struct Attacher {
     external_patterns: Vec<String>,
     /// Ifindexes of the default route(s), for the `@uplink` token.
     uplinks: Vec<u32>,
+    /// Ifindexes of pods' veths, for the `@pods` token.
+    pods: Vec<u32>,
+    /// Ifindexes of devices without an Ethernet header: never attached.
+    not_ethernet: Vec<u32>,
     pins: LinkPins,
     attached: BTreeMap<String, Attached>,
 }
@@ -188,6 +195,8 @@ impl Attacher {
             patterns,
             external_patterns,
             uplinks: Vec::new(),
+            pods: Vec::new(),
+            not_ethernet: Vec::new(),
             pins: LinkPins {
                 dir: link_dir,
                 run_id: format!("{}", crate::datapath::conntrack::monotonic_ns()),
@@ -224,12 +233,34 @@ impl Attacher {
         self.uplinks = ifindexes;
     }
 
+    /// The pods' veths (`@pods`) and the devices never to attach.
+    pub fn set_link_kinds(&mut self, pods: Vec<u32>, not_ethernet: Vec<u32>) {
+        self.pods = pods;
+        self.not_ethernet = not_ethernet;
+    }
+
     fn pattern_matches(&self, pattern: &str, name: &str, ifindex: u32) -> bool {
-        if pattern == UPLINK {
-            self.uplinks.contains(&ifindex)
-        } else {
-            glob_match(pattern, name)
+        if self.not_ethernet.contains(&ifindex) {
+            return false;
         }
+        match pattern {
+            UPLINK => self.uplinks.contains(&ifindex),
+            PODS => self.pods.contains(&ifindex),
+            _ => glob_match(pattern, name),
+        }
+    }
+
+    /// Interfaces a pattern names that are left alone because their packets
+    /// have no Ethernet header.
+    pub fn not_ethernet_matches(&self) -> std::io::Result<Vec<String>> {
+        Ok(interfaces()?
+            .into_iter()
+            .filter(|(name, ifindex)| {
+                self.not_ethernet.contains(ifindex)
+                    && self.all_patterns().any(|p| glob_match(p, name))
+            })
+            .map(|(name, _)| name)
+            .collect())
     }
 
     pub fn matches(&self, name: &str, ifindex: u32) -> bool {
@@ -436,7 +467,19 @@ fn attach(
 
 #[cfg(test)]
 mod tests {
-    use super::glob_match;
+    use super::{glob_match, Attacher, PODS};
+
+    #[test]
+    fn pods_by_kind_and_never_a_device_without_ethernet() {
+        let mut a = Attacher::new(vec![PODS.into(), "tun*".into()], vec![], None);
+        a.set_link_kinds(vec![5], vec![7]);
+        assert!(a.matches("eni3f2a", 5), "a pod's veth, whatever its name");
+        assert!(!a.matches("veth1", 6), "not a pod's");
+        assert!(
+            !a.matches("tun0", 7),
+            "no Ethernet header, though the glob matches"
+        );
+    }
 
     #[test]
     fn globs() {

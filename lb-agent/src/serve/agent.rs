@@ -73,6 +73,8 @@ pub(super) struct Status {
     pub change_seen: Option<std::time::Instant>,
     /// Trigger times of the EndpointSlice changes not yet written.
     pub triggers: Vec<jiff::Timestamp>,
+    /// The links' kinds as last read (`@pods`, non-Ethernet devices).
+    pub link_kinds: crate::source::watch::LinkKinds,
     /// The maps changed since the programmed-state metrics were counted.
     pub fill_due: bool,
     /// The maps were programmed from a complete view of the source.
@@ -487,6 +489,27 @@ impl Agent {
                 Ok(uplinks) => self.datapath.attacher.set_uplinks(uplinks),
                 Err(e) => warn!("reading the default routes for @uplink: {e}"),
             }
+        }
+        match watch::link_kinds().await {
+            Ok(kinds) => {
+                if kinds != self.status.link_kinds {
+                    self.datapath
+                        .attacher
+                        .set_link_kinds(kinds.pod_veths.clone(), kinds.not_ethernet.clone());
+                    if kinds.not_ethernet != self.status.link_kinds.not_ethernet {
+                        let skipped = self.datapath.attacher.not_ethernet_matches()?;
+                        if !skipped.is_empty() {
+                            warn!(
+                                interfaces = ?skipped,
+                                "matched, not attached: no Ethernet header (an IPIP, WireGuard or TUN device); \
+                                 service traffic arriving there is not translated"
+                            );
+                        }
+                    }
+                    self.status.link_kinds = kinds;
+                }
+            }
+            Err(e) => warn!("reading the links for @pods: {e}"),
         }
         let changes = self.datapath.attacher.sync(&mut self.datapath.ebpf)?;
         for name in &changes.attached {

@@ -165,6 +165,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         health: health.clone(),
         change_seen: None,
         triggers: Vec::new(),
+        link_kinds: Default::default(),
         fill_due: true,
         synced: false,
         reported: BTreeSet::new(),
@@ -317,6 +318,10 @@ async fn attacher(config: &RunConfig) -> anyhow::Result<Attacher> {
                 .context("--interfaces @uplink: reading the default routes")?,
         );
     }
+    let kinds = watch::link_kinds()
+        .await
+        .context("--interfaces: reading the links")?;
+    attacher.set_link_kinds(kinds.pod_veths, kinds.not_ethernet);
     let patterns: Vec<String> = config
         .interfaces
         .iter()
@@ -437,8 +442,17 @@ fn check_interface_patterns(attacher: &Attacher, patterns: &[String]) -> anyhow:
     };
     let missing_literals: Vec<&String> = unmatched
         .iter()
-        .filter(|p| !p.contains(['*', '?']) && *p != attach::UPLINK)
+        .filter(|p| !p.contains(['*', '?']) && *p != attach::UPLINK && *p != attach::PODS)
         .collect();
+    let not_ethernet = attacher
+        .not_ethernet_matches()
+        .context("listing interfaces")?;
+    if let Some(name) = missing_literals.iter().find(|p| not_ethernet.contains(p)) {
+        bail!(
+            "--interfaces: {name} has no Ethernet header (an IPIP, WireGuard or TUN device): \
+             the tc programs cannot translate there"
+        );
+    }
     if !missing_literals.is_empty() {
         let names: Vec<&str> = missing_literals.iter().map(|s| s.as_str()).collect();
         bail!(

@@ -107,3 +107,49 @@ pub async fn default_route_interfaces() -> std::io::Result<Vec<u32>> {
     out.dedup();
     Ok(out)
 }
+
+/// What the node's links are, beyond their names.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LinkKinds {
+    /// veth devices whose peer is in another network namespace: the host
+    /// side of a pod (or container), whatever the CNI calls it (`@pods`).
+    pub pod_veths: Vec<u32>,
+    /// Devices whose packets carry no Ethernet header (IPIP's tunl0,
+    /// WireGuard, TUN): the tc programs parse Ethernet, so these are never
+    /// attached, whatever pattern matches them.
+    pub not_ethernet: Vec<u32>,
+}
+
+/// The link kinds of this network namespace.
+pub async fn link_kinds() -> std::io::Result<LinkKinds> {
+    use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkLayerType};
+    let (connection, handle, _) = rtnetlink::new_connection()?;
+    let task = tokio::spawn(connection);
+    let mut links = handle.link().get().execute();
+    let mut kinds = LinkKinds::default();
+    while let Some(link) = links.next().await {
+        let link = link.map_err(std::io::Error::other)?;
+        let index = link.header.index;
+        // Loopback frames carry a (zeroed) Ethernet header too.
+        if !matches!(
+            link.header.link_layer_type,
+            LinkLayerType::Ether | LinkLayerType::Loopback
+        ) {
+            kinds.not_ethernet.push(index);
+            continue;
+        }
+        let veth = link.attributes.iter().any(|a| {
+            matches!(a, LinkAttribute::LinkInfo(infos)
+                if infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth))))
+        });
+        let peer_elsewhere = link
+            .attributes
+            .iter()
+            .any(|a| matches!(a, LinkAttribute::LinkNetNsId(_)));
+        if veth && peer_elsewhere {
+            kinds.pod_veths.push(index);
+        }
+    }
+    task.abort();
+    Ok(kinds)
+}
