@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-time (idempotent) machine setup for building and running lb, as root:
 # Debian's LLVM 22 and rustc-web (a stable rustc with a prebuilt `core` for
-# bpfel-unknown-none), bpf-linker built against that LLVM, the rustup
+# bpfel-unknown-none), buildah (the image), bpf-linker built against that LLVM, the rustup
 # toolchain link the build uses, and a mounted bpffs. Skips what is present.
 set -euo pipefail
 
@@ -9,7 +9,7 @@ BPF_LINKER_VERSION=0.13.0
 TOOLCHAIN=deb-1.96
 PACKAGES=(llvm-22-dev clang-22 lld-22 libpolly-22-dev bpftool libbpf-dev iproute2 util-linux iputils-ping
           dnsmasq-base bind9-dnsutils curl ethtool
-          iptables nftables
+          iptables nftables buildah
           rustc-web cargo-web libstd-rust-web-dev-bpf rust-web-src)
 
 log() { printf '[setup] %s\n' "$*"; }

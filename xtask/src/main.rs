@@ -4,6 +4,7 @@
 mod bench;
 mod cluster_dns;
 mod demo;
+mod image;
 mod k8s_latency;
 mod results;
 mod soak;
@@ -40,6 +41,9 @@ enum Task {
     },
     /// Namespace demo: client, node and three backend pods; real requests through the VIP.
     Demo,
+    /// The container image (buildah, no base image): the release agent and
+    /// its shared libraries; checked by running it inside the image's root.
+    Image,
     /// lb vs kube-proxy-shaped iptables and nftables rules (writes bench/results/).
     Bench {
         /// Service counts to measure at.
@@ -204,6 +208,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if !status.success() {
                 bail!("lb-agent exited with {status}");
             }
+        }
+        Task::Image => {
+            require_root("building the image")?;
+            let agent = build_agent(true)?;
+            image::run(&agent)?;
         }
         Task::Demo => {
             require_root("the demo")?;
