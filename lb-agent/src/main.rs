@@ -1,5 +1,6 @@
 use std::{path::PathBuf, time::Duration};
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use lb_agent::{
     cli::dump,
@@ -102,9 +103,15 @@ struct ExplainArgs {
     #[arg(long)]
     client: Option<String>,
     /// The Services and EndpointSlices (for headless and ExternalName
-    /// names, endpoint conditions and nodes).
-    #[arg(long)]
+    /// names, endpoint conditions and nodes), from files.
+    #[arg(long, conflicts_with_all = ["kubeconfig", "api_server"])]
     manifests: Option<PathBuf>,
+    /// ... or from the API server, with this kubeconfig (as `run`).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// ... or the API server at this address (as `run --api-server`).
+    #[arg(long, visible_alias = "master", env = "LB_API_SERVER")]
+    api_server: Option<String>,
     #[arg(long)]
     json: bool,
     #[arg(long, default_value = DEFAULT_PIN_DIR)]
@@ -647,12 +654,37 @@ impl ExplainArgs {
             target,
             client,
             manifests,
+            kubeconfig,
+            api_server,
             json,
             pin_dir,
         } = self;
         let target: explain::Target = target.parse()?;
         let client = client.as_deref().map(explain::parse_client).transpose()?;
+        let api_server = api_server.filter(|a| !a.trim().is_empty());
         let objects = match manifests {
+            None if kubeconfig.is_some() || api_server.is_some() => {
+                let namespace = match &target {
+                    explain::Target::Name { namespace, .. } => Some(namespace.clone()),
+                    _ => None,
+                };
+                let objects = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?
+                    .block_on(async {
+                        let metrics = lb_agent::source::rest_client::RestClientMetrics::default();
+                        let api = lb_agent::source::k8s::client(
+                            kubeconfig.as_deref(),
+                            api_server.as_deref(),
+                            &metrics,
+                        )
+                        .await?;
+                        lb_agent::source::k8s::list_objects(api, namespace.as_deref()).await
+                    })
+                    .context("reading Services and EndpointSlices from the API server")?;
+                Some(lb_agent::source::store::ObjectStore::from_objects(&objects))
+            }
+            None => None,
             Some(dir) => {
                 let mut dir = manifest::ManifestDir::new(&dir);
                 if let Some(changes) = dir.poll()? {
@@ -664,7 +696,6 @@ impl ExplainArgs {
                     &dir.objects(),
                 ))
             }
-            None => None,
         };
         let sources = explain::Sources {
             pin_dir: &pin_dir,

@@ -339,3 +339,78 @@ fn the_kube_proxy_dashboards_series_are_served() {
     );
     assert!(scrape.get("kubeproxy_sync_proxy_rules_duration_seconds_count") >= 2.0);
 }
+
+/// `explain` on a node in API mode (`--kubeconfig`, as `run`) answers the
+/// names the datapath does not hold — a headless Service's ready pods, an
+/// ExternalName's alias — from the API server, as it does from manifests.
+#[test]
+fn explain_answers_headless_and_external_names_from_the_api_server() {
+    let mut c = start("lbk5", 1);
+    c.apply(&web_manifest(&ready(1)));
+    c.apply(
+        r#"apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: demo}
+spec: {clusterIP: None, ports: [{name: pg, port: 5432}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: db-1
+  namespace: demo
+  labels: {kubernetes.io/service-name: db}
+addressType: IPv4
+ports: [{name: pg, port: 5432, protocol: TCP}]
+endpoints:
+- addresses: ["198.18.2.7"]
+  conditions: {ready: true}
+- addresses: ["198.18.2.8"]
+  conditions: {ready: false}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: mail, namespace: demo}
+spec: {type: ExternalName, externalName: mail.example.org}
+"#,
+    );
+    c.agent
+        .wait_for_maps("the web service", |m| {
+            m.count(&format!("{VIP}:80/TCP")) == Some(1)
+        })
+        .unwrap();
+    let explain = |name: &str| -> serde_json::Value {
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", c.topology.node.path().display()))
+            .arg(lb_tests::topology::agent_binary())
+            .args(["explain", name, "--json", "--kubeconfig"])
+            .arg(&c.api.kubeconfig)
+            .arg("--pin-dir")
+            .arg(&c.agent.pin_dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let db = explain("db.demo");
+    assert_eq!(
+        db["dns"]["answers"],
+        serde_json::json!(["198.18.2.7"]),
+        "{db:#}"
+    );
+    let mail = explain("mail.demo");
+    assert_eq!(mail["dns"]["record"], "CNAME");
+    assert_eq!(
+        mail["dns"]["answers"],
+        serde_json::json!(["mail.example.org"])
+    );
+    let web = explain("web.demo:80");
+    assert_eq!(
+        web["frontends"].as_array().map(Vec::len),
+        Some(1),
+        "{web:#}"
+    );
+}

@@ -212,7 +212,7 @@ pub fn explain(
                 let hint = if sources.objects.is_some() {
                     ""
                 } else {
-                    " (headless and ExternalName Services are not in the datapath: pass --manifests to resolve them)"
+                    " (headless and ExternalName Services are not in the datapath: pass --manifests or --kubeconfig to resolve them)"
                 };
                 return Err(ExplainError::UnknownService(service, hint).into());
             }

@@ -8,6 +8,7 @@
 
 use std::{collections::BTreeSet, path::Path, sync::Arc};
 
+use anyhow::Context as _;
 use futures::StreamExt as _;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kube::{
@@ -20,7 +21,7 @@ use tracing::{debug, warn};
 
 use crate::{
     model::ServiceName,
-    source::objects::Sourced,
+    source::objects::{Objects, Sourced},
     source::rest_client::RestClientMetrics,
     source::store::ObjectStore,
     source::view::{ServiceView, SliceView},
@@ -61,6 +62,35 @@ pub async fn client(
     Ok(kube::client::ClientBuilder::try_from(config)?
         .with_layer(&metrics.layer(host))
         .build())
+}
+
+/// Every Service and EndpointSlice of `namespace` (all namespaces with
+/// `None`), headless and ExternalName ones included: what `explain` needs
+/// to answer names the datapath does not hold. Other proxies' Services are
+/// left out, as the agent leaves them.
+pub async fn list_objects(client: Client, namespace: Option<&str>) -> anyhow::Result<Objects> {
+    let params =
+        kube::api::ListParams::default().labels("!service.kubernetes.io/service-proxy-name");
+    let (services, slices): (Api<Service>, Api<EndpointSlice>) = match namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client, ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client)),
+    };
+    let services = services.list(&params).await.context("listing Services")?;
+    let slices = slices
+        .list(&kube::api::ListParams::default())
+        .await
+        .context("listing EndpointSlices")?;
+    Ok(Objects {
+        services: services
+            .iter()
+            .map(|s| sourced(ServiceView::from(s)))
+            .collect(),
+        slices: slices.iter().map(|s| sourced(SliceView::from(s))).collect(),
+        unparsed: Vec::new(),
+    })
 }
 
 /// One change seen at the API server, already reduced to the views the
