@@ -104,7 +104,7 @@ struct ExplainArgs {
     client: Option<String>,
     /// The Services and EndpointSlices (for headless and ExternalName
     /// names, endpoint conditions and nodes), from files.
-    #[arg(long, conflicts_with_all = ["kubeconfig", "api_server"])]
+    #[arg(long, conflicts_with = "kubeconfig")]
     manifests: Option<PathBuf>,
     /// ... or from the API server, with this kubeconfig (as `run`).
     #[arg(long)]
