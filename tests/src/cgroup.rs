@@ -109,3 +109,19 @@ impl Drop for TestCgroup {
         }
     }
 }
+
+/// A TCP client: connects to VIP:80, prints `getpeername()` and the
+/// server's answer to an HTTP GET.
+pub const TCP_CLIENT: &str = r#"
+import socket
+s = socket.create_connection(("198.19.0.10", 80), timeout=3)
+peer = s.getpeername()
+s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+data = b""
+while True:
+    chunk = s.recv(4096)
+    if not chunk:
+        break
+    data += chunk
+print("%s:%d|%s" % (peer[0], peer[1], data.split(b"\r\n\r\n", 1)[1].decode().strip()))
+"#;

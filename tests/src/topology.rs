@@ -21,6 +21,39 @@ use crate::{maps::Maps, netns::NetNs, servers::BackendServers};
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
 pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
 
+/// Names the datapath does not hold: a headless Service `db.demo` (one
+/// ready endpoint 198.18.2.7, one not ready) and an ExternalName
+/// `mail.demo` → mail.example.org.
+pub const HEADLESS_AND_EXTERNAL_NAME: &str = r#"apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: demo}
+spec:
+  clusterIP: None
+  ports: [{name: pg, port: 5432}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: db-1
+  namespace: demo
+  labels: {kubernetes.io/service-name: db}
+addressType: IPv4
+ports: [{name: pg, port: 5432, protocol: TCP}]
+endpoints:
+- addresses: ["198.18.2.7"]
+  conditions: {ready: true}
+  nodeName: node-a
+- addresses: ["198.18.2.8"]
+  conditions: {ready: false}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: mail, namespace: demo}
+spec:
+  type: ExternalName
+  externalName: mail.example.org
+"#;
+
 pub fn backend_ip(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, 10 + i as u8, 2)
 }

@@ -350,35 +350,7 @@ fn http_from_port(port: u16) -> String {
 #[test]
 fn explain_picks_the_backend_a_real_connection_gets_and_resolves_like_cluster_dns() {
     let three: Vec<(Ipv4Addr, bool)> = (0..3).map(|i| (backend_ip(i), true)).collect();
-    let dns = r#"apiVersion: v1
-kind: Service
-metadata: {name: db, namespace: demo}
-spec:
-  clusterIP: None
-  ports: [{name: pg, port: 5432}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: db-1
-  namespace: demo
-  labels: {kubernetes.io/service-name: db}
-addressType: IPv4
-ports: [{name: pg, port: 5432, protocol: TCP}]
-endpoints:
-- addresses: ["198.18.2.7"]
-  conditions: {ready: true}
-  nodeName: node-a
-- addresses: ["198.18.2.8"]
-  conditions: {ready: false}
----
-apiVersion: v1
-kind: Service
-metadata: {name: mail, namespace: demo}
-spec:
-  type: ExternalName
-  externalName: mail.example.org
-"#;
+    let dns = lb_tests::topology::HEADLESS_AND_EXTERNAL_NAME;
     let mut s = setup(
         "lbm4",
         3,

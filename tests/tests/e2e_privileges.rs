@@ -52,21 +52,6 @@ fn daemonset_run_args(cgroup: &std::path::Path) -> Vec<String> {
     kept
 }
 
-/// A node process (the host's network namespace, as a hostNetwork pod or
-/// the kubelet): connects to the VIP and prints the answer.
-const NODE_CLIENT: &str = r#"
-import socket
-s = socket.create_connection(("198.19.0.10", 80), timeout=3)
-s.sendall(b"GET / HTTP/1.0\r\n\r\n")
-data = b""
-while True:
-    chunk = s.recv(4096)
-    if not chunk:
-        break
-    data += chunk
-print(data.split(b"\r\n\r\n", 1)[1].decode().strip())
-"#;
-
 #[test]
 fn the_daemonsets_capabilities_are_enough_and_each_is_needed() {
     require_root();
@@ -131,9 +116,13 @@ fn the_daemonsets_capabilities_are_enough_and_each_is_needed() {
     assert!(body.starts_with("backend be0 "), "{body}");
     // A host-network client reaches the ClusterIP with the shipped settings
     // (kube-proxy gone: nothing else translates for the node's processes).
+    // A node process: the host's network namespace, as a hostNetwork pod.
     let answer = cgroup
-        .python(&topology.node, NODE_CLIENT)
+        .python(&topology.node, lb_tests::cgroup::TCP_CLIENT)
         .unwrap_or_else(|e| panic!("a node process to the VIP: {e}\n{}", agent.log_text()));
-    assert!(answer.starts_with("backend be0 "), "{answer}");
+    assert!(
+        answer.starts_with(&format!("{VIP}:80|backend be0 ")),
+        "{answer}"
+    );
     drop(agent);
 }

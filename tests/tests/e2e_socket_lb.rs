@@ -197,21 +197,7 @@ impl Drop for Conversation {
     }
 }
 
-/// A TCP client: connects to VIP:80, prints `getpeername()` and the
-/// server's answer to an HTTP GET.
-const TCP_CLIENT: &str = r#"
-import socket
-s = socket.create_connection(("198.19.0.10", 80), timeout=3)
-peer = s.getpeername()
-s.sendall(b"GET / HTTP/1.0\r\n\r\n")
-data = b""
-while True:
-    chunk = s.recv(4096)
-    if not chunk:
-        break
-    data += chunk
-print("%s:%d|%s" % (peer[0], peer[1], data.split(b"\r\n\r\n", 1)[1].decode().strip()))
-"#;
+use lb_tests::cgroup::TCP_CLIENT;
 
 #[test]
 fn socket_lb_translates_connect_and_getpeername_shows_the_vip() {
@@ -348,24 +334,7 @@ fn socket_lb_host_network_serves_node_service_http_and_udp_and_leaves_pods_to_tc
     let first = ask();
     assert!(first.starts_with("answer be"), "{first}");
     assert_eq!(s.socket_entries(), 1, "the node's UDP socket");
-    let index: usize = first.trim_start_matches("answer be").parse().unwrap();
-    let other = 1 - index;
-    s._manifests
-        .write("web.yaml", &web_manifest(&[(backend_ip(other), true)]))
-        .unwrap();
-    s.agent
-        .wait_for_maps("one UDP backend", |m| {
-            m.count(&format!("{VIP}:53/UDP")) == Some(1)
-        })
-        .unwrap();
-    let deadline = std::time::Instant::now() + lb_tests::EVENT_TIMEOUT;
-    let mut answers = Vec::new();
-    while std::time::Instant::now() < deadline {
-        answers.push(ask());
-        if answers.last().unwrap() == &format!("answer be{other}") {
-            break;
-        }
-    }
+    let (other, answers) = move_to_the_other_backend(&mut s, &mut ask, &first);
     assert!(
         answers
             .iter()
@@ -475,26 +444,7 @@ fn socket_lb_connected_udp_socket_moves_off_a_removed_backend() {
     let first = ask();
     assert!(first.starts_with("answer be"), "{first}");
     assert_eq!(ask(), first, "one socket, one backend");
-    let index: usize = first.trim_start_matches("answer be").parse().unwrap();
-    let other = 1 - index;
-
-    s._manifests
-        .write("web.yaml", &web_manifest(&[(backend_ip(other), true)]))
-        .unwrap();
-    s.agent
-        .wait_for_maps("one UDP backend", |m| {
-            m.count(&format!("{VIP}:53/UDP")) == Some(1)
-        })
-        .unwrap();
-    // The removed pod still runs and would answer: only a reset socket moves.
-    let deadline = std::time::Instant::now() + lb_tests::EVENT_TIMEOUT;
-    let mut answers = Vec::new();
-    while std::time::Instant::now() < deadline {
-        answers.push(ask());
-        if answers.last().unwrap() == &format!("answer be{other}") {
-            break;
-        }
-    }
+    let (other, answers) = move_to_the_other_backend(&mut s, &mut ask, &first);
     assert_eq!(
         answers.last().map(String::as_str),
         Some(format!("answer be{other}").as_str()),
@@ -510,6 +460,36 @@ fn socket_lb_connected_udp_socket_moves_off_a_removed_backend() {
         "{answers:?}"
     );
     assert_eq!(s.counter(Stat::DnatNew), 0, "the tc path saw no VIP");
+}
+
+/// Of two backends, leaves the Service only the one `first` did not come
+/// from, then asks until the connected socket answers from that one. The
+/// removed pod still runs and would answer: only a reset socket moves.
+/// Returns the remaining backend and the answers on the way.
+fn move_to_the_other_backend(
+    s: &mut Setup,
+    ask: &mut impl FnMut() -> String,
+    first: &str,
+) -> (usize, Vec<String>) {
+    let index: usize = first.trim_start_matches("answer be").parse().unwrap();
+    let other = 1 - index;
+    s._manifests
+        .write("web.yaml", &web_manifest(&[(backend_ip(other), true)]))
+        .unwrap();
+    s.agent
+        .wait_for_maps("one UDP backend", |m| {
+            m.count(&format!("{VIP}:53/UDP")) == Some(1)
+        })
+        .unwrap();
+    let deadline = std::time::Instant::now() + lb_tests::EVENT_TIMEOUT;
+    let mut answers = Vec::new();
+    while std::time::Instant::now() < deadline {
+        answers.push(ask());
+        if answers.last().unwrap() == &format!("answer be{other}") {
+            break;
+        }
+    }
+    (other, answers)
 }
 
 /// Turning socket LB on does not move connections the tc path carries:

@@ -347,32 +347,7 @@ fn the_kube_proxy_dashboards_series_are_served() {
 fn explain_answers_headless_and_external_names_from_the_api_server() {
     let mut c = start("lbk5", 1);
     c.apply(&web_manifest(&ready(1)));
-    c.apply(
-        r#"apiVersion: v1
-kind: Service
-metadata: {name: db, namespace: demo}
-spec: {clusterIP: None, ports: [{name: pg, port: 5432}]}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: db-1
-  namespace: demo
-  labels: {kubernetes.io/service-name: db}
-addressType: IPv4
-ports: [{name: pg, port: 5432, protocol: TCP}]
-endpoints:
-- addresses: ["198.18.2.7"]
-  conditions: {ready: true}
-- addresses: ["198.18.2.8"]
-  conditions: {ready: false}
----
-apiVersion: v1
-kind: Service
-metadata: {name: mail, namespace: demo}
-spec: {type: ExternalName, externalName: mail.example.org}
-"#,
-    );
+    c.apply(lb_tests::topology::HEADLESS_AND_EXTERNAL_NAME);
     c.agent
         .wait_for_maps("the web service", |m| {
             m.count(&format!("{VIP}:80/TCP")) == Some(1)
