@@ -72,8 +72,9 @@ impl Cluster {
         Ok(())
     }
 
-    /// The same network with both agents watching one API server.
-    pub fn with_api_server(prefix: &str) -> anyhow::Result<Self> {
+    /// The network and an API server reachable in each node at
+    /// https://127.0.0.1:6443 (as on a control-plane node); no agent yet.
+    pub fn with_api_server_only(prefix: &str) -> anyhow::Result<Self> {
         let mut cluster = Self::without_agents(prefix)?;
         let api = TestApiServer::start(&cluster.lan, prefix)?;
         let forwarders = cluster
@@ -81,8 +82,18 @@ impl Cluster {
             .iter()
             .map(|node| Forwarder::start(&cluster.lan, node, api.port))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let kubeconfig = api.kubeconfig.clone();
         cluster.api = Some((api, forwarders));
+        Ok(cluster)
+    }
+
+    /// The same network with both agents watching one API server.
+    pub fn with_api_server(prefix: &str) -> anyhow::Result<Self> {
+        let mut cluster = Self::with_api_server_only(prefix)?;
+        let kubeconfig = cluster
+            .api
+            .as_ref()
+            .map(|(api, _)| api.kubeconfig.clone())
+            .unwrap_or_default();
         for i in 0..2 {
             let agent = cluster.start_agent(i, Source::Kubeconfig(&kubeconfig), &[])?;
             cluster.agents.push(agent);

@@ -6,6 +6,7 @@ pub mod apiserver;
 pub mod cgroup;
 pub mod cluster;
 pub mod datapath;
+pub mod deploy;
 pub mod flood;
 pub mod maps;
 pub mod metrics;

@@ -228,3 +228,37 @@ pub fn bounded_sink_transfer(addr: SocketAddrV4, bytes: usize) -> std::io::Resul
     stream.read_to_string(&mut reply)?;
     Ok(reply.trim().to_owned())
 }
+
+/// The status code of `GET path` at `addr` in `ns`.
+pub fn get_status(ns: &crate::netns::NetNs, addr: &str, path: &str) -> std::io::Result<u16> {
+    ns.run(|| {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect(addr)?;
+        write!(s, "GET {path} HTTP/1.0\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        out.split(' ')
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {out:?}")))
+    })
+}
+
+/// Waits until `GET path` at `addr` in `ns` answers `want`; the last
+/// answer or error otherwise.
+pub fn wait_for_status(
+    ns: &crate::netns::NetNs,
+    addr: &str,
+    path: &str,
+    want: u16,
+) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let got = get_status(ns, addr, path).map_err(|e| e.to_string());
+        match got {
+            Ok(code) if code == want => return Ok(()),
+            _ if std::time::Instant::now() > deadline => return Err(format!("{path}: {got:?}")),
+            _ => std::thread::sleep(std::time::Duration::from_millis(100)),
+        }
+    }
+}

@@ -200,37 +200,19 @@ impl Agent {
         Self::spawn(node, &[], source, interfaces, pin_dir, log, extra)
     }
 
-    /// `start` with no capabilities but `capabilities` (names as in a
-    /// Pod's `securityContext`, e.g. `NET_ADMIN`): root whose bounding set
-    /// holds only those, as in a container that drops ALL and adds them.
-    pub fn start_with_capabilities(
+    /// `lb-agent ARGS` as a deployment runs it: exactly `args` and `env`
+    /// (nothing added), as root with only `capabilities`, in `node`.
+    pub fn start_deployed(
         node: &NetNs,
-        manifests: &Path,
-        interfaces: &str,
+        capabilities: &[String],
+        args: &[String],
+        env: &[(String, String)],
         pin_dir: &Path,
         log: &Path,
-        capabilities: &[String],
-        extra: &[&str],
     ) -> anyhow::Result<Self> {
-        let set: String = capabilities
-            .iter()
-            .map(|c| format!(",+{}", c.to_lowercase()))
-            .collect();
-        let setpriv = [
-            "setpriv".to_owned(),
-            format!("--bounding-set=-all{set}"),
-            "--inh-caps=-all".to_owned(),
-            "--".to_owned(),
-        ];
-        Self::spawn(
-            node,
-            &setpriv,
-            Source::Manifests(manifests),
-            interfaces,
-            pin_dir,
-            log,
-            extra,
-        )
+        let mut command = Self::command(node, &setpriv(capabilities), log)?;
+        command.args(args).env_clear().envs(env.iter().cloned());
+        Self::launch(command, pin_dir, log)
     }
 
     fn spawn(
@@ -246,13 +228,8 @@ impl Agent {
             Source::Manifests(dir) => ("--manifests", dir),
             Source::Kubeconfig(file) => ("--kubeconfig", file),
         };
-        let log_file =
-            fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        // nsenter, not `ip netns exec`: the latter remounts /sys and hides the host bpffs.
-        let child = Command::new("nsenter")
-            .arg(format!("--net={}", node.path().display()))
-            .args(wrapper)
-            .arg(agent_binary())
+        let mut command = Self::command(node, wrapper, log)?;
+        command
             .args(["run", flag])
             .arg(path)
             .args(["--interfaces", interfaces, "--pin-dir"])
@@ -266,11 +243,27 @@ impl Agent {
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
+            );
+        Self::launch(command, pin_dir, log)
+    }
+
+    /// The agent binary in `node` behind `wrapper`, its log to `log`.
+    fn command(node: &NetNs, wrapper: &[String], log: &Path) -> anyhow::Result<Command> {
+        let log_file =
+            fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        // nsenter, not `ip netns exec`: the latter remounts /sys and hides the host bpffs.
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net={}", node.path().display()))
+            .args(wrapper)
+            .arg(agent_binary())
             .stdout(Stdio::null())
-            .stderr(log_file)
-            .spawn()
-            .context("starting lb-agent")?;
+            .stderr(log_file);
+        Ok(command)
+    }
+
+    fn launch(mut command: Command, pin_dir: &Path, log: &Path) -> anyhow::Result<Self> {
+        let child = command.spawn().context("starting lb-agent")?;
         Ok(Self {
             child: Some(child),
             pin_dir: pin_dir.to_owned(),
@@ -388,6 +381,22 @@ impl Drop for Agent {
         }
         lb_agent::datapath::cleanup::remove_datapath(&self.pin_dir);
     }
+}
+
+/// `setpriv` keeping only `capabilities` (names as in a Pod's
+/// `securityContext`) in the bounding set: root as in a container that
+/// drops ALL and adds them.
+fn setpriv(capabilities: &[String]) -> Vec<String> {
+    let set: String = capabilities
+        .iter()
+        .map(|c| format!(",+{}", c.to_lowercase()))
+        .collect();
+    vec![
+        "setpriv".to_owned(),
+        format!("--bounding-set=-all{set}"),
+        "--inh-caps=-all".to_owned(),
+        "--".to_owned(),
+    ]
 }
 
 /// A scratch directory removed on drop.

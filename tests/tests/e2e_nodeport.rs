@@ -3,12 +3,16 @@
 //! the traffic policies, and bad input. Named after the upstream
 //! `[sig-network] Services` e2e cases they mirror.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+};
 
 use lb_tests::{
     cluster::{web_service, Cluster, CLIENT_IPS, NODE_IPS, NODE_NAMES, POD_IPS},
     require_root,
     servers::{http_get, http_get_from, udp_query, BackendServers},
+    topology::Agent,
     wait_until,
 };
 
@@ -919,4 +923,66 @@ fn pmtu_discovery_through_a_nodeport_when_the_pod_link_on_the_other_node_is_narr
         .expect("the 1 MB transfer through the node port completes");
     assert_eq!(received, (1 << 20).to_string());
     assert!(counter(&cluster, 0, "icmp_translated") >= 1);
+}
+
+/// The shipped DaemonSet on the two-node cluster: each agent runs with
+/// exactly its arguments, environment and capabilities (only what the pod's
+/// mounts and the kubelet provide is the test's: the node's cgroup, pin
+/// directory and netfilter sysctls, the node name, `LB_API_SERVER` set as
+/// the README says, a kubeconfig for the service account's token), against
+/// the API server. The kubelet's probes find each agent ready; a pod, an
+/// external client through a node port and a node process (socket LB for
+/// host-network clients) all reach the Service.
+#[test]
+fn the_shipped_daemonset_serves_pods_external_clients_and_node_processes() {
+    require_root();
+    // Dropped after the cluster: its agents' programs come off first.
+    let cgroups = [0, 1]
+        .map(|i| lb_tests::cgroup::TestCgroup::new(&format!("npd-{}", NODE_NAMES[i])).unwrap());
+    let mut cluster = Cluster::with_api_server_only("npd").unwrap();
+    let kubeconfig = cluster.api.as_ref().unwrap().0.kubeconfig.clone();
+    for i in 0..2 {
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/lb-test-npd-{}", NODE_NAMES[i]));
+        let args = lb_tests::deploy::args(&cgroups[i].path, &pin_dir, None);
+        let env = lb_tests::deploy::env(NODE_NAMES[i], "https://127.0.0.1:6443", &kubeconfig);
+        let log = cluster
+            .manifests
+            .0
+            .join(format!("agent-{}.log", NODE_NAMES[i]));
+        let agent = Agent::start_deployed(
+            &cluster.nodes[i],
+            &lb_tests::deploy::capabilities(),
+            &args,
+            &env,
+            &pin_dir,
+            &log,
+        )
+        .unwrap();
+        cluster.agents.push(agent);
+    }
+    cluster.apply(&web("NodePort", "", "", &[0, 1])).unwrap();
+    cluster
+        .wait_for_maps("the node ports", |m| m.port_count("30080/TCP") == Some(2))
+        .unwrap();
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        let ready = lb_tests::servers::wait_for_status(node, "127.0.0.1:10266", "/readyz", 200);
+        assert_eq!(ready, Ok(()), "{}'s readiness probe", NODE_NAMES[i]);
+    }
+    let from_pod = cluster.client_pods[0]
+        .run(|| http_get(SocketAddrV4::new(CLUSTER_IP, 80)))
+        .unwrap();
+    assert!(from_pod.starts_with("backend pod-"), "{from_pod}");
+    let external = requests(&cluster, 0, node_port(1, 30080), 4);
+    assert!(
+        external.iter().all(|(b, _)| b.starts_with("pod-")),
+        "{external:?}"
+    );
+    let from_node = cgroups[1]
+        .python(&cluster.nodes[1], lb_tests::cgroup::TCP_CLIENT)
+        .unwrap_or_else(|e| panic!("a node process: {e}\n{}", cluster.agents[1].log_text()));
+    assert!(
+        from_node.starts_with(&format!("{CLUSTER_IP}:80|backend pod-")),
+        "{from_node}"
+    );
+    drop(cluster);
 }

@@ -711,14 +711,17 @@ fn held_health_and_metrics_ports_are_retried_and_taken_once_free() {
         })
         .unwrap();
     // The kubelet's probes reach this agent, not the port's holder.
-    let ready = wait_for_status(&topology.node, probe, "/readyz", 200);
+    let ready = lb_tests::servers::wait_for_status(&topology.node, probe, "/readyz", 200);
     assert_eq!(
         ready,
         Ok(()),
         "/readyz on the probe port\n{}",
         agent.log_text()
     );
-    assert_eq!(get_status(&topology.node, probe, "/livez").ok(), Some(200));
+    assert_eq!(
+        lb_tests::servers::get_status(&topology.node, probe, "/livez").ok(),
+        Some(200)
+    );
     let body = topology
         .client
         .run(|| http_get(SocketAddrV4::new(VIP, 80)))
@@ -742,7 +745,7 @@ fn held_health_and_metrics_ports_are_retried_and_taken_once_free() {
         assert_eq!(served.get(&series), found, "{series}");
     }
     assert_eq!(
-        wait_for_status(&topology.node, health, "/healthz", 200),
+        lb_tests::servers::wait_for_status(&topology.node, health, "/healthz", 200),
         Ok(()),
         "/healthz served once free"
     );
@@ -767,40 +770,6 @@ fn held_health_and_metrics_ports_are_retried_and_taken_once_free() {
         "{stderr}"
     );
     let _ = std::fs::remove_dir_all(&pin_dir);
-}
-
-/// The status code of `GET path` at `addr` in `ns`.
-fn get_status(ns: &lb_tests::netns::NetNs, addr: &str, path: &str) -> std::io::Result<u16> {
-    ns.run(|| {
-        use std::io::{Read as _, Write as _};
-        let mut s = std::net::TcpStream::connect(addr)?;
-        write!(s, "GET {path} HTTP/1.0\r\n\r\n")?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        out.split(' ')
-            .nth(1)
-            .and_then(|code| code.parse().ok())
-            .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {out:?}")))
-    })
-}
-
-/// Waits until `GET path` at `addr` in `ns` answers `want`; the last
-/// answer or error otherwise.
-fn wait_for_status(
-    ns: &lb_tests::netns::NetNs,
-    addr: &str,
-    path: &str,
-    want: u16,
-) -> Result<(), String> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let got = get_status(ns, addr, path).map_err(|e| e.to_string());
-        match got {
-            Ok(code) if code == want => return Ok(()),
-            _ if Instant::now() > deadline => return Err(format!("{path}: {got:?}")),
-            _ => std::thread::sleep(Duration::from_millis(100)),
-        }
-    }
 }
 
 /// kube-proxy sizes the node's netfilter conntrack, and lb's traffic still

@@ -6,7 +6,6 @@
 
 use std::{net::SocketAddrV4, path::PathBuf, time::Duration};
 
-use k8s_openapi::api::{apps::v1::DaemonSet, core::v1::Container};
 use lb_tests::{
     cgroup::TestCgroup,
     require_root,
@@ -14,48 +13,10 @@ use lb_tests::{
     topology::{backend_ip, web_manifest, Agent, ScratchDir, Topology, VIP},
 };
 
-/// The DaemonSet's container.
-fn daemonset_container() -> Container {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/daemonset.yaml");
-    let text = std::fs::read_to_string(path).expect("deploy/daemonset.yaml");
-    let ds: DaemonSet = yaml_serde::from_str(&text).expect("a DaemonSet");
-    ds.spec.unwrap().template.spec.unwrap().containers.remove(0)
-}
-
-/// `capabilities.add` of the DaemonSet's container.
-fn daemonset_capabilities() -> Vec<String> {
-    let security = daemonset_container()
-        .security_context
-        .expect("securityContext");
-    assert_ne!(security.privileged, Some(true));
-    let capabilities = security.capabilities.expect("capabilities");
-    assert_eq!(capabilities.drop.as_deref(), Some(&["ALL".to_owned()][..]));
-    capabilities.add.expect("capabilities.add")
-}
-
-/// The DaemonSet's `run` arguments, but those that name the node's own
-/// things: the interfaces (the test's), the cgroup (a test cgroup: tests
-/// never attach to the machine's root) and the pin directory.
-fn daemonset_run_args(cgroup: &std::path::Path) -> Vec<String> {
-    let args = daemonset_container().args.expect("args");
-    assert_eq!(args[0], "run");
-    let mut kept: Vec<String> = args[1..]
-        .iter()
-        .filter(|a| !a.starts_with("--interfaces=") && !a.starts_with("--cgroup-path="))
-        .cloned()
-        .collect();
-    assert!(
-        kept.iter().any(|a| a == "--socket-lb=host-network"),
-        "the DaemonSet serves host-network clients: {kept:?}"
-    );
-    kept.push(format!("--cgroup-path={}", cgroup.display()));
-    kept
-}
-
 #[test]
 fn the_daemonsets_capabilities_are_enough_and_each_is_needed() {
     require_root();
-    let granted = daemonset_capabilities();
+    let granted = lb_tests::deploy::capabilities();
     let cgroup = TestCgroup::new("lbcap").expect("cgroup");
     let topology = Topology::new("lbcap", 1).expect("topology");
     let _servers = topology.serve_backends("be").expect("servers");
@@ -64,17 +25,18 @@ fn the_daemonsets_capabilities_are_enough_and_each_is_needed() {
         .write("web.yaml", &web_manifest(&[(backend_ip(0), true)]))
         .unwrap();
     let pin_dir = PathBuf::from("/sys/fs/bpf/lbcap-test");
-    let args = daemonset_run_args(&cgroup.path);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    // The DaemonSet's arguments, reading manifests instead of an API server.
+    let mut args =
+        lb_tests::deploy::args(&cgroup.path, &pin_dir, Some(&topology.interface_pattern()));
+    args.push(format!("--manifests={}", manifests.0.display()));
     let start = |capabilities: &[String], log: &str| {
-        Agent::start_with_capabilities(
+        Agent::start_deployed(
             &topology.node,
-            &manifests.0,
-            &topology.interface_pattern(),
-            &pin_dir,
-            &manifests.0.join(log),
             capabilities,
             &args,
+            &[("RUST_LOG".into(), "info".into())],
+            &pin_dir,
+            &manifests.0.join(log),
         )
         .expect("agent")
     };
