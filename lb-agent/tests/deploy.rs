@@ -13,7 +13,7 @@ use yaml_serde::Value;
 
 fn documents(file: &str) -> Vec<Value> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../deploy")
+        .join("../deploy/base")
         .join(file);
     let text = fs::read_to_string(&path).unwrap();
     yaml_serde::Deserializer::from_str(&text)
@@ -171,4 +171,102 @@ fn example_manifests_are_valid_input() {
         5,
         "web ×2, starting, kube-dns ×2 (headless: none)"
     );
+}
+
+/// `kubectl kustomize deploy/DIR`, parsed (kubectl ships kustomize).
+fn rendered(dir: &str) -> Vec<Value> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(dir);
+    let out = std::process::Command::new("kubectl")
+        .arg("kustomize")
+        .arg(&path)
+        .output()
+        .expect("kubectl (with kustomize) on PATH");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    yaml_serde::Deserializer::from_str(&text)
+        .map(|d| Value::deserialize(d).unwrap())
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn rendered_daemonset(dir: &str) -> k8s_openapi::api::core::v1::PodSpec {
+    let docs = rendered(dir);
+    let ds = docs
+        .iter()
+        .find(|d| d["kind"].as_str() == Some("DaemonSet"))
+        .unwrap();
+    typed::<DaemonSet>(ds).spec.unwrap().template.spec.unwrap()
+}
+
+#[test]
+fn the_base_renders_as_the_files_and_each_overlay_changes_what_it_says() {
+    let mut files = documents("rbac.yaml");
+    files.extend(documents("daemonset.yaml"));
+    let mut base = rendered("base");
+    let kind_name = |v: &Value| format!("{:?}/{:?}", v["kind"], v["metadata"]["name"]);
+    files.sort_by_key(kind_name);
+    base.sort_by_key(kind_name);
+    assert_eq!(base, files, "deploy/base is the files as they are");
+
+    let shipped = rendered_daemonset("base");
+    let args = |pod: &k8s_openapi::api::core::v1::PodSpec| pod.containers[0].args.clone().unwrap();
+    let env_names = |pod: &k8s_openapi::api::core::v1::PodSpec| -> Vec<String> {
+        pod.containers[0]
+            .env
+            .iter()
+            .flatten()
+            .map(|e| e.name.clone())
+            .collect()
+    };
+
+    // kubeadm: kube-proxy's ConfigMap mounted and read; no LB_API_SERVER.
+    let kubeadm = rendered_daemonset("overlays/kubeadm");
+    let mut expected = args(&shipped);
+    expected.push("--config=/var/lib/kube-proxy/config.conf".into());
+    assert_eq!(args(&kubeadm), expected);
+    assert!(!env_names(&kubeadm).contains(&"LB_API_SERVER".to_owned()));
+    assert!(env_names(&shipped).contains(&"LB_API_SERVER".to_owned()));
+    let volume = kubeadm
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "kube-proxy")
+        .unwrap();
+    assert_eq!(
+        volume.config_map.as_ref().map(|c| c.name.as_str()),
+        Some("kube-proxy")
+    );
+    assert!(kubeadm.containers[0]
+        .volume_mounts
+        .iter()
+        .flatten()
+        .any(|m| m.name == "kube-proxy" && m.mount_path == "/var/lib/kube-proxy"));
+
+    // socket-lb-all: the mode, hostPID and SYS_ADMIN together, nothing else.
+    let all = rendered_daemonset("overlays/socket-lb-all");
+    let expected: Vec<String> = args(&shipped)
+        .into_iter()
+        .map(|a| {
+            if a == "--socket-lb=host-network" {
+                "--socket-lb=all".into()
+            } else {
+                a
+            }
+        })
+        .collect();
+    assert_eq!(args(&all), expected);
+    assert_eq!(all.host_pid, Some(true));
+    let caps = all.containers[0]
+        .security_context
+        .as_ref()
+        .and_then(|s| s.capabilities.as_ref())
+        .and_then(|c| c.add.clone())
+        .unwrap();
+    assert_eq!(caps, ["BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN"]);
 }

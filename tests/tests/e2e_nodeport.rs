@@ -935,23 +935,89 @@ fn pmtu_discovery_through_a_nodeport_when_the_pod_link_on_the_other_node_is_narr
 /// host-network clients) all reach the Service.
 #[test]
 fn the_shipped_daemonset_serves_pods_external_clients_and_node_processes() {
+    let deployment = lb_tests::deploy::Deployment::rendered("base");
+    serve_as_deployed("npd", deployment, |api| Access::Env(api.kubeconfig.clone()));
+}
+
+/// The kubeadm overlay: no `LB_API_SERVER`; the agent reads kube-proxy's
+/// own ConfigMap (`config.conf`, and the `kubeconfig.conf` it names with
+/// the real API server address), as kube-proxy does.
+#[test]
+fn the_kubeadm_overlay_reaches_the_api_server_through_kube_proxys_kubeconfig() {
+    let deployment = lb_tests::deploy::Deployment::rendered("overlays/kubeadm");
+    assert!(
+        deployment
+            .env("n", "x", None)
+            .iter()
+            .all(|(k, _)| k != "LB_API_SERVER"),
+        "the overlay leaves LB_API_SERVER out"
+    );
+    let scratch = lb_tests::topology::ScratchDir::new("npk-kube-proxy").unwrap();
+    let config = scratch.0.join("config.conf");
+    serve_as_deployed("npk", deployment.with_path("--config", &config), |api| {
+        // kubeadm's ConfigMap, as mounted at /var/lib/kube-proxy.
+        std::fs::copy(&api.kubeconfig, scratch.0.join("kubeconfig.conf")).unwrap();
+        std::fs::write(
+            &config,
+            format!(
+                "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n\
+                 clientConnection: {{kubeconfig: {}}}\nmode: \"\"\n",
+                scratch.0.join("kubeconfig.conf").display()
+            ),
+        )
+        .unwrap();
+        Access::ConfigFile
+    });
+}
+
+/// The socket-lb-all overlay (hostPID, SYS_ADMIN, `--socket-lb=all`) serves
+/// the same clients with its own capabilities.
+#[test]
+fn the_socket_lb_all_overlay_serves_pods_external_clients_and_node_processes() {
+    let deployment = lb_tests::deploy::Deployment::rendered("overlays/socket-lb-all");
+    assert!(deployment.capabilities().contains(&"SYS_ADMIN".to_owned()));
+    serve_as_deployed("nps", deployment, |api| Access::Env(api.kubeconfig.clone()));
+}
+
+/// How a deployed agent finds the API server.
+enum Access {
+    /// `LB_API_SERVER`, and a kubeconfig in `KUBECONFIG` for the token.
+    Env(PathBuf),
+    /// The deployment's own configuration file names a kubeconfig.
+    ConfigFile,
+}
+
+/// Runs `deployment` on both nodes against the API server (`access` set up
+/// once it runs), then: each readiness probe answers; a pod, an external
+/// client through a node port and a node process reach the Service.
+fn serve_as_deployed(
+    prefix: &str,
+    deployment: lb_tests::deploy::Deployment,
+    access: impl FnOnce(&lb_tests::apiserver::TestApiServer) -> Access,
+) {
     require_root();
     // Dropped after the cluster: its agents' programs come off first.
-    let cgroups = [0, 1]
-        .map(|i| lb_tests::cgroup::TestCgroup::new(&format!("npd-{}", NODE_NAMES[i])).unwrap());
-    let mut cluster = Cluster::with_api_server_only("npd").unwrap();
-    let kubeconfig = cluster.api.as_ref().unwrap().0.kubeconfig.clone();
+    let cgroups = [0, 1].map(|i| {
+        lb_tests::cgroup::TestCgroup::new(&format!("{prefix}-{}", NODE_NAMES[i])).unwrap()
+    });
+    let mut cluster = Cluster::with_api_server_only(prefix).unwrap();
+    let access = access(&cluster.api.as_ref().unwrap().0);
     for i in 0..2 {
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/lb-test-npd-{}", NODE_NAMES[i]));
-        let args = lb_tests::deploy::args(&cgroups[i].path, &pin_dir, None);
-        let env = lb_tests::deploy::env(NODE_NAMES[i], "https://127.0.0.1:6443", &kubeconfig);
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/lb-test-{prefix}-{}", NODE_NAMES[i]));
+        let args = deployment.args(&cgroups[i].path, &pin_dir, None);
+        let env = match &access {
+            Access::Env(kubeconfig) => {
+                deployment.env(NODE_NAMES[i], "https://127.0.0.1:6443", Some(kubeconfig))
+            }
+            Access::ConfigFile => deployment.env(NODE_NAMES[i], "", None),
+        };
         let log = cluster
             .manifests
             .0
             .join(format!("agent-{}.log", NODE_NAMES[i]));
         let agent = Agent::start_deployed(
             &cluster.nodes[i],
-            &lb_tests::deploy::capabilities(),
+            &deployment.capabilities(),
             &args,
             &env,
             &pin_dir,

@@ -1,4 +1,4 @@
-//! Least privilege: the capabilities `deploy/daemonset.yaml` grants are
+//! Least privilege: the capabilities `deploy/base/daemonset.yaml` grants are
 //! enough to serve, and each one is needed. The agent runs as root whose
 //! bounding set holds exactly those capabilities (as in a container that
 //! drops ALL and adds them), with the DaemonSet's own arguments, in a node
@@ -16,7 +16,8 @@ use lb_tests::{
 #[test]
 fn the_daemonsets_capabilities_are_enough_and_each_is_needed() {
     require_root();
-    let granted = lb_tests::deploy::capabilities();
+    let deployment = lb_tests::deploy::Deployment::rendered("base");
+    let granted = deployment.capabilities();
     let cgroup = TestCgroup::new("lbcap").expect("cgroup");
     let topology = Topology::new("lbcap", 1).expect("topology");
     let _servers = topology.serve_backends("be").expect("servers");
@@ -26,8 +27,7 @@ fn the_daemonsets_capabilities_are_enough_and_each_is_needed() {
         .unwrap();
     let pin_dir = PathBuf::from("/sys/fs/bpf/lbcap-test");
     // The DaemonSet's arguments, reading manifests instead of an API server.
-    let mut args =
-        lb_tests::deploy::args(&cgroup.path, &pin_dir, Some(&topology.interface_pattern()));
+    let mut args = deployment.args(&cgroup.path, &pin_dir, Some(&topology.interface_pattern()));
     args.push(format!("--manifests={}", manifests.0.display()));
     let start = |capabilities: &[String], log: &str| {
         Agent::start_deployed(
