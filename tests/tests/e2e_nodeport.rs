@@ -1052,3 +1052,44 @@ fn serve_as_deployed(
     );
     drop(cluster);
 }
+
+/// Upstream "should fallback to local terminating endpoints when there are
+/// no ready endpoints with externalTrafficPolicy=Local": node-a's only pod
+/// is terminating (still serving) while node-b's is ready. Node-a's node
+/// port keeps serving new connections through its own terminating pod,
+/// with the client's address kept; the ClusterIP keeps to the ready pod.
+#[test]
+fn should_fallback_to_local_terminating_endpoints_when_there_are_no_ready_endpoints_with_etp_local()
+{
+    require_root();
+    let manifest = web("NodePort", "externalTrafficPolicy: Local", "", &[0, 1]).replace(
+        &format!("- {{addresses: [\"{}\"], nodeName: node-a}}", POD_IPS[0]),
+        &format!(
+            "- {{addresses: [\"{}\"], nodeName: node-a, conditions: {{ready: false, serving: true, terminating: true}}}}",
+            POD_IPS[0]
+        ),
+    );
+    assert!(manifest.contains("terminating: true"), "{manifest}");
+    let mut cluster = Cluster::new("np18", &manifest).unwrap();
+    // Node-a's node port holds its terminating pod and node-b's; node-b's
+    // only its own ready pod; the ClusterIP the ready pod on both.
+    cluster
+        .wait_for_maps("the service", |m| {
+            m.count(&format!("{CLUSTER_IP}:80/TCP")) == Some(1)
+                && m.port_count("30080/TCP").is_some()
+        })
+        .unwrap();
+    for (backend, seen) in requests(&cluster, 1, node_port(0, 30080), 10) {
+        assert_eq!(backend, "pod-a", "node-a's own terminating pod");
+        assert_eq!(seen, CLIENT_IPS[1], "the client's own address");
+    }
+    for (backend, _) in requests(&cluster, 1, node_port(1, 30080), 5) {
+        assert_eq!(backend, "pod-b");
+    }
+    let seen: Vec<String> = cluster.client_pods[0].run(|| {
+        (0..10)
+            .map(|_| parse_answer(&http_get(SocketAddrV4::new(CLUSTER_IP, 80)).unwrap()).0)
+            .collect()
+    });
+    assert!(seen.iter().all(|b| b == "pod-b"), "ready only: {seen:?}");
+}

@@ -88,17 +88,22 @@ pub(super) fn service_frontends(
     let ports = service_ports(spec, name, &ctx, &mut errors);
     let mut served = Vec::with_capacity(ports.len());
     for port in ports {
-        let (backends, nodes) = port_backends(slices, &port.name, port.proto, &mut errors);
-        match port_table_size(&port, backends.len(), limits, &ctx) {
-            Ok(size) => served.push((port, backends, nodes, size)),
+        let endpoints = port_backends(slices, &port.name, port.proto, &mut errors);
+        match port_table_size(
+            &port,
+            endpoints.most_slots(node.name.as_deref()),
+            limits,
+            &ctx,
+        ) {
+            Ok(size) => served.push((port, endpoints, size)),
             Err(e) => errors.push(e),
         }
     }
     let frontend_counts = served
         .iter()
-        .map(|(port, backends, ..)| {
+        .map(|(port, endpoints, _)| {
             let n = frontend_addresses(&vips, port, node, &external).count();
-            (n, n * (1 + backends.len()))
+            (n, n * (1 + endpoints.most_slots(node.name.as_deref())))
         })
         .fold((0, 0), |(f, s), (n, slots)| (f + n, s + slots));
     if let Err(e) = within_budget(frontend_counts, limits, &ctx) {
@@ -106,10 +111,17 @@ pub(super) fn service_frontends(
         return (Vec::new(), errors);
     }
     let mut frontends = Vec::new();
-    for (port, backends, nodes, maglev_table_size) in served {
-        let (backends, local_count) = local_first(backends, nodes, node.name.as_deref());
+    for (port, endpoints, maglev_table_size) in served {
+        let this_node = node.name.as_deref();
+        let cluster = endpoints.slots(this_node, false);
+        let local = endpoints.slots(this_node, true);
         let addresses = frontend_addresses(&vips, &port, node, &external);
         for (kind, addr, frontend_port) in addresses {
+            let (backends, local_count) = if policy.is_local(kind) {
+                local.clone()
+            } else {
+                cluster.clone()
+            };
             let frontend = L4Addr {
                 addr,
                 port: frontend_port,
@@ -119,7 +131,7 @@ pub(super) fn service_frontends(
                 service: name.clone(),
                 port_name: port.name.clone(),
                 kind,
-                backends: backends.clone(),
+                backends,
                 local_count,
                 policy_flags: policy.flags(kind),
                 affinity_timeout_s: policy.affinity_timeout_s,
@@ -347,6 +359,15 @@ impl Policy {
         })
     }
 
+    /// Whether a frontend of `kind` is served by this node's endpoints only.
+    fn is_local(&self, kind: FrontendKind) -> bool {
+        if kind.is_external() {
+            self.external_local
+        } else {
+            self.internal_local
+        }
+    }
+
     /// The policy flags of a frontend of `kind`: externalTrafficPolicy
     /// governs the external kinds, internalTrafficPolicy the cluster IPs.
     fn flags(&self, kind: FrontendKind) -> u16 {
@@ -435,21 +456,69 @@ fn usable(ip: Ipv4Addr) -> bool {
     !ip.is_unspecified() && !ip.is_broadcast() && !ip.is_multicast()
 }
 
-/// Reorders a port's backends so this node's come first (each part stays
-/// sorted); returns them with their count.
-fn local_first(
-    backends: Vec<L4Addr>,
-    nodes: Vec<Option<Arc<str>>>,
-    this_node: Option<&str>,
-) -> (Vec<L4Addr>, usize) {
-    let is_local = |n: &Option<Arc<str>>| this_node.is_some() && n.as_deref() == this_node;
-    let (local, remote): (Vec<_>, Vec<_>) = backends
-        .into_iter()
-        .zip(nodes)
-        .partition(|(_, n)| is_local(n));
-    let local_count = local.len();
-    let backends = local.into_iter().chain(remote).map(|(b, _)| b).collect();
-    (backends, local_count)
+/// A port's usable endpoints over every slice: the ready ones and the
+/// serving-terminating ones, with the nodes they run on.
+#[derive(Debug, Default)]
+struct PortEndpoints {
+    ready: BTreeSet<L4Addr>,
+    terminating: BTreeSet<L4Addr>,
+    nodes: BTreeMap<L4Addr, Arc<str>>,
+}
+
+impl PortEndpoints {
+    /// kube-proxy's choice among `candidates` (KEP-1669): the ready ones,
+    /// else the serving-terminating ones (a rolling update's last pods).
+    fn choose(&self, candidates: impl Fn(&L4Addr) -> bool) -> Vec<L4Addr> {
+        let ready: Vec<L4Addr> = self
+            .ready
+            .iter()
+            .copied()
+            .filter(|b| candidates(b))
+            .collect();
+        if !ready.is_empty() {
+            return ready;
+        }
+        self.terminating
+            .iter()
+            .copied()
+            .filter(|b| candidates(b))
+            .collect()
+    }
+
+    fn is_on(&self, backend: &L4Addr, node: Option<&str>) -> bool {
+        node.is_some() && self.nodes.get(backend).map(|n| &**n) == node
+    }
+
+    /// A frontend's slots, this node's first, and how many those are. The
+    /// cluster's endpoints are chosen cluster-wide; with a `Local` policy,
+    /// this node's are chosen among this node's own, as kube-proxy decides
+    /// the terminating fallback per locality: a node whose local pods all
+    /// terminate keeps serving through them while other nodes' are ready.
+    fn slots(&self, node: Option<&str>, local_policy: bool) -> (Vec<L4Addr>, usize) {
+        let cluster = self.choose(|_| true);
+        let local = if local_policy {
+            self.choose(|b| self.is_on(b, node))
+        } else {
+            cluster
+                .iter()
+                .copied()
+                .filter(|b| self.is_on(b, node))
+                .collect()
+        };
+        let count = local.len();
+        let rest: Vec<L4Addr> = cluster.into_iter().filter(|b| !local.contains(b)).collect();
+        (local.into_iter().chain(rest).collect(), count)
+    }
+
+    /// The most slots a frontend of this port takes on `node` (for the
+    /// limits): a `Local` frontend's list can be longer than the cluster's
+    /// by this node's terminating endpoints.
+    fn most_slots(&self, node: Option<&str>) -> usize {
+        self.slots(node, false)
+            .0
+            .len()
+            .max(self.slots(node, true).0.len())
+    }
 }
 
 /// IPv4 cluster IPs from `clusterIPs` (or `clusterIP`); empty when headless.
@@ -517,9 +586,6 @@ pub(super) fn valid_port(port: i32) -> Result<u16, String> {
         .ok_or_else(|| format!("{port} is out of range 1-65535"))
 }
 
-/// A port's backends (sorted) and the nodes they run on.
-type PortBackends = (Vec<L4Addr>, Vec<Option<Arc<str>>>);
-
 /// The backends for one service port, merged over every slice. Problems go
 /// to `errors`: a bad endpoint or an unusable slice port is skipped
 /// (`Skipped`); a bad target port of this service port holds the service
@@ -529,10 +595,8 @@ fn port_backends(
     port_name: &str,
     proto: Proto,
     errors: &mut Vec<InputError>,
-) -> PortBackends {
-    let mut ready = BTreeSet::new();
-    let mut terminating = BTreeSet::new();
-    let mut nodes = BTreeMap::new();
+) -> PortEndpoints {
+    let mut endpoints = PortEndpoints::default();
     for slice in slices {
         let object = &slice.object;
         let ctx = ErrCtx {
@@ -610,18 +674,14 @@ fn port_backends(
                 proto,
             };
             if let Some(node) = &endpoint.node_name {
-                nodes.insert(backend, node.clone());
+                endpoints.nodes.insert(backend, node.clone());
             }
             if is_ready {
-                ready.insert(backend);
+                endpoints.ready.insert(backend);
             } else if is_serving && is_terminating {
-                terminating.insert(backend);
+                endpoints.terminating.insert(backend);
             }
         }
     }
-    let backends: Vec<L4Addr> = if ready.is_empty() { terminating } else { ready }
-        .into_iter()
-        .collect();
-    let nodes = backends.iter().map(|b| nodes.remove(b)).collect();
-    (backends, nodes)
+    endpoints
 }
