@@ -168,6 +168,12 @@ struct LimitArgs {
     /// 4093, 8191, 16381, 32749, 65521, 131071.
     #[arg(long, default_value = "auto")]
     maglev_table_size: String,
+    /// Program Services' `spec.externalIPs` (deprecated in Kubernetes 1.36,
+    /// KEP-5707: any user who may create a Service can claim any address
+    /// with it, CVE-2020-8554). `false` leaves them out; an external IP that
+    /// is another Service's cluster IP is refused either way.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    external_ips: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -195,10 +201,12 @@ impl LimitArgs {
         .map_err(anyhow::Error::msg)?;
         let table_size = lb_agent::model::maglev::parse_size(&self.maglev_table_size)
             .map_err(anyhow::Error::msg)?;
-        Ok(limits.with_lb_algorithm(match self.lb_algorithm {
-            LbAlgorithmArg::Random => desired::LbAlgorithm::Random,
-            LbAlgorithmArg::Maglev => desired::LbAlgorithm::Maglev { table_size },
-        }))
+        Ok(limits
+            .with_lb_algorithm(match self.lb_algorithm {
+                LbAlgorithmArg::Random => desired::LbAlgorithm::Random,
+                LbAlgorithmArg::Maglev => desired::LbAlgorithm::Maglev { table_size },
+            })
+            .with_external_ips(self.external_ips))
     }
 }
 

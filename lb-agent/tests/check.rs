@@ -162,3 +162,20 @@ fn budgets_past_the_map_fields_are_refused() {
         );
     }
 }
+
+/// `--external-ips=false` (KEP-5707: spec.externalIPs deprecated) leaves a
+/// Service's external IPs out and the rest of it in; on by default.
+#[test]
+fn external_ips_are_programmed_unless_switched_off() {
+    let yaml = web(&["198.18.10.2"]).replace(
+        "  clusterIP: 198.19.0.10\n",
+        "  clusterIP: 198.19.0.10\n  externalIPs: [198.19.2.1]\n",
+    );
+    let (ok, out, err) = check(&manifests("extip-on", &yaml), &[]);
+    assert!(ok, "{err}");
+    assert!(out.contains("198.19.2.1:80/TCP"), "{out}");
+    let (ok, out, err) = check(&manifests("extip-off", &yaml), &["--external-ips=false"]);
+    assert!(ok, "{err}");
+    assert!(!out.contains("198.19.2.1"), "{out}");
+    assert!(out.contains("198.19.0.10:80/TCP"), "{out}");
+}

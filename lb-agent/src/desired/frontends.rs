@@ -81,7 +81,7 @@ pub(super) fn service_frontends(
             vec![ctx.error(InputErrorKind::InvalidField, "spec.healthCheckNodePort", &m)],
         );
     }
-    let external = match external_addresses(spec, &ctx) {
+    let external = match external_addresses(spec, limits.external_ips, &ctx) {
         Ok(external) => external,
         Err(e) => return (Vec::new(), vec![e]),
     };
@@ -394,6 +394,7 @@ impl Policy {
 /// those itself and sends to the node ports).
 fn external_addresses(
     spec: &ServiceSpecView,
+    external_ips: bool,
     ctx: &ErrCtx,
 ) -> Result<Vec<(FrontendKind, Ipv4Addr)>, InputError> {
     // In order, once each (a set beside the list: a Service may list
@@ -414,7 +415,12 @@ fn external_addresses(
             &format!("{text:?} is not a usable IPv4 address"),
         )),
     };
-    for (i, ip) in spec.external_ips.iter().enumerate() {
+    let listed = if external_ips {
+        &spec.external_ips[..]
+    } else {
+        &[]
+    };
+    for (i, ip) in listed.iter().enumerate() {
         add(
             FrontendKind::ExternalIp,
             format!("spec.externalIPs[{i}]"),

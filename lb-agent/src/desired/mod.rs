@@ -46,6 +46,10 @@ pub struct Limits {
     /// plus one per backend.
     pub max_slots_per_service: usize,
     pub lb_algorithm: LbAlgorithm,
+    /// Program `spec.externalIPs` (`--external-ips`; deprecated in
+    /// Kubernetes 1.36, KEP-5707). Off, they are left out, as a future
+    /// kube-proxy will.
+    pub external_ips: bool,
 }
 
 /// How a new flow's backend is chosen (`--lb-algorithm`).
@@ -67,6 +71,7 @@ impl Limits {
         max_frontends_per_service: 1024,
         max_slots_per_service: 131_072,
         lb_algorithm: LbAlgorithm::Random,
+        external_ips: true,
     };
 
     /// Validated against the map fields: a frontend's slots are numbered
@@ -105,6 +110,13 @@ impl Limits {
     pub fn with_lb_algorithm(self, lb_algorithm: LbAlgorithm) -> Self {
         Self {
             lb_algorithm,
+            ..self
+        }
+    }
+
+    pub fn with_external_ips(self, external_ips: bool) -> Self {
+        Self {
+            external_ips,
             ..self
         }
     }
