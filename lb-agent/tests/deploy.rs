@@ -27,7 +27,7 @@ fn typed<T: serde::de::DeserializeOwned>(v: &Value) -> T {
 }
 
 #[test]
-fn rbac_grants_only_reads_of_services_and_endpointslices() {
+fn rbac_grants_only_reads_of_services_endpointslices_and_nodes() {
     let docs = documents("rbac.yaml");
     let mut kinds = Vec::new();
     for doc in &docs {
@@ -40,7 +40,9 @@ fn rbac_grants_only_reads_of_services_and_endpointslices() {
                     assert_eq!(rule.verbs, ["get", "list", "watch"]);
                     let resources = rule.resources.unwrap();
                     assert!(
-                        resources == ["services"] || resources == ["endpointslices"],
+                        resources == ["services"]
+                            || resources == ["endpointslices"]
+                            || resources == ["nodes"],
                         "{resources:?}"
                     );
                 }

@@ -268,7 +268,13 @@ impl Drop for TestApiServer {
 
 /// Server-side applies every object of a manifest.
 pub async fn apply(client: Client, yaml: String) -> anyhow::Result<()> {
-    use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+    use k8s_openapi::{
+        api::{
+            core::v1::{Node, Service},
+            discovery::v1::EndpointSlice,
+        },
+        serde::Deserialize as _,
+    };
     use kube::{
         api::{Patch, PatchParams},
         Api,
@@ -276,6 +282,22 @@ pub async fn apply(client: Client, yaml: String) -> anyhow::Result<()> {
     let (objects, errors) = lb_agent::source::manifest::parse_typed(&yaml, None)?;
     anyhow::ensure!(errors.is_empty(), "{errors:?}");
     let params = PatchParams::apply("lb-tests").force();
+    // Nodes too; any other kind is a mistake in the test, not to be ignored.
+    for doc in yaml_serde::Deserializer::from_str(&yaml) {
+        let value = yaml_serde::Value::deserialize(doc)?;
+        match value["kind"].as_str() {
+            Some("Service" | "EndpointSlice") => {}
+            Some("Node") => {
+                let node: Node = yaml_serde::from_value(value)?;
+                let name = node.metadata.name.clone().unwrap_or_default();
+                Api::<Node>::all(client.clone())
+                    .patch(&name, &params, &Patch::Apply(&node))
+                    .await?;
+            }
+            None if value.is_null() => {}
+            other => anyhow::bail!("apply: kind {other:?} is not served by the test API server"),
+        }
+    }
     for s in objects.services {
         let ns = s.object.metadata.namespace.clone().unwrap_or_default();
         let name = s.object.metadata.name.clone().unwrap_or_default();

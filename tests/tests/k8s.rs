@@ -27,6 +27,10 @@ struct Cluster {
 }
 
 fn start(prefix: &str, backends: usize) -> Cluster {
+    start_with(prefix, backends, &[])
+}
+
+fn start_with(prefix: &str, backends: usize, extra: &[&str]) -> Cluster {
     require_root();
     let topology = Topology::new(prefix, backends).expect("topology");
     let api = TestApiServer::start(&topology.node, prefix).expect("API server");
@@ -38,7 +42,7 @@ fn start(prefix: &str, backends: usize) -> Cluster {
         &topology.interface_pattern(),
         &pin_dir,
         &log,
-        &["--health-addr", "127.0.0.1:10256"],
+        &[&["--health-addr", "127.0.0.1:10256"], extra].concat(),
     )
     .expect("agent");
     Cluster {
@@ -388,4 +392,51 @@ fn explain_answers_headless_and_external_names_from_the_api_server() {
         Some(1),
         "{web:#}"
     );
+}
+
+/// KEP-3836: while this node is tainted for deletion by the cluster
+/// autoscaler, `/healthz` fails (`nodeEligible: false`) so cloud load
+/// balancers drain it first; `/livez` stays up and the datapath keeps
+/// serving. Untainted, `/healthz` is healthy again.
+#[test]
+fn healthz_fails_while_the_node_is_tainted_for_deletion_and_livez_stays_up() {
+    let mut c = start_with("lbk6", 1, &["--node-name", "lbk6-node"]);
+    let _servers = c.topology.serve_backends("be").unwrap();
+    let node = |taints: &str| {
+        format!("apiVersion: v1\nkind: Node\nmetadata: {{name: lbk6-node}}\nspec: {{taints: [{taints}]}}\n")
+    };
+    c.apply(&node(""));
+    c.apply(&web_manifest(&ready(1)));
+    c.agent
+        .wait_for_maps("the service", |m| {
+            m.count(&format!("{VIP}:80/TCP")) == Some(1)
+        })
+        .unwrap();
+    let ns = &c.topology.node;
+    let health = "127.0.0.1:10256";
+    let status = |path| lb_tests::servers::wait_for_status(ns, health, path, 200);
+    assert_eq!(status("/healthz"), Ok(()), "an eligible node");
+
+    c.apply(&node(
+        "{key: ToBeDeletedByClusterAutoscaler, value: \"1700000000\", effect: NoSchedule}",
+    ));
+    assert_eq!(
+        lb_tests::servers::wait_for_status(ns, health, "/healthz", 503),
+        Ok(()),
+        "tainted for deletion\n{}",
+        c.agent.log_text()
+    );
+    assert_eq!(
+        lb_tests::servers::get_status(ns, health, "/livez").ok(),
+        Some(200)
+    );
+    let body = c
+        .topology
+        .client
+        .run(|| http_get(SocketAddrV4::new(VIP, 80)))
+        .expect("still served");
+    assert!(body.starts_with("backend be0"), "{body}");
+
+    c.apply(&node(""));
+    assert_eq!(status("/healthz"), Ok(()), "untainted");
 }

@@ -5,9 +5,11 @@
 //!   of the source, 503 before.
 //! - `/healthz`: like `/readyz`, and also 503 while a change seen at the
 //!   source has waited longer than the timeout for a successful map update
-//!   (kube-proxy: a queued change older than its health timeout). The body
-//!   is JSON: `lastUpdated`, `currentTime`, and `pendingSince` if any.
-//!   For load balancers and operators: a node whose datapath lags.
+//!   (kube-proxy: a queued change older than its health timeout), and
+//!   while the node is being deleted or is tainted for deletion (KEP-3836:
+//!   load balancers drain it first). The body is JSON: `lastUpdated`,
+//!   `currentTime`, `pendingSince` if any, `nodeEligible`.
+//!   For load balancers and operators: a node whose datapath lags or goes.
 //! - `/livez`: 200 whenever the agent answers (KEP-3836's split). For the
 //!   liveness probe: a map that is full or a change that does not fit makes
 //!   `/healthz` fail on every node at once, and restarting the agent would
@@ -28,6 +30,8 @@ struct Status {
     last_updated: Option<jiff::Timestamp>,
     /// The oldest change seen since the last successful sync.
     pending_since: Option<(Instant, jiff::Timestamp)>,
+    /// Why this node is being drained (KEP-3836), if it is.
+    draining: Option<crate::source::node::Draining>,
 }
 
 /// Shared between the agent loop (writer) and the HTTP handlers.
@@ -59,6 +63,11 @@ impl Health {
         s.pending_since = None;
     }
 
+    /// The node is (`Some`) or is no longer (`None`) being drained.
+    pub fn set_draining(&self, draining: Option<crate::source::node::Draining>) {
+        self.lock().draining = draining;
+    }
+
     pub fn is_ready(&self) -> bool {
         self.lock().last_updated.is_some()
     }
@@ -66,6 +75,7 @@ impl Health {
     pub fn is_healthy(&self) -> bool {
         let s = self.lock();
         s.last_updated.is_some()
+            && s.draining.is_none()
             && s.pending_since
                 .is_none_or(|(since, _)| since.elapsed() <= self.timeout)
     }
@@ -81,6 +91,8 @@ impl Health {
             "lastUpdated": s.last_updated.map(|t| t.to_string()),
             "currentTime": jiff::Timestamp::now().to_string(),
             "pendingSince": s.pending_since.map(|(_, t)| t.to_string()),
+            // kube-proxy's field: false while the node is being drained.
+            "nodeEligible": s.draining.is_none(),
         })
     }
 }

@@ -97,9 +97,16 @@ enum Source {
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let trigger = Arc::new(Notify::new());
     let rest_client = RestClientMetrics::default();
-    let source = open_source(&config.source, &trigger, &rest_client).await?;
+    let (source, client) = open_source(&config.source, &trigger, &rest_client).await?;
     let attacher = attacher(&config).await?;
     let health = Health::new(config.health_timeout);
+    if let Some(client) = client {
+        tokio::spawn(follow_node(
+            client,
+            config.node.name.to_string(),
+            health.clone(),
+        ));
+    }
     for (addr, flag) in [
         (config.health_addr, "--healthz-bind-address"),
         (config.probe_addr, "--probe-bind-address"),
@@ -275,17 +282,18 @@ async fn watch_kube_proxy(metrics: Metrics) {
     }
 }
 
+/// The source, and the API client (API mode) for the node's own object.
 async fn open_source(
     config: &SourceConfig,
     trigger: &Arc<Notify>,
     rest_client: &RestClientMetrics,
-) -> anyhow::Result<Source> {
+) -> anyhow::Result<(Source, Option<kube::Client>)> {
     Ok(match config {
         SourceConfig::Manifests(dir) => {
             if !dir.is_dir() {
                 bail!("--manifests {}: not a directory", dir.display());
             }
-            Source::Files(ManifestDir::new(dir))
+            (Source::Files(ManifestDir::new(dir)), None)
         }
         SourceConfig::Api {
             kubeconfig,
@@ -298,9 +306,29 @@ async fn open_source(
             )
             .await
             .context("connecting to the API server")?;
-            Source::Api(ApiSource::start(client, trigger.clone()))
+            (
+                Source::Api(ApiSource::start(client.clone(), trigger.clone())),
+                Some(client),
+            )
         }
     })
+}
+
+/// `/healthz` follows whether this node is being drained (KEP-3836).
+async fn follow_node(client: kube::Client, name: String, health: Arc<Health>) {
+    let mut state = crate::source::node::watch_node(client, &name);
+    while state.changed().await.is_ok() {
+        let Some(draining) = *state.borrow_and_update() else {
+            continue;
+        };
+        match draining {
+            Some(why) => {
+                warn!(node = %name, ?why, "the node is being drained: /healthz fails until it is not")
+            }
+            None => debug!(node = %name, "the node is eligible for traffic"),
+        }
+        health.set_draining(draining);
+    }
 }
 
 /// The attacher for `--interfaces` / `--external-interfaces`, its patterns

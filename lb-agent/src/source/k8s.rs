@@ -158,7 +158,6 @@ impl ApiSource {
         }
     }
 
-    /// True once both kinds have been listed completely (and drained).
     fn trigger(&mut self, slice: &SliceView) {
         if let Some(t) = slice.trigger_time.filter(|t| *t > self.started) {
             self.triggers.push(t);
@@ -171,6 +170,7 @@ impl ApiSource {
         std::mem::take(&mut self.triggers)
     }
 
+    /// True once both kinds have been listed completely (and drained).
     pub fn is_ready(&self) -> bool {
         self.services_listed && self.slices_listed
     }

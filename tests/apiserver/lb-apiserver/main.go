@@ -1,7 +1,8 @@
 // lb-apiserver: a loopback-only Kubernetes API server for lb's integration
 // tests. It is the real k8s.io/apiserver generic server (etcd3 storage, watch,
 // resourceVersions, 410 Expired, conflicts, server-side apply) serving exactly
-// two resources: core/v1 services and discovery.k8s.io/v1 endpointslices.
+// three resources: core/v1 services and nodes (cluster-scoped), and
+// discovery.k8s.io/v1 endpointslices.
 // There is no validation, defaulting, authentication or authorization: tests
 // write complete objects. Built from Debian's Go source packages by build.sh.
 package main
@@ -46,7 +47,7 @@ func init() {
 	must(discoveryv1.AddToScheme(scheme))
 	// The external types double as the internal version: no conversions.
 	scheme.AddKnownTypes(schema.GroupVersion{Group: "", Version: runtime.APIVersionInternal},
-		&corev1.Service{}, &corev1.ServiceList{})
+		&corev1.Service{}, &corev1.ServiceList{}, &corev1.Node{}, &corev1.NodeList{})
 	scheme.AddKnownTypes(schema.GroupVersion{Group: "discovery.k8s.io", Version: runtime.APIVersionInternal},
 		&discoveryv1.EndpointSlice{}, &discoveryv1.EndpointSliceList{})
 	metav1.AddToGroupVersion(scheme, schema.GroupVersion{Version: "v1"})
@@ -64,9 +65,10 @@ func must(err error) {
 type strategy struct {
 	runtime.ObjectTyper
 	names.NameGenerator
+	clusterScoped bool
 }
 
-func (strategy) NamespaceScoped() bool                                            { return true }
+func (s strategy) NamespaceScoped() bool                                          { return !s.clusterScoped }
 func (strategy) PrepareForCreate(context.Context, runtime.Object)                 {}
 func (strategy) Validate(context.Context, runtime.Object) field.ErrorList         { return nil }
 func (strategy) WarningsOnCreate(context.Context, runtime.Object) []string        { return nil }
@@ -81,8 +83,8 @@ func (strategy) WarningsOnUpdate(context.Context, runtime.Object, runtime.Object
 }
 func (strategy) AllowUnconditionalUpdate() bool { return true }
 
-func newStore(optsGetter generic.RESTOptionsGetter, resource, singular string, newFunc, newListFunc func() runtime.Object) *genericregistry.Store {
-	s := strategy{scheme, names.SimpleNameGenerator}
+func newStore(optsGetter generic.RESTOptionsGetter, resource, singular string, clusterScoped bool, newFunc, newListFunc func() runtime.Object) *genericregistry.Store {
+	s := strategy{scheme, names.SimpleNameGenerator, clusterScoped}
 	gr := schema.GroupResource{Resource: resource}
 	store := &genericregistry.Store{
 		NewFunc:                   newFunc,
@@ -103,7 +105,8 @@ func newStore(optsGetter generic.RESTOptionsGetter, resource, singular string, n
 func definitions(openapicommon.ReferenceCallback) map[string]openapicommon.OpenAPIDefinition {
 	out := map[string]openapicommon.OpenAPIDefinition{}
 	for _, sample := range []interface{}{
-		&corev1.Service{}, &corev1.ServiceList{}, &discoveryv1.EndpointSlice{}, &discoveryv1.EndpointSliceList{},
+		&corev1.Service{}, &corev1.ServiceList{}, &corev1.Node{}, &corev1.NodeList{},
+		&discoveryv1.EndpointSlice{}, &discoveryv1.EndpointSliceList{},
 		&metav1.Status{}, &metav1.DeleteOptions{}, &metav1.WatchEvent{}, &metav1.Patch{}, &metav1.APIResourceList{},
 		&metav1.APIGroupList{}, &metav1.APIGroup{}, &metav1.APIVersions{}, &version.Info{},
 	} {
@@ -146,14 +149,16 @@ func main() {
 
 	core := genericapiserver.NewDefaultAPIGroupInfo("", scheme, metav1.ParameterCodec, codecs)
 	core.VersionedResourcesStorageMap["v1"] = map[string]rest.Storage{
-		"services": newStore(config.RESTOptionsGetter, "services", "service",
+		"services": newStore(config.RESTOptionsGetter, "services", "service", false,
 			func() runtime.Object { return &corev1.Service{} }, func() runtime.Object { return &corev1.ServiceList{} }),
+		"nodes": newStore(config.RESTOptionsGetter, "nodes", "node", true,
+			func() runtime.Object { return &corev1.Node{} }, func() runtime.Object { return &corev1.NodeList{} }),
 	}
 	must(server.InstallLegacyAPIGroup("/api", &core))
 
 	discovery := genericapiserver.NewDefaultAPIGroupInfo(discoveryv1.GroupName, scheme, metav1.ParameterCodec, codecs)
 	discovery.VersionedResourcesStorageMap["v1"] = map[string]rest.Storage{
-		"endpointslices": newStore(config.RESTOptionsGetter, "endpointslices", "endpointslice",
+		"endpointslices": newStore(config.RESTOptionsGetter, "endpointslices", "endpointslice", false,
 			func() runtime.Object { return &discoveryv1.EndpointSlice{} }, func() runtime.Object { return &discoveryv1.EndpointSliceList{} }),
 	}
 	must(server.InstallAPIGroup(&discovery))
