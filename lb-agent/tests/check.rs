@@ -179,3 +179,21 @@ fn external_ips_are_programmed_unless_switched_off() {
     assert!(!out.contains("198.19.2.1"), "{out}");
     assert!(out.contains("198.19.0.10:80/TCP"), "{out}");
 }
+
+/// SCTP (lb's datapath has none yet) is refused by name and counted: the
+/// Service's other ports apply, and `check` says `run` would not program
+/// everything.
+#[test]
+fn an_sctp_port_is_refused_by_name_and_the_rest_applies() {
+    let yaml = web(&["198.18.10.2"]).replace(
+        "  ports: [{port: 80, targetPort: 8080}]\n",
+        "  ports: [{name: http, port: 80, targetPort: 8080}, {name: sig, port: 3868, protocol: SCTP}]\n",
+    ).replace("ports: [{port: 8080}]", "ports: [{name: http, port: 8080}, {name: sig, port: 3868, protocol: SCTP}]");
+    let (ok, out, err) = check(&manifests("sctp", &yaml), &[]);
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("Service shop/web: spec.ports[1].protocol: SCTP is not supported"),
+        "{err}"
+    );
+    assert!(out.contains("198.19.0.10:80/TCP count=1"), "{out}");
+}

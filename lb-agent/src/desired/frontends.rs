@@ -85,7 +85,7 @@ pub(super) fn service_frontends(
         Ok(external) => external,
         Err(e) => return (Vec::new(), vec![e]),
     };
-    let ports = service_ports(spec, name, &ctx, &mut errors);
+    let ports = service_ports(spec, &ctx, &mut errors);
     let mut served = Vec::with_capacity(ports.len());
     for port in ports {
         let endpoints = port_backends(slices, &port.name, port.proto, &mut errors);
@@ -150,7 +150,6 @@ pub(super) fn service_frontends(
 /// The Service's usable ports; each unusable one is an error in `errors`.
 fn service_ports(
     spec: &ServiceSpecView,
-    name: &ServiceName,
     ctx: &ErrCtx,
     errors: &mut Vec<InputError>,
 ) -> Vec<ServicePort> {
@@ -161,7 +160,13 @@ fn service_ports(
         let proto = match parse_proto(port.protocol.as_ref().map(ProtocolText::as_str)) {
             Ok(Some(p)) => p,
             Ok(None) => {
-                tracing::warn!(service = %name, port = i, "SCTP is not supported; port skipped");
+                // Refused, counted and reported like any input lb cannot
+                // program: the rest of the Service applies.
+                errors.push(ctx.error(
+                    InputErrorKind::Skipped,
+                    &field("protocol"),
+                    "SCTP is not supported by lb's datapath; port skipped",
+                ));
                 continue;
             }
             Err(m) => {
