@@ -133,6 +133,9 @@ struct CheckArgs {
     /// The node to check for (node-local policies).
     #[arg(long)]
     node_name: Option<String>,
+    /// The node's zone (topology hints), as `run --node-zone`.
+    #[arg(long)]
+    node_zone: Option<String>,
     /// Node addresses to show node ports on.
     #[arg(long, value_delimiter = ',')]
     node_address: Vec<std::net::Ipv4Addr>,
@@ -240,6 +243,11 @@ struct RunArgs {
     /// node-local traffic policies). Default: the host name, as kube-proxy.
     #[arg(long, visible_alias = "hostname-override", env = "NODE_NAME")]
     node_name: Option<String>,
+    /// This node's zone, for topology hints (`hints.forZones`): endpoints
+    /// hinted for it are preferred, as kube-proxy prefers them. In API mode
+    /// the Node's `topology.kubernetes.io/zone` label wins once read.
+    #[arg(long)]
+    node_zone: Option<String>,
     /// Interfaces facing outside the cluster: traffic arriving there is
     /// external (externalTrafficPolicy applies, and flows to another node's
     /// backend are SNATed). Names, globs or `@uplink`; attached like
@@ -586,6 +594,7 @@ impl RunArgs {
                 nodeport_cidrs: self.nodeport_addresses,
                 snat_address: self.snat_address,
                 snat_ports: self.snat_port_range,
+                zone: self.node_zone.filter(|z| !z.is_empty()).map(Into::into),
             },
             health_addr: self.healthz_bind_address.0,
             probe_addr: self.probe_bind_address.0,
@@ -728,6 +737,7 @@ impl CheckArgs {
             max_service_slots,
             max_backends,
             node_name,
+            node_zone,
             node_address,
         } = self;
         let limits = limits.limits()?;
@@ -737,6 +747,7 @@ impl CheckArgs {
         let node = desired::NodeContext {
             name: node_name.map(Into::into),
             nodeport_addresses: node_address,
+            zone: node_zone.map(Into::into),
         };
         let (desired, more) = desired::compute(&objects, limits, node);
         errors.extend(more);

@@ -151,6 +151,7 @@ fn check_text(text: &str) -> Result<(), TestCaseError> {
         NodeContext {
             name: Some("node-1".into()),
             nodeport_addresses: vec!["198.18.0.2".parse().unwrap()],
+            zone: None,
         },
     );
     errors.extend(computed);

@@ -26,6 +26,7 @@ fn run_case(dir: &Path) -> (String, String) {
         desired::NodeContext {
             name: Some("node-a".into()),
             nodeport_addresses: vec!["198.18.0.2".parse().unwrap(), "198.18.0.3".parse().unwrap()],
+            zone: Some("zone-a".into()),
         },
     );
     errors.extend(more);

@@ -626,6 +626,7 @@ fn desired_on_node_a(yaml: &str) -> Desired {
     let node = desired::NodeContext {
         name: Some("node-a".into()),
         nodeport_addresses: Vec::new(),
+        zone: None,
     };
     desired::compute(&objects, LIMITS, node).0
 }

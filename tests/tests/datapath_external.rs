@@ -89,6 +89,7 @@ impl Node {
         h.node = lb_agent::desired::NodeContext {
             name: Some("node-a".into()),
             nodeport_addresses: vec![NODE_IP],
+            zone: None,
         };
         h.set_node_config(NodeConfig {
             snat_addr: NODE_IP.octets(),

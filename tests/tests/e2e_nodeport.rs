@@ -4,6 +4,7 @@
 //! `[sig-network] Services` e2e cases they mirror.
 
 use std::{
+    collections::BTreeSet,
     net::{Ipv4Addr, SocketAddrV4},
     path::PathBuf,
 };
@@ -1092,4 +1093,74 @@ fn should_fallback_to_local_terminating_endpoints_when_there_are_no_ready_endpoi
             .collect()
     });
     assert!(seen.iter().all(|b| b == "pod-b"), "ready only: {seen:?}");
+}
+
+/// Upstream traffic_distribution.go "should route traffic to an endpoint in
+/// the same zone when using PreferClose": the Nodes carry their zones (the
+/// agents read their own Node's `topology.kubernetes.io/zone`), the slice
+/// the EndpointSlice controller's hints. Each node's client pod reaches
+/// only its zone's pod; without hints, both.
+#[test]
+fn should_route_traffic_to_an_endpoint_in_the_same_zone_when_using_prefer_close() {
+    require_root();
+    let mut cluster = Cluster::with_api_server("npz").unwrap();
+    for (node, zone) in [("node-a", "zone-a"), ("node-b", "zone-b")] {
+        cluster
+            .apply(&format!(
+                "apiVersion: v1\nkind: Node\nmetadata:\n  name: {node}\n  labels: {{topology.kubernetes.io/zone: {zone}}}\n"
+            ))
+            .unwrap();
+    }
+    let hinted = |hints: bool| {
+        let manifest = web("ClusterIP", "trafficDistribution: PreferClose", "", &[0, 1]);
+        if !hints {
+            return manifest;
+        }
+        [(0, "zone-a"), (1, "zone-b")].iter().fold(manifest, |m, (i, zone)| {
+            m.replace(
+                &format!("- {{addresses: [\"{}\"], nodeName: {}}}", POD_IPS[*i], NODE_NAMES[*i]),
+                &format!(
+                    "- {{addresses: [\"{}\"], nodeName: {}, zone: {zone}, hints: {{forZones: [{{name: {zone}}}]}}}}",
+                    POD_IPS[*i], NODE_NAMES[*i]
+                ),
+            )
+        })
+    };
+    let manifest = hinted(true);
+    assert!(manifest.contains("forZones"), "{manifest}");
+    cluster.apply(&manifest).unwrap();
+    cluster
+        .wait_for_maps("one zonal backend a node", |m| {
+            m.count(&format!("{CLUSTER_IP}:80/TCP")) == Some(1)
+        })
+        .unwrap();
+    let backends_seen_from = |cluster: &Cluster, i: usize| -> BTreeSet<String> {
+        cluster.client_pods[i].run(|| {
+            (0..12)
+                .map(|_| parse_answer(&http_get(SocketAddrV4::new(CLUSTER_IP, 80)).unwrap()).0)
+                .collect()
+        })
+    };
+    assert_eq!(
+        backends_seen_from(&cluster, 0),
+        BTreeSet::from(["pod-a".to_owned()])
+    );
+    assert_eq!(
+        backends_seen_from(&cluster, 1),
+        BTreeSet::from(["pod-b".to_owned()])
+    );
+
+    cluster.apply(&hinted(false)).unwrap();
+    cluster
+        .wait_for_maps("both backends", |m| {
+            m.count(&format!("{CLUSTER_IP}:80/TCP")) == Some(2)
+        })
+        .unwrap();
+    let both = BTreeSet::from(["pod-a".to_owned(), "pod-b".to_owned()]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut seen = BTreeSet::new();
+    while seen != both && std::time::Instant::now() < deadline {
+        seen.extend(backends_seen_from(&cluster, 0));
+    }
+    assert_eq!(seen, both, "no hints: every endpoint");
 }

@@ -86,15 +86,14 @@ pub(super) fn service_frontends(
         Err(e) => return (Vec::new(), vec![e]),
     };
     let ports = service_ports(spec, &ctx, &mut errors);
+    let here = Here {
+        node: node.name.as_deref(),
+        zone: node.zone.as_deref(),
+    };
     let mut served = Vec::with_capacity(ports.len());
     for port in ports {
         let endpoints = port_backends(slices, &port.name, port.proto, &mut errors);
-        match port_table_size(
-            &port,
-            endpoints.most_slots(node.name.as_deref()),
-            limits,
-            &ctx,
-        ) {
+        match port_table_size(&port, endpoints.most_slots(here), limits, &ctx) {
             Ok(size) => served.push((port, endpoints, size)),
             Err(e) => errors.push(e),
         }
@@ -103,7 +102,7 @@ pub(super) fn service_frontends(
         .iter()
         .map(|(port, endpoints, _)| {
             let n = frontend_addresses(&vips, port, node, &external).count();
-            (n, n * (1 + endpoints.most_slots(node.name.as_deref())))
+            (n, n * (1 + endpoints.most_slots(here)))
         })
         .fold((0, 0), |(f, s), (n, slots)| (f + n, s + slots));
     if let Err(e) = within_budget(frontend_counts, limits, &ctx) {
@@ -112,9 +111,8 @@ pub(super) fn service_frontends(
     }
     let mut frontends = Vec::new();
     for (port, endpoints, maglev_table_size) in served {
-        let this_node = node.name.as_deref();
-        let cluster = endpoints.slots(this_node, false);
-        let local = endpoints.slots(this_node, true);
+        let cluster = endpoints.slots(here, false);
+        let local = endpoints.slots(here, true);
         let addresses = frontend_addresses(&vips, &port, node, &external);
         for (kind, addr, frontend_port) in addresses {
             let (backends, local_count) = if policy.is_local(kind) {
@@ -468,23 +466,88 @@ fn usable(ip: Ipv4Addr) -> bool {
 }
 
 /// A port's usable endpoints over every slice: the ready ones and the
-/// serving-terminating ones, with the nodes they run on.
+/// serving-terminating ones, the nodes they run on and their topology hints.
 #[derive(Debug, Default)]
 struct PortEndpoints {
     ready: BTreeSet<L4Addr>,
     terminating: BTreeSet<L4Addr>,
     nodes: BTreeMap<L4Addr, Arc<str>>,
+    zone_hints: BTreeMap<L4Addr, Vec<Arc<str>>>,
+    node_hints: BTreeMap<L4Addr, Vec<Arc<str>>>,
+}
+
+/// Which hinted endpoints this node keeps to (kube-proxy's topology mode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Topology {
+    /// Every endpoint: no usable hints.
+    All,
+    /// `trafficDistribution: PreferSameNode`: those hinted for this node.
+    SameNode,
+    /// `PreferSameZone` / `PreferClose` / topology-mode Auto: those hinted
+    /// for this node's zone.
+    SameZone,
+}
+
+/// This node as the endpoint choice sees it.
+#[derive(Clone, Copy)]
+struct Here<'a> {
+    node: Option<&'a str>,
+    zone: Option<&'a str>,
 }
 
 impl PortEndpoints {
-    /// kube-proxy's choice among `candidates` (KEP-1669): the ready ones,
-    /// else the serving-terminating ones (a rolling update's last pods).
-    fn choose(&self, candidates: impl Fn(&L4Addr) -> bool) -> Vec<L4Addr> {
+    fn hinted(hints: &BTreeMap<L4Addr, Vec<Arc<str>>>, b: &L4Addr, name: Option<&str>) -> bool {
+        name.is_some_and(|name| hints.get(b).is_some_and(|h| h.iter().any(|n| &**n == name)))
+    }
+
+    /// kube-proxy's topology mode (`topologyModeFromHints`): same node when
+    /// every ready endpoint has node hints and one is for this node; else
+    /// same zone when every ready endpoint has zone hints and one is for
+    /// this zone; else all. Hints that would leave this node nothing are
+    /// ignored, so the fallback is to every endpoint, never to none.
+    fn topology(&self, here: Here) -> Topology {
+        let all_have = |hints: &BTreeMap<L4Addr, Vec<Arc<str>>>| {
+            !self.ready.is_empty() && self.ready.iter().all(|b| hints.contains_key(b))
+        };
+        let any_for = |hints, name| self.ready.iter().any(|b| Self::hinted(hints, b, name));
+        if all_have(&self.node_hints) && any_for(&self.node_hints, here.node) {
+            Topology::SameNode
+        } else if all_have(&self.zone_hints) && any_for(&self.zone_hints, here.zone) {
+            Topology::SameZone
+        } else {
+            Topology::All
+        }
+    }
+
+    /// kube-proxy's cluster endpoints (`CategorizeEndpoints`): the ready
+    /// ones the topology keeps, else (none ready anywhere) the
+    /// serving-terminating ones (KEP-1669).
+    fn cluster(&self, here: Here) -> Vec<L4Addr> {
+        let topology = self.topology(here);
         let ready: Vec<L4Addr> = self
             .ready
             .iter()
             .copied()
-            .filter(|b| candidates(b))
+            .filter(|b| match topology {
+                Topology::All => true,
+                Topology::SameNode => Self::hinted(&self.node_hints, b, here.node),
+                Topology::SameZone => Self::hinted(&self.zone_hints, b, here.zone),
+            })
+            .collect();
+        if !ready.is_empty() {
+            return ready;
+        }
+        self.terminating.iter().copied().collect()
+    }
+
+    /// kube-proxy's local endpoints: this node's ready ones, else its
+    /// serving-terminating ones, decided among this node's own.
+    fn local(&self, here: Here) -> Vec<L4Addr> {
+        let ready: Vec<L4Addr> = self
+            .ready
+            .iter()
+            .copied()
+            .filter(|b| self.is_on(b, here.node))
             .collect();
         if !ready.is_empty() {
             return ready;
@@ -492,7 +555,7 @@ impl PortEndpoints {
         self.terminating
             .iter()
             .copied()
-            .filter(|b| candidates(b))
+            .filter(|b| self.is_on(b, here.node))
             .collect()
     }
 
@@ -501,19 +564,19 @@ impl PortEndpoints {
     }
 
     /// A frontend's slots, this node's first, and how many those are. The
-    /// cluster's endpoints are chosen cluster-wide; with a `Local` policy,
-    /// this node's are chosen among this node's own, as kube-proxy decides
-    /// the terminating fallback per locality: a node whose local pods all
+    /// cluster's endpoints are chosen as above; with a `Local` policy, this
+    /// node's are chosen among this node's own, as kube-proxy decides the
+    /// terminating fallback per locality: a node whose local pods all
     /// terminate keeps serving through them while other nodes' are ready.
-    fn slots(&self, node: Option<&str>, local_policy: bool) -> (Vec<L4Addr>, usize) {
-        let cluster = self.choose(|_| true);
+    fn slots(&self, here: Here, local_policy: bool) -> (Vec<L4Addr>, usize) {
+        let cluster = self.cluster(here);
         let local = if local_policy {
-            self.choose(|b| self.is_on(b, node))
+            self.local(here)
         } else {
             cluster
                 .iter()
                 .copied()
-                .filter(|b| self.is_on(b, node))
+                .filter(|b| self.is_on(b, here.node))
                 .collect()
         };
         let count = local.len();
@@ -521,14 +584,14 @@ impl PortEndpoints {
         (local.into_iter().chain(rest).collect(), count)
     }
 
-    /// The most slots a frontend of this port takes on `node` (for the
-    /// limits): a `Local` frontend's list can be longer than the cluster's
-    /// by this node's terminating endpoints.
-    fn most_slots(&self, node: Option<&str>) -> usize {
-        self.slots(node, false)
+    /// The most slots a frontend of this port takes here (for the limits):
+    /// a `Local` frontend's list can be longer than the cluster's by this
+    /// node's terminating endpoints.
+    fn most_slots(&self, here: Here) -> usize {
+        self.slots(here, false)
             .0
             .len()
-            .max(self.slots(node, true).0.len())
+            .max(self.slots(here, true).0.len())
     }
 }
 
@@ -686,6 +749,16 @@ fn port_backends(
             };
             if let Some(node) = &endpoint.node_name {
                 endpoints.nodes.insert(backend, node.clone());
+            }
+            if !endpoint.zone_hints.is_empty() {
+                endpoints
+                    .zone_hints
+                    .insert(backend, endpoint.zone_hints.clone());
+            }
+            if !endpoint.node_hints.is_empty() {
+                endpoints
+                    .node_hints
+                    .insert(backend, endpoint.node_hints.clone());
             }
             if is_ready {
                 endpoints.ready.insert(backend);

@@ -129,6 +129,8 @@ pub struct NodeContext {
     pub name: Option<Arc<str>>,
     /// The addresses node ports are served on (`--nodeport-addresses`).
     pub nodeport_addresses: Vec<Ipv4Addr>,
+    /// This node's `topology.kubernetes.io/zone` (topology hints).
+    pub zone: Option<Arc<str>>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

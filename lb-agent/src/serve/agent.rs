@@ -46,6 +46,8 @@ pub(super) struct Inputs {
     pub full_scan: bool,
     /// Services recomputed since freed heap was last handed back.
     pub recomputed_since_trim: usize,
+    /// This node's zone from its Node object (API mode), once seen.
+    pub node_zone: super::NodeZone,
 }
 
 /// The kernel side: the loaded object, its attachments and its maps.
@@ -309,7 +311,34 @@ impl Agent {
 
     /// Brings the Services the source changed into the store, recomputes
     /// just those, and applies just what they changed.
+    /// A zone the Node object gave replaces `--node-zone`: every Service
+    /// with topology hints is recomputed for it.
+    fn sync_zone(&mut self) {
+        let seen = self
+            .inputs
+            .node_zone
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some(zone) = seen.filter(|z| *z != self.config.node.zone) else {
+            return;
+        };
+        info!(zone = ?zone.as_deref(), "node zone (topology hints)");
+        self.config.node.zone = zone.clone();
+        let context = crate::desired::NodeContext {
+            zone,
+            ..self.inputs.state.node().clone()
+        };
+        if let Some(changes) = self.inputs.state.set_node(context, &self.inputs.store) {
+            if self.status.synced {
+                self.report_input_errors();
+                self.program(Some(&changes));
+            }
+        }
+    }
+
     fn sync_source(&mut self) -> anyhow::Result<()> {
+        self.sync_zone();
         let (paths, rescan) = watch::take(&self.inputs.changed_paths);
         let full_scan = rescan || std::mem::take(&mut self.inputs.full_scan) || !self.status.synced;
         let dirty = match &mut self.inputs.source {

@@ -100,12 +100,15 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let (source, client) = open_source(&config.source, &trigger, &rest_client).await?;
     let attacher = attacher(&config).await?;
     let health = Health::new(config.health_timeout);
+    let node_zone = NodeZone::default();
     if let Some(client) = client {
-        tokio::spawn(follow_node(
+        let follow = follow_node(
             client,
             config.node.name.to_string(),
             health.clone(),
-        ));
+            (node_zone.clone(), trigger.clone()),
+        );
+        tokio::spawn(follow);
     }
     for (addr, flag) in [
         (config.health_addr, "--healthz-bind-address"),
@@ -156,6 +159,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let node_context = NodeContext {
         name: Some(config.node.name.clone()),
         nodeport_addresses: Vec::new(),
+        zone: config.node.zone.clone(),
     };
     let inputs = Inputs {
         source,
@@ -166,6 +170,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         changed_paths: watch::SharedPaths::default(),
         full_scan: true,
         recomputed_since_trim: 0,
+        node_zone,
     };
     let status = Status {
         metrics,
@@ -314,20 +319,39 @@ async fn open_source(
     })
 }
 
-/// `/healthz` follows whether this node is being drained (KEP-3836).
-async fn follow_node(client: kube::Client, name: String, health: Arc<Health>) {
+/// This node's zone as its Node object says (API mode), for the agent
+/// loop: `None` until the object is seen.
+pub(super) type NodeZone = Arc<std::sync::Mutex<Option<Option<Arc<str>>>>>;
+
+/// `/healthz` follows whether this node is being drained (KEP-3836); its
+/// zone goes to the agent loop (`zone`, and a nudge of `trigger`).
+async fn follow_node(
+    client: kube::Client,
+    name: String,
+    health: Arc<Health>,
+    (zone, trigger): (NodeZone, Arc<Notify>),
+) {
     let mut state = crate::source::node::watch_node(client, &name);
+    let mut last: Option<crate::source::node::NodeFacts> = None;
     while state.changed().await.is_ok() {
-        let Some(draining) = *state.borrow_and_update() else {
+        let Some(facts) = state.borrow_and_update().clone() else {
             continue;
         };
-        match draining {
-            Some(why) => {
-                warn!(node = %name, ?why, "the node is being drained: /healthz fails until it is not")
+        if last.as_ref().map(|l| l.draining) != Some(facts.draining) {
+            match facts.draining {
+                Some(why) => {
+                    warn!(node = %name, ?why, "the node is being drained: /healthz fails until it is not")
+                }
+                None => debug!(node = %name, "the node is eligible for traffic"),
             }
-            None => debug!(node = %name, "the node is eligible for traffic"),
         }
-        health.set_draining(draining);
+        health.set_draining(facts.draining);
+        if last.as_ref().map(|l| &l.zone) != Some(&facts.zone) {
+            let seen = facts.zone.as_deref().map(Arc::<str>::from);
+            *zone.lock().unwrap_or_else(|p| p.into_inner()) = Some(seen);
+            trigger.notify_one();
+        }
+        last = Some(facts);
     }
 }
 

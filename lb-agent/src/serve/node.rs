@@ -26,6 +26,9 @@ pub struct NodeSettings {
     /// `--snat-address`; `None`: the first external interface's first address.
     pub snat_address: Option<Ipv4Addr>,
     pub snat_ports: RangeInclusive<u16>,
+    /// This node's zone: `--node-zone`, then (API mode) its Node's
+    /// `topology.kubernetes.io/zone` label as it changes.
+    pub zone: Option<Arc<str>>,
 }
 
 impl NodeSettings {
@@ -57,6 +60,7 @@ impl NodeSettings {
         let context = NodeContext {
             name: Some(self.name.clone()),
             nodeport_addresses,
+            zone: self.zone.clone(),
         };
         let config = NodeConfig {
             snat_addr: snat.map_or([0; 4], |a| a.octets()),
@@ -138,6 +142,7 @@ mod tests {
             nodeport_cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
             snat_address: None,
             snat_ports: 61000..=65535,
+            zone: None,
         }
     }
 

@@ -1,8 +1,9 @@
-//! This node's Node object, for what KEP-3836 makes `/healthz` say: a node
+//! This node's Node object: what KEP-3836 makes `/healthz` say (a node
 //! being deleted, or tainted for deletion by the cluster autoscaler, fails
-//! `/healthz` so that cloud load balancers drain it before it goes (its
-//! connections are not cut: the datapath keeps serving). Only the one
-//! object is watched (a field selector on its name).
+//! `/healthz` so that cloud load balancers drain it before it goes; its
+//! connections are not cut: the datapath keeps serving), and its zone for
+//! topology hints. Only the one object is watched (a field selector on its
+//! name).
 
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::Node;
@@ -27,9 +28,18 @@ pub enum Draining {
     Deleted,
 }
 
-/// The node's state as last seen: `None` before the first list, then
-/// `Some(None)` when eligible, `Some(Some(why))` when draining.
-pub type NodeState = Option<Option<Draining>>;
+/// The label that names a node's zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// What the Node object says, as last seen (`None` before it was).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeFacts {
+    /// Why the node should be drained, if it should.
+    pub draining: Option<Draining>,
+    pub zone: Option<String>,
+}
+
+pub type NodeState = Option<NodeFacts>;
 
 /// Why `node` should be drained (KEP-3836), if it should.
 pub fn draining(node: &Node) -> Option<Draining> {
@@ -58,9 +68,20 @@ pub fn watch_node(client: Client, name: &str) -> watch::Receiver<NodeState> {
             // drain every node from its load balancers.
             let state = match event {
                 Ok(watcher::Event::Apply(node)) | Ok(watcher::Event::InitApply(node)) => {
-                    Some(draining(&node))
+                    Some(NodeFacts {
+                        draining: draining(&node),
+                        zone: node
+                            .metadata
+                            .labels
+                            .as_ref()
+                            .and_then(|l| l.get(ZONE_LABEL))
+                            .cloned(),
+                    })
                 }
-                Ok(watcher::Event::Delete(_)) => Some(Some(Draining::Deleted)),
+                Ok(watcher::Event::Delete(_)) => Some(NodeFacts {
+                    draining: Some(Draining::Deleted),
+                    zone: None,
+                }),
                 Ok(watcher::Event::Init) | Ok(watcher::Event::InitDone) => None,
                 Err(e) => {
                     warn!(node = %name, "Node watch error (retrying with backoff): {e}");

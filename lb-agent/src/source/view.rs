@@ -87,10 +87,14 @@ pub struct EndpointView {
     pub terminating: Option<bool>,
     /// Interned: a cluster has few nodes and many endpoints.
     pub node_name: Option<Arc<str>>,
+    /// `hints.forZones[].name` (topology-aware routing, PreferSameZone).
+    pub zone_hints: Vec<Arc<str>>,
+    /// `hints.forNodes[].name` (PreferSameNode).
+    pub node_hints: Vec<Arc<str>>,
 }
 
-/// One shared string per node name, process-wide (node names are few and
-/// long-lived; endpoints are many).
+/// One shared string per node or zone name, process-wide (they are few
+/// and long-lived; endpoints are many).
 fn intern_node_name(name: &str) -> Arc<str> {
     static NAMES: std::sync::Mutex<std::collections::BTreeSet<Arc<str>>> =
         std::sync::Mutex::new(std::collections::BTreeSet::new());
@@ -248,6 +252,18 @@ impl From<&EndpointSlice> for SliceView {
                     serving: e.conditions.as_ref().and_then(|c| c.serving),
                     terminating: e.conditions.as_ref().and_then(|c| c.terminating),
                     node_name: e.node_name.as_deref().map(intern_node_name),
+                    zone_hints: e
+                        .hints
+                        .iter()
+                        .flat_map(|h| h.for_zones.iter().flatten())
+                        .map(|z| intern_node_name(&z.name))
+                        .collect(),
+                    node_hints: e
+                        .hints
+                        .iter()
+                        .flat_map(|h| h.for_nodes.iter().flatten())
+                        .map(|n| intern_node_name(&n.name))
+                        .collect(),
                 })
                 .collect(),
             trigger_time: meta
