@@ -254,6 +254,13 @@ struct RunArgs {
     /// `--interfaces`.
     #[arg(long, value_delimiter = ',', default_value = "@uplink")]
     external_interfaces: Vec<String>,
+    /// The cluster's service CIDRs (the API server's flag of the same name):
+    /// a TCP or UDP packet to an address there that no frontend holds (an
+    /// unallocated cluster IP, or a port its Service does not have) is
+    /// answered with ICMP port unreachable, as nftables kube-proxy rejects
+    /// it, instead of following the default route. At most 4.
+    #[arg(long, value_delimiter = ',')]
+    service_cluster_ip_range: Vec<ipnet::Ipv4Net>,
     /// Node ports are served on the node addresses in these CIDRs
     /// (kube-proxy's flag). Default: the addresses of the external interfaces.
     #[arg(long, value_delimiter = ',')]
@@ -500,6 +507,23 @@ fn with_config_file(
     Ok((merged, config.warnings))
 }
 
+/// `--service-cluster-ip-range` as the datapath holds it.
+fn service_cidrs(nets: &[ipnet::Ipv4Net]) -> anyhow::Result<lb_common::service_cidr::ServiceCidrs> {
+    use lb_common::service_cidr::{ServiceCidrs, MAX_SERVICE_CIDRS};
+    anyhow::ensure!(
+        nets.len() <= MAX_SERVICE_CIDRS,
+        "--service-cluster-ip-range: {} prefixes; at most {MAX_SERVICE_CIDRS}",
+        nets.len()
+    );
+    let mut cidrs = ServiceCidrs::NONE;
+    for (i, net) in nets.iter().enumerate() {
+        cidrs.addr[i] = u32::from(net.network());
+        cidrs.mask[i] = u32::from(net.netmask());
+    }
+    cidrs.count = nets.len() as u32;
+    Ok(cidrs)
+}
+
 /// A duration in Go's syntax (`90s`, `24h0m0s`), more than zero.
 fn parse_duration(text: &str) -> Result<Duration, String> {
     match lb_agent::duration::parse(text) {
@@ -575,6 +599,7 @@ impl RunArgs {
         } else {
             None
         };
+        let service_cidrs = service_cidrs(&self.service_cluster_ip_range)?;
         let socket_lb_netns = match self.socket_lb {
             SocketLbArg::HostNetwork => {
                 lb_agent::datapath::cgroup::own_netns_cookie().map_err(|e| {
@@ -626,6 +651,7 @@ impl RunArgs {
                 },
                 icmp_limit,
                 socket_lb_netns,
+                service_cidrs,
             },
             conntrack_gc_interval: self.conntrack_gc_interval,
             health_timeout: self.health_timeout,

@@ -20,6 +20,7 @@ pub mod hash;
 pub mod icmp;
 pub mod maglev;
 pub mod revnat;
+pub mod service_cidr;
 pub mod sock;
 pub mod source_range;
 pub mod stats;

@@ -77,9 +77,12 @@ pub enum Stat {
     /// reverse entry could not be made (the map full, or the socket holds
     /// another backend in that slot).
     SockUntranslated = 29,
+    /// A TCP or UDP packet to an address in the service CIDRs that no
+    /// frontend holds: answered with ICMP port unreachable.
+    RejectServiceCidr = 30,
 }
 
-pub const STAT_COUNT: u32 = 30;
+pub const STAT_COUNT: u32 = 31;
 
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "pass_not_service",
@@ -112,4 +115,5 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "drop_icmp_rate_limited",
     "ct_create_raced",
     "sock_untranslated",
+    "reject_service_cidr",
 ];

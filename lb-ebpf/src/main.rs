@@ -32,6 +32,7 @@ use lb_common::{
     affinity::AffinityKey,
     ct::{CtValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_SNAT},
     hash::{flow_hash, select_slot},
+    service_cidr::ServiceCidrs,
     source_range::{SourceRangeKey, SOURCE_RANGE_ID_BITS},
     stats::Stat,
     svc::{
@@ -143,6 +144,9 @@ fn ingress<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
         }
     }
     let Some(svc) = svc else {
+        if service_cidrs().contains(u32::from_be(pkt.daddr_be)) {
+            return reject::service_cidr(ctx, &pkt);
+        }
         return Outcome::next(Stat::PassNotService);
     };
     if pkt.is_fragment {
@@ -165,6 +169,16 @@ fn ingress<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
         None => ct::now(),
     };
     new_flow::<EXTERNAL>(ctx, &pkt, &svc, now)
+}
+
+/// The service CIDRs; the agent sets them at load (`--service-cluster-ip-range`).
+#[unsafe(no_mangle)]
+static SERVICE_CIDRS: ServiceCidrs = ServiceCidrs::NONE;
+
+#[inline(always)]
+fn service_cidrs() -> ServiceCidrs {
+    // SAFETY: a read-only global; volatile so the agent's value is used.
+    unsafe { core::ptr::read_volatile(&SERVICE_CIDRS) }
 }
 
 /// A new flow to frontend `svc`: admitted, a backend picked, tracked,

@@ -55,6 +55,13 @@ const HEADERS_LEN: u32 = ETH_HLEN + 20;
 const OWED_TCP_AT: u32 = HEADERS_LEN + 16;
 const OWED_UDP_AT: u32 = HEADERS_LEN + 6;
 
+/// An address in the service CIDRs that no frontend holds, answered as
+/// kube-proxy's nftables rules answer it.
+#[inline(always)]
+pub fn service_cidr(ctx: &TcContext, pkt: &Packet) -> Outcome {
+    answer(ctx, pkt, ICMP_PORT_UNREACH, 0, Stat::RejectServiceCidr)
+}
+
 #[inline(always)]
 pub fn port_unreachable(ctx: &TcContext, pkt: &Packet) -> Outcome {
     answer(ctx, pkt, ICMP_PORT_UNREACH, 0, Stat::RejectNoBackend)

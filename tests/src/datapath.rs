@@ -63,6 +63,11 @@ impl Harness {
         Self::load(4096, 4096, &globals)
     }
 
+    /// A datapath loaded with `globals` (load-time settings).
+    pub fn with_globals(globals: &loader::Globals) -> Self {
+        Self::load(4096, 4096, globals)
+    }
+
     fn load(assured: u32, new: u32, globals: &loader::Globals) -> Self {
         let sizes = MapSizes {
             service_slots: 4096,

@@ -358,6 +358,76 @@ fn conntrack_keeps_backend_after_backend_set_changes() {
     }
 }
 
+/// The ICMP port unreachable `from` answers `packet` (built as `input`)
+/// with, byte for byte: back to the sender, the original IP header and 8
+/// bytes quoted.
+fn port_unreachable(packet: &Packet, input: &[u8], from: Ipv4Addr) -> Vec<u8> {
+    let mut expected = Vec::new();
+    expected.extend_from_slice(&packet.src_mac); // back to the client
+    expected.extend_from_slice(&packet.dst_mac);
+    expected.extend_from_slice(&[0x08, 0x00]);
+    let mut ip = vec![0x45, 0xc0, 0, 56, 0, 0, 0, 0, 64, 1, 0, 0];
+    ip.extend_from_slice(&from.octets());
+    ip.extend_from_slice(&CLIENT.octets());
+    let c = lb_tests::packet::checksum(&ip, 0);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    expected.extend_from_slice(&ip);
+    let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&input[14..14 + 28]); // original IP header + 8 bytes
+    let c = lb_tests::packet::checksum(&icmp, 0);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    expected.extend_from_slice(&icmp);
+    expected
+}
+
+/// nftables kube-proxy rejects a packet to an address of the service CIDR
+/// that no Service holds, where it would otherwise follow the default
+/// route: an unallocated cluster IP, and an allocated one on a port its
+/// Service does not have, get ICMP port unreachable from that address;
+/// outside the CIDRs, and without them, packets pass as before.
+#[test]
+fn an_address_in_the_service_cidr_no_frontend_holds_is_rejected() {
+    require_root();
+    // 198.19.0.0/24
+    let mut cidrs = lb_common::service_cidr::ServiceCidrs::NONE;
+    (cidrs.addr[0], cidrs.mask[0], cidrs.count) = (0xc613_0000, 0xffff_ff00, 1);
+    let mut h = Harness::with_globals(&lb_agent::datapath::loader::Globals {
+        service_cidrs: cidrs,
+        ..lb_agent::datapath::loader::Globals::DEFAULT
+    });
+    h.apply_yaml(&manifest(&[BACKENDS[0]]));
+    let unallocated = Ipv4Addr::new(198, 19, 0, 99);
+    for (to, port) in [(unallocated, 80), (VIP, 8443)] {
+        let syn = Packet::tcp(client(40010), SocketAddrV4::new(to, port), TCP_SYN);
+        let input = syn.build();
+        let out = h.run(&input);
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "{to}:{port} answered");
+        assert_frame(
+            &out.frame,
+            &port_unreachable(&syn, &input, to),
+            "ICMP port unreachable",
+        );
+    }
+    assert_eq!(h.counter(Stat::RejectServiceCidr), 2);
+    let elsewhere = Packet::tcp(client(40011), "198.19.5.5:80".parse().unwrap(), TCP_SYN).build();
+    assert_eq!(h.run(&elsewhere).verdict, TCX_NEXT, "outside the CIDR");
+    let served = h.run(&Packet::tcp(client(40012), vip(80), TCP_SYN).build());
+    assert_eq!(
+        served.verdict, TCX_NEXT,
+        "a frontend's packet is translated and passed on"
+    );
+    assert_eq!(h.counter(Stat::DnatNew), 1);
+
+    let mut without = Harness::new();
+    without.apply_yaml(&manifest(&[BACKENDS[0]]));
+    let stray = Packet::tcp(client(40013), SocketAddrV4::new(unallocated, 80), TCP_SYN).build();
+    assert_eq!(
+        without.run(&stray).verdict,
+        TCX_NEXT,
+        "no CIDRs given: passed"
+    );
+}
+
 #[test]
 fn service_without_backends_answers_icmp_port_unreachable() {
     require_root();
@@ -373,21 +443,7 @@ fn service_without_backends_answers_icmp_port_unreachable() {
     );
     assert_eq!(h.counter(Stat::RejectNoBackend), 1);
 
-    let mut expected = Vec::new();
-    expected.extend_from_slice(&syn.src_mac); // back to the client
-    expected.extend_from_slice(&syn.dst_mac);
-    expected.extend_from_slice(&[0x08, 0x00]);
-    let mut ip = vec![0x45, 0xc0, 0, 56, 0, 0, 0, 0, 64, 1, 0, 0];
-    ip.extend_from_slice(&VIP.octets());
-    ip.extend_from_slice(&CLIENT.octets());
-    let c = lb_tests::packet::checksum(&ip, 0);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    expected.extend_from_slice(&ip);
-    let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
-    icmp.extend_from_slice(&input[14..14 + 28]); // original IP header + 8 bytes
-    let c = lb_tests::packet::checksum(&icmp, 0);
-    icmp[2..4].copy_from_slice(&c.to_be_bytes());
-    expected.extend_from_slice(&icmp);
+    let expected = port_unreachable(&syn, &input, VIP);
     assert_frame(&out.frame, &expected, "ICMP port unreachable");
     assert!(h.conntrack().is_empty(), "a rejected flow leaves no state");
 

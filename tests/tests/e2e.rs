@@ -1333,3 +1333,37 @@ fn pods_interfaces_are_found_whatever_the_cni_names_them_and_l3_devices_are_left
         .unwrap_or_else(|e| panic!("{e}\n{}", agent.log_text()));
     assert!(body.starts_with("backend be0"), "{body}");
 }
+
+/// With `--service-cluster-ip-range`, a pod connecting to an address of
+/// the service CIDR that no Service holds is refused at once (ICMP port
+/// unreachable, as nftables kube-proxy rejects it) instead of its SYN
+/// following the node's default route until the connect times out; the
+/// Service's own address still serves.
+#[test]
+fn a_connection_to_an_unallocated_cluster_ip_is_refused_at_once() {
+    let mut s = setup_with(
+        "lbt26",
+        1,
+        &web_manifest(&ready(&[backend_ip(0)])),
+        &["--service-cluster-ip-range", "198.19.0.0/16"],
+    );
+    s.agent
+        .wait_for_maps("the service", |m| {
+            m.count(&format!("{VIP}:80/TCP")) == Some(1)
+        })
+        .unwrap();
+    let refused = s.topology.client.run(|| {
+        std::net::TcpStream::connect_timeout(
+            &SocketAddr::from(([198, 19, 0, 99], 80)),
+            std::time::Duration::from_secs(5),
+        )
+    });
+    let error = refused.expect_err("no Service holds 198.19.0.99");
+    assert_eq!(error.kind(), ErrorKind::ConnectionRefused, "{error}");
+    let body = s
+        .topology
+        .client
+        .run(|| http_get(SocketAddrV4::new(VIP, 80)))
+        .unwrap();
+    assert!(body.starts_with("backend be0"), "{body}");
+}

@@ -129,6 +129,9 @@ pub struct Globals {
     /// Socket LB translates only sockets of the network namespace with this
     /// cookie (the node's: host-network clients); 0: every namespace's.
     pub socket_lb_netns: u64,
+    /// `--service-cluster-ip-range`: packets there that no frontend holds
+    /// are rejected.
+    pub service_cidrs: lb_common::service_cidr::ServiceCidrs,
 }
 
 impl Globals {
@@ -136,6 +139,7 @@ impl Globals {
         timeouts: CtTimeouts::DEFAULT,
         icmp_limit: IcmpLimit::DEFAULT,
         socket_lb_netns: 0,
+        service_cidrs: lb_common::service_cidr::ServiceCidrs::NONE,
     };
 }
 
@@ -174,7 +178,8 @@ pub fn load_with_log(
         .map_max_entries(SOCK_REVNAT_MAP, sizes.socket_entries)
         .override_global("CT_TIMEOUTS", &globals.timeouts, true)
         .override_global("ICMP_LIMIT", &globals.icmp_limit, true)
-        .override_global("SOCK_LB_NETNS", &globals.socket_lb_netns, true);
+        .override_global("SOCK_LB_NETNS", &globals.socket_lb_netns, true)
+        .override_global("SERVICE_CIDRS", &globals.service_cidrs, true);
     if let Some(dir) = pin_dir {
         ensure_bpffs_dir(dir)?;
         refuse_other_layouts(dir)?;
