@@ -863,7 +863,10 @@ fn a_kube_proxy_configuration_file_takes_effect_and_an_unknown_field_is_refused(
         .unwrap();
     let node = &s.topology.node;
     let metrics = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10300);
-    let served = scrape_until(node, metrics, |m| m.samples.contains_key("lb_services"));
+    // The programmed-state gauges are recounted at most once a second.
+    let served = scrape_until(node, metrics, |m| {
+        m.samples.get("lb_services") == Some(&1.0)
+    });
     assert_eq!(served.get("lb_services"), 1.0);
     assert!(scrape(node, METRICS).is_err(), "not on the default port");
     let close_wait = node
