@@ -698,9 +698,17 @@ fn a_port_a_node_socket_is_bound_to_is_never_a_snat_port() {
         );
     }
     drop((kubelet, udp));
-    let syn = Packet::tcp(client(40010), node_port(30080), TCP_SYN);
-    assert_eq!(node.external(&syn.build()).verdict, TC_ACT_REDIRECT);
-    assert_eq!(snat_port_of(&node, client(40010), node_port(30080)), 10250);
+    // Closed, the port is free again. A process another test thread forks
+    // at that moment holds a copy of the socket until it execs: a new flow
+    // may find it still bound for that instant, so new clients try again.
+    let mut cport = 40010;
+    let freed = lb_tests::wait_until(lb_tests::EVENT_TIMEOUT, || {
+        cport += 1;
+        let syn = Packet::tcp(client(cport), node_port(30080), TCP_SYN);
+        node.external(&syn.build()).verdict == TC_ACT_REDIRECT
+    });
+    assert!(freed, "no flow got the freed port");
+    assert_eq!(snat_port_of(&node, client(cport), node_port(30080)), 10250);
 }
 
 #[test]
