@@ -211,6 +211,18 @@ impl UdpResetter {
         pass
     }
 
+    /// Removes the reverse entries of destroyed sockets.
+    fn forget(&mut self, destroyed: Vec<(u64, SocketAddrV4)>) -> Result<(), UdpResetError> {
+        for (cookie, backend) in destroyed {
+            let key = SockRevNatKey::new(cookie, backend.ip().octets(), backend.port());
+            match self.map.remove(&key) {
+                Err(e) if !super::is_missing(&e) => return Err(e.into()),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     fn pass(&mut self, left: &[LeftBackend]) -> Result<Resets, UdpResetError> {
         let entries: Vec<_> = self.map.iter().collect::<Result<_, _>>()?;
         let wanted = plan_resets(entries, left);
@@ -257,20 +269,6 @@ impl UdpResetter {
             first: Box::new(failures.swap_remove(0)),
             reset: resets.sockets_reset,
         })
-    }
-}
-
-impl UdpResetter {
-    /// Removes the reverse entries of destroyed sockets.
-    fn forget(&mut self, destroyed: Vec<(u64, SocketAddrV4)>) -> Result<(), UdpResetError> {
-        for (cookie, backend) in destroyed {
-            let key = SockRevNatKey::new(cookie, backend.ip().octets(), backend.port());
-            match self.map.remove(&key) {
-                Err(e) if !super::is_missing(&e) => return Err(e.into()),
-                _ => {}
-            }
-        }
-        Ok(())
     }
 }
 

@@ -93,16 +93,22 @@ pub(super) fn service_frontends(
     let mut served = Vec::with_capacity(ports.len());
     for port in ports {
         let endpoints = port_backends(slices, &port.name, port.proto, &mut errors);
-        match port_table_size(&port, endpoints.most_slots(here), limits, &ctx) {
-            Ok(size) => served.push((port, endpoints, size)),
+        // Each port's two slot lists, once: a `Local` frontend's can be
+        // longer than the cluster's by this node's terminating endpoints.
+        let slots = Slots {
+            cluster: endpoints.slots(here, false),
+            local: endpoints.slots(here, true),
+        };
+        match port_table_size(&port, slots.most(), limits, &ctx) {
+            Ok(size) => served.push((port, slots, size)),
             Err(e) => errors.push(e),
         }
     }
     let frontend_counts = served
         .iter()
-        .map(|(port, endpoints, _)| {
+        .map(|(port, slots, _)| {
             let n = frontend_addresses(&vips, port, node, &external).count();
-            (n, n * (1 + endpoints.most_slots(here)))
+            (n, n * (1 + slots.most()))
         })
         .fold((0, 0), |(f, s), (n, slots)| (f + n, s + slots));
     if let Err(e) = within_budget(frontend_counts, limits, &ctx) {
@@ -110,9 +116,7 @@ pub(super) fn service_frontends(
         return (Vec::new(), errors);
     }
     let mut frontends = Vec::new();
-    for (port, endpoints, maglev_table_size) in served {
-        let cluster = endpoints.slots(here, false);
-        let local = endpoints.slots(here, true);
+    for (port, Slots { cluster, local }, maglev_table_size) in served {
         let addresses = frontend_addresses(&vips, &port, node, &external);
         for (kind, addr, frontend_port) in addresses {
             let (backends, local_count) = if policy.is_local(kind) {
@@ -476,6 +480,20 @@ struct PortEndpoints {
     node_hints: BTreeMap<L4Addr, Vec<Arc<str>>>,
 }
 
+/// A port's frontends' slots and local counts: for `Cluster` and for
+/// `Local` policies.
+struct Slots {
+    cluster: (Vec<L4Addr>, usize),
+    local: (Vec<L4Addr>, usize),
+}
+
+impl Slots {
+    /// The most slots a frontend of the port takes (for the limits).
+    fn most(&self) -> usize {
+        self.cluster.0.len().max(self.local.0.len())
+    }
+}
+
 /// Which hinted endpoints this node keeps to (kube-proxy's topology mode).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Topology {
@@ -582,16 +600,6 @@ impl PortEndpoints {
         let count = local.len();
         let rest: Vec<L4Addr> = cluster.into_iter().filter(|b| !local.contains(b)).collect();
         (local.into_iter().chain(rest).collect(), count)
-    }
-
-    /// The most slots a frontend of this port takes here (for the limits):
-    /// a `Local` frontend's list can be longer than the cluster's by this
-    /// node's terminating endpoints.
-    fn most_slots(&self, here: Here) -> usize {
-        self.slots(here, false)
-            .0
-            .len()
-            .max(self.slots(here, true).0.len())
     }
 }
 

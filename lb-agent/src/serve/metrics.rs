@@ -406,7 +406,8 @@ impl Collector for ProcessCollector {
                 MetricType::Gauge,
             )?)
         };
-        if let Ok(stat) = me.stat() {
+        let stat = me.stat().ok();
+        if let Some(stat) = &stat {
             gauge(
                 "process_resident_memory_bytes",
                 "Resident memory size in bytes",
@@ -441,7 +442,7 @@ impl Collector for ProcessCollector {
                 )?;
             }
         }
-        if let Ok(stat) = me.stat() {
+        if let Some(stat) = &stat {
             let seconds = (stat.utime + stat.stime) as f64 / ticks;
             ConstCounter::new(seconds).encode(encoder.encode_descriptor(
                 "process_cpu_seconds",
