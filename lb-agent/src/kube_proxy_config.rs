@@ -51,9 +51,10 @@ const NOT_USED: &[(&str, &str)] = &[
     ("nftables", "lb writes no nftables rules"),
     ("winkernel", "Windows only"),
     ("bindAddress", "the node's addresses come from its interfaces"),
-    ("clusterCIDR", "not used yet: external traffic to a ClusterIP is not masqueraded"),
-    ("detectLocalMode", "local traffic is told by interface, not by this mode"),
-    ("detectLocal", "local traffic is told by interface, not by this mode"),
+    (
+        "detectLocal",
+        "this node's pods are told by the interface they arrive on, whatever its name",
+    ),
     ("configSyncPeriod", "lb watches without a resync period"),
     ("oomScoreAdj", "set it in the pod's spec"),
     ("portRange", "not used by kube-proxy's current modes either"),
@@ -91,6 +92,17 @@ const USED: &[(&str, &str, Kind)] = &[
         Kind::Switch,
     ),
     ("nodePortAddresses", "--nodeport-addresses", Kind::Cidrs),
+    ("clusterCIDR", "--cluster-cidr", Kind::CidrText),
+    (
+        "detectLocalMode",
+        "--detect-local-mode",
+        Kind::OneOf(&[
+            "ClusterCIDR",
+            "NodeCIDR",
+            "BridgeInterface",
+            "InterfaceNamePrefix",
+        ]),
+    ),
     (
         "conntrack.maxPerCore",
         "--conntrack-max-per-core",
@@ -130,6 +142,9 @@ enum Kind {
     Address(u16),
     Switch,
     Cidrs,
+    /// CIDRs in one comma-separated string (`clusterCIDR`).
+    CidrText,
+    OneOf(&'static [&'static str]),
     Count,
     Duration,
 }
@@ -277,26 +292,35 @@ fn flag_value(kind: Kind, value: &Value) -> Result<Option<String>, String> {
             }
         }
         (Kind::Cidrs, Value::Sequence(items)) => {
-            let mut cidrs = Vec::new();
-            for item in items {
-                let text = item.as_str().unwrap_or_default();
-                if text == "primary" {
-                    return Err("\"primary\" is not supported: list the CIDRs".into());
-                }
-                let net: ipnet::IpNet = text
-                    .parse()
-                    .map_err(|_| format!("{text:?}: expected a CIDR"))?;
-                match net {
-                    ipnet::IpNet::V4(v4) => cidrs.push(v4.to_string()),
-                    ipnet::IpNet::V6(_) => {
-                        return Err(format!("{text}: IPv6 is not supported yet"))
-                    }
-                }
+            if items.iter().any(|i| i.as_str() == Some("primary")) {
+                return Err("\"primary\" is not supported: list the CIDRs".into());
             }
-            Ok((!cidrs.is_empty()).then(|| cidrs.join(",")))
+            ipv4_cidrs(items.iter().map(|i| i.as_str().unwrap_or_default()))
+        }
+        (Kind::CidrText, Value::String(s)) => ipv4_cidrs(s.split(',').map(str::trim)),
+        (Kind::OneOf(choices), Value::String(s)) if choices.contains(&s.as_str()) => {
+            Ok(Some(s.clone()))
+        }
+        (Kind::OneOf(choices), Value::String(s)) => {
+            Err(format!("{s:?}: expected one of {}", choices.join(", ")))
         }
         (_, other) => Err(format!("{}: not the expected type", show(other))),
     }
+}
+
+/// IPv4 CIDRs, comma-joined as the flags take them.
+fn ipv4_cidrs<'a>(texts: impl Iterator<Item = &'a str>) -> Result<Option<String>, String> {
+    let mut cidrs = Vec::new();
+    for text in texts {
+        let net: ipnet::IpNet = text
+            .parse()
+            .map_err(|_| format!("{text:?}: expected a CIDR"))?;
+        match net {
+            ipnet::IpNet::V4(v4) => cidrs.push(v4.to_string()),
+            ipnet::IpNet::V6(_) => return Err(format!("{text}: IPv6 is not supported yet")),
+        }
+    }
+    Ok((!cidrs.is_empty()).then(|| cidrs.join(",")))
 }
 
 /// The command line with the file's flags inserted after `run`, but for
@@ -340,7 +364,7 @@ clientConnection:
   contentType: ""
   kubeconfig: /var/lib/kube-proxy/kubeconfig.conf
   qps: 0
-clusterCIDR: ""
+clusterCIDR: 198.18.64.0/18
 configSyncPeriod: 0s
 conntrack:
   maxPerCore: null
@@ -408,6 +432,7 @@ winkernel:
                     "--kubeconfig",
                     "/var/lib/kube-proxy/kubeconfig.conf".to_owned()
                 ),
+                ("--cluster-cidr", "198.18.64.0/18".to_owned()),
                 ("--conntrack-min", "262144".to_owned()),
                 ("--conntrack-tcp-timeout-established", "43200s".to_owned()),
                 ("--metrics-bind-address", "127.0.0.1:10249".to_owned()),
@@ -444,6 +469,15 @@ winkernel:
         assert!(error("conntrack: {tcpCloseWaitTimeout: 1d}\n").contains("unknown unit"));
         assert!(error("nodePortAddresses: [2001:db8::/64]\n").contains("IPv6"));
         assert!(error("metricsBindAddress: localhost\n").contains("expected IP or IP:PORT"));
+        assert_eq!(
+            error("clusterCIDR: 198.18.64.0/18,2001:db8::/48\n"),
+            "--config c.yaml: clusterCIDR: 2001:db8::/48: IPv6 is not supported yet"
+        );
+        assert_eq!(
+            error("detectLocalMode: ClusterCidr\n"),
+            "--config c.yaml: detectLocalMode: \"ClusterCidr\": expected one of \
+             ClusterCIDR, NodeCIDR, BridgeInterface, InterfaceNamePrefix"
+        );
         let wrong = parse(
             "apiVersion: kubeproxy.config.k8s.io/v1alpha2\nkind: KubeProxyConfiguration\n",
             file,

@@ -180,6 +180,18 @@ struct LimitArgs {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum DetectLocalMode {
+    #[value(name = "ClusterCIDR")]
+    ClusterCidr,
+    #[value(name = "NodeCIDR")]
+    NodeCidr,
+    #[value(name = "BridgeInterface")]
+    BridgeInterface,
+    #[value(name = "InterfaceNamePrefix")]
+    InterfaceNamePrefix,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum SocketLbArg {
     #[value(alias = "false")]
     Off,
@@ -261,6 +273,21 @@ struct RunArgs {
     /// it, instead of following the default route. At most 4.
     #[arg(long, value_delimiter = ',')]
     service_cluster_ip_range: Vec<ipnet::Ipv4Net>,
+    /// The cluster's pod CIDRs (kube-proxy's flag). Traffic arriving at an
+    /// external interface for a cluster IP whose backend is on another node
+    /// is masqueraded to the node (as kube-proxy masquerades traffic from
+    /// outside the cluster CIDR), so its answer comes back this way; sources
+    /// in these prefixes are the cluster's and keep their address. Default:
+    /// none, every such source is outside. At most 4.
+    #[arg(long, value_delimiter = ',')]
+    cluster_cidr: Vec<ipnet::Ipv4Net>,
+    /// How traffic from the cluster is told apart (kube-proxy's flag):
+    /// `ClusterCIDR` by `--cluster-cidr`; `NodeCIDR`, `BridgeInterface` and
+    /// `InterfaceNamePrefix` by the interface it arrives on — this node's
+    /// pods never arrive at an external interface, so every source there
+    /// is outside and `--cluster-cidr` is not used.
+    #[arg(long, value_enum, default_value_t = DetectLocalMode::ClusterCidr)]
+    detect_local_mode: DetectLocalMode,
     /// Node ports are served on the node addresses in these CIDRs
     /// (kube-proxy's flag). Default: the addresses of the external interfaces.
     #[arg(long, value_delimiter = ',')]
@@ -507,15 +534,15 @@ fn with_config_file(
     Ok((merged, config.warnings))
 }
 
-/// `--service-cluster-ip-range` as the datapath holds it.
-fn service_cidrs(nets: &[ipnet::Ipv4Net]) -> anyhow::Result<lb_common::service_cidr::ServiceCidrs> {
-    use lb_common::service_cidr::{ServiceCidrs, MAX_SERVICE_CIDRS};
+/// Prefixes given to `flag` as the datapath holds them.
+fn cidrs(flag: &str, nets: &[ipnet::Ipv4Net]) -> anyhow::Result<lb_common::cidrs::Cidrs> {
+    use lb_common::cidrs::{Cidrs, MAX_CIDRS};
     anyhow::ensure!(
-        nets.len() <= MAX_SERVICE_CIDRS,
-        "--service-cluster-ip-range: {} prefixes; at most {MAX_SERVICE_CIDRS}",
+        nets.len() <= MAX_CIDRS,
+        "{flag}: {} prefixes; at most {MAX_CIDRS}",
         nets.len()
     );
-    let mut cidrs = ServiceCidrs::NONE;
+    let mut cidrs = Cidrs::NONE;
     for (i, net) in nets.iter().enumerate() {
         cidrs.addr[i] = u32::from(net.network());
         cidrs.mask[i] = u32::from(net.netmask());
@@ -599,7 +626,11 @@ impl RunArgs {
         } else {
             None
         };
-        let service_cidrs = service_cidrs(&self.service_cluster_ip_range)?;
+        let service_cidrs = cidrs("--service-cluster-ip-range", &self.service_cluster_ip_range)?;
+        let cluster_cidrs = match self.detect_local_mode {
+            DetectLocalMode::ClusterCidr => cidrs("--cluster-cidr", &self.cluster_cidr)?,
+            _ => lb_common::cidrs::Cidrs::NONE,
+        };
         let socket_lb_netns = match self.socket_lb {
             SocketLbArg::HostNetwork => {
                 lb_agent::datapath::cgroup::own_netns_cookie().map_err(|e| {
@@ -652,6 +683,7 @@ impl RunArgs {
                 icmp_limit,
                 socket_lb_netns,
                 service_cidrs,
+                cluster_cidrs,
             },
             conntrack_gc_interval: self.conntrack_gc_interval,
             health_timeout: self.health_timeout,

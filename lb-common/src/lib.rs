@@ -14,13 +14,13 @@
 
 pub mod affinity;
 pub mod backend;
+pub mod cidrs;
 pub mod config;
 pub mod ct;
 pub mod hash;
 pub mod icmp;
 pub mod maglev;
 pub mod revnat;
-pub mod service_cidr;
 pub mod sock;
 pub mod source_range;
 pub mod stats;

@@ -33,8 +33,10 @@ pub enum Stat {
     PassNotReply = 11,
     /// One direction of a live flow was missing and was rebuilt from the other.
     CtRecreated = 12,
-    /// New external flow to a backend on another node: also SNATed to the
-    /// node and redirected out (counted besides `dnat_new`).
+    /// New flow also SNATed to the node and redirected (counted besides
+    /// `dnat_new`): external traffic to a backend on another node, traffic
+    /// from outside the cluster to a cluster IP's, or a pod reaching itself
+    /// through its Service (hairpin).
     SnatNew = 13,
     /// Ingress: reply of a SNATed flow translated back and redirected to the client.
     RevSnat = 14,

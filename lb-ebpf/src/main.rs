@@ -30,9 +30,9 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use lb_common::{
     affinity::AffinityKey,
+    cidrs::Cidrs,
     ct::{CtValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_SNAT},
     hash::{flow_hash, select_slot},
-    service_cidr::ServiceCidrs,
     source_range::{SourceRangeKey, SOURCE_RANGE_ID_BITS},
     stats::Stat,
     svc::{
@@ -135,10 +135,11 @@ fn ingress<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
     let frontend = pkt.svc_key(0);
     // SAFETY: copied at once; the agent may rewrite slot 0 at any time.
     let svc = maps::SERVICES.get_ptr(&frontend).map(|s| unsafe { *s });
-    // On an uplink, the answer of a SNATed flow goes to the node address:
-    // not a frontend, or a node port in a range overlapping the SNAT range
-    // (the answer wins). Cluster and LB IPs skip the check.
-    if EXTERNAL && svc.is_none_or(|s| s.flags & SVC_FLAG_NODE_PORT != 0) {
+    // The answer of a SNATed flow goes to the node address: not a frontend,
+    // or a node port in a range overlapping the SNAT range (the answer
+    // wins). Cluster and LB IPs skip the check. It arrives at an uplink, or
+    // from a pod that reached its own Service (hairpin).
+    if svc.is_none_or(|s| s.flags & SVC_FLAG_NODE_PORT != 0) {
         if let Some(outcome) = reverse_snat(ctx, &pkt) {
             return outcome;
         }
@@ -173,12 +174,45 @@ fn ingress<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
 
 /// The service CIDRs; the agent sets them at load (`--service-cluster-ip-range`).
 #[unsafe(no_mangle)]
-static SERVICE_CIDRS: ServiceCidrs = ServiceCidrs::NONE;
+static SERVICE_CIDRS: Cidrs = Cidrs::NONE;
+
+/// The cluster's pod CIDRs (`--cluster-cidr`); none: every source arriving
+/// at an uplink is outside the cluster.
+#[unsafe(no_mangle)]
+static CLUSTER_CIDRS: Cidrs = Cidrs::NONE;
 
 #[inline(always)]
-fn service_cidrs() -> ServiceCidrs {
+fn service_cidrs() -> Cidrs {
     // SAFETY: a read-only global; volatile so the agent's value is used.
     unsafe { core::ptr::read_volatile(&SERVICE_CIDRS) }
+}
+
+#[inline(always)]
+fn cluster_cidrs() -> Cidrs {
+    // SAFETY: as `service_cidrs`.
+    unsafe { core::ptr::read_volatile(&CLUSTER_CIDRS) }
+}
+
+/// Whether a new flow to `backend` is SNATed to the node, so that its
+/// answer comes back through this node to be reverse-NATed:
+/// - external traffic to another node's backend (its node would answer the
+///   client directly, from the backend's address);
+/// - at an uplink, traffic from outside the cluster to a cluster IP whose
+///   backend is on another node (a service CIDR routed into the cluster),
+///   for the same reason, as kube-proxy masquerades it;
+/// - a pod whose flow lands on itself (hairpin): it would drop a packet
+///   from its own address, and answer itself.
+#[inline(always)]
+fn snat_needed<const EXTERNAL: bool>(
+    pkt: &Packet,
+    external: bool,
+    remote: bool,
+    backend_addr: u32,
+) -> bool {
+    if backend_addr == pkt.saddr_be {
+        return true;
+    }
+    remote && (external || (EXTERNAL && !cluster_cidrs().contains(u32::from_be(pkt.saddr_be))))
 }
 
 /// A new flow to frontend `svc`: admitted, a backend picked, tracked,
@@ -239,15 +273,15 @@ fn new_flow<const EXTERNAL: bool>(
         affinity::remember(&affinity_key, backend_id, now);
     }
     let mut entry = ct::new_forward(pkt, &backend, backend_id, svc.rev_nat_id, now);
-    let created = if external && remote {
-        // To another node: SNAT to this node so the answer comes back here.
-        let Some(config) = maps::CONFIG.get(0) else {
-            return Outcome::drop(Stat::DropSnatExhausted);
+    let created =
+        if snat_needed::<EXTERNAL>(pkt, external, remote, u32::from_ne_bytes(backend.addr)) {
+            let Some(config) = maps::CONFIG.get(0) else {
+                return Outcome::drop(Stat::DropSnatExhausted);
+            };
+            ct::create_snat(ctx, pkt, &mut entry, config, now)
+        } else {
+            ct::create(pkt, &entry, 0).map_err(|_| Stat::DropCtFull)
         };
-        ct::create_snat(ctx, pkt, &mut entry, config, now)
-    } else {
-        ct::create(pkt, &entry, 0).map_err(|_| Stat::DropCtFull)
-    };
     match created {
         Ok(ct::Created::New) if entry.flags & CT_SNAT != 0 => count(Stat::SnatNew),
         Ok(ct::Created::New) => {}
@@ -362,8 +396,8 @@ fn source_allowed(pkt: &Packet, rev_nat_id: u16) -> bool {
     maps::SOURCE_RANGES.get(&key).is_some()
 }
 
-/// At an uplink: the answer of a SNATed flow (backend → node:snat_port)
-/// goes back to the client from the frontend; `None` for anything else.
+/// The answer of a SNATed flow (backend → node:snat_port) goes back to the
+/// client from the frontend; `None` for anything else.
 #[inline(always)]
 fn reverse_snat(ctx: &TcContext, pkt: &Packet) -> Option<Outcome> {
     let config = maps::CONFIG.get(0)?;

@@ -10,8 +10,8 @@
 //!                                                                      └─ client pod 198.18.21.2
 //! ```
 //!
-//! The client pods are not endpoints: a pod reaching a service that picks
-//! itself (hairpin) is not handled by the tc path (see README).
+//! The client pods are not endpoints: whatever backend a test's service
+//! has, they reach it from outside it.
 //!
 //! Each node routes the other's pod subnet via the other's LAN address and
 //! has a default route on `eth0` (its uplink, the agent's `@uplink`). The

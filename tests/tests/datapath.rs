@@ -389,7 +389,7 @@ fn port_unreachable(packet: &Packet, input: &[u8], from: Ipv4Addr) -> Vec<u8> {
 fn an_address_in_the_service_cidr_no_frontend_holds_is_rejected() {
     require_root();
     // 198.19.0.0/24
-    let mut cidrs = lb_common::service_cidr::ServiceCidrs::NONE;
+    let mut cidrs = lb_common::cidrs::Cidrs::NONE;
     (cidrs.addr[0], cidrs.mask[0], cidrs.count) = (0xc613_0000, 0xffff_ff00, 1);
     let mut h = Harness::with_globals(&lb_agent::datapath::loader::Globals {
         service_cidrs: cidrs,

@@ -55,6 +55,10 @@ struct Node {
 
 impl Node {
     fn new(name: &str, yaml: &str) -> Self {
+        Self::with_globals(name, yaml, &lb_agent::datapath::loader::Globals::DEFAULT)
+    }
+
+    fn with_globals(name: &str, yaml: &str, globals: &lb_agent::datapath::loader::Globals) -> Self {
         require_root();
         let ns = NetNs::new(&format!("dpx-{name}")).unwrap();
         // A veth pair stands in for the uplink (no dummy driver everywhere).
@@ -84,8 +88,33 @@ impl Node {
         .unwrap();
         ns.ip(&["route", "add", "198.18.11.0/24", "via", "198.18.0.3"])
             .unwrap();
+        // A pod interface: this node's pods 198.18.10.0/24, the backend's
+        // neighbour entry known.
+        ns.ip(&[
+            "link", "add", "pod0", "type", "veth", "peer", "name", "pod0p",
+        ])
+        .unwrap();
+        ns.ip(&["addr", "add", "198.18.10.1/24", "dev", "pod0"])
+            .unwrap();
+        ns.ip(&["link", "set", "pod0", "address", &mac_text(POD_GATEWAY_MAC)])
+            .unwrap();
+        for dev in ["pod0", "pod0p"] {
+            ns.ip(&["link", "set", dev, "up"]).unwrap();
+        }
+        ns.ip(&[
+            "neigh",
+            "add",
+            &LOCAL_BACKEND.to_string(),
+            "lladdr",
+            &mac_text(LOCAL_BACKEND_MAC),
+            "dev",
+            "pod0",
+            "nud",
+            "permanent",
+        ])
+        .unwrap();
         ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
-        let mut h = Harness::new();
+        let mut h = Harness::with_globals(globals);
         h.node = lb_agent::desired::NodeContext {
             name: Some("node-a".into()),
             nodeport_addresses: vec![NODE_IP],
@@ -229,6 +258,8 @@ fn hop(mut packet: Packet) -> Packet {
 
 const NODE_A_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xa];
 const NODE_B_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xb];
+const POD_GATEWAY_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x10, 0x1];
+const LOCAL_BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x10, 0x2];
 
 fn mac_text(mac: [u8; 6]) -> String {
     mac.map(|b| format!("{b:02x}")).join(":")
@@ -917,4 +948,102 @@ fn an_expired_flows_snat_port_is_taken_back_but_a_closed_one_waits() {
         "the port reclaimed from the table of new flows",
     );
     assert_eq!(node.h.counter(Stat::CtReclaimed), 2);
+}
+
+/// Hairpin: the only endpoint reaches its own Service and lands on
+/// itself. Its SYN comes back to it from the node's SNAT address (a packet
+/// from its own address would be a martian to it), routed out of its
+/// interface by the program; its answer, to the SNAT port, is matched at
+/// that interface's ingress and leaves from the cluster IP. Exact bytes.
+#[test]
+fn a_pod_reaching_itself_through_its_service_is_snated_both_ways_with_exact_bytes() {
+    let node = Node::new("hairpin", &manifest("", &[(LOCAL_BACKEND, "node-a")]));
+    let pod = SocketAddrV4::new(LOCAL_BACKEND, 40000);
+    let vip = SocketAddrV4::new(CLUSTER_IP, 80);
+    let syn = Packet::tcp(pod, vip, TCP_SYN).with_payload(b"hello");
+    let out = node.internal(&syn.build());
+    assert_eq!(out.verdict, TC_ACT_REDIRECT, "routed back to the pod");
+    let snat_port = snat_port_of(&node, pod, vip);
+    let to_pod = |p: Packet| Packet {
+        src_mac: POD_GATEWAY_MAC,
+        dst_mac: LOCAL_BACKEND_MAC,
+        ..hop(p)
+    };
+    let backend = SocketAddrV4::new(LOCAL_BACKEND, 8080);
+    let at_pod = to_pod(syn.clone().from(node_port(snat_port)).to(backend));
+    assert_frame(&out.frame, &at_pod.build(), "SYN from the node to itself");
+
+    let answer = Packet {
+        ttl: 64,
+        ..at_pod.reply(TCP_SYN | TCP_ACK).with_payload(b"world")
+    };
+    let out = node.internal(&answer.build());
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    assert_frame(
+        &out.frame,
+        &to_pod(answer.clone().from(vip).to(pod)).build(),
+        "SYN-ACK from the cluster IP",
+    );
+    assert_eq!(
+        (
+            node.h.counter(Stat::DnatNew),
+            node.h.counter(Stat::SnatNew),
+            node.h.counter(Stat::RevSnat)
+        ),
+        (1, 1, 1)
+    );
+    // Another pod of the node is not SNATed: DNAT only, through the stack.
+    let other = SocketAddrV4::new(POD_IP, 40001);
+    let syn = Packet::tcp(other, vip, TCP_SYN);
+    let out = node.internal(&syn.build());
+    assert_eq!(out.verdict, TCX_NEXT);
+    assert_frame(&out.frame, &syn.clone().to(backend).build(), "DNAT only");
+    assert_eq!(node.h.counter(Stat::SnatNew), 1);
+}
+
+/// A service CIDR routed into the cluster: at the uplink, a new flow to a
+/// cluster IP whose backend is on another node is SNATed to the node (as
+/// kube-proxy masquerades sources outside the cluster CIDR), both ways;
+/// a source in `--cluster-cidr` keeps its address.
+#[test]
+fn a_cluster_ip_reached_from_outside_the_cluster_cidr_is_snated_both_ways() {
+    let yaml = manifest("", &[(REMOTE_BACKEND, "node-b")]);
+    let vip = SocketAddrV4::new(CLUSTER_IP, 80);
+    let remote = SocketAddrV4::new(REMOTE_BACKEND, 8080);
+    let node = Node::new("cip-out", &yaml);
+    let syn = Packet::tcp(client(40000), vip, TCP_SYN);
+    let out = node.external(&syn.build());
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    let snat_port = snat_port_of(&node, client(40000), vip);
+    let at_backend = to_node_b(syn.clone().from(node_port(snat_port)).to(remote));
+    assert_frame(
+        &out.frame,
+        &at_backend.build(),
+        "SYN to the other node's pod",
+    );
+    let answer = Packet {
+        ttl: 64,
+        ..at_backend.reply(TCP_SYN | TCP_ACK)
+    };
+    let out = node.external(&answer.build());
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    assert_frame(
+        &out.frame,
+        &hop(answer.clone().from(vip).to(client(40000))).build(),
+        "SYN-ACK from the cluster IP",
+    );
+    drop(node);
+
+    // 198.18.0.0/24: the client is the cluster's.
+    let mut cidrs = lb_common::cidrs::Cidrs::NONE;
+    (cidrs.addr[0], cidrs.mask[0], cidrs.count) = (0xc612_0000, 0xffff_ff00, 1);
+    let globals = lb_agent::datapath::loader::Globals {
+        cluster_cidrs: cidrs,
+        ..lb_agent::datapath::loader::Globals::DEFAULT
+    };
+    let node = Node::with_globals("cip-in", &yaml, &globals);
+    let out = node.external(&syn.build());
+    assert_eq!(out.verdict, TCX_NEXT, "through the stack");
+    assert_frame(&out.frame, &syn.clone().to(remote).build(), "DNAT only");
+    assert_eq!(node.h.counter(Stat::SnatNew), 0);
 }

@@ -1164,3 +1164,110 @@ fn should_route_traffic_to_an_endpoint_in_the_same_zone_when_using_prefer_close(
     }
     assert_eq!(seen, both, "no hints: every endpoint");
 }
+
+/// Upstream "Services should allow pods to hairpin back to themselves
+/// through services": the only endpoint reaches its own Service — by
+/// cluster IP and by its node's node port, TCP and UDP — and lands on
+/// itself, seeing the node as its peer (SNAT: a packet from its own
+/// address would be dropped), the answers from the frontend it asked.
+#[test]
+fn should_allow_pods_to_hairpin_back_to_themselves_through_services() {
+    require_root();
+    let mut cluster = Cluster::new("nph", &web("NodePort", "", "", &[0])).unwrap();
+    cluster
+        .wait_for_maps("one endpoint", |m| m.port_count("30080/TCP") == Some(1))
+        .unwrap();
+    for (tcp, udp) in [
+        (
+            SocketAddrV4::new(CLUSTER_IP, 80),
+            SocketAddrV4::new(CLUSTER_IP, 53),
+        ),
+        (node_port(0, 30080), node_port(0, 30053)),
+    ] {
+        let body = cluster.pods[0]
+            .run(|| http_get(tcp))
+            .unwrap_or_else(|e| panic!("pod-a to {tcp}: {e}"));
+        assert_eq!(
+            parse_answer(&body),
+            ("pod-a".to_owned(), NODE_IPS[0]),
+            "{tcp}"
+        );
+        let (answer, from) = cluster.pods[0]
+            .run(|| udp_query(udp))
+            .unwrap_or_else(|e| panic!("pod-a to {udp}: {e}"));
+        assert!(
+            answer.starts_with(&format!("pod-a client {}:", NODE_IPS[0])),
+            "{answer}"
+        );
+        assert_eq!(from, udp.into());
+    }
+    assert_eq!(counter(&cluster, 0, "snat_new"), 4, "each flow SNATed once");
+    // Another pod on the node is not SNATed: the backend sees it.
+    let body = cluster.client_pods[0]
+        .run(|| http_get(SocketAddrV4::new(CLUSTER_IP, 80)))
+        .unwrap();
+    assert_eq!(
+        parse_answer(&body),
+        ("pod-a".to_owned(), lb_tests::cluster::CLIENT_POD_IPS[0])
+    );
+    assert_eq!(counter(&cluster, 0, "snat_new"), 4);
+}
+
+/// A service CIDR routed into the cluster (the clients route
+/// 198.19.0.0/16 via node-a): a client outside the cluster reaches a
+/// cluster IP whose only endpoint is on node-b. Masqueraded to node-a, as
+/// kube-proxy masquerades sources outside the cluster CIDR, the answer
+/// comes back through node-a from the cluster IP. With the clients'
+/// network in `--cluster-cidr` the source is the cluster's and kept: the
+/// pod answers the client straight from its own address (asymmetric, as
+/// under kube-proxy).
+#[test]
+fn external_traffic_to_a_cluster_ip_is_masqueraded_unless_it_comes_from_the_cluster_cidr() {
+    require_root();
+    let manifest = web("ClusterIP", "", "", &[1]);
+    let mut cluster = Cluster::without_agents("npx").unwrap();
+    cluster
+        .start_agents(
+            &manifest,
+            &["--cluster-cidr", "198.18.10.0/23,198.18.20.0/23"],
+        )
+        .unwrap();
+    cluster
+        .wait_for_maps("one endpoint", |m| m.port_count("80/TCP") == Some(1))
+        .unwrap();
+    let vip = SocketAddrV4::new(CLUSTER_IP, 80);
+    let answers = requests(&cluster, 0, vip, 5);
+    assert!(
+        answers
+            .iter()
+            .all(|a| *a == ("pod-b".to_owned(), NODE_IPS[0])),
+        "{answers:?}"
+    );
+    let dns = SocketAddrV4::new(CLUSTER_IP, 53);
+    let (answer, from) = cluster.clients[0].run(|| udp_query(dns)).unwrap();
+    assert!(
+        answer.starts_with(&format!("pod-b client {}:", NODE_IPS[0])),
+        "{answer}"
+    );
+    assert_eq!(from, dns.into());
+    assert_eq!(counter(&cluster, 0, "snat_new"), 6);
+
+    cluster.agents.clear();
+    cluster
+        .start_agents(&manifest, &["--cluster-cidr", "198.18.0.0/24"])
+        .unwrap();
+    cluster
+        .wait_for_maps("one endpoint", |m| m.port_count("80/TCP") == Some(1))
+        .unwrap();
+    let (answer, from) = cluster.clients[0].run(|| udp_query(dns)).unwrap();
+    assert!(
+        answer.starts_with(&format!("pod-b client {}:", CLIENT_IPS[0])),
+        "{answer}"
+    );
+    assert_eq!(
+        from,
+        SocketAddrV4::new(POD_IPS[1], 5353).into(),
+        "straight from the pod"
+    );
+    assert_eq!(counter(&cluster, 0, "snat_new"), 0);
+}

@@ -131,7 +131,10 @@ pub struct Globals {
     pub socket_lb_netns: u64,
     /// `--service-cluster-ip-range`: packets there that no frontend holds
     /// are rejected.
-    pub service_cidrs: lb_common::service_cidr::ServiceCidrs,
+    pub service_cidrs: lb_common::cidrs::Cidrs,
+    /// `--cluster-cidr`: sources there arriving at an uplink are the
+    /// cluster's (not masqueraded on their way to a cluster IP).
+    pub cluster_cidrs: lb_common::cidrs::Cidrs,
 }
 
 impl Globals {
@@ -139,7 +142,8 @@ impl Globals {
         timeouts: CtTimeouts::DEFAULT,
         icmp_limit: IcmpLimit::DEFAULT,
         socket_lb_netns: 0,
-        service_cidrs: lb_common::service_cidr::ServiceCidrs::NONE,
+        service_cidrs: lb_common::cidrs::Cidrs::NONE,
+        cluster_cidrs: lb_common::cidrs::Cidrs::NONE,
     };
 }
 
@@ -179,7 +183,8 @@ pub fn load_with_log(
         .override_global("CT_TIMEOUTS", &globals.timeouts, true)
         .override_global("ICMP_LIMIT", &globals.icmp_limit, true)
         .override_global("SOCK_LB_NETNS", &globals.socket_lb_netns, true)
-        .override_global("SERVICE_CIDRS", &globals.service_cidrs, true);
+        .override_global("SERVICE_CIDRS", &globals.service_cidrs, true)
+        .override_global("CLUSTER_CIDRS", &globals.cluster_cidrs, true);
     if let Some(dir) = pin_dir {
         ensure_bpffs_dir(dir)?;
         refuse_other_layouts(dir)?;

@@ -6,21 +6,21 @@
 
 /// Prefixes held (a dual-stack cluster has two; the spare room costs four
 /// compares of an unrolled loop).
-pub const MAX_SERVICE_CIDRS: usize = 4;
+pub const MAX_CIDRS: usize = 4;
 
 /// Addresses and masks in host order; the first `count` are used.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
-pub struct ServiceCidrs {
-    pub addr: [u32; MAX_SERVICE_CIDRS],
-    pub mask: [u32; MAX_SERVICE_CIDRS],
+pub struct Cidrs {
+    pub addr: [u32; MAX_CIDRS],
+    pub mask: [u32; MAX_CIDRS],
     pub count: u32,
 }
 
-impl ServiceCidrs {
+impl Cidrs {
     pub const NONE: Self = Self {
-        addr: [0; MAX_SERVICE_CIDRS],
-        mask: [0; MAX_SERVICE_CIDRS],
+        addr: [0; MAX_CIDRS],
+        mask: [0; MAX_CIDRS],
         count: 0,
     };
 
@@ -28,7 +28,7 @@ impl ServiceCidrs {
     #[inline(always)]
     pub fn contains(&self, addr: u32) -> bool {
         let mut i = 0;
-        while i < MAX_SERVICE_CIDRS {
+        while i < MAX_CIDRS {
             if (i as u32) < self.count && addr & self.mask[i] == self.addr[i] {
                 return true;
             }
@@ -38,4 +38,4 @@ impl ServiceCidrs {
     }
 }
 
-crate::user_pod!(ServiceCidrs);
+crate::user_pod!(Cidrs);
