@@ -17,6 +17,7 @@ pub mod backend;
 pub mod cidrs;
 pub mod config;
 pub mod ct;
+pub mod frag;
 pub mod hash;
 pub mod icmp;
 pub mod maglev;

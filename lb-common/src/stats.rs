@@ -20,7 +20,9 @@ pub enum Stat {
     DropBackendMissing = 5,
     /// Truncated or malformed headers: passed untouched, never rewritten.
     PassMalformed = 6,
-    /// IPv4 fragment addressed to a frontend: dropped (no fragment tracking).
+    /// A first fragment of a service flow whose translation could not be
+    /// recorded for the later fragments (the fragment table's write
+    /// failed): dropped.
     DropFragment = 7,
     /// The new flow could not be recorded (out of memory for the table of
     /// new flows, which evicts rather than fills): dropped.
@@ -82,9 +84,15 @@ pub enum Stat {
     /// A TCP or UDP packet to an address in the service CIDRs that no
     /// frontend holds: answered with ICMP port unreachable.
     RejectServiceCidr = 30,
+    /// A later fragment (no ports) of a datagram whose first fragment was
+    /// translated: rewritten as it was (see `frag`).
+    FragTranslated = 31,
+    /// A later fragment of no recorded datagram (not a service flow's, or
+    /// ahead of its first fragment): untouched.
+    PassFragmentUntracked = 32,
 }
 
-pub const STAT_COUNT: u32 = 31;
+pub const STAT_COUNT: u32 = 33;
 
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "pass_not_service",
@@ -118,4 +126,6 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "ct_create_raced",
     "sock_untranslated",
     "reject_service_cidr",
+    "frag_translated",
+    "pass_fragment_untracked",
 ];

@@ -10,6 +10,7 @@
 mod affinity;
 mod csum;
 mod ct;
+mod frag;
 mod host_socket;
 mod icmp;
 mod maglev;
@@ -129,6 +130,7 @@ fn ingress<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
     let pkt = match parse::parse(ctx) {
         Parsed::Packet(pkt) => pkt,
         Parsed::IcmpError(err) => return icmp_error_ingress::<EXTERNAL>(ctx, &err),
+        Parsed::Fragment(frag) => return frag::follow::<false>(ctx, &frag),
         Parsed::NotForUs => return Outcome::next(Stat::PassNotService),
         Parsed::Malformed => return Outcome::next(Stat::PassMalformed),
     };
@@ -150,16 +152,11 @@ fn ingress<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
         }
         return Outcome::next(Stat::PassNotService);
     };
-    if pkt.is_fragment {
-        // Later fragments carry no ports and never get here; the first one
-        // would be NATed alone. Without reassembly, drop it and count.
-        return Outcome::drop(Stat::DropFragment);
-    }
     let forward_key = pkt.ct_key(CT_DIR_FORWARD);
     let now = match ct::lookup(&forward_key) {
         Some((entry, now, true)) if !ct::is_reopened(&entry, &pkt) => {
             ct::update(&forward_key, &entry, &pkt, now);
-            return send(ctx, &pkt, &entry, Stat::DnatCtHit);
+            return send::<false>(ctx, &pkt, &entry, Stat::DnatCtHit);
         }
         // Over (timed out both ways, or reopened by a SYN) though not yet
         // collected: retired, so its entries shadow neither of the new flow's.
@@ -289,7 +286,7 @@ fn new_flow<const EXTERNAL: bool>(
         Err(stat) => return Outcome::drop(stat),
     }
     log_new_flow(ctx, pkt, &entry);
-    send(ctx, pkt, &entry, Stat::DnatNew)
+    send::<false>(ctx, pkt, &entry, Stat::DnatNew)
 }
 
 /// A backend for a new flow with no remembered one: by the frontend's
@@ -409,11 +406,8 @@ fn reverse_snat(ctx: &TcContext, pkt: &Packet) -> Option<Outcome> {
     if entry.flags & CT_SNAT == 0 {
         return None;
     }
-    if pkt.is_fragment {
-        return Some(Outcome::drop(Stat::DropFragment));
-    }
     ct::update(&reply_key, &entry, pkt, now);
-    Some(send(ctx, pkt, &entry, Stat::RevSnat))
+    Some(send::<false>(ctx, pkt, &entry, Stat::RevSnat))
 }
 
 /// A backend's reply matches a reply-direction entry and leaves with the
@@ -422,6 +416,7 @@ fn egress(ctx: &TcContext) -> Outcome {
     let pkt = match parse::parse(ctx) {
         Parsed::Packet(pkt) => pkt,
         Parsed::IcmpError(err) => return icmp_error_egress(ctx, &err),
+        Parsed::Fragment(frag) => return frag::follow::<true>(ctx, &frag),
         Parsed::NotForUs => return Outcome::next(Stat::PassNotReply),
         Parsed::Malformed => return Outcome::next(Stat::PassMalformed),
     };
@@ -440,11 +435,8 @@ fn egress(ctx: &TcContext) -> Outcome {
         ct::forget(&reply_key);
         return Outcome::next(Stat::PassNotReply);
     }
-    if pkt.is_fragment {
-        return Outcome::drop(Stat::DropFragment);
-    }
     ct::update(&reply_key, &entry, &pkt, now);
-    send(ctx, &pkt, &entry, Stat::RevNat)
+    send::<true>(ctx, &pkt, &entry, Stat::RevNat)
 }
 
 /// The IPv4 length the way out must carry: the packet's, or for a GSO
@@ -479,9 +471,15 @@ fn routed_len(ctx: &TcContext, pkt: &Packet) -> u16 {
 
 /// Rewrites the packet to its flow's tuple. A SNATed flow's packet is then
 /// routed here (the node's input path would take its source for a martian);
-/// any other goes on through the stack.
+/// any other goes on through the stack. A first fragment's translation is
+/// recorded for the rest of its datagram (at this hook: `EGRESS`).
 #[inline(always)]
-fn send(ctx: &TcContext, pkt: &Packet, to: &CtValue, stat: Stat) -> Outcome {
+fn send<const EGRESS: bool>(ctx: &TcContext, pkt: &Packet, to: &CtValue, stat: Stat) -> Outcome {
+    if pkt.is_fragment
+        && frag::record::<EGRESS>(pkt.saddr_be, pkt.daddr_be, pkt.id_be, pkt.proto, to).is_err()
+    {
+        return Outcome::drop(Stat::DropFragment);
+    }
     if to.flags & CT_SNAT == 0 {
         if nat::translate(ctx, pkt, to).is_err() {
             return Outcome::drop(Stat::DropRewrite);

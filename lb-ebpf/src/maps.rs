@@ -11,6 +11,7 @@ use lb_common::{
     backend::Backend,
     config::NodeConfig,
     ct::{CtKey, CtValue},
+    frag::{FragKey, FragValue, DEFAULT_MAX_FRAG_ENTRIES},
     icmp::IcmpBucket,
     maglev::{MaglevChunk, MaglevKey},
     revnat::RevNat,
@@ -87,3 +88,10 @@ pub static FIB_SCRATCH: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup, 1> = Per
 /// a full burst.
 #[btf_map(name = "lb_icmp_bucket")]
 pub static ICMP_BUCKET: PerCpuArray<IcmpBucket, 1> = PerCpuArray::new();
+
+/// Later fragments' translations, by datagram (see `lb_common::frag`). Not
+/// pinned: a restarted agent's programs start empty, losing at most the
+/// datagrams in flight.
+#[btf_map(name = "lb_frag_v4")]
+pub static FRAGS: LruHashMap<FragKey, FragValue, { DEFAULT_MAX_FRAG_ENTRIES as usize }> =
+    LruHashMap::new();

@@ -44,13 +44,7 @@ pub fn translate(ctx: &TcContext, pkt: &Packet, to: &CtValue) -> Result<(), ()> 
                 ip_sum.replace32(old, new);
             }
         }
-        // Header bytes 10..20: checksum, source, destination.
-        let mut header = [0u8; 10];
-        header[..2].copy_from_slice(&ip_sum.finish().to_ne_bytes());
-        header[2..6].copy_from_slice(&saddr.to_ne_bytes());
-        header[6..].copy_from_slice(&daddr.to_ne_bytes());
-        ctx.store(IP_CSUM_OFF as usize, &header, 0)
-            .map_err(|_| ())?;
+        store_addresses(ctx, ip_sum.finish(), saddr, daddr)?;
     }
     if sport != pkt.sport_be || dport != pkt.dport_be {
         for (old, new) in [(pkt.sport_be, sport), (pkt.dport_be, dport)] {
@@ -65,4 +59,28 @@ pub fn translate(ctx: &TcContext, pkt: &Packet, to: &CtValue) -> Result<(), ()> 
         ctx.store(pkt.l4_off as usize, &ports, 0).map_err(|_| ())?;
     }
     Ok(())
+}
+
+/// Rewrites a later fragment's addresses (all in wire order): the IP
+/// header only, as it carries no transport header.
+#[inline(always)]
+pub fn translate_addresses(
+    ctx: &TcContext,
+    (saddr, daddr): (u32, u32),
+    (new_saddr, new_daddr): (u32, u32),
+) -> Result<(), ()> {
+    let mut ip_sum = Sum::start(read::<u16>(ctx, IP_CSUM_OFF)?);
+    ip_sum.replace32(saddr, new_saddr);
+    ip_sum.replace32(daddr, new_daddr);
+    store_addresses(ctx, ip_sum.finish(), new_saddr, new_daddr)
+}
+
+/// Header bytes 10..20, one store: checksum, source, destination.
+#[inline(always)]
+fn store_addresses(ctx: &TcContext, ip_csum: u16, saddr: u32, daddr: u32) -> Result<(), ()> {
+    let mut header = [0u8; 10];
+    header[..2].copy_from_slice(&ip_csum.to_ne_bytes());
+    header[2..6].copy_from_slice(&saddr.to_ne_bytes());
+    header[6..].copy_from_slice(&daddr.to_ne_bytes());
+    ctx.store(IP_CSUM_OFF as usize, &header, 0).map_err(|_| ())
 }

@@ -44,8 +44,10 @@ pub struct Packet {
     pub dport_be: u16,
     pub proto: u8,
     pub tcp_flags: u8,
-    /// First fragment of a fragmented datagram (later ones never parse).
+    /// First fragment of a fragmented datagram (later ones are `Fragment`s).
     pub is_fragment: bool,
+    /// The IP header's identification (names the datagram of a fragment).
+    pub id_be: u16,
     /// IPv4 header length in bytes (20 without options).
     pub ihl_len: u32,
     pub l4_off: u32,
@@ -55,11 +57,22 @@ pub struct Packet {
     pub dont_fragment: bool,
 }
 
+/// A later fragment of a TCP or UDP datagram: no transport header.
+pub struct Fragment {
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub id_be: u16,
+    pub proto: u8,
+    pub tot_len: u16,
+}
+
 pub enum Parsed {
     Packet(Packet),
+    /// A non-first fragment (see `frag`).
+    Fragment(Fragment),
     /// An ICMP error quoting a TCP or UDP packet (see `icmp`).
     IcmpError(IcmpError),
-    /// Not IPv4 TCP/UDP, or a non-first fragment: not ours to touch.
+    /// Not IPv4 TCP/UDP: not ours to touch.
     NotForUs,
     /// Headers truncated or inconsistent: never rewritten.
     Malformed,
@@ -177,7 +190,13 @@ fn try_parse(ctx: &TcContext) -> Result<Parsed, ()> {
         return Ok(Parsed::NotForUs);
     }
     if frag & IP_OFFSET_MASK != 0 {
-        return Ok(Parsed::NotForUs);
+        return Ok(Parsed::Fragment(Fragment {
+            saddr_be: ip.saddr_be,
+            daddr_be: ip.daddr_be,
+            id_be: ip.id_be,
+            proto: ip.proto,
+            tot_len: tot_len as u16,
+        }));
     }
     let is_fragment = frag & IP_MF != 0;
 
@@ -218,6 +237,7 @@ fn try_parse(ctx: &TcContext) -> Result<Parsed, ()> {
         proto: ip.proto,
         tcp_flags,
         is_fragment,
+        id_be: ip.id_be,
         ihl_len,
         l4_off,
         tot_len: tot_len as u16,

@@ -152,6 +152,37 @@ impl Packet {
     }
 }
 
+impl Packet {
+    /// The datagram as its sender's stack fragments it: its IP payload
+    /// (transport header and payload, checksummed whole) cut into pieces of
+    /// at most `piece` bytes (a multiple of 8), each with its own IPv4
+    /// header (offset, MF, length, checksum from scratch). The packet's own
+    /// flags field should have DF clear.
+    pub fn fragments(&self, piece: usize) -> Vec<Vec<u8>> {
+        assert!(piece.is_multiple_of(8) && piece > 0);
+        let whole = self.build();
+        let ihl_len = usize::from(whole[14] & 0x0f) * 4;
+        let (head, body) = whole.split_at(14 + ihl_len);
+        let pieces: Vec<&[u8]> = body.chunks(piece).collect();
+        pieces
+            .iter()
+            .enumerate()
+            .map(|(i, chunk)| {
+                let mut f = head.to_vec();
+                let more = if i + 1 < pieces.len() { 0x2000 } else { 0 };
+                let field = self.frag & 0x4000 | more | (i * piece / 8) as u16;
+                f[16..18].copy_from_slice(&((ihl_len + chunk.len()) as u16).to_be_bytes());
+                f[20..22].copy_from_slice(&field.to_be_bytes());
+                f[24..26].copy_from_slice(&[0, 0]);
+                let csum = checksum(&f[14..14 + ihl_len], 0);
+                f[24..26].copy_from_slice(&csum.to_be_bytes());
+                f.extend_from_slice(chunk);
+                f
+            })
+            .collect()
+    }
+}
+
 /// An ICMP error frame from `from` to `to` quoting `quoted` (its IPv4
 /// header and the first `quote` bytes after it; `None`: all of it), with
 /// `rest` in bytes 4..8 of the ICMP header (the next-hop MTU of
@@ -220,12 +251,17 @@ fn pseudo_sum(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, len: usize) -> u32 {
     s + u32::from(proto) + len as u32
 }
 
-/// Checks the IPv4 header checksum and the TCP/UDP/ICMP checksum of a frame.
+/// Checks the IPv4 header checksum and the TCP/UDP/ICMP checksum of a
+/// frame (of a fragment, the IPv4 header's only: its transport checksum
+/// covers the whole datagram).
 pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
     let ip = frame.get(14..).ok_or("short frame")?;
     let ihl_len = usize::from(ip[0] & 0x0f) * 4;
     if checksum(&ip[..ihl_len], 0) != 0 {
         return Err("bad IPv4 header checksum".into());
+    }
+    if u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
+        return Ok(());
     }
     let tot_len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
     let l4 = &ip[ihl_len..tot_len];

@@ -25,7 +25,9 @@ pub struct BackendServers {
 impl BackendServers {
     /// Serves on 0.0.0.0:`tcp_port` and 0.0.0.0:`udp_port` inside `ns`.
     /// TCP: an HTTP GET gets `backend NAME client IP:PORT`; any other line is
-    /// answered with `NAME` per line. UDP: `NAME client IP:PORT` per datagram.
+    /// answered with `NAME` per line. UDP: `NAME client IP:PORT` per
+    /// datagram; a query `size N …` gets `NAME client IP:PORT got LEN`
+    /// padded to N bytes (LEN: the query's length), for fragmented answers.
     pub fn start(ns: &NetNs, name: &str, tcp_port: u16, udp_port: u16) -> anyhow::Result<Self> {
         let (listener, udp) = ns.run(|| -> anyhow::Result<_> {
             let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, tcp_port))?;
@@ -50,14 +52,32 @@ impl BackendServers {
         }));
         let (udp_name, udp_stop) = (name.to_owned(), stop.clone());
         threads.push(std::thread::spawn(move || {
-            let mut buf = [0u8; 2048];
+            let mut buf = vec![0u8; 65536];
             while !udp_stop.load(Ordering::Relaxed) {
-                if let Ok((_, peer)) = udp.recv_from(&mut buf) {
-                    let _ = udp.send_to(format!("{udp_name} client {peer}").as_bytes(), peer);
+                if let Ok((n, peer)) = udp.recv_from(&mut buf) {
+                    let answer = udp_answer(&udp_name, peer, &buf[..n]);
+                    let _ = udp.send_to(&answer, peer);
                 }
             }
         }));
         Ok(Self { stop, threads })
+    }
+}
+
+/// The UDP server's answer to `query` from `peer`.
+fn udp_answer(name: &str, peer: SocketAddr, query: &[u8]) -> Vec<u8> {
+    let size = std::str::from_utf8(query.get(..16).unwrap_or(query))
+        .ok()
+        .and_then(|q| q.strip_prefix("size "))
+        .and_then(|q| q.split_whitespace().next())
+        .and_then(|n| n.parse::<usize>().ok());
+    match size {
+        Some(size) => {
+            let mut answer = format!("{name} client {peer} got {}", query.len()).into_bytes();
+            answer.resize(size.max(answer.len()), b'.');
+            answer
+        }
+        None => format!("{name} client {peer}").into_bytes(),
     }
 }
 
@@ -160,6 +180,40 @@ pub fn udp_query(addr: SocketAddrV4) -> std::io::Result<(String, SocketAddr)> {
     let mut buf = [0u8; 2048];
     let (n, from) = socket.recv_from(&mut buf)?;
     Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
+}
+
+/// A `query_len`-byte datagram asking for an `answer_len`-byte answer,
+/// both sent without DF (each side's stack fragments what its link cannot
+/// carry whole): the answer's first line and length, and who sent it.
+pub fn udp_query_sized(
+    addr: SocketAddrV4,
+    query_len: usize,
+    answer_len: usize,
+) -> std::io::Result<(String, usize, SocketAddr)> {
+    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    socket.set_read_timeout(Some(IO_TIMEOUT))?;
+    let dont: libc::c_int = libc::IP_PMTUDISC_DONT;
+    // SAFETY: a valid socket and an int option.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            (&dont as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut query = format!("size {answer_len} ").into_bytes();
+    query.resize(query_len.max(query.len()), b'q');
+    socket.send_to(&query, addr)?;
+    let mut buf = vec![0u8; 65536];
+    let (n, from) = socket.recv_from(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf[..n]);
+    let line = text.trim_end_matches('.').to_owned();
+    Ok((line, n, from))
 }
 
 /// A long-lived line-echo connection (sockets survive the netns thread that made them).

@@ -396,6 +396,50 @@ fn udp_nodeport_to_a_remote_backend_is_snated_with_checksums() {
 /// port. Translated, the error comes from the node port — node-a's own
 /// address — so the stack would drop it as a martian: the program routes it
 /// to the client, as it does the flow's answers.
+/// A fragmented datagram to a node port whose backend is on another node:
+/// every fragment is SNATed and routed to node-b by the program, the later
+/// ones by the first one's record; the backend's fragmented answer comes
+/// back to the client the same way. Exact bytes.
+#[test]
+fn a_fragmented_udp_datagram_through_a_snated_node_port_is_routed_both_ways() {
+    let node = Node::new("ufrag", &manifest("", &BOTH));
+    let cport = port_for_slot(node_port(30053), 17, 2, 2);
+    let payload: Vec<u8> = (0..2500u32).map(|i| (i % 253) as u8).collect();
+    let mut query = Packet::udp(client(cport), node_port(30053), &payload);
+    query.frag = 0;
+    let pieces = query.fragments(1472);
+    let out = node.external(&pieces[0]);
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    let snat_port = snat_port_of(&node, client(cport), node_port(30053));
+    let remote = SocketAddrV4::new(REMOTE_BACKEND, 5353);
+    let at_backend = to_node_b(query.clone().from(node_port(snat_port)).to(remote));
+    let expected = at_backend.fragments(1472);
+    assert_frame(&out.frame, &expected[0], "first fragment");
+    let out = node.external(&pieces[1]);
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    assert_frame(&out.frame, &expected[1], "later fragment");
+
+    let answer = Packet {
+        ttl: 64,
+        id: 0x5151,
+        ..at_backend.reply(0).with_payload(&payload[..2000])
+    };
+    let expected = hop(answer.clone().from(node_port(30053)).to(client(cport))).fragments(1472);
+    for (i, piece) in answer.fragments(1472).iter().enumerate() {
+        let out = node.external(piece);
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "answer fragment {i}");
+        assert_frame(&out.frame, &expected[i], &format!("answer fragment {i}"));
+    }
+    assert_eq!(
+        (
+            node.h.counter(Stat::SnatNew),
+            node.h.counter(Stat::RevSnat),
+            node.h.counter(Stat::FragTranslated)
+        ),
+        (1, 1, 2)
+    );
+}
+
 #[test]
 fn port_unreachable_from_a_remote_backend_is_routed_to_the_client_of_a_node_port() {
     let node = Node::new("unreach", &manifest("", &BOTH));

@@ -1271,3 +1271,44 @@ fn external_traffic_to_a_cluster_ip_is_masqueraded_unless_it_comes_from_the_clus
     );
     assert_eq!(counter(&cluster, 0, "snat_new"), 0);
 }
+
+/// A UDP datagram too big for the links (4 000 bytes: the sender's stack
+/// fragments it) and its 6 000-byte answer (fragmented by the backend's
+/// stack), as large DNS answers without EDNS limits, Kerberos or RADIUS
+/// are: from a pod to a cluster IP whose endpoint is on the other node,
+/// and from a client outside to a node port whose endpoint is on the other
+/// node (SNATed, every fragment routed by the program). Whole both ways.
+#[test]
+fn udp_datagrams_fragmented_by_their_senders_reach_the_backend_and_the_client_whole() {
+    require_root();
+    let mut cluster = Cluster::new("npf", &web("NodePort", "", "", &[1])).unwrap();
+    cluster
+        .wait_for_maps("one endpoint", |m| m.port_count("30053/UDP") == Some(1))
+        .unwrap();
+    let query_sized = |ns: &lb_tests::netns::NetNs, to: SocketAddrV4| {
+        ns.run(|| lb_tests::servers::udp_query_sized(to, 4000, 6000))
+            .unwrap_or_else(|e| panic!("to {to}: {e}"))
+    };
+    let vip = SocketAddrV4::new(CLUSTER_IP, 53);
+    let (line, len, from) = query_sized(&cluster.client_pods[0], vip);
+    assert_eq!(len, 6000, "{line}");
+    assert!(
+        line.starts_with(&format!(
+            "pod-b client {}:",
+            lb_tests::cluster::CLIENT_POD_IPS[0]
+        )) && line.ends_with(" got 4000"),
+        "{line}"
+    );
+    assert_eq!(from, vip.into());
+
+    let (line, len, from) = query_sized(&cluster.clients[0], node_port(0, 30053));
+    assert_eq!(len, 6000, "{line}");
+    assert!(
+        line.starts_with(&format!("pod-b client {}:", NODE_IPS[0])) && line.ends_with(" got 4000"),
+        "{line}"
+    );
+    assert_eq!(from, node_port(0, 30053).into());
+    // Query and answer are three and five fragments: two and four follow
+    // their first, on each of the two flows.
+    assert_eq!(counter(&cluster, 0, "frag_translated"), 12);
+}
