@@ -292,6 +292,13 @@ struct RunArgs {
     /// (kube-proxy's flag). Default: the addresses of the external interfaces.
     #[arg(long, value_delimiter = ',')]
     nodeport_addresses: Vec<ipnet::Ipv4Net>,
+    /// Serve a Service's port at its cluster IPs on this node by a local
+    /// listener, while its address is on one of the node's interfaces (else
+    /// by the Service's endpoints): `NAMESPACE/NAME:PORT=ADDRESS`, TCP and
+    /// UDP, repeatable. For NodeLocal DNSCache:
+    /// `kube-system/kube-dns:53=169.254.20.10`.
+    #[arg(long, value_delimiter = ',')]
+    local_redirect: Vec<lb_agent::desired::local_redirect::LocalRedirect>,
     /// The node address external flows to other nodes' backends are SNATed
     /// to. Default: the first address of the first external interface.
     #[arg(long)]
@@ -651,6 +658,7 @@ impl RunArgs {
                 snat_address: self.snat_address,
                 snat_ports: self.snat_port_range,
                 zone: self.node_zone.filter(|z| !z.is_empty()).map(Into::into),
+                local_redirects: self.local_redirect,
             },
             health_addr: self.healthz_bind_address.0,
             probe_addr: self.probe_bind_address.0,
@@ -806,6 +814,7 @@ impl CheckArgs {
             name: node_name.map(Into::into),
             nodeport_addresses: node_address,
             zone: node_zone.map(Into::into),
+            ..Default::default()
         };
         let (desired, more) = desired::compute(&objects, limits, node);
         errors.extend(more);

@@ -152,6 +152,7 @@ fn check_text(text: &str) -> Result<(), TestCaseError> {
             name: Some("node-1".into()),
             nodeport_addresses: vec!["198.18.0.2".parse().unwrap()],
             zone: None,
+            ..Default::default()
         },
     );
     errors.extend(computed);

@@ -27,6 +27,7 @@ fn run_case(dir: &Path) -> (String, String) {
             name: Some("node-a".into()),
             nodeport_addresses: vec!["198.18.0.2".parse().unwrap(), "198.18.0.3".parse().unwrap()],
             zone: Some("zone-a".into()),
+            ..Default::default()
         },
     );
     errors.extend(more);

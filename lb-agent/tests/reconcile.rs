@@ -627,6 +627,7 @@ fn desired_on_node_a(yaml: &str) -> Desired {
         name: Some("node-a".into()),
         nodeport_addresses: Vec::new(),
         zone: None,
+        ..Default::default()
     };
     desired::compute(&objects, LIMITS, node).0
 }

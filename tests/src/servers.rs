@@ -29,9 +29,21 @@ impl BackendServers {
     /// datagram; a query `size N …` gets `NAME client IP:PORT got LEN`
     /// padded to N bytes (LEN: the query's length), for fragmented answers.
     pub fn start(ns: &NetNs, name: &str, tcp_port: u16, udp_port: u16) -> anyhow::Result<Self> {
+        Self::start_on(ns, Ipv4Addr::UNSPECIFIED, name, tcp_port, udp_port)
+    }
+
+    /// `start`, bound to `addr` (answers then come from it, as from a
+    /// daemon that binds its listen address).
+    pub fn start_on(
+        ns: &NetNs,
+        addr: Ipv4Addr,
+        name: &str,
+        tcp_port: u16,
+        udp_port: u16,
+    ) -> anyhow::Result<Self> {
         let (listener, udp) = ns.run(|| -> anyhow::Result<_> {
-            let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, tcp_port))?;
-            let udp = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, udp_port))?;
+            let listener = TcpListener::bind((addr, tcp_port))?;
+            let udp = UdpSocket::bind((addr, udp_port))?;
             Ok((listener, udp))
         })?;
         udp.set_read_timeout(Some(Duration::from_millis(50)))?;

@@ -119,6 +119,7 @@ impl Node {
             name: Some("node-a".into()),
             nodeport_addresses: vec![NODE_IP],
             zone: None,
+            ..Default::default()
         };
         h.set_node_config(NodeConfig {
             snat_addr: NODE_IP.octets(),

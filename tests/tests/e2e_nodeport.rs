@@ -1312,3 +1312,87 @@ fn udp_datagrams_fragmented_by_their_senders_reach_the_backend_and_the_client_wh
     // their first, on each of the two flows.
     assert_eq!(counter(&cluster, 0, "frag_translated"), 12);
 }
+
+/// NodeLocal DNSCache: with `--local-redirect shop/web:53=ADDRESS`, pods'
+/// queries to the Service's cluster IP on port 53 are answered on their
+/// own node by a node-local listener, while ADDRESS is on one of that
+/// node's interfaces (node-local-dns binds it on its `nodelocaldns`
+/// device), from the cluster IP they asked; a node without it, and the
+/// Service's other ports, keep the Service's endpoints; the address gone,
+/// the endpoints serve again.
+#[test]
+fn a_local_redirect_serves_a_services_dns_port_from_the_node_local_cache_while_it_runs() {
+    require_root();
+    const CACHE: Ipv4Addr = Ipv4Addr::new(198, 19, 53, 10);
+    let manifest = web("ClusterIP", "", "", &[0, 1]);
+    let mut cluster = Cluster::without_agents("npl").unwrap();
+    cluster
+        .start_agents(
+            &manifest,
+            &["--local-redirect", &format!("shop/web:53={CACHE}")],
+        )
+        .unwrap();
+    let dns = SocketAddrV4::new(CLUSTER_IP, 53);
+    let web_port = format!("{CLUSTER_IP}:80/TCP");
+    let dns_port = format!("{CLUSTER_IP}:53/UDP");
+    cluster
+        .wait_for_maps("both endpoints", |m| m.count(&dns_port) == Some(2))
+        .unwrap();
+    let answered_by = |cluster: &Cluster, node: usize| -> BTreeSet<String> {
+        cluster.client_pods[node].run(|| {
+            (0..12)
+                .map(|_| {
+                    let (answer, from) = udp_query(dns).expect("a DNS answer");
+                    assert_eq!(from, dns.into(), "from the cluster IP");
+                    answer
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned()
+                })
+                .collect()
+        })
+    };
+    let pods = BTreeSet::from(["pod-a".to_owned(), "pod-b".to_owned()]);
+    assert!(answered_by(&cluster, 0).is_subset(&pods), "no cache yet");
+
+    cluster.nodes[0]
+        .ip(&["addr", "add", &format!("{CACHE}/32"), "dev", "lo"])
+        .unwrap();
+    // node-local-dns binds its address: its answers come from it.
+    let cache =
+        BackendServers::start_on(&cluster.nodes[0], CACHE, "node-cache", 18053, 53).unwrap();
+    let maps = cluster.agents[0]
+        .wait_for_maps("the redirect", |m| m.backends(&dns_port) == [CACHE])
+        .unwrap();
+    assert_eq!(
+        maps.count(&web_port),
+        Some(2),
+        "port 80 keeps its endpoints"
+    );
+    assert_eq!(
+        answered_by(&cluster, 0),
+        BTreeSet::from(["node-cache".to_owned()])
+    );
+    let (answer, _) = cluster.client_pods[0].run(|| udp_query(dns)).unwrap();
+    assert!(
+        answer.starts_with(&format!(
+            "node-cache client {}:",
+            lb_tests::cluster::CLIENT_POD_IPS[0]
+        )),
+        "{answer}"
+    );
+    assert!(
+        answered_by(&cluster, 1).is_subset(&pods),
+        "node-b has no cache"
+    );
+
+    drop(cache);
+    cluster.nodes[0]
+        .ip(&["addr", "del", &format!("{CACHE}/32"), "dev", "lo"])
+        .unwrap();
+    cluster.agents[0]
+        .wait_for_maps("the endpoints again", |m| m.count(&dns_port) == Some(2))
+        .unwrap();
+    assert!(answered_by(&cluster, 0).is_subset(&pods));
+}

@@ -118,11 +118,24 @@ pub(super) fn service_frontends(
     let mut frontends = Vec::new();
     for (port, Slots { cluster, local }, maglev_table_size) in served {
         let addresses = frontend_addresses(&vips, &port, node, &external);
+        let redirect = node.local_redirects.get(&(name.clone(), port.port));
         for (kind, addr, frontend_port) in addresses {
-            let (backends, local_count) = if policy.is_local(kind) {
-                local.clone()
-            } else {
-                cluster.clone()
+            let (backends, local_count) = match redirect {
+                Some(to) if kind == FrontendKind::ClusterIp => (
+                    vec![L4Addr {
+                        addr: *to,
+                        port: port.port,
+                        proto: port.proto,
+                    }],
+                    1,
+                ),
+                _ if policy.is_local(kind) => local.clone(),
+                _ => cluster.clone(),
+            };
+            // One local listener: no Maglev table to spread it over.
+            let maglev_table_size = match redirect {
+                Some(_) if kind == FrontendKind::ClusterIp => 0,
+                _ => maglev_table_size,
             };
             let frontend = L4Addr {
                 addr,

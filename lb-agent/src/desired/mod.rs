@@ -21,6 +21,7 @@ use std::{
 };
 
 mod frontends;
+pub mod local_redirect;
 
 use frontends::{service_frontends, valid_port, ErrCtx};
 
@@ -131,6 +132,10 @@ pub struct NodeContext {
     pub nodeport_addresses: Vec<Ipv4Addr>,
     /// This node's `topology.kubernetes.io/zone` (topology hints).
     pub zone: Option<Arc<str>>,
+    /// The local redirects in force (`--local-redirect` whose address is on
+    /// one of the node's interfaces): a Service's port → the address its
+    /// cluster IPs are served at.
+    pub local_redirects: BTreeMap<(ServiceName, u16), Ipv4Addr>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -580,7 +580,26 @@ impl Agent {
             }
         }
         if context != *self.inputs.state.node() {
-            info!(addresses = ?context.nodeport_addresses, "node port addresses");
+            let before = self.inputs.state.node();
+            if context.nodeport_addresses != before.nodeport_addresses {
+                info!(addresses = ?context.nodeport_addresses, "node port addresses");
+            }
+            for redirect in &self.config.node.local_redirects {
+                let key = (redirect.service.clone(), redirect.port);
+                let (was, is) = (
+                    before.local_redirects.contains_key(&key),
+                    context.local_redirects.contains_key(&key),
+                );
+                if was != is {
+                    info!(
+                        service = %redirect.service,
+                        port = redirect.port,
+                        address = %redirect.address,
+                        "local redirect {}",
+                        if is { "in force: the address is on this node" } else { "off: the address left this node; the Service's endpoints serve" }
+                    );
+                }
+            }
             if let Some(changes) = self.inputs.state.set_node(context, &self.inputs.store) {
                 if self.status.synced {
                     self.report_input_errors();

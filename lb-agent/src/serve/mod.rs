@@ -160,6 +160,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         name: Some(config.node.name.clone()),
         nodeport_addresses: Vec::new(),
         zone: config.node.zone.clone(),
+        local_redirects: Default::default(),
     };
     let inputs = Inputs {
         source,

@@ -8,7 +8,7 @@ use futures::StreamExt as _;
 use ipnet::Ipv4Net;
 use lb_common::config::NodeConfig;
 
-use crate::desired::NodeContext;
+use crate::desired::{local_redirect::LocalRedirect, NodeContext};
 
 /// An IPv4 address of one of this namespace's interfaces.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,6 +29,8 @@ pub struct NodeSettings {
     /// This node's zone: `--node-zone`, then (API mode) its Node's
     /// `topology.kubernetes.io/zone` label as it changes.
     pub zone: Option<Arc<str>>,
+    /// `--local-redirect`: in force while its address is on the node.
+    pub local_redirects: Vec<LocalRedirect>,
 }
 
 impl NodeSettings {
@@ -57,10 +59,17 @@ impl NodeSettings {
         nodeport_addresses.sort_unstable();
         nodeport_addresses.dedup();
         let snat = self.snat_address.or_else(|| on_external().next());
+        let local_redirects = self
+            .local_redirects
+            .iter()
+            .filter(|r| addresses.iter().any(|a| a.addr == r.address))
+            .map(|r| ((r.service.clone(), r.port), r.address))
+            .collect();
         let context = NodeContext {
             name: Some(self.name.clone()),
             nodeport_addresses,
             zone: self.zone.clone(),
+            local_redirects,
         };
         let config = NodeConfig {
             snat_addr: snat.map_or([0; 4], |a| a.octets()),
@@ -143,6 +152,10 @@ mod tests {
             snat_address: None,
             snat_ports: 61000..=65535,
             zone: None,
+            local_redirects: vec![
+                "kube-system/kube-dns:53=198.18.20.1".parse().unwrap(),
+                "kube-system/kube-dns:9153=169.254.20.10".parse().unwrap(),
+            ],
         }
     }
 
@@ -182,6 +195,19 @@ mod tests {
                 Ipv4Addr::new(198, 18, 0, 2),
                 Ipv4Addr::new(198, 18, 20, 1)
             ]
+        );
+    }
+
+    #[test]
+    fn a_local_redirect_is_in_force_while_its_address_is_on_the_node() {
+        let (context, _) = settings(&[]).resolve(&ADDRESSES, &[2]);
+        let kube_dns = crate::model::ServiceName {
+            namespace: "kube-system".into(),
+            name: "kube-dns".into(),
+        };
+        assert_eq!(
+            context.local_redirects,
+            [((kube_dns, 53), Ipv4Addr::new(198, 18, 20, 1))].into()
         );
     }
 
