@@ -5,7 +5,8 @@
 //! address and the tc programs leave them alone. `getpeername` and
 //! `recvmsg` show the frontend again. Session affinity knows the client by
 //! its network namespace; frontends with source ranges, which need the
-//! client's address, are left to tc. With `SOCK_LB_NETNS` set (socket LB
+//! client's address, are left to tc. Dual-stack sockets reach IPv4
+//! frontends through IPv4-mapped addresses. With `SOCK_LB_NETNS` set (socket LB
 //! for host-network clients), only sockets of that network namespace —
 //! the node's — are translated; pods in their own namespaces keep the tc
 //! path.
@@ -41,12 +42,60 @@ static SOCK_LB_NETNS: u64 = 0;
 
 #[cgroup_sock_addr(connect4)]
 pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
-    translate(&ctx, Send::Connect)
+    translate::<false>(&ctx, Send::Connect)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn lb_sendmsg4(ctx: SockAddrContext) -> i32 {
-    translate(&ctx, Send::Datagram)
+    translate::<false>(&ctx, Send::Datagram)
+}
+
+/// A dual-stack (AF_INET6) socket reaches an IPv4 frontend through its
+/// IPv4-mapped address (`::ffff:a.b.c.d`), as Java and Node.js sockets
+/// do: translated as an IPv4 socket is, the backend mapped the same way.
+/// Other IPv6 addresses are left alone.
+#[cgroup_sock_addr(connect6)]
+pub fn lb_connect6(ctx: SockAddrContext) -> i32 {
+    translate::<true>(&ctx, Send::Connect)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn lb_sendmsg6(ctx: SockAddrContext) -> i32 {
+    translate::<true>(&ctx, Send::Datagram)
+}
+
+/// The IPv4-mapped prefix's third word (`::ffff:0:0/96`), as
+/// `user_ip6[2]` holds it.
+const V4_MAPPED_BE: u32 = 0x0000_ffffu32.to_be();
+
+/// The IPv4 address a sock_addr context holds (wire order): its
+/// `user_ip4`, or for `V6` the IPv4 address inside an IPv4-mapped
+/// `user_ip6` (`None` for any other IPv6 address).
+#[inline(always)]
+fn user_ipv4<const V6: bool>(sa: *mut aya_ebpf::bindings::bpf_sock_addr) -> Option<u32> {
+    // SAFETY: the context is valid for the program run; each hook reads only
+    // the fields of its family, as the verifier requires.
+    unsafe {
+        if !V6 {
+            return Some((*sa).user_ip4);
+        }
+        let ip6 = (*sa).user_ip6;
+        (ip6[0] == 0 && ip6[1] == 0 && ip6[2] == V4_MAPPED_BE).then_some(ip6[3])
+    }
+}
+
+/// Writes `addr` (wire order) where `user_ipv4` read it from.
+#[inline(always)]
+fn set_user_ipv4<const V6: bool>(sa: *mut aya_ebpf::bindings::bpf_sock_addr, addr: u32) {
+    // SAFETY: writable in the connect, sendmsg, recvmsg and getpeername
+    // hooks; the mapped prefix stays.
+    unsafe {
+        if V6 {
+            (*sa).user_ip6[3] = addr;
+        } else {
+            (*sa).user_ip4 = addr;
+        }
+    }
 }
 
 /// A closing socket takes its reverse entries with it.
@@ -78,27 +127,42 @@ enum Send {
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn lb_recvmsg4(ctx: SockAddrContext) -> i32 {
-    show_frontend(&ctx);
+    show_frontend::<false>(&ctx);
     ALLOW
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
-    show_frontend(&ctx);
+    show_frontend::<false>(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn lb_recvmsg6(ctx: SockAddrContext) -> i32 {
+    show_frontend::<true>(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
+    show_frontend::<true>(&ctx);
     ALLOW
 }
 
 #[inline(always)]
-fn translate(ctx: &SockAddrContext, send: Send) -> i32 {
+fn translate<const V6: bool>(ctx: &SockAddrContext, send: Send) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: the context is valid for the program run; fields read once.
-    let (proto, addr_be, port_be) = unsafe {
+    let (proto, port_be) = unsafe {
         let proto = match (*sa).protocol {
             p if p == u32::from(IPPROTO_TCP) => IPPROTO_TCP,
             p if p == u32::from(IPPROTO_UDP) => IPPROTO_UDP,
             _ => return ALLOW,
         };
-        (proto, (*sa).user_ip4, (*sa).user_port as u16)
+        (proto, (*sa).user_port as u16)
+    };
+    let Some(addr_be) = user_ipv4::<V6>(sa) else {
+        return ALLOW; // native IPv6: no IPv6 frontends yet
     };
     let (addr, port) = (ipv4(addr_be), u16::from_be(port_be));
     let Some(svc) = maps::SERVICES.get_ptr(&SvcKey::new(addr, port, proto, 0)) else {
@@ -181,11 +245,9 @@ fn translate(ctx: &SockAddrContext, send: Send) -> i32 {
         count(Stat::SockUntranslated);
         return ALLOW; // untranslated: the tc path serves it
     }
-    // SAFETY: user_ip4 and user_port are writable in these hooks.
-    unsafe {
-        (*sa).user_ip4 = wire(backend.addr);
-        (*sa).user_port = u32::from(backend.port.to_be());
-    }
+    set_user_ipv4::<V6>(sa, wire(backend.addr));
+    // SAFETY: user_port is writable in these hooks.
+    unsafe { (*sa).user_port = u32::from(backend.port.to_be()) };
     count(Stat::SockTranslated);
     ALLOW
 }
@@ -222,11 +284,15 @@ fn remember_frontend(key: &SockRevNatKey, value: &SockRevNatValue, send: Send) -
 
 /// The backend a socket talks to appears as the frontend it asked for.
 #[inline(always)]
-fn show_frontend(ctx: &SockAddrContext) {
+fn show_frontend<const V6: bool>(ctx: &SockAddrContext) {
     let sa = ctx.sock_addr;
+    let Some(addr_be) = user_ipv4::<V6>(sa) else {
+        return;
+    };
     // SAFETY: as in `translate`.
-    let (backend_addr, backend_port) =
-        unsafe { (ipv4((*sa).user_ip4), u16::from_be((*sa).user_port as u16)) };
+    let (backend_addr, backend_port) = (ipv4(addr_be), unsafe {
+        u16::from_be((*sa).user_port as u16)
+    });
     // SAFETY: as in `translate`.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let key = SockRevNatKey::new(cookie, backend_addr, backend_port);
@@ -238,9 +304,8 @@ fn show_frontend(ctx: &SockAddrContext) {
     if !frontend.is_backend(backend_addr, backend_port) {
         return; // another backend's entry in this slot
     }
-    unsafe {
-        (*sa).user_ip4 = wire(frontend.frontend_addr);
-        (*sa).user_port = u32::from(frontend.frontend_port.to_be());
-    }
+    set_user_ipv4::<V6>(sa, wire(frontend.frontend_addr));
+    // SAFETY: as in `translate`.
+    unsafe { (*sa).user_port = u32::from(frontend.frontend_port.to_be()) };
     count(Stat::SockRevNat);
 }

@@ -778,3 +778,74 @@ fn cleanup_detaches_every_program_and_removes_every_pin() {
     assert!(stdout.contains("nothing to clean up"), "{stdout}");
     assert!(!pin_dir.exists(), "the directory is removed");
 }
+
+/// A dual-stack socket (AF_INET6, as Java and Node.js open them) reaches
+/// an IPv4 cluster IP through its IPv4-mapped address: TCP connect and
+/// unconnected UDP are translated at the socket like IPv4 ones (the tc path
+/// sees no VIP), `getpeername` and `recvfrom` show the mapped VIP.
+#[test]
+fn socket_lb_dual_stack_sockets_reach_an_ipv4_service_through_its_mapped_address() {
+    let s = setup("lbsk15", 2, &[0, 1], true);
+    let code = r#"
+import socket
+t = socket.create_connection(("::ffff:198.19.0.10", 80), timeout=3)
+assert t.family == socket.AF_INET6
+peer = t.getpeername()
+t.sendall(b"GET / HTTP/1.0\r\n\r\n")
+data = b""
+while True:
+    chunk = t.recv(4096)
+    if not chunk:
+        break
+    data += chunk
+print("tcp %s %d %s" % (peer[0], peer[1], data.split(b"\r\n\r\n", 1)[1].decode().split()[1]))
+u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+u.settimeout(3)
+for i in range(3):
+    u.sendto(b"q", ("::ffff:198.19.0.10", 53))
+    data, sender = u.recvfrom(2048)
+    print("udp %s %d %s" % (sender[0], sender[1], data.decode().split()[0]))
+"#;
+    let out = s.cgroup.python(&s.topology.client, code).unwrap();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 4, "{out}");
+    let words: Vec<&str> = lines[0].split(' ').collect();
+    assert_eq!(words[..3], ["tcp", "::ffff:198.19.0.10", "80"], "{out}");
+    assert!(["be0", "be1"].contains(&words[3]), "{out}");
+    for line in &lines[1..] {
+        let words: Vec<&str> = line.split(' ').collect();
+        assert_eq!(words[..3], ["udp", "::ffff:198.19.0.10", "53"], "{out}");
+        assert!(["be0", "be1"].contains(&words[3]), "{out}");
+    }
+    assert_eq!(s.counter(Stat::SockTranslated), 4);
+    assert_eq!(s.counter(Stat::DnatNew), 0, "translated at the socket");
+}
+
+/// The connected-UDP reset works for a dual-stack socket too: its
+/// backend leaves, the agent finds it among the AF_INET6 sockets by its
+/// mapped peer and resets it, and the client reconnects to the other.
+#[test]
+fn socket_lb_a_dual_stack_connected_udp_socket_moves_off_a_removed_backend() {
+    let mut s = setup("lbsk16", 2, &[0, 1], true);
+    let code = CONNECTED_UDP_CLIENT
+        .replace("socket.AF_INET,", "socket.AF_INET6,")
+        .replace("(\"198.19.0.10\", 53)", "(\"::ffff:198.19.0.10\", 53)");
+    assert!(code.contains("AF_INET6") && code.contains("::ffff:"));
+    let mut client = Conversation::start(&s, &s.topology.client, &code);
+    let mut ask = || client.say("q");
+    let first = ask();
+    assert!(first.starts_with("answer be"), "{first}");
+    let (other, answers) = move_to_the_other_backend(&mut s, &mut ask, &first);
+    assert!(
+        answers
+            .iter()
+            .any(|a| a == "reset ECONNABORTED" || a == "reset EDESTADDRREQ"),
+        "{answers:?}\n{}",
+        s.agent.log_text()
+    );
+    assert_eq!(
+        answers.last().map(String::as_str),
+        Some(format!("answer be{other}").as_str())
+    );
+    assert_eq!(s.counter(Stat::DnatNew), 0);
+}

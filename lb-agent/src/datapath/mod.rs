@@ -48,10 +48,15 @@ pub const EGRESS_PROGRAM: &str = "lb_egress";
 /// reverse entries, and its attach point.
 pub const SOCK_RELEASE_PROGRAM: (&str, &str) = ("lb_sock_release", "sock_release");
 
-/// The cgroup sock_addr programs of socket LB, by attach point.
-pub const SOCK_PROGRAMS: [(&str, &str); 4] = [
+/// The cgroup sock_addr programs of socket LB, by attach point (the `6`
+/// hooks serve dual-stack sockets' IPv4-mapped addresses).
+pub const SOCK_PROGRAMS: [(&str, &str); 8] = [
     ("lb_connect4", "connect4"),
     ("lb_sendmsg4", "sendmsg4"),
     ("lb_recvmsg4", "recvmsg4"),
     ("lb_getpeername4", "getpeername4"),
+    ("lb_connect6", "connect6"),
+    ("lb_sendmsg6", "sendmsg6"),
+    ("lb_recvmsg6", "recvmsg6"),
+    ("lb_getpeername6", "getpeername6"),
 ];

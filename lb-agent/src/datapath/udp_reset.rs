@@ -25,7 +25,7 @@ use aya::maps::{HashMap, Map, MapData, MapError};
 use lb_common::sock::{SockRevNatKey, SockRevNatValue};
 use netlink_packet_core::{NetlinkPayload, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST};
 use netlink_packet_sock_diag::{
-    constants::{AF_INET, IPPROTO_UDP},
+    constants::{AF_INET, AF_INET6, IPPROTO_UDP},
     inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
     SockDiagDestroy, SockDiagMessage,
 };
@@ -330,35 +330,45 @@ fn reset_in_namespace(
 }
 
 /// Destroys the wanted sockets of the current network namespace: connected
-/// UDP sockets whose cookie and peer match.
+/// UDP sockets whose cookie and peer match — IPv4 ones, and dual-stack
+/// ones whose peer is IPv4-mapped.
 fn destroy_here(wanted: &BTreeMap<u64, SocketAddrV4>) -> std::io::Result<Vec<(u64, SocketAddrV4)>> {
     let socket = netlink::connect(NETLINK_SOCK_DIAG)?;
-    let request = SockDiagMessage::InetRequest(InetRequest {
-        family: AF_INET,
-        protocol: IPPROTO_UDP,
-        extensions: ExtensionFlags::empty(),
-        states: StateFlags::all(),
-        socket_id: SocketId::new_v4(),
-    });
-    send(&socket, NLM_F_REQUEST | NLM_F_DUMP, request)?;
     let mut matches = Vec::new();
-    receive(&socket, |message| {
-        if let NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) = message {
-            let id = &response.header.socket_id;
-            let cookie = cookie_of(id);
-            let peer = match id.destination_address {
-                IpAddr::V4(addr) => SocketAddrV4::new(addr, id.destination_port),
-                IpAddr::V6(_) => return,
-            };
-            if wanted.get(&cookie) == Some(&peer) {
-                matches.push((cookie, peer, id.clone()));
+    for (family, any) in [
+        (AF_INET, SocketId::new_v4()),
+        (AF_INET6, SocketId::new_v6()),
+    ] {
+        let request = SockDiagMessage::InetRequest(InetRequest {
+            family,
+            protocol: IPPROTO_UDP,
+            extensions: ExtensionFlags::empty(),
+            states: StateFlags::all(),
+            socket_id: any,
+        });
+        send(&socket, NLM_F_REQUEST | NLM_F_DUMP, request)?;
+        receive(&socket, |message| {
+            if let NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) = message {
+                let id = &response.header.socket_id;
+                let cookie = cookie_of(id);
+                let peer = match id.destination_address {
+                    IpAddr::V4(addr) => addr,
+                    IpAddr::V6(addr) => match addr.to_ipv4_mapped() {
+                        Some(addr) => addr,
+                        None => return,
+                    },
+                };
+                let peer = SocketAddrV4::new(peer, id.destination_port);
+                if wanted.get(&cookie) == Some(&peer) {
+                    matches.push((family, cookie, peer, id.clone()));
+                }
             }
-        }
-    })?;
+        })?;
+    }
     let mut destroyed = Vec::new();
-    for (cookie, peer, socket_id) in matches {
+    for (family, cookie, peer, socket_id) in matches {
         let request = SockDiagDestroy::new(SockDiagMessage::InetRequest(InetRequest {
-            family: AF_INET,
+            family,
             protocol: IPPROTO_UDP,
             extensions: ExtensionFlags::empty(),
             states: StateFlags::all(),

@@ -246,7 +246,7 @@ impl Agent {
             |hook| attacher.pin_name("cgroup", hook),
         )
         .context("attaching socket LB")?;
-        info!(cgroup = %cgroup.display(), "socket LB attached (connect4, sendmsg4, recvmsg4, getpeername4, sock_release)");
+        info!(cgroup = %cgroup.display(), "socket LB attached (connect, sendmsg, recvmsg, getpeername for IPv4 and IPv4-mapped IPv6; sock_release)");
         Ok(())
     }
 
