@@ -293,7 +293,7 @@ fn malformed_file_keeps_its_last_good_content() {
 fn frontends_follow_every_ipv4_cluster_ip() {
     let yaml = service("a", "198.19.0.1", &["198.18.0.1"]).replace(
         "clusterIP: 198.19.0.1",
-        "clusterIP: 198.19.0.1\n  clusterIPs: [198.19.0.1, \"fd00::1\"]",
+        "clusterIP: 198.19.0.1\n  clusterIPs: [198.19.0.1, \"2001:db8::1\"]",
     );
     let desired = desired_of(&yaml);
     let vips: Vec<Ipv4Addr> = desired.frontends.keys().map(|f| f.addr).collect();

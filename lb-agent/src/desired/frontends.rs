@@ -62,15 +62,15 @@ pub(super) fn service_frontends(
     if spec.type_.as_deref() == Some("ExternalName") {
         return (Vec::new(), Vec::new());
     }
-    let vips = match cluster_ips(spec, &ctx) {
+    let mut errors = Vec::new();
+    let vips = match cluster_ips(spec, &ctx, &mut errors) {
         Ok(vips) => vips,
         Err(errors) => return (Vec::new(), errors),
     };
     if vips.is_empty() {
-        return (Vec::new(), Vec::new()); // headless, or IPv6-only
+        return (Vec::new(), errors); // headless, or IPv6-only
     }
 
-    let mut errors = Vec::new();
     let policy = match Policy::of(spec, &ctx) {
         Ok(policy) => policy,
         Err(e) => return (Vec::new(), vec![e]),
@@ -616,8 +616,14 @@ impl PortEndpoints {
     }
 }
 
-/// IPv4 cluster IPs from `clusterIPs` (or `clusterIP`); empty when headless.
-fn cluster_ips(spec: &ServiceSpecView, ctx: &ErrCtx) -> Result<Vec<Ipv4Addr>, Vec<InputError>> {
+/// IPv4 cluster IPs from `clusterIPs` (or `clusterIP`); empty when
+/// headless. An IPv6 one is a `Skipped` error in `skipped`: not served,
+/// said so (`check` fails), the IPv4 ones still are.
+fn cluster_ips(
+    spec: &ServiceSpecView,
+    ctx: &ErrCtx,
+    skipped: &mut Vec<InputError>,
+) -> Result<Vec<Ipv4Addr>, Vec<InputError>> {
     let (field, ips): (&str, Vec<String>) = match (&spec.cluster_ips, &spec.cluster_ip) {
         (Some(ips), _) if !ips.is_empty() => ("spec.clusterIPs", ips.clone()),
         (_, Some(ip)) => ("spec.clusterIP", vec![ip.clone()]),
@@ -648,9 +654,11 @@ fn cluster_ips(spec: &ServiceSpecView, ctx: &ErrCtx) -> Result<Vec<Ipv4Addr>, Ve
                 )]);
             }
             Ok(IpAddr::V4(v4)) => vips.push(v4),
-            Ok(IpAddr::V6(_)) => {
-                tracing::debug!(object = %ctx.object, %ip, "IPv6 cluster IP skipped (IPv4 only)")
-            }
+            Ok(IpAddr::V6(_)) => skipped.push(ctx.error(
+                InputErrorKind::Skipped,
+                &field,
+                &format!("{ip} is IPv6, which lb does not serve yet; not programmed"),
+            )),
             Err(_) => {
                 return Err(vec![ctx.error(
                     InputErrorKind::InvalidField,
