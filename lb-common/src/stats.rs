@@ -55,7 +55,8 @@ pub enum Stat {
     CtReclaimed = 19,
     /// A socket's connect or send to a frontend pointed at a backend (socket LB).
     SockTranslated = 20,
-    /// A socket's connect or send to a frontend without endpoints: refused.
+    /// A socket's connect or send to a frontend without endpoints, or to an
+    /// address of the service CIDRs no frontend holds: refused.
     SockRefused = 21,
     /// A socket's peer or sender address shown as the frontend again.
     SockRevNat = 22,

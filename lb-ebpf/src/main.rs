@@ -179,7 +179,7 @@ static SERVICE_CIDRS: Cidrs = Cidrs::NONE;
 static CLUSTER_CIDRS: Cidrs = Cidrs::NONE;
 
 #[inline(always)]
-fn service_cidrs() -> Cidrs {
+pub(crate) fn service_cidrs() -> Cidrs {
     // SAFETY: a read-only global; volatile so the agent's value is used.
     unsafe { core::ptr::read_volatile(&SERVICE_CIDRS) }
 }

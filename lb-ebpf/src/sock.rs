@@ -165,25 +165,28 @@ fn translate<const V6: bool>(ctx: &SockAddrContext, send: Send) -> i32 {
         return ALLOW; // native IPv6: no IPv6 frontends yet
     };
     let (addr, port) = (ipv4(addr_be), u16::from_be(port_be));
-    let Some(svc) = maps::SERVICES.get_ptr(&SvcKey::new(addr, port, proto, 0)) else {
+    let svc = maps::SERVICES.get_ptr(&SvcKey::new(addr, port, proto, 0));
+    // An address of the service CIDRs that no frontend holds is refused,
+    // as the tc path rejects its packets.
+    if svc.is_none() && !crate::service_cidrs().contains(u32::from_be(addr_be)) {
         return ALLOW;
-    };
+    }
     // SAFETY: a read-only global; volatile so the agent's value is used.
     let only = unsafe { core::ptr::read_volatile(&SOCK_LB_NETNS) };
     // SAFETY: the context pointer is valid; the helper only reads it.
     if only != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != only {
         return ALLOW; // a pod with a namespace of its own: the tc path
     }
+    let Some(svc) = svc else {
+        return refuse();
+    };
     // SAFETY: copied at once; the agent may rewrite slot 0 at any time.
     let svc = unsafe { *svc };
     if svc.flags & SVC_FLAG_SOURCE_RANGES != 0 {
         return ALLOW; // needs the client address: the tc path decides
     }
     if svc.count == 0 {
-        count(Stat::SockRefused);
-        // SAFETY: a plain helper; the syscall fails with this error.
-        unsafe { bpf_set_retval(-ECONNREFUSED) };
-        return REFUSE;
+        return refuse();
     }
     let choices = if svc.flags & SVC_FLAG_INTERNAL_LOCAL != 0 {
         svc.local_count
@@ -250,6 +253,16 @@ fn translate<const V6: bool>(ctx: &SockAddrContext, send: Send) -> i32 {
     unsafe { (*sa).user_port = u32::from(backend.port.to_be()) };
     count(Stat::SockTranslated);
     ALLOW
+}
+
+/// Fails the connect or send with ECONNREFUSED, as the tc path's ICMP
+/// port unreachable fails it.
+#[inline(always)]
+fn refuse() -> i32 {
+    count(Stat::SockRefused);
+    // SAFETY: a plain helper; the syscall fails with this error.
+    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    REFUSE
 }
 
 /// Writes the socket's entry for a backend; false when it cannot have one.

@@ -849,3 +849,32 @@ fn socket_lb_a_dual_stack_connected_udp_socket_moves_off_a_removed_backend() {
     );
     assert_eq!(s.counter(Stat::DnatNew), 0);
 }
+
+/// With `--service-cluster-ip-range`, a node process connecting to an
+/// address there that no Service holds is refused at connect, as pods'
+/// packets are at tc (nftables kube-proxy rejects both); a held one is
+/// translated.
+#[test]
+fn socket_lb_refuses_a_node_process_connecting_to_an_unallocated_cluster_ip() {
+    let s = setup_with(
+        "lbsk17",
+        1,
+        &[0],
+        "host-network",
+        |m| m,
+        &["--service-cluster-ip-range", "198.19.0.0/16"],
+    );
+    let code = r#"
+import socket
+for addr in ["198.19.0.99", "198.19.0.10"]:
+    try:
+        socket.create_connection((addr, 80), timeout=3).close()
+        print(addr, "connected")
+    except ConnectionRefusedError:
+        print(addr, "refused")
+"#;
+    let out = s.cgroup.python(&s.topology.node, code).unwrap();
+    assert_eq!(out, "198.19.0.99 refused\n198.19.0.10 connected", "{out}");
+    assert_eq!(s.counter(Stat::SockRefused), 1);
+    assert_eq!(s.counter(Stat::SockTranslated), 1);
+}
