@@ -113,7 +113,7 @@ fn metrics_follow_programmed_state_traffic_and_changes() {
         m.samples
             .contains_key(r#"lb_kube_proxy_rules{mode="iptables"}"#)
     });
-    for mode in ["iptables", "nftables", "ipvs"] {
+    for mode in ["iptables", "iptables-legacy", "nftables", "ipvs"] {
         let series = format!(r#"lb_kube_proxy_rules{{mode="{mode}"}}"#);
         assert_eq!(found.get(&series), 0.0, "{series}");
     }
@@ -682,6 +682,10 @@ fn held_health_and_metrics_ports_are_retried_and_taken_once_free() {
         "iptables -t nat -N KUBE-SERVICES",
         "iptables -t nat -N KUBE-SVC-ERIFXISQEP7F7OF4",
         "iptables -t filter -N KUBE-FIREWALL",
+        // And legacy iptables' (x_tables), in both families.
+        "iptables-legacy -t nat -N KUBE-NODEPORTS",
+        "iptables-legacy -t filter -N KUBE-FIREWALL",
+        "ip6tables-legacy -t filter -N KUBE-FORWARD",
         "nft add table ip kube-proxy",
         // kube-proxy makes a dummy device; this kernel has no dummy module.
         "ip link add kube-ipvs0 type veth peer name kube-ipvs0-p",
@@ -740,7 +744,12 @@ fn held_health_and_metrics_ports_are_retried_and_taken_once_free() {
         }
     };
     assert_eq!(served.get("lb_services"), 1.0);
-    for (mode, found) in [("iptables", 2.0), ("nftables", 1.0), ("ipvs", 1.0)] {
+    for (mode, found) in [
+        ("iptables", 2.0),
+        ("iptables-legacy", 2.0),
+        ("nftables", 1.0),
+        ("ipvs", 1.0),
+    ] {
         let series = format!(r#"lb_kube_proxy_rules{{mode="{mode}"}}"#);
         assert_eq!(served.get(&series), found, "{series}");
     }

@@ -6,8 +6,8 @@
 //! still matches traffic to a Service VIP that netfilter sees — node
 //! processes' connections (OUTPUT) to Services that have since changed or
 //! gone — so the agent reports them (`lb_kube_proxy_rules{mode}`, a log
-//! line when they change). Legacy iptables (the x_tables sockopt ABI) is
-//! not inspected.
+//! line when they change). Legacy iptables is read through the x_tables
+//! sockopt ABI (`iptables_legacy`).
 
 use netlink_packet_core::{NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST};
 use netlink_packet_netfilter::{
@@ -26,8 +26,11 @@ const IPVS_DEVICE: &str = "kube-ipvs0";
 /// What kube-proxy left on the node.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Found {
-    /// Chains of the iptables mode (also the IPVS mode's), as `TABLE/CHAIN`.
+    /// Chains of the iptables mode (also the IPVS mode's) in iptables-nft's
+    /// tables, as `FAMILY TABLE/CHAIN`.
     pub iptables_chains: Vec<String>,
+    /// The same in legacy iptables (`iptables-legacy`).
+    pub legacy_chains: Vec<String>,
     /// Tables of the nftables mode, as `FAMILY TABLE`.
     pub nftables_tables: Vec<String>,
     /// The IPVS mode's device is there.
@@ -36,14 +39,18 @@ pub struct Found {
 
 impl Found {
     pub fn is_empty(&self) -> bool {
-        self.iptables_chains.is_empty() && self.nftables_tables.is_empty() && !self.ipvs_device
+        self.iptables_chains.is_empty()
+            && self.legacy_chains.is_empty()
+            && self.nftables_tables.is_empty()
+            && !self.ipvs_device
     }
 
     /// One line: how much of each mode, for the log.
     pub fn summary(&self) -> String {
         format!(
-            "iptables: {} chains, nftables: {} tables, IPVS device: {}",
+            "iptables: {} chains, legacy iptables: {} chains, nftables: {} tables, IPVS device: {}",
             self.iptables_chains.len(),
+            self.legacy_chains.len(),
             self.nftables_tables.len(),
             if self.ipvs_device { "yes" } else { "no" }
         )
@@ -111,6 +118,7 @@ pub fn find() -> std::io::Result<Found> {
             ));
         }
     }
+    found.legacy_chains = super::iptables_legacy::chains(is_kube_proxy_chain)?;
     found.iptables_chains.sort();
     found.nftables_tables.sort();
     found.ipvs_device = crate::datapath::attach::interfaces()?

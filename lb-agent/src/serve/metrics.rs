@@ -358,6 +358,7 @@ impl Metrics {
     pub fn kube_proxy_rules(&self, found: &super::kube_proxy::Found) {
         for (mode, count) in [
             ("iptables", found.iptables_chains.len()),
+            ("iptables-legacy", found.legacy_chains.len()),
             ("nftables", found.nftables_tables.len()),
             ("ipvs", usize::from(found.ipvs_device)),
         ] {

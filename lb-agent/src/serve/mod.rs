@@ -5,6 +5,7 @@
 
 mod agent;
 pub mod health;
+mod iptables_legacy;
 pub mod kube_proxy;
 pub mod metrics;
 pub mod nf_conntrack;
@@ -270,7 +271,7 @@ async fn watch_kube_proxy(metrics: Metrics) {
                         }
                     } else {
                         warn!(
-                            iptables = ?found.iptables_chains.iter().take(3).collect::<Vec<_>>(),
+                            iptables = ?found.iptables_chains.iter().chain(&found.legacy_chains).take(3).collect::<Vec<_>>(),
                             nftables = ?found.nftables_tables,
                             "kube-proxy's rules are on this node ({}): expected while kube-proxy runs; \
                              once it is removed, run `kube-proxy --cleanup` here, or they go on \
