@@ -420,7 +420,11 @@ fn keep_datapath_survives_an_agent_restart() {
         })
         .unwrap();
     let released = "released links pinned by a previous run";
-    wait_until(IO_TIMEOUT, || s.agent.log_event(released).is_some());
+    // After the new agent has loaded (the verifier's walk takes seconds on
+    // a busy machine) and programmed: an agent's time, not a packet's.
+    wait_until(lb_tests::EVENT_TIMEOUT, || {
+        s.agent.log_event(released).is_some()
+    });
     let log = s.agent.log_text();
     let first = s.agent.log_event("applied").expect("an applied pass");
     let counts = ["added", "updated", "removed", "unchanged"].map(|k| first[k].as_u64());

@@ -56,6 +56,19 @@ enum Task {
         #[arg(long, default_value_t = 2.0)]
         seconds: f64,
     },
+    /// Packets per second through a node port, lb (tc) vs kube-proxy-shaped
+    /// iptables and nftables, sent by an XDP live-frames generator (writes
+    /// bench/results/packet-rate.md).
+    PacketRate {
+        /// Services programmed (the last is the target).
+        #[arg(long, default_value_t = 1000)]
+        services: usize,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Seconds each run sends for.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+    },
     /// Measure EndpointSlice change → map update at a real API server (writes bench/results/k8s-latency.md).
     K8sLatency {
         #[arg(long, default_value_t = 200)]
@@ -254,6 +267,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 bulk_bytes: 256 << 20,
             };
             bench::run(&agent, &config)?;
+        }
+        Task::PacketRate {
+            services,
+            runs,
+            seconds,
+        } => {
+            require_root("packet-rate")?;
+            let agent = build_agent(true)?;
+            // SAFETY: single-threaded here; read by topology::agent_binary.
+            unsafe { std::env::set_var("LB_AGENT_BIN", &agent) };
+            let config = bench::BenchConfig {
+                scales: vec![services],
+                runs,
+                duration: std::time::Duration::from_secs_f64(seconds),
+                threads: 1,
+                bulk_bytes: 0,
+            };
+            let results = bench::packet_rate::measure(services, &config)?;
+            let text = bench::packet_rate::markdown(services, &config, &results);
+            results::publish("packet-rate.md", &text)?;
+            println!("{text}");
         }
         Task::Soak => {
             require_root("soak")?;

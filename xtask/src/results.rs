@@ -7,7 +7,13 @@ use std::path::PathBuf;
 use anyhow::{bail, Context as _};
 
 /// The reports, each with its section in the docs page.
-pub const REPORTS: [&str; 4] = ["bench.md", "k8s-latency.md", "soak.md", "upkeep.md"];
+pub const REPORTS: [&str; 5] = [
+    "bench.md",
+    "packet-rate.md",
+    "k8s-latency.md",
+    "soak.md",
+    "upkeep.md",
+];
 
 fn results_dir() -> PathBuf {
     crate::workspace_root().join("bench/results")

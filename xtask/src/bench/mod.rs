@@ -5,6 +5,7 @@
 
 mod load;
 mod nodeport;
+pub mod packet_rate;
 mod peers;
 mod report;
 
@@ -143,6 +144,13 @@ pub fn run(agent_bin: &Path, config: &BenchConfig) -> anyhow::Result<()> {
     for scale in np_scales {
         node_ports.push((scale, nodeport::measure(scale, config)?));
     }
+    // Packets per second through a node port, at the largest scale.
+    let pps_scale = *config.scales.last().context("no scales")?;
+    let rates = packet_rate::measure(pps_scale, config)?;
+    crate::results::publish(
+        "packet-rate.md",
+        &packet_rate::markdown(pps_scale, config, &rates),
+    )?;
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/results");
     std::fs::create_dir_all(&out)?;
     let text = report::markdown(

@@ -24,7 +24,7 @@ const NODE_PORT_SERVICES: usize = 2000;
 
 /// N NodePort services; the last one's only endpoint is pod-b (on node-b),
 /// the others have 10 endpoints nothing answers on.
-fn services(n: usize) -> Vec<Service> {
+pub fn services(n: usize) -> Vec<Service> {
     let mut services = super::services(n);
     if let Some(target) = services.last_mut() {
         target.endpoints = vec![(POD_IPS[1], 8080)];
@@ -56,44 +56,8 @@ fn one_run(
     sample: &mut Sample,
 ) -> anyhow::Result<()> {
     let mut cluster = Cluster::without_agents(PREFIX)?;
-    let client = &cluster.clients[0];
-    super::tune_client(client)?;
-    let n = services.len();
-    let target_port = node_port(n - 1, n).context("the target is a NodePort service")?;
-    let via_node_a = SocketAddrV4::new(NODE_IPS[0], target_port);
-    let scratch = lb_tests::topology::ScratchDir::new("lbn-bench")?;
-    let target = match mode {
-        Mode::Direct => {
-            // The client routes to pod-b through node-b: one hop, no NAT.
-            client.ip(&[
-                "route",
-                "add",
-                "198.18.11.0/24",
-                "via",
-                &NODE_IPS[1].to_string(),
-            ])?;
-            SocketAddrV4::new(POD_IPS[1], 8080)
-        }
-        Mode::Iptables => {
-            let rules = scratch.0.join("iptables.rules");
-            std::fs::write(&rules, iptables_rules(services))?;
-            restore(&cluster.nodes[0].name, &["iptables-legacy-restore"], &rules)?;
-            via_node_a
-        }
-        Mode::Nftables => {
-            let rules = scratch.0.join("nftables.nft");
-            std::fs::write(&rules, nftables_rules(services))?;
-            restore(&cluster.nodes[0].name, &["nft", "-f"], &rules)?;
-            via_node_a
-        }
-        Mode::Lb | Mode::LbSocket => {
-            cluster.start_agents(&manifest(services), &[])?;
-            // Each node serves the port on its own address.
-            let port = format!("{target_port}/TCP");
-            cluster.wait_for_maps("the bench node ports", |m| m.port_count(&port) == Some(1))?;
-            via_node_a
-        }
-    };
+    super::tune_client(&cluster.clients[0])?;
+    let target = program(mode, &mut cluster, services, Proto::Tcp)?;
     let client = &cluster.clients[0];
     client
         .run(|| http_get(target))
@@ -104,6 +68,76 @@ fn one_run(
     sample.p99_ms.push(conns.p99.as_secs_f64() * 1e3);
     sample.errors += conns.errors;
     Ok(())
+}
+
+/// The services' protocol (each has one port).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+/// Programs `mode` on `cluster` for `services` (lb: starts both agents);
+/// the address the client reaches the target through.
+pub fn program(
+    mode: Mode,
+    cluster: &mut Cluster,
+    services: &[Service],
+    proto: Proto,
+) -> anyhow::Result<SocketAddrV4> {
+    let n = services.len();
+    let target_port = node_port(n - 1, n).context("the target is a NodePort service")?;
+    let via_node_a = SocketAddrV4::new(NODE_IPS[0], target_port);
+    let scratch = lb_tests::topology::ScratchDir::new("lbn-bench")?;
+    let udp = |rules: String| match proto {
+        Proto::Tcp => rules,
+        Proto::Udp => rules
+            .replace("-p tcp -m tcp", "-p udp -m udp")
+            .replace(" tcp . ", " udp . ")
+            .replace("l4proto tcp", "l4proto udp"),
+    };
+    let target = match mode {
+        Mode::Direct => {
+            // The client routes to pod-b through node-b: one hop, no NAT.
+            cluster.clients[0].ip(&[
+                "route",
+                "add",
+                "198.18.11.0/24",
+                "via",
+                &NODE_IPS[1].to_string(),
+            ])?;
+            SocketAddrV4::new(POD_IPS[1], 8080)
+        }
+        Mode::Iptables => {
+            let rules = scratch.0.join("iptables.rules");
+            std::fs::write(&rules, udp(iptables_rules(services)))?;
+            restore(&cluster.nodes[0].name, &["iptables-legacy-restore"], &rules)?;
+            via_node_a
+        }
+        Mode::Nftables => {
+            let rules = scratch.0.join("nftables.nft");
+            std::fs::write(&rules, udp(nftables_rules(services)))?;
+            restore(&cluster.nodes[0].name, &["nft", "-f"], &rules)?;
+            via_node_a
+        }
+        Mode::Lb | Mode::LbSocket => {
+            let (manifest, name) = match proto {
+                Proto::Tcp => (manifest(services), "TCP"),
+                Proto::Udp => (
+                    manifest(services)
+                        .replace("targetPort: http", "protocol: UDP, targetPort: http")
+                        .replace("port: 8080}", "port: 8080, protocol: UDP}"),
+                    "UDP",
+                ),
+            };
+            cluster.start_agents(&manifest, &[])?;
+            // Each node serves the port on its own address.
+            let port = format!("{target_port}/{name}");
+            cluster.wait_for_maps("the bench node ports", |m| m.port_count(&port) == Some(1))?;
+            via_node_a
+        }
+    };
+    Ok(target)
 }
 
 /// kube-proxy's iptables mode for NodePort services: after the cluster IP
