@@ -112,6 +112,11 @@ pub struct Sample {
     pub errors: u64,
     pub rss_mib: Vec<f64>,
     pub cpu_s: Vec<f64>,
+    /// Packet rate (`packet_rate`): forwarded packets/s, CPU seconds per
+    /// million forwarded, offered packets/s.
+    pub pps: Vec<f64>,
+    pub cpu_s_per_mpkt: Vec<f64>,
+    pub offered_pps: Vec<f64>,
 }
 
 pub fn run(agent_bin: &Path, config: &BenchConfig) -> anyhow::Result<()> {

@@ -29,7 +29,7 @@ use lb_tests::{
     netns::NetNs,
 };
 
-use super::{nodeport, BenchConfig, Mode};
+use super::{nodeport, BenchConfig, Mode, Sample};
 
 /// Client ports the frames come from (one frame and generator each, sent
 /// in turn).
@@ -40,47 +40,32 @@ const REPEAT: u32 = 4096;
 const BATCH: u32 = 64;
 const PAYLOAD: usize = 18; // a 64-byte Ethernet frame
 
-/// One mode's figures of one run.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Rate {
-    /// Packets arriving at pod-b per second.
-    pub pps: f64,
-    /// CPU seconds (every core) per million packets arriving.
-    pub cpu_s_per_mpkt: f64,
-    /// Packets the generator sent per second.
-    pub sent_pps: f64,
-}
-
-/// Every peer mode and lb, `config.runs` times each, at `scale` services.
-pub fn measure(scale: usize, config: &BenchConfig) -> anyhow::Result<Vec<(Mode, Vec<Rate>)>> {
+/// Every peer mode, lb and direct access, `config.runs` times each, at
+/// `scale` services.
+pub fn measure(scale: usize, config: &BenchConfig) -> anyhow::Result<Vec<(Mode, Sample)>> {
     let services = nodeport::services(scale);
-    let mut out = Vec::new();
-    for mode in [Mode::Direct, Mode::Iptables, Mode::Nftables, Mode::Lb] {
-        let mut rates = Vec::new();
-        for run in 0..config.runs {
-            eprintln!(
-                "[bench] packet rate, {scale} services, {}, run {}/{}",
-                mode.name(),
-                run + 1,
-                config.runs
-            );
+    super::every_mode(
+        &format!("packet rate, {scale} services"),
+        &Mode::ALL,
+        config,
+        |mode, sample| {
             let mut cluster = Cluster::without_agents(PREFIX)?;
             let target = nodeport::program(mode, &mut cluster, &services, nodeport::Proto::Udp)?;
-            rates.push(
-                one_run(&cluster, target, config.duration)
-                    .with_context(|| format!("packet rate, {}", mode.name()))?,
-            );
-        }
-        out.push((mode, rates));
-    }
-    Ok(out)
+            one_run(&cluster, target, config.duration, sample)
+        },
+    )
 }
 
 const PREFIX: &str = "lbp";
 
 /// Sends to `target` (node-a's node port; for direct, pod-b by way of
 /// node-b) for `duration`.
-fn one_run(cluster: &Cluster, target: SocketAddrV4, duration: Duration) -> anyhow::Result<Rate> {
+fn one_run(
+    cluster: &Cluster,
+    target: SocketAddrV4,
+    duration: Duration,
+    sample: &mut Sample,
+) -> anyhow::Result<()> {
     let client = &cluster.clients[0];
     let lan_port = format!("{PREFIX}-c0");
     // veth hands XDP_TX frames to its peer's NAPI, which GRO turns on.
@@ -127,11 +112,12 @@ fn one_run(cluster: &Cluster, target: SocketAddrV4, duration: Duration) -> anyho
     if arrived < 1.0 {
         bail!("no packet reached pod-b (sent {sent})");
     }
-    Ok(Rate {
-        pps: arrived / elapsed,
-        cpu_s_per_mpkt: (cpu_after - cpu_before) / arrived * 1e6,
-        sent_pps: sent as f64 / elapsed,
-    })
+    sample.pps.push(arrived / elapsed);
+    sample
+        .cpu_s_per_mpkt
+        .push((cpu_after - cpu_before) / arrived * 1e6);
+    sample.offered_pps.push(sent as f64 / elapsed);
+    Ok(())
 }
 
 /// A minimal UDP datagram from the client to `to`, IPv4 checksum
@@ -403,16 +389,14 @@ fn cpu_busy_s() -> anyhow::Result<f64> {
 }
 
 /// The report: each mode's rate and cost, and lb's ratios to the peers.
-pub fn markdown(scale: usize, config: &BenchConfig, results: &[(Mode, Vec<Rate>)]) -> String {
+pub fn markdown(scale: usize, config: &BenchConfig, results: &[(Mode, Sample)]) -> String {
     use std::fmt::Write as _;
-    let stats = |rates: &[Rate], f: fn(&Rate) -> f64| {
-        super::report::stats(&rates.iter().map(f).collect::<Vec<_>>())
-    };
+    let stats = super::report::stats;
     let pps_of = |mode: Mode| {
         results
             .iter()
             .find(|(m, _)| *m == mode)
-            .map_or(f64::NAN, |(_, r)| stats(r, |r| r.pps).0)
+            .map_or(f64::NAN, |(_, s)| stats(&s.pps).0)
     };
     let mut out = String::from("# Packet rate through a node port\n\n");
     let _ = writeln!(
@@ -421,17 +405,17 @@ pub fn markdown(scale: usize, config: &BenchConfig, results: &[(Mode, Vec<Rate>)
          (DNAT + SNAT at node-a), {} client ports, 64-byte frames sent by an XDP program in \
          BPF_PROG_TEST_RUN live-frames mode on one CPU; {scale} services; {} runs of {:.0} s each, \
          median [min–max]. Forwarded: packets arriving at pod-b's interface per second (one core: the \
-         forwarding runs in the sender's softirq). CPU: busy seconds of the whole machine per million \
+         forwarding runs in the sender's softirq). CPU: busy seconds of the whole machine (run it idle) per million \
          forwarded.\n",
         FLOWS,
         config.runs,
         config.duration.as_secs_f64()
     );
     out.push_str("| mode | forwarded packets/s | CPU s per million | offered packets/s |\n|---|---|---|---|\n");
-    for (mode, rates) in results {
-        let (p, p_lo, p_hi) = stats(rates, |r| r.pps);
-        let (c, c_lo, c_hi) = stats(rates, |r| r.cpu_s_per_mpkt);
-        let (o, _, _) = stats(rates, |r| r.sent_pps);
+    for (mode, sample) in results {
+        let (p, p_lo, p_hi) = stats(&sample.pps);
+        let (c, c_lo, c_hi) = stats(&sample.cpu_s_per_mpkt);
+        let (o, _, _) = stats(&sample.offered_pps);
         let _ = writeln!(
             out,
             "| {} | {p:.0} [{p_lo:.0}–{p_hi:.0}] | {c:.2} [{c_lo:.2}–{c_hi:.2}] | {o:.0} |",
