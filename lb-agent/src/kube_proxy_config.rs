@@ -195,6 +195,13 @@ pub fn parse(text: &str, path: &Path) -> Result<ConfigFlags, ConfigError> {
             if let Some(value) = flag_value(*kind, value).map_err(|r| invalid(field, r))? {
                 config.flags.push((flag, value));
             }
+            if let (Kind::CidrText, Value::String(text)) = (kind, value) {
+                for v6 in text.split(',').map(str::trim).filter(|t| t.contains(':')) {
+                    config.warnings.push(format!(
+                        "{field}: {v6}: not used by lb: IPv6 is not supported yet"
+                    ));
+                }
+            }
             continue;
         }
         let not_used = NOT_USED
@@ -297,7 +304,11 @@ fn flag_value(kind: Kind, value: &Value) -> Result<Option<String>, String> {
             }
             ipv4_cidrs(items.iter().map(|i| i.as_str().unwrap_or_default()))
         }
-        (Kind::CidrText, Value::String(s)) => ipv4_cidrs(s.split(',').map(str::trim)),
+        // A dual-stack cluster's IPv6 prefix is warned about (above), not
+        // an error: the IPv4 one still applies.
+        (Kind::CidrText, Value::String(s)) => {
+            ipv4_cidrs(s.split(',').map(str::trim).filter(|t| !t.contains(':')))
+        }
         (Kind::OneOf(choices), Value::String(s)) if choices.contains(&s.as_str()) => {
             Ok(Some(s.clone()))
         }
@@ -469,10 +480,20 @@ winkernel:
         assert!(error("conntrack: {tcpCloseWaitTimeout: 1d}\n").contains("unknown unit"));
         assert!(error("nodePortAddresses: [2001:db8::/64]\n").contains("IPv6"));
         assert!(error("metricsBindAddress: localhost\n").contains("expected IP or IP:PORT"));
+        let dual = parse(
+            &format!("{head}clusterCIDR: 198.18.64.0/18,2001:db8::/48\n"),
+            file,
+        )
+        .unwrap();
         assert_eq!(
-            error("clusterCIDR: 198.18.64.0/18,2001:db8::/48\n"),
-            "--config c.yaml: clusterCIDR: 2001:db8::/48: IPv6 is not supported yet"
+            dual.flags[0],
+            ("--cluster-cidr", "198.18.64.0/18".to_owned())
         );
+        assert_eq!(
+            dual.warnings,
+            ["clusterCIDR: 2001:db8::/48: not used by lb: IPv6 is not supported yet"]
+        );
+        assert!(error("clusterCIDR: 198.18.64.0/33\n").contains("expected a CIDR"));
         assert_eq!(
             error("detectLocalMode: ClusterCidr\n"),
             "--config c.yaml: detectLocalMode: \"ClusterCidr\": expected one of \

@@ -278,9 +278,10 @@ struct RunArgs {
     /// is masqueraded to the node (as kube-proxy masquerades traffic from
     /// outside the cluster CIDR), so its answer comes back this way; sources
     /// in these prefixes are the cluster's and keep their address. Default:
-    /// none, every such source is outside. At most 4.
+    /// none, every such source is outside. At most 4 IPv4 prefixes; an IPv6
+    /// one (a dual-stack cluster's) is warned about and not used yet.
     #[arg(long, value_delimiter = ',')]
-    cluster_cidr: Vec<ipnet::Ipv4Net>,
+    cluster_cidr: Vec<ipnet::IpNet>,
     /// How traffic from the cluster is told apart (kube-proxy's flag):
     /// `ClusterCIDR` by `--cluster-cidr`; `NodeCIDR`, `BridgeInterface` and
     /// `InterfaceNamePrefix` by the interface it arrives on — this node's
@@ -635,7 +636,18 @@ impl RunArgs {
         };
         let service_cidrs = cidrs("--service-cluster-ip-range", &self.service_cluster_ip_range)?;
         let cluster_cidrs = match self.detect_local_mode {
-            DetectLocalMode::ClusterCidr => cidrs("--cluster-cidr", &self.cluster_cidr)?,
+            DetectLocalMode::ClusterCidr => {
+                let mut v4 = Vec::new();
+                for net in &self.cluster_cidr {
+                    match net {
+                        ipnet::IpNet::V4(net) => v4.push(*net),
+                        ipnet::IpNet::V6(net) => tracing::warn!(
+                            "--cluster-cidr {net}: not used: IPv6 is not supported yet"
+                        ),
+                    }
+                }
+                cidrs("--cluster-cidr", &v4)?
+            }
             _ => lb_common::cidrs::Cidrs::NONE,
         };
         let socket_lb_netns = match self.socket_lb {
