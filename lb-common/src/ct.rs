@@ -27,7 +27,7 @@
 //! by packets in its direction. A flow is alive while either entry is
 //! unexpired; the agent's GC removes both entries once both have expired.
 
-use crate::{user_pod, Ipv4};
+use crate::{user_pod, Ipv4, Ipv6};
 
 /// Assured flows.
 pub const CT_MAP: &str = "lb_ct_v4";
@@ -35,6 +35,9 @@ pub const DEFAULT_MAX_CT_ENTRIES: u32 = 262_144;
 /// Flows not yet assured (an LRU).
 pub const CT_NEW_MAP: &str = "lb_ct_new_v4";
 pub const DEFAULT_MAX_CT_NEW_ENTRIES: u32 = 65_536;
+/// The IPv6 tables, the same model (`CtKey<Ipv6>`, `CtValue<Ipv6>`).
+pub const CT6_MAP: &str = "lb_ct6_v4";
+pub const CT6_NEW_MAP: &str = "lb_ct_new6_v4";
 
 /// A UDP flow answered and still in use this long after it began is assured.
 pub const CT_UDP_ASSURE_NS: u64 = 2 * SEC;
@@ -116,9 +119,9 @@ pub const fn is_closing(flags: u8) -> bool {
 
 #[repr(C, align(4))]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct CtKey {
-    pub saddr: Ipv4,
-    pub daddr: Ipv4,
+pub struct CtKey<A = Ipv4> {
+    pub saddr: A,
+    pub daddr: A,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
@@ -128,13 +131,13 @@ pub struct CtKey {
 
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
-pub struct CtValue {
+pub struct CtValue<A = Ipv4> {
     /// The packet's source after translation. Forward: the client, or the
     /// node's SNAT address. Reply: the frontend.
-    pub src_addr: Ipv4,
+    pub src_addr: A,
     /// The packet's destination after translation. Forward: the backend.
     /// Reply: the client.
-    pub dst_addr: Ipv4,
+    pub dst_addr: A,
     pub src_port: u16,
     pub dst_port: u16,
     pub rev_nat_id: u16,
@@ -151,9 +154,9 @@ pub struct CtValue {
     pub expires_ns: u64,
 }
 
-impl CtKey {
+impl<A: Copy> CtKey<A> {
     #[inline(always)]
-    pub const fn new(saddr: Ipv4, sport: u16, daddr: Ipv4, dport: u16, proto: u8, dir: u8) -> Self {
+    pub const fn new(saddr: A, sport: u16, daddr: A, dport: u16, proto: u8, dir: u8) -> Self {
         Self {
             saddr,
             daddr,
@@ -169,7 +172,7 @@ impl CtKey {
     /// (client → VIP leaves as S → backend, so its reply is backend → S;
     /// backend → S leaves as VIP → client, so its forward is client → VIP.)
     #[inline(always)]
-    pub const fn peer_key(&self, value: &CtValue) -> CtKey {
+    pub const fn peer_key(&self, value: &CtValue<A>) -> CtKey<A> {
         CtKey::new(
             value.dst_addr,
             value.dst_port,
@@ -187,7 +190,7 @@ impl CtKey {
     /// The flow's other entry, rebuilt from this one (same state and
     /// expiry): its packets leave as this entry's tuple, reversed.
     #[inline(always)]
-    pub const fn peer_value(&self, value: &CtValue) -> CtValue {
+    pub const fn peer_value(&self, value: &CtValue<A>) -> CtValue<A> {
         CtValue {
             src_addr: self.daddr,
             src_port: self.dport,
@@ -198,7 +201,12 @@ impl CtKey {
     }
 }
 
-impl CtValue {
+impl<A> CtValue<A> {
+    /// The translated source and destination addresses, adjacent at the
+    /// entry's start as in an IPv6 header (the datapath rewrites both from
+    /// here at once).
+    pub const ADDRESSES_LEN: usize = 2 * core::mem::size_of::<A>();
+
     pub const fn is_expired(&self, now_ns: u64) -> bool {
         now_ns >= self.expires_ns
     }
@@ -221,7 +229,7 @@ impl CtValue {
 
     /// Both entries belong to one flow.
     #[inline(always)]
-    pub const fn same_flow(&self, other: &CtValue) -> bool {
+    pub const fn same_flow(&self, other: &CtValue<A>) -> bool {
         self.flow_id == other.flow_id
     }
 }
@@ -231,4 +239,14 @@ const _: () =
     assert!(core::mem::size_of::<CtValue>() == 40 && core::mem::align_of::<CtValue>() == 8);
 const _: () = assert!(core::mem::size_of::<CtTimeouts>() == 40);
 
-user_pod!(CtKey, CtValue, CtTimeouts);
+const _: () = assert!(
+    core::mem::offset_of!(CtValue<Ipv6>, src_addr) == 0
+        && core::mem::offset_of!(CtValue<Ipv6>, dst_addr) == 16
+);
+const _: () =
+    assert!(core::mem::size_of::<CtKey<Ipv6>>() == 40 && core::mem::align_of::<CtKey<Ipv6>>() == 4);
+const _: () = assert!(
+    core::mem::size_of::<CtValue<Ipv6>>() == 64 && core::mem::align_of::<CtValue<Ipv6>>() == 8
+);
+
+user_pod!(CtKey, CtKey<Ipv6>, CtValue, CtValue<Ipv6>, CtTimeouts);

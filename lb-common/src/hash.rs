@@ -28,6 +28,19 @@ pub const fn flow_hash(
     fmix32(h ^ proto as u32)
 }
 
+/// An IPv6 address as `flow_hash` takes it: its four 32-bit words (each
+/// read as a native `u32` of wire-order bytes, as an IPv4 address is) xored.
+#[inline(always)]
+pub const fn fold_ipv6(addr: &crate::Ipv6) -> u32 {
+    let mut folded = 0;
+    let mut i = 0;
+    while i < 16 {
+        folded ^= u32::from_ne_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
+        i += 4;
+    }
+    folded
+}
+
 /// The slot hash of a socket (socket LB, where no source port exists yet
 /// at connect or sendto): one socket keeps one backend — an unconnected
 /// UDP socket's every `sendto` (QUIC, DTLS) — and sockets spread over the

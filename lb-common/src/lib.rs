@@ -17,6 +17,7 @@ pub mod backend;
 pub mod cidrs;
 pub mod config;
 pub mod ct;
+pub mod family6;
 pub mod frag;
 pub mod hash;
 pub mod icmp;
@@ -33,6 +34,12 @@ pub const MAP_LAYOUT_VERSION: u32 = 4;
 /// An IPv4 address as its four bytes in wire order.
 pub type Ipv4 = [u8; 4];
 
+/// An IPv6 address as its sixteen bytes in wire order. Keys and values that
+/// hold an address are generic over the family (`SvcKey<Ipv6>`), with
+/// IPv4 the default: one layout, one map per family (`lb_svc_v4`,
+/// `lb_svc6_v4`), so IPv4 keys stay as small as they were.
+pub type Ipv6 = [u8; 16];
+
 /// The address of a packet header field read as a native `u32` (wire order).
 #[inline(always)]
 pub const fn ipv4(wire: u32) -> Ipv4 {
@@ -45,10 +52,11 @@ pub const fn wire(addr: Ipv4) -> u32 {
     u32::from_ne_bytes(addr)
 }
 
-/// IANA protocol numbers, as in the IPv4 header.
+/// IANA protocol numbers, as in the IPv4 header and IPv6's next header.
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_ICMPV6: u8 = 58;
 
 /// Implements `aya::Pod` for map types on the userspace side only.
 macro_rules! user_pod {

@@ -8,17 +8,19 @@
 //! keep a broken Service's frontends (last good state) instead of deleting
 //! them as unknown.
 
-use crate::{user_pod, Ipv4};
+use crate::{user_pod, Ipv4, Ipv6};
 
 pub const REVNAT_MAP: &str = "lb_revnat_v4";
+/// IPv6 frontends' names. Rev-NAT ids are one space across both maps.
+pub const REVNAT6_MAP: &str = "lb_revnat6_v4";
 
 /// `namespace/name` fits: both are DNS labels of at most 63 bytes.
 pub const OWNER_LEN: usize = 128;
 
 #[repr(C, align(4))]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
-pub struct RevNat {
-    pub addr: Ipv4,
+pub struct RevNat<A = Ipv4> {
+    pub addr: A,
     /// Host order.
     pub port: u16,
     pub proto: u8,
@@ -27,10 +29,10 @@ pub struct RevNat {
     pub owner: [u8; OWNER_LEN],
 }
 
-impl Default for RevNat {
+impl<A: Default> Default for RevNat<A> {
     fn default() -> Self {
         Self {
-            addr: [0; 4],
+            addr: A::default(),
             port: 0,
             proto: 0,
             _pad: 0,
@@ -42,4 +44,8 @@ impl Default for RevNat {
 const _: () =
     assert!(core::mem::size_of::<RevNat>() == 136 && core::mem::align_of::<RevNat>() == 4);
 
-user_pod!(RevNat);
+const _: () = assert!(
+    core::mem::size_of::<RevNat<Ipv6>>() == 148 && core::mem::align_of::<RevNat<Ipv6>>() == 4
+);
+
+user_pod!(RevNat, RevNat<Ipv6>);

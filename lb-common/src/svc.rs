@@ -5,17 +5,19 @@
 //! agent writes slots before slot 0 when growing and slot 0 first when
 //! shrinking, so a packet never selects a slot that is not written yet.
 
-use crate::{user_pod, Ipv4};
+use crate::{user_pod, Ipv4, Ipv6};
 
 pub const SVC_MAP: &str = "lb_svc_v4";
+/// IPv6 frontends, the same slots (`SvcKey<Ipv6>`).
+pub const SVC6_MAP: &str = "lb_svc6_v4";
 pub const DEFAULT_MAX_SVC_ENTRIES: u32 = 262_144;
 /// Most backends one frontend may have (slots are `u16`, slot 0 is the frontend).
 pub const MAX_BACKENDS_PER_SVC: u32 = 65_534;
 
 #[repr(C, align(4))]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SvcKey {
-    pub addr: Ipv4,
+pub struct SvcKey<A = Ipv4> {
+    pub addr: A,
     /// Host order.
     pub port: u16,
     /// 0 = the frontend itself; 1..=count = backend slots.
@@ -91,8 +93,8 @@ pub const fn slot_role(flags: u16) -> &'static str {
 pub const SVC_FLAGS_EXTERNAL: u16 =
     SVC_FLAG_NODE_PORT | SVC_FLAG_LOAD_BALANCER | SVC_FLAG_EXTERNAL_IP;
 
-impl SvcKey {
-    pub const fn new(addr: Ipv4, port: u16, proto: u8, slot: u16) -> Self {
+impl<A> SvcKey<A> {
+    pub const fn new(addr: A, port: u16, proto: u8, slot: u16) -> Self {
         Self {
             addr,
             port,
@@ -119,10 +121,13 @@ impl SvcValue {
 }
 
 const _: () = assert!(core::mem::size_of::<SvcKey>() == 12 && core::mem::align_of::<SvcKey>() == 4);
+const _: () = assert!(
+    core::mem::size_of::<SvcKey<Ipv6>>() == 24 && core::mem::align_of::<SvcKey<Ipv6>>() == 4
+);
 const _: () =
     assert!(core::mem::size_of::<SvcValue>() == 20 && core::mem::align_of::<SvcValue>() == 4);
 
-user_pod!(SvcKey, SvcValue);
+user_pod!(SvcKey, SvcKey<Ipv6>, SvcValue);
 
 #[cfg(test)]
 mod tests {

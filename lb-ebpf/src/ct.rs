@@ -16,14 +16,15 @@ use lb_common::{
         is_closing, CtKey, CtTimeouts, CtValue, CT_ASSURED, CT_DIR_FORWARD, CT_DIR_REPLY,
         CT_FIN_FORWARD, CT_FIN_REPLY, CT_REFRESH_NS, CT_RST, CT_SEEN_REPLY, CT_SNAT,
     },
-    ipv4,
     stats::Stat,
     svc::SvcKey,
+    Ipv4,
 };
 
 use crate::{
+    family::Family,
     host_socket,
-    maps::{BACKENDS, CONNTRACK, CT_NEW, SERVICES},
+    maps::{CONNTRACK, CT_NEW, SERVICES},
     parse::Packet,
     stats::count,
 };
@@ -66,49 +67,55 @@ macro_rules! reclaim_in {
     }};
 }
 
-/// The entry for `key`, from whichever table holds it; `CT_ASSURED` says
-/// which (an entry an older program wrote may lack the flag: the table
-/// decides).
+/// Copies the entry for `key` into `out`, from whichever table holds it;
+/// `CT_ASSURED` says which (an entry an older program wrote may lack the
+/// flag: the table decides). Whether there was one. Into the caller's
+/// value, not returned: an `Option` of an IPv6 entry is one more 72-byte
+/// copy on the 512-byte stack.
 #[inline(always)]
-fn get(key: &CtKey) -> Option<CtValue> {
-    if let Some(v) = CONNTRACK.get_ptr(key) {
+fn get<A: Family>(key: &CtKey<A>, out: &mut CtValue<A>) -> bool {
+    if let Some(v) = A::conntrack().get_ptr(key) {
         // SAFETY: the pointer is valid for this program run (RCU); copied at once.
-        let mut value = unsafe { *v };
-        value.flags |= CT_ASSURED;
-        return Some(value);
+        *out = unsafe { *v };
+        out.flags |= CT_ASSURED;
+        return true;
     }
-    // SAFETY: as above.
-    CT_NEW.get_ptr(key).map(|v| unsafe { *v })
+    match A::ct_new().get_ptr(key) {
+        Some(v) => {
+            // SAFETY: as above.
+            *out = unsafe { *v };
+            true
+        }
+        None => false,
+    }
+}
+
+/// `get` of the other entry of `value`'s flow, at `peer_key`, into `peer`.
+/// Both entries of a flow carry its `flow_id`; a peer key held by a newer
+/// flow is not ours.
+#[inline(always)]
+fn get_peer<A: Family>(peer_key: &CtKey<A>, value: &CtValue<A>, peer: &mut CtValue<A>) -> bool {
+    get(peer_key, peer) && peer.same_flow(value)
 }
 
 /// Writes an entry into the table its state belongs to.
 #[inline(always)]
-fn put(key: &CtKey, value: &CtValue, flags: u64) -> Result<(), i32> {
+fn put<A: Family>(key: &CtKey<A>, value: &CtValue<A>, flags: u64) -> Result<(), i32> {
     if value.flags & CT_ASSURED != 0 {
-        CONNTRACK.insert(key, value, flags)
+        A::conntrack().insert(key, value, flags)
     } else {
-        CT_NEW.insert(key, value, flags)
+        A::ct_new().insert(key, value, flags)
     }
 }
 
 /// Removes an entry from the table its state says it is in.
 #[inline(always)]
-fn remove(key: &CtKey, value: &CtValue) -> Result<(), i32> {
+fn remove<A: Family>(key: &CtKey<A>, value: &CtValue<A>) -> Result<(), i32> {
     if value.flags & CT_ASSURED != 0 {
-        CONNTRACK.remove(key)
+        A::conntrack().remove(key)
     } else {
-        CT_NEW.remove(key)
+        A::ct_new().remove(key)
     }
-}
-
-/// The other entry of `value`'s flow, if it exists. Both entries of a flow
-/// carry its `flow_id`; a peer key held by a newer flow is not ours.
-#[inline(always)]
-fn peer_of(key: &CtKey, value: &CtValue) -> Option<(CtKey, CtValue)> {
-    let peer_key = key.peer_key(value);
-    get(&peer_key)
-        .filter(|p| p.same_flow(value))
-        .map(|p| (peer_key, p))
 }
 
 /// The clock of `CtValue::expires_ns`: CLOCK_MONOTONIC_COARSE. A tick's
@@ -120,33 +127,49 @@ pub fn now() -> u64 {
     unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns() }
 }
 
-/// The entry for `key`, the time it was judged at, and whether its flow is
-/// alive: this entry is unexpired, or the other direction is (a one-way
-/// stream keeps its idle return path). The clock is read only on a hit:
-/// most packets at egress are not replies of a tracked flow.
+/// The entry for `key` copied into `out`, the time it was judged at, and
+/// whether its flow is alive: this entry is unexpired, or the other
+/// direction is (a one-way stream keeps its idle return path). The clock is
+/// read only on a hit: most packets at egress are not replies of a tracked
+/// flow.
 #[inline(always)]
-pub fn lookup(key: &CtKey) -> Option<(CtValue, u64, bool)> {
-    let value = get(key)?;
-    let now = now();
-    if !value.is_expired(now) {
-        return Some((value, now, true));
+pub fn lookup<A: Family>(key: &CtKey<A>, out: &mut CtValue<A>) -> Option<(u64, bool)> {
+    if !get(key, out) {
+        return None;
     }
-    let alive = peer_of(key, &value).is_some_and(|(_, peer)| !peer.is_expired(now));
-    Some((value, now, alive))
+    let now = now();
+    if !out.is_expired(now) {
+        return Some((now, true));
+    }
+    let Some((_, peer)) = A::ct_scratch() else {
+        return Some((now, false));
+    };
+    // SAFETY: this CPU's scratch entry, used by one function at a time.
+    let peer = unsafe { &mut *peer };
+    let alive = get_peer(&key.peer_key(out), out, peer) && !peer.is_expired(now);
+    Some((now, alive))
 }
 
-/// The entry for `key` and the time it was judged at, if its flow is alive.
+/// `lookup` for a live flow: the time it was judged at.
 #[inline(always)]
-pub fn lookup_flow(key: &CtKey) -> Option<(CtValue, u64)> {
-    match lookup(key) {
-        Some((value, now, true)) => Some((value, now)),
+pub fn lookup_live<A: Family>(key: &CtKey<A>, out: &mut CtValue<A>) -> Option<u64> {
+    match lookup(key, out) {
+        Some((now, true)) => Some(now),
         _ => None,
     }
 }
 
+/// The entry for `key` and the time it was judged at, if its flow is alive.
+#[inline(always)]
+pub fn lookup_flow<A: Family>(key: &CtKey<A>) -> Option<(CtValue<A>, u64)> {
+    let mut value = CtValue::default();
+    let now = lookup_live(key, &mut value)?;
+    Some((value, now))
+}
+
 /// State the packet adds to its flow.
 #[inline(always)]
-fn flags_of(pkt: &Packet, dir: u8) -> u8 {
+fn flags_of<A>(pkt: &Packet<A>, dir: u8) -> u8 {
     let mut flags = if dir == CT_DIR_REPLY {
         CT_SEEN_REPLY
     } else {
@@ -172,33 +195,21 @@ fn flags_of(pkt: &Packet, dir: u8) -> u8 {
 /// and the SYN's retransmits would keep them alive). Checked on SYNs only:
 /// one lookup, on a packet that opens a connection anyway.
 #[inline(always)]
-pub fn is_reopened(value: &CtValue, pkt: &Packet) -> bool {
+pub fn is_reopened<A: Family>(value: &CtValue<A>, pkt: &Packet<A>) -> bool {
     pkt.is_tcp_syn()
-        && (is_closing(value.flags)
-            || backend_left(value.backend_id, u32::from_ne_bytes(value.dst_addr)))
-}
-
-/// Whether backend `backend_id` is no longer in the backends map at `addr`
-/// (a forward entry's destination). A BPF function of its own, taking
-/// scalars: inlined, or given a pointer to the entry, it doubled the paths
-/// the verifier walks after it (the external program: 261 k instructions
-/// instead of 141 k).
-#[inline(never)]
-fn backend_left(backend_id: u32, addr: u32) -> bool {
-    // SAFETY: the pointer is valid for this program run; copied at once.
-    match BACKENDS.get_ptr(&backend_id).map(|b| unsafe { *b }) {
-        Some(backend) => u32::from_ne_bytes(backend.addr) != addr,
-        None => true,
-    }
+        && (is_closing(value.flags) || !A::backend_at(value.backend_id, &value.dst_addr))
 }
 
 /// Records the packet on its flow: a state change (answer, FIN, RST,
 /// assured) is written to both entries with the new state's timeout;
 /// otherwise this entry's expiry moves forward at most once per
 /// `CT_REFRESH_NS`, and then the other entry is checked and rebuilt if it
-/// went missing.
+/// went missing. The updated entry and its peer are worked on in this
+/// CPU's scratch (`Family::ct_scratch`), not on the stack; `value`, the
+/// packet's copy, stays as looked up (the verifier walks what follows once,
+/// not once per way through here).
 #[inline(always)]
-pub fn update(key: &CtKey, value: &CtValue, pkt: &Packet, now: u64) {
+pub fn update<A: Family>(key: &CtKey<A>, value: &CtValue<A>, pkt: &Packet<A>, now: u64) {
     let mut flags = value.flags | flags_of(pkt, key.dir);
     if value.assures(key.proto, key.dir, flags, pkt.carries_syn(), now) {
         flags |= CT_ASSURED;
@@ -208,58 +219,49 @@ pub fn update(key: &CtKey, value: &CtValue, pkt: &Packet, now: u64) {
     {
         return;
     }
+    let Some((updated, peer)) = A::ct_scratch() else {
+        return;
+    };
+    // SAFETY: this CPU's scratch entries, used by one function at a time.
+    let (updated, peer) = unsafe { (&mut *updated, &mut *peer) };
     let peer_key = key.peer_key(value);
-    let Some(peer) = get(&peer_key).filter(|p| p.same_flow(value)) else {
+    *updated = *value;
+    if !get_peer(&peer_key, value, peer) {
         // Assured only with both entries at hand: the peer key may hold
         // another flow's entry now, which a move would overwrite.
         if value.flags & CT_ASSURED == 0 {
             flags &= !CT_ASSURED;
         }
-        let updated = CtValue {
-            flags,
-            expires_ns: now + timeouts().for_state(key.proto, flags),
-            ..*value
-        };
+        updated.flags = flags;
+        updated.expires_ns = now + timeouts().for_state(key.proto, flags);
         // Written whole (BPF_ANY): also restores an entry removed meanwhile.
-        let _ = put(key, &updated, 0);
+        let _ = put(key, &*updated, 0);
         // Only into a free slot: a newer flow's entry there stays.
-        if put(&peer_key, &key.peer_value(&updated), BPF_NOEXIST as u64).is_ok() {
+        *peer = key.peer_value(updated);
+        if put(&peer_key, &*peer, BPF_NOEXIST as u64).is_ok() {
             count(Stat::CtRecreated);
         }
         return;
-    };
+    }
     // Another CPU assured the flow between our lookups: follow it.
     flags |= peer.flags & CT_ASSURED;
+    let peer_was_assured = peer.flags & CT_ASSURED != 0;
     let expires_ns = now + timeouts().for_state(key.proto, flags);
-    let updated = CtValue {
-        flags,
-        expires_ns,
-        ..*value
-    };
+    updated.flags = flags;
+    updated.expires_ns = expires_ns;
     // The peer keeps a later expiry of its own unless the flow is over.
-    let peer_updated = CtValue {
-        flags,
-        expires_ns: if peer.expires_ns > expires_ns && !is_closing(flags) {
-            peer.expires_ns
-        } else {
-            expires_ns
-        },
-        ..peer
-    };
+    peer.flags = flags;
+    if peer.expires_ns <= expires_ns || is_closing(flags) {
+        peer.expires_ns = expires_ns;
+    }
     if flags & CT_ASSURED != value.flags & CT_ASSURED {
-        return promote(
-            key,
-            &updated,
-            &peer_key,
-            &peer_updated,
-            peer.flags & CT_ASSURED != 0,
-        );
+        return promote(key, updated, &peer_key, peer, peer_was_assured);
     }
     if !set_state(key, key.proto, flags, expires_ns, now) {
-        let _ = put(key, &updated, 0);
+        let _ = put(key, &*updated, 0);
     }
     if flags != value.flags {
-        let _ = set_state(&peer_key, key.proto, flags, peer_updated.expires_ns, now);
+        let _ = set_state(&peer_key, key.proto, flags, peer.expires_ns, now);
     }
 }
 
@@ -269,11 +271,11 @@ pub fn update(key: &CtKey, value: &CtValue, pkt: &Packet, now: u64) {
 /// entry was there to write. A BPF function of its own (as `backend_left`):
 /// inlined at both writes it added 6 k to each program's verifier walk.
 #[inline(never)]
-fn set_state(key: &CtKey, proto: u8, flags: u8, expires_ns: u64, now: u64) -> bool {
+fn set_state<A: Family>(key: &CtKey<A>, proto: u8, flags: u8, expires_ns: u64, now: u64) -> bool {
     let entry = if flags & CT_ASSURED != 0 {
-        CONNTRACK.get_ptr_mut(key)
+        A::conntrack().get_ptr_mut(key)
     } else {
-        CT_NEW.get_ptr_mut(key)
+        A::ct_new().get_ptr_mut(key)
     };
     let Some(entry) = entry else {
         return false;
@@ -300,51 +302,53 @@ fn set_state(key: &CtKey, proto: u8, flags: u8, expires_ns: u64, now: u64) -> bo
 /// the assured table is full the flow stays where it is, with this packet's
 /// state (counted), and its next packet tries again.
 #[inline(always)]
-fn promote(
-    key: &CtKey,
-    updated: &CtValue,
-    peer_key: &CtKey,
-    peer: &CtValue,
+fn promote<A: Family>(
+    key: &CtKey<A>,
+    updated: &mut CtValue<A>,
+    peer_key: &CtKey<A>,
+    peer: &mut CtValue<A>,
     peer_was_assured: bool,
 ) {
-    if CONNTRACK.insert(peer_key, peer, 0).is_err() {
+    if A::conntrack().insert(peer_key, &*peer, 0).is_err() {
         return stay_new(key, updated, peer_key, peer);
     }
-    if CONNTRACK.insert(key, updated, 0).is_err() {
+    if A::conntrack().insert(key, &*updated, 0).is_err() {
         if !peer_was_assured {
-            let _ = CONNTRACK.remove(peer_key);
+            let _ = A::conntrack().remove(peer_key);
         }
         return stay_new(key, updated, peer_key, peer);
     }
-    let _ = CT_NEW.remove(peer_key);
-    let _ = CT_NEW.remove(key);
+    let _ = A::ct_new().remove(peer_key);
+    let _ = A::ct_new().remove(key);
     count(Stat::CtAssured);
 }
 
 #[inline(always)]
-fn stay_new(key: &CtKey, updated: &CtValue, peer_key: &CtKey, peer: &CtValue) {
-    for (key, value) in [(key, updated), (peer_key, peer)] {
-        let unassured = CtValue {
-            flags: value.flags & !CT_ASSURED,
-            ..*value
-        };
-        let _ = CT_NEW.insert(key, &unassured, 0);
-    }
+fn stay_new<A: Family>(
+    key: &CtKey<A>,
+    updated: &mut CtValue<A>,
+    peer_key: &CtKey<A>,
+    peer: &mut CtValue<A>,
+) {
+    updated.flags &= !CT_ASSURED;
+    peer.flags &= !CT_ASSURED;
+    let _ = A::ct_new().insert(key, &*updated, 0);
+    let _ = A::ct_new().insert(peer_key, &*peer, 0);
     count(Stat::CtAssuredFull);
 }
 
 /// The forward entry of a new flow to `backend` (not SNATed: the source stays).
 #[inline(always)]
-pub fn new_forward(
-    pkt: &Packet,
-    backend: &Backend,
+pub fn new_forward<A: Family>(
+    pkt: &Packet<A>,
+    backend: &Backend<A>,
     backend_id: u32,
     rev_nat_id: u16,
     now: u64,
-) -> CtValue {
+) -> CtValue<A> {
     let flags = flags_of(pkt, CT_DIR_FORWARD);
     CtValue {
-        src_addr: ipv4(pkt.saddr_be),
+        src_addr: pkt.saddr,
         dst_addr: backend.addr,
         src_port: u16::from_be(pkt.sport_be),
         dst_port: backend.port,
@@ -389,25 +393,30 @@ const EEXIST: i32 = 17;
 /// The forward entry is claimed too (`BPF_NOEXIST`): `Created::Raced` when
 /// it was there already, this packet's reply entry still written.
 #[inline(always)]
-pub fn create(pkt: &Packet, forward: &CtValue, reply_flags: u64) -> Result<Created, CreateError> {
+pub fn create<A: Family>(
+    pkt: &Packet<A>,
+    forward: &CtValue<A>,
+    reply_flags: u64,
+) -> Result<Created, CreateError> {
     let forward_key = pkt.ct_key(CT_DIR_FORWARD);
     let reply_key = forward_key.peer_key(forward);
-    if let Err(e) = CT_NEW.insert(&reply_key, &forward_key.peer_value(forward), reply_flags) {
+    let new = A::ct_new();
+    if let Err(e) = new.insert(&reply_key, &forward_key.peer_value(forward), reply_flags) {
         return Err(if e == -EEXIST {
             CreateError::Taken
         } else {
             CreateError::Full
         });
     }
-    if reply_flags == BPF_NOEXIST as u64 && CONNTRACK.get_ptr(&reply_key).is_some() {
-        let _ = CT_NEW.remove(&reply_key);
+    if reply_flags == BPF_NOEXIST as u64 && A::conntrack().get_ptr(&reply_key).is_some() {
+        let _ = new.remove(&reply_key);
         return Err(CreateError::Taken);
     }
-    match CT_NEW.insert(&forward_key, forward, BPF_NOEXIST as u64) {
+    match new.insert(&forward_key, forward, BPF_NOEXIST as u64) {
         Ok(()) => Ok(Created::New),
         Err(e) if e == -EEXIST => Ok(Created::Raced),
         Err(_) => {
-            let _ = CT_NEW.remove(&reply_key);
+            let _ = new.remove(&reply_key);
             Err(CreateError::Full)
         }
     }
@@ -422,21 +431,36 @@ pub fn create(pkt: &Packet, forward: &CtValue, reply_flags: u64) -> Result<Creat
 /// replaced instead. Settled once, after the SNAT port tries: inside each
 /// try it doubled the verifier's walk of the external program.
 #[inline(always)]
-pub fn adopt(pkt: &Packet, forward: &mut CtValue) {
+pub fn adopt<A: Family>(pkt: &Packet<A>, forward: &mut CtValue<A>) {
     let forward_key = pkt.ct_key(CT_DIR_FORWARD);
-    let Some(winner) = get(&forward_key).filter(|w| !w.is_expired(forward.created_ns)) else {
-        let _ = CT_NEW.insert(&forward_key, forward, 0);
+    let Some((winner, reply)) = A::ct_scratch() else {
         return;
     };
-    let reply_key = forward_key.peer_key(forward);
-    let winner_reply = forward_key.peer_key(&winner);
-    if winner_reply != reply_key {
-        let _ = CT_NEW.remove(&reply_key);
-    } else if winner.flags & CT_ASSURED == 0 {
-        let _ = CT_NEW.insert(&winner_reply, &forward_key.peer_value(&winner), 0);
+    // SAFETY: this CPU's scratch entries, used by one function at a time.
+    let (winner, reply) = unsafe { (&mut *winner, &mut *reply) };
+    if !get(&forward_key, winner) || winner.is_expired(forward.created_ns) {
+        let _ = A::ct_new().insert(&forward_key, &*forward, 0);
+        return;
     }
-    *forward = winner;
+    // Both reply keys are the forward key's translations reversed: equal
+    // when the translations are.
+    if !same_translation(winner, forward) {
+        let _ = A::ct_new().remove(&forward_key.peer_key(forward));
+    } else if winner.flags & CT_ASSURED == 0 {
+        *reply = forward_key.peer_value(winner);
+        let _ = A::ct_new().insert(&forward_key.peer_key(winner), &*reply, 0);
+    }
+    *forward = *winner;
     count(Stat::CtCreateRaced);
+}
+
+/// Both entries translate to the same tuple (by `Family::same`: see there
+/// why not `==`).
+#[inline(always)]
+fn same_translation<A: Family>(a: &CtValue<A>, b: &CtValue<A>) -> bool {
+    a.src_addr.same(&b.src_addr)
+        && a.dst_addr.same(&b.dst_addr)
+        && (a.src_port, a.dst_port) == (b.src_port, b.dst_port)
 }
 
 /// Retires a flow whose tuple a new connection reuses (`is_reopened`), so
@@ -444,11 +468,17 @@ pub fn adopt(pkt: &Packet, forward: &mut CtValue) {
 /// table. A SNATed flow's reply entry stays: it holds its SNAT port for the
 /// backend's TIME_WAIT.
 #[inline(always)]
-pub fn retire(forward_key: &CtKey, entry: &CtValue) {
+pub fn retire<A: Family>(forward_key: &CtKey<A>, entry: &CtValue<A>) {
     let _ = remove(forward_key, entry);
     if entry.flags & CT_SNAT == 0 {
-        if let Some((reply_key, reply)) = peer_of(forward_key, entry) {
-            let _ = remove(&reply_key, &reply);
+        let Some((_, reply)) = A::ct_scratch() else {
+            return;
+        };
+        // SAFETY: as in `lookup`.
+        let reply = unsafe { &mut *reply };
+        let reply_key = forward_key.peer_key(entry);
+        if get_peer(&reply_key, entry, reply) {
+            let _ = remove(&reply_key, &*reply);
         }
     }
 }
@@ -468,8 +498,8 @@ const SNAT_TRIES_RECLAIM: u32 = 8;
 #[inline(always)]
 pub fn create_snat(
     ctx: &TcContext,
-    pkt: &Packet,
-    forward: &mut CtValue,
+    pkt: &Packet<Ipv4>,
+    forward: &mut CtValue<Ipv4>,
     config: &NodeConfig,
     now: u64,
 ) -> Result<Created, Stat> {
@@ -512,8 +542,8 @@ pub fn create_snat(
 #[inline(always)]
 fn try_snat_port(
     ctx: &TcContext,
-    pkt: &Packet,
-    forward: &mut CtValue,
+    pkt: &Packet<Ipv4>,
+    forward: &mut CtValue<Ipv4>,
     first: u32,
     span: u32,
 ) -> Option<Result<Created, Stat>> {
@@ -548,7 +578,7 @@ fn try_snat_port(
 /// in one table (a move writes both into the other before it removes
 /// them), and the verifier's work for a try stays small.
 #[inline(always)]
-fn reclaim(reply_key: &CtKey, now: u64) -> bool {
+fn reclaim(reply_key: &CtKey<Ipv4>, now: u64) -> bool {
     let reclaimed = reclaim_in!(CONNTRACK, reply_key, now) || reclaim_in!(CT_NEW, reply_key, now);
     if reclaimed {
         count(Stat::CtReclaimed);
@@ -560,32 +590,33 @@ fn reclaim(reply_key: &CtKey, now: u64) -> bool {
 /// entry exists, the connection is not over, and it points at the replying
 /// backend.
 #[inline(always)]
-pub fn forward_is_open(reply_key: &CtKey, reply: &CtValue, pkt: &Packet) -> bool {
-    match get(&reply_key.peer_key(reply)) {
-        Some(fwd) => {
-            !is_closing(fwd.flags)
-                && lb_common::wire(fwd.dst_addr) == pkt.saddr_be
-                && fwd.dst_port.to_be() == pkt.sport_be
-        }
-        None => false,
-    }
+pub fn forward_is_open<A: Family>(
+    reply_key: &CtKey<A>,
+    reply: &CtValue<A>,
+    pkt: &Packet<A>,
+) -> bool {
+    let mut fwd = CtValue::default();
+    get(&reply_key.peer_key(reply), &mut fwd)
+        && !is_closing(fwd.flags)
+        && fwd.dst_addr.same(&pkt.saddr)
+        && fwd.dst_port.to_be() == pkt.sport_be
 }
 
 /// Removes the entry at `key`, whichever table holds it.
 #[inline(always)]
-pub fn forget(key: &CtKey) {
-    let _ = CONNTRACK.remove(key);
-    let _ = CT_NEW.remove(key);
+pub fn forget<A: Family>(key: &CtKey<A>) {
+    let _ = A::conntrack().remove(key);
+    let _ = A::ct_new().remove(key);
 }
 
-impl Packet {
+impl<A: Family> Packet<A> {
     /// The conntrack key of this packet's tuple.
     #[inline(always)]
-    pub fn ct_key(&self, dir: u8) -> CtKey {
+    pub fn ct_key(&self, dir: u8) -> CtKey<A> {
         CtKey::new(
-            ipv4(self.saddr_be),
+            self.saddr,
             u16::from_be(self.sport_be),
-            ipv4(self.daddr_be),
+            self.daddr,
             u16::from_be(self.dport_be),
             self.proto,
             dir,
@@ -594,9 +625,9 @@ impl Packet {
 
     /// The key of the frontend (slot 0) or a slot this packet is addressed to.
     #[inline(always)]
-    pub fn svc_key(&self, slot: u16) -> SvcKey {
+    pub fn svc_key(&self, slot: u16) -> SvcKey<A> {
         SvcKey::new(
-            ipv4(self.daddr_be),
+            self.daddr,
             u16::from_be(self.dport_be),
             self.proto,
             slot,

@@ -10,6 +10,8 @@
 mod affinity;
 mod csum;
 mod ct;
+mod family;
+mod family6;
 mod frag;
 mod host_socket;
 mod icmp;
@@ -40,10 +42,12 @@ use lb_common::{
         SvcValue, SVC_FLAGS_EXTERNAL, SVC_FLAG_AFFINITY, SVC_FLAG_EXTERNAL_LOCAL,
         SVC_FLAG_INTERNAL_LOCAL, SVC_FLAG_MAGLEV, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES,
     },
+    Ipv4, Ipv6,
 };
 
 use crate::{
-    parse::{Packet, Parsed},
+    family::Family,
+    parse::{Packet, Parsed, Parsed6},
     stats::count,
 };
 
@@ -89,11 +93,25 @@ fn log_new_flow(ctx: &TcContext, pkt: &Packet, entry: &CtValue) {
     debug!(
         ctx,
         "new flow {:i}:{} -> {:i}:{} -> backend {:i}:{}",
-        u32::from_be(pkt.saddr_be),
+        u32::from_be(pkt.saddr_be()),
         u16::from_be(pkt.sport_be),
-        u32::from_be(pkt.daddr_be),
+        u32::from_be(pkt.daddr_be()),
         u16::from_be(pkt.dport_be),
         u32::from_be_bytes(entry.dst_addr),
+        entry.dst_port
+    );
+}
+
+#[inline(always)]
+fn log_new_flow6(ctx: &TcContext, pkt: &Packet<Ipv6>, entry: &CtValue<Ipv6>) {
+    debug!(
+        ctx,
+        "new flow [{:i}]:{} -> [{:i}]:{} -> backend [{:i}]:{}",
+        pkt.saddr,
+        u16::from_be(pkt.sport_be),
+        pkt.daddr,
+        u16::from_be(pkt.dport_be),
+        entry.dst_addr,
         entry.dst_port
     );
 }
@@ -125,48 +143,306 @@ pub fn lb_egress(ctx: TcContext) -> i32 {
     outcome.action
 }
 
+/// The IPv6 programs, entered from the ones above by tail call
+/// (`family6`): a program of its own per family keeps each within the
+/// verifier's 512-byte stack and its instruction budget.
+#[classifier]
+pub fn lb_ingress6(ctx: TcContext) -> i32 {
+    let outcome = match parse::parse6(&ctx) {
+        Parsed6::Packet(pkt) => to_frontend::<Ipv6, false>(&ctx, &pkt),
+        Parsed6::NotForUs => Outcome::next(Stat::PassNotService),
+        Parsed6::Malformed => Outcome::next(Stat::PassMalformed),
+    };
+    count(outcome.stat);
+    log_drop(&ctx, &outcome);
+    outcome.action
+}
+
+#[classifier]
+pub fn lb_ingress_ext6(ctx: TcContext) -> i32 {
+    let outcome = match parse::parse6(&ctx) {
+        Parsed6::Packet(pkt) => to_frontend::<Ipv6, true>(&ctx, &pkt),
+        Parsed6::NotForUs => Outcome::next(Stat::PassNotService),
+        Parsed6::Malformed => Outcome::next(Stat::PassMalformed),
+    };
+    count(outcome.stat);
+    log_drop(&ctx, &outcome);
+    outcome.action
+}
+
+/// A new IPv6 flow's first packet (see `Edges::first_packet` for `Ipv6`):
+/// parsed and its frontend looked up again.
+#[classifier]
+pub fn lb_new6(ctx: TcContext) -> i32 {
+    let outcome = new_flow6::<false>(&ctx);
+    count(outcome.stat);
+    log_drop(&ctx, &outcome);
+    outcome.action
+}
+
+#[classifier]
+pub fn lb_new_ext6(ctx: TcContext) -> i32 {
+    let outcome = new_flow6::<true>(&ctx);
+    count(outcome.stat);
+    log_drop(&ctx, &outcome);
+    outcome.action
+}
+
+#[inline(always)]
+fn new_flow6<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
+    let Parsed6::Packet(pkt) = parse::parse6(ctx) else {
+        return Outcome::next(Stat::PassMalformed);
+    };
+    // SAFETY: copied at once, as in `to_frontend`.
+    match maps::SERVICES6.get_ptr(&pkt.svc_key(0)).map(|s| unsafe { *s }) {
+        Some(svc) => new_flow::<Ipv6, EXTERNAL>(ctx, &pkt, &svc, ct::now()),
+        None => Outcome::next(Stat::PassNotService), // removed meanwhile
+    }
+}
+
+#[classifier]
+pub fn lb_egress6(ctx: TcContext) -> i32 {
+    let outcome = match parse::parse6(&ctx) {
+        Parsed6::Packet(pkt) => reply::<Ipv6>(&ctx, &pkt),
+        Parsed6::NotForUs => Outcome::next(Stat::PassNotReply),
+        Parsed6::Malformed => Outcome::next(Stat::PassMalformed),
+    };
+    count(outcome.stat);
+    outcome.action
+}
+
 #[inline(always)]
 fn ingress<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
-    let pkt = match parse::parse(ctx) {
-        Parsed::Packet(pkt) => pkt,
-        Parsed::IcmpError(err) => return icmp_error_ingress::<EXTERNAL>(ctx, &err),
-        Parsed::Fragment(frag) => return frag::follow::<false>(ctx, &frag),
-        Parsed::NotForUs => return Outcome::next(Stat::PassNotService),
-        Parsed::Malformed => return Outcome::next(Stat::PassMalformed),
-    };
+    family6::enter(ctx, if EXTERNAL { family6::INGRESS_EXTERNAL } else { family6::INGRESS });
+    match parse::parse(ctx) {
+        Parsed::Packet(pkt) => to_frontend::<Ipv4, EXTERNAL>(ctx, &pkt),
+        Parsed::IcmpError(err) => icmp_error_ingress::<EXTERNAL>(ctx, &err),
+        Parsed::Fragment(frag) => frag::follow::<false>(ctx, &frag),
+        Parsed::NotForUs => Outcome::next(Stat::PassNotService),
+        Parsed::Malformed => Outcome::next(Stat::PassMalformed),
+    }
+}
+
+/// Where the families differ on the service path. IPv4 has all of it; an
+/// IPv6 flow is not SNATed (its frontends are cluster IPs, and a flow that
+/// would need SNAT — hairpin, or from outside to another node's backend —
+/// is dropped as `drop_snat_exhausted`), has no session affinity, no
+/// source ranges and no ICMPv6 answers yet (a frontend without backends
+/// drops as `drop_reject`).
+trait Edges: nat::Rewrite {
+    /// The answer of a SNATed flow, translated; `None` for anything else.
+    fn reverse_snat(ctx: &TcContext, pkt: &Packet<Self>) -> Option<Outcome>;
+    /// A packet addressed to no frontend.
+    fn not_a_frontend(ctx: &TcContext, pkt: &Packet<Self>) -> Outcome;
+    fn source_allowed(pkt: &Packet<Self>, rev_nat_id: u16) -> bool;
+    /// A new flow to a frontend with no backends.
+    fn no_backends(ctx: &TcContext, pkt: &Packet<Self>) -> Outcome;
+    /// The client as session affinity knows it; `None`: no affinity.
+    fn affinity_key(pkt: &Packet<Self>, rev_nat_id: u16) -> Option<AffinityKey>;
+    fn snat_needed<const EXTERNAL: bool>(
+        pkt: &Packet<Self>,
+        external: bool,
+        remote: bool,
+        backend_addr: &Self,
+    ) -> bool;
+    fn create_snat(
+        ctx: &TcContext,
+        pkt: &Packet<Self>,
+        entry: &mut CtValue<Self>,
+        now: u64,
+    ) -> Result<ct::Created, Stat>;
+    fn log_new_flow(ctx: &TcContext, pkt: &Packet<Self>, entry: &CtValue<Self>);
+    /// A new flow's first packet to `svc` (`new_flow`, here or in a
+    /// program of its own).
+    fn first_packet<const EXTERNAL: bool>(
+        ctx: &TcContext,
+        pkt: &Packet<Self>,
+        svc: &SvcValue,
+        now: u64,
+    ) -> Outcome;
+    fn send<const EGRESS: bool>(
+        ctx: &TcContext,
+        pkt: &Packet<Self>,
+        to: &CtValue<Self>,
+        stat: Stat,
+    ) -> Outcome;
+}
+
+impl Edges for Ipv4 {
+    #[inline(always)]
+    fn reverse_snat(ctx: &TcContext, pkt: &Packet) -> Option<Outcome> {
+        reverse_snat(ctx, pkt)
+    }
+    #[inline(always)]
+    fn not_a_frontend(ctx: &TcContext, pkt: &Packet) -> Outcome {
+        if service_cidrs().contains(u32::from_be(pkt.daddr_be())) {
+            return reject::service_cidr(ctx, pkt);
+        }
+        Outcome::next(Stat::PassNotService)
+    }
+    #[inline(always)]
+    fn source_allowed(pkt: &Packet, rev_nat_id: u16) -> bool {
+        source_allowed(pkt, rev_nat_id)
+    }
+    #[inline(always)]
+    fn no_backends(ctx: &TcContext, pkt: &Packet) -> Outcome {
+        reject::port_unreachable(ctx, pkt)
+    }
+    #[inline(always)]
+    fn affinity_key(pkt: &Packet, rev_nat_id: u16) -> Option<AffinityKey> {
+        Some(AffinityKey::new(pkt.saddr, rev_nat_id))
+    }
+    #[inline(always)]
+    fn snat_needed<const EXTERNAL: bool>(
+        pkt: &Packet,
+        external: bool,
+        remote: bool,
+        backend_addr: &Ipv4,
+    ) -> bool {
+        snat_needed::<EXTERNAL>(pkt, external, remote, u32::from_ne_bytes(*backend_addr))
+    }
+    #[inline(always)]
+    fn create_snat(
+        ctx: &TcContext,
+        pkt: &Packet,
+        entry: &mut CtValue,
+        now: u64,
+    ) -> Result<ct::Created, Stat> {
+        let Some(config) = maps::CONFIG.get(0) else {
+            return Err(Stat::DropSnatExhausted);
+        };
+        ct::create_snat(ctx, pkt, entry, config, now)
+    }
+    #[inline(always)]
+    fn log_new_flow(ctx: &TcContext, pkt: &Packet, entry: &CtValue) {
+        log_new_flow(ctx, pkt, entry)
+    }
+    #[inline(always)]
+    fn first_packet<const EXTERNAL: bool>(
+        ctx: &TcContext,
+        pkt: &Packet,
+        svc: &SvcValue,
+        now: u64,
+    ) -> Outcome {
+        new_flow::<Ipv4, EXTERNAL>(ctx, pkt, svc, now)
+    }
+    #[inline(always)]
+    fn send<const EGRESS: bool>(
+        ctx: &TcContext,
+        pkt: &Packet,
+        to: &CtValue,
+        stat: Stat,
+    ) -> Outcome {
+        send::<EGRESS>(ctx, pkt, to, stat)
+    }
+}
+
+impl Edges for Ipv6 {
+    #[inline(always)]
+    fn reverse_snat(_: &TcContext, _: &Packet<Ipv6>) -> Option<Outcome> {
+        None
+    }
+    #[inline(always)]
+    fn not_a_frontend(_: &TcContext, _: &Packet<Ipv6>) -> Outcome {
+        Outcome::next(Stat::PassNotService)
+    }
+    #[inline(always)]
+    fn source_allowed(_: &Packet<Ipv6>, _: u16) -> bool {
+        false
+    }
+    #[inline(always)]
+    fn no_backends(_: &TcContext, _: &Packet<Ipv6>) -> Outcome {
+        Outcome::drop(Stat::DropReject)
+    }
+    #[inline(always)]
+    fn affinity_key(_: &Packet<Ipv6>, _: u16) -> Option<AffinityKey> {
+        None
+    }
+    #[inline(always)]
+    fn snat_needed<const EXTERNAL: bool>(
+        pkt: &Packet<Ipv6>,
+        external: bool,
+        remote: bool,
+        backend_addr: &Ipv6,
+    ) -> bool {
+        backend_addr.same(&pkt.saddr) || (remote && (external || EXTERNAL))
+    }
+    #[inline(always)]
+    fn create_snat(
+        _: &TcContext,
+        _: &Packet<Ipv6>,
+        _: &mut CtValue<Ipv6>,
+        _: u64,
+    ) -> Result<ct::Created, Stat> {
+        Err(Stat::DropSnatExhausted)
+    }
+    #[inline(always)]
+    fn log_new_flow(ctx: &TcContext, pkt: &Packet<Ipv6>, entry: &CtValue<Ipv6>) {
+        log_new_flow6(ctx, pkt, entry)
+    }
+    /// In a program of its own (`lb_new6`, `lb_new_ext6`), entered by tail
+    /// call: with the tracked path's in one, IPv6's 40-byte keys and
+    /// 64-byte entries do not fit the 512-byte stack.
+    #[inline(always)]
+    fn first_packet<const EXTERNAL: bool>(
+        ctx: &TcContext,
+        _: &Packet<Ipv6>,
+        _: &SvcValue,
+        _: u64,
+    ) -> Outcome {
+        family6::enter_new_flow(ctx, EXTERNAL);
+        Outcome::drop(Stat::DropCtFull) // the tail call failed: no program there
+    }
+    #[inline(always)]
+    fn send<const EGRESS: bool>(
+        ctx: &TcContext,
+        pkt: &Packet<Ipv6>,
+        to: &CtValue<Ipv6>,
+        stat: Stat,
+    ) -> Outcome {
+        // Never SNATed (above), so never routed here: the stack forwards it.
+        if nat::translate(ctx, pkt, to).is_err() {
+            return Outcome::drop(Stat::DropRewrite);
+        }
+        Outcome::next(stat)
+    }
+}
+
+/// A TCP or UDP packet at ingress: to a frontend (DNAT, tracked), the
+/// answer of a SNATed flow, or neither.
+#[inline(always)]
+fn to_frontend<A: Edges, const EXTERNAL: bool>(ctx: &TcContext, pkt: &Packet<A>) -> Outcome {
     let frontend = pkt.svc_key(0);
     // SAFETY: copied at once; the agent may rewrite slot 0 at any time.
-    let svc = maps::SERVICES.get_ptr(&frontend).map(|s| unsafe { *s });
+    let svc = A::services().get_ptr(&frontend).map(|s| unsafe { *s });
     // The answer of a SNATed flow goes to the node address: not a frontend,
     // or a node port in a range overlapping the SNAT range (the answer
     // wins). Cluster and LB IPs skip the check. It arrives at an uplink, or
     // from a pod that reached its own Service (hairpin).
     if svc.is_none_or(|s| s.flags & SVC_FLAG_NODE_PORT != 0) {
-        if let Some(outcome) = reverse_snat(ctx, &pkt) {
+        if let Some(outcome) = A::reverse_snat(ctx, pkt) {
             return outcome;
         }
     }
     let Some(svc) = svc else {
-        if service_cidrs().contains(u32::from_be(pkt.daddr_be)) {
-            return reject::service_cidr(ctx, &pkt);
-        }
-        return Outcome::next(Stat::PassNotService);
+        return A::not_a_frontend(ctx, pkt);
     };
     let forward_key = pkt.ct_key(CT_DIR_FORWARD);
-    let now = match ct::lookup(&forward_key) {
-        Some((entry, now, true)) if !ct::is_reopened(&entry, &pkt) => {
-            ct::update(&forward_key, &entry, &pkt, now);
-            return send::<false>(ctx, &pkt, &entry, Stat::DnatCtHit);
+    let mut entry = CtValue::default();
+    let now = match ct::lookup(&forward_key, &mut entry) {
+        Some((now, true)) if !ct::is_reopened(&entry, pkt) => {
+            ct::update(&forward_key, &entry, pkt, now);
+            return A::send::<false>(ctx, pkt, &entry, Stat::DnatCtHit);
         }
         // Over (timed out both ways, or reopened by a SYN) though not yet
         // collected: retired, so its entries shadow neither of the new flow's.
-        Some((entry, now, _)) => {
+        Some((now, _)) => {
             ct::retire(&forward_key, &entry);
             now
         }
         None => ct::now(),
     };
-    new_flow::<EXTERNAL>(ctx, &pkt, &svc, now)
+    A::first_packet::<EXTERNAL>(ctx, pkt, &svc, now)
 }
 
 /// The service CIDRs; the agent sets them at load (`--service-cluster-ip-range`).
@@ -206,10 +482,10 @@ fn snat_needed<const EXTERNAL: bool>(
     remote: bool,
     backend_addr: u32,
 ) -> bool {
-    if backend_addr == pkt.saddr_be {
+    if backend_addr == pkt.saddr_be() {
         return true;
     }
-    remote && (external || (EXTERNAL && !cluster_cidrs().contains(u32::from_be(pkt.saddr_be))))
+    remote && (external || (EXTERNAL && !cluster_cidrs().contains(u32::from_be(pkt.saddr_be()))))
 }
 
 /// A new flow to frontend `svc`: admitted, a backend picked, tracked,
@@ -217,17 +493,17 @@ fn snat_needed<const EXTERNAL: bool>(
 /// externalTrafficPolicy; everything else to a cluster IP follows
 /// internalTrafficPolicy. Local slots come first (1..=local_count).
 #[inline(always)]
-fn new_flow<const EXTERNAL: bool>(
+fn new_flow<A: Edges, const EXTERNAL: bool>(
     ctx: &TcContext,
-    pkt: &Packet,
+    pkt: &Packet<A>,
     svc: &SvcValue,
     now: u64,
 ) -> Outcome {
-    if svc.flags & SVC_FLAG_SOURCE_RANGES != 0 && !source_allowed(pkt, svc.rev_nat_id) {
+    if svc.flags & SVC_FLAG_SOURCE_RANGES != 0 && !A::source_allowed(pkt, svc.rev_nat_id) {
         return Outcome::drop(Stat::DropSourceRange);
     }
     if svc.count == 0 {
-        return reject::port_unreachable(ctx, pkt);
+        return A::no_backends(ctx, pkt);
     }
     let external = EXTERNAL && svc.flags & SVC_FLAGS_EXTERNAL != 0;
     let local_only = if external {
@@ -244,49 +520,46 @@ fn new_flow<const EXTERNAL: bool>(
         return Outcome::drop(Stat::DropNoLocalBackend);
     }
     let hash = flow_hash(
-        pkt.saddr_be,
-        pkt.daddr_be,
+        pkt.saddr.fold(),
+        pkt.daddr.fold(),
         pkt.sport_be,
         pkt.dport_be,
         pkt.proto,
     );
-    let affinity = svc.flags & SVC_FLAG_AFFINITY != 0;
-    let affinity_key = AffinityKey::new(lb_common::ipv4(pkt.saddr_be), svc.rev_nat_id);
-    let remembered = if affinity {
-        affinity::remembered(&affinity_key, svc, local_only, now)
+    let affinity_key = if svc.flags & SVC_FLAG_AFFINITY != 0 {
+        A::affinity_key(pkt, svc.rev_nat_id)
     } else {
         None
     };
+    let remembered = affinity_key
+        .as_ref()
+        .and_then(|key| affinity::remembered(key, svc, local_only, now));
     let Some((backend_id, remote)) =
         remembered.or_else(|| pick(pkt, svc, hash, choices, local_only))
     else {
         return Outcome::drop(Stat::DropBackendMissing);
     };
-    let Some(backend) = maps::BACKENDS.get_ptr(&backend_id) else {
+    let Some(backend) = A::backends().get_ptr(&backend_id) else {
         return Outcome::drop(Stat::DropBackendMissing);
     };
     let backend = unsafe { *backend };
-    if affinity {
-        affinity::remember(&affinity_key, backend_id, now);
+    if let Some(key) = &affinity_key {
+        affinity::remember(key, backend_id, now);
     }
     let mut entry = ct::new_forward(pkt, &backend, backend_id, svc.rev_nat_id, now);
-    let created =
-        if snat_needed::<EXTERNAL>(pkt, external, remote, u32::from_ne_bytes(backend.addr)) {
-            let Some(config) = maps::CONFIG.get(0) else {
-                return Outcome::drop(Stat::DropSnatExhausted);
-            };
-            ct::create_snat(ctx, pkt, &mut entry, config, now)
-        } else {
-            ct::create(pkt, &entry, 0).map_err(|_| Stat::DropCtFull)
-        };
+    let created = if A::snat_needed::<EXTERNAL>(pkt, external, remote, &backend.addr) {
+        A::create_snat(ctx, pkt, &mut entry, now)
+    } else {
+        ct::create(pkt, &entry, 0).map_err(|_| Stat::DropCtFull)
+    };
     match created {
         Ok(ct::Created::New) if entry.flags & CT_SNAT != 0 => count(Stat::SnatNew),
         Ok(ct::Created::New) => {}
         Ok(ct::Created::Raced) => ct::adopt(pkt, &mut entry),
         Err(stat) => return Outcome::drop(stat),
     }
-    log_new_flow(ctx, pkt, &entry);
-    send::<false>(ctx, pkt, &entry, Stat::DnatNew)
+    A::log_new_flow(ctx, pkt, &entry);
+    A::send::<false>(ctx, pkt, &entry, Stat::DnatNew)
 }
 
 /// A backend for a new flow with no remembered one: by the frontend's
@@ -294,8 +567,8 @@ fn new_flow<const EXTERNAL: bool>(
 /// lost conntrack entry still maps a flow to the same backend while the
 /// backend set is unchanged). The id, and whether it runs on another node.
 #[inline(always)]
-fn pick(
-    pkt: &Packet,
+fn pick<A: Family>(
+    pkt: &Packet<A>,
     svc: &SvcValue,
     hash: u32,
     choices: u16,
@@ -306,7 +579,7 @@ fn pick(
     }
     let slot = select_slot(hash, choices);
     // SAFETY: a map value pointer, copied at once.
-    let value = unsafe { *maps::SERVICES.get_ptr(&pkt.svc_key(slot))? };
+    let value = unsafe { *A::services().get_ptr(&pkt.svc_key(slot))? };
     Some((
         value.backend_id,
         value.slot_is_remote(slot, svc.local_count),
@@ -388,7 +661,7 @@ fn icmp_error_egress(ctx: &TcContext, err: &icmp::IcmpError) -> Outcome {
 fn source_allowed(pkt: &Packet, rev_nat_id: u16) -> bool {
     let key = Key::new(
         SOURCE_RANGE_ID_BITS + 32,
-        SourceRangeKey::new(rev_nat_id, lb_common::ipv4(pkt.saddr_be)),
+        SourceRangeKey::new(rev_nat_id, pkt.saddr),
     );
     maps::SOURCE_RANGES.get(&key).is_some()
 }
@@ -398,11 +671,12 @@ fn source_allowed(pkt: &Packet, rev_nat_id: u16) -> bool {
 #[inline(always)]
 fn reverse_snat(ctx: &TcContext, pkt: &Packet) -> Option<Outcome> {
     let config = maps::CONFIG.get(0)?;
-    if !config.is_snat_target(lb_common::ipv4(pkt.daddr_be), u16::from_be(pkt.dport_be)) {
+    if !config.is_snat_target(pkt.daddr, u16::from_be(pkt.dport_be)) {
         return None;
     }
     let reply_key = pkt.ct_key(CT_DIR_REPLY);
-    let (entry, now) = ct::lookup_flow(&reply_key)?;
+    let mut entry = CtValue::default();
+    let now = ct::lookup_live(&reply_key, &mut entry)?;
     if entry.flags & CT_SNAT == 0 {
         return None;
     }
@@ -413,30 +687,36 @@ fn reverse_snat(ctx: &TcContext, pkt: &Packet) -> Option<Outcome> {
 /// A backend's reply matches a reply-direction entry and leaves with the
 /// frontend as its source; anything else passes untouched.
 fn egress(ctx: &TcContext) -> Outcome {
-    let pkt = match parse::parse(ctx) {
-        Parsed::Packet(pkt) => pkt,
-        Parsed::IcmpError(err) => return icmp_error_egress(ctx, &err),
-        Parsed::Fragment(frag) => return frag::follow::<true>(ctx, &frag),
-        Parsed::NotForUs => return Outcome::next(Stat::PassNotReply),
-        Parsed::Malformed => return Outcome::next(Stat::PassMalformed),
-    };
+    family6::enter(ctx, family6::EGRESS);
+    match parse::parse(ctx) {
+        Parsed::Packet(pkt) => reply::<Ipv4>(ctx, &pkt),
+        Parsed::IcmpError(err) => icmp_error_egress(ctx, &err),
+        Parsed::Fragment(frag) => frag::follow::<true>(ctx, &frag),
+        Parsed::NotForUs => Outcome::next(Stat::PassNotReply),
+        Parsed::Malformed => Outcome::next(Stat::PassMalformed),
+    }
+}
+
+#[inline(always)]
+fn reply<A: Edges>(ctx: &TcContext, pkt: &Packet<A>) -> Outcome {
     let reply_key = pkt.ct_key(CT_DIR_REPLY);
-    let Some((entry, now)) = ct::lookup_flow(&reply_key) else {
+    let mut entry = CtValue::default();
+    let Some(now) = ct::lookup_live(&reply_key, &mut entry) else {
         return Outcome::next(Stat::PassNotReply);
     };
     if entry.flags & CT_SNAT != 0 {
         // Answered at the uplink's ingress, never here.
         return Outcome::next(Stat::PassNotReply);
     }
-    if pkt.is_tcp_syn_ack() && !ct::forward_is_open(&reply_key, &entry, &pkt) {
+    if pkt.is_tcp_syn_ack() && !ct::forward_is_open(&reply_key, &entry, pkt) {
         // A handshake answer on a tuple whose service flow has closed belongs
         // to another connection: the client reused the port to reach the
         // backend directly. Drop the stale entry; leave the packet alone.
         ct::forget(&reply_key);
         return Outcome::next(Stat::PassNotReply);
     }
-    ct::update(&reply_key, &entry, &pkt, now);
-    send::<true>(ctx, &pkt, &entry, Stat::RevNat)
+    ct::update(&reply_key, &entry, pkt, now);
+    A::send::<true>(ctx, pkt, &entry, Stat::RevNat)
 }
 
 /// The IPv4 length the way out must carry: the packet's, or for a GSO
@@ -476,7 +756,7 @@ fn routed_len(ctx: &TcContext, pkt: &Packet) -> u16 {
 #[inline(always)]
 fn send<const EGRESS: bool>(ctx: &TcContext, pkt: &Packet, to: &CtValue, stat: Stat) -> Outcome {
     if pkt.is_fragment
-        && frag::record::<EGRESS>(pkt.saddr_be, pkt.daddr_be, pkt.id_be, pkt.proto, to).is_err()
+        && frag::record::<EGRESS>(pkt.saddr_be(), pkt.daddr_be(), pkt.id_be, pkt.proto, to).is_err()
     {
         return Outcome::drop(Stat::DropFragment);
     }

@@ -19,32 +19,55 @@ use lb_common::{
     source_range::SourceRangeKey,
     stats::STAT_COUNT,
     svc::{SvcKey, SvcValue},
+    Ipv4, Ipv6,
 };
 
+/// Each family's service path has its own maps of one shape (`Family`
+/// picks them).
+pub type ServiceMap<A> = HashMap<SvcKey<A>, SvcValue, 262_144>;
+pub type BackendMap<A> = HashMap<u32, Backend<A>, 262_144>;
+pub type CtMap<A> = HashMap<CtKey<A>, CtValue<A>, 262_144, { BPF_F_NO_PREALLOC as usize }>;
+pub type CtNewMap<A> = LruHashMap<CtKey<A>, CtValue<A>, 65_536>;
+
 #[btf_map(name = "lb_svc_v4")]
-pub static SERVICES: HashMap<SvcKey, SvcValue, 262_144> = HashMap::new();
+pub static SERVICES: ServiceMap<Ipv4> = HashMap::new();
+
+#[btf_map(name = "lb_svc6_v4")]
+pub static SERVICES6: ServiceMap<Ipv6> = HashMap::new();
 
 #[btf_map(name = "lb_backend_v4")]
-pub static BACKENDS: HashMap<u32, Backend, 262_144> = HashMap::new();
+pub static BACKENDS: BackendMap<Ipv4> = HashMap::new();
+
+#[btf_map(name = "lb_backend6_v4")]
+pub static BACKENDS6: BackendMap<Ipv6> = HashMap::new();
 
 /// Written by the agent for operators and inspect; the datapath never reads it
 /// (conntrack carries the reply address).
 #[btf_map(name = "lb_revnat_v4")]
 pub static REVNAT: HashMap<u16, RevNat, 65_536, { BPF_F_NO_PREALLOC as usize }> = HashMap::new();
 
+#[btf_map(name = "lb_revnat6_v4")]
+pub static REVNAT6: HashMap<u16, RevNat<Ipv6>, 65_536, { BPF_F_NO_PREALLOC as usize }> =
+    HashMap::new();
+
 /// Assured flows. A plain hash, not an LRU: an assured flow is never
 /// evicted to make room (a full table leaves new flows in `CT_NEW`,
 /// counted); the agent's GC frees expired flows. Not preallocated, so an
 /// element deleted during a program run is not recycled under it.
 #[btf_map(name = "lb_ct_v4")]
-pub static CONNTRACK: HashMap<CtKey, CtValue, 262_144, { BPF_F_NO_PREALLOC as usize }> =
-    HashMap::new();
+pub static CONNTRACK: CtMap<Ipv4> = HashMap::new();
+
+#[btf_map(name = "lb_ct6_v4")]
+pub static CONNTRACK6: CtMap<Ipv6> = HashMap::new();
 
 /// Flows not yet assured. An LRU: a flood of flows that never complete
 /// evicts its own kind, and a new flow is always admitted. (LRU maps are
 /// preallocated: values are copied out right after each lookup.)
 #[btf_map(name = "lb_ct_new_v4")]
-pub static CT_NEW: LruHashMap<CtKey, CtValue, 65_536> = LruHashMap::new();
+pub static CT_NEW: CtNewMap<Ipv4> = LruHashMap::new();
+
+#[btf_map(name = "lb_ct_new6_v4")]
+pub static CT_NEW6: CtNewMap<Ipv6> = LruHashMap::new();
 
 #[btf_map(name = "lb_stats_v4")]
 pub static STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::new();
@@ -82,6 +105,16 @@ pub static MAGLEV: HashMap<MaglevKey, MaglevChunk, 65_536, { BPF_F_NO_PREALLOC a
 /// the 512-byte stack. Not pinned: each loaded program has its own.
 #[btf_map(name = "lb_fib_scratch")]
 pub static FIB_SCRATCH: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup, 1> = PerCpuArray::new();
+
+/// Per-CPU scratch for conntrack entries a packet works on besides its own
+/// copy (0: the entry being updated, 1: its flow's other entry): kept off
+/// the 512-byte stack, where IPv6's 64-byte entries did not fit. Not
+/// pinned: each loaded program has its own.
+#[btf_map(name = "lb_ct_scratch")]
+pub static CT_SCRATCH: PerCpuArray<CtValue, 2> = PerCpuArray::new();
+
+#[btf_map(name = "lb_ct_scratch6")]
+pub static CT_SCRATCH6: PerCpuArray<CtValue<Ipv6>, 2> = PerCpuArray::new();
 
 /// Per-CPU token bucket for the ICMP errors the datapath sends (see
 /// `lb_common::icmp`). Not pinned: a restarted agent's programs start with

@@ -1,14 +1,17 @@
-//! Bounds-checked, IHL-aware header parsing with direct packet access (the
-//! headers are pulled into the linear area first when they are not there
-//! already); nothing is read past the IPv4 total length.
+//! Bounds-checked header parsing with direct packet access (the headers
+//! are pulled into the linear area first when they are not there already):
+//! IPv4 with its options, IPv6 with its extension headers walked (a
+//! bounded walk; a packet it cannot finish passes untouched). Nothing is
+//! read past the IP datagram's length.
 
 use aya_ebpf::programs::TcContext;
-use lb_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{Ipv4, Ipv6, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
 
 pub use crate::icmp::IcmpError;
 
 pub const ETH_HLEN: u32 = 14;
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+const ETH_P_IPV6_BE: u16 = 0x86ddu16.to_be();
 pub const IP_CSUM_OFF: u32 = ETH_HLEN + 10;
 pub const IP_SADDR_OFF: u32 = ETH_HLEN + 12;
 pub const IP_DADDR_OFF: u32 = ETH_HLEN + 16;
@@ -36,10 +39,38 @@ struct Ipv4Fixed {
     daddr_be: u32,
 }
 
-/// A TCP or UDP over IPv4 packet whose headers are complete.
-pub struct Packet {
-    pub saddr_be: u32,
-    pub daddr_be: u32,
+pub const IP6_HLEN: u32 = 40;
+pub const IP6_SADDR_OFF: u32 = ETH_HLEN + 8;
+/// IPv6 extension headers (RFC 8200 4.1): hop-by-hop, routing, fragment,
+/// destination options. Others end the walk (a transport, ESP, "no next
+/// header", or one we do not know: not ours).
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_DEST: u8 = 60;
+/// Extension headers walked at most. RFC 8200 allows each once (destination
+/// options twice); a packet with more is passed untouched.
+const MAX_EXT_HEADERS: u32 = 6;
+const IP6_MF: u16 = 0x0001;
+const IP6_OFFSET_MASK: u16 = 0xfff8;
+
+/// The fixed IPv6 header, as on the wire.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv6Fixed {
+    version_class_flow: [u8; 4],
+    payload_len_be: u16,
+    next_header: u8,
+    hop_limit: u8,
+    saddr: Ipv6,
+    daddr: Ipv6,
+}
+
+/// A TCP or UDP packet whose headers are complete, of either family
+/// (`A`: its address type, `Ipv4` or `Ipv6`).
+pub struct Packet<A = Ipv4> {
+    pub saddr: A,
+    pub daddr: A,
     pub sport_be: u16,
     pub dport_be: u16,
     pub proto: u8,
@@ -48,13 +79,27 @@ pub struct Packet {
     pub is_fragment: bool,
     /// The IP header's identification (names the datagram of a fragment).
     pub id_be: u16,
-    /// IPv4 header length in bytes (20 without options).
+    /// IP header length in bytes: IPv4's with options (20 without),
+    /// IPv6's with its extension headers.
     pub ihl_len: u32,
     pub l4_off: u32,
-    /// IPv4 total length (a GSO packet's is its segments' together).
+    /// The IP datagram's length (a GSO packet's is its segments' together).
     pub tot_len: u16,
-    /// DF set: a router must not fragment it.
+    /// A router must not fragment it (IPv4 DF; IPv6 always).
     pub dont_fragment: bool,
+}
+
+impl Packet {
+    /// The IPv4 source as the header holds it, read as a native `u32`.
+    #[inline(always)]
+    pub fn saddr_be(&self) -> u32 {
+        u32::from_ne_bytes(self.saddr)
+    }
+
+    #[inline(always)]
+    pub fn daddr_be(&self) -> u32 {
+        u32::from_ne_bytes(self.daddr)
+    }
 }
 
 /// A later fragment of a TCP or UDP datagram: no transport header.
@@ -72,13 +117,24 @@ pub enum Parsed {
     Fragment(Fragment),
     /// An ICMP error quoting a TCP or UDP packet (see `icmp`).
     IcmpError(IcmpError),
-    /// Not IPv4 TCP/UDP: not ours to touch.
+    /// Not IPv4 TCP/UDP (nor an ICMP error about it): not ours to touch.
     NotForUs,
     /// Headers truncated or inconsistent: never rewritten.
     Malformed,
 }
 
-impl Packet {
+/// What the IPv6 programs see.
+pub enum Parsed6 {
+    Packet(Packet<Ipv6>),
+    /// Not IPv6 TCP/UDP: not ours to touch. Also neighbour discovery,
+    /// router advertisements, MLD and every other ICMPv6 message,
+    /// fragments, and packets whose extension headers the walk does not
+    /// finish.
+    NotForUs,
+    Malformed,
+}
+
+impl<A> Packet<A> {
     #[inline(always)]
     pub fn l4_csum_off(&self) -> u32 {
         if self.proto == IPPROTO_TCP {
@@ -125,11 +181,27 @@ pub fn parse(ctx: &TcContext) -> Parsed {
     }
 }
 
+/// The start and end of the linear data, read afresh at each use
+/// (volatile): a pointer LLVM keeps across the IPv6 header walk it merges
+/// with other values and zero-extends by shifts, which the verifier
+/// refuses on a packet pointer.
+#[inline(always)]
+fn data(ctx: &TcContext) -> usize {
+    // SAFETY: the context's skb is valid for the program run.
+    unsafe { core::ptr::read_volatile(&(*ctx.skb.skb).data) as usize }
+}
+
+#[inline(always)]
+fn data_end(ctx: &TcContext) -> usize {
+    // SAFETY: as `data`.
+    unsafe { core::ptr::read_volatile(&(*ctx.skb.skb).data_end) as usize }
+}
+
 /// A pointer to a `T` at `off`, if the linear data holds all of it.
 #[inline(always)]
 fn at<T>(ctx: &TcContext, off: u32) -> Result<*const T, ()> {
-    let start = ctx.data() + off as usize;
-    if start + core::mem::size_of::<T>() > ctx.data_end() {
+    let start = data(ctx) + off as usize;
+    if start + core::mem::size_of::<T>() > data_end(ctx) {
         return Err(());
     }
     Ok(start as *const T)
@@ -145,7 +217,7 @@ pub fn read<T: Copy>(ctx: &TcContext, off: u32) -> Result<T, ()> {
 /// than the headers would copy payload out of the fragments on every packet.
 #[inline(always)]
 fn ensure_linear(ctx: &TcContext, len: u32) -> Result<(), ()> {
-    if ctx.data() + len as usize <= ctx.data_end() {
+    if data(ctx) + len as usize <= data_end(ctx) {
         return Ok(());
     }
     if len > ctx.len() {
@@ -201,41 +273,14 @@ fn try_parse(ctx: &TcContext) -> Result<Parsed, ()> {
     let is_fragment = frag & IP_MF != 0;
 
     let l4_off = ETH_HLEN + ihl_len;
-    let l4_len = tot_len - ihl_len;
-    let l4_header = if ip.proto == IPPROTO_TCP { 20 } else { 8 };
-    if l4_len < l4_header {
-        return Err(());
-    }
-    ensure_linear(ctx, l4_off + l4_header)?;
-    let mut tcp_flags = 0;
-    if ip.proto == IPPROTO_TCP {
-        if l4_len < 20 {
-            return Err(());
-        }
-        let [doff, flags]: [u8; 2] = read(ctx, l4_off + 12)?;
-        let doff_len = ((doff >> 4) as u32) * 4;
-        if doff_len < 20 || doff_len > l4_len {
-            return Err(());
-        }
-        tcp_flags = flags;
-    } else {
-        if l4_len < 8 {
-            return Err(());
-        }
-        let udp_len = u16::from_be(read::<u16>(ctx, l4_off + 4)?) as u32;
-        // A first fragment carries only part of the datagram its length describes.
-        if udp_len < 8 || (!is_fragment && udp_len > l4_len) {
-            return Err(());
-        }
-    }
-    let [sport_be, dport_be]: [u16; 2] = read(ctx, l4_off)?;
+    let l4 = parse_l4(ctx, ip.proto, l4_off, tot_len - ihl_len, is_fragment)?;
     Ok(Parsed::Packet(Packet {
-        saddr_be: ip.saddr_be,
-        daddr_be: ip.daddr_be,
-        sport_be,
-        dport_be,
+        saddr: lb_common::ipv4(ip.saddr_be),
+        daddr: lb_common::ipv4(ip.daddr_be),
+        sport_be: l4.sport_be,
+        dport_be: l4.dport_be,
         proto: ip.proto,
-        tcp_flags,
+        tcp_flags: l4.tcp_flags,
         is_fragment,
         id_be: ip.id_be,
         ihl_len,
@@ -243,6 +288,142 @@ fn try_parse(ctx: &TcContext) -> Result<Parsed, ()> {
         tot_len: tot_len as u16,
         dont_fragment: frag & IP_DF != 0,
     }))
+}
+
+/// An IPv6 packet: the extension headers walked to the transport header.
+/// Fragments pass untouched for now (IPv6 senders fragment rarely: PMTU
+/// discovery is not optional); an atomic fragment header (offset 0, no
+/// more fragments) is walked over.
+#[inline(always)]
+pub fn parse6(ctx: &TcContext) -> Parsed6 {
+    match try_parse6(ctx) {
+        Ok(parsed) => parsed,
+        Err(()) => Parsed6::Malformed,
+    }
+}
+
+/// The EtherType, if the packet has an Ethernet header.
+#[inline(always)]
+pub fn ethertype_be(ctx: &TcContext) -> Option<u16> {
+    ensure_linear(ctx, ETH_HLEN).ok()?;
+    read(ctx, 12).ok()
+}
+
+#[inline(always)]
+pub const fn is_ipv6(ethertype_be: u16) -> bool {
+    ethertype_be == ETH_P_IPV6_BE
+}
+
+#[inline(always)]
+fn try_parse6(ctx: &TcContext) -> Result<Parsed6, ()> {
+    if ensure_linear(ctx, ETH_HLEN).is_err() || !is_ipv6(read(ctx, 12)?) {
+        return Ok(Parsed6::NotForUs);
+    }
+    ensure_linear(ctx, ETH_HLEN + IP6_HLEN)?;
+    let ip: Ipv6Fixed = read(ctx, ETH_HLEN)?;
+    if ip.version_class_flow[0] >> 4 != 6 {
+        return Err(());
+    }
+    let mut payload = u32::from(u16::from_be(ip.payload_len_be));
+    if payload == 0 && ctx.len() > ETH_HLEN + IP6_HLEN + 0xffff {
+        // IPv6 BIG TCP: GRO strips the jumbo option and leaves length 0;
+        // the skb's length is the datagram's (as ipv6_payload_len()).
+        payload = ctx.len() - ETH_HLEN - IP6_HLEN;
+    }
+    let end = ETH_HLEN + IP6_HLEN + payload;
+    if end > ctx.len() {
+        return Err(());
+    }
+    let mut next = ip.next_header;
+    let mut off = ETH_HLEN + IP6_HLEN;
+    let mut walked = 0;
+    while walked < MAX_EXT_HEADERS {
+        let len = match next {
+            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
+                ensure_linear(ctx, off + 2)?;
+                let [next_header, ext_len]: [u8; 2] = read(ctx, off)?;
+                next = next_header;
+                (u32::from(ext_len) + 1) * 8
+            }
+            NEXTHDR_FRAGMENT => {
+                ensure_linear(ctx, off + 4)?;
+                let [next_header, _reserved, frag_hi, frag_lo]: [u8; 4] = read(ctx, off)?;
+                if u16::from_be_bytes([frag_hi, frag_lo]) & (IP6_OFFSET_MASK | IP6_MF) != 0 {
+                    return Ok(Parsed6::NotForUs);
+                }
+                next = next_header;
+                8
+            }
+            _ => break,
+        };
+        off += len;
+        if off > end {
+            return Err(());
+        }
+        walked += 1;
+    }
+    if next != IPPROTO_TCP && next != IPPROTO_UDP {
+        return Ok(Parsed6::NotForUs);
+    }
+    let l4 = parse_l4(ctx, next, off, end - off, false)?;
+    Ok(Parsed6::Packet(Packet {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        sport_be: l4.sport_be,
+        dport_be: l4.dport_be,
+        proto: next,
+        tcp_flags: l4.tcp_flags,
+        is_fragment: false,
+        id_be: 0,
+        ihl_len: off - ETH_HLEN,
+        l4_off: off,
+        tot_len: (end - ETH_HLEN).min(0xffff) as u16,
+        dont_fragment: true,
+    }))
+}
+
+/// What the transport header says, once checked against the datagram.
+struct L4 {
+    sport_be: u16,
+    dport_be: u16,
+    tcp_flags: u8,
+}
+
+/// The TCP or UDP header at `l4_off`, `l4_len` bytes to the datagram's end.
+#[inline(always)]
+fn parse_l4(
+    ctx: &TcContext,
+    proto: u8,
+    l4_off: u32,
+    l4_len: u32,
+    is_fragment: bool,
+) -> Result<L4, ()> {
+    let l4_header = if proto == IPPROTO_TCP { 20 } else { 8 };
+    if l4_len < l4_header {
+        return Err(());
+    }
+    ensure_linear(ctx, l4_off + l4_header)?;
+    let mut tcp_flags = 0;
+    if proto == IPPROTO_TCP {
+        let [doff, flags]: [u8; 2] = read(ctx, l4_off + 12)?;
+        let doff_len = ((doff >> 4) as u32) * 4;
+        if doff_len < 20 || doff_len > l4_len {
+            return Err(());
+        }
+        tcp_flags = flags;
+    } else {
+        let udp_len = u16::from_be(read::<u16>(ctx, l4_off + 4)?) as u32;
+        // A first fragment carries only part of the datagram its length describes.
+        if udp_len < 8 || (!is_fragment && udp_len > l4_len) {
+            return Err(());
+        }
+    }
+    let [sport_be, dport_be]: [u16; 2] = read(ctx, l4_off)?;
+    Ok(L4 {
+        sport_be,
+        dport_be,
+        tcp_flags,
+    })
 }
 
 /// ICMP types that quote the packet they are about.

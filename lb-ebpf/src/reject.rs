@@ -133,8 +133,8 @@ fn build(ctx: &TcContext, pkt: &Packet, code: u8, mtu: u16) -> Result<(), ()> {
     ip.0[2..4].copy_from_slice(&(REPLY_IP_LEN as u16).to_be_bytes());
     ip.0[8] = 64;
     ip.0[9] = IPPROTO_ICMP;
-    ip.0[12..16].copy_from_slice(&pkt.daddr_be.to_ne_bytes()); // from the VIP
-    ip.0[16..20].copy_from_slice(&pkt.saddr_be.to_ne_bytes()); // to the client
+    ip.0[12..16].copy_from_slice(&pkt.daddr); // from the VIP
+    ip.0[16..20].copy_from_slice(&pkt.saddr); // to the client
     let ip_csum = csum::fold(csum::partial(ip.as_words(), 20, 0));
     ip.0[10..12].copy_from_slice(&ip_csum.to_ne_bytes());
 

@@ -1488,7 +1488,10 @@ fn every_program_verifies_well_inside_the_kernels_limit() {
         lb_agent::datapath::INGRESS_PROGRAM,
         lb_agent::datapath::INGRESS_EXTERNAL_PROGRAM,
         lb_agent::datapath::EGRESS_PROGRAM,
-    ] {
+    ]
+    .into_iter()
+    .chain(lb_common::family6::PROGRAM_NAMES)
+    {
         let program = lb_agent::datapath::loader::program(&mut ebpf, name).unwrap();
         let verified = program.info().unwrap().verified_instruction_count();
         let verified = verified.expect("the kernel reports verified instructions");

@@ -12,16 +12,17 @@ use aya::{
 };
 use lb_common::{
     affinity::{AFFINITY_MAP, AFFINITY_MATCH_MAP},
-    backend::BACKEND_MAP,
+    backend::{BACKEND6_MAP, BACKEND_MAP},
     config::{NodeConfig, CONFIG_MAP},
-    ct::{CtTimeouts, CT_MAP, CT_NEW_MAP},
+    ct::{CtTimeouts, CT6_MAP, CT6_NEW_MAP, CT_MAP, CT_NEW_MAP},
+    family6::{PROGRAMS6_MAP, PROGRAM_NAMES},
     icmp::IcmpLimit,
     maglev::MAGLEV_MAP,
-    revnat::REVNAT_MAP,
+    revnat::{REVNAT6_MAP, REVNAT_MAP},
     sock::{SOCK_REVNAT_LRU_MAP, SOCK_REVNAT_MAP},
     source_range::SOURCE_RANGE_MAP,
     stats::{STATS_MAP, STAT_COUNT},
-    svc::SVC_MAP,
+    svc::{SVC6_MAP, SVC_MAP},
     MAP_LAYOUT_VERSION,
 };
 
@@ -34,7 +35,7 @@ use super::{
 };
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
-pub const ALL_MAPS: [&str; 12] = [
+pub const ALL_MAPS: [&str; 18] = [
     MAGLEV_MAP,
     SOCK_REVNAT_MAP,
     SOURCE_RANGE_MAP,
@@ -47,6 +48,14 @@ pub const ALL_MAPS: [&str; 12] = [
     CONFIG_MAP,
     AFFINITY_MAP,
     AFFINITY_MATCH_MAP,
+    SVC6_MAP,
+    BACKEND6_MAP,
+    REVNAT6_MAP,
+    CT6_MAP,
+    CT6_NEW_MAP,
+    // Pinned so it keeps its programs while the agent restarts (a program
+    // array is emptied when its last user reference goes).
+    PROGRAMS6_MAP,
 ];
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -172,9 +181,13 @@ pub fn load_with_log(
     loader
         .override_global(aya_log::LEVEL, &log_level, true)
         .map_max_entries(SVC_MAP, sizes.service_slots)
+        .map_max_entries(SVC6_MAP, sizes.service_slots)
         .map_max_entries(BACKEND_MAP, sizes.backends)
+        .map_max_entries(BACKEND6_MAP, sizes.backends)
         .map_max_entries(CT_MAP, sizes.conntrack)
+        .map_max_entries(CT6_MAP, sizes.conntrack)
         .map_max_entries(CT_NEW_MAP, sizes.conntrack_new)
+        .map_max_entries(CT6_NEW_MAP, sizes.conntrack_new)
         .map_max_entries(AFFINITY_MAP, sizes.affinity)
         .map_max_entries(AFFINITY_MATCH_MAP, sizes.service_slots)
         .map_max_entries(SOURCE_RANGE_MAP, sizes.source_ranges)
@@ -204,10 +217,14 @@ pub fn load_with_log(
             restrict(&dir.join(name), PIN_MODE).map_err(|e| LoadError::PinDir(dir.into(), e))?;
         }
     }
-    for name in [INGRESS_PROGRAM, INGRESS_EXTERNAL_PROGRAM, EGRESS_PROGRAM] {
+    for name in [INGRESS_PROGRAM, INGRESS_EXTERNAL_PROGRAM, EGRESS_PROGRAM]
+        .into_iter()
+        .chain(PROGRAM_NAMES)
+    {
         let tc = program(&mut ebpf, name)?;
         retry_interrupted(|| tc.load())?;
     }
+    fill_programs6(&mut ebpf)?;
     for (name, _) in SOCK_PROGRAMS {
         let sock = program_as::<aya::programs::CgroupSockAddr>(&mut ebpf, name)?;
         retry_interrupted(|| sock.load())?;
@@ -218,6 +235,27 @@ pub fn load_with_log(
         warn_on_resized_pins(&ebpf, sizes);
     }
     Ok(ebpf)
+}
+
+/// Puts the IPv6 programs into the program array the IPv4 ones tail-call
+/// into (`lb_common::family6`). A pinned array from the previous agent is
+/// overwritten index by index: a packet meanwhile enters the old program
+/// or the new one.
+fn fill_programs6(ebpf: &mut Ebpf) -> Result<(), LoadError> {
+    let mut fds = Vec::new();
+    for name in PROGRAM_NAMES {
+        let fd = program(ebpf, name)?.fd()?;
+        fds.push(fd.try_clone().map_err(|e| LoadError::Map(PROGRAMS6_MAP, e.to_string()))?);
+    }
+    let error = |e: aya::maps::MapError| LoadError::Map(PROGRAMS6_MAP, e.to_string());
+    let map = ebpf
+        .map_mut(PROGRAMS6_MAP)
+        .ok_or_else(|| LoadError::Map(PROGRAMS6_MAP, "missing from the object".into()))?;
+    let mut array = aya::maps::ProgramArray::try_from(map).map_err(error)?;
+    for (index, fd) in (0u32..).zip(&fds) {
+        array.set(index, fd, 0).map_err(error)?;
+    }
+    Ok(())
 }
 
 /// The verifier gives up with EAGAIN when a signal is pending on the
