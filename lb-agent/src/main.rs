@@ -92,7 +92,7 @@ struct InspectArgs {
     service: Option<String>,
     /// Only frontends, backends or flows with this backend address.
     #[arg(long, global = true)]
-    backend: Option<std::net::Ipv4Addr>,
+    backend: Option<std::net::IpAddr>,
 }
 
 #[derive(clap::Args)]

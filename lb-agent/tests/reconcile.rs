@@ -1,7 +1,10 @@
 //! Control-plane behaviour without root: write order, idempotence, last good
 //! state on bad input, full maps, restart from existing maps.
 
-use std::{fs, net::Ipv4Addr};
+use std::{
+    fs,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use lb_agent::{
     datapath::{maps::MapWriteError, offline::fake::FakeMaps},
@@ -289,15 +292,39 @@ fn malformed_file_keeps_its_last_good_content() {
     fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A dual-stack Service's frontends: one per cluster IP, each with its own
+/// family's endpoints (its IPv4 and IPv6 EndpointSlices are separate).
 #[test]
-fn frontends_follow_every_ipv4_cluster_ip() {
+fn a_dual_stack_service_has_a_frontend_per_family_with_that_familys_endpoints() {
     let yaml = service("a", "198.19.0.1", &["198.18.0.1"]).replace(
         "clusterIP: 198.19.0.1",
         "clusterIP: 198.19.0.1\n  clusterIPs: [198.19.0.1, \"2001:db8::1\"]",
-    );
+    ) + "---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: a-v6
+  namespace: default
+  labels: {kubernetes.io/service-name: a}
+addressType: IPv6
+ports: [{port: 8080}]
+endpoints:
+  - addresses: [\"2001:db8:1::5\"]
+";
     let desired = desired_of(&yaml);
-    let vips: Vec<Ipv4Addr> = desired.frontends.keys().map(|f| f.addr).collect();
-    assert_eq!(vips, [Ipv4Addr::new(198, 19, 0, 1)]);
+    let frontends: Vec<(IpAddr, Vec<IpAddr>)> = desired
+        .frontends
+        .iter()
+        .map(|(f, spec)| (f.addr, spec.backends.iter().map(|b| b.addr).collect()))
+        .collect();
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    assert_eq!(
+        frontends,
+        [
+            (ip("198.19.0.1"), vec![ip("198.18.0.1")]),
+            (ip("2001:db8::1"), vec![ip("2001:db8:1::5")]),
+        ]
+    );
 }
 
 /// An endpoint's `nodeName` decides whether it is local: this node's

@@ -1,7 +1,10 @@
 //! What an agent programmed, read from its pins the way `inspect services
 //! --json` reads them, so tests compare fields rather than search text.
 
-use std::{net::Ipv4Addr, path::Path};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::Path,
+};
 
 use lb_agent::cli::inspect::{self, FrontendInfo};
 
@@ -65,12 +68,24 @@ impl Maps {
     }
 
     /// Whether any frontend is at `addr` (any port).
-    pub fn has_address(&self, addr: Ipv4Addr) -> bool {
+    pub fn has_address(&self, addr: impl Into<IpAddr>) -> bool {
+        let addr = addr.into();
         self.frontends.iter().any(|f| f.address == addr)
     }
 
-    /// The backend addresses of frontend `name`, in slot order.
+    /// The IPv4 backend addresses of frontend `name`, in slot order.
     pub fn backends(&self, name: &str) -> Vec<Ipv4Addr> {
+        self.all_backends(name)
+            .into_iter()
+            .filter_map(|a| match a {
+                IpAddr::V4(a) => Some(a),
+                IpAddr::V6(_) => None,
+            })
+            .collect()
+    }
+
+    /// The backend addresses of frontend `name` (either family), in slot order.
+    pub fn all_backends(&self, name: &str) -> Vec<IpAddr> {
         self.frontend(name)
             .map(|f| f.backends.iter().filter_map(|b| b.address).collect())
             .unwrap_or_default()

@@ -1375,7 +1375,7 @@ fn agent_udp_flush_streams_a_large_table() {
     }
     let mut ct = h.agent_conntrack();
     let frontend = lb_agent::model::L4Addr {
-        addr: VIP,
+        addr: VIP.into(),
         port: 53,
         proto: lb_agent::model::Proto::Udp,
     };
@@ -1406,7 +1406,7 @@ fn a_slot_batch_into_a_full_map_writes_in_order_and_names_the_flag() {
     let mut ebpf = loader::load(None, sizes, &loader::Globals::DEFAULT).expect("load");
     let mut maps = loader::kernel_maps(&mut ebpf, sizes).expect("maps");
     let frontend = lb_agent::model::L4Addr {
-        addr: VIP,
+        addr: VIP.into(),
         port: 80,
         proto: lb_agent::model::Proto::Tcp,
     };

@@ -557,7 +557,7 @@ fn nodeport_to_a_local_backend_keeps_the_client_address() {
 fn a_local_backend_above_the_published_local_count_is_not_snated() {
     let mut node = Node::new("grow", &manifest("", &BOTH));
     let frontend = L4Addr {
-        addr: NODE_IP,
+        addr: NODE_IP.into(),
         port: 30080,
         proto: Proto::Tcp,
     };

@@ -106,7 +106,7 @@ fn api_objects_are_programmed_updated_and_deleted() {
         })
         .unwrap();
     assert!(
-        !maps.has_address("198.19.0.99".parse().unwrap()),
+        !maps.has_address("198.19.0.99".parse::<std::net::Ipv4Addr>().unwrap()),
         "{}",
         maps.text
     );

@@ -382,7 +382,8 @@ fn pick(probe: &mut Probe, client: SocketAddrV4, frontend: &FrontendInfo) -> any
     // Cluster IPs are reached from pods; the other kinds from outside.
     let external = frontend.kind.as_deref() != Some(FrontendKind::ClusterIp.name());
     let outcome = probe.first_packet(client, l4, frontend.rev_nat_id, external)?;
-    let translated = outcome.destination != SocketAddrV4::new(frontend.address, frontend.port);
+    let translated = std::net::SocketAddr::V4(outcome.destination)
+        != std::net::SocketAddr::new(frontend.address, frontend.port);
     Ok(Pick {
         client: client.to_string(),
         program: if external {
@@ -408,7 +409,7 @@ fn endpoints(store: &ObjectStore, frontend: &FrontendInfo) -> Vec<EndpointInfo> 
         namespace: namespace.into(),
         name: name.into(),
     };
-    let used: Vec<Ipv4Addr> = frontend.backends.iter().filter_map(|b| b.address).collect();
+    let used: Vec<std::net::IpAddr> = frontend.backends.iter().filter_map(|b| b.address).collect();
     let mut out: Vec<EndpointInfo> = store
         .input(&service)
         .slices
@@ -416,7 +417,9 @@ fn endpoints(store: &ObjectStore, frontend: &FrontendInfo) -> Vec<EndpointInfo> 
         .flat_map(|s| &s.object.endpoints)
         .filter_map(|e| {
             let address = e.address.as_ref()?.to_string();
-            let in_datapath = address.parse::<Ipv4Addr>().is_ok_and(|a| used.contains(&a));
+            let in_datapath = address
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|a| used.contains(&a));
             Some(EndpointInfo {
                 address,
                 ready: e.ready != Some(false),

@@ -6,7 +6,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
-    net::Ipv4Addr,
+    net::IpAddr,
     path::Path,
 };
 
@@ -37,7 +37,7 @@ pub struct Filter {
     /// `namespace/name` of the owning Service.
     pub service: Option<String>,
     /// A backend address.
-    pub backend: Option<Ipv4Addr>,
+    pub backend: Option<IpAddr>,
 }
 
 /// The service maps, read once.
@@ -49,6 +49,11 @@ pub fn snapshot(pin_dir: &Path) -> anyhow::Result<Snapshot> {
         open_pinned(pin_dir, AFFINITY_MATCH_MAP)?,
         open_pinned(pin_dir, SOURCE_RANGE_MAP)?,
         open_pinned(pin_dir, lb_common::maglev::MAGLEV_MAP)?,
+        crate::datapath::maps::Maps6 {
+            svc: open_pinned(pin_dir, lb_common::svc::SVC6_MAP)?,
+            backends: open_pinned(pin_dir, lb_common::backend::BACKEND6_MAP)?,
+            revnat: open_pinned(pin_dir, lb_common::revnat::REVNAT6_MAP)?,
+        },
         MapSizes::default().capacity(),
     )?;
     Ok(maps.snapshot()?)
@@ -72,7 +77,7 @@ pub fn services_text(snapshot: &Snapshot, filter: &Filter) -> anyhow::Result<Str
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct FrontendInfo {
     pub frontend: String,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
     pub protocol: String,
     #[serde(rename = "type")]
@@ -96,7 +101,7 @@ pub struct FrontendInfo {
 pub struct SlotInfo {
     pub slot: u16,
     pub backend_id: u32,
-    pub address: Option<Ipv4Addr>,
+    pub address: Option<IpAddr>,
     pub port: Option<u16>,
     pub local: bool,
 }
@@ -198,7 +203,7 @@ fn filtered(snapshot: &Snapshot, filter: &Filter) -> Snapshot {
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct BackendInfo {
     pub backend_id: u32,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
     pub protocol: String,
     /// The frontends with a slot on it.
@@ -299,7 +304,7 @@ pub fn flows(
         if key.dir != CT_DIR_FORWARD {
             continue;
         }
-        let backend_addr = Ipv4Addr::from(value.dst_addr);
+        let backend_addr = IpAddr::from(value.dst_addr);
         if filter.backend.is_some_and(|wanted| wanted != backend_addr) {
             continue;
         }
@@ -391,5 +396,5 @@ pub fn counters(pin_dir: &Path) -> anyhow::Result<Vec<(&'static str, u64)>> {
 }
 
 fn endpoint(addr: [u8; 4], port: u16) -> String {
-    format!("{}:{port}", Ipv4Addr::from(addr))
+    format!("{}:{port}", std::net::Ipv4Addr::from(addr))
 }

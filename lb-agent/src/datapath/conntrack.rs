@@ -15,21 +15,33 @@ use std::{
     os::fd::{AsFd as _, OwnedFd},
 };
 
-use aya::maps::{HashMap, Map, MapData, MapError};
-use lb_common::ct::{CtKey, CtValue, CT_ASSURED, CT_DIR_FORWARD};
+use aya::{
+    maps::{HashMap, Map, MapData, MapError},
+    Pod,
+};
+use lb_common::{
+    ct::{CtKey, CtValue, CT_ASSURED, CT_DIR_FORWARD},
+    Ipv4,
+};
 
+use super::maps::Wire;
 use crate::model::{L4Addr, Proto};
+
+/// A family's address as its conntrack tables hold it (`Ipv4`, `Ipv6`):
+/// each family has its own two tables, swept the same way.
+pub trait CtAddr: Wire + Ord + Default + std::fmt::Debug + 'static {}
+impl<A: Wire + Ord + Default + std::fmt::Debug + 'static> CtAddr for A {}
 
 /// One flow's two keys and the `flow_id` that identifies it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct FlowRef {
-    pub forward: CtKey,
-    pub reply: CtKey,
+pub struct FlowRef<A = Ipv4> {
+    pub forward: CtKey<A>,
+    pub reply: CtKey<A>,
     pub flow_id: u32,
 }
 
-impl FlowRef {
-    pub fn of(key: &CtKey, value: &CtValue) -> Self {
+impl<A: CtAddr> FlowRef<A> {
+    pub fn of(key: &CtKey<A>, value: &CtValue<A>) -> Self {
         let peer = key.peer_key(value);
         let (forward, reply) = if key.dir == CT_DIR_FORWARD {
             (*key, peer)
@@ -46,7 +58,7 @@ impl FlowRef {
     /// The service frontend the flow was addressed to.
     pub fn frontend(&self) -> Option<L4Addr> {
         Some(L4Addr {
-            addr: self.forward.daddr.into(),
+            addr: self.forward.daddr.ip(),
             port: self.forward.dport,
             proto: Proto::from_number(self.forward.proto)?,
         })
@@ -56,7 +68,7 @@ impl FlowRef {
 /// A flow is over when the entry is expired and its peer is too (or gone).
 /// `peer` is whatever the peer key holds: an entry of a newer flow (another
 /// `flow_id`) does not count.
-pub fn flow_is_expired(value: &CtValue, peer: Option<&CtValue>, now_ns: u64) -> bool {
+pub fn flow_is_expired<A>(value: &CtValue<A>, peer: Option<&CtValue<A>>, now_ns: u64) -> bool {
     value.is_expired(now_ns)
         && peer
             .filter(|p| p.same_flow(value))
@@ -65,7 +77,11 @@ pub fn flow_is_expired(value: &CtValue, peer: Option<&CtValue>, now_ns: u64) -> 
 
 /// Whether a UDP flush takes the flow of this entry: UDP, to a frontend
 /// and backend id the service no longer pairs.
-pub fn flush_wants(flow: &FlowRef, value: &CtValue, removed: &BTreeSet<(L4Addr, u32)>) -> bool {
+pub fn flush_wants<A: CtAddr>(
+    flow: &FlowRef<A>,
+    value: &CtValue<A>,
+    removed: &BTreeSet<(L4Addr, u32)>,
+) -> bool {
     flow.frontend()
         .is_some_and(|f| f.proto == Proto::Udp && removed.contains(&(f, value.backend_id)))
 }
@@ -79,10 +95,11 @@ pub struct Sweep {
     pub flows_removed: usize,
 }
 
-/// The pinned conntrack tables: assured flows, and flows not yet assured.
-pub struct Conntrack {
-    assured: HashMap<MapData, CtKey, CtValue>,
-    new: HashMap<MapData, CtKey, CtValue>,
+/// The pinned conntrack tables of one family: assured flows, and flows
+/// not yet assured.
+pub struct Conntrack<A = Ipv4> {
+    assured: HashMap<MapData, CtKey<A>, CtValue<A>>,
+    new: HashMap<MapData, CtKey<A>, CtValue<A>>,
     /// The same tables, for batch reads.
     assured_fd: OwnedFd,
     new_fd: OwnedFd,
@@ -94,21 +111,21 @@ pub struct Conntrack {
 /// Both tables read as the datapath sees them: an assured entry shadows a
 /// new one on the same key (left by a CPU that updated a flow another was
 /// assuring), and carries `CT_ASSURED` whoever wrote it.
-pub struct Snapshot {
-    pub entries: BTreeMap<CtKey, CtValue>,
+pub struct Snapshot<A = Ipv4> {
+    pub entries: BTreeMap<CtKey<A>, CtValue<A>>,
     /// Entries in each table.
     pub assured: usize,
     pub new: usize,
     /// Keys of new-table entries an assured entry shadows.
-    pub shadowed: Vec<CtKey>,
+    pub shadowed: Vec<CtKey<A>>,
 }
 
-type Entries<'a> = Box<dyn Iterator<Item = Result<(CtKey, CtValue), MapError>> + 'a>;
+type Entries<'a, A> = Box<dyn Iterator<Item = Result<(CtKey<A>, CtValue<A>), MapError>> + 'a>;
 
-impl Snapshot {
+impl<A: CtAddr> Snapshot<A> {
     /// The entries of the table of new flows and of the assured table.
-    pub fn of(new: Entries<'_>, assured: Entries<'_>) -> Result<Self, MapError> {
-        let mut entries: BTreeMap<CtKey, CtValue> = new.collect::<Result<_, _>>()?;
+    pub fn of(new: Entries<'_, A>, assured: Entries<'_, A>) -> Result<Self, MapError> {
+        let mut entries: BTreeMap<CtKey<A>, CtValue<A>> = new.collect::<Result<_, _>>()?;
         let new = entries.len();
         let (mut count, mut shadowed) = (0, Vec::new());
         for item in assured {
@@ -128,7 +145,11 @@ impl Snapshot {
     }
 }
 
-impl Conntrack {
+impl<A: CtAddr> Conntrack<A>
+where
+    CtKey<A>: Pod,
+    CtValue<A>: Pod,
+{
     pub fn new(assured: Map, new: Map) -> Result<Self, MapError> {
         let capacity = match &assured {
             Map::HashMap(data) => data.info()?.max_entries(),
@@ -146,7 +167,7 @@ impl Conntrack {
 
     /// The entry at `key` as the datapath would find it: the assured table
     /// first.
-    pub fn get(&self, key: &CtKey) -> Option<CtValue> {
+    pub fn get(&self, key: &CtKey<A>) -> Option<CtValue<A>> {
         match self.assured.get(key, 0) {
             Ok(mut value) => {
                 value.flags |= CT_ASSURED;
@@ -157,11 +178,11 @@ impl Conntrack {
     }
 
     /// Every entry of both tables (an assured one wins a shared key).
-    pub fn entries(&self) -> Result<BTreeMap<CtKey, CtValue>, MapError> {
+    pub fn entries(&self) -> Result<BTreeMap<CtKey<A>, CtValue<A>>, MapError> {
         Ok(self.snapshot()?.entries)
     }
 
-    fn snapshot(&self) -> Result<Snapshot, MapError> {
+    fn snapshot(&self) -> Result<Snapshot<A>, MapError> {
         Snapshot::of(Box::new(self.new.iter()), Box::new(self.assured.iter()))
     }
 
@@ -206,7 +227,7 @@ impl Conntrack {
     /// cursor is a bucket, not a key.
     fn sweep(
         &mut self,
-        mut judge: impl FnMut(&Self, &CtKey, &CtValue, bool) -> Verdict,
+        mut judge: impl FnMut(&Self, &CtKey<A>, &CtValue<A>, bool) -> Verdict,
     ) -> Result<Sweep, MapError> {
         let mut sweep = Sweep::default();
         let mut flows = Vec::new();
@@ -221,7 +242,7 @@ impl Conntrack {
                 call: "dup",
                 io_error,
             })?;
-            let mut batches = super::batch::Batches::<CtKey, CtValue>::new(fd.as_fd());
+            let mut batches = super::batch::Batches::<CtKey<A>, CtValue<A>>::new(fd.as_fd());
             let kept = if in_new {
                 &mut sweep.new
             } else {
@@ -250,7 +271,7 @@ impl Conntrack {
     /// holds it (the assured one first, as the datapath looks) and only
     /// while it is still that flow's. A stale copy under an assured entry
     /// is left to its own expiry.
-    fn remove_flow(&mut self, flow: &FlowRef) -> Result<bool, MapError> {
+    fn remove_flow(&mut self, flow: &FlowRef<A>) -> Result<bool, MapError> {
         let mut removed_any = false;
         for key in [flow.reply, flow.forward] {
             for table in [&mut self.assured, &mut self.new] {
@@ -359,7 +380,7 @@ mod tests {
         entries.extend(flow(2002, 54, 17, 1, (u64::MAX, u64::MAX))); // other frontend
         entries.extend(flow(2003, 53, 6, 1, (u64::MAX, u64::MAX))); // TCP drains
         let frontend = L4Addr {
-            addr: std::net::Ipv4Addr::new(198, 19, 0, 10),
+            addr: std::net::Ipv4Addr::new(198, 19, 0, 10).into(),
             port: 53,
             proto: Proto::Udp,
         };

@@ -418,6 +418,11 @@ pub fn kernel_maps(ebpf: &mut Ebpf, sizes: MapSizes) -> Result<KernelMaps, LoadE
         affinity_match,
         source_ranges,
         take(MAGLEV_MAP)?,
+        super::maps::Maps6 {
+            svc: take(SVC6_MAP)?,
+            backends: take(BACKEND6_MAP)?,
+            revnat: take(REVNAT6_MAP)?,
+        },
         sizes.capacity(),
     )
     .map_err(|e| LoadError::Map(SVC_MAP, e.to_string()))
@@ -431,6 +436,16 @@ pub fn conntrack(ebpf: &mut Ebpf) -> Result<Conntrack, LoadError> {
     };
     let (assured, new) = (take(CT_MAP)?, take(CT_NEW_MAP)?);
     Conntrack::new(assured, new).map_err(|e| LoadError::Map(CT_MAP, e.to_string()))
+}
+
+/// Takes the IPv6 conntrack tables out of a loaded datapath for the GC.
+pub fn conntrack6(ebpf: &mut Ebpf) -> Result<Conntrack<lb_common::Ipv6>, LoadError> {
+    let mut take = |name: &'static str| {
+        ebpf.take_map(name)
+            .ok_or_else(|| LoadError::Map(name, "missing from the object".into()))
+    };
+    let (assured, new) = (take(CT6_MAP)?, take(CT6_NEW_MAP)?);
+    Conntrack::new(assured, new).map_err(|e| LoadError::Map(CT6_MAP, e.to_string()))
 }
 
 /// Opens the pinned conntrack tables (for `inspect` and `explain`).

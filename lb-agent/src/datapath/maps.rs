@@ -3,7 +3,10 @@
 //! that converts between the agent's types (`model`) and the map layout
 //! (`lb_common`).
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use aya::{
     maps::{
@@ -15,11 +18,12 @@ use aya::{
 use ipnet::Ipv4Net;
 use lb_common::{
     affinity::{AffinityMatchKey, AFFINITY_BACKEND_LOCAL, AFFINITY_BACKEND_REMOTE},
-    backend::{Backend, BACKEND_MAP},
+    backend::{Backend, BACKEND6_MAP, BACKEND_MAP},
     maglev::{MaglevChunk, MaglevKey, MAGLEV_CHUNK, MAGLEV_MAP},
-    revnat::{RevNat, OWNER_LEN, REVNAT_MAP},
+    revnat::{RevNat, OWNER_LEN, REVNAT6_MAP, REVNAT_MAP},
     source_range::{SourceRangeKey, SOURCE_RANGE_ID_BITS, SOURCE_RANGE_MAP},
-    svc::{SvcKey, SvcValue, SVC_MAP},
+    svc::{SvcKey, SvcValue, SVC6_MAP, SVC_MAP},
+    Ipv6,
 };
 
 use crate::model::{L4Addr, Proto, ServiceName};
@@ -140,44 +144,98 @@ pub fn maglev_chunks(entries: usize) -> u32 {
 }
 
 // --- layout conversions -----------------------------------------------------
+// Each family's keys and values are the same layout over its address type
+// (`lb_common::Ipv4`, `Ipv6`); `Wire` converts an address either way.
+
+/// An address as a family's maps hold it.
+pub trait Wire: Copy {
+    fn ip(self) -> IpAddr;
+}
+
+impl Wire for [u8; 4] {
+    fn ip(self) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::from(self))
+    }
+}
+
+impl Wire for Ipv6 {
+    fn ip(self) -> IpAddr {
+        IpAddr::V6(Ipv6Addr::from(self))
+    }
+}
 
 pub fn svc_key(frontend: L4Addr, slot: u16) -> SvcKey {
     SvcKey::new(
-        frontend.addr.octets(),
+        v4_octets(frontend.addr),
         frontend.port,
         frontend.proto.number(),
         slot,
     )
 }
 
-fn l4(addr: [u8; 4], port: u16, proto: u8) -> Option<L4Addr> {
+pub fn svc6_key(frontend: L4Addr, slot: u16) -> SvcKey<Ipv6> {
+    SvcKey::new(
+        v6_octets(frontend.addr),
+        frontend.port,
+        frontend.proto.number(),
+        slot,
+    )
+}
+
+/// The IPv4 map form of an address the caller knows is IPv4 (an IPv6 one,
+/// a bug, becomes 0.0.0.0, which no packet carries).
+fn v4_octets(addr: IpAddr) -> [u8; 4] {
+    match addr {
+        IpAddr::V4(a) => a.octets(),
+        IpAddr::V6(_) => [0; 4],
+    }
+}
+
+fn v6_octets(addr: IpAddr) -> Ipv6 {
+    match addr {
+        IpAddr::V6(a) => a.octets(),
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+    }
+}
+
+fn l4<A: Wire>(addr: A, port: u16, proto: u8) -> Option<L4Addr> {
     Some(L4Addr {
-        addr: Ipv4Addr::from(addr),
+        addr: addr.ip(),
         port,
         proto: Proto::from_number(proto)?,
     })
 }
 
-pub fn frontend_of(key: &SvcKey) -> Option<(L4Addr, u16)> {
+pub fn frontend_of<A: Wire>(key: &SvcKey<A>) -> Option<(L4Addr, u16)> {
     Some((l4(key.addr, key.port, key.proto)?, key.slot))
 }
 
 pub fn backend_value(backend: L4Addr) -> Backend {
     Backend {
-        addr: backend.addr.octets(),
+        addr: v4_octets(backend.addr),
         port: backend.port,
         proto: backend.proto.number(),
         flags: 0,
     }
 }
 
-pub fn backend_of(value: &Backend) -> Option<L4Addr> {
+pub fn backend6_value(backend: L4Addr) -> Backend<Ipv6> {
+    Backend {
+        addr: v6_octets(backend.addr),
+        port: backend.port,
+        proto: backend.proto.number(),
+        flags: 0,
+    }
+}
+
+pub fn backend_of<A: Wire>(value: &Backend<A>) -> Option<L4Addr> {
     l4(value.addr, value.port, value.proto)
 }
 
-pub fn revnat_value(frontend: L4Addr, owner: &ServiceName) -> RevNat {
+/// The reverse-NAT entry of `frontend` in its family's layout.
+pub fn revnat_value<A: Default>(addr: A, frontend: L4Addr, owner: &ServiceName) -> RevNat<A> {
     let mut value = RevNat {
-        addr: frontend.addr.octets(),
+        addr,
         port: frontend.port,
         proto: frontend.proto.number(),
         ..RevNat::default()
@@ -190,7 +248,7 @@ pub fn revnat_value(frontend: L4Addr, owner: &ServiceName) -> RevNat {
     value
 }
 
-pub fn revnat_of(value: &RevNat) -> Option<RevNatEntry> {
+pub fn revnat_of<A: Wire>(value: &RevNat<A>) -> Option<RevNatEntry> {
     let end = value
         .owner
         .iter()
@@ -218,6 +276,12 @@ pub struct KernelMaps {
     svc_fd: std::os::fd::OwnedFd,
     backends: HashMap<MapData, u32, Backend>,
     revnat: HashMap<MapData, u16, RevNat>,
+    /// The IPv6 frontends' maps (backend and rev-NAT ids are one space
+    /// across both families).
+    svc6: HashMap<MapData, SvcKey<Ipv6>, SvcValue>,
+    svc6_fd: std::os::fd::OwnedFd,
+    backends6: HashMap<MapData, u32, Backend<Ipv6>>,
+    revnat6: HashMap<MapData, u16, RevNat<Ipv6>>,
     affinity_match: HashMap<MapData, AffinityMatchKey, u8>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     maglev: HashMap<MapData, MaglevKey, MaglevChunk>,
@@ -226,6 +290,16 @@ pub struct KernelMaps {
     range_limit: Limit,
     backend_limit: Limit,
     revnat_limit: Limit,
+    svc6_limit: Limit,
+    backend6_limit: Limit,
+    revnat6_limit: Limit,
+}
+
+/// The IPv6 service maps, for `KernelMaps::new`.
+pub struct Maps6 {
+    pub svc: Map,
+    pub backends: Map,
+    pub revnat: Map,
 }
 
 /// A map's size and the flag that sets it, for errors that say what to raise.
@@ -254,9 +328,29 @@ impl KernelMaps {
         affinity_match: Map,
         source_ranges: Map,
         maglev: Map,
+        maps6: Maps6,
         capacity: Capacity,
     ) -> Result<Self, MapError> {
         Ok(Self {
+            svc6_fd: super::batch::dup_fd(&maps6.svc)?,
+            svc6: HashMap::try_from(maps6.svc)?,
+            backends6: HashMap::try_from(maps6.backends)?,
+            revnat6: HashMap::try_from(maps6.revnat)?,
+            svc6_limit: Limit {
+                map: SVC6_MAP,
+                capacity: capacity.services,
+                flag: "--max-service-slots",
+            },
+            backend6_limit: Limit {
+                map: BACKEND6_MAP,
+                capacity: capacity.backends,
+                flag: "--max-backends",
+            },
+            revnat6_limit: Limit {
+                map: REVNAT6_MAP,
+                capacity: capacity.revnat,
+                flag: "(65535 frontends at most)",
+            },
             svc_fd: super::batch::dup_fd(&svc)?,
             svc: HashMap::try_from(svc)?,
             backends: HashMap::try_from(backends)?,
@@ -323,15 +417,25 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
 
 impl LbMaps for KernelMaps {
     fn put_backend(&mut self, id: u32, backend: L4Addr) -> Result<(), MapWriteError> {
+        if backend.addr.is_ipv6() {
+            let limit = self.backend6_limit;
+            return self
+                .backends6
+                .insert(id, backend6_value(backend), 0)
+                .map_err(|e| limit.error("insert", e));
+        }
         let limit = self.backend_limit;
         self.backends
             .insert(id, backend_value(backend), 0)
             .map_err(|e| limit.error("insert", e))
     }
 
+    /// From both families' maps: an id is in one of them.
     fn delete_backend(&mut self, id: u32) -> Result<(), MapWriteError> {
         let limit = self.backend_limit;
-        ignore_missing(self.backends.remove(&id)).map_err(|e| limit.error("delete", e))
+        ignore_missing(self.backends.remove(&id)).map_err(|e| limit.error("delete", e))?;
+        let limit = self.backend6_limit;
+        ignore_missing(self.backends6.remove(&id)).map_err(|e| limit.error("delete", e))
     }
 
     fn put_slot(
@@ -340,6 +444,13 @@ impl LbMaps for KernelMaps {
         slot: u16,
         value: SvcValue,
     ) -> Result<(), MapWriteError> {
+        if frontend.addr.is_ipv6() {
+            let limit = self.svc6_limit;
+            return self
+                .svc6
+                .insert(svc6_key(frontend, slot), value, 0)
+                .map_err(|e| limit.error("insert", e));
+        }
         let limit = self.svc_limit;
         self.svc
             .insert(svc_key(frontend, slot), value, 0)
@@ -352,13 +463,23 @@ impl LbMaps for KernelMaps {
         slots: &[(u16, SvcValue)],
     ) -> Result<(), (usize, MapWriteError)> {
         use std::os::fd::AsFd as _;
-        let keys: Vec<SvcKey> = slots
-            .iter()
-            .map(|&(slot, _)| svc_key(frontend, slot))
-            .collect();
         let values: Vec<SvcValue> = slots.iter().map(|&(_, value)| value).collect();
-        let limit = self.svc_limit;
-        super::batch::update_batch(self.svc_fd.as_fd(), &keys, &values).map_err(|(written, e)| {
+        let written = if frontend.addr.is_ipv6() {
+            let keys: Vec<SvcKey<Ipv6>> = slots
+                .iter()
+                .map(|&(slot, _)| svc6_key(frontend, slot))
+                .collect();
+            super::batch::update_batch(self.svc6_fd.as_fd(), &keys, &values)
+                .map_err(|e| (e, self.svc6_limit))
+        } else {
+            let keys: Vec<SvcKey> = slots
+                .iter()
+                .map(|&(slot, _)| svc_key(frontend, slot))
+                .collect();
+            super::batch::update_batch(self.svc_fd.as_fd(), &keys, &values)
+                .map_err(|e| (e, self.svc_limit))
+        };
+        written.map_err(|((written, e), limit)| {
             let error = aya::sys::SyscallError {
                 call: "bpf_map_update_batch",
                 io_error: e,
@@ -368,6 +489,11 @@ impl LbMaps for KernelMaps {
     }
 
     fn delete_slot(&mut self, frontend: L4Addr, slot: u16) -> Result<(), MapWriteError> {
+        if frontend.addr.is_ipv6() {
+            let limit = self.svc6_limit;
+            return ignore_missing(self.svc6.remove(&svc6_key(frontend, slot)))
+                .map_err(|e| limit.error("delete", e));
+        }
         let limit = self.svc_limit;
         ignore_missing(self.svc.remove(&svc_key(frontend, slot)))
             .map_err(|e| limit.error("delete", e))
@@ -379,15 +505,27 @@ impl LbMaps for KernelMaps {
         frontend: L4Addr,
         owner: &ServiceName,
     ) -> Result<(), MapWriteError> {
+        if frontend.addr.is_ipv6() {
+            let limit = self.revnat6_limit;
+            let value = revnat_value(v6_octets(frontend.addr), frontend, owner);
+            return self
+                .revnat6
+                .insert(id, value, 0)
+                .map_err(|e| limit.error("insert", e));
+        }
         let limit = self.revnat_limit;
+        let value = revnat_value(v4_octets(frontend.addr), frontend, owner);
         self.revnat
-            .insert(id, revnat_value(frontend, owner), 0)
+            .insert(id, value, 0)
             .map_err(|e| limit.error("insert", e))
     }
 
+    /// From both families' maps, as `delete_backend`.
     fn delete_revnat(&mut self, id: u16) -> Result<(), MapWriteError> {
         let limit = self.revnat_limit;
-        ignore_missing(self.revnat.remove(&id)).map_err(|e| limit.error("delete", e))
+        ignore_missing(self.revnat.remove(&id)).map_err(|e| limit.error("delete", e))?;
+        let limit = self.revnat6_limit;
+        ignore_missing(self.revnat6.remove(&id)).map_err(|e| limit.error("delete", e))
     }
 
     fn put_affinity_match(
@@ -493,12 +631,27 @@ impl LbMaps for KernelMaps {
                 snapshot.slots.insert(at, value);
             }
         })?;
+        walk(&self.svc6, self.svc6_limit, |key, value| {
+            if let Some(at) = frontend_of(&key) {
+                snapshot.slots.insert(at, value);
+            }
+        })?;
         walk(&self.backends, self.backend_limit, |id, value| {
             if let Some(backend) = backend_of(&value) {
                 snapshot.backends.insert(id, backend);
             }
         })?;
+        walk(&self.backends6, self.backend6_limit, |id, value| {
+            if let Some(backend) = backend_of(&value) {
+                snapshot.backends.insert(id, backend);
+            }
+        })?;
         walk(&self.revnat, self.revnat_limit, |id, value| {
+            if let Some(entry) = revnat_of(&value) {
+                snapshot.revnat.insert(id, entry);
+            }
+        })?;
+        walk(&self.revnat6, self.revnat6_limit, |id, value| {
             if let Some(entry) = revnat_of(&value) {
                 snapshot.revnat.insert(id, entry);
             }

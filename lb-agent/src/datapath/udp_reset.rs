@@ -147,8 +147,12 @@ pub fn plan_resets(
         .collect()
 }
 
+/// Socket LB serves IPv4 frontends only: an IPv6 one matches no socket.
 fn socket_addr(a: L4Addr) -> SocketAddrV4 {
-    SocketAddrV4::new(a.addr, a.port)
+    match a.addr {
+        std::net::IpAddr::V4(addr) => SocketAddrV4::new(addr, a.port),
+        std::net::IpAddr::V6(_) => SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0),
+    }
 }
 
 /// The pinned socket LB reverse map, and the resets still to do.

@@ -63,12 +63,12 @@ pub(super) fn service_frontends(
         return (Vec::new(), Vec::new());
     }
     let mut errors = Vec::new();
-    let vips = match cluster_ips(spec, &ctx, &mut errors) {
+    let vips = match cluster_ips(spec, &ctx) {
         Ok(vips) => vips,
         Err(errors) => return (Vec::new(), errors),
     };
     if vips.is_empty() {
-        return (Vec::new(), errors); // headless, or IPv6-only
+        return (Vec::new(), errors); // headless
     }
 
     let policy = match Policy::of(spec, &ctx) {
@@ -90,24 +90,41 @@ pub(super) fn service_frontends(
         node: node.name.as_deref(),
         zone: node.zone.as_deref(),
     };
-    let mut served = Vec::with_capacity(ports.len());
-    for port in ports {
-        let endpoints = port_backends(slices, &port.name, port.proto, &mut errors);
-        // Each port's two slot lists, once: a `Local` frontend's can be
-        // longer than the cluster's by this node's terminating endpoints.
-        let slots = Slots {
-            cluster: endpoints.slots(here, false),
-            local: endpoints.slots(here, true),
-        };
-        match port_table_size(&port, slots.most(), limits, &ctx) {
-            Ok(size) => served.push((port, slots, size)),
-            Err(e) => errors.push(e),
+    if vips.iter().any(IpAddr::is_ipv6) {
+        if policy.affinity_timeout_s.is_some() {
+            errors.push(ctx.error(
+                InputErrorKind::Skipped,
+                "spec.sessionAffinity",
+                "ClientIP affinity is not applied to IPv6 cluster IPs yet (their flows are spread by hash)",
+            ));
+        }
+    }
+    // Each family's frontends take that family's endpoints (an IPv4 and an
+    // IPv6 EndpointSlice of one Service are separate objects).
+    let families: Vec<Family> = Family::BOTH
+        .into_iter()
+        .filter(|f| *f == Family::V4 || vips.iter().any(|v| Family::of(*v) == *f))
+        .collect();
+    let mut served = Vec::with_capacity(ports.len() * families.len());
+    for port in &ports {
+        for &family in &families {
+            let endpoints = port_backends(slices, &port.name, port.proto, family, &mut errors);
+            // Each port's two slot lists, once: a `Local` frontend's can be
+            // longer than the cluster's by this node's terminating endpoints.
+            let slots = Slots {
+                cluster: endpoints.slots(here, false),
+                local: endpoints.slots(here, true),
+            };
+            match port_table_size(port, slots.most(), limits, &ctx) {
+                Ok(size) => served.push((port, family, slots, size)),
+                Err(e) => errors.push(e),
+            }
         }
     }
     let frontend_counts = served
         .iter()
-        .map(|(port, slots, _)| {
-            let n = frontend_addresses(&vips, port, node, &external).count();
+        .map(|(port, family, slots, _)| {
+            let n = frontend_addresses(&vips, port, *family, node, &external).count();
             (n, n * (1 + slots.most()))
         })
         .fold((0, 0), |(f, s), (n, slots)| (f + n, s + slots));
@@ -116,14 +133,18 @@ pub(super) fn service_frontends(
         return (Vec::new(), errors);
     }
     let mut frontends = Vec::new();
-    for (port, Slots { cluster, local }, maglev_table_size) in served {
-        let addresses = frontend_addresses(&vips, &port, node, &external);
-        let redirect = node.local_redirects.get(&(name.clone(), port.port));
+    for (port, family, Slots { cluster, local }, maglev_table_size) in served {
+        let addresses = frontend_addresses(&vips, port, family, node, &external);
+        // NodeLocal DNSCache's address is IPv4.
+        let redirect = node
+            .local_redirects
+            .get(&(name.clone(), port.port))
+            .filter(|_| family == Family::V4);
         for (kind, addr, frontend_port) in addresses {
             let (backends, local_count) = match redirect {
                 Some(to) if kind == FrontendKind::ClusterIp => (
                     vec![L4Addr {
-                        addr: *to,
+                        addr: IpAddr::V4(*to),
                         port: port.port,
                         proto: port.proto,
                     }],
@@ -160,6 +181,34 @@ pub(super) fn service_frontends(
         }
     }
     (frontends, errors)
+}
+
+/// An address family: which cluster IPs, EndpointSlices (`addressType`)
+/// and frontends go together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    const BOTH: [Family; 2] = [Family::V4, Family::V6];
+
+    fn of(addr: IpAddr) -> Self {
+        if addr.is_ipv6() {
+            Family::V6
+        } else {
+            Family::V4
+        }
+    }
+
+    /// The EndpointSlice `addressType` of this family's endpoints.
+    fn address_type(self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
+    }
 }
 
 /// The Service's usable ports; each unusable one is an error in `errors`.
@@ -283,21 +332,32 @@ fn within_budget(
 
 /// Where a port is served: each cluster IP, its node port on each node
 /// address, and each external address.
+/// Of one family: node ports and external addresses are IPv4 only
+/// for now.
 fn frontend_addresses<'a>(
-    vips: &'a [Ipv4Addr],
+    vips: &'a [IpAddr],
     port: &'a ServicePort,
+    family: Family,
     node: &'a NodeContext,
     external: &'a [(FrontendKind, Ipv4Addr)],
-) -> impl Iterator<Item = (FrontendKind, Ipv4Addr, u16)> + 'a {
+) -> impl Iterator<Item = (FrontendKind, IpAddr, u16)> + 'a {
+    let v4 = family == Family::V4;
     vips.iter()
+        .filter(move |vip| Family::of(**vip) == family)
         .map(|vip| (FrontendKind::ClusterIp, *vip, port.port))
         .chain(
             port.node_port
+                .filter(|_| v4)
                 .into_iter()
                 .flat_map(|np| node.nodeport_addresses.iter().map(move |a| (*a, np)))
-                .map(|(a, np)| (FrontendKind::NodePort, a, np)),
+                .map(|(a, np)| (FrontendKind::NodePort, IpAddr::V4(a), np)),
         )
-        .chain(external.iter().map(|(kind, a)| (*kind, *a, port.port)))
+        .chain(
+            external
+                .iter()
+                .filter(move |_| v4)
+                .map(|(kind, a)| (*kind, IpAddr::V4(*a), port.port)),
+        )
 }
 
 /// One usable port of a Service.
@@ -464,22 +524,37 @@ fn external_addresses(
 /// Why a proxy must not send traffic to endpoint `a`, if it must not: the
 /// addresses the API server's validation refuses for endpoints (a manifest
 /// directory has no API server to refuse them).
-fn endpoint_refusal(a: Ipv4Addr) -> Option<&'static str> {
-    if !usable(a) {
-        Some("is not a usable IPv4 address")
-    } else if a.is_loopback() {
-        Some("is a loopback address (it would reach the node itself)")
-    } else if a.is_link_local() {
+fn endpoint_refusal(a: IpAddr) -> Option<&'static str> {
+    match a {
+        IpAddr::V4(a) if !usable(a) => Some("is not a usable IPv4 address"),
+        IpAddr::V6(a) if a.is_unspecified() || a.is_multicast() => {
+            Some("is not a usable IPv6 address")
+        }
+        a if a.is_loopback() => Some("is a loopback address (it would reach the node itself)"),
         // 169.254.169.254 behind a node port would hand outsiders the
         // cloud metadata service, with the node's identity.
-        Some("is link-local (169.254.0.0/16: a node's own services, such as cloud metadata)")
-    } else {
-        None
+        IpAddr::V4(a) if a.is_link_local() => {
+            Some("is link-local (169.254.0.0/16: a node's own services, such as cloud metadata)")
+        }
+        IpAddr::V6(a) if a.is_unicast_link_local() => {
+            Some("is link-local (fe80::/10: not routable to a pod)")
+        }
+        IpAddr::V6(a) if a.to_ipv4_mapped().is_some() => {
+            Some("is an IPv4-mapped IPv6 address (list it in an IPv4 slice)")
+        }
+        _ => None,
     }
 }
 
 fn usable(ip: Ipv4Addr) -> bool {
     !ip.is_unspecified() && !ip.is_broadcast() && !ip.is_multicast()
+}
+
+fn usable_ip(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => usable(v4),
+        IpAddr::V6(v6) => !v6.is_unspecified() && !v6.is_multicast(),
+    }
 }
 
 /// A port's usable endpoints over every slice: the ready ones and the
@@ -616,14 +691,10 @@ impl PortEndpoints {
     }
 }
 
-/// IPv4 cluster IPs from `clusterIPs` (or `clusterIP`); empty when
-/// headless. An IPv6 one is a `Skipped` error in `skipped`: not served,
-/// said so (`check` fails), the IPv4 ones still are.
-fn cluster_ips(
-    spec: &ServiceSpecView,
-    ctx: &ErrCtx,
-    skipped: &mut Vec<InputError>,
-) -> Result<Vec<Ipv4Addr>, Vec<InputError>> {
+/// The cluster IPs from `clusterIPs` (or `clusterIP`), of either family
+/// (a dual-stack Service lists one of each, primary first); empty when
+/// headless.
+fn cluster_ips(spec: &ServiceSpecView, ctx: &ErrCtx) -> Result<Vec<IpAddr>, Vec<InputError>> {
     let (field, ips): (&str, Vec<String>) = match (&spec.cluster_ips, &spec.cluster_ip) {
         (Some(ips), _) if !ips.is_empty() => ("spec.clusterIPs", ips.clone()),
         (_, Some(ip)) => ("spec.clusterIP", vec![ip.clone()]),
@@ -646,19 +717,21 @@ fn cluster_ips(
             field.into()
         };
         match ip.parse::<IpAddr>() {
-            Ok(IpAddr::V4(v4)) if v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast() => {
+            Ok(addr) if !usable_ip(addr) => {
                 return Err(vec![ctx.error(
                     InputErrorKind::InvalidField,
                     &field,
                     &format!("{ip} is not a usable service address"),
                 )]);
             }
-            Ok(IpAddr::V4(v4)) => vips.push(v4),
-            Ok(IpAddr::V6(_)) => skipped.push(ctx.error(
-                InputErrorKind::Skipped,
-                &field,
-                &format!("{ip} is IPv6, which lb does not serve yet; not programmed"),
-            )),
+            Ok(addr) if vips.iter().any(|v: &IpAddr| v.is_ipv6() == addr.is_ipv6()) => {
+                return Err(vec![ctx.error(
+                    InputErrorKind::InvalidField,
+                    &field,
+                    &format!("{ip}: a Service has at most one cluster IP of each family"),
+                )]);
+            }
+            Ok(addr) => vips.push(addr),
             Err(_) => {
                 return Err(vec![ctx.error(
                     InputErrorKind::InvalidField,
@@ -697,6 +770,7 @@ fn port_backends(
     slices: &[&Sourced<SliceView>],
     port_name: &str,
     proto: Proto,
+    family: Family,
     errors: &mut Vec<InputError>,
 ) -> PortEndpoints {
     let mut endpoints = PortEndpoints::default();
@@ -706,9 +780,8 @@ fn port_backends(
             file: slice.file.clone(),
             object: format!("EndpointSlice {}/{}", object.namespace, object.name),
         };
-        if object.address_type != "IPv4" {
-            tracing::debug!(slice = %ctx.object, address_type = %object.address_type, "slice skipped (IPv4 only)");
-            continue;
+        if object.address_type != family.address_type() {
+            continue; // another family's frontends use it (or FQDN: none)
         }
         let mut target = None;
         for (i, port) in object.ports.iter().enumerate() {
@@ -751,10 +824,13 @@ fn port_backends(
                 continue;
             };
             let refusal = match address {
-                EndpointAddress::V4(a) => endpoint_refusal(*a),
-                _ => Some("is not a usable IPv4 address"),
+                EndpointAddress::Ip(a) if Family::of(*a) == family => endpoint_refusal(*a),
+                _ => Some(match family {
+                    Family::V4 => "is not a usable IPv4 address",
+                    Family::V6 => "is not a usable IPv6 address",
+                }),
             };
-            let (EndpointAddress::V4(addr), None) = (address, refusal) else {
+            let (EndpointAddress::Ip(addr), None) = (address, refusal) else {
                 errors.push(ctx.error(
                     InputErrorKind::Skipped,
                     &format!("endpoints[{i}].addresses[0]"),

@@ -485,7 +485,7 @@ fn health_check(
         return None;
     }
     let port = valid_port(spec.health_check_node_port?).ok()?;
-    let local: BTreeSet<Ipv4Addr> = frontends
+    let local: BTreeSet<std::net::IpAddr> = frontends
         .iter()
         .flat_map(|(_, f)| f.backends[..f.local_count].iter().map(|b| b.addr))
         .collect();

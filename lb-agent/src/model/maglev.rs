@@ -51,7 +51,15 @@ const fn mix64(mut h: u64) -> u64 {
 
 /// A backend's identity for the permutation: address, port and protocol.
 fn identity(backend: &L4Addr) -> u64 {
-    u64::from(u32::from(backend.addr)) << 24
+    let addr = match backend.addr {
+        std::net::IpAddr::V4(a) => u64::from(u32::from(a)),
+        // Folded: identities only need to differ, and the hashes mix them.
+        std::net::IpAddr::V6(a) => {
+            let bits = u128::from(a);
+            (bits as u64) ^ ((bits >> 64) as u64)
+        }
+    };
+    addr << 24
         | u64::from(backend.port) << 8
         | u64::from(backend.proto.number())
 }
@@ -109,7 +117,7 @@ mod tests {
     fn backends(n: u8) -> Vec<L4Addr> {
         (0..n)
             .map(|i| L4Addr {
-                addr: std::net::Ipv4Addr::new(198, 18, 10 + i / 200, 2 + i % 200),
+                addr: std::net::Ipv4Addr::new(198, 18, 10 + i / 200, 2 + i % 200).into(),
                 port: 8080,
                 proto: Proto::Tcp,
             })

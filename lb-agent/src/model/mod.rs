@@ -4,7 +4,7 @@
 pub mod error;
 pub mod maglev;
 
-use std::{fmt, net::Ipv4Addr};
+use std::{fmt, net::IpAddr};
 
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
 
@@ -40,17 +40,22 @@ impl fmt::Display for Proto {
     }
 }
 
-/// An address, port and protocol: a frontend (VIP) or a backend (pod).
+/// An address, port and protocol: a frontend (VIP) or a backend (pod), of
+/// either family (the family picks the maps it is written to). A frontend's
+/// backends are of its own family.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct L4Addr {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     pub proto: Proto,
 }
 
 impl fmt::Display for L4Addr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.addr, self.port, self.proto)
+        match self.addr {
+            IpAddr::V4(a) => write!(f, "{a}:{}/{}", self.port, self.proto),
+            IpAddr::V6(a) => write!(f, "[{a}]:{}/{}", self.port, self.proto),
+        }
     }
 }
 

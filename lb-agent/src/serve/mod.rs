@@ -416,6 +416,7 @@ fn load_datapath(
     }
     let maps = loader::kernel_maps(&mut ebpf, sizes)?;
     let conntrack = loader::conntrack(&mut ebpf)?;
+    let conntrack6 = loader::conntrack6(&mut ebpf)?;
     let capacities =
         crate::datapath::fill::capacities(pin_dir).context("reading the pinned maps' sizes")?;
     let config_map = loader::ConfigMap::take(&mut ebpf)?;
@@ -426,6 +427,7 @@ fn load_datapath(
     let metrics = Metrics::new(Some(counters), rest_client);
     let upkeep = Upkeep::start(UpkeepTables {
         conntrack,
+        conntrack6,
         udp_resetter,
         metrics: metrics.clone(),
         capacities: capacities.clone(),

@@ -29,6 +29,7 @@ use crate::{
 /// What the thread works on and reports to.
 pub struct UpkeepTables {
     pub conntrack: Conntrack,
+    pub conntrack6: Conntrack<lb_common::Ipv6>,
     pub udp_resetter: UdpResetter,
     pub metrics: Metrics,
     /// `max_entries` of each pinned map, for the fill gauges.
@@ -138,47 +139,76 @@ impl UpkeepTables {
             Err(e) => warn!("counting the datapath's tables: {e}"),
         }
         let started = Instant::now();
-        let capacity = self.conntrack.capacity;
-        match self.conntrack.gc(monotonic_ns()) {
-            Ok(sweep) => {
-                self.metrics.conntrack_entries(sweep.assured + sweep.new);
-                self.report_fill(lb_common::ct::CT_MAP, sweep.assured as u64);
-                self.report_fill(lb_common::ct::CT_NEW_MAP, sweep.new as u64);
-                self.metrics
-                    .flows_removed(FlowRemoval::Expired, sweep.flows_removed);
-                let fill = sweep.assured as f64 / f64::from(capacity.max(1));
-                let entries = sweep.assured;
-                let seconds = started.elapsed().as_secs_f64();
-                if fill >= 0.9 {
-                    // The table of new flows is an LRU and always admits;
-                    // only assured flows can run out of room.
-                    warn!(entries, capacity, freed_flows = sweep.flows_removed, seconds,
-                        "assured conntrack table {:.0}% full: flows that become assured stay evictable while it is full (raise --max-conntrack)",
-                        fill * 100.0);
-                } else if sweep.flows_removed == 0 {
-                    debug!(
-                        entries,
-                        new_entries = sweep.new,
-                        capacity,
-                        freed_flows = 0,
-                        seconds,
-                        "conntrack gc"
-                    );
-                } else {
-                    info!(
-                        entries,
-                        new_entries = sweep.new,
-                        capacity,
-                        freed_flows = sweep.flows_removed,
-                        seconds,
-                        "conntrack gc"
-                    );
+        let now = monotonic_ns();
+        let swept = [
+            (
+                self.conntrack.gc(now),
+                self.conntrack.capacity,
+                (lb_common::ct::CT_MAP, lb_common::ct::CT_NEW_MAP),
+            ),
+            (
+                self.conntrack6.gc(now),
+                self.conntrack6.capacity,
+                (lb_common::ct::CT6_MAP, lb_common::ct::CT6_NEW_MAP),
+            ),
+        ];
+        let mut entries = 0;
+        for (result, capacity, tables) in swept {
+            match result {
+                Ok(sweep) => {
+                    entries += sweep.assured + sweep.new;
+                    self.report_sweep(&sweep, capacity, tables, started);
+                }
+                Err(e) => {
+                    self.metrics.error(ErrorKind::ConntrackGc);
+                    error!("conntrack gc of {}: {e}", tables.0)
                 }
             }
-            Err(e) => {
-                self.metrics.error(ErrorKind::ConntrackGc);
-                error!("conntrack gc: {e}")
-            }
+        }
+        self.metrics.conntrack_entries(entries);
+    }
+
+    /// One family's GC pass: fill gauges, removals, and a log line.
+    fn report_sweep(
+        &mut self,
+        sweep: &crate::datapath::conntrack::Sweep,
+        capacity: u32,
+        (assured_map, new_map): (&'static str, &'static str),
+        started: Instant,
+    ) {
+        self.report_fill(assured_map, sweep.assured as u64);
+        self.report_fill(new_map, sweep.new as u64);
+        self.metrics
+            .flows_removed(FlowRemoval::Expired, sweep.flows_removed);
+        let fill = sweep.assured as f64 / f64::from(capacity.max(1));
+        let entries = sweep.assured;
+        let seconds = started.elapsed().as_secs_f64();
+        if fill >= 0.9 {
+            // The table of new flows is an LRU and always admits;
+            // only assured flows can run out of room.
+            warn!(table = assured_map, entries, capacity, freed_flows = sweep.flows_removed, seconds,
+                "assured conntrack table {:.0}% full: flows that become assured stay evictable while it is full (raise --max-conntrack)",
+                fill * 100.0);
+        } else if sweep.flows_removed == 0 {
+            debug!(
+                table = assured_map,
+                entries,
+                new_entries = sweep.new,
+                capacity,
+                freed_flows = 0,
+                seconds,
+                "conntrack gc"
+            );
+        } else {
+            info!(
+                table = assured_map,
+                entries,
+                new_entries = sweep.new,
+                capacity,
+                freed_flows = sweep.flows_removed,
+                seconds,
+                "conntrack gc"
+            );
         }
     }
 
@@ -187,7 +217,14 @@ impl UpkeepTables {
             .iter()
             .map(|left| (left.frontend, left.backend_id))
             .collect();
-        match self.conntrack.flush_udp(&removed) {
+        let flushed = self.conntrack.flush_udp(&removed).and_then(|v4| {
+            let v6 = self.conntrack6.flush_udp(&removed)?;
+            Ok(crate::datapath::conntrack::Sweep {
+                flows_removed: v4.flows_removed + v6.flows_removed,
+                ..v4
+            })
+        });
+        match flushed {
             Ok(sweep) => {
                 self.metrics
                     .flows_removed(FlowRemoval::BackendLeft, sweep.flows_removed);

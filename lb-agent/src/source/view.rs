@@ -144,14 +144,14 @@ impl ProtocolText {
 /// it is not an IPv4 address, for the error that names it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EndpointAddress {
-    V4(std::net::Ipv4Addr),
+    Ip(std::net::IpAddr),
     Other(Box<str>),
 }
 
 impl EndpointAddress {
     pub fn parse(text: &str) -> Self {
         match text.parse() {
-            Ok(v4) => Self::V4(v4),
+            Ok(ip) => Self::Ip(ip),
             Err(_) => Self::Other(text.into()),
         }
     }
@@ -160,7 +160,7 @@ impl EndpointAddress {
 impl std::fmt::Display for EndpointAddress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::V4(v4) => write!(f, "{v4}"),
+            Self::Ip(ip) => write!(f, "{ip}"),
             Self::Other(text) => f.write_str(text),
         }
     }

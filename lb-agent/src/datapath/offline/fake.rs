@@ -1,7 +1,7 @@
 //! In-memory `LbMaps` with capacities and a log of every write, so the
 //! control plane (including write order and full maps) tests without root.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::collections::BTreeMap;
 
 use crate::datapath::maps::{LbMaps, MapWriteError, RevNatEntry, Snapshot};
 use crate::model::{L4Addr, ServiceName};
@@ -28,7 +28,7 @@ pub struct FakeMaps {
     /// published slot a packet judges otherwise (`SvcValue::slot_is_remote`)
     /// is a violation: an external flow would be SNATed to a local pod, or
     /// sent to another node's pod without SNAT.
-    pub placement: BTreeMap<Ipv4Addr, bool>,
+    pub placement: BTreeMap<std::net::IpAddr, bool>,
     /// Whether each write is followed by that check (a walk of every
     /// frontend: quadratic over a large apply, so `check` goes without).
     order_checks: bool,

@@ -49,6 +49,16 @@ pub enum ProbeError {
     Map(&'static str, String),
     #[error("BPF_PROG_TEST_RUN: {0}")]
     Run(String),
+    #[error("{0}: IPv6 frontends are not probed yet")]
+    Ipv6(String),
+}
+
+/// The IPv4 address of a frontend the probe was given (checked at its entry).
+fn v4(addr: std::net::IpAddr) -> std::net::Ipv4Addr {
+    match addr {
+        std::net::IpAddr::V4(a) => a,
+        std::net::IpAddr::V6(_) => std::net::Ipv4Addr::UNSPECIFIED,
+    }
 }
 
 /// The outcome of one packet.
@@ -121,6 +131,9 @@ impl Probe {
         rev_nat_id: u16,
         external: bool,
     ) -> Result<Outcome, ProbeError> {
+        if frontend.addr.is_ipv6() {
+            return Err(ProbeError::Ipv6(frontend.to_string()));
+        }
         self.copy_client_state(client, frontend, rev_nat_id)?;
         let frame = first_packet_frame(client, frontend);
         let before = self.counters()?;
@@ -157,7 +170,7 @@ impl Probe {
         Ok(Outcome {
             verdict: verdict_name(result.return_value as i32),
             events,
-            destination: addr(30).unwrap_or(SocketAddrV4::new(frontend.addr, frontend.port)),
+            destination: addr(30).unwrap_or(SocketAddrV4::new(v4(frontend.addr), frontend.port)),
             source: addr(26).unwrap_or(client),
         })
     }
@@ -173,7 +186,7 @@ impl Probe {
         let forward = CtKey::new(
             client.ip().octets(),
             client.port(),
-            frontend.addr.octets(),
+            v4(frontend.addr).octets(),
             frontend.port,
             frontend.proto.number(),
             CT_DIR_FORWARD,
@@ -272,7 +285,7 @@ fn first_packet_frame(client: SocketAddrV4, frontend: L4Addr) -> Vec<u8> {
     ip[8] = 64;
     ip[9] = frontend.proto.number();
     ip[12..16].copy_from_slice(&client.ip().octets());
-    ip[16..20].copy_from_slice(&frontend.addr.octets());
+    ip[16..20].copy_from_slice(&v4(frontend.addr).octets());
     let sum = checksum(ip, 0);
     ip[10..12].copy_from_slice(&sum.to_be_bytes());
     let l4 = &mut f[34..];
@@ -299,7 +312,7 @@ fn pseudo_header_sum(client: SocketAddrV4, frontend: L4Addr, len: u16) -> u32 {
         u32::from(u16::from_be_bytes([b[0], b[1]])) + u32::from(u16::from_be_bytes([b[2], b[3]]))
     };
     words(client.ip().octets())
-        + words(frontend.addr.octets())
+        + words(v4(frontend.addr).octets())
         + u32::from(frontend.proto.number())
         + u32::from(len)
 }
