@@ -299,12 +299,11 @@ fn a_dual_stack_service_has_a_frontend_per_family_with_that_familys_endpoints() 
     let yaml = service("a", "198.19.0.1", &["198.18.0.1"]).replace(
         "clusterIP: 198.19.0.1",
         "clusterIP: 198.19.0.1\n  clusterIPs: [198.19.0.1, \"2001:db8::1\"]",
-    ) + "---
-apiVersion: discovery.k8s.io/v1
+    ) + "apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata:
   name: a-v6
-  namespace: default
+  namespace: t
   labels: {kubernetes.io/service-name: a}
 addressType: IPv6
 ports: [{port: 8080}]
