@@ -19,8 +19,9 @@ use lb_agent::{
 };
 use lb_common::{
     config::{NodeConfig, CONFIG_MAP},
-    ct::{CtKey, CtValue, CT_ASSURED, CT_MAP, CT_NEW_MAP},
+    ct::{CtKey, CtValue, CT6_MAP, CT6_NEW_MAP, CT_ASSURED, CT_MAP, CT_NEW_MAP},
     stats::{Stat, STATS_MAP},
+    Ipv6,
 };
 
 pub struct Harness {
@@ -243,6 +244,20 @@ impl Harness {
                 .expect("hash")
         };
         let (new, assured) = (table(CT_NEW_MAP), table(CT_MAP));
+        let snapshot = Snapshot::of(Box::new(new.iter()), Box::new(assured.iter()));
+        snapshot.expect("read ct").entries.into_iter().collect()
+    }
+
+    /// Both IPv6 conntrack tables, as `conntrack`.
+    pub fn conntrack6(&self) -> Vec<(CtKey<Ipv6>, CtValue<Ipv6>)> {
+        let table = |name| -> HashMap<&MapData, CtKey<Ipv6>, CtValue<Ipv6>> {
+            self.ebpf
+                .map(name)
+                .expect("ct map")
+                .try_into()
+                .expect("hash")
+        };
+        let (new, assured) = (table(CT6_NEW_MAP), table(CT6_MAP));
         let snapshot = Snapshot::of(Box::new(new.iter()), Box::new(assured.iter()));
         snapshot.expect("read ct").entries.into_iter().collect()
     }

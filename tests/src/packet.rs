@@ -1,7 +1,7 @@
-//! A small builder for Ethernet/IPv4/TCP|UDP frames with correct checksums,
-//! and checksum verification for frames the datapath produced.
+//! A small builder for Ethernet/IPv4|IPv6/TCP|UDP frames with correct
+//! checksums, and checksum verification for frames the datapath produced.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
@@ -255,6 +255,9 @@ fn pseudo_sum(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, len: usize) -> u32 {
 /// frame (of a fragment, the IPv4 header's only: its transport checksum
 /// covers the whole datagram).
 pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
+    if frame.get(12..14) == Some(&[0x86, 0xdd]) {
+        return verify_checksums6(frame);
+    }
     let ip = frame.get(14..).ok_or("short frame")?;
     let ihl_len = usize::from(ip[0] & 0x0f) * 4;
     if checksum(&ip[..ihl_len], 0) != 0 {
@@ -307,4 +310,182 @@ pub fn assert_frame(actual: &[u8], expected: &[u8], what: &str) {
         hex(actual)
     );
     verify_checksums(actual).unwrap_or_else(|e| panic!("{what}: {e}"));
+}
+
+/// An Ethernet/IPv6/TCP|UDP frame, with extension headers between the
+/// fixed header and the transport header when asked, checksums from
+/// scratch (the IPv6 pseudo-header: addresses, upper-layer length, next
+/// header).
+#[derive(Clone, Debug)]
+pub struct Packet6 {
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub src: SocketAddrV6,
+    pub dst: SocketAddrV6,
+    pub proto: u8,
+    pub tcp_flags: u8,
+    pub seq: u32,
+    pub ack: u32,
+    pub payload: Vec<u8>,
+    /// Extension headers in order: (its type, its bytes after the
+    /// next-header byte; the length byte included, padded to 8 in all).
+    pub ext: Vec<(u8, Vec<u8>)>,
+    pub hop_limit: u8,
+}
+
+/// IPv6 extension header types (RFC 8200).
+pub const NEXTHDR_HOP: u8 = 0;
+pub const NEXTHDR_ROUTING: u8 = 43;
+pub const NEXTHDR_FRAGMENT: u8 = 44;
+pub const NEXTHDR_DEST: u8 = 60;
+
+impl Packet6 {
+    pub fn tcp(src: SocketAddrV6, dst: SocketAddrV6, flags: u8) -> Self {
+        Self {
+            src_mac: CLIENT_MAC,
+            dst_mac: NODE_MAC,
+            src,
+            dst,
+            proto: 6,
+            tcp_flags: flags,
+            seq: 0x1000_0000,
+            ack: if flags & TCP_ACK != 0 { 0x2000_0000 } else { 0 },
+            payload: Vec::new(),
+            ext: Vec::new(),
+            hop_limit: 64,
+        }
+    }
+
+    pub fn udp(src: SocketAddrV6, dst: SocketAddrV6, payload: &[u8]) -> Self {
+        Self {
+            proto: 17,
+            tcp_flags: 0,
+            payload: payload.to_vec(),
+            ..Self::tcp(src, dst, 0)
+        }
+    }
+
+    pub fn with_payload(mut self, payload: &[u8]) -> Self {
+        self.payload = payload.to_vec();
+        self
+    }
+
+    /// An options header (hop-by-hop or destination options) of `len8`
+    /// 8-byte units, holding PadN only.
+    pub fn with_options(mut self, kind: u8, len8: u8) -> Self {
+        let total = usize::from(len8) * 8;
+        let mut bytes = vec![len8 - 1, 1, (total - 4) as u8];
+        bytes.resize(total - 1, 0);
+        self.ext.push((kind, bytes));
+        self
+    }
+
+    /// A fragment header: `offset` in 8-byte units, `more` fragments.
+    pub fn with_fragment(mut self, offset: u16, more: bool, id: u32) -> Self {
+        let field = offset << 3 | u16::from(more);
+        let mut bytes = vec![0];
+        bytes.extend_from_slice(&field.to_be_bytes());
+        bytes.extend_from_slice(&id.to_be_bytes());
+        self.ext.push((NEXTHDR_FRAGMENT, bytes));
+        self
+    }
+
+    pub fn to(mut self, dst: SocketAddrV6) -> Self {
+        self.dst = dst;
+        self
+    }
+
+    pub fn from(mut self, src: SocketAddrV6) -> Self {
+        self.src = src;
+        self
+    }
+
+    /// The reply a peer would send: addresses, ports and MACs swapped, no
+    /// extension headers.
+    pub fn reply(&self, flags: u8) -> Self {
+        Self {
+            src_mac: self.dst_mac,
+            dst_mac: self.src_mac,
+            src: self.dst,
+            dst: self.src,
+            tcp_flags: flags,
+            seq: 0x2000_0000,
+            ack: self.seq.wrapping_add(1),
+            ext: Vec::new(),
+            ..self.clone()
+        }
+    }
+
+    pub fn build(&self) -> Vec<u8> {
+        let l4_len = if self.proto == 6 { 20 } else { 8 } + self.payload.len();
+        let ext_len: usize = self.ext.iter().map(|(_, b)| 1 + b.len()).sum();
+        let mut f = Vec::with_capacity(14 + 40 + ext_len + l4_len);
+        f.extend_from_slice(&self.dst_mac);
+        f.extend_from_slice(&self.src_mac);
+        f.extend_from_slice(&[0x86, 0xdd]);
+        f.extend_from_slice(&[0x60, 0, 0, 0]);
+        f.extend_from_slice(&((ext_len + l4_len) as u16).to_be_bytes());
+        f.push(self.ext.first().map_or(self.proto, |(kind, _)| *kind));
+        f.push(self.hop_limit);
+        f.extend_from_slice(&self.src.ip().octets());
+        f.extend_from_slice(&self.dst.ip().octets());
+        for (i, (_, bytes)) in self.ext.iter().enumerate() {
+            f.push(self.ext.get(i + 1).map_or(self.proto, |(kind, _)| *kind));
+            f.extend_from_slice(bytes);
+        }
+        let l4_start = f.len();
+        f.extend_from_slice(&self.src.port().to_be_bytes());
+        f.extend_from_slice(&self.dst.port().to_be_bytes());
+        if self.proto == 6 {
+            f.extend_from_slice(&self.seq.to_be_bytes());
+            f.extend_from_slice(&self.ack.to_be_bytes());
+            f.push(5 << 4);
+            f.push(self.tcp_flags);
+            f.extend_from_slice(&0xffffu16.to_be_bytes());
+            f.extend_from_slice(&[0, 0, 0, 0]);
+        } else {
+            f.extend_from_slice(&(l4_len as u16).to_be_bytes());
+            f.extend_from_slice(&[0, 0]);
+        }
+        f.extend_from_slice(&self.payload);
+        let pseudo = pseudo_sum6(self.src.ip(), self.dst.ip(), self.proto, l4_len);
+        let mut c = checksum(&f[l4_start..], pseudo);
+        if self.proto == 17 && c == 0 {
+            c = 0xffff;
+        }
+        let at = l4_start + if self.proto == 6 { 16 } else { 6 };
+        f[at..at + 2].copy_from_slice(&c.to_be_bytes());
+        f
+    }
+}
+
+fn pseudo_sum6(src: &Ipv6Addr, dst: &Ipv6Addr, proto: u8, len: usize) -> u32 {
+    let mut s = sum16(&src.octets(), 0);
+    s = sum16(&dst.octets(), s);
+    s + u32::from(proto) + len as u32
+}
+
+/// The TCP/UDP checksum of an IPv6 frame, past its extension headers.
+fn verify_checksums6(frame: &[u8]) -> Result<(), String> {
+    let ip = frame.get(14..54).ok_or("short IPv6 frame")?;
+    let payload = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+    let end = 54 + payload;
+    let (mut next, mut off) = (ip[6], 54);
+    while matches!(next, NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_FRAGMENT) {
+        let header = frame.get(off..off + 2).ok_or("short extension header")?;
+        if next == NEXTHDR_FRAGMENT {
+            return Ok(()); // a fragment's checksum covers the whole datagram
+        }
+        next = header[0];
+        off += (usize::from(header[1]) + 1) * 8;
+    }
+    let l4 = frame.get(off..end).ok_or("short transport header")?;
+    let src = Ipv6Addr::from(<[u8; 16]>::try_from(&ip[8..24]).unwrap());
+    let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&ip[24..40]).unwrap());
+    match next {
+        6 | 17 if checksum(l4, pseudo_sum6(&src, &dst, next, l4.len())) != 0 => {
+            Err(format!("bad L4 checksum (protocol {next})"))
+        }
+        _ => Ok(()),
+    }
 }

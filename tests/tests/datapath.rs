@@ -219,8 +219,10 @@ fn traffic_not_for_a_service_passes_untouched() {
     let mut arp = vec![0xffu8; 6];
     arp.extend_from_slice(&[0x02, 0, 0, 0, 0, 1, 0x08, 0x06]);
     arp.extend_from_slice(&[0u8; 28]);
-    let mut ipv6 = other_ip.clone();
-    ipv6[12..14].copy_from_slice(&[0x86, 0xdd]);
+    let v6 = |a: &str, port| std::net::SocketAddrV6::new(a.parse().unwrap(), port, 0, 0);
+    let ipv6 =
+        lb_tests::packet::Packet6::tcp(v6("2001:db8::2", 40000), v6("2001:db8::10", 80), TCP_SYN)
+            .build();
     for (name, frame) in [
         ("other IP", &other_ip),
         ("other port", &other_port),
