@@ -36,11 +36,12 @@ impl BackendServers {
     /// daemon that binds its listen address).
     pub fn start_on(
         ns: &NetNs,
-        addr: Ipv4Addr,
+        addr: impl Into<std::net::IpAddr>,
         name: &str,
         tcp_port: u16,
         udp_port: u16,
     ) -> anyhow::Result<Self> {
+        let addr = addr.into();
         let (listener, udp) = ns.run(|| -> anyhow::Result<_> {
             let listener = TcpListener::bind((addr, tcp_port))?;
             let udp = UdpSocket::bind((addr, udp_port))?;
@@ -152,12 +153,13 @@ fn serve_tcp(stream: TcpStream, peer: SocketAddr, name: &str) {
 }
 
 /// One HTTP/1.0 GET on a new connection; returns the body.
-pub fn http_get(addr: SocketAddrV4) -> std::io::Result<String> {
-    get_over(TcpStream::connect_timeout(&addr.into(), IO_TIMEOUT)?, addr)
+pub fn http_get(addr: impl Into<SocketAddr>) -> std::io::Result<String> {
+    let addr = addr.into();
+    get_over(TcpStream::connect_timeout(&addr, IO_TIMEOUT)?, addr)
 }
 
 /// The GET on a connected stream to `addr`; the body.
-fn get_over(mut stream: TcpStream, addr: SocketAddrV4) -> std::io::Result<String> {
+fn get_over(mut stream: TcpStream, addr: impl std::fmt::Display) -> std::io::Result<String> {
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     write!(stream, "GET / HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
     let mut response = String::new();
@@ -185,8 +187,14 @@ pub fn http_get_from(from: SocketAddrV4, addr: SocketAddrV4) -> std::io::Result<
 }
 
 /// One datagram from a new socket; returns the answer and who sent it.
-pub fn udp_query(addr: SocketAddrV4) -> std::io::Result<(String, SocketAddr)> {
-    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+pub fn udp_query(addr: impl Into<SocketAddr>) -> std::io::Result<(String, SocketAddr)> {
+    let addr = addr.into();
+    let unspecified: std::net::IpAddr = if addr.is_ipv6() {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    } else {
+        Ipv4Addr::UNSPECIFIED.into()
+    };
+    let socket = UdpSocket::bind((unspecified, 0))?;
     socket.set_read_timeout(Some(IO_TIMEOUT))?;
     socket.send_to(b"query", addr)?;
     let mut buf = [0u8; 2048];

@@ -8,7 +8,7 @@
 
 use std::{
     fs,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     time::{Duration, Instant},
@@ -20,6 +20,9 @@ use crate::{maps::Maps, netns::NetNs, servers::BackendServers};
 
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
 pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
+/// With `Topology::add_ipv6` (documentation range 2001:db8::/32 only).
+pub const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 2);
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 0x10);
 
 /// Names the datapath does not hold: a headless Service `db.demo` (one
 /// ready endpoint 198.18.2.7, one not ready) and an ExternalName
@@ -56,6 +59,11 @@ spec:
 
 pub fn backend_ip(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, 10 + i as u8, 2)
+}
+
+/// Backend `i`'s IPv6 address (with `Topology::add_ipv6`).
+pub fn backend_ip6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 0x10 + i as u16, 0, 0, 0, 0, 2)
 }
 
 pub struct Topology {
@@ -111,6 +119,31 @@ impl Topology {
             .enumerate()
             .map(|(i, ns)| BackendServers::start(ns, &format!("{name_prefix}{i}"), 8080, 5353))
             .collect()
+    }
+
+    /// Gives the client and every backend an IPv6 address too (a /64 per
+    /// link, the node's end `::1`, without duplicate address detection so
+    /// it is usable at once), and lets the node forward IPv6.
+    pub fn add_ipv6(&self) -> anyhow::Result<()> {
+        self.node.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        let gateway = |a: Ipv6Addr| {
+            let s = a.segments();
+            Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 1)
+        };
+        let links = std::iter::once((&self.client, format!("{}-c", self.prefix), CLIENT_IP6)).chain(
+            self.backends
+                .iter()
+                .enumerate()
+                .map(|(i, ns)| (ns, format!("{}-b{i}", self.prefix), backend_ip6(i))),
+        );
+        for (pod, node_if, ip) in links {
+            let gw = gateway(ip);
+            self.node
+                .ip(&["addr", "add", &format!("{gw}/64"), "dev", &node_if, "nodad"])?;
+            pod.ip(&["addr", "add", &format!("{ip}/64"), "dev", "eth0", "nodad"])?;
+            pod.ip(&["-6", "route", "add", "default", "via", &gw.to_string()])?;
+        }
+        Ok(())
     }
 
     /// The interface pattern the agent attaches to in the node namespace.

@@ -1,0 +1,265 @@
+//! End to end over both families: the lb-agent binary in a node namespace,
+//! real TCP/UDP clients and servers in pod namespaces with an IPv4 and an
+//! IPv6 address each (IPv6 in 2001:db8::/32 only). Named after upstream's
+//! `[Feature:IPv6DualStack]` cases (test/e2e/network/dual_stack.go).
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+};
+
+use lb_tests::{
+    require_root,
+    servers::{http_get, udp_query, BackendServers},
+    topology::{
+        backend_ip, backend_ip6, Agent, ScratchDir, Topology, CLIENT_IP, CLIENT_IP6, VIP, VIP6,
+    },
+};
+
+struct Setup {
+    agent: Agent,
+    manifests: ScratchDir,
+    _servers: Vec<BackendServers>,
+    topology: Topology,
+}
+
+/// `n` backend pods with both families, servers on both, and an agent
+/// programming `manifest`.
+fn setup(prefix: &str, n: usize, manifest: &str) -> Setup {
+    require_root();
+    let topology = Topology::new(prefix, n).expect("topology");
+    topology.add_ipv6().expect("IPv6 addresses");
+    let mut servers = topology.serve_backends("be").expect("IPv4 servers");
+    for (i, ns) in topology.backends.iter().enumerate() {
+        let six = BackendServers::start_on(ns, backend_ip6(i), &format!("be{i}"), 8080, 5353);
+        servers.push(six.expect("IPv6 servers"));
+    }
+    let manifests = ScratchDir::new(&format!("{prefix}-manifests")).expect("scratch dir");
+    manifests.write("web.yaml", manifest).expect("manifest");
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{prefix}-test"));
+    let log = manifests.0.join("agent.log");
+    let agent = Agent::start(
+        &topology.node,
+        &manifests.0,
+        &topology.interface_pattern(),
+        &pin_dir,
+        &log,
+        &[],
+    )
+    .expect("agent");
+    Setup {
+        agent,
+        manifests,
+        _servers: servers,
+        topology,
+    }
+}
+
+/// The `web` Service with `cluster_ips` (primary first), its IPv4 slice
+/// listing backends `v4` and its IPv6 slice backends `v6` (by index).
+fn manifest(cluster_ips: &[IpAddr], v4: &[usize], v6: &[usize]) -> String {
+    let family = |ip: &IpAddr| if ip.is_ipv6() { "IPv6" } else { "IPv4" };
+    let ips: Vec<String> = cluster_ips.iter().map(ToString::to_string).collect();
+    let families: Vec<&str> = cluster_ips.iter().map(family).collect();
+    let policy = if cluster_ips.len() == 2 {
+        "PreferDualStack"
+    } else {
+        "SingleStack"
+    };
+    let mut yaml = format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: demo}}
+spec:
+  clusterIP: "{primary}"
+  clusterIPs: [{ips}]
+  ipFamilies: [{families}]
+  ipFamilyPolicy: {policy}
+  ports:
+  - {{name: http, port: 80, targetPort: 8080, protocol: TCP}}
+  - {{name: echo, port: 53, targetPort: 5353, protocol: UDP}}
+"#,
+        primary = ips[0],
+        ips = ips.iter().map(|ip| format!("\"{ip}\"")).collect::<Vec<_>>().join(", "),
+        families = families.join(", "),
+    );
+    let endpoints = |addresses: Vec<String>| -> String {
+        if addresses.is_empty() {
+            return " []\n".into();
+        }
+        let mut text = String::from("\n");
+        for a in addresses {
+            text += &format!("- addresses: [\"{a}\"]\n");
+        }
+        text
+    };
+    for (name, address_type, addresses) in [
+        ("web-v4", "IPv4", v4.iter().map(|i| backend_ip(*i).to_string()).collect()),
+        ("web-v6", "IPv6", v6.iter().map(|i| backend_ip6(*i).to_string()).collect()),
+    ] {
+        yaml += &format!(
+            r#"---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}, namespace: demo, labels: {{kubernetes.io/service-name: web}}}}
+addressType: {address_type}
+ports:
+- {{name: http, port: 8080, protocol: TCP}}
+- {{name: echo, port: 5353, protocol: UDP}}
+endpoints:{}"#,
+            endpoints(addresses)
+        );
+    }
+    yaml
+}
+
+fn dual() -> Vec<IpAddr> {
+    vec![VIP.into(), VIP6.into()]
+}
+
+/// `ADDR:PORT/PROTO` as `inspect` names a frontend.
+fn frontend(vip: IpAddr, port: u16, proto: &str) -> String {
+    SocketAddr::new(vip, port).to_string() + "/" + proto
+}
+
+/// The backends that answered `rounds` HTTP GETs and UDP queries to `vip`,
+/// checking each saw the client's own address and each UDP answer came
+/// from the cluster IP.
+fn reached(s: &Setup, vip: IpAddr, rounds: usize) -> (BTreeSet<String>, BTreeSet<String>) {
+    let client: IpAddr = if vip.is_ipv6() {
+        CLIENT_IP6.into()
+    } else {
+        CLIENT_IP.into()
+    };
+    s.topology.client.run(|| {
+        let (mut tcp, mut udp) = (BTreeSet::new(), BTreeSet::new());
+        for _ in 0..rounds {
+            let body = http_get(SocketAddr::new(vip, 80)).expect("HTTP through the cluster IP");
+            let seen = SocketAddr::new(client, 0).to_string();
+            let seen = seen.trim_end_matches(":0");
+            assert!(body.contains(&format!("client {seen}:")), "backend saw {body:?}");
+            tcp.insert(body.split_whitespace().nth(1).unwrap_or_default().to_owned());
+            let (answer, from) = udp_query(SocketAddr::new(vip, 53)).expect("UDP");
+            assert_eq!(from, SocketAddr::new(vip, 53), "UDP answers come from the cluster IP");
+            udp.insert(answer.split_whitespace().next().unwrap_or_default().to_owned());
+        }
+        (tcp, udp)
+    })
+}
+
+fn names(n: usize) -> BTreeSet<String> {
+    (0..n).map(|i| format!("be{i}")).collect()
+}
+
+/// dual_stack.go "should function for pod-Service: http" and "…: udp":
+/// a pod reaches a dual-stack Service on both cluster IPs, TCP and UDP,
+/// every backend of each family, with its own address seen.
+#[test]
+fn should_function_for_pod_service_http_and_udp() {
+    let mut s = setup("lbd1", 2, &manifest(&dual(), &[0, 1], &[0, 1]));
+    s.agent
+        .wait_for_maps("both families", |m| {
+            m.count(&frontend(VIP.into(), 80, "TCP")) == Some(2)
+                && m.count(&frontend(VIP6.into(), 80, "TCP")) == Some(2)
+                && m.count(&frontend(VIP6.into(), 53, "UDP")) == Some(2)
+        })
+        .unwrap();
+    for vip in dual() {
+        let (tcp, udp) = reached(&s, vip, 30);
+        assert_eq!(tcp, names(2), "every backend answers TCP at {vip}");
+        assert_eq!(udp, names(2), "every backend answers UDP at {vip}");
+    }
+    let counters = lb_agent::cli::inspect::counters(&s.agent.pin_dir).unwrap();
+    let get = |name: &str| counters.iter().find(|(n, _)| *n == name).unwrap().1;
+    for drop in ["drop_backend_missing", "drop_ct_full", "drop_rewrite", "pass_malformed"] {
+        assert_eq!(get(drop), 0, "{drop}: {counters:?}");
+    }
+}
+
+/// dual_stack.go "should create service with ipv6,v4 cluster ip": IPv6
+/// first (the primary family), IPv4 second; both are served.
+#[test]
+fn should_create_service_with_ipv6_v4_cluster_ip() {
+    let ips: Vec<IpAddr> = vec![VIP6.into(), VIP.into()];
+    let mut s = setup("lbd2", 1, &manifest(&ips, &[0], &[0]));
+    let maps = s
+        .agent
+        .wait_for_maps("both cluster IPs", |m| {
+            ips.iter().all(|ip| m.count(&frontend(*ip, 80, "TCP")) == Some(1))
+        })
+        .unwrap();
+    assert_eq!(
+        maps.all_backends(&frontend(VIP6.into(), 80, "TCP")),
+        [IpAddr::from(backend_ip6(0))],
+        "{}",
+        maps.text
+    );
+    for vip in ips {
+        assert_eq!(reached(&s, vip, 3).0, names(1), "{vip}");
+    }
+}
+
+/// dual_stack.go "should update endpoints": the IPv6 slice loses a backend
+/// and gains it back; new connections follow, the IPv4 frontend keeps its
+/// own backends throughout.
+#[test]
+fn should_update_endpoints() {
+    let mut s = setup("lbd3", 2, &manifest(&dual(), &[0, 1], &[0, 1]));
+    let v6 = frontend(VIP6.into(), 80, "TCP");
+    s.agent
+        .wait_for_maps("2 IPv6 backends", |m| m.count(&v6) == Some(2))
+        .unwrap();
+    s.manifests
+        .write("web.yaml", &manifest(&dual(), &[0, 1], &[1]))
+        .unwrap();
+    s.agent
+        .wait_for_maps("1 IPv6 backend", |m| {
+            m.all_backends(&v6) == [IpAddr::from(backend_ip6(1))]
+        })
+        .unwrap();
+    assert_eq!(reached(&s, VIP6.into(), 10).0, ["be1".to_owned()].into());
+    assert_eq!(reached(&s, VIP.into(), 20).0, names(2), "IPv4 untouched");
+    s.manifests
+        .write("web.yaml", &manifest(&dual(), &[0, 1], &[0, 1]))
+        .unwrap();
+    s.agent
+        .wait_for_maps("2 IPv6 backends again", |m| m.count(&v6) == Some(2))
+        .unwrap();
+    assert_eq!(reached(&s, VIP6.into(), 30).0, names(2));
+}
+
+/// A Service's families change live (`PreferDualStack` → `SingleStack`
+/// IPv4 → `PreferDualStack`): only the IPv6 frontends go and come back; an
+/// IPv4 connection open meanwhile keeps working.
+#[test]
+fn a_service_dropping_and_regaining_ipv6_changes_only_its_ipv6_frontends() {
+    let mut s = setup("lbd4", 1, &manifest(&dual(), &[0], &[0]));
+    let (v4, v6) = (frontend(VIP.into(), 80, "TCP"), frontend(VIP6.into(), 80, "TCP"));
+    s.agent
+        .wait_for_maps("both", |m| m.count(&v4) == Some(1) && m.count(&v6) == Some(1))
+        .unwrap();
+    let mut open = s
+        .topology
+        .client
+        .run(|| lb_tests::servers::EchoConnection::open(std::net::SocketAddrV4::new(VIP, 80)))
+        .expect("IPv4 connection");
+    assert!(open.ask().unwrap().starts_with("be0"));
+    s.manifests
+        .write("web.yaml", &manifest(&[VIP.into()], &[0], &[0]))
+        .unwrap();
+    let maps = s
+        .agent
+        .wait_for_maps("IPv4 only", |m| m.count(&v6).is_none())
+        .unwrap();
+    assert_eq!(maps.count(&v4), Some(1), "{}", maps.text);
+    assert!(open.ask().unwrap().starts_with("be0"), "the IPv4 connection lives on");
+    s.manifests
+        .write("web.yaml", &manifest(&dual(), &[0], &[0]))
+        .unwrap();
+    s.agent
+        .wait_for_maps("IPv6 back", |m| m.count(&v6) == Some(1))
+        .unwrap();
+    assert_eq!(reached(&s, VIP6.into(), 3).0, names(1));
+    assert!(open.ask().unwrap().starts_with("be0"));
+}
