@@ -269,8 +269,12 @@ pub fn explain(
     };
     let mut frontends = Vec::new();
     for frontend in selected {
+        // The probe sends an IPv4 packet: an IPv6 frontend is shown
+        // without a pick (the client asked for is IPv4 too).
         let pick = match (client, probe.as_mut()) {
-            (Some(client), Some(probe)) => Some(pick(probe, client, &frontend)?),
+            (Some(client), Some(probe)) if frontend.address.is_ipv4() => {
+                Some(pick(probe, client, &frontend)?)
+            }
             _ => None,
         };
         let endpoints = sources

@@ -81,7 +81,7 @@ pub(super) fn service_frontends(
             vec![ctx.error(InputErrorKind::InvalidField, "spec.healthCheckNodePort", &m)],
         );
     }
-    let external = match external_addresses(spec, limits.external_ips, &ctx) {
+    let external = match external_addresses(spec, limits.external_ips, &ctx, &mut errors) {
         Ok(external) => external,
         Err(e) => return (Vec::new(), vec![e]),
     };
@@ -476,6 +476,7 @@ fn external_addresses(
     spec: &ServiceSpecView,
     external_ips: bool,
     ctx: &ErrCtx,
+    skipped: &mut Vec<InputError>,
 ) -> Result<Vec<(FrontendKind, Ipv4Addr)>, InputError> {
     // In order, once each (a set beside the list: a Service may list
     // tens of thousands).
@@ -488,7 +489,15 @@ fn external_addresses(
             }
             Ok(())
         }
-        Ok(IpAddr::V6(_)) => Ok(()), // IPv4 only
+        Ok(IpAddr::V6(v6)) => {
+            // Reported, not an error of the Service: its other addresses apply.
+            skipped.push(ctx.error(
+                InputErrorKind::Skipped,
+                &field,
+                &format!("{v6} is IPv6: lb serves IPv6 cluster IPs only so far; not programmed"),
+            ));
+            Ok(())
+        }
         _ => Err(ctx.error(
             InputErrorKind::InvalidField,
             &field,
