@@ -17,6 +17,13 @@ pub fn fold(mut sum: u32) -> u16 {
     !(sum as u16)
 }
 
+/// One's-complement sum of two 16-bit words (end-around carry).
+#[inline(always)]
+pub fn add16(a: u16, b: u16) -> u16 {
+    let sum = u32::from(a) + u32::from(b);
+    ((sum & 0xffff) + (sum >> 16)) as u16
+}
+
 /// An incremental one's-complement update (RFC 1624: HC' = ~(~HC + ~m + m')),
 /// on 16-bit words in memory order, as the packet holds them.
 pub struct Sum(u32);

@@ -351,8 +351,8 @@ impl Edges for Ipv6 {
         false
     }
     #[inline(always)]
-    fn no_backends(_: &TcContext, _: &Packet<Ipv6>) -> Outcome {
-        Outcome::drop(Stat::DropReject)
+    fn no_backends(ctx: &TcContext, pkt: &Packet<Ipv6>) -> Outcome {
+        reject::port_unreachable6(ctx, pkt)
     }
     #[inline(always)]
     fn affinity_key(_: &Packet<Ipv6>, _: u16) -> Option<AffinityKey> {

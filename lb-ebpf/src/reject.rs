@@ -29,12 +29,14 @@ use aya_ebpf::{
     helpers::{bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
 };
-use lb_common::{icmp::IcmpLimit, stats::Stat, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{
+    icmp::IcmpLimit, stats::Stat, Ipv6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
+};
 
 use crate::{
     csum,
     maps::ICMP_BUCKET,
-    parse::{Packet, ETH_HLEN},
+    parse::{Packet, ETH_HLEN, IP6_HLEN},
     Outcome,
 };
 
@@ -55,6 +57,21 @@ const HEADERS_LEN: u32 = ETH_HLEN + 20;
 const OWED_TCP_AT: u32 = HEADERS_LEN + 16;
 const OWED_UDP_AT: u32 = HEADERS_LEN + 6;
 
+/// IPv6: destination unreachable, port unreachable (RFC 4443), quoting the
+/// IPv6 header and 8 bytes of the transport header; packets with
+/// extension headers are dropped unanswered (`drop_reject`), as IPv4
+/// packets with options are.
+const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PORT_UNREACH: u8 = 4;
+const QUOTE6_LEN: u32 = IP6_HLEN + 8;
+const REPLY6_PAYLOAD_LEN: u32 = 8 + QUOTE6_LEN;
+const HEADERS6_LEN: u32 = ETH_HLEN + IP6_HLEN;
+/// Where an owed checksum lands in the IPv6 answer: the quoted header's
+/// bytes 8–9 (TCP: the first word of its source), or the ICMPv6 header's
+/// bytes 6–7 (UDP: zero in a port unreachable).
+const OWED6_TCP_AT: u32 = HEADERS6_LEN + 16;
+const OWED6_UDP_AT: u32 = HEADERS6_LEN + 6;
+
 /// An address in the service CIDRs that no frontend holds, answered as
 /// kube-proxy's nftables rules answer it.
 #[inline(always)]
@@ -73,6 +90,25 @@ pub fn port_unreachable(ctx: &TcContext, pkt: &Packet) -> Outcome {
 #[inline(always)]
 pub fn frag_needed(ctx: &TcContext, pkt: &Packet, mtu: u16) -> Outcome {
     answer(ctx, pkt, ICMP_FRAG_NEEDED, mtu, Stat::IcmpFragNeeded)
+}
+
+/// A new IPv6 flow to a frontend with no backends: ICMPv6 port unreachable
+/// from the frontend, sent back out the way it came (as `port_unreachable`).
+#[inline(always)]
+pub fn port_unreachable6(ctx: &TcContext, pkt: &Packet<Ipv6>) -> Outcome {
+    if !allowed() {
+        return Outcome::drop(Stat::DropIcmpRateLimited);
+    }
+    match build6(ctx, pkt) {
+        Ok(()) => {
+            let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+            Outcome {
+                action: unsafe { bpf_redirect(ifindex, 0) } as i32,
+                stat: Stat::RejectNoBackend,
+            }
+        }
+        Err(()) => Outcome::drop(Stat::DropReject),
+    }
 }
 
 /// Turns the packet into an ICMP destination-unreachable error (`code`,
@@ -166,6 +202,77 @@ fn build(ctx: &TcContext, pkt: &Packet, code: u8, mtu: u16) -> Result<(), ()> {
         .map_err(|_| ())
 }
 
+/// `build` for IPv6. The ICMPv6 checksum covers a pseudo-header (the
+/// addresses, the length, next header 58), so an owed checksum's padding
+/// also cancels the message's own sum: the computation over message and
+/// padding comes out as the word already in place.
+#[inline(always)]
+fn build6(ctx: &TcContext, pkt: &Packet<Ipv6>) -> Result<(), ()> {
+    if pkt.ihl_len != IP6_HLEN {
+        return Err(());
+    }
+    let macs: [u8; 12] = ctx.load(0).map_err(|_| ())?;
+    let mut quote: [u32; (QUOTE6_LEN / 4) as usize] =
+        ctx.load(ETH_HLEN as usize).map_err(|_| ())?;
+    let owed = owed_checksum_at(ctx, pkt.proto, HEADERS6_LEN, (OWED6_TCP_AT, OWED6_UDP_AT))?;
+    let frame_len = HEADERS6_LEN + REPLY6_PAYLOAD_LEN + if owed.is_some() { 2 } else { 0 };
+    if change_tail(ctx, frame_len) != 0 {
+        return Err(());
+    }
+
+    let mut eth = [0u8; 14];
+    eth[..6].copy_from_slice(&macs[6..]);
+    eth[6..12].copy_from_slice(&macs[..6]);
+    eth[12..14].copy_from_slice(&[0x86, 0xdd]);
+
+    // The fixed header; its last 32 bytes (the addresses) with the
+    // pseudo-header's length and next header after them are summed whole.
+    let mut ip = Aligned([0u8; 48]);
+    ip.0[0] = 0x60;
+    ip.0[4..6].copy_from_slice(&(REPLY6_PAYLOAD_LEN as u16).to_be_bytes());
+    ip.0[6] = IPPROTO_ICMPV6;
+    ip.0[7] = 64;
+    ip.0[8..24].copy_from_slice(&pkt.daddr); // from the frontend
+    ip.0[24..40].copy_from_slice(&pkt.saddr); // to the client
+    ip.0[42..44].copy_from_slice(&(REPLY6_PAYLOAD_LEN as u16).to_be_bytes());
+    ip.0[47] = IPPROTO_ICMPV6;
+    // SAFETY: bytes 8..48 of the buffer, 4-aligned.
+    let pseudo = csum::partial(unsafe { ip.as_words().add(2) }, 40, 0);
+
+    let mut icmp = Aligned([ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH, 0, 0, 0, 0, 0, 0]);
+    let sum = csum::partial(icmp.as_words(), 8, pseudo);
+    let icmp_csum = csum::fold(csum::partial(quote.as_mut_ptr(), QUOTE6_LEN, sum));
+    icmp.0[2..4].copy_from_slice(&icmp_csum.to_ne_bytes());
+
+    ctx.store(0, &eth, 0).map_err(|_| ())?;
+    let mut fixed = [0u8; 40];
+    fixed.copy_from_slice(&ip.0[..40]);
+    ctx.store(ETH_HLEN as usize, &fixed, 0).map_err(|_| ())?;
+    ctx.store(HEADERS6_LEN as usize, &icmp.0, 0)
+        .map_err(|_| ())?;
+    ctx.store((HEADERS6_LEN + 8) as usize, &quote, 0)
+        .map_err(|_| ())?;
+
+    let Some(at) = owed else {
+        return Ok(());
+    };
+    // The owed computation sums message and padding: the padding makes
+    // that sum the complement of the word in place (the message, with its
+    // checksum now in, sums to the pseudo-header's complement).
+    let word = if at == OWED6_TCP_AT {
+        let [a, b, ..] = quote[2].to_ne_bytes();
+        u16::from_ne_bytes([a, b])
+    } else {
+        0
+    };
+    let with_checksum = csum::partial(icmp.as_words(), 8, 0);
+    let with_checksum = csum::partial(quote.as_mut_ptr(), QUOTE6_LEN, with_checksum);
+    let sum = !csum::fold(with_checksum); // the message's own sum, folded
+    let padding = csum::add16(!word, !sum);
+    ctx.store((HEADERS6_LEN + REPLY6_PAYLOAD_LEN) as usize, &padding, 0)
+        .map_err(|_| ())
+}
+
 /// Where the packet's owed transport checksum will be written, if one is
 /// owed. `bpf_skb_change_tail` refuses to cut an owed checksum's field
 /// (the kernel's `__bpf_skb_min_len`), so: a trim to the headers that
@@ -175,12 +282,24 @@ fn build(ctx: &TcContext, pkt: &Packet, code: u8, mtu: u16) -> Result<(), ()> {
 /// the TCP or UDP checksum of the transport header is an error.
 #[inline(always)]
 fn owed_checksum(ctx: &TcContext, proto: u8) -> Result<Option<u32>, ()> {
-    if change_tail(ctx, HEADERS_LEN) == 0 {
+    owed_checksum_at(ctx, proto, HEADERS_LEN, (OWED_TCP_AT, OWED_UDP_AT))
+}
+
+/// `owed_checksum` for an answer whose headers end at `headers` and whose
+/// owed TCP or UDP checksum lands at `(tcp, udp)`.
+#[inline(always)]
+fn owed_checksum_at(
+    ctx: &TcContext,
+    proto: u8,
+    headers: u32,
+    (tcp, udp): (u32, u32),
+) -> Result<Option<u32>, ()> {
+    if change_tail(ctx, headers) == 0 {
         return Ok(None);
     }
     let at = match proto {
-        IPPROTO_TCP => OWED_TCP_AT,
-        IPPROTO_UDP => OWED_UDP_AT,
+        IPPROTO_TCP => tcp,
+        IPPROTO_UDP => udp,
         _ => return Err(()),
     };
     if change_tail(ctx, at + 2) == 0 && change_tail(ctx, at + 1) != 0 {

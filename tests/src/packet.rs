@@ -459,13 +459,13 @@ impl Packet6 {
     }
 }
 
-fn pseudo_sum6(src: &Ipv6Addr, dst: &Ipv6Addr, proto: u8, len: usize) -> u32 {
+pub fn pseudo_sum6(src: &Ipv6Addr, dst: &Ipv6Addr, proto: u8, len: usize) -> u32 {
     let mut s = sum16(&src.octets(), 0);
     s = sum16(&dst.octets(), s);
     s + u32::from(proto) + len as u32
 }
 
-/// The TCP/UDP checksum of an IPv6 frame, past its extension headers.
+/// The TCP/UDP/ICMPv6 checksum of an IPv6 frame, past its extension headers.
 fn verify_checksums6(frame: &[u8]) -> Result<(), String> {
     let ip = frame.get(14..54).ok_or("short IPv6 frame")?;
     let payload = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
@@ -483,7 +483,7 @@ fn verify_checksums6(frame: &[u8]) -> Result<(), String> {
     let src = Ipv6Addr::from(<[u8; 16]>::try_from(&ip[8..24]).unwrap());
     let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&ip[24..40]).unwrap());
     match next {
-        6 | 17 if checksum(l4, pseudo_sum6(&src, &dst, next, l4.len())) != 0 => {
+        6 | 17 | 58 if checksum(l4, pseudo_sum6(&src, &dst, next, l4.len())) != 0 => {
             Err(format!("bad L4 checksum (protocol {next})"))
         }
         _ => Ok(()),

@@ -12,11 +12,15 @@ use lb_common::{
 };
 use lb_tests::{
     datapath::Harness,
-    packet::{assert_frame, Packet, Packet6, NEXTHDR_DEST, NEXTHDR_HOP, TCP_ACK, TCP_SYN},
+    packet::{
+        assert_frame, checksum, pseudo_sum6, Packet, Packet6, NEXTHDR_DEST, NEXTHDR_HOP, TCP_ACK,
+        TCP_SYN,
+    },
     require_root,
 };
 
 const TCX_NEXT: u32 = u32::MAX;
+const TC_ACT_REDIRECT: u32 = 7;
 
 const CLIENT: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 2);
 const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 0x10);
@@ -254,4 +258,40 @@ fn a_dual_stack_service_translates_each_family_to_its_own_endpoints() {
     assert_frame(&out.frame, &expected, "IPv4 SYN");
     assert_eq!(h.counter(Stat::DnatNew), 2);
     assert_eq!((h.conntrack6().len(), h.conntrack().len()), (2, 2));
+}
+
+/// No endpoints: a new flow is answered with ICMPv6 port unreachable from
+/// the cluster IP (RFC 4443: the IPv6 header and what follows it, as much
+/// as lb quotes: 8 bytes), sent back the way it came, so TCP is refused at
+/// once and connected UDP gets ECONNREFUSED.
+#[test]
+fn a_new_flow_to_an_ipv6_frontend_without_endpoints_is_answered_port_unreachable() {
+    require_root();
+    let mut h = Harness::new();
+    h.apply_yaml(&manifest(false).replace(
+        &format!("endpoints:\n- addresses: [\"{}\"]\n- addresses: [\"{}\"]\n", BACKENDS[0], BACKENDS[1]),
+        "endpoints: []\n",
+    ));
+    for syn in [
+        Packet6::tcp(client(40400), vip(80), TCP_SYN).with_payload(b"options"),
+        Packet6::udp(client(40401), vip(53), b"a query"),
+    ] {
+        let frame = syn.build();
+        let out = h.run(&frame);
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "sent back out");
+        let mut expected = Vec::new();
+        expected.extend_from_slice(&frame[6..12]);
+        expected.extend_from_slice(&frame[0..6]);
+        expected.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0, 0, 56, 58, 64]);
+        expected.extend_from_slice(&VIP6.octets());
+        expected.extend_from_slice(&CLIENT.octets());
+        let mut icmp = vec![1, 4, 0, 0, 0, 0, 0, 0];
+        icmp.extend_from_slice(&frame[14..14 + 48]);
+        let sum = checksum(&icmp, pseudo_sum6(&VIP6, &CLIENT, 58, icmp.len()));
+        icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+        expected.extend_from_slice(&icmp);
+        assert_frame(&out.frame, &expected, "port unreachable");
+    }
+    assert_eq!(h.counter(Stat::RejectNoBackend), 2);
+    assert!(h.conntrack6().is_empty(), "no flow recorded");
 }

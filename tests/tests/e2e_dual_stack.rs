@@ -263,3 +263,38 @@ fn a_service_dropping_and_regaining_ipv6_changes_only_its_ipv6_frontends() {
     assert_eq!(reached(&s, VIP6.into(), 3).0, names(1));
     assert!(open.ask().unwrap().starts_with("be0"));
 }
+
+/// service.go "should be rejected when no endpoints exist", over IPv6: a
+/// TCP connect to the IPv6 cluster IP is refused at once (ICMPv6 port
+/// unreachable), a connected UDP socket's next receive fails the same way.
+/// Local sockets over a veth hand the datapath packets whose checksum is
+/// still owed: the answer must come out intact anyway.
+#[test]
+fn should_be_rejected_when_no_ipv6_endpoints_exist() {
+    let mut s = setup("lbd5", 1, &manifest(&dual(), &[0], &[]));
+    s.agent
+        .wait_for_maps("an IPv6 frontend without backends", |m| {
+            m.count(&frontend(VIP6.into(), 80, "TCP")) == Some(0)
+        })
+        .unwrap();
+    let (tcp, udp) = s.topology.client.run(|| {
+        let tcp = std::net::TcpStream::connect_timeout(
+            &SocketAddr::new(VIP6.into(), 80),
+            lb_tests::servers::IO_TIMEOUT,
+        )
+        .map(|_| ())
+        .map_err(|e| e.kind());
+        let socket = std::net::UdpSocket::bind("[::]:0").unwrap();
+        socket.set_read_timeout(Some(lb_tests::servers::IO_TIMEOUT)).unwrap();
+        socket.connect(SocketAddr::new(VIP6.into(), 53)).unwrap();
+        socket.send(b"query").unwrap();
+        let mut buf = [0u8; 64];
+        let udp = socket.recv(&mut buf).map(|_| ()).map_err(|e| e.kind());
+        (tcp, udp)
+    });
+    // Refused, not timed out (`TimedOut`).
+    assert_eq!(tcp, Err(std::io::ErrorKind::ConnectionRefused));
+    assert_eq!(udp, Err(std::io::ErrorKind::ConnectionRefused));
+    // The IPv4 cluster IP still serves its endpoint.
+    assert_eq!(reached(&s, VIP.into(), 2).0, names(1));
+}
