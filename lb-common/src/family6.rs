@@ -11,5 +11,10 @@ pub const NEW_FLOW_EXTERNAL: u32 = 4;
 pub const PROGRAMS: u32 = 5;
 
 /// The programs at each index, in order.
-pub const PROGRAM_NAMES: [&str; PROGRAMS as usize] =
-    ["lb_ingress6", "lb_ingress_ext6", "lb_egress6", "lb_new6", "lb_new_ext6"];
+pub const PROGRAM_NAMES: [&str; PROGRAMS as usize] = [
+    "lb_ingress6",
+    "lb_ingress_ext6",
+    "lb_egress6",
+    "lb_new6",
+    "lb_new_ext6",
+];

@@ -626,11 +626,6 @@ impl<A: Family> Packet<A> {
     /// The key of the frontend (slot 0) or a slot this packet is addressed to.
     #[inline(always)]
     pub fn svc_key(&self, slot: u16) -> SvcKey<A> {
-        SvcKey::new(
-            self.daddr,
-            u16::from_be(self.dport_be),
-            self.proto,
-            slot,
-        )
+        SvcKey::new(self.daddr, u16::from_be(self.dport_be), self.proto, slot)
     }
 }

@@ -194,7 +194,10 @@ fn new_flow6<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
         return Outcome::next(Stat::PassMalformed);
     };
     // SAFETY: copied at once, as in `to_frontend`.
-    match maps::SERVICES6.get_ptr(&pkt.svc_key(0)).map(|s| unsafe { *s }) {
+    match maps::SERVICES6
+        .get_ptr(&pkt.svc_key(0))
+        .map(|s| unsafe { *s })
+    {
         Some(svc) => new_flow::<Ipv6, EXTERNAL>(ctx, &pkt, &svc, ct::now()),
         None => Outcome::next(Stat::PassNotService), // removed meanwhile
     }
@@ -213,7 +216,14 @@ pub fn lb_egress6(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn ingress<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
-    family6::enter(ctx, if EXTERNAL { family6::INGRESS_EXTERNAL } else { family6::INGRESS });
+    family6::enter(
+        ctx,
+        if EXTERNAL {
+            family6::INGRESS_EXTERNAL
+        } else {
+            family6::INGRESS
+        },
+    );
     match parse::parse(ctx) {
         Parsed::Packet(pkt) => to_frontend::<Ipv4, EXTERNAL>(ctx, &pkt),
         Parsed::IcmpError(err) => icmp_error_ingress::<EXTERNAL>(ctx, &err),

@@ -85,11 +85,22 @@ impl Rewrite for Ipv6 {
             return Err(());
         }
         // Size 0: `diff` is a sum to add, not a field's old and new value.
-        ctx.l4_csum_replace(csum_off, 0, diff as u64, csum_flags | BPF_F_PSEUDO_HDR as u64)
-            .map_err(|_| ())?;
+        ctx.l4_csum_replace(
+            csum_off,
+            0,
+            diff as u64,
+            csum_flags | BPF_F_PSEUDO_HDR as u64,
+        )
+        .map_err(|_| ())?;
         // SAFETY: as above; the helper copies `LEN` bytes from the entry.
         let stored = unsafe {
-            bpf_skb_store_bytes(ctx.skb.skb as *mut _, IP6_SADDR_OFF, new as *const _, LEN, 0)
+            bpf_skb_store_bytes(
+                ctx.skb.skb as *mut _,
+                IP6_SADDR_OFF,
+                new as *const _,
+                LEN,
+                0,
+            )
         };
         if stored < 0 {
             return Err(());

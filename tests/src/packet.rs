@@ -471,7 +471,10 @@ fn verify_checksums6(frame: &[u8]) -> Result<(), String> {
     let payload = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
     let end = 54 + payload;
     let (mut next, mut off) = (ip[6], 54);
-    while matches!(next, NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_FRAGMENT) {
+    while matches!(
+        next,
+        NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_FRAGMENT
+    ) {
         let header = frame.get(off..off + 2).ok_or("short extension header")?;
         if next == NEXTHDR_FRAGMENT {
             return Ok(()); // a fragment's checksum covers the whole datagram

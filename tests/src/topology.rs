@@ -130,12 +130,13 @@ impl Topology {
             let s = a.segments();
             Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 1)
         };
-        let links = std::iter::once((&self.client, format!("{}-c", self.prefix), CLIENT_IP6)).chain(
-            self.backends
-                .iter()
-                .enumerate()
-                .map(|(i, ns)| (ns, format!("{}-b{i}", self.prefix), backend_ip6(i))),
-        );
+        let links = std::iter::once((&self.client, format!("{}-c", self.prefix), CLIENT_IP6))
+            .chain(
+                self.backends
+                    .iter()
+                    .enumerate()
+                    .map(|(i, ns)| (ns, format!("{}-b{i}", self.prefix), backend_ip6(i))),
+            );
         for (pod, node_if, ip) in links {
             let gw = gateway(ip);
             self.node

@@ -61,7 +61,11 @@ endpoints:
 - addresses: ["{b0}"]
 - addresses: ["{b1}"]
 "#,
-        policy = if dual { "RequireDualStack" } else { "SingleStack" },
+        policy = if dual {
+            "RequireDualStack"
+        } else {
+            "SingleStack"
+        },
         b0 = BACKENDS[0],
         b1 = BACKENDS[1],
     );
@@ -178,7 +182,11 @@ fn a_udp_query_and_its_answer_through_an_ipv6_cluster_ip_keep_valid_checksums() 
     let backend = at(expected_backend(client(40053), vip(53), 17), 5353);
     let out = h.run(&query.build());
     assert_frame(&out.frame, &query.clone().to(backend).build(), "query");
-    let answer = query.clone().to(backend).reply(0).with_payload(b"an answer");
+    let answer = query
+        .clone()
+        .to(backend)
+        .reply(0)
+        .with_payload(b"an answer");
     let out = h.run_egress(&answer.build());
     assert_frame(
         &out.frame,
@@ -200,7 +208,11 @@ fn a_packet_with_extension_headers_is_walked_and_translated_with_them() {
     let backend = at(expected_backend(client(40100), vip(80), 6), 8080);
     let out = h.run(&syn.build());
     assert_eq!(out.verdict, TCX_NEXT);
-    assert_frame(&out.frame, &syn.clone().to(backend).build(), "SYN with options");
+    assert_frame(
+        &out.frame,
+        &syn.clone().to(backend).build(),
+        "SYN with options",
+    );
 }
 
 /// What is not a service flow passes as it came: neighbour discovery, a
@@ -269,7 +281,10 @@ fn a_new_flow_to_an_ipv6_frontend_without_endpoints_is_answered_port_unreachable
     require_root();
     let mut h = Harness::new();
     h.apply_yaml(&manifest(false).replace(
-        &format!("endpoints:\n- addresses: [\"{}\"]\n- addresses: [\"{}\"]\n", BACKENDS[0], BACKENDS[1]),
+        &format!(
+            "endpoints:\n- addresses: [\"{}\"]\n- addresses: [\"{}\"]\n",
+            BACKENDS[0], BACKENDS[1]
+        ),
         "endpoints: []\n",
     ));
     for syn in [

@@ -81,7 +81,11 @@ spec:
   - {{name: echo, port: 53, targetPort: 5353, protocol: UDP}}
 "#,
         primary = ips[0],
-        ips = ips.iter().map(|ip| format!("\"{ip}\"")).collect::<Vec<_>>().join(", "),
+        ips = ips
+            .iter()
+            .map(|ip| format!("\"{ip}\""))
+            .collect::<Vec<_>>()
+            .join(", "),
         families = families.join(", "),
     );
     let endpoints = |addresses: Vec<String>| -> String {
@@ -95,8 +99,16 @@ spec:
         text
     };
     for (name, address_type, addresses) in [
-        ("web-v4", "IPv4", v4.iter().map(|i| backend_ip(*i).to_string()).collect()),
-        ("web-v6", "IPv6", v6.iter().map(|i| backend_ip6(*i).to_string()).collect()),
+        (
+            "web-v4",
+            "IPv4",
+            v4.iter().map(|i| backend_ip(*i).to_string()).collect(),
+        ),
+        (
+            "web-v6",
+            "IPv6",
+            v6.iter().map(|i| backend_ip6(*i).to_string()).collect(),
+        ),
     ] {
         yaml += &format!(
             r#"---
@@ -138,11 +150,29 @@ fn reached(s: &Setup, vip: IpAddr, rounds: usize) -> (BTreeSet<String>, BTreeSet
             let body = http_get(SocketAddr::new(vip, 80)).expect("HTTP through the cluster IP");
             let seen = SocketAddr::new(client, 0).to_string();
             let seen = seen.trim_end_matches(":0");
-            assert!(body.contains(&format!("client {seen}:")), "backend saw {body:?}");
-            tcp.insert(body.split_whitespace().nth(1).unwrap_or_default().to_owned());
+            assert!(
+                body.contains(&format!("client {seen}:")),
+                "backend saw {body:?}"
+            );
+            tcp.insert(
+                body.split_whitespace()
+                    .nth(1)
+                    .unwrap_or_default()
+                    .to_owned(),
+            );
             let (answer, from) = udp_query(SocketAddr::new(vip, 53)).expect("UDP");
-            assert_eq!(from, SocketAddr::new(vip, 53), "UDP answers come from the cluster IP");
-            udp.insert(answer.split_whitespace().next().unwrap_or_default().to_owned());
+            assert_eq!(
+                from,
+                SocketAddr::new(vip, 53),
+                "UDP answers come from the cluster IP"
+            );
+            udp.insert(
+                answer
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned(),
+            );
         }
         (tcp, udp)
     })
@@ -172,7 +202,12 @@ fn should_function_for_pod_service_http_and_udp() {
     }
     let counters = lb_agent::cli::inspect::counters(&s.agent.pin_dir).unwrap();
     let get = |name: &str| counters.iter().find(|(n, _)| *n == name).unwrap().1;
-    for drop in ["drop_backend_missing", "drop_ct_full", "drop_rewrite", "pass_malformed"] {
+    for drop in [
+        "drop_backend_missing",
+        "drop_ct_full",
+        "drop_rewrite",
+        "pass_malformed",
+    ] {
         assert_eq!(get(drop), 0, "{drop}: {counters:?}");
     }
 }
@@ -186,7 +221,8 @@ fn should_create_service_with_ipv6_v4_cluster_ip() {
     let maps = s
         .agent
         .wait_for_maps("both cluster IPs", |m| {
-            ips.iter().all(|ip| m.count(&frontend(*ip, 80, "TCP")) == Some(1))
+            ips.iter()
+                .all(|ip| m.count(&frontend(*ip, 80, "TCP")) == Some(1))
         })
         .unwrap();
     assert_eq!(
@@ -235,9 +271,14 @@ fn should_update_endpoints() {
 #[test]
 fn a_service_dropping_and_regaining_ipv6_changes_only_its_ipv6_frontends() {
     let mut s = setup("lbd4", 1, &manifest(&dual(), &[0], &[0]));
-    let (v4, v6) = (frontend(VIP.into(), 80, "TCP"), frontend(VIP6.into(), 80, "TCP"));
+    let (v4, v6) = (
+        frontend(VIP.into(), 80, "TCP"),
+        frontend(VIP6.into(), 80, "TCP"),
+    );
     s.agent
-        .wait_for_maps("both", |m| m.count(&v4) == Some(1) && m.count(&v6) == Some(1))
+        .wait_for_maps("both", |m| {
+            m.count(&v4) == Some(1) && m.count(&v6) == Some(1)
+        })
         .unwrap();
     let mut open = s
         .topology
@@ -253,7 +294,10 @@ fn a_service_dropping_and_regaining_ipv6_changes_only_its_ipv6_frontends() {
         .wait_for_maps("IPv4 only", |m| m.count(&v6).is_none())
         .unwrap();
     assert_eq!(maps.count(&v4), Some(1), "{}", maps.text);
-    assert!(open.ask().unwrap().starts_with("be0"), "the IPv4 connection lives on");
+    assert!(
+        open.ask().unwrap().starts_with("be0"),
+        "the IPv4 connection lives on"
+    );
     s.manifests
         .write("web.yaml", &manifest(&dual(), &[0], &[0]))
         .unwrap();
@@ -285,7 +329,9 @@ fn should_be_rejected_when_no_ipv6_endpoints_exist() {
         .map(|_| ())
         .map_err(|e| e.kind());
         let socket = std::net::UdpSocket::bind("[::]:0").unwrap();
-        socket.set_read_timeout(Some(lb_tests::servers::IO_TIMEOUT)).unwrap();
+        socket
+            .set_read_timeout(Some(lb_tests::servers::IO_TIMEOUT))
+            .unwrap();
         socket.connect(SocketAddr::new(VIP6.into(), 53)).unwrap();
         socket.send(b"query").unwrap();
         let mut buf = [0u8; 64];

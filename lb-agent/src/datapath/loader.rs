@@ -245,7 +245,10 @@ fn fill_programs6(ebpf: &mut Ebpf) -> Result<(), LoadError> {
     let mut fds = Vec::new();
     for name in PROGRAM_NAMES {
         let fd = program(ebpf, name)?.fd()?;
-        fds.push(fd.try_clone().map_err(|e| LoadError::Map(PROGRAMS6_MAP, e.to_string()))?);
+        fds.push(
+            fd.try_clone()
+                .map_err(|e| LoadError::Map(PROGRAMS6_MAP, e.to_string()))?,
+        );
     }
     let error = |e: aya::maps::MapError| LoadError::Map(PROGRAMS6_MAP, e.to_string());
     let map = ebpf

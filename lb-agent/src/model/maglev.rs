@@ -59,9 +59,7 @@ fn identity(backend: &L4Addr) -> u64 {
             (bits as u64) ^ ((bits >> 64) as u64)
         }
     };
-    addr << 24
-        | u64::from(backend.port) << 8
-        | u64::from(backend.proto.number())
+    addr << 24 | u64::from(backend.port) << 8 | u64::from(backend.proto.number())
 }
 
 /// For each of the `size` entries, the index in `backends` of the backend
