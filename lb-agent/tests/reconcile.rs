@@ -326,6 +326,81 @@ endpoints:
     );
 }
 
+/// What lb does not serve over IPv6 yet is said, naming the field, and the
+/// rest of the Service applies; an IPv6 slice's unusable endpoints are
+/// refused one by one; two cluster IPs of one family are an error.
+#[test]
+fn ipv6_input_lb_cannot_serve_is_reported_by_field() {
+    let yaml = r#"apiVersion: v1
+kind: Service
+metadata: {name: a, namespace: t}
+spec:
+  type: LoadBalancer
+  clusterIP: "2001:db8::1"
+  clusterIPs: ["2001:db8::1"]
+  externalIPs: ["2001:db8::99"]
+  sessionAffinity: ClientIP
+  ports: [{port: 80, targetPort: 8080}]
+status:
+  loadBalancer: {ingress: [{ip: "2001:db8::98"}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: a-1, namespace: t, labels: {kubernetes.io/service-name: a}}
+addressType: IPv6
+ports: [{port: 8080}]
+endpoints:
+- addresses: ["2001:db8:1::5"]
+- addresses: ["fe80::1"]
+- addresses: ["::1"]
+- addresses: ["::ffff:198.18.0.1"]
+- addresses: ["198.18.0.2"]
+"#;
+    let (objects, errors) = manifest::parse_str(yaml, None).unwrap();
+    assert!(errors.is_empty(), "{errors:?}");
+    let limits = Limits {
+        external_ips: true,
+        ..LIMITS
+    };
+    let (desired, errors) = desired::compute(&objects, limits, Default::default());
+    let fields: Vec<(&str, InputErrorKind)> =
+        errors.iter().map(|e| (e.field.as_str(), e.kind)).collect();
+    for field in [
+        "spec.externalIPs[0]",
+        "status.loadBalancer.ingress[0].ip",
+        "spec.sessionAffinity",
+        "endpoints[1].addresses[0]",
+        "endpoints[2].addresses[0]",
+        "endpoints[3].addresses[0]",
+        "endpoints[4].addresses[0]",
+    ] {
+        assert!(
+            fields.contains(&(field, InputErrorKind::Skipped)),
+            "{field} not reported as skipped: {errors:#?}"
+        );
+    }
+    let backends: Vec<Vec<IpAddr>> = desired
+        .frontends
+        .values()
+        .map(|f| f.backends.iter().map(|b| b.addr).collect())
+        .collect();
+    assert_eq!(backends, [vec!["2001:db8:1::5".parse::<IpAddr>().unwrap()]]);
+
+    let two_v6 = yaml.replace(
+        r#"clusterIPs: ["2001:db8::1"]"#,
+        r#"clusterIPs: ["2001:db8::1", "2001:db8::2"]"#,
+    );
+    let (objects, _) = manifest::parse_str(&two_v6, None).unwrap();
+    let (desired, errors) = desired::compute(&objects, limits, Default::default());
+    assert!(desired.frontends.is_empty());
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.field == "spec.clusterIPs[1]" && e.kind == InputErrorKind::InvalidField),
+        "{errors:#?}"
+    );
+}
+
 /// An endpoint's `nodeName` decides whether it is local: this node's
 /// backends come first and are counted, each part sorted.
 #[test]
