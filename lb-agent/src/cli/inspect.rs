@@ -13,7 +13,7 @@ use std::{
 use lb_common::{
     affinity::AFFINITY_MATCH_MAP,
     backend::BACKEND_MAP,
-    ct::{is_closing, CT_ASSURED, CT_DIR_FORWARD, CT_SEEN_REPLY, CT_SNAT},
+    ct::{is_closing, CtKey, CtValue, CT_ASSURED, CT_DIR_FORWARD, CT_SEEN_REPLY, CT_SNAT},
     revnat::REVNAT_MAP,
     source_range::SOURCE_RANGE_MAP,
     svc::{SvcValue, SVC_MAP},
@@ -23,10 +23,10 @@ use serde::Serialize;
 use crate::{
     cli::dump,
     datapath::{
-        conntrack::{flow_is_expired, monotonic_ns},
+        conntrack::{flow_is_expired, monotonic_ns, CtAddr},
         counters as datapath_counters,
-        loader::{open_conntrack, open_pinned, MapSizes},
-        maps::{KernelMaps, LbMaps, Snapshot},
+        loader::{open_conntrack, open_conntrack6, open_pinned, MapSizes},
+        maps::{KernelMaps, LbMaps, Snapshot, Wire},
     },
     model::{FrontendKind, L4Addr, Proto},
 };
@@ -291,20 +291,33 @@ impl FlowInfo {
     }
 }
 
-/// Forward conntrack entries: one per tracked flow.
+/// Forward conntrack entries, both families': one per tracked flow.
 pub fn flows(
     pin_dir: &Path,
     snapshot: &Snapshot,
     filter: &Filter,
 ) -> anyhow::Result<Vec<FlowInfo>> {
-    let entries = open_conntrack(pin_dir)?.entries()?;
     let now = monotonic_ns();
     let mut rows = Vec::new();
+    family_flows(open_conntrack(pin_dir)?.entries()?, snapshot, filter, now, &mut rows);
+    family_flows(open_conntrack6(pin_dir)?.entries()?, snapshot, filter, now, &mut rows);
+    rows.sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
+    Ok(rows)
+}
+
+/// One family's tracked flows, as `flows` shows them.
+fn family_flows<A: CtAddr>(
+    entries: BTreeMap<CtKey<A>, CtValue<A>>,
+    snapshot: &Snapshot,
+    filter: &Filter,
+    now: u64,
+    rows: &mut Vec<FlowInfo>,
+) {
     for (&key, &value) in &entries {
         if key.dir != CT_DIR_FORWARD {
             continue;
         }
-        let backend_addr = IpAddr::from(value.dst_addr);
+        let backend_addr = value.dst_addr.ip();
         if filter.backend.is_some_and(|wanted| wanted != backend_addr) {
             continue;
         }
@@ -346,8 +359,6 @@ pub fn flows(
             state,
         });
     }
-    rows.sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
-    Ok(rows)
 }
 
 pub fn flows_text(flows: &[FlowInfo]) -> String {
@@ -395,6 +406,6 @@ pub fn counters(pin_dir: &Path) -> anyhow::Result<Vec<(&'static str, u64)>> {
     Ok(datapath_counters::sum(&datapath_counters::open(pin_dir)?)?)
 }
 
-fn endpoint(addr: [u8; 4], port: u16) -> String {
-    format!("{}:{port}", std::net::Ipv4Addr::from(addr))
+fn endpoint<A: Wire>(addr: A, port: u16) -> String {
+    std::net::SocketAddr::new(addr.ip(), port).to_string()
 }

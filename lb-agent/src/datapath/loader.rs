@@ -451,6 +451,15 @@ pub fn conntrack6(ebpf: &mut Ebpf) -> Result<Conntrack<lb_common::Ipv6>, LoadErr
     Conntrack::new(assured, new).map_err(|e| LoadError::Map(CT6_MAP, e.to_string()))
 }
 
+/// Opens the pinned IPv6 conntrack tables (for `inspect`).
+pub fn open_conntrack6(pin_dir: &Path) -> Result<Conntrack<lb_common::Ipv6>, LoadError> {
+    let (assured, new) = (
+        open_pinned(pin_dir, CT6_MAP)?,
+        open_pinned(pin_dir, CT6_NEW_MAP)?,
+    );
+    Conntrack::new(assured, new).map_err(|e| LoadError::Map(CT6_MAP, e.to_string()))
+}
+
 /// Opens the pinned conntrack tables (for `inspect` and `explain`).
 pub fn open_conntrack(pin_dir: &Path) -> Result<Conntrack, LoadError> {
     let (assured, new) = (
