@@ -1,10 +1,7 @@
 //! Control-plane behaviour without root: write order, idempotence, last good
 //! state on bad input, full maps, restart from existing maps.
 
-use std::{
-    fs,
-    net::{IpAddr, Ipv4Addr},
-};
+use std::{fs, net::IpAddr};
 
 use lb_agent::{
     datapath::{maps::MapWriteError, offline::fake::FakeMaps},

@@ -137,7 +137,7 @@ fn conntrack_state_picks_the_timeout() {
     assert_eq!(t.for_state(6, open | CT_SNAT), t.tcp_established_ns);
     assert_eq!(t.for_state(17, 0), t.udp_ns);
     assert_eq!(t.for_state(17, CT_SEEN_REPLY), t.udp_ns);
-    let v = CtValue {
+    let v: CtValue = CtValue {
         expires_ns: 1_000,
         ..CtValue::default()
     };
@@ -264,7 +264,7 @@ fn every_map_name_carries_the_layout_version() {
 #[test]
 fn a_flow_is_assured_by_the_backend_after_the_handshake_or_by_two_seconds_of_udp() {
     const SEC: u64 = 1_000_000_000;
-    let entry = |flags| CtValue {
+    let entry = |flags| CtValue::<lb_common::Ipv4> {
         flags,
         created_ns: 10 * SEC,
         ..CtValue::default()

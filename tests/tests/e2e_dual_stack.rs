@@ -200,6 +200,16 @@ fn should_function_for_pod_service_http_and_udp() {
         assert_eq!(tcp, names(2), "every backend answers TCP at {vip}");
         assert_eq!(udp, names(2), "every backend answers UDP at {vip}");
     }
+    // `inspect conntrack` shows both families' flows.
+    let snapshot = lb_agent::cli::inspect::snapshot(&s.agent.pin_dir).unwrap();
+    let filter = Default::default();
+    let flows = lb_agent::cli::inspect::flows(&s.agent.pin_dir, &snapshot, &filter).unwrap();
+    for vip in dual() {
+        let at = SocketAddr::new(vip, 80).to_string();
+        let flow = flows.iter().find(|f| f.frontend == at);
+        let flow = flow.unwrap_or_else(|| panic!("no flow to {at}: {flows:#?}"));
+        assert_eq!(flow.service.as_deref(), Some("demo/web"), "{flow:?}");
+    }
     let counters = lb_agent::cli::inspect::counters(&s.agent.pin_dir).unwrap();
     let get = |name: &str| counters.iter().find(|(n, _)| *n == name).unwrap().1;
     for drop in [

@@ -202,7 +202,7 @@ impl WebCount {
             map: open_pinned(pin_dir, SVC_MAP)?.try_into()?,
             key: svc_key(
                 L4Addr {
-                    addr: VIP,
+                    addr: VIP.into(),
                     port: 80,
                     proto: Proto::Tcp,
                 },

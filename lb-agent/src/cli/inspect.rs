@@ -26,7 +26,7 @@ use crate::{
         conntrack::{flow_is_expired, monotonic_ns, CtAddr},
         counters as datapath_counters,
         loader::{open_conntrack, open_conntrack6, open_pinned, MapSizes},
-        maps::{KernelMaps, LbMaps, Snapshot, Wire},
+        maps::{FamilyMaps, KernelMaps, LbMaps, Snapshot, Wire},
     },
     model::{FrontendKind, L4Addr, Proto},
 };
@@ -42,18 +42,23 @@ pub struct Filter {
 
 /// The service maps, read once.
 pub fn snapshot(pin_dir: &Path) -> anyhow::Result<Snapshot> {
+    let family = |svc, backends, revnat| -> anyhow::Result<FamilyMaps> {
+        Ok(FamilyMaps {
+            svc: open_pinned(pin_dir, svc)?,
+            backends: open_pinned(pin_dir, backends)?,
+            revnat: open_pinned(pin_dir, revnat)?,
+        })
+    };
     let maps = KernelMaps::new(
-        open_pinned(pin_dir, SVC_MAP)?,
-        open_pinned(pin_dir, BACKEND_MAP)?,
-        open_pinned(pin_dir, REVNAT_MAP)?,
+        family(SVC_MAP, BACKEND_MAP, REVNAT_MAP)?,
+        family(
+            lb_common::svc::SVC6_MAP,
+            lb_common::backend::BACKEND6_MAP,
+            lb_common::revnat::REVNAT6_MAP,
+        )?,
         open_pinned(pin_dir, AFFINITY_MATCH_MAP)?,
         open_pinned(pin_dir, SOURCE_RANGE_MAP)?,
         open_pinned(pin_dir, lb_common::maglev::MAGLEV_MAP)?,
-        crate::datapath::maps::Maps6 {
-            svc: open_pinned(pin_dir, lb_common::svc::SVC6_MAP)?,
-            backends: open_pinned(pin_dir, lb_common::backend::BACKEND6_MAP)?,
-            revnat: open_pinned(pin_dir, lb_common::revnat::REVNAT6_MAP)?,
-        },
         MapSizes::default().capacity(),
     )?;
     Ok(maps.snapshot()?)
@@ -299,8 +304,20 @@ pub fn flows(
 ) -> anyhow::Result<Vec<FlowInfo>> {
     let now = monotonic_ns();
     let mut rows = Vec::new();
-    family_flows(open_conntrack(pin_dir)?.entries()?, snapshot, filter, now, &mut rows);
-    family_flows(open_conntrack6(pin_dir)?.entries()?, snapshot, filter, now, &mut rows);
+    family_flows(
+        open_conntrack(pin_dir)?.entries()?,
+        snapshot,
+        filter,
+        now,
+        &mut rows,
+    );
+    family_flows(
+        open_conntrack6(pin_dir)?.entries()?,
+        snapshot,
+        filter,
+        now,
+        &mut rows,
+    );
     rows.sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
     Ok(rows)
 }

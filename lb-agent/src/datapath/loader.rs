@@ -28,7 +28,7 @@ use lb_common::{
 
 use super::{
     conntrack::Conntrack,
-    maps::{Capacity, KernelMaps},
+    maps::{Capacity, FamilyMaps, KernelMaps},
     udp_reset::UdpResetter,
     EBPF_OBJECT, EGRESS_PROGRAM, INGRESS_EXTERNAL_PROGRAM, INGRESS_PROGRAM, SOCK_PROGRAMS,
     SOCK_RELEASE_PROGRAM,
@@ -412,20 +412,23 @@ pub fn kernel_maps(ebpf: &mut Ebpf, sizes: MapSizes) -> Result<KernelMaps, LoadE
         ebpf.take_map(name)
             .ok_or_else(|| LoadError::Map(name, "missing from the object".into()))
     };
-    let (svc, backends, revnat) = (take(SVC_MAP)?, take(BACKEND_MAP)?, take(REVNAT_MAP)?);
+    let maps4 = FamilyMaps {
+        svc: take(SVC_MAP)?,
+        backends: take(BACKEND_MAP)?,
+        revnat: take(REVNAT_MAP)?,
+    };
+    let maps6 = FamilyMaps {
+        svc: take(SVC6_MAP)?,
+        backends: take(BACKEND6_MAP)?,
+        revnat: take(REVNAT6_MAP)?,
+    };
     let (affinity_match, source_ranges) = (take(AFFINITY_MATCH_MAP)?, take(SOURCE_RANGE_MAP)?);
     KernelMaps::new(
-        svc,
-        backends,
-        revnat,
+        maps4,
+        maps6,
         affinity_match,
         source_ranges,
         take(MAGLEV_MAP)?,
-        super::maps::Maps6 {
-            svc: take(SVC6_MAP)?,
-            backends: take(BACKEND6_MAP)?,
-            revnat: take(REVNAT6_MAP)?,
-        },
         sizes.capacity(),
     )
     .map_err(|e| LoadError::Map(SVC_MAP, e.to_string()))

@@ -295,8 +295,8 @@ pub struct KernelMaps {
     revnat6_limit: Limit,
 }
 
-/// The IPv6 service maps, for `KernelMaps::new`.
-pub struct Maps6 {
+/// One family's service, backend and reverse-NAT maps, for `KernelMaps::new`.
+pub struct FamilyMaps {
     pub svc: Map,
     pub backends: Map,
     pub revnat: Map,
@@ -322,15 +322,18 @@ pub struct Capacity {
 
 impl KernelMaps {
     pub fn new(
-        svc: Map,
-        backends: Map,
-        revnat: Map,
+        maps4: FamilyMaps,
+        maps6: FamilyMaps,
         affinity_match: Map,
         source_ranges: Map,
         maglev: Map,
-        maps6: Maps6,
         capacity: Capacity,
     ) -> Result<Self, MapError> {
+        let FamilyMaps {
+            svc,
+            backends,
+            revnat,
+        } = maps4;
         Ok(Self {
             svc6_fd: super::batch::dup_fd(&maps6.svc)?,
             svc6: HashMap::try_from(maps6.svc)?,

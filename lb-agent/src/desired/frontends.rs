@@ -90,14 +90,12 @@ pub(super) fn service_frontends(
         node: node.name.as_deref(),
         zone: node.zone.as_deref(),
     };
-    if vips.iter().any(IpAddr::is_ipv6) {
-        if policy.affinity_timeout_s.is_some() {
-            errors.push(ctx.error(
-                InputErrorKind::Skipped,
-                "spec.sessionAffinity",
-                "ClientIP affinity is not applied to IPv6 cluster IPs yet (their flows are spread by hash)",
-            ));
-        }
+    if vips.iter().any(IpAddr::is_ipv6) && policy.affinity_timeout_s.is_some() {
+        errors.push(ctx.error(
+            InputErrorKind::Skipped,
+            "spec.sessionAffinity",
+            "ClientIP affinity is not applied to IPv6 cluster IPs yet (their flows are spread by hash)",
+        ));
     }
     // Each family's frontends take that family's endpoints (an IPv4 and an
     // IPv6 EndpointSlice of one Service are separate objects).
