@@ -79,10 +79,7 @@ impl Outcome {
 /// Ingress on pod-facing (internal) interfaces.
 #[classifier]
 pub fn lb_ingress(ctx: TcContext) -> i32 {
-    let outcome = ingress::<false>(&ctx);
-    count(outcome.stat);
-    log_drop(&ctx, &outcome);
-    outcome.action
+    finish(&ctx, ingress::<false>(&ctx))
 }
 
 /// A debug event for a new flow. Compiled in, pruned by the verifier unless
@@ -130,10 +127,7 @@ fn log_drop(ctx: &TcContext, outcome: &Outcome) {
 /// of SNATed flows.
 #[classifier]
 pub fn lb_ingress_external(ctx: TcContext) -> i32 {
-    let outcome = ingress::<true>(&ctx);
-    count(outcome.stat);
-    log_drop(&ctx, &outcome);
-    outcome.action
+    finish(&ctx, ingress::<true>(&ctx))
 }
 
 #[classifier]
@@ -148,44 +142,41 @@ pub fn lb_egress(ctx: TcContext) -> i32 {
 /// verifier's 512-byte stack and its instruction budget.
 #[classifier]
 pub fn lb_ingress6(ctx: TcContext) -> i32 {
-    let outcome = match parse::parse6(&ctx) {
-        Parsed6::Packet(pkt) => to_frontend::<Ipv6, false>(&ctx, &pkt),
-        Parsed6::NotForUs => Outcome::next(Stat::PassNotService),
-        Parsed6::Malformed => Outcome::next(Stat::PassMalformed),
-    };
-    count(outcome.stat);
-    log_drop(&ctx, &outcome);
-    outcome.action
+    finish(&ctx, ingress6::<false>(&ctx))
 }
 
 #[classifier]
 pub fn lb_ingress_ext6(ctx: TcContext) -> i32 {
-    let outcome = match parse::parse6(&ctx) {
-        Parsed6::Packet(pkt) => to_frontend::<Ipv6, true>(&ctx, &pkt),
-        Parsed6::NotForUs => Outcome::next(Stat::PassNotService),
-        Parsed6::Malformed => Outcome::next(Stat::PassMalformed),
-    };
-    count(outcome.stat);
-    log_drop(&ctx, &outcome);
-    outcome.action
+    finish(&ctx, ingress6::<true>(&ctx))
 }
 
 /// A new IPv6 flow's first packet (see `Edges::first_packet` for `Ipv6`):
 /// parsed and its frontend looked up again.
 #[classifier]
 pub fn lb_new6(ctx: TcContext) -> i32 {
-    let outcome = new_flow6::<false>(&ctx);
-    count(outcome.stat);
-    log_drop(&ctx, &outcome);
-    outcome.action
+    finish(&ctx, new_flow6::<false>(&ctx))
 }
 
 #[classifier]
 pub fn lb_new_ext6(ctx: TcContext) -> i32 {
-    let outcome = new_flow6::<true>(&ctx);
+    finish(&ctx, new_flow6::<true>(&ctx))
+}
+
+/// A program's verdict, counted (and logged when a drop).
+#[inline(always)]
+fn finish(ctx: &TcContext, outcome: Outcome) -> i32 {
     count(outcome.stat);
-    log_drop(&ctx, &outcome);
+    log_drop(ctx, &outcome);
     outcome.action
+}
+
+#[inline(always)]
+fn ingress6<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
+    match parse::parse6(ctx) {
+        Parsed6::Packet(pkt) => to_frontend::<Ipv6, EXTERNAL>(ctx, &pkt),
+        Parsed6::NotForUs => Outcome::next(Stat::PassNotService),
+        Parsed6::Malformed => Outcome::next(Stat::PassMalformed),
+    }
 }
 
 #[inline(always)]
