@@ -270,9 +270,11 @@ struct RunArgs {
     /// a TCP or UDP packet to an address there that no frontend holds (an
     /// unallocated cluster IP, or a port its Service does not have) is
     /// answered with ICMP port unreachable, as nftables kube-proxy rejects
-    /// it, instead of following the default route. At most 4.
+    /// it, instead of following the default route. At most 4 IPv4
+    /// prefixes; an IPv6 one (a dual-stack cluster's) is warned about and
+    /// not guarded yet.
     #[arg(long, value_delimiter = ',')]
-    service_cluster_ip_range: Vec<ipnet::Ipv4Net>,
+    service_cluster_ip_range: Vec<ipnet::IpNet>,
     /// The cluster's pod CIDRs (kube-proxy's flag). Traffic arriving at an
     /// external interface for a cluster IP whose backend is on another node
     /// is masqueraded to the node (as kube-proxy masquerades traffic from
@@ -543,6 +545,21 @@ fn with_config_file(
 }
 
 /// Prefixes given to `flag` as the datapath holds them.
+/// The IPv4 prefixes of a dual-stack flag; each IPv6 one is warned about
+/// (the datapath's load-time prefixes are IPv4 for now).
+fn ipv4_prefixes(flag: &str, nets: &[ipnet::IpNet]) -> Vec<ipnet::Ipv4Net> {
+    let mut v4 = Vec::new();
+    for net in nets {
+        match net {
+            ipnet::IpNet::V4(net) => v4.push(*net),
+            ipnet::IpNet::V6(net) => {
+                tracing::warn!("{flag} {net}: not used: IPv6 prefixes are not supported here yet")
+            }
+        }
+    }
+    v4
+}
+
 fn cidrs(flag: &str, nets: &[ipnet::Ipv4Net]) -> anyhow::Result<lb_common::cidrs::Cidrs> {
     use lb_common::cidrs::{Cidrs, MAX_CIDRS};
     anyhow::ensure!(
@@ -634,20 +651,15 @@ impl RunArgs {
         } else {
             None
         };
-        let service_cidrs = cidrs("--service-cluster-ip-range", &self.service_cluster_ip_range)?;
+        let service_cidrs = cidrs(
+            "--service-cluster-ip-range",
+            &ipv4_prefixes("--service-cluster-ip-range", &self.service_cluster_ip_range),
+        )?;
         let cluster_cidrs = match self.detect_local_mode {
-            DetectLocalMode::ClusterCidr => {
-                let mut v4 = Vec::new();
-                for net in &self.cluster_cidr {
-                    match net {
-                        ipnet::IpNet::V4(net) => v4.push(*net),
-                        ipnet::IpNet::V6(net) => tracing::warn!(
-                            "--cluster-cidr {net}: not used: IPv6 is not supported yet"
-                        ),
-                    }
-                }
-                cidrs("--cluster-cidr", &v4)?
-            }
+            DetectLocalMode::ClusterCidr => cidrs(
+                "--cluster-cidr",
+                &ipv4_prefixes("--cluster-cidr", &self.cluster_cidr),
+            )?,
             _ => lb_common::cidrs::Cidrs::NONE,
         };
         let socket_lb_netns = match self.socket_lb {
