@@ -3,7 +3,11 @@
 //! external traffic to another node's backend is also SNATed to the node. Egress (`lb_egress`): reverse-NAT the
 //! backend's reply on its way out to the client. Between the two hooks the
 //! node's own stack (routing, netfilter) sees the flow as client ↔ backend
-//! in both directions, consistently. See README.md "Packet path".
+//! in both directions, consistently. IPv6 packets go on, by tail call, to
+//! the IPv6 programs (`lb_ingress6`, `lb_ingress_ext6`, `lb_egress6`; a new
+//! flow's first packet to `lb_new6`, `lb_new_ext6`): the same service path,
+//! generic over the family (`family::Family`, `Edges`). See
+//! docs/datapath.md "Packet path" and "IPv6".
 #![no_std]
 #![no_main]
 
