@@ -461,6 +461,39 @@ impl Drop for ScratchDir {
 
 /// Manifest for service `web` (TCP 80 → `http` 8080, UDP 53 → 5353) with the
 /// given backends as (address, ready).
+/// `web_manifest` over IPv6: the Service at `VIP6`, one IPv6 slice.
+pub fn web_manifest6(backends: &[Ipv6Addr]) -> String {
+    let endpoints: String = backends
+        .iter()
+        .map(|a| format!("- addresses: [\"{a}\"]\n"))
+        .collect();
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: demo}}
+spec:
+  clusterIP: "{VIP6}"
+  clusterIPs: ["{VIP6}"]
+  ipFamilies: [IPv6]
+  ports:
+  - {{name: http, port: 80, targetPort: 8080, protocol: TCP}}
+  - {{name: echo, port: 53, targetPort: 5353, protocol: UDP}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-v6
+  namespace: demo
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv6
+ports:
+- {{name: http, port: 8080, protocol: TCP}}
+- {{name: echo, port: 5353, protocol: UDP}}
+endpoints:
+{endpoints}"#
+    )
+}
+
 pub fn web_manifest(backends: &[(Ipv4Addr, bool)]) -> String {
     let mut endpoints = String::new();
     for (addr, ready) in backends {

@@ -3,7 +3,7 @@
 
 use std::{
     fmt::Write as _,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
     time::{Duration, Instant},
 };
 
@@ -18,8 +18,8 @@ use lb_agent::{
 };
 use lb_tests::{
     datapath::Harness,
-    packet::{Packet, TCP_ACK, TCP_SYN},
-    topology::{web_manifest, CLIENT_IP, VIP},
+    packet::{Packet, Packet6, TCP_ACK, TCP_SYN},
+    topology::{backend_ip6, web_manifest, web_manifest6, CLIENT_IP, CLIENT_IP6, VIP, VIP6},
 };
 
 use super::{peers, BenchConfig, Mode, Sample, Service};
@@ -81,6 +81,30 @@ pub fn per_packet_costs(runs: usize) -> anyhow::Result<Vec<(&'static str, Vec<f6
             && in_table(lb_common::ct::CT_NEW_MAP, opening.port()),
         "each timed flow is in the table its row names"
     );
+    // The same Service over IPv6, with an established (assured) flow.
+    let mut h6 = Harness::with_conntrack_tables(table_size, table_size);
+    h6.apply_yaml(&web_manifest6(&(0..10).map(backend_ip6).collect::<Vec<_>>()));
+    let vip6 = SocketAddrV6::new(VIP6, 80, 0, 0);
+    let established6 = SocketAddrV6::new(CLIENT_IP6, 40000, 0, 0);
+    h6.run(&Packet6::tcp(established6, vip6, TCP_SYN).build());
+    let (_, forward6) = h6
+        .conntrack6()
+        .into_iter()
+        .find(|(k, _)| k.sport == established6.port() && k.dir == lb_common::ct::CT_DIR_FORWARD)
+        .ok_or_else(|| anyhow::anyhow!("no IPv6 flow for the established client"))?;
+    let backend6 = SocketAddrV6::new(forward6.dst_addr.into(), forward6.dst_port, 0, 0);
+    let at_backend6 = Packet6::tcp(established6, backend6, TCP_SYN);
+    h6.run_egress(&at_backend6.reply(TCP_SYN | TCP_ACK).build());
+    h6.run(&Packet6::tcp(established6, vip6, TCP_ACK).build());
+    h6.run_egress(&at_backend6.reply(TCP_ACK).with_payload(b"ok").build());
+    anyhow::ensure!(
+        h6.conntrack6().iter().any(|(k, v)| k.sport == established6.port()
+            && v.flags & lb_common::ct::CT_ASSURED != 0),
+        "the timed IPv6 flow is assured"
+    );
+    let ack6 = Packet6::tcp(established6, vip6, TCP_ACK).build();
+    let mut new_flow6 = Vec::new();
+    let mut ct_hit6 = Vec::new();
     let median = |mut v: Vec<f64>| {
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
         v[v.len() / 2]
@@ -144,6 +168,24 @@ pub fn per_packet_costs(runs: usize) -> anyhow::Result<Vec<(&'static str, Vec<f6
                 .map(|_| h.run_timed(&arp).1.as_nanos() as f64)
                 .collect(),
         ));
+        let client6 = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, batch as u16 + 1);
+        let syns6: Vec<Vec<u8>> = (0..PER_PACKET_RUNS)
+            .map(|p| {
+                let from = SocketAddrV6::new(client6, 1024 + p, 0, 0);
+                Packet6::tcp(from, vip6, TCP_SYN).build()
+            })
+            .collect();
+        new_flow6.push(median(
+            syns6
+                .iter()
+                .map(|f| h6.run_timed(f).1.as_nanos() as f64)
+                .collect(),
+        ));
+        ct_hit6.push(median(
+            (0..PER_PACKET_RUNS)
+                .map(|_| h6.run_timed(&ack6).1.as_nanos() as f64)
+                .collect(),
+        ));
     }
     Ok(vec![
         (
@@ -165,6 +207,14 @@ pub fn per_packet_costs(runs: usize) -> anyhow::Result<Vec<(&'static str, Vec<f6
             not_reply,
         ),
         ("ARP frame (one load, pass): the measurement's floor", floor),
+        (
+            "IPv6: first packet of a flow (as IPv4's, plus two tail calls: to the IPv6 program, to its new-flow program)",
+            new_flow6,
+        ),
+        (
+            "IPv6: conntrack hit (established flow, assured, DNAT; one tail call)",
+            ct_hit6,
+        ),
     ])
 }
 
