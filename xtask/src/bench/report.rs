@@ -83,7 +83,9 @@ pub fn per_packet_costs(runs: usize) -> anyhow::Result<Vec<(&'static str, Vec<f6
     );
     // The same Service over IPv6, with an established (assured) flow.
     let mut h6 = Harness::with_conntrack_tables(table_size, table_size);
-    h6.apply_yaml(&web_manifest6(&(0..10).map(backend_ip6).collect::<Vec<_>>()));
+    h6.apply_yaml(&web_manifest6(
+        &(0..10).map(backend_ip6).collect::<Vec<_>>(),
+    ));
     let vip6 = SocketAddrV6::new(VIP6, 80, 0, 0);
     let established6 = SocketAddrV6::new(CLIENT_IP6, 40000, 0, 0);
     h6.run(&Packet6::tcp(established6, vip6, TCP_SYN).build());
@@ -98,8 +100,9 @@ pub fn per_packet_costs(runs: usize) -> anyhow::Result<Vec<(&'static str, Vec<f6
     h6.run(&Packet6::tcp(established6, vip6, TCP_ACK).build());
     h6.run_egress(&at_backend6.reply(TCP_ACK).with_payload(b"ok").build());
     anyhow::ensure!(
-        h6.conntrack6().iter().any(|(k, v)| k.sport == established6.port()
-            && v.flags & lb_common::ct::CT_ASSURED != 0),
+        h6.conntrack6().iter().any(
+            |(k, v)| k.sport == established6.port() && v.flags & lb_common::ct::CT_ASSURED != 0
+        ),
         "the timed IPv6 flow is assured"
     );
     let ack6 = Packet6::tcp(established6, vip6, TCP_ACK).build();
