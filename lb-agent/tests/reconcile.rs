@@ -337,7 +337,7 @@ spec:
   clusterIPs: ["2001:db8::1"]
   externalIPs: ["2001:db8::99"]
   sessionAffinity: ClientIP
-  ports: [{port: 80, targetPort: 8080}]
+  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
 status:
   loadBalancer: {ingress: [{ip: "2001:db8::98"}]}
 ---
@@ -376,6 +376,11 @@ endpoints:
             "{field} not reported as skipped: {errors:#?}"
         );
     }
+    assert!(
+        fields.contains(&("spec.ipFamilies", InputErrorKind::Skipped)),
+        "the node port of an IPv6-only Service is reported: {errors:#?}"
+    );
+    assert_eq!(desired.frontends.len(), 1, "the IPv6 cluster IP only");
     let backends: Vec<Vec<IpAddr>> = desired
         .frontends
         .values()

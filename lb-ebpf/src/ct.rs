@@ -268,7 +268,7 @@ pub fn update<A: Family>(key: &CtKey<A>, value: &CtValue<A>, pkt: &Packet<A>, no
 /// Writes a flow's new state into the entry in place, not the whole value
 /// copied at lookup: another CPU's FIN or RST written since stays (flags
 /// are added), and then the expiry is the state's it ends with. Whether the
-/// entry was there to write. A BPF function of its own (as `backend_left`):
+/// entry was there to write. A BPF function of its own (as `family::backend_at_v4`):
 /// inlined at both writes it added 6 k to each program's verifier walk.
 #[inline(never)]
 fn set_state<A: Family>(key: &CtKey<A>, proto: u8, flags: u8, expires_ns: u64, now: u64) -> bool {

@@ -8,8 +8,6 @@
 
 use aya_ebpf::{btf_maps::ProgramArray, macros::btf_map, programs::TcContext};
 
-use crate::parse;
-
 /// Indexes into `lb_progs6_v4`: `lb_ingress6`, `lb_ingress_ext6`, `lb_egress6`.
 pub const INGRESS: u32 = lb_common::family6::INGRESS;
 pub const INGRESS_EXTERNAL: u32 = lb_common::family6::INGRESS_EXTERNAL;
@@ -18,14 +16,12 @@ pub const EGRESS: u32 = lb_common::family6::EGRESS;
 #[btf_map(name = "lb_progs6_v4")]
 static PROGRAMS6: ProgramArray<{ lb_common::family6::PROGRAMS as usize }> = ProgramArray::new();
 
-/// Tail-calls the IPv6 program `index` for an IPv6 packet; returns only if
-/// the packet is not IPv6 or the call failed.
+/// Tail-calls the IPv6 program `index` (for a packet `parse` found to be
+/// IPv6); returns only if the call failed.
 #[inline(always)]
 pub fn enter(ctx: &TcContext, index: u32) {
-    if parse::ethertype_be(ctx).is_some_and(parse::is_ipv6) {
-        // SAFETY: a tail call replaces this program; on failure it returns.
-        unsafe { PROGRAMS6.tail_call(ctx, index) };
-    }
+    // SAFETY: a tail call replaces this program; on failure it returns.
+    unsafe { PROGRAMS6.tail_call(ctx, index) };
 }
 
 /// Tail-calls the IPv6 new-flow program (`lb_new6`, `lb_new_ext6`);

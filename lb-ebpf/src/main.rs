@@ -211,16 +211,17 @@ pub fn lb_egress6(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn ingress<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
-    family6::enter(
-        ctx,
-        if EXTERNAL {
-            family6::INGRESS_EXTERNAL
-        } else {
-            family6::INGRESS
-        },
-    );
     match parse::parse(ctx) {
         Parsed::Packet(pkt) => to_frontend::<Ipv4, EXTERNAL>(ctx, &pkt),
+        Parsed::Ipv6 => {
+            let index = if EXTERNAL {
+                family6::INGRESS_EXTERNAL
+            } else {
+                family6::INGRESS
+            };
+            family6::enter(ctx, index);
+            Outcome::next(Stat::PassNotService) // no IPv6 program there
+        }
         Parsed::IcmpError(err) => icmp_error_ingress::<EXTERNAL>(ctx, &err),
         Parsed::Fragment(frag) => frag::follow::<false>(ctx, &frag),
         Parsed::NotForUs => Outcome::next(Stat::PassNotService),
@@ -692,9 +693,12 @@ fn reverse_snat(ctx: &TcContext, pkt: &Packet) -> Option<Outcome> {
 /// A backend's reply matches a reply-direction entry and leaves with the
 /// frontend as its source; anything else passes untouched.
 fn egress(ctx: &TcContext) -> Outcome {
-    family6::enter(ctx, family6::EGRESS);
     match parse::parse(ctx) {
         Parsed::Packet(pkt) => reply::<Ipv4>(ctx, &pkt),
+        Parsed::Ipv6 => {
+            family6::enter(ctx, family6::EGRESS);
+            Outcome::next(Stat::PassNotReply) // no IPv6 program there
+        }
         Parsed::IcmpError(err) => icmp_error_egress(ctx, &err),
         Parsed::Fragment(frag) => frag::follow::<true>(ctx, &frag),
         Parsed::NotForUs => Outcome::next(Stat::PassNotReply),

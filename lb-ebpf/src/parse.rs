@@ -113,6 +113,8 @@ pub struct Fragment {
 
 pub enum Parsed {
     Packet(Packet),
+    /// An IPv6 packet: the IPv6 programs' (`family6`).
+    Ipv6,
     /// A non-first fragment (see `frag`).
     Fragment(Fragment),
     /// An ICMP error quoting a TCP or UDP packet (see `icmp`).
@@ -232,6 +234,9 @@ fn try_parse(ctx: &TcContext) -> Result<Parsed, ()> {
         return Ok(Parsed::NotForUs); // shorter than Ethernet: not IPv4 either
     }
     let eth_proto: u16 = read(ctx, 12)?;
+    if eth_proto == ETH_P_IPV6_BE {
+        return Ok(Parsed::Ipv6);
+    }
     if eth_proto != ETH_P_IP_BE {
         return Ok(Parsed::NotForUs);
     }
@@ -302,15 +307,8 @@ pub fn parse6(ctx: &TcContext) -> Parsed6 {
     }
 }
 
-/// The EtherType, if the packet has an Ethernet header.
 #[inline(always)]
-pub fn ethertype_be(ctx: &TcContext) -> Option<u16> {
-    ensure_linear(ctx, ETH_HLEN).ok()?;
-    read(ctx, 12).ok()
-}
-
-#[inline(always)]
-pub const fn is_ipv6(ethertype_be: u16) -> bool {
+const fn is_ipv6(ethertype_be: u16) -> bool {
     ethertype_be == ETH_P_IPV6_BE
 }
 

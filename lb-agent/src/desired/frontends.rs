@@ -101,8 +101,19 @@ pub(super) fn service_frontends(
     // IPv6 EndpointSlice of one Service are separate objects).
     let families: Vec<Family> = Family::BOTH
         .into_iter()
-        .filter(|f| *f == Family::V4 || vips.iter().any(|v| Family::of(*v) == *f))
+        .filter(|f| vips.iter().any(|v| Family::of(*v) == *f))
         .collect();
+    // Node ports and external addresses are IPv4 frontends, with IPv4
+    // endpoints: an IPv6-only Service has none to give them.
+    if !families.contains(&Family::V4)
+        && (ports.iter().any(|p| p.node_port.is_some()) || !external.is_empty())
+    {
+        errors.push(ctx.error(
+            InputErrorKind::Skipped,
+            "spec.ipFamilies",
+            "an IPv6-only Service's node ports and external addresses are not served yet (lb serves IPv6 cluster IPs only so far)",
+        ));
+    }
     let mut served = Vec::with_capacity(ports.len() * families.len());
     for port in &ports {
         for &family in &families {
