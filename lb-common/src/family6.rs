@@ -1,6 +1,8 @@
 //! The IPv6 programs' program array (`lb_progs6_v4`): the IPv4 programs
 //! tail-call into it for IPv6 packets, the IPv6 ingress programs for a new
-//! flow's first packet. The agent fills it at load.
+//! flow's first packet or a routed packet too big for the way out. The
+//! agent fills it at load. Room is left for programs to come: a pinned
+//! array of another size is replaced at load (it holds no state).
 
 pub const PROGRAMS6_MAP: &str = "lb_progs6_v4";
 pub const INGRESS: u32 = 0;
@@ -8,13 +10,16 @@ pub const INGRESS_EXTERNAL: u32 = 1;
 pub const EGRESS: u32 = 2;
 pub const NEW_FLOW: u32 = 3;
 pub const NEW_FLOW_EXTERNAL: u32 = 4;
-pub const PROGRAMS: u32 = 5;
+pub const TOO_BIG: u32 = 5;
+/// The array's size: the programs and room for more.
+pub const PROGRAMS: u32 = 8;
 
 /// The programs at each index, in order.
-pub const PROGRAM_NAMES: [&str; PROGRAMS as usize] = [
+pub const PROGRAM_NAMES: [&str; 6] = [
     "lb_ingress6",
     "lb_ingress_ext6",
     "lb_egress6",
     "lb_new6",
     "lb_new_ext6",
+    "lb_too_big6",
 ];

@@ -18,16 +18,9 @@ use lb_common::{
     },
     stats::Stat,
     svc::SvcKey,
-    Ipv4,
 };
 
-use crate::{
-    family::Family,
-    host_socket,
-    maps::{CONNTRACK, CT_NEW, SERVICES},
-    parse::Packet,
-    stats::count,
-};
+use crate::{family::Family, parse::Packet, stats::count};
 
 /// Per-state timeouts; the agent overrides them at load time.
 #[unsafe(no_mangle)]
@@ -43,7 +36,7 @@ fn timeouts() -> CtTimeouts {
 /// `reclaim` in one table (`CONNTRACK` or `CT_NEW`): whether the flow
 /// holding `reply_key` was expired and is now removed.
 macro_rules! reclaim_in {
-    ($table:ident, $reply_key:expr, $now:expr) => {{
+    ($table:expr, $reply_key:expr, $now:expr) => {{
         // SAFETY: the pointer is valid for this program run; copied at once.
         match $table.get_ptr($reply_key).map(|v| unsafe { *v }) {
             Some(old) if old.is_expired($now) => {
@@ -496,14 +489,14 @@ const SNAT_TRIES_RECLAIM: u32 = 8;
 /// port of an expired flow the GC has not removed yet is taken back
 /// (`reclaim`).
 #[inline(always)]
-pub fn create_snat(
+pub fn create_snat<A: Family>(
     ctx: &TcContext,
-    pkt: &Packet<Ipv4>,
-    forward: &mut CtValue<Ipv4>,
-    config: &NodeConfig,
+    pkt: &Packet<A>,
+    forward: &mut CtValue<A>,
+    config: &NodeConfig<A>,
     now: u64,
 ) -> Result<Created, Stat> {
-    if lb_common::wire(config.snat_addr) == 0 || config.snat_port_last < config.snat_port_first {
+    if config.snat_addr.is_unspecified() || config.snat_port_last < config.snat_port_first {
         return Err(Stat::DropSnatExhausted);
     }
     let first = u32::from(config.snat_port_first);
@@ -540,10 +533,10 @@ pub fn create_snat(
 /// whose packets are a frontend's, or a port a node socket would take the
 /// flow's answers on), else the outcome.
 #[inline(always)]
-fn try_snat_port(
+fn try_snat_port<A: Family>(
     ctx: &TcContext,
-    pkt: &Packet<Ipv4>,
-    forward: &mut CtValue<Ipv4>,
+    pkt: &Packet<A>,
+    forward: &mut CtValue<A>,
     first: u32,
     span: u32,
 ) -> Option<Result<Created, Stat>> {
@@ -553,13 +546,15 @@ fn try_snat_port(
     let port = first + unsafe { aya_ebpf::helpers::bpf_get_prandom_u32() } % span;
     forward.src_port = port as u16;
     let ports = u32::from(forward.dst_port) << 16 | port;
-    let (backend, node) = (
-        u32::from_ne_bytes(forward.dst_addr),
-        u32::from_ne_bytes(forward.src_addr),
-    );
     let frontend = SvcKey::new(forward.src_addr, forward.src_port, pkt.proto, 0);
-    if SERVICES.get_ptr(&frontend).is_some()
-        || host_socket::receives(ctx.as_ptr(), pkt.proto, backend, node, ports)
+    if A::services().get_ptr(&frontend).is_some()
+        || A::host_receives(
+            ctx.as_ptr(),
+            pkt.proto,
+            &forward.dst_addr,
+            &forward.src_addr,
+            ports,
+        )
     {
         return None;
     }
@@ -578,8 +573,9 @@ fn try_snat_port(
 /// in one table (a move writes both into the other before it removes
 /// them), and the verifier's work for a try stays small.
 #[inline(always)]
-fn reclaim(reply_key: &CtKey<Ipv4>, now: u64) -> bool {
-    let reclaimed = reclaim_in!(CONNTRACK, reply_key, now) || reclaim_in!(CT_NEW, reply_key, now);
+fn reclaim<A: Family>(reply_key: &CtKey<A>, now: u64) -> bool {
+    let reclaimed =
+        reclaim_in!(A::conntrack(), reply_key, now) || reclaim_in!(A::ct_new(), reply_key, now);
     if reclaimed {
         count(Stat::CtReclaimed);
     }

@@ -6,11 +6,15 @@
 
 use lb_common::{Ipv4, Ipv6};
 
-use lb_common::ct::CtValue;
+use aya_ebpf::cty::c_void;
+use lb_common::{config::NodeConfig, ct::CtValue};
 
-use crate::maps::{
-    BackendMap, CtMap, CtNewMap, ServiceMap, BACKENDS, BACKENDS6, CONNTRACK, CONNTRACK6, CT_NEW,
-    CT_NEW6, CT_SCRATCH, CT_SCRATCH6, SERVICES, SERVICES6,
+use crate::{
+    host_socket,
+    maps::{
+        BackendMap, CtMap, CtNewMap, ServiceMap, BACKENDS, BACKENDS6, CONFIG, CONFIG6, CONNTRACK,
+        CONNTRACK6, CT_NEW, CT_NEW6, CT_SCRATCH, CT_SCRATCH6, SERVICES, SERVICES6,
+    },
 };
 
 pub trait Family: Copy + PartialEq + Default + 'static {
@@ -19,6 +23,8 @@ pub trait Family: Copy + PartialEq + Default + 'static {
     /// Assured flows, and flows not yet assured (see `ct`).
     fn conntrack() -> &'static CtMap<Self>;
     fn ct_new() -> &'static CtNewMap<Self>;
+    /// The node's SNAT address and ports for this family.
+    fn config() -> Option<&'static NodeConfig<Self>>;
     /// This CPU's two scratch entries (see `maps::CT_SCRATCH`): an entry
     /// being updated and its flow's other entry. `None` never happens.
     fn ct_scratch() -> Option<(*mut CtValue<Self>, *mut CtValue<Self>)>;
@@ -33,6 +39,10 @@ pub trait Family: Copy + PartialEq + Default + 'static {
     /// copies crash LLVM's BPF memcpy expansion. Use this, never `==`, on
     /// addresses and on keys that hold them.
     fn same(&self, other: &Self) -> bool;
+    fn is_unspecified(&self) -> bool;
+    /// Whether a socket of the node takes `proto` from `saddr` to `daddr`
+    /// (`ports` = `sport << 16 | dport`, see `host_socket`).
+    fn host_receives(ctx: *mut c_void, proto: u8, saddr: &Self, daddr: &Self, ports: u32) -> bool;
 }
 
 /// `backend_at` for IPv4: a BPF function of its own, taking scalars:
@@ -77,8 +87,21 @@ impl Family for Ipv4 {
         backend_at_v4(id, u32::from_ne_bytes(*addr))
     }
     #[inline(always)]
+    fn config() -> Option<&'static NodeConfig<Self>> {
+        CONFIG.get(0)
+    }
+    #[inline(always)]
     fn same(&self, other: &Self) -> bool {
         self == other
+    }
+    #[inline(always)]
+    fn is_unspecified(&self) -> bool {
+        u32::from_ne_bytes(*self) == 0
+    }
+    #[inline(always)]
+    fn host_receives(ctx: *mut c_void, proto: u8, saddr: &Self, daddr: &Self, ports: u32) -> bool {
+        let (saddr, daddr) = (u32::from_ne_bytes(*saddr), u32::from_ne_bytes(*daddr));
+        host_socket::receives(ctx, proto, saddr, daddr, ports)
     }
 }
 
@@ -127,5 +150,17 @@ impl Family for Ipv6 {
             diff |= word(self, i) ^ word(other, i);
         }
         diff == 0
+    }
+    #[inline(always)]
+    fn config() -> Option<&'static NodeConfig<Self>> {
+        CONFIG6.get(0)
+    }
+    #[inline(always)]
+    fn is_unspecified(&self) -> bool {
+        self.same(&[0; 16])
+    }
+    #[inline(always)]
+    fn host_receives(ctx: *mut c_void, proto: u8, saddr: &Self, daddr: &Self, ports: u32) -> bool {
+        host_socket::receives6(ctx, proto, saddr, daddr, ports)
     }
 }

@@ -36,3 +36,16 @@ pub fn enter_new_flow(ctx: &TcContext, external: bool) {
     // SAFETY: as in `enter`.
     unsafe { PROGRAMS6.tail_call(ctx, index) };
 }
+
+/// Tail-calls `lb_too_big6` for a routed packet too big for the way out,
+/// with the way's MTU in scratch (`reject::Answer6::mtu`); returns only if
+/// the call failed.
+#[inline(always)]
+pub fn enter_too_big(ctx: &TcContext, mtu: u16) {
+    if let Some(answer) = crate::maps::ANSWER6_SCRATCH.get_ptr_mut(0) {
+        // SAFETY: this CPU's map value; the program called runs on this CPU.
+        unsafe { (*answer).mtu = u32::from(mtu) };
+        // SAFETY: as in `enter`.
+        unsafe { PROGRAMS6.tail_call(ctx, lb_common::family6::TOO_BIG) };
+    }
+}

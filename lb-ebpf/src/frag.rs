@@ -74,7 +74,13 @@ pub fn follow<const EGRESS: bool>(ctx: &TcContext, frag: &Fragment) -> Outcome {
         }
         return Outcome::next(Stat::FragTranslated);
     }
-    let route = match redirect::lookup(ctx, frag.proto, new.0, new.1, frag.tot_len) {
+    let route = match redirect::lookup(
+        ctx,
+        frag.proto,
+        &record.src_addr,
+        &record.dst_addr,
+        frag.tot_len,
+    ) {
         Ok(route) if route.way != redirect::Way::TooBig => route,
         // A fragment is not fragmented again here.
         _ => return Outcome::drop(Stat::DropRedirect),
@@ -82,7 +88,7 @@ pub fn follow<const EGRESS: bool>(ctx: &TcContext, frag: &Fragment) -> Outcome {
     if nat::translate_addresses(ctx, old, new).is_err() {
         return Outcome::drop(Stat::DropRewrite);
     }
-    match redirect::send(ctx, frag.proto, &route) {
+    match redirect::send::<lb_common::Ipv4>(ctx, frag.proto, &route) {
         Ok(action) => Outcome {
             action,
             stat: Stat::FragTranslated,

@@ -11,7 +11,9 @@ use aya_ebpf::{
     cty::c_void,
     helpers::generated::{bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp},
 };
-use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{Ipv6, IPPROTO_TCP, IPPROTO_UDP};
+
+use crate::maps::SOCK_TUPLE_SCRATCH;
 
 /// Whether a TCP (listening, established, time-wait or request) or UDP
 /// socket in the packet's network namespace would receive `proto` from
@@ -32,14 +34,53 @@ pub fn receives(ctx: *mut c_void, proto: u8, saddr: u32, daddr: u32, ports: u32)
         sport: ((ports >> 16) as u16).to_be(),
         dport: (ports as u16).to_be(),
     };
-    let size = core::mem::size_of::<u32>() as u32 * 3;
+    lookup(
+        ctx,
+        proto,
+        &mut tuple,
+        core::mem::size_of::<u32>() as u32 * 3,
+    )
+}
+
+/// `receives` for IPv6: the addresses by reference (as scalars they would
+/// be eight), the tuple in per-CPU scratch (`maps::SOCK_TUPLE_SCRATCH`):
+/// the new-flow program's stack and this function's together must stay
+/// within 512 bytes.
+#[inline(never)]
+pub fn receives6(ctx: *mut c_void, proto: u8, saddr: &Ipv6, daddr: &Ipv6, ports: u32) -> bool {
+    let Some(tuple) = SOCK_TUPLE_SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    let word = |a: &Ipv6, i: usize| {
+        // SAFETY: i < 4: inside the array; unaligned reads.
+        unsafe { core::ptr::read_unaligned((a.as_ptr() as *const u32).add(i)) }
+    };
+    // SAFETY: this CPU's map value, valid for the program run, written
+    // field by field (no 16-byte copies, see `Family::same`).
+    let tuple = unsafe {
+        let v6 = &mut (*tuple).__bindgen_anon_1.ipv6;
+        for i in 0..4 {
+            v6.saddr[i] = word(saddr, i);
+            v6.daddr[i] = word(daddr, i);
+        }
+        v6.sport = ((ports >> 16) as u16).to_be();
+        v6.dport = (ports as u16).to_be();
+        &mut *tuple
+    };
+    lookup(ctx, proto, tuple, core::mem::size_of::<u32>() as u32 * 9)
+}
+
+/// The socket lookup on a tuple of `size` bytes (its family's part), on
+/// the stack or in a map.
+#[inline(always)]
+fn lookup(ctx: *mut c_void, proto: u8, tuple: &mut bpf_sock_tuple, size: u32) -> bool {
     let netns = BPF_F_CURRENT_NETNS as u64;
-    // SAFETY: ctx is the program's context; the tuple lives on this stack
-    // for the call; a socket found is released before returning.
+    // SAFETY: ctx is the program's context; the tuple lives on the caller's
+    // stack for the call; a socket found is released before returning.
     unsafe {
         let sk = match proto {
-            IPPROTO_TCP => bpf_skc_lookup_tcp(ctx, &mut tuple, size, netns, 0),
-            IPPROTO_UDP => bpf_sk_lookup_udp(ctx, &mut tuple, size, netns, 0),
+            IPPROTO_TCP => bpf_skc_lookup_tcp(ctx, tuple, size, netns, 0),
+            IPPROTO_UDP => bpf_sk_lookup_udp(ctx, tuple, size, netns, 0),
             _ => return false,
         };
         if sk.is_null() {

@@ -166,6 +166,24 @@ pub fn lb_new_ext6(ctx: TcContext) -> i32 {
     finish(&ctx, new_flow6::<true>(&ctx))
 }
 
+/// A routed IPv6 packet too big for the way out (`Edges::too_big`),
+/// answered with packet too big.
+#[classifier]
+pub fn lb_too_big6(ctx: TcContext) -> i32 {
+    let outcome = match parse::parse6(&ctx) {
+        Parsed6::Packet(pkt) => match maps::ANSWER6_SCRATCH.get_ptr(0) {
+            // SAFETY: this CPU's map value, written by the caller.
+            Some(answer) => {
+                let mtu = unsafe { (*answer).mtu };
+                reject::packet_too_big6(&ctx, &pkt, mtu as u16)
+            }
+            None => Outcome::drop(Stat::DropRedirect),
+        },
+        _ => Outcome::drop(Stat::DropRedirect),
+    };
+    finish(&ctx, outcome)
+}
+
 /// A program's verdict, counted (and logged when a drop).
 #[inline(always)]
 fn finish(ctx: &TcContext, outcome: Outcome) -> i32 {
@@ -230,14 +248,10 @@ fn ingress<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
 }
 
 /// Where the families differ on the service path. IPv4 has all of it; an
-/// IPv6 flow is not SNATed (its frontends are cluster IPs, and a flow that
-/// would need SNAT — hairpin, or from outside to another node's backend —
-/// is dropped as `drop_snat_exhausted`), has no session affinity, no
-/// source ranges and no ICMPv6 answers yet (a frontend without backends
-/// drops as `drop_reject`).
-trait Edges: nat::Rewrite {
-    /// The answer of a SNATed flow, translated; `None` for anything else.
-    fn reverse_snat(ctx: &TcContext, pkt: &Packet<Self>) -> Option<Outcome>;
+/// IPv6 flow has no session affinity, no source ranges, no service-CIDR
+/// guard and no fragment tracking yet, and is SNATed without regard to
+/// `--cluster-cidr` (IPv6 pod CIDRs are not in the datapath yet).
+trait Edges: nat::Rewrite + redirect::Forward {
     /// A packet addressed to no frontend.
     fn not_a_frontend(ctx: &TcContext, pkt: &Packet<Self>) -> Outcome;
     fn source_allowed(pkt: &Packet<Self>, rev_nat_id: u16) -> bool;
@@ -251,12 +265,8 @@ trait Edges: nat::Rewrite {
         remote: bool,
         backend_addr: &Self,
     ) -> bool;
-    fn create_snat(
-        ctx: &TcContext,
-        pkt: &Packet<Self>,
-        entry: &mut CtValue<Self>,
-        now: u64,
-    ) -> Result<ct::Created, Stat>;
+    /// A routed (SNATed) packet too big for the way out (`mtu`).
+    fn too_big(ctx: &TcContext, pkt: &Packet<Self>, mtu: u16) -> Outcome;
     fn log_new_flow(ctx: &TcContext, pkt: &Packet<Self>, entry: &CtValue<Self>);
     /// A new flow's first packet to `svc` (`new_flow`, here or in a
     /// program of its own).
@@ -275,10 +285,6 @@ trait Edges: nat::Rewrite {
 }
 
 impl Edges for Ipv4 {
-    #[inline(always)]
-    fn reverse_snat(ctx: &TcContext, pkt: &Packet) -> Option<Outcome> {
-        reverse_snat(ctx, pkt)
-    }
     #[inline(always)]
     fn not_a_frontend(ctx: &TcContext, pkt: &Packet) -> Outcome {
         if service_cidrs().contains(u32::from_be(pkt.daddr_be())) {
@@ -308,16 +314,12 @@ impl Edges for Ipv4 {
         snat_needed::<EXTERNAL>(pkt, external, remote, u32::from_ne_bytes(*backend_addr))
     }
     #[inline(always)]
-    fn create_snat(
-        ctx: &TcContext,
-        pkt: &Packet,
-        entry: &mut CtValue,
-        now: u64,
-    ) -> Result<ct::Created, Stat> {
-        let Some(config) = maps::CONFIG.get(0) else {
-            return Err(Stat::DropSnatExhausted);
-        };
-        ct::create_snat(ctx, pkt, entry, config, now)
+    fn too_big(ctx: &TcContext, pkt: &Packet, mtu: u16) -> Outcome {
+        if pkt.dont_fragment {
+            reject::frag_needed(ctx, pkt, mtu)
+        } else {
+            Outcome::drop(Stat::DropRedirect) // fragmenting is not done here
+        }
     }
     #[inline(always)]
     fn log_new_flow(ctx: &TcContext, pkt: &Packet, entry: &CtValue) {
@@ -345,10 +347,6 @@ impl Edges for Ipv4 {
 
 impl Edges for Ipv6 {
     #[inline(always)]
-    fn reverse_snat(_: &TcContext, _: &Packet<Ipv6>) -> Option<Outcome> {
-        None
-    }
-    #[inline(always)]
     fn not_a_frontend(_: &TcContext, _: &Packet<Ipv6>) -> Outcome {
         Outcome::next(Stat::PassNotService)
     }
@@ -373,14 +371,13 @@ impl Edges for Ipv6 {
     ) -> bool {
         backend_addr.same(&pkt.saddr) || (remote && (external || EXTERNAL))
     }
+    /// IPv6 routers never fragment: always packet too big, built in a
+    /// program of its own (`lb_too_big6`): inlined at each routed send it
+    /// took the ingress programs past the verifier's million instructions.
     #[inline(always)]
-    fn create_snat(
-        _: &TcContext,
-        _: &Packet<Ipv6>,
-        _: &mut CtValue<Ipv6>,
-        _: u64,
-    ) -> Result<ct::Created, Stat> {
-        Err(Stat::DropSnatExhausted)
+    fn too_big(ctx: &TcContext, _: &Packet<Ipv6>, mtu: u16) -> Outcome {
+        family6::enter_too_big(ctx, mtu);
+        Outcome::drop(Stat::DropRedirect) // the tail call failed: no program there
     }
     #[inline(always)]
     fn log_new_flow(ctx: &TcContext, pkt: &Packet<Ipv6>, entry: &CtValue<Ipv6>) {
@@ -399,6 +396,7 @@ impl Edges for Ipv6 {
         family6::enter_new_flow(ctx, EXTERNAL);
         Outcome::drop(Stat::DropCtFull) // the tail call failed: no program there
     }
+    /// IPv6 fragments pass untouched (`parse::parse6`): none to record.
     #[inline(always)]
     fn send<const EGRESS: bool>(
         ctx: &TcContext,
@@ -406,11 +404,7 @@ impl Edges for Ipv6 {
         to: &CtValue<Ipv6>,
         stat: Stat,
     ) -> Outcome {
-        // Never SNATed (above), so never routed here: the stack forwards it.
-        if nat::translate(ctx, pkt, to).is_err() {
-            return Outcome::drop(Stat::DropRewrite);
-        }
-        Outcome::next(stat)
+        translate_and_send::<Ipv6, EGRESS>(ctx, pkt, to, stat)
     }
 }
 
@@ -426,7 +420,7 @@ fn to_frontend<A: Edges, const EXTERNAL: bool>(ctx: &TcContext, pkt: &Packet<A>)
     // wins). Cluster and LB IPs skip the check. It arrives at an uplink, or
     // from a pod that reached its own Service (hairpin).
     if svc.is_none_or(|s| s.flags & SVC_FLAG_NODE_PORT != 0) {
-        if let Some(outcome) = A::reverse_snat(ctx, pkt) {
+        if let Some(outcome) = reverse_snat(ctx, pkt) {
             return outcome;
         }
     }
@@ -554,7 +548,10 @@ fn new_flow<A: Edges, const EXTERNAL: bool>(
     }
     let mut entry = ct::new_forward(pkt, &backend, backend_id, svc.rev_nat_id, now);
     let created = if A::snat_needed::<EXTERNAL>(pkt, external, remote, &backend.addr) {
-        A::create_snat(ctx, pkt, &mut entry, now)
+        match A::config() {
+            Some(config) => ct::create_snat(ctx, pkt, &mut entry, config, now),
+            None => Err(Stat::DropSnatExhausted),
+        }
     } else {
         ct::create(pkt, &entry, 0).map_err(|_| Stat::DropCtFull)
     };
@@ -636,11 +633,11 @@ fn icmp_error_ingress<const EXTERNAL: bool>(ctx: &TcContext, err: &icmp::IcmpErr
     let routed = redirect::lookup(
         ctx,
         lb_common::IPPROTO_ICMP,
-        lb_common::wire(entry.src_addr),
-        lb_common::wire(entry.dst_addr),
+        &entry.src_addr,
+        &entry.dst_addr,
         0,
     )
-    .and_then(|route| redirect::send(ctx, lb_common::IPPROTO_ICMP, &route));
+    .and_then(|route| redirect::send::<Ipv4>(ctx, lb_common::IPPROTO_ICMP, &route));
     match routed {
         Ok(action) => Outcome {
             action,
@@ -675,9 +672,12 @@ fn source_allowed(pkt: &Packet, rev_nat_id: u16) -> bool {
 /// The answer of a SNATed flow (backend → node:snat_port) goes back to the
 /// client from the frontend; `None` for anything else.
 #[inline(always)]
-fn reverse_snat(ctx: &TcContext, pkt: &Packet) -> Option<Outcome> {
-    let config = maps::CONFIG.get(0)?;
-    if !config.is_snat_target(pkt.daddr, u16::from_be(pkt.dport_be)) {
+fn reverse_snat<A: Edges>(ctx: &TcContext, pkt: &Packet<A>) -> Option<Outcome> {
+    let config = A::config()?;
+    if config.snat_addr.is_unspecified()
+        || !config.snat_addr.same(&pkt.daddr)
+        || !config.is_snat_port(u16::from_be(pkt.dport_be))
+    {
         return None;
     }
     let reply_key = pkt.ct_key(CT_DIR_REPLY);
@@ -687,7 +687,7 @@ fn reverse_snat(ctx: &TcContext, pkt: &Packet) -> Option<Outcome> {
         return None;
     }
     ct::update(&reply_key, &entry, pkt, now);
-    Some(send::<false>(ctx, pkt, &entry, Stat::RevSnat))
+    Some(A::send::<false>(ctx, pkt, &entry, Stat::RevSnat))
 }
 
 /// A backend's reply matches a reply-direction entry and leaves with the
@@ -728,14 +728,14 @@ fn reply<A: Edges>(ctx: &TcContext, pkt: &Packet<A>) -> Outcome {
     A::send::<true>(ctx, pkt, &entry, Stat::RevNat)
 }
 
-/// The IPv4 length the way out must carry: the packet's, or for a GSO
+/// The IP datagram length the way out must carry: the packet's, or for a GSO
 /// packet each segment's — its segment size plus the headers every segment
 /// repeats (0, leaving the check to the device's MTU, when unknown). Read
 /// here, on the routed path only, not for every packet. A GSO packet is
 /// known by its segment size: virtio-net and xen-netfront hand over
 /// super-packets with `gso_segs` still 0 (the stack counts them later).
 #[inline(always)]
-fn routed_len(ctx: &TcContext, pkt: &Packet) -> u16 {
+fn routed_len<A>(ctx: &TcContext, pkt: &Packet<A>) -> u16 {
     // SAFETY: the context's skb is valid for the program run.
     let gso_size = unsafe { (*ctx.skb.skb).gso_size };
     if gso_size == 0 {
@@ -769,7 +769,20 @@ fn send<const EGRESS: bool>(ctx: &TcContext, pkt: &Packet, to: &CtValue, stat: S
     {
         return Outcome::drop(Stat::DropFragment);
     }
-    if to.flags & CT_SNAT == 0 {
+    translate_and_send::<Ipv4, EGRESS>(ctx, pkt, to, stat)
+}
+
+/// `send` past the fragment bookkeeping, for both families. Egress never
+/// routes: a SNATed flow's answers are taken at the uplink's ingress
+/// (`reply` passes them), and the egress programs keep their stack.
+#[inline(always)]
+fn translate_and_send<A: Edges, const EGRESS: bool>(
+    ctx: &TcContext,
+    pkt: &Packet<A>,
+    to: &CtValue<A>,
+    stat: Stat,
+) -> Outcome {
+    if EGRESS || to.flags & CT_SNAT == 0 {
         if nat::translate(ctx, pkt, to).is_err() {
             return Outcome::drop(Stat::DropRewrite);
         }
@@ -778,22 +791,17 @@ fn send<const EGRESS: bool>(ctx: &TcContext, pkt: &Packet, to: &CtValue, stat: S
     // The route first: a packet too big for the way out is answered in the
     // sender's terms, before translation (as forwarding would, with DF).
     let tot_len = routed_len(ctx, pkt);
-    let (src, dst) = (lb_common::wire(to.src_addr), lb_common::wire(to.dst_addr));
-    let route = match redirect::lookup(ctx, pkt.proto, src, dst, tot_len) {
+    let route = match redirect::lookup(ctx, pkt.proto, &to.src_addr, &to.dst_addr, tot_len) {
         Ok(route) => route,
         Err(()) => return Outcome::drop(Stat::DropRedirect),
     };
     if route.way == redirect::Way::TooBig {
-        return if pkt.dont_fragment {
-            reject::frag_needed(ctx, pkt, route.mtu)
-        } else {
-            Outcome::drop(Stat::DropRedirect) // fragmenting is not done here
-        };
+        return A::too_big(ctx, pkt, route.mtu);
     }
     if nat::translate(ctx, pkt, to).is_err() {
         return Outcome::drop(Stat::DropRewrite);
     }
-    match redirect::send(ctx, pkt.proto, &route) {
+    match redirect::send::<A>(ctx, pkt.proto, &route) {
         Ok(action) => Outcome { action, stat },
         Err(()) => Outcome::drop(Stat::DropRedirect),
     }

@@ -76,6 +76,9 @@ pub static STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::new()
 #[btf_map(name = "lb_config_v4")]
 pub static CONFIG: Array<NodeConfig, 1> = Array::new();
 
+#[btf_map(name = "lb_config6_v4")]
+pub static CONFIG6: Array<NodeConfig<Ipv6>, 1> = Array::new();
+
 /// Session affinity: client + frontend → last backend (see `lb_common::affinity`).
 #[btf_map(name = "lb_affinity_v4")]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, 65_536> = LruHashMap::new();
@@ -115,6 +118,17 @@ pub static CT_SCRATCH: PerCpuArray<CtValue, 2> = PerCpuArray::new();
 
 #[btf_map(name = "lb_ct_scratch6")]
 pub static CT_SCRATCH6: PerCpuArray<CtValue<Ipv6>, 2> = PerCpuArray::new();
+
+/// Per-CPU scratch for an IPv6 socket lookup's tuple (see `host_socket`).
+/// Not pinned.
+#[btf_map(name = "lb_sock_tuple_scratch")]
+pub static SOCK_TUPLE_SCRATCH: PerCpuArray<aya_ebpf::bindings::bpf_sock_tuple, 1> =
+    PerCpuArray::new();
+
+/// Per-CPU scratch for an ICMPv6 answer being built (see `reject`). Not
+/// pinned.
+#[btf_map(name = "lb_answer6_scratch")]
+pub static ANSWER6_SCRATCH: PerCpuArray<crate::reject::Answer6, 1> = PerCpuArray::new();
 
 /// Per-CPU token bucket for the ICMP errors the datapath sends (see
 /// `lb_common::icmp`). Not pinned: a restarted agent's programs start with

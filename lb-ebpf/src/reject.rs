@@ -26,7 +26,7 @@
 //! dropped unanswered (`drop_icmp_rate_limited`).
 
 use aya_ebpf::{
-    helpers::{bpf_redirect, bpf_skb_change_tail},
+    helpers::{bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes},
     programs::TcContext,
 };
 use lb_common::{
@@ -35,7 +35,7 @@ use lb_common::{
 
 use crate::{
     csum,
-    maps::ICMP_BUCKET,
+    maps::{ANSWER6_SCRATCH, ICMP_BUCKET},
     parse::{Packet, ETH_HLEN, IP6_HLEN},
     Outcome,
 };
@@ -63,12 +63,14 @@ const OWED_UDP_AT: u32 = HEADERS_LEN + 6;
 /// packets with options are.
 const ICMPV6_DEST_UNREACH: u8 = 1;
 const ICMPV6_PORT_UNREACH: u8 = 4;
+const ICMPV6_PACKET_TOO_BIG: u8 = 2;
 const QUOTE6_LEN: u32 = IP6_HLEN + 8;
 const REPLY6_PAYLOAD_LEN: u32 = 8 + QUOTE6_LEN;
 const HEADERS6_LEN: u32 = ETH_HLEN + IP6_HLEN;
 /// Where an owed checksum lands in the IPv6 answer: the quoted header's
 /// bytes 8–9 (TCP: the first word of its source), or the ICMPv6 header's
-/// bytes 6–7 (UDP: zero in a port unreachable).
+/// bytes 6–7 (UDP: zero in a port unreachable, the MTU's low half in a
+/// packet too big).
 const OWED6_TCP_AT: u32 = HEADERS6_LEN + 16;
 const OWED6_UDP_AT: u32 = HEADERS6_LEN + 6;
 
@@ -96,15 +98,40 @@ pub fn frag_needed(ctx: &TcContext, pkt: &Packet, mtu: u16) -> Outcome {
 /// from the frontend, sent back out the way it came (as `port_unreachable`).
 #[inline(always)]
 pub fn port_unreachable6(ctx: &TcContext, pkt: &Packet<Ipv6>) -> Outcome {
+    answer6(
+        ctx,
+        pkt,
+        [ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH],
+        0,
+        Stat::RejectNoBackend,
+    )
+}
+
+/// A routed (SNATed) IPv6 packet too big for the way out: ICMPv6 packet too
+/// big with the next hop's MTU, from the address it was sent to (IPv6
+/// routers never fragment: the sender's path-MTU discovery needs it).
+#[inline(always)]
+pub fn packet_too_big6(ctx: &TcContext, pkt: &Packet<Ipv6>, mtu: u16) -> Outcome {
+    answer6(
+        ctx,
+        pkt,
+        [ICMPV6_PACKET_TOO_BIG, 0],
+        mtu,
+        Stat::IcmpFragNeeded,
+    )
+}
+
+#[inline(always)]
+fn answer6(ctx: &TcContext, pkt: &Packet<Ipv6>, kind: [u8; 2], mtu: u16, stat: Stat) -> Outcome {
     if !allowed() {
         return Outcome::drop(Stat::DropIcmpRateLimited);
     }
-    match build6(ctx, pkt) {
+    match build6(ctx, pkt, kind, mtu) {
         Ok(()) => {
             let ifindex = unsafe { (*ctx.skb.skb).ifindex };
             Outcome {
                 action: unsafe { bpf_redirect(ifindex, 0) } as i32,
-                stat: Stat::RejectNoBackend,
+                stat,
             }
         }
         Err(()) => Outcome::drop(Stat::DropReject),
@@ -207,13 +234,32 @@ fn build(ctx: &TcContext, pkt: &Packet, code: u8, mtu: u16) -> Result<(), ()> {
 /// also cancels the message's own sum: the computation over message and
 /// padding comes out as the word already in place.
 #[inline(always)]
-fn build6(ctx: &TcContext, pkt: &Packet<Ipv6>) -> Result<(), ()> {
+fn build6(ctx: &TcContext, pkt: &Packet<Ipv6>, kind: [u8; 2], mtu: u16) -> Result<(), ()> {
     if pkt.ihl_len != IP6_HLEN {
         return Err(());
     }
+    let a = ANSWER6_SCRATCH.get_ptr_mut(0).ok_or(())?;
+    // SAFETY: this CPU's map value, valid for the program run; zero is a
+    // valid value of every field (`mtu` was read before).
+    let a = unsafe {
+        core::ptr::write_bytes(a, 0, 1);
+        &mut *a
+    };
     let macs: [u8; 12] = ctx.load(0).map_err(|_| ())?;
-    let mut quote: [u32; (QUOTE6_LEN / 4) as usize] =
-        ctx.load(ETH_HLEN as usize).map_err(|_| ())?;
+    // The helper directly, with the quote's constant length (`load_bytes`
+    // clamps it to the packet, a length the verifier sees may be 0).
+    // SAFETY: the destination is the value's `QUOTE6_LEN` bytes.
+    let loaded = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const _,
+            ETH_HLEN,
+            a.quote.as_mut_ptr().cast(),
+            QUOTE6_LEN,
+        )
+    };
+    if loaded != 0 {
+        return Err(());
+    }
     let owed = owed_checksum_at(ctx, pkt.proto, HEADERS6_LEN, (OWED6_TCP_AT, OWED6_UDP_AT))?;
     let frame_len = HEADERS6_LEN + REPLY6_PAYLOAD_LEN + if owed.is_some() { 2 } else { 0 };
     if change_tail(ctx, frame_len) != 0 {
@@ -225,32 +271,29 @@ fn build6(ctx: &TcContext, pkt: &Packet<Ipv6>) -> Result<(), ()> {
     eth[6..12].copy_from_slice(&macs[..6]);
     eth[12..14].copy_from_slice(&[0x86, 0xdd]);
 
-    // The fixed header; its last 32 bytes (the addresses) with the
-    // pseudo-header's length and next header after them are summed whole.
-    let mut ip = Aligned([0u8; 48]);
-    ip.0[0] = 0x60;
-    ip.0[4..6].copy_from_slice(&(REPLY6_PAYLOAD_LEN as u16).to_be_bytes());
-    ip.0[6] = IPPROTO_ICMPV6;
-    ip.0[7] = 64;
-    ip.0[8..24].copy_from_slice(&pkt.daddr); // from the frontend
-    ip.0[24..40].copy_from_slice(&pkt.saddr); // to the client
-    ip.0[42..44].copy_from_slice(&(REPLY6_PAYLOAD_LEN as u16).to_be_bytes());
-    ip.0[47] = IPPROTO_ICMPV6;
-    // SAFETY: bytes 8..48 of the buffer, 4-aligned.
-    let pseudo = csum::partial(unsafe { ip.as_words().add(2) }, 40, 0);
+    a.ip[0] = 0x60;
+    a.ip[4..6].copy_from_slice(&(REPLY6_PAYLOAD_LEN as u16).to_be_bytes());
+    a.ip[6] = IPPROTO_ICMPV6;
+    a.ip[7] = 64;
+    a.ip[8..24].copy_from_slice(&pkt.daddr); // from the frontend
+    a.ip[24..40].copy_from_slice(&pkt.saddr); // to the client
+    a.pseudo_tail[2..4].copy_from_slice(&(REPLY6_PAYLOAD_LEN as u16).to_be_bytes());
+    a.pseudo_tail[7] = IPPROTO_ICMPV6;
+    // SAFETY: the addresses and the pseudo-header's tail after them: 40
+    // contiguous bytes of the value, 4-aligned.
+    let pseudo = csum::partial(unsafe { a.ip.as_mut_ptr().add(8).cast() }, 40, 0);
 
-    let mut icmp = Aligned([ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH, 0, 0, 0, 0, 0, 0]);
-    let sum = csum::partial(icmp.as_words(), 8, pseudo);
-    let icmp_csum = csum::fold(csum::partial(quote.as_mut_ptr(), QUOTE6_LEN, sum));
-    icmp.0[2..4].copy_from_slice(&icmp_csum.to_ne_bytes());
+    let [mtu_hi, mtu_lo] = mtu.to_be_bytes();
+    a.icmp = [kind[0], kind[1], 0, 0, 0, 0, mtu_hi, mtu_lo];
+    let sum = csum::partial(a.icmp.as_mut_ptr().cast(), 8, pseudo);
+    let icmp_csum = csum::fold(csum::partial(a.quote.as_mut_ptr().cast(), QUOTE6_LEN, sum));
+    a.icmp[2..4].copy_from_slice(&icmp_csum.to_ne_bytes());
 
     ctx.store(0, &eth, 0).map_err(|_| ())?;
-    let mut fixed = [0u8; 40];
-    fixed.copy_from_slice(&ip.0[..40]);
-    ctx.store(ETH_HLEN as usize, &fixed, 0).map_err(|_| ())?;
-    ctx.store(HEADERS6_LEN as usize, &icmp.0, 0)
+    ctx.store(ETH_HLEN as usize, &a.ip, 0).map_err(|_| ())?;
+    ctx.store(HEADERS6_LEN as usize, &a.icmp, 0)
         .map_err(|_| ())?;
-    ctx.store((HEADERS6_LEN + 8) as usize, &quote, 0)
+    ctx.store((HEADERS6_LEN + 8) as usize, &a.quote, 0)
         .map_err(|_| ())?;
 
     let Some(at) = owed else {
@@ -260,17 +303,32 @@ fn build6(ctx: &TcContext, pkt: &Packet<Ipv6>) -> Result<(), ()> {
     // that sum the complement of the word in place (the message, with its
     // checksum now in, sums to the pseudo-header's complement).
     let word = if at == OWED6_TCP_AT {
-        let [a, b, ..] = quote[2].to_ne_bytes();
-        u16::from_ne_bytes([a, b])
+        u16::from_ne_bytes([a.quote[8], a.quote[9]])
     } else {
-        0
+        u16::from_ne_bytes([mtu_hi, mtu_lo])
     };
-    let with_checksum = csum::partial(icmp.as_words(), 8, 0);
-    let with_checksum = csum::partial(quote.as_mut_ptr(), QUOTE6_LEN, with_checksum);
+    let with_checksum = csum::partial(a.icmp.as_mut_ptr().cast(), 8, 0);
+    let with_checksum = csum::partial(a.quote.as_mut_ptr().cast(), QUOTE6_LEN, with_checksum);
     let sum = !csum::fold(with_checksum); // the message's own sum, folded
     let padding = csum::add16(!word, !sum);
     ctx.store((HEADERS6_LEN + REPLY6_PAYLOAD_LEN) as usize, &padding, 0)
         .map_err(|_| ())
+}
+
+/// An ICMPv6 answer's parts as they are built, in per-CPU scratch
+/// (`maps::ANSWER6_SCRATCH`): on the stack they did not fit beside the
+/// tracked path's. 4-aligned for the checksum helper.
+#[repr(C, align(4))]
+pub struct Answer6 {
+    /// `packet_too_big6`'s MTU, handed over by its caller (`family6`).
+    pub mtu: u32,
+    /// The fixed IPv6 header; the pseudo-header's length and next header
+    /// follow its addresses, so those 40 bytes are summed at once.
+    ip: [u8; 40],
+    pseudo_tail: [u8; 8],
+    icmp: [u8; 8],
+    /// The IPv6 header and 8 bytes of the transport header quoted.
+    quote: [u8; QUOTE6_LEN as usize],
 }
 
 /// Where the packet's owed transport checksum will be written, if one is

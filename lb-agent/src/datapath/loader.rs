@@ -13,7 +13,7 @@ use aya::{
 use lb_common::{
     affinity::{AFFINITY_MAP, AFFINITY_MATCH_MAP},
     backend::{BACKEND6_MAP, BACKEND_MAP},
-    config::{NodeConfig, CONFIG_MAP},
+    config::{NodeConfig, CONFIG6_MAP, CONFIG_MAP},
     ct::{CtTimeouts, CT6_MAP, CT6_NEW_MAP, CT_MAP, CT_NEW_MAP},
     family6::{PROGRAMS6_MAP, PROGRAM_NAMES},
     icmp::IcmpLimit,
@@ -35,7 +35,7 @@ use super::{
 };
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
-pub const ALL_MAPS: [&str; 18] = [
+pub const ALL_MAPS: [&str; 19] = [
     MAGLEV_MAP,
     SOCK_REVNAT_MAP,
     SOURCE_RANGE_MAP,
@@ -53,6 +53,7 @@ pub const ALL_MAPS: [&str; 18] = [
     REVNAT6_MAP,
     CT6_MAP,
     CT6_NEW_MAP,
+    CONFIG6_MAP,
     // Pinned so it keeps its programs while the agent restarts (a program
     // array is emptied when its last user reference goes).
     PROGRAMS6_MAP,
@@ -69,6 +70,11 @@ pub enum LoadError {
     Ebpf(#[from] aya::EbpfError),
     #[error("loading the tc programs: {0}")]
     Program(#[from] aya::programs::ProgramError),
+    #[error("loading program {name}: {source}")]
+    ProgramLoad {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
     #[error(
         "pin directory {dir} holds maps of map layout v{found} ({names}); this agent uses v{MAP_LAYOUT_VERSION}. \
          Stop the old agent, then remove them (`lb-agent cleanup --pin-dir {dir}`, or rm -r {dir}) and start again: \
@@ -201,7 +207,8 @@ pub fn load_with_log(
     if let Some(dir) = pin_dir {
         ensure_bpffs_dir(dir)?;
         refuse_other_layouts(dir)?;
-        replace_short_stats(dir)?;
+        replace_short_pin(dir, STATS_MAP, STAT_COUNT)?;
+        replace_short_pin(dir, PROGRAMS6_MAP, lb_common::family6::PROGRAMS)?;
         remove_unslotted_socket_entries(dir)?;
         for name in ALL_MAPS {
             loader.map_pin_path(name, Cow::Owned(dir.join(name)));
@@ -222,12 +229,14 @@ pub fn load_with_log(
         .chain(PROGRAM_NAMES)
     {
         let tc = program(&mut ebpf, name)?;
-        retry_interrupted(|| tc.load())?;
+        retry_interrupted(|| tc.load())
+            .map_err(|source| LoadError::ProgramLoad { name, source })?;
     }
     fill_programs6(&mut ebpf)?;
     for (name, _) in SOCK_PROGRAMS {
         let sock = program_as::<aya::programs::CgroupSockAddr>(&mut ebpf, name)?;
-        retry_interrupted(|| sock.load())?;
+        retry_interrupted(|| sock.load())
+            .map_err(|source| LoadError::ProgramLoad { name, source })?;
     }
     let release = program_as::<aya::programs::CgroupSock>(&mut ebpf, SOCK_RELEASE_PROGRAM.0)?;
     retry_interrupted(|| release.load())?;
@@ -333,24 +342,25 @@ where
     Ok(program.try_into()?)
 }
 
-/// Counters added since the pinned counter map was made would not fit in
-/// it: it is replaced (counters start again from zero; a running old
-/// program keeps its own). Reused as is otherwise.
-fn replace_short_stats(dir: &Path) -> Result<(), LoadError> {
-    let path = dir.join(STATS_MAP);
+/// A pinned map this datapath needs larger (counters added since the
+/// counter map was made; programs added to the IPv6 program array) is
+/// replaced: counters start again from zero, and a running old program
+/// keeps its own map. Reused as is otherwise.
+fn replace_short_pin(dir: &Path, name: &'static str, wanted: u32) -> Result<(), LoadError> {
+    let path = dir.join(name);
     let Ok(data) = MapData::from_pin(&path) else {
         return Ok(()); // not pinned yet
     };
     let entries = data
         .info()
-        .map_err(|e| LoadError::Map(STATS_MAP, e.to_string()))?
+        .map_err(|e| LoadError::Map(name, e.to_string()))?
         .max_entries();
-    if entries < STAT_COUNT {
+    if entries < wanted {
         tracing::info!(
-            "pinned counter map has {entries} counters, this datapath {STAT_COUNT}: replacing it (counters restart)"
+            "pinned map {name} has {entries} entries, this datapath needs {wanted}: replacing it"
         );
         std::fs::remove_file(&path)
-            .map_err(|e| LoadError::Map(STATS_MAP, format!("{}: {e}", path.display())))?;
+            .map_err(|e| LoadError::Map(name, format!("{}: {e}", path.display())))?;
     }
     Ok(())
 }
