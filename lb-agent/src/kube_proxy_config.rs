@@ -302,7 +302,7 @@ fn flag_value(kind: Kind, value: &Value) -> Result<Option<String>, String> {
             if items.iter().any(|i| i.as_str() == Some("primary")) {
                 return Err("\"primary\" is not supported: list the CIDRs".into());
             }
-            ipv4_cidrs(items.iter().map(|i| i.as_str().unwrap_or_default()))
+            any_cidrs(items.iter().map(|i| i.as_str().unwrap_or_default()))
         }
         // A dual-stack cluster's IPv6 prefix is warned about (above), not
         // an error: the IPv4 one still applies.
@@ -330,6 +330,18 @@ fn ipv4_cidrs<'a>(texts: impl Iterator<Item = &'a str>) -> Result<Option<String>
             ipnet::IpNet::V4(v4) => cidrs.push(v4.to_string()),
             ipnet::IpNet::V6(_) => return Err(format!("{text}: IPv6 is not supported yet")),
         }
+    }
+    Ok((!cidrs.is_empty()).then(|| cidrs.join(",")))
+}
+
+/// CIDRs of either family, comma-joined as the flags take them.
+fn any_cidrs<'a>(texts: impl Iterator<Item = &'a str>) -> Result<Option<String>, String> {
+    let mut cidrs = Vec::new();
+    for text in texts {
+        let net: ipnet::IpNet = text
+            .parse()
+            .map_err(|_| format!("{text:?}: expected a CIDR"))?;
+        cidrs.push(net.to_string());
     }
     Ok((!cidrs.is_empty()).then(|| cidrs.join(",")))
 }
@@ -478,7 +490,15 @@ winkernel:
             "--config c.yaml: conntrack.tcpEstablishedTimeout: 24: not the expected type"
         );
         assert!(error("conntrack: {tcpCloseWaitTimeout: 1d}\n").contains("unknown unit"));
-        assert!(error("nodePortAddresses: [2001:db8::/64]\n").contains("IPv6"));
+        let both = parse(
+            &format!("{head}nodePortAddresses: [198.18.0.0/24, 2001:db8::/64]\n"),
+            file,
+        )
+        .unwrap();
+        assert_eq!(
+            both.flags[0],
+            ("--nodeport-addresses", "198.18.0.0/24,2001:db8::/64".to_owned())
+        );
         assert!(error("metricsBindAddress: localhost\n").contains("expected IP or IP:PORT"));
         let dual = parse(
             &format!("{head}clusterCIDR: 198.18.64.0/18,2001:db8::/48\n"),

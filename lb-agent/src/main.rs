@@ -136,9 +136,9 @@ struct CheckArgs {
     /// The node's zone (topology hints), as `run --node-zone`.
     #[arg(long)]
     node_zone: Option<String>,
-    /// Node addresses to show node ports on.
+    /// Node addresses to show node ports on (either family).
     #[arg(long, value_delimiter = ',')]
-    node_address: Vec<std::net::Ipv4Addr>,
+    node_address: Vec<std::net::IpAddr>,
 }
 
 /// What one Service may ask for, and how backends are picked (the same for
@@ -291,10 +291,11 @@ struct RunArgs {
     /// is outside and `--cluster-cidr` is not used.
     #[arg(long, value_enum, default_value_t = DetectLocalMode::ClusterCidr)]
     detect_local_mode: DetectLocalMode,
-    /// Node ports are served on the node addresses in these CIDRs
-    /// (kube-proxy's flag). Default: the addresses of the external interfaces.
+    /// Node ports are served on the node addresses in these CIDRs, of
+    /// either family (kube-proxy's flag). Default: the addresses of the
+    /// external interfaces (IPv6 link-local ones aside).
     #[arg(long, value_delimiter = ',')]
-    nodeport_addresses: Vec<ipnet::Ipv4Net>,
+    nodeport_addresses: Vec<ipnet::IpNet>,
     /// Serve a Service's port at its cluster IPs on this node by a local
     /// listener, while its address is on one of the node's interfaces (else
     /// by the Service's endpoints): `NAMESPACE/NAME:PORT=ADDRESS`, TCP and
@@ -302,10 +303,11 @@ struct RunArgs {
     /// `kube-system/kube-dns:53=169.254.20.10`.
     #[arg(long, value_delimiter = ',')]
     local_redirect: Vec<lb_agent::desired::local_redirect::LocalRedirect>,
-    /// The node address external flows to other nodes' backends are SNATed
-    /// to. Default: the first address of the first external interface.
-    #[arg(long)]
-    snat_address: Option<std::net::Ipv4Addr>,
+    /// The node addresses external flows to other nodes' backends (and
+    /// hairpin flows) are SNATed to, at most one per family. Default, per
+    /// family: the first external interface's first address of it.
+    #[arg(long, value_delimiter = ',')]
+    snat_address: Vec<std::net::IpAddr>,
     /// Source ports for SNAT; must lie outside net.ipv4.ip_local_port_range
     /// (the default sits below it and below the usual node-port range).
     #[arg(long, default_value = "1024-29999", value_parser = lb_agent::serve::node::parse_port_range)]
@@ -633,6 +635,13 @@ impl RunArgs {
         };
         lb_agent::serve::node::check_snat_ports(&self.snat_port_range)
             .map_err(anyhow::Error::msg)?;
+        for v6 in [false, true] {
+            let of_family: Vec<_> = self.snat_address.iter().filter(|a| a.is_ipv6() == v6).collect();
+            anyhow::ensure!(
+                of_family.len() <= 1,
+                "--snat-address {of_family:?}: at most one address per family"
+            );
+        }
         let icmp_limit =
             lb_common::icmp::IcmpLimit::new(self.icmp_errors_per_second, self.icmp_errors_burst)
                 .map_err(anyhow::Error::msg)?;
@@ -679,7 +688,7 @@ impl RunArgs {
             node: lb_agent::serve::node::NodeSettings {
                 name: node_name.into(),
                 nodeport_cidrs: self.nodeport_addresses,
-                snat_address: self.snat_address,
+                snat_addresses: self.snat_address,
                 snat_ports: self.snat_port_range,
                 zone: self.node_zone.filter(|z| !z.is_empty()).map(Into::into),
                 local_redirects: self.local_redirect,

@@ -323,9 +323,12 @@ endpoints:
     );
 }
 
-/// What lb does not serve over IPv6 yet is said, naming the field, and the
-/// rest of the Service applies; an IPv6 slice's unusable endpoints are
-/// refused one by one; two cluster IPs of one family are an error.
+/// An IPv6-only LoadBalancer Service is served at every IPv6 frontend it
+/// has (cluster IP, node port on the node's IPv6 address, external and
+/// load-balancer IPs) with its IPv6 endpoints; what lb does not serve over
+/// IPv6 yet is said, naming the field; an IPv6 slice's unusable endpoints
+/// are refused one by one; an address of a family the Service lacks is
+/// reported; two cluster IPs of one family are an error.
 #[test]
 fn ipv6_input_lb_cannot_serve_is_reported_by_field() {
     let yaml = r#"apiVersion: v1
@@ -335,8 +338,9 @@ spec:
   type: LoadBalancer
   clusterIP: "2001:db8::1"
   clusterIPs: ["2001:db8::1"]
-  externalIPs: ["2001:db8::99"]
+  externalIPs: ["2001:db8::99", "198.19.0.99"]
   sessionAffinity: ClientIP
+  loadBalancerSourceRanges: ["2001:db8:77::/48"]
   ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
 status:
   loadBalancer: {ingress: [{ip: "2001:db8::98"}]}
@@ -359,13 +363,18 @@ endpoints:
         external_ips: true,
         ..LIMITS
     };
-    let (desired, errors) = desired::compute(&objects, limits, Default::default());
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let node = desired::NodeContext {
+        nodeport_addresses: vec![ip("198.18.0.2"), ip("2001:db8:18::2")],
+        ..Default::default()
+    };
+    let (desired, errors) = desired::compute(&objects, limits, node.clone());
     let fields: Vec<(&str, InputErrorKind)> =
         errors.iter().map(|e| (e.field.as_str(), e.kind)).collect();
     for field in [
-        "spec.externalIPs[0]",
-        "status.loadBalancer.ingress[0].ip",
+        "spec.externalIPs[1]",
         "spec.sessionAffinity",
+        "spec.loadBalancerSourceRanges",
         "endpoints[1].addresses[0]",
         "endpoints[2].addresses[0]",
         "endpoints[3].addresses[0]",
@@ -376,17 +385,26 @@ endpoints:
             "{field} not reported as skipped: {errors:#?}"
         );
     }
-    assert!(
-        fields.contains(&("spec.ipFamilies", InputErrorKind::Skipped)),
-        "the node port of an IPv6-only Service is reported: {errors:#?}"
-    );
-    assert_eq!(desired.frontends.len(), 1, "the IPv6 cluster IP only");
-    let backends: Vec<Vec<IpAddr>> = desired
+    assert_eq!(errors.len(), 7, "{errors:#?}");
+    let frontends: Vec<(IpAddr, u16)> = desired
         .frontends
-        .values()
-        .map(|f| f.backends.iter().map(|b| b.addr).collect())
+        .keys()
+        .map(|f| (f.addr, f.port))
         .collect();
-    assert_eq!(backends, [vec!["2001:db8:1::5".parse::<IpAddr>().unwrap()]]);
+    assert_eq!(
+        frontends,
+        [
+            (ip("2001:db8::1"), 80),
+            (ip("2001:db8::98"), 80),
+            (ip("2001:db8::99"), 80),
+            (ip("2001:db8:18::2"), 30080),
+        ],
+        "every IPv6 frontend, none of IPv4"
+    );
+    for frontend in desired.frontends.values() {
+        let backends: Vec<IpAddr> = frontend.backends.iter().map(|b| b.addr).collect();
+        assert_eq!(backends, [ip("2001:db8:1::5")]);
+    }
 
     let two_v6 = yaml.replace(
         r#"clusterIPs: ["2001:db8::1"]"#,

@@ -117,7 +117,7 @@ impl Node {
         let mut h = Harness::with_globals(globals);
         h.node = lb_agent::desired::NodeContext {
             name: Some("node-a".into()),
-            nodeport_addresses: vec![NODE_IP],
+            nodeport_addresses: vec![NODE_IP.into()],
             zone: None,
             ..Default::default()
         };

@@ -496,21 +496,56 @@ pub fn udp_resetter(ebpf: &mut Ebpf, globals: &Globals) -> Result<UdpResetter, L
 }
 
 /// The node settings map (SNAT address and ports), for the agent to keep current.
-pub struct ConfigMap(aya::maps::Array<MapData, NodeConfig>);
+/// The datapath's node settings, one per family (`lb_config_v4`,
+/// `lb_config6_v4`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeConfigs {
+    pub v4: NodeConfig,
+    pub v6: NodeConfig<lb_common::Ipv6>,
+}
+
+impl NodeConfigs {
+    /// The SNAT addresses set, IPv4 first.
+    pub fn snat_addresses(&self) -> Vec<std::net::IpAddr> {
+        let v4 = std::net::Ipv4Addr::from(self.v4.snat_addr);
+        let v6 = std::net::Ipv6Addr::from(self.v6.snat_addr);
+        [std::net::IpAddr::V4(v4), std::net::IpAddr::V6(v6)]
+            .into_iter()
+            .filter(|a| !a.is_unspecified())
+            .collect()
+    }
+}
+
+pub struct ConfigMap {
+    v4: aya::maps::Array<MapData, NodeConfig>,
+    v6: aya::maps::Array<MapData, NodeConfig<lb_common::Ipv6>>,
+}
 
 impl ConfigMap {
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, LoadError> {
-        let map = ebpf
-            .take_map(CONFIG_MAP)
-            .ok_or_else(|| LoadError::Map(CONFIG_MAP, "missing from the object".into()))?;
-        aya::maps::Array::try_from(map)
-            .map(Self)
-            .map_err(|e| LoadError::Map(CONFIG_MAP, e.to_string()))
+        fn array<V: aya::Pod>(
+            ebpf: &mut Ebpf,
+            name: &'static str,
+        ) -> Result<aya::maps::Array<MapData, V>, LoadError> {
+            let map = ebpf
+                .take_map(name)
+                .ok_or_else(|| LoadError::Map(name, "missing from the object".into()))?;
+            aya::maps::Array::try_from(map).map_err(|e| LoadError::Map(name, e.to_string()))
+        }
+        Ok(Self {
+            v4: array(ebpf, CONFIG_MAP)?,
+            v6: array(ebpf, CONFIG6_MAP)?,
+        })
     }
 
-    pub fn set(&mut self, config: &NodeConfig) -> Result<(), LoadError> {
-        self.0
-            .set(0, config, 0)
+    /// Writes both families' settings, IPv6 first: its SNAT address is
+    /// new, IPv4's may be in use.
+    pub fn set(&mut self, config: &NodeConfigs) -> Result<(), LoadError> {
+        self.v6
+            .set(0, config.v6, 0)
+            .map_err(|e| LoadError::Map(CONFIG6_MAP, e.to_string()))?;
+        self.v4
+            .set(0, config.v4, 0)
             .map_err(|e| LoadError::Map(CONFIG_MAP, e.to_string()))
     }
 }

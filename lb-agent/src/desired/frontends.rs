@@ -81,7 +81,14 @@ pub(super) fn service_frontends(
             vec![ctx.error(InputErrorKind::InvalidField, "spec.healthCheckNodePort", &m)],
         );
     }
-    let external = match external_addresses(spec, limits.external_ips, &ctx, &mut errors) {
+    // Each family's frontends take that family's endpoints (an IPv4 and an
+    // IPv6 EndpointSlice of one Service are separate objects).
+    let families: Vec<Family> = Family::BOTH
+        .into_iter()
+        .filter(|f| vips.iter().any(|v| Family::of(*v) == *f))
+        .collect();
+    let external = match external_addresses(spec, limits.external_ips, &families, &ctx, &mut errors)
+    {
         Ok(external) => external,
         Err(e) => return (Vec::new(), vec![e]),
     };
@@ -94,24 +101,18 @@ pub(super) fn service_frontends(
         errors.push(ctx.error(
             InputErrorKind::Skipped,
             "spec.sessionAffinity",
-            "ClientIP affinity is not applied to IPv6 cluster IPs yet (their flows are spread by hash)",
+            "ClientIP affinity is not applied to IPv6 frontends yet (their flows are spread by hash)",
         ));
     }
-    // Each family's frontends take that family's endpoints (an IPv4 and an
-    // IPv6 EndpointSlice of one Service are separate objects).
-    let families: Vec<Family> = Family::BOTH
-        .into_iter()
-        .filter(|f| vips.iter().any(|v| Family::of(*v) == *f))
-        .collect();
-    // Node ports and external addresses are IPv4 frontends, with IPv4
-    // endpoints: an IPv6-only Service has none to give them.
-    if !families.contains(&Family::V4)
-        && (ports.iter().any(|p| p.node_port.is_some()) || !external.is_empty())
-    {
+    let v6_load_balancer = external
+        .iter()
+        .any(|(kind, a)| *kind == FrontendKind::LoadBalancer && a.is_ipv6());
+    if v6_load_balancer && policy.source_ranges.is_some() {
+        // Fail closed: the datapath admits no source to them.
         errors.push(ctx.error(
             InputErrorKind::Skipped,
-            "spec.ipFamilies",
-            "an IPv6-only Service's node ports and external addresses are not served yet (lb serves IPv6 cluster IPs only so far)",
+            "spec.loadBalancerSourceRanges",
+            "not enforced on IPv6 load-balancer IPs yet: every flow to them is dropped (drop_source_range)",
         ));
     }
     let mut served = Vec::with_capacity(ports.len() * families.len());
@@ -339,33 +340,30 @@ fn within_budget(
     Ok(())
 }
 
-/// Where a port is served: each cluster IP, its node port on each node
-/// address, and each external address.
-/// Of one family: node ports and external addresses are IPv4 only
-/// for now.
+/// Where a port is served in one family: its cluster IP, its node port on
+/// each node address, and each external address of that family.
 fn frontend_addresses<'a>(
     vips: &'a [IpAddr],
     port: &'a ServicePort,
     family: Family,
     node: &'a NodeContext,
-    external: &'a [(FrontendKind, Ipv4Addr)],
+    external: &'a [(FrontendKind, IpAddr)],
 ) -> impl Iterator<Item = (FrontendKind, IpAddr, u16)> + 'a {
-    let v4 = family == Family::V4;
+    let of_family = move |a: &IpAddr| Family::of(*a) == family;
     vips.iter()
-        .filter(move |vip| Family::of(**vip) == family)
+        .filter(move |vip| of_family(vip))
         .map(|vip| (FrontendKind::ClusterIp, *vip, port.port))
-        .chain(
-            port.node_port
-                .filter(|_| v4)
-                .into_iter()
-                .flat_map(|np| node.nodeport_addresses.iter().map(move |a| (*a, np)))
-                .map(|(a, np)| (FrontendKind::NodePort, IpAddr::V4(a), np)),
-        )
+        .chain(port.node_port.into_iter().flat_map(move |np| {
+            node.nodeport_addresses
+                .iter()
+                .filter(move |a| of_family(a))
+                .map(move |a| (FrontendKind::NodePort, *a, np))
+        }))
         .chain(
             external
                 .iter()
-                .filter(move |_| v4)
-                .map(|(kind, a)| (*kind, IpAddr::V4(*a), port.port)),
+                .filter(move |(_, a)| of_family(a))
+                .map(|(kind, a)| (*kind, *a, port.port)),
         )
 }
 
@@ -484,33 +482,34 @@ impl Policy {
 fn external_addresses(
     spec: &ServiceSpecView,
     external_ips: bool,
+    families: &[Family],
     ctx: &ErrCtx,
     skipped: &mut Vec<InputError>,
-) -> Result<Vec<(FrontendKind, Ipv4Addr)>, InputError> {
+) -> Result<Vec<(FrontendKind, IpAddr)>, InputError> {
     // In order, once each (a set beside the list: a Service may list
     // tens of thousands).
     let mut found = Vec::new();
     let mut seen = BTreeSet::new();
     let mut add = |kind, field: String, text: &str| match text.parse::<IpAddr>() {
-        Ok(IpAddr::V4(v4)) if usable(v4) => {
-            if seen.insert((kind, v4)) {
-                found.push((kind, v4));
+        Ok(ip) if usable_ip(ip) && !ip.is_loopback() => {
+            if !families.contains(&Family::of(ip)) {
+                // kube-proxy's proxier of that family has no cluster IP of
+                // the Service to serve it with. Reported, not an error of
+                // the Service: its other addresses apply.
+                skipped.push(ctx.error(
+                    InputErrorKind::Skipped,
+                    &field,
+                    &format!("{ip}: the Service has no cluster IP of its family (spec.ipFamilies); not programmed"),
+                ));
+            } else if seen.insert((kind, ip)) {
+                found.push((kind, ip));
             }
-            Ok(())
-        }
-        Ok(IpAddr::V6(v6)) => {
-            // Reported, not an error of the Service: its other addresses apply.
-            skipped.push(ctx.error(
-                InputErrorKind::Skipped,
-                &field,
-                &format!("{v6} is IPv6: lb serves IPv6 cluster IPs only so far; not programmed"),
-            ));
             Ok(())
         }
         _ => Err(ctx.error(
             InputErrorKind::InvalidField,
             &field,
-            &format!("{text:?} is not a usable IPv4 address"),
+            &format!("{text:?} is not a usable IP address"),
         )),
     };
     let listed = if external_ips {

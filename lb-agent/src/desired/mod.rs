@@ -16,7 +16,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     sync::Arc,
 };
 
@@ -128,8 +128,9 @@ impl Limits {
 pub struct NodeContext {
     /// `--node-name`: endpoints whose `nodeName` matches are local.
     pub name: Option<Arc<str>>,
-    /// The addresses node ports are served on (`--nodeport-addresses`).
-    pub nodeport_addresses: Vec<Ipv4Addr>,
+    /// The addresses node ports are served on (`--nodeport-addresses`),
+    /// of both families.
+    pub nodeport_addresses: Vec<IpAddr>,
     /// This node's `topology.kubernetes.io/zone` (topology hints).
     pub zone: Option<Arc<str>>,
     /// The local redirects in force (`--local-redirect` whose address is on

@@ -64,7 +64,7 @@ pub(super) struct Datapath {
     pub migration: Option<Migration>,
     pub config_map: loader::ConfigMap,
     /// What the config map holds (`None`: not written by this run yet).
-    pub node_config: Option<lb_common::config::NodeConfig>,
+    pub node_config: Option<crate::datapath::loader::NodeConfigs>,
 }
 
 /// What the agent tells others: health, metrics, health-check servers.
@@ -85,7 +85,7 @@ pub(super) struct Status {
     pub reported: BTreeSet<String>,
     pub service_health: ServiceHealthServers,
     /// The health checks being served and the addresses they are served on.
-    pub served_checks: Option<(BTreeMap<ServiceName, HealthCheck>, Vec<std::net::Ipv4Addr>)>,
+    pub served_checks: Option<(BTreeMap<ServiceName, HealthCheck>, Vec<std::net::IpAddr>)>,
 }
 
 pub(super) struct Agent {
@@ -565,11 +565,11 @@ impl Agent {
         if self.datapath.node_config != Some(config) {
             match self.datapath.config_map.set(&config) {
                 Ok(()) => {
-                    let snat = std::net::Ipv4Addr::from(config.snat_addr);
-                    if snat.is_unspecified() {
+                    let snat = config.snat_addresses();
+                    if snat.is_empty() {
                         warn!("no SNAT address (no address on an external interface): external flows to other nodes' backends are dropped");
                     } else {
-                        info!(%snat, ports = ?(config.snat_port_first..=config.snat_port_last), "SNAT for external flows to other nodes");
+                        info!(addresses = ?snat, ports = ?(config.v4.snat_port_first..=config.v4.snat_port_last), "SNAT for external flows to other nodes");
                     }
                     self.datapath.node_config = Some(config);
                 }

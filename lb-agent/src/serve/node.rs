@@ -2,29 +2,41 @@
 //! local), the addresses node ports are served on, and the address and
 //! ports external flows to other nodes' backends are SNATed to.
 
-use std::{net::Ipv4Addr, ops::RangeInclusive, sync::Arc};
+use std::{
+    net::IpAddr,
+    ops::RangeInclusive,
+    sync::Arc,
+};
 
 use futures::StreamExt as _;
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use lb_common::config::NodeConfig;
 
-use crate::desired::{local_redirect::LocalRedirect, NodeContext};
+use crate::{
+    datapath::loader::NodeConfigs,
+    desired::{local_redirect::LocalRedirect, NodeContext},
+};
 
-/// An IPv4 address of one of this namespace's interfaces.
+/// An address of one of this namespace's interfaces: IPv4, or IPv6 but
+/// for link-local ones (no node port or SNAT address: they name no node
+/// beyond its link).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct InterfaceAddress {
     pub ifindex: u32,
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
 }
 
 /// What the agent's flags say about this node.
 #[derive(Clone, Debug)]
 pub struct NodeSettings {
     pub name: Arc<str>,
-    /// `--nodeport-addresses`; empty: the external interfaces' addresses.
-    pub nodeport_cidrs: Vec<Ipv4Net>,
-    /// `--snat-address`; `None`: the first external interface's first address.
-    pub snat_address: Option<Ipv4Addr>,
+    /// `--nodeport-addresses`, of either family; empty: the external
+    /// interfaces' addresses.
+    pub nodeport_cidrs: Vec<IpNet>,
+    /// `--snat-address`, at most one per family (checked by the CLI); a
+    /// family without one: the first external interface's first address
+    /// of the family.
+    pub snat_addresses: Vec<IpAddr>,
     pub snat_ports: RangeInclusive<u16>,
     /// This node's zone: `--node-zone`, then (API mode) its Node's
     /// `topology.kubernetes.io/zone` label as it changes.
@@ -40,14 +52,14 @@ impl NodeSettings {
         &self,
         addresses: &[InterfaceAddress],
         external: &[u32],
-    ) -> (NodeContext, NodeConfig) {
+    ) -> (NodeContext, NodeConfigs) {
         let on_external = || {
             external
                 .iter()
                 .flat_map(|i| addresses.iter().filter(move |a| a.ifindex == *i))
                 .map(|a| a.addr)
         };
-        let mut nodeport_addresses: Vec<Ipv4Addr> = if self.nodeport_cidrs.is_empty() {
+        let mut nodeport_addresses: Vec<IpAddr> = if self.nodeport_cidrs.is_empty() {
             on_external().collect()
         } else {
             addresses
@@ -58,11 +70,17 @@ impl NodeSettings {
         };
         nodeport_addresses.sort_unstable();
         nodeport_addresses.dedup();
-        let snat = self.snat_address.or_else(|| on_external().next());
+        let snat = |v6: bool| {
+            self.snat_addresses
+                .iter()
+                .copied()
+                .find(|a| a.is_ipv6() == v6)
+                .or_else(|| on_external().find(|a| a.is_ipv6() == v6))
+        };
         let local_redirects = self
             .local_redirects
             .iter()
-            .filter(|r| addresses.iter().any(|a| a.addr == r.address))
+            .filter(|r| addresses.iter().any(|a| a.addr == IpAddr::V4(r.address)))
             .map(|r| ((r.service.clone(), r.port), r.address))
             .collect();
         let context = NodeContext {
@@ -71,10 +89,24 @@ impl NodeSettings {
             zone: self.zone.clone(),
             local_redirects,
         };
-        let config = NodeConfig {
-            snat_addr: snat.map_or([0; 4], |a| a.octets()),
-            snat_port_first: *self.snat_ports.start(),
-            snat_port_last: *self.snat_ports.end(),
+        let (first, last) = (*self.snat_ports.start(), *self.snat_ports.end());
+        let config = NodeConfigs {
+            v4: NodeConfig {
+                snat_addr: match snat(false) {
+                    Some(IpAddr::V4(a)) => a.octets(),
+                    _ => [0; 4],
+                },
+                snat_port_first: first,
+                snat_port_last: last,
+            },
+            v6: NodeConfig {
+                snat_addr: match snat(true) {
+                    Some(IpAddr::V6(a)) => a.octets(),
+                    _ => [0; 16],
+                },
+                snat_port_first: first,
+                snat_port_last: last,
+            },
         };
         (context, config)
     }
@@ -119,7 +151,8 @@ pub fn check_snat_ports(snat: &RangeInclusive<u16>) -> Result<(), String> {
     Ok(())
 }
 
-/// Every IPv4 address in this network namespace.
+/// Every address in this network namespace, as `InterfaceAddress` takes
+/// them.
 pub async fn interface_addresses() -> std::io::Result<Vec<InterfaceAddress>> {
     use rtnetlink::packet_route::address::AddressAttribute;
     let (connection, handle, _) = rtnetlink::new_connection()?;
@@ -129,12 +162,18 @@ pub async fn interface_addresses() -> std::io::Result<Vec<InterfaceAddress>> {
     while let Some(message) = messages.next().await {
         let message = message.map_err(std::io::Error::other)?;
         for attr in &message.attributes {
-            if let AddressAttribute::Local(std::net::IpAddr::V4(addr)) = attr {
-                out.push(InterfaceAddress {
-                    ifindex: message.header.index,
-                    addr: *addr,
-                });
-            }
+            // IPv6 interfaces have no `Local`: their `Address` is theirs.
+            let addr = match attr {
+                AddressAttribute::Local(addr @ IpAddr::V4(_)) => *addr,
+                AddressAttribute::Address(addr @ IpAddr::V6(v6)) if !v6.is_unicast_link_local() => {
+                    *addr
+                }
+                _ => continue,
+            };
+            out.push(InterfaceAddress {
+                ifindex: message.header.index,
+                addr,
+            });
         }
     }
     task.abort();
@@ -144,12 +183,13 @@ pub async fn interface_addresses() -> std::io::Result<Vec<InterfaceAddress>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
 
     fn settings(cidrs: &[&str]) -> NodeSettings {
         NodeSettings {
             name: "node-a".into(),
             nodeport_cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
-            snat_address: None,
+            snat_addresses: Vec::new(),
             snat_ports: 61000..=65535,
             zone: None,
             local_redirects: vec![
@@ -159,30 +199,71 @@ mod tests {
         }
     }
 
+    const fn v4(ifindex: u32, a: [u8; 4]) -> InterfaceAddress {
+        InterfaceAddress {
+            ifindex,
+            addr: IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3])),
+        }
+    }
+
+    fn v6(ifindex: u32, a: &str) -> InterfaceAddress {
+        InterfaceAddress {
+            ifindex,
+            addr: a.parse().unwrap(),
+        }
+    }
+
     const ADDRESSES: [InterfaceAddress; 3] = [
-        InterfaceAddress {
-            ifindex: 1,
-            addr: Ipv4Addr::new(127, 0, 0, 1),
-        },
-        InterfaceAddress {
-            ifindex: 2,
-            addr: Ipv4Addr::new(198, 18, 0, 2),
-        },
-        InterfaceAddress {
-            ifindex: 3,
-            addr: Ipv4Addr::new(198, 18, 20, 1),
-        },
+        v4(1, [127, 0, 0, 1]),
+        v4(2, [198, 18, 0, 2]),
+        v4(3, [198, 18, 20, 1]),
     ];
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
 
     #[test]
     fn node_ports_default_to_the_external_interfaces_addresses() {
         let (context, config) = settings(&[]).resolve(&ADDRESSES, &[2]);
-        assert_eq!(context.nodeport_addresses, [Ipv4Addr::new(198, 18, 0, 2)]);
-        assert_eq!(config.snat_addr, [198, 18, 0, 2]);
+        assert_eq!(context.nodeport_addresses, [ip("198.18.0.2")]);
+        assert_eq!(config.v4.snat_addr, [198, 18, 0, 2]);
         assert_eq!(
-            (config.snat_port_first, config.snat_port_last),
+            (config.v4.snat_port_first, config.v4.snat_port_last),
             (61000, 65535)
         );
+        assert_eq!(config.v6.snat_addr, [0; 16], "no IPv6 address: no IPv6 SNAT");
+    }
+
+    #[test]
+    fn a_dual_stack_uplink_serves_node_ports_and_snat_in_both_families() {
+        let mut addresses = ADDRESSES.to_vec();
+        addresses.push(v6(2, "2001:db8:18::2"));
+        addresses.push(v6(2, "2001:db8:18::3"));
+        addresses.push(v6(3, "2001:db8:20::1"));
+        let (context, config) = settings(&[]).resolve(&addresses, &[2]);
+        assert_eq!(
+            context.nodeport_addresses,
+            [ip("198.18.0.2"), ip("2001:db8:18::2"), ip("2001:db8:18::3")]
+        );
+        assert_eq!(config.v4.snat_addr, [198, 18, 0, 2]);
+        assert_eq!(
+            IpAddr::from(config.v6.snat_addr),
+            ip("2001:db8:18::2"),
+            "the uplink's first IPv6 address"
+        );
+        assert_eq!(config.v6.snat_port_first, 61000);
+        assert_eq!(
+            config.snat_addresses(),
+            [ip("198.18.0.2"), ip("2001:db8:18::2")]
+        );
+
+        let mut given = settings(&["2001:db8:20::/64"]);
+        given.snat_addresses = vec![ip("2001:db8:20::1")];
+        let (context, config) = given.resolve(&addresses, &[2]);
+        assert_eq!(context.nodeport_addresses, [ip("2001:db8:20::1")]);
+        assert_eq!(IpAddr::from(config.v6.snat_addr), ip("2001:db8:20::1"));
+        assert_eq!(config.v4.snat_addr, [198, 18, 0, 2], "IPv4 keeps its default");
     }
 
     #[test]
@@ -190,11 +271,7 @@ mod tests {
         let (context, _) = settings(&["198.18.0.0/16", "127.0.0.0/8"]).resolve(&ADDRESSES, &[2]);
         assert_eq!(
             context.nodeport_addresses,
-            [
-                Ipv4Addr::new(127, 0, 0, 1),
-                Ipv4Addr::new(198, 18, 0, 2),
-                Ipv4Addr::new(198, 18, 20, 1)
-            ]
+            [ip("127.0.0.1"), ip("198.18.0.2"), ip("198.18.20.1")]
         );
     }
 
@@ -215,7 +292,8 @@ mod tests {
     fn without_an_external_address_nothing_is_snated() {
         let (context, config) = settings(&[]).resolve(&ADDRESSES, &[]);
         assert!(context.nodeport_addresses.is_empty());
-        assert_eq!(config.snat_addr, [0; 4]);
+        assert_eq!(config.v4.snat_addr, [0; 4]);
+        assert!(config.snat_addresses().is_empty());
     }
 
     #[test]

@@ -7,7 +7,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     sync::{Arc, RwLock},
 };
 
@@ -43,7 +43,7 @@ impl ServiceHealthServers {
     pub fn sync(
         &mut self,
         checks: &BTreeMap<ServiceName, HealthCheck>,
-        addresses: &[Ipv4Addr],
+        addresses: &[IpAddr],
     ) -> Vec<String> {
         let mut by_port = BTreeMap::new();
         for (name, check) in checks {
