@@ -497,7 +497,10 @@ winkernel:
         .unwrap();
         assert_eq!(
             both.flags[0],
-            ("--nodeport-addresses", "198.18.0.0/24,2001:db8::/64".to_owned())
+            (
+                "--nodeport-addresses",
+                "198.18.0.0/24,2001:db8::/64".to_owned()
+            )
         );
         assert!(error("metricsBindAddress: localhost\n").contains("expected IP or IP:PORT"));
         let dual = parse(

@@ -636,7 +636,11 @@ impl RunArgs {
         lb_agent::serve::node::check_snat_ports(&self.snat_port_range)
             .map_err(anyhow::Error::msg)?;
         for v6 in [false, true] {
-            let of_family: Vec<_> = self.snat_address.iter().filter(|a| a.is_ipv6() == v6).collect();
+            let of_family: Vec<_> = self
+                .snat_address
+                .iter()
+                .filter(|a| a.is_ipv6() == v6)
+                .collect();
             anyhow::ensure!(
                 of_family.len() <= 1,
                 "--snat-address {of_family:?}: at most one address per family"

@@ -386,11 +386,8 @@ endpoints:
         );
     }
     assert_eq!(errors.len(), 7, "{errors:#?}");
-    let frontends: Vec<(IpAddr, u16)> = desired
-        .frontends
-        .keys()
-        .map(|f| (f.addr, f.port))
-        .collect();
+    let frontends: Vec<(IpAddr, u16)> =
+        desired.frontends.keys().map(|f| (f.addr, f.port)).collect();
     assert_eq!(
         frontends,
         [

@@ -18,7 +18,7 @@ use lb_agent::{
     source::manifest,
 };
 use lb_common::{
-    config::{NodeConfig, CONFIG_MAP},
+    config::{NodeConfig, CONFIG6_MAP, CONFIG_MAP},
     ct::{CtKey, CtValue, CT6_MAP, CT6_NEW_MAP, CT_ASSURED, CT_MAP, CT_NEW_MAP},
     stats::{Stat, STATS_MAP},
     Ipv6,
@@ -134,9 +134,17 @@ impl Harness {
 
     /// Writes the node settings (SNAT address and ports), as the agent does.
     pub fn set_node_config(&mut self, config: NodeConfig) {
-        let mut map: aya::maps::Array<&mut MapData, NodeConfig> = self
+        self.write_config(CONFIG_MAP, config);
+    }
+
+    pub fn set_node_config6(&mut self, config: NodeConfig<Ipv6>) {
+        self.write_config(CONFIG6_MAP, config);
+    }
+
+    fn write_config<V: aya::Pod>(&mut self, name: &str, config: V) {
+        let mut map: aya::maps::Array<&mut MapData, V> = self
             .ebpf
-            .map_mut(CONFIG_MAP)
+            .map_mut(name)
             .expect("config map")
             .try_into()
             .expect("array");

@@ -459,6 +459,35 @@ impl Packet6 {
     }
 }
 
+/// The ICMPv6 error the datapath answers `frame` (an IPv6 frame without
+/// extension headers) with, as it builds it: MACs swapped, from `from` to
+/// `to`, hop limit 64, `rest` in bytes 4..8 of the ICMPv6 header (packet
+/// too big's MTU), quoting the IPv6 header and 8 bytes after it.
+pub fn icmp6_error(
+    frame: &[u8],
+    from: Ipv6Addr,
+    to: Ipv6Addr,
+    icmp_type: u8,
+    code: u8,
+    rest: u32,
+) -> Vec<u8> {
+    let mut icmp = vec![icmp_type, code, 0, 0];
+    icmp.extend_from_slice(&rest.to_be_bytes());
+    icmp.extend_from_slice(&frame[14..14 + 48]);
+    let sum = checksum(&icmp, pseudo_sum6(&from, &to, 58, icmp.len()));
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    let mut f = Vec::with_capacity(54 + icmp.len());
+    f.extend_from_slice(&frame[6..12]);
+    f.extend_from_slice(&frame[0..6]);
+    f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
+    f.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
+    f.extend_from_slice(&[58, 64]);
+    f.extend_from_slice(&from.octets());
+    f.extend_from_slice(&to.octets());
+    f.extend_from_slice(&icmp);
+    f
+}
+
 pub fn pseudo_sum6(src: &Ipv6Addr, dst: &Ipv6Addr, proto: u8, len: usize) -> u32 {
     let mut s = sum16(&src.octets(), 0);
     s = sum16(&dst.octets(), s);

@@ -6,15 +6,15 @@
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 
 use lb_common::{
-    ct::{CT_DIR_FORWARD, CT_SEEN_REPLY},
+    config::NodeConfig,
+    ct::{CT_DIR_FORWARD, CT_SEEN_REPLY, CT_SNAT},
     hash::{flow_hash, fold_ipv6, select_slot},
     stats::Stat,
 };
 use lb_tests::{
     datapath::Harness,
     packet::{
-        assert_frame, checksum, pseudo_sum6, Packet, Packet6, NEXTHDR_DEST, NEXTHDR_HOP, TCP_ACK,
-        TCP_SYN,
+        assert_frame, icmp6_error, Packet, Packet6, NEXTHDR_DEST, NEXTHDR_HOP, TCP_ACK, TCP_SYN,
     },
     require_root,
 };
@@ -294,19 +294,220 @@ fn a_new_flow_to_an_ipv6_frontend_without_endpoints_is_answered_port_unreachable
         let frame = syn.build();
         let out = h.run(&frame);
         assert_eq!(out.verdict, TC_ACT_REDIRECT, "sent back out");
-        let mut expected = Vec::new();
-        expected.extend_from_slice(&frame[6..12]);
-        expected.extend_from_slice(&frame[0..6]);
-        expected.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0, 0, 56, 58, 64]);
-        expected.extend_from_slice(&VIP6.octets());
-        expected.extend_from_slice(&CLIENT.octets());
-        let mut icmp = vec![1, 4, 0, 0, 0, 0, 0, 0];
-        icmp.extend_from_slice(&frame[14..14 + 48]);
-        let sum = checksum(&icmp, pseudo_sum6(&VIP6, &CLIENT, 58, icmp.len()));
-        icmp[2..4].copy_from_slice(&sum.to_be_bytes());
-        expected.extend_from_slice(&icmp);
+        let expected = icmp6_error(&frame, VIP6, CLIENT, 1, 4, 0);
         assert_frame(&out.frame, &expected, "port unreachable");
     }
     assert_eq!(h.counter(Stat::RejectNoBackend), 2);
     assert!(h.conntrack6().is_empty(), "no flow recorded");
+}
+
+/// node-a's uplink address: its node ports and SNAT address.
+const NODE6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x18, 0, 0, 0, 0, 2);
+const NODE6_B: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x18, 0, 0, 0, 0, 3);
+/// A client on the LAN.
+const LAN_CLIENT: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x18, 0, 0, 0, 0, 0x100);
+/// A pod on node-b (BACKENDS[1] is in its pod prefix 2001:db8:11::/64).
+const REMOTE_BACKEND: Ipv6Addr = BACKENDS[1];
+const SNAT_PORTS: (u16, u16) = (1024, 29999);
+const NODE_A_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xa];
+const NODE_B_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xb];
+
+fn mac_text(mac: [u8; 6]) -> String {
+    mac.map(|b| format!("{b:02x}")).join(":")
+}
+
+/// `web` over IPv6 as a NodePort Service (TCP 80 → 8080 at 30080) with
+/// one endpoint, on node-b.
+fn nodeport_manifest() -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: {VIP6}
+  clusterIPs: [{VIP6}]
+  ipFamilies: [IPv6]
+  ports:
+  - {{name: http, port: 80, targetPort: 8080, nodePort: 30080}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-v6, namespace: default, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv6
+ports: [{{name: http, port: 8080}}]
+endpoints:
+- addresses: ["{REMOTE_BACKEND}"]
+  nodeName: node-b
+"#
+    )
+}
+
+/// node-a's namespace with its IPv6 routes (the datapath routes SNATed
+/// packets itself): the LAN 2001:db8:18::/64 on a veth standing in for
+/// the uplink, node-b's pods 2001:db8:11::/64 via node-b (neighbour
+/// known; the client's is not, left to `bpf_redirect_neigh`), `mtu` on
+/// that route; and a datapath programmed for node-a with
+/// `nodeport_manifest`, SNATing to `NODE6`.
+struct Node6 {
+    ns: lb_tests::netns::NetNs,
+    h: Harness,
+}
+
+impl Node6 {
+    fn new(name: &str, mtu: Option<u16>) -> Self {
+        require_root();
+        let ns = lb_tests::netns::NetNs::new(&format!("dp6-{name}")).unwrap();
+        let ip = |args: &[&str]| ns.ip(args).unwrap();
+        ip(&[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "lan0",
+        ]);
+        ip(&["link", "set", "eth0", "address", &mac_text(NODE_A_MAC)]);
+        ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{NODE6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        ip(&["link", "set", "eth0", "up"]);
+        ip(&["link", "set", "lan0", "up"]);
+        let b = NODE6_B.to_string();
+        ip(&[
+            "-6",
+            "neigh",
+            "add",
+            &b,
+            "lladdr",
+            &mac_text(NODE_B_MAC),
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ]);
+        let mut route = vec!["-6", "route", "add", "2001:db8:11::/64", "via", &b];
+        let mtu = mtu.map(|m| m.to_string());
+        if let Some(mtu) = &mtu {
+            route.extend(["mtu", "lock", mtu]);
+        }
+        ip(&route);
+        ns.sysctl("net.ipv6.conf.all.forwarding", "1").unwrap();
+        let mut h = Harness::new();
+        h.node = lb_agent::desired::NodeContext {
+            name: Some("node-a".into()),
+            nodeport_addresses: vec![NODE6.into()],
+            ..Default::default()
+        };
+        h.set_node_config6(NodeConfig {
+            snat_addr: NODE6.octets(),
+            snat_port_first: SNAT_PORTS.0,
+            snat_port_last: SNAT_PORTS.1,
+        });
+        h.apply_yaml(&nodeport_manifest());
+        Self { ns, h }
+    }
+
+    fn external(&self, frame: &[u8]) -> lb_tests::datapath::RunResult {
+        let h = &self.h;
+        self.ns.run(|| h.run_external(frame))
+    }
+}
+
+/// Forwarded by the datapath itself: one hop less.
+fn hop(packet: Packet6) -> Packet6 {
+    Packet6 {
+        hop_limit: packet.hop_limit - 1,
+        ..packet
+    }
+}
+
+#[test]
+fn an_ipv6_node_port_to_a_remote_backend_is_snated_both_ways_with_exact_bytes() {
+    let node = Node6::new("snat", None);
+    let client = at(LAN_CLIENT, 40000);
+    let node_port = at(NODE6, 30080);
+    let syn = Packet6::tcp(client, node_port, TCP_SYN).with_payload(b"hello");
+    let out = node.external(&syn.build());
+    assert_eq!(out.verdict, TC_ACT_REDIRECT, "routed by the datapath");
+
+    let flows = node.h.conntrack6();
+    let (_, forward) = flows
+        .iter()
+        .find(|(k, _)| k.dir == CT_DIR_FORWARD)
+        .expect("a forward entry");
+    assert_ne!(forward.flags & CT_SNAT, 0, "SNATed");
+    assert_eq!(forward.src_addr, NODE6.octets());
+    let snat_port = forward.src_port;
+    assert!((SNAT_PORTS.0..=SNAT_PORTS.1).contains(&snat_port));
+    let at_backend = Packet6 {
+        src_mac: NODE_A_MAC,
+        dst_mac: NODE_B_MAC,
+        ..hop(syn
+            .clone()
+            .from(at(NODE6, snat_port))
+            .to(at(REMOTE_BACKEND, 8080)))
+    };
+    assert_frame(
+        &out.frame,
+        &at_backend.build(),
+        "SYN to the other node's pod",
+    );
+
+    // The pod answers the node; the answer leaves from the node port.
+    let answer = at_backend.reply(TCP_SYN | TCP_ACK).with_payload(b"world");
+    let answer = Packet6 {
+        hop_limit: 64,
+        ..answer
+    };
+    let out = node.external(&answer.build());
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    let to_client = hop(answer.clone().from(node_port).to(client));
+    assert_frame(&out.frame, &to_client.build(), "SYN-ACK back to the client");
+
+    let ack = Packet6::tcp(client, node_port, TCP_ACK);
+    let out = node.external(&ack.build());
+    let expected = Packet6 {
+        src_mac: NODE_A_MAC,
+        dst_mac: NODE_B_MAC,
+        ..hop(ack
+            .clone()
+            .from(at(NODE6, snat_port))
+            .to(at(REMOTE_BACKEND, 8080)))
+    };
+    assert_frame(&out.frame, &expected.build(), "ACK");
+    assert_eq!(
+        (
+            node.h.counter(Stat::DnatNew),
+            node.h.counter(Stat::SnatNew),
+            node.h.counter(Stat::DnatCtHit),
+            node.h.counter(Stat::RevSnat)
+        ),
+        (1, 1, 1, 1)
+    );
+}
+
+/// IPv6 routers never fragment: a SNATed packet too big for the way to
+/// the backend is answered with packet too big from the node port, with
+/// the route's MTU, so the client's path-MTU discovery works through the
+/// node; one that fits then goes through.
+#[test]
+fn a_routed_ipv6_packet_too_big_for_the_way_out_is_answered_packet_too_big() {
+    let node = Node6::new("ptb", Some(1280));
+    let client = at(LAN_CLIENT, 40001);
+    let node_port = at(NODE6, 30080);
+    let big = Packet6::tcp(client, node_port, TCP_SYN).with_payload(&[7; 1300]);
+    let frame = big.build();
+    let out = node.external(&frame);
+    assert_eq!(out.verdict, TC_ACT_REDIRECT, "answered back out");
+    let expected = icmp6_error(&frame, NODE6, LAN_CLIENT, 2, 0, 1280);
+    assert_frame(&out.frame, &expected, "packet too big");
+    assert_eq!(node.h.counter(Stat::IcmpFragNeeded), 1);
+
+    let fits = Packet6::tcp(client, node_port, TCP_SYN).with_payload(&[7; 1000]);
+    let out = node.external(&fits.build());
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    assert_eq!(&out.frame[..6], &NODE_B_MAC, "to node-b");
+    assert_eq!(out.frame.len(), fits.build().len());
 }

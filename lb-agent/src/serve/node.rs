@@ -2,11 +2,7 @@
 //! local), the addresses node ports are served on, and the address and
 //! ports external flows to other nodes' backends are SNATed to.
 
-use std::{
-    net::IpAddr,
-    ops::RangeInclusive,
-    sync::Arc,
-};
+use std::{net::IpAddr, ops::RangeInclusive, sync::Arc};
 
 use futures::StreamExt as _;
 use ipnet::IpNet;
@@ -232,7 +228,10 @@ mod tests {
             (config.v4.snat_port_first, config.v4.snat_port_last),
             (61000, 65535)
         );
-        assert_eq!(config.v6.snat_addr, [0; 16], "no IPv6 address: no IPv6 SNAT");
+        assert_eq!(
+            config.v6.snat_addr, [0; 16],
+            "no IPv6 address: no IPv6 SNAT"
+        );
     }
 
     #[test]
@@ -263,7 +262,11 @@ mod tests {
         let (context, config) = given.resolve(&addresses, &[2]);
         assert_eq!(context.nodeport_addresses, [ip("2001:db8:20::1")]);
         assert_eq!(IpAddr::from(config.v6.snat_addr), ip("2001:db8:20::1"));
-        assert_eq!(config.v4.snat_addr, [198, 18, 0, 2], "IPv4 keeps its default");
+        assert_eq!(
+            config.v4.snat_addr,
+            [198, 18, 0, 2],
+            "IPv4 keeps its default"
+        );
     }
 
     #[test]
