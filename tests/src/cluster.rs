@@ -18,7 +18,10 @@
 //! clients reach the service IPs (198.19.0.0/16) via node-a and know no pod
 //! routes: an answer straight from a pod on node-b would not reach them.
 
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+};
 
 use crate::{
     apiserver::{Forwarder, TestApiServer},
@@ -37,6 +40,21 @@ pub const CLIENT_IPS: [Ipv4Addr; 2] = [
 ];
 pub const NODE_NAMES: [&str; 2] = ["node-a", "node-b"];
 
+/// `Cluster::add_ipv6`'s addresses: each as its IPv4 one in
+/// 2001:db8::/32, the third group the IPv4 address's third byte (LAN
+/// 2001:db8:18::/64, pods 2001:db8:10::/64 and 2001:db8:11::/64, client
+/// pods 2001:db8:20::/64 and 2001:db8:21::/64); service IPs in
+/// 2001:db8:ffff::/48, routed by the clients via node-a.
+pub const NODE_IPS6: [Ipv6Addr; 2] = [v6(0x18, 2), v6(0x18, 3)];
+pub const POD_IPS6: [Ipv6Addr; 2] = [v6(0x10, 2), v6(0x11, 2)];
+pub const CLIENT_POD_IPS6: [Ipv6Addr; 2] = [v6(0x20, 2), v6(0x21, 2)];
+pub const CLIENT_IPS6: [Ipv6Addr; 2] = [v6(0x18, 0x100), v6(0x18, 0x101)];
+pub const SERVICE_PREFIX6: &str = "2001:db8:ffff::/48";
+
+const fn v6(subnet: u16, host: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, subnet, 0, 0, 0, 0, host)
+}
+
 pub struct Cluster {
     pub prefix: String,
     pub lan: NetNs,
@@ -50,7 +68,7 @@ pub struct Cluster {
     /// API mode: one API server (on the LAN namespace's loopback) and its
     /// forwarders into each node.
     pub api: Option<(TestApiServer, Vec<Forwarder>)>,
-    _servers: Vec<BackendServers>,
+    servers: Vec<BackendServers>,
 }
 
 impl Cluster {
@@ -194,8 +212,65 @@ impl Cluster {
             manifests,
             agents: Vec::new(),
             api: None,
-            _servers: servers,
+            servers: servers,
         })
+    }
+
+    /// Gives every namespace its IPv6 address too (`NODE_IPS6` and the
+    /// rest, no duplicate address detection), the same routes, and servers
+    /// in the pods on their IPv6 addresses, named as the IPv4 ones. Before
+    /// the agents start: they take the node's addresses as they find them.
+    pub fn add_ipv6(&mut self) -> anyhow::Result<()> {
+        let add = |ns: &NetNs, addr: Ipv6Addr, dev: &str| {
+            ns.ip(&["addr", "add", &format!("{addr}/64"), "dev", dev, "nodad"])
+        };
+        let gateway = |a: Ipv6Addr| {
+            let s = a.segments();
+            Ipv6Addr::new(s[0], s[1], s[2], 0, 0, 0, 0, 1)
+        };
+        for (i, node) in self.nodes.iter().enumerate() {
+            node.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+            add(node, NODE_IPS6[i], "eth0")?;
+            let other = 1 - i;
+            for (pod, name, addr, remote) in [
+                (&self.pods[i], "p", POD_IPS6[i], POD_IPS6[other]),
+                (
+                    &self.client_pods[i],
+                    "q",
+                    CLIENT_POD_IPS6[i],
+                    CLIENT_POD_IPS6[other],
+                ),
+            ] {
+                let gw = gateway(addr);
+                add(node, gw, &format!("{}-{name}{i}", self.prefix))?;
+                add(pod, addr, "eth0")?;
+                pod.ip(&["-6", "route", "add", "default", "via", &gw.to_string()])?;
+                node.ip(&[
+                    "-6",
+                    "route",
+                    "add",
+                    &format!("{}/64", gateway(remote)),
+                    "via",
+                    &NODE_IPS6[other].to_string(),
+                ])?;
+            }
+        }
+        for (i, client) in self.clients.iter().enumerate() {
+            add(client, CLIENT_IPS6[i], "eth0")?;
+            client.ip(&[
+                "-6",
+                "route",
+                "add",
+                SERVICE_PREFIX6,
+                "via",
+                &NODE_IPS6[0].to_string(),
+            ])?;
+        }
+        for (i, name) in ["pod-a", "pod-b"].into_iter().enumerate() {
+            let servers = BackendServers::start_on(&self.pods[i], POD_IPS6[i], name, 8080, 5353)?;
+            self.servers.push(servers);
+        }
+        Ok(())
     }
 
     fn start_agent(&self, i: usize, source: Source<'_>, extra: &[&str]) -> anyhow::Result<Agent> {
@@ -272,14 +347,20 @@ impl Drop for Cluster {
 /// Service `shop/web` of type `type_` (TCP 80 → 8080 at node port 30080,
 /// UDP 53 → 5353 at 30053; the node ports where the type has them), with
 /// `spec` lines added to its spec, an optional `status` block, and its
-/// slice's endpoints as (address, node name).
-pub fn web_service(
+/// slice's endpoints as (address, node name): IPv4, or IPv6 (an
+/// IPv6-only Service) with an IPv6 cluster IP.
+pub fn web_service<A: Into<std::net::IpAddr> + Copy + std::fmt::Display>(
     type_: &str,
-    cluster_ip: Ipv4Addr,
+    cluster_ip: A,
     spec: &str,
     status: &str,
-    endpoints: &[(Ipv4Addr, &str)],
+    endpoints: &[(A, &str)],
 ) -> String {
+    let (family, address_type) = if cluster_ip.into().is_ipv6() {
+        ("IPv6", "IPv6")
+    } else {
+        ("IPv4", "IPv4")
+    };
     let mut list: String = endpoints
         .iter()
         .map(|(addr, node)| format!("\n- {{addresses: [\"{addr}\"], nodeName: {node}}}"))
@@ -293,7 +374,8 @@ kind: Service
 metadata: {{name: web, namespace: shop}}
 spec:
   type: {type_}
-  clusterIP: {cluster_ip}
+  clusterIP: "{cluster_ip}"
+  ipFamilies: [{family}]
   {spec}
   ports:
   - {{name: http, port: 80, targetPort: 8080, nodePort: 30080, protocol: TCP}}
@@ -306,7 +388,7 @@ metadata:
   name: web-1
   namespace: shop
   labels: {{kubernetes.io/service-name: web}}
-addressType: IPv4
+addressType: {address_type}
 ports:
 - {{name: http, port: 8080, protocol: TCP}}
 - {{name: dns, port: 5353, protocol: UDP}}

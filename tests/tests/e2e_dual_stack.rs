@@ -5,11 +5,15 @@
 
 use std::{
     collections::BTreeSet,
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6},
     path::PathBuf,
 };
 
 use lb_tests::{
+    cluster::{
+        web_service, Cluster, CLIENT_IPS6, CLIENT_POD_IPS6, NODE_IPS6, NODE_NAMES, POD_IPS6,
+    },
+    netns::NetNs,
     require_root,
     servers::{http_get, udp_query, BackendServers},
     topology::{
@@ -353,4 +357,199 @@ fn should_be_rejected_when_no_ipv6_endpoints_exist() {
     assert_eq!(udp, Err(std::io::ErrorKind::ConnectionRefused));
     // The IPv4 cluster IP still serves its endpoint.
     assert_eq!(reached(&s, VIP.into(), 2).0, names(1));
+}
+
+const CLUSTER_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 0x10);
+const LB_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 1, 0, 0, 0, 1);
+const EXTERNAL_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 2, 0, 0, 0, 1);
+
+/// The two-node cluster (`lb_tests::cluster`) with IPv6 everywhere, both
+/// agents programming the IPv6-only Service `shop/web` of type `type_`
+/// with endpoints `pods` (indexes: pod-a on node-a, pod-b on node-b).
+fn cluster6(prefix: &str, type_: &str, spec: &str, status: &str, pods: &[usize]) -> Cluster {
+    require_root();
+    let endpoints: Vec<(Ipv6Addr, &str)> = pods
+        .iter()
+        .map(|i| (POD_IPS6[*i], NODE_NAMES[*i]))
+        .collect();
+    let mut cluster = Cluster::without_agents(prefix).expect("cluster");
+    cluster.add_ipv6().expect("IPv6 addresses");
+    cluster
+        .start_agents(
+            &web_service(type_, CLUSTER_IP6, spec, status, &endpoints),
+            &[],
+        )
+        .expect("agents");
+    cluster
+}
+
+/// `n` HTTP requests from `client` to `addr`: each answer's (backend,
+/// client address seen).
+fn requests6(client: &NetNs, addr: SocketAddrV6, n: usize) -> Vec<(String, IpAddr)> {
+    client.run(|| {
+        (0..n)
+            .map(|i| {
+                let body = http_get(addr).unwrap_or_else(|e| panic!("request {i} to {addr}: {e}"));
+                let words: Vec<&str> = body.split_whitespace().collect();
+                assert!(
+                    words.len() == 4 && words[0] == "backend" && words[2] == "client",
+                    "unexpected answer {body:?}"
+                );
+                let seen: SocketAddr = words[3].parse().expect("the client's address");
+                (words[1].to_owned(), seen.ip())
+            })
+            .collect()
+    })
+}
+
+fn node_port6(node: usize, port: u16) -> SocketAddrV6 {
+    SocketAddrV6::new(NODE_IPS6[node], port, 0, 0)
+}
+
+/// Services' "should be able to create a functioning NodePort service",
+/// over IPv6 on two nodes: an external client reaches the node port of
+/// either node, TCP and UDP, and every endpoint answers. The node's own
+/// pod sees the client; the other node's pod sees the node (SNAT to its
+/// IPv6 address), so its answer comes back through the node. UDP answers
+/// come from the node port asked.
+#[test]
+fn should_be_able_to_create_a_functioning_nodeport_service_over_ipv6() {
+    let mut cluster = cluster6("lbd6", "NodePort", "", "", &[0, 1]);
+    let name = |port: u16, node: usize, proto: &str| frontend(NODE_IPS6[node].into(), port, proto);
+    cluster
+        .wait_for_maps("the IPv6 node ports", |m| {
+            m.count(&name(30080, 0, "TCP"))
+                .or(m.count(&name(30080, 1, "TCP")))
+                == Some(2)
+        })
+        .unwrap();
+    for node in [0usize, 1] {
+        let answers = requests6(&cluster.clients[0], node_port6(node, 30080), 40);
+        let local = ["pod-a", "pod-b"][node];
+        for (backend, seen) in &answers {
+            let expected: IpAddr = if backend == local {
+                CLIENT_IPS6[0].into()
+            } else {
+                NODE_IPS6[node].into()
+            };
+            assert_eq!(*seen, expected, "{backend} via node {node}");
+        }
+        for pod in ["pod-a", "pod-b"] {
+            assert!(
+                answers.iter().any(|(b, _)| b == pod),
+                "{pod} never answered through node {node}: {answers:?}"
+            );
+        }
+        let answers: Vec<(String, SocketAddr)> = cluster.clients[0].run(|| {
+            (0..30)
+                .map(|_| udp_query(node_port6(node, 30053)).expect("UDP answer"))
+                .collect()
+        });
+        for pod in ["pod-a", "pod-b"] {
+            assert!(
+                answers.iter().any(|(a, _)| a.starts_with(pod)),
+                "{pod} never answered UDP through node {node}"
+            );
+        }
+        assert!(answers
+            .iter()
+            .all(|(_, from)| *from == node_port6(node, 30053).into()));
+    }
+}
+
+/// Services' "should preserve source IP for externalTrafficPolicy:
+/// Local", over IPv6 at a load-balancer IP and an external IP: the
+/// clients route the service prefix via node-a, whose only local endpoint
+/// answers every request and sees the client's own address; with
+/// externalTrafficPolicy Cluster the other node's pod answers too, from
+/// behind node-a's SNAT address.
+#[test]
+fn should_preserve_source_ip_for_etp_local_at_ipv6_load_balancer_and_external_ips() {
+    let status = format!("status: {{loadBalancer: {{ingress: [{{ip: \"{LB_IP6}\"}}]}}}}");
+    let spec = |policy: &str| {
+        format!("externalTrafficPolicy: {policy}\n  externalIPs: [\"{EXTERNAL_IP6}\"]")
+    };
+    let mut cluster = cluster6("lbd7", "LoadBalancer", &spec("Local"), &status, &[0, 1]);
+    let lb = frontend(LB_IP6.into(), 80, "TCP");
+    let external = frontend(EXTERNAL_IP6.into(), 80, "TCP");
+    cluster
+        .wait_for_maps("the IPv6 external frontends", |m| {
+            m.count(&lb) == Some(2) && m.count(&external) == Some(2)
+        })
+        .unwrap();
+    for addr in [LB_IP6, EXTERNAL_IP6] {
+        for (backend, seen) in requests6(&cluster.clients[1], SocketAddrV6::new(addr, 80, 0, 0), 20)
+        {
+            assert_eq!(backend, "pod-a", "only node-a's own endpoint, at {addr}");
+            assert_eq!(
+                seen,
+                IpAddr::from(CLIENT_IPS6[1]),
+                "the client's own address"
+            );
+        }
+    }
+
+    let endpoints = [(POD_IPS6[0], NODE_NAMES[0]), (POD_IPS6[1], NODE_NAMES[1])];
+    cluster
+        .set_manifest(&web_service(
+            "LoadBalancer",
+            CLUSTER_IP6,
+            &spec("Cluster"),
+            &status,
+            &endpoints,
+        ))
+        .unwrap();
+    cluster
+        .wait_for_maps("externalTrafficPolicy Cluster", |m| {
+            m.frontend(&lb)
+                .is_some_and(|f| !f.external_traffic_policy_local)
+        })
+        .unwrap();
+    let answers = requests6(&cluster.clients[1], SocketAddrV6::new(LB_IP6, 80, 0, 0), 40);
+    assert!(
+        answers.contains(&("pod-b".to_owned(), NODE_IPS6[0].into())),
+        "{answers:?}"
+    );
+    assert!(
+        answers.contains(&("pod-a".to_owned(), CLIENT_IPS6[1].into())),
+        "{answers:?}"
+    );
+}
+
+/// Services' "should allow pods to hairpin back to themselves through
+/// services", over IPv6: a pod reaches itself through the cluster IP and
+/// through its node's node port, SNATed to the node's IPv6 address (else
+/// its answer would go to itself, not back through the frontend); another
+/// pod on the node keeps its own address.
+#[test]
+fn should_allow_pods_to_hairpin_back_to_themselves_through_ipv6_services() {
+    let mut cluster = cluster6("lbd8", "NodePort", "", "", &[0]);
+    let vip = frontend(CLUSTER_IP6.into(), 80, "TCP");
+    cluster
+        .wait_for_maps("one endpoint", |m| m.count(&vip) == Some(1))
+        .unwrap();
+    for addr in [
+        SocketAddrV6::new(CLUSTER_IP6, 80, 0, 0),
+        node_port6(0, 30080),
+    ] {
+        let answers = requests6(&cluster.pods[0], addr, 3);
+        for answer in answers {
+            assert_eq!(answer, ("pod-a".to_owned(), NODE_IPS6[0].into()), "{addr}");
+        }
+    }
+    let udp = SocketAddrV6::new(CLUSTER_IP6, 53, 0, 0);
+    let (answer, from) = cluster.pods[0].run(|| udp_query(udp)).expect("UDP hairpin");
+    assert!(
+        answer.starts_with(&format!("pod-a client [{}]:", NODE_IPS6[0])),
+        "{answer}"
+    );
+    assert_eq!(from, udp.into());
+    let answers = requests6(
+        &cluster.client_pods[0],
+        SocketAddrV6::new(CLUSTER_IP6, 80, 0, 0),
+        3,
+    );
+    for answer in answers {
+        assert_eq!(answer, ("pod-a".to_owned(), CLIENT_POD_IPS6[0].into()));
+    }
 }
