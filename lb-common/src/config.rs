@@ -29,15 +29,6 @@ impl<A> NodeConfig<A> {
     }
 }
 
-impl NodeConfig {
-    /// Whether a packet to `addr:port` may be the reply of a SNATed flow.
-    #[inline(always)]
-    pub fn is_snat_target(&self, addr: Ipv4, port: u16) -> bool {
-        let snat = crate::wire(self.snat_addr);
-        snat != 0 && crate::wire(addr) == snat && self.is_snat_port(port)
-    }
-}
-
 const _: () =
     assert!(core::mem::size_of::<NodeConfig>() == 8 && core::mem::align_of::<NodeConfig>() == 4);
 const _: () = assert!(core::mem::size_of::<NodeConfig<Ipv6>>() == 20);

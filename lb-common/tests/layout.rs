@@ -229,17 +229,17 @@ fn a_snat_flow_pairs_the_translated_tuples() {
 }
 
 #[test]
-fn snat_replies_are_recognised_by_address_and_port_range() {
-    let config = lb_common::config::NodeConfig {
-        snat_addr: [198, 18, 0, 2],
+fn snat_ports_are_the_inclusive_range_in_either_family() {
+    let config = lb_common::config::NodeConfig::<lb_common::Ipv6> {
+        snat_addr: [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
         snat_port_first: 61000,
         snat_port_last: 65000,
     };
-    assert!(config.is_snat_target([198, 18, 0, 2], 61000));
-    assert!(config.is_snat_target([198, 18, 0, 2], 65000));
-    assert!(!config.is_snat_target([198, 18, 0, 2], 60999));
-    assert!(!config.is_snat_target([198, 18, 0, 3], 62000));
-    assert!(!lb_common::config::NodeConfig::default().is_snat_target([0; 4], 0));
+    assert!(config.is_snat_port(61000));
+    assert!(config.is_snat_port(65000));
+    assert!(!config.is_snat_port(60999));
+    assert!(!config.is_snat_port(65001));
+    assert!(!lb_common::config::NodeConfig::<lb_common::Ipv4>::default().is_snat_port(1));
 }
 
 #[test]

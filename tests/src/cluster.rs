@@ -212,7 +212,7 @@ impl Cluster {
             manifests,
             agents: Vec::new(),
             api: None,
-            servers: servers,
+            servers,
         })
     }
 
