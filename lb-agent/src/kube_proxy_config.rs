@@ -307,7 +307,7 @@ fn flag_value(kind: Kind, value: &Value) -> Result<Option<String>, String> {
         // A dual-stack cluster's IPv6 prefix is warned about (above), not
         // an error: the IPv4 one still applies.
         (Kind::CidrText, Value::String(s)) => {
-            ipv4_cidrs(s.split(',').map(str::trim).filter(|t| !t.contains(':')))
+            any_cidrs(s.split(',').map(str::trim).filter(|t| !t.contains(':')))
         }
         (Kind::OneOf(choices), Value::String(s)) if choices.contains(&s.as_str()) => {
             Ok(Some(s.clone()))
@@ -317,21 +317,6 @@ fn flag_value(kind: Kind, value: &Value) -> Result<Option<String>, String> {
         }
         (_, other) => Err(format!("{}: not the expected type", show(other))),
     }
-}
-
-/// IPv4 CIDRs, comma-joined as the flags take them.
-fn ipv4_cidrs<'a>(texts: impl Iterator<Item = &'a str>) -> Result<Option<String>, String> {
-    let mut cidrs = Vec::new();
-    for text in texts {
-        let net: ipnet::IpNet = text
-            .parse()
-            .map_err(|_| format!("{text:?}: expected a CIDR"))?;
-        match net {
-            ipnet::IpNet::V4(v4) => cidrs.push(v4.to_string()),
-            ipnet::IpNet::V6(_) => return Err(format!("{text}: IPv6 is not supported yet")),
-        }
-    }
-    Ok((!cidrs.is_empty()).then(|| cidrs.join(",")))
 }
 
 /// CIDRs of either family, comma-joined as the flags take them.

@@ -441,14 +441,16 @@ fn an_ipv6_node_port_to_a_remote_backend_is_snated_both_ways_with_exact_bytes() 
     assert_eq!(forward.src_addr, NODE6.octets());
     let snat_port = forward.src_port;
     assert!((SNAT_PORTS.0..=SNAT_PORTS.1).contains(&snat_port));
-    let at_backend = Packet6 {
+    // node-a to node-b, from the SNAT port to the pod.
+    let snated = |packet: &Packet6| Packet6 {
         src_mac: NODE_A_MAC,
         dst_mac: NODE_B_MAC,
-        ..hop(syn
+        ..hop(packet
             .clone()
             .from(at(NODE6, snat_port))
             .to(at(REMOTE_BACKEND, 8080)))
     };
+    let at_backend = snated(&syn);
     assert_frame(
         &out.frame,
         &at_backend.build(),
@@ -468,15 +470,7 @@ fn an_ipv6_node_port_to_a_remote_backend_is_snated_both_ways_with_exact_bytes() 
 
     let ack = Packet6::tcp(client, node_port, TCP_ACK);
     let out = node.external(&ack.build());
-    let expected = Packet6 {
-        src_mac: NODE_A_MAC,
-        dst_mac: NODE_B_MAC,
-        ..hop(ack
-            .clone()
-            .from(at(NODE6, snat_port))
-            .to(at(REMOTE_BACKEND, 8080)))
-    };
-    assert_frame(&out.frame, &expected.build(), "ACK");
+    assert_frame(&out.frame, &snated(&ack).build(), "ACK");
     assert_eq!(
         (
             node.h.counter(Stat::DnatNew),
