@@ -394,7 +394,15 @@ pub fn create<A: Family>(
     let forward_key = pkt.ct_key(CT_DIR_FORWARD);
     let reply_key = forward_key.peer_key(forward);
     let new = A::ct_new();
-    if let Err(e) = new.insert(&reply_key, &forward_key.peer_value(forward), reply_flags) {
+    // The reply entry is built in scratch: on the stack, with the new-flow
+    // program's and a log call's, IPv6 passed 512 bytes.
+    let Some((_, reply)) = A::ct_scratch() else {
+        return Err(CreateError::Full);
+    };
+    // SAFETY: this CPU's scratch entry, used by one function at a time.
+    let reply = unsafe { &mut *reply };
+    *reply = forward_key.peer_value(forward);
+    if let Err(e) = new.insert(&reply_key, &*reply, reply_flags) {
         return Err(if e == -EEXIST {
             CreateError::Taken
         } else {
