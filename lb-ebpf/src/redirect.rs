@@ -1,12 +1,13 @@
 //! Sending a SNATed packet on without the node's input path: its source
 //! (forward: the node itself; reply: a frontend on the node) would be a
 //! martian there. It is routed here instead, as the kernel would forward
-//! it: TTL decremented, next hop and neighbour from the FIB. A known
+//! it: TTL (IPv6: hop limit) decremented, next hop and neighbour from the FIB. A known
 //! neighbour gets the MACs written here and a plain `bpf_redirect`; an
 //! unresolved one is left to `bpf_redirect_neigh` with the next hop. The
 //! route is looked up before the packet is translated: one too big for
-//! the way out is answered with "fragmentation needed" in the sender's
-//! terms (`reject::frag_needed`), as the kernel's forwarding would.
+//! the way out is answered in the sender's terms, as the kernel's
+//! forwarding would: "fragmentation needed" (`reject::frag_needed`), or
+//! IPv6 packet too big (`lb_too_big6`).
 
 use aya_ebpf::{
     bindings::{
