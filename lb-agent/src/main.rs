@@ -6,7 +6,7 @@ use lb_agent::{
     cli::dump,
     cli::explain,
     cli::inspect,
-    datapath::loader::{MapSizes, DEFAULT_PIN_DIR},
+    datapath::loader::{FamilyCidrs, MapSizes, DEFAULT_PIN_DIR},
     desired::{self, Limits},
     reconcile::Reconciler,
     serve::{self, RunConfig, SourceConfig},
@@ -270,9 +270,8 @@ struct RunArgs {
     /// a TCP or UDP packet to an address there that no frontend holds (an
     /// unallocated cluster IP, or a port its Service does not have) is
     /// answered with ICMP port unreachable, as nftables kube-proxy rejects
-    /// it, instead of following the default route. At most 4 IPv4
-    /// prefixes; an IPv6 one (a dual-stack cluster's) is warned about and
-    /// not guarded yet.
+    /// it, instead of following the default route (ICMPv6 port unreachable
+    /// for IPv6). At most 4 prefixes per family.
     #[arg(long, value_delimiter = ',')]
     service_cluster_ip_range: Vec<ipnet::IpNet>,
     /// The cluster's pod CIDRs (kube-proxy's flag). Traffic arriving at an
@@ -280,8 +279,7 @@ struct RunArgs {
     /// is masqueraded to the node (as kube-proxy masquerades traffic from
     /// outside the cluster CIDR), so its answer comes back this way; sources
     /// in these prefixes are the cluster's and keep their address. Default:
-    /// none, every such source is outside. At most 4 IPv4 prefixes; an IPv6
-    /// one (a dual-stack cluster's) is warned about and not used yet.
+    /// none, every such source is outside. At most 4 prefixes per family.
     #[arg(long, value_delimiter = ',')]
     cluster_cidr: Vec<ipnet::IpNet>,
     /// How traffic from the cluster is told apart (kube-proxy's flag):
@@ -549,33 +547,8 @@ fn with_config_file(
 /// Prefixes given to `flag` as the datapath holds them.
 /// The IPv4 prefixes of a dual-stack flag; each IPv6 one is warned about
 /// (the datapath's load-time prefixes are IPv4 for now).
-fn ipv4_prefixes(flag: &str, nets: &[ipnet::IpNet]) -> Vec<ipnet::Ipv4Net> {
-    let mut v4 = Vec::new();
-    for net in nets {
-        match net {
-            ipnet::IpNet::V4(net) => v4.push(*net),
-            ipnet::IpNet::V6(net) => {
-                tracing::warn!("{flag} {net}: not used: IPv6 prefixes are not supported here yet")
-            }
-        }
-    }
-    v4
-}
-
-fn cidrs(flag: &str, nets: &[ipnet::Ipv4Net]) -> anyhow::Result<lb_common::cidrs::Cidrs> {
-    use lb_common::cidrs::{Cidrs, MAX_CIDRS};
-    anyhow::ensure!(
-        nets.len() <= MAX_CIDRS,
-        "{flag}: {} prefixes; at most {MAX_CIDRS}",
-        nets.len()
-    );
-    let mut cidrs = Cidrs::NONE;
-    for (i, net) in nets.iter().enumerate() {
-        cidrs.addr[i] = u32::from(net.network());
-        cidrs.mask[i] = u32::from(net.netmask());
-    }
-    cidrs.count = nets.len() as u32;
-    Ok(cidrs)
+fn cidrs(flag: &str, nets: &[ipnet::IpNet]) -> anyhow::Result<FamilyCidrs> {
+    FamilyCidrs::new(nets).map_err(|e| anyhow::anyhow!("{flag}: {e}"))
 }
 
 /// A duration in Go's syntax (`90s`, `24h0m0s`), more than zero.
@@ -664,16 +637,10 @@ impl RunArgs {
         } else {
             None
         };
-        let service_cidrs = cidrs(
-            "--service-cluster-ip-range",
-            &ipv4_prefixes("--service-cluster-ip-range", &self.service_cluster_ip_range),
-        )?;
+        let service_cidrs = cidrs("--service-cluster-ip-range", &self.service_cluster_ip_range)?;
         let cluster_cidrs = match self.detect_local_mode {
-            DetectLocalMode::ClusterCidr => cidrs(
-                "--cluster-cidr",
-                &ipv4_prefixes("--cluster-cidr", &self.cluster_cidr),
-            )?,
-            _ => lb_common::cidrs::Cidrs::NONE,
+            DetectLocalMode::ClusterCidr => cidrs("--cluster-cidr", &self.cluster_cidr)?,
+            _ => FamilyCidrs::NONE,
         };
         let socket_lb_netns = match self.socket_lb {
             SocketLbArg::HostNetwork => {

@@ -325,10 +325,11 @@ endpoints:
 
 /// An IPv6-only LoadBalancer Service is served at every IPv6 frontend it
 /// has (cluster IP, node port on the node's IPv6 address, external and
-/// load-balancer IPs) with its IPv6 endpoints; what lb does not serve over
-/// IPv6 yet is said, naming the field; an IPv6 slice's unusable endpoints
-/// are refused one by one; an address of a family the Service lacks is
-/// reported; two cluster IPs of one family are an error.
+/// load-balancer IPs) with its IPv6 endpoints, ClientIP affinity on each
+/// and its IPv6 source ranges at the load-balancer IP; an IPv6 slice's
+/// unusable endpoints are refused one by one, naming the field; an address
+/// of a family the Service lacks is reported; two cluster IPs of one
+/// family are an error.
 #[test]
 fn ipv6_input_lb_cannot_serve_is_reported_by_field() {
     let yaml = r#"apiVersion: v1
@@ -373,8 +374,6 @@ endpoints:
         errors.iter().map(|e| (e.field.as_str(), e.kind)).collect();
     for field in [
         "spec.externalIPs[1]",
-        "spec.sessionAffinity",
-        "spec.loadBalancerSourceRanges",
         "endpoints[1].addresses[0]",
         "endpoints[2].addresses[0]",
         "endpoints[3].addresses[0]",
@@ -385,7 +384,7 @@ endpoints:
             "{field} not reported as skipped: {errors:#?}"
         );
     }
-    assert_eq!(errors.len(), 7, "{errors:#?}");
+    assert_eq!(errors.len(), 5, "{errors:#?}");
     let frontends: Vec<(IpAddr, u16)> =
         desired.frontends.keys().map(|f| (f.addr, f.port)).collect();
     assert_eq!(
@@ -398,9 +397,21 @@ endpoints:
         ],
         "every IPv6 frontend, none of IPv4"
     );
-    for frontend in desired.frontends.values() {
+    for (addr, frontend) in &desired.frontends {
         let backends: Vec<IpAddr> = frontend.backends.iter().map(|b| b.addr).collect();
         assert_eq!(backends, [ip("2001:db8:1::5")]);
+        assert_eq!(frontend.affinity_timeout_s, Some(10_800), "{addr:?}");
+        let ranged = addr.addr == ip("2001:db8::98");
+        let ranges: Vec<String> = frontend
+            .source_ranges
+            .iter()
+            .map(|r| r.to_string())
+            .collect();
+        assert_eq!(ranges.is_empty(), !ranged, "{addr:?}");
+        if ranged {
+            assert_eq!(ranges, ["2001:db8:77::/48"]);
+            assert_ne!(frontend.flags() & lb_common::svc::SVC_FLAG_SOURCE_RANGES, 0);
+        }
     }
 
     let two_v6 = yaml.replace(

@@ -8,20 +8,20 @@ use lb_common::{
     svc::SvcValue,
 };
 
-use crate::maps::{AFFINITY, AFFINITY_MATCH};
+use crate::{family::Family, maps::AFFINITY_MATCH};
 
 const NS_PER_S: u64 = 1_000_000_000;
 
 /// The client's remembered backend and whether it runs on another node.
 #[inline(always)]
-pub fn remembered(
-    key: &AffinityKey,
+pub fn remembered<A: Family>(
+    key: &AffinityKey<A>,
     svc: &SvcValue,
     local_only: bool,
     now: u64,
 ) -> Option<(u32, bool)> {
     // SAFETY: copied at once (the LRU may recycle the element).
-    let last = unsafe { *AFFINITY.get_ptr(key)? };
+    let last = unsafe { *A::affinity().get_ptr(key)? };
     if now.saturating_sub(last.last_used_ns) > u64::from(svc.affinity_timeout_s) * NS_PER_S {
         return None;
     }
@@ -37,11 +37,11 @@ pub fn remembered(
 
 /// Records the client's new connection (its timeout starts again).
 #[inline(always)]
-pub fn remember(key: &AffinityKey, backend_id: u32, now: u64) {
+pub fn remember<A: Family>(key: &AffinityKey<A>, backend_id: u32, now: u64) {
     let value = AffinityValue {
         backend_id,
         _pad: 0,
         last_used_ns: now,
     };
-    let _ = AFFINITY.insert(key, &value, 0);
+    let _ = A::affinity().insert(key, &value, 0);
 }

@@ -10,19 +10,24 @@ use aya_ebpf::cty::c_void;
 use lb_common::{config::NodeConfig, ct::CtValue};
 
 use crate::{
-    host_socket,
+    cidrs, host_socket,
     maps::{
-        BackendMap, CtMap, CtNewMap, ServiceMap, BACKENDS, BACKENDS6, CONFIG, CONFIG6, CONNTRACK,
-        CONNTRACK6, CT_NEW, CT_NEW6, CT_SCRATCH, CT_SCRATCH6, SERVICES, SERVICES6,
+        AffinityMap, BackendMap, CtMap, CtNewMap, ServiceMap, SourceRangeMap, AFFINITY, AFFINITY6,
+        BACKENDS, BACKENDS6, CONFIG, CONFIG6, CONNTRACK, CONNTRACK6, CT_NEW, CT_NEW6, CT_SCRATCH,
+        CT_SCRATCH6, SERVICES, SERVICES6, SOURCE_RANGES, SOURCE_RANGES6,
     },
 };
 
 pub trait Family: Copy + PartialEq + Default + 'static {
+    /// An address's length in bits (a whole address as an LPM prefix).
+    const BITS: u32;
     fn services() -> &'static ServiceMap<Self>;
     fn backends() -> &'static BackendMap<Self>;
     /// Assured flows, and flows not yet assured (see `ct`).
     fn conntrack() -> &'static CtMap<Self>;
     fn ct_new() -> &'static CtNewMap<Self>;
+    fn affinity() -> &'static AffinityMap<Self>;
+    fn source_ranges() -> &'static SourceRangeMap<Self>;
     /// The node's SNAT address and ports for this family.
     fn config() -> Option<&'static NodeConfig<Self>>;
     /// This CPU's two scratch entries (see `maps::CT_SCRATCH`): an entry
@@ -40,6 +45,9 @@ pub trait Family: Copy + PartialEq + Default + 'static {
     /// addresses and on keys that hold them.
     fn same(&self, other: &Self) -> bool;
     fn is_unspecified(&self) -> bool;
+    /// In `--service-cluster-ip-range`, `--cluster-cidr` (see `cidrs`).
+    fn in_service_cidrs(&self) -> bool;
+    fn in_cluster_cidrs(&self) -> bool;
     /// Whether a socket of the node takes `proto` from `saddr` to `daddr`
     /// (`ports` = `sport << 16 | dport`, see `host_socket`).
     fn host_receives(ctx: *mut c_void, proto: u8, saddr: &Self, daddr: &Self, ports: u32) -> bool;
@@ -57,7 +65,37 @@ fn backend_at_v4(id: u32, addr: u32) -> bool {
         .is_some_and(|b| u32::from_ne_bytes(unsafe { (*b).addr }) == addr)
 }
 
+/// `in_service_cidrs` (`CLUSTER` false) and `in_cluster_cidrs` for IPv6:
+/// a BPF function of its own: inlined, its unrolled compares took stack
+/// slots of the new-flow programs, which debug events leave none to spare.
+#[inline(never)]
+fn in_cidrs6<const CLUSTER: bool>(addr: &Ipv6) -> bool {
+    let cidrs = if CLUSTER {
+        &cidrs::CLUSTER_CIDRS6
+    } else {
+        &cidrs::SERVICE_CIDRS6
+    };
+    cidrs.contains(addr)
+}
+
 impl Family for Ipv4 {
+    const BITS: u32 = 32;
+    #[inline(always)]
+    fn affinity() -> &'static AffinityMap<Self> {
+        &AFFINITY
+    }
+    #[inline(always)]
+    fn source_ranges() -> &'static SourceRangeMap<Self> {
+        &SOURCE_RANGES
+    }
+    #[inline(always)]
+    fn in_service_cidrs(&self) -> bool {
+        cidrs::SERVICE_CIDRS.contains(self)
+    }
+    #[inline(always)]
+    fn in_cluster_cidrs(&self) -> bool {
+        cidrs::CLUSTER_CIDRS.contains(self)
+    }
     #[inline(always)]
     fn services() -> &'static ServiceMap<Self> {
         &SERVICES
@@ -106,6 +144,23 @@ impl Family for Ipv4 {
 }
 
 impl Family for Ipv6 {
+    const BITS: u32 = 128;
+    #[inline(always)]
+    fn affinity() -> &'static AffinityMap<Self> {
+        &AFFINITY6
+    }
+    #[inline(always)]
+    fn source_ranges() -> &'static SourceRangeMap<Self> {
+        &SOURCE_RANGES6
+    }
+    #[inline(always)]
+    fn in_service_cidrs(&self) -> bool {
+        in_cidrs6::<false>(self)
+    }
+    #[inline(always)]
+    fn in_cluster_cidrs(&self) -> bool {
+        in_cidrs6::<true>(self)
+    }
     #[inline(always)]
     fn services() -> &'static ServiceMap<Self> {
         &SERVICES6

@@ -12,6 +12,7 @@
 #![no_main]
 
 mod affinity;
+mod cidrs;
 mod csum;
 mod ct;
 mod family;
@@ -37,7 +38,6 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use lb_common::{
     affinity::AffinityKey,
-    cidrs::Cidrs,
     ct::{CtValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_SNAT},
     hash::{flow_hash, select_slot},
     source_range::{SourceRangeKey, SOURCE_RANGE_ID_BITS},
@@ -103,13 +103,21 @@ fn log_new_flow(ctx: &TcContext, pkt: &Packet, entry: &CtValue) {
     );
 }
 
+/// Two events: one with all three IPv6 addresses took a frame that, on
+/// top of the new-flow programs', passed the 512-byte stack.
 #[inline(always)]
 fn log_new_flow6(ctx: &TcContext, pkt: &Packet<Ipv6>, entry: &CtValue<Ipv6>) {
     debug!(
         ctx,
-        "new flow [{:i}]:{} -> [{:i}]:{} -> backend [{:i}]:{}",
+        "new flow [{:i}]:{} -> [{:i}]:{}",
         pkt.saddr,
         u16::from_be(pkt.sport_be),
+        pkt.daddr,
+        u16::from_be(pkt.dport_be)
+    );
+    debug!(
+        ctx,
+        "new flow to [{:i}]:{} -> backend [{:i}]:{}",
         pkt.daddr,
         u16::from_be(pkt.dport_be),
         entry.dst_addr,
@@ -247,24 +255,14 @@ fn ingress<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
     }
 }
 
-/// Where the families differ on the service path. IPv4 has all of it; an
-/// IPv6 flow has no session affinity, no source ranges, no service-CIDR
-/// guard and no fragment tracking yet, and is SNATed without regard to
-/// `--cluster-cidr` (IPv6 pod CIDRs are not in the datapath yet).
+/// Where the families differ on the service path: ICMP and ICMPv6, where
+/// the new-flow path runs, IPv4's fragment tracking (IPv6 fragments pass
+/// untranslated yet).
 trait Edges: nat::Rewrite + redirect::Forward {
     /// A packet addressed to no frontend.
     fn not_a_frontend(ctx: &TcContext, pkt: &Packet<Self>) -> Outcome;
-    fn source_allowed(pkt: &Packet<Self>, rev_nat_id: u16) -> bool;
     /// A new flow to a frontend with no backends.
     fn no_backends(ctx: &TcContext, pkt: &Packet<Self>) -> Outcome;
-    /// The client as session affinity knows it; `None`: no affinity.
-    fn affinity_key(pkt: &Packet<Self>, rev_nat_id: u16) -> Option<AffinityKey>;
-    fn snat_needed<const EXTERNAL: bool>(
-        pkt: &Packet<Self>,
-        external: bool,
-        remote: bool,
-        backend_addr: &Self,
-    ) -> bool;
     /// A routed (SNATed) packet too big for the way out (`mtu`).
     fn too_big(ctx: &TcContext, pkt: &Packet<Self>, mtu: u16) -> Outcome;
     fn log_new_flow(ctx: &TcContext, pkt: &Packet<Self>, entry: &CtValue<Self>);
@@ -287,31 +285,14 @@ trait Edges: nat::Rewrite + redirect::Forward {
 impl Edges for Ipv4 {
     #[inline(always)]
     fn not_a_frontend(ctx: &TcContext, pkt: &Packet) -> Outcome {
-        if service_cidrs().contains(u32::from_be(pkt.daddr_be())) {
+        if pkt.daddr.in_service_cidrs() {
             return reject::service_cidr(ctx, pkt);
         }
         Outcome::next(Stat::PassNotService)
     }
     #[inline(always)]
-    fn source_allowed(pkt: &Packet, rev_nat_id: u16) -> bool {
-        source_allowed(pkt, rev_nat_id)
-    }
-    #[inline(always)]
     fn no_backends(ctx: &TcContext, pkt: &Packet) -> Outcome {
         reject::port_unreachable(ctx, pkt)
-    }
-    #[inline(always)]
-    fn affinity_key(pkt: &Packet, rev_nat_id: u16) -> Option<AffinityKey> {
-        Some(AffinityKey::new(pkt.saddr, rev_nat_id))
-    }
-    #[inline(always)]
-    fn snat_needed<const EXTERNAL: bool>(
-        pkt: &Packet,
-        external: bool,
-        remote: bool,
-        backend_addr: &Ipv4,
-    ) -> bool {
-        snat_needed::<EXTERNAL>(pkt, external, remote, u32::from_ne_bytes(*backend_addr))
     }
     #[inline(always)]
     fn too_big(ctx: &TcContext, pkt: &Packet, mtu: u16) -> Outcome {
@@ -347,29 +328,15 @@ impl Edges for Ipv4 {
 
 impl Edges for Ipv6 {
     #[inline(always)]
-    fn not_a_frontend(_: &TcContext, _: &Packet<Ipv6>) -> Outcome {
+    fn not_a_frontend(ctx: &TcContext, pkt: &Packet<Ipv6>) -> Outcome {
+        if pkt.daddr.in_service_cidrs() {
+            return reject::service_cidr6(ctx, pkt);
+        }
         Outcome::next(Stat::PassNotService)
-    }
-    #[inline(always)]
-    fn source_allowed(_: &Packet<Ipv6>, _: u16) -> bool {
-        false
     }
     #[inline(always)]
     fn no_backends(ctx: &TcContext, pkt: &Packet<Ipv6>) -> Outcome {
         reject::port_unreachable6(ctx, pkt)
-    }
-    #[inline(always)]
-    fn affinity_key(_: &Packet<Ipv6>, _: u16) -> Option<AffinityKey> {
-        None
-    }
-    #[inline(always)]
-    fn snat_needed<const EXTERNAL: bool>(
-        pkt: &Packet<Ipv6>,
-        external: bool,
-        remote: bool,
-        backend_addr: &Ipv6,
-    ) -> bool {
-        backend_addr.same(&pkt.saddr) || (remote && (external || EXTERNAL))
     }
     /// IPv6 routers never fragment: always packet too big, built in a
     /// program of its own (`lb_too_big6`): inlined at each routed send it
@@ -445,27 +412,6 @@ fn to_frontend<A: Edges, const EXTERNAL: bool>(ctx: &TcContext, pkt: &Packet<A>)
     A::first_packet::<EXTERNAL>(ctx, pkt, &svc, now)
 }
 
-/// The service CIDRs; the agent sets them at load (`--service-cluster-ip-range`).
-#[unsafe(no_mangle)]
-static SERVICE_CIDRS: Cidrs = Cidrs::NONE;
-
-/// The cluster's pod CIDRs (`--cluster-cidr`); none: every source arriving
-/// at an uplink is outside the cluster.
-#[unsafe(no_mangle)]
-static CLUSTER_CIDRS: Cidrs = Cidrs::NONE;
-
-#[inline(always)]
-pub(crate) fn service_cidrs() -> Cidrs {
-    // SAFETY: a read-only global; volatile so the agent's value is used.
-    unsafe { core::ptr::read_volatile(&SERVICE_CIDRS) }
-}
-
-#[inline(always)]
-fn cluster_cidrs() -> Cidrs {
-    // SAFETY: as `service_cidrs`.
-    unsafe { core::ptr::read_volatile(&CLUSTER_CIDRS) }
-}
-
 /// Whether a new flow to `backend` is SNATed to the node, so that its
 /// answer comes back through this node to be reverse-NATed:
 /// - external traffic to another node's backend (its node would answer the
@@ -476,16 +422,16 @@ fn cluster_cidrs() -> Cidrs {
 /// - a pod whose flow lands on itself (hairpin): it would drop a packet
 ///   from its own address, and answer itself.
 #[inline(always)]
-fn snat_needed<const EXTERNAL: bool>(
-    pkt: &Packet,
+fn snat_needed<A: Family, const EXTERNAL: bool>(
+    pkt: &Packet<A>,
     external: bool,
     remote: bool,
-    backend_addr: u32,
+    backend_addr: &A,
 ) -> bool {
-    if backend_addr == pkt.saddr_be() {
+    if backend_addr.same(&pkt.saddr) {
         return true;
     }
-    remote && (external || (EXTERNAL && !cluster_cidrs().contains(u32::from_be(pkt.saddr_be()))))
+    remote && (external || (EXTERNAL && !pkt.saddr.in_cluster_cidrs()))
 }
 
 /// A new flow to frontend `svc`: admitted, a backend picked, tracked,
@@ -499,7 +445,7 @@ fn new_flow<A: Edges, const EXTERNAL: bool>(
     svc: &SvcValue,
     now: u64,
 ) -> Outcome {
-    if svc.flags & SVC_FLAG_SOURCE_RANGES != 0 && !A::source_allowed(pkt, svc.rev_nat_id) {
+    if svc.flags & SVC_FLAG_SOURCE_RANGES != 0 && !source_allowed(&pkt.saddr, svc.rev_nat_id) {
         return Outcome::drop(Stat::DropSourceRange);
     }
     if svc.count == 0 {
@@ -527,7 +473,7 @@ fn new_flow<A: Edges, const EXTERNAL: bool>(
         pkt.proto,
     );
     let affinity_key = if svc.flags & SVC_FLAG_AFFINITY != 0 {
-        A::affinity_key(pkt, svc.rev_nat_id)
+        Some(AffinityKey::new(pkt.saddr, svc.rev_nat_id))
     } else {
         None
     };
@@ -547,7 +493,7 @@ fn new_flow<A: Edges, const EXTERNAL: bool>(
         affinity::remember(key, backend_id, now);
     }
     let mut entry = ct::new_forward(pkt, &backend, backend_id, svc.rev_nat_id, now);
-    let created = if A::snat_needed::<EXTERNAL>(pkt, external, remote, &backend.addr) {
+    let created = if snat_needed::<A, EXTERNAL>(pkt, external, remote, &backend.addr) {
         match A::config() {
             Some(config) => ct::create_snat(ctx, pkt, &mut entry, config, now),
             None => Err(Stat::DropSnatExhausted),
@@ -659,14 +605,16 @@ fn icmp_error_egress(ctx: &TcContext, err: &icmp::IcmpError) -> Outcome {
     }
 }
 
-/// `loadBalancerSourceRanges`: the client is in one of the frontend's prefixes.
-#[inline(always)]
-fn source_allowed(pkt: &Packet, rev_nat_id: u16) -> bool {
+/// `loadBalancerSourceRanges`: the client is in one of the frontend's
+/// prefixes. A BPF function of its own: its key on the new-flow path's
+/// frame took IPv6's past what debug events leave.
+#[inline(never)]
+fn source_allowed<A: Family>(client: &A, rev_nat_id: u16) -> bool {
     let key = Key::new(
-        SOURCE_RANGE_ID_BITS + 32,
-        SourceRangeKey::new(rev_nat_id, pkt.saddr),
+        SOURCE_RANGE_ID_BITS + A::BITS,
+        SourceRangeKey::new(rev_nat_id, *client),
     );
-    maps::SOURCE_RANGES.get(&key).is_some()
+    A::source_ranges().get(&key).is_some()
 }
 
 /// The answer of a SNATed flow (backend → node:snat_port) goes back to the

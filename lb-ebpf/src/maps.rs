@@ -79,9 +79,15 @@ pub static CONFIG: Array<NodeConfig, 1> = Array::new();
 #[btf_map(name = "lb_config6_v4")]
 pub static CONFIG6: Array<NodeConfig<Ipv6>, 1> = Array::new();
 
+pub type AffinityMap<A> = LruHashMap<AffinityKey<A>, AffinityValue, 65_536>;
+pub type SourceRangeMap<A> = LpmTrie<SourceRangeKey<A>, u8, 16_384, { BPF_F_NO_PREALLOC as usize }>;
+
 /// Session affinity: client + frontend → last backend (see `lb_common::affinity`).
 #[btf_map(name = "lb_affinity_v4")]
-pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, 65_536> = LruHashMap::new();
+pub static AFFINITY: AffinityMap<Ipv4> = LruHashMap::new();
+
+#[btf_map(name = "lb_affinity6_v4")]
+pub static AFFINITY6: AffinityMap<Ipv6> = LruHashMap::new();
 
 /// The current backends of each affinity frontend, and where they run.
 #[btf_map(name = "lb_aff_match_v4")]
@@ -90,8 +96,10 @@ pub static AFFINITY_MATCH: HashMap<AffinityMatchKey, u8, 262_144, { BPF_F_NO_PRE
 
 /// `loadBalancerSourceRanges` per frontend (see `lb_common::source_range`).
 #[btf_map(name = "lb_src_range_v4")]
-pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8, 16_384, { BPF_F_NO_PREALLOC as usize }> =
-    LpmTrie::new();
+pub static SOURCE_RANGES: SourceRangeMap<Ipv4> = LpmTrie::new();
+
+#[btf_map(name = "lb_src_range6_v4")]
+pub static SOURCE_RANGES6: SourceRangeMap<Ipv6> = LpmTrie::new();
 
 /// Socket LB: per socket and backend slot, the backend and the frontend it
 /// stood for (for getpeername and recvmsg). Not an LRU: an entry leaves

@@ -107,6 +107,18 @@ pub fn port_unreachable6(ctx: &TcContext, pkt: &Packet<Ipv6>) -> Outcome {
     )
 }
 
+/// As `service_cidr`, for an IPv6 service CIDR.
+#[inline(always)]
+pub fn service_cidr6(ctx: &TcContext, pkt: &Packet<Ipv6>) -> Outcome {
+    answer6(
+        ctx,
+        pkt,
+        [ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH],
+        0,
+        Stat::RejectServiceCidr,
+    )
+}
+
 /// A routed (SNATed) IPv6 packet too big for the way out: ICMPv6 packet too
 /// big with the next hop's MTU, from the address it was sent to (IPv6
 /// routers never fragment: the sender's path-MTU discovery needs it).

@@ -168,7 +168,7 @@ fn translate<const V6: bool>(ctx: &SockAddrContext, send: Send) -> i32 {
     let svc = maps::SERVICES.get_ptr(&SvcKey::new(addr, port, proto, 0));
     // An address of the service CIDRs that no frontend holds is refused,
     // as the tc path rejects its packets.
-    if svc.is_none() && !crate::service_cidrs().contains(u32::from_be(addr_be)) {
+    if svc.is_none() && !crate::cidrs::SERVICE_CIDRS.contains(&ipv4(addr_be)) {
         return ALLOW;
     }
     // SAFETY: a read-only global; volatile so the agent's value is used.

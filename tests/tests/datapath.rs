@@ -3,6 +3,7 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
+use lb_agent::datapath::loader::FamilyCidrs;
 use lb_common::{
     ct::{
         CtKey, CtTimeouts, CtValue, CT_ASSURED, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FIN_FORWARD,
@@ -430,9 +431,7 @@ fn port_unreachable(packet: &Packet, input: &[u8], from: Ipv4Addr) -> Vec<u8> {
 #[test]
 fn an_address_in_the_service_cidr_no_frontend_holds_is_rejected() {
     require_root();
-    // 198.19.0.0/24
-    let mut cidrs = lb_common::cidrs::Cidrs::NONE;
-    (cidrs.addr[0], cidrs.mask[0], cidrs.count) = (0xc613_0000, 0xffff_ff00, 1);
+    let cidrs = FamilyCidrs::new(&["198.19.0.0/24".parse().unwrap()]).unwrap();
     let mut h = Harness::with_globals(&lb_agent::datapath::loader::Globals {
         service_cidrs: cidrs,
         ..lb_agent::datapath::loader::Globals::DEFAULT

@@ -11,7 +11,7 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use lb_agent::{
-    datapath::maps::LbMaps,
+    datapath::{loader::FamilyCidrs, maps::LbMaps},
     model::{L4Addr, Proto},
 };
 use lb_common::{
@@ -1079,9 +1079,8 @@ fn a_cluster_ip_reached_from_outside_the_cluster_cidr_is_snated_both_ways() {
     );
     drop(node);
 
-    // 198.18.0.0/24: the client is the cluster's.
-    let mut cidrs = lb_common::cidrs::Cidrs::NONE;
-    (cidrs.addr[0], cidrs.mask[0], cidrs.count) = (0xc612_0000, 0xffff_ff00, 1);
+    // The client is the cluster's.
+    let cidrs = FamilyCidrs::new(&["198.18.0.0/24".parse().unwrap()]).unwrap();
     let globals = lb_agent::datapath::loader::Globals {
         cluster_cidrs: cidrs,
         ..lb_agent::datapath::loader::Globals::DEFAULT

@@ -5,11 +5,13 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 
+use lb_agent::datapath::loader::{FamilyCidrs, Globals};
 use lb_common::{
     config::NodeConfig,
     ct::{CT_DIR_FORWARD, CT_SEEN_REPLY, CT_SNAT},
     hash::{flow_hash, fold_ipv6, select_slot},
     stats::Stat,
+    Ipv6,
 };
 use lb_tests::{
     datapath::Harness,
@@ -21,6 +23,7 @@ use lb_tests::{
 
 const TCX_NEXT: u32 = u32::MAX;
 const TC_ACT_REDIRECT: u32 = 7;
+const TC_ACT_SHOT: u32 = 2;
 
 const CLIENT: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 2);
 const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 0x10);
@@ -356,6 +359,10 @@ struct Node6 {
 
 impl Node6 {
     fn new(name: &str, mtu: Option<u16>) -> Self {
+        Self::with_globals(name, mtu, &Globals::DEFAULT)
+    }
+
+    fn with_globals(name: &str, mtu: Option<u16>, globals: &Globals) -> Self {
         require_root();
         let ns = lb_tests::netns::NetNs::new(&format!("dp6-{name}")).unwrap();
         let ip = |args: &[&str]| ns.ip(args).unwrap();
@@ -394,7 +401,7 @@ impl Node6 {
         }
         ip(&route);
         ns.sysctl("net.ipv6.conf.all.forwarding", "1").unwrap();
-        let mut h = Harness::new();
+        let mut h = Harness::with_globals(globals);
         h.node = lb_agent::desired::NodeContext {
             name: Some("node-a".into()),
             nodeport_addresses: vec![NODE6.into()],
@@ -412,6 +419,30 @@ impl Node6 {
     fn external(&self, frame: &[u8]) -> lb_tests::datapath::RunResult {
         let h = &self.h;
         self.ns.run(|| h.run_external(frame))
+    }
+
+    /// The SNAT port of the flow from `client`.
+    fn snat_port_of(&self, client: SocketAddrV6) -> u16 {
+        let flows = self.h.conntrack6();
+        let (_, forward) = flows
+            .iter()
+            .find(|(k, v)| {
+                k.dir == CT_DIR_FORWARD && k.sport == client.port() && v.flags & CT_SNAT != 0
+            })
+            .expect("a SNATed forward entry");
+        forward.src_port
+    }
+}
+
+/// node-a to node-b, from the SNAT port to the pod.
+fn snated(packet: &Packet6, snat_port: u16) -> Packet6 {
+    Packet6 {
+        src_mac: NODE_A_MAC,
+        dst_mac: NODE_B_MAC,
+        ..hop(packet
+            .clone()
+            .from(at(NODE6, snat_port))
+            .to(at(REMOTE_BACKEND, 8080)))
     }
 }
 
@@ -441,16 +472,7 @@ fn an_ipv6_node_port_to_a_remote_backend_is_snated_both_ways_with_exact_bytes() 
     assert_eq!(forward.src_addr, NODE6.octets());
     let snat_port = forward.src_port;
     assert!((SNAT_PORTS.0..=SNAT_PORTS.1).contains(&snat_port));
-    // node-a to node-b, from the SNAT port to the pod.
-    let snated = |packet: &Packet6| Packet6 {
-        src_mac: NODE_A_MAC,
-        dst_mac: NODE_B_MAC,
-        ..hop(packet
-            .clone()
-            .from(at(NODE6, snat_port))
-            .to(at(REMOTE_BACKEND, 8080)))
-    };
-    let at_backend = snated(&syn);
+    let at_backend = snated(&syn, snat_port);
     assert_frame(
         &out.frame,
         &at_backend.build(),
@@ -470,7 +492,7 @@ fn an_ipv6_node_port_to_a_remote_backend_is_snated_both_ways_with_exact_bytes() 
 
     let ack = Packet6::tcp(client, node_port, TCP_ACK);
     let out = node.external(&ack.build());
-    assert_frame(&out.frame, &snated(&ack).build(), "ACK");
+    assert_frame(&out.frame, &snated(&ack, snat_port).build(), "ACK");
     assert_eq!(
         (
             node.h.counter(Stat::DnatNew),
@@ -502,6 +524,231 @@ fn a_routed_ipv6_packet_too_big_for_the_way_out_is_answered_packet_too_big() {
     let fits = Packet6::tcp(client, node_port, TCP_SYN).with_payload(&[7; 1000]);
     let out = node.external(&fits.build());
     assert_eq!(out.verdict, TC_ACT_REDIRECT);
-    assert_eq!(&out.frame[..6], &NODE_B_MAC, "to node-b");
-    assert_eq!(out.frame.len(), fits.build().len());
+    let snat_port = node.snat_port_of(client);
+    assert_frame(
+        &out.frame,
+        &snated(&fits, snat_port).build(),
+        "SYN that fits, to node-b",
+    );
+}
+
+/// A service CIDR routed into the cluster, over IPv6: at the uplink, a new
+/// flow to a cluster IP whose backend is on another node is SNATed to the
+/// node (a source outside the cluster CIDR); a source in `--cluster-cidr`
+/// keeps its address, DNAT only, through the stack.
+#[test]
+fn an_ipv6_cluster_ip_reached_from_outside_the_cluster_cidr_is_snated() {
+    let client = at(LAN_CLIENT, 40002);
+    let syn = Packet6::tcp(client, vip(80), TCP_SYN);
+    let node = Node6::new("cip-out", None);
+    let out = node.external(&syn.build());
+    assert_eq!(out.verdict, TC_ACT_REDIRECT, "routed by the datapath");
+    let snat_port = node.snat_port_of(client);
+    assert_frame(
+        &out.frame,
+        &snated(&syn, snat_port).build(),
+        "SNATed to the other node's pod",
+    );
+    drop(node);
+
+    let globals = Globals {
+        cluster_cidrs: FamilyCidrs::new(&["2001:db8:18::/64".parse().unwrap()]).unwrap(),
+        ..Globals::DEFAULT
+    };
+    let node = Node6::with_globals("cip-in", None, &globals);
+    let out = node.external(&syn.build());
+    assert_eq!(out.verdict, TCX_NEXT, "through the stack");
+    let dnat_only = syn.clone().to(at(REMOTE_BACKEND, 8080)).build();
+    assert_frame(&out.frame, &dnat_only, "DNAT only");
+    assert_eq!(node.h.counter(Stat::SnatNew), 0);
+}
+
+/// As nftables kube-proxy rejects it: a packet to an address of an IPv6
+/// service CIDR that no Service holds (unallocated, or a port its Service
+/// lacks) gets ICMPv6 port unreachable from that address; outside the
+/// CIDR, packets pass as before.
+#[test]
+fn an_address_in_an_ipv6_service_cidr_no_frontend_holds_is_rejected() {
+    require_root();
+    let globals = Globals {
+        service_cidrs: FamilyCidrs::new(&["2001:db8:ffff::/64".parse().unwrap()]).unwrap(),
+        ..Globals::DEFAULT
+    };
+    let mut h = Harness::with_globals(&globals);
+    h.apply_yaml(&manifest(false));
+    let unallocated = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 0x99);
+    for (to, port) in [(unallocated, 80), (VIP6, 8443)] {
+        let frame = Packet6::tcp(client(40500), at(to, port), TCP_SYN).build();
+        let out = h.run(&frame);
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "{to} port {port}: sent back");
+        let expected = icmp6_error(&frame, to, CLIENT, 1, 4, 0);
+        assert_frame(&out.frame, &expected, "port unreachable from the address");
+    }
+    let outside = Packet6::tcp(client(40501), at(BACKENDS[0], 80), TCP_SYN).build();
+    let out = h.run(&outside);
+    assert_eq!((out.verdict, &out.frame), (TCX_NEXT, &outside), "untouched");
+    assert_eq!(h.counter(Stat::RejectServiceCidr), 2);
+}
+
+/// `web` over IPv6 with `policy` in its spec, both endpoints on node-a.
+fn local_manifest(policy: &str) -> String {
+    let mut yaml = manifest(false).replace("  ports:\n", &format!("  {policy}\n  ports:\n"));
+    for backend in BACKENDS {
+        let line = format!("- addresses: [\"{backend}\"]\n");
+        yaml = yaml.replace(&line, &format!("{line}  nodeName: node-a\n"));
+    }
+    yaml
+}
+
+fn harness_on_node_a(yaml: &str) -> Harness {
+    require_root();
+    let mut h = Harness::new();
+    h.node = lb_agent::desired::NodeContext {
+        name: Some("node-a".into()),
+        ..Default::default()
+    };
+    h.apply_yaml(yaml);
+    h
+}
+
+/// The destination of a DNATed IPv6 frame.
+fn dst_of(frame: &[u8]) -> Ipv6Addr {
+    let bytes: [u8; 16] = frame[38..54].try_into().unwrap();
+    bytes.into()
+}
+
+/// ClientIP affinity over IPv6 (upstream dual_stack.go "should function for
+/// client IP based session affinity"): a client's new connections follow
+/// its first one whatever their ports hash to, another client is balanced
+/// on its own, an expired memory no longer applies, and a backend that
+/// left the Service is never returned to.
+#[test]
+fn client_ip_affinity_over_ipv6_returns_to_the_backend_while_it_is_current() {
+    use lb_common::affinity::{AffinityKey, AffinityValue, AFFINITY6_MAP};
+    let policy = "sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 30}}";
+    let mut h = harness_on_node_a(&local_manifest(policy));
+    let first_port = port_for(BACKENDS[0], 6);
+    let out = h.run(&Packet6::tcp(client(first_port), vip(80), TCP_SYN).build());
+    assert_eq!(dst_of(&out.frame), BACKENDS[0]);
+    let elsewhere = port_for(BACKENDS[1], 6);
+    let syn = Packet6::tcp(client(elsewhere), vip(80), TCP_SYN);
+    let out = h.run(&syn.build());
+    let expected = syn.clone().to(at(BACKENDS[0], 8080)).build();
+    assert_frame(
+        &out.frame,
+        &expected,
+        "a port hashing to the other backend follows affinity",
+    );
+
+    // Other clients are balanced on their own: they reach both backends.
+    let reached: std::collections::BTreeSet<Ipv6Addr> = (3..11)
+        .map(|last| {
+            let other = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, last);
+            let out = h.run(&Packet6::tcp(at(other, 40600), vip(80), TCP_SYN).build());
+            dst_of(&out.frame)
+        })
+        .collect();
+    assert_eq!(reached.len(), 2, "clients spread over both backends");
+
+    // The client's memory is its first flow's backend; once the timeout
+    // has passed since its last connection, its flows are hashed again.
+    let (_, first) = h
+        .conntrack6()
+        .into_iter()
+        .find(|(k, _)| k.dir == CT_DIR_FORWARD && k.sport == first_port)
+        .unwrap();
+    let key = AffinityKey::new(CLIENT.octets(), first.rev_nat_id);
+    let mut map: aya::maps::HashMap<&mut aya::maps::MapData, AffinityKey<Ipv6>, AffinityValue> =
+        h.ebpf.map_mut(AFFINITY6_MAP).unwrap().try_into().unwrap();
+    let remembered = map.get(&key, 0).unwrap();
+    assert_eq!(remembered.backend_id, first.backend_id);
+    map.insert(
+        key,
+        AffinityValue {
+            last_used_ns: remembered.last_used_ns - 31_000_000_000,
+            ..remembered
+        },
+        0,
+    )
+    .unwrap();
+    let again = (elsewhere + 1..45000)
+        .find(|p| expected_backend(client(*p), vip(80), 6) == BACKENDS[1])
+        .unwrap();
+    let out = h.run(&Packet6::tcp(client(again), vip(80), TCP_SYN).build());
+    assert_eq!(
+        dst_of(&out.frame),
+        BACKENDS[1],
+        "expired affinity no longer applies"
+    );
+
+    // BACKENDS[1] (now remembered) leaves the Service: never chosen again.
+    h.apply_yaml(&local_manifest(policy).replace(
+        &format!("- addresses: [\"{}\"]\n  nodeName: node-a\n", BACKENDS[1]),
+        "",
+    ));
+    for port in 46000..46010 {
+        let out = h.run(&Packet6::tcp(client(port), vip(80), TCP_SYN).build());
+        assert_eq!(
+            dst_of(&out.frame),
+            BACKENDS[0],
+            "port {port}: to a current backend"
+        );
+    }
+}
+
+/// `loadBalancerSourceRanges` at an IPv6 load-balancer IP admit the
+/// clients in its IPv6 prefixes only; with only IPv4 prefixes listed, it
+/// admits nobody (its family has none); without ranges, everyone.
+#[test]
+fn ipv6_load_balancer_source_ranges_admit_only_their_clients() {
+    let lb = Ipv6Addr::new(0x2001, 0xdb8, 0x19, 0, 0, 0, 0, 1);
+    let ranges = r#"loadBalancerSourceRanges: ["2001:db8:18::96/126", "2001:db8:18::100/128", "198.18.0.0/24"]"#;
+    let yaml = |ranges: &str| {
+        local_manifest(ranges)
+            .replace("  clusterIP:", "  type: LoadBalancer\n  clusterIP:")
+            .replacen(
+                "\n---\n",
+                &format!("\nstatus: {{loadBalancer: {{ingress: [{{ip: \"{lb}\"}}]}}}}\n---\n"),
+                1,
+            )
+    };
+    let mut h = harness_on_node_a(&yaml(ranges));
+    let client_at = |last: u16| Ipv6Addr::new(0x2001, 0xdb8, 0x18, 0, 0, 0, 0, last);
+    for (client, admitted) in [
+        (client_at(0x100), true),  // /128
+        (client_at(0x97), true),   // in ::96/126
+        (client_at(0x101), false), // outside both
+        (Ipv6Addr::new(0x2001, 0xdb8, 0x19, 0, 0, 0, 0, 0x100), false),
+    ] {
+        let syn = Packet6::tcp(at(client, 40000), at(lb, 80), TCP_SYN);
+        let out = h.run_external(&syn.build());
+        if admitted {
+            assert_eq!(out.verdict, TCX_NEXT, "{client} admitted");
+            assert_eq!(
+                dst_of(&out.frame),
+                expected_backend(at(client, 40000), at(lb, 80), 6)
+            );
+        } else {
+            assert_eq!(out.verdict, TC_ACT_SHOT, "{client} dropped");
+        }
+    }
+    assert_eq!(h.counter(Stat::DropSourceRange), 2);
+
+    h.apply_yaml(&yaml(r#"loadBalancerSourceRanges: ["198.18.0.0/24"]"#));
+    let syn = Packet6::tcp(at(client_at(0x100), 40001), at(lb, 80), TCP_SYN);
+    assert_eq!(
+        h.run_external(&syn.build()).verdict,
+        TC_ACT_SHOT,
+        "no IPv6 range: nobody"
+    );
+
+    h.apply_yaml(&yaml(""));
+    let syn = Packet6::tcp(at(client_at(0x101), 40002), at(lb, 80), TCP_SYN);
+    assert_eq!(
+        h.run_external(&syn.build()).verdict,
+        TCX_NEXT,
+        "no ranges: everyone"
+    );
+    assert_eq!(h.counter(Stat::DropSourceRange), 3);
 }

@@ -57,11 +57,16 @@ pub fn services(snapshot: &Snapshot) -> String {
             .collect();
         let ranges: Vec<String> = snapshot
             .source_ranges
-            .range((value.rev_nat_id, ipnet::Ipv4Net::default())..)
+            .range((value.rev_nat_id, ipnet::IpNet::default())..)
             .take_while(|(id, _)| *id == value.rev_nat_id)
             .map(|(_, range)| range.to_string())
             .collect();
-        if value.flags & SVC_FLAG_SOURCE_RANGES != 0 {
+        if value.flags & SVC_FLAG_SOURCE_RANGES != 0 && ranges.is_empty() {
+            let _ = writeln!(
+                out,
+                "  clients admitted from: none (no range of this family)"
+            );
+        } else if value.flags & SVC_FLAG_SOURCE_RANGES != 0 {
             let _ = writeln!(out, "  clients admitted from: [{}]", ranges.join(", "));
         }
         if value.flags & SVC_FLAG_MAGLEV != 0 {

@@ -26,7 +26,7 @@ use crate::{
         conntrack::{flow_is_expired, monotonic_ns, CtAddr},
         counters as datapath_counters,
         loader::{open_conntrack, open_conntrack6, open_pinned, MapSizes},
-        maps::{FamilyMaps, KernelMaps, LbMaps, Snapshot, Wire},
+        maps::{FamilyMaps, KernelMaps, LbMaps, Snapshot, SourceRangeMaps, Wire},
     },
     model::{FrontendKind, L4Addr, Proto},
 };
@@ -57,7 +57,10 @@ pub fn snapshot(pin_dir: &Path) -> anyhow::Result<Snapshot> {
             lb_common::revnat::REVNAT6_MAP,
         )?,
         open_pinned(pin_dir, AFFINITY_MATCH_MAP)?,
-        open_pinned(pin_dir, SOURCE_RANGE_MAP)?,
+        SourceRangeMaps {
+            v4: open_pinned(pin_dir, SOURCE_RANGE_MAP)?,
+            v6: open_pinned(pin_dir, lb_common::source_range::SOURCE_RANGE6_MAP)?,
+        },
         open_pinned(pin_dir, lb_common::maglev::MAGLEV_MAP)?,
         MapSizes::default().capacity(),
     )?;

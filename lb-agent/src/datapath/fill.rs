@@ -8,8 +8,9 @@ use std::{collections::BTreeMap, os::fd::AsFd as _, path::Path};
 
 use aya::{maps::MapData, Pod};
 use lb_common::{
-    affinity::{AffinityKey, AffinityValue, AFFINITY_MAP},
+    affinity::{AffinityKey, AffinityValue, AFFINITY6_MAP, AFFINITY_MAP},
     sock::{SockRevNatKey, SockRevNatValue, SOCK_REVNAT_MAP},
+    Ipv6,
 };
 
 use super::loader::LoadError;
@@ -30,6 +31,7 @@ pub fn capacities(pin_dir: &Path) -> Result<BTreeMap<&'static str, u32>, LoadErr
 pub fn datapath_tables(pin_dir: &Path) -> Result<Vec<(&'static str, u64)>, LoadError> {
     Ok(vec![
         count::<AffinityKey, AffinityValue>(pin_dir, AFFINITY_MAP)?,
+        count::<AffinityKey<Ipv6>, AffinityValue>(pin_dir, AFFINITY6_MAP)?,
         count::<SockRevNatKey, SockRevNatValue>(pin_dir, SOCK_REVNAT_MAP)?,
     ])
 }

@@ -10,9 +10,11 @@ use aya::{
     programs::SchedClassifier,
     Ebpf, EbpfLoader,
 };
+use ipnet::IpNet;
 use lb_common::{
-    affinity::{AFFINITY_MAP, AFFINITY_MATCH_MAP},
+    affinity::{AFFINITY6_MAP, AFFINITY_MAP, AFFINITY_MATCH_MAP},
     backend::{BACKEND6_MAP, BACKEND_MAP},
+    cidrs::{Cidrs, Cidrs6},
     config::{NodeConfig, CONFIG6_MAP, CONFIG_MAP},
     ct::{CtTimeouts, CT6_MAP, CT6_NEW_MAP, CT_MAP, CT_NEW_MAP},
     family6::{PROGRAMS6_MAP, PROGRAM_NAMES},
@@ -20,7 +22,7 @@ use lb_common::{
     maglev::MAGLEV_MAP,
     revnat::{REVNAT6_MAP, REVNAT_MAP},
     sock::{SOCK_REVNAT_LRU_MAP, SOCK_REVNAT_MAP},
-    source_range::SOURCE_RANGE_MAP,
+    source_range::{SOURCE_RANGE6_MAP, SOURCE_RANGE_MAP},
     stats::{STATS_MAP, STAT_COUNT},
     svc::{SVC6_MAP, SVC_MAP},
     MAP_LAYOUT_VERSION,
@@ -28,14 +30,14 @@ use lb_common::{
 
 use super::{
     conntrack::Conntrack,
-    maps::{Capacity, FamilyMaps, KernelMaps},
+    maps::{Capacity, FamilyMaps, KernelMaps, SourceRangeMaps},
     udp_reset::UdpResetter,
     EBPF_OBJECT, EGRESS_PROGRAM, INGRESS_EXTERNAL_PROGRAM, INGRESS_PROGRAM, SOCK_PROGRAMS,
     SOCK_RELEASE_PROGRAM,
 };
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
-pub const ALL_MAPS: [&str; 19] = [
+pub const ALL_MAPS: [&str; 21] = [
     MAGLEV_MAP,
     SOCK_REVNAT_MAP,
     SOURCE_RANGE_MAP,
@@ -54,6 +56,8 @@ pub const ALL_MAPS: [&str; 19] = [
     CT6_MAP,
     CT6_NEW_MAP,
     CONFIG6_MAP,
+    AFFINITY6_MAP,
+    SOURCE_RANGE6_MAP,
     // Pinned so it keeps its programs while the agent restarts (a program
     // array is emptied when its last user reference goes).
     PROGRAMS6_MAP,
@@ -146,10 +150,68 @@ pub struct Globals {
     pub socket_lb_netns: u64,
     /// `--service-cluster-ip-range`: packets there that no frontend holds
     /// are rejected.
-    pub service_cidrs: lb_common::cidrs::Cidrs,
+    pub service_cidrs: FamilyCidrs,
     /// `--cluster-cidr`: sources there arriving at an uplink are the
     /// cluster's (not masqueraded on their way to a cluster IP).
-    pub cluster_cidrs: lb_common::cidrs::Cidrs,
+    pub cluster_cidrs: FamilyCidrs,
+}
+
+/// One CIDR list as the two families' globals hold it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FamilyCidrs {
+    pub v4: Cidrs,
+    pub v6: Cidrs6,
+}
+
+/// More prefixes of one family than the datapath holds.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("more than {max} {family} prefixes", max = lb_common::cidrs::MAX_CIDRS)]
+pub struct TooManyCidrs {
+    pub family: &'static str,
+}
+
+impl FamilyCidrs {
+    pub const NONE: Self = Self {
+        v4: Cidrs::NONE,
+        v6: Cidrs6::NONE,
+    };
+
+    /// The prefixes, each family's in its own global (host bits dropped).
+    pub fn new(nets: &[IpNet]) -> Result<Self, TooManyCidrs> {
+        fn push<const W: usize>(
+            cidrs: &mut Cidrs<W>,
+            family: &'static str,
+            addr: &[u8],
+            mask: &[u8],
+        ) -> Result<(), TooManyCidrs> {
+            let i = cidrs.count as usize;
+            if i == lb_common::cidrs::MAX_CIDRS {
+                return Err(TooManyCidrs { family });
+            }
+            cidrs.addr[i] = lb_common::cidrs::words(addr);
+            cidrs.mask[i] = lb_common::cidrs::words(mask);
+            cidrs.count += 1;
+            Ok(())
+        }
+        let mut out = Self::NONE;
+        for net in nets {
+            match net.trunc() {
+                IpNet::V4(n) => push(
+                    &mut out.v4,
+                    "IPv4",
+                    &n.network().octets(),
+                    &n.netmask().octets(),
+                )?,
+                IpNet::V6(n) => push(
+                    &mut out.v6,
+                    "IPv6",
+                    &n.network().octets(),
+                    &n.netmask().octets(),
+                )?,
+            }
+        }
+        Ok(out)
+    }
 }
 
 impl Globals {
@@ -157,8 +219,8 @@ impl Globals {
         timeouts: CtTimeouts::DEFAULT,
         icmp_limit: IcmpLimit::DEFAULT,
         socket_lb_netns: 0,
-        service_cidrs: lb_common::cidrs::Cidrs::NONE,
-        cluster_cidrs: lb_common::cidrs::Cidrs::NONE,
+        service_cidrs: FamilyCidrs::NONE,
+        cluster_cidrs: FamilyCidrs::NONE,
     };
 }
 
@@ -195,15 +257,19 @@ pub fn load_with_log(
         .map_max_entries(CT_NEW_MAP, sizes.conntrack_new)
         .map_max_entries(CT6_NEW_MAP, sizes.conntrack_new)
         .map_max_entries(AFFINITY_MAP, sizes.affinity)
+        .map_max_entries(AFFINITY6_MAP, sizes.affinity)
         .map_max_entries(AFFINITY_MATCH_MAP, sizes.service_slots)
         .map_max_entries(SOURCE_RANGE_MAP, sizes.source_ranges)
+        .map_max_entries(SOURCE_RANGE6_MAP, sizes.source_ranges)
         .map_max_entries(MAGLEV_MAP, sizes.maglev_chunks)
         .map_max_entries(SOCK_REVNAT_MAP, sizes.socket_entries)
         .override_global("CT_TIMEOUTS", &globals.timeouts, true)
         .override_global("ICMP_LIMIT", &globals.icmp_limit, true)
         .override_global("SOCK_LB_NETNS", &globals.socket_lb_netns, true)
-        .override_global("SERVICE_CIDRS", &globals.service_cidrs, true)
-        .override_global("CLUSTER_CIDRS", &globals.cluster_cidrs, true);
+        .override_global("SERVICE_CIDRS", &globals.service_cidrs.v4, true)
+        .override_global("SERVICE_CIDRS6", &globals.service_cidrs.v6, true)
+        .override_global("CLUSTER_CIDRS", &globals.cluster_cidrs.v4, true)
+        .override_global("CLUSTER_CIDRS6", &globals.cluster_cidrs.v6, true);
     if let Some(dir) = pin_dir {
         ensure_bpffs_dir(dir)?;
         refuse_other_layouts(dir)?;
@@ -432,7 +498,11 @@ pub fn kernel_maps(ebpf: &mut Ebpf, sizes: MapSizes) -> Result<KernelMaps, LoadE
         backends: take(BACKEND6_MAP)?,
         revnat: take(REVNAT6_MAP)?,
     };
-    let (affinity_match, source_ranges) = (take(AFFINITY_MATCH_MAP)?, take(SOURCE_RANGE_MAP)?);
+    let affinity_match = take(AFFINITY_MATCH_MAP)?;
+    let source_ranges = SourceRangeMaps {
+        v4: take(SOURCE_RANGE_MAP)?,
+        v6: take(SOURCE_RANGE6_MAP)?,
+    };
     KernelMaps::new(
         maps4,
         maps6,
@@ -628,4 +698,48 @@ impl log::Log for ToTracing {
     }
 
     fn flush(&self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nets(list: &[&str]) -> Vec<IpNet> {
+        list.iter().map(|n| n.parse().unwrap()).collect()
+    }
+
+    /// Each family's prefixes land in its own global, host bits dropped,
+    /// and the datapath's `contains` matches inside them only.
+    #[test]
+    fn cidrs_of_both_families_go_to_their_own_globals() {
+        let cidrs = FamilyCidrs::new(&nets(&["198.19.0.7/16", "2001:db8:19::1/48"])).unwrap();
+        assert_eq!((cidrs.v4.count, cidrs.v6.count), (1, 1));
+        let v4 = |a: &str| a.parse::<std::net::Ipv4Addr>().unwrap().octets();
+        let v6 = |a: &str| a.parse::<std::net::Ipv6Addr>().unwrap().octets();
+        assert!(cidrs.v4.contains(&v4("198.19.255.1")));
+        assert!(!cidrs.v4.contains(&v4("198.18.0.1")));
+        assert!(cidrs.v6.contains(&v6("2001:db8:19:ffff::1")));
+        assert!(!cidrs.v6.contains(&v6("2001:db8:18::1")));
+        assert!(!cidrs.v6.contains(&v6("2001:db9:19::1")));
+        assert!(!FamilyCidrs::NONE.v6.contains(&v6("2001:db8:19::1")));
+    }
+
+    #[test]
+    fn more_than_four_prefixes_of_a_family_are_refused_naming_it() {
+        let four_each = nets(&[
+            "198.18.0.0/24",
+            "198.18.1.0/24",
+            "198.18.2.0/24",
+            "198.18.3.0/24",
+            "2001:db8:1::/48",
+            "2001:db8:2::/48",
+            "2001:db8:3::/48",
+            "2001:db8:4::/48",
+        ]);
+        assert!(FamilyCidrs::new(&four_each).is_ok());
+        let mut five_v6 = four_each.clone();
+        five_v6.push("2001:db8:5::/48".parse().unwrap());
+        let err = FamilyCidrs::new(&five_v6).unwrap_err();
+        assert_eq!(err.to_string(), "more than 4 IPv6 prefixes");
+    }
 }

@@ -15,13 +15,13 @@ use aya::{
     },
     Pod,
 };
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use lb_common::{
     affinity::{AffinityMatchKey, AFFINITY_BACKEND_LOCAL, AFFINITY_BACKEND_REMOTE},
     backend::{Backend, BACKEND6_MAP, BACKEND_MAP},
     maglev::{MaglevChunk, MaglevKey, MAGLEV_CHUNK, MAGLEV_MAP},
     revnat::{RevNat, OWNER_LEN, REVNAT6_MAP, REVNAT_MAP},
-    source_range::{SourceRangeKey, SOURCE_RANGE_ID_BITS, SOURCE_RANGE_MAP},
+    source_range::{SourceRangeKey, SOURCE_RANGE6_MAP, SOURCE_RANGE_ID_BITS, SOURCE_RANGE_MAP},
     svc::{SvcKey, SvcValue, SVC6_MAP, SVC_MAP},
     Ipv6,
 };
@@ -29,10 +29,13 @@ use lb_common::{
 use crate::model::{L4Addr, Proto, ServiceName};
 
 /// The trie key of one client prefix of one frontend.
-fn range_key(rev_nat_id: u16, range: Ipv4Net) -> Key<SourceRangeKey> {
+fn range_key<A>(rev_nat_id: u16, addr: A, prefix_len: u8) -> Key<SourceRangeKey<A>>
+where
+    SourceRangeKey<A>: Pod,
+{
     Key::new(
-        SOURCE_RANGE_ID_BITS + u32::from(range.prefix_len()),
-        SourceRangeKey::new(rev_nat_id, range.network().octets()),
+        SOURCE_RANGE_ID_BITS + u32::from(prefix_len),
+        SourceRangeKey::new(rev_nat_id, addr),
     )
 }
 
@@ -69,7 +72,7 @@ pub struct Snapshot {
     /// (rev-NAT id, backend id) → the backend runs on this node.
     pub affinity_match: BTreeMap<(u16, u32), bool>,
     /// (rev-NAT id, client prefix) pairs of `loadBalancerSourceRanges`.
-    pub source_ranges: std::collections::BTreeSet<(u16, Ipv4Net)>,
+    pub source_ranges: std::collections::BTreeSet<(u16, IpNet)>,
     /// (rev-NAT id, table) → the Maglev table's entries, its chunks in
     /// order (a missing chunk reads as zeros).
     pub maglev: BTreeMap<(u16, u16), Vec<u32>>,
@@ -117,9 +120,8 @@ pub trait LbMaps {
         rev_nat_id: u16,
         backend_id: u32,
     ) -> Result<(), MapWriteError>;
-    fn put_source_range(&mut self, rev_nat_id: u16, range: Ipv4Net) -> Result<(), MapWriteError>;
-    fn delete_source_range(&mut self, rev_nat_id: u16, range: Ipv4Net)
-        -> Result<(), MapWriteError>;
+    fn put_source_range(&mut self, rev_nat_id: u16, range: IpNet) -> Result<(), MapWriteError>;
+    fn delete_source_range(&mut self, rev_nat_id: u16, range: IpNet) -> Result<(), MapWriteError>;
     /// Writes Maglev table `table` (0 or 1) of a frontend whole, chunk by
     /// chunk (the last one padded with zeros).
     fn put_maglev_table(
@@ -284,10 +286,12 @@ pub struct KernelMaps {
     revnat6: HashMap<MapData, u16, RevNat<Ipv6>>,
     affinity_match: HashMap<MapData, AffinityMatchKey, u8>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
+    source_ranges6: LpmTrie<MapData, SourceRangeKey<Ipv6>, u8>,
     maglev: HashMap<MapData, MaglevKey, MaglevChunk>,
     maglev_limit: Limit,
     svc_limit: Limit,
     range_limit: Limit,
+    range6_limit: Limit,
     backend_limit: Limit,
     revnat_limit: Limit,
     svc6_limit: Limit,
@@ -300,6 +304,12 @@ pub struct FamilyMaps {
     pub svc: Map,
     pub backends: Map,
     pub revnat: Map,
+}
+
+/// The two families' `loadBalancerSourceRanges` tries.
+pub struct SourceRangeMaps {
+    pub v4: Map,
+    pub v6: Map,
 }
 
 /// A map's size and the flag that sets it, for errors that say what to raise.
@@ -325,7 +335,7 @@ impl KernelMaps {
         maps4: FamilyMaps,
         maps6: FamilyMaps,
         affinity_match: Map,
-        source_ranges: Map,
+        source_ranges: SourceRangeMaps,
         maglev: Map,
         capacity: Capacity,
     ) -> Result<Self, MapError> {
@@ -359,7 +369,8 @@ impl KernelMaps {
             backends: HashMap::try_from(backends)?,
             revnat: HashMap::try_from(revnat)?,
             affinity_match: HashMap::try_from(affinity_match)?,
-            source_ranges: LpmTrie::try_from(source_ranges)?,
+            source_ranges: LpmTrie::try_from(source_ranges.v4)?,
+            source_ranges6: LpmTrie::try_from(source_ranges.v6)?,
             maglev: HashMap::try_from(maglev)?,
             maglev_limit: Limit {
                 map: MAGLEV_MAP,
@@ -368,6 +379,11 @@ impl KernelMaps {
             },
             range_limit: Limit {
                 map: SOURCE_RANGE_MAP,
+                capacity: capacity.source_ranges,
+                flag: "--max-source-ranges",
+            },
+            range6_limit: Limit {
+                map: SOURCE_RANGE6_MAP,
                 capacity: capacity.source_ranges,
                 flag: "--max-source-ranges",
             },
@@ -387,6 +403,15 @@ impl KernelMaps {
                 flag: "(65535 frontends at most)",
             },
         })
+    }
+}
+
+impl KernelMaps {
+    fn range_limit(&self, range: IpNet) -> Limit {
+        match range {
+            IpNet::V4(_) => self.range_limit,
+            IpNet::V6(_) => self.range6_limit,
+        }
     }
 }
 
@@ -562,21 +587,34 @@ impl LbMaps for KernelMaps {
         .map_err(|e| limit.error("delete", e))
     }
 
-    fn put_source_range(&mut self, rev_nat_id: u16, range: Ipv4Net) -> Result<(), MapWriteError> {
-        let limit = self.range_limit;
-        self.source_ranges
-            .insert(&range_key(rev_nat_id, range), 1, 0)
-            .map_err(|e| limit.error("insert", e))
+    fn put_source_range(&mut self, rev_nat_id: u16, range: IpNet) -> Result<(), MapWriteError> {
+        let inserted = match range {
+            IpNet::V4(net) => {
+                let key = range_key(rev_nat_id, net.network().octets(), net.prefix_len());
+                self.source_ranges.insert(&key, 1, 0)
+            }
+            IpNet::V6(net) => {
+                let key = range_key(rev_nat_id, net.network().octets(), net.prefix_len());
+                self.source_ranges6.insert(&key, 1, 0)
+            }
+        };
+        let limit = self.range_limit(range);
+        inserted.map_err(|e| limit.error("insert", e))
     }
 
-    fn delete_source_range(
-        &mut self,
-        rev_nat_id: u16,
-        range: Ipv4Net,
-    ) -> Result<(), MapWriteError> {
-        let limit = self.range_limit;
-        ignore_missing(self.source_ranges.remove(&range_key(rev_nat_id, range)))
-            .map_err(|e| limit.error("delete", e))
+    fn delete_source_range(&mut self, rev_nat_id: u16, range: IpNet) -> Result<(), MapWriteError> {
+        let removed = match range {
+            IpNet::V4(net) => {
+                let key = range_key(rev_nat_id, net.network().octets(), net.prefix_len());
+                self.source_ranges.remove(&key)
+            }
+            IpNet::V6(net) => {
+                let key = range_key(rev_nat_id, net.network().octets(), net.prefix_len());
+                self.source_ranges6.remove(&key)
+            }
+        };
+        let limit = self.range_limit(range);
+        ignore_missing(removed).map_err(|e| limit.error("delete", e))
     }
 
     fn put_maglev_table(
@@ -661,13 +699,18 @@ impl LbMaps for KernelMaps {
         })?;
         for key in self.source_ranges.keys() {
             let key = key.map_err(read(self.range_limit))?;
-            let data = key.data();
-            let bits = key.prefix_len().saturating_sub(SOURCE_RANGE_ID_BITS);
-            let addr = std::net::Ipv4Addr::from(data.addr);
-            if let Ok(range) = Ipv4Net::new(addr, bits as u8) {
-                snapshot
-                    .source_ranges
-                    .insert((u16::from_be(data.rev_nat_id_be), range));
+            let (data, bits) = (key.data(), key.prefix_len() - SOURCE_RANGE_ID_BITS);
+            if let Ok(range) = ipnet::Ipv4Net::new(data.addr.into(), bits as u8) {
+                let id = u16::from_be(data.rev_nat_id_be);
+                snapshot.source_ranges.insert((id, range.into()));
+            }
+        }
+        for key in self.source_ranges6.keys() {
+            let key = key.map_err(read(self.range6_limit))?;
+            let (data, bits) = (key.data(), key.prefix_len() - SOURCE_RANGE_ID_BITS);
+            if let Ok(range) = ipnet::Ipv6Net::new(data.addr.into(), bits as u8) {
+                let id = u16::from_be(data.rev_nat_id_be);
+                snapshot.source_ranges.insert((id, range.into()));
             }
         }
         walk(&self.affinity_match, self.svc_limit, |key, value| {

@@ -97,24 +97,6 @@ pub(super) fn service_frontends(
         node: node.name.as_deref(),
         zone: node.zone.as_deref(),
     };
-    if vips.iter().any(IpAddr::is_ipv6) && policy.affinity_timeout_s.is_some() {
-        errors.push(ctx.error(
-            InputErrorKind::Skipped,
-            "spec.sessionAffinity",
-            "ClientIP affinity is not applied to IPv6 frontends yet (their flows are spread by hash)",
-        ));
-    }
-    let v6_load_balancer = external
-        .iter()
-        .any(|(kind, a)| *kind == FrontendKind::LoadBalancer && a.is_ipv6());
-    if v6_load_balancer && policy.source_ranges.is_some() {
-        // Fail closed: the datapath admits no source to them.
-        errors.push(ctx.error(
-            InputErrorKind::Skipped,
-            "spec.loadBalancerSourceRanges",
-            "not enforced on IPv6 load-balancer IPs yet: every flow to them is dropped (drop_source_range)",
-        ));
-    }
     let mut served = Vec::with_capacity(ports.len() * families.len());
     for port in &ports {
         for &family in &families {
@@ -181,8 +163,13 @@ pub(super) fn service_frontends(
                 local_count,
                 policy_flags: policy.flags(kind),
                 affinity_timeout_s: policy.affinity_timeout_s,
+                // The frontend's family's (none of it: nobody is admitted).
                 source_ranges: match (&policy.source_ranges, kind) {
-                    (Some(ranges), FrontendKind::LoadBalancer) => ranges.clone(),
+                    (Some(ranges), FrontendKind::LoadBalancer) => ranges
+                        .iter()
+                        .filter(|r| r.addr().is_ipv6() == addr.is_ipv6())
+                        .copied()
+                        .collect(),
                     _ => Vec::new(),
                 },
                 maglev_table_size,
@@ -380,8 +367,8 @@ struct Policy {
     external_local: bool,
     internal_local: bool,
     affinity_timeout_s: Option<u32>,
-    /// `loadBalancerSourceRanges`, when set (IPv4 prefixes only).
-    source_ranges: Option<Vec<ipnet::Ipv4Net>>,
+    /// `loadBalancerSourceRanges`, when set (either family).
+    source_ranges: Option<Vec<ipnet::IpNet>>,
 }
 
 /// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 h).
@@ -427,8 +414,7 @@ impl Policy {
         for (i, text) in spec.load_balancer_source_ranges.iter().enumerate() {
             let ranges = source_ranges.get_or_insert_with(Vec::new);
             match text.trim().parse::<ipnet::IpNet>() {
-                Ok(ipnet::IpNet::V4(net)) => ranges.push(net.trunc()),
-                Ok(ipnet::IpNet::V6(_)) => {} // IPv4 only
+                Ok(net) => ranges.push(net.trunc()),
                 Err(_) => {
                     return Err(ctx.error(
                         InputErrorKind::InvalidField,

@@ -157,7 +157,7 @@ pub struct FrontendSpec {
     pub affinity_timeout_s: Option<u32>,
     /// `loadBalancerSourceRanges` (load balancer IPs only; with
     /// `SVC_FLAG_SOURCE_RANGES` set, an empty list admits nobody).
-    pub source_ranges: Vec<ipnet::Ipv4Net>,
+    pub source_ranges: Vec<ipnet::IpNet>,
     /// The size of the frontend's Maglev table (`--lb-algorithm maglev`);
     /// 0: slots are picked by flow hash modulo their count.
     pub maglev_table_size: u32,

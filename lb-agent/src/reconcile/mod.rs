@@ -32,7 +32,7 @@ use std::{
     sync::Arc,
 };
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
 use lb_common::{
     maglev::MAGLEV_REMOTE,
@@ -109,7 +109,7 @@ pub struct Reconciler<M> {
     /// Affinity match entries present in the map that no frontend owns.
     orphan_affinity: BTreeSet<(u16, u32)>,
     /// Source-range entries present in the map that no frontend owns.
-    orphan_ranges: BTreeSet<(u16, Ipv4Net)>,
+    orphan_ranges: BTreeSet<(u16, IpNet)>,
     /// Maglev tables present in the map that no frontend owns, and their
     /// chunks.
     orphan_maglev: BTreeMap<(u16, u16), u32>,

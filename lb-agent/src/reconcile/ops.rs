@@ -2,7 +2,7 @@
 
 use std::{fmt, sync::Arc};
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use lb_common::svc::{slot_role, SvcValue};
 
 use crate::model::{L4Addr, ServiceName};
@@ -53,13 +53,13 @@ pub enum Op {
     PutSourceRange {
         frontend: L4Addr,
         rev_nat_id: u16,
-        range: Ipv4Net,
+        range: IpNet,
     },
     /// `frontend` is `None` for an entry no frontend owns.
     DeleteSourceRange {
         frontend: Option<L4Addr>,
         rev_nat_id: u16,
-        range: Ipv4Net,
+        range: IpNet,
     },
     /// `frontend` is `None` for an entry no frontend owns.
     DeleteAffinityMatch {

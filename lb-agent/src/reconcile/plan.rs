@@ -5,7 +5,7 @@ use std::{
     sync::Arc,
 };
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use lb_common::svc::{
     SvcValue, SLOT_FLAG_LOCAL, SLOT_FLAG_REMOTE, SVC_FLAG_AFFINITY, SVC_FLAG_MAGLEV,
     SVC_FLAG_MAGLEV_TABLE_1,
@@ -62,7 +62,7 @@ pub(super) fn plan_frontend(
     mut target: SvcValue,
     owner: &ServiceName,
     ids: &[u32],
-    source_ranges: &[Ipv4Net],
+    source_ranges: &[IpNet],
     maglev: Option<Arc<[u32]>>,
 ) -> Vec<Op> {
     // One sequence on purpose: the order of these writes is what keeps a
@@ -164,7 +164,7 @@ pub(super) fn plan_frontend(
     }
     // Ranges admit clients: new ones before the head that may start
     // checking them, old ones after it.
-    let ranges: BTreeSet<Ipv4Net> = source_ranges.iter().copied().collect();
+    let ranges: BTreeSet<IpNet> = source_ranges.iter().copied().collect();
     ops.extend(
         ranges
             .difference(&current.source_ranges)

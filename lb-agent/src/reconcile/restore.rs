@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::{maglev_backend_ids, BackendEntry, Reconciler, Written, MAX_REV_NAT_ID};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
 use crate::{
     datapath::maps::{LbMaps, MapWriteError, Snapshot},
@@ -96,7 +96,7 @@ fn attach_owned(
     written: &mut BTreeMap<L4Addr, Written>,
 ) -> (
     BTreeSet<(u16, u32)>,
-    BTreeSet<(u16, Ipv4Net)>,
+    BTreeSet<(u16, IpNet)>,
     BTreeMap<(u16, u16), u32>,
 ) {
     let by_rev_nat: BTreeMap<u16, L4Addr> = written

@@ -6,7 +6,7 @@ use std::{
     sync::Arc,
 };
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use lb_common::svc::{SvcValue, SVC_FLAG_MAGLEV};
 
 use super::maglev_table;
@@ -34,7 +34,7 @@ pub(super) struct Written {
     /// Affinity match entries: backend id → runs on this node.
     pub(super) affinity: BTreeMap<u32, bool>,
     /// Source-range entries.
-    pub(super) source_ranges: BTreeSet<Ipv4Net>,
+    pub(super) source_ranges: BTreeSet<IpNet>,
     /// What Maglev tables 0 and 1 hold (a table read back at restore is
     /// padded to whole chunks).
     pub(super) maglev: [Option<Arc<[u32]>>; 2],

@@ -256,7 +256,7 @@ impl LbMaps for FakeMaps {
     fn put_source_range(
         &mut self,
         rev_nat_id: u16,
-        range: ipnet::Ipv4Net,
+        range: ipnet::IpNet,
     ) -> Result<(), MapWriteError> {
         self.record(format!("put source range {rev_nat_id}/{range}"))?;
         self.state.source_ranges.insert((rev_nat_id, range));
@@ -266,7 +266,7 @@ impl LbMaps for FakeMaps {
     fn delete_source_range(
         &mut self,
         rev_nat_id: u16,
-        range: ipnet::Ipv4Net,
+        range: ipnet::IpNet,
     ) -> Result<(), MapWriteError> {
         self.record(format!("del source range {rev_nat_id}/{range}"))?;
         self.state.source_ranges.remove(&(rev_nat_id, range));
