@@ -226,6 +226,58 @@ fn should_function_for_pod_service_http_and_udp() {
     }
 }
 
+/// dual_stack.go "should function for client IP based session affinity:
+/// http" and "…: udp": with `sessionAffinity: ClientIP` on a dual-stack
+/// Service, every connection and every datagram (each from a new source
+/// port) of a client goes to the one backend its first went to, on each
+/// family's cluster IP; without it, they spread over every backend.
+#[test]
+fn should_function_for_client_ip_based_session_affinity_http_and_udp() {
+    let affinity =
+        |yaml: String| yaml.replace("  ports:\n", "  sessionAffinity: ClientIP\n  ports:\n");
+    let mut s = setup(
+        "lbd9",
+        3,
+        &affinity(manifest(&dual(), &[0, 1, 2], &[0, 1, 2])),
+    );
+    s.agent
+        .wait_for_maps("affinity on both families", |m| {
+            dual().into_iter().all(|vip| {
+                m.frontend(&frontend(vip, 80, "TCP"))
+                    .is_some_and(|f| f.affinity_timeout_s == Some(10_800) && f.backends.len() == 3)
+                    && m.frontend(&frontend(vip, 53, "UDP"))
+                        .is_some_and(|f| f.affinity_timeout_s == Some(10_800))
+            })
+        })
+        .unwrap();
+    for vip in dual() {
+        let (tcp, udp) = reached(&s, vip, 20);
+        assert_eq!(
+            tcp.len(),
+            1,
+            "one backend for every connection at {vip}: {tcp:?}"
+        );
+        assert_eq!(
+            udp.len(),
+            1,
+            "one backend for every datagram at {vip}: {udp:?}"
+        );
+    }
+    // Without affinity the same client reaches them all.
+    s.manifests
+        .write("web.yaml", &manifest(&dual(), &[0, 1, 2], &[0, 1, 2]))
+        .unwrap();
+    s.agent
+        .wait_for_maps("no affinity", |m| {
+            m.frontends.iter().all(|f| f.affinity_timeout_s.is_none())
+        })
+        .unwrap();
+    for vip in dual() {
+        let (tcp, _) = reached(&s, vip, 40);
+        assert_eq!(tcp, names(3), "every backend at {vip} without affinity");
+    }
+}
+
 /// dual_stack.go "should create service with ipv6,v4 cluster ip": IPv6
 /// first (the primary family), IPv4 second; both are served.
 #[test]
@@ -552,4 +604,60 @@ fn should_allow_pods_to_hairpin_back_to_themselves_through_ipv6_services() {
     for answer in answers {
         assert_eq!(answer, ("pod-a".to_owned(), CLIENT_POD_IPS6[0].into()));
     }
+}
+
+/// Services' "should only allow access from service loadbalancer source
+/// ranges", over IPv6: the load-balancer IP admits the client in its
+/// range (answers from both nodes' pods) and drops the other's packets,
+/// counted on node-a; the range opened to both, both get through.
+#[test]
+fn should_only_allow_access_from_ipv6_load_balancer_source_ranges() {
+    let status = format!("status: {{loadBalancer: {{ingress: [{{ip: \"{LB_IP6}\"}}]}}}}");
+    let ranges = |list: &str| format!("loadBalancerSourceRanges: [{list}]");
+    let first = ranges(&format!("\"{}/128\"", CLIENT_IPS6[0]));
+    let mut cluster = cluster6("lbda", "LoadBalancer", &first, &status, &[0, 1]);
+    let lb = frontend(LB_IP6.into(), 80, "TCP");
+    let admitted = format!("{}/128", CLIENT_IPS6[0]);
+    cluster
+        .wait_for_maps("the range", |m| {
+            m.frontend(&lb)
+                .is_some_and(|f| f.source_ranges == [admitted.clone()])
+        })
+        .unwrap();
+    let addr = SocketAddrV6::new(LB_IP6, 80, 0, 0);
+    let answers = requests6(&cluster.clients[0], addr, 20);
+    assert_eq!(answers.len(), 20, "inside the range");
+    let dropped = || {
+        let counters = lb_agent::cli::inspect::counters(&cluster.agents[0].pin_dir).unwrap();
+        counters
+            .iter()
+            .find(|(n, _)| *n == "drop_source_range")
+            .unwrap()
+            .1
+    };
+    let before = dropped();
+    let refused = cluster.clients[1].run(|| http_get(addr).is_err());
+    assert!(refused, "outside the range: no answer");
+    assert!(dropped() > before, "dropped by the range check at node-a");
+
+    let both = ranges(&format!(
+        "\"{}/128\", \"{}/127\"",
+        CLIENT_IPS6[0], CLIENT_IPS6[1]
+    ));
+    let endpoints = [(POD_IPS6[0], NODE_NAMES[0]), (POD_IPS6[1], NODE_NAMES[1])];
+    cluster
+        .set_manifest(&web_service(
+            "LoadBalancer",
+            CLUSTER_IP6,
+            &both,
+            &status,
+            &endpoints,
+        ))
+        .unwrap();
+    cluster
+        .wait_for_maps("both ranges", |m| {
+            m.frontend(&lb).is_some_and(|f| f.source_ranges.len() == 2)
+        })
+        .unwrap();
+    assert_eq!(requests6(&cluster.clients[1], addr, 5).len(), 5);
 }
