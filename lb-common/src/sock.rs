@@ -9,11 +9,13 @@
 //! and leave with their socket: the `sock_release` hook deletes a socket's
 //! slots. A socket has `SOCK_SLOTS` of them, chosen by backend, so the
 //! hook knows every key without a per-socket index; a socket that needs a
-//! taken slot, or finds the map full, is left to the tc path.
+//! taken slot, or finds the map full, is left to the tc path. A socket
+//! pointed at an IPv6 backend has its entries in the IPv6 map (same keys).
 
-use crate::{user_pod, Ipv4};
+use crate::{user_pod, Ipv4, Ipv6};
 
 pub const SOCK_REVNAT_MAP: &str = "lb_sock_rev_v4";
+pub const SOCK_REVNAT6_MAP: &str = "lb_sock_rev6_v4";
 /// The map before entries were slotted (an LRU keyed by backend): removed
 /// at load, its entries with it.
 pub const SOCK_REVNAT_LRU_MAP: &str = "lb_sock_rnat_v4";
@@ -39,6 +41,14 @@ impl SockRevNatKey {
         Self::of_slot(cookie, sock_slot(backend_addr, backend_port))
     }
 
+    /// The key of a socket's entry for an IPv6 backend (its address folded
+    /// as the flow hash folds it).
+    #[inline(always)]
+    pub const fn new6(cookie: u64, backend_addr: &Ipv6, backend_port: u16) -> Self {
+        let folded = crate::hash::fold_ipv6(backend_addr).to_ne_bytes();
+        Self::of_slot(cookie, sock_slot(folded, backend_port))
+    }
+
     /// The key of a socket's `slot` (the release hook clears them all).
     #[inline(always)]
     pub const fn of_slot(cookie: u64, slot: u32) -> Self {
@@ -59,33 +69,28 @@ pub const fn sock_slot(addr: Ipv4, port: u16) -> u32 {
     (h >> 28) & (SOCK_SLOTS - 1)
 }
 
+/// `A`: the family's address type (`Ipv4`, `Ipv6`).
 #[repr(C, align(4))]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
-pub struct SockRevNatValue {
-    pub backend_addr: Ipv4,
+pub struct SockRevNatValue<A = Ipv4> {
+    pub backend_addr: A,
     /// Host order.
     pub backend_port: u16,
     /// Host order.
     pub frontend_port: u16,
-    pub frontend_addr: Ipv4,
+    pub frontend_addr: A,
     pub rev_nat_id: u16,
     pub _pad: u16,
-}
-
-impl SockRevNatValue {
-    #[inline(always)]
-    pub fn is_backend(&self, addr: Ipv4, port: u16) -> bool {
-        self.backend_addr == addr && self.backend_port == port
-    }
 }
 
 const _: () = assert!(
     core::mem::size_of::<SockRevNatKey>() == 16 && core::mem::align_of::<SockRevNatKey>() == 8
 );
 const _: () = assert!(core::mem::size_of::<SockRevNatValue>() == 16);
+const _: () = assert!(core::mem::size_of::<SockRevNatValue<Ipv6>>() == 40);
 const _: () = assert!(SOCK_SLOTS.is_power_of_two() && SOCK_SLOTS <= 16);
 
-user_pod!(SockRevNatKey, SockRevNatValue);
+user_pod!(SockRevNatKey, SockRevNatValue, SockRevNatValue<Ipv6>);
 
 #[cfg(test)]
 mod tests {

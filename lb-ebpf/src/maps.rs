@@ -104,8 +104,13 @@ pub static SOURCE_RANGES6: SourceRangeMap<Ipv6> = LpmTrie::new();
 /// Socket LB: per socket and backend slot, the backend and the frontend it
 /// stood for (for getpeername and recvmsg). Not an LRU: an entry leaves
 /// with its socket (`sock_release`), never for another's.
+pub type SockRevMap<A> = HashMap<SockRevNatKey, SockRevNatValue<A>, 262_144>;
+
 #[btf_map(name = "lb_sock_rev_v4")]
-pub static SOCK_REVNAT: HashMap<SockRevNatKey, SockRevNatValue, 262_144> = HashMap::new();
+pub static SOCK_REVNAT: SockRevMap<Ipv4> = HashMap::new();
+
+#[btf_map(name = "lb_sock_rev6_v4")]
+pub static SOCK_REVNAT6: SockRevMap<Ipv6> = HashMap::new();
 
 /// Maglev lookup tables, in 1 KiB chunks (see `lb_common::maglev`).
 #[btf_map(name = "lb_maglev_v4")]

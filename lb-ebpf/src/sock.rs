@@ -5,8 +5,9 @@
 //! address and the tc programs leave them alone. `getpeername` and
 //! `recvmsg` show the frontend again. Session affinity knows the client by
 //! its network namespace; frontends with source ranges, which need the
-//! client's address, are left to tc. Dual-stack sockets reach IPv4
-//! frontends through IPv4-mapped addresses. With `SOCK_LB_NETNS` set (socket LB
+//! client's address, are left to tc. IPv6 sockets reach IPv6 frontends
+//! (the same path, generic over the family), and IPv4 frontends through
+//! IPv4-mapped addresses. With `SOCK_LB_NETNS` set (socket LB
 //! for host-network clients), only sockets of that network namespace —
 //! the node's — are translated; pods in their own namespaces keep the tc
 //! path.
@@ -25,10 +26,15 @@ use lb_common::{
     sock::{SockRevNatKey, SockRevNatValue, SOCK_SLOTS},
     stats::Stat,
     svc::{SvcKey, SVC_FLAG_AFFINITY, SVC_FLAG_INTERNAL_LOCAL, SVC_FLAG_SOURCE_RANGES},
-    wire, IPPROTO_TCP, IPPROTO_UDP,
+    wire, Ipv4, Ipv6, IPPROTO_TCP, IPPROTO_UDP,
 };
 
-use crate::{affinity, maps, stats::count};
+use crate::{
+    affinity,
+    family::Family,
+    maps::{self, SockRevMap},
+    stats::count,
+};
 
 /// Verdicts of a sock_addr program.
 const ALLOW: i32 = 1;
@@ -42,26 +48,113 @@ static SOCK_LB_NETNS: u64 = 0;
 
 #[cgroup_sock_addr(connect4)]
 pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
-    translate::<false>(&ctx, Send::Connect)
+    translate_user::<false>(&ctx, Send::Connect)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn lb_sendmsg4(ctx: SockAddrContext) -> i32 {
-    translate::<false>(&ctx, Send::Datagram)
+    translate_user::<false>(&ctx, Send::Datagram)
 }
 
-/// A dual-stack (AF_INET6) socket reaches an IPv4 frontend through its
-/// IPv4-mapped address (`::ffff:a.b.c.d`), as Java and Node.js sockets
-/// do: translated as an IPv4 socket is, the backend mapped the same way.
-/// Other IPv6 addresses are left alone.
+/// An IPv6 socket to an IPv6 frontend, or — a dual-stack socket, as Java
+/// and Node.js open them — to an IPv4 frontend through its IPv4-mapped
+/// address (`::ffff:a.b.c.d`), translated as an IPv4 socket is, the
+/// backend mapped the same way.
 #[cgroup_sock_addr(connect6)]
 pub fn lb_connect6(ctx: SockAddrContext) -> i32 {
-    translate::<true>(&ctx, Send::Connect)
+    translate_user::<true>(&ctx, Send::Connect)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn lb_sendmsg6(ctx: SockAddrContext) -> i32 {
-    translate::<true>(&ctx, Send::Datagram)
+    translate_user::<true>(&ctx, Send::Datagram)
+}
+
+/// The address a sock_addr context holds (its destination, or for
+/// recvmsg and getpeername its peer), in the family lb serves it in.
+enum UserAddr {
+    /// `user_ip4`, or for an IPv6 socket an IPv4-mapped `user_ip6`.
+    V4(Ipv4),
+    V6(Ipv6),
+}
+
+/// The context's address; `V6`: an IPv6 socket's hook.
+#[inline(always)]
+fn user_addr<const V6: bool>(sa: *mut aya_ebpf::bindings::bpf_sock_addr) -> UserAddr {
+    if let Some(addr_be) = user_ipv4::<V6>(sa) {
+        return UserAddr::V4(ipv4(addr_be));
+    }
+    // SAFETY: an IPv6 hook (`user_ipv4` answers every IPv4 one); u32 reads.
+    let words = unsafe { (*sa).user_ip6 };
+    let mut addr = [0; 16];
+    for (i, word) in words.iter().enumerate() {
+        addr[4 * i..4 * i + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    UserAddr::V6(addr)
+}
+
+#[inline(always)]
+fn translate_user<const V6: bool>(ctx: &SockAddrContext, send: Send) -> i32 {
+    match user_addr::<V6>(ctx.sock_addr) {
+        UserAddr::V4(addr) => translate::<Ipv4, V6>(ctx, addr, send),
+        UserAddr::V6(addr) => translate::<Ipv6, true>(ctx, addr, send),
+    }
+}
+
+/// What socket LB needs of a family besides `Family`: its reverse map,
+/// the slot of a backend, writing an address back into the context.
+trait SockFamily: Family {
+    fn reverse() -> &'static SockRevMap<Self>;
+    fn key(cookie: u64, backend: &Self, port: u16) -> SockRevNatKey;
+    /// Writes `addr` where `user_addr::<V6>` read it from.
+    fn set_user_addr<const V6: bool>(sa: *mut aya_ebpf::bindings::bpf_sock_addr, addr: &Self);
+}
+
+impl SockFamily for Ipv4 {
+    #[inline(always)]
+    fn reverse() -> &'static SockRevMap<Self> {
+        &maps::SOCK_REVNAT
+    }
+    #[inline(always)]
+    fn key(cookie: u64, backend: &Self, port: u16) -> SockRevNatKey {
+        SockRevNatKey::new(cookie, *backend, port)
+    }
+    #[inline(always)]
+    fn set_user_addr<const V6: bool>(sa: *mut aya_ebpf::bindings::bpf_sock_addr, addr: &Self) {
+        set_user_ipv4::<V6>(sa, wire(*addr));
+    }
+}
+
+impl SockFamily for Ipv6 {
+    #[inline(always)]
+    fn reverse() -> &'static SockRevMap<Self> {
+        &maps::SOCK_REVNAT6
+    }
+    #[inline(always)]
+    fn key(cookie: u64, backend: &Self, port: u16) -> SockRevNatKey {
+        SockRevNatKey::new6(cookie, backend, port)
+    }
+    #[inline(always)]
+    fn set_user_addr<const V6: bool>(sa: *mut aya_ebpf::bindings::bpf_sock_addr, addr: &Self) {
+        for i in 0..4 {
+            let word = u32::from_ne_bytes([
+                addr[4 * i],
+                addr[4 * i + 1],
+                addr[4 * i + 2],
+                addr[4 * i + 3],
+            ]);
+            // SAFETY: writable in the IPv6 connect, sendmsg, recvmsg and
+            // getpeername hooks, a word at a time.
+            unsafe { (*sa).user_ip6[i] = word };
+        }
+    }
+}
+
+/// Whether `entry` is the socket's entry for this backend (a slot holds
+/// one backend's at a time).
+#[inline(always)]
+fn is_backend<A: Family>(entry: &SockRevNatValue<A>, addr: &A, port: u16) -> bool {
+    entry.backend_addr.same(addr) && entry.backend_port == port
 }
 
 /// The IPv4-mapped prefix's third word (`::ffff:0:0/96`), as
@@ -111,6 +204,7 @@ pub fn lb_sock_release(ctx: SockContext) -> i32 {
     for slot in 0..SOCK_SLOTS {
         // Most sockets never held one: a miss is the common case.
         let _ = maps::SOCK_REVNAT.remove(&SockRevNatKey::of_slot(cookie, slot));
+        let _ = maps::SOCK_REVNAT6.remove(&SockRevNatKey::of_slot(cookie, slot));
     }
     ALLOW
 }
@@ -150,7 +244,7 @@ pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
 }
 
 #[inline(always)]
-fn translate<const V6: bool>(ctx: &SockAddrContext, send: Send) -> i32 {
+fn translate<A: SockFamily, const V6: bool>(ctx: &SockAddrContext, addr: A, send: Send) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: the context is valid for the program run; fields read once.
     let (proto, port_be) = unsafe {
@@ -161,14 +255,11 @@ fn translate<const V6: bool>(ctx: &SockAddrContext, send: Send) -> i32 {
         };
         (proto, (*sa).user_port as u16)
     };
-    let Some(addr_be) = user_ipv4::<V6>(sa) else {
-        return ALLOW; // native IPv6: no IPv6 frontends yet
-    };
-    let (addr, port) = (ipv4(addr_be), u16::from_be(port_be));
-    let svc = maps::SERVICES.get_ptr(&SvcKey::new(addr, port, proto, 0));
+    let port = u16::from_be(port_be);
+    let svc = A::services().get_ptr(&SvcKey::new(addr, port, proto, 0));
     // An address of the service CIDRs that no frontend holds is refused,
     // as the tc path rejects its packets.
-    if svc.is_none() && !crate::cidrs::SERVICE_CIDRS.contains(&ipv4(addr_be)) {
+    if svc.is_none() && !addr.in_service_cidrs() {
         return ALLOW;
     }
     // SAFETY: a read-only global; volatile so the agent's value is used.
@@ -218,14 +309,14 @@ fn translate<const V6: bool>(ctx: &SockAddrContext, send: Send) -> i32 {
         None => {
             // No source port exists yet to hash: the socket is the flow.
             let slot = select_slot(socket_hash(cookie), choices);
-            let Some(slot_value) = maps::SERVICES.get_ptr(&SvcKey::new(addr, port, proto, slot))
+            let Some(slot_value) = A::services().get_ptr(&SvcKey::new(addr, port, proto, slot))
             else {
                 return ALLOW;
             };
             unsafe { (*slot_value).backend_id }
         }
     };
-    let Some(backend) = maps::BACKENDS.get_ptr(&backend_id) else {
+    let Some(backend) = A::backends().get_ptr(&backend_id) else {
         return ALLOW;
     };
     if let Some((key, now)) = affinity {
@@ -240,15 +331,11 @@ fn translate<const V6: bool>(ctx: &SockAddrContext, send: Send) -> i32 {
         rev_nat_id: svc.rev_nat_id,
         _pad: 0,
     };
-    if !remember_frontend(
-        &SockRevNatKey::new(cookie, backend.addr, backend.port),
-        &value,
-        send,
-    ) {
+    if !remember_frontend(&A::key(cookie, &backend.addr, backend.port), &value, send) {
         count(Stat::SockUntranslated);
         return ALLOW; // untranslated: the tc path serves it
     }
-    set_user_ipv4::<V6>(sa, wire(backend.addr));
+    A::set_user_addr::<V6>(sa, &backend.addr);
     // SAFETY: user_port is writable in these hooks.
     unsafe { (*sa).user_port = u32::from(backend.port.to_be()) };
     count(Stat::SockTranslated);
@@ -270,26 +357,24 @@ fn refuse() -> i32 {
 /// peers are live), and the map's NOEXIST insert decides between two
 /// threads sending at once.
 #[inline(always)]
-fn remember_frontend(key: &SockRevNatKey, value: &SockRevNatValue, send: Send) -> bool {
+fn remember_frontend<A: SockFamily>(
+    key: &SockRevNatKey,
+    value: &SockRevNatValue<A>,
+    send: Send,
+) -> bool {
+    let map = A::reverse();
     if send == Send::Connect {
-        return maps::SOCK_REVNAT
-            .insert(key, value, u64::from(BPF_ANY))
-            .is_ok();
+        return map.insert(key, value, u64::from(BPF_ANY)).is_ok();
     }
-    if maps::SOCK_REVNAT
-        .insert(key, value, u64::from(BPF_NOEXIST))
-        .is_ok()
-    {
+    if map.insert(key, value, u64::from(BPF_NOEXIST)).is_ok() {
         return true;
     }
-    match maps::SOCK_REVNAT.get_ptr(key) {
+    match map.get_ptr(key) {
         // SAFETY: read once; the socket's own entry.
-        Some(held) if unsafe { (*held).is_backend(value.backend_addr, value.backend_port) } => {
+        Some(held) if is_backend(unsafe { &*held }, &value.backend_addr, value.backend_port) => {
             // The same backend through another frontend (or again): the
             // latest frontend is the one the socket sends to.
-            maps::SOCK_REVNAT
-                .insert(key, value, u64::from(BPF_ANY))
-                .is_ok()
+            map.insert(key, value, u64::from(BPF_ANY)).is_ok()
         }
         _ => false,
     }
@@ -298,26 +383,29 @@ fn remember_frontend(key: &SockRevNatKey, value: &SockRevNatValue, send: Send) -
 /// The backend a socket talks to appears as the frontend it asked for.
 #[inline(always)]
 fn show_frontend<const V6: bool>(ctx: &SockAddrContext) {
+    match user_addr::<V6>(ctx.sock_addr) {
+        UserAddr::V4(addr) => show_frontend_of::<Ipv4, V6>(ctx, addr),
+        UserAddr::V6(addr) => show_frontend_of::<Ipv6, true>(ctx, addr),
+    }
+}
+
+#[inline(always)]
+fn show_frontend_of<A: SockFamily, const V6: bool>(ctx: &SockAddrContext, backend_addr: A) {
     let sa = ctx.sock_addr;
-    let Some(addr_be) = user_ipv4::<V6>(sa) else {
-        return;
-    };
     // SAFETY: as in `translate`.
-    let (backend_addr, backend_port) = (ipv4(addr_be), unsafe {
-        u16::from_be((*sa).user_port as u16)
-    });
+    let backend_port = unsafe { u16::from_be((*sa).user_port as u16) };
     // SAFETY: as in `translate`.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let key = SockRevNatKey::new(cookie, backend_addr, backend_port);
-    let Some(frontend) = maps::SOCK_REVNAT.get_ptr(&key) else {
+    let key = A::key(cookie, &backend_addr, backend_port);
+    let Some(frontend) = A::reverse().get_ptr(&key) else {
         return;
     };
     // SAFETY: copied at once (the release hook may delete it meanwhile).
     let frontend = unsafe { *frontend };
-    if !frontend.is_backend(backend_addr, backend_port) {
+    if !is_backend(&frontend, &backend_addr, backend_port) {
         return; // another backend's entry in this slot
     }
-    set_user_ipv4::<V6>(sa, wire(frontend.frontend_addr));
+    A::set_user_addr::<V6>(sa, &frontend.frontend_addr);
     // SAFETY: as in `translate`.
     unsafe { (*sa).user_port = u32::from(frontend.frontend_port.to_be()) };
     count(Stat::SockRevNat);

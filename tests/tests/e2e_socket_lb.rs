@@ -15,7 +15,7 @@ use lb_tests::{
     netns::NetNs,
     require_root,
     servers::{BackendServers, EchoConnection},
-    topology::{backend_ip, web_manifest, Agent, ScratchDir, Topology, CLIENT_IP, VIP},
+    topology::{backend_ip, web_manifest, Agent, ScratchDir, Topology, CLIENT_IP, VIP, VIP6},
     wait_until,
 };
 
@@ -872,4 +872,135 @@ for addr in ["198.19.0.99", "198.19.0.10"]:
     assert_eq!(out, "198.19.0.99 refused\n198.19.0.10 connected", "{out}");
     assert_eq!(s.counter(Stat::SockRefused), 1);
     assert_eq!(s.counter(Stat::SockTranslated), 1);
+}
+
+/// `web6`: an IPv6-only Service at `VIP6` (TCP 80 → 8080, UDP 53 → 5353)
+/// with the IPv6 addresses of backends `ready`, and `gone6`, one without
+/// endpoints at `VIP6 + 1`.
+fn ipv6_services(ready: &[usize]) -> String {
+    let endpoints: String = ready
+        .iter()
+        .map(|i| {
+            format!(
+                "- addresses: [\"{}\"]\n",
+                lb_tests::topology::backend_ip6(*i)
+            )
+        })
+        .collect();
+    let gone = std::net::Ipv6Addr::from(u128::from(VIP6) + 1);
+    format!(
+        r#"---
+apiVersion: v1
+kind: Service
+metadata: {{name: web6, namespace: demo}}
+spec:
+  clusterIP: "{VIP6}"
+  clusterIPs: ["{VIP6}"]
+  ipFamilies: [IPv6]
+  ports:
+  - {{name: http, port: 80, targetPort: 8080, protocol: TCP}}
+  - {{name: dns, port: 53, targetPort: 5353, protocol: UDP}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web6-1, namespace: demo, labels: {{kubernetes.io/service-name: web6}}}}
+addressType: IPv6
+ports:
+- {{name: http, port: 8080, protocol: TCP}}
+- {{name: dns, port: 5353, protocol: UDP}}
+endpoints:
+{endpoints}---
+apiVersion: v1
+kind: Service
+metadata: {{name: gone6, namespace: demo}}
+spec:
+  clusterIP: "{gone}"
+  clusterIPs: ["{gone}"]
+  ipFamilies: [IPv6]
+  ports: [{{port: 80, protocol: TCP}}]
+"#
+    )
+}
+
+/// An IPv6 socket reaches an IPv6 cluster IP through socket LB: TCP
+/// connect is translated at the socket (the tc path sees no VIP),
+/// `getpeername` shows the VIP, every backend is reached, each closed
+/// socket takes its reverse entry along; unconnected UDP answers come from
+/// the VIP (`recvfrom`); a Service without endpoints refuses the connect.
+#[test]
+fn socket_lb_ipv6_sockets_reach_an_ipv6_service_and_see_its_cluster_ip() {
+    let s = setup_with(
+        "lbsk18",
+        2,
+        &[0, 1],
+        "all",
+        |m| m + &ipv6_services(&[0, 1]),
+        &[],
+    );
+    s.topology.add_ipv6().expect("IPv6 addresses");
+    let _servers6: Vec<BackendServers> = (0..2)
+        .map(|i| {
+            let (ns, addr) = (&s.topology.backends[i], lb_tests::topology::backend_ip6(i));
+            BackendServers::start_on(ns, addr, &format!("be{i}"), 8080, 5353).expect("servers")
+        })
+        .collect();
+    let mut s = s;
+    s.agent
+        .wait_for_maps("the IPv6 service", |m| {
+            m.count(&format!("[{VIP6}]:80/TCP")) == Some(2)
+        })
+        .unwrap();
+    let tcp = TCP_CLIENT.replace(
+        "socket.create_connection((\"198.19.0.10\", 80)",
+        &format!("socket.create_connection((\"{VIP6}\", 80)"),
+    );
+    assert!(tcp.contains(&VIP6.to_string()), "{tcp}");
+    let mut seen = BTreeSet::new();
+    for _ in 0..12 {
+        let out = s.cgroup.python(&s.topology.client, &tcp).unwrap();
+        let (peer, answer) = out.split_once('|').unwrap();
+        assert_eq!(peer, format!("{VIP6}:80"), "getpeername shows the VIP");
+        assert!(answer.starts_with("backend be"), "{answer}");
+        seen.insert(answer.split_whitespace().nth(1).unwrap().to_owned());
+    }
+    assert_eq!(seen.len(), 2, "both backends: {seen:?}");
+    let entries6 = || {
+        lb_agent::datapath::fill::datapath_tables(&s.agent.pin_dir)
+            .unwrap()
+            .into_iter()
+            .find(|(name, _)| *name == lb_common::sock::SOCK_REVNAT6_MAP)
+            .unwrap()
+            .1
+    };
+    assert_eq!(entries6(), 0, "each closed socket took its entry along");
+
+    let udp = format!(
+        r#"
+import socket
+u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+u.settimeout(3)
+for i in range(3):
+    u.sendto(b"q", ("{VIP6}", 53))
+    data, sender = u.recvfrom(2048)
+    print("%s %d %s" % (sender[0], sender[1], data.decode().split()[0]))
+try:
+    socket.create_connection(("{gone}", 80), timeout=3).close()
+    print("gone6 connected")
+except ConnectionRefusedError:
+    print("gone6 refused")
+"#,
+        gone = std::net::Ipv6Addr::from(u128::from(VIP6) + 1)
+    );
+    let out = s.cgroup.python(&s.topology.client, &udp).unwrap();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 4, "{out}");
+    for line in &lines[..3] {
+        let words: Vec<&str> = line.split(' ').collect();
+        assert_eq!(words[..2], [VIP6.to_string().as_str(), "53"], "{out}");
+        assert!(["be0", "be1"].contains(&words[2]), "{out}");
+    }
+    assert_eq!(lines[3], "gone6 refused", "{out}");
+    assert_eq!(s.counter(Stat::SockTranslated), 12 + 3);
+    assert_eq!(s.counter(Stat::SockRefused), 1);
+    assert_eq!(s.counter(Stat::DnatNew), 0, "translated at the socket");
 }

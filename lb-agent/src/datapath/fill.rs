@@ -9,7 +9,7 @@ use std::{collections::BTreeMap, os::fd::AsFd as _, path::Path};
 use aya::{maps::MapData, Pod};
 use lb_common::{
     affinity::{AffinityKey, AffinityValue, AFFINITY6_MAP, AFFINITY_MAP},
-    sock::{SockRevNatKey, SockRevNatValue, SOCK_REVNAT_MAP},
+    sock::{SockRevNatKey, SockRevNatValue, SOCK_REVNAT6_MAP, SOCK_REVNAT_MAP},
     Ipv6,
 };
 
@@ -33,6 +33,7 @@ pub fn datapath_tables(pin_dir: &Path) -> Result<Vec<(&'static str, u64)>, LoadE
         count::<AffinityKey, AffinityValue>(pin_dir, AFFINITY_MAP)?,
         count::<AffinityKey<Ipv6>, AffinityValue>(pin_dir, AFFINITY6_MAP)?,
         count::<SockRevNatKey, SockRevNatValue>(pin_dir, SOCK_REVNAT_MAP)?,
+        count::<SockRevNatKey, SockRevNatValue<Ipv6>>(pin_dir, SOCK_REVNAT6_MAP)?,
     ])
 }
 

@@ -21,7 +21,7 @@ use lb_common::{
     icmp::IcmpLimit,
     maglev::MAGLEV_MAP,
     revnat::{REVNAT6_MAP, REVNAT_MAP},
-    sock::{SOCK_REVNAT_LRU_MAP, SOCK_REVNAT_MAP},
+    sock::{SOCK_REVNAT6_MAP, SOCK_REVNAT_LRU_MAP, SOCK_REVNAT_MAP},
     source_range::{SOURCE_RANGE6_MAP, SOURCE_RANGE_MAP},
     stats::{STATS_MAP, STAT_COUNT},
     svc::{SVC6_MAP, SVC_MAP},
@@ -37,7 +37,7 @@ use super::{
 };
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
-pub const ALL_MAPS: [&str; 21] = [
+pub const ALL_MAPS: [&str; 22] = [
     MAGLEV_MAP,
     SOCK_REVNAT_MAP,
     SOURCE_RANGE_MAP,
@@ -58,6 +58,7 @@ pub const ALL_MAPS: [&str; 21] = [
     CONFIG6_MAP,
     AFFINITY6_MAP,
     SOURCE_RANGE6_MAP,
+    SOCK_REVNAT6_MAP,
     // Pinned so it keeps its programs while the agent restarts (a program
     // array is emptied when its last user reference goes).
     PROGRAMS6_MAP,
@@ -263,6 +264,7 @@ pub fn load_with_log(
         .map_max_entries(SOURCE_RANGE6_MAP, sizes.source_ranges)
         .map_max_entries(MAGLEV_MAP, sizes.maglev_chunks)
         .map_max_entries(SOCK_REVNAT_MAP, sizes.socket_entries)
+        .map_max_entries(SOCK_REVNAT6_MAP, sizes.socket_entries)
         .override_global("CT_TIMEOUTS", &globals.timeouts, true)
         .override_global("ICMP_LIMIT", &globals.icmp_limit, true)
         .override_global("SOCK_LB_NETNS", &globals.socket_lb_netns, true)
@@ -557,11 +559,13 @@ pub fn open_conntrack(pin_dir: &Path) -> Result<Conntrack, LoadError> {
 /// The UDP resetter; with socket LB for host-network clients only
 /// (`globals.socket_lb_netns`), it searches the agent's own namespace.
 pub fn udp_resetter(ebpf: &mut Ebpf, globals: &Globals) -> Result<UdpResetter, LoadError> {
-    let map = ebpf
-        .take_map(SOCK_REVNAT_MAP)
-        .ok_or_else(|| LoadError::Map(SOCK_REVNAT_MAP, "missing from the object".into()))?;
+    let mut take = |name: &'static str| {
+        ebpf.take_map(name)
+            .ok_or_else(|| LoadError::Map(name, "missing from the object".into()))
+    };
+    let (map, map6) = (take(SOCK_REVNAT_MAP)?, take(SOCK_REVNAT6_MAP)?);
     let resetter =
-        UdpResetter::new(map).map_err(|e| LoadError::Map(SOCK_REVNAT_MAP, e.to_string()))?;
+        UdpResetter::new(map, map6).map_err(|e| LoadError::Map(SOCK_REVNAT_MAP, e.to_string()))?;
     Ok(resetter.own_namespace_only(globals.socket_lb_netns != 0))
 }
 

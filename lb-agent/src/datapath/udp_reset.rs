@@ -147,7 +147,24 @@ pub fn plan_resets(
         .collect()
 }
 
-/// Socket LB serves IPv4 frontends only: an IPv6 one matches no socket.
+/// Every entry of `map` removed; how many were.
+fn remove_all<V: aya::Pod>(
+    map: &mut HashMap<MapData, SockRevNatKey, V>,
+) -> Result<usize, MapError> {
+    let keys: Vec<_> = map.keys().collect::<Result<_, _>>()?;
+    let mut removed = 0;
+    for key in keys {
+        match map.remove(&key) {
+            Ok(()) => removed += 1,
+            Err(e) if super::is_missing(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(removed)
+}
+
+/// Connected UDP sockets are reset for IPv4 frontends only: an IPv6 one
+/// matches no socket.
 fn socket_addr(a: L4Addr) -> SocketAddrV4 {
     match a.addr {
         std::net::IpAddr::V4(addr) => SocketAddrV4::new(addr, a.port),
@@ -155,9 +172,12 @@ fn socket_addr(a: L4Addr) -> SocketAddrV4 {
     }
 }
 
-/// The pinned socket LB reverse map, and the resets still to do.
+/// The pinned socket LB reverse maps, and the resets still to do.
 pub struct UdpResetter {
     map: HashMap<MapData, SockRevNatKey, SockRevNatValue>,
+    /// IPv6 sockets' entries: forgotten with socket LB, not reset yet (a
+    /// connected IPv6 UDP socket keeps a backend that left).
+    map6: HashMap<MapData, SockRevNatKey, SockRevNatValue<lb_common::Ipv6>>,
     pending: Pending,
     /// Socket LB translates only the agent's own namespace's sockets (the
     /// node's): no other namespace is searched, and no setns is needed.
@@ -165,9 +185,10 @@ pub struct UdpResetter {
 }
 
 impl UdpResetter {
-    pub fn new(map: Map) -> Result<Self, MapError> {
+    pub fn new(map: Map, map6: Map) -> Result<Self, MapError> {
         Ok(Self {
             map: HashMap::try_from(map)?,
+            map6: HashMap::try_from(map6)?,
             pending: Pending::default(),
             own_namespace_only: false,
         })
@@ -182,16 +203,7 @@ impl UdpResetter {
 
     /// Removes every reverse entry (socket LB turned off); returns how many.
     pub fn forget_sockets(&mut self) -> Result<usize, MapError> {
-        let keys: Vec<_> = self.map.keys().collect::<Result<_, _>>()?;
-        let mut removed = 0;
-        for key in keys {
-            match self.map.remove(&key) {
-                Ok(()) => removed += 1,
-                Err(e) if super::is_missing(&e) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(removed)
+        Ok(remove_all(&mut self.map)? + remove_all(&mut self.map6)?)
     }
 
     /// Whether an earlier pass missed a namespace and is to be retried
