@@ -922,15 +922,11 @@ spec:
     )
 }
 
-/// An IPv6 socket reaches an IPv6 cluster IP through socket LB: TCP
-/// connect is translated at the socket (the tc path sees no VIP),
-/// `getpeername` shows the VIP, every backend is reached, each closed
-/// socket takes its reverse entry along; unconnected UDP answers come from
-/// the VIP (`recvfrom`); a Service without endpoints refuses the connect.
-#[test]
-fn socket_lb_ipv6_sockets_reach_an_ipv6_service_and_see_its_cluster_ip() {
-    let s = setup_with(
-        "lbsk18",
+/// `setup` with both backends, socket LB on, and also `ipv6_services`
+/// with both backends' IPv6 servers (kept by the caller).
+fn setup_ipv6(prefix: &str) -> (Setup, Vec<BackendServers>) {
+    let mut s = setup_with(
+        prefix,
         2,
         &[0, 1],
         "all",
@@ -938,18 +934,28 @@ fn socket_lb_ipv6_sockets_reach_an_ipv6_service_and_see_its_cluster_ip() {
         &[],
     );
     s.topology.add_ipv6().expect("IPv6 addresses");
-    let _servers6: Vec<BackendServers> = (0..2)
+    let servers6 = (0..2)
         .map(|i| {
             let (ns, addr) = (&s.topology.backends[i], lb_tests::topology::backend_ip6(i));
             BackendServers::start_on(ns, addr, &format!("be{i}"), 8080, 5353).expect("servers")
         })
         .collect();
-    let mut s = s;
     s.agent
         .wait_for_maps("the IPv6 service", |m| {
             m.count(&format!("[{VIP6}]:80/TCP")) == Some(2)
         })
         .unwrap();
+    (s, servers6)
+}
+
+/// An IPv6 socket reaches an IPv6 cluster IP through socket LB: TCP
+/// connect is translated at the socket (the tc path sees no VIP),
+/// `getpeername` shows the VIP, every backend is reached, each closed
+/// socket takes its reverse entry along; unconnected UDP answers come from
+/// the VIP (`recvfrom`); a Service without endpoints refuses the connect.
+#[test]
+fn socket_lb_ipv6_sockets_reach_an_ipv6_service_and_see_its_cluster_ip() {
+    let (s, _servers6) = setup_ipv6("lbsk18");
     let tcp = TCP_CLIENT.replace(
         "socket.create_connection((\"198.19.0.10\", 80)",
         &format!("socket.create_connection((\"{VIP6}\", 80)"),
@@ -1003,4 +1009,53 @@ except ConnectionRefusedError:
     assert_eq!(s.counter(Stat::SockTranslated), 12 + 3);
     assert_eq!(s.counter(Stat::SockRefused), 1);
     assert_eq!(s.counter(Stat::DnatNew), 0, "translated at the socket");
+}
+
+/// The connected-UDP reset for an IPv6 socket: its backend leaves the IPv6
+/// Service, the agent finds the socket by its IPv6 peer and resets it, and
+/// the client reconnects to the other backend.
+#[test]
+fn socket_lb_an_ipv6_connected_udp_socket_moves_off_a_removed_backend() {
+    let (mut s, _servers6) = setup_ipv6("lbsk19");
+    let code = CONNECTED_UDP_CLIENT
+        .replace("socket.AF_INET,", "socket.AF_INET6,")
+        .replace("(\"198.19.0.10\", 53)", &format!("(\"{VIP6}\", 53)"));
+    assert!(code.contains("AF_INET6") && code.contains(&VIP6.to_string()));
+    let mut client = Conversation::start(&s, &s.topology.client, &code);
+    let first = client.say("q");
+    assert!(first.starts_with("answer be"), "{first}");
+    let other = 1 - first
+        .trim_start_matches("answer be")
+        .parse::<usize>()
+        .unwrap();
+    let v4 = web_manifest(&[(backend_ip(0), true), (backend_ip(1), true)]);
+    s._manifests
+        .write("web.yaml", &(v4 + &ipv6_services(&[other])))
+        .unwrap();
+    s.agent
+        .wait_for_maps("one IPv6 UDP backend", |m| {
+            m.count(&format!("[{VIP6}]:53/UDP")) == Some(1)
+        })
+        .unwrap();
+    let deadline = std::time::Instant::now() + lb_tests::EVENT_TIMEOUT;
+    let mut answers = Vec::new();
+    while std::time::Instant::now() < deadline {
+        answers.push(client.say("q"));
+        if answers.last().unwrap() == &format!("answer be{other}") {
+            break;
+        }
+    }
+    assert_eq!(
+        answers.last().map(String::as_str),
+        Some(format!("answer be{other}").as_str()),
+        "the socket still talks to the removed backend: {answers:?}\n{}",
+        s.agent.log_text()
+    );
+    assert!(
+        answers
+            .iter()
+            .any(|a| a == "reset ECONNABORTED" || a == "reset EDESTADDRREQ"),
+        "{answers:?}"
+    );
+    assert_eq!(s.counter(Stat::DnatNew), 0, "the tc path saw no VIP");
 }

@@ -17,7 +17,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs::File,
-    net::{IpAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
 };
 
@@ -128,23 +128,37 @@ pub struct Resets {
 /// The reverse map does not record the protocol; a TCP socket that matches
 /// is never found among the UDP sockets and is left alone.
 pub fn plan_resets(
-    entries: impl IntoIterator<Item = (SockRevNatKey, SockRevNatValue)>,
+    entries: impl IntoIterator<Item = ReverseEntry>,
     left: &[LeftBackend],
-) -> BTreeMap<u64, SocketAddrV4> {
-    let left: BTreeSet<(SocketAddrV4, SocketAddrV4)> = left
+) -> BTreeMap<u64, SocketAddr> {
+    let left: BTreeSet<(SocketAddr, SocketAddr)> = left
         .iter()
         .filter(|l| l.frontend.proto == Proto::Udp)
         .map(|l| (socket_addr(l.frontend), socket_addr(l.backend)))
         .collect();
     entries
         .into_iter()
-        .filter_map(|(key, value)| {
-            let backend = SocketAddrV4::new(value.backend_addr.into(), value.backend_port);
-            let frontend = SocketAddrV4::new(value.frontend_addr.into(), value.frontend_port);
-            left.contains(&(frontend, backend))
-                .then_some((key.cookie, backend))
-        })
+        .filter(|e| left.contains(&(e.frontend, e.backend)))
+        .map(|e| (e.cookie, e.backend))
         .collect()
+}
+
+/// A socket's reverse entry, of either family's map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReverseEntry {
+    pub cookie: u64,
+    pub frontend: SocketAddr,
+    pub backend: SocketAddr,
+}
+
+impl ReverseEntry {
+    fn of<A: Into<IpAddr>>(key: SockRevNatKey, value: SockRevNatValue<A>) -> Self {
+        Self {
+            cookie: key.cookie,
+            frontend: SocketAddr::new(value.frontend_addr.into(), value.frontend_port),
+            backend: SocketAddr::new(value.backend_addr.into(), value.backend_port),
+        }
+    }
 }
 
 /// Every entry of `map` removed; how many were.
@@ -163,20 +177,13 @@ fn remove_all<V: aya::Pod>(
     Ok(removed)
 }
 
-/// Connected UDP sockets are reset for IPv4 frontends only: an IPv6 one
-/// matches no socket.
-fn socket_addr(a: L4Addr) -> SocketAddrV4 {
-    match a.addr {
-        std::net::IpAddr::V4(addr) => SocketAddrV4::new(addr, a.port),
-        std::net::IpAddr::V6(_) => SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0),
-    }
+fn socket_addr(a: L4Addr) -> SocketAddr {
+    SocketAddr::new(a.addr, a.port)
 }
 
 /// The pinned socket LB reverse maps, and the resets still to do.
 pub struct UdpResetter {
     map: HashMap<MapData, SockRevNatKey, SockRevNatValue>,
-    /// IPv6 sockets' entries: forgotten with socket LB, not reset yet (a
-    /// connected IPv6 UDP socket keeps a backend that left).
     map6: HashMap<MapData, SockRevNatKey, SockRevNatValue<lb_common::Ipv6>>,
     pending: Pending,
     /// Socket LB translates only the agent's own namespace's sockets (the
@@ -228,10 +235,19 @@ impl UdpResetter {
     }
 
     /// Removes the reverse entries of destroyed sockets.
-    fn forget(&mut self, destroyed: Vec<(u64, SocketAddrV4)>) -> Result<(), UdpResetError> {
+    fn forget(&mut self, destroyed: Vec<(u64, SocketAddr)>) -> Result<(), UdpResetError> {
         for (cookie, backend) in destroyed {
-            let key = SockRevNatKey::new(cookie, backend.ip().octets(), backend.port());
-            match self.map.remove(&key) {
+            let removed = match backend.ip() {
+                IpAddr::V4(ip) => {
+                    self.map
+                        .remove(&SockRevNatKey::new(cookie, ip.octets(), backend.port()))
+                }
+                IpAddr::V6(ip) => {
+                    self.map6
+                        .remove(&SockRevNatKey::new6(cookie, &ip.octets(), backend.port()))
+                }
+            };
+            match removed {
                 Err(e) if !super::is_missing(&e) => return Err(e.into()),
                 _ => {}
             }
@@ -240,7 +256,15 @@ impl UdpResetter {
     }
 
     fn pass(&mut self, left: &[LeftBackend]) -> Result<Resets, UdpResetError> {
-        let entries: Vec<_> = self.map.iter().collect::<Result<_, _>>()?;
+        let mut entries = Vec::new();
+        for entry in self.map.iter() {
+            let (key, value) = entry?;
+            entries.push(ReverseEntry::of(key, value));
+        }
+        for entry in self.map6.iter() {
+            let (key, value) = entry?;
+            entries.push(ReverseEntry::of(key, value));
+        }
         let wanted = plan_resets(entries, left);
         let mut resets = Resets {
             candidates: wanted.len(),
@@ -332,8 +356,8 @@ fn in_each_namespace<T>(
 fn reset_in_namespace(
     owner: &str,
     file: &File,
-    wanted: &BTreeMap<u64, SocketAddrV4>,
-) -> Result<Vec<(u64, SocketAddrV4)>, UdpResetError> {
+    wanted: &BTreeMap<u64, SocketAddr>,
+) -> Result<Vec<(u64, SocketAddr)>, UdpResetError> {
     // SAFETY: setns on a valid namespace fd; only this thread moves.
     if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
         let error = std::io::Error::last_os_error();
@@ -346,9 +370,9 @@ fn reset_in_namespace(
 }
 
 /// Destroys the wanted sockets of the current network namespace: connected
-/// UDP sockets whose cookie and peer match — IPv4 ones, and dual-stack
-/// ones whose peer is IPv4-mapped.
-fn destroy_here(wanted: &BTreeMap<u64, SocketAddrV4>) -> std::io::Result<Vec<(u64, SocketAddrV4)>> {
+/// UDP sockets whose cookie and peer match — IPv4 and IPv6 ones, and
+/// dual-stack ones whose peer is IPv4-mapped (its entry is IPv4's).
+fn destroy_here(wanted: &BTreeMap<u64, SocketAddr>) -> std::io::Result<Vec<(u64, SocketAddr)>> {
     let socket = netlink::connect(NETLINK_SOCK_DIAG)?;
     let mut matches = Vec::new();
     for (family, any) in [
@@ -368,13 +392,10 @@ fn destroy_here(wanted: &BTreeMap<u64, SocketAddrV4>) -> std::io::Result<Vec<(u6
                 let id = &response.header.socket_id;
                 let cookie = cookie_of(id);
                 let peer = match id.destination_address {
-                    IpAddr::V4(addr) => addr,
-                    IpAddr::V6(addr) => match addr.to_ipv4_mapped() {
-                        Some(addr) => addr,
-                        None => return,
-                    },
+                    IpAddr::V6(addr) => addr.to_ipv4_mapped().map_or(IpAddr::V6(addr), IpAddr::V4),
+                    v4 => v4,
                 };
-                let peer = SocketAddrV4::new(peer, id.destination_port);
+                let peer = SocketAddr::new(peer, id.destination_port);
                 if wanted.get(&cookie) == Some(&peer) {
                     matches.push((family, cookie, peer, id.clone()));
                 }
@@ -432,12 +453,8 @@ mod tests {
         }
     }
 
-    fn entry(
-        cookie: u64,
-        backend: ([u8; 4], u16),
-        frontend: ([u8; 4], u16),
-    ) -> (SockRevNatKey, SockRevNatValue) {
-        (
+    fn entry(cookie: u64, backend: ([u8; 4], u16), frontend: ([u8; 4], u16)) -> ReverseEntry {
+        ReverseEntry::of(
             SockRevNatKey::new(cookie, backend.0, backend.1),
             SockRevNatValue {
                 backend_addr: backend.0,
@@ -468,8 +485,45 @@ mod tests {
             entry(4, gone, vip),
         ];
         let planned = plan_resets(entries, &left);
-        let gone_addr = SocketAddrV4::new(gone.0.into(), gone.1);
+        let gone_addr = SocketAddr::new(gone.0.into(), gone.1);
         assert_eq!(planned, BTreeMap::from([(1, gone_addr), (4, gone_addr)]));
+    }
+
+    #[test]
+    fn an_ipv6_socket_of_the_left_backend_is_reset() {
+        let (vip, gone): (std::net::Ipv6Addr, std::net::Ipv6Addr) = (
+            "2001:db8:ffff::10".parse().unwrap(),
+            "2001:db8:10::2".parse().unwrap(),
+        );
+        let left = [LeftBackend {
+            frontend: L4Addr {
+                addr: vip.into(),
+                port: 53,
+                proto: Proto::Udp,
+            },
+            backend_id: 7,
+            backend: L4Addr {
+                addr: gone.into(),
+                port: 5353,
+                proto: Proto::Udp,
+            },
+        }];
+        let entry = ReverseEntry::of(
+            SockRevNatKey::new6(9, &gone.octets(), 5353),
+            SockRevNatValue {
+                backend_addr: gone.octets(),
+                backend_port: 5353,
+                frontend_port: 53,
+                frontend_addr: vip.octets(),
+                rev_nat_id: 1,
+                _pad: 0,
+            },
+        );
+        let planned = plan_resets([entry], &left);
+        assert_eq!(
+            planned,
+            BTreeMap::from([(9, SocketAddr::new(gone.into(), 5353))])
+        );
     }
 
     #[test]
