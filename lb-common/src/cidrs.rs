@@ -41,14 +41,14 @@ impl<const WORDS: usize> Cidrs<WORDS> {
         let read = |field: &u32| unsafe { core::ptr::read_volatile(field) };
         let count = read(&self.count);
         let mut i = 0;
-        while i < MAX_CIDRS {
+        while i < MAX_CIDRS && (i as u32) < count {
             let mut differ = 0;
             let mut w = 0;
             while w < WORDS {
                 differ |= (word(addr, w) & read(&self.mask[i][w])) ^ read(&self.addr[i][w]);
                 w += 1;
             }
-            if (i as u32) < count && differ == 0 {
+            if differ == 0 {
                 return true;
             }
             i += 1;

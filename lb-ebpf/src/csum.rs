@@ -45,6 +45,13 @@ impl Sum {
         self.replace16((old >> 16) as u16, (new >> 16) as u16);
     }
 
+    /// Adds a one's-complement sum (a `bpf_csum_diff` result).
+    #[inline(always)]
+    pub fn add(&mut self, sum: u32) {
+        // Folded first: `replace16`'s additions stay far from overflowing.
+        self.0 += (sum & 0xffff) + (sum >> 16);
+    }
+
     #[inline(always)]
     pub fn finish(self) -> u16 {
         fold(self.0)

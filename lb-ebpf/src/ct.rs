@@ -152,14 +152,6 @@ pub fn lookup_live<A: Family>(key: &CtKey<A>, out: &mut CtValue<A>) -> Option<u6
     }
 }
 
-/// The entry for `key` and the time it was judged at, if its flow is alive.
-#[inline(always)]
-pub fn lookup_flow<A: Family>(key: &CtKey<A>) -> Option<(CtValue<A>, u64)> {
-    let mut value = CtValue::default();
-    let now = lookup_live(key, &mut value)?;
-    Some((value, now))
-}
-
 /// State the packet adds to its flow.
 #[inline(always)]
 fn flags_of<A>(pkt: &Packet<A>, dir: u8) -> u8 {

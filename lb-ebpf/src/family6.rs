@@ -4,14 +4,18 @@
 //! the datapath must keep serving while the agent restarts). With no
 //! program at the index (an agent that never filled it), the IPv4 program
 //! goes on and leaves the packet alone. The IPv6 ingress programs enter
-//! the new-flow programs the same way.
+//! the new-flow and ICMPv6 error programs the same way.
 
 use aya_ebpf::{btf_maps::ProgramArray, macros::btf_map, programs::TcContext};
 
-/// Indexes into `lb_progs6_v4`: `lb_ingress6`, `lb_ingress_ext6`, `lb_egress6`.
+/// Indexes into `lb_progs6_v4`: `lb_ingress6`, `lb_ingress_ext6`,
+/// `lb_egress6`, and the ICMPv6 error programs of each hook.
 pub const INGRESS: u32 = lb_common::family6::INGRESS;
 pub const INGRESS_EXTERNAL: u32 = lb_common::family6::INGRESS_EXTERNAL;
 pub const EGRESS: u32 = lb_common::family6::EGRESS;
+pub const ICMP_INGRESS: u32 = lb_common::family6::ICMP_INGRESS;
+pub const ICMP_INGRESS_EXTERNAL: u32 = lb_common::family6::ICMP_INGRESS_EXTERNAL;
+pub const ICMP_EGRESS: u32 = lb_common::family6::ICMP_EGRESS;
 
 #[btf_map(name = "lb_progs6_v4")]
 static PROGRAMS6: ProgramArray<{ lb_common::family6::PROGRAMS as usize }> = ProgramArray::new();

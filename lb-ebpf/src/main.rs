@@ -51,6 +51,7 @@ use lb_common::{
 
 use crate::{
     family::Family,
+    icmp::QuotingError,
     parse::{Packet, Parsed, Parsed6},
     stats::count,
 };
@@ -204,8 +205,49 @@ fn finish(ctx: &TcContext, outcome: Outcome) -> i32 {
 fn ingress6<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
     match parse::parse6(ctx) {
         Parsed6::Packet(pkt) => to_frontend::<Ipv6, EXTERNAL>(ctx, &pkt),
+        Parsed6::IcmpError => {
+            let index = if EXTERNAL {
+                family6::ICMP_INGRESS_EXTERNAL
+            } else {
+                family6::ICMP_INGRESS
+            };
+            family6::enter(ctx, index);
+            Outcome::next(Stat::PassNotService) // no program there
+        }
         Parsed6::NotForUs => Outcome::next(Stat::PassNotService),
         Parsed6::Malformed => Outcome::next(Stat::PassMalformed),
+    }
+}
+
+/// An ICMPv6 error at ingress (`Parsed6::IcmpError`), translated if it
+/// quotes a flow of ours.
+#[classifier]
+pub fn lb_icmp6_in(ctx: TcContext) -> i32 {
+    finish(&ctx, icmp6_error::<false, false>(&ctx))
+}
+
+#[classifier]
+pub fn lb_icmp6_in_ext(ctx: TcContext) -> i32 {
+    finish(&ctx, icmp6_error::<false, true>(&ctx))
+}
+
+#[classifier]
+pub fn lb_icmp6_out(ctx: TcContext) -> i32 {
+    finish(&ctx, icmp6_error::<true, false>(&ctx))
+}
+
+#[inline(always)]
+fn icmp6_error<const EGRESS: bool, const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
+    let pass = if EGRESS {
+        Stat::PassNotReply
+    } else {
+        Stat::PassNotService
+    };
+    match parse::parse_icmp6_error(ctx) {
+        Ok(Some(err)) if EGRESS => icmp_error_egress::<Ipv6, _>(ctx, &err),
+        Ok(Some(err)) => icmp_error_ingress::<Ipv6, _, EXTERNAL>(ctx, &err),
+        Ok(None) => Outcome::next(pass),
+        Err(()) => Outcome::next(Stat::PassMalformed),
     }
 }
 
@@ -228,6 +270,10 @@ fn new_flow6<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
 pub fn lb_egress6(ctx: TcContext) -> i32 {
     let outcome = match parse::parse6(&ctx) {
         Parsed6::Packet(pkt) => reply::<Ipv6>(&ctx, &pkt),
+        Parsed6::IcmpError => {
+            family6::enter(&ctx, family6::ICMP_EGRESS);
+            Outcome::next(Stat::PassNotReply) // no program there
+        }
         Parsed6::NotForUs => Outcome::next(Stat::PassNotReply),
         Parsed6::Malformed => Outcome::next(Stat::PassMalformed),
     };
@@ -248,7 +294,7 @@ fn ingress<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
             family6::enter(ctx, index);
             Outcome::next(Stat::PassNotService) // no IPv6 program there
         }
-        Parsed::IcmpError(err) => icmp_error_ingress::<EXTERNAL>(ctx, &err),
+        Parsed::IcmpError(err) => icmp_error_ingress::<Ipv4, _, EXTERNAL>(ctx, &err),
         Parsed::Fragment(frag) => frag::follow::<false>(ctx, &frag),
         Parsed::NotForUs => Outcome::next(Stat::PassNotService),
         Parsed::Malformed => Outcome::next(Stat::PassMalformed),
@@ -259,6 +305,8 @@ fn ingress<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
 /// the new-flow path runs, IPv4's fragment tracking (IPv6 fragments pass
 /// untranslated yet).
 trait Edges: nat::Rewrite + redirect::Forward {
+    /// ICMP's protocol number in this family (`IPPROTO_ICMP`, `…ICMPV6`).
+    const ICMP: u8;
     /// A packet addressed to no frontend.
     fn not_a_frontend(ctx: &TcContext, pkt: &Packet<Self>) -> Outcome;
     /// A new flow to a frontend with no backends.
@@ -283,6 +331,7 @@ trait Edges: nat::Rewrite + redirect::Forward {
 }
 
 impl Edges for Ipv4 {
+    const ICMP: u8 = lb_common::IPPROTO_ICMP;
     #[inline(always)]
     fn not_a_frontend(ctx: &TcContext, pkt: &Packet) -> Outcome {
         if pkt.daddr.in_service_cidrs() {
@@ -327,6 +376,7 @@ impl Edges for Ipv4 {
 }
 
 impl Edges for Ipv6 {
+    const ICMP: u8 = lb_common::IPPROTO_ICMPV6;
     #[inline(always)]
     fn not_a_frontend(ctx: &TcContext, pkt: &Packet<Ipv6>) -> Outcome {
         if pkt.daddr.in_service_cidrs() {
@@ -538,19 +588,29 @@ fn pick<A: Family>(
 /// The error rewritten in the terms of the flow it quotes (`entry`); it
 /// goes on where it was headed.
 #[inline(always)]
-fn translated(ctx: &TcContext, err: &icmp::IcmpError, entry: &CtValue) -> Outcome {
-    if icmp::translate(ctx, err, entry).is_err() {
+fn translated<A, E: QuotingError<A>>(ctx: &TcContext, err: &E, entry: &CtValue<A>) -> Outcome {
+    if err.translate(ctx, entry).is_err() {
         return Outcome::drop(Stat::DropRewrite);
     }
     Outcome::next(Stat::IcmpTranslated)
 }
 
-/// The flow an error quotes: the quoted packet reversed is its `dir`
-/// tuple, and it is SNATed or not as `snat` says.
+/// The live flow an error quotes, read into this CPU's scratch entry (no
+/// packet being translated uses it: an IPv6 entry on the stack took the
+/// ICMPv6 programs past 512 bytes): the quoted packet reversed is its
+/// `dir` tuple, and it is SNATed or not as `snat` says (`None`: either).
 #[inline(always)]
-fn quoted_flow(err: &icmp::IcmpError, dir: u8, snat: bool) -> Option<CtValue> {
-    let (entry, _) = ct::lookup_flow(&err.quoted_reversed(dir))?;
-    ((entry.flags & CT_SNAT != 0) == snat).then_some(entry)
+fn quoted_flow<A: Family, E: QuotingError<A>>(
+    err: &E,
+    dir: u8,
+    snat: Option<bool>,
+) -> Option<&'static CtValue<A>> {
+    let (scratch, _) = A::ct_scratch()?;
+    // SAFETY: this CPU's scratch entry, for this program run.
+    let entry = unsafe { &mut *scratch };
+    ct::lookup_live(&err.quoted_reversed(dir), entry)?;
+    let snated = entry.flags & CT_SNAT != 0;
+    snat.is_none_or(|snat| snat == snated).then_some(entry)
 }
 
 /// Ingress: an error about a packet that left a frontend towards the client
@@ -559,31 +619,32 @@ fn quoted_flow(err: &icmp::IcmpError, dir: u8, snat: bool) -> Option<CtValue> {
 /// error about a SNATed packet, raised on the backend's side and sent to the
 /// SNAT address: the quoted packet reversed is the reply tuple.
 #[inline(always)]
-fn icmp_error_ingress<const EXTERNAL: bool>(ctx: &TcContext, err: &icmp::IcmpError) -> Outcome {
-    let entry = match ct::lookup_flow(&err.quoted_reversed(CT_DIR_FORWARD)) {
-        Some((entry, _)) if entry.flags & CT_SNAT == 0 => return translated(ctx, err, &entry),
-        Some((entry, _)) => entry,
-        None if EXTERNAL => match quoted_flow(err, CT_DIR_REPLY, true) {
+fn icmp_error_ingress<A: Edges, E: QuotingError<A>, const EXTERNAL: bool>(
+    ctx: &TcContext,
+    err: &E,
+) -> Outcome {
+    // One translation for either kind of flow: each inlined copy of the
+    // IPv6 one costs the verifier some 300 000 instructions.
+    let entry = match quoted_flow(err, CT_DIR_FORWARD, None) {
+        Some(entry) => entry,
+        None if EXTERNAL => match quoted_flow(err, CT_DIR_REPLY, Some(true)) {
             Some(entry) => entry,
             None => return Outcome::next(Stat::PassNotService),
         },
         None => return Outcome::next(Stat::PassNotService),
     };
-    if icmp::translate(ctx, err, &entry).is_err() {
+    if err.translate(ctx, entry).is_err() {
         return Outcome::drop(Stat::DropRewrite);
+    }
+    if entry.flags & CT_SNAT == 0 {
+        return Outcome::next(Stat::IcmpTranslated); // on where it was headed
     }
     // An error about a SNATed flow is routed by the program, as the flow's
     // packets are: towards the backend it may come from the SNAT address,
     // towards the client from the frontend (when the backend raised it) —
     // both the node's own, martians to its input path.
-    let routed = redirect::lookup(
-        ctx,
-        lb_common::IPPROTO_ICMP,
-        &entry.src_addr,
-        &entry.dst_addr,
-        0,
-    )
-    .and_then(|route| redirect::send::<Ipv4>(ctx, lb_common::IPPROTO_ICMP, &route));
+    let routed = redirect::lookup(ctx, A::ICMP, &entry.src_addr, &entry.dst_addr, 0)
+        .and_then(|route| redirect::send::<A>(ctx, A::ICMP, &route));
     match routed {
         Ok(action) => Outcome {
             action,
@@ -597,10 +658,10 @@ fn icmp_error_ingress<const EXTERNAL: bool>(ctx: &TcContext, err: &icmp::IcmpErr
 /// addressed to the backend), raised on the backend's side or by this node
 /// while forwarding it: the quoted packet reversed is the reply tuple.
 #[inline(always)]
-fn icmp_error_egress(ctx: &TcContext, err: &icmp::IcmpError) -> Outcome {
+fn icmp_error_egress<A: Family, E: QuotingError<A>>(ctx: &TcContext, err: &E) -> Outcome {
     // SNATed flows are answered at the uplink's ingress, never here.
-    match quoted_flow(err, CT_DIR_REPLY, false) {
-        Some(entry) => translated(ctx, err, &entry),
+    match quoted_flow(err, CT_DIR_REPLY, Some(false)) {
+        Some(entry) => translated(ctx, err, entry),
         None => Outcome::next(Stat::PassNotReply),
     }
 }

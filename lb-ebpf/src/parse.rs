@@ -5,9 +5,9 @@
 //! read past the IP datagram's length.
 
 use aya_ebpf::programs::TcContext;
-use lb_common::{Ipv4, Ipv6, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{Ipv4, Ipv6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
 
-pub use crate::icmp::IcmpError;
+pub use crate::icmp::{Icmp6Error, IcmpError};
 
 pub const ETH_HLEN: u32 = 14;
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
@@ -128,10 +128,15 @@ pub enum Parsed {
 /// What the IPv6 programs see.
 pub enum Parsed6 {
     Packet(Packet<Ipv6>),
+    /// An ICMPv6 error (destination unreachable, packet too big, time
+    /// exceeded, parameter problem): parsed and translated by a program
+    /// of its own (`parse_icmp6_error`; its 100-byte parse did not fit the
+    /// IPv6 programs' stack).
+    IcmpError,
     /// Not IPv6 TCP/UDP: not ours to touch. Also neighbour discovery,
-    /// router advertisements, MLD and every other ICMPv6 message,
-    /// fragments, and packets whose extension headers the walk does not
-    /// finish.
+    /// router advertisements, MLD and every other ICMPv6 message but the
+    /// errors, fragments, and packets whose extension headers the walk
+    /// does not finish.
     NotForUs,
     Malformed,
 }
@@ -360,6 +365,9 @@ fn try_parse6(ctx: &TcContext) -> Result<Parsed6, ()> {
         }
         walked += 1;
     }
+    if next == IPPROTO_ICMPV6 && off == ETH_HLEN + IP6_HLEN {
+        return icmp6_kind(ctx, end);
+    }
     if next != IPPROTO_TCP && next != IPPROTO_UDP {
         return Ok(Parsed6::NotForUs);
     }
@@ -487,6 +495,93 @@ fn parse_icmp_error(
         inner_sport_be,
         inner_dport_be,
         inner_proto: inner.proto,
+        inner_l4_csum_off,
+    }))
+}
+
+/// ICMPv6 error types (RFC 4443), each quoting the packet it is about.
+const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+const ICMPV6_TIME_EXCEED: u8 = 3;
+const ICMPV6_PARAMPROB: u8 = 4;
+
+#[inline(always)]
+const fn is_icmp6_error(icmp_type: u8) -> bool {
+    matches!(
+        icmp_type,
+        ICMPV6_DEST_UNREACH | ICMPV6_PACKET_TOO_BIG | ICMPV6_TIME_EXCEED | ICMPV6_PARAMPROB
+    )
+}
+
+/// An ICMPv6 error right after the fixed header (an error with extension
+/// headers passes untranslated: with the walk's variable offsets the
+/// translation took the verifier past a million instructions).
+#[inline(always)]
+fn icmp6_kind(ctx: &TcContext, end: u32) -> Result<Parsed6, ()> {
+    const ICMP_OFF: u32 = ETH_HLEN + IP6_HLEN;
+    // Type, code and checksum, read whole (a 1-byte read here lost its
+    // bounds to the verifier).
+    if ICMP_OFF + 4 > end {
+        return Err(());
+    }
+    ensure_linear(ctx, ICMP_OFF + 4)?;
+    let [icmp_type, _code, _, _]: [u8; 4] = read(ctx, ICMP_OFF)?;
+    Ok(if is_icmp6_error(icmp_type) {
+        Parsed6::IcmpError
+    } else {
+        Parsed6::NotForUs
+    })
+}
+
+/// The ICMPv6 error `parse6` found (`Parsed6::IcmpError`), when it quotes
+/// an IPv6 header and at least the ports of the TCP or UDP header right
+/// after it; `None` for a quote with extension headers, of anything else,
+/// or too short.
+#[inline(always)]
+pub fn parse_icmp6_error(ctx: &TcContext) -> Result<Option<Icmp6Error>, ()> {
+    let icmp_off = ETH_HLEN + IP6_HLEN;
+    ensure_linear(ctx, icmp_off)?;
+    if !is_ipv6(read(ctx, 12)?) {
+        return Ok(None);
+    }
+    let ip: Ipv6Fixed = read(ctx, ETH_HLEN)?;
+    let end = icmp_off + u32::from(u16::from_be(ip.payload_len_be));
+    if ip.next_header != IPPROTO_ICMPV6 || end > ctx.len() {
+        return Ok(None);
+    }
+    let inner_ip_off = icmp_off + 8;
+    let inner_l4_off = inner_ip_off + IP6_HLEN;
+    if inner_l4_off + 8 > end {
+        return Ok(None);
+    }
+    ensure_linear(ctx, inner_l4_off + 8)?;
+    let [icmp_type, _code]: [u8; 2] = read(ctx, icmp_off)?;
+    if !is_icmp6_error(icmp_type) {
+        return Ok(None);
+    }
+    let inner: Ipv6Fixed = read(ctx, inner_ip_off)?;
+    if inner.version_class_flow[0] >> 4 != 6
+        || (inner.next_header != IPPROTO_TCP && inner.next_header != IPPROTO_UDP)
+    {
+        return Ok(None);
+    }
+    let [inner_sport_be, inner_dport_be]: [u16; 2] = read(ctx, inner_l4_off)?;
+    // The quoted transport checksum, when the quote reaches it.
+    let csum_off = inner_l4_off + crate::icmp::l4_csum_at(inner.next_header);
+    let inner_l4_csum_off = if csum_off + 2 <= end && ensure_linear(ctx, csum_off + 2).is_ok() {
+        Some(csum_off)
+    } else {
+        None
+    };
+    Ok(Some(Icmp6Error {
+        outer_saddr: ip.saddr,
+        icmp_off,
+        inner_ip_off,
+        inner_saddr: inner.saddr,
+        inner_daddr: inner.daddr,
+        inner_sport_be,
+        inner_dport_be,
+        inner_proto: inner.next_header,
         inner_l4_csum_off,
     }))
 }

@@ -471,9 +471,24 @@ pub fn icmp6_error(
     code: u8,
     rest: u32,
 ) -> Vec<u8> {
+    icmp6_error_quoting(frame, 48, from, to, icmp_type, code, rest)
+}
+
+/// `icmp6_error` quoting `quote` bytes of `frame`'s IPv6 packet (at most
+/// all of it).
+pub fn icmp6_error_quoting(
+    frame: &[u8],
+    quote: usize,
+    from: Ipv6Addr,
+    to: Ipv6Addr,
+    icmp_type: u8,
+    code: u8,
+    rest: u32,
+) -> Vec<u8> {
+    let quote = quote.min(frame.len() - 14);
     let mut icmp = vec![icmp_type, code, 0, 0];
     icmp.extend_from_slice(&rest.to_be_bytes());
-    icmp.extend_from_slice(&frame[14..14 + 48]);
+    icmp.extend_from_slice(&frame[14..14 + quote]);
     let sum = checksum(&icmp, pseudo_sum6(&from, &to, 58, icmp.len()));
     icmp[2..4].copy_from_slice(&sum.to_be_bytes());
     let mut f = Vec::with_capacity(54 + icmp.len());

@@ -16,7 +16,8 @@ use lb_common::{
 use lb_tests::{
     datapath::Harness,
     packet::{
-        assert_frame, icmp6_error, Packet, Packet6, NEXTHDR_DEST, NEXTHDR_HOP, TCP_ACK, TCP_SYN,
+        assert_frame, icmp6_error, icmp6_error_quoting, Packet, Packet6, NEXTHDR_DEST, NEXTHDR_HOP,
+        TCP_ACK, TCP_SYN,
     },
     require_root,
 };
@@ -751,4 +752,248 @@ fn ipv6_load_balancer_source_ranges_admit_only_their_clients() {
         "no ranges: everyone"
     );
     assert_eq!(h.counter(Stat::DropSourceRange), 3);
+}
+
+/// A router on the way (between node and backend, or node and client).
+const ROUTER: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x99, 0, 0, 0, 0, 1);
+const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PORT_UNREACH: u8 = 4;
+const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+const ICMPV6_TIME_EXCEEDED: u8 = 3;
+/// What a packet too big quotes: as much as fits the minimum MTU.
+const PTB_QUOTE: usize = 1280 - 40 - 8;
+
+/// A TCP flow through the IPv6 cluster IP, its handshake seen both ways:
+/// a full-sized segment of it, and its backend.
+fn tcp_flow6(h: &Harness, from: SocketAddrV6) -> (Packet6, SocketAddrV6) {
+    let syn = Packet6::tcp(from, vip(80), TCP_SYN);
+    assert_eq!(h.run(&syn.build()).verdict, TCX_NEXT);
+    let backend = at(expected_backend(from, vip(80), 6), 8080);
+    h.run_egress(&syn.clone().to(backend).reply(TCP_SYN | TCP_ACK).build());
+    let segment = Packet6::tcp(from, vip(80), TCP_ACK).with_payload(&[7; 1400]);
+    (segment, backend)
+}
+
+/// PMTU over IPv6 (routers never fragment): a packet too big from a
+/// router on the backend's path, about a segment DNATed to the backend,
+/// reaches the client quoting the segment as the client sent it, to the
+/// cluster IP — checksums (ICMPv6 with its pseudo-header, the quoted TCP)
+/// from scratch.
+#[test]
+fn packet_too_big_on_the_backend_path_reaches_the_client_about_the_ipv6_cluster_ip() {
+    require_root();
+    let mut h = Harness::new();
+    h.apply_yaml(&manifest(false));
+    let (segment, backend) = tcp_flow6(&h, client(42000));
+    let at_backend = segment.clone().to(backend).build();
+    let error = icmp6_error_quoting(
+        &at_backend,
+        PTB_QUOTE,
+        ROUTER,
+        CLIENT,
+        ICMPV6_PACKET_TOO_BIG,
+        0,
+        1280,
+    );
+    let out = h.run_egress(&error);
+    assert_eq!(out.verdict, TCX_NEXT);
+    let expected = icmp6_error_quoting(
+        &segment.build(),
+        PTB_QUOTE,
+        ROUTER,
+        CLIENT,
+        ICMPV6_PACKET_TOO_BIG,
+        0,
+        1280,
+    );
+    assert_frame(&out.frame, &expected, "packet too big about client → VIP");
+    assert_eq!(h.counter(Stat::IcmpTranslated), 1);
+}
+
+/// The backend itself answers a UDP query with port unreachable: the
+/// client gets it from the cluster IP, about its query to the cluster IP
+/// (the quoted UDP checksum updated).
+#[test]
+fn port_unreachable_from_the_ipv6_backend_itself_comes_from_the_cluster_ip() {
+    require_root();
+    let mut h = Harness::new();
+    h.apply_yaml(&manifest(false));
+    let query = Packet6::udp(client(42001), vip(53), b"who");
+    h.run(&query.build());
+    let backend = at(expected_backend(client(42001), vip(53), 17), 5353);
+    let at_backend = query.clone().to(backend).build();
+    let error = icmp6_error_quoting(
+        &at_backend,
+        PTB_QUOTE,
+        *backend.ip(),
+        CLIENT,
+        ICMPV6_DEST_UNREACH,
+        ICMPV6_PORT_UNREACH,
+        0,
+    );
+    let out = h.run_egress(&error);
+    let expected = icmp6_error_quoting(
+        &query.build(),
+        PTB_QUOTE,
+        VIP6,
+        CLIENT,
+        ICMPV6_DEST_UNREACH,
+        ICMPV6_PORT_UNREACH,
+        0,
+    );
+    assert_frame(&out.frame, &expected, "port unreachable from the VIP");
+}
+
+/// A quote too short to hold the TCP checksum (the IPv6 header and 8
+/// bytes) is translated all the same, without it.
+#[test]
+fn an_icmpv6_error_quoting_eight_bytes_is_translated_without_the_tcp_checksum() {
+    require_root();
+    let mut h = Harness::new();
+    h.apply_yaml(&manifest(false));
+    let (segment, backend) = tcp_flow6(&h, client(42002));
+    let at_backend = segment.clone().to(backend).build();
+    let error = icmp6_error(&at_backend, ROUTER, CLIENT, ICMPV6_TIME_EXCEEDED, 0, 0);
+    let out = h.run_egress(&error);
+    let expected = icmp6_error(&segment.build(), ROUTER, CLIENT, ICMPV6_TIME_EXCEEDED, 0, 0);
+    assert_frame(&out.frame, &expected, "time exceeded, 8 bytes quoted");
+}
+
+/// The other way: a router on the client's side returns packet too big
+/// about a reply (cluster IP → client) to the cluster IP; at ingress it
+/// becomes an error to the backend about its own reply.
+#[test]
+fn packet_too_big_about_a_reply_reaches_the_ipv6_backend_about_its_own_packet() {
+    require_root();
+    let mut h = Harness::new();
+    h.apply_yaml(&manifest(false));
+    let (segment, backend) = tcp_flow6(&h, client(42003));
+    let from_backend = segment
+        .clone()
+        .to(backend)
+        .reply(TCP_ACK)
+        .with_payload(&[9; 1400]);
+    let as_sent = from_backend.clone().from(vip(80));
+    let error = icmp6_error_quoting(
+        &as_sent.build(),
+        PTB_QUOTE,
+        ROUTER,
+        VIP6,
+        ICMPV6_PACKET_TOO_BIG,
+        0,
+        1280,
+    );
+    let out = h.run(&error);
+    assert_eq!(out.verdict, TCX_NEXT);
+    let expected = icmp6_error_quoting(
+        &from_backend.build(),
+        PTB_QUOTE,
+        ROUTER,
+        *backend.ip(),
+        ICMPV6_PACKET_TOO_BIG,
+        0,
+        1280,
+    );
+    assert_frame(
+        &out.frame,
+        &expected,
+        "packet too big about backend → client",
+    );
+}
+
+/// Errors about no flow of ours pass as they came, both ways, and so does
+/// one carrying an extension header before the ICMPv6 header.
+#[test]
+fn icmpv6_errors_about_other_traffic_pass_untouched() {
+    require_root();
+    let mut h = Harness::new();
+    h.apply_yaml(&manifest(false));
+    let (segment, backend) = tcp_flow6(&h, client(42004));
+    let stranger = Packet6::tcp(client(42005), at(BACKENDS[0], 8080), TCP_ACK).build();
+    let about_stranger = icmp6_error(&stranger, ROUTER, CLIENT, ICMPV6_DEST_UNREACH, 3, 0);
+    let ours = icmp6_error(
+        &segment.clone().to(backend).build(),
+        ROUTER,
+        CLIENT,
+        3,
+        0,
+        0,
+    );
+    // The same error with a destination-options header before the ICMPv6
+    // one (next header 60, 8 bytes of padding).
+    let mut with_options = ours[..54].to_vec();
+    with_options[20] = NEXTHDR_DEST;
+    let payload = u16::from_be_bytes([ours[18], ours[19]]) + 8;
+    with_options[18..20].copy_from_slice(&payload.to_be_bytes());
+    with_options.extend_from_slice(&[58, 0, 1, 4, 0, 0, 0, 0]);
+    with_options.extend_from_slice(&ours[54..]);
+    for (name, frame) in [
+        ("about another flow", &about_stranger),
+        ("behind an extension header", &with_options),
+    ] {
+        let out = h.run_egress(frame);
+        assert_eq!(
+            (out.verdict, &out.frame),
+            (TCX_NEXT, frame),
+            "{name}: egress"
+        );
+        let out = h.run(frame);
+        assert_eq!(
+            (out.verdict, &out.frame),
+            (TCX_NEXT, frame),
+            "{name}: ingress"
+        );
+    }
+    assert_eq!(h.counter(Stat::IcmpTranslated), 0);
+}
+
+/// PMTU through a SNATed IPv6 node port: a router between node-a and
+/// node-b's pod returns packet too big to node-a's SNAT address about a
+/// SNATed segment; node-a's uplink translates it into the client's terms
+/// (about its segment to the node port, from the router, to the client)
+/// and routes it back to the client itself.
+#[test]
+fn packet_too_big_about_a_snated_ipv6_flow_is_routed_back_to_the_client() {
+    let node = Node6::new("ptb-snat", None);
+    let client = at(LAN_CLIENT, 40003);
+    let node_port = at(NODE6, 30080);
+    let syn = Packet6::tcp(client, node_port, TCP_SYN);
+    assert_eq!(node.external(&syn.build()).verdict, TC_ACT_REDIRECT);
+    let snat_port = node.snat_port_of(client);
+    let segment = Packet6::tcp(client, node_port, TCP_ACK).with_payload(&[7; 1400]);
+    let at_backend = snated(&segment, snat_port);
+    let error = icmp6_error_quoting(
+        &at_backend.build(),
+        PTB_QUOTE,
+        ROUTER,
+        NODE6,
+        ICMPV6_PACKET_TOO_BIG,
+        0,
+        1280,
+    );
+    let out = node.external(&error);
+    assert_eq!(out.verdict, TC_ACT_REDIRECT, "routed by the datapath");
+    // The quote keeps the hop limit the router saw (node-a's hop taken).
+    let as_sent = Packet6 {
+        hop_limit: at_backend.hop_limit,
+        ..segment.clone()
+    };
+    let mut expected = icmp6_error_quoting(
+        &as_sent.build(),
+        PTB_QUOTE,
+        ROUTER,
+        LAN_CLIENT,
+        ICMPV6_PACKET_TOO_BIG,
+        0,
+        1280,
+    );
+    expected[21] -= 1; // the error's own hop, node-a forwarding it
+                       // MACs from the FIB: node-a's uplink to the client (neighbour unknown:
+                       // `bpf_redirect_neigh` fills them on the way out).
+    assert_eq!(
+        &out.frame[12..],
+        &expected[12..],
+        "packet too big to the client"
+    );
+    assert_eq!(node.h.counter(Stat::IcmpTranslated), 1);
 }

@@ -471,15 +471,24 @@ fn move_to_the_other_backend(
     ask: &mut impl FnMut() -> String,
     first: &str,
 ) -> (usize, Vec<String>) {
+    let only = |other| web_manifest(&[(backend_ip(other), true)]);
+    move_to_the_other_backend_of(s, ask, first, &format!("{VIP}:53/UDP"), only)
+}
+
+/// `move_to_the_other_backend` for the UDP frontend `udp` (as `inspect`
+/// names it), `only(i)` being the manifest that leaves it backend `i`.
+fn move_to_the_other_backend_of(
+    s: &mut Setup,
+    ask: &mut impl FnMut() -> String,
+    first: &str,
+    udp: &str,
+    only: impl Fn(usize) -> String,
+) -> (usize, Vec<String>) {
     let index: usize = first.trim_start_matches("answer be").parse().unwrap();
     let other = 1 - index;
-    s._manifests
-        .write("web.yaml", &web_manifest(&[(backend_ip(other), true)]))
-        .unwrap();
+    s._manifests.write("web.yaml", &only(other)).unwrap();
     s.agent
-        .wait_for_maps("one UDP backend", |m| {
-            m.count(&format!("{VIP}:53/UDP")) == Some(1)
-        })
+        .wait_for_maps("one UDP backend", |m| m.count(udp) == Some(1))
         .unwrap();
     let deadline = std::time::Instant::now() + lb_tests::EVENT_TIMEOUT;
     let mut answers = Vec::new();
@@ -1022,29 +1031,13 @@ fn socket_lb_an_ipv6_connected_udp_socket_moves_off_a_removed_backend() {
         .replace("(\"198.19.0.10\", 53)", &format!("(\"{VIP6}\", 53)"));
     assert!(code.contains("AF_INET6") && code.contains(&VIP6.to_string()));
     let mut client = Conversation::start(&s, &s.topology.client, &code);
-    let first = client.say("q");
+    let mut ask = || client.say("q");
+    let first = ask();
     assert!(first.starts_with("answer be"), "{first}");
-    let other = 1 - first
-        .trim_start_matches("answer be")
-        .parse::<usize>()
-        .unwrap();
     let v4 = web_manifest(&[(backend_ip(0), true), (backend_ip(1), true)]);
-    s._manifests
-        .write("web.yaml", &(v4 + &ipv6_services(&[other])))
-        .unwrap();
-    s.agent
-        .wait_for_maps("one IPv6 UDP backend", |m| {
-            m.count(&format!("[{VIP6}]:53/UDP")) == Some(1)
-        })
-        .unwrap();
-    let deadline = std::time::Instant::now() + lb_tests::EVENT_TIMEOUT;
-    let mut answers = Vec::new();
-    while std::time::Instant::now() < deadline {
-        answers.push(client.say("q"));
-        if answers.last().unwrap() == &format!("answer be{other}") {
-            break;
-        }
-    }
+    let only = |other| v4.clone() + &ipv6_services(&[other]);
+    let udp = format!("[{VIP6}]:53/UDP");
+    let (other, answers) = move_to_the_other_backend_of(&mut s, &mut ask, &first, &udp, only);
     assert_eq!(
         answers.last().map(String::as_str),
         Some(format!("answer be{other}").as_str()),
