@@ -9,13 +9,16 @@
 use aya_ebpf::{btf_maps::ProgramArray, macros::btf_map, programs::TcContext};
 
 /// Indexes into `lb_progs6_v4`: `lb_ingress6`, `lb_ingress_ext6`,
-/// `lb_egress6`, and the ICMPv6 error programs of each hook.
+/// `lb_egress6`, and the ICMPv6 error and fragment programs of each hook.
 pub const INGRESS: u32 = lb_common::family6::INGRESS;
 pub const INGRESS_EXTERNAL: u32 = lb_common::family6::INGRESS_EXTERNAL;
 pub const EGRESS: u32 = lb_common::family6::EGRESS;
 pub const ICMP_INGRESS: u32 = lb_common::family6::ICMP_INGRESS;
 pub const ICMP_INGRESS_EXTERNAL: u32 = lb_common::family6::ICMP_INGRESS_EXTERNAL;
 pub const ICMP_EGRESS: u32 = lb_common::family6::ICMP_EGRESS;
+pub const FRAG_INGRESS: u32 = lb_common::family6::FRAG_INGRESS;
+pub const FRAG_INGRESS_EXTERNAL: u32 = lb_common::family6::FRAG_INGRESS_EXTERNAL;
+pub const FRAG_EGRESS: u32 = lb_common::family6::FRAG_EGRESS;
 
 #[btf_map(name = "lb_progs6_v4")]
 static PROGRAMS6: ProgramArray<{ lb_common::family6::PROGRAMS as usize }> = ProgramArray::new();
@@ -28,14 +31,17 @@ pub fn enter(ctx: &TcContext, index: u32) {
     unsafe { PROGRAMS6.tail_call(ctx, index) };
 }
 
-/// Tail-calls the IPv6 new-flow program (`lb_new6`, `lb_new_ext6`);
-/// returns only if the call failed.
+/// Tail-calls the IPv6 new-flow program (`lb_new6`, `lb_new_ext6`, and
+/// for a first fragment `lb_new_frag6`, `lb_new_frag_ext6`); returns only
+/// if the call failed.
 #[inline(always)]
-pub fn enter_new_flow(ctx: &TcContext, external: bool) {
-    let index = if external {
-        lb_common::family6::NEW_FLOW_EXTERNAL
-    } else {
-        lb_common::family6::NEW_FLOW
+pub fn enter_new_flow(ctx: &TcContext, external: bool, fragment: bool) {
+    use lb_common::family6::{NEW_FLOW, NEW_FLOW_EXTERNAL, NEW_FRAG, NEW_FRAG_EXTERNAL};
+    let index = match (external, fragment) {
+        (false, false) => NEW_FLOW,
+        (true, false) => NEW_FLOW_EXTERNAL,
+        (false, true) => NEW_FRAG,
+        (true, true) => NEW_FRAG_EXTERNAL,
     };
     // SAFETY: as in `enter`.
     unsafe { PROGRAMS6.tail_call(ctx, index) };

@@ -57,6 +57,7 @@ use crate::{
 };
 
 /// Verdict plus the counter that explains it.
+#[derive(Clone, Copy)]
 pub struct Outcome {
     pub action: i32,
     pub stat: Stat,
@@ -155,31 +156,80 @@ pub fn lb_egress(ctx: TcContext) -> i32 {
 /// verifier's 512-byte stack and its instruction budget.
 #[classifier]
 pub fn lb_ingress6(ctx: TcContext) -> i32 {
-    finish(&ctx, ingress6::<false>(&ctx))
+    finish(&ctx, ingress6::<false, false>(&ctx))
 }
 
 #[classifier]
 pub fn lb_ingress_ext6(ctx: TcContext) -> i32 {
-    finish(&ctx, ingress6::<true>(&ctx))
+    finish(&ctx, ingress6::<true, false>(&ctx))
+}
+
+#[classifier]
+pub fn lb_egress6(ctx: TcContext) -> i32 {
+    finish(&ctx, egress6::<false>(&ctx))
 }
 
 /// A new IPv6 flow's first packet (see `Edges::first_packet` for `Ipv6`):
 /// parsed and its frontend looked up again.
 #[classifier]
 pub fn lb_new6(ctx: TcContext) -> i32 {
-    finish(&ctx, new_flow6::<false>(&ctx))
+    finish(&ctx, new_flow6::<false, false>(&ctx))
 }
 
 #[classifier]
 pub fn lb_new_ext6(ctx: TcContext) -> i32 {
-    finish(&ctx, new_flow6::<true>(&ctx))
+    finish(&ctx, new_flow6::<true, false>(&ctx))
+}
+
+/// IPv6 fragments (`Parsed6::Fragmented`): the same paths, for a first
+/// fragment (recorded for its datagram) or a later one (following it).
+#[classifier]
+pub fn lb_frag6_in(ctx: TcContext) -> i32 {
+    finish(&ctx, ingress6::<false, true>(&ctx))
+}
+
+#[classifier]
+pub fn lb_frag6_in_ext(ctx: TcContext) -> i32 {
+    finish(&ctx, ingress6::<true, true>(&ctx))
+}
+
+#[classifier]
+pub fn lb_frag6_out(ctx: TcContext) -> i32 {
+    finish(&ctx, egress6::<true>(&ctx))
+}
+
+#[classifier]
+pub fn lb_new_frag6(ctx: TcContext) -> i32 {
+    finish(&ctx, new_flow6::<false, true>(&ctx))
+}
+
+#[classifier]
+pub fn lb_new_frag_ext6(ctx: TcContext) -> i32 {
+    finish(&ctx, new_flow6::<true, true>(&ctx))
+}
+
+/// A first IPv6 fragment's record, a later one's translation (see
+/// `frag::Fragments` for `Ipv6`).
+#[classifier]
+pub fn lb_frag6_record(ctx: TcContext) -> i32 {
+    finish(&ctx, frag::finish_record::<Ipv6>(&ctx))
+}
+
+#[classifier]
+pub fn lb_frag6_follow(ctx: TcContext) -> i32 {
+    finish(&ctx, frag::follow_keyed::<Ipv6>(&ctx))
 }
 
 /// A routed IPv6 packet too big for the way out (`Edges::too_big`),
 /// answered with packet too big.
 #[classifier]
 pub fn lb_too_big6(ctx: TcContext) -> i32 {
-    let outcome = match parse::parse6(&ctx) {
+    // A first fragment's too (`lb_frag6_in`).
+    let parsed = match parse::parse6::<false>(&ctx) {
+        Parsed6::Fragmented => parse::parse6::<true>(&ctx),
+        parsed => parsed,
+    };
+    let outcome = match parsed {
         Parsed6::Packet(pkt) => match maps::ANSWER6_SCRATCH.get_ptr(0) {
             // SAFETY: this CPU's map value, written by the caller.
             Some(answer) => {
@@ -202,9 +252,11 @@ fn finish(ctx: &TcContext, outcome: Outcome) -> i32 {
 }
 
 #[inline(always)]
-fn ingress6<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
-    match parse::parse6(ctx) {
-        Parsed6::Packet(pkt) => to_frontend::<Ipv6, EXTERNAL>(ctx, &pkt),
+fn ingress6<const EXTERNAL: bool, const FRAGMENTS: bool>(ctx: &TcContext) -> Outcome {
+    match parse::parse6::<FRAGMENTS>(ctx) {
+        Parsed6::Packet(pkt) => {
+            frag::recorded::<Ipv6, false>(ctx, &pkt, to_frontend::<Ipv6, EXTERNAL>(ctx, &pkt))
+        }
         Parsed6::IcmpError => {
             let index = if EXTERNAL {
                 family6::ICMP_INGRESS_EXTERNAL
@@ -214,6 +266,16 @@ fn ingress6<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
             family6::enter(ctx, index);
             Outcome::next(Stat::PassNotService) // no program there
         }
+        Parsed6::Fragmented => {
+            let index = if EXTERNAL {
+                family6::FRAG_INGRESS_EXTERNAL
+            } else {
+                family6::FRAG_INGRESS
+            };
+            family6::enter(ctx, index);
+            Outcome::next(Stat::PassFragmentUntracked) // no program there
+        }
+        Parsed6::Fragment => frag::follow_stashed::<Ipv6, false>(ctx),
         Parsed6::NotForUs => Outcome::next(Stat::PassNotService),
         Parsed6::Malformed => Outcome::next(Stat::PassMalformed),
     }
@@ -252,8 +314,8 @@ fn icmp6_error<const EGRESS: bool, const EXTERNAL: bool>(ctx: &TcContext) -> Out
 }
 
 #[inline(always)]
-fn new_flow6<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
-    let Parsed6::Packet(pkt) = parse::parse6(ctx) else {
+fn new_flow6<const EXTERNAL: bool, const FRAGMENTS: bool>(ctx: &TcContext) -> Outcome {
+    let Parsed6::Packet(pkt) = parse::parse6::<FRAGMENTS>(ctx) else {
         return Outcome::next(Stat::PassMalformed);
     };
     // SAFETY: copied at once, as in `to_frontend`.
@@ -261,30 +323,38 @@ fn new_flow6<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
         .get_ptr(&pkt.svc_key(0))
         .map(|s| unsafe { *s })
     {
-        Some(svc) => new_flow::<Ipv6, EXTERNAL>(ctx, &pkt, &svc, ct::now()),
+        Some(svc) => {
+            let outcome = new_flow::<Ipv6, EXTERNAL>(ctx, &pkt, &svc, ct::now());
+            frag::recorded::<Ipv6, false>(ctx, &pkt, outcome)
+        }
         None => Outcome::next(Stat::PassNotService), // removed meanwhile
     }
 }
 
-#[classifier]
-pub fn lb_egress6(ctx: TcContext) -> i32 {
-    let outcome = match parse::parse6(&ctx) {
-        Parsed6::Packet(pkt) => reply::<Ipv6>(&ctx, &pkt),
+#[inline(always)]
+fn egress6<const FRAGMENTS: bool>(ctx: &TcContext) -> Outcome {
+    match parse::parse6::<FRAGMENTS>(ctx) {
+        Parsed6::Packet(pkt) => frag::recorded::<Ipv6, true>(ctx, &pkt, reply::<Ipv6>(ctx, &pkt)),
         Parsed6::IcmpError => {
-            family6::enter(&ctx, family6::ICMP_EGRESS);
+            family6::enter(ctx, family6::ICMP_EGRESS);
             Outcome::next(Stat::PassNotReply) // no program there
         }
+        Parsed6::Fragmented => {
+            family6::enter(ctx, family6::FRAG_EGRESS);
+            Outcome::next(Stat::PassFragmentUntracked) // no program there
+        }
+        Parsed6::Fragment => frag::follow_stashed::<Ipv6, true>(ctx),
         Parsed6::NotForUs => Outcome::next(Stat::PassNotReply),
         Parsed6::Malformed => Outcome::next(Stat::PassMalformed),
-    };
-    count(outcome.stat);
-    outcome.action
+    }
 }
 
 #[inline(always)]
 fn ingress<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
     match parse::parse(ctx) {
-        Parsed::Packet(pkt) => to_frontend::<Ipv4, EXTERNAL>(ctx, &pkt),
+        Parsed::Packet(pkt) => {
+            frag::recorded::<Ipv4, false>(ctx, &pkt, to_frontend::<Ipv4, EXTERNAL>(ctx, &pkt))
+        }
         Parsed::Ipv6 => {
             let index = if EXTERNAL {
                 family6::INGRESS_EXTERNAL
@@ -295,16 +365,15 @@ fn ingress<const EXTERNAL: bool>(ctx: &TcContext) -> Outcome {
             Outcome::next(Stat::PassNotService) // no IPv6 program there
         }
         Parsed::IcmpError(err) => icmp_error_ingress::<Ipv4, _, EXTERNAL>(ctx, &err),
-        Parsed::Fragment(frag) => frag::follow::<false>(ctx, &frag),
+        Parsed::Fragment(frag) => frag::follow::<Ipv4, false>(ctx, &frag),
         Parsed::NotForUs => Outcome::next(Stat::PassNotService),
         Parsed::Malformed => Outcome::next(Stat::PassMalformed),
     }
 }
 
 /// Where the families differ on the service path: ICMP and ICMPv6, where
-/// the new-flow path runs, IPv4's fragment tracking (IPv6 fragments pass
-/// untranslated yet).
-trait Edges: nat::Rewrite + redirect::Forward {
+/// the new-flow path runs.
+trait Edges: nat::Rewrite + frag::Fragments {
     /// ICMP's protocol number in this family (`IPPROTO_ICMP`, `…ICMPV6`).
     const ICMP: u8;
     /// A packet addressed to no frontend.
@@ -321,12 +390,6 @@ trait Edges: nat::Rewrite + redirect::Forward {
         pkt: &Packet<Self>,
         svc: &SvcValue,
         now: u64,
-    ) -> Outcome;
-    fn send<const EGRESS: bool>(
-        ctx: &TcContext,
-        pkt: &Packet<Self>,
-        to: &CtValue<Self>,
-        stat: Stat,
     ) -> Outcome;
 }
 
@@ -364,15 +427,6 @@ impl Edges for Ipv4 {
     ) -> Outcome {
         new_flow::<Ipv4, EXTERNAL>(ctx, pkt, svc, now)
     }
-    #[inline(always)]
-    fn send<const EGRESS: bool>(
-        ctx: &TcContext,
-        pkt: &Packet,
-        to: &CtValue,
-        stat: Stat,
-    ) -> Outcome {
-        send::<EGRESS>(ctx, pkt, to, stat)
-    }
 }
 
 impl Edges for Ipv6 {
@@ -406,22 +460,12 @@ impl Edges for Ipv6 {
     #[inline(always)]
     fn first_packet<const EXTERNAL: bool>(
         ctx: &TcContext,
-        _: &Packet<Ipv6>,
+        pkt: &Packet<Ipv6>,
         _: &SvcValue,
         _: u64,
     ) -> Outcome {
-        family6::enter_new_flow(ctx, EXTERNAL);
+        family6::enter_new_flow(ctx, EXTERNAL, pkt.is_fragment);
         Outcome::drop(Stat::DropCtFull) // the tail call failed: no program there
-    }
-    /// IPv6 fragments pass untouched (`parse::parse6`): none to record.
-    #[inline(always)]
-    fn send<const EGRESS: bool>(
-        ctx: &TcContext,
-        pkt: &Packet<Ipv6>,
-        to: &CtValue<Ipv6>,
-        stat: Stat,
-    ) -> Outcome {
-        translate_and_send::<Ipv6, EGRESS>(ctx, pkt, to, stat)
     }
 }
 
@@ -449,7 +493,7 @@ fn to_frontend<A: Edges, const EXTERNAL: bool>(ctx: &TcContext, pkt: &Packet<A>)
     let now = match ct::lookup(&forward_key, &mut entry) {
         Some((now, true)) if !ct::is_reopened(&entry, pkt) => {
             ct::update(&forward_key, &entry, pkt, now);
-            return A::send::<false>(ctx, pkt, &entry, Stat::DnatCtHit);
+            return send::<A, false>(ctx, pkt, &entry, Stat::DnatCtHit);
         }
         // Over (timed out both ways, or reopened by a SYN) though not yet
         // collected: retired, so its entries shadow neither of the new flow's.
@@ -558,7 +602,7 @@ fn new_flow<A: Edges, const EXTERNAL: bool>(
         Err(stat) => return Outcome::drop(stat),
     }
     A::log_new_flow(ctx, pkt, &entry);
-    A::send::<false>(ctx, pkt, &entry, Stat::DnatNew)
+    send::<A, false>(ctx, pkt, &entry, Stat::DnatNew)
 }
 
 /// A backend for a new flow with no remembered one: by the frontend's
@@ -696,20 +740,20 @@ fn reverse_snat<A: Edges>(ctx: &TcContext, pkt: &Packet<A>) -> Option<Outcome> {
         return None;
     }
     ct::update(&reply_key, &entry, pkt, now);
-    Some(A::send::<false>(ctx, pkt, &entry, Stat::RevSnat))
+    Some(send::<A, false>(ctx, pkt, &entry, Stat::RevSnat))
 }
 
 /// A backend's reply matches a reply-direction entry and leaves with the
 /// frontend as its source; anything else passes untouched.
 fn egress(ctx: &TcContext) -> Outcome {
     match parse::parse(ctx) {
-        Parsed::Packet(pkt) => reply::<Ipv4>(ctx, &pkt),
+        Parsed::Packet(pkt) => frag::recorded::<Ipv4, true>(ctx, &pkt, reply::<Ipv4>(ctx, &pkt)),
         Parsed::Ipv6 => {
             family6::enter(ctx, family6::EGRESS);
             Outcome::next(Stat::PassNotReply) // no IPv6 program there
         }
         Parsed::IcmpError(err) => icmp_error_egress(ctx, &err),
-        Parsed::Fragment(frag) => frag::follow::<true>(ctx, &frag),
+        Parsed::Fragment(frag) => frag::follow::<Ipv4, true>(ctx, &frag),
         Parsed::NotForUs => Outcome::next(Stat::PassNotReply),
         Parsed::Malformed => Outcome::next(Stat::PassMalformed),
     }
@@ -734,7 +778,7 @@ fn reply<A: Edges>(ctx: &TcContext, pkt: &Packet<A>) -> Outcome {
         return Outcome::next(Stat::PassNotReply);
     }
     ct::update(&reply_key, &entry, pkt, now);
-    A::send::<true>(ctx, pkt, &entry, Stat::RevNat)
+    send::<A, true>(ctx, pkt, &entry, Stat::RevNat)
 }
 
 /// The IP datagram length the way out must carry: the packet's, or for a GSO
@@ -769,23 +813,12 @@ fn routed_len<A>(ctx: &TcContext, pkt: &Packet<A>) -> u16 {
 
 /// Rewrites the packet to its flow's tuple. A SNATed flow's packet is then
 /// routed here (the node's input path would take its source for a martian);
-/// any other goes on through the stack. A first fragment's translation is
-/// recorded for the rest of its datagram (at this hook: `EGRESS`).
+/// any other goes on through the stack. Egress never routes: a SNATed
+/// flow's answers are taken at the uplink's ingress (`reply` passes them),
+/// and the egress programs keep their stack. (A first fragment is recorded
+/// once sent: `frag::recorded`.)
 #[inline(always)]
-fn send<const EGRESS: bool>(ctx: &TcContext, pkt: &Packet, to: &CtValue, stat: Stat) -> Outcome {
-    if pkt.is_fragment
-        && frag::record::<EGRESS>(pkt.saddr_be(), pkt.daddr_be(), pkt.id_be, pkt.proto, to).is_err()
-    {
-        return Outcome::drop(Stat::DropFragment);
-    }
-    translate_and_send::<Ipv4, EGRESS>(ctx, pkt, to, stat)
-}
-
-/// `send` past the fragment bookkeeping, for both families. Egress never
-/// routes: a SNATed flow's answers are taken at the uplink's ingress
-/// (`reply` passes them), and the egress programs keep their stack.
-#[inline(always)]
-fn translate_and_send<A: Edges, const EGRESS: bool>(
+fn send<A: Edges, const EGRESS: bool>(
     ctx: &TcContext,
     pkt: &Packet<A>,
     to: &CtValue<A>,

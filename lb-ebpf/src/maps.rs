@@ -152,6 +152,18 @@ pub static ICMP_BUCKET: PerCpuArray<IcmpBucket, 1> = PerCpuArray::new();
 /// Later fragments' translations, by datagram (see `lb_common::frag`). Not
 /// pinned: a restarted agent's programs start empty, losing at most the
 /// datagrams in flight.
+pub type FragMap<A> = LruHashMap<FragKey<A>, FragValue<A>, { DEFAULT_MAX_FRAG_ENTRIES as usize }>;
+
 #[btf_map(name = "lb_frag_v4")]
-pub static FRAGS: LruHashMap<FragKey, FragValue, { DEFAULT_MAX_FRAG_ENTRIES as usize }> =
-    LruHashMap::new();
+pub static FRAGS: FragMap<Ipv4> = LruHashMap::new();
+
+#[btf_map(name = "lb_frag6_v4")]
+pub static FRAGS6: FragMap<Ipv6> = LruHashMap::new();
+
+/// Per-CPU scratch for a fragment record being keyed (see `frag`). Not
+/// pinned.
+#[btf_map(name = "lb_frag_scratch")]
+pub static FRAG_SCRATCH: PerCpuArray<crate::frag::FragRecord<Ipv4>, 1> = PerCpuArray::new();
+
+#[btf_map(name = "lb_frag_scratch6")]
+pub static FRAG_SCRATCH6: PerCpuArray<crate::frag::FragRecord<Ipv6>, 1> = PerCpuArray::new();

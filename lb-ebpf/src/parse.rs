@@ -77,7 +77,10 @@ pub struct Packet<A = Ipv4> {
     pub tcp_flags: u8,
     /// First fragment of a fragmented datagram (later ones are `Fragment`s).
     pub is_fragment: bool,
-    /// The IP header's identification (names the datagram of a fragment).
+    /// The IPv4 header's identification (names the datagram of a
+    /// fragment; IPv6's is in the fragment header). Field order matters
+    /// here: a `Packet` laid out without it took `lb_ingress6` past the
+    /// verifier's million instructions (its spills no longer pruned).
     pub id_be: u16,
     /// IP header length in bytes: IPv4's with options (20 without),
     /// IPv6's with its extension headers.
@@ -102,11 +105,12 @@ impl Packet {
     }
 }
 
-/// A later fragment of a TCP or UDP datagram: no transport header.
+/// A later fragment of a TCP or UDP datagram: no transport header (its
+/// addresses are read from the header where they are used).
 pub struct Fragment {
-    pub saddr_be: u32,
-    pub daddr_be: u32,
-    pub id_be: u16,
+    /// The datagram's identification, host order (IPv4's 16-bit header
+    /// field, IPv6's 32-bit fragment header field).
+    pub id: u32,
     pub proto: u8,
     pub tot_len: u16,
 }
@@ -133,10 +137,17 @@ pub enum Parsed6 {
     /// of its own (`parse_icmp6_error`; its 100-byte parse did not fit the
     /// IPv6 programs' stack).
     IcmpError,
+    /// A fragment, to the fragment programs (`parse6`).
+    Fragmented,
+    /// A non-first fragment, in the fragment programs; `frag::stash`ed:
+    /// with its parse in the variant, the first fragment's path cost the
+    /// verifier three times as much.
+    Fragment,
     /// Not IPv6 TCP/UDP: not ours to touch. Also neighbour discovery,
     /// router advertisements, MLD and every other ICMPv6 message but the
-    /// errors, fragments, and packets whose extension headers the walk
-    /// does not finish.
+    /// errors, fragments whose fragmentable part does not start with the
+    /// transport header, and packets whose extension headers the walk does
+    /// not finish.
     NotForUs,
     Malformed,
 }
@@ -273,9 +284,7 @@ fn try_parse(ctx: &TcContext) -> Result<Parsed, ()> {
     }
     if frag & IP_OFFSET_MASK != 0 {
         return Ok(Parsed::Fragment(Fragment {
-            saddr_be: ip.saddr_be,
-            daddr_be: ip.daddr_be,
-            id_be: ip.id_be,
+            id: u32::from(u16::from_be(ip.id_be)),
             proto: ip.proto,
             tot_len: tot_len as u16,
         }));
@@ -301,12 +310,17 @@ fn try_parse(ctx: &TcContext) -> Result<Parsed, ()> {
 }
 
 /// An IPv6 packet: the extension headers walked to the transport header.
-/// Fragments pass untouched for now (IPv6 senders fragment rarely: PMTU
-/// discovery is not optional); an atomic fragment header (offset 0, no
-/// more fragments) is walked over.
+/// An atomic fragment header (offset 0, no more fragments) is walked over.
+/// A real fragment is `Fragmented` to the programs that take whole packets;
+/// the fragment programs (`FRAGMENTS`) parse it, the first as a `Packet`
+/// (`is_fragment`), the later ones as `Fragment`s — if the transport header
+/// follows the fragment header, as Linux and every stack we know fragment;
+/// otherwise all of its datagram passes untouched. Two parses, not one: a
+/// packet that may or may not be a fragment doubled the paths the verifier
+/// walks after the parse (past its million instructions for `lb_ingress6`).
 #[inline(always)]
-pub fn parse6(ctx: &TcContext) -> Parsed6 {
-    match try_parse6(ctx) {
+pub fn parse6<const FRAGMENTS: bool>(ctx: &TcContext) -> Parsed6 {
+    match try_parse6::<FRAGMENTS>(ctx) {
         Ok(parsed) => parsed,
         Err(()) => Parsed6::Malformed,
     }
@@ -318,7 +332,7 @@ const fn is_ipv6(ethertype_be: u16) -> bool {
 }
 
 #[inline(always)]
-fn try_parse6(ctx: &TcContext) -> Result<Parsed6, ()> {
+fn try_parse6<const FRAGMENTS: bool>(ctx: &TcContext) -> Result<Parsed6, ()> {
     if ensure_linear(ctx, ETH_HLEN).is_err() || !is_ipv6(read(ctx, 12)?) {
         return Ok(Parsed6::NotForUs);
     }
@@ -352,7 +366,10 @@ fn try_parse6(ctx: &TcContext) -> Result<Parsed6, ()> {
                 ensure_linear(ctx, off + 4)?;
                 let [next_header, _reserved, frag_hi, frag_lo]: [u8; 4] = read(ctx, off)?;
                 if u16::from_be_bytes([frag_hi, frag_lo]) & (IP6_OFFSET_MASK | IP6_MF) != 0 {
-                    return Ok(Parsed6::NotForUs);
+                    if !FRAGMENTS {
+                        return Ok(Parsed6::Fragmented);
+                    }
+                    break; // at the fragment header, `next` naming it
                 }
                 next = next_header;
                 8
@@ -365,13 +382,39 @@ fn try_parse6(ctx: &TcContext) -> Result<Parsed6, ()> {
         }
         walked += 1;
     }
+    if FRAGMENTS {
+        if next != NEXTHDR_FRAGMENT {
+            return Ok(Parsed6::NotForUs); // not a fragment: the other programs'
+        }
+        ensure_linear(ctx, off + 8)?;
+        let [next_header, _reserved, frag_hi, frag_lo]: [u8; 4] = read(ctx, off)?;
+        if next_header != IPPROTO_UDP {
+            return Ok(Parsed6::NotForUs);
+        }
+        if u16::from_be_bytes([frag_hi, frag_lo]) & IP6_OFFSET_MASK != 0 {
+            let later = Fragment {
+                id: u32::from_be(read(ctx, off + 4)?),
+                proto: IPPROTO_UDP,
+                tot_len: (end - ETH_HLEN).min(0xffff) as u16,
+            };
+            crate::frag::stash::<Ipv6>(&later)?;
+            return Ok(Parsed6::Fragment);
+        }
+        // The transport header follows: `frag::record` finds the
+        // identification just before it.
+        next = IPPROTO_UDP;
+        off += 8;
+        if off > end {
+            return Err(());
+        }
+    }
     if next == IPPROTO_ICMPV6 && off == ETH_HLEN + IP6_HLEN {
         return icmp6_kind(ctx, end);
     }
     if next != IPPROTO_TCP && next != IPPROTO_UDP {
         return Ok(Parsed6::NotForUs);
     }
-    let l4 = parse_l4(ctx, next, off, end - off, false)?;
+    let l4 = parse_l4(ctx, next, off, end - off, FRAGMENTS)?;
     Ok(Parsed6::Packet(Packet {
         saddr: ip.saddr,
         daddr: ip.daddr,
@@ -379,7 +422,7 @@ fn try_parse6(ctx: &TcContext) -> Result<Parsed6, ()> {
         dport_be: l4.dport_be,
         proto: next,
         tcp_flags: l4.tcp_flags,
-        is_fragment: false,
+        is_fragment: FRAGMENTS,
         id_be: 0,
         ihl_len: off - ETH_HLEN,
         l4_off: off,
