@@ -459,6 +459,36 @@ impl Packet6 {
     }
 }
 
+impl Packet6 {
+    /// The datagram as its sender's stack fragments it (RFC 8200 4.5): its
+    /// transport header and payload (checksummed whole) cut into pieces of
+    /// at most `piece` bytes (a multiple of 8), each behind the IPv6
+    /// header and a fragment header naming datagram `id`. The packet
+    /// itself has no extension headers.
+    pub fn fragments(&self, piece: usize, id: u32) -> Vec<Vec<u8>> {
+        assert!(piece.is_multiple_of(8) && piece > 0 && self.ext.is_empty());
+        let whole = self.build();
+        let (head, body) = whole.split_at(14 + 40);
+        let pieces: Vec<&[u8]> = body.chunks(piece).collect();
+        pieces
+            .iter()
+            .enumerate()
+            .map(|(i, chunk)| {
+                let mut f = head.to_vec();
+                f[18..20].copy_from_slice(&((8 + chunk.len()) as u16).to_be_bytes());
+                f[20] = NEXTHDR_FRAGMENT;
+                let more = u16::from(i + 1 < pieces.len());
+                let field = ((i * piece / 8) as u16) << 3 | more;
+                f.extend_from_slice(&[self.proto, 0]);
+                f.extend_from_slice(&field.to_be_bytes());
+                f.extend_from_slice(&id.to_be_bytes());
+                f.extend_from_slice(chunk);
+                f
+            })
+            .collect()
+    }
+}
+
 /// The ICMPv6 error the datapath answers `frame` (an IPv6 frame without
 /// extension headers) with, as it builds it: MACs swapped, from `from` to
 /// `to`, hop limit 64, `rest` in bytes 4..8 of the ICMPv6 header (packet

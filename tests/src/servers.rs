@@ -204,27 +204,20 @@ pub fn udp_query(addr: impl Into<SocketAddr>) -> std::io::Result<(String, Socket
 
 /// A `query_len`-byte datagram asking for an `answer_len`-byte answer,
 /// both sent without DF (each side's stack fragments what its link cannot
-/// carry whole): the answer's first line and length, and who sent it.
+/// carry whole; an IPv6 host always does): the answer's first line and
+/// length, and who sent it.
 pub fn udp_query_sized(
-    addr: SocketAddrV4,
+    addr: SocketAddr,
     query_len: usize,
     answer_len: usize,
 ) -> std::io::Result<(String, usize, SocketAddr)> {
-    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
-    socket.set_read_timeout(Some(IO_TIMEOUT))?;
-    let dont: libc::c_int = libc::IP_PMTUDISC_DONT;
-    // SAFETY: a valid socket and an int option.
-    let rc = unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&socket),
-            libc::IPPROTO_IP,
-            libc::IP_MTU_DISCOVER,
-            (&dont as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
+    let socket = match addr {
+        SocketAddr::V4(_) => UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?,
+        SocketAddr::V6(_) => UdpSocket::bind((std::net::Ipv6Addr::UNSPECIFIED, 0))?,
     };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
+    socket.set_read_timeout(Some(IO_TIMEOUT))?;
+    if addr.is_ipv4() {
+        allow_fragments(&socket)?;
     }
     let mut query = format!("size {answer_len} ").into_bytes();
     query.resize(query_len.max(query.len()), b'q');
@@ -234,6 +227,25 @@ pub fn udp_query_sized(
     let text = String::from_utf8_lossy(&buf[..n]);
     let line = text.trim_end_matches('.').to_owned();
     Ok((line, n, from))
+}
+
+/// IPv4 without DF: the stack fragments what the link cannot carry.
+fn allow_fragments(socket: &UdpSocket) -> std::io::Result<()> {
+    let dont: libc::c_int = libc::IP_PMTUDISC_DONT;
+    // SAFETY: a valid socket and an int option.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(socket),
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            (&dont as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// A long-lived line-echo connection (sockets survive the netns thread that made them).

@@ -251,9 +251,83 @@ fn ipv6_traffic_not_for_a_service_passes_untouched() {
         let out = h.run_egress(frame);
         assert_eq!(&out.frame, frame, "{name} must pass egress untouched");
     }
-    assert_eq!(h.counter(Stat::PassNotService), 4);
+    // The later fragment, at ingress and egress: no first fragment seen.
+    assert_eq!(h.counter(Stat::PassNotService), 3);
+    assert_eq!(h.counter(Stat::PassFragmentUntracked), 2);
     assert_eq!(h.counter(Stat::DnatNew), 0);
     assert!(h.conntrack6().is_empty());
+}
+
+/// IPv6 hosts fragment what they send (routers never do): a UDP datagram
+/// its sender fragmented (a large DNS answer, Kerberos, RADIUS) and its
+/// fragmented answer. The first fragment is translated by its flow, the
+/// later ones (no ports) follow it, the same addresses. Compared byte for
+/// byte with the translated datagram fragmented the same way, so the
+/// first fragment's UDP checksum is checked against one computed from
+/// scratch over the whole datagram.
+#[test]
+fn a_fragmented_udp_datagram_and_its_fragmented_answer_over_ipv6_are_translated_with_exact_bytes() {
+    require_root();
+    let mut h = Harness::new();
+    h.apply_yaml(&manifest(false));
+    let payload: Vec<u8> = (0..3000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let query = Packet6::udp(client(40002), vip(53), &payload);
+    let backend = at(expected_backend(client(40002), vip(53), 17), 5353);
+    const ID: u32 = 0x1234_5678;
+    let expected = query.clone().to(backend).fragments(1448, ID);
+    let fragments = query.fragments(1448, ID);
+    assert_eq!(fragments.len(), 3);
+    for (i, (fragment, expected)) in fragments.iter().zip(&expected).enumerate() {
+        let out = h.run(fragment);
+        assert_eq!(out.verdict, TCX_NEXT, "fragment {i}");
+        assert_frame(&out.frame, expected, &format!("query fragment {i}"));
+    }
+    assert_eq!(
+        (h.counter(Stat::DnatNew), h.counter(Stat::FragTranslated)),
+        (1, 2)
+    );
+
+    let answer = query
+        .clone()
+        .to(backend)
+        .reply(0)
+        .with_payload(&payload[..2000]);
+    const ANSWER_ID: u32 = 0x0bad_cafe;
+    let expected = answer.clone().from(vip(53)).fragments(1448, ANSWER_ID);
+    let answer_fragments = answer.fragments(1448, ANSWER_ID);
+    for (i, (fragment, expected)) in answer_fragments.iter().zip(&expected).enumerate() {
+        let out = h.run_egress(fragment);
+        assert_eq!(out.verdict, TCX_NEXT, "answer fragment {i}");
+        assert_frame(&out.frame, expected, &format!("answer fragment {i}"));
+    }
+    assert_eq!(
+        (h.counter(Stat::RevNat), h.counter(Stat::FragTranslated)),
+        (1, 3)
+    );
+    // Recorded at egress: the answer's later fragment is left alone at an
+    // ingress it passes first.
+    let later = &answer_fragments[1];
+    assert_eq!(&h.run(later).frame, later);
+
+    // A later fragment of a datagram never seen (or ahead of its first
+    // fragment), fragments not for a service, and a TCP fragment (no
+    // sender fragments TCP: it is not tracked) pass untouched.
+    let unseen = &query.fragments(1448, ID + 1)[1];
+    let out = h.run(unseen);
+    assert_eq!((out.verdict, &out.frame), (TCX_NEXT, unseen));
+    let elsewhere = query.clone().to(at(BACKENDS[0], 53));
+    for fragment in elsewhere.fragments(1448, ID + 2) {
+        let out = h.run(&fragment);
+        assert_eq!((out.verdict, &out.frame), (TCX_NEXT, &fragment));
+    }
+    let tcp = Packet6::tcp(client(40003), vip(80), TCP_SYN).with_payload(&payload);
+    for fragment in tcp.fragments(1448, ID + 3) {
+        let out = h.run(&fragment);
+        assert_eq!((out.verdict, &out.frame), (TCX_NEXT, &fragment), "TCP");
+    }
+    assert_eq!(h.counter(Stat::PassFragmentUntracked), 4);
+    assert_eq!(h.counter(Stat::DnatNew), 1, "the query's flow only");
+    assert_eq!(h.counter(Stat::DropFragment), 0);
 }
 
 /// A dual-stack Service: each cluster IP reaches its own family's

@@ -606,6 +606,50 @@ fn should_allow_pods_to_hairpin_back_to_themselves_through_ipv6_services() {
     }
 }
 
+/// A UDP datagram too big for the links (4 000 bytes: the sender's stack
+/// fragments it, as IPv6 hosts do and routers never) and its 6 000-byte
+/// answer (fragmented by the backend's stack), over IPv6: from a pod to a
+/// cluster IP whose endpoint is on the other node, and from a client
+/// outside to a node port whose endpoint is on the other node (SNATed,
+/// every fragment routed by the program). Whole both ways.
+#[test]
+fn udp_datagrams_fragmented_by_their_ipv6_senders_reach_the_backend_and_the_client_whole() {
+    let mut cluster = cluster6("lbdf", "NodePort", "", "", &[1]);
+    cluster
+        .wait_for_maps("the IPv6 node port", |m| {
+            let at = |node: usize| frontend(NODE_IPS6[node].into(), 30053, "UDP");
+            m.count(&at(0)).or(m.count(&at(1))) == Some(1)
+        })
+        .unwrap();
+    let query_sized = |ns: &NetNs, to: SocketAddrV6| {
+        ns.run(|| lb_tests::servers::udp_query_sized(to.into(), 4000, 6000))
+            .unwrap_or_else(|e| panic!("to {to}: {e}"))
+    };
+    let vip = SocketAddrV6::new(CLUSTER_IP6, 53, 0, 0);
+    let (line, len, from) = query_sized(&cluster.client_pods[0], vip);
+    assert_eq!(len, 6000, "{line}");
+    assert!(
+        line.starts_with(&format!("pod-b client [{}]:", CLIENT_POD_IPS6[0]))
+            && line.ends_with(" got 4000"),
+        "{line}"
+    );
+    assert_eq!(from, vip.into());
+
+    let (line, len, from) = query_sized(&cluster.clients[0], node_port6(0, 30053));
+    assert_eq!(len, 6000, "{line}");
+    assert!(
+        line.starts_with(&format!("pod-b client [{}]:", NODE_IPS6[0]))
+            && line.ends_with(" got 4000"),
+        "{line}"
+    );
+    assert_eq!(from, node_port6(0, 30053).into());
+    // Query and answer are three and five fragments: two and four follow
+    // their first, on each of the two flows.
+    let counters = lb_agent::cli::inspect::counters(&cluster.agents[0].pin_dir).unwrap();
+    let translated = counters.iter().find(|(n, _)| *n == "frag_translated");
+    assert_eq!(translated.map(|(_, v)| *v), Some(12));
+}
+
 /// Services' "should only allow access from service loadbalancer source
 /// ranges", over IPv6: the load-balancer IP admits the client in its
 /// range (answers from both nodes' pods) and drops the other's packets,

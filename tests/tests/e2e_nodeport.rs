@@ -1286,7 +1286,7 @@ fn udp_datagrams_fragmented_by_their_senders_reach_the_backend_and_the_client_wh
         .wait_for_maps("one endpoint", |m| m.port_count("30053/UDP") == Some(1))
         .unwrap();
     let query_sized = |ns: &lb_tests::netns::NetNs, to: SocketAddrV4| {
-        ns.run(|| lb_tests::servers::udp_query_sized(to, 4000, 6000))
+        ns.run(|| lb_tests::servers::udp_query_sized(to.into(), 4000, 6000))
             .unwrap_or_else(|e| panic!("to {to}: {e}"))
     };
     let vip = SocketAddrV4::new(CLUSTER_IP, 53);
