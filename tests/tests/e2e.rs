@@ -717,7 +717,10 @@ fn a_killed_agent_leaves_the_datapath_serving_and_the_next_one_adopts_it() {
             m.count(&format!("{VIP}:80/TCP")) == Some(2)
         })
         .unwrap();
-    wait_until(IO_TIMEOUT, || {
+    // The old maps already hold both backends: the swap of links is what
+    // says the new agent serves, after it loaded and verified every program
+    // (24 of them since the IPv6 fragment programs: seconds on 2 cores).
+    wait_until(std::time::Duration::from_secs(60), || {
         links(&pin_dir).iter().all(|l| !before.contains(l))
     });
     let after = links(&pin_dir);
