@@ -56,6 +56,16 @@ enum Task {
         #[arg(long, default_value_t = 2.0)]
         seconds: f64,
     },
+    /// New connections per second through an IPv6 cluster IP next to the
+    /// IPv4 one, and direct pod access of each family (writes
+    /// bench/results/ipv6.md; also part of `bench`).
+    BenchIpv6 {
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Seconds of short-connection load per run.
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+    },
     /// Packets per second through a node port, lb (tc) vs kube-proxy-shaped
     /// iptables and nftables, sent by an XDP live-frames generator (writes
     /// bench/results/packet-rate.md).
@@ -94,6 +104,17 @@ enum Task {
         /// Only run tests whose name contains this.
         filter: Option<String>,
     },
+}
+
+/// The IPv6 comparison's load: as `bench`'s short connections.
+fn bench_ipv6_config(runs: usize, seconds: f64) -> bench::BenchConfig {
+    bench::BenchConfig {
+        scales: vec![1],
+        runs,
+        duration: std::time::Duration::from_secs_f64(seconds),
+        threads: 2,
+        bulk_bytes: 0,
+    }
 }
 
 fn main() {
@@ -267,6 +288,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 bulk_bytes: 256 << 20,
             };
             bench::run(&agent, &config)?;
+            bench::ipv6::run(&agent, &bench_ipv6_config(runs, seconds))?;
+        }
+        Task::BenchIpv6 { runs, seconds } => {
+            require_root("bench-ipv6")?;
+            if cfg!(debug_assertions) {
+                // The load generator runs in this process: measure with an optimised build.
+                let (runs, seconds) = (runs.to_string(), seconds.to_string());
+                return cargo(&[
+                    "run",
+                    "--quiet",
+                    "--release",
+                    "--package",
+                    "xtask",
+                    "--",
+                    "bench-ipv6",
+                    "--runs",
+                    &runs,
+                    "--seconds",
+                    &seconds,
+                ]);
+            }
+            let agent = build_agent(true)?;
+            bench::ipv6::run(&agent, &bench_ipv6_config(runs, seconds))?;
         }
         Task::PacketRate {
             services,

@@ -7,8 +7,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context as _};
 
 /// The reports, each with its section in the docs page.
-pub const REPORTS: [&str; 5] = [
+pub const REPORTS: [&str; 6] = [
     "bench.md",
+    "ipv6.md",
     "packet-rate.md",
     "k8s-latency.md",
     "soak.md",

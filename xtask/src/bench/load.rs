@@ -3,7 +3,7 @@
 //! and one long bulk transfer.
 
 use std::{
-    net::SocketAddrV4,
+    net::{SocketAddr, SocketAddrV4},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -23,7 +23,7 @@ pub struct ConnResult {
 /// Short connections to `targets` (round-robin per thread) for `duration`.
 pub fn connections(
     client: &NetNs,
-    targets: &[SocketAddrV4],
+    targets: &[SocketAddr],
     threads: usize,
     duration: Duration,
 ) -> ConnResult {

@@ -3,6 +3,7 @@
 //! kube-proxy-shaped iptables and nftables rules, and lb. Writes
 //! bench/results/bench.md and bench/results/connections.svg.
 
+pub mod ipv6;
 mod load;
 mod nodeport;
 pub mod packet_rate;
@@ -10,7 +11,7 @@ mod peers;
 mod report;
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -246,7 +247,8 @@ fn one_run(
         .run(|| http_get(probe))
         .with_context(|| format!("no answer from {probe}"))?;
 
-    let conns = load::connections(&topology.client, &targets, config.threads, config.duration);
+    let to: Vec<SocketAddr> = targets.iter().map(|&t| t.into()).collect();
+    let conns = load::connections(&topology.client, &to, config.threads, config.duration);
     sample.conns_per_s.push(conns.per_second);
     sample.p50_ms.push(conns.p50.as_secs_f64() * 1e3);
     sample.p99_ms.push(conns.p99.as_secs_f64() * 1e3);

@@ -62,7 +62,7 @@ fn one_run(
     client
         .run(|| http_get(target))
         .with_context(|| format!("no answer from {target}"))?;
-    let conns = load::connections(client, &[target], config.threads, config.duration);
+    let conns = load::connections(client, &[target.into()], config.threads, config.duration);
     sample.conns_per_s.push(conns.per_second);
     sample.p50_ms.push(conns.p50.as_secs_f64() * 1e3);
     sample.p99_ms.push(conns.p99.as_secs_f64() * 1e3);
