@@ -1,7 +1,7 @@
-//! Later fragments of service flows follow the translation their first
-//! fragment got (see `lb_common::frag`), in both families. Keys and values
-//! are built in per-CPU scratch: IPv6's 88 bytes of them did not fit the
-//! IPv6 programs' stack.
+//! A first fragment's translation is recorded once it is sent; later
+//! fragments of its datagram follow it (see `lb_common::frag`), in both
+//! families. Keys and values are built in per-CPU scratch: IPv6's 88 bytes
+//! of them did not fit the IPv6 programs' stack.
 
 use aya_ebpf::{
     bindings::TC_ACT_REDIRECT,
@@ -135,25 +135,29 @@ impl Fragments for Ipv6 {
     }
 }
 
-/// This CPU's scratch record, its key's hook and datagram set.
+/// This CPU's scratch record.
 #[inline(always)]
-fn scratch<A: Fragments, const EGRESS: bool>(
-    id: u32,
-    proto: u8,
-) -> Option<&'static mut FragRecord<A>> {
+fn scratch<A: Fragments>() -> Option<&'static mut FragRecord<A>> {
     // SAFETY: this CPU's map value, valid for the program run; nothing
     // else on this CPU runs until the program ends.
-    let record = unsafe { &mut *A::scratch()? };
-    let key = &mut record.key;
+    A::scratch().map(|r| unsafe { &mut *r })
+}
+
+/// The scratch key's datagram (`id`, `proto`) and hook.
+#[inline(always)]
+fn key_datagram<A>(key: &mut FragKey<A>, id: u32, proto: u8) {
     key.id = id;
     key.proto = proto;
+    key._pad = [0; 2];
+}
+
+#[inline(always)]
+fn key_hook<A, const EGRESS: bool>(key: &mut FragKey<A>) {
     key.hook = if EGRESS {
         FRAG_AT_EGRESS
     } else {
         FRAG_AT_INGRESS
     };
-    key._pad = [0; 2];
-    Some(record)
 }
 
 /// Copies both addresses from the packet into `to` (a key or value,
@@ -199,9 +203,11 @@ pub fn recorded<A: Fragments, const EGRESS: bool>(
     let Some(id) = A::datagram_id(ctx, pkt) else {
         return Outcome::drop(Stat::DropFragment);
     };
-    let Some(record) = scratch::<A, EGRESS>(id, pkt.proto) else {
+    let Some(record) = scratch::<A>() else {
         return Outcome::drop(Stat::DropFragment);
     };
+    key_datagram(&mut record.key, id, pkt.proto);
+    key_hook::<A, EGRESS>(&mut record.key);
     // Word by word (a 16-byte copy is a 128-bit move the BPF backend
     // cannot lower): the addresses the fragment arrived with.
     let key = &mut record.key as *mut FragKey<A> as *mut u32;
@@ -225,8 +231,7 @@ pub fn recorded<A: Fragments, const EGRESS: bool>(
 /// the packet goes on as `FragRecord::sent` says.
 #[inline(always)]
 pub fn finish_record<A: Fragments>(ctx: &TcContext) -> Outcome {
-    // SAFETY: as in `scratch`.
-    let Some(record) = A::scratch().map(|r| unsafe { &mut *r }) else {
+    let Some(record) = scratch::<A>() else {
         return Outcome::drop(Stat::DropFragment);
     };
     let sent = record.sent;
@@ -261,25 +266,19 @@ pub fn follow<A: Fragments, const EGRESS: bool>(ctx: &TcContext, frag: &Fragment
 /// Leaves a later fragment's datagram in scratch, for `follow_stashed`.
 #[inline(always)]
 pub fn stash<A: Fragments>(frag: &Fragment) -> Result<(), ()> {
-    // SAFETY: as in `scratch`.
-    let scratch = unsafe { &mut *A::scratch().ok_or(())? };
-    scratch.key.id = frag.id;
-    scratch.key.proto = frag.proto;
-    scratch.tot_len = frag.tot_len;
+    let record = scratch::<A>().ok_or(())?;
+    key_datagram(&mut record.key, frag.id, frag.proto);
+    record.tot_len = frag.tot_len;
     Ok(())
 }
 
 /// `follow` for the fragment `stash`ed.
 #[inline(always)]
 pub fn follow_stashed<A: Fragments, const EGRESS: bool>(ctx: &TcContext) -> Outcome {
-    // SAFETY: as in `scratch`.
-    let Some(scratch) = A::scratch().map(|r| unsafe { &mut *r }) else {
+    let Some(record) = scratch::<A>() else {
         return Outcome::next(Stat::PassMalformed);
     };
-    let (id, proto) = (scratch.key.id, scratch.key.proto);
-    if self::scratch::<A, EGRESS>(id, proto).is_none() {
-        return Outcome::next(Stat::PassMalformed);
-    }
+    key_hook::<A, EGRESS>(&mut record.key);
     A::follow_keyed(ctx)
 }
 
@@ -287,8 +286,7 @@ pub fn follow_stashed<A: Fragments, const EGRESS: bool>(ctx: &TcContext) -> Outc
 /// read from the packet).
 #[inline(always)]
 pub fn follow_keyed<A: Fragments>(ctx: &TcContext) -> Outcome {
-    // SAFETY: as in `scratch`.
-    let Some(scratch) = A::scratch().map(|r| unsafe { &mut *r }) else {
+    let Some(scratch) = scratch::<A>() else {
         return Outcome::next(Stat::PassMalformed);
     };
     if load_addresses::<A, _>(ctx, &mut scratch.key).is_err() {

@@ -304,6 +304,30 @@ impl Harness {
         );
     }
 
+    /// Makes the affinity entry at `key` in `map` (`AFFINITY_MAP`,
+    /// `AFFINITY6_MAP`) `by_ns` older, as time would; returns it as it was.
+    pub fn age_affinity<K: aya::Pod>(
+        &mut self,
+        map: &str,
+        key: K,
+        by_ns: u64,
+    ) -> lb_common::affinity::AffinityValue {
+        use lb_common::affinity::AffinityValue;
+        let mut map: HashMap<&mut MapData, K, AffinityValue> = self
+            .ebpf
+            .map_mut(map)
+            .expect("affinity map")
+            .try_into()
+            .unwrap();
+        let remembered = map.get(&key, 0).expect("an affinity entry");
+        let aged = AffinityValue {
+            last_used_ns: remembered.last_used_ns - by_ns,
+            ..remembered
+        };
+        map.insert(key, aged, 0).unwrap();
+        remembered
+    }
+
     /// The agent's conntrack upkeep on this datapath's table.
     pub fn agent_conntrack(&mut self) -> Conntrack {
         let assured = self.ebpf.take_map(CT_MAP).expect("ct map");

@@ -459,21 +459,30 @@ impl Drop for ScratchDir {
     }
 }
 
-/// Manifest for service `web` (TCP 80 → `http` 8080, UDP 53 → 5353) with the
-/// given backends as (address, ready).
 /// `web_manifest` over IPv6: the Service at `VIP6`, one IPv6 slice.
 pub fn web_manifest6(backends: &[Ipv6Addr]) -> String {
+    service_manifest6("web", VIP6, backends)
+}
+
+/// An IPv6-only Service `name` at `vip` (TCP 80 → 8080, UDP 53 → 5353)
+/// with one IPv6 slice of `backends` (none: a slice without endpoints).
+pub fn service_manifest6(name: &str, vip: Ipv6Addr, backends: &[Ipv6Addr]) -> String {
     let endpoints: String = backends
         .iter()
         .map(|a| format!("- addresses: [\"{a}\"]\n"))
         .collect();
+    let endpoints = if endpoints.is_empty() {
+        " []\n".to_owned()
+    } else {
+        format!("\n{endpoints}")
+    };
     format!(
         r#"apiVersion: v1
 kind: Service
-metadata: {{name: web, namespace: demo}}
+metadata: {{name: {name}, namespace: demo}}
 spec:
-  clusterIP: "{VIP6}"
-  clusterIPs: ["{VIP6}"]
+  clusterIP: "{vip}"
+  clusterIPs: ["{vip}"]
   ipFamilies: [IPv6]
   ports:
   - {{name: http, port: 80, targetPort: 8080, protocol: TCP}}
@@ -482,18 +491,19 @@ spec:
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata:
-  name: web-v6
+  name: {name}-v6
   namespace: demo
-  labels: {{kubernetes.io/service-name: web}}
+  labels: {{kubernetes.io/service-name: {name}}}
 addressType: IPv6
 ports:
 - {{name: http, port: 8080, protocol: TCP}}
 - {{name: echo, port: 5353, protocol: UDP}}
-endpoints:
-{endpoints}"#
+endpoints:{endpoints}"#
     )
 }
 
+/// Manifest for service `web` (TCP 80 → `http` 8080, UDP 53 → 5353) with the
+/// given backends as (address, ready).
 pub fn web_manifest(backends: &[(Ipv4Addr, bool)]) -> String {
     let mut endpoints = String::new();
     for (addr, ready) in backends {

@@ -803,7 +803,7 @@ fn untracked_packets_to_the_snat_ports_pass_untouched() {
 
 #[test]
 fn client_ip_affinity_returns_to_the_backend_while_it_is_current() {
-    use lb_common::affinity::{AffinityKey, AffinityValue, AFFINITY_MAP};
+    use lb_common::affinity::{AffinityKey, AFFINITY_MAP};
     let three = [
         (LOCAL_BACKEND, "node-a"),
         (REMOTE_BACKEND, "node-b"),
@@ -839,23 +839,7 @@ fn client_ip_affinity_returns_to_the_backend_while_it_is_current() {
             .1
             .rev_nat_id
     });
-    let mut map: aya::maps::HashMap<&mut aya::maps::MapData, AffinityKey, AffinityValue> = node
-        .h
-        .ebpf
-        .map_mut(AFFINITY_MAP)
-        .unwrap()
-        .try_into()
-        .unwrap();
-    let remembered = map.get(&key, 0).unwrap();
-    map.insert(
-        key,
-        AffinityValue {
-            last_used_ns: remembered.last_used_ns - 31_000_000_000,
-            ..remembered
-        },
-        0,
-    )
-    .unwrap();
+    node.h.age_affinity(AFFINITY_MAP, key, 31_000_000_000);
     let port = (41000..42000)
         .find(|p| {
             let slot = select_slot(hash_of(pod(*p), vip, 6), 3);

@@ -11,7 +11,6 @@ use lb_common::{
     ct::{CT_DIR_FORWARD, CT_SEEN_REPLY, CT_SNAT},
     hash::{flow_hash, fold_ipv6, select_slot},
     stats::Stat,
-    Ipv6,
 };
 use lb_tests::{
     datapath::Harness,
@@ -699,7 +698,7 @@ fn dst_of(frame: &[u8]) -> Ipv6Addr {
 /// left the Service is never returned to.
 #[test]
 fn client_ip_affinity_over_ipv6_returns_to_the_backend_while_it_is_current() {
-    use lb_common::affinity::{AffinityKey, AffinityValue, AFFINITY6_MAP};
+    use lb_common::affinity::{AffinityKey, AFFINITY6_MAP};
     let policy = "sessionAffinity: ClientIP
   sessionAffinityConfig: {clientIP: {timeoutSeconds: 30}}";
     let mut h = harness_on_node_a(&local_manifest(policy));
@@ -734,19 +733,8 @@ fn client_ip_affinity_over_ipv6_returns_to_the_backend_while_it_is_current() {
         .find(|(k, _)| k.dir == CT_DIR_FORWARD && k.sport == first_port)
         .unwrap();
     let key = AffinityKey::new(CLIENT.octets(), first.rev_nat_id);
-    let mut map: aya::maps::HashMap<&mut aya::maps::MapData, AffinityKey<Ipv6>, AffinityValue> =
-        h.ebpf.map_mut(AFFINITY6_MAP).unwrap().try_into().unwrap();
-    let remembered = map.get(&key, 0).unwrap();
+    let remembered = h.age_affinity(AFFINITY6_MAP, key, 31_000_000_000);
     assert_eq!(remembered.backend_id, first.backend_id);
-    map.insert(
-        key,
-        AffinityValue {
-            last_used_ns: remembered.last_used_ns - 31_000_000_000,
-            ..remembered
-        },
-        0,
-    )
-    .unwrap();
     let again = (elsewhere + 1..45000)
         .find(|p| expected_backend(client(*p), vip(80), 6) == BACKENDS[1])
         .unwrap();

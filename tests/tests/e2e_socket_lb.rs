@@ -15,7 +15,10 @@ use lb_tests::{
     netns::NetNs,
     require_root,
     servers::{BackendServers, EchoConnection},
-    topology::{backend_ip, web_manifest, Agent, ScratchDir, Topology, CLIENT_IP, VIP, VIP6},
+    topology::{
+        backend_ip, service_manifest6, web_manifest, Agent, ScratchDir, Topology, CLIENT_IP, VIP,
+        VIP6,
+    },
     wait_until,
 };
 
@@ -335,17 +338,7 @@ fn socket_lb_host_network_serves_node_service_http_and_udp_and_leaves_pods_to_tc
     assert!(first.starts_with("answer be"), "{first}");
     assert_eq!(s.socket_entries(), 1, "the node's UDP socket");
     let (other, answers) = move_to_the_other_backend(&mut s, &mut ask, &first);
-    assert!(
-        answers
-            .iter()
-            .any(|a| a == "reset ECONNABORTED" || a == "reset EDESTADDRREQ"),
-        "the node's socket is reset: {answers:?}\n{}",
-        s.agent.log_text()
-    );
-    assert_eq!(
-        answers.last().map(String::as_str),
-        Some(format!("answer be{other}").as_str())
-    );
+    assert_moved_by_reset(&s, other, &answers);
 }
 
 #[test]
@@ -445,6 +438,13 @@ fn socket_lb_connected_udp_socket_moves_off_a_removed_backend() {
     assert!(first.starts_with("answer be"), "{first}");
     assert_eq!(ask(), first, "one socket, one backend");
     let (other, answers) = move_to_the_other_backend(&mut s, &mut ask, &first);
+    assert_moved_by_reset(&s, other, &answers);
+    assert_eq!(s.counter(Stat::DnatNew), 0, "the tc path saw no VIP");
+}
+
+/// The connected socket moved by being reset: a reset among the
+/// `answers`, and the last from backend `other`.
+fn assert_moved_by_reset(s: &Setup, other: usize, answers: &[String]) {
     assert_eq!(
         answers.last().map(String::as_str),
         Some(format!("answer be{other}").as_str()),
@@ -457,9 +457,9 @@ fn socket_lb_connected_udp_socket_moves_off_a_removed_backend() {
         answers
             .iter()
             .any(|a| a == "reset ECONNABORTED" || a == "reset EDESTADDRREQ"),
-        "{answers:?}"
+        "no reset: {answers:?}\n{}",
+        s.agent.log_text()
     );
-    assert_eq!(s.counter(Stat::DnatNew), 0, "the tc path saw no VIP");
 }
 
 /// Of two backends, leaves the Service only the one `first` did not come
@@ -840,17 +840,7 @@ fn socket_lb_a_dual_stack_connected_udp_socket_moves_off_a_removed_backend() {
     let first = ask();
     assert!(first.starts_with("answer be"), "{first}");
     let (other, answers) = move_to_the_other_backend(&mut s, &mut ask, &first);
-    assert!(
-        answers
-            .iter()
-            .any(|a| a == "reset ECONNABORTED" || a == "reset EDESTADDRREQ"),
-        "{answers:?}\n{}",
-        s.agent.log_text()
-    );
-    assert_eq!(
-        answers.last().map(String::as_str),
-        Some(format!("answer be{other}").as_str())
-    );
+    assert_moved_by_reset(&s, other, &answers);
     assert_eq!(s.counter(Stat::DnatNew), 0);
 }
 
@@ -887,47 +877,15 @@ for addr in ["198.19.0.99", "198.19.0.10"]:
 /// with the IPv6 addresses of backends `ready`, and `gone6`, one without
 /// endpoints at `VIP6 + 1`.
 fn ipv6_services(ready: &[usize]) -> String {
-    let endpoints: String = ready
+    let ready: Vec<_> = ready
         .iter()
-        .map(|i| {
-            format!(
-                "- addresses: [\"{}\"]\n",
-                lb_tests::topology::backend_ip6(*i)
-            )
-        })
+        .map(|i| lb_tests::topology::backend_ip6(*i))
         .collect();
     let gone = std::net::Ipv6Addr::from(u128::from(VIP6) + 1);
     format!(
-        r#"---
-apiVersion: v1
-kind: Service
-metadata: {{name: web6, namespace: demo}}
-spec:
-  clusterIP: "{VIP6}"
-  clusterIPs: ["{VIP6}"]
-  ipFamilies: [IPv6]
-  ports:
-  - {{name: http, port: 80, targetPort: 8080, protocol: TCP}}
-  - {{name: dns, port: 53, targetPort: 5353, protocol: UDP}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: web6-1, namespace: demo, labels: {{kubernetes.io/service-name: web6}}}}
-addressType: IPv6
-ports:
-- {{name: http, port: 8080, protocol: TCP}}
-- {{name: dns, port: 5353, protocol: UDP}}
-endpoints:
-{endpoints}---
-apiVersion: v1
-kind: Service
-metadata: {{name: gone6, namespace: demo}}
-spec:
-  clusterIP: "{gone}"
-  clusterIPs: ["{gone}"]
-  ipFamilies: [IPv6]
-  ports: [{{port: 80, protocol: TCP}}]
-"#
+        "---\n{}\n---\n{}",
+        service_manifest6("web6", VIP6, &ready),
+        service_manifest6("gone6", gone, &[])
     )
 }
 
@@ -1038,17 +996,6 @@ fn socket_lb_an_ipv6_connected_udp_socket_moves_off_a_removed_backend() {
     let only = |other| v4.clone() + &ipv6_services(&[other]);
     let udp = format!("[{VIP6}]:53/UDP");
     let (other, answers) = move_to_the_other_backend_of(&mut s, &mut ask, &first, &udp, only);
-    assert_eq!(
-        answers.last().map(String::as_str),
-        Some(format!("answer be{other}").as_str()),
-        "the socket still talks to the removed backend: {answers:?}\n{}",
-        s.agent.log_text()
-    );
-    assert!(
-        answers
-            .iter()
-            .any(|a| a == "reset ECONNABORTED" || a == "reset EDESTADDRREQ"),
-        "{answers:?}"
-    );
+    assert_moved_by_reset(&s, other, &answers);
     assert_eq!(s.counter(Stat::DnatNew), 0, "the tc path saw no VIP");
 }
