@@ -99,9 +99,11 @@ struct InspectArgs {
 struct ExplainArgs {
     /// NAME.NAMESPACE[.svc[.cluster.local]][:PORT], VIP[:PORT] or NODEIP:NODEPORT.
     target: String,
-    /// The client (IP or IP:PORT; port 40000 by default) to show the pick for.
+    /// The client to show the pick for: IP, IPv4:PORT or [IPv6]:PORT (port
+    /// 40000 by default). Once per family: a dual-stack Service's frontends
+    /// each get the pick of their family's client.
     #[arg(long)]
-    client: Option<String>,
+    client: Vec<String>,
     /// The Services and EndpointSlices (for headless and ExternalName
     /// names, endpoint conditions and nodes), from files.
     #[arg(long, conflicts_with = "kubeconfig")]
@@ -747,7 +749,7 @@ impl ExplainArgs {
             pin_dir,
         } = self;
         let target: explain::Target = target.parse()?;
-        let client = client.as_deref().map(explain::parse_client).transpose()?;
+        let clients = explain::parse_clients(&client)?;
         let api_server = api_server.filter(|a| !a.trim().is_empty());
         let objects = match manifests {
             None if kubeconfig.is_some() || api_server.is_some() => {
@@ -788,7 +790,7 @@ impl ExplainArgs {
             pin_dir: &pin_dir,
             objects: objects.as_ref(),
         };
-        let explanation = explain::explain(&target, client, &sources)?;
+        let explanation = explain::explain(&target, &clients, &sources)?;
         if json {
             println!("{}", serde_json::to_string_pretty(&explanation)?);
         } else {

@@ -168,21 +168,27 @@ fn get_over(mut stream: TcpStream, addr: impl std::fmt::Display) -> std::io::Res
     Ok(body.trim().to_owned())
 }
 
-/// `http_get` from a fixed source address and port.
-pub fn http_get_from(from: SocketAddrV4, addr: SocketAddrV4) -> std::io::Result<String> {
-    use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
+/// `http_get` from a fixed source address and port (either family).
+pub fn http_get_from(
+    from: impl Into<SocketAddr>,
+    addr: impl Into<SocketAddr>,
+) -> std::io::Result<String> {
+    use nix::sys::socket::{
+        bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrStorage,
+    };
     use std::os::fd::AsRawFd as _;
+    let (from, addr) = (from.into(), addr.into());
+    let family = if addr.is_ipv6() {
+        AddressFamily::Inet6
+    } else {
+        AddressFamily::Inet
+    };
     // Close-on-exec, as std's sockets are: a process another test thread
     // spawns meanwhile would otherwise hold the socket open after it is
     // dropped, with its port bound and its FIN never sent.
-    let fd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
-    bind(fd.as_raw_fd(), &SockaddrIn::from(from))?;
-    connect(fd.as_raw_fd(), &SockaddrIn::from(addr))?;
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(from))?;
+    connect(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
     get_over(TcpStream::from(fd), addr)
 }
 

@@ -188,6 +188,19 @@ pub fn agent_binary() -> PathBuf {
     path
 }
 
+/// `lb-agent COMMAND ARGS --json --pin-dir PIN_DIR`, its output parsed
+/// (the command must succeed).
+pub fn agent_json(pin_dir: &Path, command: &str, args: &[&str]) -> serde_json::Value {
+    let out = crate::process::stdout_of(
+        std::process::Command::new(agent_binary())
+            .arg(command)
+            .args(args)
+            .args(["--json", "--pin-dir"])
+            .arg(pin_dir),
+    );
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("lb-agent {command}: {e}: {out}"))
+}
+
 /// Where the agent reads Services and EndpointSlices from.
 #[derive(Clone, Copy)]
 pub enum Source<'a> {

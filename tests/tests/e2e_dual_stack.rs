@@ -17,9 +17,14 @@ use lb_tests::{
     require_root,
     servers::{http_get, udp_query, BackendServers},
     topology::{
-        backend_ip, backend_ip6, Agent, ScratchDir, Topology, CLIENT_IP, CLIENT_IP6, VIP, VIP6,
+        agent_json, backend_ip, backend_ip6, Agent, ScratchDir, Topology, CLIENT_IP, CLIENT_IP6,
+        VIP, VIP6,
     },
 };
+
+/// The agent's metrics, at its default address (kube-proxy's).
+const METRICS: std::net::SocketAddrV4 =
+    std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 10249);
 
 struct Setup {
     agent: Agent,
@@ -213,6 +218,26 @@ fn should_function_for_pod_service_http_and_udp() {
         let flow = flows.iter().find(|f| f.frontend == at);
         let flow = flow.unwrap_or_else(|| panic!("no flow to {at}: {flows:#?}"));
         assert_eq!(flow.service.as_deref(), Some("demo/web"), "{flow:?}");
+    }
+    // The metrics count each family's frontends and backends, each in
+    // its family's maps: two ClusterIP frontends (TCP 80, UDP 53), two
+    // pods × two ports; slot 0 and two slots per frontend.
+    let metrics = lb_tests::metrics::scrape_until(&s.topology.node, METRICS, |m| {
+        m.samples.get(r#"lb_endpoints{ip_family="IPv6"}"#) == Some(&4.0)
+    });
+    for family in ["IPv4", "IPv6"] {
+        let series = format!(r#"lb_frontends{{type="ClusterIP",ip_family="{family}"}}"#);
+        assert_eq!(metrics.get(&series), 2.0, "{series}");
+        let series = format!(r#"lb_endpoints{{ip_family="{family}"}}"#);
+        assert_eq!(metrics.get(&series), 4.0, "{series}");
+    }
+    for map in ["lb_svc_v4", "lb_svc6_v4"] {
+        let series = format!(r#"lb_map_entries{{map="{map}"}}"#);
+        assert_eq!(metrics.get(&series), 6.0, "{series}");
+    }
+    for map in ["lb_backend_v4", "lb_backend6_v4"] {
+        let series = format!(r#"lb_map_entries{{map="{map}"}}"#);
+        assert_eq!(metrics.get(&series), 4.0, "{series}");
     }
     let counters = lb_agent::cli::inspect::counters(&s.agent.pin_dir).unwrap();
     let get = |name: &str| counters.iter().find(|(n, _)| *n == name).unwrap().1;
@@ -704,4 +729,141 @@ fn should_only_allow_access_from_ipv6_load_balancer_source_ranges() {
         })
         .unwrap();
     assert_eq!(requests6(&cluster.clients[1], addr, 5).len(), 5);
+}
+
+/// `explain` on a dual-stack Service: the name answers an A and an AAAA
+/// record (a headless dual-stack Service: its ready pods of both
+/// families), and with a client of each family (`--client` twice) each
+/// family's frontend gets the pick of its client — the backend a real
+/// connection from that client and port then gets.
+#[test]
+fn explain_answers_a_and_aaaa_and_picks_what_each_familys_connection_gets() {
+    let headless = format!(
+        r#"---
+apiVersion: v1
+kind: Service
+metadata: {{name: db, namespace: demo}}
+spec:
+  clusterIP: None
+  clusterIPs: [None]
+  ipFamilies: [IPv4, IPv6]
+  ipFamilyPolicy: PreferDualStack
+  ports: [{{name: pg, port: 5432}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: db-v4, namespace: demo, labels: {{kubernetes.io/service-name: db}}}}
+addressType: IPv4
+ports: [{{name: pg, port: 5432, protocol: TCP}}]
+endpoints:
+- addresses: ["{}"]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: db-v6, namespace: demo, labels: {{kubernetes.io/service-name: db}}}}
+addressType: IPv6
+ports: [{{name: pg, port: 5432, protocol: TCP}}]
+endpoints:
+- addresses: ["{}"]
+- addresses: ["{}"]
+  conditions: {{ready: false}}
+"#,
+        backend_ip(0),
+        backend_ip6(0),
+        backend_ip6(1),
+    );
+    let web = manifest(&dual(), &[0, 1, 2], &[0, 1, 2]);
+    let mut s = setup("lbdx", 3, &(web + &headless));
+    s.agent
+        .wait_for_maps("both families", |m| {
+            m.count(&frontend(VIP.into(), 80, "TCP")) == Some(3)
+                && m.count(&frontend(VIP6.into(), 80, "TCP")) == Some(3)
+        })
+        .unwrap();
+    let pins = s.agent.pin_dir.clone();
+    let dir = s.manifests.0.to_string_lossy().into_owned();
+    let record = |kind: &str, value: String| serde_json::json!({"type": kind, "value": value});
+
+    let mut seen = BTreeSet::new();
+    for port in 41000..41006 {
+        let clients: [SocketAddr; 2] = [(CLIENT_IP, port).into(), (CLIENT_IP6, port).into()];
+        let e = agent_json(
+            &pins,
+            "explain",
+            &[
+                "web.demo:http",
+                "--client",
+                &clients[0].to_string(),
+                "--client",
+                &clients[1].to_string(),
+                "--manifests",
+                &dir,
+            ],
+        );
+        assert_eq!(
+            e["dns"]["records"],
+            serde_json::json!([
+                record("A", VIP.to_string()),
+                record("AAAA", VIP6.to_string())
+            ])
+        );
+        let frontends = e["frontends"].as_array().unwrap();
+        assert_eq!(frontends.len(), 2, "the http port of each family: {e:#}");
+        for (client, vip) in clients.into_iter().zip(dual()) {
+            let f = frontends
+                .iter()
+                .find(|f| f["frontend"] == frontend(vip, 80, "TCP"))
+                .unwrap_or_else(|| panic!("no frontend at {vip}: {e:#}"));
+            assert_eq!(f["pick"]["client"], client.to_string());
+            assert_eq!(
+                f["pick"]["events"],
+                serde_json::json!(["dnat_new"]),
+                "{f:#}"
+            );
+            let picked = f["pick"]["backend"].as_str().unwrap().to_owned();
+            let body = s
+                .topology
+                .client
+                .run(|| lb_tests::servers::http_get_from(client, SocketAddr::new(vip, 80)))
+                .expect("HTTP from a fixed port");
+            let index: usize = body
+                .split_whitespace()
+                .nth(1)
+                .and_then(|name| name.trim_start_matches("be").parse().ok())
+                .unwrap_or_else(|| panic!("answer {body:?}"));
+            let backend: IpAddr = if vip.is_ipv6() {
+                backend_ip6(index).into()
+            } else {
+                backend_ip(index).into()
+            };
+            assert_eq!(
+                picked,
+                SocketAddr::new(backend, 8080).to_string(),
+                "{client}: explain said {picked}, the connection got {body}"
+            );
+            seen.insert(picked);
+        }
+    }
+    assert!(
+        seen.iter().filter(|b| b.starts_with('[')).count() > 1,
+        "the IPv6 picks spread over backends: {seen:?}"
+    );
+
+    // An address query for the IPv6 cluster IP, bracketed with its port.
+    let e = agent_json(&pins, "explain", &[&format!("[{VIP6}]:80")]);
+    assert_eq!(
+        e["frontends"][0]["frontend"],
+        frontend(VIP6.into(), 80, "TCP")
+    );
+    assert_eq!(e["dns"], serde_json::Value::Null);
+
+    let db = agent_json(&pins, "explain", &["db.demo", "--manifests", &dir]);
+    assert_eq!(
+        db["dns"]["records"],
+        serde_json::json!([
+            record("A", backend_ip(0).to_string()),
+            record("AAAA", backend_ip6(0).to_string())
+        ]),
+        "the ready pods of each family"
+    );
 }

@@ -12,7 +12,7 @@ use lb_tests::{
     metrics::{scrape, scrape_until, Scrape},
     require_root,
     servers::{http_get, http_get_from},
-    topology::{backend_ip, web_manifest, Agent, ScratchDir, Topology, VIP},
+    topology::{agent_json, backend_ip, web_manifest, Agent, ScratchDir, Topology, VIP},
 };
 
 const METRICS: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10249);
@@ -51,18 +51,6 @@ fn setup(prefix: &str, pods: usize, files: &[(&str, &str)], flags: &[&str]) -> S
     }
 }
 
-/// `lb-agent COMMAND ARGS --json` on the agent's pins, parsed.
-fn agent_json(pin_dir: &std::path::Path, command: &str, args: &[&str]) -> serde_json::Value {
-    let out = lb_tests::process::stdout_of(
-        std::process::Command::new(lb_tests::topology::agent_binary())
-            .arg(command)
-            .args(args)
-            .args(["--json", "--pin-dir"])
-            .arg(pin_dir),
-    );
-    serde_json::from_str(&out).unwrap()
-}
-
 #[test]
 fn metrics_follow_programmed_state_traffic_and_changes() {
     let both = [(backend_ip(0), true), (backend_ip(1), true)];
@@ -81,7 +69,7 @@ fn metrics_follow_programmed_state_traffic_and_changes() {
     let node = &s.topology.node;
     // The programmed-state gauges are recounted at most once a second.
     let first = scrape_until(node, METRICS, |m| {
-        m.samples.get("lb_endpoints") == Some(&4.0)
+        m.samples.get(r#"lb_endpoints{ip_family="IPv4"}"#) == Some(&4.0)
     });
 
     for (name, kind) in [
@@ -120,9 +108,16 @@ fn metrics_follow_programmed_state_traffic_and_changes() {
     // One Service, two ClusterIP frontends (TCP 80, UDP 53), two pods ×
     // two ports; slot 0 and two slots per frontend.
     assert_eq!(first.get("lb_services"), 1.0);
-    assert_eq!(first.get(r#"lb_frontends{type="ClusterIP"}"#), 2.0);
-    assert_eq!(first.get(r#"lb_frontends{type="NodePort"}"#), 0.0);
-    assert_eq!(first.get("lb_endpoints"), 4.0);
+    let frontends = |kind: &str, family: &str| {
+        first.get(&format!(
+            r#"lb_frontends{{type="{kind}",ip_family="{family}"}}"#
+        ))
+    };
+    assert_eq!(frontends("ClusterIP", "IPv4"), 2.0);
+    assert_eq!(frontends("NodePort", "IPv4"), 0.0);
+    assert_eq!(frontends("ClusterIP", "IPv6"), 0.0);
+    assert_eq!(first.get(r#"lb_endpoints{ip_family="IPv6"}"#), 0.0);
+    assert_eq!(first.get(r#"lb_map_entries{map="lb_svc6_v4"}"#), 0.0);
     assert_eq!(first.get(r#"lb_map_entries{map="lb_svc_v4"}"#), 6.0);
     assert_eq!(first.get(r#"lb_map_entries{map="lb_backend_v4"}"#), 4.0);
     assert_eq!(
@@ -178,9 +173,8 @@ fn metrics_follow_programmed_state_traffic_and_changes() {
         })
         .unwrap();
     let changed: Scrape = scrape_until(node, METRICS, |m| {
-        m.samples.get("lb_endpoints") == Some(&2.0)
+        m.samples.get(r#"lb_endpoints{ip_family="IPv4"}"#) == Some(&2.0)
     });
-    assert_eq!(changed.get("lb_endpoints"), 2.0);
     assert_eq!(changed.get(r#"lb_map_entries{map="lb_svc_v4"}"#), 4.0);
     assert!(changed.get("lb_sync_proxy_rules_duration_seconds_count") > syncs);
     assert!(
@@ -381,8 +375,10 @@ fn explain_picks_the_backend_a_real_connection_gets_and_resolves_like_cluster_dn
                 &dir,
             ],
         );
-        assert_eq!(e["dns"]["record"], "A");
-        assert_eq!(e["dns"]["answers"], serde_json::json!([VIP.to_string()]));
+        assert_eq!(
+            e["dns"]["records"],
+            serde_json::json!([{"type": "A", "value": VIP.to_string()}])
+        );
         let frontends = e["frontends"].as_array().unwrap();
         assert_eq!(frontends.len(), 1, "the http port only: {frontends:#?}");
         let f = &frontends[0];
@@ -421,13 +417,15 @@ fn explain_picks_the_backend_a_real_connection_gets_and_resolves_like_cluster_dn
 
     // Headless: the ready pods' addresses; ExternalName: the alias.
     let db = agent_json(&pins, "explain", &["db.demo", "--manifests", &dir]);
-    assert_eq!(db["dns"]["answers"], serde_json::json!(["198.18.2.7"]));
+    assert_eq!(
+        db["dns"]["records"],
+        serde_json::json!([{"type": "A", "value": "198.18.2.7"}])
+    );
     assert!(db["frontends"].as_array().unwrap().is_empty());
     let mail = agent_json(&pins, "explain", &["mail.demo", "--manifests", &dir]);
-    assert_eq!(mail["dns"]["record"], "CNAME");
     assert_eq!(
-        mail["dns"]["answers"],
-        serde_json::json!(["mail.example.org"])
+        mail["dns"]["records"],
+        serde_json::json!([{"type": "CNAME", "value": "mail.example.org"}])
     );
 
     // Unknown names are errors that say why.

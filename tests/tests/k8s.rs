@@ -376,15 +376,14 @@ fn explain_answers_headless_and_external_names_from_the_api_server() {
     };
     let db = explain("db.demo");
     assert_eq!(
-        db["dns"]["answers"],
-        serde_json::json!(["198.18.2.7"]),
+        db["dns"]["records"],
+        serde_json::json!([{"type": "A", "value": "198.18.2.7"}]),
         "{db:#}"
     );
     let mail = explain("mail.demo");
-    assert_eq!(mail["dns"]["record"], "CNAME");
     assert_eq!(
-        mail["dns"]["answers"],
-        serde_json::json!(["mail.example.org"])
+        mail["dns"]["records"],
+        serde_json::json!([{"type": "CNAME", "value": "mail.example.org"}])
     );
     let web = explain("web.demo:80");
     assert_eq!(

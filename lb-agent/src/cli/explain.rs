@@ -8,7 +8,7 @@
 
 use std::{
     fmt::Write as _,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     path::Path,
     str::FromStr,
 };
@@ -30,8 +30,10 @@ pub enum ExplainError {
         "{0:?}: expected NAME.NAMESPACE[.svc[.cluster.local]][:PORT], VIP[:PORT] or NODEIP:NODEPORT"
     )]
     Target(String),
-    #[error("--client {0:?}: expected IP or IP:PORT")]
+    #[error("--client {0:?}: expected IP, IPv4:PORT or [IPv6]:PORT")]
     Client(String),
+    #[error("--client {0} and {1}: one client per address family")]
+    Clients(SocketAddr, SocketAddr),
     #[error("{0}: no such Service in the maps{1}")]
     UnknownService(String, &'static str),
     #[error("{0}: no frontend in the maps")]
@@ -54,7 +56,7 @@ pub enum Target {
         port: Option<String>,
     },
     Address {
-        addr: Ipv4Addr,
+        addr: IpAddr,
         port: Option<u16>,
     },
 }
@@ -64,17 +66,14 @@ impl FromStr for Target {
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let bad = || ExplainError::Target(text.to_owned());
+        if let Some((addr, port)) = address(text) {
+            return Ok(Target::Address { addr, port });
+        }
         let (host, port) = match text.rsplit_once(':') {
             Some((host, port)) if !port.is_empty() => (host, Some(port)),
             Some(_) => return Err(bad()),
             None => (text, None),
         };
-        if let Ok(addr) = host.parse::<Ipv4Addr>() {
-            let port = port
-                .map(|p| p.parse::<u16>().map_err(|_| bad()))
-                .transpose()?;
-            return Ok(Target::Address { addr, port });
-        }
         let short = host
             .trim_end_matches('.')
             .strip_suffix(&format!(".{CLUSTER_DOMAIN}"))
@@ -98,16 +97,37 @@ impl FromStr for Target {
     }
 }
 
-/// A client address, with a port (default 40000).
-pub fn parse_client(text: &str) -> Result<SocketAddrV4, ExplainError> {
-    let bad = || ExplainError::Client(text.to_owned());
-    match text.parse::<SocketAddrV4>() {
-        Ok(a) => Ok(a),
-        Err(_) => text
-            .parse::<Ipv4Addr>()
-            .map(|ip| SocketAddrV4::new(ip, 40000))
-            .map_err(|_| bad()),
+/// An address with or without a port: `IPv4`, `IPv4:PORT`, `IPv6`,
+/// `[IPv6]` or `[IPv6]:PORT`.
+fn address(text: &str) -> Option<(IpAddr, Option<u16>)> {
+    if let Ok(a) = text.parse::<SocketAddr>() {
+        return Some((a.ip(), Some(a.port())));
     }
+    let bare = text
+        .strip_prefix('[')
+        .and_then(|t| t.strip_suffix(']'))
+        .unwrap_or(text);
+    bare.parse::<IpAddr>().ok().map(|ip| (ip, None))
+}
+
+/// The client to show the pick for, with a port (default 40000).
+pub fn parse_client(text: &str) -> Result<SocketAddr, ExplainError> {
+    let (ip, port) = address(text).ok_or_else(|| ExplainError::Client(text.to_owned()))?;
+    Ok(SocketAddr::new(ip, port.unwrap_or(40000)))
+}
+
+/// `--client` values: at most one per family (a dual-stack Service's
+/// frontend of each family gets the pick of its family's client).
+pub fn parse_clients(texts: &[String]) -> Result<Vec<SocketAddr>, ExplainError> {
+    let mut clients: Vec<SocketAddr> = Vec::new();
+    for text in texts {
+        let client = parse_client(text)?;
+        if let Some(other) = clients.iter().find(|c| c.is_ipv4() == client.is_ipv4()) {
+            return Err(ExplainError::Clients(*other, client));
+        }
+        clients.push(client);
+    }
+    Ok(clients)
 }
 
 /// The answer, as `--json` prints it.
@@ -124,11 +144,34 @@ pub struct Explanation {
 #[derive(Debug, Serialize, PartialEq, Eq)]
 pub struct DnsAnswer {
     pub name: String,
-    /// `A` (cluster IP, or pod IPs for a headless Service) or `CNAME`.
-    pub record: &'static str,
-    pub answers: Vec<String>,
+    /// The cluster IPs (or a headless Service's pod IPs) as `A` and `AAAA`
+    /// records, or an ExternalName's `CNAME`.
+    pub records: Vec<DnsRecord>,
     /// Why lb is not in the path, when it is not.
     pub note: Option<String>,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct DnsRecord {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub value: String,
+}
+
+impl DnsRecord {
+    /// `A` and `AAAA` records of addresses, IPv4 first, each once.
+    fn addresses(addresses: impl IntoIterator<Item = IpAddr>) -> Vec<Self> {
+        let mut addresses: Vec<IpAddr> = addresses.into_iter().collect();
+        addresses.sort();
+        addresses.dedup();
+        addresses
+            .into_iter()
+            .map(|a| Self {
+                kind: if a.is_ipv4() { "A" } else { "AAAA" },
+                value: a.to_string(),
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -174,9 +217,10 @@ pub struct Sources<'a> {
     pub objects: Option<&'a ObjectStore>,
 }
 
+/// `clients`: at most one per family (`parse_clients`).
 pub fn explain(
     target: &Target,
-    client: Option<SocketAddrV4>,
+    clients: &[SocketAddr],
     sources: &Sources<'_>,
 ) -> anyhow::Result<Explanation> {
     let snapshot = inspect::snapshot(sources.pin_dir)?;
@@ -225,9 +269,7 @@ pub fn explain(
                     sources.objects,
                 )?),
             };
-            let mut addresses: Vec<String> =
-                cluster_ips.iter().map(|f| f.address.to_string()).collect();
-            addresses.dedup();
+            let records = DnsRecord::addresses(cluster_ips.iter().map(|f| f.address));
             let selected: Vec<FrontendInfo> = cluster_ips
                 .into_iter()
                 .filter(|f| wanted_port.is_none_or(|p| f.port == p))
@@ -235,8 +277,7 @@ pub fn explain(
                 .collect();
             let dns = DnsAnswer {
                 name: fqdn.clone(),
-                record: "A",
-                answers: addresses,
+                records,
                 note: None,
             };
             let query = match port {
@@ -252,7 +293,7 @@ pub fn explain(
                 .cloned()
                 .collect();
             let query = match port {
-                Some(p) => format!("{addr}:{p}"),
+                Some(p) => SocketAddr::new(*addr, *p).to_string(),
                 None => addr.to_string(),
             };
             if selected.is_empty() {
@@ -263,18 +304,17 @@ pub fn explain(
         }
     };
 
-    let mut probe = match client {
-        Some(_) => Some(Probe::load(sources.pin_dir)?),
-        None => None,
+    let mut probe = match clients {
+        [] => None,
+        _ => Some(Probe::load(sources.pin_dir)?),
     };
     let mut frontends = Vec::new();
     for frontend in selected {
-        // The probe sends an IPv4 packet: an IPv6 frontend is shown
-        // without a pick (the client asked for is IPv4 too).
+        let client = clients
+            .iter()
+            .find(|c| c.is_ipv4() == frontend.address.is_ipv4());
         let pick = match (client, probe.as_mut()) {
-            (Some(client), Some(probe)) if frontend.address.is_ipv4() => {
-                Some(pick(probe, client, &frontend)?)
-            }
+            (Some(client), Some(probe)) => Some(pick(probe, *client, &frontend)?),
             _ => None,
         };
         let endpoints = sources
@@ -315,27 +355,34 @@ fn dns_without_datapath(
     if spec.type_.as_deref() == Some("ExternalName") {
         return Some(DnsAnswer {
             name: fqdn.to_owned(),
-            record: "CNAME",
-            answers: spec.external_name.iter().cloned().collect(),
+            records: spec
+                .external_name
+                .iter()
+                .map(|name| DnsRecord {
+                    kind: "CNAME",
+                    value: name.clone(),
+                })
+                .collect(),
             note: Some("ExternalName: a DNS alias; no frontend, nothing to load-balance".into()),
         });
     }
     if spec.cluster_ip.as_deref() != Some("None") {
         return None;
     }
-    let mut answers: Vec<String> = input
-        .slices
-        .iter()
-        .flat_map(|s| &s.object.endpoints)
-        .filter(|e| e.ready != Some(false))
-        .filter_map(|e| e.address.as_ref().map(ToString::to_string))
-        .collect();
-    answers.sort();
-    answers.dedup();
+    let records = DnsRecord::addresses(
+        input
+            .slices
+            .iter()
+            .flat_map(|s| &s.object.endpoints)
+            .filter(|e| e.ready != Some(false))
+            .filter_map(|e| match e.address {
+                Some(crate::source::view::EndpointAddress::Ip(ip)) => Some(ip),
+                _ => None,
+            }),
+    );
     Some(DnsAnswer {
         name: fqdn.to_owned(),
-        record: "A",
-        answers,
+        records,
         note: Some("headless: DNS answers with the ready pods' addresses; clients connect to them directly, lb is not in the path".into()),
     })
 }
@@ -372,7 +419,7 @@ fn port_number(
     })
 }
 
-fn pick(probe: &mut Probe, client: SocketAddrV4, frontend: &FrontendInfo) -> anyhow::Result<Pick> {
+fn pick(probe: &mut Probe, client: SocketAddr, frontend: &FrontendInfo) -> anyhow::Result<Pick> {
     let proto = if frontend.protocol == Proto::Udp.to_string() {
         Proto::Udp
     } else {
@@ -386,8 +433,7 @@ fn pick(probe: &mut Probe, client: SocketAddrV4, frontend: &FrontendInfo) -> any
     // Cluster IPs are reached from pods; the other kinds from outside.
     let external = frontend.kind.as_deref() != Some(FrontendKind::ClusterIp.name());
     let outcome = probe.first_packet(client, l4, frontend.rev_nat_id, external)?;
-    let translated = std::net::SocketAddr::V4(outcome.destination)
-        != std::net::SocketAddr::new(frontend.address, frontend.port);
+    let translated = outcome.destination != SocketAddr::new(frontend.address, frontend.port);
     Ok(Pick {
         client: client.to_string(),
         program: if external {
@@ -444,13 +490,26 @@ pub fn text(e: &Explanation) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "{}", e.query);
     if let Some(dns) = &e.dns {
-        let _ = writeln!(
-            out,
-            "  DNS      {} {} {}",
-            dns.name,
-            dns.record,
-            dns.answers.join(", ")
-        );
+        let mut kinds: Vec<&str> = dns.records.iter().map(|r| r.kind).collect();
+        kinds.dedup();
+        if kinds.is_empty() {
+            let _ = writeln!(out, "  DNS      {} (no records)", dns.name);
+        }
+        for (i, kind) in kinds.into_iter().enumerate() {
+            let values: Vec<&str> = dns
+                .records
+                .iter()
+                .filter(|r| r.kind == kind)
+                .map(|r| r.value.as_str())
+                .collect();
+            let _ = writeln!(
+                out,
+                "  {}{} {kind} {}",
+                if i == 0 { "DNS      " } else { "         " },
+                dns.name,
+                values.join(", ")
+            );
+        }
         if let Some(note) = &dns.note {
             let _ = writeln!(out, "           ({note})");
         }
@@ -574,7 +633,7 @@ mod tests {
         assert_eq!(
             "198.19.0.10:80".parse::<Target>().unwrap(),
             Target::Address {
-                addr: [198, 19, 0, 10].into(),
+                addr: IpAddr::from([198, 19, 0, 10]),
                 port: Some(80)
             }
         );
@@ -591,10 +650,57 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_targets_and_clients_parse_with_or_without_brackets() {
+        let v6: IpAddr = "2001:db8:ffff::10".parse().unwrap();
+        for (text, port) in [
+            ("2001:db8:ffff::10", None),
+            ("[2001:db8:ffff::10]", None),
+            ("[2001:db8:ffff::10]:80", Some(80)),
+        ] {
+            assert_eq!(
+                text.parse::<Target>().unwrap(),
+                Target::Address { addr: v6, port },
+                "{text}"
+            );
+        }
+        assert!("[2001:db8:ffff::10]:http".parse::<Target>().is_err());
+        assert_eq!(
+            parse_client("2001:db8:1::2").unwrap(),
+            "[2001:db8:1::2]:40000".parse::<SocketAddr>().unwrap()
+        );
+        assert_eq!(
+            parse_client("[2001:db8:1::2]:41000").unwrap(),
+            "[2001:db8:1::2]:41000".parse::<SocketAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn one_client_per_family() {
+        let texts = |t: &[&str]| t.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let both = parse_clients(&texts(&["198.18.0.2", "2001:db8:1::2"])).unwrap();
+        assert_eq!(both.len(), 2);
+        let e = parse_clients(&texts(&["198.18.0.2", "198.18.0.3:1"]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("one client per address family"), "{e}");
+    }
+
+    #[test]
+    fn cluster_ips_answer_as_a_and_aaaa_records() {
+        let addrs: Vec<IpAddr> = ["2001:db8:ffff::10", "198.19.0.10", "198.19.0.10"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        let records = DnsRecord::addresses(addrs);
+        let got: Vec<(&str, &str)> = records.iter().map(|r| (r.kind, r.value.as_str())).collect();
+        assert_eq!(got, [("A", "198.19.0.10"), ("AAAA", "2001:db8:ffff::10")]);
+    }
+
+    #[test]
     fn client_port_defaults() {
         assert_eq!(
             parse_client("198.18.0.2").unwrap(),
-            SocketAddrV4::new([198, 18, 0, 2].into(), 40000)
+            SocketAddr::from(([198, 18, 0, 2], 40000))
         );
         assert!(parse_client("nope").is_err());
     }

@@ -12,7 +12,7 @@ use std::{
 use super::{LbAlgorithm, Limits, NodeContext};
 use crate::{
     model::error::{InputError, InputErrorKind},
-    model::{FrontendKind, FrontendSpec, L4Addr, Proto, ServiceName},
+    model::{Family, FrontendKind, FrontendSpec, L4Addr, Proto, ServiceName},
     source::objects::Sourced,
     source::view::{
         EndpointAddress, ProtocolText, ServiceSpecView, ServiceView, SliceView,
@@ -178,34 +178,6 @@ pub(super) fn service_frontends(
         }
     }
     (frontends, errors)
-}
-
-/// An address family: which cluster IPs, EndpointSlices (`addressType`)
-/// and frontends go together.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Family {
-    V4,
-    V6,
-}
-
-impl Family {
-    const BOTH: [Family; 2] = [Family::V4, Family::V6];
-
-    fn of(addr: IpAddr) -> Self {
-        if addr.is_ipv6() {
-            Family::V6
-        } else {
-            Family::V4
-        }
-    }
-
-    /// The EndpointSlice `addressType` of this family's endpoints.
-    fn address_type(self) -> &'static str {
-        match self {
-            Family::V4 => "IPv4",
-            Family::V6 => "IPv6",
-        }
-    }
 }
 
 /// The Service's usable ports; each unusable one is an error in `errors`.
@@ -783,7 +755,7 @@ fn port_backends(
             file: slice.file.clone(),
             object: format!("EndpointSlice {}/{}", object.namespace, object.name),
         };
-        if object.address_type != family.address_type() {
+        if object.address_type != family.name() {
             continue; // another family's frontends use it (or FQDN: none)
         }
         let mut target = None;

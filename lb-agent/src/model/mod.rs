@@ -40,6 +40,35 @@ impl fmt::Display for Proto {
     }
 }
 
+/// An address family: which cluster IPs, EndpointSlices (`addressType`),
+/// frontends and maps go together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub const BOTH: [Family; 2] = [Family::V4, Family::V6];
+
+    pub fn of(addr: IpAddr) -> Self {
+        if addr.is_ipv6() {
+            Family::V6
+        } else {
+            Family::V4
+        }
+    }
+
+    /// As Kubernetes spells it (`ipFamilies`, an EndpointSlice's
+    /// `addressType`); also the metrics' `ip_family` label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
+    }
+}
+
 /// An address, port and protocol: a frontend (VIP) or a backend (pod), of
 /// either family (the family picks the maps it is written to). A frontend's
 /// backends are of its own family.

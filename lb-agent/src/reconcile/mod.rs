@@ -44,7 +44,7 @@ use crate::{
         maps::{LbMaps, MapWriteError},
         udp_reset::LeftBackend,
     },
-    model::{FrontendKind, L4Addr, ServiceName},
+    model::{Family, FrontendKind, L4Addr, ServiceName},
     reconcile::ids::IdAllocator,
 };
 
@@ -53,13 +53,31 @@ use crate::{
 pub struct MapFill {
     /// Services owning at least one frontend.
     pub services: usize,
-    pub frontends: BTreeMap<FrontendKind, usize>,
+    pub frontends: BTreeMap<(FrontendKind, Family), usize>,
+    /// The maps of each family (`Family::V4` first).
+    pub families: [FamilyFill; 2],
+    /// The maps both families share.
+    pub affinity_matches: usize,
+    pub maglev_chunks: usize,
+}
+
+/// Entries in one family's maps.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FamilyFill {
     pub service_entries: usize,
     pub backends: usize,
     pub revnat: usize,
-    pub affinity_matches: usize,
     pub source_ranges: usize,
-    pub maglev_chunks: usize,
+}
+
+impl MapFill {
+    pub fn family(&self, family: Family) -> &FamilyFill {
+        &self.families[family as usize]
+    }
+
+    fn family_mut(&mut self, family: Family) -> &mut FamilyFill {
+        &mut self.families[family as usize]
+    }
 }
 
 /// A write that failed, and what it was for.
@@ -146,21 +164,29 @@ impl<M: LbMaps> Reconciler<M> {
             .collect();
         let mut fill = MapFill {
             services: services.len(),
-            backends: self.backend_entries.len(),
-            revnat: self.orphan_revnat.len(),
             affinity_matches: self.orphan_affinity.len(),
-            source_ranges: self.orphan_ranges.len(),
             maglev_chunks: self.orphan_maglev.values().map(|c| *c as usize).sum(),
             ..MapFill::default()
         };
-        for w in self.written.values() {
-            fill.service_entries += usize::from(w.head.is_some()) + w.slots.numbers().count();
+        for entry in self.backend_entries.values() {
+            fill.family_mut(Family::of(entry.addr.addr)).backends += 1;
+        }
+        for (_, range) in &self.orphan_ranges {
+            fill.family_mut(Family::of(range.addr())).source_ranges += 1;
+        }
+        // A reverse-NAT entry no frontend owns is deleted at the next pass;
+        // its family is not kept: counted as IPv4.
+        fill.family_mut(Family::V4).revnat += self.orphan_revnat.len();
+        for (frontend, w) in &self.written {
+            let family = Family::of(frontend.addr);
             if let Some(kind) = w.head.and_then(|h| FrontendKind::of_flags(h.flags)) {
-                *fill.frontends.entry(kind).or_default() += 1;
+                *fill.frontends.entry((kind, family)).or_default() += 1;
             }
-            fill.revnat += usize::from(w.rev_nat_id.is_some());
+            let own = fill.family_mut(family);
+            own.service_entries += usize::from(w.head.is_some()) + w.slots.numbers().count();
+            own.revnat += usize::from(w.rev_nat_id.is_some());
+            own.source_ranges += w.source_ranges.len();
             fill.affinity_matches += w.affinity.len();
-            fill.source_ranges += w.source_ranges.len();
             fill.maglev_chunks += w
                 .maglev
                 .iter()

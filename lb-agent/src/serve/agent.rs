@@ -23,7 +23,7 @@ use super::{
 use crate::{
     datapath::{attach::Attacher, cleanup, loader, maps::KernelMaps, migrate::Migration},
     desired::{DesiredState, HealthCheck},
-    model::{error::InputError, ServiceName},
+    model::{error::InputError, Family, ServiceName},
     reconcile::Reconciler,
     serve::health::Health,
     source::{store::ObjectStore, watch},
@@ -485,21 +485,22 @@ impl Agent {
 
     /// Services, frontends and backends in the maps, and how full they are.
     fn report_programmed(&self) {
+        use lb_common::{backend, revnat, source_range, svc};
         let fill = self.datapath.reconciler.fill();
-        self.status
-            .metrics
-            .programmed_state(fill.services, &fill.frontends, fill.backends);
+        self.status.metrics.programmed_state(&fill);
+        let (v4, v6) = (fill.family(Family::V4), fill.family(Family::V6));
         for (map, entries) in [
-            (lb_common::svc::SVC_MAP, fill.service_entries),
-            (lb_common::backend::BACKEND_MAP, fill.backends),
-            (lb_common::revnat::REVNAT_MAP, fill.revnat),
+            (svc::SVC_MAP, v4.service_entries),
+            (svc::SVC6_MAP, v6.service_entries),
+            (backend::BACKEND_MAP, v4.backends),
+            (backend::BACKEND6_MAP, v6.backends),
+            (revnat::REVNAT_MAP, v4.revnat),
+            (revnat::REVNAT6_MAP, v6.revnat),
+            (source_range::SOURCE_RANGE_MAP, v4.source_ranges),
+            (source_range::SOURCE_RANGE6_MAP, v6.source_ranges),
             (
                 lb_common::affinity::AFFINITY_MATCH_MAP,
                 fill.affinity_matches,
-            ),
-            (
-                lb_common::source_range::SOURCE_RANGE_MAP,
-                fill.source_ranges,
             ),
             (lb_common::maglev::MAGLEV_MAP, fill.maglev_chunks),
         ] {

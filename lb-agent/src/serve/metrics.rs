@@ -12,7 +12,6 @@
 //! counted by the conntrack GC pass, so a scrape never walks a large map.
 
 use std::{
-    collections::BTreeMap,
     fmt,
     sync::{atomic::AtomicU64, Arc, Mutex},
 };
@@ -33,7 +32,8 @@ use prometheus_client::{
 
 use crate::{
     datapath::counters::{self, CounterMap},
-    model::FrontendKind,
+    model::{Family as IpFamily, FrontendKind},
+    reconcile::MapFill,
     source::rest_client::RestClientMetrics,
 };
 
@@ -110,8 +110,8 @@ pub struct Metrics {
     programming_latency: Histogram,
     last_sync: Gauge<f64, AtomicU64>,
     services: Gauge,
-    frontends: Family<Label, Gauge>,
-    endpoints: Gauge,
+    frontends: Family<[(&'static str, &'static str); 2], Gauge>,
+    endpoints: Family<Label, Gauge>,
     invalid_services: Gauge,
     errors: Family<Label, Counter>,
     map_entries: Family<Label, Gauge>,
@@ -140,7 +140,7 @@ impl Metrics {
             last_sync: Gauge::default(),
             services: Gauge::default(),
             frontends: Family::default(),
-            endpoints: Gauge::default(),
+            endpoints: Family::default(),
             invalid_services: Gauge::default(),
             errors: Family::default(),
             map_entries: Family::default(),
@@ -175,12 +175,12 @@ impl Metrics {
         );
         registry.register(
             "lb_frontends",
-            "Frontends programmed, by type",
+            "Frontends programmed, by type and IP family",
             m.frontends.clone(),
         );
         registry.register(
             "lb_endpoints",
-            "Backends (address, port, protocol) programmed",
+            "Backends (address, port, protocol) programmed, by IP family",
             m.endpoints.clone(),
         );
         registry.register(
@@ -305,21 +305,22 @@ impl Metrics {
         }
     }
 
-    /// The programmed state: Services, frontends by type, backends.
-    pub fn programmed_state(
-        &self,
-        services: usize,
-        frontends: &BTreeMap<FrontendKind, usize>,
-        endpoints: usize,
-    ) {
-        self.services.set(services as i64);
-        for kind in FrontendKind::ALL {
-            let count = frontends.get(&kind).copied().unwrap_or(0);
-            self.frontends
-                .get_or_create(&[("type", kind.name())])
-                .set(count as i64);
+    /// The programmed state: Services, frontends by type and family,
+    /// backends by family.
+    pub fn programmed_state(&self, fill: &MapFill) {
+        self.services.set(fill.services as i64);
+        for family in IpFamily::BOTH {
+            let ip_family = ("ip_family", family.name());
+            for kind in FrontendKind::ALL {
+                let count = fill.frontends.get(&(kind, family)).copied().unwrap_or(0);
+                self.frontends
+                    .get_or_create(&[("type", kind.name()), ip_family])
+                    .set(count as i64);
+            }
+            self.endpoints
+                .get_or_create(&[ip_family])
+                .set(fill.family(family).backends as i64);
         }
-        self.endpoints.set(endpoints as i64);
     }
 
     pub fn invalid_services(&self, count: usize) {
@@ -517,6 +518,8 @@ async fn scrape(State(metrics): State<Metrics>) -> impl IntoResponse {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
     #[test]
@@ -525,7 +528,17 @@ mod tests {
         m.sync_done(0.003);
         m.error(ErrorKind::DatapathWrite);
         m.map_fill("lb_svc_v4", 25, 100);
-        m.programmed_state(1, &BTreeMap::from([(FrontendKind::NodePort, 2)]), 3);
+        let mut fill = MapFill {
+            services: 1,
+            frontends: BTreeMap::from([
+                ((FrontendKind::NodePort, IpFamily::V4), 2),
+                ((FrontendKind::ClusterIp, IpFamily::V6), 1),
+            ]),
+            ..MapFill::default()
+        };
+        fill.families[IpFamily::V4 as usize].backends = 3;
+        fill.families[IpFamily::V6 as usize].backends = 1;
+        m.programmed_state(&fill);
         let text = m.encode().unwrap();
         for line in [
             "# TYPE lb_sync_proxy_rules_duration_seconds histogram",
@@ -534,9 +547,12 @@ mod tests {
             "lb_errors_total{kind=\"datapath_write\"} 1",
             "lb_errors_total{kind=\"conntrack_gc\"} 0",
             "lb_map_fill_ratio{map=\"lb_svc_v4\"} 0.25",
-            "lb_frontends{type=\"NodePort\"} 2",
-            "lb_frontends{type=\"ClusterIP\"} 0",
-            "lb_endpoints 3",
+            "lb_frontends{type=\"NodePort\",ip_family=\"IPv4\"} 2",
+            "lb_frontends{type=\"ClusterIP\",ip_family=\"IPv4\"} 0",
+            "lb_frontends{type=\"ClusterIP\",ip_family=\"IPv6\"} 1",
+            "lb_frontends{type=\"NodePort\",ip_family=\"IPv6\"} 0",
+            "lb_endpoints{ip_family=\"IPv4\"} 3",
+            "lb_endpoints{ip_family=\"IPv6\"} 1",
             "kubeproxy_sync_proxy_rules_duration_seconds_count 1",
         ] {
             assert!(
