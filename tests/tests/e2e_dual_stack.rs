@@ -815,6 +815,22 @@ endpoints:
                 .find(|f| f["frontend"] == frontend(vip, 80, "TCP"))
                 .unwrap_or_else(|| panic!("no frontend at {vip}: {e:#}"));
             assert_eq!(f["pick"]["client"], client.to_string());
+            let program = if vip.is_ipv6() {
+                "lb_ingress6"
+            } else {
+                "lb_ingress"
+            };
+            assert_eq!(f["pick"]["program"], program);
+            // The endpoints of the frontend's own family, all in its slots.
+            let endpoints = f["endpoints"].as_array().unwrap();
+            assert_eq!(endpoints.len(), 3, "{f:#}");
+            assert!(
+                endpoints.iter().all(|e| e["in_datapath"] == true
+                    && e["address"]
+                        .as_str()
+                        .is_some_and(|a| a.contains(':') == vip.is_ipv6())),
+                "{f:#}"
+            );
             assert_eq!(
                 f["pick"]["events"],
                 serde_json::json!(["dnat_new"]),

@@ -1,8 +1,9 @@
 //! The demo's cluster DNS: dnsmasq (a Debian package) in pod namespaces
 //! behind the `kube-dns` ClusterIP, serving the records the Kubernetes DNS
 //! specification (CoreDNS's `kubernetes` plugin) gives the same manifests:
-//! - `SVC.NS.svc.cluster.local` A → the cluster IP; for a headless Service
-//!   A → each ready endpoint's address; for ExternalName a CNAME;
+//! - `SVC.NS.svc.cluster.local` A and AAAA → the cluster IPs of each
+//!   family; for a headless Service A and AAAA → each ready endpoint's
+//!   address; for ExternalName a CNAME;
 //! - `_PORT._PROTO.SVC.NS.svc.cluster.local` SRV per named port → the
 //!   Service name and port (headless: each endpoint's name and port).
 //!
@@ -11,7 +12,7 @@
 use std::{
     collections::BTreeSet,
     fmt::Write as _,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
 };
@@ -40,7 +41,7 @@ pub fn records(objects: &Objects) -> String {
             namespace: service.namespace.clone(),
             name: service.name.clone(),
         };
-        let ready: BTreeSet<Ipv4Addr> = store
+        let ready: BTreeSet<IpAddr> = store
             .input(&service_name)
             .slices
             .iter()
@@ -48,14 +49,20 @@ pub fn records(objects: &Objects) -> String {
             .filter(|e| e.ready != Some(false))
             .filter_map(|e| e.address.as_ref()?.to_string().parse().ok())
             .collect();
+        // A pod's own name: its address with dashes (CoreDNS's form).
+        let pod_host = |ip: &IpAddr| format!("{}.{name}", ip.to_string().replace(['.', ':'], "-"));
         if headless {
             for ip in &ready {
-                let host = format!("{}.{name}", ip.to_string().replace('.', "-"));
                 let _ = writeln!(out, "host-record={name},{ip}");
-                let _ = writeln!(out, "host-record={host},{ip}");
+                let _ = writeln!(out, "host-record={},{ip}", pod_host(ip));
             }
-        } else if let Some(ip) = spec.cluster_ip.as_deref().filter(|ip| !ip.is_empty()) {
-            let _ = writeln!(out, "host-record={name},{ip}");
+        } else {
+            // `clusterIPs` (both families), or the older `clusterIP` alone.
+            let single = spec.cluster_ip.iter().cloned().collect::<Vec<_>>();
+            let ips = spec.cluster_ips.as_ref().unwrap_or(&single);
+            for ip in ips.iter().filter(|ip| ip.parse::<IpAddr>().is_ok()) {
+                let _ = writeln!(out, "host-record={name},{ip}");
+            }
         }
         for port in &spec.ports {
             let Some(port_name) = port.name.as_deref().filter(|n| !n.is_empty()) else {
@@ -68,8 +75,7 @@ pub fn records(objects: &Objects) -> String {
             let srv = format!("_{port_name}._{proto}.{name}");
             if headless {
                 for ip in &ready {
-                    let host = format!("{}.{name}", ip.to_string().replace('.', "-"));
-                    let _ = writeln!(out, "srv-host={srv},{host},{}", port.port);
+                    let _ = writeln!(out, "srv-host={srv},{},{}", pod_host(ip), port.port);
                 }
             } else {
                 let _ = writeln!(out, "srv-host={srv},{name},{}", port.port);
@@ -190,6 +196,7 @@ mod tests {
         let text = records(&objects);
         for line in [
             "host-record=web.demo.svc.cluster.local,198.19.0.10",
+            "host-record=web.demo.svc.cluster.local,2001:db8:ffff::10",
             "srv-host=_http._tcp.web.demo.svc.cluster.local,web.demo.svc.cluster.local,80",
             "srv-host=_echo._udp.web.demo.svc.cluster.local,web.demo.svc.cluster.local,53",
             "host-record=kube-dns.kube-system.svc.cluster.local,198.19.0.53",

@@ -7,8 +7,8 @@ use std::{
 
 use anyhow::Context as _;
 use lb_tests::{
-    servers::{http_get, udp_query, EchoConnection},
-    topology::{backend_ip, Agent, ScratchDir, Topology, VIP},
+    servers::{http_get, udp_query, BackendServers, EchoConnection},
+    topology::{backend_ip, backend_ip6, Agent, ScratchDir, Topology, CLIENT_IP6, VIP, VIP6},
 };
 
 use crate::cluster_dns::{exec_in, records, DnsServer, PodResolvConf};
@@ -22,10 +22,21 @@ fn step(text: &str) {
 }
 
 pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
-    step("topology: client pod 198.18.1.2 → node (lb-agent) → backend pods 198.18.{10,11,12}.2, DNS pods 198.18.{13,14}.2");
+    step("topology: client pod 198.18.1.2, 2001:db8:1::2 → node (lb-agent) → backend pods 198.18.{10,11,12}.2, 2001:db8:{10,11,12}::2, DNS pods 198.18.{13,14}.2");
     let mut topology = Topology::new("lbd", 3)?;
-    let servers = topology.serve_backends("pod-")?;
+    let mut servers = topology.serve_backends("pod-")?;
     let dns_pods = [topology.add_backend()?, topology.add_backend()?];
+    topology.add_ipv6()?;
+    for i in 0..3 {
+        let ns = &topology.backends[i];
+        servers.push(BackendServers::start_on(
+            ns,
+            backend_ip6(i),
+            &format!("pod-{i}"),
+            8080,
+            5353,
+        )?);
+    }
     let scratch = ScratchDir::new("lb-demo")?;
     scratch.write("demo.yaml", MANIFEST)?;
     // SAFETY: single-threaded here; read by topology::agent_binary.
@@ -40,6 +51,7 @@ pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
     )?;
     agent.wait_for_maps("the demo services", |m| {
         m.count(&format!("{VIP}:80/TCP")) == Some(3)
+            && m.count(&format!("[{VIP6}]:80/TCP")) == Some(3)
     })?;
     println!("lb-agent running in namespace lbd-node, attached to lbd-*, maps pinned in {PIN_DIR}");
 
@@ -71,7 +83,29 @@ pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
         Ok(())
     })?;
 
-    step("scale down: pod-1 leaves the EndpointSlice while a connection to it is open");
+    step(&format!(
+        "dual stack: web has an IPv6 cluster IP too; HTTP and UDP to [{VIP6}] from the client pod's {CLIENT_IP6}"
+    ));
+    topology.client.run(|| -> anyhow::Result<()> {
+        for i in 1..=6 {
+            let body =
+                http_get(SocketAddr::from((VIP6, 80))).context("HTTP through the IPv6 VIP")?;
+            println!("  request {i}: {body}");
+            anyhow::ensure!(
+                body.contains(&format!("client [{CLIENT_IP6}]:")),
+                "the pod sees the client's own IPv6 address: {body}"
+            );
+        }
+        for i in 1..=3 {
+            let (answer, from) =
+                udp_query(SocketAddr::from((VIP6, 53))).context("UDP through the IPv6 VIP")?;
+            println!("  datagram {i}: answered by {answer}, source {from}");
+            anyhow::ensure!(from == SocketAddr::from((VIP6, 53)), "answer from {from}");
+        }
+        Ok(())
+    })?;
+
+    step("scale down: pod-1 leaves the IPv4 EndpointSlice while a connection to it is open");
     let mut conn = topology.client.run(|| {
         (0..20).find_map(|_| {
             let mut c = EchoConnection::open(SocketAddrV4::new(VIP, 80)).ok()?;
@@ -129,13 +163,15 @@ pub fn run(agent_bin: &Path) -> anyhow::Result<()> {
         println!("  {line}");
     }
 
-    step("lb-agent explain web.demo:80 --client 198.18.1.2:41000 --manifests DIR: the whole chain");
+    step("lb-agent explain web.demo:80 --client 198.18.1.2:41000 --client [2001:db8:1::2]:41000 --manifests DIR: the whole chain, both families");
     let explained = std::process::Command::new(agent_bin)
         .args([
             "explain",
             "web.demo:80",
             "--client",
             "198.18.1.2:41000",
+            "--client",
+            "[2001:db8:1::2]:41000",
             "--pin-dir",
             PIN_DIR,
         ])
@@ -187,19 +223,30 @@ fn cluster_dns(
     let resolv = PodResolvConf::write(&topology.client, DNS_VIP, "demo")?;
     let client = &topology.client;
     println!("  client resolv.conf: nameserver {DNS_VIP}, search demo.svc.cluster.local svc.cluster.local cluster.local, ndots:5");
-    let udp = exec_in(client, &[], &["getent", "hosts", "web"])?;
-    println!("  getent hosts web (UDP):            {udp}");
-    let tcp = exec_in(
-        client,
-        &[("RES_OPTIONS", "use-vc")],
-        &["getent", "hosts", "web"],
-    )?;
-    println!("  getent hosts web (TCP, use-vc):    {tcp}");
-    for answer in [&udp, &tcp] {
-        anyhow::ensure!(
-            answer.starts_with(&VIP.to_string()),
-            "web resolved to {answer}, not {VIP}"
+    // Both families' cluster IPs (a dual-stack pod's resolver asks for A
+    // and AAAA).
+    let addresses = |answer: &str| -> Vec<String> {
+        let mut seen: Vec<String> = answer
+            .lines()
+            .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+            .collect();
+        seen.sort();
+        seen.dedup();
+        seen
+    };
+    let want = vec![VIP.to_string(), VIP6.to_string()];
+    for (how, env) in [
+        ("UDP", &[][..]),
+        ("TCP, use-vc", &[("RES_OPTIONS", "use-vc")][..]),
+    ] {
+        let answer = addresses(&exec_in(client, env, &["getent", "ahosts", "web"])?);
+        println!(
+            "  getent ahosts web ({how}):{:pad$}{}",
+            "",
+            answer.join(", "),
+            pad = 14 - how.len()
         );
+        anyhow::ensure!(answer == want, "web resolved to {answer:?}, not {want:?}");
     }
     let srv = exec_in(
         client,

@@ -434,13 +434,18 @@ fn pick(probe: &mut Probe, client: SocketAddr, frontend: &FrontendInfo) -> anyho
     let external = frontend.kind.as_deref() != Some(FrontendKind::ClusterIp.name());
     let outcome = probe.first_packet(client, l4, frontend.rev_nat_id, external)?;
     let translated = outcome.destination != SocketAddr::new(frontend.address, frontend.port);
+    use lb_common::family6::{self, PROGRAM_NAMES};
+    // An IPv6 packet enters the IPv4 program and is decided by the IPv6
+    // one it tail-calls.
+    let program = match (external, client.is_ipv6()) {
+        (false, false) => crate::datapath::INGRESS_PROGRAM,
+        (true, false) => crate::datapath::INGRESS_EXTERNAL_PROGRAM,
+        (false, true) => PROGRAM_NAMES[family6::INGRESS as usize],
+        (true, true) => PROGRAM_NAMES[family6::INGRESS_EXTERNAL as usize],
+    };
     Ok(Pick {
         client: client.to_string(),
-        program: if external {
-            crate::datapath::INGRESS_EXTERNAL_PROGRAM
-        } else {
-            crate::datapath::INGRESS_PROGRAM
-        },
+        program,
         verdict: outcome.verdict,
         events: outcome.events,
         backend: translated.then(|| outcome.destination.to_string()),
@@ -448,8 +453,8 @@ fn pick(probe: &mut Probe, client: SocketAddr, frontend: &FrontendInfo) -> anyho
     })
 }
 
-/// The endpoint addresses the frontend's Service lists, with their
-/// conditions, and whether the frontend's slots use each.
+/// The endpoint addresses of the frontend's family its Service lists,
+/// with their conditions, and whether the frontend's slots use each.
 fn endpoints(store: &ObjectStore, frontend: &FrontendInfo) -> Vec<EndpointInfo> {
     let Some((namespace, name)) = frontend.service.as_deref().and_then(|s| s.split_once('/'))
     else {
@@ -467,9 +472,11 @@ fn endpoints(store: &ObjectStore, frontend: &FrontendInfo) -> Vec<EndpointInfo> 
         .flat_map(|s| &s.object.endpoints)
         .filter_map(|e| {
             let address = e.address.as_ref()?.to_string();
-            let in_datapath = address
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|a| used.contains(&a));
+            let ip = address.parse::<IpAddr>().ok();
+            if ip.is_some_and(|ip| ip.is_ipv4() != frontend.address.is_ipv4()) {
+                return None; // the other family's frontend uses it
+            }
+            let in_datapath = ip.is_some_and(|a| used.contains(&a));
             Some(EndpointInfo {
                 address,
                 ready: e.ready != Some(false),
@@ -542,12 +549,18 @@ pub fn text(e: &Explanation) -> String {
             let _ = writeln!(out, "    no backends: new connections are refused");
         }
         for b in &fr.backends {
+            let backend = match (b.address, b.port) {
+                (Some(a), Some(p)) => SocketAddr::new(a, p).to_string(),
+                (a, p) => format!(
+                    "{}:{}",
+                    a.map_or("?".into(), |a| a.to_string()),
+                    p.map_or("?".into(), |p| p.to_string())
+                ),
+            };
             let _ = writeln!(
                 out,
-                "    slot {:<3} {}:{}{}",
+                "    slot {:<3} {backend}{}",
                 b.slot,
-                b.address.map_or("?".into(), |a| a.to_string()),
-                b.port.map_or("?".into(), |p| p.to_string()),
                 if b.local { " (this node)" } else { "" }
             );
         }
