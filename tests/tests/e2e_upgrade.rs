@@ -17,8 +17,11 @@ use lb_common::ct::{CtKey, CtValue, CT_MAP, CT_RST, CT_SEEN_REPLY};
 use lb_tests::{
     netns::NetNs,
     require_root,
-    servers::{http_get_from, BackendServers},
-    topology::{backend_ip, web_manifest, Agent, ScratchDir, Topology, CLIENT_IP, VIP},
+    servers::{http_get_from, BackendServers, EchoConnection},
+    topology::{
+        backend_ip, backend_ip6, service_manifest6, web_manifest, Agent, ScratchDir, Topology,
+        CLIENT_IP, VIP, VIP6,
+    },
     wait_until,
 };
 
@@ -418,4 +421,116 @@ fn the_unslotted_socket_lb_map_is_removed_at_load() {
     .expect("the datapath");
     assert!(!pins.0.join(lb_common::sock::SOCK_REVNAT_LRU_MAP).exists());
     assert!(pins.0.join(lb_common::sock::SOCK_REVNAT_MAP).exists());
+}
+
+/// An agent from before IPv6 pinned the IPv4 maps alone, in today's layout
+/// (no IPv4 map changed with IPv6: its state is in maps of its own, so the
+/// layout version stays v4). A new agent upgrades in place: it adopts those
+/// pins as at any restart (nothing rewritten), an established connection
+/// keeps its backend through the handover, and the IPv6 maps are created
+/// beside them to serve IPv6 cluster IPs.
+#[test]
+fn upgrade_from_an_agent_without_ipv6_maps_keeps_its_flows_in_place() {
+    require_root();
+    let topology = Topology::new("lbuq", 2).expect("topology");
+    topology.add_ipv6().expect("IPv6 addresses");
+    let mut servers: Vec<BackendServers> = topology.serve_backends("be").expect("servers");
+    for (i, ns) in topology.backends.iter().enumerate() {
+        let six = BackendServers::start_on(ns, backend_ip6(i), &format!("be{i}"), 8080, 5353);
+        servers.push(six.expect("IPv6 servers"));
+    }
+    let manifests = ScratchDir::new("lbuq-manifests").expect("scratch dir");
+    let ready = [(backend_ip(0), true), (backend_ip(1), true)];
+    manifests.write("web.yaml", &web_manifest(&ready)).unwrap();
+    let pins = PinDir::new("lbuq-test");
+    let start = |log: &str| {
+        Agent::start(
+            &topology.node,
+            &manifests.0,
+            &topology.interface_pattern(),
+            &pins.0,
+            &manifests.0.join(log),
+            &["--keep-datapath", "--log-format", "json"],
+        )
+        .expect("agent")
+    };
+    let mut old = start("old.log");
+    old.wait_for_maps("the IPv4 Service", |m| {
+        m.count(&format!("{VIP}:80/TCP")) == Some(2)
+    })
+    .unwrap();
+    let mut conn = topology
+        .client
+        .run(|| EchoConnection::open(SocketAddrV4::new(VIP, 80)))
+        .expect("connect");
+    let backend = conn.ask().unwrap();
+    assert!(old.stop().unwrap().success(), "{}", old.log_text());
+
+    // What an agent without IPv6 leaves: the same IPv4 pins, no IPv6 map.
+    let ipv6_maps = pins.pins_ending("6_v4");
+    assert!(ipv6_maps.len() >= 10, "{ipv6_maps:?}");
+    for name in &ipv6_maps {
+        std::fs::remove_file(pins.0.join(name)).unwrap();
+    }
+    assert!(pins.0.join(CT_MAP).exists());
+    assert_eq!(conn.ask().expect("served by the pinned programs"), backend);
+    // `inspect` of this version says whose pins these are.
+    for what in ["services", "conntrack"] {
+        let out = Command::new(lb_tests::topology::agent_binary())
+            .args(["inspect", what, "--pin-dir"])
+            .arg(&pins.0)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains("pinned by an lb-agent without IPv6 maps"),
+            "inspect {what}: {stderr}"
+        );
+    }
+
+    // The new agent, with an IPv6 Service beside the IPv4 one.
+    manifests
+        .write(
+            "web6.yaml",
+            &service_manifest6("web6", VIP6, &[backend_ip6(0), backend_ip6(1)]),
+        )
+        .unwrap();
+    let mut new = start("new.log");
+    new.wait_for_maps("both Services", |m| {
+        m.count(&format!("{VIP}:80/TCP")) == Some(2)
+            && m.count(&format!("[{VIP6}]:80/TCP")) == Some(2)
+    })
+    .unwrap();
+    let released = "released links pinned by a previous run";
+    wait_until(lb_tests::EVENT_TIMEOUT, || {
+        new.log_event(released).is_some()
+    });
+    let first = new.log_event("applied").expect("an applied pass");
+    let counts = ["added", "updated", "removed", "unchanged"].map(|k| first[k].as_u64());
+    assert_eq!(
+        counts,
+        [Some(2), Some(0), Some(0), Some(2)],
+        "the IPv4 frontends adopted, the IPv6 ones added:\n{}",
+        new.log_text()
+    );
+    assert_eq!(
+        conn.ask().expect("the established flow across the upgrade"),
+        backend
+    );
+    let mut missing: Vec<&String> = ipv6_maps
+        .iter()
+        .filter(|name| !pins.0.join(name).exists())
+        .collect();
+    missing.sort();
+    assert!(
+        missing.is_empty(),
+        "IPv6 maps not pinned again: {missing:?}"
+    );
+    let body = topology
+        .client
+        .run(|| lb_tests::servers::http_get(std::net::SocketAddr::from((VIP6, 80))))
+        .expect("the IPv6 Service");
+    assert!(body.starts_with("backend be"), "{body}");
+    drop(conn);
+    drop(servers);
 }

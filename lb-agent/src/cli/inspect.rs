@@ -40,8 +40,22 @@ pub struct Filter {
     pub backend: Option<IpAddr>,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    /// An agent from before IPv6 pinned the IPv4 maps alone (the layout is
+    /// the same; the IPv6 maps appear when an agent of this version starts).
+    #[error(
+        "{0}: pinned by an lb-agent without IPv6 maps (an older version still running?): \
+         inspect it with that version's lb-agent, or upgrade the agent (its pins are kept)"
+    )]
+    WithoutIpv6(String),
+}
+
 /// The service maps, read once.
 pub fn snapshot(pin_dir: &Path) -> anyhow::Result<Snapshot> {
+    if pin_dir.join(SVC_MAP).exists() && !pin_dir.join(lb_common::svc::SVC6_MAP).exists() {
+        return Err(InspectError::WithoutIpv6(pin_dir.display().to_string()).into());
+    }
     let family = |svc, backends, revnat| -> anyhow::Result<FamilyMaps> {
         Ok(FamilyMaps {
             svc: open_pinned(pin_dir, svc)?,
