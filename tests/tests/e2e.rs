@@ -373,6 +373,45 @@ fn bad_interface_pattern_is_a_clear_error() {
     assert!(!pin_dir.exists(), "nothing pinned on a start-up error");
 }
 
+/// A restart asking for other table sizes keeps the pinned tables (and
+/// their flows) and warns for each, in both families: resizing needs the
+/// pins removed.
+#[test]
+fn a_restart_with_other_table_sizes_keeps_the_pinned_tables_and_warns() {
+    let backends = [backend_ip(0)];
+    let mut s = setup_with(
+        "lbt14",
+        1,
+        &web_manifest(&ready(&backends)),
+        &["--keep-datapath", "--max-conntrack", "4096"],
+    );
+    s.agent
+        .wait_for_maps("1 backend", |m| {
+            m.count(&format!("{VIP}:80/TCP")) == Some(1)
+        })
+        .unwrap();
+    assert!(s.agent.stop().unwrap().success());
+    s.restart_agent_with(
+        "agent2.log",
+        &["--log-format", "json", "--max-conntrack", "8192"],
+    );
+    // The pins already serve: the new agent's pass is what to wait for.
+    lb_tests::wait_until(lb_tests::EVENT_TIMEOUT, || {
+        s.agent.log_event("applied").is_some()
+    });
+    let pin_dir = s.agent.pin_dir.clone();
+    for map in [lb_common::ct::CT_MAP, lb_common::ct::CT6_MAP] {
+        let pinned = aya::maps::MapData::from_pin(pin_dir.join(map)).unwrap();
+        assert_eq!(pinned.info().unwrap().max_entries(), 4096, "{map} kept");
+        let warned = s
+            .agent
+            .log_events()
+            .into_iter()
+            .any(|e| e["map"] == map && e["pinned"] == 4096 && e["wanted"] == 8192);
+        assert!(warned, "no warning for {map}:\n{}", s.agent.log_text());
+    }
+}
+
 #[test]
 fn keep_datapath_survives_an_agent_restart() {
     let backends: Vec<Ipv4Addr> = (0..2).map(backend_ip).collect();

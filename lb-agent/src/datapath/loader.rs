@@ -362,31 +362,62 @@ fn retry_interrupted(
 /// Pinned maps are reused as they are: a size flag that changed since they
 /// were created has no effect until the pins are removed. Say so.
 fn warn_on_resized_pins(ebpf: &Ebpf, sizes: MapSizes) {
-    for (name, flag, wanted) in [
-        (SVC_MAP, "--max-service-slots", sizes.service_slots),
-        (BACKEND_MAP, "--max-backends", sizes.backends),
-        (CT_MAP, "--max-conntrack", sizes.conntrack),
-        (CT_NEW_MAP, "--max-conntrack-new", sizes.conntrack_new),
-        (AFFINITY_MAP, "--max-affinity", sizes.affinity),
-        (SOURCE_RANGE_MAP, "--max-source-ranges", sizes.source_ranges),
-        (MAGLEV_MAP, "--max-maglev-chunks", sizes.maglev_chunks),
+    let sized: [(&[&'static str], &str, u32); 8] = [
         (
-            SOCK_REVNAT_MAP,
+            &[SVC_MAP, SVC6_MAP],
+            "--max-service-slots",
+            sizes.service_slots,
+        ),
+        (
+            &[BACKEND_MAP, BACKEND6_MAP],
+            "--max-backends",
+            sizes.backends,
+        ),
+        (&[CT_MAP, CT6_MAP], "--max-conntrack", sizes.conntrack),
+        (
+            &[CT_NEW_MAP, CT6_NEW_MAP],
+            "--max-conntrack-new",
+            sizes.conntrack_new,
+        ),
+        (
+            &[AFFINITY_MAP, AFFINITY6_MAP],
+            "--max-affinity",
+            sizes.affinity,
+        ),
+        (
+            &[SOURCE_RANGE_MAP, SOURCE_RANGE6_MAP],
+            "--max-source-ranges",
+            sizes.source_ranges,
+        ),
+        (&[MAGLEV_MAP], "--max-maglev-chunks", sizes.maglev_chunks),
+        (
+            &[SOCK_REVNAT_MAP, SOCK_REVNAT6_MAP],
             "--max-socket-entries",
             sizes.socket_entries,
         ),
-    ] {
-        let data = match ebpf.map(name) {
-            Some(Map::HashMap(data) | Map::LruHashMap(data)) => data,
-            _ => continue,
-        };
-        if let Ok(info) = data.info() {
-            if info.max_entries() != wanted {
-                tracing::warn!(
-                    "pinned map {name} has {} entries, {flag} asks for {wanted}: keeping the pinned map \
-                     (stop the agent without --keep-datapath, or remove the pins, to resize)",
-                    info.max_entries()
-                );
+    ];
+    for (names, flag, wanted) in sized {
+        for &name in names {
+            let data = match ebpf.map(name) {
+                Some(
+                    Map::HashMap(data)
+                    | Map::LruHashMap(data)
+                    | Map::LpmTrie(data)
+                    | Map::Array(data),
+                ) => data,
+                _ => continue,
+            };
+            if let Ok(info) = data.info() {
+                if info.max_entries() != wanted {
+                    tracing::warn!(
+                        map = name,
+                        pinned = info.max_entries(),
+                        wanted,
+                        "pinned map {name} has {} entries, {flag} asks for {wanted}: keeping the pinned map \
+                         (stop the agent without --keep-datapath, or remove the pins, to resize)",
+                        info.max_entries()
+                    );
+                }
             }
         }
     }
