@@ -91,9 +91,13 @@ pub enum Stat {
     /// A later fragment of no recorded datagram (not a service flow's, or
     /// ahead of its first fragment): untouched.
     PassFragmentUntracked = 32,
+    /// An IPv6 packet mid-way (a new flow, a first fragment's record, a
+    /// routed packet too big) whose next IPv6 program is not in the program
+    /// array (an agent that failed to fill it): dropped.
+    DropTailCall = 33,
 }
 
-pub const STAT_COUNT: u32 = 33;
+pub const STAT_COUNT: u32 = 34;
 
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "pass_not_service",
@@ -129,4 +133,5 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "reject_service_cidr",
     "frag_translated",
     "pass_fragment_untracked",
+    "drop_tail_call",
 ];

@@ -99,7 +99,7 @@ impl Fragments for Ipv6 {
     #[inline(always)]
     fn finish_record(ctx: &TcContext) -> Outcome {
         crate::family6::enter(ctx, lb_common::family6::FRAG_RECORD);
-        Outcome::drop(Stat::DropFragment) // the tail call failed
+        Outcome::drop(Stat::DropTailCall)
     }
     #[inline(always)]
     fn follow_keyed(ctx: &TcContext) -> Outcome {

@@ -448,7 +448,7 @@ impl Edges for Ipv6 {
     #[inline(always)]
     fn too_big(ctx: &TcContext, _: &Packet<Ipv6>, mtu: u16) -> Outcome {
         family6::enter_too_big(ctx, mtu);
-        Outcome::drop(Stat::DropRedirect) // the tail call failed: no program there
+        Outcome::drop(Stat::DropTailCall)
     }
     #[inline(always)]
     fn log_new_flow(ctx: &TcContext, pkt: &Packet<Ipv6>, entry: &CtValue<Ipv6>) {
@@ -465,7 +465,7 @@ impl Edges for Ipv6 {
         _: u64,
     ) -> Outcome {
         family6::enter_new_flow(ctx, EXTERNAL, pkt.is_fragment);
-        Outcome::drop(Stat::DropCtFull) // the tail call failed: no program there
+        Outcome::drop(Stat::DropTailCall)
     }
 }
 

@@ -137,6 +137,34 @@ fn tcp_syn_to_an_ipv6_cluster_ip_is_dnated_to_each_backend_with_exact_bytes() {
     assert_eq!(h.counter(Stat::DnatNew), 2);
 }
 
+/// With the new-flow program missing from the program array (an agent
+/// that failed to fill it), a new flow is dropped and counted as that,
+/// not as a full conntrack table; a flow already tracked is unaffected.
+#[test]
+fn a_new_ipv6_flow_whose_program_is_missing_is_dropped_as_a_failed_tail_call() {
+    require_root();
+    let mut h = Harness::new();
+    h.apply_yaml(&manifest(false));
+    let tracked = Packet6::tcp(client(40000), vip(80), TCP_SYN);
+    assert_eq!(h.run(&tracked.build()).verdict, TCX_NEXT);
+    {
+        let map = h
+            .ebpf
+            .map_mut(lb_common::family6::PROGRAMS6_MAP)
+            .expect("the program array");
+        let mut array = aya::maps::ProgramArray::try_from(map).unwrap();
+        array.clear_index(&lb_common::family6::NEW_FLOW).unwrap();
+    }
+    let syn = Packet6::tcp(client(40001), vip(80), TCP_SYN);
+    let out = h.run(&syn.build());
+    assert_eq!(out.verdict, TC_ACT_SHOT);
+    assert_eq!(h.counter(Stat::DropTailCall), 1);
+    assert_eq!(h.counter(Stat::DropCtFull), 0);
+    let ack = Packet6::tcp(client(40000), vip(80), TCP_ACK);
+    assert_eq!(h.run(&ack.build()).verdict, TCX_NEXT, "the tracked flow");
+    assert_eq!(h.counter(Stat::DnatCtHit), 1);
+}
+
 /// The same connection both ways: the backend's answer leaves as the
 /// cluster IP's, later packets of the flow hit its conntrack entries.
 #[test]
