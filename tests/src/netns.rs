@@ -49,6 +49,17 @@ impl NetNs {
         sh(&full)
     }
 
+    /// Whether any IPv6 address here is still tentative (duplicate address
+    /// detection running).
+    pub fn has_tentative_ipv6(&self) -> anyhow::Result<bool> {
+        let out = Command::new("ip")
+            .args(["-n", &self.name, "-6", "addr", "show", "tentative"])
+            .output()
+            .context("running ip")?;
+        anyhow::ensure!(out.status.success(), "ip -6 addr show tentative failed");
+        Ok(!out.stdout.is_empty())
+    }
+
     /// `ip route get DST` in the namespace: the route, with any learned MTU.
     pub fn route_get(&self, dst: std::net::Ipv4Addr) -> String {
         let out = Command::new("ip")

@@ -283,7 +283,7 @@ impl EchoConnection {
 }
 
 /// Sends `bytes` over one connection to a backend's sink; returns the elapsed time.
-pub fn sink_transfer(addr: SocketAddrV4, bytes: u64) -> std::io::Result<Duration> {
+pub fn sink_transfer(addr: impl Into<SocketAddr>, bytes: u64) -> std::io::Result<Duration> {
     let started = std::time::Instant::now();
     let mut stream = TcpStream::connect_timeout(&addr.into(), IO_TIMEOUT)?;
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;

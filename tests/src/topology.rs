@@ -144,6 +144,25 @@ impl Topology {
             pod.ip(&["addr", "add", &format!("{ip}/64"), "dev", "eth0", "nodad"])?;
             pod.ip(&["-6", "route", "add", "default", "via", &gw.to_string()])?;
         }
+        // The links' link-local addresses are still tentative (duplicate
+        // address detection, ≈ 1–2 s after a link comes up): a first
+        // connection meanwhile loses its SYN to neighbour discovery and
+        // waits a second for the retransmit. A node's links are long up;
+        // wait for that here, as a test or bench must not measure it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let namespaces = std::iter::once(&self.node)
+            .chain(std::iter::once(&self.client))
+            .chain(&self.backends);
+        for ns in namespaces {
+            while ns.has_tentative_ipv6()? {
+                anyhow::ensure!(
+                    std::time::Instant::now() < deadline,
+                    "{}: IPv6 addresses still tentative after 10 s",
+                    ns.name
+                );
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
         Ok(())
     }
 

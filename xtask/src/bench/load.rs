@@ -3,7 +3,7 @@
 //! and one long bulk transfer.
 
 use std::{
-    net::{SocketAddr, SocketAddrV4},
+    net::SocketAddr,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -69,7 +69,7 @@ pub fn connections(
 }
 
 /// One connection carrying `bytes`; returns Gbit/s.
-pub fn throughput(client: &NetNs, target: SocketAddrV4, bytes: u64) -> anyhow::Result<f64> {
+pub fn throughput(client: &NetNs, target: SocketAddr, bytes: u64) -> anyhow::Result<f64> {
     let elapsed = client.run(|| lb_tests::servers::sink_transfer(target, bytes))?;
     Ok(bytes as f64 * 8.0 / elapsed.as_secs_f64() / 1e9)
 }

@@ -11,7 +11,7 @@ mod peers;
 mod report;
 
 use std::{
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -33,10 +33,11 @@ pub fn percentile<T: Copy + Default>(sorted: &[T], p: f64) -> T {
 
 /// One service as every mode programs it.
 #[derive(Clone)]
+/// A Service of one family: its cluster IP and endpoints.
 pub struct Service {
-    pub vip: Ipv4Addr,
+    pub vip: IpAddr,
     pub port: u16,
-    pub endpoints: Vec<(Ipv4Addr, u16)>,
+    pub endpoints: Vec<(IpAddr, u16)>,
 }
 
 pub struct BenchConfig {
@@ -81,20 +82,23 @@ pub fn services(n: usize) -> Vec<Service> {
     (0..n)
         .map(|i| {
             let endpoints = if i + 1 == n {
-                (0..ENDPOINTS).map(|j| (backend_ip(j), 8080)).collect()
+                (0..ENDPOINTS)
+                    .map(|j| (backend_ip(j).into(), 8080))
+                    .collect()
             } else {
                 (0..ENDPOINTS)
                     .map(|j| {
                         let k = (i * ENDPOINTS + j) as u32;
                         (
-                            Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 128, 0)) + k % 32768),
+                            Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 128, 0)) + k % 32768)
+                                .into(),
                             8080 + (k / 32768) as u16,
                         )
                     })
                     .collect()
             };
             Service {
-                vip: peers::vip(i),
+                vip: peers::vip(i).into(),
                 port: 80,
                 endpoints,
             }
@@ -191,12 +195,12 @@ fn one_run(
     };
     let _member = cgroup.as_ref().map(|c| c.join_self()).transpose()?;
     let target = services.last().context("no services")?;
-    let vip = SocketAddrV4::new(target.vip, target.port);
+    let vip = SocketAddr::new(target.vip, target.port);
     let mut agent = None;
     let started = Instant::now();
-    let targets: Vec<SocketAddrV4> = match mode {
+    let targets: Vec<SocketAddr> = match mode {
         Mode::Direct => (0..ENDPOINTS)
-            .map(|i| SocketAddrV4::new(backend_ip(i), 8080))
+            .map(|i| SocketAddr::from((backend_ip(i), 8080)))
             .collect(),
         Mode::Iptables => {
             let rules = scratch.0.join("iptables.rules");
@@ -247,8 +251,7 @@ fn one_run(
         .run(|| http_get(probe))
         .with_context(|| format!("no answer from {probe}"))?;
 
-    let to: Vec<SocketAddr> = targets.iter().map(|&t| t.into()).collect();
-    let conns = load::connections(&topology.client, &to, config.threads, config.duration);
+    let conns = load::connections(&topology.client, &targets, config.threads, config.duration);
     sample.conns_per_s.push(conns.per_second);
     sample.p50_ms.push(conns.p50.as_secs_f64() * 1e3);
     sample.p99_ms.push(conns.p99.as_secs_f64() * 1e3);
@@ -319,7 +322,7 @@ pub fn every_mode(
 }
 
 /// Runs a rules loader in the node namespace, feeding it `file`.
-fn restore(netns: &str, command: &[&str], file: &PathBuf) -> anyhow::Result<()> {
+pub fn restore(netns: &str, command: &[&str], file: &PathBuf) -> anyhow::Result<()> {
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", netns]).args(command);
     if command[0] == "nft" {

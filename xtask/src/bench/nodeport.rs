@@ -27,7 +27,7 @@ const NODE_PORT_SERVICES: usize = 2000;
 pub fn services(n: usize) -> Vec<Service> {
     let mut services = super::services(n);
     if let Some(target) = services.last_mut() {
-        target.endpoints = vec![(POD_IPS[1], 8080)];
+        target.endpoints = vec![(POD_IPS[1].into(), 8080)];
     }
     services
 }

@@ -9,8 +9,14 @@
 //! nftables (kube-proxy's nftables mode): a `service-ips` verdict map keyed
 //! by address . protocol . port, then `numgen random mod E` into per-endpoint
 //! chains that DNAT.
+//!
+//! Both for either family, as kube-proxy writes them for each (ip6tables,
+//! `table ip6 kube-proxy`); the services of one call are of one family.
 
-use std::{fmt::Write as _, net::Ipv4Addr};
+use std::{
+    fmt::Write as _,
+    net::{Ipv4Addr, SocketAddr},
+};
 
 use super::Service;
 
@@ -29,7 +35,8 @@ pub fn iptables_rules(services: &[Service]) -> String {
     );
     r.push_str("-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n");
     for (i, svc) in services.iter().enumerate() {
-        let _ = writeln!(r, "-A KUBE-SERVICES -d {}/32 -p tcp -m comment --comment \"bench/svc{i}:http cluster IP\" -m tcp --dport {} -j KUBE-SVC-{i:06}", svc.vip, svc.port);
+        let host = if svc.vip.is_ipv6() { 128 } else { 32 };
+        let _ = writeln!(r, "-A KUBE-SERVICES -d {}/{host} -p tcp -m comment --comment \"bench/svc{i}:http cluster IP\" -m tcp --dport {} -j KUBE-SVC-{i:06}", svc.vip, svc.port);
         let n = svc.endpoints.len();
         for (j, _) in svc.endpoints.iter().enumerate() {
             if j + 1 < n {
@@ -40,9 +47,10 @@ pub fn iptables_rules(services: &[Service]) -> String {
             }
         }
         for (j, (ip, port)) in svc.endpoints.iter().enumerate() {
+            let to = SocketAddr::new(*ip, *port);
             let _ = writeln!(
                 r,
-                "-A KUBE-SEP-{i:06}-{j:02} -p tcp -m tcp -j DNAT --to-destination {ip}:{port}"
+                "-A KUBE-SEP-{i:06}-{j:02} -p tcp -m tcp -j DNAT --to-destination {to}"
             );
         }
     }
@@ -51,8 +59,17 @@ pub fn iptables_rules(services: &[Service]) -> String {
 }
 
 pub fn nftables_rules(services: &[Service]) -> String {
-    let mut r = String::from("table ip kube-proxy {\n");
-    r.push_str("  map service-ips {\n    type ipv4_addr . inet_proto . inet_service : verdict\n");
+    let six = services.first().is_some_and(|s| s.vip.is_ipv6());
+    let (family, addr_type, daddr) = if six {
+        ("ip6", "ipv6_addr", "ip6 daddr")
+    } else {
+        ("ip", "ipv4_addr", "ip daddr")
+    };
+    let mut r = format!("table {family} kube-proxy {{\n");
+    let _ = writeln!(
+        r,
+        "  map service-ips {{\n    type {addr_type} . inet_proto . inet_service : verdict"
+    );
     if !services.is_empty() {
         r.push_str("    elements = {\n");
         for (i, svc) in services.iter().enumerate() {
@@ -65,8 +82,9 @@ pub fn nftables_rules(services: &[Service]) -> String {
         r.push_str("    }\n");
     }
     r.push_str("  }\n");
-    r.push_str(
-        "  chain services {\n    ip daddr . meta l4proto . th dport vmap @service-ips\n  }\n",
+    let _ = writeln!(
+        r,
+        "  chain services {{\n    {daddr} . meta l4proto . th dport vmap @service-ips\n  }}"
     );
     r.push_str("  chain nat-prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n    jump services\n  }\n");
     r.push_str("  chain nat-output {\n    type nat hook output priority -100; policy accept;\n    jump services\n  }\n");
@@ -81,9 +99,10 @@ pub fn nftables_rules(services: &[Service]) -> String {
             arms.join(", ")
         );
         for (j, (ip, port)) in svc.endpoints.iter().enumerate() {
+            let to = SocketAddr::new(*ip, *port);
             let _ = writeln!(
                 r,
-                "  chain endpoint-{i:06}-{j:02} {{\n    meta l4proto tcp dnat to {ip}:{port}\n  }}"
+                "  chain endpoint-{i:06}-{j:02} {{\n    meta l4proto tcp dnat to {to}\n  }}"
             );
         }
     }
@@ -97,10 +116,12 @@ pub fn manifest(services: &[Service]) -> String {
     for (i, svc) in services.iter().enumerate() {
         let _ = write!(
             r,
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: svc{i}, namespace: bench}}\nspec:\n  clusterIP: {}\n  ports: [{{name: http, port: {}, targetPort: http}}]\n---\n\
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: svc{i}, namespace: bench}}\nspec:\n  clusterIP: \"{vip}\"\n  clusterIPs: [\"{vip}\"]\n  ipFamilies: [{family}]\n  ports: [{{name: http, port: {}, targetPort: http}}]\n---\n\
              apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: svc{i}-1\n  namespace: bench\n  labels: {{kubernetes.io/service-name: svc{i}}}\n\
-             addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n",
-            svc.vip, svc.port
+             addressType: {family}\nports: [{{name: http, port: 8080}}]\nendpoints:\n",
+            svc.port,
+            vip = svc.vip,
+            family = if svc.vip.is_ipv6() { "IPv6" } else { "IPv4" },
         );
         for (ip, _) in &svc.endpoints {
             let _ = writeln!(r, "- addresses: [\"{ip}\"]");

@@ -38,6 +38,14 @@ pub fn stats(v: &[f64]) -> Figure {
 /// ns/packet through the tc program with BPF_PROG_TEST_RUN: the kernel's
 /// own timing of single runs (repeat 1, so every run sees an unmodified
 /// packet), median over `PER_PACKET_RUNS` runs, one figure per batch.
+/// The rows `bench-ipv6` sets side by side.
+pub const FIRST_PACKET: &str =
+    "first packet of a flow (service lookup, backend pick, 2 conntrack inserts, DNAT)";
+pub const CT_HIT: &str = "conntrack hit (established flow, assured, DNAT)";
+pub const FIRST_PACKET6: &str = "IPv6: first packet of a flow (as IPv4's, plus two tail calls: to the IPv6 program, to its new-flow program)";
+pub const FLOOR: &str = "ARP frame (one load, pass): the measurement's floor";
+pub const CT_HIT6: &str = "IPv6: conntrack hit (established flow, assured, DNAT; one tail call)";
+
 pub fn per_packet_costs(runs: usize) -> anyhow::Result<Vec<(&'static str, Vec<f64>)>> {
     const PER_PACKET_RUNS: u16 = 20_000;
     // Room for every flow the batches create (two entries each): a full
@@ -191,15 +199,12 @@ pub fn per_packet_costs(runs: usize) -> anyhow::Result<Vec<(&'static str, Vec<f6
         ));
     }
     Ok(vec![
-        (
-            "first packet of a flow (service lookup, backend pick, 2 conntrack inserts, DNAT)",
-            new_flow,
-        ),
+        (FIRST_PACKET, new_flow),
         (
             "first packet, `--lb-algorithm maglev` (a table lookup instead of the slot's)",
             new_flow_maglev,
         ),
-        ("conntrack hit (established flow, assured, DNAT)", ct_hit),
+        (CT_HIT, ct_hit),
         (
             "conntrack hit, flow not yet assured (the assured table missed first)",
             ct_hit_new,
@@ -209,15 +214,9 @@ pub fn per_packet_costs(runs: usize) -> anyhow::Result<Vec<(&'static str, Vec<f6
             "egress, not a reply (both conntrack tables missed, pass)",
             not_reply,
         ),
-        ("ARP frame (one load, pass): the measurement's floor", floor),
-        (
-            "IPv6: first packet of a flow (as IPv4's, plus two tail calls: to the IPv6 program, to its new-flow program)",
-            new_flow6,
-        ),
-        (
-            "IPv6: conntrack hit (established flow, assured, DNAT; one tail call)",
-            ct_hit6,
-        ),
+        (FLOOR, floor),
+        (FIRST_PACKET6, new_flow6),
+        (CT_HIT6, ct_hit6),
     ])
 }
 
