@@ -883,3 +883,129 @@ endpoints:
         "the ready pods of each family"
     );
 }
+
+/// dual_stack.go "should function for endpoint-Service: http" and "…:
+/// udp", over IPv6 on two nodes: an endpoint of the Service (pod-a)
+/// reaches its cluster IP and every endpoint answers — pod-a itself
+/// through the hairpin (seeing node-a's IPv6 SNAT address), pod-b on the
+/// other node seeing pod-a's own address; UDP answers come from the
+/// cluster IP.
+#[test]
+fn should_function_for_endpoint_service_http_and_udp_over_ipv6() {
+    let mut cluster = cluster6("lbdb", "ClusterIP", "", "", &[0, 1]);
+    let vip = frontend(CLUSTER_IP6.into(), 80, "TCP");
+    cluster
+        .wait_for_maps("both endpoints", |m| m.count(&vip) == Some(2))
+        .unwrap();
+    let answers = requests6(
+        &cluster.pods[0],
+        SocketAddrV6::new(CLUSTER_IP6, 80, 0, 0),
+        40,
+    );
+    for (backend, seen) in &answers {
+        let expected: IpAddr = if backend == "pod-a" {
+            NODE_IPS6[0].into()
+        } else {
+            POD_IPS6[0].into()
+        };
+        assert_eq!(*seen, expected, "{backend}");
+    }
+    let udp = SocketAddrV6::new(CLUSTER_IP6, 53, 0, 0);
+    let datagrams: Vec<(String, SocketAddr)> = cluster.pods[0].run(|| {
+        (0..30)
+            .map(|_| udp_query(udp).expect("UDP answer"))
+            .collect()
+    });
+    for pod in ["pod-a", "pod-b"] {
+        assert!(
+            answers.iter().any(|(b, _)| b == pod),
+            "{pod} never answered TCP: {answers:?}"
+        );
+        assert!(
+            datagrams.iter().any(|(a, _)| a.starts_with(pod)),
+            "{pod} never answered UDP: {datagrams:?}"
+        );
+    }
+    assert!(datagrams.iter().all(|(_, from)| *from == udp.into()));
+}
+
+/// dual_stack.go "should be able to handle large requests: http" and
+/// "…: udp": through each cluster IP of a dual-stack Service, a 4 MiB
+/// upload arrives whole (the sink counts it) and a 3 000-byte UDP query
+/// (fragmented by the sender) gets its 3 000-byte answer (fragmented by
+/// the backend) from the cluster IP.
+#[test]
+fn should_be_able_to_handle_large_requests_http_and_udp() {
+    let mut s = setup("lbdc", 2, &manifest(&dual(), &[0, 1], &[0, 1]));
+    s.agent
+        .wait_for_maps("both families", |m| {
+            m.count(&frontend(VIP.into(), 80, "TCP")) == Some(2)
+                && m.count(&frontend(VIP6.into(), 53, "UDP")) == Some(2)
+        })
+        .unwrap();
+    for vip in dual() {
+        s.topology
+            .client
+            .run(|| lb_tests::servers::sink_transfer(SocketAddr::new(vip, 80), 4 << 20))
+            .unwrap_or_else(|e| panic!("4 MiB to {vip}: {e}"));
+        for i in 0..4 {
+            let (answer, len, from) = s
+                .topology
+                .client
+                .run(|| lb_tests::servers::udp_query_sized(SocketAddr::new(vip, 53), 3000, 3000))
+                .unwrap_or_else(|e| panic!("large UDP query {i} to {vip}: {e}"));
+            assert_eq!(len, 3000, "{answer}");
+            assert!(answer.starts_with("be"), "{answer}");
+            assert_eq!(from, SocketAddr::new(vip, 53));
+        }
+    }
+}
+
+/// dual_stack.go "should function for service endpoints using
+/// hostNetwork", over IPv6 on two nodes: the Service's endpoints are the
+/// nodes' own IPv6 addresses (hostNetwork pods); a pod on node-a reaches
+/// both through the cluster IP — node-a's delivered locally, node-b's
+/// routed — each seeing the pod's own address, UDP answers from the
+/// cluster IP.
+#[test]
+fn should_function_for_service_endpoints_using_host_network_over_ipv6() {
+    require_root();
+    let endpoints = [(NODE_IPS6[0], NODE_NAMES[0]), (NODE_IPS6[1], NODE_NAMES[1])];
+    let mut cluster = Cluster::without_agents("lbdd").expect("cluster");
+    cluster.add_ipv6().expect("IPv6 addresses");
+    let _host_servers: Vec<BackendServers> = (0..2)
+        .map(|i| {
+            let name = ["node-a", "node-b"][i];
+            BackendServers::start_on(&cluster.nodes[i], NODE_IPS6[i], name, 8080, 5353)
+                .expect("servers on the node")
+        })
+        .collect();
+    cluster
+        .start_agents(
+            &web_service("ClusterIP", CLUSTER_IP6, "", "", &endpoints),
+            &[],
+        )
+        .expect("agents");
+    let vip = frontend(CLUSTER_IP6.into(), 80, "TCP");
+    cluster
+        .wait_for_maps("both node endpoints", |m| m.count(&vip) == Some(2))
+        .unwrap();
+    let client = &cluster.client_pods[0];
+    let answers = requests6(client, SocketAddrV6::new(CLUSTER_IP6, 80, 0, 0), 30);
+    let udp = SocketAddrV6::new(CLUSTER_IP6, 53, 0, 0);
+    let datagrams: Vec<(String, SocketAddr)> =
+        client.run(|| (0..30).map(|_| udp_query(udp).expect("UDP")).collect());
+    for node in ["node-a", "node-b"] {
+        assert!(
+            answers.iter().any(|(b, _)| b == node),
+            "{node} never answered TCP: {answers:?}"
+        );
+        assert!(
+            datagrams.iter().any(|(a, _)| a.starts_with(node)),
+            "{node} never answered UDP: {datagrams:?}"
+        );
+    }
+    let own: IpAddr = CLIENT_POD_IPS6[0].into();
+    assert!(answers.iter().all(|(_, seen)| *seen == own), "{answers:?}");
+    assert!(datagrams.iter().all(|(_, from)| *from == udp.into()));
+}
