@@ -61,7 +61,8 @@ impl NetNs {
     }
 
     /// `ip route get DST` in the namespace: the route, with any learned MTU.
-    pub fn route_get(&self, dst: std::net::Ipv4Addr) -> String {
+    pub fn route_get(&self, dst: impl Into<std::net::IpAddr>) -> String {
+        let dst: std::net::IpAddr = dst.into();
         let out = Command::new("ip")
             .args(["-n", &self.name, "route", "get", &dst.to_string()])
             .output()

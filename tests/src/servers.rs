@@ -309,7 +309,7 @@ pub fn sink_transfer(addr: impl Into<SocketAddr>, bytes: u64) -> std::io::Result
 /// Sends `bytes` to a backend's sink through `addr`, every read and write
 /// bounded by 10 s: a black-holed path fails instead of hanging. Returns
 /// the sink's count of bytes received.
-pub fn bounded_sink_transfer(addr: SocketAddrV4, bytes: usize) -> std::io::Result<String> {
+pub fn bounded_sink_transfer(addr: impl Into<SocketAddr>, bytes: usize) -> std::io::Result<String> {
     let mut stream = TcpStream::connect_timeout(&addr.into(), IO_TIMEOUT)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     stream.set_write_timeout(Some(Duration::from_secs(10)))?;

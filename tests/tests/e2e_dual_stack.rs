@@ -1009,3 +1009,46 @@ fn should_function_for_service_endpoints_using_host_network_over_ipv6() {
     assert!(answers.iter().all(|(_, seen)| *seen == own), "{answers:?}");
     assert!(datagrams.iter().all(|(_, from)| *from == udp.into()));
 }
+
+/// Path-MTU discovery through an IPv6 cluster IP (routers never fragment
+/// IPv6: without it a transfer stalls). The backend's link is narrower
+/// (1280, IPv6's minimum) than the client's and the backend's own (1500),
+/// so the node answers full-size segments with Packet Too Big quoting the
+/// packet as it forwarded it (to the backend); translated at the client's
+/// interface, it reaches the client's socket (to the cluster IP), whose
+/// route learns the MTU, and the transfer completes in smaller segments.
+#[test]
+fn pmtu_discovery_through_an_ipv6_cluster_ip_completes_a_1mb_transfer() {
+    let mut s = setup("lbde", 1, &manifest(&[VIP6.into()], &[], &[0]));
+    s.agent
+        .wait_for_maps("the IPv6 Service", |m| {
+            m.count(&frontend(VIP6.into(), 80, "TCP")) == Some(1)
+        })
+        .unwrap();
+    s.topology
+        .node
+        .ip(&["link", "set", "lbde-b0", "mtu", "1280"])
+        .unwrap();
+    let bytes = 1 << 20;
+    let received = s
+        .topology
+        .client
+        .run(|| lb_tests::servers::bounded_sink_transfer(SocketAddr::from((VIP6, 80)), bytes))
+        .expect("the 1 MB transfer through the IPv6 cluster IP completes");
+    assert_eq!(received, bytes.to_string());
+    let counters = lb_agent::cli::inspect::counters(&s.agent.pin_dir).unwrap();
+    let translated = counters
+        .iter()
+        .find(|(n, _)| *n == "icmp_translated")
+        .unwrap()
+        .1;
+    assert!(
+        translated >= 1,
+        "no ICMPv6 error was translated: {counters:?}"
+    );
+    let route = s.topology.client.route_get(VIP6);
+    assert!(
+        route.contains("mtu 1280"),
+        "client's route to the cluster IP: {route}"
+    );
+}
