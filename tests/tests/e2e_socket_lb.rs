@@ -999,3 +999,97 @@ fn socket_lb_an_ipv6_connected_udp_socket_moves_off_a_removed_backend() {
     assert_moved_by_reset(&s, other, &answers);
     assert_eq!(s.counter(Stat::DnatNew), 0, "the tc path saw no VIP");
 }
+
+/// `web` (as `web_manifest` writes it) made dual-stack: `VIP6` as its
+/// second cluster IP, an IPv6 slice with both backends' IPv6 addresses.
+fn dual_stack_web(manifest: String) -> String {
+    let families = format!(
+        "  clusterIP: {VIP}\n  clusterIPs: [\"{VIP}\", \"{VIP6}\"]\n  ipFamilies: [IPv4, IPv6]\n  \
+         ipFamilyPolicy: PreferDualStack\n"
+    );
+    let dual = manifest.replacen(&format!("  clusterIP: {VIP}\n"), &families, 1);
+    assert_ne!(dual, manifest, "web's clusterIP line");
+    let endpoints: String = (0..2)
+        .map(|i| {
+            format!(
+                "- addresses: [\"{}\"]\n",
+                lb_tests::topology::backend_ip6(i)
+            )
+        })
+        .collect();
+    format!(
+        "{dual}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  \
+         name: web-v6\n  namespace: demo\n  labels: {{kubernetes.io/service-name: web}}\n\
+         addressType: IPv6\nports:\n- {{name: http, port: 8080, protocol: TCP}}\n\
+         - {{name: echo, port: 5353, protocol: UDP}}\nendpoints:\n{endpoints}"
+    )
+}
+
+/// dual_stack.go "should function for node-Service: http" and "…: udp",
+/// with the DaemonSet's setting (`--socket-lb=host-network`): a node
+/// process reaches both cluster IPs of a dual-stack Service over TCP and
+/// UDP, translated at its socket (`getpeername` and `recvfrom` show the
+/// cluster IP), every backend of each family answering.
+#[test]
+fn socket_lb_host_network_serves_a_dual_stack_node_service_http_and_udp() {
+    let mut s = setup_with("lbsk21", 2, &[0, 1], "host-network", dual_stack_web, &[]);
+    s.topology.add_ipv6().expect("IPv6 addresses");
+    let _servers6: Vec<BackendServers> = (0..2)
+        .map(|i| {
+            let (ns, addr) = (&s.topology.backends[i], lb_tests::topology::backend_ip6(i));
+            BackendServers::start_on(ns, addr, &format!("be{i}"), 8080, 5353).expect("servers")
+        })
+        .collect();
+    s.agent
+        .wait_for_maps("both families", |m| {
+            m.count(&format!("{VIP}:80/TCP")) == Some(2)
+                && m.count(&format!("[{VIP6}]:80/TCP")) == Some(2)
+        })
+        .unwrap();
+    for vip in [VIP.to_string(), VIP6.to_string()] {
+        let tcp = TCP_CLIENT.replace(
+            "socket.create_connection((\"198.19.0.10\", 80)",
+            &format!("socket.create_connection((\"{vip}\", 80)"),
+        );
+        let mut seen = BTreeSet::new();
+        for _ in 0..12 {
+            let out = s.cgroup.python(&s.topology.node, &tcp).unwrap();
+            let (peer, answer) = out.split_once('|').unwrap();
+            assert_eq!(
+                peer,
+                format!("{vip}:80"),
+                "getpeername shows the cluster IP"
+            );
+            assert!(answer.starts_with("backend be"), "{answer}");
+            seen.insert(answer.split_whitespace().nth(1).unwrap().to_owned());
+        }
+        assert_eq!(seen.len(), 2, "both backends at {vip}: {seen:?}");
+        let family = if vip.contains(':') {
+            "AF_INET6"
+        } else {
+            "AF_INET"
+        };
+        let udp = format!(
+            r#"
+import socket
+u = socket.socket(socket.{family}, socket.SOCK_DGRAM)
+u.settimeout(3)
+for i in range(6):
+    u.sendto(b"q", ("{vip}", 53))
+    data, sender = u.recvfrom(2048)
+    print("%s %d %s" % (sender[0], sender[1], data.decode().split()[0]))
+"#
+        );
+        let out = s.cgroup.python(&s.topology.node, &udp).unwrap();
+        let mut answered = BTreeSet::new();
+        for line in out.lines() {
+            let words: Vec<&str> = line.split(' ').collect();
+            assert_eq!(words[..2], [vip.as_str(), "53"], "{out}");
+            answered.insert(words[2].to_owned());
+        }
+        assert_eq!(out.lines().count(), 6, "{out}");
+        assert!(answered.iter().all(|b| b == "be0" || b == "be1"), "{out}");
+    }
+    assert_eq!(s.counter(Stat::SockTranslated), 2 * (12 + 6));
+    assert_eq!(s.counter(Stat::DnatNew), 0, "translated at the socket");
+}
