@@ -170,7 +170,13 @@ fn example_manifests_are_valid_input() {
     assert!(errors.is_empty(), "{errors:?}");
     assert_eq!(
         desired.frontends.len(),
-        5,
-        "web ×2, starting, kube-dns ×2 (headless: none)"
+        7,
+        "web ×2 per family (dual-stack), starting, kube-dns ×2 (headless: none)"
     );
+    let ipv6 = desired
+        .frontends
+        .keys()
+        .filter(|f| f.addr.is_ipv6())
+        .count();
+    assert_eq!(ipv6, 2, "web's IPv6 cluster IP, TCP 80 and UDP 53");
 }
