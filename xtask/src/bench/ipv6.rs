@@ -329,7 +329,10 @@ fn markdown(
         ratio(nft),
         v4.errors + v6.errors,
     );
-    use super::report::{CT_HIT, CT_HIT6, FIRST_PACKET, FIRST_PACKET6, FLOOR};
+    use super::report::{
+        CT_HIT, CT_HIT6, CT_HIT6_DIRECT, FIRST_PACKET, FIRST_PACKET6, FLOOR, NOT_SERVICE,
+        NOT_SERVICE6,
+    };
     let cost = |label: &str| {
         costs
             .iter()
@@ -347,6 +350,12 @@ fn markdown(
     for (path, v4_label, v6_label) in [
         ("first packet of a flow", FIRST_PACKET, FIRST_PACKET6),
         ("conntrack hit (established, assured)", CT_HIT, CT_HIT6),
+        (
+            "conntrack hit, IPv6 program entered directly (no IPv4 parse, no tail call)",
+            CT_HIT,
+            CT_HIT6_DIRECT,
+        ),
+        ("not a service (lookup, pass)", NOT_SERVICE, NOT_SERVICE6),
     ] {
         if let (Some(a), Some(b)) = (cost(v4_label), cost(v6_label)) {
             let _ = writeln!(

@@ -44,6 +44,14 @@ pub const FIRST_PACKET: &str =
 pub const CT_HIT: &str = "conntrack hit (established flow, assured, DNAT)";
 pub const FIRST_PACKET6: &str = "IPv6: first packet of a flow (as IPv4's, plus two tail calls: to the IPv6 program, to its new-flow program)";
 pub const FLOOR: &str = "ARP frame (one load, pass): the measurement's floor";
+pub const NOT_SERVICE: &str = "not a service (service lookup, pass)";
+pub const NOT_SERVICE6: &str = "IPv6: not a service (one tail call, service lookup, pass)";
+/// lb_ingress6 run by itself: the IPv6 conntrack hit without the IPv4
+/// program's parse and tail call in front of it.
+pub const CT_HIT6_DIRECT: &str =
+    "IPv6: conntrack hit, `lb_ingress6` entered directly (no IPv4 program, no tail call)";
+const INGRESS6_PROGRAM: &str =
+    lb_common::family6::PROGRAM_NAMES[lb_common::family6::INGRESS as usize];
 pub const CT_HIT6: &str = "IPv6: conntrack hit (established flow, assured, DNAT; one tail call)";
 
 pub fn per_packet_costs(runs: usize) -> anyhow::Result<Vec<(&'static str, Vec<f64>)>> {
@@ -114,8 +122,16 @@ pub fn per_packet_costs(runs: usize) -> anyhow::Result<Vec<(&'static str, Vec<f6
         "the timed IPv6 flow is assured"
     );
     let ack6 = Packet6::tcp(established6, vip6, TCP_ACK).build();
+    let other6 = Packet6::tcp(
+        established6,
+        SocketAddrV6::new(Ipv6Addr::new(0x2001, 0xdb8, 0x99, 0, 0, 0, 0, 1), 80, 0, 0),
+        TCP_SYN,
+    )
+    .build();
     let mut new_flow6 = Vec::new();
     let mut ct_hit6 = Vec::new();
+    let mut ct_hit6_direct = Vec::new();
+    let mut not_service6 = Vec::new();
     let median = |mut v: Vec<f64>| {
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
         v[v.len() / 2]
@@ -197,6 +213,16 @@ pub fn per_packet_costs(runs: usize) -> anyhow::Result<Vec<(&'static str, Vec<f6
                 .map(|_| h6.run_timed(&ack6).1.as_nanos() as f64)
                 .collect(),
         ));
+        ct_hit6_direct.push(median(
+            (0..PER_PACKET_RUNS)
+                .map(|_| h6.run_program(INGRESS6_PROGRAM, &ack6).1.as_nanos() as f64)
+                .collect(),
+        ));
+        not_service6.push(median(
+            (0..PER_PACKET_RUNS)
+                .map(|_| h6.run_timed(&other6).1.as_nanos() as f64)
+                .collect(),
+        ));
     }
     Ok(vec![
         (FIRST_PACKET, new_flow),
@@ -209,7 +235,7 @@ pub fn per_packet_costs(runs: usize) -> anyhow::Result<Vec<(&'static str, Vec<f6
             "conntrack hit, flow not yet assured (the assured table missed first)",
             ct_hit_new,
         ),
-        ("not a service (service lookup, pass)", not_service),
+        (NOT_SERVICE, not_service),
         (
             "egress, not a reply (both conntrack tables missed, pass)",
             not_reply,
@@ -217,6 +243,8 @@ pub fn per_packet_costs(runs: usize) -> anyhow::Result<Vec<(&'static str, Vec<f6
         (FLOOR, floor),
         (FIRST_PACKET6, new_flow6),
         (CT_HIT6, ct_hit6),
+        (CT_HIT6_DIRECT, ct_hit6_direct),
+        (NOT_SERVICE6, not_service6),
     ])
 }
 
