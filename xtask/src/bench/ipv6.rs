@@ -15,6 +15,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use lb_agent::model::Family;
 use lb_tests::{
     servers::{http_get, BackendServers},
     topology::{backend_ip, backend_ip6, Agent, ScratchDir, Topology, VIP, VIP6},
@@ -29,12 +30,6 @@ const PIN_DIR: &str = "/sys/fs/bpf/lb6b-bench";
 const ENDPOINTS: usize = 10;
 /// Services of the memory figure.
 const SCALE: usize = 10_000;
-
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Family {
-    V4,
-    V6,
-}
 
 /// One family's runs: connections/s by mode (`Mode::ALL`'s order).
 #[derive(Default)]
@@ -155,14 +150,7 @@ fn one_run(
         }
         Mode::Lb | Mode::LbSocket => {
             scratch.write("services.yaml", &peers::manifest(&services))?;
-            let mut a = Agent::start(
-                &topology.node,
-                &scratch.0,
-                &topology.interface_pattern(),
-                Path::new(PIN_DIR),
-                &scratch.0.join("agent.log"),
-                &[],
-            )?;
+            let mut a = start_agent(&topology, &scratch)?;
             let key = format!("{vip}/TCP");
             a.wait_for_maps("the bench service", |m| m.count(&key) == Some(ENDPOINTS))?;
             agent = Some(a);
@@ -186,6 +174,18 @@ fn one_run(
     Ok(conns.per_second)
 }
 
+/// The agent on `topology`'s node, reading `scratch`.
+fn start_agent(topology: &Topology, scratch: &ScratchDir) -> anyhow::Result<Agent> {
+    Agent::start(
+        &topology.node,
+        &scratch.0,
+        &topology.interface_pattern(),
+        Path::new(PIN_DIR),
+        &scratch.0.join("agent.log"),
+        &[],
+    )
+}
+
 /// `SCALE` Services of one port and two endpoints per family, IPv4-only or
 /// dual-stack: the agent's resident memory once all are programmed, and
 /// the time from its start to that.
@@ -194,14 +194,7 @@ fn at_scale(dual: bool) -> anyhow::Result<AtScale> {
     let scratch = ScratchDir::new("lb6b-scale")?;
     scratch.write("services.yaml", &scale_manifest(dual))?;
     let started = Instant::now();
-    let mut agent = Agent::start(
-        &topology.node,
-        &scratch.0,
-        &topology.interface_pattern(),
-        Path::new(PIN_DIR),
-        &scratch.0.join("agent.log"),
-        &[],
-    )?;
+    let mut agent = start_agent(&topology, &scratch)?;
     let last = SCALE - 1;
     let keys = [
         format!("{}:80/TCP", peers::vip(last)),

@@ -177,32 +177,22 @@ impl Probe {
     ) -> Result<Outcome, ProbeError> {
         let front = SocketAddr::new(frontend.addr, frontend.port);
         match (client.ip(), frontend.addr) {
-            (IpAddr::V4(c), IpAddr::V4(f)) => {
-                let live = crate::datapath::loader::open_conntrack(&self.pin_dir)
-                    .map_err(|e| ProbeError::Map(CT_MAP, e.to_string()))?;
-                let tables = [CT_MAP, CT_NEW_MAP, AFFINITY_MAP];
-                self.copy_client_state(
-                    tables,
-                    &live,
-                    (c.octets(), f.octets()),
-                    client,
-                    frontend,
-                    rev_nat_id,
-                )?;
-            }
-            (IpAddr::V6(c), IpAddr::V6(f)) => {
-                let live = crate::datapath::loader::open_conntrack6(&self.pin_dir)
-                    .map_err(|e| ProbeError::Map(CT6_MAP, e.to_string()))?;
-                let tables = [CT6_MAP, CT6_NEW_MAP, AFFINITY6_MAP];
-                self.copy_client_state(
-                    tables,
-                    &live,
-                    (c.octets(), f.octets()),
-                    client,
-                    frontend,
-                    rev_nat_id,
-                )?;
-            }
+            (IpAddr::V4(c), IpAddr::V4(f)) => self.copy_client_state(
+                [CT_MAP, CT_NEW_MAP, AFFINITY_MAP],
+                crate::datapath::loader::open_conntrack,
+                (c.octets(), f.octets()),
+                client,
+                frontend,
+                rev_nat_id,
+            )?,
+            (IpAddr::V6(c), IpAddr::V6(f)) => self.copy_client_state(
+                [CT6_MAP, CT6_NEW_MAP, AFFINITY6_MAP],
+                crate::datapath::loader::open_conntrack6,
+                (c.octets(), f.octets()),
+                client,
+                frontend,
+                rev_nat_id,
+            )?,
             _ => {
                 return Err(ProbeError::Family {
                     client,
@@ -247,7 +237,7 @@ impl Probe {
     fn copy_client_state<A: CtAddr>(
         &mut self,
         tables: [&'static str; 3],
-        live: &Conntrack<A>,
+        open_live: fn(&Path) -> Result<Conntrack<A>, crate::datapath::loader::LoadError>,
         (client_addr, frontend_addr): (A, A),
         client: SocketAddr,
         frontend: L4Addr,
@@ -259,6 +249,7 @@ impl Probe {
         AffinityKey<A>: Pod,
     {
         let [assured, new, affinity_table] = tables;
+        let live = open_live(&self.pin_dir).map_err(|e| ProbeError::Map(assured, e.to_string()))?;
         let forward = CtKey::new(
             client_addr,
             client.port(),
